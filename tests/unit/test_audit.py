@@ -1,0 +1,734 @@
+"""The decision log against real SQLite files: durability, the hash chain, faults, masking, search."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import sqlite3
+from contextlib import closing
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ztgateway.audit import (
+    GENESIS_HASH,
+    PROBLEM_COLUMNS,
+    PROBLEM_EDITED,
+    PROBLEM_GAP,
+    PROBLEM_LINK,
+    SECRET_HEADERS,
+    AuditLog,
+    AuditUnavailable,
+    mask_headers,
+    mask_query,
+    search,
+    tail,
+    verify_db,
+    verify_jsonl,
+)
+
+RFC3339_UTC_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def decision(
+    n: int,
+    *,
+    user: str = "alice",
+    reason: str = "policy-allowed",
+    verdict: str = "allow",
+    route: str = "wiki",
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "decision_id": f"dec-{n}",
+        "route": route,
+        "input": {
+            "user": user,
+            "device": "laptop-7",
+            "client_ip": "192.0.2.7",
+            "method": "GET",
+            "path": f"/page/{n}",
+        },
+        "result": {"verdict": verdict, "reason": reason, "findings": []},
+        "policy_revision": "r1",
+    }
+    if timestamp is not None:
+        event["timestamp"] = timestamp
+    return event
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def rows(db: Path) -> list[dict[str, Any]]:
+    with closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM audit_events ORDER BY seq")]
+
+
+def execute(db: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(sql, params)
+
+
+def stored_event(db: Path, seq: int) -> dict[str, Any]:
+    return json.loads(next(r["event"] for r in rows(db) if r["seq"] == seq))
+
+
+def rewrite_event(db: Path, seq: int, event: dict[str, Any]) -> None:
+    execute(db, "UPDATE audit_events SET event = ? WHERE seq = ?", (canonical(event), seq))
+
+
+async def write_log(db: Path, count: int, *, jsonl: Path | None = None, start: int = 1) -> None:
+    async with AuditLog(db, jsonl_path=jsonl, flush_interval=0.01) as log:
+        for n in range(start, start + count):
+            log.record(decision(n))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+# ----------------------------------------------------------------------------- durability
+
+
+async def test_recorded_events_are_in_the_database_and_sink_after_close(
+    db: Path, tmp_path: Path
+) -> None:
+    sink = tmp_path / "audit.jsonl"
+    async with AuditLog(db, jsonl_path=sink) as log:
+        for n in range(1, 4):
+            log.record(decision(n, user=f"user-{n}", reason="group-required", verdict="deny"))
+
+    stored = rows(db)
+    assert [r["seq"] for r in stored] == [1, 2, 3]
+    assert [r["decision_id"] for r in stored] == ["dec-1", "dec-2", "dec-3"]
+    first = stored[0]
+    assert (first["user"], first["device"], first["route"]) == ("user-1", "laptop-7", "wiki")
+    assert (first["verdict"], first["reason"], first["client_ip"]) == (
+        "deny",
+        "group-required",
+        "192.0.2.7",
+    )
+    events = [json.loads(r["event"]) for r in stored]
+    assert all(e["type"] == "ztgw.decision" for e in events)
+    assert all(RFC3339_UTC_MICROS.match(e["timestamp"]) for e in events)
+    assert [r["ts"] for r in stored] == [e["timestamp"] for e in events]
+    assert events[0]["prev_hash"] == GENESIS_HASH
+    assert events[1]["prev_hash"] == events[0]["hash"] == first["hash"]
+
+    lines = sink.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == events
+
+
+async def test_record_only_enqueues_and_flush_writes_every_batch(db: Path) -> None:
+    async with AuditLog(db, batch_size=500) as log:
+        for n in range(2_000):
+            log.record(decision(n))
+        # No await happened: the writer cannot have run, so record() did no I/O.
+        assert log.stats.queued == 2_000
+        assert log.stats.written == 0
+        assert rows(db) == []
+
+        await log.flush()
+
+        assert log.stats.queued == 0
+        assert log.stats.written == 2_000
+        assert len(rows(db)) == 2_000
+    result = await verify_db(db)
+    assert result.ok
+    assert result.checked == 2_000
+
+
+async def test_record_keeps_the_event_as_it_was_when_recorded(db: Path) -> None:
+    event = decision(1)
+    async with AuditLog(db) as log:
+        log.record(event)
+        event["input"]["user"] = "mallory"
+        event["result"]["reason"] = "changed-later"
+    [logged] = await tail(db)
+    assert logged["input"]["user"] == "alice"
+    assert logged["result"]["reason"] == "policy-allowed"
+    assert "seq" not in event  # the caller's dict is not touched either
+
+
+async def test_record_refuses_malformed_events(db: Path) -> None:
+    async with AuditLog(db) as log:
+        with pytest.raises(ValueError, match="decision_id"):
+            log.record({"route": "wiki"})
+        with pytest.raises(ValueError, match="decision_id"):
+            log.record({"decision_id": ""})
+        with pytest.raises(ValueError, match="hash"):
+            log.record({**decision(1), "hash": "f" * 64})
+        with pytest.raises(ValueError, match="UTC offset"):
+            log.record(decision(1, timestamp="2024-05-01T10:00:00"))
+        log.record(decision(1))
+        with pytest.raises(ValueError, match="already queued"):
+            log.record(decision(1))
+        assert log.stats.queued == 1
+
+
+async def test_record_refuses_before_start_and_after_close(db: Path) -> None:
+    log = AuditLog(db)
+    assert not log.healthy
+    with pytest.raises(AuditUnavailable):
+        log.record(decision(1))
+    await log.start()
+    assert log.healthy
+    log.record(decision(1))
+    await log.close()
+    await log.close()  # idempotent
+    assert not log.healthy
+    with pytest.raises(AuditUnavailable):
+        log.record(decision(2))
+    assert len(rows(db)) == 1
+
+
+async def test_enums_and_datetimes_are_logged_in_wire_form(db: Path) -> None:
+    from ztgateway.decision import Reason, Verdict
+
+    event = decision(1)
+    event["timestamp"] = datetime(2024, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    event["result"] = {"verdict": Verdict.DENY.label, "reason": Reason.DEVICE_REVOKED}
+    async with AuditLog(db) as log:
+        log.record(event)
+    [row] = rows(db)
+    assert row["reason"] == "device-revoked"
+    assert row["ts"] == "2024-05-01T10:00:00.000000Z"
+    assert json.loads(row["event"])["timestamp"] == "2024-05-01T10:00:00.000000Z"
+    assert (await verify_db(db)).ok
+
+
+async def test_undecodable_header_bytes_do_not_jam_the_writer(db: Path) -> None:
+    # aiohttp surrogate-escapes raw bytes; such a string cannot be stored as UTF-8 as it is.
+    event = decision(1)
+    event["input"]["headers"] = {"user-agent": "curl\udcff"}
+    async with AuditLog(db) as log:
+        log.record(event)
+        log.record(decision(2))
+        await log.flush()
+        assert log.healthy
+    logged = await tail(db)
+    assert logged[0]["input"]["headers"]["user-agent"] == "curl\ufffd"
+    assert [e["decision_id"] for e in logged] == ["dec-1", "dec-2"]
+    assert (await verify_db(db)).ok
+
+
+# ----------------------------------------------------------------------------- hash chain
+
+
+async def test_chain_verifies_and_follows_the_documented_formula(db: Path) -> None:
+    await write_log(db, 5)
+    result = await verify_db(db)
+    assert result.ok, result.problem
+    assert (result.checked, result.first_bad_seq, result.problem) == (5, None, "")
+
+    prev = GENESIS_HASH
+    for row in rows(db):
+        event = json.loads(row["event"])
+        body = {k: v for k, v in event.items() if k not in {"seq", "prev_hash", "hash"}}
+        expected = hashlib.sha256((prev + canonical(body)).encode()).hexdigest()
+        assert (row["prev_hash"], row["hash"], event["hash"]) == (prev, expected, expected)
+        assert row["event"] == canonical(event)
+        prev = expected
+    assert result.last_hash == prev
+
+
+async def test_empty_log_verifies(db: Path) -> None:
+    async with AuditLog(db):
+        pass
+    result = await verify_db(db)
+    assert result.ok
+    assert result.checked == 0
+
+
+async def test_verifying_a_missing_database_fails_without_creating_it(db: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await verify_db(db)
+    assert not db.exists()
+
+
+async def test_edited_event_is_detected_with_its_seq(db: Path) -> None:
+    await write_log(db, 5)
+    event = stored_event(db, 3)
+    event["result"]["verdict"] = "allow"
+    event["input"]["user"] = "bob"
+    rewrite_event(db, 3, event)
+
+    result = await verify_db(db)
+    assert not result.ok
+    assert (result.first_bad_seq, result.first_bad_decision_id) == (3, "dec-3")
+    assert result.problem == PROBLEM_EDITED
+    assert result.checked == 2
+
+
+async def test_edited_search_column_is_detected(db: Path) -> None:
+    # Columns are outside the hash; hiding a user's events from search must still show up.
+    await write_log(db, 4)
+    execute(db, 'UPDATE audit_events SET "user" = ? WHERE seq = 2', ("someone-else",))
+
+    result = await verify_db(db)
+    assert not result.ok
+    assert (result.first_bad_seq, result.problem) == (2, PROBLEM_COLUMNS)
+
+
+async def test_deleted_row_is_detected(db: Path) -> None:
+    await write_log(db, 5)
+    execute(db, "DELETE FROM audit_events WHERE seq = 3")
+
+    result = await verify_db(db)
+    assert not result.ok
+    assert (result.first_bad_seq, result.first_bad_decision_id) == (4, "dec-4")
+    assert result.problem == PROBLEM_LINK
+
+
+async def test_deleted_first_row_is_detected(db: Path) -> None:
+    await write_log(db, 3)
+    execute(db, "DELETE FROM audit_events WHERE seq = 1")
+
+    result = await verify_db(db)
+    assert not result.ok
+    assert result.first_bad_seq == 2
+
+
+async def test_inserted_row_with_a_valid_hash_is_detected(db: Path) -> None:
+    await write_log(db, 4)
+    # The forger renumbers seq 3.. up by one and slips a self-consistent event in at seq 3.
+    for seq in (4, 3):
+        event = stored_event(db, seq)
+        event["seq"] = seq + 1
+        execute(
+            db,
+            "UPDATE audit_events SET seq = ?, event = ? WHERE seq = ?",
+            (seq + 1, canonical(event), seq),
+        )
+    prev = rows(db)[1]["hash"]
+    forged = {**decision(99, user="mallory"), "type": "ztgw.decision"}
+    forged["timestamp"] = stored_event(db, 2)["timestamp"]
+    link = hashlib.sha256((prev + canonical(forged)).encode()).hexdigest()
+    full = {**forged, "seq": 3, "prev_hash": prev, "hash": link}
+    execute(
+        db,
+        "INSERT INTO audit_events VALUES (3, 'dec-99', ?, 'mallory', 'laptop-7', 'wiki', "
+        "'allow', 'policy-allowed', '192.0.2.7', ?, ?, ?)",
+        (forged["timestamp"], canonical(full), prev, link),
+    )
+
+    result = await verify_db(db)
+    assert not result.ok
+    assert (result.first_bad_seq, result.first_bad_decision_id) == (4, "dec-3")
+    assert result.problem == PROBLEM_LINK
+
+
+async def test_reordered_rows_are_detected(db: Path) -> None:
+    await write_log(db, 4)
+    two, three = rows(db)[1], rows(db)[2]
+    for target, source in ((2, three), (3, two)):
+        event = json.loads(source["event"])
+        event["seq"] = target
+        execute(
+            db,
+            "UPDATE audit_events SET decision_id = ?, event = ?, prev_hash = ?, hash = ? "
+            "WHERE seq = ?",
+            (f"tmp-{target}", canonical(event), source["prev_hash"], source["hash"], target),
+        )
+    execute(db, "UPDATE audit_events SET decision_id = 'dec-3' WHERE seq = 2")
+    execute(db, "UPDATE audit_events SET decision_id = 'dec-2' WHERE seq = 3")
+
+    result = await verify_db(db)
+    assert not result.ok
+    assert (result.first_bad_seq, result.first_bad_decision_id) == (2, "dec-3")
+    assert result.problem == PROBLEM_LINK
+
+
+async def test_renumbered_row_is_a_sequence_gap(db: Path) -> None:
+    await write_log(db, 3)
+    event = stored_event(db, 3)
+    event["seq"] = 5
+    execute(db, "UPDATE audit_events SET seq = 5, event = ? WHERE seq = 3", (canonical(event),))
+
+    result = await verify_db(db)
+    assert not result.ok
+    assert (result.first_bad_seq, result.problem) == (5, PROBLEM_GAP)
+
+
+async def test_chain_continues_across_close_and_reopen(db: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "audit.jsonl"
+    await write_log(db, 3, jsonl=sink)
+    last_hash = rows(db)[-1]["hash"]
+    await write_log(db, 2, jsonl=sink, start=4)
+
+    stored = rows(db)
+    assert [r["seq"] for r in stored] == [1, 2, 3, 4, 5]
+    assert stored[3]["prev_hash"] == last_hash
+    assert json.loads(stored[3]["event"])["prev_hash"] == last_hash
+    assert (await verify_db(db)).checked == 5
+    jsonl = verify_jsonl(sink)
+    assert jsonl.ok, jsonl.problem
+    assert jsonl.checked == 5
+
+
+async def test_two_writers_on_one_file_extend_one_chain(db: Path) -> None:
+    # Each batch re-reads the head under the write lock, so replicas sharing a file never fork.
+    async with AuditLog(db) as first, AuditLog(db) as second:
+        for n in range(10):
+            (first if n % 2 else second).record(decision(n))
+            await (first if n % 2 else second).flush()
+    result = await verify_db(db)
+    assert result.ok, result.problem
+    assert result.checked == 10
+
+
+# ----------------------------------------------------------------------------- JSON lines
+
+
+async def test_jsonl_verifies_alone_and_an_edited_line_is_detected(
+    db: Path, tmp_path: Path
+) -> None:
+    sink = tmp_path / "audit.jsonl"
+    await write_log(db, 4, jsonl=sink)
+    assert verify_jsonl(sink).ok
+    lines = sink.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    edited = json.loads(lines[1])
+    edited["result"]["reason"] = "policy-allowed-but-edited"
+    sink.write_text("".join([lines[0], canonical(edited) + "\n", *lines[2:]]), encoding="utf-8")
+    result = verify_jsonl(sink)
+    assert not result.ok
+    assert (result.first_bad_seq, result.first_bad_decision_id) == (2, "dec-2")
+    assert PROBLEM_EDITED in result.problem
+
+    sink.write_text("".join([lines[0], *lines[2:]]), encoding="utf-8")
+    result = verify_jsonl(sink)
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+    assert PROBLEM_LINK in result.problem
+
+    sink.write_text("".join(lines[:3]) + lines[3][:20], encoding="utf-8")
+    result = verify_jsonl(sink)
+    assert not result.ok
+    assert "torn" in result.problem
+
+
+async def test_jsonl_starting_mid_chain_needs_an_explicit_anchor(db: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "audit.jsonl"
+    await write_log(db, 4, jsonl=sink)
+    lines = sink.read_text(encoding="utf-8").splitlines(keepends=True)
+    sink.write_text("".join(lines[2:]), encoding="utf-8")  # rotated, or head deleted
+
+    strict = verify_jsonl(sink)
+    assert not strict.ok
+    assert strict.first_bad_seq is None
+    assert "seq 3" in strict.problem
+    anchored = verify_jsonl(sink, require_genesis=False)
+    assert anchored.ok
+    assert anchored.checked == 2
+
+
+async def test_sink_added_to_an_existing_log_starts_at_the_present(
+    db: Path, tmp_path: Path
+) -> None:
+    sink = tmp_path / "audit.jsonl"
+    await write_log(db, 3)
+    await write_log(db, 2, jsonl=sink, start=4)
+    assert [json.loads(line)["seq"] for line in sink.read_text().splitlines()] == [4, 5]
+    assert verify_jsonl(sink, require_genesis=False).ok
+
+
+async def test_sink_catches_up_after_a_crash_between_commit_and_append(
+    db: Path, tmp_path: Path
+) -> None:
+    sink = tmp_path / "audit.jsonl"
+    await write_log(db, 5, jsonl=sink)
+    lines = sink.read_text(encoding="utf-8").splitlines(keepends=True)
+    # The process died after committing 4 and 5 and while appending 4.
+    sink.write_text("".join(lines[:3]) + lines[3][:25], encoding="utf-8")
+
+    async with AuditLog(db, jsonl_path=sink) as log:
+        await log.flush()
+        assert sink.read_text(encoding="utf-8").splitlines(keepends=True) == lines
+        log.record(decision(6))
+
+    result = verify_jsonl(sink)
+    assert result.ok, result.problem
+    assert result.checked == 6
+    assert [json.loads(line) for line in sink.read_text().splitlines()] == [
+        json.loads(r["event"]) for r in rows(db)
+    ]
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def lock_database(db: Path) -> sqlite3.Connection:
+    """Another process holding the write lock: a fault that stops root as well as anyone."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=5)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+async def test_unwritable_database_fills_the_queue_then_refuses_and_loses_nothing(
+    db: Path, tmp_path: Path
+) -> None:
+    failures: list[BaseException] = []
+    failed = asyncio.Event()
+
+    def on_failure(exc: BaseException) -> None:
+        failures.append(exc)
+        failed.set()
+
+    sink = tmp_path / "audit.jsonl"
+    log = AuditLog(
+        db,
+        jsonl_path=sink,
+        max_queue=5,
+        batch_size=2,
+        flush_interval=0.01,
+        busy_timeout=0.05,
+        retry_max=0.2,
+        on_write_failure=on_failure,
+    )
+    await log.start()
+    try:
+        log.record(decision(0))
+        await log.flush()
+        lock = lock_database(db)
+        try:
+            log.record(decision(1))
+            await asyncio.wait_for(failed.wait(), 5)
+            assert isinstance(failures[0], sqlite3.OperationalError)
+            assert not log.healthy
+            for n in range(2, 6):
+                log.record(decision(n))  # still accepted while the fault lasts
+            with pytest.raises(AuditUnavailable, match="full"):
+                log.record(decision(6))
+            assert log.stats.queued == 5
+            assert log.stats.write_failures >= 1
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        await asyncio.wait_for(log.flush(), 10)
+        assert log.healthy
+        log.record(decision(6))  # accepted again once there is room
+    finally:
+        await log.close()
+
+    assert log.stats.dropped == 0
+    assert [r["decision_id"] for r in rows(db)] == [f"dec-{n}" for n in range(7)]
+    assert (await verify_db(db)).ok
+    assert verify_jsonl(sink).checked == 7
+
+
+async def test_broken_sink_directory_keeps_events_in_the_database_until_it_is_back(
+    db: Path, tmp_path: Path
+) -> None:
+    failures: list[BaseException] = []
+    sink_dir = tmp_path / "siem"
+    sink_dir.mkdir()
+    sink = sink_dir / "audit.jsonl"
+    log = AuditLog(
+        db, jsonl_path=sink, flush_interval=0.01, retry_max=0.1, on_write_failure=failures.append
+    )
+    await log.start()
+    try:
+        log.record(decision(1))
+        await log.flush()
+        # A path component that is a file fails with ENOTDIR, even for root.
+        sink_dir.rename(tmp_path / "siem-away")
+        sink_dir.write_text("not a directory")
+        log.record(decision(2))
+        log.record(decision(3))
+        for _ in range(200):
+            if failures and len(rows(db)) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(failures[0], NotADirectoryError)
+        assert not log.healthy
+        assert log.stats.written == 3  # durable in SQLite already
+        log.record(decision(4))
+
+        sink_dir.unlink()
+        (tmp_path / "siem-away").rename(sink_dir)
+        await asyncio.wait_for(log.flush(), 10)
+        assert log.healthy
+    finally:
+        await log.close()
+
+    result = verify_jsonl(sink)
+    assert result.ok, result.problem
+    assert result.checked == 4
+
+
+async def test_start_fails_when_the_database_cannot_be_created(tmp_path: Path) -> None:
+    parent = tmp_path / "state"
+    parent.write_text("a file where a directory should be")
+    log = AuditLog(parent / "audit.db")
+    with pytest.raises(AuditUnavailable):
+        await log.start()
+    with pytest.raises(AuditUnavailable):
+        log.record(decision(1))
+
+
+async def test_close_cut_short_counts_what_it_could_not_write(db: Path) -> None:
+    log = AuditLog(db, flush_interval=0.01, busy_timeout=0.05, retry_max=0.1)
+    await log.start()
+    lock = lock_database(db)
+    try:
+        for n in range(3):
+            log.record(decision(n))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await log.close()
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert log.stats.dropped == 3
+    assert log.stats.queued == 0
+    await log.close()
+    with pytest.raises(AuditUnavailable):
+        log.record(decision(9))
+    assert rows(db) == []
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def short_sha(value: str) -> str:
+    return f"<masked:{hashlib.sha256(value.encode()).hexdigest()[:8]}>"
+
+
+def test_secret_headers_are_masked_and_listed() -> None:
+    headers, masked = mask_headers(
+        [
+            ("Authorization", "Bearer eyJ.secret.sig"),
+            ("Cookie", "sid=abc"),
+            ("Cookie", "theme=dark"),
+            ("X-Request-Id", "req-1"),
+            ("Accept", "text/html"),
+            ("Accept", "application/json"),
+            ("X-ZTGW-MFA", "123456"),
+            ("X-Refresh-Token", "rt-1"),
+        ]
+    )
+    assert headers == {
+        "authorization": short_sha("Bearer eyJ.secret.sig"),
+        "cookie": f"{short_sha('sid=abc')}, {short_sha('theme=dark')}",
+        "x-request-id": "req-1",
+        "accept": "text/html, application/json",
+        "x-ztgw-mfa": short_sha("123456"),
+        "x-refresh-token": short_sha("rt-1"),
+    }
+    assert masked == [
+        "input.headers.authorization",
+        "input.headers.cookie",
+        "input.headers.x-refresh-token",
+        "input.headers.x-ztgw-mfa",
+    ]
+    assert "Bearer" not in json.dumps(headers)
+
+
+def test_same_secret_masks_the_same_so_events_correlate() -> None:
+    first, _ = mask_headers([("Authorization", "Bearer t1")])
+    again, _ = mask_headers([("authorization", "Bearer t1")])
+    other, _ = mask_headers([("Authorization", "Bearer t2")])
+    assert first == again != other
+
+
+def test_keyed_masking_resists_guessing_short_secrets() -> None:
+    key = b"deployment-key"
+    headers, _ = mask_headers([("X-ZTGW-MFA", "123456")], key=key)
+    expected = hmac.new(key, b"123456", hashlib.sha256).hexdigest()[:8]
+    assert headers["x-ztgw-mfa"] == f"<masked:{expected}>"
+    assert headers["x-ztgw-mfa"] != short_sha("123456")
+
+
+def test_secret_header_names_include_the_documented_ones() -> None:
+    assert {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "x-ztgw-mfa",
+    } <= SECRET_HEADERS
+
+
+def test_secret_query_parameters_are_masked_and_order_is_kept() -> None:
+    query = (
+        "page=2&access_token=at1&code=c0de&state=xyz&redirect_uri=%2Fhome"
+        "&password=hunter2&client_secret=s&refreshToken=r&id%5Ftoken=it&key=k&token=&flag"
+    )
+    masked_query, masked = mask_query(query)
+    assert masked_query == (
+        f"page=2&access_token={short_sha('at1')}&code={short_sha('c0de')}"
+        f"&state={short_sha('xyz')}&redirect_uri=%2Fhome&password={short_sha('hunter2')}"
+        f"&client_secret={short_sha('s')}&refreshToken={short_sha('r')}"
+        f"&id%5Ftoken={short_sha('it')}&key={short_sha('k')}&token=&flag"
+    )
+    assert masked == [
+        "input.query.access_token",
+        "input.query.client_secret",
+        "input.query.code",
+        "input.query.id_token",
+        "input.query.key",
+        "input.query.password",
+        "input.query.refreshToken",
+        "input.query.state",
+    ]
+    assert "hunter2" not in masked_query
+
+
+def test_query_without_secrets_is_unchanged() -> None:
+    assert mask_query("") == ("", [])
+    assert mask_query("q=zero+trust&page=1") == ("q=zero+trust&page=1", [])
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+async def test_search_filters_by_user_reason_and_time(db: Path) -> None:
+    base = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    async with AuditLog(db) as log:
+        for n in range(6):
+            log.record(
+                decision(
+                    n,
+                    user="alice" if n % 2 == 0 else "bob",
+                    reason="policy-allowed" if n < 3 else "device-revoked",
+                    timestamp=(base + timedelta(minutes=n)).isoformat(),
+                )
+            )
+        # Same instant as n=3 written with another offset: stored and compared in UTC.
+        log.record(
+            decision(6, user="carol", timestamp="2024-05-01T14:03:00+02:00", route="mail")
+        )
+
+    def ids(events: list[dict[str, Any]]) -> list[str]:
+        return [e["decision_id"] for e in events]
+
+    assert ids(await search(db, user="alice")) == ["dec-0", "dec-2", "dec-4"]
+    assert ids(await search(db, reason="device-revoked")) == ["dec-3", "dec-4", "dec-5"]
+    assert ids(await search(db, user="bob", reason="device-revoked")) == ["dec-3", "dec-5"]
+    assert ids(await search(db, route="mail")) == ["dec-6"]
+    assert ids(await search(db, device="laptop-7", limit=2)) == ["dec-5", "dec-6"]
+    assert ids(await search(db, decision_id="dec-4")) == ["dec-4"]
+    window = await search(
+        db, since=base + timedelta(minutes=2), until=base + timedelta(minutes=4)
+    )
+    assert ids(window) == ["dec-2", "dec-3", "dec-6"]
+    naive = await search(db, since=datetime(2024, 5, 1, 12, 5))
+    assert ids(naive) == ["dec-5"]
+    assert await search(db, user="nobody") == []
+
+
+async def test_tail_returns_the_newest_events_oldest_first(db: Path) -> None:
+    await write_log(db, 10)
+    assert [e["seq"] for e in await tail(db, 3)] == [8, 9, 10]
+    assert len(await tail(db)) == 10
+    assert await tail(db, 0) == []

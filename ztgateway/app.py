@@ -1,0 +1,535 @@
+"""The gateway process: listeners, the request handler, and start-up / shut-down in order.
+
+`Gateway` owns every long-lived service (TLS material, token verifier, upstream pools, audit
+log, metrics) and the current `Runtime` snapshot. A request reads `self.runtime` once; a reload
+builds a complete new snapshot and swaps the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from contextlib import suppress
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .assertion import AssertionSigner, load_or_create_key
+from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
+from .config import GatewayConfig, load_config
+from .context import RequestContext
+from .credentials.jwt import TokenError, TokenVerifier
+from .decision import Decision, Finding, Reason, Verdict
+from .forward.headers import SERVER_BANNER, upstream_request_headers
+from .forward.http import BodyTooLarge, UpstreamFailure, Upstreams, forward_http, upstream_url
+from .forward.websocket import Watch, bridge_websocket
+from .listener import GatewayRequestHandler, Listener
+from .metrics import Metrics
+from .pipeline import Pipeline, default_stages
+from .responses import DECISION_HEADER, problem
+from .routes import RouteTable
+from .runtime import Runtime
+from .tls import TLSManager
+
+log = logging.getLogger("ztgateway")
+INTERNAL_PREFIX = "/.ztgw/"
+WS_RECHECK_INTERVAL = 5.0
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.tls = TLSManager(config.tls, config.server.client_cert, on_reload=self._on_tls_reload)
+        self.audit = AuditLog(
+            config.audit.db,
+            jsonl_path=config.audit.jsonl,
+            max_queue=config.audit.max_queue,
+            on_write_failure=lambda exc: self.metrics.audit_failures.inc(),
+        )
+        self.tokens: TokenVerifier | None = None
+        self.upstreams = Upstreams(list(_all_upstreams(config)))
+        self.signer = AssertionSigner(
+            load_or_create_key(config.assertion.key),
+            issuer=config.assertion.issuer or config.server.public_url or "ztgateway",
+            ttl=config.assertion.ttl,
+        )
+        self.runtime = self._build_runtime(config)
+        self.listener: Listener | None = None
+        self.ops_runner: web.AppRunner | None = None
+        self.ops_port: int | None = None
+        self.port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watches: set[Watch] = set()
+        self.started_at = time.time()
+        self._update_cert_metrics()
+
+    # --- runtime snapshot ------------------------------------------------------------------
+    def _build_runtime(self, config: GatewayConfig) -> Runtime:
+        rt = Runtime(
+            config=config,
+            routes=RouteTable(config.routes),
+            metrics=self.metrics,
+            revocations=lambda: self.tls.current.revocations,
+            tokens=self.tokens,
+        )
+        rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
+        return rt
+
+    def _on_stage_error(self, stage: str) -> None:
+        self.metrics.stage_errors.labels(stage).inc()
+
+    def _on_tls_reload(self, ok: bool, error: str) -> None:
+        self.metrics.tls_reloads.labels("success" if ok else "failure").inc()
+        self._update_cert_metrics()
+        if ok:
+            # Open WebSockets re-verify at once: a revoked certificate closes them now.
+            for w in list(self._watches):
+                w.wake()
+
+    def _update_cert_metrics(self) -> None:
+        m = self.tls.current
+        self.metrics.cert_expiry.labels("server").set(m.server_not_after)
+        self.metrics.cert_expiry.labels("client_ca").set(m.ca_not_after)
+        if m.revocations.next_update is not None:
+            self.metrics.crl_next_update.set(m.revocations.next_update)
+
+    def _on_token_result(self, issuer: str, result: str) -> None:
+        self.metrics.token_validations.labels(issuer, result).inc()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        await self.audit.start()
+        if cfg.issuers:
+            self.tokens = TokenVerifier(
+                cfg.issuers,
+                session_factory=None,
+                on_result=self._on_token_result,
+            )
+            await self.tokens.start()
+            self.runtime = self._build_runtime(cfg)
+        s = cfg.server
+        self.listener = Listener(
+            handler=self.handle,
+            context=lambda: self.tls.current.context,
+            handshake_timeout=s.handshake_timeout,
+            header_timeout=s.header_timeout,
+            idle_timeout=s.idle_timeout,
+            max_connections=s.max_connections,
+            max_header_bytes=s.max_header_bytes,
+            max_headers=s.max_headers,
+            on_handshake=self._on_handshake,
+            on_protocol_error=self._on_protocol_error,
+            on_header_timeout=self.metrics.slow_clients.inc,
+            on_connection_change=self.metrics.connections_open.set,
+            on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
+        )
+        self.port = await self.listener.start(s.host, s.port)
+        if cfg.ops.enabled:
+            from .ops import create_ops_app
+
+            self.ops_runner = web.AppRunner(create_ops_app(self), access_log=None)
+            await self.ops_runner.setup()
+            site = web.TCPSite(self.ops_runner, cfg.ops.host, cfg.ops.port)
+            await site.start()
+            self.ops_port = site.port
+        self._tasks.append(asyncio.ensure_future(self._poll_tls()))
+        self._tasks.append(asyncio.ensure_future(self._report_audit_depth()))
+        log.info(
+            "ztgateway %s listening on https://%s:%d (ops on %s:%s)",
+            __version__, s.host, self.port, cfg.ops.host, self.ops_port,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests up to the deadline, flush the audit."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for w in list(self._watches):
+            w.wake()
+        if self.listener is not None:
+            await self.listener.close(self.config.server.shutdown_timeout)
+        if self.ops_runner is not None:
+            await self.ops_runner.cleanup()
+        await self.upstreams.close()
+        if self.tokens is not None:
+            await self.tokens.close()
+        await self.audit.close()
+
+    async def _poll_tls(self) -> None:
+        interval = self.config.tls.reload_interval
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            self.tls.maybe_reload()
+
+    async def _report_audit_depth(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.audit_queue.set(self.audit.stats.queued)
+
+    def reload(self) -> bool:
+        """SIGHUP: new configuration and TLS material, or keep serving the old on any error."""
+        try:
+            config = load_config(self.config.file)
+            if (
+                config.tls != self.config.tls
+                or config.server.client_cert != self.config.server.client_cert
+            ):
+                self.tls.reconfigure(config.tls, config.server.client_cert)
+            else:
+                self.tls.maybe_reload(force=True)
+            runtime = self._build_runtime(config)
+        except Exception as exc:
+            log.error("reload refused, still serving revision %s: %s", self.config.revision, exc)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        self.config, self.runtime = config, runtime
+        self.metrics.config_reloads.labels("success").inc()
+        self._update_cert_metrics()
+        for w in list(self._watches):
+            w.wake()
+        log.info("configuration reloaded: revision %s", config.revision)
+        return True
+
+    # --- listener callbacks ------------------------------------------------------------------
+    def _on_handshake(self, version: str | None, failure: str | None) -> None:
+        if failure is None:
+            self.metrics.handshakes.labels(version or "unknown").inc()
+        else:
+            self.metrics.handshake_failures.labels(failure).inc()
+
+    def _on_protocol_error(
+        self,
+        conn: GatewayRequestHandler,
+        request: web.BaseRequest,
+        reason: Reason,
+        decision_id: str,
+        exc: BaseException | None,
+    ) -> None:
+        self.metrics.protocol_errors.labels(reason.value).inc()
+        self.metrics.requests.labels("-", "deny", reason.value).inc()
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        event = {
+            "decision_id": decision_id,
+            "type": "ztgw.decision",
+            "route": None,
+            "input": {
+                "client_ip": peer[0] if peer else None,
+                "device": conn.cert.device_id if conn.cert else None,
+                "protocol_error": type(exc).__name__ if exc else None,
+            },
+            "result": {
+                "verdict": "deny",
+                "reason": reason.value,
+                "findings": [
+                    {
+                        "stage": "http",
+                        "reason": reason.value,
+                        "verdict": "deny",
+                        "detail": type(exc).__name__ if exc else "",
+                    }
+                ],
+            },  # fmt: skip
+            "policy_revision": self.config.revision,
+        }
+        with suppress(AuditUnavailable):
+            self.audit.record(event)
+
+    # --- the request path --------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        conn = request.protocol
+        assert isinstance(conn, GatewayRequestHandler)
+        conn.request_started()
+        try:
+            response = await self._handle(request, conn)
+        finally:
+            conn.request_finished()
+        return response
+
+    async def _handle(
+        self, request: web.BaseRequest, conn: GatewayRequestHandler
+    ) -> web.StreamResponse:
+        rt = self.runtime
+        cfg = rt.config
+        ctx = RequestContext.from_request(
+            request,
+            cert=conn.cert,
+            trusted_proxies=cfg.server.trusted_proxies,
+            allow_encoded_slash=cfg.server.allow_encoded_slash,
+        )
+        ctx.forwarded_proto = "https"
+        accept = request.headers.get("Accept", "")
+        if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
+            return await self._internal(request, ctx)
+        started = time.perf_counter()
+        decision = await rt.pipeline.evaluate(ctx)
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        route = ctx.route
+        route_label = route.name if route else "-"
+        self.metrics.requests.labels(
+            route_label, decision.verdict.label, decision.reason.value
+        ).inc()
+        if decision.monitor:
+            self.metrics.would_deny.labels(route_label, decision.reason.value).inc()
+        try:
+            self.audit.record(self.audit_event(ctx, decision, request))
+        except AuditUnavailable:
+            # SECURITY: a decision we cannot record is not acted on (fail closed).
+            self.metrics.audit_unavailable.inc()
+            return self._refusal(
+                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
+            )
+        if not decision.allowed or route is None:
+            detail = None
+            if route is not None and route.expose_detail:
+                detail = next(
+                    (f.detail for f in decision.findings if f.reason is decision.reason), None
+                )
+            return self._refusal(
+                decision.reason, ctx.decision_id, accept, verdict=decision.verdict, detail=detail
+            )
+
+        headers = self._upstream_headers(ctx, request)
+        session = self.upstreams.session(route.upstream)
+        assert ctx.path is not None
+        url = upstream_url(route, ctx.path, ctx.query)
+        route_seconds = self.metrics.request_seconds.labels(route_label)
+        try:
+            if ctx.websocket:
+                watch = Watch()
+                self._watches.add(watch)
+                try:
+                    return await bridge_websocket(
+                        request,
+                        session,
+                        url,
+                        headers,
+                        recheck=lambda: self._recheck(request, conn),
+                        interval=WS_RECHECK_INTERVAL,
+                        watch=watch,
+                    )
+                finally:
+                    self._watches.discard(watch)
+            response = await forward_http(
+                request,
+                route,
+                session,
+                url,
+                headers,
+                decision_id=ctx.decision_id,
+                on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
+            )
+            return response
+        except BodyTooLarge:
+            self.metrics.requests.labels(route_label, "deny", Reason.BODY_TOO_LARGE.value).inc()
+            resp = self._refusal(Reason.BODY_TOO_LARGE, ctx.decision_id, accept)
+            resp.force_close()
+            return resp
+        except UpstreamFailure as fail:
+            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
+            log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
+            return self._refusal(fail.reason, ctx.decision_id, accept)
+        except Exception as exc:
+            # aiohttp's websocket client raises its own errors for refused upgrades.
+            from .forward.http import classify
+
+            fail = classify(exc)
+            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
+            log.warning("upstream %s failed: %r", route.upstream.name, exc)
+            return self._refusal(fail.reason, ctx.decision_id, accept)
+        finally:
+            route_seconds.observe(time.monotonic() - ctx.started)
+
+    async def _recheck(self, request: web.BaseRequest, conn: GatewayRequestHandler) -> Decision:
+        """Re-run the whole decision for an open WebSocket, on the current snapshot."""
+        rt = self.runtime
+        ctx = RequestContext.from_request(
+            request,
+            cert=conn.cert,
+            trusted_proxies=rt.config.server.trusted_proxies,
+            allow_encoded_slash=rt.config.server.allow_encoded_slash,
+        )
+        decision: Decision = await rt.pipeline.evaluate(ctx)
+        if not decision.allowed:
+            self.metrics.requests.labels(
+                ctx.route.name if ctx.route else "-", decision.verdict.label, decision.reason.value
+            ).inc()
+            with suppress(AuditUnavailable):
+                event = self.audit_event(ctx, decision, request)
+                event["input"]["websocket_recheck"] = True
+                self.audit.record(event)
+        return decision
+
+    def _upstream_headers(self, ctx: RequestContext, request: web.BaseRequest) -> Any:
+        route = ctx.route
+        assert route is not None
+        h = route.headers
+        ident = ctx.identity
+        add: dict[str, str] = {
+            "X-Forwarded-For": ctx.client_ip,
+            "X-Forwarded-Proto": ctx.forwarded_proto,
+            "X-Forwarded-Host": request.host,
+            DECISION_HEADER: ctx.decision_id,
+        }
+        if ident is not None:
+            if ident.user:
+                add[h.user] = ident.user
+            if ident.email:
+                add[h.email] = ident.email
+            if ident.groups:
+                add[h.groups] = ",".join(sorted(ident.groups))
+            if ident.device_id:
+                add[h.device] = ident.device_id
+            add[h.assertion] = self.signer.sign(
+                audience=route.name,
+                user=ident.user,
+                email=ident.email,
+                groups=ident.groups,
+                device_id=ident.device_id,
+                source=ident.source,
+                now=ctx.now,
+            )
+        return upstream_request_headers(
+            ctx.headers,
+            add,
+            forward_authorization=route.forward_authorization,
+            websocket=ctx.websocket,
+        )
+
+    def _refusal(
+        self,
+        reason: Reason,
+        decision_id: str,
+        accept: str,
+        *,
+        verdict: Verdict = Verdict.DENY,
+        detail: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> web.Response:
+        resp = problem(
+            reason, decision_id, verdict=verdict, accept=accept, detail=detail, extra_headers=extra
+        )
+        resp.headers["Server"] = SERVER_BANNER
+        return resp
+
+    def audit_event(
+        self, ctx: RequestContext, decision: Decision, request: web.BaseRequest | None
+    ) -> dict[str, Any]:
+        headers, masked = mask_headers(ctx.headers.items())
+        query, masked_q = mask_query(ctx.query)
+        ident = ctx.identity
+        cert = ctx.cert
+        return {
+            "decision_id": ctx.decision_id,
+            "type": "ztgw.decision",
+            "route": ctx.route.name if ctx.route else None,
+            "input": {
+                "method": ctx.method,
+                "host": ctx.host,
+                "path": ctx.path,
+                "raw_path": ctx.raw_path if ctx.path != ctx.raw_path else None,
+                "query": query,
+                "client_ip": ctx.client_ip,
+                "peer_ip": ctx.peer_ip,
+                "user": ident.user if ident else None,
+                "device": cert.device_id if cert else None,
+                "cert": cert.to_json() if cert else None,
+                "headers": headers,
+                "websocket": ctx.websocket,
+            },
+            "identity": ident.to_json() if ident else None,
+            "result": {
+                "verdict": decision.verdict.label,
+                "reason": decision.reason.value,
+                "findings": [f.to_json() for f in decision.findings],
+                "monitor": decision.monitor,
+                "would_verdict": decision.would_verdict.label if decision.would_verdict else None,
+            },
+            "masked": sorted(masked + masked_q),
+            "policy_revision": self.config.revision,
+        }
+
+    async def _internal(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+        """Gateway endpoints under /.ztgw/ (served to any client that passed the handshake)."""
+        if ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
+            resp = web.json_response(self.signer.jwks, headers={"Cache-Control": "max-age=300"})
+            resp.headers["Server"] = SERVER_BANNER
+            return resp
+        decision = Decision(
+            ctx.decision_id,
+            Verdict.DENY,
+            Reason.ROUTE_NOT_FOUND,
+            (Finding("request", Reason.ROUTE_NOT_FOUND, Verdict.DENY, detail=ctx.path or ""),),
+        )
+        self.metrics.requests.labels("-", "deny", Reason.ROUTE_NOT_FOUND.value).inc()
+        with suppress(AuditUnavailable):
+            self.audit.record(self.audit_event(ctx, decision, request))
+        return self._refusal(
+            Reason.ROUTE_NOT_FOUND, ctx.decision_id, request.headers.get("Accept", "")
+        )
+
+    # --- ops helpers ----------------------------------------------------------------------------
+    async def readiness(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        checks["audit"] = {"ok": self.audit.healthy}
+        m = self.tls.current
+        now = time.time()
+        checks["certificates"] = {
+            "ok": m.server_not_after > now,
+            "server_not_after": m.server_not_after,
+            "crl_next_update": m.revocations.next_update,
+        }
+        ups: dict[str, Any] = {}
+        for up in _all_upstreams(self.config):
+            ups[up.name] = await _reachable(up.url.host or "", up.url.port or 80)
+        checks["upstreams"] = {"ok": all(ups.values()), "reachable": ups}
+        if self.tokens is not None:
+            checks["issuers"] = {"ok": True, "status": self.tokens.jwks_status()}
+        return checks
+
+
+async def _reachable(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _all_upstreams(config: GatewayConfig) -> list[Any]:
+    seen: dict[str, Any] = {}
+    for r in config.routes:
+        seen.setdefault(r.upstream.name, r.upstream)
+    return list(seen.values())
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    gw = Gateway(config)
+    await gw.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    print(f"ztgateway listening on https://{config.server.host}:{gw.port}", flush=True)
+    if gw.ops_port:
+        print(f"ops listener on http://{config.ops.host}:{gw.ops_port}", flush=True)
+    await stop.wait()
+    log.info(
+        "shutting down: finishing in-flight requests (up to %ss)", config.server.shutdown_timeout
+    )
+    await gw.stop()
+
+
+__all__ = ["Gateway", "TokenError", "serve"]

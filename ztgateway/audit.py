@@ -1,0 +1,1020 @@
+"""The decision log: one event per gateway decision, hash-chained, written off the request path.
+
+The shape follows OPA's decision log (`decision_id`, `timestamp`, `input`, `result`) so the
+tooling people already point at OPA reads ours. The request path only calls `AuditLog.record()`,
+which snapshots the event and enqueues it; a single writer task batches the queue into SQLite
+and then mirrors the committed rows to an optional JSON-lines file for a SIEM.
+
+Integrity is a hash chain: every stored event carries `seq`, `prev_hash` and `hash`, where
+
+    hash = sha256(prev_hash + canonical_json(event minus {"seq", "prev_hash", "hash"}))
+
+and the first event's `prev_hash` is 64 zeros. Leaving `seq` out of the hashed body costs
+nothing: order is protected by the links, and a renumbered row still breaks its neighbour's
+`prev_hash`. A chain without a key detects editing, deleting, inserting and reordering, but not
+someone who truncates the newest rows or re-hashes everything after an edit; anchor the last
+hash elsewhere (`VerifyResult.last_hash`) if that matters.
+
+Durability contract: an event `record()` accepted is written, or `close()` says loudly that it
+was not (`AuditUnavailable`, `AuditStats.dropped`). On a write fault the writer keeps the
+events, reports the fault and retries; `record()` refuses only when the queue is full, so a
+gateway that cannot audit fails closed instead of forgetting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import sqlite3
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import unquote_plus
+
+import aiosqlite
+
+logger = logging.getLogger(__name__)
+
+GENESIS_HASH: Final = "0" * 64
+EVENT_TYPE: Final = "ztgw.decision"
+CHAIN_FIELDS: Final = frozenset({"seq", "prev_hash", "hash"})
+SCHEMA_VERSION: Final = 1
+
+PROBLEM_EDITED: Final = "hash mismatch (event edited)"
+PROBLEM_LINK: Final = "prev_hash does not match previous event (deleted, inserted or reordered)"
+PROBLEM_GAP: Final = "sequence gap"
+PROBLEM_COLUMNS: Final = "indexed columns do not match the event (row edited)"
+PROBLEM_MALFORMED: Final = "event is not a JSON object with valid chain fields"
+
+_SELECT_ROWS: Final = (
+    'SELECT seq, decision_id, ts, "user", device, route, verdict, reason, client_ip, event, '
+    "prev_hash, hash FROM audit_events ORDER BY seq"
+)
+
+_RETRY_BASE: Final = 0.05
+
+_SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS audit_events (
+        seq INTEGER PRIMARY KEY,
+        decision_id TEXT NOT NULL UNIQUE,
+        ts TEXT NOT NULL,
+        "user" TEXT,
+        device TEXT,
+        route TEXT,
+        verdict TEXT,
+        reason TEXT,
+        client_ip TEXT,
+        event TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    )
+    """,
+    # decision_id is indexed by its UNIQUE constraint; a second index would only cost writes.
+    'CREATE INDEX IF NOT EXISTS audit_events_user ON audit_events ("user")',
+    "CREATE INDEX IF NOT EXISTS audit_events_device ON audit_events (device)",
+    "CREATE INDEX IF NOT EXISTS audit_events_route ON audit_events (route)",
+    "CREATE INDEX IF NOT EXISTS audit_events_reason ON audit_events (reason)",
+    "CREATE INDEX IF NOT EXISTS audit_events_ts ON audit_events (ts)",
+)
+
+_INSERT: Final = (
+    'INSERT INTO audit_events (seq, decision_id, ts, "user", device, route, verdict, reason, '
+    "client_ip, event, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class AuditUnavailable(Exception):
+    """Raised by record() when the queue is full or the writer has failed.
+
+    The caller fails closed (503): a decision that cannot be audited is not served.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStats:
+    queued: int
+    written: int
+    write_failures: int
+    dropped: int
+    """Only non-zero when close() was cut short (or the writer died) with events still queued."""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    first_bad_seq: int | None
+    first_bad_decision_id: str | None
+    problem: str
+    last_hash: str | None = None
+    """Head of the verified chain: keep it elsewhere to detect truncation of the newest events."""
+
+
+# --------------------------------------------------------------------------- canonical form
+
+
+def _json_default(value: Any) -> Any:
+    # The pipeline hands us enums and datetimes; turning them into their wire form here keeps
+    # one bad field from costing a request its audit event.
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return _format_ts(value) if value.tzinfo is not None else value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    raise TypeError(f"audit events hold JSON values; got {type(value).__name__}")
+
+
+def canonical_json(value: Any) -> str:
+    """The byte-exact form hashed by the chain; any verifier must reproduce it exactly."""
+    return json.dumps(
+        value,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+        default=_json_default,
+    )
+
+
+def _scrub(value: Any) -> Any:
+    # aiohttp decodes raw header bytes with surrogateescape, so a client can put lone
+    # surrogates into the event; they cannot be stored as UTF-8 and would jam the writer.
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _link_hash(prev_hash: str, body: str) -> str:
+    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def _format_ts(moment: datetime) -> str:
+    # Fixed width (isoformat pads the year, strftime does not) so string order is time order
+    # and `search(since=, until=)` can compare the ts column as text.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _normalize_ts(value: Any) -> str:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        moment = datetime.fromisoformat(value)
+    else:
+        raise ValueError(f"timestamp must be an RFC 3339 string, got {type(value).__name__}")
+    if moment.tzinfo is None:
+        raise ValueError("timestamp must carry a UTC offset")
+    return _format_ts(moment)
+
+
+def _column(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return canonical_json(value)
+
+
+def _index_columns(event: dict[str, Any]) -> tuple[str | None, ...]:
+    """user, device, route, verdict, reason, client_ip: what search() filters on."""
+    raw_input = event.get("input")
+    inp: dict[str, Any] = raw_input if isinstance(raw_input, dict) else {}
+    raw_result = event.get("result")
+    result: dict[str, Any] = raw_result if isinstance(raw_result, dict) else {}
+    return (
+        _column(inp.get("user")),
+        _column(inp.get("device")),
+        _column(event.get("route")),
+        _column(result.get("verdict")),
+        _column(result.get("reason")),
+        _column(inp.get("client_ip")),
+    )
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _create_private(path: Path) -> None:
+    # Decision logs name people and devices: create the file owner-only before SQLite does
+    # (its -wal and -shm files copy the database file's mode).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _append_lines(path: Path, data: bytes) -> None:
+    """Append whole lines or nothing: a failed write is cut back so a retry leaves no torn line.
+
+    Opened per batch so that a rotated (moved) file is followed by a fresh one and a broken
+    directory is noticed instead of writing into an unlinked inode.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _read_sink_tail(path: Path) -> tuple[int, str] | None:
+    """(seq, hash) of the file's last complete line, dropping a line torn by a crash.
+
+    The torn line's event is in the database (the file is only written after the commit), so
+    the writer re-exports it; keeping the fragment would make the file unverifiable forever.
+    """
+    try:
+        f = path.open("r+b")
+    except FileNotFoundError:
+        return None
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        pos, tail = size, b""
+        while pos > 0 and tail.count(b"\n") < 2:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+        if tail and not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n") + 1
+            logger.warning("audit sink %s ends with a torn line; truncating it", path)
+            f.truncate(pos + cut)
+            tail = tail[:cut]
+        if not tail:
+            return None
+        last = tail[:-1].rsplit(b"\n", 1)[-1]
+    try:
+        event = json.loads(last)
+        seq, link = event["seq"], event["hash"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(seq, int) or not isinstance(link, str):
+        return None
+    return seq, link
+
+
+class AuditLog:
+    """Queue in memory, one writer task, SQLite as the record and JSON lines as its mirror.
+
+    `record()` must be called from the event loop's thread; it never awaits or touches disk.
+    """
+
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        jsonl_path: Path | None = None,
+        max_queue: int = 100_000,
+        batch_size: int = 500,
+        flush_interval: float = 0.05,
+        on_write_failure: Callable[[BaseException], None] | None = None,
+        busy_timeout: float = 5.0,
+        retry_max: float = 5.0,
+    ) -> None:
+        if max_queue < 1 or batch_size < 1:
+            raise ValueError("max_queue and batch_size must be positive")
+        if flush_interval < 0 or busy_timeout < 0 or retry_max <= 0:
+            raise ValueError("flush_interval, busy_timeout and retry_max must not be negative")
+        self._db_path = db_path
+        self._jsonl_path = jsonl_path
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._on_write_failure = on_write_failure
+        self._busy_timeout = busy_timeout
+        self._retry_max = retry_max
+
+        self._pending: deque[tuple[str, str]] = deque()  # (decision_id, canonical body)
+        self._pending_ids: set[str] = set()
+        self._accepted = 0
+        self._written = 0
+        self._write_failures = 0
+        self._failures_in_row = 0
+        self._dropped = 0
+        self._last_seq = 0
+        self._last_hash = GENESIS_HASH
+        self._sink_seq = 0
+
+        self._db: aiosqlite.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._fatal: BaseException | None = None
+        self._stopping = False
+        self._close_done = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def __aenter__(self) -> AuditLog:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open or create the log; AuditUnavailable here keeps a gateway that cannot audit down.
+
+        The head loaded here is what the writer expects to extend; each batch re-reads it under
+        the write lock, so a second process on the same file extends one chain, not a fork.
+        """
+        if self._db is not None or self._stopping:
+            raise RuntimeError("AuditLog.start() may be called once")
+        try:
+            await asyncio.to_thread(_create_private, self._db_path)
+            db = await aiosqlite.connect(
+                self._db_path, isolation_level=None, timeout=self._busy_timeout
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise AuditUnavailable(f"cannot open audit database {self._db_path}: {exc}") from exc
+        try:
+            await self._prepare(db)
+            self._last_seq, self._last_hash = await _head(db)
+            if self._jsonl_path is not None:
+                await asyncio.to_thread(_append_lines, self._jsonl_path, b"")
+                self._sink_seq = await self._sink_position(db, self._jsonl_path)
+        except (sqlite3.Error, OSError) as exc:
+            await db.close()
+            raise AuditUnavailable(f"cannot prepare audit log: {exc}") from exc
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+        self._task = asyncio.create_task(self._run(), name="ztgw-audit-writer")
+
+    async def _prepare(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA journal_mode=WAL") as cur:
+            row = await cur.fetchone()
+        if row is None or str(row[0]).lower() != "wal":
+            logger.warning("audit database %s is not in WAL mode: %s", self._db_path, row)
+        await db.execute("PRAGMA synchronous=NORMAL")
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise AuditUnavailable(
+                f"audit database schema {version} is newer than this gateway ({SCHEMA_VERSION})"
+            )
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
+
+    async def _sink_position(self, db: aiosqlite.Connection, path: Path) -> int:
+        """Where the JSON-lines mirror stands in the chain, so a crash gap is re-exported."""
+        tail = await asyncio.to_thread(_read_sink_tail, path)
+        if tail is not None:
+            seq, link = tail
+            async with db.execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,)) as cur:
+                row = await cur.fetchone()
+            if row is not None and row[0] == link:
+                return seq
+            logger.warning(
+                "audit sink %s ends at seq %d, which is not in %s; continuing from seq %d",
+                path,
+                seq,
+                self._db_path,
+                self._last_seq + 1,
+            )
+        # A new (or rotated) file starts at the present, anchored on the current head.
+        return self._last_seq
+
+    async def flush(self) -> None:
+        """Return once every event recorded before the call is in SQLite and the sink."""
+        if self._fatal is not None:
+            raise AuditUnavailable("audit writer has failed") from self._fatal
+        target = self._accepted
+        if self._task is None or self._is_flushed(target):
+            return
+        if self._task.done():
+            raise AuditUnavailable("audit writer is not running")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (target, waiter)
+        self._waiters.append(entry)
+        self._wake.set()
+        self._kick.set()
+        try:
+            await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+
+    async def close(self) -> None:
+        """Flush, stop the writer and close the database; idempotent.
+
+        This waits as long as a write fault lasts, because returning would lose acknowledged
+        events. To bound shutdown, wrap it in `asyncio.timeout()`: on cancellation whatever is
+        still queued is counted in `stats.dropped` and logged as an error, never dropped quietly.
+        """
+        if self._stopping:
+            await self._close_done.wait()
+            return
+        self._stopping = True
+        task = self._task
+        try:
+            if task is not None:
+                self._wake.set()
+                self._kick.set()
+                await asyncio.wait({task})
+        finally:
+            # Also reached when close() is cancelled: never leave the writer running against a
+            # closed connection.
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            lost = len(self._pending)
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.close()
+            if lost:
+                logger.error("audit log closed with %d acknowledged events not written", lost)
+            self._dropped += lost
+            self._pending.clear()
+            self._pending_ids.clear()
+            self._fail_waiters(AuditUnavailable("audit log closed before the events were written"))
+            self._close_done.set()
+        if lost:
+            raise AuditUnavailable(f"audit log closed with {lost} events not written")
+
+    # ------------------------------------------------------------------ request path
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Snapshot and enqueue one decision event; never blocks.
+
+        Raises AuditUnavailable when the event cannot be promised to the log (not started,
+        closed, writer failed, queue full) and ValueError/TypeError for a malformed event.
+        """
+        if self._fatal is not None:
+            raise AuditUnavailable("audit writer has failed") from self._fatal
+        if self._task is None or self._stopping:
+            raise AuditUnavailable("audit log is not running")
+        if len(self._pending) >= self._max_queue:
+            raise AuditUnavailable(f"audit queue is full ({self._max_queue} events)")
+        decision_id = event.get("decision_id")
+        if not isinstance(decision_id, str) or not decision_id:
+            raise ValueError("audit event needs a non-empty string decision_id")
+        if decision_id in self._pending_ids:
+            raise ValueError(f"decision {decision_id} is already queued")
+        reserved = CHAIN_FIELDS.intersection(event)
+        if reserved:
+            raise ValueError(f"audit event may not set {sorted(reserved)}; the chain sets them")
+        body = dict(event)
+        body.setdefault("type", EVENT_TYPE)
+        if "timestamp" in body:
+            _normalize_ts(body["timestamp"])
+        else:
+            body["timestamp"] = _format_ts(datetime.now(UTC))
+        canonical = canonical_json(body)
+        try:
+            canonical.encode("utf-8")
+        except UnicodeEncodeError:
+            canonical = canonical_json(_scrub(json.loads(canonical)))
+        self._pending.append((decision_id, canonical))
+        self._pending_ids.add(decision_id)
+        self._accepted += 1
+        self._wake.set()
+        if len(self._pending) == self._batch_size:
+            self._kick.set()
+
+    @property
+    def stats(self) -> AuditStats:
+        return AuditStats(
+            queued=len(self._pending),
+            written=self._written,
+            write_failures=self._write_failures,
+            dropped=self._dropped,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """False while writes are failing, so /readyz can drain traffic before the queue fills."""
+        return (
+            self._task is not None
+            and not self._task.done()
+            and not self._stopping
+            and self._fatal is None
+            and self._failures_in_row == 0
+        )
+
+    # ------------------------------------------------------------------ writer task
+
+    def _sink_behind(self) -> bool:
+        return self._jsonl_path is not None and self._sink_seq < self._last_seq
+
+    def _is_flushed(self, target: int) -> bool:
+        return self._written >= target and not self._sink_behind()
+
+    def _settle_waiters(self) -> None:
+        for target, waiter in self._waiters:
+            if not waiter.done() and self._is_flushed(target):
+                waiter.set_result(None)
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but let flush()/close() (and a full batch) cut it short."""
+        if seconds > 0 and not self._kick.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._kick.wait()
+        self._kick.clear()
+
+    def _report_failure(self, exc: BaseException) -> None:
+        self._write_failures += 1
+        self._failures_in_row += 1
+        logger.warning(
+            "audit write failed (%d in a row, %d queued): %s",
+            self._failures_in_row,
+            len(self._pending),
+            exc,
+        )
+        if self._on_write_failure is not None:
+            try:
+                self._on_write_failure(exc)
+            except Exception:
+                logger.exception("audit on_write_failure callback raised")
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._settle_waiters()
+                if not self._pending and not self._sink_behind():
+                    if self._stopping:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                urgent = self._stopping or bool(self._waiters)
+                if self._pending and not urgent and len(self._pending) < self._batch_size:
+                    # Coalesce: one commit per flush_interval instead of one per request.
+                    await self._pause(self._flush_interval)
+                try:
+                    if self._pending:
+                        first_seq, lines = await self._commit_batch()
+                        await self._mirror(first_seq, lines)
+                    else:
+                        await self._catch_up_sink()
+                except (sqlite3.Error, OSError) as exc:
+                    self._report_failure(exc)
+                    exponent = min(self._failures_in_row - 1, 16)
+                    await self._pause(min(_RETRY_BASE * 2**exponent, self._retry_max))
+                else:
+                    self._failures_in_row = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug, not a disk fault: retrying would spin, so stop and make record() refuse.
+            logger.exception("audit writer stopped")
+            self._fatal = exc
+            self._report_failure(exc)
+            self._fail_waiters(AuditUnavailable("audit writer has failed"))
+
+    async def _commit_batch(self) -> tuple[int, list[str]]:
+        db = self._db
+        assert db is not None
+        batch = list(itertools.islice(self._pending, self._batch_size))
+        # BEGIN IMMEDIATE takes the write lock before reading the head, so another process
+        # appending to the same file cannot fork the chain between our read and our insert.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            seq, prev = await _head(db)
+            if seq < self._last_seq or (seq == self._last_seq and prev != self._last_hash):
+                # Not a reason to stop auditing, but the operator must hear that the newest
+                # rows were deleted or replaced behind the writer's back.
+                logger.error(
+                    "audit chain head in %s moved from seq %d (%s) to seq %d (%s)",
+                    self._db_path,
+                    self._last_seq,
+                    self._last_hash,
+                    seq,
+                    prev,
+                )
+            first_seq = seq + 1
+            rows: list[tuple[Any, ...]] = []
+            lines: list[str] = []
+            for decision_id, canonical in batch:
+                seq += 1
+                link = _link_hash(prev, canonical)
+                body = json.loads(canonical)
+                stored = canonical_json({**body, "seq": seq, "prev_hash": prev, "hash": link})
+                ts = _normalize_ts(body["timestamp"])
+                rows.append((seq, decision_id, ts, *_index_columns(body), stored, prev, link))
+                lines.append(stored)
+                prev = link
+            await db.executemany(_INSERT, rows)
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
+        for _ in batch:
+            decision_id, _canonical = self._pending.popleft()
+            self._pending_ids.discard(decision_id)
+        self._written += len(batch)
+        self._last_seq, self._last_hash = seq, prev
+        return first_seq, lines
+
+    async def _mirror(self, first_seq: int, lines: list[str]) -> None:
+        """Append a just-committed batch to the sink when it directly follows what the sink has."""
+        if self._jsonl_path is None or self._sink_seq != first_seq - 1:
+            return  # behind (earlier fault or another writer): _catch_up_sink reads the DB
+        await asyncio.to_thread(_append_lines, self._jsonl_path, _join_lines(lines))
+        self._sink_seq = first_seq + len(lines) - 1
+
+    async def _catch_up_sink(self) -> None:
+        db = self._db
+        assert db is not None and self._jsonl_path is not None
+        async with db.execute(
+            "SELECT seq, event FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self._sink_seq, self._batch_size),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        if not rows:
+            logger.warning(
+                "audit rows %d..%d vanished from %s before reaching the sink",
+                self._sink_seq + 1,
+                self._last_seq,
+                self._db_path,
+            )
+            self._sink_seq = self._last_seq
+            return
+        await asyncio.to_thread(_append_lines, self._jsonl_path, _join_lines(r[1] for r in rows))
+        self._sink_seq = int(rows[-1][0])
+
+
+def _join_lines(lines: Iterable[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+async def _head(db: aiosqlite.Connection) -> tuple[int, str]:
+    async with db.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1") as cur:
+        row = await cur.fetchone()
+    return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@contextlib.asynccontextmanager
+async def _read_only(db_path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    # Checked first because connecting would silently create an empty database to "verify".
+    if not await asyncio.to_thread(db_path.is_file):
+        raise FileNotFoundError(f"no audit database at {db_path}")
+    db = await aiosqlite.connect(db_path)
+    try:
+        await db.execute("PRAGMA query_only = ON")
+        yield db
+    finally:
+        await db.close()
+
+
+class _ChainChecker:
+    """Walks events in order; the same rules for the database and the JSON-lines file."""
+
+    def __init__(self, *, require_genesis: bool) -> None:
+        self.require_genesis = require_genesis
+        self.prev_seq: int | None = None
+        self.prev_hash: str | None = None
+        self.checked = 0
+
+    def check(
+        self,
+        event: Any,
+        *,
+        row_check: Callable[[dict[str, Any]], str | None] | None = None,
+    ) -> str | None:
+        if not isinstance(event, dict):
+            return PROBLEM_MALFORMED
+        seq, prev, link = event.get("seq"), event.get("prev_hash"), event.get("hash")
+        if (
+            not isinstance(seq, int)
+            or isinstance(seq, bool)
+            or not isinstance(prev, str)
+            or not isinstance(link, str)
+        ):
+            return PROBLEM_MALFORMED
+        body = {k: v for k, v in event.items() if k not in CHAIN_FIELDS}
+        if _link_hash(prev, canonical_json(body)) != link:
+            return PROBLEM_EDITED
+        if row_check is not None:
+            problem = row_check(event)
+            if problem is not None:
+                return problem
+        if self.prev_hash is None:
+            if seq == 1 and prev != GENESIS_HASH:
+                return PROBLEM_LINK
+            if seq != 1 and self.require_genesis:
+                return (
+                    f"chain starts at seq {seq}, not 1: earlier events are missing "
+                    "or the file was rotated"
+                )
+        else:
+            assert self.prev_seq is not None
+            if prev != self.prev_hash:
+                return PROBLEM_LINK
+            if seq != self.prev_seq + 1:
+                return PROBLEM_GAP
+        self.prev_seq, self.prev_hash = seq, link
+        self.checked += 1
+        return None
+
+    def result(
+        self, problem: str | None = None, seq: int | None = None, decision_id: str | None = None
+    ) -> VerifyResult:
+        if problem is None:
+            return VerifyResult(True, self.checked, None, None, "", self.prev_hash)
+        return VerifyResult(False, self.checked, seq, decision_id, problem, self.prev_hash)
+
+
+def _row_problem(row: sqlite3.Row | tuple[Any, ...], event: dict[str, Any]) -> str | None:
+    """Columns are outside the hash; tie them to the hashed event so search cannot be steered."""
+    seq, decision_id, ts, *indexed, _text, prev, link = row
+    try:
+        expected_ts = _normalize_ts(event.get("timestamp"))
+    except ValueError:
+        return PROBLEM_COLUMNS
+    if (
+        seq != event.get("seq")
+        or prev != event.get("prev_hash")
+        or link != event.get("hash")
+        or decision_id != event.get("decision_id")
+        or ts != expected_ts
+        or tuple(indexed) != _index_columns(event)
+    ):
+        return PROBLEM_COLUMNS
+    return None
+
+
+async def verify_db(db_path: Path) -> VerifyResult:
+    """Check the whole chain in one read transaction (safe while the gateway is writing)."""
+    checker = _ChainChecker(require_genesis=True)
+    async with (
+        _read_only(db_path) as db,
+        db.execute(_SELECT_ROWS) as cur,
+    ):
+        async for row in cur:
+            seq, decision_id, text = row[0], row[1], row[9]
+            try:
+                event = json.loads(text)
+            except (ValueError, TypeError):
+                return checker.result(PROBLEM_MALFORMED, seq, decision_id)
+            problem = checker.check(event, row_check=functools.partial(_row_problem, tuple(row)))
+            if problem is not None:
+                return checker.result(problem, seq, decision_id)
+    return checker.result()
+
+
+def verify_jsonl(path: Path, *, require_genesis: bool = True) -> VerifyResult:
+    """Verify a JSON-lines mirror on its own, without the database.
+
+    A file that begins mid-chain (rotated, or a sink added to an existing log) cannot prove
+    its first link; pass require_genesis=False to accept its first prev_hash as the anchor.
+    """
+    checker = _ChainChecker(require_genesis=require_genesis)
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                return checker.result(f"line {number} is incomplete (torn write)")
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                return checker.result(f"line {number} is not valid JSON")
+            problem = checker.check(event)
+            if problem is not None:
+                seq = event.get("seq") if isinstance(event, dict) else None
+                did = event.get("decision_id") if isinstance(event, dict) else None
+                return checker.result(
+                    f"line {number}: {problem}",
+                    seq if isinstance(seq, int) else None,
+                    did if isinstance(did, str) else None,
+                )
+    return checker.result()
+
+
+async def tail(db_path: Path, n: int = 20) -> list[dict[str, Any]]:
+    """The newest n events, oldest first, as a terminal reads a log."""
+    if n <= 0:
+        return []
+    async with (
+        _read_only(db_path) as db,
+        db.execute("SELECT event FROM audit_events ORDER BY seq DESC LIMIT ?", (n,)) as cur,
+    ):
+        rows = await cur.fetchall()
+    return [json.loads(row[0]) for row in reversed(list(rows))]
+
+
+def _query_ts(moment: datetime) -> str:
+    # Naive times are taken as UTC, the zone every stored timestamp is in.
+    return _format_ts(moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC))
+
+
+async def search(
+    db_path: Path,
+    *,
+    user: str | None = None,
+    device: str | None = None,
+    route: str | None = None,
+    reason: str | None = None,
+    decision_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """The newest `limit` events matching every given filter, oldest first.
+
+    `since` is inclusive and `until` exclusive, so consecutive windows never count an event twice.
+    """
+    if limit <= 0:
+        return []
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ('"user"', user),
+        ("device", device),
+        ("route", route),
+        ("reason", reason),
+        ("decision_id", decision_id),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if since is not None:
+        clauses.append("ts >= ?")
+        params.append(_query_ts(since))
+    if until is not None:
+        clauses.append("ts < ?")
+        params.append(_query_ts(until))
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    params.append(limit)
+    # Only the column names above are interpolated; every value is a bound parameter.
+    sql = f"SELECT event FROM audit_events {where} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+    async with _read_only(db_path) as db, db.execute(sql, params) as cur:
+        rows = await cur.fetchall()
+    return [json.loads(row[0]) for row in reversed(list(rows))]
+
+
+# --------------------------------------------------------------------------- masking
+
+SECRET_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "x-ztgw-mfa",
+        "x-auth-token",
+        "x-access-token",
+        "x-csrf-token",
+        "x-xsrf-token",
+        "x-amz-security-token",
+        "x-goog-iap-jwt-assertion",
+        "cf-access-jwt-assertion",
+    }
+)
+"""Always masked; names that merely look secret (see _SECRET_WORDS) are masked as well."""
+
+SECRET_QUERY_PARAMS: Final = frozenset(
+    {"code", "state", "ticket", "sig", "samlresponse", "samlrequest", "relaystate"}
+)
+"""OAuth/OIDC and SAML parameters that grant or bind a login; masked with the _SECRET_WORDS."""
+
+_SECRET_WORDS: Final = frozenset(
+    {
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "apikey",
+        "key",
+        "signature",
+        "credential",
+        "credentials",
+        "session",
+        "sessionid",
+        "jwt",
+        "assertion",
+        "otp",
+        "mfa",
+        "auth",
+        "authorization",
+        "cookie",
+    }
+)
+_SECRET_SUFFIXES: Final = ("token", "secret", "password", "apikey", "signature")
+_WORD_SPLIT: Final = re.compile(r"[^a-z0-9]+")
+
+
+def _is_secret_name(name: str, always: frozenset[str]) -> bool:
+    lowered = name.lower()
+    if lowered in always:
+        return True
+    if any(word in _SECRET_WORDS for word in _WORD_SPLIT.split(lowered)):
+        return True
+    # camelCase names (refreshToken, clientSecret) have no separator to split on.
+    return lowered.endswith(_SECRET_SUFFIXES)
+
+
+def _mask(value: str, key: bytes | None) -> str:
+    # Eight hex chars correlate two events carrying the same secret without revealing it.
+    # Unkeyed, a low-entropy secret (a password, a 6-digit code) can be brute-forced against
+    # the prefix; a deployment key turns it into an HMAC that cannot.
+    data = value.encode("utf-8", "surrogatepass")
+    digest = (
+        hmac.new(key, data, hashlib.sha256).hexdigest()
+        if key is not None
+        else hashlib.sha256(data).hexdigest()
+    )
+    return f"<masked:{digest[:8]}>"
+
+
+def mask_headers(
+    headers: Iterable[tuple[str, str]],
+    *,
+    key: bytes | None = None,
+    prefix: str = "input.headers",
+) -> tuple[dict[str, str], list[str]]:
+    """Headers for the event input with secrets replaced, and the paths that were masked.
+
+    Each value of a repeated header is masked on its own so one shared cookie still correlates.
+    """
+    grouped: dict[str, list[str]] = {}
+    for name, value in headers:
+        grouped.setdefault(name.lower(), []).append(value)
+    out: dict[str, str] = {}
+    masked: list[str] = []
+    for name, values in grouped.items():
+        if _is_secret_name(name, SECRET_HEADERS):
+            out[name] = ", ".join(_mask(v, key) for v in values)
+            masked.append(f"{prefix}.{name}")
+        else:
+            out[name] = ", ".join(values)
+    return out, sorted(masked)
+
+
+def mask_query(
+    query: str, *, key: bytes | None = None, prefix: str = "input.query"
+) -> tuple[str, list[str]]:
+    """The query string (without '?') with secret parameter values masked, and their paths.
+
+    Names keep their original encoding and order, so the logged query still shows what the
+    client sent; empty values are left alone since they reveal nothing.
+    """
+    if not query:
+        return query, []
+    parts: list[str] = []
+    masked: set[str] = set()
+    for part in query.split("&"):
+        raw_name, sep, raw_value = part.partition("=")
+        name = unquote_plus(raw_name)
+        if sep and raw_value and _is_secret_name(name, SECRET_QUERY_PARAMS):
+            parts.append(f"{raw_name}={_mask(unquote_plus(raw_value), key)}")
+            masked.add(f"{prefix}.{name}")
+        else:
+            parts.append(part)
+    return "&".join(parts), sorted(masked)

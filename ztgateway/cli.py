@@ -1,0 +1,217 @@
+"""The `ztgateway` command line: run, check-config, certs, token, audit, policy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .configreader import ConfigError
+
+DEFAULT_CONFIG = "config/gateway.toml"
+
+
+def _load(path: str):  # type: ignore[no-untyped-def]
+    from .config import load_config
+
+    return load_config(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+        from .tls import build_material
+
+        build_material(config.tls, config.server.client_cert)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"error: {args.config}: tls: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{config.file}: ok (revision {config.revision}, {len(config.routes)} routes, "
+        f"{len(config.issuers)} issuers)"
+    )
+    for r in config.routes:
+        hosts = ",".join(sorted(r.hosts)) or "*"
+        print(f"  route {r.name}: {hosts}{r.prefix} -> {r.upstream.url} [{r.mode}]")
+    return 0
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    from .credentials.devtoken import issue_token
+
+    key = Path(args.key)
+    if not key.exists():
+        print(f"error: {key}: issuer key not found (run `ztgateway certs init`)", file=sys.stderr)
+        return 2
+    token = issue_token(
+        key,
+        sub=args.sub,
+        groups=[g for g in args.groups.split(",") if g] if args.groups else [],
+        scope=args.scope or "",
+        roles=[r for r in args.roles.split(",") if r] if args.roles else [],
+        email=args.email,
+        ttl=args.ttl,
+        bind_cert=Path(args.bind_cert) if args.bind_cert else None,
+    )
+    print(token)
+    return 0
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    from .audit import tail
+
+    config = _load(args.config)
+    for event in asyncio.run(tail(config.audit.db, args.n)):
+        if args.json:
+            print(json.dumps(event))
+        else:
+            r = event.get("result", {})
+            i = event.get("input", {})
+            print(
+                f"{event.get('timestamp', '')} {r.get('verdict', ''):<6} {r.get('reason', ''):<28} "
+                f"{event.get('route') or '-':<10} {i.get('method') or '-':<6} {i.get('path') or '-'} "
+                f"user={i.get('user') or '-'} device={i.get('device') or '-'} id={event.get('decision_id')}"
+            )
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_db, verify_jsonl
+
+    config = _load(args.config)
+    result = (
+        verify_jsonl(Path(args.jsonl)) if args.jsonl else asyncio.run(verify_db(config.audit.db))
+    )
+    if result.ok:
+        print(f"ok: {result.checked} events, chain intact")
+        return 0
+    print(
+        f"TAMPERED: first bad event seq={result.first_bad_seq} "
+        f"decision_id={result.first_bad_decision_id}: {result.problem} "
+        f"({result.checked} events checked)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def cmd_audit_search(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from .audit import search
+
+    config = _load(args.config)
+    events = asyncio.run(
+        search(
+            config.audit.db,
+            user=args.user,
+            device=args.device,
+            route=args.route,
+            reason=args.reason,
+            decision_id=args.decision_id,
+            since=datetime.fromisoformat(args.since) if args.since else None,
+            until=datetime.fromisoformat(args.until) if args.until else None,
+            limit=args.limit,
+        )
+    )
+    for e in events:
+        print(json.dumps(e))
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .commands import certs
+
+    p = argparse.ArgumentParser(prog="ztgateway", description="Zero-trust enforcement gateway.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="configuration file")
+        return sp
+
+    run = with_config(sub.add_parser("run", help="run the gateway"))
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(func=cmd_run)
+
+    check = with_config(sub.add_parser("check-config", help="validate a configuration"))
+    check.set_defaults(func=cmd_check_config)
+
+    certs.register(sub)
+
+    token = sub.add_parser("token", help="development bearer tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True)
+    issue = tsub.add_parser("issue", help="print a token the demo configuration trusts")
+    issue.add_argument("--sub", required=True)
+    issue.add_argument("--groups", default="")
+    issue.add_argument("--roles", default="")
+    issue.add_argument("--scope", default="")
+    issue.add_argument("--email")
+    issue.add_argument("--ttl", type=int, default=300)
+    issue.add_argument("--bind-cert", help="PEM client certificate to bind the token to (RFC 8705)")
+    issue.add_argument("--key", default="certs/issuer.key")
+    issue.set_defaults(func=cmd_token_issue)
+
+    audit = sub.add_parser("audit", help="read and verify the audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    at = with_config(asub.add_parser("tail", help="the last decisions"))
+    at.add_argument("-n", type=int, default=20)
+    at.add_argument("--json", action="store_true")
+    at.set_defaults(func=cmd_audit_tail)
+    av = with_config(asub.add_parser("verify", help="verify the hash chain"))
+    av.add_argument("--jsonl", help="verify a JSON-lines audit file instead of the database")
+    av.set_defaults(func=cmd_audit_verify)
+    asr = with_config(asub.add_parser("search", help="find decisions"))
+    for flag in ("user", "device", "route", "reason", "decision-id", "since", "until"):
+        asr.add_argument(f"--{flag}")
+    asr.add_argument("--limit", type=int, default=100)
+    asr.set_defaults(func=cmd_audit_search)
+
+    from .policycli import register as register_policy
+
+    register_policy(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""Subcommands of the `ztgateway` CLI, one module each, so cli.py only wires them together."""

@@ -1,0 +1,571 @@
+"""TOML configuration -> frozen dataclasses, validated in full at start-up and on reload.
+
+A configuration that loads is one the gateway can serve safely: unknown keys, wrong types,
+missing files, overlapping routes, unknown zones and contradictions are all `ConfigError`s that
+name the file and the key path. `ztgateway check-config` runs exactly this loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import time as dtime
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from yarl import URL
+
+from .configreader import ConfigError, Table
+from .credentials.jwt import IssuerConfig
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+CertMode = Literal["required", "optional"]
+RouteMode = Literal["enforce", "monitor"]
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+_DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+$")
+_ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    client_cert: CertMode = "required"
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10_000
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    client_max_size: int = 10 * 1024 * 1024
+    shutdown_timeout: float = 15.0
+    trusted_proxies: tuple[Network, ...] = ()
+    spoofed_headers: Literal["strip", "deny"] = "strip"
+    allow_encoded_slash: bool = False
+    public_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    client_ca: Path
+    crl: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    reload_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class OpsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9100
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    db: Path
+    jsonl: Path | None = None
+    max_queue: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    url: URL
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_connections: int = 256
+    max_connections_per_host: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    days: frozenset[int]
+    start: dtime
+    end: dtime
+    tz: ZoneInfo
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMapping:
+    """Which token claims carry the user, email, groups, roles and scopes, per issuer."""
+
+    user: str = "sub"
+    email: str = "email"
+    groups: str = "groups"
+    roles: str = "roles"
+    scopes: str = "scope"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityHeaders:
+    user: str = "X-Forwarded-User"
+    email: str = "X-Forwarded-Email"
+    groups: str = "X-Forwarded-Groups"
+    device: str = "X-ZT-Device-Id"
+    assertion: str = "X-ZT-Assertion"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    require_client_cert: bool = True
+    require_token: bool = False
+    require_bound_token: bool = False
+    allow_cert_identity: bool = True
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    scopes: frozenset[str] = frozenset()
+    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    methods: frozenset[str] = frozenset()
+    paths: tuple[str, ...] = ()
+    cert_subjects: frozenset[str] = frozenset()
+    cert_san_patterns: tuple[str, ...] = ()
+    zones: tuple[str, ...] = ()
+    time_windows: tuple[TimeWindow, ...] = ()
+    issuers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    prefix: str
+    upstream: UpstreamConfig
+    hosts: frozenset[str] = frozenset()
+    mode: RouteMode = "enforce"
+    policy: RoutePolicy = field(default_factory=RoutePolicy)
+    headers: IdentityHeaders = field(default_factory=IdentityHeaders)
+    client_max_size: int = 10 * 1024 * 1024
+    forward_authorization: bool = False
+    expose_detail: bool = False
+    websocket: bool = True
+    strip_prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AssertionConfig:
+    key: Path | None
+    ttl: int = 60
+    issuer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardAuthConfig:
+    enabled: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    file: Path
+    revision: str
+    server: ServerConfig
+    tls: TLSConfig
+    ops: OpsConfig
+    audit: AuditConfig
+    upstreams: dict[str, UpstreamConfig]
+    routes: tuple[RouteConfig, ...]
+    zones: dict[str, tuple[Network, ...]]
+    issuers: tuple[IssuerConfig, ...]
+    claim_maps: dict[str, ClaimMapping]
+    assertion: AssertionConfig
+    forward_auth: ForwardAuthConfig
+
+
+def load_config(path: Path | str) -> GatewayConfig:
+    file = Path(path).resolve()
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, "", f"not valid TOML: {exc}") from exc
+    return parse_config(data, file, revision=hashlib.sha256(raw).hexdigest()[:16])
+
+
+def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> GatewayConfig:
+    root = Table(dict(data), file)
+    server = _server(root.table("server"))
+    tls = _tls(root.table("tls", required=True))
+    ops = _ops(root.table("ops"))
+    audit = _audit(root.table("audit"), file)
+    zones = _zones(root.table("zones"))
+    claim_maps: dict[str, ClaimMapping] = {}
+    issuers = _issuers(root.named_tables("issuers"), claim_maps)
+    upstreams = {name: _upstream(name, t) for name, t in root.named_tables("upstreams").items()}
+    issuer_names = {i.name for i in issuers}
+    routes = tuple(_route(t, upstreams, zones, issuer_names, server) for t in root.tables("routes"))
+    if not routes:
+        root.fail("routes", "at least one [[routes]] table is required")
+    assertion = _assertion(root.table("assertion"))
+    forward_auth = _forward_auth(root.table("forward_auth"))
+    root.done()
+    _check_overlaps(routes, root)
+    if ops.enabled and (ops.host, ops.port) == (server.host, server.port):
+        root.fail("ops.port", "the ops listener must not share the mTLS listener's address")
+    return GatewayConfig(
+        file=file,
+        revision=revision,
+        server=server,
+        tls=tls,
+        ops=ops,
+        audit=audit,
+        upstreams=upstreams,
+        routes=routes,
+        zones=zones,
+        issuers=issuers,
+        claim_maps=claim_maps,
+        assertion=assertion,
+        forward_auth=forward_auth,
+    )
+
+
+def _server(t: Table) -> ServerConfig:
+    cfg = ServerConfig(
+        host=t.text("host", "127.0.0.1"),
+        port=t.integer("port", 8443, min=0, max=65535),
+        client_cert=t.choice("client_cert", ("required", "optional"), "required"),  # type: ignore[arg-type]
+        handshake_timeout=t.number("handshake_timeout", 10.0, min=0.1),
+        header_timeout=t.number("header_timeout", 10.0, min=0.1),
+        idle_timeout=t.number("idle_timeout", 60.0, min=0.1),
+        max_connections=t.integer("max_connections", 10_000, min=1),
+        max_header_bytes=t.integer("max_header_bytes", 8190, min=256, max=65536),
+        max_headers=t.integer("max_headers", 100, min=8, max=1000),
+        client_max_size=t.integer("client_max_size", 10 * 1024 * 1024, min=0),
+        shutdown_timeout=t.number("shutdown_timeout", 15.0, min=0.0),
+        trusted_proxies=t.cidrs("trusted_proxies"),
+        spoofed_headers=t.choice("spoofed_headers", ("strip", "deny"), "strip"),  # type: ignore[arg-type]
+        allow_encoded_slash=t.flag("allow_encoded_slash", False),
+        public_url=t.text("public_url", ""),
+    )
+    t.done()
+    return cfg
+
+
+def _tls(t: Table) -> TLSConfig:
+    cert, key, ca = t.path("cert", required=True), t.path("key", required=True), None
+    ca = t.path("client_ca", required=True)
+    assert cert is not None and key is not None and ca is not None
+    cfg = TLSConfig(
+        cert=cert,
+        key=key,
+        client_ca=ca,
+        crl=t.path("crl"),
+        min_version=t.choice("min_version", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),  # type: ignore[arg-type]
+        reload_interval=t.number("reload_interval", 2.0, min=0.0),
+    )
+    t.done()
+    return cfg
+
+
+def _ops(t: Table) -> OpsConfig:
+    cfg = OpsConfig(
+        host=t.text("host", "127.0.0.1"),
+        port=t.integer("port", 9100, min=0, max=65535),
+        enabled=t.flag("enabled", True),
+    )
+    t.done()
+    return cfg
+
+
+def _audit(t: Table, file: Path) -> AuditConfig:
+    db = t.path("db", must_exist=False) or (file.parent / "../var/audit.db").resolve()
+    cfg = AuditConfig(
+        db=db,
+        jsonl=t.path("jsonl", must_exist=False),
+        max_queue=t.integer("max_queue", 100_000, min=100),
+    )
+    t.done()
+    return cfg
+
+
+def _zones(t: Table) -> dict[str, tuple[Network, ...]]:
+    zones = {name: t.cidrs(name) for name in list(t.data)}
+    t.done()
+    return zones
+
+
+def _issuers(
+    tables: dict[str, Table], claim_maps: dict[str, ClaimMapping]
+) -> tuple[IssuerConfig, ...]:
+    out = []
+    for name, t in tables.items():
+        c = t.table("claims")
+        d = ClaimMapping()
+        claim_maps[name] = ClaimMapping(
+            user=c.text("user", d.user),
+            email=c.text("email", d.email),
+            groups=c.text("groups", d.groups),
+            roles=c.text("roles", d.roles),
+            scopes=c.text("scopes", d.scopes),
+        )
+        c.done()
+        jwks_url = t.text("jwks_url")
+        jwks_file = t.path("jwks_file")
+        if (jwks_url is None) == (jwks_file is None):
+            t.fail("jwks_url", "exactly one of jwks_url and jwks_file must be set")
+        if jwks_url is not None and URL(jwks_url).scheme not in ("http", "https"):
+            t.fail("jwks_url", "must be an http(s) URL")
+        audiences = t.str_list("audiences")
+        if not audiences:
+            t.fail("audiences", "at least one audience is required")
+        algorithms = t.str_list("algorithms", ("ES256",))
+        try:
+            issuer = IssuerConfig(
+                name=name,
+                issuer=t.text("issuer", required=True),
+                audiences=audiences,
+                algorithms=algorithms,
+                jwks_url=jwks_url,
+                jwks_file=jwks_file,
+                jwks_ca_file=t.path("jwks_ca"),
+                leeway=t.number("leeway", 30.0, min=0.0, max=600.0),
+                max_token_age=t.number("max_token_age", None, min=1.0),
+                refresh_interval=t.number("refresh_interval", 60.0, min=1.0),
+                jwks_max_age=t.number("jwks_max_age", 3600.0, min=1.0),
+                jwks_timeout=t.number("jwks_timeout", 5.0, min=0.1),
+            )
+        except ValueError as exc:
+            t.fail("algorithms", str(exc))
+        t.done()
+        out.append(issuer)
+    return tuple(out)
+
+
+def _upstream(name: str, t: Table) -> UpstreamConfig:
+    url = URL(t.text("url", required=True))
+    if url.scheme not in ("http", "https") or not url.host:
+        t.fail("url", "must be an absolute http:// or https:// URL")
+    if url.query_string or url.fragment:
+        t.fail("url", "must not carry a query or fragment")
+    cert, key = t.path("client_cert"), t.path("client_key")
+    if (cert is None) != (key is None):
+        t.fail("client_cert", "client_cert and client_key go together")
+    ca = t.path("ca")
+    if url.scheme == "http" and (ca or cert):
+        t.fail("ca", "TLS settings need an https:// url")
+    cfg = UpstreamConfig(
+        name=name,
+        url=url,
+        ca=ca,
+        client_cert=cert,
+        client_key=key,
+        connect_timeout=t.number("connect_timeout", 5.0, min=0.01),
+        read_timeout=t.number("read_timeout", 60.0, min=0.01),
+        max_connections=t.integer("max_connections", 256, min=1),
+        max_connections_per_host=t.integer("max_connections_per_host", 256, min=1),
+    )
+    t.done()
+    return cfg
+
+
+def _time_window(text: str, tz: ZoneInfo, t: Table, key: str) -> TimeWindow:
+    """`mon-fri 08:00-18:00` or `sat,sun 10:00-12:00`; end before start spans midnight."""
+    m = re.fullmatch(r"\s*([a-z,\-]+)\s+(\d{2}):(\d{2})-(\d{2}):(\d{2})\s*", text)
+    if not m:
+        t.fail(key, f"expected like 'mon-fri 08:00-18:00', not {text!r}")
+    days: set[int] = set()
+    for part in m.group(1).split(","):
+        if "-" in part:
+            a, _, b = part.partition("-")
+            if a not in _DAYS or b not in _DAYS:
+                t.fail(key, f"unknown day in {part!r}")
+            i = _DAYS[a]
+            while True:
+                days.add(i)
+                if i == _DAYS[b]:
+                    break
+                i = (i + 1) % 7
+        elif part in _DAYS:
+            days.add(_DAYS[part])
+        else:
+            t.fail(key, f"unknown day {part!r}")
+    h1, m1, h2, m2 = (int(m.group(i)) for i in range(2, 6))
+    if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59:
+        t.fail(key, f"bad time in {text!r}")
+    end = dtime(23, 59, 59, 999999) if h2 == 24 else dtime(h2, m2)
+    return TimeWindow(frozenset(days), dtime(h1, m1), end, tz, text.strip())
+
+
+def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[str]) -> RoutePolicy:
+    methods = frozenset(m.upper() for m in t.str_list("methods"))
+    bad = methods - HTTP_METHODS
+    if bad:
+        t.fail("methods", f"unknown method {sorted(bad)[0]!r}")
+    zone_names = t.str_list("zones")
+    for i, z in enumerate(zone_names):
+        if z not in zones:
+            t.fail(f"zones[{i}]", f"unknown zone {z!r} (define it under [zones])")
+    tz_name = t.text("timezone", "UTC")
+    try:
+        tz = ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        t.fail("timezone", f"unknown time zone {tz_name!r}")
+    windows = tuple(
+        _time_window(w, tz, t, f"time_windows[{i}]")
+        for i, w in enumerate(t.str_list("time_windows"))
+    )
+    claims_t = t.table("claims")
+    claims = []
+    for name in list(claims_t.data):
+        value = claims_t.data[name]
+        values = (value,) if isinstance(value, str) else value
+        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+            claims_t.fail(name, "must be a string or a list of strings")
+        claims_t._read.add(name)
+        claims.append((name, tuple(values)))
+    claims_t.done()
+    issuers = frozenset(t.str_list("issuers"))
+    for name in issuers - issuer_names:
+        t.fail("issuers", f"unknown issuer {name!r} (define it under [issuers])")
+    policy = RoutePolicy(
+        require_client_cert=t.flag("require_client_cert", True),
+        require_token=t.flag("require_token", False),
+        require_bound_token=t.flag("require_bound_token", False),
+        allow_cert_identity=t.flag("allow_cert_identity", True),
+        users=frozenset(t.str_list("users")),
+        groups=frozenset(t.str_list("groups")),
+        roles=frozenset(t.str_list("roles")),
+        scopes=frozenset(t.str_list("scopes")),
+        claims=tuple(claims),
+        methods=methods,
+        paths=t.str_list("paths"),
+        cert_subjects=frozenset(t.str_list("cert_subjects")),
+        cert_san_patterns=t.str_list("cert_san_patterns"),
+        zones=zone_names,
+        time_windows=windows,
+        issuers=issuers,
+    )
+    if policy.require_bound_token and not policy.require_token:
+        t.fail("require_bound_token", "needs require_token = true")
+    if policy.require_bound_token and not policy.require_client_cert:
+        t.fail("require_bound_token", "a bound token needs require_client_cert = true")
+    if policy.require_token and not issuer_names:
+        t.fail("require_token", "no [issuers] are configured to verify tokens")
+    for i, p in enumerate(policy.paths):
+        if not p.startswith("/"):
+            t.fail(f"paths[{i}]", "must start with '/'")
+    return policy
+
+
+def _headers(t: Table) -> IdentityHeaders:
+    d = IdentityHeaders()
+    h = IdentityHeaders(
+        user=t.text("user", d.user),
+        email=t.text("email", d.email),
+        groups=t.text("groups", d.groups),
+        device=t.text("device", d.device),
+        assertion=t.text("assertion", d.assertion),
+    )
+    for name in ("user", "email", "groups", "device", "assertion"):
+        if not _HEADER_NAME.match(getattr(h, name)):
+            t.fail(name, "must be a header name of letters, digits and '-'")
+    t.done()
+    return h
+
+
+def _route(
+    t: Table,
+    upstreams: dict[str, UpstreamConfig],
+    zones: dict[str, tuple[Network, ...]],
+    issuer_names: set[str],
+    server: ServerConfig,
+) -> RouteConfig:
+    name = t.text("name", required=True)
+    if not _ROUTE_NAME.match(name):
+        t.fail("name", "lower-case letters, digits, '-' and '_' (it is a metrics label)")
+    prefix = t.text("prefix", "/")
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        t.fail("prefix", "must start and end with '/' so '/api/' never matches '/apiary'")
+    if "//" in prefix or "/./" in prefix or "/../" in prefix:
+        t.fail("prefix", "must be a normalised path")
+    up_ref = t.text("upstream", required=True)
+    if up_ref in upstreams:
+        upstream = upstreams[up_ref]
+    elif "://" in up_ref:
+        url = URL(up_ref)
+        if url.scheme != "http" or not url.host:
+            t.fail(
+                "upstream", "an inline upstream must be an http:// URL; use [upstreams.X] for TLS"
+            )
+        upstream = UpstreamConfig(name=f"{name}-inline", url=url)
+    else:
+        t.fail("upstream", f"unknown upstream {up_ref!r} (define it under [upstreams])")
+    hosts = frozenset(h.lower() for h in t.str_list("hosts"))
+    route = RouteConfig(
+        name=name,
+        prefix=prefix,
+        upstream=upstream,
+        hosts=hosts,
+        mode=t.choice("mode", ("enforce", "monitor"), "enforce"),  # type: ignore[arg-type]
+        policy=_policy(t.table("policy"), zones, issuer_names),
+        headers=_headers(t.table("headers")),
+        client_max_size=t.integer("client_max_size", server.client_max_size, min=0),
+        forward_authorization=t.flag("forward_authorization", False),
+        expose_detail=t.flag("expose_detail", False),
+        websocket=t.flag("websocket", True),
+        strip_prefix=t.flag("strip_prefix", False),
+    )
+    if route.policy.require_client_cert is False and server.client_cert == "required":
+        pass  # the listener demands a certificate anyway; the route just does not insist
+    t.done()
+    return route
+
+
+def _assertion(t: Table) -> AssertionConfig:
+    cfg = AssertionConfig(
+        key=t.path("key"),
+        ttl=t.integer("ttl", 60, min=5, max=3600),
+        issuer=t.text("issuer", ""),
+    )
+    t.done()
+    return cfg
+
+
+def _forward_auth(t: Table) -> ForwardAuthConfig:
+    cfg = ForwardAuthConfig(
+        enabled=t.flag("enabled", False), trusted_proxies=t.cidrs("trusted_proxies")
+    )
+    if cfg.enabled and not cfg.trusted_proxies:
+        t.fail("trusted_proxies", "forward-auth needs the front proxy's addresses")
+    t.done()
+    return cfg
+
+
+def _check_overlaps(routes: tuple[RouteConfig, ...], root: Table) -> None:
+    """Two routes that could claim the same request are ambiguous: refuse at load.
+
+    Routes nest (the longest prefix wins, see docs/decisions/0002-routing.md); what is refused
+    is the same prefix on overlapping host sets, and duplicate names.
+    """
+    seen_names: dict[str, int] = {}
+    for i, r in enumerate(routes):
+        if r.name in seen_names:
+            root.fail(f"routes[{i}].name", f"duplicate route name {r.name!r}")
+        seen_names[r.name] = i
+        for j in range(i):
+            o = routes[j]
+            if o.prefix != r.prefix:
+                continue
+            if not r.hosts or not o.hosts or r.hosts & o.hosts:
+                both_any = not r.hosts and not o.hosts
+                if both_any or (r.hosts & o.hosts):
+                    root.fail(
+                        f"routes[{i}].prefix",
+                        f"overlaps route {o.name!r} (same prefix {r.prefix!r} and hosts)",
+                    )

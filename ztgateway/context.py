@@ -1,0 +1,236 @@
+"""RequestContext: everything the stages know about one request.
+
+`from_request()` is the only place of the pipeline that reads aiohttp's request, so stages can
+be tested and explained (`policy explain`, `/decide`) from contexts built without a socket.
+Each stage writes only its own field (the identity stage writes `identity`, and so on).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .decision import Finding, new_decision_id
+from .paths import PathError, normalize_path
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .config import RouteConfig
+    from .credentials.jwt import VerifiedToken
+    from .tls import CertInfo
+
+
+# Headers only the gateway may set towards the upstream. Compared after lower-casing and
+# mapping "_" to "-", because many servers (CGI, PHP, some WSGI stacks) treat
+# X_Forwarded_User exactly like X-Forwarded-User.
+PROTECTED_HEADERS = frozenset(
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-forwarded-access-token",
+        "x-real-ip",
+        "x-client-ip",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "remote-user",
+        "x-remote-user",
+        "x-user",
+        "x-email",
+        "x-auth-request-user",
+        "x-auth-request-email",
+        "x-auth-request-groups",
+        "x-auth-request-preferred-username",
+        "x-auth-request-access-token",
+        "x-client-cert",
+        "x-ssl-client-cert",
+        "x-ssl-client-dn",
+        "x-ssl-client-verify",
+        "x-ssl-client-s-dn",
+        "ssl-client-cert",
+        "x-pomerium-jwt-assertion",
+        "x-goog-iap-jwt-assertion",
+        "cf-access-jwt-assertion",
+    }
+)
+PROTECTED_PREFIXES = ("x-zt-", "x-ztgw-")
+
+
+def protected_header(name: str) -> bool:
+    n = name.lower().replace("_", "-")
+    return n in PROTECTED_HEADERS or n.startswith(PROTECTED_PREFIXES)
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who is asking: the user (from a token or the certificate) and the device."""
+
+    user: str | None
+    source: str  # "token" | "cert" | "session" | "none"
+    email: str | None = None
+    groups: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    scopes: frozenset[str] = frozenset()
+    claims: dict[str, Any] = field(default_factory=dict)
+    issuer: str | None = None
+    token: VerifiedToken | None = None
+    device_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "source": self.source,
+            "email": self.email,
+            "groups": sorted(self.groups),
+            "roles": sorted(self.roles),
+            "scopes": sorted(self.scopes),
+            "issuer": self.issuer,
+            "device_id": self.device_id,
+            "token_bound": bool(self.token and self.token.cnf_x5t_s256),
+        }
+
+
+@dataclass(slots=True)
+class RequestContext:
+    method: str
+    host: str
+    raw_path: str
+    query: str
+    headers: CIMultiDictProxy[str]
+    client_ip: str
+    peer_ip: str
+    decision_id: str = field(default_factory=new_decision_id)
+    started: float = field(default_factory=time.monotonic)
+    now: float = field(default_factory=time.time)
+    path: str | None = None
+    path_error: str | None = None
+    cert: CertInfo | None = None
+    route: RouteConfig | None = None
+    identity: Identity | None = None
+    spoofed_headers: tuple[str, ...] = ()
+    websocket: bool = False
+    forwarded_proto: str = "https"
+    findings: list[Finding] = field(default_factory=list)
+
+    @classmethod
+    def from_request(
+        cls,
+        request: web.BaseRequest,
+        *,
+        cert: CertInfo | None,
+        trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+        allow_encoded_slash: bool = False,
+    ) -> RequestContext:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        peer_ip = str(peer[0]) if peer else ""
+        headers = request.headers
+        client_ip = peer_ip
+        if trusted_proxies:
+            client_ip = client_ip_from_forwarded(peer_ip, headers, trusted_proxies)
+        raw = request.raw_path
+        raw_path, _, query = raw.partition("?")
+        host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
+        if host.startswith("[") and "]" in host:
+            host = host[: host.index("]") + 1]
+        spoofed = tuple(sorted({k for k in headers if protected_header(k)}))
+        ctx = cls(
+            method=request.method,
+            host=host,
+            raw_path=raw_path,
+            query=query,
+            headers=headers,
+            client_ip=client_ip,
+            peer_ip=peer_ip,
+            cert=cert,
+            spoofed_headers=spoofed,
+            websocket=headers.get("Upgrade", "").lower() == "websocket",
+        )
+        try:
+            ctx.path = normalize_path(raw_path, allow_encoded_slash=allow_encoded_slash)
+        except PathError as exc:
+            ctx.path_error = str(exc)
+        return ctx
+
+    @classmethod
+    def synthetic(
+        cls,
+        *,
+        method: str = "GET",
+        path: str = "/",
+        host: str = "127.0.0.1",
+        headers: dict[str, str] | None = None,
+        client_ip: str = "127.0.0.1",
+        cert: CertInfo | None = None,
+        now: float | None = None,
+    ) -> RequestContext:
+        """A context with no socket behind it: `policy explain`, `policy test`, `/decide`."""
+        raw_path, _, query = path.partition("?")
+        h = CIMultiDictProxy(CIMultiDict(headers or {}))
+        ctx = cls(
+            method=method.upper(),
+            host=host.lower(),
+            raw_path=raw_path,
+            query=query,
+            headers=h,
+            client_ip=client_ip,
+            peer_ip=client_ip,
+            cert=cert,
+            spoofed_headers=tuple(sorted({k for k in h if protected_header(k)})),
+            websocket=h.get("Upgrade", "").lower() == "websocket",
+        )
+        if now is not None:
+            ctx.now = now
+        try:
+            ctx.path = normalize_path(raw_path)
+        except PathError as exc:
+            ctx.path_error = str(exc)
+        return ctx
+
+
+def client_ip_from_forwarded(
+    peer_ip: str,
+    headers: CIMultiDictProxy[str],
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+) -> str:
+    """Walk X-Forwarded-For from the right, skipping trusted proxies (Hypercorn's proxy_fix).
+
+    The first address that is not a trusted proxy is the client; anything further left was
+    written by the client itself and is not believed.
+    """
+
+    def is_trusted(ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in trusted)
+
+    if not is_trusted(peer_ip):
+        return peer_ip
+    hops: list[str] = []
+    for value in headers.getall("X-Forwarded-For", ()):
+        hops.extend(h.strip() for h in value.split(",") if h.strip())
+    client = peer_ip
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break
+        client = hop
+        if not is_trusted(hop):
+            break
+    return client

@@ -1,0 +1,233 @@
+"""The one typed result of evaluating a request: verdicts, the closed reason vocabulary, findings.
+
+Reasons are a closed StrEnum so that Prometheus labels stay bounded and every reason can be
+listed, documented and tested. Each reason carries its HTTP status and a sentence a person can
+read; `responses.render()` is the only place that turns them into HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Verdict(enum.IntEnum):
+    """Ordered: when findings disagree, the most severe one wins (deny overrides allow)."""
+
+    ALLOW = 0
+    STEP_UP = 1
+    DENY = 2
+    TERMINATE = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Reason(enum.StrEnum):
+    """`<noun>-<outcome>`; the value is what clients, audit and metrics see."""
+
+    # allow / informational
+    POLICY_ALLOWED = "policy-allowed"
+    POLICY_MONITOR = "policy-monitor"
+    # connection and certificate
+    CLIENT_CERT_REQUIRED = "client-cert-required"
+    CLIENT_CERT_REVOKED = "client-cert-revoked"
+    CLIENT_CERT_INVALID = "client-cert-invalid"
+    CLIENT_CERT_NOT_ALLOWED = "client-cert-not-allowed"
+    # request shape
+    ROUTE_NOT_FOUND = "route-not-found"
+    METHOD_NOT_ALLOWED = "method-not-allowed"
+    PATH_INVALID = "path-invalid"
+    REQUEST_INVALID = "request-invalid"
+    HEADER_SPOOFED = "header-spoofed"
+    HEADER_TOO_LARGE = "header-too-large"
+    BODY_TOO_LARGE = "body-too-large"
+    # identity
+    TOKEN_REQUIRED = "token-required"
+    TOKEN_INVALID = "token-invalid"
+    TOKEN_EXPIRED = "token-expired"
+    TOKEN_NOT_YET_VALID = "token-not-yet-valid"
+    TOKEN_TOO_OLD = "token-too-old"
+    TOKEN_ISSUER_UNKNOWN = "token-issuer-unknown"
+    TOKEN_AUDIENCE_INVALID = "token-audience-invalid"
+    TOKEN_SIGNATURE_INVALID = "token-signature-invalid"
+    TOKEN_ALGORITHM_REFUSED = "token-algorithm-refused"
+    TOKEN_KEY_UNKNOWN = "token-key-unknown"
+    TOKEN_CLAIMS_INVALID = "token-claims-invalid"
+    TOKEN_HEADER_REFUSED = "token-header-refused"
+    TOKEN_BINDING_MISMATCH = "token-binding-mismatch"
+    TOKEN_BINDING_REQUIRED = "token-binding-required"
+    TOKEN_ISSUER_UNAVAILABLE = "token-issuer-unavailable"
+    IDENTITY_UNAUTHENTICATED = "identity-unauthenticated"
+    # policy
+    USER_NOT_ALLOWED = "user-not-allowed"
+    GROUP_REQUIRED = "group-required"
+    ROLE_REQUIRED = "role-required"
+    SCOPE_INSUFFICIENT = "scope-insufficient"
+    CLAIM_MISMATCH = "claim-mismatch"
+    PATH_DENIED = "path-denied"
+    NETWORK_ZONE_DENIED = "network-zone-denied"
+    TIME_WINDOW_DENIED = "time-window-denied"
+    TRUST_LEVEL_INSUFFICIENT = "trust-level-insufficient"
+    # device / risk / session (later stages)
+    DEVICE_UNKNOWN = "device-unknown"
+    DEVICE_PENDING = "device-pending"
+    DEVICE_REVOKED = "device-revoked"
+    DEVICE_NONCOMPLIANT = "device-noncompliant"
+    DEVICE_OWNER_MISMATCH = "device-owner-mismatch"
+    POSTURE_STALE = "posture-stale"
+    RISK_STEP_UP = "risk-step-up"
+    RISK_DENIED = "risk-denied"
+    SESSION_INVALID = "session-invalid"
+    SESSION_EXPIRED = "session-expired"
+    SESSION_TERMINATED = "session-terminated"
+    IP_DRIFT = "ip-drift"
+    RATE_LIMITED = "rate-limited"
+    MFA_REQUIRED = "mfa-required"
+    ACCOUNT_LOCKED = "account-locked"
+    # faults
+    STAGE_ERROR = "stage-error"
+    UPSTREAM_UNAVAILABLE = "upstream-unavailable"
+    UPSTREAM_TIMEOUT = "upstream-timeout"
+    SERVICE_UNAVAILABLE = "service-unavailable"
+
+    @property
+    def status(self) -> int:
+        return _STATUS.get(self, 403)
+
+    @property
+    def title(self) -> str:
+        return _TITLES.get(self, self.value.replace("-", " ").capitalize())
+
+
+_STATUS: dict[Reason, int] = {
+    Reason.POLICY_ALLOWED: 200,
+    Reason.POLICY_MONITOR: 200,
+    # No HTTP challenge can ask for a client certificate (it is a TLS matter), so these
+    # are 403, not 401 (RFC 9110 §15.5.2 requires a WWW-Authenticate with every 401).
+    Reason.CLIENT_CERT_REQUIRED: 403,
+    Reason.CLIENT_CERT_REVOKED: 403,
+    Reason.CLIENT_CERT_INVALID: 403,
+    Reason.ROUTE_NOT_FOUND: 404,
+    Reason.METHOD_NOT_ALLOWED: 405,
+    Reason.PATH_INVALID: 400,
+    Reason.REQUEST_INVALID: 400,
+    Reason.HEADER_SPOOFED: 400,
+    Reason.HEADER_TOO_LARGE: 431,
+    Reason.BODY_TOO_LARGE: 413,
+    Reason.TOKEN_REQUIRED: 401,
+    Reason.TOKEN_INVALID: 401,
+    Reason.TOKEN_EXPIRED: 401,
+    Reason.TOKEN_NOT_YET_VALID: 401,
+    Reason.TOKEN_TOO_OLD: 401,
+    Reason.TOKEN_ISSUER_UNKNOWN: 401,
+    Reason.TOKEN_AUDIENCE_INVALID: 401,
+    Reason.TOKEN_SIGNATURE_INVALID: 401,
+    Reason.TOKEN_ALGORITHM_REFUSED: 401,
+    Reason.TOKEN_KEY_UNKNOWN: 401,
+    Reason.TOKEN_CLAIMS_INVALID: 401,
+    Reason.TOKEN_HEADER_REFUSED: 401,
+    Reason.TOKEN_BINDING_MISMATCH: 401,
+    Reason.TOKEN_BINDING_REQUIRED: 401,
+    Reason.TOKEN_ISSUER_UNAVAILABLE: 401,
+    Reason.IDENTITY_UNAUTHENTICATED: 401,
+    Reason.SESSION_INVALID: 401,
+    Reason.SESSION_EXPIRED: 401,
+    Reason.SESSION_TERMINATED: 401,
+    Reason.MFA_REQUIRED: 401,
+    Reason.RISK_STEP_UP: 401,
+    Reason.IP_DRIFT: 401,
+    Reason.RATE_LIMITED: 429,
+    Reason.STAGE_ERROR: 503,
+    Reason.UPSTREAM_UNAVAILABLE: 502,
+    Reason.UPSTREAM_TIMEOUT: 504,
+    Reason.SERVICE_UNAVAILABLE: 503,
+}
+
+_TITLES: dict[Reason, str] = {
+    Reason.CLIENT_CERT_REQUIRED: "A client certificate is required",
+    Reason.CLIENT_CERT_REVOKED: "The client certificate has been revoked",
+    Reason.CLIENT_CERT_INVALID: "The client certificate is not valid",
+    Reason.CLIENT_CERT_NOT_ALLOWED: "This client certificate may not use this application",
+    Reason.ROUTE_NOT_FOUND: "No application is configured at this address",
+    Reason.METHOD_NOT_ALLOWED: "This method is not allowed here",
+    Reason.PATH_INVALID: "The request path is not acceptable",
+    Reason.REQUEST_INVALID: "The request is malformed",
+    Reason.HEADER_SPOOFED: "The request carried identity headers that only the gateway may set",
+    Reason.HEADER_TOO_LARGE: "The request headers are too large",
+    Reason.BODY_TOO_LARGE: "The request body is too large",
+    Reason.TOKEN_REQUIRED: "A bearer token is required",
+    Reason.TOKEN_INVALID: "The bearer token is not valid",
+    Reason.TOKEN_EXPIRED: "The bearer token has expired",
+    Reason.IDENTITY_UNAUTHENTICATED: "Sign-in is required",
+    Reason.GROUP_REQUIRED: "Your account is not in a group allowed here",
+    Reason.SCOPE_INSUFFICIENT: "The token lacks a scope this application requires",
+    Reason.STAGE_ERROR: "The gateway could not verify this request",
+    Reason.UPSTREAM_UNAVAILABLE: "The application is not reachable",
+    Reason.UPSTREAM_TIMEOUT: "The application did not answer in time",
+    Reason.SERVICE_UNAVAILABLE: "The gateway cannot verify requests right now",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One signal from one stage. `verdict=None` is informational: it only adds risk."""
+
+    stage: str
+    reason: Reason
+    verdict: Verdict | None = None
+    risk: float = 0.0
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"stage": self.stage, "reason": self.reason.value}
+        if self.verdict is not None:
+            out["verdict"] = self.verdict.label
+        if self.risk:
+            out["risk"] = round(self.risk, 4)
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+def new_decision_id() -> str:
+    """128 random bits, URL-safe: unguessable, so an id in a page reveals nothing."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    decision_id: str
+    verdict: Verdict
+    reason: Reason
+    findings: tuple[Finding, ...] = ()
+    monitor: bool = False
+    """True when the route is in monitor mode and a refusal was turned into a would-deny."""
+    would_verdict: Verdict | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is Verdict.ALLOW
+
+    @property
+    def status(self) -> int:
+        return 200 if self.allowed else self.reason.status
+
+    def reasons(self) -> list[str]:
+        return [f.reason.value for f in self.findings if f.verdict is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "decision_id": self.decision_id,
+            "verdict": self.verdict.label,
+            "reason": self.reason.value,
+            "findings": [f.to_json() for f in self.findings],
+        }
+        if self.monitor:
+            out["monitor"] = True
+            out["would_verdict"] = self.would_verdict.label if self.would_verdict else None
+        return out

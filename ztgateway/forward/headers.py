@@ -1,0 +1,99 @@
+"""Header hygiene in both directions.
+
+Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection` are dropped;
+inbound forwarding and identity headers never reach the upstream (the request stage records
+each attempt as a finding); the gateway then adds the headers the upstream may trust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..context import protected_header
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "http2-settings",
+    }
+)
+_WEBSOCKET_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+    }
+)
+SERVER_BANNER = "ztgateway"
+
+
+def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    listed: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        listed.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return listed
+
+
+def upstream_request_headers(
+    headers: CIMultiDictProxy[str],
+    add: Mapping[str, str],
+    *,
+    forward_authorization: bool,
+    websocket: bool = False,
+    drop_cookies: Iterable[str] = (),
+) -> CIMultiDict[str]:
+    listed = _connection_listed(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if (
+            lower in HOP_BY_HOP
+            or lower in listed
+            or lower == "host"
+            or lower == "expect"
+            or protected_header(name)
+            or (lower == "authorization" and not forward_authorization)
+            or (websocket and lower in _WEBSOCKET_HANDSHAKE)
+        ):
+            continue
+        if lower == "cookie" and drop_cookies:
+            value = _strip_cookies(value, drop_cookies)
+            if not value:
+                continue
+        out.add(name, value)
+    out.update(add)
+    return out
+
+
+def _strip_cookies(header: str, names: Iterable[str]) -> str:
+    drop = set(names)
+    kept = [
+        part.strip()
+        for part in header.split(";")
+        if part.strip() and part.split("=", 1)[0].strip() not in drop
+    ]
+    return "; ".join(kept)
+
+
+def downstream_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    listed = _connection_listed(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in listed or lower == "server":
+            continue
+        out.add(name, value)
+    out["Server"] = SERVER_BANNER
+    return out

@@ -1,0 +1,185 @@
+"""The streaming HTTP proxy.
+
+Bodies stream in both directions in chunks (a 200 MB upload or download keeps memory flat);
+no redirects are followed and nothing is decompressed, so the client gets exactly what the
+upstream said. Upstream faults map to 502 (unreachable, reset) and 504 (timeout); once the
+response head has been sent a fault can only abort the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..config import RouteConfig, UpstreamConfig
+from ..decision import Reason
+from ..paths import encode_path
+from ..tls import upstream_context
+from .headers import downstream_response_headers
+
+log = logging.getLogger("ztgateway.forward")
+CHUNK = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure(Exception):
+    """The upstream could not answer; `kind` is a bounded metrics label."""
+
+    reason: Reason
+    kind: str
+    detail: str
+
+
+class Upstreams:
+    """One pooled ClientSession per upstream; built at start, closed at shutdown."""
+
+    def __init__(self, upstreams: list[UpstreamConfig]) -> None:
+        self._configs = {u.name: u for u in upstreams}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def session(self, up: UpstreamConfig) -> aiohttp.ClientSession:
+        s = self._sessions.get(up.name)
+        if s is None or s.closed:
+            ssl_ctx = upstream_context(up) if up.url.scheme == "https" else False
+            connector = aiohttp.TCPConnector(
+                limit=up.max_connections,
+                limit_per_host=up.max_connections_per_host,
+                ssl=ssl_ctx,
+                enable_cleanup_closed=False,
+                keepalive_timeout=30,
+            )
+            s = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # The upstream sees the client's headers, not ones aiohttp would invent.
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=up.connect_timeout, sock_read=up.read_timeout
+                ),
+                trust_env=False,
+            )
+            self._sessions[up.name] = s
+        return s
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            await s.close()
+
+
+def upstream_url(route: RouteConfig, path: str, query: str) -> URL:
+    """The normalised path, re-encoded, under the upstream's base path."""
+    if route.strip_prefix and path.startswith(route.prefix):
+        path = "/" + path[len(route.prefix) :]
+    base = route.upstream.url
+    base_path = base.raw_path.rstrip("/")
+    raw = base_path + encode_path(path)
+    if query:
+        raw += "?" + query
+    return base.with_path("/", encoded=True).join(URL(raw, encoded=True))
+
+
+async def _limited(
+    content: aiohttp.StreamReader, limit: int, state: list[int]
+) -> AsyncIterator[bytes]:
+    async for chunk in content.iter_chunked(CHUNK):
+        state[0] += len(chunk)
+        if state[0] > limit:
+            raise BodyTooLarge
+        yield chunk
+
+
+def classify(exc: BaseException) -> UpstreamFailure:
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamFailure(Reason.UPSTREAM_TIMEOUT, "timeout", type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "tls", type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "connect", type(exc).__name__)
+    return UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "reset", type(exc).__name__)
+
+
+async def forward_http(
+    request: web.BaseRequest,
+    route: RouteConfig,
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    *,
+    decision_id: str,
+    on_upstream_head: Callable[[float], None] | None = None,
+) -> web.StreamResponse:
+    """Proxy one request. Raises BodyTooLarge or UpstreamFailure before the response starts."""
+    limit = route.client_max_size
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge
+    data: AsyncIterator[bytes] | None = None
+    sent = [0]
+    if request.body_exists:
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # Decided already: now, and only now, ask the client for its body.
+            request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[unused-awaitable]
+        data = _limited(request.content, limit, sent)
+    started = time.monotonic()
+    response: web.StreamResponse | None = None
+    try:
+        async with session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            compress=None,
+            auto_decompress=False,
+        ) as up:
+            if on_upstream_head:
+                on_upstream_head(time.monotonic() - started)
+            response = web.StreamResponse(status=up.status, reason=up.reason)
+            out_headers = downstream_response_headers(up.headers)
+            response.headers.update(out_headers)
+            response.headers["X-ZT-Decision-Id"] = decision_id
+            no_body = request.method == "HEAD" or up.status in (204, 304) or 100 <= up.status < 200
+            if no_body:
+                # Keep the upstream's Content-Length for HEAD (RFC 9110 §9.3.2) without a body.
+                response.headers.pop("Transfer-Encoding", None)
+            await response.prepare(request)
+            if not no_body:
+                async for chunk in up.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+            await response.write_eof()
+            return response
+    except BodyTooLarge:
+        if response is not None and response.prepared:
+            _abort(request)
+            return response
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        if sent[0] > limit:
+            raise BodyTooLarge from exc
+        if response is not None and response.prepared:
+            # The head is out: the only honest signal left is a broken connection.
+            log.warning(
+                "upstream %s failed mid-response: %s", route.upstream.name, type(exc).__name__
+            )
+            _abort(request)
+            return response
+        raise classify(exc) from exc
+
+
+def _abort(request: web.BaseRequest) -> None:
+    if request.transport is not None:
+        request.transport.abort()

@@ -1,0 +1,290 @@
+"""The mTLS listener: we run the TLS handshake ourselves, then hand the connection to aiohttp.
+
+Why not `create_server(ssl=...)`: Python's ssl layer logs refused handshakes only in debug
+mode, so a wrong-CA or revoked certificate would be invisible; the context could not be swapped
+on reload per connection; and there is no hook to parse the client certificate once. Here each
+accepted socket is upgraded with `loop.start_tls()` using the *current* context, failures are
+counted by reason, and the parsed certificate rides on the connection's protocol object.
+
+Server-side limits live here too: maximum connections, the handshake timeout, and a header
+timeout (slowloris) that aiohttp does not have: the request head must arrive within
+`header_timeout` of its first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from .decision import Reason, new_decision_id
+from .responses import problem
+from .tls import CertInfo, CertInfoCache, handshake_failure_reason
+
+log = logging.getLogger("ztgateway.listener")
+
+
+class GatewayRequestHandler(RequestHandler):
+    """aiohttp's per-connection protocol, plus what the gateway knows about the connection."""
+
+    __slots__ = ("_header_timer", "_in_request", "cert", "listener", "tls_version")
+
+    def __init__(self, manager: web.Server, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.listener = listener
+        self.cert: CertInfo | None = None
+        self.tls_version: str | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._in_request = False
+
+    # --- slowloris: the head of a request must arrive within header_timeout -------------
+    def data_received(self, data: bytes) -> None:
+        if not self._in_request and self._header_timer is None:
+            self._header_timer = self._loop.call_later(
+                self.listener.header_timeout, self._header_timeout
+            )
+        super().data_received(data)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if not self._in_request and self.transport is not None:
+            self.listener.on_header_timeout()
+            self.force_close()
+
+    def request_started(self) -> None:
+        self._in_request = True
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def request_finished(self) -> None:
+        self._in_request = False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self.listener.on_connection_closed()
+        super().connection_lost(exc)
+
+    # --- parser refusals become problem+json with a decision id and an audit event ----------
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if isinstance(exc, http_exceptions.LineTooLong | http_exceptions.InvalidHeader) and (
+            "Got more than" in str(exc) or "too long" in str(exc).lower()
+        ):
+            reason = Reason.HEADER_TOO_LARGE
+        elif status >= 500:
+            reason = Reason.STAGE_ERROR
+            log.error("unhandled error on %s", request.path, exc_info=exc)
+        else:
+            reason = Reason.REQUEST_INVALID
+        decision_id = new_decision_id()
+        self.listener.on_protocol_error(self, request, reason, decision_id, exc)
+        resp = problem(reason, decision_id, status=reason.status)
+        resp.headers["Server"] = "ztgateway"
+        resp.force_close()
+        return resp
+
+
+class Listener:
+    """Owns the listening socket, the TLS upgrade and the per-connection limits."""
+
+    def __init__(
+        self,
+        *,
+        handler: Callable[[web.BaseRequest], Any],
+        context: Callable[[], ssl.SSLContext],
+        handshake_timeout: float,
+        header_timeout: float,
+        idle_timeout: float,
+        max_connections: int,
+        max_header_bytes: int,
+        max_headers: int,
+        on_handshake: Callable[[str | None, str | None], None],
+        on_protocol_error: Callable[
+            [GatewayRequestHandler, web.BaseRequest, Reason, str, BaseException | None], None
+        ],
+        on_header_timeout: Callable[[], None],
+        on_connection_change: Callable[[int], None],
+        on_rejected: Callable[[str], None],
+    ) -> None:
+        self._handler = handler
+        self._context = context
+        self.handshake_timeout = handshake_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self._on_handshake = on_handshake
+        self._on_protocol_error = on_protocol_error
+        self._on_header_timeout = on_header_timeout
+        self._on_connection_change = on_connection_change
+        self._on_rejected = on_rejected
+        self.open_connections = 0
+        self.pending: set[asyncio.Task[None]] = set()
+        self.certs = CertInfoCache()
+        self.server: asyncio.Server | None = None
+        self.web_server = web.Server(
+            handler,
+            keepalive_timeout=idle_timeout,
+            max_line_size=max_header_bytes,
+            max_field_size=max_header_bytes,
+            max_headers=max_headers,
+            access_log=None,
+            auto_decompress=False,
+            handler_cancellation=True,
+        )
+
+    # callbacks from handlers
+    def on_header_timeout(self) -> None:
+        self._on_header_timeout()
+
+    def on_connection_closed(self) -> None:
+        self.open_connections -= 1
+        self._on_connection_change(self.open_connections)
+
+    def on_protocol_error(
+        self,
+        conn: GatewayRequestHandler,
+        request: web.BaseRequest,
+        reason: Reason,
+        decision_id: str,
+        exc: BaseException | None,
+    ) -> None:
+        self._on_protocol_error(conn, request, reason, decision_id, exc)
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _Acceptor(self), host, port, backlog=1024, reuse_port=reuse_port
+        )
+        sock = self.server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def new_handler(self) -> GatewayRequestHandler:
+        ws = self.web_server
+        return GatewayRequestHandler(ws, self, loop=ws._loop, **ws._kwargs)
+
+    def accept(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
+        if self.open_connections >= self.max_connections:
+            self._on_rejected("max_connections")
+            transport.abort()
+            return
+        self.open_connections += 1
+        self._on_connection_change(self.open_connections)
+        task = asyncio.ensure_future(self._handshake(transport, acceptor))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls_transport = await loop.start_tls(
+                transport,
+                acceptor,
+                self._context(),
+                server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+        except (
+            ssl.SSLError,
+            OSError,
+            TimeoutError,
+            ConnectionError,
+            asyncio.CancelledError,
+        ) as exc:
+            self.open_connections -= 1
+            self._on_connection_change(self.open_connections)
+            reason = handshake_failure_reason(exc)
+            self._on_handshake(None, reason)
+            peer = transport.get_extra_info("peername")
+            log.info(
+                "TLS handshake refused from %s: %s (%s)", peer[0] if peer else "?", reason, exc
+            )
+            transport.abort()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        if tls_transport is None or acceptor.lost:
+            self.open_connections -= 1
+            self._on_connection_change(self.open_connections)
+            if tls_transport is not None:
+                tls_transport.abort()
+            return
+        ssl_object = tls_transport.get_extra_info("ssl_object")
+        handler = self.new_handler()
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der:
+            try:
+                handler.cert = self.certs.get(der)
+            except ValueError:
+                # OpenSSL accepted it but we cannot parse it: refuse rather than guess.
+                self._on_handshake(None, "unparseable_certificate")
+                self.open_connections -= 1
+                self._on_connection_change(self.open_connections)
+                tls_transport.abort()
+                return
+        handler.tls_version = ssl_object.version() if ssl_object is not None else None
+        self._on_handshake(handler.tls_version, None)
+        tls_transport.set_protocol(handler)
+        handler.connection_made(tls_transport)
+        acceptor.hand_over(handler)
+
+    async def close(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
+        if self.server is not None:
+            self.server.close()
+        for t in list(self.pending):
+            t.cancel()
+        await asyncio.gather(*self.pending, return_exceptions=True)
+        self.web_server.pre_shutdown()
+        await self.web_server.shutdown(timeout)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class _Acceptor(asyncio.Protocol):
+    """Holds a raw connection while its TLS handshake runs; buffers early application data."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.buffer: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.listener.accept(transport, self)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer.append(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+
+    def hand_over(self, handler: GatewayRequestHandler) -> None:
+        for chunk in self.buffer:
+            handler.data_received(chunk)
+        self.buffer.clear()
+        if self.eof:
+            handler.eof_received()

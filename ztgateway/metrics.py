@@ -1,0 +1,132 @@
+"""Prometheus metrics, one registry per gateway (no module globals: two gateways can share a
+process in tests). Label values come only from closed sets: route names from the configuration,
+verdicts and reasons from their enums, handshake failure reasons from a fixed mapping.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_DECISION_BUCKETS = (
+    0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ztgw_requests",
+            "Requests decided, by route, verdict and reason.",
+            ["route", "verdict", "reason"],
+            registry=r,
+        )
+        self.would_deny = Counter(
+            "ztgw_monitor_would_deny",
+            "Requests a route in monitor mode forwarded although policy would refuse them.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "ztgw_request_duration_seconds",
+            "Time from request head to the end of the response, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "ztgw_decision_duration_seconds",
+            "Time spent in the decision pipeline.",
+            buckets=_DECISION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "ztgw_upstream_duration_seconds",
+            "Time until the upstream's response head, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "ztgw_upstream_errors",
+            "Upstream failures by route and kind (connect, timeout, reset, tls).",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.handshakes = Counter(
+            "ztgw_tls_handshakes", "Completed TLS handshakes.", ["tls_version"], registry=r
+        )
+        self.handshake_failures = Counter(
+            "ztgw_tls_handshake_failures",
+            "Refused or failed TLS handshakes, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "ztgw_connections_open", "Open client connections.", registry=r
+        )
+        self.connections_rejected = Counter(
+            "ztgw_connections_rejected",
+            "Connections closed before the handshake, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "ztgw_http_protocol_errors",
+            "Requests refused by the HTTP parser (malformed, smuggling-shaped, oversized).",
+            ["reason"],
+            registry=r,
+        )
+        self.slow_clients = Counter(
+            "ztgw_header_timeouts",
+            "Connections closed because the request head did not arrive in time (slowloris).",
+            registry=r,
+        )
+        self.spoofed_headers = Counter(
+            "ztgw_spoofed_headers",
+            "Inbound identity or forwarding headers stripped from requests.",
+            registry=r,
+        )
+        self.stage_errors = Counter(
+            "ztgw_stage_errors", "Stages that raised; each became a DENY.", ["stage"], registry=r
+        )
+        self.cert_expiry = Gauge(
+            "ztgw_certificate_expiry_timestamp_seconds",
+            "Expiry of the gateway's certificates (server, client CA).",
+            ["cert"],
+            registry=r,
+        )
+        self.crl_next_update = Gauge(
+            "ztgw_crl_next_update_timestamp_seconds",
+            "When the client CA's CRL must be replaced.",
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "ztgw_tls_reloads", "TLS material reloads by result.", ["result"], registry=r
+        )
+        self.audit_queue = Gauge(
+            "ztgw_audit_queue_depth", "Audit events waiting to be written.", registry=r
+        )
+        self.audit_failures = Counter(
+            "ztgw_audit_write_failures", "Failed audit batch writes.", registry=r
+        )
+        self.audit_unavailable = Counter(
+            "ztgw_audit_unavailable",
+            "Requests refused with 503 because the audit log could not accept them.",
+            registry=r,
+        )
+        self.token_validations = Counter(
+            "ztgw_token_validations",
+            "Bearer token validations by issuer and result.",
+            ["issuer", "result"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "ztgw_config_reloads", "Configuration reloads by result.", ["result"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,259 @@
+"""`ztgateway policy explain` and `ztgateway policy test`: the real pipeline, no socket.
+
+Explain runs exactly the stages a live request would (same configuration, same CRL, same
+issuers) over a synthetic context and prints every finding. Test runs a table of cases and
+exits non-zero on a mismatch, so a policy change is tested before deploy (OPA's policy tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from .config import GatewayConfig, load_config
+from .configreader import ConfigError, Table
+from .context import RequestContext
+from .credentials.jwt import TokenVerifier
+from .decision import Decision, Verdict
+from .metrics import Metrics
+from .pipeline import Pipeline, default_stages
+from .routes import RouteTable
+from .runtime import Runtime
+from .tls import CertInfo, RevocationList, load_crl, parse_client_cert
+
+
+@dataclass
+class Request:
+    method: str = "GET"
+    path: str = "/"
+    host: str = "127.0.0.1"
+    ip: str = "127.0.0.1"
+    token: str | None = None
+    cert: CertInfo | None = None
+    headers: Mapping[str, str] | None = None
+    now: float | None = None
+
+
+class OfflineEvaluator:
+    """A pipeline over one configuration, for explain, policy tests and /decide."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        revocations = RevocationList()
+        if config.tls.crl is not None:
+            revocations = load_crl(config.tls.crl)
+        self.tokens = TokenVerifier(config.issuers) if config.issuers else None
+        self.runtime = Runtime(
+            config=config,
+            routes=RouteTable(config.routes),
+            metrics=Metrics(),
+            revocations=lambda: revocations,
+            tokens=self.tokens,
+        )
+        self.runtime.pipeline = Pipeline(default_stages(self.runtime))
+
+    async def __aenter__(self) -> OfflineEvaluator:
+        if self.tokens is not None:
+            await self.tokens.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.tokens is not None:
+            await self.tokens.close()
+
+    async def evaluate(self, req: Request) -> tuple[RequestContext, Decision]:
+        headers = dict(req.headers or {})
+        if req.token:
+            headers["Authorization"] = f"Bearer {req.token}"
+        ctx = RequestContext.synthetic(
+            method=req.method,
+            path=req.path,
+            host=req.host,
+            headers=headers,
+            client_ip=req.ip,
+            cert=req.cert,
+            now=req.now,
+        )
+        return ctx, await self.runtime.pipeline.evaluate(ctx)
+
+
+def load_cert(path: str) -> CertInfo:
+    data = Path(path).read_bytes()
+    cert = (
+        x509.load_pem_x509_certificate(data)
+        if b"-----BEGIN" in data
+        else x509.load_der_x509_certificate(data)
+    )
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return parse_client_cert(cert.public_bytes(Encoding.DER))
+
+
+def explain_json(ctx: RequestContext, decision: Decision) -> dict[str, Any]:
+    out = decision.to_json()
+    out["route"] = ctx.route.name if ctx.route else None
+    out["mode"] = ctx.route.mode if ctx.route else None
+    out["path"] = ctx.path
+    out["identity"] = ctx.identity.to_json() if ctx.identity else None
+    out["device"] = ctx.cert.device_id if ctx.cert else None
+    out["status"] = decision.status
+    return out
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    headers = dict(h.split(":", 1) for h in args.header) if args.header else {}
+    req = Request(
+        method=args.method.upper(),
+        path=args.path,
+        host=args.host,
+        ip=args.ip,
+        token=args.token,
+        cert=load_cert(args.cert) if args.cert else None,
+        headers={k.strip(): v.strip() for k, v in headers.items()},
+    )
+
+    async def run() -> tuple[RequestContext, Decision]:
+        async with OfflineEvaluator(config) as ev:
+            return await ev.evaluate(req)
+
+    ctx, decision = asyncio.run(run())
+    if args.json:
+        print(json.dumps(explain_json(ctx, decision), indent=2))
+        return 0
+    route = ctx.route.name if ctx.route else "-"
+    mode = f" ({ctx.route.mode})" if ctx.route else ""
+    print(
+        f"decision: {decision.verdict.label.upper()}  reason: {decision.reason.value}  status: {decision.status}"
+    )
+    if decision.monitor and decision.would_verdict:
+        print(f"monitor mode: would {decision.would_verdict.label} — forwarded anyway")
+    print(f"route: {route}{mode}   path: {ctx.path or ctx.path_error}")
+    ident = ctx.identity
+    if ident:
+        print(
+            f"identity: user={ident.user or '-'} source={ident.source} groups={','.join(sorted(ident.groups)) or '-'} "
+            f"scopes={' '.join(sorted(ident.scopes)) or '-'} device={ident.device_id or '-'}"
+        )
+    print("findings:")
+    for f in decision.findings:
+        verdict = f.verdict.label if f.verdict is not None else "info"
+        extra = f" risk={f.risk:.2f}" if f.risk else ""
+        detail = f" — {f.detail}" if f.detail else ""
+        print(f"  [{f.stage}] {verdict:<9} {f.reason.value}{extra}{detail}")
+    return 0
+
+
+def _case_request(case: Table, base: Path, key: Path | None) -> Request:
+    token = case.text("token")
+    claims_t = case.table("token_claims")
+    if claims_t.data:
+        if key is None:
+            case.fail("token_claims", "needs issuer_key at the top of the file")
+        from .credentials.devtoken import issue_token
+
+        data = dict(claims_t.data)
+        claims_t._read.update(data)
+        token = issue_token(
+            key,
+            sub=str(data.pop("sub", "alice")),
+            groups=list(data.pop("groups", [])),
+            scope=str(data.pop("scope", "")),
+            roles=list(data.pop("roles", [])),
+            email=data.pop("email", None),
+            ttl=int(data.pop("ttl", 300)),
+            issuer=str(data.pop("iss")) if "iss" in data else "https://ztgateway.dev/issuer",
+            audience=str(data.pop("aud")) if "aud" in data else "ztgateway",
+            extra_claims=data,
+        )
+    claims_t.done()
+    cert_path = case.path("cert")
+    headers_t = case.table("headers")
+    headers = {k: str(v) for k, v in headers_t.data.items()}
+    headers_t._read.update(headers)
+    headers_t.done()
+    return Request(
+        method=case.text("method", "GET"),
+        path=case.text("path", "/"),
+        host=case.text("host", "127.0.0.1"),
+        ip=case.text("ip", "127.0.0.1"),
+        token=token,
+        cert=load_cert(str(cert_path)) if cert_path else None,
+        headers=headers,
+        now=case.number("now"),
+    )
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    file = Path(args.file).resolve()
+    data = tomllib.loads(file.read_text())
+    root = Table(data, file)
+    config_path = root.path("config", required=True)
+    assert config_path is not None
+    config = load_config(config_path)
+    key = root.path("issuer_key")
+    cases = root.tables("case")
+    root.done()
+    if not cases:
+        raise ConfigError(file, "case", "no [[case]] tables")
+    prepared = []
+    for case in cases:
+        name = case.text("name", required=True)
+        expect = case.choice("verdict", tuple(v.label for v in Verdict), "allow")
+        reason = case.text("reason")
+        req = _case_request(case, file.parent, key)
+        case.done()
+        prepared.append((name, expect, reason, req))
+
+    async def run() -> list[tuple[str, str, str | None, Decision]]:
+        out = []
+        async with OfflineEvaluator(config) as ev:
+            for name, expect, reason, req in prepared:
+                _, decision = await ev.evaluate(req)
+                out.append((name, expect, reason, decision))
+        return out
+
+    failed = 0
+    for name, expect, reason, decision in asyncio.run(run()):
+        ok = decision.verdict.label == expect and (
+            reason is None or decision.reason.value == reason
+        )
+        failed += not ok
+        mark = "PASS" if ok else "FAIL"
+        got = f"{decision.verdict.label} ({decision.reason.value})"
+        want = f"{expect}" + (f" ({reason})" if reason else "")
+        print(f"{mark} {name}: got {got}" + ("" if ok else f", expected {want}"))
+    print(f"{len(prepared) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("policy", help="explain and test policy")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    ex = psub.add_parser("explain", help="decide one request and print every finding")
+    ex.add_argument("-c", "--config", default="config/gateway.toml")
+    ex.add_argument("--method", default="GET")
+    ex.add_argument("--path", required=True)
+    ex.add_argument("--host", default="127.0.0.1")
+    ex.add_argument("--ip", default="127.0.0.1")
+    ex.add_argument("--token")
+    ex.add_argument("--cert", help="client certificate (PEM)")
+    ex.add_argument("--header", action="append", help="extra 'Name: value' header")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_explain)
+    te = psub.add_parser("test", help="run a table of policy cases")
+    te.add_argument("file")
+    te.set_defaults(func=cmd_test)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)

@@ -1,0 +1,32 @@
+"""One configuration snapshot and the services built from it.
+
+A request reads `gateway.runtime` once and uses that snapshot throughout, so a reload (SIGHUP)
+swaps configuration, routes and stages atomically without a request ever seeing half of each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .config import GatewayConfig
+from .credentials.jwt import TokenVerifier
+from .metrics import Metrics
+from .routes import RouteTable
+from .tls import RevocationList
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+@dataclass
+class Runtime:
+    config: GatewayConfig
+    routes: RouteTable
+    metrics: Metrics
+    revocations: Callable[[], RevocationList]
+    tokens: TokenVerifier | None = None
+    clock: Callable[[], float] = field(default=time.time)
+    pipeline: Pipeline = field(init=False)

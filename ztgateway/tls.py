@@ -1,0 +1,329 @@
+"""The one factory of SSLContexts, the parsed client-certificate identity, and the CRL.
+
+Server contexts are rebuilt whenever the certificate, CA bundle or CRL change (file polling and
+SIGHUP); a new connection always gets the newest context, and because revocation is also
+re-checked per request against the newest CRL (by serial), neither a keep-alive connection nor
+a resumed TLS session outlives a revocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import ssl
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .config import TLSConfig, UpstreamConfig
+
+log = logging.getLogger("ztgateway.tls")
+
+# Mozilla "intermediate" TLS 1.2 suites (forward secret AEAD only); TLS 1.3 suites are all AEAD.
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+DEVICE_URI_PREFIX = "urn:ztgw:device:"
+
+
+@dataclass(frozen=True, slots=True)
+class CertInfo:
+    """What the gateway knows about a client certificate, parsed once per certificate."""
+
+    der: bytes
+    subject: str
+    common_name: str
+    user: str | None
+    email: str | None
+    device_id: str
+    sans: tuple[str, ...]
+    serial: int
+    fingerprint_sha256: str
+    issuer: str
+    not_before: float
+    not_after: float
+    client_auth: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "subject": self.subject,
+            "user": self.user,
+            "device_id": self.device_id,
+            "sans": list(self.sans),
+            "serial": format(self.serial, "x"),
+            "fingerprint_sha256": self.fingerprint_sha256,
+            "issuer": self.issuer,
+            "not_after": datetime.fromtimestamp(self.not_after, UTC).isoformat(),
+        }
+
+
+def parse_client_cert(der: bytes) -> CertInfo:
+    cert = x509.load_der_x509_certificate(der)
+    subject = cert.subject
+
+    def attr(oid: x509.ObjectIdentifier) -> str | None:
+        values = subject.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else None
+
+    sans: list[str] = []
+    device_uri: str | None = None
+    emails: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            sans.append(f"URI:{uri}")
+            if uri.startswith(DEVICE_URI_PREFIX) and device_uri is None:
+                device_uri = uri[len(DEVICE_URI_PREFIX) :]
+        for email in san.get_values_for_type(x509.RFC822Name):
+            sans.append(f"email:{email}")
+            emails.append(email)
+        for dns in san.get_values_for_type(x509.DNSName):
+            sans.append(f"DNS:{dns}")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    except x509.ExtensionNotFound:
+        client_auth = True  # RFC 5280 §4.2.1.12: no EKU means any purpose
+    fingerprint = hashlib.sha256(der).hexdigest()
+    cn = attr(NameOID.COMMON_NAME) or ""
+    email = emails[0] if emails else attr(NameOID.EMAIL_ADDRESS)
+    user = attr(NameOID.USER_ID) or (email.split("@", 1)[0] if email else None)
+    return CertInfo(
+        der=der,
+        subject=subject.rfc4514_string(),
+        common_name=cn,
+        user=user,
+        email=email,
+        device_id=device_uri or f"sha256:{fingerprint[:32]}",
+        sans=tuple(sans),
+        serial=cert.serial_number,
+        fingerprint_sha256=fingerprint,
+        issuer=cert.issuer.rfc4514_string(),
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+        client_auth=client_auth,
+    )
+
+
+class CertInfoCache:
+    """Bounded LRU from DER bytes to CertInfo: a device reconnecting is not parsed again."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._items: OrderedDict[bytes, CertInfo] = OrderedDict()
+
+    def get(self, der: bytes) -> CertInfo:
+        info = self._items.get(der)
+        if info is None:
+            info = parse_client_cert(der)
+            self._items[der] = info
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return info
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationList:
+    revoked_serials: frozenset[int] = frozenset()
+    next_update: float | None = None
+    issuer: str = ""
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial in self.revoked_serials
+
+
+def load_crl(path: Path, ca_cert: x509.Certificate | None = None) -> RevocationList:
+    data = path.read_bytes()
+    crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    if ca_cert is not None and not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise ValueError(f"{path}: CRL signature does not verify against the client CA")
+    nu = crl.next_update_utc
+    return RevocationList(
+        revoked_serials=frozenset(r.serial_number for r in crl),
+        next_update=nu.timestamp() if nu else None,
+        issuer=crl.issuer.rfc4514_string(),
+    )
+
+
+def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    if hasattr(ctx, "set_ecdh_curve"):
+        ctx.set_ecdh_curve("prime256v1")
+
+
+def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:
+    """mTLS server context: the client certificate is verified against the CA (and CRL)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx, cfg.min_version)
+    ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
+    ctx.load_verify_locations(cafile=str(cfg.client_ca))
+    if cfg.crl is not None:
+        # A PEM file may hold CRLs; OpenSSL's lookup loads them beside the CA certificates.
+        ctx.load_verify_locations(cafile=str(cfg.crl))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    # OpenSSL checks the clientAuth EKU ("ssl_client" purpose) on the server side by default.
+    ctx.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def upstream_context(up: UpstreamConfig) -> ssl.SSLContext:
+    """Client context towards an https upstream: verified, optional service-to-service mTLS."""
+    ctx = ssl.create_default_context(cafile=str(up.ca) if up.ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if up.client_cert and up.client_key:
+        ctx.load_cert_chain(str(up.client_cert), str(up.client_key))
+    return ctx
+
+
+def cert_not_after(path: Path) -> float:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.not_valid_after_utc.timestamp()
+
+
+@dataclass
+class TLSMaterial:
+    """The current server context and CRL, swapped as one snapshot on reload."""
+
+    context: ssl.SSLContext
+    revocations: RevocationList
+    server_not_after: float
+    ca_not_after: float
+    fingerprints: tuple[float, ...] = field(default_factory=tuple)
+
+
+def _mtimes(cfg: TLSConfig) -> tuple[float, ...]:
+    out = []
+    for p in (cfg.cert, cfg.key, cfg.client_ca, cfg.crl):
+        if p is None:
+            continue
+        try:
+            st = os.stat(p)
+            out.append(st.st_mtime_ns + st.st_size)
+        except OSError:
+            out.append(-1.0)
+    return tuple(out)
+
+
+def build_material(cfg: TLSConfig, client_cert: str) -> TLSMaterial:
+    ctx = server_context(cfg, client_cert)
+    ca = x509.load_pem_x509_certificate(cfg.client_ca.read_bytes())
+    crl = load_crl(cfg.crl, ca) if cfg.crl else RevocationList()
+    return TLSMaterial(
+        context=ctx,
+        revocations=crl,
+        server_not_after=cert_not_after(cfg.cert),
+        ca_not_after=ca.not_valid_after_utc.timestamp(),
+        fingerprints=_mtimes(cfg),
+    )
+
+
+class TLSManager:
+    """Owns the live TLSMaterial; `maybe_reload()` swaps it when files change."""
+
+    def __init__(
+        self,
+        cfg: TLSConfig,
+        client_cert: str,
+        *,
+        on_reload: Callable[[bool, str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client_cert = client_cert
+        self.current = build_material(cfg, client_cert)
+        self._on_reload = on_reload
+
+    def reconfigure(self, cfg: TLSConfig, client_cert: str) -> None:
+        """Apply a new TLS section (hot reload); raises and keeps the old one on failure."""
+        material = build_material(cfg, client_cert)
+        self.cfg, self.client_cert, self.current = cfg, client_cert, material
+
+    def maybe_reload(self, *, force: bool = False) -> bool:
+        if not force and _mtimes(self.cfg) == self.current.fingerprints:
+            return False
+        try:
+            material = build_material(self.cfg, self.client_cert)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("TLS reload failed, keeping the previous certificates: %s", exc)
+            if self._on_reload:
+                self._on_reload(False, str(exc))
+            # Remember the broken state so the error is not logged on every poll.
+            self.current.fingerprints = _mtimes(self.cfg)
+            return False
+        self.current = material
+        log.info(
+            "TLS material reloaded (%d revoked serials)", len(material.revocations.revoked_serials)
+        )
+        if self._on_reload:
+            self._on_reload(True, "")
+        return True
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A bounded label for a refused handshake (Python's ssl module otherwise hides them)."""
+    text = str(exc).lower()
+    if isinstance(exc, TimeoutError | ConnectionAbortedError) and (
+        "timeout" in text or "longer than" in text
+    ):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        msg = (exc.verify_message or "").lower()
+        for needle, label in (
+            ("revoked", "revoked"),
+            ("expired", "expired"),
+            ("not yet valid", "not_yet_valid"),
+            ("unsupported certificate purpose", "bad_purpose"),
+            ("local issuer", "unknown_ca"),
+            ("self-signed", "unknown_ca"),
+            ("self signed", "unknown_ca"),
+            ("unable to get certificate crl", "crl_unavailable"),
+            ("crl has expired", "crl_expired"),
+        ):
+            if needle in msg:
+                return label
+        return "verify_failed"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        for needle, label in (
+            ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "no_certificate"),
+            ("CERTIFICATE_REQUIRED", "no_certificate"),
+            ("UNSUPPORTED_PROTOCOL", "protocol_version"),
+            ("VERSION", "protocol_version"),
+            ("NO_SHARED_CIPHER", "no_shared_cipher"),
+            ("HTTP_REQUEST", "plain_http"),
+            ("WRONG_VERSION_NUMBER", "not_tls"),
+            ("UNKNOWN_CA", "unknown_ca"),
+            ("CERTIFICATE_VERIFY_FAILED", "verify_failed"),
+            ("SSLV3_ALERT", "client_alert"),
+            ("TLSV1_ALERT", "client_alert"),
+        ):
+            if needle in reason:
+                return label
+        return "tls_error"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError | OSError):
+        return "connection_lost"
+    return "other"
