@@ -236,7 +236,7 @@ class Gateway:
                         "detail": type(exc).__name__ if exc else "",
                     }
                 ],
-            },  # fmt: skip
+            },
             "policy_revision": self.config.revision,
         }
         with suppress(AuditUnavailable):
@@ -340,10 +340,10 @@ class Gateway:
             # aiohttp's websocket client raises its own errors for refused upgrades.
             from .forward.http import classify
 
-            fail = classify(exc)
-            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
+            failure = classify(exc)
+            self.metrics.upstream_errors.labels(route_label, failure.kind).inc()
             log.warning("upstream %s failed: %r", route.upstream.name, exc)
-            return self._refusal(fail.reason, ctx.decision_id, accept)
+            return self._refusal(failure.reason, ctx.decision_id, accept)
         finally:
             route_seconds.observe(time.monotonic() - ctx.started)
 

@@ -65,6 +65,7 @@ _SELECT_ROWS: Final = (
 )
 
 _RETRY_BASE: Final = 0.05
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 _SCHEMA: Final = (
     """
@@ -157,7 +158,7 @@ def _scrub(value: Any) -> Any:
     # aiohttp decodes raw header bytes with surrogateescape, so a client can put lone
     # surrogates into the event; they cannot be stored as UTF-8 and would jam the writer.
     if isinstance(value, str):
-        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return _LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {_scrub(k): _scrub(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -297,7 +298,7 @@ class AuditLog:
         if max_queue < 1 or batch_size < 1:
             raise ValueError("max_queue and batch_size must be positive")
         if flush_interval < 0 or busy_timeout < 0 or retry_max <= 0:
-            raise ValueError("flush_interval, busy_timeout and retry_max must not be negative")
+            raise ValueError("flush_interval and busy_timeout must be >= 0, retry_max > 0")
         self._db_path = db_path
         self._jsonl_path = jsonl_path
         self._max_queue = max_queue

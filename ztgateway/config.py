@@ -216,7 +216,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     forward_auth = _forward_auth(root.table("forward_auth"))
     root.done()
     _check_overlaps(routes, root)
-    if ops.enabled and (ops.host, ops.port) == (server.host, server.port):
+    if ops.enabled and server.port and (ops.host, ops.port) == (server.host, server.port):
         root.fail("ops.port", "the ops listener must not share the mTLS listener's address")
     return GatewayConfig(
         file=file,
@@ -460,6 +460,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
     for i, p in enumerate(policy.paths):
         if not p.startswith("/"):
             t.fail(f"paths[{i}]", "must start with '/'")
+    t.done()
     return policy
 
 

@@ -118,7 +118,7 @@ class Table:
         value = self.text(name, None, required=required)
         if value is None:
             return None
-        resolved = (self.file.parent / value).resolve()
+        resolved: Path = (self.file.parent / str(value)).resolve()
         if must_exist and not resolved.exists():
             self.fail(name, f"file not found: {resolved}")
         return resolved

@@ -99,7 +99,7 @@ class Reason(enum.StrEnum):
         return _STATUS.get(self, 403)
 
     @property
-    def title(self) -> str:
+    def summary(self) -> str:
         return _TITLES.get(self, self.value.replace("-", " ").capitalize())
 
 

@@ -67,7 +67,8 @@ class Pipeline:
                         stage.name, Reason.STAGE_ERROR, Verdict.DENY, detail=type(exc).__name__
                     ),
                 )
-            for f in produced:
+            for finding in produced:
+                f = finding
                 if f.verdict is Verdict.ALLOW and f.stage != ALLOW_ONLY_STAGE:
                     # SECURITY: only policy decides ALLOW; anything else is a bug, so deny.
                     f = Finding(
@@ -98,8 +99,10 @@ def decide(ctx: RequestContext, findings: list[Finding]) -> Decision:
                 ctx.decision_id,
                 Verdict.DENY,
                 Reason.STAGE_ERROR,
-                tuple(findings)
-                + (Finding("pipeline", Reason.STAGE_ERROR, Verdict.DENY, detail="no verdict"),),
+                (
+                    *findings,
+                    Finding("pipeline", Reason.STAGE_ERROR, Verdict.DENY, detail="no verdict"),
+                ),
             )
         return Decision(ctx.decision_id, Verdict.ALLOW, allow.reason, tuple(findings))
     assert blocking.verdict is not None

@@ -84,7 +84,7 @@ def problem(
         )
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + reason.value,
-        "title": reason.title,
+        "title": reason.summary,
         "status": code,
         "reason": reason.value,
         "decision_id": decision_id,
@@ -108,14 +108,14 @@ def _page(reason: Reason, decision_id: str, status: int, detail: str | None) -> 
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{status} – {e(reason.title)}</title>
+<title>{status} – {e(reason.summary)}</title>
 <style>
 body{{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:3rem auto;padding:0 1rem;color:#1b1b1b}}
 h1{{font-size:1.4rem}} code{{background:#f1f1f1;padding:.1rem .3rem;border-radius:3px}}
 .detail{{color:#555}} footer{{margin-top:2rem;color:#666;font-size:.85rem}}
 </style></head>
 <body><main>
-<h1>{e(reason.title)}</h1>
+<h1>{e(reason.summary)}</h1>
 <p>{e(advice)}</p>
 {detail_html}
 <p>Reason: <code>{e(reason.value)}</code><br>Decision id: <code>{e(decision_id)}</code></p>

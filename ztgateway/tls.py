@@ -87,9 +87,9 @@ def parse_client_cert(der: bytes) -> CertInfo:
             sans.append(f"URI:{uri}")
             if uri.startswith(DEVICE_URI_PREFIX) and device_uri is None:
                 device_uri = uri[len(DEVICE_URI_PREFIX) :]
-        for email in san.get_values_for_type(x509.RFC822Name):
-            sans.append(f"email:{email}")
-            emails.append(email)
+        for address in san.get_values_for_type(x509.RFC822Name):
+            sans.append(f"email:{address}")
+            emails.append(address)
         for dns in san.get_values_for_type(x509.DNSName):
             sans.append(f"DNS:{dns}")
     except x509.ExtensionNotFound:
@@ -101,7 +101,7 @@ def parse_client_cert(der: bytes) -> CertInfo:
         client_auth = True  # RFC 5280 §4.2.1.12: no EKU means any purpose
     fingerprint = hashlib.sha256(der).hexdigest()
     cn = attr(NameOID.COMMON_NAME) or ""
-    email = emails[0] if emails else attr(NameOID.EMAIL_ADDRESS)
+    email: str | None = emails[0] if emails else attr(NameOID.EMAIL_ADDRESS)
     user = attr(NameOID.USER_ID) or (email.split("@", 1)[0] if email else None)
     return CertInfo(
         der=der,
@@ -211,11 +211,11 @@ class TLSMaterial:
     revocations: RevocationList
     server_not_after: float
     ca_not_after: float
-    fingerprints: tuple[float, ...] = field(default_factory=tuple)
+    fingerprints: tuple[int, ...] = field(default_factory=tuple)
 
 
-def _mtimes(cfg: TLSConfig) -> tuple[float, ...]:
-    out = []
+def _mtimes(cfg: TLSConfig) -> tuple[int, ...]:
+    out: list[int] = []
     for p in (cfg.cert, cfg.key, cfg.client_ca, cfg.crl):
         if p is None:
             continue
@@ -223,7 +223,7 @@ def _mtimes(cfg: TLSConfig) -> tuple[float, ...]:
             st = os.stat(p)
             out.append(st.st_mtime_ns + st.st_size)
         except OSError:
-            out.append(-1.0)
+            out.append(-1)
     return tuple(out)
 
 

@@ -66,26 +66,26 @@ class Clock:
 
 @dataclass(frozen=True)
 class Keys:
-    ec: ec.EllipticCurvePrivateKey
-    rsa: rsa.RSAPrivateKey
-    ed: ed25519.Ed25519PrivateKey
-    other_ec: ec.EllipticCurvePrivateKey
+    ec_key: ec.EllipticCurvePrivateKey
+    rsa_key: rsa.RSAPrivateKey
+    ed_key: ed25519.Ed25519PrivateKey
+    other_ec_key: ec.EllipticCurvePrivateKey
 
 
 @pytest.fixture(scope="module")
 def keys() -> Keys:
     return Keys(
-        ec=ec.generate_private_key(ec.SECP256R1()),
-        rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        ed=ed25519.Ed25519PrivateKey.generate(),
-        other_ec=ec.generate_private_key(ec.SECP256R1()),
+        ec_key=ec.generate_private_key(ec.SECP256R1()),
+        rsa_key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        ed_key=ed25519.Ed25519PrivateKey.generate(),
+        other_ec_key=ec.generate_private_key(ec.SECP256R1()),
     )
 
 
 def jwks_document(keys: Keys) -> dict[str, Any]:
-    ec_jwk = ECAlgorithm.to_jwk(keys.ec.public_key(), as_dict=True)
-    rsa_jwk = RSAAlgorithm.to_jwk(keys.rsa.public_key(), as_dict=True)
-    ed_jwk = OKPAlgorithm.to_jwk(keys.ed.public_key(), as_dict=True)
+    ec_jwk = ECAlgorithm.to_jwk(keys.ec_key.public_key(), as_dict=True)
+    rsa_jwk = RSAAlgorithm.to_jwk(keys.rsa_key.public_key(), as_dict=True)
+    ed_jwk = OKPAlgorithm.to_jwk(keys.ed_key.public_key(), as_dict=True)
     return {
         "keys": [
             {**ec_jwk, "kid": "ec-1", "use": "sig", "alg": "ES256"},
@@ -192,6 +192,9 @@ async def harness(make_harness: MakeHarness) -> Harness:
     return await make_harness()
 
 
+DROP: Any = object()  # marks a claim to leave out
+
+
 def claims(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "iss": ISSUER,
@@ -206,9 +209,6 @@ def claims(**changes: Any) -> dict[str, Any]:
         else:
             base[name] = value
     return base
-
-
-DROP = object()
 
 
 def sign(
@@ -245,7 +245,7 @@ def with_signature(token: str, signature: bytes) -> str:
 async def test_valid_token_of_each_algorithm_is_accepted(
     harness: Harness, keys: Keys, alg: str, kid: str, key_name: str
 ) -> None:
-    token = sign(getattr(keys, key_name), alg, kid)
+    token = sign(getattr(keys, f"{key_name}_key"), alg, kid)
 
     verified = await harness.verifier.verify(token)
 
@@ -264,7 +264,7 @@ async def test_valid_token_of_each_algorithm_is_accepted(
 async def test_audience_list_with_one_accepted_value_is_accepted(
     harness: Harness, keys: Keys
 ) -> None:
-    token = sign(keys.ec, aud=["someone-else", "other-api"])
+    token = sign(keys.ec_key, aud=["someone-else", "other-api"])
 
     verified = await harness.verifier.verify(token)
 
@@ -272,7 +272,7 @@ async def test_audience_list_with_one_accepted_value_is_accepted(
 
 
 async def test_expired_token_within_leeway_is_accepted(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec, iat=int(NOW) - 600, exp=int(NOW) - int(LEEWAY) + 5)
+    token = sign(keys.ec_key, iat=int(NOW) - 600, exp=int(NOW) - int(LEEWAY) + 5)
 
     verified = await harness.verifier.verify(token)
 
@@ -299,7 +299,7 @@ async def test_hs256_forged_with_issuer_public_key_as_secret_is_refused(
     harness: Harness, keys: Keys, public_format: str
 ) -> None:
     # The classic key-confusion forgery: anyone can HMAC with the published RSA public key.
-    pem = keys.rsa.public_key().public_bytes(
+    pem = keys.rsa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     secret = pem if public_format == "pem" else base64.b64encode(pem)
@@ -312,7 +312,7 @@ async def test_hs256_forged_with_issuer_public_key_as_secret_is_refused(
 
 
 async def test_rs256_header_naming_an_ec_key_is_refused(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.rsa, "RS256", kid="ec-1")
+    token = sign(keys.rsa_key, "RS256", kid="ec-1")
 
     error = await harness.refused(token)
 
@@ -321,7 +321,7 @@ async def test_rs256_header_naming_an_ec_key_is_refused(harness: Harness, keys: 
 
 
 async def test_es256_header_naming_an_rsa_key_is_refused(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec, "ES256", kid="rsa-1")
+    token = sign(keys.ec_key, "ES256", kid="rsa-1")
 
     error = await harness.refused(token)
 
@@ -329,7 +329,7 @@ async def test_es256_header_naming_an_rsa_key_is_refused(harness: Harness, keys:
 
 
 async def test_token_alg_other_than_the_jwk_alg_is_refused(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.rsa, "PS256", kid="rsa-rs256-only")
+    token = sign(keys.rsa_key, "PS256", kid="rsa-rs256-only")
 
     error = await harness.refused(token)
 
@@ -341,7 +341,7 @@ async def test_algorithm_not_configured_for_the_issuer_is_refused(
 ) -> None:
     harness = await make_harness(algorithms=("ES256",))
 
-    error = await harness.refused(sign(keys.rsa, "RS256", kid="rsa-1"))
+    error = await harness.refused(sign(keys.rsa_key, "RS256", kid="rsa-1"))
 
     assert error.reason is Reason.TOKEN_ALGORITHM_REFUSED
 
@@ -424,10 +424,10 @@ async def test_hostile_kid_is_only_an_unknown_key_after_at_most_one_refresh(
     harness: Harness, keys: Keys, hostile_kid: str
 ) -> None:
     harness.clock.now += 61  # past refresh_interval: one refresh is allowed
-    token = sign(keys.ec, kid=hostile_kid)
+    token = sign(keys.ec_key, kid=hostile_kid)
 
     first = await harness.refused(token)
-    second = await harness.refused(sign(keys.ec, kid=hostile_kid, jti="again"))
+    second = await harness.refused(sign(keys.ec_key, kid=hostile_kid, jti="again"))
 
     assert first.reason is Reason.TOKEN_KEY_UNKNOWN
     assert second.reason is Reason.TOKEN_KEY_UNKNOWN
@@ -437,7 +437,7 @@ async def test_hostile_kid_is_only_an_unknown_key_after_at_most_one_refresh(
 async def test_non_string_kid_is_refused(harness: Harness, keys: Keys) -> None:
     # PyJWT will not encode a non-string kid, so sign by hand.
     signing_input = f"{b64json({'alg': 'ES256', 'kid': {'$ne': None}})}.{b64json(claims())}"
-    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), keys.ec)
+    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), keys.ec_key)
     token = f"{signing_input}.{b64url(signature)}"
 
     error = await harness.refused(token)
@@ -453,11 +453,11 @@ async def test_key_locating_header_is_refused_and_never_followed(
     values: dict[str, Any] = {
         "jku": evil_url,
         "x5u": evil_url,
-        "jwk": ECAlgorithm.to_jwk(keys.other_ec.public_key(), as_dict=True),
+        "jwk": ECAlgorithm.to_jwk(keys.other_ec_key.public_key(), as_dict=True),
         "x5c": ["MIIBszCCAVmgAwIBAgIUY2VydA=="],
     }
     # Signed with the attacker's key: honouring the header would verify it.
-    token = sign(keys.other_ec, kid="ec-1", headers={header: values[header]})
+    token = sign(keys.other_ec_key, kid="ec-1", headers={header: values[header]})
 
     error = await harness.refused(token)
 
@@ -467,7 +467,7 @@ async def test_key_locating_header_is_refused_and_never_followed(
 
 @pytest.mark.parametrize("crit", [["exp"], ["b64"], [], "exp"])
 async def test_crit_header_is_refused(harness: Harness, keys: Keys, crit: Any) -> None:
-    token = sign(keys.ec, headers={"crit": crit, "exp": 1})
+    token = sign(keys.ec_key, headers={"crit": crit, "exp": 1})
 
     error = await harness.refused(token)
 
@@ -478,7 +478,7 @@ async def test_crit_header_is_refused(harness: Harness, keys: Keys, crit: Any) -
 
 
 async def test_token_of_100_kb_is_refused_before_parsing(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec, padding="x" * 100_000)
+    token = sign(keys.ec_key, padding="x" * 100_000)
 
     error = await harness.refused(token)
 
@@ -492,7 +492,7 @@ async def test_token_over_the_issuer_limit_is_refused(
 ) -> None:
     harness = await make_harness(max_token_bytes=600)
 
-    error = await harness.refused(sign(keys.ec, padding="x" * 600))
+    error = await harness.refused(sign(keys.ec_key, padding="x" * 600))
 
     assert error.reason is Reason.TOKEN_INVALID
 
@@ -536,7 +536,7 @@ async def test_unexpected_failure_becomes_token_invalid_naming_the_exception(
 
 
 async def test_signature_with_one_flipped_byte_is_refused(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec)
+    token = sign(keys.ec_key)
     signature = bytearray(base64.urlsafe_b64decode(token.split(".")[2] + "=="))
     signature[10] ^= 0x01
 
@@ -548,7 +548,7 @@ async def test_signature_with_one_flipped_byte_is_refused(harness: Harness, keys
 @pytest.mark.parametrize("key_name", ["ec", "rsa"])
 async def test_truncated_signature_is_refused(harness: Harness, keys: Keys, key_name: str) -> None:
     alg, kid = ("ES256", "ec-1") if key_name == "ec" else ("RS256", "rsa-1")
-    token = sign(getattr(keys, key_name), alg, kid)
+    token = sign(getattr(keys, f"{key_name}_key"), alg, kid)
     signature = base64.urlsafe_b64decode(token.split(".")[2] + "==")
 
     error = await harness.refused(with_signature(token, signature[:-8]))
@@ -559,7 +559,7 @@ async def test_truncated_signature_is_refused(harness: Harness, keys: Keys, key_
 async def test_signature_segment_that_is_not_base64url_is_refused(
     harness: Harness, keys: Keys
 ) -> None:
-    token = sign(keys.ec)
+    token = sign(keys.ec_key)
 
     error = await harness.refused(token[:-1] + "*")
 
@@ -578,13 +578,13 @@ async def test_es256_signature_of_zeros_is_refused(harness: Harness) -> None:
 async def test_token_signed_by_another_key_with_the_right_kid_is_refused(
     harness: Harness, keys: Keys
 ) -> None:
-    error = await harness.refused(sign(keys.other_ec, kid="ec-1"))
+    error = await harness.refused(sign(keys.other_ec_key, kid="ec-1"))
 
     assert error.reason is Reason.TOKEN_SIGNATURE_INVALID
 
 
 async def test_payload_changed_after_signing_is_refused(harness: Harness, keys: Keys) -> None:
-    head, _, signature = sign(keys.ec).split(".")
+    head, _, signature = sign(keys.ec_key).split(".")
 
     error = await harness.refused(f"{head}.{b64json(claims(sub='root'))}.{signature}")
 
@@ -595,7 +595,7 @@ async def test_payload_changed_after_signing_is_refused(harness: Harness, keys: 
 
 
 async def test_expired_token_is_refused(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec, iat=int(NOW) - 600, exp=int(NOW) - int(LEEWAY) - 1)
+    token = sign(keys.ec_key, iat=int(NOW) - 600, exp=int(NOW) - int(LEEWAY) - 1)
 
     error = await harness.refused(token)
 
@@ -603,7 +603,7 @@ async def test_expired_token_is_refused(harness: Harness, keys: Keys) -> None:
 
 
 async def test_token_with_nbf_in_the_future_is_refused(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec, nbf=int(NOW) + int(LEEWAY) + 60)
+    token = sign(keys.ec_key, nbf=int(NOW) + int(LEEWAY) + 60)
 
     error = await harness.refused(token)
 
@@ -611,7 +611,7 @@ async def test_token_with_nbf_in_the_future_is_refused(harness: Harness, keys: K
 
 
 async def test_token_issued_in_the_future_is_refused(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec, iat=int(NOW) + int(LEEWAY) + 60, exp=int(NOW) + 900)
+    token = sign(keys.ec_key, iat=int(NOW) + int(LEEWAY) + 60, exp=int(NOW) + 900)
 
     error = await harness.refused(token)
 
@@ -623,7 +623,7 @@ async def test_token_issued_in_the_future_is_refused(harness: Harness, keys: Key
 async def test_token_missing_a_required_claim_is_refused(
     harness: Harness, keys: Keys, claim: str
 ) -> None:
-    token = sign(keys.ec, **{claim: DROP})
+    token = sign(keys.ec_key, **{claim: DROP})
 
     error = await harness.refused(token)
 
@@ -635,8 +635,8 @@ async def test_configured_extra_required_claim_is_enforced(
 ) -> None:
     harness = await make_harness(required_claims=("exp", "iat", "sub", "aud", "iss", "jti"))
 
-    error = await harness.refused(sign(keys.ec))
-    verified = await harness.verifier.verify(sign(keys.ec, jti="j-1"))
+    error = await harness.refused(sign(keys.ec_key))
+    verified = await harness.verifier.verify(sign(keys.ec_key, jti="j-1"))
 
     assert error.reason is Reason.TOKEN_CLAIMS_INVALID
     assert verified.claims["jti"] == "j-1"
@@ -659,7 +659,7 @@ async def test_configured_extra_required_claim_is_enforced(
 async def test_time_claim_that_is_not_a_finite_number_is_refused(
     harness: Harness, keys: Keys, claim: str, value: Any
 ) -> None:
-    token = sign(keys.ec, **{claim: value})
+    token = sign(keys.ec_key, **{claim: value})
 
     error = await harness.refused(token)
 
@@ -670,7 +670,7 @@ async def test_time_claim_that_is_not_a_finite_number_is_refused(
 async def test_subject_that_is_not_a_non_empty_string_is_refused(
     harness: Harness, keys: Keys, subject: Any
 ) -> None:
-    error = await harness.refused(sign(keys.ec, sub=subject))
+    error = await harness.refused(sign(keys.ec_key, sub=subject))
 
     assert error.reason is Reason.TOKEN_CLAIMS_INVALID
 
@@ -679,7 +679,7 @@ async def test_subject_that_is_not_a_non_empty_string_is_refused(
 async def test_token_for_another_audience_is_refused(
     harness: Harness, keys: Keys, aud: Any
 ) -> None:
-    error = await harness.refused(sign(keys.ec, aud=aud))
+    error = await harness.refused(sign(keys.ec_key, aud=aud))
 
     assert error.reason in {Reason.TOKEN_AUDIENCE_INVALID, Reason.TOKEN_CLAIMS_INVALID}
     if aud not in ([], ""):
@@ -687,14 +687,14 @@ async def test_token_for_another_audience_is_refused(
 
 
 async def test_token_from_an_unknown_issuer_is_refused(harness: Harness, keys: Keys) -> None:
-    error = await harness.refused(sign(keys.ec, iss="https://evil.example.test"))
+    error = await harness.refused(sign(keys.ec_key, iss="https://evil.example.test"))
 
     assert error.reason is Reason.TOKEN_ISSUER_UNKNOWN
     assert harness.results == [("unknown", "token-issuer-unknown")]
 
 
 async def test_token_without_issuer_is_refused(harness: Harness, keys: Keys) -> None:
-    error = await harness.refused(sign(keys.ec, iss=DROP))
+    error = await harness.refused(sign(keys.ec_key, iss=DROP))
 
     assert error.reason is Reason.TOKEN_CLAIMS_INVALID
 
@@ -704,8 +704,8 @@ async def test_token_older_than_max_token_age_is_refused(
 ) -> None:
     harness = await make_harness(max_token_age=300.0)
 
-    error = await harness.refused(sign(keys.ec, iat=int(NOW) - 301, exp=int(NOW) + 600))
-    verified = await harness.verifier.verify(sign(keys.ec, iat=int(NOW) - 299))
+    error = await harness.refused(sign(keys.ec_key, iat=int(NOW) - 301, exp=int(NOW) + 600))
+    verified = await harness.verifier.verify(sign(keys.ec_key, iat=int(NOW) - 299))
 
     assert error.reason is Reason.TOKEN_TOO_OLD
     assert verified.issued_at == NOW - 299
@@ -724,7 +724,7 @@ async def test_token_older_than_max_token_age_is_refused(
 async def test_malformed_confirmation_claim_is_refused(
     harness: Harness, keys: Keys, cnf: Any
 ) -> None:
-    error = await harness.refused(sign(keys.ec, cnf=cnf))
+    error = await harness.refused(sign(keys.ec_key, cnf=cnf))
 
     assert error.reason is Reason.TOKEN_CLAIMS_INVALID
 
@@ -732,13 +732,13 @@ async def test_malformed_confirmation_claim_is_refused(
 async def test_confirmation_thumbprint_is_kept(harness: Harness, keys: Keys) -> None:
     thumbprint = cert_thumbprint_s256(b"certificate bytes")
 
-    verified = await harness.verifier.verify(sign(keys.ec, cnf={"x5t#S256": thumbprint}))
+    verified = await harness.verifier.verify(sign(keys.ec_key, cnf={"x5t#S256": thumbprint}))
 
     assert verified.cnf_x5t_s256 == thumbprint
 
 
 async def test_confirmation_without_thumbprint_is_unbound(harness: Harness, keys: Keys) -> None:
-    verified = await harness.verifier.verify(sign(keys.ec, cnf={"jkt": "abc"}))
+    verified = await harness.verifier.verify(sign(keys.ec_key, cnf={"jkt": "abc"}))
 
     assert verified.cnf_x5t_s256 is None
 
@@ -749,7 +749,7 @@ async def test_confirmation_without_thumbprint_is_unbound(harness: Harness, keys
 async def test_cache_hit_does_not_refetch_and_still_expires_at_exp(
     harness: Harness, keys: Keys
 ) -> None:
-    token = sign(keys.ec, exp=int(NOW) + 120)
+    token = sign(keys.ec_key, exp=int(NOW) + 120)
     first = await harness.verifier.verify(token)
     requests = harness.server.jwks_requests
 
@@ -765,7 +765,7 @@ async def test_cache_hit_does_not_refetch_and_still_expires_at_exp(
 
 
 async def test_cache_hit_still_checks_not_before(harness: Harness, keys: Keys) -> None:
-    token = sign(keys.ec, nbf=int(NOW) + 10)
+    token = sign(keys.ec_key, nbf=int(NOW) + 10)
     await harness.verifier.verify(token)
 
     harness.clock.now = NOW - 120
@@ -778,7 +778,7 @@ async def test_cache_is_bounded_least_recently_used_first(
     make_harness: MakeHarness, keys: Keys
 ) -> None:
     harness = await make_harness(cache_size=2)
-    a, b, c = (sign(keys.ec, jti=name) for name in "abc")
+    a, b, c = (sign(keys.ec_key, jti=name) for name in "abc")
 
     for token in (a, b, a, c, a, b):
         await harness.verifier.verify(token)
@@ -791,7 +791,7 @@ async def test_cache_of_size_zero_verifies_every_time(
     make_harness: MakeHarness, keys: Keys
 ) -> None:
     harness = await make_harness(cache_size=0)
-    token = sign(keys.ec)
+    token = sign(keys.ec_key)
 
     await harness.verifier.verify(token)
     await harness.verifier.verify(token)
@@ -815,7 +815,7 @@ async def test_broken_result_hook_does_not_change_the_verdict(
     verifier = TokenVerifier([config], clock=Clock(), on_result=broken)
     await verifier.start()
     try:
-        verified = await verifier.verify(sign(keys.ec))
+        verified = await verifier.verify(sign(keys.ec_key))
         with pytest.raises(TokenError):
             await verifier.verify("nonsense")
     finally:

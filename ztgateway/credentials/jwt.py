@@ -341,16 +341,16 @@ class TokenVerifier:
 
     async def start(self) -> None:
         """Load static key files (a bad one raises); prefetch JWKS URLs (failures only logged)."""
-        needs_session = any(c.jwks_url is not None for c in self._by_name.values())
-        if needs_session and self._session_factory is None and self._own_session is None:
-            # RFC 8725 §3.10: no cookies on key fetches.
-            self._own_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        # Files first: a configuration error surfaces before any session is opened.
         for name, config in self._by_name.items():
             if config.jwks_file is not None:
                 await self._jwks[name].start()
-        for name, config in self._by_name.items():
-            if config.jwks_url is not None:
-                await self._jwks[name].start()
+        fetched = [name for name, c in self._by_name.items() if c.jwks_url is not None]
+        if fetched and self._session_factory is None and self._own_session is None:
+            # RFC 8725 §3.10: no cookies on key fetches.
+            self._own_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        for name in fetched:
+            await self._jwks[name].start()
 
     async def close(self) -> None:
         for cache in self._jwks.values():

@@ -61,17 +61,17 @@ def upstream_request_headers(
         if (
             lower in HOP_BY_HOP
             or lower in listed
-            or lower == "host"
-            or lower == "expect"
+            or lower in ("host", "expect")
             or protected_header(name)
             or (lower == "authorization" and not forward_authorization)
             or (websocket and lower in _WEBSOCKET_HANDSHAKE)
         ):
             continue
         if lower == "cookie" and drop_cookies:
-            value = _strip_cookies(value, drop_cookies)
-            if not value:
-                continue
+            kept = _strip_cookies(value, drop_cookies)
+            if kept:
+                out.add(name, kept)
+            continue
         out.add(name, value)
     out.update(add)
     return out

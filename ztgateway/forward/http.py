@@ -132,7 +132,7 @@ async def forward_http(
     if request.body_exists:
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Decided already: now, and only now, ask the client for its body.
-            request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[unused-awaitable]
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         data = _limited(request.content, limit, sent)
     started = time.monotonic()
     response: web.StreamResponse | None = None

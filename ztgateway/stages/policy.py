@@ -63,9 +63,12 @@ class PolicyStage:
             method = "GET" if ctx.method == "HEAD" else ctx.method
             if method not in policy.methods and ctx.method not in policy.methods:
                 out.append(_deny(Reason.METHOD_NOT_ALLOWED, ctx.method))
-        if policy.paths and ctx.path is not None:
-            if not any(fnmatchcase(ctx.path, p) for p in policy.paths):
-                out.append(_deny(Reason.PATH_DENIED, ctx.path))
+        if (
+            policy.paths
+            and ctx.path is not None
+            and not any(fnmatchcase(ctx.path, p) for p in policy.paths)
+        ):
+            out.append(_deny(Reason.PATH_DENIED, ctx.path))
         if policy.zones:
             try:
                 addr = ipaddress.ip_address(ctx.client_ip)

@@ -1,0 +1,136 @@
+"""Shared fixtures: a dev PKI per test session, a real demo upstream, real gateways."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.support import Certs, deep_merge, to_toml
+from ztgateway.app import Gateway
+from ztgateway.config import load_config
+from ztgateway.demo_app import start_demo_app
+from ztgateway.pki import CertificateAuthority, init_pki
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    d = tmp_path_factory.mktemp("pki")
+    paths = init_pki(d)
+    ca = CertificateAuthority.load(paths.ca_cert, paths.ca_key)
+    now = dt.datetime.now(dt.UTC)
+    clients = d / "clients"
+    ca.issue_client(
+        "old-laptop",
+        user="alice",
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=1),
+    ).write(clients / "old-laptop.pem", clients / "old-laptop.key")
+    ca.issue_client(
+        "server-cert-as-client", user="svc", eku=(ExtendedKeyUsageOID.SERVER_AUTH,)
+    ).write(clients / "server-cert-as-client.pem", clients / "server-cert-as-client.key")
+    ca.issue_client("stolen-laptop", user="alice").write(
+        clients / "stolen-laptop.pem", clients / "stolen-laptop.key"
+    )
+    ca.issue_client("carol-laptop", user="carol").write(
+        clients / "carol-laptop.pem", clients / "carol-laptop.key"
+    )
+    other = CertificateAuthority.generate("Mallory CA")
+    other.issue_client("mallory-laptop", user="alice").write(
+        clients / "mallory-laptop.pem", clients / "mallory-laptop.key"
+    )
+    return Certs(
+        dir=d,
+        ca=paths.ca_cert,
+        ca_key=paths.ca_key,
+        server=paths.server_cert,
+        server_key=paths.server_key,
+        crl=paths.crl,
+        issuer_key=paths.issuer_key,
+        issuer_jwks=paths.issuer_jwks,
+    )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[int]:
+    runner, port = await start_demo_app("127.0.0.1", 0)
+    yield port
+    await runner.cleanup()
+
+
+def base_config(certs: Certs, upstream_port: int, tmp: Path) -> dict[str, Any]:
+    crl = tmp / "ca.crl"
+    if not crl.exists():
+        crl.write_bytes(certs.crl.read_bytes())
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, "public_url": "https://127.0.0.1"},
+        "tls": {
+            "cert": str(certs.server),
+            "key": str(certs.server_key),
+            "client_ca": str(certs.ca),
+            "crl": str(crl),
+            "reload_interval": 0.2,
+        },
+        "ops": {"host": "127.0.0.1", "port": 0},
+        "audit": {"db": str(tmp / "audit.db"), "jsonl": str(tmp / "audit.jsonl")},
+        "zones": {"loopback": ["127.0.0.0/8"], "corp": ["10.0.0.0/8"]},
+        "issuers": {
+            "dev": {
+                "issuer": "https://ztgateway.dev/issuer",
+                "audiences": ["ztgateway"],
+                "algorithms": ["ES256"],
+                "jwks_file": str(certs.issuer_jwks),
+            }
+        },
+        "upstreams": {"demo": {"url": f"http://127.0.0.1:{upstream_port}", "read_timeout": 5.0}},
+        "routes": [
+            {"name": "app", "prefix": "/", "upstream": "demo"},
+            {
+                "name": "api",
+                "prefix": "/api/",
+                "upstream": "demo",
+                "policy": {"require_token": True},
+            },
+            {
+                "name": "admin",
+                "prefix": "/admin/",
+                "upstream": "demo",
+                "policy": {"require_token": True, "groups": ["admins"]},
+            },
+        ],
+    }
+
+
+@pytest.fixture
+async def gateway_factory(
+    certs: Certs, upstream: int, tmp_path: Path
+) -> AsyncIterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    async def make(
+        overrides: dict[str, Any] | None = None, *, replace: dict[str, Any] | None = None
+    ) -> Gateway:
+        cfg = deep_merge(base_config(certs, upstream, tmp_path), overrides or {})
+        if replace:
+            cfg.update(replace)
+        path = tmp_path / f"gateway-{len(started)}.toml"
+        path.write_text(to_toml(cfg))
+        gw = Gateway(load_config(path))
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        await gw.stop()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> Gateway:
+    return await gateway_factory()

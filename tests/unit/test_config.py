@@ -1,0 +1,144 @@
+"""Configuration errors name the file and the key; a loadable config is a safe one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import base_config
+from tests.support import Certs, deep_merge, to_toml
+from ztgateway.cli import main
+from ztgateway.config import load_config
+from ztgateway.configreader import ConfigError
+
+
+def write(tmp_path: Path, certs: Certs, over: dict[str, Any] | None = None, **replace: Any) -> Path:
+    cfg = deep_merge(base_config(certs, 9, tmp_path), over or {})
+    cfg.update(replace)
+    path = tmp_path / "gw.toml"
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def error_for(tmp_path: Path, certs: Certs, over: dict[str, Any] | None = None, **replace: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, certs, over, **replace))
+    return info.value
+
+
+def test_the_demo_configuration_loads(certs: Certs, tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, certs))
+    assert [r.name for r in cfg.routes] == ["app", "api", "admin"]
+    assert cfg.routes[1].policy.require_token
+    assert cfg.revision
+
+
+def test_unknown_key_is_named_with_its_path(certs: Certs, tmp_path: Path) -> None:
+    err = error_for(tmp_path, certs, {"server": {"client_certs": "required"}})
+    assert err.key == "server.client_certs"
+    assert "unknown key" in str(err)
+    assert str(tmp_path / "gw.toml") in str(err)
+
+
+def test_wrong_type_is_named(certs: Certs, tmp_path: Path) -> None:
+    err = error_for(tmp_path, certs, {"server": {"port": "8443"}})
+    assert err.key == "server.port"
+    assert "integer" in err.message
+
+
+def test_missing_certificate_file_is_named(certs: Certs, tmp_path: Path) -> None:
+    err = error_for(tmp_path, certs, {"tls": {"cert": str(tmp_path / "nope.pem")}})
+    assert err.key == "tls.cert"
+    assert "file not found" in err.message
+
+
+def test_route_key_errors_name_the_route_index(certs: Certs, tmp_path: Path) -> None:
+    cfg = base_config(certs, 9, tmp_path)
+    cfg["routes"][2]["policy"]["groupz"] = ["x"]
+    err = error_for(tmp_path, certs, routes=cfg["routes"])
+    assert err.key == "routes[2].policy.groupz"
+
+
+def test_overlapping_routes_are_refused(certs: Certs, tmp_path: Path) -> None:
+    routes = [
+        {"name": "a", "prefix": "/api/", "upstream": "demo"},
+        {"name": "b", "prefix": "/api/", "upstream": "demo"},
+    ]
+    err = error_for(tmp_path, certs, routes=routes)
+    assert err.key == "routes[1].prefix"
+    assert "overlaps route 'a'" in err.message
+
+
+def test_same_prefix_on_disjoint_hosts_is_not_an_overlap(certs: Certs, tmp_path: Path) -> None:
+    routes = [
+        {"name": "a", "prefix": "/", "upstream": "demo", "hosts": ["a.example"]},
+        {"name": "b", "prefix": "/", "upstream": "demo", "hosts": ["b.example"]},
+        {"name": "c", "prefix": "/", "upstream": "demo"},
+    ]
+    assert len(load_config(write(tmp_path, certs, routes=routes)).routes) == 3
+
+
+def test_prefix_without_trailing_slash_is_refused(certs: Certs, tmp_path: Path) -> None:
+    err = error_for(tmp_path, certs, routes=[{"name": "a", "prefix": "/api", "upstream": "demo"}])
+    assert err.key == "routes[0].prefix"
+
+
+def test_unknown_zone_upstream_and_issuer_are_refused(certs: Certs, tmp_path: Path) -> None:
+    r = {"name": "a", "prefix": "/", "upstream": "demo", "policy": {"zones": ["office"]}}
+    assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].policy.zones[0]"
+    r = {"name": "a", "prefix": "/", "upstream": "nowhere"}
+    assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].upstream"
+    r = {"name": "a", "prefix": "/", "upstream": "demo", "policy": {"issuers": ["corp"]}}
+    assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].policy.issuers"
+
+
+def test_contradictions_are_refused(certs: Certs, tmp_path: Path) -> None:
+    r = {"name": "a", "prefix": "/", "upstream": "demo", "policy": {"require_bound_token": True}}
+    err = error_for(tmp_path, certs, routes=[r])
+    assert err.key == "routes[0].policy.require_bound_token"
+    assert error_for(tmp_path, certs, {"forward_auth": {"enabled": True}}).key == "forward_auth.trusted_proxies"
+
+
+def test_bad_cidr_and_time_window_are_named(certs: Certs, tmp_path: Path) -> None:
+    assert error_for(tmp_path, certs, {"zones": {"corp": ["10.0.0.0/8", "10.0.0.300/8"]}}).key == "zones.corp[1]"
+    r = {"name": "a", "prefix": "/", "upstream": "demo", "policy": {"time_windows": ["weekdays 9-5"]}}
+    assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].policy.time_windows[0]"
+
+
+def test_hmac_algorithm_for_an_issuer_is_refused(certs: Certs, tmp_path: Path) -> None:
+    err = error_for(tmp_path, certs, {"issuers": {"dev": {"algorithms": ["HS256"]}}})
+    assert err.key == "issuers.dev.algorithms"
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+
+
+def test_check_config_cli_reports_ok_and_errors(
+    certs: Certs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = write(tmp_path, certs)
+    assert main(["check-config", "-c", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = write(tmp_path, certs, {"server": {"bogus": 1}})
+    assert main(["check-config", "-c", str(bad)]) == 2
+    assert "server.bogus: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gateway.toml", "gateway.example.toml"])
+def test_repository_configs_are_valid(certs: Certs, tmp_path: Path, name: str) -> None:
+    """The shipped configurations load (against a test PKI), so they never rot."""
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "config" / name).read_text().replace("../certs/", f"{certs.dir}/")
+    text = text.replace("../var/", f"{tmp_path}/")
+    path = tmp_path / name
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.routes
+    if name == "gateway.toml":
+        assert {r.prefix for r in cfg.routes} >= {"/", "/api/", "/admin/"}
