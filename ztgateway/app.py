@@ -273,13 +273,8 @@ class Gateway:
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         route = ctx.route
         route_label = route.name if route else "-"
-        self.metrics.requests.labels(
-            route_label, decision.verdict.label, decision.reason.value
-        ).inc()
-        if decision.monitor:
-            self.metrics.would_deny.labels(route_label, decision.reason.value).inc()
         try:
-            self.audit.record(self.audit_event(ctx, decision, request))
+            self.record_decision(ctx, decision)
         except AuditUnavailable:
             # SECURITY: a decision we cannot record is not acted on (fail closed).
             self.metrics.audit_unavailable.inc()
@@ -367,7 +362,34 @@ class Gateway:
                 self.audit.record(event)
         return decision
 
+    def record_decision(self, ctx: RequestContext, decision: Decision) -> None:
+        """Count and audit one decision; raises AuditUnavailable (the caller fails closed)."""
+        route_label = ctx.route.name if ctx.route else "-"
+        self.metrics.requests.labels(
+            route_label, decision.verdict.label, decision.reason.value
+        ).inc()
+        if decision.monitor:
+            self.metrics.would_deny.labels(route_label, decision.reason.value).inc()
+        self.audit.record(self.audit_event(ctx, decision, None))
+
+    def refusal_decision(self, ctx: RequestContext, reason: Reason, detail: str) -> Decision:
+        """A refusal decided outside the pipeline, with its one finding."""
+        finding = Finding("request", reason, Verdict.DENY, detail=detail)
+        ctx.findings.append(finding)
+        return Decision(ctx.decision_id, Verdict.DENY, reason, (finding,))
+
     def _upstream_headers(self, ctx: RequestContext, request: web.BaseRequest) -> Any:
+        route = ctx.route
+        assert route is not None
+        return upstream_request_headers(
+            ctx.headers,
+            self.identity_headers(ctx, request.host),
+            forward_authorization=route.forward_authorization,
+            websocket=ctx.websocket,
+        )
+
+    def identity_headers(self, ctx: RequestContext, original_host: str) -> dict[str, str]:
+        """The headers the upstream may trust: forwarding facts, identity, signed assertion."""
         route = ctx.route
         assert route is not None
         h = route.headers
@@ -375,7 +397,7 @@ class Gateway:
         add: dict[str, str] = {
             "X-Forwarded-For": ctx.client_ip,
             "X-Forwarded-Proto": ctx.forwarded_proto,
-            "X-Forwarded-Host": request.host,
+            "X-Forwarded-Host": original_host,
             DECISION_HEADER: ctx.decision_id,
         }
         if ident is not None:
@@ -396,12 +418,7 @@ class Gateway:
                 source=ident.source,
                 now=ctx.now,
             )
-        return upstream_request_headers(
-            ctx.headers,
-            add,
-            forward_authorization=route.forward_authorization,
-            websocket=ctx.websocket,
-        )
+        return add
 
     def _refusal(
         self,
@@ -462,15 +479,9 @@ class Gateway:
             resp = web.json_response(self.signer.jwks, headers={"Cache-Control": "max-age=300"})
             resp.headers["Server"] = SERVER_BANNER
             return resp
-        decision = Decision(
-            ctx.decision_id,
-            Verdict.DENY,
-            Reason.ROUTE_NOT_FOUND,
-            (Finding("request", Reason.ROUTE_NOT_FOUND, Verdict.DENY, detail=ctx.path or ""),),
-        )
-        self.metrics.requests.labels("-", "deny", Reason.ROUTE_NOT_FOUND.value).inc()
+        decision = self.refusal_decision(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "")
         with suppress(AuditUnavailable):
-            self.audit.record(self.audit_event(ctx, decision, request))
+            self.record_decision(ctx, decision)
         return self._refusal(
             Reason.ROUTE_NOT_FOUND, ctx.decision_id, request.headers.get("Accept", "")
         )

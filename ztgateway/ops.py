@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .context import RequestContext
+
 if TYPE_CHECKING:
     from .app import Gateway
 
@@ -36,10 +38,59 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=gw.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def decide(request: web.Request) -> web.Response:
+    """POST /decide: the live pipeline's decision for a described request (policy explain)."""
+    from .policycli import explain_json, load_cert_pem
+
+    gw = request.app[GATEWAY_KEY]
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        headers = body.get("headers") or {}
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ValueError("headers must be an object of strings")
+        token = body.get("token")
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        cert = load_cert_pem(body["cert_pem"].encode()) if body.get("cert_pem") else None
+        ctx = RequestContext.synthetic(
+            method=str(body.get("method", "GET")),
+            path=str(body.get("path", "/")),
+            host=str(body.get("host", "127.0.0.1")),
+            headers=headers,
+            client_ip=str(body.get("client_ip", "127.0.0.1")),
+            cert=cert,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return web.json_response(
+            {
+                "type": "about:blank",
+                "title": "bad /decide request",
+                "status": 400,
+                "detail": str(exc),
+            },
+            status=400,
+            content_type="application/problem+json",
+        )
+    decision = await gw.runtime.pipeline.evaluate(ctx)
+    return web.json_response(explain_json(ctx, decision))
+
+
+async def forward_auth_handler(request: web.Request) -> web.StreamResponse:
+    from .forward_auth import forward_auth
+
+    return await forward_auth(request, request.app[GATEWAY_KEY])
+
+
 def create_ops_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY_KEY] = gateway
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/decide", decide)
+    app.router.add_route("*", "/forward-auth", forward_auth_handler)
     return app

@@ -86,16 +86,19 @@ class OfflineEvaluator:
         return ctx, await self.runtime.pipeline.evaluate(ctx)
 
 
-def load_cert(path: str) -> CertInfo:
-    data = Path(path).read_bytes()
+def load_cert_pem(data: bytes) -> CertInfo:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     cert = (
         x509.load_pem_x509_certificate(data)
         if b"-----BEGIN" in data
         else x509.load_der_x509_certificate(data)
     )
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     return parse_client_cert(cert.public_bytes(Encoding.DER))
+
+
+def load_cert(path: str) -> CertInfo:
+    return load_cert_pem(Path(path).read_bytes())
 
 
 def explain_json(ctx: RequestContext, decision: Decision) -> dict[str, Any]:

@@ -281,6 +281,22 @@ class TLSManager:
         return True
 
 
+# X509_V_ERR_* (openssl/x509_vfy.h) -> bounded metric label.
+_VERIFY_CODE_REASONS: dict[int, str] = {
+    2: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT
+    3: "crl_unavailable",  # UNABLE_TO_GET_CRL
+    9: "not_yet_valid",  # CERT_NOT_YET_VALID
+    10: "expired",  # CERT_HAS_EXPIRED
+    11: "crl_not_yet_valid",  # CRL_NOT_YET_VALID
+    12: "crl_expired",  # CRL_HAS_EXPIRED
+    18: "unknown_ca",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "unknown_ca",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    23: "revoked",  # CERT_REVOKED
+    26: "bad_purpose",  # INVALID_PURPOSE
+}
+
+
 def handshake_failure_reason(exc: BaseException) -> str:
     """A bounded label for a refused handshake (Python's ssl module otherwise hides them)."""
     text = str(exc).lower()
@@ -289,17 +305,22 @@ def handshake_failure_reason(exc: BaseException) -> str:
     ):
         return "timeout"
     if isinstance(exc, ssl.SSLCertVerificationError):
+        # The X509_V_ERR_* codes are OpenSSL ABI; the messages are not (1.1.1 says "unsupported
+        # certificate purpose", 3.x "unsuitable certificate purpose"), so codes come first.
+        by_code = _VERIFY_CODE_REASONS.get(exc.verify_code)
+        if by_code is not None:
+            return by_code
         msg = (exc.verify_message or "").lower()
         for needle, label in (
             ("revoked", "revoked"),
+            ("crl has expired", "crl_expired"),
             ("expired", "expired"),
             ("not yet valid", "not_yet_valid"),
-            ("unsupported certificate purpose", "bad_purpose"),
+            ("certificate purpose", "bad_purpose"),
             ("local issuer", "unknown_ca"),
             ("self-signed", "unknown_ca"),
             ("self signed", "unknown_ca"),
             ("unable to get certificate crl", "crl_unavailable"),
-            ("crl has expired", "crl_expired"),
         ):
             if needle in msg:
                 return label
