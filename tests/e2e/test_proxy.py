@@ -286,3 +286,128 @@ def pattern_sha256(size: int) -> str:
 async def pattern_stream(size: int) -> AsyncIterator[bytes]:
     for chunk in pattern_chunks(size):
         yield chunk
+
+
+# --------------------------------------------------------------------------------------------
+# 1. streaming: 200 MB each way, memory flat
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_200_mb_download_streams_through_with_flat_memory(
+    proxy: ProxyFactory, certs: Certs, chunked: bool
+) -> None:
+    gw = await proxy()
+    target = f"/download?size={BIG}" + ("&chunked=1" if chunked else "")
+    digest = hashlib.sha256()
+    received = 0
+    with peak_rss_growth() as growth:
+        async with session(certs) as s, s.get(url(gw, target)) as r:
+            assert r.status == 200
+            if chunked:
+                assert "Content-Length" not in r.headers
+            else:
+                assert r.headers["Content-Length"] == str(BIG)
+            async for chunk in r.content.iter_chunked(CHUNK):
+                digest.update(chunk)
+                received += len(chunk)
+    assert received == BIG
+    assert digest.hexdigest() == expected_download_sha256(BIG)
+    print("growth", growth[0] / MB)
+    assert growth[0] < RSS_GROWTH_LIMIT, f"peak RSS grew by {growth[0] / MB:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [{"server": {"client_max_size": 256 * MB}}, routes(client_max_size=256 * MB)],
+    ids=["server-client_max_size", "route-client_max_size"],
+)
+async def test_200_mb_streamed_upload_reaches_upstream_intact_with_flat_memory(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, limit: dict[str, Any]
+) -> None:
+    gw = await proxy(limit)
+    with peak_rss_growth() as growth:
+        async with session(certs) as s, s.post(url(gw, "/upload"), data=pattern_stream(BIG)) as r:
+            assert r.status == 200
+            body = await r.json()
+    assert body == {"length": BIG, "sha256": pattern_sha256(BIG)}
+    print("growth", growth[0] / MB)
+    assert growth[0] < RSS_GROWTH_LIMIT, f"peak RSS grew by {growth[0] / MB:.0f} MB"
+    assert [(h.method, h.raw_path, h.outcome) for h in recording.hits] == [
+        ("POST", "/upload", "complete")
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. response semantics pass through unchanged
+
+
+async def test_head_keeps_content_length_and_sends_no_body(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy()
+    async with raw_tls(certs, gw) as (reader, writer):
+        writer.write(get("/download?size=12345", method="HEAD"))
+        writer.write(get("/status/200"))
+        await writer.drain()
+        head = await read_response(reader, head=True)
+        # Had the HEAD leaked body bytes, this would read them instead of a status line.
+        after = await read_response(reader)
+    assert head.status == 200
+    assert head.headers["Content-Length"] == "12345"
+    assert after.status == 200
+    assert after.body == b"200 OK\n"
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_bodiless_statuses_pass_with_no_body(
+    proxy: ProxyFactory, certs: Certs, status: int
+) -> None:
+    gw = await proxy()
+    async with raw_tls(certs, gw) as (reader, writer):
+        writer.write(get(f"/status/{status}"))
+        writer.write(get("/status/200"))
+        await writer.drain()
+        first = await read_response(reader)
+        after = await read_response(reader)
+    assert first.status == status
+    assert "chunked" not in first.headers.get("Transfer-Encoding", "")
+    assert first.headers.get("Content-Length", "0") == "0"
+    assert (after.status, after.body) == (200, b"200 OK\n")
+
+
+async def test_chunked_response_passes_chunked(proxy: ProxyFactory, certs: Certs) -> None:
+    gw = await proxy()
+    size = 3 * CHUNK + 17
+    r = await exchange(certs, gw, get(f"/download?size={size}&chunked=1"))
+    assert r.status == 200
+    assert r.headers["Transfer-Encoding"] == "chunked"
+    assert "Content-Length" not in r.headers
+    assert hashlib.sha256(r.body).hexdigest() == expected_download_sha256(size)
+
+
+@pytest.mark.parametrize("to", ["https://example.com/elsewhere?x=1", "/echo?from=redirect"])
+async def test_redirect_is_passed_through_not_followed(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, to: str
+) -> None:
+    gw = await proxy()
+    async with (
+        session(certs) as s,
+        s.get(url(gw, "/redirect"), params={"to": to}, allow_redirects=False) as r,
+    ):
+        assert r.status == 302
+        assert r.headers["Location"] == to
+    # One upstream hit: the gateway did not chase the Location itself.
+    assert [h.raw_path.partition("?")[0] for h in recording.hits] == ["/redirect"]
+
+
+async def test_gzip_body_is_passed_compressed_as_is(proxy: ProxyFactory, certs: Certs) -> None:
+    gw = await proxy()
+    async with (
+        session(certs) as s,
+        s.get(url(gw, "/gzip"), headers={"Accept-Encoding": "gzip"}) as r,
+    ):
+        assert r.status == 200
+        assert r.headers["Content-Encoding"] == "gzip"
+        body = await r.read()
+    assert body == gzip.compress(GZIP_PLAINTEXT, mtime=0)
+    assert r.headers["Content-Length"] == str(len(body))
