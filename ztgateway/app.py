@@ -14,7 +14,8 @@ import time
 from contextlib import suppress
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from . import __version__
 from .assertion import AssertionSigner, load_or_create_key
@@ -23,7 +24,7 @@ from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .decision import Decision, Finding, Reason, Verdict
-from .forward.headers import SERVER_BANNER, upstream_request_headers
+from .forward.headers import SERVER_BANNER, upgrade_requested, upstream_request_headers
 from .forward.http import BodyTooLarge, UpstreamFailure, Upstreams, forward_http, upstream_url
 from .forward.websocket import Watch, bridge_websocket
 from .listener import GatewayRequestHandler, Listener
@@ -248,9 +249,19 @@ class Gateway:
         assert isinstance(conn, GatewayRequestHandler)
         conn.request_started()
         try:
+            if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
+                # SECURITY: RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing,
+                # a classic request-smuggling shape; refuse and close, never forward.
+                return conn.handle_error(
+                    request, 400, BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request")
+                )
             response = await self._handle(request, conn)
         finally:
             conn.request_finished()
+        if upgrade_requested(request.headers) and not isinstance(response, web.WebSocketResponse):
+            # llhttp stops parsing after an Upgrade request; close so a pipelined request
+            # behind it is retried by the client instead of hanging.
+            response.force_close()
         return response
 
     async def _handle(

@@ -7,6 +7,8 @@ Each stage writes only its own field (the identity stage writes `identity`, and 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import time
 from dataclasses import dataclass, field
@@ -68,11 +70,64 @@ PROTECTED_HEADERS = frozenset(
     }
 )
 PROTECTED_PREFIXES = ("x-zt-", "x-ztgw-")
+# The protected headers a reverse proxy in front of us sets as a matter of course. From a
+# trusted proxy they are expected, not a spoofing attempt; they are still replaced by ours
+# before forwarding. Identity headers stay spoofing whoever sends them: no proxy speaks for
+# the user to us.
+FORWARDING_HEADERS = frozenset(
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-real-ip",
+    }
+)
 
 
 def protected_header(name: str) -> bool:
     n = name.lower().replace("_", "-")
     return n in PROTECTED_HEADERS or n.startswith(PROTECTED_PREFIXES)
+
+
+def spoofed_headers(
+    headers: CIMultiDictProxy[str], *, from_trusted_proxy: bool = False
+) -> tuple[str, ...]:
+    """The protected headers the sender had no business setting, sorted, each name once."""
+    return tuple(
+        sorted(
+            {
+                k
+                for k in headers
+                if protected_header(k)
+                and not (from_trusted_proxy and k.lower().replace("_", "-") in FORWARDING_HEADERS)
+            }
+        )
+    )
+
+
+def is_websocket_handshake(method: str, headers: CIMultiDictProxy[str]) -> bool:
+    """A complete RFC 6455 §4.2.1 opening handshake, as aiohttp's `ws.prepare()` will accept it.
+
+    Only such a request is bridged. Anything less (no `Connection: upgrade`, no valid key, a POST)
+    is an ordinary request whose hop-by-hop `Upgrade` is dropped: bridging it would open the
+    upstream's WebSocket first and only then fail on the client's side, reported as a 502; and a
+    POST "upgrade" would reach the upstream as the GET the bridge sends, not the method policy saw.
+    """
+    if method != "GET" or headers.get("Upgrade", "").strip().lower() != "websocket":
+        return False
+    connection = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    if "upgrade" not in connection:
+        return False
+    if headers.get("Sec-WebSocket-Version", "").strip() not in ("13", "8", "7"):
+        return False
+    try:
+        return len(base64.b64decode(headers.get("Sec-WebSocket-Key", ""), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 @dataclass(slots=True)
@@ -139,14 +194,15 @@ class RequestContext:
         peer_ip = str(peer[0]) if peer else ""
         headers = request.headers
         client_ip = peer_ip
-        if trusted_proxies:
+        peer_trusted = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)
+        if peer_trusted:
             client_ip = client_ip_from_forwarded(peer_ip, headers, trusted_proxies)
         raw = request.raw_path
         raw_path, _, query = raw.partition("?")
         host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
         if host.startswith("[") and "]" in host:
             host = host[: host.index("]") + 1]
-        spoofed = tuple(sorted({k for k in headers if protected_header(k)}))
+        spoofed = spoofed_headers(headers, from_trusted_proxy=peer_trusted)
         ctx = cls(
             method=request.method,
             host=host,
@@ -157,7 +213,7 @@ class RequestContext:
             peer_ip=peer_ip,
             cert=cert,
             spoofed_headers=spoofed,
-            websocket=headers.get("Upgrade", "").lower() == "websocket",
+            websocket=is_websocket_handshake(request.method, headers),
         )
         try:
             ctx.path = normalize_path(raw_path, allow_encoded_slash=allow_encoded_slash)
@@ -189,7 +245,9 @@ class RequestContext:
             client_ip=client_ip,
             peer_ip=client_ip,
             cert=cert,
-            spoofed_headers=tuple(sorted({k for k in h if protected_header(k)})),
+            spoofed_headers=spoofed_headers(h),
+            # No connection to bridge here, only a question to answer: any sign of an upgrade
+            # counts, so a route with websocket = false refuses it.
             websocket=h.get("Upgrade", "").lower() == "websocket",
         )
         if now is not None:
@@ -212,14 +270,7 @@ def client_ip_from_forwarded(
     written by the client itself and is not believed.
     """
 
-    def is_trusted(ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in trusted)
-
-    if not is_trusted(peer_ip):
+    if not _is_trusted(peer_ip, trusted):
         return peer_ip
     hops: list[str] = []
     for value in headers.getall("X-Forwarded-For", ()):
@@ -231,6 +282,16 @@ def client_ip_from_forwarded(
         except ValueError:
             break
         client = hop
-        if not is_trusted(hop):
+        if not _is_trusted(hop, trusted):
             break
     return client
+
+
+def _is_trusted(
+    ip: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in trusted)

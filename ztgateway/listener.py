@@ -194,6 +194,7 @@ class Listener:
 
     async def _handshake(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
         loop = asyncio.get_running_loop()
+        loop.call_soon(acceptor.replay_raw, transport)
         try:
             tls_transport = await loop.start_tls(
                 transport,
@@ -213,7 +214,7 @@ class Listener:
             self._on_connection_change(self.open_connections)
             reason = handshake_failure_reason(exc)
             self._on_handshake(None, reason)
-            peer = transport.get_extra_info("peername")
+            peer = acceptor.peer
             log.info(
                 "TLS handshake refused from %s: %s (%s)", peer[0] if peer else "?", reason, exc
             )
@@ -221,15 +222,26 @@ class Listener:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        if tls_transport is None or acceptor.lost:
+        ssl_object = (
+            tls_transport.get_extra_info("ssl_object") if tls_transport is not None else None
+        )
+        if (
+            tls_transport is None
+            or ssl_object is None
+            or acceptor.lost
+            or tls_transport.is_closing()
+        ):
+            # The client left before or during the handshake. uvloop then returns from
+            # start_tls() without an error (its waiter is woken by connection_lost(None)), so
+            # this is a failed handshake too, and is counted like asyncio's ConnectionResetError.
             self.open_connections -= 1
             self._on_connection_change(self.open_connections)
+            self._on_handshake(None, "connection_lost")
             if tls_transport is not None:
                 tls_transport.abort()
             return
-        ssl_object = tls_transport.get_extra_info("ssl_object")
         handler = self.new_handler()
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        der = ssl_object.getpeercert(binary_form=True)
         if der:
             try:
                 handler.cert = self.certs.get(der)
@@ -240,7 +252,7 @@ class Listener:
                 self._on_connection_change(self.open_connections)
                 tls_transport.abort()
                 return
-        handler.tls_version = ssl_object.version() if ssl_object is not None else None
+        handler.tls_version = ssl_object.version()
         self._on_handshake(handler.tls_version, None)
         tls_transport.set_protocol(handler)
         handler.connection_made(tls_transport)
@@ -260,20 +272,56 @@ class Listener:
 
 
 class _Acceptor(asyncio.Protocol):
-    """Holds a raw connection while its TLS handshake runs; buffers early application data."""
+    """Holds a raw connection while its TLS handshake runs; buffers early application data.
+
+    Two kinds of bytes can reach it. Before `start_tls()` takes the transport over: raw TLS
+    records. uvloop starts reading as soon as `connection_made()` returns, before our handshake
+    task runs (asyncio's selector loop happens not to), so the ClientHello can land here; left
+    here, the TLS layer would wait for it until `handshake_timeout`. `replay_raw()` hands them to
+    the TLS protocol. After: decrypted application data that followed the client's Finished
+    before `hand_over()` gave the connection to aiohttp.
+    """
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
+        self.raw: list[bytes] = []
+        self.tls_installed = False
         self.buffer: list[bytes] = []
         self.eof = False
         self.lost = False
+        self.peer: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Kept now: once a handshake failed, uvloop's closed transport cannot report it.
+        self.peer = transport.get_extra_info("peername")
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.listener.accept(transport, self)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        self.buffer.append(data)
+        (self.buffer if self.tls_installed else self.raw).append(data)
+
+    def replay_raw(self, transport: asyncio.Transport) -> None:
+        """Scheduled just before `start_tls()`, so it runs after the TLS protocol was installed
+        and before that protocol's `connection_made()` starts the handshake (both event loops
+        queue it with call_soon): the bytes are read from its incoming buffer as if they had
+        just arrived."""
+        self.tls_installed = True
+        data = b"".join(self.raw)
+        self.raw.clear()
+        if not data or transport.is_closing():
+            return
+        # Both loops' SSLProtocol speak the BufferedProtocol interface; uvloop's (a Cython class)
+        # does not subclass asyncio.BufferedProtocol, hence no isinstance().
+        tls: Any = transport.get_protocol()
+        if tls is self:  # start_tls() failed before installing its protocol
+            return
+        view = memoryview(data)
+        while view:
+            buf = tls.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            tls.buffer_updated(n)
+            view = view[n:]
 
     def eof_received(self) -> bool | None:
         self.eof = True

@@ -4,7 +4,9 @@ The path that policy saw is exactly the path forwarded (architecture guide §7.5
 percent-escapes, resolve dot-segments (RFC 3986 §5.2.4), collapse duplicate slashes, and then
 re-encode the result for the upstream. Inputs that different servers interpret differently are
 refused instead of guessed at: encoded slashes (`%2F`), backslashes, NUL and other control
-characters, invalid UTF-8, and dot-segments that climb above the root.
+characters, invalid UTF-8, dot-segments that climb above the root, and dot-segments carrying
+path parameters (`..;x`), which RFC 3986 leaves as plain segments but Tomcat and other servlet
+containers resolve as `..` after stripping the parameters.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ def normalize_path(raw: str, *, allow_encoded_slash: bool = False) -> str:
     if not allow_encoded_slash and _ENCODED_SLASH.search(raw):
         raise PathError("encoded slash in path")
     try:
+        # Encode errors too: a str carrying lone surrogates (undecodable bytes smuggled in with
+        # "surrogateescape") is not a path we can re-encode faithfully.
         decoded = unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeDecodeError as exc:
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
         raise PathError("path is not valid UTF-8") from exc
     if _CONTROL.search(decoded):
         raise PathError("control character or NUL in path")
@@ -54,6 +58,11 @@ def _resolve(path: str) -> str:
     for seg in segments[1:]:
         if seg in ("", "."):
             continue
+        if ";" in seg and seg.partition(";")[0] in (".", ".."):
+            # SECURITY: "/app/..;/admin" is "/admin" to Tomcat (path parameters are stripped
+            # before dot-segments are resolved) but a plain segment to RFC 3986 and to us, so
+            # policy would see "/app/..;/admin" while the upstream served "/admin".
+            raise PathError("dot-segment with path parameters")
         if seg == "..":
             if not out:
                 raise PathError("dot-segment climbs above the root")

@@ -168,8 +168,10 @@ def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION
-    if hasattr(ctx, "set_ecdh_curve"):
-        ctx.set_ecdh_curve("prime256v1")
+    # No set_ecdh_curve(): with OpenSSL 3 it replaces the group list with that one curve, which
+    # refused clients offering only X25519 or P-384 and cost every browser (X25519 key share
+    # first) a HelloRetryRequest round trip (RFC 8446 §4.1.4). OpenSSL's default groups cover
+    # Mozilla intermediate's X25519, prime256v1 and secp384r1, all forward secret.
 
 
 def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:

@@ -31,7 +31,9 @@ def free_port() -> int:
 async def nginx_front(
     gateway_factory: GatewayFactory, certs: Certs, upstream: int, tmp_path: Path
 ) -> AsyncIterator[int]:
-    gw = await gateway_factory({"forward_auth": {"enabled": True, "trusted_proxies": ["127.0.0.1/32"]}})
+    gw = await gateway_factory(
+        {"forward_auth": {"enabled": True, "trusted_proxies": ["127.0.0.1/32"]}}
+    )
     port = free_port()
     snippet = (REPO / "config/nginx/ztgateway-forward-auth.conf").read_text()
     snippet = snippet.replace("ZTGW_OPS", f"127.0.0.1:{gw.ops_port}")
@@ -84,7 +86,9 @@ http {{
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "nginx died") from None
+                    raise RuntimeError(
+                        proc.stderr.read().decode() if proc.stderr else "nginx died"
+                    ) from None
                 await asyncio.sleep(0.05)
         yield port
     finally:
@@ -94,10 +98,15 @@ http {{
             proc.stderr.close()
 
 
-async def test_nginx_forwards_the_identity_the_gateway_decided(nginx_front: int, certs: Certs) -> None:
-    async with session(certs) as s, s.get(
-        f"https://127.0.0.1:{nginx_front}/echo", headers={"X-Forwarded-User": "mallory"}
-    ) as r:
+async def test_nginx_forwards_the_identity_the_gateway_decided(
+    nginx_front: int, certs: Certs
+) -> None:
+    async with (
+        session(certs) as s,
+        s.get(
+            f"https://127.0.0.1:{nginx_front}/echo", headers={"X-Forwarded-User": "mallory"}
+        ) as r,
+    ):
         assert r.status == 200
         body = await r.json()
         decision_id = r.headers["X-ZT-Decision-Id"]
@@ -114,12 +123,14 @@ async def test_nginx_refuses_what_the_gateway_refuses(nginx_front: int, certs: C
             assert r.status == 401
         token = issue_token(certs.issuer_key, sub="alice")
         async with s.get(
-            f"https://127.0.0.1:{nginx_front}/admin/echo", headers={"Authorization": f"Bearer {token}"}
+            f"https://127.0.0.1:{nginx_front}/admin/echo",
+            headers={"Authorization": f"Bearer {token}"},
         ) as r:
             assert r.status == 403
         token = issue_token(certs.issuer_key, sub="alice", groups=["admins"])
         async with s.get(
-            f"https://127.0.0.1:{nginx_front}/admin/echo", headers={"Authorization": f"Bearer {token}"}
+            f"https://127.0.0.1:{nginx_front}/admin/echo",
+            headers={"Authorization": f"Bearer {token}"},
         ) as r:
             assert r.status == 200
             assert "authorization" not in (await r.json())["headers_map"]
@@ -128,9 +139,14 @@ async def test_nginx_refuses_what_the_gateway_refuses(nginx_front: int, certs: C
 async def test_forward_auth_refuses_callers_that_are_not_the_trusted_proxy(
     gateway_factory: GatewayFactory,
 ) -> None:
-    gw = await gateway_factory({"forward_auth": {"enabled": True, "trusted_proxies": ["10.0.0.1/32"]}})
-    async with aiohttp.ClientSession() as s, s.get(
-        f"http://127.0.0.1:{gw.ops_port}/forward-auth", headers={"X-Original-URI": "/echo"}
-    ) as r:
+    gw = await gateway_factory(
+        {"forward_auth": {"enabled": True, "trusted_proxies": ["10.0.0.1/32"]}}
+    )
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"http://127.0.0.1:{gw.ops_port}/forward-auth", headers={"X-Original-URI": "/echo"}
+        ) as r,
+    ):
         assert r.status == 403
         assert (await r.json(content_type=None))["reason"] == "request-invalid"

@@ -37,16 +37,28 @@ def forged(header: dict[str, Any], claims: dict[str, Any] | None = None, sig: st
     return f"{b64(header)}.{b64(claims)}.{sig}"
 
 
-async def get(gw: Gateway, certs: Certs, path: str, token: str | None = None, cert: str = "alice-laptop", **kw: Any) -> tuple[int, dict[str, str], Any]:
+async def get(
+    gw: Gateway,
+    certs: Certs,
+    path: str,
+    token: str | None = None,
+    cert: str = "alice-laptop",
+    **kw: Any,
+) -> tuple[int, dict[str, str], Any]:
     headers = dict(kw.pop("headers", {}))
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    async with session(certs, cert) as s, s.get(f"https://127.0.0.1:{gw.port}{path}", headers=headers) as r:
+    async with (
+        session(certs, cert) as s,
+        s.get(f"https://127.0.0.1:{gw.port}{path}", headers=headers) as r,
+    ):
         body = await r.json(content_type=None)
         return r.status, dict(r.headers), body
 
 
-async def test_token_route_without_token_is_401_with_a_bearer_challenge(gateway: Gateway, certs: Certs) -> None:
+async def test_token_route_without_token_is_401_with_a_bearer_challenge(
+    gateway: Gateway, certs: Certs
+) -> None:
     status, headers, body = await get(gateway, certs, "/api/echo")
     assert status == 401
     assert headers["WWW-Authenticate"] == 'Bearer realm="ztgateway"'
@@ -54,8 +66,12 @@ async def test_token_route_without_token_is_401_with_a_bearer_challenge(gateway:
     assert headers["Content-Type"].startswith("application/problem+json")
 
 
-async def test_valid_token_reaches_the_app_with_identity_and_a_verifiable_assertion(gateway: Gateway, certs: Certs) -> None:
-    status, _, body = await get(gateway, certs, "/api/echo", tok(certs, groups=["eng"], email="alice@corp.test"))
+async def test_valid_token_reaches_the_app_with_identity_and_a_verifiable_assertion(
+    gateway: Gateway, certs: Certs
+) -> None:
+    status, _, body = await get(
+        gateway, certs, "/api/echo", tok(certs, groups=["eng"], email="alice@corp.test")
+    )
     assert status == 200
     seen = body["headers_map"]
     assert seen["x-forwarded-user"] == "alice"
@@ -84,11 +100,16 @@ async def test_admin_route_needs_the_admins_group(gateway: Gateway, certs: Certs
         (forged({"alg": "none", "typ": "JWT"}), "token-algorithm-refused"),
         (forged({"alg": "NONE"}), "token-algorithm-refused"),
         (forged({"alg": "HS256"}, sig="c2lnbmF0dXJl"), "token-algorithm-refused"),
-        (forged({"alg": "ES256", "jku": "https://evil.example/jwks.json"}, sig="AAAA"), "token-header-refused"),
+        (
+            forged({"alg": "ES256", "jku": "https://evil.example/jwks.json"}, sig="AAAA"),
+            "token-header-refused",
+        ),
         ("not.a.jwt", "token-invalid"),
     ],
 )
-async def test_forged_tokens_are_refused_with_their_reason(gateway: Gateway, certs: Certs, token: str, reason: str) -> None:
+async def test_forged_tokens_are_refused_with_their_reason(
+    gateway: Gateway, certs: Certs, token: str, reason: str
+) -> None:
     status, headers, body = await get(gateway, certs, "/api/echo", token)
     assert status == 401
     assert body["reason"] == reason
@@ -107,20 +128,25 @@ async def test_two_authorization_headers_are_refused(gateway: Gateway, certs: Ce
     async with session(certs) as s:
         from multidict import CIMultiDict
 
-        h: CIMultiDict[str] = CIMultiDict([("Authorization", f"Bearer {t}"), ("Authorization", f"Bearer {t}")])
+        h: CIMultiDict[str] = CIMultiDict(
+            [("Authorization", f"Bearer {t}"), ("Authorization", f"Bearer {t}")]
+        )
         async with s.get(f"https://127.0.0.1:{gateway.port}/api/echo", headers=h) as r:
             assert r.status == 401
             assert (await r.json(content_type=None))["reason"] == "token-invalid"
 
 
-async def test_oversized_tokens_are_refused_never_500(gateway_factory: GatewayFactory, certs: Certs) -> None:
+async def test_oversized_tokens_are_refused_never_500(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
     gw = await gateway_factory({"server": {"max_header_bytes": 65536}})
     status, _, body = await get(gw, certs, "/api/echo", "a" * 20_000)
     assert (status, body["reason"]) == (401, "token-invalid")
     gw2 = await gateway_factory()
     async with session(certs) as s:
         async with s.get(
-            f"https://127.0.0.1:{gw2.port}/api/echo", headers={"Authorization": "Bearer " + "a" * 100_000}
+            f"https://127.0.0.1:{gw2.port}/api/echo",
+            headers={"Authorization": "Bearer " + "a" * 100_000},
         ) as r:
             assert r.status == 431
             assert (await r.json(content_type=None))["reason"] == "header-too-large"
@@ -137,33 +163,67 @@ async def test_certificate_bound_token_must_match_the_presented_certificate(
     assert (status, body["reason"]) == (401, "token-binding-mismatch")
 
 
-async def test_route_requiring_bound_tokens_refuses_unbound_ones(gateway_factory: GatewayFactory, certs: Certs) -> None:
+async def test_route_requiring_bound_tokens_refuses_unbound_ones(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
     gw = await gateway_factory(
-        {"routes": [{"name": "bound", "prefix": "/", "upstream": "demo", "policy": {"require_token": True, "require_bound_token": True}}]}
+        {
+            "routes": [
+                {
+                    "name": "bound",
+                    "prefix": "/",
+                    "upstream": "demo",
+                    "policy": {"require_token": True, "require_bound_token": True},
+                }
+            ]
+        }
     )
     status, _, body = await get(gw, certs, "/echo", tok(certs))
     assert (status, body["reason"]) == (401, "token-binding-required")
-    status, _, _ = await get(gw, certs, "/echo", tok(certs, bind_cert=certs.client("alice-laptop")[0]))
+    status, _, _ = await get(
+        gw, certs, "/echo", tok(certs, bind_cert=certs.client("alice-laptop")[0])
+    )
     assert status == 200
 
 
-async def test_authorization_is_forwarded_only_when_the_route_says_so(gateway_factory: GatewayFactory, certs: Certs) -> None:
+async def test_authorization_is_forwarded_only_when_the_route_says_so(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
     gw = await gateway_factory(
-        {"routes": [{"name": "legacy", "prefix": "/", "upstream": "demo", "forward_authorization": True}]}
+        {
+            "routes": [
+                {"name": "legacy", "prefix": "/", "upstream": "demo", "forward_authorization": True}
+            ]
+        }
     )
     status, _, body = await get(gw, certs, "/echo", headers={"Authorization": "Basic YWxpY2U6cHc="})
     assert status == 200
     assert body["headers_map"]["authorization"] == "Basic YWxpY2U6cHc="
 
 
-async def test_monitor_mode_forwards_and_audits_would_deny(gateway_factory: GatewayFactory, certs: Certs) -> None:
+async def test_monitor_mode_forwards_and_audits_would_deny(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
     gw = await gateway_factory(
-        {"routes": [{"name": "migr", "prefix": "/", "upstream": "demo", "mode": "monitor", "policy": {"users": ["bob"]}}]}
+        {
+            "routes": [
+                {
+                    "name": "migr",
+                    "prefix": "/",
+                    "upstream": "demo",
+                    "mode": "monitor",
+                    "policy": {"users": ["bob"]},
+                }
+            ]
+        }
     )
     status, headers, body = await get(gw, certs, "/echo")
     assert status == 200 and body["headers_map"]["x-forwarded-user"] == "alice"
     await gw.audit.flush()
-    events = [json.loads(line) for line in (gw.config.audit.jsonl or gw.config.audit.db).read_text().splitlines()]
+    events = [
+        json.loads(line)
+        for line in (gw.config.audit.jsonl or gw.config.audit.db).read_text().splitlines()
+    ]
     event = next(e for e in events if e["decision_id"] == headers["X-ZT-Decision-Id"])
     assert event["result"]["monitor"] is True
     assert event["result"]["would_verdict"] == "deny"
@@ -187,11 +247,24 @@ async def test_refusals_are_audited_without_secrets(gateway: Gateway, certs: Cer
 async def test_ops_decide_explains_a_request(gateway: Gateway, certs: Certs) -> None:
     import aiohttp
 
-    body = {"method": "GET", "path": "/admin/x", "token": tok(certs), "cert_pem": certs.client("alice-laptop")[0].read_text()}
-    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", json=body) as r:
+    body = {
+        "method": "GET",
+        "path": "/admin/x",
+        "token": tok(certs),
+        "cert_pem": certs.client("alice-laptop")[0].read_text(),
+    }
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", json=body) as r,
+    ):
         assert r.status == 200
         out = await r.json()
-    assert out["verdict"] == "deny" and out["reason"] == "group-required" and out["route"] == "admin"
+    assert (
+        out["verdict"] == "deny" and out["reason"] == "group-required" and out["route"] == "admin"
+    )
     assert out["identity"]["user"] == "alice"
-    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", data=b"[1") as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", data=b"[1") as r,
+    ):
         assert r.status == 400

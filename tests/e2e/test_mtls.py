@@ -11,25 +11,32 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import http.client
+import inspect
 import json
+import logging
 import socket
 import ssl
+import struct
+import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import GatewayFactory
-from tests.support import Certs, client_ssl, session
+from tests.conftest import GatewayFactory, base_config
+from tests.support import Certs, client_ssl, deep_merge, session, to_toml
 from ztgateway.app import Gateway
+from ztgateway.config import load_config
+from ztgateway.demo_app import start_demo_app
 from ztgateway.pki import CertificateAuthority, atomic_write
 
 HOST = "127.0.0.1"
@@ -66,7 +73,7 @@ class RawClient:
         self.sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: application/json\r\n\r\n".encode()
         )
-        resp = http.client.HTTPResponse(self.sock)  # type: ignore[arg-type]
+        resp = http.client.HTTPResponse(self.sock)
         try:
             resp.begin()
             body = resp.read()
@@ -105,10 +112,8 @@ async def attempt(
             return exc
         try:
             return client.get()
-        except (OSError, http.client.HTTPException) as exc:
-            # RemoteDisconnected is a ConnectionResetError; BadStatusLine means bytes that are
-            # not HTTP, which would itself be a failure below.
-            return exc if isinstance(exc, OSError) else OSError(repr(exc))
+        except OSError as exc:  # includes RemoteDisconnected: closed before any status line
+            return exc
         finally:
             client.close()
 
@@ -162,10 +167,14 @@ async def metric(gw: Gateway, name: str, **labels: str) -> float:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 3.0
+    check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 3.0
 ) -> None:
+    async def holds() -> bool:
+        result = check()
+        return bool(await result) if inspect.isawaitable(result) else bool(result)
+
     deadline = time.monotonic() + timeout
-    while not await check():
+    while not await holds():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for: {what}")
         await asyncio.sleep(0.02)
@@ -234,8 +243,8 @@ async def test_client_without_certificate_is_refused_at_the_handshake(
     await assert_refused(gw.port or 0, tls_client(certs, None, version=version))
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="no_certificate")
     assert await metric(gw, "ztgw_tls_handshakes_total", tls_version=version.name) == 0
-    assert await metric(gw, "ztgw_requests_total", route="app", verdict="allow",
-                        reason="policy-allowed") == 0  # fmt: skip
+    requests = [k for k in await scrape(gw) if k[0] == "ztgw_requests_total"]
+    assert requests == [], "a refused handshake must never reach the request pipeline"
 
 
 @pytest.mark.parametrize(
@@ -258,6 +267,8 @@ async def test_untrusted_client_certificate_is_refused_at_the_handshake(
         if name == "ztgw_tls_handshake_failures_total"
     }
     assert failures == {reason: 1.0}
+    completed = [k for k in await scrape(gw) if k[0] == "ztgw_tls_handshakes_total"]
+    assert completed == []
 
 
 async def test_revoked_certificate_is_refused_at_the_handshake_once_the_crl_is_reloaded(
@@ -338,7 +349,10 @@ async def test_resumed_tls_session_does_not_outlive_a_revocation(
     resumed = await connect(port, ctx, tls_session=tls_session)
     try:
         assert resumed.sock.session_reused, f"server did not resume a {version.name} session"
-        assert (await get(resumed)).status == 200
+        reply = await get(resumed)
+        assert reply.status == 200
+        # The identity survives resumption (OpenSSL keeps the peer certificate in the session).
+        assert reply.json()["headers_map"]["x-zt-device-id"] == "stolen-laptop"
         if version is ssl.TLSVersion.TLSv1_3:
             tls_session = resumed.sock.session or tls_session
     finally:
@@ -403,6 +417,20 @@ async def test_tls_1_2_and_1_3_are_accepted_and_alpn_selects_http_1_1(
     assert await metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 1
 
 
+@pytest.mark.parametrize("group", ["X25519", "prime256v1", "secp384r1"])
+async def test_tls_1_3_client_offering_one_mozilla_intermediate_group_is_accepted(
+    gateway_factory: GatewayFactory, certs: Certs, group: str
+) -> None:
+    # TLS 1.3 only: under TLS 1.2 the client's group list also limits the curve of the
+    # server's ECDSA certificate (RFC 8422 §5.1), so a P-256 certificate needs P-256 offered.
+    gw = await gateway_factory()
+    ctx = tls_client(certs, version=ssl.TLSVersion.TLSv1_3)
+    ctx.set_ecdh_curve(group)  # OpenSSL 3: the client offers this group and no other
+    outcome = await attempt(gw.port or 0, ctx)
+    assert isinstance(outcome, Reply), f"key exchange group {group} refused: {outcome!r}"
+    assert outcome.status == 200
+
+
 @pytest.fixture
 def rsa_server(certs: Certs, tmp_path: Path) -> dict[str, Any]:
     """An RSA server certificate: with an EC one, RSA key exchange could never be negotiated and
@@ -465,7 +493,7 @@ async def test_silent_tcp_client_is_closed_after_the_handshake_timeout_and_count
         writer.close()
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="timeout")
     await eventually(
-        lambda: _value(gw.listener is not None and gw.listener.open_connections == 0),
+        lambda: gw.listener is not None and gw.listener.open_connections == 0,
         "the timed-out connection is no longer counted as open",
     )
 
@@ -485,10 +513,6 @@ async def test_plain_http_on_the_tls_port_is_refused_and_counted(
     finally:
         writer.close()
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="plain_http")
-
-
-async def _value(v: bool) -> bool:
-    return v
 
 
 async def test_connection_beyond_max_connections_is_closed_and_counted(
@@ -519,7 +543,7 @@ async def test_connection_beyond_max_connections_is_closed_and_counted(
 
     # A slot that is released is usable again: the open-connection count does not leak.
     await eventually(
-        lambda: _value(gw.listener is not None and gw.listener.open_connections == 1),
+        lambda: gw.listener is not None and gw.listener.open_connections == 1,
         "the closed connection released its slot",
     )
     try:
@@ -652,3 +676,146 @@ async def test_expired_crl_refuses_every_client_and_is_counted_as_crl_expired(
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="crl_expired")
     assert await metric(gw, "ztgw_tls_handshake_failures_total", reason="expired") == 0
     assert await metric(gw, "ztgw_crl_next_update_timestamp_seconds") < time.time()
+
+
+# --------------------------------------------------------------------------- event loops
+#
+# Production runs on uvloop (cli.py installs it), whose transports start reading as soon as
+# connection_made() returns and report a client leaving mid-handshake differently from asyncio's.
+# These scenarios run the same gateway on both loops; the uvloop one lives in its own thread.
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+async def any_loop_gateway(
+    request: pytest.FixtureRequest,
+    gateway_factory: GatewayFactory,
+    certs: Certs,
+    tmp_path: Path,
+) -> AsyncIterator[Gateway]:
+    overrides = {"server": {"handshake_timeout": 2.0}}
+    if request.param == "asyncio":
+        yield await gateway_factory(overrides)
+        return
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="uvloop-gateway")
+    thread.start()
+
+    async def on_uvloop(coro: Coroutine[Any, Any, Any]) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+    async def start() -> tuple[Any, Gateway]:
+        runner, upstream_port = await start_demo_app(HOST, 0)
+        cfg = deep_merge(base_config(certs, upstream_port, tmp_path), overrides)
+        path = tmp_path / "uvloop-gateway.toml"
+        path.write_text(to_toml(cfg))
+        gw = Gateway(load_config(path))
+        await gw.start()
+        return runner, gw
+
+    async def stop(runner: Any, gw: Gateway) -> None:
+        await gw.stop()
+        await runner.cleanup()
+
+    try:
+        runner, gw = await on_uvloop(start())
+        try:
+            yield gw
+        finally:
+            await on_uvloop(stop(runner, gw))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()
+
+
+async def test_every_handshake_completes_on_either_event_loop(
+    any_loop_gateway: Gateway, certs: Certs
+) -> None:
+    gw = any_loop_gateway
+    for i in range(6):
+        version = ssl.TLSVersion.TLSv1_3 if i % 2 else ssl.TLSVersion.TLSv1_2
+        outcome = await attempt(gw.port or 0, tls_client(certs, version=version))
+        assert isinstance(outcome, Reply), f"connection {i} ({version.name}) failed: {outcome!r}"
+        assert outcome.status == 200
+    assert await metric(gw, "ztgw_tls_handshake_failures_total", reason="timeout") == 0
+
+
+async def test_refused_handshakes_are_counted_by_reason_on_either_event_loop(
+    any_loop_gateway: Gateway, certs: Certs
+) -> None:
+    gw = any_loop_gateway
+    await assert_refused(gw.port or 0, tls_client(certs, None))
+    await assert_refused(gw.port or 0, tls_client(certs, "mallory-laptop"))
+    await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="no_certificate")
+    await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="unknown_ca")
+
+
+async def test_client_leaving_before_the_handshake_is_counted_and_frees_its_slot(
+    any_loop_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = any_loop_gateway
+    caplog.set_level(logging.ERROR)
+
+    def leave(reset: bool) -> None:
+        sock = socket.create_connection((HOST, gw.port or 0), timeout=IO_TIMEOUT)
+        if reset:  # SO_LINGER 0: close() sends RST instead of FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+    for reset in (True, False, True, False):
+        await asyncio.to_thread(leave, reset)
+    await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 4, reason="connection_lost")
+    await eventually(
+        lambda: gw.listener is not None and gw.listener.open_connections == 0,
+        "every abandoned connection released its slot",
+    )
+    assert await metric(gw, "ztgw_connections_open") == 0
+    unhandled = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert unhandled == []
+
+
+def coalesced_get(port: int, ctx: ssl.SSLContext) -> bytes:
+    """TLS 1.3 by hand: the client's Finished and its request leave in one TCP write, so the
+    request is decrypted before the gateway has attached aiohttp to the connection."""
+    raw = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    with raw:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                if not data:
+                    raise ConnectionResetError("closed during the handshake") from None
+                incoming.write(data)
+        tls.write(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        raw.sendall(outgoing.read())
+        response = b""
+        while True:
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = raw.recv(65536)
+                if not data:
+                    return response
+                incoming.write(data)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return response
+            if not chunk:
+                return response
+            response += chunk
+
+
+async def test_request_arriving_with_the_clients_finished_is_not_lost_on_either_event_loop(
+    any_loop_gateway: Gateway, certs: Certs
+) -> None:
+    ctx = tls_client(certs, version=ssl.TLSVersion.TLSv1_3)
+    response = await asyncio.to_thread(coalesced_get, any_loop_gateway.port or 0, ctx)
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    assert b'"x-zt-device-id": "alice-laptop"' in response

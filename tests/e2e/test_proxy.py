@@ -50,6 +50,7 @@ ProxyFactory = Callable[..., Awaitable[Gateway]]
 class Hit:
     method: str
     raw_path: str
+    upgrade: str | None = None
     outcome: str = "pending"  # "complete", or the exception that ended the handler
 
 
@@ -78,7 +79,7 @@ async def recording() -> AsyncIterator[RecordingUpstream]:
     async def record(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        hit = Hit(request.method, request.raw_path)
+        hit = Hit(request.method, request.raw_path, request.headers.get("Upgrade"))
         up.hits.append(hit)
         try:
             response = await handler(request)
@@ -199,7 +200,9 @@ async def read_response(
                 body += await reader.readexactly(size)
                 await reader.readexactly(2)
         if "Content-Length" in headers:
-            return RawResponse(status, headers, await reader.readexactly(int(headers["Content-Length"])))
+            return RawResponse(
+                status, headers, await reader.readexactly(int(headers["Content-Length"]))
+            )
         return RawResponse(status, headers, await reader.read())
 
     return await asyncio.wait_for(read(), timeout)
@@ -217,10 +220,10 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float) -> bool:
     try:
         while await asyncio.wait_for(reader.read(65536), timeout):
             pass
+    except TimeoutError:  # before OSError, of which it is a subclass
+        return False
     except (ConnectionError, ssl.SSLError, OSError):
         return True
-    except TimeoutError:
-        return False
     return True
 
 
@@ -312,7 +315,6 @@ async def test_200_mb_download_streams_through_with_flat_memory(
                 received += len(chunk)
     assert received == BIG
     assert digest.hexdigest() == expected_download_sha256(BIG)
-    print("growth", growth[0] / MB)
     assert growth[0] < RSS_GROWTH_LIMIT, f"peak RSS grew by {growth[0] / MB:.0f} MB"
 
 
@@ -330,7 +332,6 @@ async def test_200_mb_streamed_upload_reaches_upstream_intact_with_flat_memory(
             assert r.status == 200
             body = await r.json()
     assert body == {"length": BIG, "sha256": pattern_sha256(BIG)}
-    print("growth", growth[0] / MB)
     assert growth[0] < RSS_GROWTH_LIMIT, f"peak RSS grew by {growth[0] / MB:.0f} MB"
     assert [(h.method, h.raw_path, h.outcome) for h in recording.hits] == [
         ("POST", "/upload", "complete")
@@ -411,3 +412,789 @@ async def test_gzip_body_is_passed_compressed_as_is(proxy: ProxyFactory, certs: 
         body = await r.read()
     assert body == gzip.compress(GZIP_PLAINTEXT, mtime=0)
     assert r.headers["Content-Length"] == str(len(body))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. WebSocket
+
+
+async def test_websocket_echoes_text_and_binary_with_identity_headers_only_from_the_gateway(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy()
+    spoofed = {"X-Forwarded-User": "mallory", "X-ZT-Device-Id": "mallory-laptop"}
+    async with session(certs) as s, s.ws_connect(url(gw, "/ws"), headers=spoofed) as ws:
+        await ws.send_str("hello over the gateway")
+        assert await ws.receive_str(timeout=5) == "hello over the gateway"
+        payload = bytes(range(256)) * 40
+        await ws.send_bytes(payload)
+        assert await ws.receive_bytes(timeout=5) == payload
+        await ws.send_str("headers")
+        seen = json.loads(await ws.receive_str(timeout=5))
+    names = [name.lower() for name, _ in seen["headers"]]
+    assert names.count("x-forwarded-user") == 1
+    assert names.count("x-zt-device-id") == 1
+    assert seen["headers_map"]["x-forwarded-user"] == "alice"
+    assert seen["headers_map"]["x-zt-device-id"] == "alice-laptop"
+    assert seen["headers_map"]["x-forwarded-for"] == "127.0.0.1"
+    assert seen["headers_map"]["x-zt-assertion"]
+    assert "mallory" not in json.dumps(seen)
+
+
+async def test_route_without_websocket_refuses_the_upgrade(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy(routes(websocket=False))
+    async with session(certs) as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(url(gw, "/ws"))
+        # Plain HTTP on the same route still works.
+        async with s.get(url(gw, "/echo")) as r:
+            assert r.status == 200
+    assert refused.value.status == 400
+    assert recording.paths() == ["/echo"]
+
+
+WS_KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="
+HALF_HANDSHAKES = {
+    "no-key": ("GET", "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 13"),
+    "short-key": (
+        "GET",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: c2hvcnQ=",
+    ),
+    "no-connection-upgrade": ("GET", "Upgrade: websocket", "Sec-WebSocket-Version: 13", WS_KEY),
+    "post": (
+        "POST",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        WS_KEY,
+        "Content-Length: 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", list(HALF_HANDSHAKES.values()), ids=list(HALF_HANDSHAKES))
+async def test_incomplete_websocket_handshake_is_not_bridged(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, shape: tuple[str, ...]
+) -> None:
+    gw = await proxy()
+    method, *lines = shape
+    r = await exchange(certs, gw, get("/ws", *lines, method=method))
+    # Not upgraded, and not blamed on the upstream: it is passed on as the plain request it is,
+    # with the same method, and the upstream answers it.
+    assert r.status not in (101, 502), r.body
+    assert metric(gw, "ztgw_upstream_errors_total", route="app", kind="reset") == 0
+    hits = await recording.settled()
+    assert [(h.method, h.raw_path, h.upgrade) for h in hits] == [(method, "/ws", None)]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. header hygiene
+
+
+@pytest.mark.parametrize(
+    "connection",
+    ["keep-alive, X-Listed-Hop, X-Other-Listed", "Upgrade, X-Listed-Hop, X-Other-Listed"],
+    ids=["keep-alive", "upgrade-h2c"],
+)
+async def test_hop_by_hop_and_connection_listed_headers_do_not_reach_the_upstream(
+    proxy: ProxyFactory, certs: Certs, connection: str
+) -> None:
+    gw = await proxy()
+    hop = {
+        "Connection": connection,
+        "X-Listed-Hop": "private to this hop",
+        "X-Other-Listed": "also private",
+        "Keep-Alive": "timeout=5, max=100",
+        "TE": "trailers",
+        "Trailer": "X-Checksum",
+        "Upgrade": "h2c",
+        "Proxy-Authorization": "Basic bWFsbG9yeTpzZWNyZXQ=",
+        "Proxy-Connection": "keep-alive",
+    }
+    r = await exchange(
+        certs, gw, get("/echo", *(f"{k}: {v}" for k, v in hop.items()), "X-End-To-End: kept")
+    )
+    assert r.status == 200, r.body
+    seen = json.loads(r.body)["headers_map"]
+    for name in hop:
+        if name != "Connection":
+            assert name.lower() not in seen, f"{name} reached the upstream"
+    assert "listed" not in seen.get("connection", "").lower()
+    assert "upgrade" not in seen.get("connection", "").lower()
+    assert seen["x-end-to-end"] == "kept"
+
+
+SPOOFED = [
+    ("X-Forwarded-For", "6.6.6.6"),
+    ("X-Forwarded-Proto", "gopher"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("Forwarded", "for=6.6.6.6;proto=gopher;host=evil.example"),
+    ("X-Forwarded-User", "mallory"),
+    ("X_Forwarded_User", "mallory"),
+    ("X-ZT-Device-Id", "mallory-laptop"),
+    ("Remote-User", "mallory"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), SPOOFED, ids=[n for n, _ in SPOOFED])
+async def test_inbound_forwarding_or_identity_header_is_stripped_and_audited(
+    proxy: ProxyFactory, certs: Certs, name: str, value: str
+) -> None:
+    gw = await proxy()
+    async with session(certs) as s, s.get(url(gw, "/echo"), headers={name: value}) as r:
+        assert r.status == 200
+        decision_id = r.headers["X-ZT-Decision-Id"]
+        seen = await r.json()
+    assert not [(n, v) for n, v in seen["headers"] if value in v], "spoofed value arrived"
+    m = seen["headers_map"]
+    # The gateway's own values, each exactly once.
+    assert m["x-forwarded-for"] == "127.0.0.1"
+    assert m["x-forwarded-proto"] == "https"
+    assert m["x-forwarded-host"] == f"127.0.0.1:{gw.port}"
+    assert m["x-forwarded-user"] == "alice"
+    assert m["x-zt-device-id"] == "alice-laptop"
+    for own in ("x-forwarded-for", "x-forwarded-user", "x-zt-device-id"):
+        assert [n.lower() for n, _ in seen["headers"]].count(own) == 1
+    assert "forwarded" not in m and "remote-user" not in m and "x_forwarded_user" not in m
+    event = await audit_event(gw, decision_id)
+    spoof = [f for f in event["result"]["findings"] if f["reason"] == "header-spoofed"]
+    assert len(spoof) == 1
+    assert name.lower() in spoof[0]["detail"].lower()
+    assert event["result"]["verdict"] == "allow"
+    assert metric(gw, "ztgw_spoofed_headers_total") == 1
+
+
+async def test_request_without_spoofing_counts_no_spoofing(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy()
+    async with session(certs) as s, s.get(url(gw, "/echo")) as r:
+        assert r.status == 200
+        decision_id = r.headers["X-ZT-Decision-Id"]
+    assert "header-spoofed" not in finding_reasons(await audit_event(gw, decision_id))
+    assert metric(gw, "ztgw_spoofed_headers_total") == 0
+
+
+@pytest.mark.parametrize(("name", "value"), SPOOFED, ids=[n for n, _ in SPOOFED])
+async def test_spoofed_header_in_deny_mode_is_refused_and_never_forwarded(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, name: str, value: str
+) -> None:
+    gw = await proxy({"server": {"spoofed_headers": "deny"}})
+    async with session(certs) as s:
+        async with s.get(url(gw, "/echo"), headers={name: value}) as r:
+            assert r.status == 400
+            assert r.content_type == "application/problem+json"
+            problem = await r.json(content_type=None)
+        async with s.get(url(gw, "/echo")) as clean:
+            assert clean.status == 200
+    assert problem["reason"] == "header-spoofed"
+    assert problem["decision_id"] == r.headers["X-ZT-Decision-Id"]
+    assert recording.paths() == ["/echo"]  # only the clean request
+    event = await audit_event(gw, problem["decision_id"])
+    assert event["result"]["reason"] == "header-spoofed"
+    assert metric(gw, "ztgw_spoofed_headers_total") == 1
+
+
+async def test_authorization_is_not_forwarded_unless_the_route_says_so(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    token = issue_token(certs.issuer_key, sub="alice")
+    auth = {"Authorization": f"Bearer {token}"}
+    gw = await proxy()
+    async with session(certs) as s, s.get(url(gw, "/echo"), headers=auth) as r:
+        assert r.status == 200
+        seen = (await r.json())["headers_map"]
+    assert "authorization" not in seen
+    assert token not in json.dumps(seen)
+    assert seen["x-forwarded-user"] == "alice"
+
+    gw2 = await proxy(routes(forward_authorization=True))
+    async with session(certs) as s, s.get(url(gw2, "/echo"), headers=auth) as r:
+        assert r.status == 200
+        seen = (await r.json())["headers_map"]
+    assert seen["authorization"] == f"Bearer {token}"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        get("/echo"),  # forwarded: the upstream said "Python/3.x aiohttp/3.x"
+        get("/status/503"),  # forwarded error
+        get("/%2e%2e/etc/passwd"),  # refused by policy
+        get("/echo", "Content-Length: 1", "Content-Length: 2", method="POST"),  # by the parser
+    ],
+    ids=["forwarded", "forwarded-error", "refused", "malformed"],
+)
+async def test_response_server_banner_is_the_gateways_without_versions(
+    proxy: ProxyFactory, certs: Certs, request_bytes: bytes
+) -> None:
+    gw = await proxy()
+    r = await exchange(certs, gw, request_bytes)
+    assert r.headers.getall("Server") == ["ztgateway"]
+    assert "X-Powered-By" not in r.headers
+
+
+@pytest.fixture
+async def hop_upstream() -> AsyncIterator[int]:
+    """A legacy upstream that puts hop-by-hop and private headers on its responses."""
+    response = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Server: Apache/2.2.3 (Unix) OpenSSL/0.9.8e PHP/5.2.4\r\n"
+        b"Connection: X-Upstream-Private, close\r\n"
+        b"X-Upstream-Private: internal-node-7\r\n"
+        b"Keep-Alive: timeout=5, max=100\r\n"
+        b"Proxy-Authenticate: Basic realm=internal\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"Trailer: X-Checksum\r\n"
+        b"Upgrade: h2c\r\n"
+        b"Set-Cookie: a=1; Path=/\r\n"
+        b"Set-Cookie: b=2; Path=/\r\n"
+        b"X-End-To-End: kept\r\n"
+        b"Content-Type: text/plain\r\n"
+        b"Content-Length: 3\r\n"
+        b"\r\n"
+        b"ok\n"
+    )
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield int(server.sockets[0].getsockname()[1])
+    server.close()
+    await server.wait_closed()
+
+
+async def test_upstream_hop_by_hop_response_headers_are_removed(
+    proxy: ProxyFactory, certs: Certs, hop_upstream: int
+) -> None:
+    gw = await proxy(
+        {
+            "routes": [
+                {"name": "app", "prefix": "/", "upstream": "demo"},
+                {
+                    "name": "legacy",
+                    "prefix": "/legacy/",
+                    "upstream": f"http://127.0.0.1:{hop_upstream}",
+                },
+            ]
+        }
+    )
+    r = await exchange(certs, gw, get("/legacy/page"))
+    assert (r.status, r.body) == (200, b"ok\n")
+    for name in (
+        "X-Upstream-Private",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Connection",
+        "Trailer",
+        "Upgrade",
+    ):
+        assert name not in r.headers, name
+    assert r.headers.getall("Server") == ["ztgateway"]
+    assert r.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert r.headers["X-End-To-End"] == "kept"
+    assert "x-upstream-private" not in r.headers.get("Connection", "").lower()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. paths: normalised once, forwarded exactly as policy saw them
+
+
+@pytest.mark.parametrize(
+    ("sent", "forwarded"),
+    [
+        ("/a/../echo", "/echo"),
+        ("//echo", "/echo"),
+        ("/a/./b//echo", "/a/b/echo"),
+        ("/x/%2e%2e/echo", "/echo"),
+        ("/%65cho", "/echo"),
+        ("/caf%c3%a9/echo", "/caf%C3%A9/echo"),
+        ("/caf%C3%A9/echo", "/caf%C3%A9/echo"),
+        ("/a%20b/echo?q=%2F..%2F&x=1", "/a%20b/echo?q=%2F..%2F&x=1"),
+        ("/a%3Fb/echo", "/a%3Fb/echo"),
+        ("/100%25/echo", "/100%25/echo"),
+    ],
+)
+async def test_normalised_path_is_exactly_what_the_upstream_receives(
+    proxy: ProxyFactory, certs: Certs, sent: str, forwarded: str
+) -> None:
+    gw = await proxy()
+    request = f"GET {sent} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    r = await exchange(certs, gw, request)
+    assert r.status == 200, r.body
+    assert json.loads(r.body)["raw_path"] == forwarded
+    event = await audit_event(gw, r.headers["X-ZT-Decision-Id"])
+    assert event["result"]["verdict"] == "allow"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "/%2e%2e/etc/passwd",
+        "/..",
+        "/a/../../echo",
+        "/a%2Fb/echo",
+        "/a%2fb/echo",
+        "/a%5Cb/echo",
+        "/a%5c..%5c..%5cecho",
+        "/a%00/echo",
+        "/echo%00.html",
+        "/a%0d%0aX-Injected:%20yes/echo",
+        "/%C0%AE%C0%AE/echo",
+        "/%ff/echo",
+        "/%zz/echo",
+        "/..;/echo",
+        "/public/..;/echo",
+        "/public/%2e%2e%3bjsessionid=x/echo",
+    ],
+)
+async def test_unsafe_path_is_refused_by_the_gateway_and_never_forwarded(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, sent: str
+) -> None:
+    gw = await proxy()
+    r = await exchange(certs, gw, get(sent))
+    assert r.status == 400
+    problem = r.problem()
+    assert problem["reason"] == "path-invalid"
+    assert r.headers["X-ZT-Decision-Id"] == problem["decision_id"]
+    event = await audit_event(gw, problem["decision_id"])
+    assert event["result"]["reason"] == "path-invalid"
+    assert event["input"]["path"] is None
+    assert metric(gw, "ztgw_requests_total", route="-", verdict="deny", reason="path-invalid") == 1
+    assert recording.hits == []
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"/a\\b/echo", b"/\\..\\echo", b"/\xff/echo", b"/a\x7f/echo", "/caf\u00e9/echo".encode()],
+)
+async def test_raw_path_bytes_other_servers_read_differently_are_refused(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, sent: bytes
+) -> None:
+    gw = await proxy()
+    r = await exchange(certs, gw, b"GET " + sent + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert r.status == 400
+    assert r.problem()["reason"] in ("path-invalid", "request-invalid")
+    await audit_event(gw, r.problem()["decision_id"])
+    assert recording.hits == []
+
+
+# --------------------------------------------------------------------------------------------
+# 6. upstream faults
+
+
+@pytest.fixture
+async def closed_port() -> int:
+    """A port that was just bound and released: connecting to it is refused."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    server.close()
+    await server.wait_closed()
+    return port
+
+
+async def test_upstream_down_is_502_upstream_unavailable_with_decision_id(
+    proxy: ProxyFactory, certs: Certs, closed_port: int
+) -> None:
+    gw = await proxy({"upstreams": {"demo": {"url": f"http://127.0.0.1:{closed_port}"}}})
+    async with session(certs) as s, s.get(url(gw, "/echo")) as r:
+        assert r.status == 502
+        assert r.content_type == "application/problem+json"
+        problem = await r.json(content_type=None)
+    assert problem["reason"] == "upstream-unavailable"
+    assert problem["decision_id"] == r.headers["X-ZT-Decision-Id"]
+    assert r.headers["Server"] == "ztgateway"
+    assert metric(gw, "ztgw_upstream_errors_total", route="app", kind="connect") == 1
+
+
+async def test_slow_upstream_is_504_upstream_timeout(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy({"upstreams": {"demo": {"read_timeout": 0.5}}})
+    async with session(certs) as s, s.get(url(gw, "/slow?delay=3")) as r:
+        assert r.status == 504
+        problem = await r.json(content_type=None)
+    assert problem["reason"] == "upstream-timeout"
+    assert problem["decision_id"] == r.headers["X-ZT-Decision-Id"]
+    assert metric(gw, "ztgw_upstream_errors_total", route="app", kind="timeout") == 1
+    # The gateway hung up on the upstream instead of waiting the 3 s out.
+    hits = await recording.settled()
+    assert [(h.raw_path, h.outcome) for h in hits] == [("/slow?delay=3", "CancelledError")]
+
+
+async def test_upstream_reset_is_502(proxy: ProxyFactory, certs: Certs) -> None:
+    gw = await proxy()
+    async with session(certs) as s, s.get(url(gw, "/reset")) as r:
+        assert r.status == 502
+        problem = await r.json(content_type=None)
+    assert problem["reason"] == "upstream-unavailable"
+    assert metric(gw, "ztgw_upstream_errors_total", route="app", kind="reset") == 1
+
+
+async def test_upstream_stalling_after_the_head_aborts_the_client_connection(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy({"upstreams": {"demo": {"read_timeout": 0.5}}})
+    async with session(certs) as s, s.get(url(gw, "/slow-body?delay=3")) as r:
+        # The head is already out; only a broken connection can tell the client.
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+
+
+# --------------------------------------------------------------------------------------------
+# 7. limits
+
+
+async def test_body_over_client_max_size_with_content_length_is_413_and_not_forwarded(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy(routes(client_max_size=1024))
+    body = b"x" * 2048
+    r = await exchange(
+        certs,
+        gw,
+        get("/upload", f"Content-Length: {len(body)}", method="POST")[:-2] + b"\r\n" + body,
+    )
+    assert r.status == 413
+    assert r.problem()["reason"] == "body-too-large"
+    assert r.headers["Connection"] == "close"
+    assert recording.hits == []
+    assert (
+        metric(gw, "ztgw_requests_total", route="app", verdict="deny", reason="body-too-large") == 1
+    )
+
+
+async def test_chunked_body_over_client_max_size_is_413_and_never_completes_upstream(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy(routes(client_max_size=100_000))
+    chunk = b"y" * 16_384
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(10)) + b"0\r\n\r\n"
+    r = await exchange(
+        certs,
+        gw,
+        get("/upload", "Transfer-Encoding: chunked", method="POST") + body,
+    )
+    assert r.status == 413
+    assert r.problem()["reason"] == "body-too-large"
+    # The upstream may have seen the start of the body, never all of it.
+    assert all(h.outcome != "complete" for h in await recording.settled())
+
+
+async def test_body_within_client_max_size_is_forwarded(proxy: ProxyFactory, certs: Certs) -> None:
+    gw = await proxy(routes(client_max_size=100_000))
+    async with session(certs) as s, s.post(url(gw, "/upload"), data=b"z" * 100_000) as r:
+        assert r.status == 200
+        assert (await r.json())["length"] == 100_000
+
+
+async def test_oversized_header_is_431_header_too_large(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy({"server": {"max_header_bytes": 4096}})
+    r = await exchange(certs, gw, get("/echo", "X-Big: " + "a" * 5000))
+    assert r.status == 431
+    problem = r.problem()
+    assert problem["reason"] == "header-too-large"
+    event = await audit_event(gw, problem["decision_id"])
+    assert event["result"]["reason"] == "header-too-large"
+    assert recording.hits == []
+    # Just under the limit is fine.
+    ok = await exchange(certs, gw, get("/echo", "X-Big: " + "a" * 3000))
+    assert ok.status == 200
+
+
+async def test_slowloris_head_is_cut_off_after_header_timeout(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy({"server": {"header_timeout": 0.5}})
+    async with raw_tls(certs, gw) as (reader, writer):
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed = False
+        started = time.monotonic()
+        for i in range(25):  # 5 s of trickling, far beyond the 0.5 s allowed
+            try:
+                writer.write(b"X-Trickle-%d: x\r\n" % i)
+                await writer.drain()
+            except (ConnectionError, ssl.SSLError, OSError):
+                closed = True
+                break
+            if await closed_by_peer(reader, 0.2):
+                closed = True
+                break
+        elapsed = time.monotonic() - started
+    assert closed, "the gateway kept a trickling request head open"
+    assert elapsed < 3.0
+    assert metric(gw, "ztgw_header_timeouts_total") == 1
+    assert recording.hits == []
+
+
+async def test_idle_keep_alive_connection_is_not_cut_by_the_header_timer(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy({"server": {"header_timeout": 0.5}})
+    async with raw_tls(certs, gw) as (reader, writer):
+        for _ in range(2):
+            writer.write(get("/echo"))
+            await writer.drain()
+            r = await read_response(reader)
+            assert r.status == 200
+            # Idle between requests for longer than the header timeout.
+            assert not await closed_by_peer(reader, 0.8)
+    assert metric(gw, "ztgw_header_timeouts_total") == 0
+
+
+async def test_connection_that_never_sends_a_byte_is_closed_after_idle_timeout(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    # The header timer starts at the first byte; a silent connection is the idle timer's.
+    gw = await proxy({"server": {"header_timeout": 0.5, "idle_timeout": 0.5}})
+    async with raw_tls(certs, gw) as (reader, _):
+        assert await closed_by_peer(reader, 3.0), "a silent TLS connection was held open"
+
+
+# --------------------------------------------------------------------------------------------
+# 8. smuggling-shaped requests: refused by the parser, audited, never forwarded
+
+SMUGGLING = {
+    "content-length-and-transfer-encoding": get(
+        "/echo", "Content-Length: 4", "Transfer-Encoding: chunked", method="POST"
+    )
+    + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "transfer-encoding-then-content-length": get(
+        "/echo", "Transfer-Encoding: chunked", "Content-Length: 40", method="POST"
+    )
+    + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "http-1.0-with-transfer-encoding": get(
+        "/echo", "Transfer-Encoding: chunked", method="POST", version="1.0"
+    )
+    + b"0\r\n\r\n",
+    "duplicate-content-length-values": get(
+        "/echo", "Content-Length: 5", "Content-Length: 30", method="POST"
+    )
+    + b"hello",
+    "content-length-list": get("/echo", "Content-Length: 5, 30", method="POST") + b"hello",
+    "chunked-then-identity": get("/echo", "Transfer-Encoding: chunked, identity", method="POST")
+    + b"0\r\n\r\n",
+    "chunked-and-identity-headers": get(
+        "/echo", "Transfer-Encoding: chunked", "Transfer-Encoding: identity", method="POST"
+    )
+    + b"0\r\n\r\n",
+    "chunked-twice": get("/echo", "Transfer-Encoding: chunked, chunked", method="POST")
+    + b"0\r\n\r\n",
+    "unknown-coding": get("/echo", "Transfer-Encoding: xchunked", method="POST") + b"0\r\n\r\n",
+    "space-before-colon": get("/echo", "Transfer-Encoding : chunked", method="POST") + b"0\r\n\r\n",
+    "obs-fold-transfer-encoding": get(
+        "/echo", "Transfer-Encoding: identity", " chunked", method="POST"
+    )
+    + b"0\r\n\r\n",
+    "bad-chunk-size": get("/echo", "Transfer-Encoding: chunked", method="POST")
+    + b"5;\x00\r\nhello\r\n0\r\n\r\n",
+    "bare-lf-in-chunk": get("/echo", "Transfer-Encoding: chunked", method="POST")
+    + b"5\nhello\n0\n\n",
+}
+
+
+@pytest.mark.parametrize("raw", list(SMUGGLING.values()), ids=list(SMUGGLING))
+async def test_smuggling_shaped_request_is_400_audited_and_never_forwarded(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, raw: bytes
+) -> None:
+    gw = await proxy()
+    async with raw_tls(certs, gw) as (reader, writer):
+        writer.write(raw)
+        await writer.drain()
+        r = await read_response(reader)
+        # The connection is closed: nothing after the refused request is ever parsed.
+        assert await closed_by_peer(reader, 2.0)
+    assert r.status == 400, (
+        f"{r.status} {r.body[:120]!r}: the gateway accepted a smuggling-shaped request. For "
+        "HTTP/1.0 + Transfer-Encoding, RFC 9112 §6.1 says the framing is faulty, but llhttp "
+        "accepts it; Gateway.handle (app.py) must refuse it through conn.handle_error(request, "
+        "400, BadHttpMessage(...)) before the pipeline runs"
+    )
+    problem = r.problem()
+    assert problem["reason"] == "request-invalid"
+    assert r.headers["X-ZT-Decision-Id"] == problem["decision_id"]
+    assert r.headers["Server"] == "ztgateway"
+    event = await audit_event(gw, problem["decision_id"])
+    assert event["result"]["verdict"] == "deny"
+    assert event["result"]["reason"] == "request-invalid"
+    assert metric(gw, "ztgw_http_protocol_errors_total", reason="request-invalid") == 1
+    assert recording.hits == []
+
+
+async def test_chunked_trailer_fields_never_reach_the_upstream(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy()
+    r = await exchange(
+        certs,
+        gw,
+        get("/echo", "Transfer-Encoding: chunked", "Trailer: X-Forwarded-User", method="POST")
+        + b"5\r\nhello\r\n0\r\nX-Forwarded-User: mallory\r\nX-ZT-Device-Id: evil\r\n\r\n",
+    )
+    assert r.status == 200
+    seen = json.loads(r.body)
+    assert seen["body_length"] == 5
+    assert seen["headers_map"]["x-forwarded-user"] == "alice"
+    assert seen["headers_map"]["x-zt-device-id"] == "alice-laptop"
+    assert b"mallory" not in r.body and b"evil" not in r.body
+
+
+# --------------------------------------------------------------------------------------------
+# 9. X-Forwarded-For is believed only from a trusted proxy
+
+
+async def test_x_forwarded_for_from_a_trusted_proxy_names_the_client(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy({"server": {"trusted_proxies": ["127.0.0.1/32"]}})
+    async with (
+        session(certs) as s,
+        s.get(url(gw, "/echo"), headers={"X-Forwarded-For": "10.1.2.3"}) as r,
+    ):
+        assert r.status == 200
+        seen = await r.json()
+    assert seen["headers_map"]["x-forwarded-for"] == "10.1.2.3"
+    assert [n.lower() for n, _ in seen["headers"]].count("x-forwarded-for") == 1
+    event = await audit_event(gw, r.headers["X-ZT-Decision-Id"])
+    assert event["input"]["client_ip"] == "10.1.2.3"
+    assert event["input"]["peer_ip"] == "127.0.0.1"
+
+
+async def test_x_forwarded_for_from_an_untrusted_peer_is_replaced_by_the_peer(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy()
+    async with (
+        session(certs) as s,
+        s.get(url(gw, "/echo"), headers={"X-Forwarded-For": "10.1.2.3"}) as r,
+    ):
+        assert r.status == 200
+        seen = await r.json()
+    assert seen["headers_map"]["x-forwarded-for"] == "127.0.0.1"
+    event = await audit_event(gw, r.headers["X-ZT-Decision-Id"])
+    assert event["input"]["client_ip"] == "127.0.0.1"
+
+
+async def test_trusted_proxy_chain_is_walked_from_the_right(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy({"server": {"trusted_proxies": ["127.0.0.1/32", "10.9.0.0/16"]}})
+    # The client wrote 6.6.6.6 itself; 10.1.2.3 is what the trusted 10.9.0.1 saw.
+    xff = "6.6.6.6, 10.1.2.3, 10.9.0.1"
+    async with session(certs) as s, s.get(url(gw, "/echo"), headers={"X-Forwarded-For": xff}) as r:
+        seen = await r.json()
+    assert seen["headers_map"]["x-forwarded-for"] == "10.1.2.3"
+
+
+async def test_trusted_proxys_forwarding_headers_are_not_a_spoofing_attempt(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy({"server": {"trusted_proxies": ["127.0.0.1/32"], "spoofed_headers": "deny"}})
+    async with session(certs) as s:
+        async with s.get(url(gw, "/echo"), headers={"X-Forwarded-For": "10.1.2.3"}) as r:
+            assert r.status == 200
+            decision_id = r.headers["X-ZT-Decision-Id"]
+        # Identity headers are never a proxy's to set.
+        async with s.get(url(gw, "/echo"), headers={"X-Forwarded-User": "mallory"}) as spoof:
+            assert spoof.status == 400
+    assert "header-spoofed" not in finding_reasons(await audit_event(gw, decision_id))
+    assert metric(gw, "ztgw_spoofed_headers_total") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Expect: 100-continue
+
+
+async def test_expect_100_continue_upload_is_forwarded(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy()
+    body = b"q" * 300_000
+    async with (
+        session(certs, timeout=aiohttp.ClientTimeout(total=10)) as s,
+        s.post(url(gw, "/upload"), data=body, expect100=True) as r,
+    ):
+        assert r.status == 200
+        assert await r.json() == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert [(h.raw_path, h.outcome) for h in recording.hits] == [("/upload", "complete")]
+
+
+async def test_expect_100_continue_gets_100_only_after_the_decision(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy(routes(client_max_size=1000))
+    async with raw_tls(certs, gw) as (reader, writer):
+        writer.write(get("/upload", "Content-Length: 5", "Expect: 100-continue", method="POST"))
+        await writer.drain()
+        interim = await read_response(reader)
+        assert interim.status == 100
+        writer.write(b"hello")
+        await writer.drain()
+        final = await read_response(reader)
+    assert final.status == 200
+    assert json.loads(final.body)["length"] == 5
+    # Refused (too large) before the body: no 100, the refusal straight away.
+    async with raw_tls(certs, gw) as (reader, writer):
+        writer.write(get("/upload", "Content-Length: 5000", "Expect: 100-continue", method="POST"))
+        await writer.drain()
+        refused = await read_response(reader)
+    assert refused.status == 413
+    assert [h.raw_path for h in recording.hits] == ["/upload"]
+
+
+async def test_expect_100_continue_from_an_http_1_0_client_is_ignored(
+    proxy: ProxyFactory, certs: Certs
+) -> None:
+    gw = await proxy()
+    request = get(
+        "/upload", "Content-Length: 5", "Expect: 100-continue", method="POST", version="1.0"
+    )
+    r = await exchange(certs, gw, request + b"hello")
+    # An HTTP/1.0 client cannot read an interim response: the first answer must be final.
+    assert r.status == 200
+    assert json.loads(r.body)["length"] == 5
+
+
+@pytest.mark.parametrize(
+    ("first", "status"),
+    [("/echo", 200), ("/%2e%2e/echo", 400)],
+    ids=["forwarded", "refused"],
+)
+async def test_request_pipelined_behind_a_declined_upgrade_is_not_silently_lost(
+    proxy: ProxyFactory, certs: Certs, first: str, status: int
+) -> None:
+    gw = await proxy()
+    async with raw_tls(certs, gw) as (reader, writer):
+        writer.write(get(first, "Connection: Upgrade", "Upgrade: h2c") + get("/echo?second"))
+        await writer.drain()
+        r = await read_response(reader)
+        assert r.status == status
+        # Either the pipelined request is answered, or the connection is closed so the client
+        # knows to retry it (RFC 9112 §9.3.2). Waiting forever is neither.
+        try:
+            second: RawResponse | None = await read_response(reader, timeout=2.0)
+        except (TimeoutError, AssertionError, asyncio.IncompleteReadError):
+            second = None
+        if second is None:
+            assert await closed_by_peer(reader, 0.1), (
+                "the request pipelined behind an h2c upgrade was dropped by aiohttp's parser and "
+                "the connection kept open; Gateway.handle (app.py) must force_close() every "
+                "response to a request with Connection: upgrade that it does not upgrade"
+            )
+        else:
+            assert second.status == 200

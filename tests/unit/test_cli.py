@@ -25,17 +25,37 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_token_issue_prints_only_a_token_the_demo_issuer_trusts(certs: Certs, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "token", "issue", "--sub", "alice", "--groups", "admins,eng", "--scope", "read write", "--key", str(certs.issuer_key))
+def test_token_issue_prints_only_a_token_the_demo_issuer_trusts(
+    certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "token",
+        "issue",
+        "--sub",
+        "alice",
+        "--groups",
+        "admins,eng",
+        "--scope",
+        "read write",
+        "--key",
+        str(certs.issuer_key),
+    )
     assert code == 0
     token = out.strip()
     assert "\n" not in token and token.count(".") == 2
     jwks = jwt.PyJWKSet.from_json(certs.issuer_jwks.read_text())
     claims = jwt.decode(token, jwks.keys[0], algorithms=["ES256"], audience="ztgateway")
-    assert claims["sub"] == "alice" and claims["groups"] == ["admins", "eng"] and claims["scope"] == "read write"
+    assert (
+        claims["sub"] == "alice"
+        and claims["groups"] == ["admins", "eng"]
+        and claims["scope"] == "read write"
+    )
 
 
-def test_policy_explain_prints_every_finding(certs: Certs, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_policy_explain_prints_every_finding(
+    certs: Certs, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, token, _ = run(capsys, "token", "issue", "--sub", "alice", "--key", str(certs.issuer_key))
     code, out, _ = run(
         capsys, "policy", "explain", "-c", str(config), "--path", "/admin/x", "--token", token.strip(),
@@ -48,13 +68,19 @@ def test_policy_explain_prints_every_finding(certs: Certs, config: Path, capsys:
     assert "identity: user=alice source=token" in out
 
 
-def test_policy_explain_json_for_a_path_attack(certs: Certs, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "policy", "explain", "-c", str(config), "--path", "/%2e%2e/etc/passwd", "--json")
+def test_policy_explain_json_for_a_path_attack(
+    certs: Certs, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys, "policy", "explain", "-c", str(config), "--path", "/%2e%2e/etc/passwd", "--json"
+    )
     assert code == 0
     assert '"reason": "path-invalid"' in out
 
 
-def test_policy_test_passes_and_fails_on_mismatch(certs: Certs, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_policy_test_passes_and_fails_on_mismatch(
+    certs: Certs, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     alice = certs.client("alice-laptop")[0]
     cases = tmp_path / "policy-tests.toml"
     cases.write_text(
@@ -96,7 +122,9 @@ groups = ["admins"]
     assert "2 passed, 1 failed" in out
 
 
-def test_policy_test_file_errors_name_the_key(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_policy_test_file_errors_name_the_key(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cases = tmp_path / "t.toml"
     cases.write_text(f'config = "{config}"\n[[case]]\nname = "x"\nverdit = "allow"\n')
     code, _, err = run(capsys, "policy", "test", str(cases))
@@ -104,7 +132,9 @@ def test_policy_test_file_errors_name_the_key(config: Path, tmp_path: Path, caps
     assert "case[0].verdit: unknown key" in err
 
 
-def test_audit_cli_tail_verify_and_detect_tampering(certs: Certs, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_cli_tail_verify_and_detect_tampering(
+    certs: Certs, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import asyncio
     import sqlite3
 
@@ -114,7 +144,14 @@ def test_audit_cli_tail_verify_and_detect_tampering(certs: Certs, config: Path, 
         log = AuditLog(tmp_path / "audit.db", jsonl_path=tmp_path / "audit.jsonl")
         await log.start()
         for i in range(3):
-            log.record({"decision_id": f"d{i}", "route": "app", "input": {"user": "alice", "path": f"/p{i}"}, "result": {"verdict": "allow", "reason": "policy-allowed"}})
+            log.record(
+                {
+                    "decision_id": f"d{i}",
+                    "route": "app",
+                    "input": {"user": "alice", "path": f"/p{i}"},
+                    "result": {"verdict": "allow", "reason": "policy-allowed"},
+                }
+            )
         await log.close()
 
     asyncio.run(write())
@@ -124,7 +161,9 @@ def test_audit_cli_tail_verify_and_detect_tampering(certs: Certs, config: Path, 
     code, out, _ = run(capsys, "audit", "search", "-c", str(config), "--decision-id", "d1")
     assert code == 0 and '"d1"' in out
     db = sqlite3.connect(tmp_path / "audit.db")
-    db.execute("UPDATE audit_events SET event = replace(event, '/p1', '/px') WHERE decision_id = 'd1'")
+    db.execute(
+        "UPDATE audit_events SET event = replace(event, '/p1', '/px') WHERE decision_id = 'd1'"
+    )
     db.commit()
     db.close()
     code, _, err = run(capsys, "audit", "verify", "-c", str(config))

@@ -22,7 +22,9 @@ def write(tmp_path: Path, certs: Certs, over: dict[str, Any] | None = None, **re
     return path
 
 
-def error_for(tmp_path: Path, certs: Certs, over: dict[str, Any] | None = None, **replace: Any) -> ConfigError:
+def error_for(
+    tmp_path: Path, certs: Certs, over: dict[str, Any] | None = None, **replace: Any
+) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, certs, over, **replace))
     return info.value
@@ -98,12 +100,23 @@ def test_contradictions_are_refused(certs: Certs, tmp_path: Path) -> None:
     r = {"name": "a", "prefix": "/", "upstream": "demo", "policy": {"require_bound_token": True}}
     err = error_for(tmp_path, certs, routes=[r])
     assert err.key == "routes[0].policy.require_bound_token"
-    assert error_for(tmp_path, certs, {"forward_auth": {"enabled": True}}).key == "forward_auth.trusted_proxies"
+    assert (
+        error_for(tmp_path, certs, {"forward_auth": {"enabled": True}}).key
+        == "forward_auth.trusted_proxies"
+    )
 
 
 def test_bad_cidr_and_time_window_are_named(certs: Certs, tmp_path: Path) -> None:
-    assert error_for(tmp_path, certs, {"zones": {"corp": ["10.0.0.0/8", "10.0.0.300/8"]}}).key == "zones.corp[1]"
-    r = {"name": "a", "prefix": "/", "upstream": "demo", "policy": {"time_windows": ["weekdays 9-5"]}}
+    assert (
+        error_for(tmp_path, certs, {"zones": {"corp": ["10.0.0.0/8", "10.0.0.300/8"]}}).key
+        == "zones.corp[1]"
+    )
+    r = {
+        "name": "a",
+        "prefix": "/",
+        "upstream": "demo",
+        "policy": {"time_windows": ["weekdays 9-5"]},
+    }
     assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].policy.time_windows[0]"
 
 

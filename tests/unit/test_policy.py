@@ -19,7 +19,9 @@ from ztgateway.pipeline import Pipeline
 from ztgateway.policycli import OfflineEvaluator, Request, load_cert
 
 
-def evaluator(certs: Certs, tmp_path: Path, routes: list[dict[str, Any]], **over: Any) -> OfflineEvaluator:
+def evaluator(
+    certs: Certs, tmp_path: Path, routes: list[dict[str, Any]], **over: Any
+) -> OfflineEvaluator:
     cfg = deep_merge(base_config(certs, 9, tmp_path), over)
     cfg["routes"] = routes
     path = tmp_path / "gw.toml"
@@ -47,12 +49,16 @@ def r(policy: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     return {"name": "t", "prefix": "/", "upstream": "demo", "policy": policy or {}, **kw}
 
 
-async def test_certificate_identity_is_allowed_on_a_cert_only_route(certs: Certs, tmp_path: Path, alice: Any) -> None:
+async def test_certificate_identity_is_allowed_on_a_cert_only_route(
+    certs: Certs, tmp_path: Path, alice: Any
+) -> None:
     v, reason, _ = await decide(evaluator(certs, tmp_path, [r()]), cert=alice)
     assert (v, reason) == (Verdict.ALLOW, Reason.POLICY_ALLOWED)
 
 
-async def test_no_certificate_on_a_route_that_requires_one_is_denied(certs: Certs, tmp_path: Path) -> None:
+async def test_no_certificate_on_a_route_that_requires_one_is_denied(
+    certs: Certs, tmp_path: Path
+) -> None:
     v, reason, _ = await decide(evaluator(certs, tmp_path, [r()]))
     assert (v, reason) == (Verdict.DENY, Reason.CLIENT_CERT_REQUIRED)
 
@@ -74,12 +80,25 @@ async def test_nobody_at_all_is_unauthenticated_not_forbidden(certs: Certs, tmp_
         ({"roles": ["payroll"]}, {}, Reason.ROLE_REQUIRED),
         ({"scopes": ["read", "write"]}, {"scope": "read write admin"}, Reason.POLICY_ALLOWED),
         ({"scopes": ["read", "write"]}, {"scope": "read"}, Reason.SCOPE_INSUFFICIENT),
-        ({"claims": {"department": "payroll"}}, {"extra_claims": {"department": "payroll"}}, Reason.POLICY_ALLOWED),
-        ({"claims": {"department": ["hr", "payroll"]}}, {"extra_claims": {"department": "it"}}, Reason.CLAIM_MISMATCH),
+        (
+            {"claims": {"department": "payroll"}},
+            {"extra_claims": {"department": "payroll"}},
+            Reason.POLICY_ALLOWED,
+        ),
+        (
+            {"claims": {"department": ["hr", "payroll"]}},
+            {"extra_claims": {"department": "it"}},
+            Reason.CLAIM_MISMATCH,
+        ),
     ],
 )
 async def test_token_policy_matrix(
-    certs: Certs, tmp_path: Path, alice: Any, policy: dict[str, Any], claims: dict[str, Any], expected: Reason
+    certs: Certs,
+    tmp_path: Path,
+    alice: Any,
+    policy: dict[str, Any],
+    claims: dict[str, Any],
+    expected: Reason,
 ) -> None:
     ev = evaluator(certs, tmp_path, [r({"require_token": True, **policy})])
     v, reason, _ = await decide(ev, cert=alice, token=token(certs, **claims))
@@ -88,7 +107,9 @@ async def test_token_policy_matrix(
 
 
 async def test_every_failed_rule_is_listed(certs: Certs, tmp_path: Path, alice: Any) -> None:
-    ev = evaluator(certs, tmp_path, [r({"require_token": True, "groups": ["admins"], "scopes": ["write"]})])
+    ev = evaluator(
+        certs, tmp_path, [r({"require_token": True, "groups": ["admins"], "scopes": ["write"]})]
+    )
     _, _, reasons = await decide(ev, cert=alice, token=token(certs))
     assert Reason.GROUP_REQUIRED in reasons and Reason.SCOPE_INSUFFICIENT in reasons
 
@@ -97,7 +118,9 @@ async def test_methods_and_path_patterns(certs: Certs, tmp_path: Path, alice: An
     ev = evaluator(certs, tmp_path, [r({"methods": ["GET"], "paths": ["/reports/*"]})])
     assert (await decide(ev, cert=alice, path="/reports/q3"))[0] is Verdict.ALLOW
     assert (await decide(ev, cert=alice, method="HEAD", path="/reports/q3"))[0] is Verdict.ALLOW
-    assert (await decide(ev, cert=alice, method="POST", path="/reports/q3"))[1] is Reason.METHOD_NOT_ALLOWED
+    assert (await decide(ev, cert=alice, method="POST", path="/reports/q3"))[
+        1
+    ] is Reason.METHOD_NOT_ALLOWED
     assert (await decide(ev, cert=alice, path="/payroll"))[1] is Reason.PATH_DENIED
 
 
@@ -107,7 +130,9 @@ async def test_network_zones(certs: Certs, tmp_path: Path, alice: Any) -> None:
     assert (await decide(ev, cert=alice, ip="127.0.0.1"))[1] is Reason.NETWORK_ZONE_DENIED
 
 
-async def test_time_windows_in_the_routes_time_zone(certs: Certs, tmp_path: Path, alice: Any) -> None:
+async def test_time_windows_in_the_routes_time_zone(
+    certs: Certs, tmp_path: Path, alice: Any
+) -> None:
     ev = evaluator(
         certs, tmp_path, [r({"time_windows": ["mon-fri 08:00-18:00"], "timezone": "Europe/Paris"})]
     )
@@ -127,7 +152,9 @@ async def test_certificate_subject_allow_list(certs: Certs, tmp_path: Path, alic
     assert (await decide(ev, cert=bob))[1] is Reason.CLIENT_CERT_NOT_ALLOWED
 
 
-async def test_monitor_mode_forwards_but_records_would_deny(certs: Certs, tmp_path: Path, alice: Any) -> None:
+async def test_monitor_mode_forwards_but_records_would_deny(
+    certs: Certs, tmp_path: Path, alice: Any
+) -> None:
     ev = evaluator(certs, tmp_path, [r({"users": ["bob"]}, mode="monitor")])
     async with ev:
         _, d = await ev.evaluate(Request(cert=alice))
@@ -135,7 +162,9 @@ async def test_monitor_mode_forwards_but_records_would_deny(certs: Certs, tmp_pa
     assert d.would_verdict is Verdict.DENY and d.reason is Reason.USER_NOT_ALLOWED
 
 
-async def test_monitor_mode_never_forwards_a_bad_path(certs: Certs, tmp_path: Path, alice: Any) -> None:
+async def test_monitor_mode_never_forwards_a_bad_path(
+    certs: Certs, tmp_path: Path, alice: Any
+) -> None:
     ev = evaluator(certs, tmp_path, [r(mode="monitor")])
     v, reason, _ = await decide(ev, cert=alice, path="/%2e%2e/etc/passwd")
     assert (v, reason) == (Verdict.DENY, Reason.PATH_INVALID)
@@ -169,7 +198,9 @@ class Silent:
 
 async def test_a_stage_that_raises_denies_with_stage_error() -> None:
     errors: list[str] = []
-    d = await Pipeline([Exploding()], on_stage_error=errors.append).evaluate(RequestContext.synthetic())
+    d = await Pipeline([Exploding()], on_stage_error=errors.append).evaluate(
+        RequestContext.synthetic()
+    )
     assert (d.verdict, d.reason) == (Verdict.DENY, Reason.STAGE_ERROR)
     assert errors == ["exploding"]
 

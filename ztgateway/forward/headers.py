@@ -87,6 +87,16 @@ def _strip_cookies(header: str, names: Iterable[str]) -> str:
     return "; ".join(kept)
 
 
+def upgrade_requested(headers: CIMultiDictProxy[str]) -> bool:
+    """`Upgrade` offered with `Connection: upgrade`: what makes llhttp stop parsing (RFC 9110 §7.8).
+
+    We never switch protocols except for a WebSocket, but llhttp pauses at such a request and
+    aiohttp 3.14 discards whatever the same read held after it, so a pipelined request behind
+    it would never be answered.
+    """
+    return "Upgrade" in headers and "upgrade" in _connection_listed(headers)
+
+
 def downstream_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     listed = _connection_listed(headers)
     out: CIMultiDict[str] = CIMultiDict()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -23,7 +23,7 @@ from ..config import RouteConfig, UpstreamConfig
 from ..decision import Reason
 from ..paths import encode_path
 from ..tls import upstream_context
-from .headers import downstream_response_headers
+from .headers import downstream_response_headers, upgrade_requested
 
 log = logging.getLogger("ztgateway.forward")
 CHUNK = 64 * 1024
@@ -130,7 +130,10 @@ async def forward_http(
     data: AsyncIterator[bytes] | None = None
     sent = [0]
     if request.body_exists:
-        if request.headers.get("Expect", "").lower() == "100-continue":
+        # RFC 9110 §10.1.1: an HTTP/1.0 client cannot read an interim response, and a server
+        # MUST ignore its 100-continue expectation.
+        expects = request.headers.get("Expect", "").lower() == "100-continue"
+        if expects and request.version >= HttpVersion11:
             # Decided already: now, and only now, ask the client for its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         data = _limited(request.content, limit, sent)
@@ -156,6 +159,11 @@ async def forward_http(
             if no_body:
                 # Keep the upstream's Content-Length for HEAD (RFC 9110 §9.3.2) without a body.
                 response.headers.pop("Transfer-Encoding", None)
+            if upgrade_requested(request.headers):
+                # The upgrade is declined (RFC 9110 §7.8), but bytes pipelined behind it may have
+                # been dropped by the parser: close, so the client retries them (RFC 9112 §9.3.2)
+                # instead of waiting for answers that never come.
+                response.force_close()
             await response.prepare(request)
             if not no_body:
                 async for chunk in up.content.iter_chunked(CHUNK):
