@@ -112,6 +112,7 @@ class Gateway:
                 on_result=self._on_token_result,
             )
             await self.tokens.start()
+            self.metrics.watch_issuers(self.tokens.jwks_status)
             self.runtime = self._build_runtime(cfg)
         s = cfg.server
         self.listener = Listener(

@@ -5,7 +5,12 @@ verdicts and reasons from their enums, handshake failure reasons from a fixed ma
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -128,5 +133,36 @@ class Metrics:
             "ztgw_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
 
+    def watch_issuers(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Expose the JWKS caches' own counters at scrape time (no per-request cost)."""
+        self.registry.register(_JwksCollector(status))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _JwksCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Any]:
+        fetches = CounterMetricFamily(
+            "ztgw_jwks_fetches", "JWKS fetch attempts by issuer.", labels=["issuer"]
+        )
+        failures = CounterMetricFamily(
+            "ztgw_jwks_fetch_failures", "Failed JWKS fetches by issuer.", labels=["issuer"]
+        )
+        keys = GaugeMetricFamily(
+            "ztgw_jwks_keys", "Usable keys held per issuer.", labels=["issuer"]
+        )
+        stale = GaugeMetricFamily(
+            "ztgw_jwks_stale",
+            "1 while an issuer's keys are too old to use (its tokens are refused).",
+            labels=["issuer"],
+        )
+        for issuer, st in self._status().items():
+            fetches.add_metric([issuer], float(st.get("fetches", 0)))
+            failures.add_metric([issuer], float(st.get("fetch_failures", 0)))
+            keys.add_metric([issuer], float(st.get("keys", 0)))
+            stale.add_metric([issuer], 1.0 if st.get("stale") else 0.0)
+        yield from (fetches, failures, keys, stale)

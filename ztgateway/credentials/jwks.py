@@ -350,6 +350,7 @@ class JwksCache:
         self._last_attempt: float | None = None
         self._last_error: str | None = None
         self._fetches = 0
+        self._failures = 0
         self._lock = asyncio.Lock()
         self._ssl: ssl.SSLContext | None = None
         self._background: asyncio.Task[None] | None = None
@@ -453,11 +454,13 @@ class JwksCache:
             try:
                 keys = await self._fetch()
             except JwksError as exc:
+                self._failures += 1
                 self._last_error = str(exc)
                 logger.warning("issuer %s: JWKS fetch failed: %s", self.name, exc)
                 return
             except Exception as exc:
                 # Fail closed on anything unforeseen: the old keys age out as usual.
+                self._failures += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 logger.exception("issuer %s: JWKS fetch failed unexpectedly", self.name)
                 return
@@ -513,4 +516,6 @@ class JwksCache:
             "age": None if self._last_success is None else max(0.0, now - self._last_success),
             "last_error": self._last_error,
             "stale": not self._usable(now),
+            "fetches": self._fetches,
+            "fetch_failures": self._failures,
         }
