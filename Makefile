@@ -24,13 +24,13 @@ run: $(STAMP) certs/ca.pem
 	$(BIN)/python -m ztgateway.devrun -c $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check ztgateway tests bench
-	$(BIN)/ruff format --check ztgateway tests bench
+	$(BIN)/ruff check ztgateway tests $(wildcard bench)
+	$(BIN)/ruff format --check ztgateway tests $(wildcard bench)
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format ztgateway tests bench
-	$(BIN)/ruff check --fix ztgateway tests bench
+	$(BIN)/ruff format ztgateway tests $(wildcard bench)
+	$(BIN)/ruff check --fix ztgateway tests $(wildcard bench)
 
 test: lint
 	$(BIN)/pytest -q
