@@ -31,14 +31,18 @@ async def test_healthz_and_readyz(gateway: Gateway) -> None:
     assert checks["issuers"]["status"]["dev"]["stale"] is False
 
 
-async def test_readyz_fails_when_an_upstream_is_unreachable(gateway_factory: GatewayFactory) -> None:
+async def test_readyz_fails_when_an_upstream_is_unreachable(
+    gateway_factory: GatewayFactory,
+) -> None:
     gw = await gateway_factory({"upstreams": {"demo": {"url": "http://127.0.0.1:9"}}})
     status, body = await ops_get(gw, "/readyz")
     assert status == 503
     assert json.loads(body)["checks"]["upstreams"]["reachable"]["demo"] is False
 
 
-async def test_metrics_count_decisions_and_expose_security_series(gateway: Gateway, certs: Certs) -> None:
+async def test_metrics_count_decisions_and_expose_security_series(
+    gateway: Gateway, certs: Certs
+) -> None:
     async with session(certs) as s:
         async with s.get(f"https://127.0.0.1:{gateway.port}/echo") as r:
             assert r.status == 200
@@ -61,7 +65,9 @@ async def test_metrics_count_decisions_and_expose_security_series(gateway: Gatew
         assert series in text, series
 
 
-async def test_reload_applies_a_new_policy_and_refuses_a_broken_one(gateway: Gateway, certs: Certs) -> None:
+async def test_reload_applies_a_new_policy_and_refuses_a_broken_one(
+    gateway: Gateway, certs: Certs
+) -> None:
     path = gateway.config.file
     url = f"https://127.0.0.1:{gateway.port}/echo"
     async with session(certs) as s:
@@ -85,7 +91,9 @@ async def test_reload_applies_a_new_policy_and_refuses_a_broken_one(gateway: Gat
     assert 'ztgw_config_reloads_total{result="success"} 1.0' in text
 
 
-async def test_shutdown_finishes_in_flight_requests(gateway_factory: GatewayFactory, certs: Certs) -> None:
+async def test_shutdown_finishes_in_flight_requests(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
     gw = await gateway_factory()
     async with session(certs) as s:
         pending = asyncio.ensure_future(s.get(f"https://127.0.0.1:{gw.port}/slow?delay=0.5"))
@@ -104,12 +112,19 @@ async def test_websocket_is_closed_with_1008_when_the_certificate_is_revoked(
     gateway_factory: GatewayFactory, certs: Certs, tmp_path: Path
 ) -> None:
     gw = await gateway_factory()
-    async with session(certs, "stolen-laptop") as s, s.ws_connect(f"wss://127.0.0.1:{gw.port}/ws") as ws:
+    async with (
+        session(certs, "stolen-laptop") as s,
+        s.ws_connect(f"wss://127.0.0.1:{gw.port}/ws") as ws,
+    ):
         await ws.send_str("hello")
         assert (await ws.receive(timeout=5)).data == "hello"
         ca = CertificateAuthority.load(certs.ca, certs.ca_key)
         serial = load_certificate(certs.client("stolen-laptop")[0]).serial_number
         (tmp_path / "ca.crl").write_bytes(ca.crl([serial]).public_bytes(Encoding.PEM))
         msg = await ws.receive(timeout=5)
-        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+        assert msg.type in (
+            aiohttp.WSMsgType.CLOSE,
+            aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.CLOSING,
+        )
         assert ws.close_code == 1008

@@ -1,0 +1,28 @@
+"""Gateway state: `open_store(url)` picks the backend (sqlite:///path is the embedded default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Device, PostureRecord, Session, Store, StoreUnavailable, UserRecord
+from .sqlite import SQLiteStore
+
+__all__ = [
+    "Device",
+    "PostureRecord",
+    "SQLiteStore",
+    "Session",
+    "Store",
+    "StoreUnavailable",
+    "UserRecord",
+    "store_from_url",
+]
+
+
+def store_from_url(url: str, *, base: Path) -> SQLiteStore:
+    """`sqlite:///relative/or/absolute.db` (relative to the config file's folder)."""
+    if url.startswith("sqlite:///"):
+        raw = url[len("sqlite:///") :]
+        path = Path(raw) if raw.startswith("/") else (base / raw)
+        return SQLiteStore(path.resolve())
+    raise ValueError(f"unsupported store URL {url!r} (expected sqlite:///PATH)")

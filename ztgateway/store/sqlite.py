@@ -1,0 +1,499 @@
+"""The embedded store: SQLite (WAL) behind an in-memory cache.
+
+Reads on the request path never touch the disk: devices, posture, users and live sessions are
+held in memory and kept in sync through a `changes` table that every writer appends to. A
+process (this gateway, another worker, the CLI) polls it every `sync_interval` and reloads what
+changed, so a revocation made anywhere on the host holds everywhere within that bound.
+Frequent touches (last seen, last IP, session activity) are written behind in batches.
+
+Counters (rate buckets, failure windows) live in process memory: they are per-process by design
+for the embedded store; the Redis store shares them between replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .base import (
+    ChangeKind,
+    ChangeListener,
+    Device,
+    DeviceState,
+    PostureRecord,
+    Session,
+    StoreUnavailable,
+    UserRecord,
+)
+
+log = logging.getLogger("ztgateway.store")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, subject TEXT NOT NULL,
+    owner TEXT, state TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    last_ip TEXT);
+CREATE TABLE IF NOT EXISTS posture (
+    device_id TEXT PRIMARY KEY, report TEXT NOT NULL, received_at REAL NOT NULL,
+    collected_at REAL, signed INTEGER NOT NULL, digest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (user TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at REAL NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
+"""
+_SESSION_FIELDS = {f.name for f in fields(Session)}
+_USER_FIELDS = {f.name for f in fields(UserRecord)}
+
+
+def _user_from_json(data: dict[str, Any]) -> UserRecord:
+    data = {k: v for k, v in data.items() if k in _USER_FIELDS}
+    for key in ("backup_codes", "known_devices", "known_routes"):
+        data[key] = tuple(data.get(key) or ())
+    if data.get("last_location") is not None:
+        data["last_location"] = tuple(data["last_location"])
+    return UserRecord(**data)
+
+
+def _session_from_json(data: dict[str, Any]) -> Session:
+    return Session(**{k: v for k, v in data.items() if k in _SESSION_FIELDS})
+
+
+class SQLiteStore:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sync_interval: float = 0.25,
+        flush_interval: float = 1.0,
+        clock: Any = time.time,
+    ) -> None:
+        self.path = path
+        self.sync_interval = sync_interval
+        self.flush_interval = flush_interval
+        self._clock = clock
+        self._db: aiosqlite.Connection | None = None
+        self._devices: dict[str, Device] = {}
+        self._posture: dict[str, PostureRecord] = {}
+        self._users: dict[str, UserRecord] = {}
+        self._sessions: dict[str, Session] = {}
+        self._dirty_devices: set[str] = set()
+        self._dirty_sessions: set[str] = set()
+        self._dirty_users: set[str] = set()
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._failures: dict[str, deque[float]] = {}
+        self._listeners: list[ChangeListener] = []
+        self._last_seq = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._healthy = False
+        self._write_lock = asyncio.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, timeout=5.0)
+        except Exception as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from exc
+        self._db = db
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.executescript(SCHEMA)
+        await db.commit()
+        async with db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes") as cur:
+            row = await cur.fetchone()
+            self._last_seq = int(row[0]) if row else 0
+        await self._load_all()
+        self._healthy = True
+        self._tasks = [
+            asyncio.ensure_future(self._sync_loop()),
+            asyncio.ensure_future(self._flush_loop()),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._flush()
+            await self._db.close()
+            self._db = None
+        self._healthy = False
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy and self._db is not None
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailable("store is not open")
+        return self._db
+
+    async def _load_all(self) -> None:
+        db = self.db
+        async with db.execute("SELECT * FROM devices") as cur:
+            async for row in cur:
+                self._devices[row[0]] = Device(*row)
+        async with db.execute("SELECT * FROM posture") as cur:
+            async for row in cur:
+                self._posture[row[0]] = PostureRecord(
+                    row[0], json.loads(row[1]), row[2], row[3], bool(row[4]), row[5]
+                )
+        async with db.execute("SELECT data FROM users") as cur:
+            async for row in cur:
+                u = _user_from_json(json.loads(row[0]))
+                self._users[u.user] = u
+        now = self._clock()
+        async with db.execute("SELECT data FROM sessions WHERE expires_at > ?", (now,)) as cur:
+            async for row in cur:
+                s = _session_from_json(json.loads(row[0]))
+                self._sessions[s.session_id] = s
+
+    # --- change propagation ----------------------------------------------------------------
+    async def _write(self, sql: str, args: tuple[Any, ...], kind: ChangeKind, key: str) -> None:
+        async with self._write_lock:
+            db = self.db
+            try:
+                await db.execute(sql, args)
+                await db.execute(
+                    "INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)",
+                    (kind.value, key, self._clock()),
+                )
+                await db.commit()
+            except Exception as exc:
+                self._healthy = False
+                raise StoreUnavailable(str(exc)) from exc
+            self._healthy = True
+        self._notify(kind, key)
+
+    def _notify(self, kind: ChangeKind, key: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, key)
+            except Exception:
+                log.exception("store change listener failed")
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            try:
+                await self.sync()
+            except Exception as exc:
+                self._healthy = False
+                log.warning("store sync failed: %s", exc)
+
+    async def sync(self) -> int:
+        """Apply changes made by other processes; returns how many were applied."""
+        db = self.db
+        async with db.execute(
+            "SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq", (self._last_seq,)
+        ) as cur:
+            rows = list(await cur.fetchall())
+        for seq, kind, key in rows:
+            self._last_seq = max(self._last_seq, int(seq))
+            await self._reload(ChangeKind(kind), key)
+            self._notify(ChangeKind(kind), key)
+        self._healthy = True
+        return len(rows)
+
+    async def _reload(self, kind: ChangeKind, key: str) -> None:
+        db = self.db
+        if kind is ChangeKind.DEVICE:
+            async with db.execute("SELECT * FROM devices WHERE device_id = ?", (key,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                self._devices.pop(key, None)
+            else:
+                self._devices[key] = Device(*row)
+        elif kind is ChangeKind.POSTURE:
+            async with db.execute("SELECT * FROM posture WHERE device_id = ?", (key,)) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                self._posture[key] = PostureRecord(
+                    row[0], json.loads(row[1]), row[2], row[3], bool(row[4]), row[5]
+                )
+        elif kind is ChangeKind.USER:
+            async with db.execute("SELECT data FROM users WHERE user = ?", (key,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                self._users.pop(key, None)
+            else:
+                self._users[key] = _user_from_json(json.loads(row[0]))
+        elif kind is ChangeKind.SESSION:
+            async with db.execute("SELECT data FROM sessions WHERE session_id = ?", (key,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                self._sessions.pop(key, None)
+            else:
+                fresh = _session_from_json(json.loads(row[0]))
+                mine = self._sessions.get(key)
+                if mine is not None and fresh.revoked_at is None:
+                    # Keep our fresher activity counters; take the durable fields.
+                    fresh.last_seen = max(fresh.last_seen, mine.last_seen)
+                    fresh.requests = max(fresh.requests, mine.requests)
+                    fresh.anomaly, fresh.anomaly_at = mine.anomaly, mine.anomaly_at
+                self._sessions[key] = fresh
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self._flush()
+            except Exception as exc:
+                self._healthy = False
+                log.warning("store write-behind failed, will retry: %s", exc)
+
+    async def _flush(self) -> None:
+        if not (self._dirty_devices or self._dirty_sessions or self._dirty_users):
+            return
+        devices, self._dirty_devices = self._dirty_devices, set()
+        sessions, self._dirty_sessions = self._dirty_sessions, set()
+        users, self._dirty_users = self._dirty_users, set()
+        async with self._write_lock:
+            db = self.db
+            try:
+                for d in (self._devices.get(k) for k in devices):
+                    if d is not None:
+                        await db.execute(
+                            "UPDATE devices SET last_seen = ?, last_ip = ? WHERE device_id = ?",
+                            (d.last_seen, d.last_ip, d.device_id),
+                        )
+                for s in (self._sessions.get(k) for k in sessions):
+                    if s is not None:
+                        # Touches never un-revoke: a revocation written elsewhere wins.
+                        await db.execute(
+                            "UPDATE sessions SET data = ? WHERE session_id = ? "
+                            "AND json_extract(data, '$.revoked_at') IS NULL",
+                            (json.dumps(asdict(s)), s.session_id),
+                        )
+                for u in (self._users.get(k) for k in users):
+                    if u is not None:
+                        await db.execute(
+                            "INSERT INTO users (user, data) VALUES (?, ?) "
+                            "ON CONFLICT(user) DO UPDATE SET data = excluded.data",
+                            (u.user, json.dumps(asdict(u))),
+                        )
+                await db.commit()
+            except Exception:
+                self._dirty_devices |= devices
+                self._dirty_sessions |= sessions
+                self._dirty_users |= users
+                raise
+
+    async def flush(self) -> None:
+        await self._flush()
+
+    # --- devices -----------------------------------------------------------------------------
+    def device(self, device_id: str) -> Device | None:
+        return self._devices.get(device_id)
+
+    def devices(self) -> list[Device]:
+        return sorted(self._devices.values(), key=lambda d: d.first_seen)
+
+    async def register_device(self, device: Device) -> Device:
+        existing = self._devices.get(device.device_id)
+        if existing is not None:
+            return existing
+        await self._write(
+            "INSERT OR IGNORE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                device.device_id,
+                device.fingerprint,
+                device.subject,
+                device.owner,
+                device.state,
+                device.first_seen,
+                device.last_seen,
+                device.last_ip,
+            ),
+            ChangeKind.DEVICE,
+            device.device_id,
+        )
+        await self._reload(ChangeKind.DEVICE, device.device_id)
+        return self._devices[device.device_id]
+
+    def touch_device(self, device_id: str, now: float, ip: str) -> None:
+        d = self._devices.get(device_id)
+        if d is not None and (now - d.last_seen > 1.0 or d.last_ip != ip):
+            d.last_seen, d.last_ip = now, ip
+            self._dirty_devices.add(device_id)
+
+    async def set_device_state(self, device_id: str, state: DeviceState) -> Device | None:
+        if device_id not in self._devices:
+            await self._reload(ChangeKind.DEVICE, device_id)
+            if device_id not in self._devices:
+                return None
+        await self._write(
+            "UPDATE devices SET state = ? WHERE device_id = ?",
+            (state, device_id),
+            ChangeKind.DEVICE,
+            device_id,
+        )
+        await self._reload(ChangeKind.DEVICE, device_id)
+        return self._devices.get(device_id)
+
+    async def set_device_owner(self, device_id: str, owner: str | None) -> Device | None:
+        if device_id not in self._devices:
+            await self._reload(ChangeKind.DEVICE, device_id)
+            if device_id not in self._devices:
+                return None
+        await self._write(
+            "UPDATE devices SET owner = ? WHERE device_id = ?",
+            (owner, device_id),
+            ChangeKind.DEVICE,
+            device_id,
+        )
+        await self._reload(ChangeKind.DEVICE, device_id)
+        return self._devices.get(device_id)
+
+    def posture(self, device_id: str) -> PostureRecord | None:
+        return self._posture.get(device_id)
+
+    async def put_posture(self, record: PostureRecord) -> None:
+        await self._write(
+            "INSERT INTO posture VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+            "report = excluded.report, received_at = excluded.received_at, "
+            "collected_at = excluded.collected_at, signed = excluded.signed, digest = excluded.digest",
+            (
+                record.device_id,
+                json.dumps(record.report),
+                record.received_at,
+                record.collected_at,
+                int(record.signed),
+                record.digest,
+            ),
+            ChangeKind.POSTURE,
+            record.device_id,
+        )
+        self._posture[record.device_id] = record
+
+    # --- users ---------------------------------------------------------------------------------
+    def user(self, user: str) -> UserRecord | None:
+        return self._users.get(user)
+
+    def users(self) -> list[UserRecord]:
+        return sorted(self._users.values(), key=lambda u: u.user)
+
+    async def save_user(self, record: UserRecord) -> None:
+        self._users[record.user] = record
+        self._dirty_users.discard(record.user)
+        await self._write(
+            "INSERT INTO users (user, data) VALUES (?, ?) "
+            "ON CONFLICT(user) DO UPDATE SET data = excluded.data",
+            (record.user, json.dumps(asdict(record))),
+            ChangeKind.USER,
+            record.user,
+        )
+
+    def touch_user(self, record: UserRecord) -> None:
+        """History a request adds (known devices, routes, location): written behind."""
+        self._users[record.user] = record
+        self._dirty_users.add(record.user)
+
+    # --- sessions ------------------------------------------------------------------------------
+    def session(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def sessions(self, user: str | None = None) -> list[Session]:
+        out = [s for s in self._sessions.values() if user is None or s.user == user]
+        return sorted(out, key=lambda s: s.created)
+
+    async def save_session(self, session: Session) -> None:
+        self._sessions[session.session_id] = session
+        self._dirty_sessions.discard(session.session_id)
+        await self._write(
+            "INSERT INTO sessions (session_id, user, expires_at, data) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(session_id) DO UPDATE SET data = excluded.data, "
+            "expires_at = excluded.expires_at",
+            (session.session_id, session.user, session.expires_at, json.dumps(asdict(session))),
+            ChangeKind.SESSION,
+            session.session_id,
+        )
+
+    def touch_session(self, session: Session) -> None:
+        self._dirty_sessions.add(session.session_id)
+
+    async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
+        s = self._sessions.get(session_id)
+        if s is None:
+            await self._reload(ChangeKind.SESSION, session_id)
+            s = self._sessions.get(session_id)
+        if s is None or s.revoked:
+            return False
+        s.revoked_at, s.revoked_reason = now, reason
+        await self.save_session(s)
+        return True
+
+    async def expire_sessions(self, now: float) -> int:
+        gone = [k for k, s in self._sessions.items() if s.expires_at <= now]
+        for k in gone:
+            self._sessions.pop(k, None)
+        async with self._write_lock:
+            await self.db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now - 86400,))
+            await self.db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
+            await self.db.commit()
+        return len(gone)
+
+    # --- counters ------------------------------------------------------------------------------
+    def take_token(self, key: str, rate: float, burst: int, now: float) -> float:
+        """Token bucket: 0.0 if a token was taken, else seconds until one is available."""
+        tokens, stamp = self._buckets.get(key, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - stamp) * rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > 200_000:
+            self._prune_buckets(now, rate, burst)
+        return (1.0 - tokens) / rate if rate > 0 else 3600.0
+
+    def _prune_buckets(self, now: float, rate: float, burst: int) -> None:
+        full_after = burst / rate if rate > 0 else 3600.0
+        for k in [k for k, (_, t) in self._buckets.items() if now - t > full_after]:
+            del self._buckets[k]
+
+    def record_failure(self, key: str, now: float) -> None:
+        q = self._failures.get(key)
+        if q is None:
+            q = self._failures[key] = deque(maxlen=1000)
+        q.append(now)
+
+    def failures(self, key: str, now: float, window: float) -> int:
+        q = self._failures.get(key)
+        if not q:
+            return 0
+        while q and q[0] < now - window:
+            q.popleft()
+        return len(q)
+
+    def reset_failures(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+    async def claim_once(self, key: str, ttl: float, now: float) -> bool:
+        """Atomically claim `key` (a used TOTP step): False if it was claimed before."""
+        async with self._write_lock:
+            db = self.db
+            await db.execute("DELETE FROM claims WHERE key = ? AND expires <= ?", (key, now))
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO claims (key, expires) VALUES (?, ?)", (key, now + ttl)
+            )
+            await db.commit()
+            return bool(cur.rowcount == 1)
