@@ -79,6 +79,8 @@ def base_config(certs: Certs, upstream_port: int, tmp: Path) -> dict[str, Any]:
         },
         "ops": {"host": "127.0.0.1", "port": 0},
         "audit": {"db": str(tmp / "audit.db"), "jsonl": str(tmp / "audit.jsonl")},
+        "store": {"url": f"sqlite:///{tmp}/state.db"},
+        "devices": {"auto_approve": True},
         "zones": {"loopback": ["127.0.0.0/8"], "corp": ["10.0.0.0/8"]},
         "issuers": {
             "dev": {

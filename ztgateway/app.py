@@ -33,6 +33,8 @@ from .pipeline import Pipeline, default_stages
 from .responses import DECISION_HEADER, problem
 from .routes import RouteTable
 from .runtime import Runtime
+from .store import store_from_url
+from .store.base import ChangeKind
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
@@ -52,6 +54,8 @@ class Gateway:
             on_write_failure=lambda exc: self.metrics.audit_failures.inc(),
         )
         self.tokens: TokenVerifier | None = None
+        self.store = store_from_url(config.store.url, base=config.store.base)
+        self.store.subscribe(self._on_store_change)
         self.upstreams = Upstreams(list(_all_upstreams(config)))
         self.signer = AssertionSigner(
             load_or_create_key(config.assertion.key),
@@ -76,9 +80,17 @@ class Gateway:
             metrics=self.metrics,
             revocations=lambda: self.tls.current.revocations,
             tokens=self.tokens,
+            store=self.store,
         )
         rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
         return rt
+
+    def _on_store_change(self, kind: ChangeKind, key: str) -> None:
+        # A device or session changed (perhaps revoked, from the CLI or another process):
+        # open WebSockets re-verify now instead of at their next interval.
+        if kind in (ChangeKind.DEVICE, ChangeKind.SESSION, ChangeKind.USER):
+            for w in list(self._watches):
+                w.wake()
 
     def _on_stage_error(self, stage: str) -> None:
         self.metrics.stage_errors.labels(stage).inc()
@@ -105,6 +117,7 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.config
         await self.audit.start()
+        await self.store.open()
         if cfg.issuers:
             self.tokens = TokenVerifier(
                 cfg.issuers,
@@ -161,6 +174,7 @@ class Gateway:
         await self.upstreams.close()
         if self.tokens is not None:
             await self.tokens.close()
+        await self.store.close()
         await self.audit.close()
 
     async def _poll_tls(self) -> None:

@@ -21,6 +21,7 @@ from yarl import URL
 
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
+from .posture import PLATFORMS, PosturePolicy, parse_version
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CertMode = Literal["required", "optional"]
@@ -119,6 +120,17 @@ class IdentityHeaders:
     assertion: str = "X-ZT-Assertion"
 
 
+TRUST_LEVELS = ("unknown", "registered", "approved", "compliant")
+TrustLevel = Literal["unknown", "registered", "approved", "compliant"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRisk:
+    allow_up_to: float = 0.5
+    step_up_up_to: float = 0.8
+    sensitive: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
     require_client_cert: bool = True
@@ -137,6 +149,8 @@ class RoutePolicy:
     zones: tuple[str, ...] = ()
     time_windows: tuple[TimeWindow, ...] = ()
     issuers: frozenset[str] = frozenset()
+    min_trust: TrustLevel = "unknown"
+    require_signed_posture: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +167,7 @@ class RouteConfig:
     expose_detail: bool = False
     websocket: bool = True
     strip_prefix: bool = False
+    risk: RouteRisk = field(default_factory=RouteRisk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +181,33 @@ class AssertionConfig:
 class ForwardAuthConfig:
     enabled: bool = False
     trusted_proxies: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = "sqlite:///../var/state.db"
+    base: Path = Path()
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesConfig:
+    auto_approve: bool = False
+    owner_mismatch: Literal["deny", "risk"] = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class RiskConfig:
+    trusted_zones: tuple[str, ...] = ()
+    blocked_zones: tuple[str, ...] = ()
+    blocklist: Path | None = None
+    geoip_db: Path | None = None
+    max_travel_speed_kmh: float = 900.0
+    failed_attempts_window: float = 600.0
+    failed_attempts_threshold: int = 5
+    large_request_bytes: int = 10 * 1024 * 1024
+    default_timezone: str = "UTC"
+    default_working_hours: str = ""
+    weights: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +225,10 @@ class GatewayConfig:
     claim_maps: dict[str, ClaimMapping]
     assertion: AssertionConfig
     forward_auth: ForwardAuthConfig
+    store: StoreConfig = field(default_factory=StoreConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    posture: PosturePolicy = field(default_factory=PosturePolicy)
+    risk: RiskConfig = field(default_factory=RiskConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -214,6 +260,10 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         root.fail("routes", "at least one [[routes]] table is required")
     assertion = _assertion(root.table("assertion"))
     forward_auth = _forward_auth(root.table("forward_auth"))
+    store = _store(root.table("store"), file)
+    devices = _devices(root.table("devices"))
+    posture = _posture(root.table("posture"))
+    risk = _risk(root.table("risk"), zones)
     root.done()
     _check_overlaps(routes, root)
     if ops.enabled and server.port and (ops.host, ops.port) == (server.host, server.port):
@@ -232,6 +282,10 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         claim_maps=claim_maps,
         assertion=assertion,
         forward_auth=forward_auth,
+        store=store,
+        devices=devices,
+        posture=posture,
+        risk=risk,
     )
 
 
@@ -450,6 +504,8 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         zones=zone_names,
         time_windows=windows,
         issuers=issuers,
+        min_trust=t.choice("min_trust", TRUST_LEVELS, "unknown"),  # type: ignore[arg-type]
+        require_signed_posture=t.flag("require_signed_posture", False),
     )
     if policy.require_bound_token and not policy.require_token:
         t.fail("require_bound_token", "needs require_token = true")
@@ -521,6 +577,7 @@ def _route(
         expose_detail=t.flag("expose_detail", False),
         websocket=t.flag("websocket", True),
         strip_prefix=t.flag("strip_prefix", False),
+        risk=_route_risk(t.table("risk")),
     )
     if route.policy.require_client_cert is False and server.client_cert == "required":
         pass  # the listener demands a certificate anyway; the route just does not insist
@@ -570,3 +627,133 @@ def _check_overlaps(routes: tuple[RouteConfig, ...], root: Table) -> None:
                         f"routes[{i}].prefix",
                         f"overlaps route {o.name!r} (same prefix {r.prefix!r} and hosts)",
                     )
+
+
+def _route_risk(t: Table) -> RouteRisk:
+    r = RouteRisk(
+        allow_up_to=t.number("allow_up_to", 0.5, min=0.0, max=1.0),
+        step_up_up_to=t.number("step_up_up_to", 0.8, min=0.0, max=1.0),
+        sensitive=t.flag("sensitive", False),
+    )
+    if r.allow_up_to > r.step_up_up_to:
+        t.fail("allow_up_to", "must not exceed step_up_up_to")
+    t.done()
+    return r
+
+
+def _store(t: Table, file: Path) -> StoreConfig:
+    url = t.text("url", "sqlite:///../var/state.db")
+    if not url.startswith("sqlite:///"):
+        t.fail("url", "expected sqlite:///PATH")
+    cfg = StoreConfig(url=url, base=file.parent)
+    t.done()
+    return cfg
+
+
+def _devices(t: Table) -> DevicesConfig:
+    cfg = DevicesConfig(
+        auto_approve=t.flag("auto_approve", False),
+        owner_mismatch=t.choice("owner_mismatch", ("deny", "risk"), "deny"),  # type: ignore[arg-type]
+    )
+    t.done()
+    return cfg
+
+
+def _posture(t: Table) -> PosturePolicy:
+    d = PosturePolicy()
+    checks = t.str_list("required_checks", d.required_checks)
+    allowed = {
+        "disk_encrypted",
+        "firewall",
+        "antivirus",
+        "screen_lock",
+        "mdm_enrolled",
+        "not_jailbroken",
+    }
+    for i, c in enumerate(checks):
+        if c not in allowed:
+            t.fail(
+                f"required_checks[{i}]",
+                f"unknown check {c!r} (one of {', '.join(sorted(allowed))})",
+            )
+    versions = t.table("min_os_version")
+    pairs = []
+    for platform in list(versions.data):
+        if platform not in PLATFORMS:
+            versions.fail(platform, f"unknown platform (one of {', '.join(PLATFORMS)})")
+        value = versions.text(platform)
+        try:
+            parse_version(value)
+        except ValueError:
+            versions.fail(platform, f"not a version: {value!r}")
+        pairs.append((platform, value))
+    versions.done()
+    platforms = t.str_list("platforms", PLATFORMS)
+    for i, p in enumerate(platforms):
+        if p not in PLATFORMS:
+            t.fail(f"platforms[{i}]", f"unknown platform {p!r}")
+    max_patch = t.integer("max_patch_age_days", 30, min=0)
+    cfg = PosturePolicy(
+        required_checks=checks,
+        min_os_version=tuple(pairs),
+        max_patch_age_days=max_patch,
+        max_report_age=t.number("max_report_age", 86400.0, min=1.0),
+        platforms=platforms,
+    )
+    t.done()
+    return cfg
+
+
+RISK_SIGNALS = (
+    "zone-blocked",
+    "zone-unknown",
+    "new-device",
+    "device-noncompliant",
+    "posture-stale",
+    "off-hours",
+    "impossible-travel",
+    "failed-attempts",
+    "sensitive-route-unusual",
+    "large-request",
+    "device-owner-mismatch",
+    "header-spoofed",
+)
+
+
+def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
+    trusted = t.str_list("trusted_zones")
+    blocked = t.str_list("blocked_zones")
+    for key, names in (("trusted_zones", trusted), ("blocked_zones", blocked)):
+        for i, z in enumerate(names):
+            if z not in zones:
+                t.fail(f"{key}[{i}]", f"unknown zone {z!r} (define it under [zones])")
+    wt = t.table("weights")
+    weights = []
+    for name in list(wt.data):
+        if name not in RISK_SIGNALS:
+            wt.fail(name, f"unknown signal (one of {', '.join(RISK_SIGNALS)})")
+        weights.append((name, wt.number(name, 0.0, min=0.0, max=1.0)))
+    wt.done()
+    tz = t.text("default_timezone", "UTC")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        t.fail("default_timezone", f"unknown time zone {tz!r}")
+    hours = t.text("default_working_hours", "")
+    if hours:
+        _time_window(hours, ZoneInfo(tz), t, "default_working_hours")
+    cfg = RiskConfig(
+        trusted_zones=trusted,
+        blocked_zones=blocked,
+        blocklist=t.path("blocklist"),
+        geoip_db=t.path("geoip_db", must_exist=False),
+        max_travel_speed_kmh=t.number("max_travel_speed_kmh", 900.0, min=1.0),
+        failed_attempts_window=t.number("failed_attempts_window", 600.0, min=1.0),
+        failed_attempts_threshold=t.integer("failed_attempts_threshold", 5, min=1),
+        large_request_bytes=t.integer("large_request_bytes", 10 * 1024 * 1024, min=1),
+        default_timezone=tz,
+        default_working_hours=hours,
+        weights=tuple(weights),
+    )
+    t.done()
+    return cfg

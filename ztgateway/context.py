@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from .config import RouteConfig
     from .credentials.jwt import VerifiedToken
+    from .stages.device import DeviceView
     from .tls import CertInfo
 
 
@@ -176,6 +177,7 @@ class RequestContext:
     cert: CertInfo | None = None
     route: RouteConfig | None = None
     identity: Identity | None = None
+    device: DeviceView | None = None
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"

@@ -79,6 +79,8 @@ class Reason(enum.StrEnum):
     DEVICE_NONCOMPLIANT = "device-noncompliant"
     DEVICE_OWNER_MISMATCH = "device-owner-mismatch"
     POSTURE_STALE = "posture-stale"
+    POSTURE_INVALID = "posture-invalid"
+    POSTURE_REPLAYED = "posture-replayed"
     RISK_STEP_UP = "risk-step-up"
     RISK_DENIED = "risk-denied"
     SESSION_INVALID = "session-invalid"
@@ -141,6 +143,8 @@ _STATUS: dict[Reason, int] = {
     Reason.RISK_STEP_UP: 401,
     Reason.IP_DRIFT: 401,
     Reason.RATE_LIMITED: 429,
+    Reason.POSTURE_INVALID: 400,
+    Reason.POSTURE_REPLAYED: 409,
     Reason.STAGE_ERROR: 503,
     Reason.UPSTREAM_UNAVAILABLE: 502,
     Reason.UPSTREAM_TIMEOUT: 504,
@@ -166,6 +170,16 @@ _TITLES: dict[Reason, str] = {
     Reason.GROUP_REQUIRED: "Your account is not in a group allowed here",
     Reason.SCOPE_INSUFFICIENT: "The token lacks a scope this application requires",
     Reason.STAGE_ERROR: "The gateway could not verify this request",
+    Reason.DEVICE_UNKNOWN: "This device is not registered",
+    Reason.DEVICE_PENDING: "This device is waiting for approval",
+    Reason.DEVICE_REVOKED: "This device has been revoked",
+    Reason.DEVICE_NONCOMPLIANT: "This device does not meet the security requirements",
+    Reason.DEVICE_OWNER_MISMATCH: "This device belongs to another user",
+    Reason.POSTURE_STALE: "This device has not reported its security state recently",
+    Reason.POSTURE_INVALID: "The posture report is not valid",
+    Reason.POSTURE_REPLAYED: "The posture report was already received or is older than the last one",
+    Reason.RISK_STEP_UP: "Additional verification is required",
+    Reason.RISK_DENIED: "This request was refused as too risky",
     Reason.UPSTREAM_UNAVAILABLE: "The application is not reachable",
     Reason.UPSTREAM_TIMEOUT: "The application did not answer in time",
     Reason.SERVICE_UNAVAILABLE: "The gateway cannot verify requests right now",

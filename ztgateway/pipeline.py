@@ -130,6 +130,7 @@ def decide(ctx: RequestContext, findings: list[Finding]) -> Decision:
 
 def default_stages(runtime: Runtime) -> list[Stage]:
     """THE order of checks. Later capabilities add stages here, nowhere else."""
+    from .stages.device import DeviceStage
     from .stages.identity import IdentityStage
     from .stages.policy import PolicyStage
     from .stages.request import RequestStage
@@ -137,5 +138,6 @@ def default_stages(runtime: Runtime) -> list[Stage]:
     return [
         RequestStage(runtime),
         IdentityStage(runtime),
+        DeviceStage(runtime),
         PolicyStage(runtime),
     ]

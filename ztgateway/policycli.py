@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .pipeline import Pipeline, default_stages
 from .routes import RouteTable
 from .runtime import Runtime
+from .store import store_from_url
 from .tls import CertInfo, RevocationList, load_crl, parse_client_cert
 
 
@@ -58,17 +59,23 @@ class OfflineEvaluator:
             metrics=Metrics(),
             revocations=lambda: revocations,
             tokens=self.tokens,
+            store=store_from_url(config.store.url, base=config.store.base),
+            dry_run=True,
         )
         self.runtime.pipeline = Pipeline(default_stages(self.runtime))
 
     async def __aenter__(self) -> OfflineEvaluator:
         if self.tokens is not None:
             await self.tokens.start()
+        if self.runtime.store is not None:
+            await self.runtime.store.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.tokens is not None:
             await self.tokens.close()
+        if self.runtime.store is not None:
+            await self.runtime.store.close()
 
     async def evaluate(self, req: Request) -> tuple[RequestContext, Decision]:
         headers = dict(req.headers or {})

@@ -15,6 +15,7 @@ from .config import GatewayConfig
 from .credentials.jwt import TokenVerifier
 from .metrics import Metrics
 from .routes import RouteTable
+from .store.sqlite import SQLiteStore
 from .tls import RevocationList
 
 if TYPE_CHECKING:
@@ -28,5 +29,8 @@ class Runtime:
     metrics: Metrics
     revocations: Callable[[], RevocationList]
     tokens: TokenVerifier | None = None
+    store: SQLiteStore | None = None
+    dry_run: bool = False
+    """explain / policy test / /decide: judge, but never write (no device registration)."""
     clock: Callable[[], float] = field(default=time.time)
     pipeline: Pipeline = field(init=False)

@@ -307,6 +307,8 @@ async def test_verifier_with_a_static_jwks_file_verifies_and_never_fetches(
         "age": 0.0,
         "last_error": None,
         "stale": False,
+        "fetches": 0,
+        "fetch_failures": 0,
     }
     assert verifier.jwks_fetches("static") == 0
 

@@ -1,0 +1,248 @@
+"""What the benchmark runs: the scenario table, the PKI, the bound token and the configs.
+
+Shared by `bench.run` (end to end) and `bench.micro` (in-process), so the micro-benchmark's
+"every check on" pipeline is built from exactly the route the end-to-end run sends traffic to.
+
+Adding a check to "every check on" (device posture, risk, sessions when they land) is one edit
+here: put its name in `FULL_CHECKS` and its configuration in the `ztgw_full` row's `route`
+(and `server_extra`/`gateway_extra` for gateway-wide sections). The summary lists each
+scenario's `checks`, so a result always says what was switched on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ztgateway.credentials.devtoken import issue_token
+from ztgateway.pki import PKIPaths, init_pki
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "bench" / "work"
+
+CLIENT = "alice-laptop"  # the device certificate every load generator presents
+OTHER_CLIENT = "bob-phone"  # used only to prove the token binding is enforced
+TOKEN_USER = "alice"
+TOKEN_GROUP = "bench"
+ISSUER_NAME = "bench"
+ISSUER = "https://ztgateway.dev/issuer"
+AUDIENCE = "ztgateway"
+TOKEN_TTL = 4 * 3600  # outlives any run; the gateway re-checks exp on every cache hit
+
+Server = Literal["direct", "nginx", "ztgw"]
+
+# Checks that are on in every ztgateway scenario: audit and metrics cannot be switched off
+# (every decision is recorded and counted), and the certificate is verified at the handshake
+# (CA + CRL) and again per request (CRL by serial, validity, clientAuth EKU).
+BASE_CHECKS: tuple[str, ...] = (
+    "mTLS certificate (handshake: CA + CRL)",
+    "certificate re-checked per request (CRL serial, validity, EKU)",
+    "route match + path normalisation + spoofed-header scan",
+    "audit event (hash-chained SQLite, batched)",
+    "Prometheus metrics",
+    "signed X-ZT-Assertion to the upstream (cached per identity)",
+)
+FULL_CHECKS: tuple[str, ...] = (
+    *BASE_CHECKS,
+    "bearer JWT (ES256, issuer/audience/time; verified-token cache)",
+    "token bound to the client certificate (RFC 8705 cnf.x5t#S256, require_bound_token)",
+    "policy: group membership",
+    # Not implemented yet (issue 9 lists them under "every check on"); add them here:
+    # "device posture", "risk score", "session with IP and rate checks",
+)
+NOT_YET = ("device posture", "risk", "session (IP drift, rate)")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    label: str
+    server: Server
+    workers: int
+    checks: tuple[str, ...] = ()
+    # ztgateway only: the [[routes]] entry (name, prefix and upstream are filled in).
+    route: Mapping[str, Any] = field(default_factory=dict)
+    token: bool = False  # send the certificate-bound bearer token
+    handshake: bool = True  # also run the new-connection (full TLS handshake) mode
+    unavailable: str | None = None  # a row reported as n/a, with why
+
+    @property
+    def path(self) -> str:
+        return f"/{self.key}/bench" if self.server == "ztgw" else "/bench"
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable is None
+
+
+NGINX_CHECKS = ("mTLS certificate (handshake: CA + CRL)",)
+WORKERS_NA = "ztgateway `workers = N` is not implemented yet"
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("direct", "upstream directly (plain HTTP)", "direct", 1, handshake=False),
+    Scenario("nginx_1w", "nginx, mTLS, 1 worker", "nginx", 1, NGINX_CHECKS),
+    Scenario("nginx_2w", "nginx, mTLS, 2 workers", "nginx", 2, NGINX_CHECKS),
+    Scenario(
+        "ztgw_cert",
+        "ztgateway, certificate-only route",
+        "ztgw",
+        1,
+        BASE_CHECKS,
+        route={"policy": {"require_client_cert": True}},
+    ),
+    Scenario(
+        "ztgw_full",
+        "ztgateway, every check on",
+        "ztgw",
+        1,
+        FULL_CHECKS,
+        route={
+            "policy": {
+                "require_client_cert": True,
+                "require_token": True,
+                "require_bound_token": True,
+                "issuers": [ISSUER_NAME],
+                "groups": [TOKEN_GROUP],
+            }
+        },
+        token=True,
+    ),
+    Scenario(
+        "ztgw_cert_2w",
+        "ztgateway, certificate-only route, 2 workers",
+        "ztgw",
+        2,
+        BASE_CHECKS,
+        unavailable=WORKERS_NA,
+    ),
+    Scenario(
+        "ztgw_full_2w",
+        "ztgateway, every check on, 2 workers",
+        "ztgw",
+        2,
+        FULL_CHECKS,
+        token=True,
+        unavailable=WORKERS_NA,
+    ),
+)
+
+
+def scenario(key: str) -> Scenario:
+    for s in SCENARIOS:
+        if s.key == key:
+            return s
+    raise KeyError(key)
+
+
+@dataclass(frozen=True)
+class Pki:
+    paths: PKIPaths
+
+    @property
+    def ca(self) -> Path:
+        return self.paths.ca_cert
+
+    @property
+    def crl(self) -> Path:
+        return self.paths.crl
+
+    def client(self, name: str = CLIENT) -> tuple[Path, Path]:
+        pem, key, _ = self.paths.client_paths(name)
+        return pem, key
+
+
+def make_pki(directory: Path) -> Pki:
+    """A fresh dev PKI for this run (the repository's certs/ are never touched)."""
+    return Pki(init_pki(directory, force=True))
+
+
+def bound_token(pki: Pki, *, client: str = CLIENT, groups: tuple[str, ...] = (TOKEN_GROUP,)) -> str:
+    pem, _ = pki.client(client)
+    return issue_token(
+        pki.paths.issuer_key,
+        sub=TOKEN_USER,
+        groups=list(groups),
+        ttl=TOKEN_TTL,
+        bind_cert=pem,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+    )
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _table(name: str, data: Mapping[str, Any], *, array: bool = False) -> list[str]:
+    lines = [f"[[{name}]]" if array else f"[{name}]"]
+    nested = []
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            nested.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml(v)}")
+    for k, v in nested:
+        lines += _table(f"{name}.{k}", v)
+    return lines
+
+
+def gateway_config(
+    pki: Pki,
+    *,
+    port: int,
+    ops_port: int,
+    upstream_port: int,
+    audit_db: Path,
+    workers: int = 1,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+) -> str:
+    """One gateway serving every available ztgateway scenario of `workers` as its own route."""
+    server: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "client_cert": "required",
+        "public_url": f"https://127.0.0.1:{port}",
+        "max_connections": 20000,
+    }
+    if workers > 1:
+        server["workers"] = workers
+    lines = _table("server", server)
+    lines += _table(
+        "tls",
+        {
+            "cert": pki.paths.server_cert,
+            "key": pki.paths.server_key,
+            "client_ca": pki.ca,
+            "crl": pki.crl,
+        },
+    )
+    lines += _table("ops", {"host": "127.0.0.1", "port": ops_port})
+    lines += _table("audit", {"db": audit_db, "max_queue": 1_000_000})
+    lines += _table("assertion", {"key": pki.paths.assertion_key, "ttl": 60})
+    lines += _table(
+        f"issuers.{ISSUER_NAME}",
+        {
+            "issuer": ISSUER,
+            "audiences": [AUDIENCE],
+            "algorithms": ["ES256"],
+            "jwks_file": pki.paths.issuer_jwks,
+        },
+    )
+    lines += _table("upstreams.bench", {"url": f"http://127.0.0.1:{upstream_port}"})
+    for s in scenarios:
+        if s.server != "ztgw" or s.workers != workers or not s.available:
+            continue
+        route = {"name": s.key, "prefix": f"/{s.key}/", "upstream": "bench", **s.route}
+        lines += _table("routes", route, array=True)
+    return "\n".join(lines) + "\n"

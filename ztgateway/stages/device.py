@@ -1,0 +1,148 @@
+"""The device stage: who the device is, whether it is approved, and whether its posture holds.
+
+Trust levels are ordered — unknown < registered < approved < compliant — and a route states the
+minimum it needs. A device seen for the first time is registered (pending, or approved at once
+where configured); a revoked device is refused everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..config import TRUST_LEVELS
+from ..context import RequestContext
+from ..decision import Finding, Reason, Verdict
+from ..posture import PostureEvaluation, evaluate
+from ..store.base import Device
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+NAME = "device"
+
+
+@dataclass(slots=True)
+class DeviceView:
+    device: Device | None
+    trust: str
+    posture: PostureEvaluation | None
+    new: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "device": self.device.to_json() if self.device else None,
+            "trust": self.trust,
+            "posture": self.posture.to_json() if self.posture else None,
+        }
+
+
+def trust_rank(level: str) -> int:
+    return TRUST_LEVELS.index(level)
+
+
+def posture_for(
+    runtime: Runtime, device_id: str, *, now: float, require_signed: bool
+) -> PostureEvaluation:
+    store = runtime.store
+    record = store.posture(device_id) if store is not None else None
+    return evaluate(
+        record.report if record else None,
+        record.received_at if record else None,
+        runtime.config.posture,
+        now=now,
+        signed=record.signed if record else False,
+        require_signed=require_signed,
+    )
+
+
+class DeviceStage:
+    name = NAME
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.auto_approve = runtime.config.devices.auto_approve
+        self.owner_mismatch_denies = runtime.config.devices.owner_mismatch == "deny"
+
+    async def check(self, ctx: RequestContext) -> Sequence[Finding]:
+        route = ctx.route
+        assert route is not None
+        policy = route.policy
+        cert = ctx.cert
+        out: list[Finding] = []
+        if cert is None or self.store is None:
+            ctx.device = DeviceView(None, "unknown", None)
+            return self._trust_findings(ctx, policy.min_trust, out)
+        device = self.store.device(cert.device_id)
+        new = False
+        if device is None:
+            fresh = Device(
+                device_id=cert.device_id,
+                fingerprint=cert.fingerprint_sha256,
+                subject=cert.subject,
+                owner=cert.user,
+                state="approved" if self.auto_approve else "pending",
+                first_seen=ctx.now,
+                last_seen=ctx.now,
+                last_ip=ctx.client_ip,
+            )
+            device = fresh if self.runtime.dry_run else await self.store.register_device(fresh)
+            new = True
+        elif not self.runtime.dry_run:
+            self.store.touch_device(device.device_id, ctx.now, ctx.client_ip)
+        if device.state == "revoked":
+            ctx.device = DeviceView(device, "unknown", None, new)
+            return [Finding(NAME, Reason.DEVICE_REVOKED, Verdict.DENY, detail=device.device_id)]
+        if device.fingerprint != cert.fingerprint_sha256:
+            # Same device id, another certificate (re-issued): fine if the CA issued it, but
+            # worth seeing in the audit trail.
+            out.append(
+                Finding(NAME, Reason.DEVICE_UNKNOWN, None, risk=0.1, detail="certificate changed")
+            )
+        user = ctx.identity.user if ctx.identity else None
+        if user and device.owner and user != device.owner:
+            out.append(
+                Finding(
+                    NAME,
+                    Reason.DEVICE_OWNER_MISMATCH,
+                    Verdict.DENY if self.owner_mismatch_denies else None,
+                    risk=0.5,
+                    detail=f"device of {device.owner} used by {user}",
+                )
+            )
+        evaluation = posture_for(
+            self.runtime,
+            device.device_id,
+            now=ctx.now,
+            require_signed=policy.require_signed_posture,
+        )
+        trust = "registered"
+        if device.state == "approved":
+            trust = "compliant" if evaluation.compliant else "approved"
+        ctx.device = DeviceView(device, trust, evaluation, new)
+        return self._trust_findings(ctx, policy.min_trust, out)
+
+    def _trust_findings(
+        self, ctx: RequestContext, minimum: str, out: list[Finding]
+    ) -> list[Finding]:
+        view = ctx.device
+        assert view is not None
+        if trust_rank(view.trust) >= trust_rank(minimum):
+            return out
+        if view.device is None:
+            reason, detail = Reason.DEVICE_UNKNOWN, "no registered device"
+        elif view.device.state == "pending":
+            reason, detail = Reason.DEVICE_PENDING, "awaiting approval"
+        elif view.posture is not None and view.posture.stale and len(view.posture.failed) == 1:
+            reason, detail = Reason.POSTURE_STALE, "posture report too old"
+        else:
+            failed = view.posture.failed if view.posture else []
+            reason, detail = Reason.DEVICE_NONCOMPLIANT, "failed: " + ", ".join(failed)
+        out.append(
+            Finding(
+                NAME, reason, Verdict.DENY, detail=f"{detail} (needs {minimum}, is {view.trust})"
+            )
+        )
+        return out
