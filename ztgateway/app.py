@@ -34,7 +34,7 @@ from .responses import DECISION_HEADER, problem
 from .routes import RouteTable
 from .runtime import Runtime
 from .store import store_from_url
-from .store.base import ChangeKind
+from .store.base import ChangeKind, Device
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
@@ -71,6 +71,7 @@ class Gateway:
         self._watches: set[Watch] = set()
         self.started_at = time.time()
         self._update_cert_metrics()
+        self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
 
     # --- runtime snapshot ------------------------------------------------------------------
     def _build_runtime(self, config: GatewayConfig) -> Runtime:
@@ -398,6 +399,24 @@ class Gateway:
             self.metrics.would_deny.labels(route_label, decision.reason.value).inc()
         self.audit.record(self.audit_event(ctx, decision, None))
 
+    async def ensure_device(self, ctx: RequestContext) -> None:
+        """Register the presented certificate's device if this is its first contact."""
+        cert = ctx.cert
+        if cert is None or self.store.device(cert.device_id) is not None:
+            return
+        await self.store.register_device(
+            Device(
+                device_id=cert.device_id,
+                fingerprint=cert.fingerprint_sha256,
+                subject=cert.subject,
+                owner=cert.user,
+                state="approved" if self.config.devices.auto_approve else "pending",
+                first_seen=ctx.now,
+                last_seen=ctx.now,
+                last_ip=ctx.client_ip,
+            )
+        )
+
     def refusal_decision(self, ctx: RequestContext, reason: Reason, detail: str) -> Decision:
         """A refusal decided outside the pipeline, with its one finding."""
         finding = Finding("request", reason, Verdict.DENY, detail=detail)
@@ -505,6 +524,12 @@ class Gateway:
             resp = web.json_response(self.signer.jwks, headers={"Cache-Control": "max-age=300"})
             resp.headers["Server"] = SERVER_BANNER
             return resp
+        from . import endpoints
+
+        if ctx.path == "/.ztgw/posture" and ctx.method == "POST":
+            return await endpoints.posture_report(self, request, ctx)
+        if ctx.path == "/.ztgw/device" and ctx.method in ("GET", "HEAD"):
+            return await endpoints.device_status(self, request, ctx)
         decision = self.refusal_decision(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "")
         with suppress(AuditUnavailable):
             self.record_decision(ctx, decision)

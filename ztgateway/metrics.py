@@ -129,9 +129,38 @@ class Metrics:
             ["issuer", "result"],
             registry=r,
         )
+        self.posture_reports = Counter(
+            "ztgw_posture_reports",
+            "Posture reports received, by result (compliant, noncompliant, refused).",
+            ["result"],
+            registry=r,
+        )
+        self.posture_failed_checks = Counter(
+            "ztgw_posture_failed_checks",
+            "Failed posture checks in accepted reports, by check.",
+            ["check"],
+            registry=r,
+        )
+        self.risk_score = Histogram(
+            "ztgw_risk_score",
+            "Risk score of decided requests, by route.",
+            ["route"],
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+            registry=r,
+        )
+        self.risk_refusals = Counter(
+            "ztgw_risk_refusals",
+            "Step-ups and denials by risk, by the largest contributing signal.",
+            ["route", "verdict", "signal"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "ztgw_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
+
+    def watch_devices(self, states: Callable[[], list[str]]) -> None:
+        """Devices by state, counted at scrape time from the store's memory."""
+        self.registry.register(_DeviceCollector(states))
 
     def watch_issuers(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
         """Expose the JWKS caches' own counters at scrape time (no per-request cost)."""
@@ -166,3 +195,17 @@ class _JwksCollector(Collector):
             keys.add_metric([issuer], float(st.get("keys", 0)))
             stale.add_metric([issuer], 1.0 if st.get("stale") else 0.0)
         yield from (fetches, failures, keys, stale)
+
+
+class _DeviceCollector(Collector):
+    def __init__(self, states: Callable[[], list[str]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily("ztgw_devices", "Registered devices by state.", labels=["state"])
+        counts = {"pending": 0, "approved": 0, "revoked": 0}
+        for state in self._states():
+            counts[state] = counts.get(state, 0) + 1
+        for state, n in sorted(counts.items()):
+            family.add_metric([state], float(n))
+        yield family

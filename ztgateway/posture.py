@@ -180,7 +180,7 @@ def evaluate(
         check = CheckResult(
             "report_missing", False, "no posture report", REMEDIATION["report_missing"]
         )
-        return PostureEvaluation(False, True, (check,), None)
+        return PostureEvaluation(False, False, (check,), None)
     checks: list[CheckResult] = []
     platform = report.get("platform", "")
     if platform not in policy.platforms:

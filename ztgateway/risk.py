@@ -89,6 +89,13 @@ class RiskWeights:
                 raise ValueError(
                     f"risk weight {f.name} must be a number from 0 to 1, not {value!r}"
                 )
+        # A blocked network is a stricter case of an untrusted one; weighting it lower would
+        # make putting a network on the blocklist lower the risk of its requests.
+        if self.zone_blocked < self.zone_unknown:
+            raise ValueError(
+                f"risk weight zone_blocked ({self.zone_blocked}) must not be below "
+                f"zone_unknown ({self.zone_unknown})"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RiskWeights:

@@ -1,0 +1,376 @@
+"""Micro-benchmarks of the per-request work, in-process (not part of `make test`).
+
+    python -m bench.micro [--quick] [--json out.json] [--pki DIR]
+
+Each row times one piece of what the gateway does for every request, with warm caches, built
+the way `ztgateway/policycli.py`'s OfflineEvaluator builds its pipeline (same config loader,
+same stages, same token verifier) and from the very route the end-to-end benchmark uses
+(`bench/scenarios.py`). A row runs its operation in batches sized to take ~0.1 s and repeats
+the batch; the table gives the median and minimum of the per-operation mean over the repeats.
+The decision pipeline is also timed call by call, and `decision_us_median` is the median of
+those per-request times.
+
+Rows for things that do not exist yet (sessions) say "n/a (not implemented)": no numbers are
+invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import (
+    CLIENT,
+    SCENARIOS,
+    WORK,
+    Pki,
+    bound_token,
+    gateway_config,
+    make_pki,
+)
+from bench.scenarios import scenario as get_scenario
+
+Body = Callable[[int], Awaitable[None]]
+Setup = Callable[[int], Awaitable[Body]]
+
+
+@dataclass
+class Row:
+    name: str
+    setup: Setup | None = None
+    note: str = ""
+    unavailable: str | None = None
+
+
+def _pki(path: Path | None) -> Pki:
+    from ztgateway.pki import PKIPaths
+
+    directory = path or (WORK / "pki")
+    if (directory / "ca.pem").exists() and (directory / "clients" / f"{CLIENT}.pem").exists():
+        return Pki(PKIPaths(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    return make_pki(directory)
+
+
+async def measure(setup: Setup, *, target: float, repeats: int) -> dict[str, Any]:
+    """Calibrate a batch size, then time `repeats` batches; µs per operation."""
+    n = 1
+    while True:
+        body = await setup(n)
+        gc.collect()
+        t0 = time.perf_counter()
+        await body(n)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= target / 4 or n >= 10_000_000:
+            break
+        n *= 4 if elapsed < target / 40 else 2
+    n = max(1, int(n * target / max(elapsed, 1e-9)))
+    per_op: list[float] = []
+    for _ in range(repeats):
+        body = await setup(n)
+        gc.collect()
+        t0 = time.perf_counter()
+        await body(n)
+        per_op.append((time.perf_counter() - t0) / n * 1e6)
+    return {
+        "median_us": round(statistics.median(per_op), 3),
+        "min_us": round(min(per_op), 3),
+        "batch": n,
+        "repeats_us": [round(x, 3) for x in per_op],
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from ztgateway.app import Gateway
+    from ztgateway.audit import AuditLog
+    from ztgateway.config import RouteConfig, UpstreamConfig, load_config
+    from ztgateway.context import RequestContext
+    from ztgateway.credentials.jwt import TokenVerifier
+    from ztgateway.forward.headers import upstream_request_headers
+    from ztgateway.policycli import OfflineEvaluator, load_cert
+    from ztgateway.routes import RouteTable
+    from yarl import URL
+
+    pki = _pki(Path(args.pki) if args.pki else None)
+    tmp = Path(tempfile.mkdtemp(prefix="ztgw-micro-"))
+    cfg_path = tmp / "gateway.toml"
+    cfg_path.write_text(
+        gateway_config(pki, port=8443, ops_port=9100, upstream_port=8080, audit_db=tmp / "a.db")
+    )
+    config = load_config(cfg_path)
+    cert_pem, _ = pki.client(CLIENT)
+    cert = load_cert(str(cert_pem))
+    token = bound_token(pki)
+    full = get_scenario("ztgw_full")
+    cert_only = get_scenario("ztgw_cert")
+
+    evaluator = OfflineEvaluator(config)
+    await evaluator.__aenter__()
+    pipeline = evaluator.runtime.pipeline
+
+    def context(path: str, with_token: bool) -> RequestContext:
+        headers = {
+            "Host": "127.0.0.1:8443",
+            "User-Agent": "wrk",
+            "Accept": "*/*",
+        }
+        if with_token:
+            headers["Authorization"] = f"Bearer {token}"
+        return RequestContext.synthetic(
+            method="GET", path=path, host="127.0.0.1", headers=headers, cert=cert
+        )
+
+    # Warm: the first evaluation verifies the token (ES256) and fills the verified-token cache.
+    warm = context(full.path, True)
+    decision = await pipeline.evaluate(warm)
+    if not decision.allowed:
+        raise SystemExit(f"micro: the every-check request is not allowed: {decision.reason}")
+
+    def pipeline_setup(path: str, with_token: bool) -> Setup:
+        async def setup(n: int) -> Body:
+            ctxs = [context(path, with_token) for _ in range(n)]
+
+            async def body(n: int) -> None:
+                ev = pipeline.evaluate
+                for c in ctxs:
+                    await ev(c)
+
+            return body
+
+        return setup
+
+    async def ctx_setup(n: int) -> Body:
+        async def body(n: int) -> None:
+            for _ in range(n):
+                context(full.path, True)
+
+        return body
+
+    verifier_cached = TokenVerifier(config.issuers)
+    await verifier_cached.start()
+    await verifier_cached.verify(token)
+    verifier_uncached = TokenVerifier(config.issuers, cache_size=0)
+    await verifier_uncached.start()
+
+    def verify_setup(verifier: TokenVerifier) -> Setup:
+        async def setup(n: int) -> Body:
+            async def body(n: int) -> None:
+                v = verifier.verify
+                for _ in range(n):
+                    await v(token)
+
+            return body
+
+        return setup
+
+    upstream = UpstreamConfig(name="u", url=URL("http://127.0.0.1:8080"))
+
+    def route_setup(count: int) -> Setup:
+        routes = tuple(
+            RouteConfig(name=f"r{i}", prefix=f"/svc{i}/api/", upstream=upstream)
+            for i in range(count)
+        ) + (RouteConfig(name="root", prefix="/", upstream=upstream),)
+        table = RouteTable(routes)
+        # A mix: a deep path under the last route, one under the first, one that falls to "/".
+        paths = [
+            f"/svc{count - 1}/api/v1/items/42",
+            "/svc0/api/orders",
+            "/static/css/site.css",
+        ]
+        assert table.match("127.0.0.1", paths[0]) is routes[count - 1]
+
+        async def setup(n: int) -> Body:
+            async def body(n: int) -> None:
+                m = table.match
+                k = len(paths)
+                for i in range(n):
+                    m("127.0.0.1", paths[i % k])
+
+            return body
+
+        return setup
+
+    gw = Gateway(config)
+    full_ctx = context(full.path, True)
+    full_decision = await pipeline.evaluate(full_ctx)
+
+    async def event_setup(n: int) -> Body:
+        async def body(n: int) -> None:
+            for _ in range(n):
+                gw.audit_event(full_ctx, full_decision, None)
+
+        return body
+
+    audit = AuditLog(tmp / "micro-audit.db", max_queue=50_000_000, batch_size=5000)
+    await audit.start()
+    template = gw.audit_event(full_ctx, full_decision, None)
+    counter = [0]
+
+    async def record_setup(n: int) -> Body:
+        events = []
+        for _ in range(n):
+            counter[0] += 1
+            events.append({**template, "decision_id": f"micro-{counter[0]}"})
+
+        async def body(n: int) -> None:
+            rec = audit.record
+            for e in events:
+                rec(e)
+
+        return body
+
+    async def metrics_setup(n: int) -> Body:
+        m = gw.metrics
+
+        async def body(n: int) -> None:
+            for _ in range(n):
+                m.requests.labels("ztgw_full", "allow", "policy-allowed").inc()
+                m.decision_seconds.observe(0.00004)
+                m.request_seconds.labels("ztgw_full").observe(0.001)
+                m.upstream_seconds.labels("ztgw_full").observe(0.0005)
+
+        return body
+
+    async def headers_setup(n: int) -> Body:
+        async def body(n: int) -> None:
+            for _ in range(n):
+                add = gw.identity_headers(full_ctx, "127.0.0.1:8443")
+                upstream_request_headers(full_ctx.headers, add, forward_authorization=False)
+
+        return body
+
+    rows = [
+        Row(
+            "decision pipeline, every check on (warm caches)",
+            pipeline_setup(full.path, True),
+            "request → identity (cert + cached bound JWT) → policy; " + ", ".join(full.route),
+        ),
+        Row(
+            "decision pipeline, certificate-only route",
+            pipeline_setup(cert_only.path, False),
+            "request → identity (cert) → policy",
+        ),
+        Row(
+            "RequestContext.synthetic (stand-in for from_request)",
+            ctx_setup,
+            "path normalisation, spoofed-header scan, decision id",
+        ),
+        Row("JWT verify, cached (token-hash hit)", verify_setup(verifier_cached), "ES256"),
+        Row(
+            "JWT verify, uncached (signature + claims)",
+            verify_setup(verifier_uncached),
+            "ES256, cache_size=0",
+        ),
+        Row("route match, 10 routes", route_setup(10), "longest prefix, 3-path mix"),
+        Row("route match, 1,000 routes", route_setup(1000), "longest prefix, 3-path mix"),
+        Row(
+            "session lookup, 10 sessions",
+            unavailable="n/a (not implemented)",
+            note="sessions do not exist yet",
+        ),
+        Row(
+            "session lookup, 100,000 sessions",
+            unavailable="n/a (not implemented)",
+            note="sessions do not exist yet",
+        ),
+        Row("audit event build (Gateway.audit_event)", event_setup, "masking, findings, to_json"),
+        Row("audit enqueue (AuditLog.record)", record_setup, "canonical JSON + queue"),
+        Row("metrics per request (4 label lookups + observations)", metrics_setup, ""),
+        Row(
+            "upstream headers + identity + assertion (cached)",
+            headers_setup,
+            "identity_headers + upstream_request_headers",
+        ),
+    ]
+    target = 0.05 if args.quick else 0.15
+    repeats = 3 if args.quick else 7
+    out_rows: list[dict[str, Any]] = []
+    for row in rows:
+        if row.unavailable or row.setup is None:
+            out_rows.append(
+                {"name": row.name, "median_us": None, "min_us": None, "note": row.unavailable}
+            )
+            continue
+        result = await measure(row.setup, target=target, repeats=repeats)
+        out_rows.append({"name": row.name, **result, "note": row.note})
+        print(
+            f"{row.name:<58} {result['median_us']:>10.2f} µs  (min {result['min_us']:.2f})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # Per-call timing of the whole pipeline: the median request, not the mean of a batch.
+    samples: list[int] = []
+    per_call = 20_000 if args.quick else 100_000
+    ctxs = [context(full.path, True) for _ in range(per_call)]
+    gc.collect()
+    clock = time.perf_counter_ns
+    ev = pipeline.evaluate
+    for c in ctxs:
+        t0 = clock()
+        await ev(c)
+        samples.append(clock() - t0)
+    samples.sort()
+    decision_us = {
+        "median": round(samples[len(samples) // 2] / 1000, 3),
+        "p90": round(samples[int(len(samples) * 0.9)] / 1000, 3),
+        "p99": round(samples[int(len(samples) * 0.99)] / 1000, 3),
+        "samples": len(samples),
+    }
+    print(f"decision pipeline per call: {decision_us}", file=sys.stderr)
+
+    await audit.close()
+    await verifier_cached.close()
+    await verifier_uncached.close()
+    await evaluator.__aexit__(None, None, None)
+    by_name = {r["name"]: r for r in out_rows}
+    r10 = by_name["route match, 10 routes"]["median_us"]
+    r1000 = by_name["route match, 1,000 routes"]["median_us"]
+    return {
+        "rows": out_rows,
+        "decision_us_median": decision_us["median"],
+        "decision_us": decision_us,
+        "route_match_1000_vs_10": round(r1000 / r10, 3) if r10 else None,
+        "session_lookup": "n/a (not implemented)",
+        "quick": args.quick,
+        "full_checks": list(full.checks),
+        "scenarios": [s.key for s in SCENARIOS],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.micro")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--pki", help="PKI directory (default bench/work/pki, created if missing)")
+    args = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    result = asyncio.run(main_async(args))
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print("\n| operation | median µs | min µs | note |\n|---|--:|--:|---|")
+    for r in result["rows"]:
+        med = "n/a" if r["median_us"] is None else f"{r['median_us']:.2f}"
+        mn = "" if r["min_us"] is None else f"{r['min_us']:.2f}"
+        print(f"| {r['name']} | {med} | {mn} | {r['note']} |")
+    print(f"\ndecision_us_median = {result['decision_us_median']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1219 @@
+"""`make bench`: ztgateway against nginx and against the upstream directly, in one run.
+
+    python -m bench.run [--quick] [--duration S] [--rounds N] [--connections C] [--profile]
+
+One run starts, on loopback and with one PKI generated under bench/work/:
+
+* the upstream (`bench.upstream`, a raw asyncio server with a fixed 31-byte body), shared by
+  every scenario;
+* nginx terminating the same mTLS (`ssl_verify_client on`, same CA and CRL, upstream
+  keep-alive), with 1 and with 2 workers;
+* ztgateway (`python -m ztgateway run`, uvloop), one route per ztgateway scenario of
+  `bench/scenarios.py` (certificate-only, every check on).
+
+Load comes from wrk with an LD_PRELOAD shim (bench/shim/wrk_client_cert.c, built here with gcc)
+that makes it present the client certificate. Each scenario runs with keep-alive connections
+and with `Connection: close` (a full TLS handshake per request), in rounds whose order rotates
+(A B C, B C A, ...), and medians are reported. Server CPU comes from /proc/<pid>/stat
+(utime+stime of the process and its children, e.g. nginx workers) over each run; wrk's own CPU
+comes from its rusage, to show the generator is not the bottleneck. Then latency is measured at
+a fixed rate (a quarter of the gateway's maximum) with `bench.loadgen`, an open-loop generator,
+and the micro-benchmarks (`bench.micro`) time the decision pipeline in-process.
+
+Writes bench/results/<date>.json, bench/results/latest.json and bench/results/latest.md, and
+prints the markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import (
+    CLIENT,
+    NOT_YET,
+    OTHER_CLIENT,
+    REPO,
+    SCENARIOS,
+    WORK,
+    Pki,
+    Scenario,
+    bound_token,
+    gateway_config,
+    make_pki,
+)
+
+BENCH = REPO / "bench"
+RESULTS = BENCH / "results"
+SHIM_SRC = BENCH / "shim" / "wrk_client_cert.c"
+WRK_LUA = BENCH / "wrk_report.lua"
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MODES = ("keepalive", "close")
+APT_PACKAGES = ("nginx", "wrk", "gcc", "libc6-dev")
+
+# The targets of issue 9, checked against the medians (never as assertions in tests).
+GOALS = {
+    "full_rps_ratio_vs_nginx": (">=", 0.33),
+    "full_cpu_ratio_vs_nginx": ("<=", 4.0),
+    "decision_us_median": ("<=", 50.0),
+    "handshake_ratio_vs_nginx": (">=", 0.6),
+    "added_p99_ms": ("<=", 2.0),
+    "route_match_1000_vs_10": ("<=", 1.5),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d) / name).exists()), None
+    )
+
+
+def ensure_tools() -> dict[str, str]:
+    """nginx, wrk and gcc are Debian packages; install them when we may (root + apt-get)."""
+    missing = [t for t in ("nginx", "wrk", "gcc") if find_tool(t) is None]
+    if missing:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            log(f"installing {' '.join(APT_PACKAGES)} (missing: {', '.join(missing)})")
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
+                check=True,
+                env=env,
+            )
+            # Debian starts nginx as a service on install; we run our own on free ports.
+            subprocess.run(["service", "nginx", "stop"], check=False, capture_output=True)
+        still = [t for t in ("nginx", "wrk", "gcc") if find_tool(t) is None]
+        if still:
+            sys.exit(
+                f"bench: missing {', '.join(still)}; install them with\n"
+                f"  sudo apt-get install -y {' '.join(APT_PACKAGES)}"
+            )
+    return {t: find_tool(t) or t for t in ("nginx", "wrk", "gcc")}
+
+
+def build_shim(gcc: str) -> Path:
+    out = WORK / "wrk_client_cert.so"
+    if out.exists() and out.stat().st_mtime >= SHIM_SRC.stat().st_mtime:
+        return out
+    cmd = [gcc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(out), str(SHIM_SRC), "-ldl"]
+    log("building the wrk client-certificate shim: " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def _stat_fields(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # comm may hold spaces and parentheses: split after the last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, ValueError, IndexError):
+                ppid = int(_stat_fields(int(entry.name))[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """utime + stime of live processes (all their threads), in seconds."""
+    ticks = 0
+    for pid in pids:
+        with suppress(OSError, ValueError, IndexError):
+            f = _stat_fields(pid)
+            ticks += int(f[11]) + int(f[12])
+    return ticks / CLK_TCK
+
+
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, idle, steal) jiffies of the whole machine, from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
+    return float(user + nice + system + irq + softirq), float(idle + iowait), float(steal)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tree(self) -> list[int]:
+        return process_tree(self.pid)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class Stack:
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, cmd: Sequence[str], **kw: Any) -> Proc:
+        log_path = WORK / f"{name}.log"
+        fh = log_path.open("wb")
+        popen = subprocess.Popen(
+            list(cmd), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, **kw
+        )
+        fh.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        # Only the processes this run started, by pid; nginx's master stops its workers.
+        for p in reversed(self.procs):
+            if p.alive():
+                with suppress(ProcessLookupError):
+                    p.popen.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    p.popen.kill()
+                p.popen.wait(timeout=5)
+
+
+def client_context(pki: Pki, client: str | None = CLIENT) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.check_hostname = False
+    if client is not None:
+        pem, key = pki.client(client)
+        ctx.load_cert_chain(str(pem), str(key))
+    return ctx
+
+
+def http_get(
+    port: int,
+    path: str,
+    *,
+    tls: ssl.SSLContext | None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, bytes]:
+    conn: http.client.HTTPConnection
+    if tls is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: Proc, probe: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise SystemExit(f"bench: {proc.name} exited:\n{proc.log_path.read_text()[-3000:]}")
+        with suppress(OSError, ssl.SSLError, http.client.HTTPException):
+            if probe():
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"bench: {proc.name} not ready after {timeout}s; see {proc.log_path}")
+
+
+NGINX_CONF = """\
+# Generated by bench/run.py: nginx terminating the same mTLS as ztgateway, proxying with
+# upstream keep-alive. Limits that would make nginx re-handshake or drop keep-alive early are
+# raised so both proxies keep connections for the whole run.
+worker_processes {workers};
+daemon off;
+pid {work}/nginx-{workers}w.pid;
+error_log {work}/nginx-{workers}w.error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-tmp/body;
+    proxy_temp_path {work}/nginx-tmp/proxy;
+    fastcgi_temp_path {work}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {work}/nginx-tmp/uwsgi;
+    scgi_temp_path {work}/nginx-tmp/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    upstream bench_upstream {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 128;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {server_cert};
+        ssl_certificate_key {server_key};
+        ssl_client_certificate {ca};
+        ssl_crl {crl};
+        ssl_verify_client on;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-SSL-Client-S-DN $ssl_client_s_dn;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Env:
+    pki: Pki
+    token: str
+    shim: Path
+    tools: dict[str, str]
+    stack: Stack
+    upstream: Proc
+    upstream_port: int
+    servers: dict[str, tuple[Proc, int]]  # scenario server key -> (process, port)
+
+    def target(self, s: Scenario) -> tuple[Proc | None, int, bool]:
+        """(proxy process or None for direct, port, tls)."""
+        if s.server == "direct":
+            return None, self.upstream_port, False
+        key = f"{s.server}_{s.workers}w"
+        proc, port = self.servers[key]
+        return proc, port, True
+
+    def url(self, s: Scenario) -> str:
+        _, port, tls = self.target(s)
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}{s.path}"
+
+
+def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) -> Env:
+    up_port = free_port()
+    upstream = stack.start(
+        "upstream", [PY, "-m", "bench.upstream", "--port", str(up_port)], cwd=REPO
+    )
+    wait_ready(upstream, lambda: http_get(up_port, "/", tls=None)[0] == 200)
+    tls = client_context(pki)
+    servers: dict[str, tuple[Proc, int]] = {}
+    (WORK / "nginx-tmp").mkdir(exist_ok=True)
+    for workers in sorted({s.workers for s in SCENARIOS if s.server == "nginx"}):
+        port = free_port()
+        conf = WORK / f"nginx-{workers}w.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                workers=workers,
+                work=WORK,
+                upstream_port=up_port,
+                port=port,
+                server_cert=pki.paths.server_cert,
+                server_key=pki.paths.server_key,
+                ca=pki.ca,
+                crl=pki.crl,
+            )
+        )
+        proc = stack.start(
+            f"nginx-{workers}w",
+            [tools["nginx"], "-c", str(conf), "-p", str(WORK), "-e", str(WORK / "nginx.err")],
+        )
+        wait_ready(proc, lambda port=port: http_get(port, "/bench", tls=tls)[0] == 200)
+        servers[f"nginx_{workers}w"] = (proc, port)
+    token = bound_token(pki)
+    for workers in sorted(
+        {s.workers for s in SCENARIOS if s.server == "ztgw" and s.available}
+    ):
+        port, ops = free_port(), free_port()
+        cfg = WORK / f"gateway-{workers}w.toml"
+        audit = WORK / f"audit-{workers}w.db"
+        for stale in WORK.glob(f"audit-{workers}w.db*"):
+            stale.unlink()
+        cfg.write_text(
+            gateway_config(
+                pki,
+                port=port,
+                ops_port=ops,
+                upstream_port=up_port,
+                audit_db=audit,
+                workers=workers,
+            )
+        )
+        proc = stack.start(
+            f"ztgateway-{workers}w",
+            [PY, "-m", "ztgateway", "run", "-c", str(cfg), "--log-level", "warning"],
+            cwd=REPO,
+        )
+        first = next(s for s in SCENARIOS if s.server == "ztgw" and s.workers == workers)
+        wait_ready(proc, lambda port=port, p=first.path: http_get(port, p, tls=tls)[0] == 200)
+        servers[f"ztgw_{workers}w"] = (proc, port)
+    return Env(pki, token, shim, tools, stack, upstream, up_port, servers)
+
+
+def verify_setup(env: Env) -> dict[str, Any]:
+    """The shim really presents the certificate, and the full route really enforces."""
+    out: dict[str, Any] = {}
+    nginx = next(s for s in SCENARIOS if s.server == "nginx")
+    bare = run_wrk(env, nginx, "keepalive", duration=1.0, connections=4, shim=False)
+    shimmed = run_wrk(env, nginx, "keepalive", duration=1.0, connections=4, shim=True)
+    out["nginx_without_shim"] = {"requests": bare.requests, "non_2xx": bare.status_errors}
+    out["nginx_with_shim"] = {"requests": shimmed.requests, "non_2xx": shimmed.status_errors}
+    if bare.requests - bare.status_errors > 0:
+        raise SystemExit("bench: nginx answered 2xx without a client certificate; check config")
+    if shimmed.requests == 0 or shimmed.status_errors:
+        raise SystemExit("bench: the wrk shim did not make nginx accept the client certificate")
+    ztgw = [s for s in SCENARIOS if s.server == "ztgw" and s.available]
+    if ztgw:
+        gw_bare = run_wrk(env, ztgw[0], "keepalive", duration=1.0, connections=4, shim=False)
+        out["ztgateway_without_shim"] = {
+            "requests_2xx": gw_bare.requests - gw_bare.status_errors,
+            "connect_or_read_errors": gw_bare.errors.get("connect", 0)
+            + gw_bare.errors.get("read", 0),
+        }
+        if gw_bare.requests - gw_bare.status_errors > 0:
+            raise SystemExit("bench: ztgateway answered 2xx without a client certificate")
+    full = next((s for s in ztgw if s.token), None)
+    if full is not None:
+        _, port, _ = env.target(full)
+        tls = client_context(env.pki)
+        auth = {"Authorization": f"Bearer {env.token}"}
+        probes = {
+            "with_bound_token": http_get(port, full.path, tls=tls, headers=auth)[0],
+            "without_token": http_get(port, full.path, tls=tls)[0],
+            "token_bound_to_other_cert": http_get(
+                port,
+                full.path,
+                tls=tls,
+                headers={"Authorization": f"Bearer {bound_token(env.pki, client=OTHER_CLIENT)}"},
+            )[0],
+            "token_without_group": http_get(
+                port,
+                full.path,
+                tls=tls,
+                headers={"Authorization": f"Bearer {bound_token(env.pki, groups=())}"},
+            )[0],
+        }
+        out["full_route_enforces"] = probes
+        if probes["with_bound_token"] != 200 or any(
+            v < 400 for k, v in probes.items() if k != "with_bound_token"
+        ):
+            raise SystemExit(f"bench: the every-check route does not enforce: {probes}")
+    return out
+
+
+def tls_parameters(env: Env) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, (_, port) in env.servers.items():
+        ctx = client_context(env.pki)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw) as s,
+        ):
+            cipher = s.cipher()
+            out[key] = f"{s.version()} {cipher[0] if cipher else '?'}"
+    return out
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+@dataclass
+class Run:
+    scenario: str
+    mode: str
+    round: int
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    errors: dict[str, int]
+    status_errors: int
+    proxy_cpu_s: float
+    upstream_cpu_s: float
+    wrk_cpu_s: float
+    wrk_threads: int
+    machine_busy: float  # fraction of all cores busy over the run
+    steal: float
+    command: str = ""
+
+    def per_1k(self, cpu: float) -> float:
+        return cpu / self.requests * 1000.0 if self.requests else float("nan")
+
+    def as_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["proxy_cpu_s_per_1k"] = round(self.per_1k(self.proxy_cpu_s), 5)
+        d["upstream_cpu_s_per_1k"] = round(self.per_1k(self.upstream_cpu_s), 5)
+        d["wrk_thread_busy"] = round(self.wrk_cpu_s / self.seconds / self.wrk_threads, 3)
+        return d
+
+
+WRK_SETTINGS: dict[str, Any] = {}
+
+
+def run_wrk(
+    env: Env,
+    s: Scenario,
+    mode: str,
+    *,
+    duration: float,
+    connections: int | None = None,
+    shim: bool = True,
+    round_no: int = 0,
+) -> Run:
+    proc, _, tls = env.target(s)
+    conns = connections or WRK_SETTINGS["connections"][mode]
+    threads = WRK_SETTINGS["threads"]
+    cmd = [
+        env.tools["wrk"],
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{duration:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(WRK_LUA),
+    ]
+    shown = list(cmd)
+    if s.token:
+        cmd += ["-H", f"Authorization: Bearer {env.token}"]
+        shown += ["-H", "Authorization: Bearer $TOKEN"]
+    if mode == "close":
+        cmd += ["-H", "Connection: close"]
+        shown += ["-H", "Connection: close"]
+    cmd.append(env.url(s))
+    shown.append(env.url(s))
+    run_env = dict(os.environ)
+    if tls and shim:
+        pem, key = env.pki.client(CLIENT)
+        run_env.update(
+            LD_PRELOAD=str(env.shim), WRK_CLIENT_CERT=str(pem), WRK_CLIENT_KEY=str(key)
+        )
+        shown = [
+            f"LD_PRELOAD={env.shim.relative_to(REPO)}",
+            "WRK_CLIENT_CERT=client.pem",
+            "WRK_CLIENT_KEY=client.key",
+            *shown,
+        ]
+    proxy_pids = proc.tree() if proc else []
+    up_pids = env.upstream.tree()
+    p0, u0, m0 = cpu_seconds(proxy_pids), cpu_seconds(up_pids), machine_cpu()
+    wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=run_env)
+    assert wrk.stdout is not None
+    output = wrk.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(wrk.pid, 0)
+    wrk.returncode = os.waitstatus_to_exitcode(status)
+    p1, u1, m1 = cpu_seconds(proxy_pids), cpu_seconds(up_pids), machine_cpu()
+    line = next((ln for ln in output.splitlines() if ln.startswith("BENCHJSON ")), None)
+    if line is None:
+        raise SystemExit(f"bench: wrk failed ({wrk.returncode}):\n{output}")
+    data = json.loads(line.split(" ", 1)[1])
+    busy = m1[0] - m0[0]
+    total = busy + (m1[1] - m0[1]) + (m1[2] - m0[2])
+    lat = data["latency_us"]
+    seconds = data["duration_us"] / 1e6
+    errors = {k: int(v) for k, v in data["errors"].items() if k != "status"}
+    return Run(
+        scenario=s.key,
+        mode=mode,
+        round=round_no,
+        requests=int(data["requests"]),
+        seconds=seconds,
+        rps=data["requests"] / seconds if seconds else 0.0,
+        p50_ms=lat["p50"] / 1000,
+        p90_ms=lat["p90"] / 1000,
+        p99_ms=lat["p99"] / 1000,
+        p999_ms=lat["p999"] / 1000,
+        errors=errors,
+        status_errors=int(data["errors"]["status"]),
+        proxy_cpu_s=p1 - p0 if proc else 0.0,
+        upstream_cpu_s=u1 - u0,
+        wrk_cpu_s=usage.ru_utime + usage.ru_stime,
+        wrk_threads=threads,
+        machine_busy=busy / total if total else 0.0,
+        steal=(m1[2] - m0[2]) / total if total else 0.0,
+        command=shlex.join(shown),
+    )
+
+
+# --------------------------------------------------------------------------- fixed rate
+
+
+def run_fixed_rate(env: Env, s: Scenario, rate: float, duration: float, round_no: int) -> dict:
+    proc, port, tls = env.target(s)
+    cmd = [
+        PY,
+        "-m",
+        "bench.loadgen",
+        "--port",
+        str(port),
+        "--path",
+        s.path,
+        "--rate",
+        f"{rate:.0f}",
+        "--duration",
+        f"{duration:g}",
+    ]
+    shown = list(cmd[1:])
+    if tls:
+        pem, key = env.pki.client(CLIENT)
+        cmd += ["--cert", str(pem), "--key", str(key), "--cafile", str(env.pki.ca)]
+        shown += ["--cert", "client.pem", "--key", "client.key", "--cafile", "ca.pem"]
+    if s.token:
+        cmd += ["-H", f"Authorization: Bearer {env.token}"]
+        shown += ["-H", "Authorization: Bearer $TOKEN"]
+    proxy_pids = proc.tree() if proc else []
+    p0 = cpu_seconds(proxy_pids)
+    out = subprocess.run(cmd, capture_output=True, check=False, cwd=REPO, text=True)
+    p1 = cpu_seconds(proxy_pids)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: loadgen failed:\n{out.stdout}\n{out.stderr}")
+    data: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    data["round"] = round_no
+    data["scenario"] = s.key
+    data["proxy_cpu_s"] = p1 - p0 if proc else 0.0
+    data["command"] = "python " + shlex.join(shown)
+    return data
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile_full(env: Env, s: Scenario, duration: float) -> dict[str, Any] | None:
+    pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(pyspy).exists():
+        log("--profile: py-spy not found; install it with .venv/bin/pip install py-spy")
+        return None
+    proc, _, _ = env.target(s)
+    assert proc is not None
+    folded = WORK / f"profile-{s.key}.folded"
+    svg = WORK / f"profile-{s.key}.svg"
+    rate = 250
+    cmd = [pyspy, "record", "--pid", str(proc.pid), "--rate", str(rate), "--nonblocking"]
+    spy = subprocess.Popen(
+        [*cmd, "--duration", f"{duration:g}", "--format", "raw", "-o", str(folded)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.5)
+    run = run_wrk(env, s, "keepalive", duration=duration)
+    spy.wait(timeout=duration + 30)
+    spy2 = subprocess.Popen(
+        [*cmd, "--duration", "4", "--format", "flamegraph", "-o", str(svg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)
+    run_wrk(env, s, "keepalive", duration=4)
+    spy2.wait(timeout=40)
+    if not folded.exists():
+        err = spy.stderr.read().decode() if spy.stderr else ""
+        log(f"py-spy produced no profile: {err}")
+        return None
+    summary = summarise_folded(folded.read_text())
+    summary.update(
+        scenario=s.key,
+        rps_while_profiled=round(run.rps),
+        sampling_rate_hz=rate,
+        folded=str(folded.relative_to(REPO)),
+        flamegraph=str(svg.relative_to(REPO)) if svg.exists() else None,
+        command=shlex.join(
+            ["py-spy", "record", "--pid", "<gateway>", "--rate", str(rate), "--nonblocking"]
+        ),
+    )
+    return summary
+
+
+def _frame(raw: str) -> str:
+    # "handle (ztgateway/app.py:270)" -> "handle (ztgateway/app.py)": aggregate by function.
+    name, _, where = raw.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "python3.11/", str(REPO) + "/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+    return f"{name} ({file})" if file else name
+
+
+def summarise_folded(text: str, top: int = 25) -> dict[str, Any]:
+    self_time: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = [_frame(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        self_time[frames[-1]] = self_time.get(frames[-1], 0) + count
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + count
+
+    def table(d: dict[str, int]) -> list[dict[str, Any]]:
+        best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return [{"frame": k, "samples": v, "pct": round(100.0 * v / total, 1)} for k, v in best]
+
+    return {"samples": total, "self": table(self_time), "inclusive": table(inclusive)}
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _cmd_version(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "unavailable"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].strip() if text else "unavailable"
+
+
+def machine_description() -> dict[str, Any]:
+    model = "unknown"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = 0.0
+    with suppress(OSError, ValueError):
+        first = Path("/proc/meminfo").read_text().splitlines()[0]
+        mem_gb = round(int(first.split()[1]) / 1024 / 1024, 1)
+    debian = ""
+    with suppress(OSError):
+        debian = Path("/etc/debian_version").read_text().strip()
+    virt = _cmd_version(["systemd-detect-virt"]) if shutil.which("systemd-detect-virt") else ""
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "kernel": platform.release(),
+        "os": f"Debian {debian}" if debian else platform.platform(),
+        "virtualization": virt or "unknown",
+    }
+
+
+def versions(tools: dict[str, str]) -> dict[str, str]:
+    import aiohttp
+    import cryptography
+    import jwt
+    import uvloop
+
+    import ztgateway
+
+    commit = _cmd_version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    # Read-only: other people's uncommitted edits to ztgateway/ change what was measured.
+    status = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "ztgateway"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    dirty = bool(status.stdout.strip())
+    return {
+        "ztgateway": ztgateway.__version__,
+        "git_commit": commit + (" + uncommitted changes in ztgateway/" if dirty else ""),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uvloop.__version__,
+        "cryptography": cryptography.__version__,
+        "pyjwt": jwt.__version__,
+        "openssl_python": ssl.OPENSSL_VERSION,
+        "openssl": _cmd_version(["openssl", "version"]),
+        "nginx": _cmd_version([tools["nginx"], "-v"]),
+        "wrk": _cmd_version([tools["wrk"], "-v"]),
+        "gcc": _cmd_version([tools["gcc"], "--version"]),
+    }
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def median(values: Sequence[float]) -> float:
+    vals = [v for v in values if v == v]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def summarise_runs(runs: list[Run]) -> dict[str, Any]:
+    j = [r.as_json() for r in runs]
+    keys = (
+        "rps",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "p999_ms",
+        "proxy_cpu_s_per_1k",
+        "upstream_cpu_s_per_1k",
+        "wrk_thread_busy",
+        "machine_busy",
+        "steal",
+    )
+    med = {k: median([float(x[k]) for x in j]) for k in keys}
+    med["wrk_cpu_share_of_machine"] = median(
+        [
+            r.wrk_cpu_s / (r.machine_busy * (os.cpu_count() or 1) * r.seconds)
+            if r.machine_busy
+            else float("nan")
+            for r in runs
+        ]
+    )
+    med["errors"] = sum(sum(r.errors.values()) + r.status_errors for r in runs)
+    return {"median": med, "rounds": j, "command": runs[0].command if runs else ""}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or a != a or b != b:
+        return None
+    return a / b
+
+
+def rnd(x: float | None, n: int = 3) -> float | None:
+    return None if x is None or x != x else round(x, n)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def fmt(x: Any, n: int = 2, suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:,.{n}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    m = res["machine"]
+    v = res["versions"]
+    out = [
+        f"# ztgateway benchmark — {res['date']}{' (quick)' if res['quick'] else ''}",
+        "",
+        f"Machine: {m['cores']} cores, {m['cpu_model']}, {m['memory_gb']} GB, {m['os']}, "
+        f"kernel {m['kernel']} ({m['virtualization']}). "
+        f"ztgateway {v['git_commit']}, Python {v['python']}, aiohttp {v['aiohttp']}, "
+        f"uvloop {v['uvloop']}; {v['nginx']}; {v['wrk']}; {v['openssl']}.",
+        "",
+        f"Load: wrk {s['wrk_threads']} thread, {s['connections']['keepalive']} keep-alive "
+        f"connections or {s['connections']['close']} connections with `Connection: close`, "
+        f"{s['duration']:g} s per run, {s['rounds']} interleaved rounds, medians. "
+        f"Upstream: {s['upstream']}. TLS as negotiated: "
+        + ", ".join(f"{k} {t}" for k, t in res["tls"].items())
+        + ".",
+        "",
+    ]
+    for mode, title in (
+        ("keepalive", "Keep-alive connections"),
+        ("close", "New connection per request (full mTLS handshake)"),
+    ):
+        out += [
+            f"## {title}",
+            "",
+            "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s/1k req | "
+            "upstream CPU s/1k | ×nginx req/s | ×nginx CPU | ×direct req/s | wrk thread busy |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for sc in res["scenarios"]:
+            row = res["results"][mode].get(sc["key"])
+            name = f"{sc['label']}"
+            if row is None:
+                if not sc["available"]:
+                    out.append(f"| {name} | n/a ({sc['unavailable']}) |" + " |" * 10)
+                continue
+            md, rt = row["median"], row["ratios"]
+            out.append(
+                f"| {name} | {fmt(md['rps'], 0)} | {fmt(md['p50_ms'])} | {fmt(md['p99_ms'])} | "
+                f"{fmt(md['p999_ms'])} | {fmt(md['proxy_cpu_s_per_1k'], 4)} | "
+                f"{fmt(md['upstream_cpu_s_per_1k'], 4)} | {fmt(rt['rps_vs_nginx'])} | "
+                f"{fmt(rt['cpu_vs_nginx'])} | {fmt(rt['rps_vs_direct'])} | "
+                f"{fmt(md['wrk_thread_busy'] * 100, 0, '%')} |"
+            )
+        out.append("")
+    lat = res["latency_at_fixed_rate"]
+    if lat:
+        out += [
+            f"## Latency at a fixed rate: {lat['rate']:.0f} req/s "
+            f"(a quarter of ztgateway's every-check maximum)",
+            "",
+            "Open-loop generator (`bench.loadgen`), 32 keep-alive connections; service latency "
+            "from the request write to the last response byte.",
+            "",
+            "| scenario | p50 ms | p99 ms | p99.9 ms | added p99 over direct ms | proxy CPU s/1k |",
+            "|---|--:|--:|--:|--:|--:|",
+        ]
+        for key, row in lat["targets"].items():
+            out.append(
+                f"| {key} | {fmt(row['p50_ms'])} | {fmt(row['p99_ms'])} | {fmt(row['p999_ms'])} | "
+                f"{fmt(row['added_p99_ms'])} | {fmt(row['proxy_cpu_s_per_1k'], 4)} |"
+            )
+        out.append("")
+    micro = res.get("micro") or {}
+    if micro.get("rows"):
+        out += ["## Micro-benchmarks (in-process, µs per operation)", ""]
+        out += ["| operation | median µs | min µs | note |", "|---|--:|--:|---|"]
+        for row in micro["rows"]:
+            out.append(
+                f"| {row['name']} | {fmt(row.get('median_us'))} | {fmt(row.get('min_us'))} | "
+                f"{row.get('note', '')} |"
+            )
+        out.append("")
+    out += ["## Targets (issue 9)", "", "| target | goal | measured | reached |", "|---|---|--:|---|"]
+    for key, t in res["targets"].items():
+        reached = {True: "yes", False: "**no**", None: "n/a"}[t["reached"]]
+        out.append(f"| {t['label']} | {t['goal']} | {fmt(t['value'], 3)} | {reached} |")
+    out.append("")
+    out += ["## Checks on in each scenario", ""]
+    for sc in res["scenarios"]:
+        if sc["server"] == "ztgw" and sc["available"]:
+            out.append(f"- **{sc['label']}**: " + "; ".join(sc["checks"]) + ".")
+    out.append(
+        f"- Not implemented yet, so not in \"every check on\": {', '.join(NOT_YET)}; "
+        "ztgateway `workers = N` (2-worker rows are n/a)."
+    )
+    out.append("- **nginx**: " + "; ".join(res["nginx_checks"]) + " (no per-request checks).")
+    out += ["", "## Load generator", ""]
+    out.append(
+        "wrk presents the client certificate through `bench/shim/wrk_client_cert.so` "
+        "(LD_PRELOAD). Without it nginx answered "
+        f"{res['setup_checks']['nginx_without_shim']['non_2xx']} of "
+        f"{res['setup_checks']['nginx_without_shim']['requests']} requests with 400, "
+        f"with it {res['setup_checks']['nginx_with_shim']['non_2xx']} non-2xx. "
+        "`wrk thread busy` is wrk's CPU time over the run divided by its threads: below "
+        "100% wrk was waiting for the server, not the other way round."
+    )
+    if res.get("profile"):
+        p = res["profile"]
+        out += [
+            "",
+            f"## Profile: {p['scenario']} (py-spy, {p['samples']} samples, "
+            f"{p['rps_while_profiled']} req/s while sampled)",
+            "",
+            "| self % | function |",
+            "|--:|---|",
+        ]
+        out += [f"| {r['pct']} | `{r['frame']}` |" for r in p["self"][:15]]
+        out += ["", "| inclusive % | function |", "|--:|---|"]
+        out += [f"| {r['pct']} | `{r['frame']}` |" for r in p["inclusive"][:25]]
+    out += ["", "## Commands", ""]
+    for k, c in res["commands"].items():
+        out.append(f"- {k}: `{c}`")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs, 2 rounds (~2 minutes)")
+    p.add_argument("--duration", type=float, help="seconds per run (default 8, quick 3)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
+    p.add_argument("--connections", type=int, default=64, help="keep-alive connections")
+    p.add_argument("--close-connections", type=int, default=16, help="Connection: close mode")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--rate", type=float, help="fixed rate for latency (default: 1/4 of max)")
+    p.add_argument("--profile", action="store_true", help="py-spy the every-check scenario")
+    p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--only", help="comma-separated scenario keys (exploration; no latest.json)")
+    args = p.parse_args(argv)
+    duration = args.duration or (3.0 if args.quick else 8.0)
+    rounds = args.rounds or (2 if args.quick else 3)
+    WRK_SETTINGS.update(
+        threads=args.threads,
+        connections={"keepalive": args.connections, "close": args.close_connections},
+    )
+    started = time.time()
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tools = ensure_tools()
+    shim = build_shim(tools["gcc"])
+    log("generating the PKI in bench/work/pki")
+    pki = make_pki(WORK / "pki")
+    stack = Stack()
+    chosen = [s for s in SCENARIOS if s.available]
+    if args.only:
+        keep = set(args.only.split(","))
+        chosen = [s for s in chosen if s.key in keep or s.key == "direct"]
+    try:
+        log("starting upstream, nginx (1 and 2 workers) and ztgateway")
+        env = start_everything(pki, tools, stack, shim)
+        setup = verify_setup(env)
+        log(f"setup verified: {json.dumps(setup)}")
+        tls = tls_parameters(env)
+        units = [(s, m) for s in chosen for m in MODES if m == "keepalive" or s.handshake]
+        for s, m in units:  # warm-up: caches, connection pools, the allocator
+            run_wrk(env, s, m, duration=1.0 if not args.quick else 0.5)
+        runs: list[Run] = []
+        for r in range(rounds):
+            order = units[r % len(units) :] + units[: r % len(units)]
+            for s, m in order:
+                run = run_wrk(env, s, m, duration=duration, round_no=r)
+                runs.append(run)
+                log(
+                    f"round {r + 1}/{rounds} {s.key:<12} {m:<9} {run.rps:>9,.0f} req/s "
+                    f"p99 {run.p99_ms:6.2f} ms proxy {run.per_1k(run.proxy_cpu_s):.4f} s/1k "
+                    f"wrk {run.wrk_cpu_s / run.seconds / run.wrk_threads:4.0%}"
+                )
+        results: dict[str, dict[str, Any]] = {m: {} for m in MODES}
+        for s, m in units:
+            results[m][s.key] = summarise_runs([x for x in runs if x.scenario == s.key and x.mode == m])
+        for m in MODES:
+            direct = results["keepalive"].get("direct")
+            for key, row in results[m].items():
+                sc = next(x for x in SCENARIOS if x.key == key)
+                nginx = results[m].get(f"nginx_{sc.workers}w")
+                md = row["median"]
+                nm = nginx["median"] if nginx else {}
+                dm = direct["median"] if direct else {}
+                total = md["proxy_cpu_s_per_1k"] + md["upstream_cpu_s_per_1k"]
+                row["ratios"] = {
+                    "rps_vs_nginx": rnd(ratio(md["rps"], nm.get("rps"))),
+                    "cpu_vs_nginx": rnd(
+                        ratio(md["proxy_cpu_s_per_1k"], nm.get("proxy_cpu_s_per_1k"))
+                    )
+                    if sc.server != "direct"
+                    else None,
+                    "rps_vs_direct": rnd(ratio(md["rps"], dm.get("rps"))),
+                    "total_cpu_vs_direct": rnd(ratio(total, dm.get("upstream_cpu_s_per_1k"))),
+                }
+
+        # Latency at a fixed rate: a quarter of the every-check maximum.
+        full_ka = results["keepalive"].get("ztgw_full", {}).get("median", {})
+        rate = args.rate or (0.25 * full_ka["rps"] if full_ka else 0.0)
+        latency: dict[str, Any] = {}
+        if rate > 0:
+            lat_keys = [k for k in ("direct", "nginx_1w", "ztgw_cert", "ztgw_full") if any(s.key == k for s in chosen)]
+            lat_runs: dict[str, list[dict[str, Any]]] = {k: [] for k in lat_keys}
+            for r in range(rounds):
+                order = lat_keys[r % len(lat_keys) :] + lat_keys[: r % len(lat_keys)]
+                for k in order:
+                    sc = next(x for x in SCENARIOS if x.key == k)
+                    d = run_fixed_rate(env, sc, rate, duration, r)
+                    lat_runs[k].append(d)
+                    log(
+                        f"fixed rate {rate:.0f}/s round {r + 1} {k:<10} p99 "
+                        f"{d['service_ms']['p99']:.2f} ms (intended {d['intended_ms']['p99']:.2f})"
+                    )
+            targets: dict[str, Any] = {}
+            for k, rr in lat_runs.items():
+                reqs = [x["requests"] for x in rr]
+                targets[k] = {
+                    "p50_ms": median([x["service_ms"]["p50"] for x in rr]),
+                    "p99_ms": median([x["service_ms"]["p99"] for x in rr]),
+                    "p999_ms": median([x["service_ms"]["p999"] for x in rr]),
+                    "intended_p99_ms": median([x["intended_ms"]["p99"] for x in rr]),
+                    "proxy_cpu_s_per_1k": median(
+                        [x["proxy_cpu_s"] / n * 1000 if n else float("nan") for x, n in zip(rr, reqs, strict=True)]
+                    ),
+                    "generator_cpu_share": median([x["generator_cpu_share"] for x in rr]),
+                    "errors": sum(x["errors"]["status"] + x["errors"]["io"] for x in rr),
+                    "rounds": rr,
+                }
+            base = targets.get("direct", {}).get("p99_ms")
+            base_i = targets.get("direct", {}).get("intended_p99_ms")
+            for t in targets.values():
+                t["added_p99_ms"] = rnd(t["p99_ms"] - base, 3) if base is not None else None
+                t["added_intended_p99_ms"] = (
+                    rnd(t["intended_p99_ms"] - base_i, 3) if base_i is not None else None
+                )
+            latency = {"rate": rate, "targets": targets}
+
+        profile = None
+        full = next((s for s in chosen if s.key == "ztgw_full"), None)
+        if args.profile and full is not None:
+            log("profiling the every-check scenario with py-spy")
+            profile = profile_full(env, full, duration)
+        gateway_logs = {
+            proc.name: proc.log_path.read_text()[-2000:] for proc in stack.procs if "ztgateway" in proc.name
+        }
+    finally:
+        stack.stop()
+
+    micro: dict[str, Any] = {}
+    if not args.no_micro:
+        log("micro-benchmarks (bench.micro)")
+        micro_out = WORK / "micro.json"
+        cmd = [PY, "-m", "bench.micro", "--json", str(micro_out), "--pki", str(WORK / "pki")]
+        if args.quick:
+            cmd.append("--quick")
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        micro = json.loads(micro_out.read_text())
+
+    def med(mode: str, key: str, field_: str) -> float | None:
+        row = results[mode].get(key)
+        return row["median"][field_] if row else None
+
+    def rat(mode: str, key: str, field_: str) -> float | None:
+        row = results[mode].get(key)
+        return row["ratios"][field_] if row else None
+
+    headline = {
+        "full_rps_ratio_vs_nginx": rat("keepalive", "ztgw_full", "rps_vs_nginx"),
+        "full_cpu_ratio_vs_nginx": rat("keepalive", "ztgw_full", "cpu_vs_nginx"),
+        "cert_only_rps_ratio_vs_nginx": rat("keepalive", "ztgw_cert", "rps_vs_nginx"),
+        "cert_only_cpu_ratio_vs_nginx": rat("keepalive", "ztgw_cert", "cpu_vs_nginx"),
+        "decision_us_median": micro.get("decision_us_median"),
+        "handshake_ratio_vs_nginx": rat("close", "ztgw_full", "rps_vs_nginx"),
+        "cert_only_handshake_ratio_vs_nginx": rat("close", "ztgw_cert", "rps_vs_nginx"),
+        "added_p99_ms": (latency.get("targets", {}).get("ztgw_full") or {}).get("added_p99_ms"),
+        "full_2w_rps_ratio_vs_nginx_2w": None,  # n/a: workers = N not implemented
+        "route_match_1000_vs_10": micro.get("route_match_1000_vs_10"),
+    }
+    labels = {
+        "full_rps_ratio_vs_nginx": "every check on: req/s vs nginx (1 worker each, keep-alive)",
+        "full_cpu_ratio_vs_nginx": "every check on: CPU per request vs nginx",
+        "decision_us_median": "decision pipeline median, warm caches (µs)",
+        "handshake_ratio_vs_nginx": "every check on: full-handshake connections/s vs nginx",
+        "added_p99_ms": "added p99 over direct at 1/4 of max load (ms)",
+        "route_match_1000_vs_10": "route matching: 1,000 routes vs 10 (cost ratio)",
+    }
+    targets_out: dict[str, Any] = {}
+    for key, (op, goal) in GOALS.items():
+        value = headline.get(key)
+        reached = None if value is None else (value >= goal if op == ">=" else value <= goal)
+        targets_out[key] = {
+            "label": labels[key],
+            "goal": f"{op} {goal:g}",
+            "value": value,
+            "reached": reached,
+        }
+    targets_out["full_2w"] = {
+        "label": "every check on, 2 workers vs nginx 2 workers",
+        "goal": ">= 0.33",
+        "value": None,
+        "reached": None,
+    }
+    targets_out["sessions_flat"] = {
+        "label": "flat cost 10 → 100,000 sessions; ≤ 2 KB per session",
+        "goal": "flat",
+        "value": None,
+        "reached": None,
+    }
+    now = dt.datetime.now(dt.UTC)
+    commands = {
+        "bench": "make bench  # = .venv/bin/python -m bench.run " + " ".join(argv or sys.argv[1:]),
+        "shim": f"gcc -shared -fPIC -O2 -Wall -o bench/work/wrk_client_cert.so {SHIM_SRC.relative_to(REPO)} -ldl",
+        "upstream": "python -m bench.upstream --port <port>",
+        "nginx": "nginx -c bench/work/nginx-<N>w.conf -p bench/work",
+        "ztgateway": "python -m ztgateway run -c bench/work/gateway-1w.toml --log-level warning",
+    }
+    for mode in MODES:
+        for key, row in results[mode].items():
+            commands[f"wrk {key} {mode}"] = row["command"]
+    for key, row in (latency.get("targets") or {}).items():
+        commands[f"fixed-rate {key}"] = row["rounds"][0]["command"]
+    if micro:
+        commands["micro"] = "python -m bench.micro" + (" --quick" if args.quick else "")
+    res: dict[str, Any] = {
+        "schema": 1,
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        **{k: rnd(v, 4) if isinstance(v, float) else v for k, v in headline.items()},
+        "machine": machine_description(),
+        "versions": versions(tools),
+        "settings": {
+            "duration": duration,
+            "rounds": rounds,
+            "wrk_threads": args.threads,
+            "connections": WRK_SETTINGS["connections"],
+            "upstream": "bench.upstream: raw asyncio + uvloop HTTP/1.1 server, fixed 31-byte JSON body",
+            "ratios": "ratio of medians; nginx with the same number of workers",
+            "cpu": "utime+stime from /proc/<pid>/stat of the server process and its children",
+        },
+        "tls": tls,
+        "scenarios": [
+            {
+                "key": s.key,
+                "label": s.label,
+                "server": s.server,
+                "workers": s.workers,
+                "checks": list(s.checks),
+                "available": s.available,
+                "unavailable": s.unavailable,
+            }
+            for s in SCENARIOS
+        ],
+        "nginx_checks": list(next(s for s in SCENARIOS if s.server == "nginx").checks),
+        "results": results,
+        "latency_at_fixed_rate": latency,
+        "micro": micro,
+        "targets": targets_out,
+        "setup_checks": setup,
+        "profile": profile,
+        "commands": commands,
+        "elapsed_s": round(time.time() - started, 1),
+        "gateway_log_tail": gateway_logs,
+    }
+    text = markdown(res)
+    if args.only:
+        out = WORK / "partial.json"
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(text)
+        log(f"partial run (--only): wrote {out.relative_to(REPO)}, not bench/results/")
+        return 0
+    # A quick run is a smoke test: it never replaces the committed full results.
+    stamp = now.strftime("%Y-%m-%d")
+    latest = "latest-quick" if args.quick else "latest"
+    dated = f"{stamp}-quick" if args.quick else stamp
+    blob = json.dumps(res, indent=2) + "\n"
+    (RESULTS / f"{dated}.json").write_text(blob)
+    (RESULTS / f"{latest}.json").write_text(blob)
+    (RESULTS / f"{latest}.md").write_text(text)
+    print(text)
+    log(
+        f"wrote bench/results/{dated}.json, {latest}.json and {latest}.md "
+        f"in {res['elapsed_s']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""The gateway's own endpoints under `/.ztgw/`, served on the mTLS port.
+
+Each answers only to the presented client certificate (the device) and, where a person is
+involved, to the verified identity; every refusal is problem+json with a decision id and an
+audit event, like any other.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .audit import AuditUnavailable
+from .context import RequestContext
+from .decision import Decision, Finding, Reason, Verdict
+from .forward.headers import SERVER_BANNER
+from .posture import (
+    MAX_REPORT_BYTES,
+    PostureError,
+    digest,
+    validate_report,
+    verify_signed_report,
+)
+from .responses import DECISION_HEADER, problem, wants_html
+from .stages.device import posture_for
+from .store.base import PostureRecord
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+CLOCK_SKEW = 300.0
+
+
+def _json(data: dict[str, Any], ctx: RequestContext, status: int = 200) -> web.Response:
+    resp = web.json_response(data, status=status)
+    resp.headers[DECISION_HEADER] = ctx.decision_id
+    resp.headers["Server"] = SERVER_BANNER
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _audit(
+    gw: Gateway, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str = ""
+) -> None:
+    finding = Finding("endpoint", reason, verdict, detail=detail)
+    decision = Decision(ctx.decision_id, verdict, reason, (finding,))
+    try:
+        gw.record_decision(ctx, decision)
+    except AuditUnavailable:
+        gw.metrics.audit_unavailable.inc()
+        raise
+
+
+def _refuse(
+    gw: Gateway, ctx: RequestContext, reason: Reason, detail: str, *, accept: str = ""
+) -> web.Response:
+    try:
+        _audit(gw, ctx, Verdict.DENY, reason, detail)
+    except AuditUnavailable:
+        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept=accept)
+    # The field name is ours (from validation), never the request's bytes.
+    return problem(reason, ctx.decision_id, accept=accept, detail=detail)
+
+
+async def posture_report(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
+) -> web.StreamResponse:
+    """POST /.ztgw/posture: the presented certificate's device reports its posture."""
+    store = gw.store
+    cert = ctx.cert
+    if cert is None:
+        return _refuse(
+            gw, ctx, Reason.CLIENT_CERT_REQUIRED, "posture reports need the device certificate"
+        )
+    if gw.tls.current.revocations.is_revoked(cert.serial):
+        return _refuse(gw, ctx, Reason.CLIENT_CERT_REVOKED, "")
+    device = store.device(cert.device_id)
+    if device is not None and device.state == "revoked":
+        return _refuse(gw, ctx, Reason.DEVICE_REVOKED, device.device_id)
+    if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
+        return _refuse(gw, ctx, Reason.BODY_TOO_LARGE, f"at most {MAX_REPORT_BYTES} bytes")
+    raw = await request.content.read(MAX_REPORT_BYTES + 1)
+    if len(raw) > MAX_REPORT_BYTES:
+        return _refuse(gw, ctx, Reason.BODY_TOO_LARGE, f"at most {MAX_REPORT_BYTES} bytes")
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    now = time.time()
+    try:
+        signed = content_type == "application/jose"
+        if signed:
+            doc: Any = verify_signed_report(raw.decode("ascii", "strict").strip(), cert.der)
+        else:
+            if content_type not in ("application/json", ""):
+                raise PostureError("(content-type)", "must be application/json or application/jose")
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise PostureError("(body)", "not valid JSON") from exc
+        report = validate_report(doc)
+        if report.get("device_id") not in (None, cert.device_id):
+            raise PostureError("device_id", "names another device than the presented certificate")
+        collected = report.get("collected_at")
+        if collected is not None and collected > now + CLOCK_SKEW:
+            raise PostureError("collected_at", "is in the future")
+        previous = store.posture(cert.device_id)
+        body_digest = digest(raw)
+        if previous is not None:
+            if previous.digest == body_digest and (signed or collected is not None):
+                raise PostureError("(body)", "this exact report was already received", replay=True)
+            if (
+                collected is not None
+                and previous.collected_at is not None
+                and collected <= previous.collected_at
+            ):
+                raise PostureError("collected_at", "is not newer than the last report", replay=True)
+    except PostureError as exc:
+        reason = Reason.POSTURE_REPLAYED if exc.replay else Reason.POSTURE_INVALID
+        gw.metrics.posture_reports.labels("refused").inc()
+        return _refuse(gw, ctx, reason, f"{exc.field}: {exc.message}")
+    except UnicodeDecodeError:
+        gw.metrics.posture_reports.labels("refused").inc()
+        return _refuse(gw, ctx, Reason.POSTURE_INVALID, "(body): not a compact JWS")
+    if device is None:
+        # A device's first contact may be its agent: register it like a first request would.
+        await gw.ensure_device(ctx)
+    await store.put_posture(
+        PostureRecord(
+            device_id=cert.device_id,
+            report=dict(report),
+            received_at=now,
+            collected_at=collected,
+            signed=signed,
+            digest=body_digest,
+        )
+    )
+    evaluation = posture_for(gw.runtime, cert.device_id, now=now, require_signed=False)
+    gw.metrics.posture_reports.labels("compliant" if evaluation.compliant else "noncompliant").inc()
+    for name in evaluation.failed:
+        gw.metrics.posture_failed_checks.labels(name).inc()
+    try:
+        _audit(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "posture report accepted")
+    except AuditUnavailable:
+        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id)
+    return _json(
+        {"device_id": cert.device_id, "accepted": True, "signed": signed, **evaluation.to_json()},
+        ctx,
+    )
+
+
+async def device_status(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
+) -> web.StreamResponse:
+    """GET /.ztgw/device: the device's state, last posture and what to fix (page or JSON)."""
+    cert = ctx.cert
+    accept = request.headers.get("Accept", "")
+    if cert is None:
+        return _refuse(gw, ctx, Reason.CLIENT_CERT_REQUIRED, "", accept=accept)
+    device = gw.store.device(cert.device_id)
+    evaluation = posture_for(gw.runtime, cert.device_id, now=time.time(), require_signed=False)
+    record = gw.store.posture(cert.device_id)
+    data = {
+        "device_id": cert.device_id,
+        "state": device.state if device else "unknown",
+        "owner": device.owner if device else cert.user,
+        "certificate": {"subject": cert.subject, "not_after": cert.not_after},
+        "posture": evaluation.to_json(),
+        "last_report": record.report if record else None,
+        "remediation": [c.remediation for c in evaluation.checks if not c.passed],
+    }
+    if not wants_html(accept):
+        return _json(data, ctx)
+    resp = web.Response(text=_device_page(data), content_type="text/html")
+    resp.headers[DECISION_HEADER] = ctx.decision_id
+    resp.headers["Server"] = SERVER_BANNER
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _device_page(data: dict[str, Any]) -> str:
+    e = html.escape
+    posture = data["posture"]
+    rows = "".join(
+        f"<li class={'ok' if c['passed'] else 'bad'}><strong>{e(c['check'].replace('_', ' '))}</strong>"
+        f"{' — ' + e(c['detail']) if c.get('detail') else ''}"
+        f"{'' if c['passed'] else '<br>' + e(c['remediation'])}</li>"
+        for c in posture["checks"]
+    )
+    verdict = "meets" if posture["compliant"] else "does not meet"
+    todo = "".join(f"<li>{e(r)}</li>" for r in data["remediation"])
+    todo_html = f"<h2>What to do</h2><ol>{todo}</ol>" if todo else "<p>Nothing to do.</p>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Your device – ztgateway</title>
+<style>
+body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#1b1b1b}}
+.ok::marker{{content:"✓ ";color:#1a7f37}} .bad::marker{{content:"✗ ";color:#b42318}}
+li{{margin:.4rem 0}} code{{background:#f1f1f1;padding:.1rem .3rem}}
+</style></head><body><main>
+<h1>Your device {verdict} the security requirements</h1>
+<p>Device <code>{e(str(data["device_id"]))}</code> · state <strong>{e(str(data["state"]))}</strong>
+· owner {e(str(data["owner"] or "—"))}</p>
+{todo_html}
+<h2>Checks</h2><ul>{rows}</ul>
+</main></body></html>
+"""
