@@ -253,7 +253,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         Row(
             "decision pipeline, every check on (warm caches)",
             pipeline_setup(full.path, True),
-            "request → identity (cert + cached bound JWT) → policy; " + ", ".join(full.route),
+            "request → identity (cert + cached bound JWT) → policy (" + ", ".join(full.route["policy"]) + ")",
         ),
         Row(
             "decision pipeline, certificate-only route",

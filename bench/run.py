@@ -514,7 +514,7 @@ def run_wrk(
         env.tools["wrk"],
         f"-t{threads}",
         f"-c{conns}",
-        f"-d{duration:g}s",
+        f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
         "--timeout",
         "10s",
         "-s",
@@ -990,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         tls = tls_parameters(env)
         units = [(s, m) for s in chosen for m in MODES if m == "keepalive" or s.handshake]
         for s, m in units:  # warm-up: caches, connection pools, the allocator
-            run_wrk(env, s, m, duration=1.0 if not args.quick else 0.5)
+            run_wrk(env, s, m, duration=1.0)
         runs: list[Run] = []
         for r in range(rounds):
             order = units[r % len(units) :] + units[: r % len(units)]

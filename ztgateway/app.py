@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import secrets
 import signal
 import time
 from contextlib import suppress
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -29,12 +32,14 @@ from .forward.http import BodyTooLarge, UpstreamFailure, Upstreams, forward_http
 from .forward.websocket import Watch, bridge_websocket
 from .listener import GatewayRequestHandler, Listener
 from .metrics import Metrics
+from .mfa import MFA
 from .pipeline import Pipeline, default_stages
 from .responses import DECISION_HEADER, problem
 from .routes import RouteTable
 from .runtime import Runtime
+from .stages.session import SessionKeeper, clear_cookie_header, new_cookie_header
 from .store import store_from_url
-from .store.base import ChangeKind, Device
+from .store.base import ChangeKind, Device, StoreUnavailable
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
@@ -57,6 +62,9 @@ class Gateway:
         self.store = store_from_url(config.store.url, base=config.store.base)
         self.store.subscribe(self._on_store_change)
         self.upstreams = Upstreams(list(_all_upstreams(config)))
+        self.mfa = MFA(config.mfa, self.store, create_key=config.mfa.key_file is not None)
+        self.keeper = SessionKeeper(self.store, config.sessions)
+        self.csrf_key = secrets.token_bytes(32)
         self.signer = AssertionSigner(
             load_or_create_key(config.assertion.key),
             issuer=config.assertion.issuer or config.server.public_url or "ztgateway",
@@ -302,20 +310,24 @@ class Gateway:
         route_label = route.name if route else "-"
         try:
             self.record_decision(ctx, decision)
+            new_cookie = await self.keeper.after_decision(ctx, decision)
         except AuditUnavailable:
             # SECURITY: a decision we cannot record is not acted on (fail closed).
             self.metrics.audit_unavailable.inc()
             return self._refusal(
                 Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
             )
-        if not decision.allowed or route is None:
-            detail = None
-            if route is not None and route.expose_detail:
-                detail = next(
-                    (f.detail for f in decision.findings if f.reason is decision.reason), None
-                )
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
             return self._refusal(
-                decision.reason, ctx.decision_id, accept, verdict=decision.verdict, detail=detail
+                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
+            )
+        if not decision.allowed or route is None:
+            return self._render_refusal(ctx, decision, accept)
+        response_headers: dict[str, str] = {}
+        if new_cookie:
+            response_headers["Set-Cookie"] = new_cookie_header(
+                cfg.sessions.cookie_name, new_cookie, max_age=int(cfg.sessions.absolute_timeout)
             )
 
         headers = self._upstream_headers(ctx, request)
@@ -346,6 +358,7 @@ class Gateway:
                 url,
                 headers,
                 decision_id=ctx.decision_id,
+                extra_headers=response_headers,
                 on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
             )
             return response
@@ -431,6 +444,7 @@ class Gateway:
             self.identity_headers(ctx, request.host),
             forward_authorization=route.forward_authorization,
             websocket=ctx.websocket,
+            drop_cookies=(self.config.sessions.cookie_name,),
         )
 
     def identity_headers(self, ctx: RequestContext, original_host: str) -> dict[str, str]:
@@ -464,6 +478,50 @@ class Gateway:
                 now=ctx.now,
             )
         return add
+
+    def _render_refusal(self, ctx: RequestContext, decision: Decision, accept: str) -> web.Response:
+        """Refusal, step-up challenge or redirect, rate-limit hint, stale-cookie clean-up."""
+        route = ctx.route
+        reason, verdict = decision.reason, decision.verdict
+        route_label = route.name if route else "-"
+        detail = None
+        if route is not None and route.expose_detail:
+            detail = next((f.detail for f in decision.findings if f.reason is reason), None)
+        extra: dict[str, str] = {}
+        if ctx.retry_after:
+            extra["Retry-After"] = str(max(1, math.ceil(ctx.retry_after)))
+        if verdict is Verdict.TERMINATE:
+            self.metrics.terminations.labels(route_label, reason.value).inc()
+        if verdict is Verdict.STEP_UP:
+            self.metrics.step_ups.labels("issued").inc()
+            if ctx.wants_html and self.mfa.available:
+                target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
+                resp = web.Response(
+                    status=303,
+                    headers={
+                        "Location": "/.ztgw/mfa?rd=" + quote(target, safe="/"),
+                        DECISION_HEADER: ctx.decision_id,
+                        "Server": SERVER_BANNER,
+                        "Cache-Control": "no-store",
+                    },
+                )
+                return resp
+        resp = self._refusal(
+            reason, ctx.decision_id, accept, verdict=verdict, detail=detail, extra=extra
+        )
+        if verdict is Verdict.STEP_UP:
+            # RFC 9470 §3: the step-up challenge, with max_age when the route bounds MFA age.
+            challenge = (
+                'Bearer realm="ztgateway", error="insufficient_user_authentication", '
+                f'error_description="{reason.value}: complete TOTP at /.ztgw/mfa/verify"'
+            )
+            if ctx.mfa_max_age:
+                challenge += f", max_age={int(ctx.mfa_max_age)}"
+            resp.headers["WWW-Authenticate"] = challenge
+        view = ctx.session
+        if view is not None and view.cookie_invalid:
+            resp.headers["Set-Cookie"] = clear_cookie_header(self.config.sessions.cookie_name)
+        return resp
 
     def _refusal(
         self,
@@ -530,6 +588,14 @@ class Gateway:
             return await endpoints.posture_report(self, request, ctx)
         if ctx.path == "/.ztgw/device" and ctx.method in ("GET", "HEAD"):
             return await endpoints.device_status(self, request, ctx)
+        from . import mfa_endpoints
+
+        if ctx.path == "/.ztgw/mfa/verify" and ctx.method == "POST":
+            return await mfa_endpoints.verify_api(self, request, ctx)
+        if ctx.path == "/.ztgw/mfa" and ctx.method in ("GET", "POST"):
+            return await mfa_endpoints.step_up_page(self, request, ctx)
+        if ctx.path == "/.ztgw/mfa/enroll" and ctx.method == "GET":
+            return await mfa_endpoints.enroll_page(self, request, ctx)
         decision = self.refusal_decision(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "")
         with suppress(AuditUnavailable):
             self.record_decision(ctx, decision)

@@ -132,6 +132,27 @@ class RouteRisk:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float  # tokens per second
+    burst: int
+    scopes: tuple[str, ...] = ("session", "user", "device", "ip")
+
+
+IP_DRIFT_MODES = ("ignore", "allow_same_network", "step_up", "terminate")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSession:
+    ip_drift: Literal["ignore", "allow_same_network", "step_up", "terminate"] = "allow_same_network"
+    idle_timeout: float | None = None
+    absolute_timeout: float | None = None
+    mfa_max_age: float | None = None
+    anomaly_step_up: float | None = None
+    anomaly_terminate: float | None = None
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RoutePolicy:
     require_client_cert: bool = True
     require_token: bool = False
@@ -168,6 +189,7 @@ class RouteConfig:
     websocket: bool = True
     strip_prefix: bool = False
     risk: RouteRisk = field(default_factory=RouteRisk)
+    session: RouteSession = field(default_factory=RouteSession)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +233,31 @@ class RiskConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionsConfig:
+    cookie_name: str = "__Host-ztgw-session"
+    idle_timeout: float = 1800.0
+    absolute_timeout: float = 43200.0
+    anomaly_step_up: float = 0.7
+    anomaly_terminate: float = 0.9
+    anomaly_half_life: float = 600.0
+    burst_requests: int = 50
+    burst_window: float = 10.0
+    lock_on_terminate: float = 0.0
+    browser_sessions: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MFAConfig:
+    key_file: Path | None = None
+    key_env: str = "ZTGW_MFA_KEY"
+    issuer: str = "ztgateway"
+    max_failures: int = 5
+    find_time: float = 300.0
+    ban_time: float = 900.0
+    window: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     file: Path
     revision: str
@@ -229,6 +276,8 @@ class GatewayConfig:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     posture: PosturePolicy = field(default_factory=PosturePolicy)
     risk: RiskConfig = field(default_factory=RiskConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    mfa: MFAConfig = field(default_factory=MFAConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -264,6 +313,8 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     devices = _devices(root.table("devices"))
     posture = _posture(root.table("posture"))
     risk = _risk(root.table("risk"), zones)
+    sessions = _sessions(root.table("sessions"))
+    mfa = _mfa(root.table("mfa"))
     root.done()
     _check_overlaps(routes, root)
     if ops.enabled and server.port and (ops.host, ops.port) == (server.host, server.port):
@@ -286,6 +337,8 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         devices=devices,
         posture=posture,
         risk=risk,
+        sessions=sessions,
+        mfa=mfa,
     )
 
 
@@ -578,6 +631,7 @@ def _route(
         websocket=t.flag("websocket", True),
         strip_prefix=t.flag("strip_prefix", False),
         risk=_route_risk(t.table("risk")),
+        session=_route_session(t.table("session")),
     )
     if route.policy.require_client_cert is False and server.client_cert == "required":
         pass  # the listener demands a certificate anyway; the route just does not insist
@@ -754,6 +808,74 @@ def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
         default_timezone=tz,
         default_working_hours=hours,
         weights=tuple(weights),
+    )
+    t.done()
+    return cfg
+
+
+def _route_session(t: Table) -> RouteSession:
+    rl_t = t.table("rate_limit")
+    rate_limit = None
+    if rl_t.data:
+        scopes = rl_t.str_list("scopes", ("session", "user", "device", "ip"))
+        for i, sc in enumerate(scopes):
+            if sc not in ("session", "user", "device", "ip"):
+                rl_t.fail(f"scopes[{i}]", f"unknown scope {sc!r} (session, user, device, ip)")
+        rate_limit = RateLimit(
+            rate=rl_t.number("rate", required=True, min=0.001),
+            burst=rl_t.integer("burst", required=True, min=1),
+            scopes=scopes,
+        )
+    rl_t.done()
+    cfg = RouteSession(
+        ip_drift=t.choice("ip_drift", IP_DRIFT_MODES, "allow_same_network"),  # type: ignore[arg-type]
+        idle_timeout=t.number("idle_timeout", None, min=1.0),
+        absolute_timeout=t.number("absolute_timeout", None, min=1.0),
+        mfa_max_age=t.number("mfa_max_age", None, min=1.0),
+        anomaly_step_up=t.number("anomaly_step_up", None, min=0.0, max=1.0),
+        anomaly_terminate=t.number("anomaly_terminate", None, min=0.0, max=1.0),
+        rate_limit=rate_limit,
+    )
+    if (
+        cfg.anomaly_step_up is not None
+        and cfg.anomaly_terminate is not None
+        and cfg.anomaly_step_up > cfg.anomaly_terminate
+    ):
+        t.fail("anomaly_step_up", "must not exceed anomaly_terminate")
+    t.done()
+    return cfg
+
+
+def _sessions(t: Table) -> SessionsConfig:
+    cfg = SessionsConfig(
+        cookie_name=t.text("cookie_name", "__Host-ztgw-session"),
+        idle_timeout=t.number("idle_timeout", 1800.0, min=1.0),
+        absolute_timeout=t.number("absolute_timeout", 43200.0, min=1.0),
+        anomaly_step_up=t.number("anomaly_step_up", 0.7, min=0.0, max=1.0),
+        anomaly_terminate=t.number("anomaly_terminate", 0.9, min=0.0, max=1.0),
+        anomaly_half_life=t.number("anomaly_half_life", 600.0, min=1.0),
+        burst_requests=t.integer("burst_requests", 50, min=1),
+        burst_window=t.number("burst_window", 10.0, min=0.1),
+        lock_on_terminate=t.number("lock_on_terminate", 0.0, min=0.0),
+        browser_sessions=t.flag("browser_sessions", True),
+    )
+    if not cfg.cookie_name.startswith("__Host-"):
+        t.fail("cookie_name", "must start with __Host- (RFC 6265bis: Secure, no Domain, Path=/)")
+    if cfg.anomaly_step_up > cfg.anomaly_terminate:
+        t.fail("anomaly_step_up", "must not exceed anomaly_terminate")
+    t.done()
+    return cfg
+
+
+def _mfa(t: Table) -> MFAConfig:
+    cfg = MFAConfig(
+        key_file=t.path("key_file", must_exist=False),
+        key_env=t.text("key_env", "ZTGW_MFA_KEY"),
+        issuer=t.text("issuer", "ztgateway"),
+        max_failures=t.integer("max_failures", 5, min=1),
+        find_time=t.number("find_time", 300.0, min=1.0),
+        ban_time=t.number("ban_time", 900.0, min=1.0),
+        window=t.integer("window", 1, min=0, max=3),
     )
     t.done()
     return cfg

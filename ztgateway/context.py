@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .config import RouteConfig
     from .credentials.jwt import VerifiedToken
     from .stages.device import DeviceView
+    from .stages.session import SessionView
     from .tls import CertInfo
 
 
@@ -178,10 +179,20 @@ class RequestContext:
     route: RouteConfig | None = None
     identity: Identity | None = None
     device: DeviceView | None = None
+    session: SessionView | None = None
+    risk_score: float = 0.0
+    retry_after: float | None = None
+    mfa_max_age: float | None = None
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"
     findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def wants_html(self) -> bool:
+        from .responses import wants_html
+
+        return wants_html(self.headers.get("Accept", ""))
 
     @classmethod
     def from_request(

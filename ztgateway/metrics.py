@@ -154,6 +154,32 @@ class Metrics:
             ["route", "verdict", "signal"],
             registry=r,
         )
+        self.step_ups = Counter(
+            "ztgw_step_ups",
+            "TOTP step-ups: issued (challenges), passed, failed.",
+            ["result"],
+            registry=r,
+        )
+        self.terminations = Counter(
+            "ztgw_session_terminations",
+            "Sessions terminated by the gateway, by route and reason.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.anomaly_score = Histogram(
+            "ztgw_session_anomaly_score",
+            "Session anomaly score after each request.",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+            registry=r,
+        )
+        self.mfa_enrollments = Counter(
+            "ztgw_mfa_enrollments", "TOTP enrolments started.", registry=r
+        )
+        self.store_errors = Counter(
+            "ztgw_store_errors",
+            "Requests refused with 503 because the state store failed.",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "ztgw_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )

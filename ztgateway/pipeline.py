@@ -134,10 +134,12 @@ def default_stages(runtime: Runtime) -> list[Stage]:
     from .stages.identity import IdentityStage
     from .stages.policy import PolicyStage
     from .stages.request import RequestStage
+    from .stages.session import SessionStage
 
     return [
         RequestStage(runtime),
         IdentityStage(runtime),
         DeviceStage(runtime),
+        SessionStage(runtime),
         PolicyStage(runtime),
     ]

@@ -37,6 +37,8 @@ clocks, and a near-zero interval would turn a few kilometres of GeoIP noise into
 speed."""
 
 _EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius
+# For the off-hours detail: strftime("%a") is slower and follows the process locale.
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
 class Signal(enum.StrEnum):
@@ -308,7 +310,8 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
                 Signal.OFF_HOURS,
                 1.0,
                 weights.off_hours,
-                f"{inputs.local_time:%a %H:%M} is outside working hours",
+                f"{_WEEKDAYS[inputs.local_time.weekday()]} {inputs.local_time.hour:02d}:"
+                f"{inputs.local_time.minute:02d} is outside working hours",
             )
         )
 
@@ -317,7 +320,7 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
             (Signal.GEO_UNAVAILABLE, 1.0, 0.0, "no geolocation database: travel not checked")
         )
     elif inputs.location is not None and inputs.previous_location is not None:
-        travel = _impossible_travel(inputs)
+        travel = _impossible_travel(inputs.previous_location, inputs.location, inputs)
         if travel is not None:
             fired.append((Signal.IMPOSSIBLE_TRAVEL, 1.0, weights.impossible_travel, travel))
 
@@ -360,11 +363,12 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
     return combine(fired)
 
 
-def _impossible_travel(inputs: RiskInputs) -> str | None:
+def _impossible_travel(
+    previous: tuple[float, float, float], current: tuple[float, float], inputs: RiskInputs
+) -> str | None:
     """The explanation when the move from the previous location is too fast, else None."""
-    assert inputs.location is not None and inputs.previous_location is not None
-    plat, plon, pts = inputs.previous_location
-    distance = haversine_km((plat, plon), inputs.location)
+    plat, plon, pts = previous
+    distance = haversine_km((plat, plon), current)
     effective = max(0.0, distance - inputs.location_uncertainty_km)
     dt = inputs.now - pts
     speed = effective / (max(dt, MIN_TRAVEL_SECONDS) / 3600.0)
@@ -386,31 +390,49 @@ def combine(fired: Iterable[tuple[Signal, float, float, str]]) -> RiskResult:
     their own (w·s = 1) share the score equally and leave nothing for the others, since nothing
     adds to certainty.
     """
-    entries: list[tuple[Signal, float, float, float, str]] = []
-    survival = 1.0
-    certain = 0
-    for signal, strength, weight, detail in fired:
-        s = min(1.0, max(0.0, strength))
-        p = min(1.0, max(0.0, weight * s))
-        survival *= 1.0 - p
-        certain += p >= 1.0
-        entries.append((signal, s, weight, p, detail))
+    entries = fired if isinstance(fired, list) else list(fired)
     if not entries:
         return RiskResult(0.0)
+    probabilities: list[float] = []
+    strengths: list[float] = []
+    survival = 1.0
+    certain = 0
+    for _signal, strength, weight, _detail in entries:
+        s = strength if 0.0 <= strength <= 1.0 else _clamp(strength)
+        p = weight * s
+        if not 0.0 <= p <= 1.0:
+            p = _clamp(p)
+        strengths.append(s)
+        probabilities.append(p)
+        survival *= 1.0 - p
+        if p >= 1.0:
+            certain += 1
     score = 1.0 - survival
     if certain:
-        shares = [1.0 / certain if e[3] >= 1.0 else 0.0 for e in entries]
+        shares = [1.0 / certain if p >= 1.0 else 0.0 for p in probabilities]
     else:
-        logs = [-math.log1p(-e[3]) for e in entries]
-        total = sum(logs)
-        shares = [lg / total if total > 0 else 0.0 for lg in logs]
+        logs = [-math.log1p(-p) for p in probabilities]
+        total = math.fsum(logs)
+        shares = [lg / total for lg in logs] if total > 0.0 else [0.0] * len(logs)
     contributions = [
-        Contribution(signal, s, w, score * share, detail)
-        for (signal, s, w, _p, detail), share in zip(entries, shares, strict=True)
+        Contribution(signal, s, weight, score * share, detail)
+        for (signal, _strength, weight, detail), s, share in zip(
+            entries, strengths, shares, strict=True
+        )
     ]
-    # Stable sort: equal contributions keep the Signal declaration order.
-    contributions.sort(key=lambda c: -c.contribution)
+    if len(contributions) > 1:
+        # Stable sort: equal contributions keep the Signal declaration order.
+        contributions.sort(key=_by_contribution, reverse=True)
     return RiskResult(score, tuple(contributions))
+
+
+def _clamp(x: float) -> float:
+    """Into [0, 1]; NaN becomes 1, the fail-closed reading of a value nobody can interpret."""
+    return 0.0 if x < 0.0 else 1.0
+
+
+def _by_contribution(c: Contribution) -> float:
+    return c.contribution
 
 
 def validate_thresholds(allow_up_to: float, step_up_up_to: float) -> None:

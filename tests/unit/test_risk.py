@@ -20,6 +20,7 @@ from ztgateway.risk import (
     RiskWeights,
     Signal,
     ZoneClassifier,
+    combine,
     evaluate,
     haversine_km,
     in_working_hours,
@@ -156,6 +157,14 @@ def test_two_certain_signals_share_the_score_equally() -> None:
     assert [c.contribution for c in result.contributions] == [0.5, 0.5]
 
 
+def test_combine_clamps_out_of_range_and_reads_nan_as_certain() -> None:
+    assert combine([(Signal.NEW_DEVICE, 7.0, 0.3, "")]).score == pytest.approx(0.3)
+    assert combine([(Signal.NEW_DEVICE, -1.0, 0.3, "")]).score == 0.0
+    assert combine([(Signal.NEW_DEVICE, math.nan, 0.3, "")]).score == pytest.approx(0.3)
+    assert combine([(Signal.NEW_DEVICE, 1.0, math.nan, "")]).score == 1.0
+    assert combine(iter([])) == RiskResult(0.0)
+
+
 def test_weight_zero_records_the_signal_without_counting_it() -> None:
     result = evaluate(quiet(new_device=True), RiskWeights(new_device=0.0))
     assert result.score == 0.0
@@ -265,6 +274,12 @@ def test_working_hours_across_midnight(when: datetime, inside: bool) -> None:
     assert in_working_hours(when, NIGHT_SHIFT) is inside
     result = evaluate(quiet(local_time=when, working_hours=NIGHT_SHIFT), W)
     assert (result.get(Signal.OFF_HOURS) is None) is inside
+
+
+def test_off_hours_detail_names_the_local_time() -> None:
+    result = evaluate(quiet(local_time=datetime(2026, 3, 7, 23, 5)), W)
+    off_hours = result.get(Signal.OFF_HOURS)
+    assert off_hours is not None and off_hours.detail == "Sat 23:05 is outside working hours"
 
 
 def test_aware_local_time_uses_its_own_wall_clock() -> None:

@@ -120,6 +120,7 @@ async def forward_http(
     headers: CIMultiDict[str],
     *,
     decision_id: str,
+    extra_headers: dict[str, str] | None = None,
     on_upstream_head: Callable[[float], None] | None = None,
 ) -> web.StreamResponse:
     """Proxy one request. Raises BodyTooLarge or UpstreamFailure before the response starts."""
@@ -155,6 +156,9 @@ async def forward_http(
             out_headers = downstream_response_headers(up.headers)
             response.headers.update(out_headers)
             response.headers["X-ZT-Decision-Id"] = decision_id
+            if extra_headers:
+                for name, value in extra_headers.items():
+                    response.headers.add(name, value)
             no_body = request.method == "HEAD" or up.status in (204, 304) or 100 <= up.status < 200
             if no_body:
                 # Keep the upstream's Content-Length for HEAD (RFC 9110 §9.3.2) without a body.

@@ -73,6 +73,7 @@ class UserRecord:
     mfa_enrolled_at: float | None = None
     backup_codes: tuple[str, ...] = ()  # hashes
     mfa_last_step: int | None = None
+    mfa_locked_until: float | None = None
     known_devices: tuple[str, ...] = ()
     known_routes: tuple[str, ...] = ()
     last_location: tuple[float, float, float] | None = None  # lat, lon, time

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
 """
@@ -486,6 +487,28 @@ class SQLiteStore:
 
     def reset_failures(self, key: str) -> None:
         self._failures.pop(key, None)
+
+    async def advance(self, key: str, value: int) -> bool:
+        """Atomic compare-and-set: store `value` only if it is greater than the stored one.
+
+        The TOTP replay guard (RFC 6238 §5.2): one used time step per user, so the same code,
+        or an older one, can never be accepted twice — across processes too, since SQLite
+        serialises writers.
+        """
+        async with self._write_lock:
+            db = self.db
+            cur = await db.execute(
+                "INSERT INTO counters (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = excluded.value WHERE counters.value < excluded.value",
+                (key, value),
+            )
+            await db.commit()
+            return bool(cur.rowcount == 1)
+
+    async def reset_counter(self, key: str) -> None:
+        async with self._write_lock:
+            await self.db.execute("DELETE FROM counters WHERE key = ?", (key,))
+            await self.db.commit()
 
     async def claim_once(self, key: str, ttl: float, now: float) -> bool:
         """Atomically claim `key` (a used TOTP step): False if it was claimed before."""

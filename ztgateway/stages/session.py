@@ -1,0 +1,366 @@
+"""The session stage: continuous verification of a session on every request.
+
+Logging in once is not zero trust. A session (a browser cookie the gateway issued, or an API
+client's token bound to its certificate) is checked on every request: not revoked, not
+expired, presented by the same device and user, from the same network (IP drift modes), within
+its rate limits, with an anomaly score that rises with odd behaviour, decays with time, asks
+for TOTP step-up and finally terminates the session.
+
+The stage only reads and decides; `SessionKeeper.after_decision()` (called by the gateway once
+the decision is final) creates, updates and revokes sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
+from typing import TYPE_CHECKING
+
+from ..context import RequestContext
+from ..decision import Decision, Finding, Reason, Verdict
+from ..store.base import Session, UserRecord
+
+if TYPE_CHECKING:
+    from ..config import SessionsConfig
+    from ..runtime import Runtime
+    from ..store.sqlite import SQLiteStore
+
+NAME = "session"
+UA_CHANGE = 0.3
+IP_CHANGE = 0.2
+BURST = 0.25
+REFUSAL = 0.08
+RISK_SHARE = 0.4
+
+
+@dataclass(slots=True)
+class SessionView:
+    """What the stage learned, for the keeper to write back after the decision."""
+
+    session: Session | None
+    session_id: str | None
+    kind: str
+    anomaly: float
+    cookie_value: str | None = None
+    cookie_invalid: bool = False
+    drifted: bool = False
+
+
+def cookie_session_id(value: str) -> str:
+    """Cookie sessions are stored by hash: the database never holds a usable cookie."""
+    return "ck:" + hashlib.sha256(value.encode()).hexdigest()[:48]
+
+
+def token_session_id(token_hash: str) -> str:
+    return "tok:" + token_hash[:48]
+
+
+def read_cookie(header: str, name: str) -> str | None:
+    if name not in header:
+        return None
+    try:
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(header)
+    except CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None else None
+
+
+def same_network(a: str, b: str) -> bool:
+    """Same /24 (IPv4) or /64 (IPv6): a NAT pool or a DHCP renewal, not a new place."""
+    try:
+        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return False
+    if x.version != y.version:
+        return False
+    prefix = 24 if x.version == 4 else 64
+    return ipaddress.ip_network(f"{x}/{prefix}", strict=False) == ipaddress.ip_network(
+        f"{y}/{prefix}", strict=False
+    )
+
+
+def decayed(score: float, elapsed: float, half_life: float) -> float:
+    if score <= 0.0 or elapsed <= 0.0:
+        return max(0.0, score)
+    return score * math.pow(0.5, elapsed / half_life)
+
+
+def combine(score: float, increment: float) -> float:
+    """Noisy-OR: independent signals add up without ever exceeding 1."""
+    return 1.0 - (1.0 - score) * (1.0 - min(max(increment, 0.0), 1.0))
+
+
+class SessionStage:
+    name = NAME
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.store = runtime.store
+        self.cfg: SessionsConfig = runtime.config.sessions
+
+    async def check(self, ctx: RequestContext) -> Sequence[Finding]:
+        route = ctx.route
+        assert route is not None
+        store = self.store
+        if store is None:
+            return ()
+        rs = route.session
+        cfg = self.cfg
+        now = ctx.now
+        ident = ctx.identity
+        user = ident.user if ident else None
+        token = ident.token if ident else None
+        device_id = ctx.cert.device_id if ctx.cert else None
+
+        session_id: str | None = None
+        kind = "none"
+        cookie = read_cookie(ctx.headers.get("Cookie", ""), cfg.cookie_name)
+        if token is not None:
+            session_id, kind = token_session_id(token.token_hash), "token"
+        elif cookie is not None:
+            session_id, kind = cookie_session_id(cookie), "cookie"
+
+        # Rate limits come first: a storm is refused before it costs anything else.
+        rl = rs.rate_limit
+        if rl is not None:
+            keys = {"session": session_id, "user": user, "device": device_id, "ip": ctx.client_ip}
+            for scope in rl.scopes:
+                who = keys.get(scope)
+                if who is None:
+                    continue
+                wait = store.take_token(f"rl:{route.name}:{scope}:{who}", rl.rate, rl.burst, now)
+                if wait > 0:
+                    ctx.retry_after = max(ctx.retry_after or 0.0, wait)
+                    return [Finding(NAME, Reason.RATE_LIMITED, Verdict.DENY, detail=f"per {scope}")]
+
+        account = store.user(user) if user else None
+        if account is not None and account.locked(now):
+            return [
+                Finding(NAME, Reason.ACCOUNT_LOCKED, Verdict.DENY, detail=account.lock_reason or "")
+            ]
+
+        session = store.session(session_id) if session_id else None
+        view = SessionView(session, session_id, kind, 0.0, cookie_value=cookie)
+        ctx.session = view
+        if session is None:
+            if kind == "cookie":
+                # SECURITY: never adopt a session id the gateway did not issue (fixation).
+                view.cookie_invalid = True
+                return [
+                    Finding(
+                        NAME, Reason.SESSION_INVALID, Verdict.DENY, detail="unknown session cookie"
+                    )
+                ]
+            return self._mfa(ctx, rs.mfa_max_age, None, [])
+        if session.revoked:
+            # A terminated API session's token stays refused until it expires.
+            view.cookie_invalid = kind == "cookie"
+            return [
+                Finding(
+                    NAME,
+                    Reason.SESSION_TERMINATED,
+                    Verdict.DENY,
+                    detail=session.revoked_reason or "",
+                )
+            ]
+        idle = rs.idle_timeout or cfg.idle_timeout
+        if now >= session.expires_at or now - session.last_seen > idle:
+            if kind != "token":
+                view.cookie_invalid = True
+                return [Finding(NAME, Reason.SESSION_EXPIRED, Verdict.DENY)]
+            # The token is still valid: its session simply starts again.
+            view.session = None
+            return self._mfa(ctx, rs.mfa_max_age, None, [])
+        if session.device_id and device_id and session.device_id != device_id:
+            view.cookie_invalid = kind == "cookie"
+            return [
+                Finding(
+                    NAME, Reason.SESSION_INVALID, Verdict.DENY, detail="presented by another device"
+                )
+            ]
+        if user and session.user != user:
+            return [
+                Finding(
+                    NAME, Reason.SESSION_INVALID, Verdict.DENY, detail="presented by another user"
+                )
+            ]
+
+        out: list[Finding] = []
+        anomaly = decayed(session.anomaly, now - session.anomaly_at, cfg.anomaly_half_life)
+        verified_ip = str(session.extra.get("verified_ip", session.start_ip))
+        if ctx.client_ip != verified_ip:
+            mode = rs.ip_drift
+            near = same_network(ctx.client_ip, verified_ip)
+            detail = f"{verified_ip} -> {ctx.client_ip}"
+            view.drifted = True
+            if mode == "terminate" and not near:
+                out.append(Finding(NAME, Reason.IP_DRIFT, Verdict.TERMINATE, detail=detail))
+            elif mode == "step_up" or (mode == "allow_same_network" and not near):
+                out.append(
+                    Finding(NAME, Reason.IP_DRIFT, Verdict.STEP_UP, risk=IP_CHANGE, detail=detail)
+                )
+            if ctx.client_ip != session.last_ip:
+                anomaly = combine(anomaly, IP_CHANGE)
+        ua = ctx.headers.get("User-Agent", "")
+        if session.user_agent and ua != session.user_agent and not session.extra.get("ua_changed"):
+            anomaly = combine(anomaly, UA_CHANGE)
+            out.append(
+                Finding(
+                    NAME, Reason.SESSION_INVALID, None, risk=UA_CHANGE, detail="user agent changed"
+                )
+            )
+        recent = store.failures(f"req:{session.session_id}", now, cfg.burst_window)
+        if recent >= cfg.burst_requests:
+            anomaly = combine(anomaly, BURST)
+        refusals = store.failures(f"refused:{session.session_id}", now, 300.0)
+        if refusals:
+            anomaly = combine(anomaly, min(0.6, REFUSAL * refusals))
+        risk = ctx.risk_score
+        if risk:
+            anomaly = combine(anomaly, RISK_SHARE * risk)
+        view.anomaly = anomaly
+
+        terminate_at = (
+            rs.anomaly_terminate if rs.anomaly_terminate is not None else cfg.anomaly_terminate
+        )
+        step_up_at = rs.anomaly_step_up if rs.anomaly_step_up is not None else cfg.anomaly_step_up
+        if anomaly >= terminate_at:
+            out.append(
+                Finding(
+                    NAME,
+                    Reason.SESSION_TERMINATED,
+                    Verdict.TERMINATE,
+                    risk=anomaly,
+                    detail=f"anomaly {anomaly:.2f}",
+                )
+            )
+        elif anomaly >= step_up_at:
+            mfa_at = session.mfa_at or 0.0
+            if mfa_at < float(session.extra.get("anomaly_since", now)):
+                out.append(
+                    Finding(
+                        NAME,
+                        Reason.RISK_STEP_UP,
+                        Verdict.STEP_UP,
+                        risk=anomaly,
+                        detail=f"anomaly {anomaly:.2f}",
+                    )
+                )
+        return self._mfa(ctx, rs.mfa_max_age, session, out)
+
+    def _mfa(
+        self,
+        ctx: RequestContext,
+        max_age: float | None,
+        session: Session | None,
+        out: list[Finding],
+    ) -> list[Finding]:
+        if max_age is None:
+            return out
+        mfa_at = session.mfa_at if session else None
+        if mfa_at is None or ctx.now - mfa_at > max_age:
+            ctx.mfa_max_age = max_age
+            out.append(
+                Finding(
+                    NAME, Reason.MFA_REQUIRED, Verdict.STEP_UP, detail=f"within {int(max_age)} s"
+                )
+            )
+        return out
+
+
+class SessionKeeper:
+    """Writes back what a decided request means for its session (create, touch, revoke)."""
+
+    def __init__(self, store: SQLiteStore, cfg: SessionsConfig) -> None:
+        self.store = store
+        self.cfg = cfg
+
+    async def after_decision(self, ctx: RequestContext, decision: Decision) -> str | None:
+        """Returns a new cookie value to set, if a browser session was started."""
+        store, cfg = self.store, self.cfg
+        now = ctx.now
+        view = ctx.session
+        ident = ctx.identity
+        user = ident.user if ident else None
+        if not decision.allowed:
+            for key in (
+                f"user:{user}" if user else None,
+                f"device:{ctx.cert.device_id}" if ctx.cert else None,
+                f"ip:{ctx.client_ip}",
+            ):
+                if key:
+                    store.record_failure(key, now)
+            if view is not None and view.session is not None:
+                store.record_failure(f"refused:{view.session.session_id}", now)
+        if view is None or user is None or ctx.route is None:
+            return None
+        session = view.session
+        if decision.verdict is Verdict.TERMINATE and session is not None:
+            reason = decision.reason.value
+            await store.revoke_session(session.session_id, reason, now)
+            if cfg.lock_on_terminate > 0:
+                account = store.user(user) or UserRecord(user=user)
+                account.locked_until = now + cfg.lock_on_terminate
+                account.lock_reason = f"session terminated: {reason}"
+                await store.save_user(account)
+            return None
+        if session is not None:
+            session.last_seen = now
+            session.last_ip = ctx.client_ip
+            session.requests += 1
+            if view.anomaly >= cfg.anomaly_step_up and session.anomaly < cfg.anomaly_step_up:
+                session.extra["anomaly_since"] = now
+            session.anomaly, session.anomaly_at = view.anomaly, now
+            ua = ctx.headers.get("User-Agent", "")
+            if ua != session.user_agent:
+                session.extra["ua_changed"] = True
+            store.record_failure(f"req:{session.session_id}", now)
+            store.touch_session(session)
+            return None
+        if not decision.allowed:
+            return None
+        # A full verification just passed: start a session.
+        route = ctx.route
+        absolute = route.session.absolute_timeout or cfg.absolute_timeout
+        cookie_value = None
+        if view.kind == "token" and view.session_id:
+            session_id, kind = view.session_id, "token"
+            if ident is not None and ident.token is not None:
+                absolute = min(absolute, max(1.0, ident.token.expires_at - now))
+        elif cfg.browser_sessions and view.kind == "none" and ctx.wants_html:
+            cookie_value = secrets.token_urlsafe(32)
+            session_id, kind = cookie_session_id(cookie_value), "cookie"
+        else:
+            return None
+        await store.save_session(
+            Session(
+                session_id=session_id,
+                kind=kind,  # type: ignore[arg-type]
+                user=user,
+                device_id=ctx.cert.device_id if ctx.cert else None,
+                start_ip=ctx.client_ip,
+                last_ip=ctx.client_ip,
+                user_agent=ctx.headers.get("User-Agent", ""),
+                created=now,
+                last_seen=now,
+                expires_at=now + absolute,
+                requests=1,
+                extra={"verified_ip": ctx.client_ip},
+            )
+        )
+        return cookie_value
+
+
+def new_cookie_header(name: str, value: str, *, max_age: int) -> str:
+    """`__Host-` prefix: Secure, Path=/, no Domain (RFC 6265bis §4.1.3.2)."""
+    return f"{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}"
+
+
+def clear_cookie_header(name: str) -> str:
+    return f"{name}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
