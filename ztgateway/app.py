@@ -30,6 +30,7 @@ from .decision import Decision, Finding, Reason, Verdict
 from .forward.headers import SERVER_BANNER, upgrade_requested, upstream_request_headers
 from .forward.http import BodyTooLarge, UpstreamFailure, Upstreams, forward_http, upstream_url
 from .forward.websocket import Watch, bridge_websocket
+from .geo import GeoLocator
 from .listener import GatewayRequestHandler, Listener
 from .metrics import Metrics
 from .mfa import MFA
@@ -37,6 +38,7 @@ from .pipeline import Pipeline, default_stages
 from .responses import DECISION_HEADER, problem
 from .routes import RouteTable
 from .runtime import Runtime
+from .stages.risk import remember
 from .stages.session import SessionKeeper, clear_cookie_header, new_cookie_header
 from .store import store_from_url
 from .store.base import ChangeKind, Device, StoreUnavailable
@@ -62,6 +64,11 @@ class Gateway:
         self.store = store_from_url(config.store.url, base=config.store.base)
         self.store.subscribe(self._on_store_change)
         self.upstreams = Upstreams(list(_all_upstreams(config)))
+        self.geo = GeoLocator.open(config.risk.geoip_db)
+        if config.risk.geoip_db is not None and not self.geo.available:
+            log.warning(
+                "geolocation unavailable, impossible travel is not checked: %s", self.geo.error
+            )
         self.mfa = MFA(config.mfa, self.store, create_key=config.mfa.key_file is not None)
         self.keeper = SessionKeeper(self.store, config.sessions)
         self.csrf_key = secrets.token_bytes(32)
@@ -90,6 +97,7 @@ class Gateway:
             revocations=lambda: self.tls.current.revocations,
             tokens=self.tokens,
             store=self.store,
+            geo=self.geo,
         )
         rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
         return rt
@@ -184,6 +192,7 @@ class Gateway:
         if self.tokens is not None:
             await self.tokens.close()
         await self.store.close()
+        self.geo.close()
         await self.audit.close()
 
     async def _poll_tls(self) -> None:
@@ -308,9 +317,25 @@ class Gateway:
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         route = ctx.route
         route_label = route.name if route else "-"
+        if route is not None:
+            self.metrics.risk_score.labels(route_label).observe(ctx.risk_score)
+        if ctx.session is not None and ctx.session.session is not None:
+            self.metrics.anomaly_score.observe(ctx.session.anomaly)
+        if decision.reason in (Reason.RISK_STEP_UP, Reason.RISK_DENIED) and route is not None:
+            top = next(
+                (
+                    f.reason.value
+                    for f in decision.findings
+                    if f.stage == "risk" and f.verdict is None
+                ),
+                "none",
+            )
+            self.metrics.risk_refusals.labels(route_label, decision.verdict.label, top).inc()
         try:
             self.record_decision(ctx, decision)
             new_cookie = await self.keeper.after_decision(ctx, decision)
+            if decision.allowed:
+                remember(rt, ctx)
         except AuditUnavailable:
             # SECURITY: a decision we cannot record is not acted on (fail closed).
             self.metrics.audit_unavailable.inc()
@@ -618,6 +643,13 @@ class Gateway:
         for up in _all_upstreams(self.config):
             ups[up.name] = await _reachable(up.url.host or "", up.url.port or 80)
         checks["upstreams"] = {"ok": all(ups.values()), "reachable": ups}
+        checks["geoip"] = {
+            "ok": True,
+            "configured": self.config.risk.geoip_db is not None,
+            "available": self.geo.available,
+            "error": self.geo.error,
+        }
+        checks["store"] = {"ok": self.store.healthy}
         if self.tokens is not None:
             checks["issuers"] = {"ok": True, "status": self.tokens.jwks_status()}
         return checks

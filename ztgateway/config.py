@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import time as dtime
 from pathlib import Path
 from typing import Literal
@@ -22,6 +22,7 @@ from yarl import URL
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .posture import PLATFORMS, PosturePolicy, parse_version
+from .risk import BlocklistError, RiskWeights
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CertMode = Literal["required", "optional"]
@@ -229,7 +230,7 @@ class RiskConfig:
     large_request_bytes: int = 10 * 1024 * 1024
     default_timezone: str = "UTC"
     default_working_hours: str = ""
-    weights: tuple[tuple[str, float], ...] = ()
+    weights: RiskWeights = field(default_factory=RiskWeights)
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,6 +510,15 @@ def _time_window(text: str, tz: ZoneInfo, t: Table, key: str) -> TimeWindow:
     return TimeWindow(frozenset(days), dtime(h1, m1), end, tz, text.strip())
 
 
+def _time_window_parse(text: str, tz: ZoneInfo) -> TimeWindow:
+    """Parse a window outside configuration loading (per-user working hours from the store)."""
+    table = Table({}, Path("<user profile>"))
+    try:
+        return _time_window(text, tz, table, "working_hours")
+    except ConfigError as exc:
+        raise ValueError(exc.message) from exc
+
+
 def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[str]) -> RoutePolicy:
     methods = frozenset(m.upper() for m in t.str_list("methods"))
     bad = methods - HTTP_METHODS
@@ -758,20 +768,7 @@ def _posture(t: Table) -> PosturePolicy:
     return cfg
 
 
-RISK_SIGNALS = (
-    "zone-blocked",
-    "zone-unknown",
-    "new-device",
-    "device-noncompliant",
-    "posture-stale",
-    "off-hours",
-    "impossible-travel",
-    "failed-attempts",
-    "sensitive-route-unusual",
-    "large-request",
-    "device-owner-mismatch",
-    "header-spoofed",
-)
+RISK_SIGNALS = tuple(f.name for f in fields(RiskWeights))
 
 
 def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
@@ -782,12 +779,16 @@ def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
             if z not in zones:
                 t.fail(f"{key}[{i}]", f"unknown zone {z!r} (define it under [zones])")
     wt = t.table("weights")
-    weights = []
+    values = {}
     for name in list(wt.data):
         if name not in RISK_SIGNALS:
             wt.fail(name, f"unknown signal (one of {', '.join(RISK_SIGNALS)})")
-        weights.append((name, wt.number(name, 0.0, min=0.0, max=1.0)))
+        values[name] = wt.number(name, 0.0, min=0.0, max=1.0)
     wt.done()
+    try:
+        weights = RiskWeights.from_mapping(values)
+    except ValueError as exc:
+        t.fail("weights", str(exc))
     tz = t.text("default_timezone", "UTC")
     try:
         ZoneInfo(tz)
@@ -796,10 +797,18 @@ def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
     hours = t.text("default_working_hours", "")
     if hours:
         _time_window(hours, ZoneInfo(tz), t, "default_working_hours")
+    blocklist = t.path("blocklist")
+    if blocklist is not None:
+        from .risk import read_blocklist
+
+        try:
+            read_blocklist(blocklist)
+        except BlocklistError as exc:
+            t.fail("blocklist", str(exc))
     cfg = RiskConfig(
         trusted_zones=trusted,
         blocked_zones=blocked,
-        blocklist=t.path("blocklist"),
+        blocklist=blocklist,
         geoip_db=t.path("geoip_db", must_exist=False),
         max_travel_speed_kmh=t.number("max_travel_speed_kmh", 900.0, min=1.0),
         failed_attempts_window=t.number("failed_attempts_window", 600.0, min=1.0),
@@ -807,7 +816,7 @@ def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
         large_request_bytes=t.integer("large_request_bytes", 10 * 1024 * 1024, min=1),
         default_timezone=tz,
         default_working_hours=hours,
-        weights=tuple(weights),
+        weights=weights,
     )
     t.done()
     return cfg

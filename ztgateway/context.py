@@ -181,6 +181,7 @@ class RequestContext:
     device: DeviceView | None = None
     session: SessionView | None = None
     risk_score: float = 0.0
+    risk_location: tuple[float, float] | None = None
     retry_after: float | None = None
     mfa_max_age: float | None = None
     spoofed_headers: tuple[str, ...] = ()

@@ -134,12 +134,14 @@ def default_stages(runtime: Runtime) -> list[Stage]:
     from .stages.identity import IdentityStage
     from .stages.policy import PolicyStage
     from .stages.request import RequestStage
+    from .stages.risk import RiskStage, build_zones
     from .stages.session import SessionStage
 
     return [
         RequestStage(runtime),
         IdentityStage(runtime),
         DeviceStage(runtime),
+        RiskStage(runtime, zones=build_zones(runtime), geo=runtime.geo),
         SessionStage(runtime),
         PolicyStage(runtime),
     ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .config import GatewayConfig
 from .credentials.jwt import TokenVerifier
+from .geo import GeoLocator
 from .metrics import Metrics
 from .routes import RouteTable
 from .store.sqlite import SQLiteStore
@@ -31,6 +32,7 @@ class Runtime:
     tokens: TokenVerifier | None = None
     store: SQLiteStore | None = None
     dry_run: bool = False
+    geo: GeoLocator = field(default_factory=lambda: GeoLocator.open(None))
     """explain / policy test / /decide: judge, but never write (no device registration)."""
     clock: Callable[[], float] = field(default=time.time)
     pipeline: Pipeline = field(init=False)

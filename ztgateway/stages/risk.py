@@ -1,0 +1,177 @@
+"""The risk stage: every signal the gateway has about a request, as one explained score.
+
+It only adds findings — one informational finding per contributing signal, with its share of
+the score — and turns the score into a verdict with the route's thresholds: allow up to A,
+step-up up to B, deny above. The scoring itself is `ztgateway/risk.py` (pure, no I/O); this
+stage gathers its inputs from the context and the store's memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
+
+from ..config import _time_window_parse
+from ..context import RequestContext
+from ..decision import Finding, Reason, Verdict
+from ..geo import GeoLocator
+from ..risk import RiskInputs, WorkingHours, ZoneClassifier, evaluate, verdict_for
+from ..store.base import UserRecord
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+NAME = "risk"
+
+
+def build_zones(runtime: Runtime) -> ZoneClassifier:
+    cfg = runtime.config
+    nets = cfg.zones
+    trusted = [n for z in cfg.risk.trusted_zones for n in nets[z]]
+    blocked = [n for z in cfg.risk.blocked_zones for n in nets[z]]
+    return ZoneClassifier(trusted=trusted, blocked=blocked, blocklist_file=cfg.risk.blocklist)
+
+
+class RiskStage:
+    name = NAME
+
+    def __init__(self, runtime: Runtime, *, zones: ZoneClassifier, geo: GeoLocator) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.cfg = runtime.config.risk
+        self.zones = zones
+        self.geo = geo
+        self._hours_cache: dict[str, tuple[ZoneInfo, WorkingHours] | None] = {}
+
+    def _hours(self, account: UserRecord | None) -> tuple[ZoneInfo, WorkingHours] | None:
+        tz_name = (account.timezone if account else None) or self.cfg.default_timezone
+        spec = (account.working_hours if account else None) or self.cfg.default_working_hours
+        if not spec:
+            return None
+        key = f"{tz_name}|{spec}"
+        if key not in self._hours_cache:
+            try:
+                tz = ZoneInfo(tz_name)
+                window = _time_window_parse(spec, tz)
+                self._hours_cache[key] = (tz, (window.days, window.start, window.end))
+            except (ValueError, KeyError):
+                self._hours_cache[key] = None
+        return self._hours_cache[key]
+
+    async def check(self, ctx: RequestContext) -> Sequence[Finding]:
+        route = ctx.route
+        assert route is not None
+        store = self.store
+        cfg = self.cfg
+        now = ctx.now
+        ident = ctx.identity
+        user = ident.user if ident else None
+        account = store.user(user) if (store is not None and user) else None
+        device_id = ctx.cert.device_id if ctx.cert else None
+        view = ctx.device
+        compliant: bool | None = None
+        stale = False
+        if view is not None and view.posture is not None and view.posture.reported_at is not None:
+            compliant = view.posture.compliant or (
+                view.posture.stale and len(view.posture.failed) == 1
+            )
+            stale = view.posture.stale
+        hours = self._hours(account)
+        local_time = datetime.fromtimestamp(now, hours[0]) if hours else None
+        location = self.geo.locate(ctx.client_ip) if self.geo.available else None
+        failed = 0
+        if store is not None:
+            window = cfg.failed_attempts_window
+            for key in (
+                f"user:{user}" if user else None,
+                f"device:{device_id}" if device_id else None,
+                f"ip:{ctx.client_ip}",
+            ):
+                if key:
+                    failed = max(failed, store.failures(key, now, window))
+        length = ctx.headers.get("Content-Length")
+        inputs = RiskInputs(
+            client_ip=ctx.client_ip,
+            zone=self.zones.classify(ctx.client_ip),
+            new_device=bool(
+                user and device_id and (account is None or device_id not in account.known_devices)
+            ),
+            device_compliant=compliant,
+            posture_stale=stale,
+            local_time=local_time,
+            working_hours=hours[1] if hours else None,
+            location=location,
+            previous_location=account.last_location if account else None,
+            now=now,
+            max_speed_kmh=cfg.max_travel_speed_kmh,
+            geo_available=self.geo.available or cfg.geoip_db is None,
+            failed_attempts=failed,
+            failed_attempts_threshold=cfg.failed_attempts_threshold,
+            sensitive_route=route.risk.sensitive,
+            route_seen_before_by_user=bool(account and route.name in account.known_routes),
+            request_bytes=int(length) if length and length.isdigit() else None,
+            large_request_bytes=cfg.large_request_bytes,
+        )
+        result = evaluate(inputs, cfg.weights)
+        ctx.risk_score = result.score
+        ctx.risk_location = location
+        out = [
+            Finding(NAME, Reason(c.signal.value), None, risk=c.contribution, detail=c.detail)
+            for c in result.contributions
+        ]
+        verdict = verdict_for(result.score, route.risk.allow_up_to, route.risk.step_up_up_to)
+        if verdict == "step_up":
+            out.append(
+                Finding(
+                    NAME,
+                    Reason.RISK_STEP_UP,
+                    Verdict.STEP_UP,
+                    risk=result.score,
+                    detail=f"score {result.score:.2f}",
+                )
+            )
+        elif verdict == "deny":
+            out.append(
+                Finding(
+                    NAME,
+                    Reason.RISK_DENIED,
+                    Verdict.DENY,
+                    risk=result.score,
+                    detail=f"score {result.score:.2f}",
+                )
+            )
+        return out
+
+
+def remember(runtime: Runtime, ctx: RequestContext) -> None:
+    """After an ALLOW: this user now knows this device, this route, and was here (write-behind)."""
+    store = runtime.store
+    ident = ctx.identity
+    if store is None or ident is None or ident.user is None or ctx.route is None or runtime.dry_run:
+        return
+    account = store.user(ident.user) or UserRecord(user=ident.user)
+    device_id = ctx.cert.device_id if ctx.cert else None
+    changed = False
+    if device_id and device_id not in account.known_devices:
+        account = replace(account, known_devices=(*account.known_devices[-49:], device_id))
+        changed = True
+    if ctx.route.risk.sensitive and ctx.route.name not in account.known_routes:
+        account = replace(account, known_routes=(*account.known_routes, ctx.route.name))
+        changed = True
+    location = ctx.risk_location
+    if location is not None:
+        account = replace(account, last_location=(location[0], location[1], ctx.now))
+        changed = True
+    if changed:
+        store.touch_user(account)
+
+
+def is_public(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_global
+    except ValueError:
+        return False
