@@ -81,6 +81,7 @@ def base_config(certs: Certs, upstream_port: int, tmp: Path) -> dict[str, Any]:
         "audit": {"db": str(tmp / "audit.db"), "jsonl": str(tmp / "audit.jsonl")},
         "store": {"url": f"sqlite:///{tmp}/state.db"},
         "devices": {"auto_approve": True},
+        "mfa": {"key_file": str(tmp / "mfa.key")},
         "zones": {"loopback": ["127.0.0.0/8"], "corp": ["10.0.0.0/8"]},
         "issuers": {
             "dev": {

@@ -199,7 +199,7 @@ class SessionStage:
             near = same_network(ctx.client_ip, verified_ip)
             detail = f"{verified_ip} -> {ctx.client_ip}"
             view.drifted = True
-            if mode == "terminate" and not near:
+            if mode == "terminate":
                 out.append(Finding(NAME, Reason.IP_DRIFT, Verdict.TERMINATE, detail=detail))
             elif mode == "step_up" or (mode == "allow_same_network" and not near):
                 out.append(

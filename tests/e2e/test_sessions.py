@@ -1,0 +1,355 @@
+"""Continuous session verification and TOTP step-up through a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.support import Certs, client_ssl
+from ztgateway.app import Gateway
+from ztgateway.cli import main
+from ztgateway.credentials.devtoken import issue_token
+from ztgateway.credentials.totp import totp_code
+from ztgateway.mfa_endpoints import safe_redirect
+
+
+def client(
+    certs: Certs, *, ip: str = "127.0.0.1", cert: str = "alice-laptop"
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        ssl=client_ssl(certs, cert), local_addr=(ip, 0), force_close=True
+    )
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+
+def route(**session: Any) -> dict[str, Any]:
+    return {
+        "name": "api",
+        "prefix": "/",
+        "upstream": "demo",
+        "policy": {"require_token": True},
+        "session": session,
+    }
+
+
+async def call(
+    gw: Gateway,
+    certs: Certs,
+    token: str | None,
+    *,
+    ip: str = "127.0.0.1",
+    path: str = "/echo",
+    headers: dict[str, str] | None = None,
+    cert: str = "alice-laptop",
+) -> tuple[int, dict[str, str], Any]:
+    h = dict(headers or {})
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    async with (
+        client(certs, ip=ip, cert=cert) as s,
+        s.get(f"https://127.0.0.1:{gw.port}{path}", headers=h, allow_redirects=False) as r,
+    ):
+        body = (
+            await r.json(content_type=None) if r.content_type.endswith("json") else await r.text()
+        )
+        return r.status, dict(r.headers), body
+
+
+async def verify(
+    gw: Gateway, certs: Certs, token: str, code: str, *, ip: str = "127.0.0.1"
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with (
+        client(certs, ip=ip) as s,
+        s.post(
+            f"https://127.0.0.1:{gw.port}/.ztgw/mfa/verify",
+            json={"code": code},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as r,
+    ):
+        return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+async def test_ip_drift_asks_for_totp_which_passes_once_and_is_refused_when_replayed(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory({"routes": [route(ip_drift="step_up")]})
+    secret = (await gw.mfa.enroll("alice")).secret
+    token = issue_token(certs.issuer_key, sub="alice", bind_cert=certs.client("alice-laptop")[0])
+    assert (await call(gw, certs, token))[0] == 200
+    status, headers, body = await call(gw, certs, token, ip="127.0.0.2")
+    assert (status, body["reason"]) == (401, "ip-drift")
+    challenge = headers["WWW-Authenticate"]
+    assert (
+        'error="insufficient_user_authentication"' in challenge
+        and "error_description=" in challenge
+    )
+    code = totp_code(secret, now=time.time())
+    status, answer, _ = await verify(gw, certs, token, code, ip="127.0.0.2")
+    assert status == 200 and answer["user"] == "alice"
+    assert (await call(gw, certs, token, ip="127.0.0.2"))[0] == 200
+    status, answer, _ = await verify(gw, certs, token, code, ip="127.0.0.2")
+    assert (status, answer["detail"]) == (401, "mfa-replayed")
+    fresh = totp_code(secret, now=time.time() + 30)
+    assert (await verify(gw, certs, token, fresh, ip="127.0.0.2"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("ignore", 200), ("allow_same_network", 200), ("terminate", 401)]
+)
+async def test_ip_drift_modes(
+    gateway_factory: GatewayFactory, certs: Certs, mode: str, expected: int
+) -> None:
+    gw = await gateway_factory({"routes": [route(ip_drift=mode)]})
+    token = issue_token(certs.issuer_key, sub="alice")
+    assert (await call(gw, certs, token))[0] == 200
+    status, _, body = await call(gw, certs, token, ip="127.0.0.2")
+    assert status == expected
+    if mode == "terminate":
+        assert body["reason"] == "ip-drift"
+        status, _, body = await call(gw, certs, token)
+        assert (status, body["reason"]) == (401, "session-terminated"), (
+            "a terminated token stays refused"
+        )
+        assert (
+            'ztgw_session_terminations_total{reason="ip-drift",route="api"} 1.0'
+            in gw.metrics.render().decode()
+        )
+
+
+async def test_rate_limit_answers_429_with_retry_after_and_spares_others(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory(
+        {"routes": [route(rate_limit={"rate": 0.5, "burst": 3, "scopes": ["user"]})]}
+    )
+    alice = issue_token(certs.issuer_key, sub="alice")
+    statuses = [(await call(gw, certs, alice))[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    status, headers, body = await call(gw, certs, alice)
+    assert (status, body["reason"]) == (429, "rate-limited")
+    assert int(headers["Retry-After"]) >= 1
+    bob = issue_token(certs.issuer_key, sub="bob")
+    assert (await call(gw, certs, bob, cert="bob-phone"))[0] == 200
+
+
+async def test_anomaly_rises_to_step_up_then_termination(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    r = route(anomaly_step_up=0.25, anomaly_terminate=0.6)
+    r["policy"]["paths"] = ["/echo"]
+    gw = await gateway_factory({"routes": [r]})
+    token = issue_token(certs.issuer_key, sub="alice")
+    assert (await call(gw, certs, token, headers={"User-Agent": "agent/1"}))[0] == 200
+    status, _, body = await call(gw, certs, token, headers={"User-Agent": "other/2"})
+    assert (status, body["reason"]) == (401, "risk-step-up")
+    reasons = []
+    for i in range(8):  # an enumeration: every probe is refused and raises the score
+        status, _, body = await call(
+            gw, certs, token, path=f"/probe{i}", headers={"User-Agent": "agent/1"}
+        )
+        reasons.append(body["reason"])
+        if body["reason"] == "session-terminated":
+            break
+    assert reasons[-1] == "session-terminated", reasons
+    assert (await call(gw, certs, token))[2]["reason"] == "session-terminated"
+
+
+async def test_cli_termination_refuses_the_token_and_closes_its_websocket(
+    gateway_factory: GatewayFactory, certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = await gateway_factory({"routes": [route(ip_drift="ignore")]})
+    token = issue_token(certs.issuer_key, sub="alice")
+    async with client(certs) as s:
+        async with s.ws_connect(
+            f"wss://127.0.0.1:{gw.port}/ws", headers={"Authorization": f"Bearer {token}"}
+        ) as ws:
+            await ws.send_str("ping")
+            assert (await ws.receive(timeout=5)).data == "ping"
+            assert (
+                await asyncio.to_thread(
+                    main, ["sessions", "terminate", "--user", "alice", "-c", str(gw.config.file)]
+                )
+                == 0
+            )
+            assert "1 sessions terminated" in capsys.readouterr().out
+            started = time.monotonic()
+            msg = await ws.receive(timeout=5)
+            assert msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+            )
+            assert ws.close_code == 1008
+            assert time.monotonic() - started < 3
+    status, _, body = await call(gw, certs, token)
+    assert (status, body["reason"]) == (401, "session-terminated")
+
+
+async def test_browser_session_cookie_is_host_prefixed_bound_and_never_forwarded(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory({"routes": [{"name": "app", "prefix": "/", "upstream": "demo"}]})
+    status, headers, _ = await call(gw, certs, None, headers={"Accept": "text/html"})
+    assert status == 200
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith("__Host-ztgw-session=")
+    for attr in ("Path=/", "Secure", "HttpOnly", "SameSite=Lax"):
+        assert attr in cookie
+    assert "Domain" not in cookie
+    value = cookie.split(";")[0]
+    status, _, body = await call(gw, certs, None, headers={"Cookie": value + "; legacy=1"})
+    assert status == 200
+    assert body["headers_map"]["cookie"] == "legacy=1", "the gateway's cookie never reaches the app"
+    status, headers, body = await call(gw, certs, None, headers={"Cookie": value}, cert="bob-phone")
+    assert (status, body["reason"]) == (401, "session-invalid"), (
+        "a cookie replayed from another device"
+    )
+    status, headers, body = await call(
+        gw, certs, None, headers={"Cookie": "__Host-ztgw-session=forged-before-login"}
+    )
+    assert (status, body["reason"]) == (401, "session-invalid")
+    assert "Max-Age=0" in headers["Set-Cookie"]
+
+
+async def test_totp_brute_force_is_locked_out(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory({"routes": [route()], "mfa": {"max_failures": 3, "ban_time": 60}})
+    await gw.mfa.enroll("alice")
+    token = issue_token(certs.issuer_key, sub="alice")
+    results = [
+        await verify(gw, certs, token, code) for code in ("000000", "111111", "abcdef", "222222")
+    ]
+    assert [r[0] for r in results[:2]] == [401, 401]
+    assert results[2][0] in (400, 429)
+    status, answer, headers = results[3]
+    assert (status, answer["detail"]) == (429, "mfa-locked")
+    assert int(headers["Retry-After"]) > 0
+    assert 'ztgw_step_ups_total{result="failed"}' in gw.metrics.render().decode()
+
+
+async def test_mfa_route_sends_browsers_to_the_step_up_form_and_back(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory(
+        {
+            "routes": [
+                {
+                    "name": "admin",
+                    "prefix": "/",
+                    "upstream": "demo",
+                    "session": {"mfa_max_age": 900},
+                }
+            ]
+        }
+    )
+    secret = (await gw.mfa.enroll("alice")).secret
+    status, headers, _ = await call(
+        gw, certs, None, path="/echo?x=1", headers={"Accept": "text/html"}
+    )
+    assert status == 303
+    assert headers["Location"] == "/.ztgw/mfa?rd=/echo%3Fx%3D1"
+    async with client(certs) as s:
+        async with s.get(
+            f"https://127.0.0.1:{gw.port}/.ztgw/mfa?rd=/echo", headers={"Accept": "text/html"}
+        ) as r:
+            page = await r.text()
+        assert r.status == 200 and 'name="csrf"' in page
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        url = f"https://127.0.0.1:{gw.port}/.ztgw/mfa"
+        async with s.post(
+            url,
+            data={"code": totp_code(secret, now=time.time()), "rd": "/echo"},
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 400, "no CSRF token, no step-up"
+        async with s.post(
+            url,
+            data={
+                "code": totp_code(secret, now=time.time()),
+                "rd": "//evil.example/x",
+                "csrf": csrf,
+            },
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 303
+            assert r.headers["Location"] == "/"
+            cookie = r.headers["Set-Cookie"].split(";")[0]
+    status, _, body = await call(
+        gw, certs, None, headers={"Cookie": cookie, "Accept": "application/json"}
+    )
+    assert status == 200 and body["headers_map"]["x-forwarded-user"] == "alice"
+
+
+async def test_api_client_on_mfa_route_gets_the_rfc9470_challenge_with_max_age(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory({"routes": [route(mfa_max_age=900)]})
+    secret = (await gw.mfa.enroll("alice")).secret
+    token = issue_token(certs.issuer_key, sub="alice")
+    status, headers, body = await call(gw, certs, token)
+    assert (status, body["reason"]) == (401, "mfa-required")
+    assert "max_age=900" in headers["WWW-Authenticate"]
+    assert (await verify(gw, certs, token, totp_code(secret, now=time.time())))[0] == 200
+    assert (await call(gw, certs, token))[0] == 200
+
+
+async def test_locked_account_is_refused(
+    gateway_factory: GatewayFactory, certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = await gateway_factory({"routes": [route()]})
+    token = issue_token(certs.issuer_key, sub="alice")
+    assert (await call(gw, certs, token))[0] == 200
+    assert await asyncio.to_thread(main, ["users", "lock", "alice", "-c", str(gw.config.file)]) == 0
+    await asyncio.sleep(0.6)
+    status, _, body = await call(gw, certs, issue_token(certs.issuer_key, sub="alice"))
+    assert (status, body["reason"]) == (403, "account-locked")
+    assert (
+        await asyncio.to_thread(main, ["users", "unlock", "alice", "-c", str(gw.config.file)]) == 0
+    )
+    await asyncio.sleep(0.6)
+    assert (await call(gw, certs, issue_token(certs.issuer_key, sub="alice")))[0] == 200
+
+
+def test_mfa_enroll_cli_prints_the_otpauth_uri(
+    gateway_config_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["users", "mfa", "enroll", "alice", "-c", str(gateway_config_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("otpauth://totp/") and out.out.count("\n") == 1
+    assert "Backup codes" in out.err
+
+
+@pytest.fixture
+def gateway_config_path(certs: Certs, tmp_path: Any) -> Any:
+    from tests.conftest import base_config
+    from tests.support import to_toml
+
+    cfg = base_config(certs, 9, tmp_path)
+    cfg["mfa"] = {"key_file": str(tmp_path / "mfa.key")}
+    path = tmp_path / "gw.toml"
+    path.write_text(to_toml(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rd", "expected"),
+    [
+        ("/admin/echo", "/admin/echo"),
+        ("/a/../b?x=1", "/b?x=1"),
+        ("//evil.example", "/"),
+        ("https://evil.example", "/"),
+        ("/\\evil.example", "/"),
+        ("/%2e%2e/etc", "/"),
+        ("javascript:alert(1)", "/"),
+        ("", "/"),
+        (None, "/"),
+    ],
+)
+def test_redirect_targets_stay_on_this_origin(rd: str | None, expected: str) -> None:
+    assert safe_redirect(rd) == expected

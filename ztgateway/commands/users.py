@@ -1,0 +1,262 @@
+"""`ztgateway users list | show | set | lock | unlock | mfa enroll | mfa reset` and
+`ztgateway sessions list | show | terminate`.
+
+They write to the store the running gateway reads; it applies the change within its sync
+interval (0.25 s with SQLite): a terminated session is refused and its open WebSockets closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+from ..config import load_config
+from ..credentials.totp import qr_terminal
+from ..mfa import MFA, MFAUnavailable
+from ..store import SQLiteStore, store_from_url
+from ..store.base import UserRecord
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
+
+
+def _run(args: argparse.Namespace, work: Callable[[SQLiteStore, Any], Awaitable[int]]) -> int:
+    config = load_config(args.config)
+
+    async def go() -> int:
+        store = store_from_url(config.store.url, base=config.store.base)
+        await store.open()
+        try:
+            return await work(store, config)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def users_list(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        now = time.time()
+        print(f"{'USER':<16} {'MFA':<9} {'LOCKED UNTIL':<21} {'TIMEZONE':<16} HOURS")
+        for u in store.users():
+            locked = _when(u.locked_until) if u.locked(now) else "-"
+            print(
+                f"{u.user:<16} {'enrolled' if u.mfa_secret else '-':<9} {locked:<21} "
+                f"{u.timezone or '-':<16} {u.working_hours or '-'}"
+            )
+        return 0
+
+    return _run(args, work)
+
+
+def users_set(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from ..config import _time_window_parse
+
+        u = store.user(args.user) or UserRecord(user=args.user)
+        if args.timezone:
+            try:
+                ZoneInfo(args.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                print(f"error: unknown time zone {args.timezone!r}", file=sys.stderr)
+                return 2
+            u = replace(u, timezone=args.timezone)
+        if args.hours:
+            try:
+                _time_window_parse(args.hours, ZoneInfo(u.timezone or "UTC"))
+            except ValueError as exc:
+                print(f"error: --hours: {exc}", file=sys.stderr)
+                return 2
+            u = replace(u, working_hours=args.hours)
+        await store.save_user(u)
+        print(f"{u.user}: timezone={u.timezone or '-'} hours={u.working_hours or '-'}")
+        return 0
+
+    return _run(args, work)
+
+
+def users_lock(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        u = store.user(args.user) or UserRecord(user=args.user)
+        until = time.time() + args.minutes * 60 if args.minutes else 4102444800.0  # year 2100
+        await store.save_user(
+            replace(u, locked_until=until, lock_reason=args.reason or "locked by an operator")
+        )
+        ended = 0
+        for s in store.sessions(args.user):
+            ended += await store.revoke_session(s.session_id, "account locked", time.time())
+        print(f"{args.user}: locked until {_when(until)}; {ended} sessions terminated")
+        return 0
+
+    return _run(args, work)
+
+
+def users_unlock(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        u = store.user(args.user)
+        if u is None:
+            print(f"error: no user {args.user!r}", file=sys.stderr)
+            return 1
+        await store.save_user(
+            replace(u, locked_until=None, lock_reason=None, mfa_locked_until=None)
+        )
+        store.reset_failures(f"mfa:{args.user}")
+        print(f"{args.user}: unlocked")
+        return 0
+
+    return _run(args, work)
+
+
+def mfa_enroll(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        mfa = MFA(config.mfa, store, create_key=config.mfa.key_file is not None)
+        try:
+            enrollment = await mfa.enroll(args.user)
+        except MFAUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # stdout: the otpauth URI alone (scripts rely on it); the rest is for a person.
+        print(enrollment.uri)
+        if not args.quiet:
+            print(qr_terminal(enrollment.uri), file=sys.stderr)
+            print("Backup codes (each works once; store them safely):", file=sys.stderr)
+            for c in enrollment.backup_codes:
+                print(f"  {c}", file=sys.stderr)
+        return 0
+
+    return _run(args, work)
+
+
+def mfa_reset(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        mfa = MFA(config.mfa, store)
+        if not await mfa.reset(args.user):
+            print(f"{args.user}: no MFA enrolment", file=sys.stderr)
+            return 1
+        print(f"{args.user}: MFA reset; the user enrols again at the next step-up")
+        return 0
+
+    return _run(args, work)
+
+
+def sessions_list(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        sessions = store.sessions(args.user)
+        if args.json:
+            print(
+                json.dumps([s.to_json() | {"session_id": s.session_id} for s in sessions], indent=2)
+            )
+            return 0
+        print(
+            f"{'SESSION':<26} {'KIND':<6} {'USER':<10} {'DEVICE':<16} {'LAST IP':<16} {'LAST SEEN':<21} {'ANOMALY':<8} STATE"
+        )
+        for s in sessions:
+            state = (
+                f"terminated ({s.revoked_reason})"
+                if s.revoked
+                else ("expired" if s.expires_at < time.time() else "active")
+            )
+            print(
+                f"{s.session_id[:24]:<26} {s.kind:<6} {s.user:<10} {s.device_id or '-':<16} {s.last_ip:<16} "
+                f"{_when(s.last_seen):<21} {s.anomaly:<8.2f} {state}"
+            )
+        return 0
+
+    return _run(args, work)
+
+
+def _find(store: SQLiteStore, prefix: str) -> list[str]:
+    return [s.session_id for s in store.sessions() if s.session_id.startswith(prefix)]
+
+
+def sessions_show(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        found = _find(store, args.session)
+        if len(found) != 1:
+            print(f"error: {len(found)} sessions match {args.session!r}", file=sys.stderr)
+            return 1
+        s = store.session(found[0])
+        assert s is not None
+        print(json.dumps(s.to_json() | {"session_id": s.session_id, "extra": s.extra}, indent=2))
+        return 0
+
+    return _run(args, work)
+
+
+def sessions_terminate(args: argparse.Namespace) -> int:
+    async def work(store: SQLiteStore, config: Any) -> int:
+        if args.user:
+            targets = [s.session_id for s in store.sessions(args.user) if not s.revoked]
+        elif args.session:
+            targets = _find(store, args.session)
+            if len(targets) != 1:
+                print(f"error: {len(targets)} sessions match {args.session!r}", file=sys.stderr)
+                return 1
+        else:
+            print("error: give a session id or --user", file=sys.stderr)
+            return 2
+        now = time.time()
+        ended = sum([await store.revoke_session(sid, args.reason, now) for sid in targets])
+        print(f"{ended} sessions terminated")
+        return 0
+
+    return _run(args, work)
+
+
+def register(sub: Any) -> None:
+    def add(
+        parent: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+        sp.add_argument("-c", "--config", default="config/gateway.toml")
+        sp.set_defaults(func=func)
+        return sp
+
+    users = sub.add_parser("users", help="accounts: locks, working hours, MFA")
+    usub = users.add_subparsers(dest="users_command", required=True)
+    add(usub, "list", "known users", users_list)
+    st = add(usub, "set", "a user's time zone and working hours (risk signal)", users_set)
+    st.add_argument("user")
+    st.add_argument("--timezone")
+    st.add_argument("--hours", help="e.g. 'mon-fri 08:00-18:00'")
+    lk = add(usub, "lock", "lock an account and end its sessions", users_lock)
+    lk.add_argument("user")
+    lk.add_argument("--minutes", type=float, default=0, help="0: until unlocked")
+    lk.add_argument("--reason")
+    add(usub, "unlock", "unlock an account (and its MFA lock-out)", users_unlock).add_argument(
+        "user"
+    )
+    mfa = usub.add_parser("mfa", help="TOTP enrolment")
+    msub = mfa.add_subparsers(dest="mfa_command", required=True)
+    en = add(
+        msub,
+        "enroll",
+        "new TOTP secret: prints the otpauth URI (QR and backup codes on stderr)",
+        mfa_enroll,
+    )
+    en.add_argument("user")
+    en.add_argument("--quiet", action="store_true", help="only the URI")
+    add(msub, "reset", "remove a user's TOTP enrolment", mfa_reset).add_argument("user")
+
+    sessions = sub.add_parser("sessions", help="live sessions")
+    ssub = sessions.add_subparsers(dest="sessions_command", required=True)
+    ls = add(ssub, "list", "sessions (all, or one user's)", sessions_list)
+    ls.add_argument("--user")
+    ls.add_argument("--json", action="store_true")
+    add(ssub, "show", "one session", sessions_show).add_argument(
+        "session", help="id or unique prefix"
+    )
+    tm = add(ssub, "terminate", "end a session or every session of a user", sessions_terminate)
+    tm.add_argument("session", nargs="?")
+    tm.add_argument("--user")
+    tm.add_argument("--reason", default="terminated by an operator")
