@@ -62,9 +62,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         ctx.load_cert_chain(args.cert, args.key)
         ctx.check_hostname = False  # the server certificate is checked against the CA
     extra = "".join(f"{h}\r\n" for h in args.header)
-    request = (
-        f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n{extra}\r\n"
-    ).encode()
+    request = (f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n{extra}\r\n").encode()
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(args.host, args.port, ssl=ctx)

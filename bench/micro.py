@@ -91,6 +91,8 @@ async def measure(setup: Setup, *, target: float, repeats: int) -> dict[str, Any
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from yarl import URL
+
     from ztgateway.app import Gateway
     from ztgateway.audit import AuditLog
     from ztgateway.config import RouteConfig, UpstreamConfig, load_config
@@ -99,14 +101,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from ztgateway.forward.headers import upstream_request_headers
     from ztgateway.policycli import OfflineEvaluator, load_cert
     from ztgateway.routes import RouteTable
-    from yarl import URL
 
     pki = _pki(Path(args.pki) if args.pki else None)
     tmp = Path(tempfile.mkdtemp(prefix="ztgw-micro-"))
     cfg_path = tmp / "gateway.toml"
-    cfg_path.write_text(
-        gateway_config(pki, port=8443, ops_port=9100, upstream_port=8080, audit_db=tmp / "a.db")
-    )
+    cfg_path.write_text(gateway_config(pki, port=8443, ops_port=9100, upstream_port=8080, work=tmp))
     config = load_config(cfg_path)
     cert_pem, _ = pki.client(CLIENT)
     cert = load_cert(str(cert_pem))
@@ -176,10 +175,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     upstream = UpstreamConfig(name="u", url=URL("http://127.0.0.1:8080"))
 
     def route_setup(count: int) -> Setup:
-        routes = tuple(
-            RouteConfig(name=f"r{i}", prefix=f"/svc{i}/api/", upstream=upstream)
-            for i in range(count)
-        ) + (RouteConfig(name="root", prefix="/", upstream=upstream),)
+        routes = (
+            *(
+                RouteConfig(name=f"r{i}", prefix=f"/svc{i}/api/", upstream=upstream)
+                for i in range(count)
+            ),
+            RouteConfig(name="root", prefix="/", upstream=upstream),
+        )
         table = RouteTable(routes)
         # A mix: a deep path under the last route, one under the first, one that falls to "/".
         paths = [
@@ -249,11 +251,64 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         return body
 
+    # Issue 9's complete list (posture, risk, session) needs the device, its posture report and
+    # the token's session that a bench.run created: reuse a copy of that run's state.
+    all_eval: OfflineEvaluator | None = None
+    all_note = "n/a: run `python -m bench.run` first (it registers the device and session)"
+    all_scn = get_scenario("ztgw_all")
+    state = WORK / "state-all.db"
+    if state.exists():
+        import shutil
+
+        for suffix in ("", "-wal", "-shm"):
+            src = WORK / f"state-all.db{suffix}"
+            if src.exists():
+                shutil.copy(src, tmp / f"state-all.db{suffix}")
+        all_cfg = tmp / "gateway-all.toml"
+        all_cfg.write_text(
+            gateway_config(
+                pki, port=8443, ops_port=9100, upstream_port=8080, work=tmp, process="all"
+            )
+        )
+        all_eval = OfflineEvaluator(load_config(all_cfg))
+        await all_eval.__aenter__()
+        probe = context(all_scn.path, True)
+        got = await all_eval.runtime.pipeline.evaluate(probe)
+        if got.allowed:
+            all_note = "+ device posture, risk, session (store state from the last bench.run)"
+        else:
+            all_note = f"n/a: the request was refused offline ({got.reason.value})"
+            await all_eval.__aexit__(None, None, None)
+            all_eval = None
+
+    def all_setup(n: int) -> Awaitable[Body]:
+        assert all_eval is not None
+        ev_all = all_eval.runtime.pipeline.evaluate
+
+        async def setup(n: int) -> Body:
+            ctxs = [context(all_scn.path, True) for _ in range(n)]
+
+            async def body(n: int) -> None:
+                for c in ctxs:
+                    await ev_all(c)
+
+            return body
+
+        return setup(n)
+
     rows = [
         Row(
             "decision pipeline, every check on (warm caches)",
             pipeline_setup(full.path, True),
-            "request → identity (cert + cached bound JWT) → policy (" + ", ".join(full.route["policy"]) + ")",
+            "request → identity (cert + cached bound JWT) → policy ("
+            + ", ".join(full.route["policy"])
+            + ")",
+        ),
+        Row(
+            "decision pipeline, every check incl. posture, risk, session",
+            all_setup if all_eval is not None else None,
+            all_note,
+            unavailable=None if all_eval is not None else all_note,
         ),
         Row(
             "decision pipeline, certificate-only route",
@@ -328,6 +383,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "samples": len(samples),
     }
     print(f"decision pipeline per call: {decision_us}", file=sys.stderr)
+    all_us: dict[str, Any] | None = None
+    if all_eval is not None:
+        ev_all = all_eval.runtime.pipeline.evaluate
+        ctxs = [context(all_scn.path, True) for _ in range(per_call)]
+        gc.collect()
+        samples = []
+        for c in ctxs:
+            t0 = clock()
+            await ev_all(c)
+            samples.append(clock() - t0)
+        samples.sort()
+        all_us = {
+            "median": round(samples[len(samples) // 2] / 1000, 3),
+            "p90": round(samples[int(len(samples) * 0.9)] / 1000, 3),
+            "p99": round(samples[int(len(samples) * 0.99)] / 1000, 3),
+            "samples": len(samples),
+        }
+        print(f"all-checks pipeline per call: {all_us}", file=sys.stderr)
+        await all_eval.__aexit__(None, None, None)
 
     await audit.close()
     await verifier_cached.close()
@@ -340,6 +414,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "rows": out_rows,
         "decision_us_median": decision_us["median"],
         "decision_us": decision_us,
+        "all_checks_decision_us_median": all_us["median"] if all_us else None,
+        "all_checks_decision_us": all_us,
         "route_match_1000_vs_10": round(r1000 / r10, 3) if r10 else None,
         "session_lookup": "n/a (not implemented)",
         "quick": args.quick,

@@ -87,6 +87,7 @@ class Gateway:
         self.started_at = time.time()
         self._update_cert_metrics()
         self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
+        self.metrics.watch_sessions(self._active_sessions)
 
     # --- runtime snapshot ------------------------------------------------------------------
     def _build_runtime(self, config: GatewayConfig) -> Runtime:
@@ -108,6 +109,14 @@ class Gateway:
         if kind in (ChangeKind.DEVICE, ChangeKind.SESSION, ChangeKind.USER):
             for w in list(self._watches):
                 w.wake()
+
+    def _active_sessions(self) -> dict[str, int]:
+        now = time.time()
+        counts: dict[str, int] = {}
+        for s in self.store.sessions():
+            if not s.revoked and s.expires_at > now:
+                counts[s.kind] = counts.get(s.kind, 0) + 1
+        return counts
 
     def _on_stage_error(self, stage: str) -> None:
         self.metrics.stage_errors.labels(stage).inc()

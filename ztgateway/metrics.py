@@ -188,6 +188,10 @@ class Metrics:
         """Devices by state, counted at scrape time from the store's memory."""
         self.registry.register(_DeviceCollector(states))
 
+    def watch_sessions(self, active: Callable[[], dict[str, int]]) -> None:
+        """Active sessions by kind (cookie, token), counted at scrape time."""
+        self.registry.register(_SessionCollector(active))
+
     def watch_issuers(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
         """Expose the JWKS caches' own counters at scrape time (no per-request cost)."""
         self.registry.register(_JwksCollector(status))
@@ -234,4 +238,18 @@ class _DeviceCollector(Collector):
             counts[state] = counts.get(state, 0) + 1
         for state, n in sorted(counts.items()):
             family.add_metric([state], float(n))
+        yield family
+
+
+class _SessionCollector(Collector):
+    def __init__(self, active: Callable[[], dict[str, int]]) -> None:
+        self._active = active
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily(
+            "ztgw_sessions_active", "Live sessions by kind.", labels=["kind"]
+        )
+        counts = {"cookie": 0, "token": 0, **self._active()}
+        for kind, n in sorted(counts.items()):
+            family.add_metric([kind], float(n))
         yield family
