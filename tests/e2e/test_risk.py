@@ -104,7 +104,7 @@ async def test_known_device_on_trusted_network_carries_no_risk(
     gw = await gateway_factory({"risk": {"trusted_zones": ["loopback"]}})
     assert (await get(gw, certs))[0] == 200
     await gw.store.flush()
-    status, body = await get(gw, certs)
+    status, _ = await get(gw, certs)
     assert status == 200
     assert gw.metrics.risk_score.labels("app")._sum.get() < 0.31  # first 0.3 (new device), then 0
 
