@@ -353,3 +353,42 @@ def gateway_config_path(certs: Certs, tmp_path: Any) -> Any:
 )
 def test_redirect_targets_stay_on_this_origin(rd: str | None, expected: str) -> None:
     assert safe_redirect(rd) == expected
+
+
+async def test_an_idle_browser_session_expires(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    gw = await gateway_factory(
+        {
+            "routes": [
+                {"name": "app", "prefix": "/", "upstream": "demo", "session": {"idle_timeout": 1}}
+            ]
+        }
+    )
+    _, headers, _ = await call(gw, certs, None, headers={"Accept": "text/html"})
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert (await call(gw, certs, None, headers={"Cookie": cookie}))[0] == 200
+    await asyncio.sleep(1.2)
+    status, headers, body = await call(gw, certs, None, headers={"Cookie": cookie})
+    assert (status, body["reason"]) == (401, "session-expired")
+    assert "Max-Age=0" in headers["Set-Cookie"]
+
+
+async def test_session_keeps_a_short_history(
+    gateway_factory: GatewayFactory, certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = await gateway_factory({"routes": [route(ip_drift="ignore")]})
+    token = issue_token(certs.issuer_key, sub="alice")
+    for _ in range(3):
+        assert (await call(gw, certs, token))[0] == 200
+    await gw.store.flush()
+    sessions = gw.store.sessions("alice")
+    assert len(sessions) == 1
+    assert [h[3] for h in sessions[0].extra["history"]] == ["allow", "allow"]
+    assert (
+        await asyncio.to_thread(
+            main, ["sessions", "list", "--user", "alice", "-c", str(gw.config.file)]
+        )
+        == 0
+    )
+    assert "alice" in capsys.readouterr().out

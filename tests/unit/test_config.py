@@ -155,3 +155,13 @@ def test_repository_configs_are_valid(certs: Certs, tmp_path: Path, name: str) -
     assert cfg.routes
     if name == "gateway.toml":
         assert {r.prefix for r in cfg.routes} >= {"/", "/api/", "/admin/"}
+
+
+def test_a_bad_blocklist_line_is_a_config_error_naming_the_line(
+    certs: Certs, tmp_path: Path
+) -> None:
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("10.0.0.0/8\n# comment\n192.168.1.300\n")
+    err = error_for(tmp_path, certs, {"risk": {"blocklist": str(blocklist)}})
+    assert err.key == "risk.blocklist"
+    assert f"{blocklist}:3" in err.message

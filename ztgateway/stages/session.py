@@ -36,6 +36,7 @@ IP_CHANGE = 0.2
 BURST = 0.25
 REFUSAL = 0.08
 RISK_SHARE = 0.4
+HISTORY = 20  # recent decisions kept on a session, for `sessions show` and investigations
 
 
 @dataclass(slots=True)
@@ -311,6 +312,17 @@ class SessionKeeper:
                 await store.save_user(account)
             return None
         if session is not None:
+            history = session.extra.setdefault("history", [])
+            history.append(
+                [
+                    round(now, 3),
+                    ctx.client_ip,
+                    ctx.route.name,
+                    decision.verdict.label,
+                    decision.reason.value,
+                ]
+            )
+            del history[:-HISTORY]
             session.last_seen = now
             session.last_ip = ctx.client_ip
             session.requests += 1
