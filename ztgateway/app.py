@@ -118,6 +118,26 @@ class Gateway:
                 counts[s.kind] = counts.get(s.kind, 0) + 1
         return counts
 
+    def dry_runtime(self) -> Runtime:
+        """The current snapshot, judging without side effects (for /decide)."""
+        rt = self.runtime
+        cached = getattr(self, "_dry", None)
+        if cached is not None and cached[0] is rt:
+            return cached[1]  # type: ignore[no-any-return]
+        dry = Runtime(
+            config=rt.config,
+            routes=rt.routes,
+            metrics=Metrics(),
+            revocations=rt.revocations,
+            tokens=rt.tokens,
+            store=rt.store,
+            dry_run=True,
+            geo=rt.geo,
+        )
+        dry.pipeline = Pipeline(default_stages(dry))
+        self._dry = (rt, dry)
+        return dry
+
     def _on_stage_error(self, stage: str) -> None:
         self.metrics.stage_errors.labels(stage).inc()
 
@@ -483,16 +503,21 @@ class Gateway:
 
     def identity_headers(self, ctx: RequestContext, original_host: str) -> dict[str, str]:
         """The headers the upstream may trust: forwarding facts, identity, signed assertion."""
-        route = ctx.route
-        assert route is not None
-        h = route.headers
-        ident = ctx.identity
         add: dict[str, str] = {
             "X-Forwarded-For": ctx.client_ip,
             "X-Forwarded-Proto": ctx.forwarded_proto,
             "X-Forwarded-Host": original_host,
-            DECISION_HEADER: ctx.decision_id,
         }
+        add.update(self.asserted_identity(ctx))
+        return add
+
+    def asserted_identity(self, ctx: RequestContext) -> dict[str, str]:
+        """Identity headers and the signed assertion (also what forward-auth answers)."""
+        route = ctx.route
+        assert route is not None
+        h = route.headers
+        ident = ctx.identity
+        add: dict[str, str] = {DECISION_HEADER: ctx.decision_id}
         if ident is not None:
             if ident.user:
                 add[h.user] = ident.user

@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason
-from .responses import DECISION_HEADER, problem
+from .responses import problem
 from .tls import CertInfo, parse_client_cert
 
 if TYPE_CHECKING:
@@ -117,10 +117,4 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
         resp = problem(decision.reason, ctx.decision_id, verdict=decision.verdict, status=status)
         resp.headers["X-ZT-Reason"] = decision.reason.value
         return resp
-    headers = {
-        k: v for k, v in gw.identity_headers(ctx, host).items() if not k.startswith("X-Forwarded-F")
-    }
-    headers.pop("X-Forwarded-Proto", None)
-    headers.pop("X-Forwarded-Host", None)
-    headers[DECISION_HEADER] = ctx.decision_id
-    return web.Response(status=200, headers=headers)
+    return web.Response(status=200, headers=gw.asserted_identity(ctx))

@@ -75,7 +75,9 @@ async def decide(request: web.Request) -> web.Response:
             status=400,
             content_type="application/problem+json",
         )
-    decision = await gw.runtime.pipeline.evaluate(ctx)
+    # The live configuration and state, but judged without side effects (no registration,
+    # no rate-limit tokens spent).
+    decision = await gw.dry_runtime().pipeline.evaluate(ctx)
     return web.json_response(explain_json(ctx, decision))
 
 

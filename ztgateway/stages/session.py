@@ -104,6 +104,7 @@ class SessionStage:
     def __init__(self, runtime: Runtime) -> None:
         self.store = runtime.store
         self.cfg: SessionsConfig = runtime.config.sessions
+        self.dry_run = runtime.dry_run
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -129,7 +130,7 @@ class SessionStage:
 
         # Rate limits come first: a storm is refused before it costs anything else.
         rl = rs.rate_limit
-        if rl is not None:
+        if rl is not None and not self.dry_run:
             keys = {"session": session_id, "user": user, "device": device_id, "ip": ctx.client_ip}
             for scope in rl.scopes:
                 who = keys.get(scope)
