@@ -65,6 +65,7 @@ class IdentityStage:
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
         self.clock = runtime.clock
+        self._identities: dict[tuple[str, str | None], Identity] = {}
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -122,7 +123,15 @@ class IdentityStage:
             return [_deny(Reason.TOKEN_REQUIRED)]
 
         if token is not None:
-            ctx.identity = identity_from_token(token, self.claim_maps.get(token.issuer), device_id)
+            # The claims of a cached token never change: map them once per token and device.
+            key = (token.token_hash, device_id)
+            cached = self._identities.get(key)
+            if cached is None:
+                cached = identity_from_token(token, self.claim_maps.get(token.issuer), device_id)
+                if len(self._identities) >= 10_000:
+                    self._identities.clear()
+                self._identities[key] = cached
+            ctx.identity = cached
         elif cert is not None and policy.allow_cert_identity and cert.user:
             ctx.identity = Identity(
                 user=cert.user, source="cert", email=cert.email, device_id=device_id

@@ -19,7 +19,15 @@ from ..config import _time_window_parse
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..geo import GeoLocator
-from ..risk import RiskInputs, WorkingHours, ZoneClassifier, evaluate, verdict_for
+from ..risk import (
+    RiskInputs,
+    WorkingHours,
+    Zone,
+    ZoneClassifier,
+    evaluate,
+    in_working_hours,
+    verdict_for,
+)
 from ..store.base import UserRecord
 
 if TYPE_CHECKING:
@@ -46,6 +54,18 @@ class RiskStage:
         self.zones = zones
         self.geo = geo
         self._hours_cache: dict[str, tuple[ZoneInfo, WorkingHours] | None] = {}
+        self._zone_cache: dict[str, Zone] = {}
+        self._results: dict[tuple[object, ...], tuple[float, tuple[Finding, ...]]] = {}
+
+    def _zone(self, ip: str) -> Zone:
+        """Per-IP cache: parsing an address costs more than the whole rest of a lookup."""
+        zone = self._zone_cache.get(ip)
+        if zone is None:
+            zone = self.zones.classify(ip)
+            if len(self._zone_cache) >= 65536:
+                self._zone_cache.clear()
+            self._zone_cache[ip] = zone
+        return zone
 
     def _hours(self, account: UserRecord | None) -> tuple[ZoneInfo, WorkingHours] | None:
         tz_name = (account.timezone if account else None) or self.cfg.default_timezone
@@ -94,12 +114,36 @@ class RiskStage:
                 if key:
                     failed = max(failed, store.failures(key, now, window))
         length = ctx.headers.get("Content-Length")
+        request_bytes = int(length) if length and length.isdigit() else None
+        new_device = bool(
+            user and device_id and (account is None or device_id not in account.known_devices)
+        )
+        unusual = route.risk.sensitive and not (account and route.name in account.known_routes)
+        # Most requests carry only time-independent signals: their evaluation is cached by
+        # those inputs (off-hours and travel depend on the clock and are never cached).
+        cache_key: tuple[object, ...] | None = None
+        if location is None and (hours is None or in_working_hours(local_time, hours[1])):  # type: ignore[arg-type]
+            big = (
+                request_bytes if request_bytes and request_bytes > cfg.large_request_bytes else None
+            )
+            cache_key = (
+                ctx.client_ip,
+                new_device,
+                compliant,
+                stale,
+                failed,
+                unusual,
+                big,
+                route.name,
+            )
+            hit = self._results.get(cache_key)
+            if hit is not None:
+                ctx.risk_score, ctx.risk_location = hit[0], None
+                return hit[1]
         inputs = RiskInputs(
             client_ip=ctx.client_ip,
-            zone=self.zones.classify(ctx.client_ip),
-            new_device=bool(
-                user and device_id and (account is None or device_id not in account.known_devices)
-            ),
+            zone=self._zone(ctx.client_ip),
+            new_device=new_device,
             device_compliant=compliant,
             posture_stale=stale,
             local_time=local_time,
@@ -112,8 +156,8 @@ class RiskStage:
             failed_attempts=failed,
             failed_attempts_threshold=cfg.failed_attempts_threshold,
             sensitive_route=route.risk.sensitive,
-            route_seen_before_by_user=bool(account and route.name in account.known_routes),
-            request_bytes=int(length) if length and length.isdigit() else None,
+            route_seen_before_by_user=not unusual,
+            request_bytes=request_bytes,
             large_request_bytes=cfg.large_request_bytes,
         )
         result = evaluate(inputs, cfg.weights)
@@ -144,6 +188,10 @@ class RiskStage:
                     detail=f"score {result.score:.2f}",
                 )
             )
+        if cache_key is not None:
+            if len(self._results) >= 65536:
+                self._results.clear()
+            self._results[cache_key] = (result.score, tuple(out))
         return out
 
 
