@@ -32,6 +32,7 @@ from .forward.http import BodyTooLarge, UpstreamFailure, Upstreams, forward_http
 from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
 from .listener import GatewayRequestHandler, Listener
+from .logs import decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
@@ -310,6 +311,7 @@ class Gateway:
         conn = request.protocol
         assert isinstance(conn, GatewayRequestHandler)
         conn.request_started()
+        token = decision_id_var.set(None)
         try:
             if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
                 # SECURITY: RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing,
@@ -320,6 +322,7 @@ class Gateway:
             response = await self._handle(request, conn)
         finally:
             conn.request_finished()
+            decision_id_var.reset(token)
         if upgrade_requested(request.headers) and not isinstance(response, web.WebSocketResponse):
             # llhttp stops parsing after an Upgrade request; close so a pipelined request
             # behind it is retried by the client instead of hanging.
@@ -338,6 +341,7 @@ class Gateway:
             allow_encoded_slash=cfg.server.allow_encoded_slash,
         )
         ctx.forwarded_proto = "https"
+        decision_id_var.set(ctx.decision_id)
         accept = request.headers.get("Accept", "")
         if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
             return await self._internal(request, ctx)
@@ -459,6 +463,10 @@ class Gateway:
     def record_decision(self, ctx: RequestContext, decision: Decision) -> None:
         """Count and audit one decision; raises AuditUnavailable (the caller fails closed)."""
         route_label = ctx.route.name if ctx.route else "-"
+        if not self.audit.healthy:
+            # SECURITY: the audit writer is failing (disk full, read-only database): refuse
+            # rather than act on decisions nobody will be able to account for.
+            raise AuditUnavailable("audit log is failing")
         self.metrics.requests.labels(
             route_label, decision.verdict.label, decision.reason.value
         ).inc()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -28,7 +27,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(args.log_level)
+    from .logs import setup_logging
+
+    setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         import uvloop
 
@@ -147,13 +148,6 @@ def cmd_audit_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .commands import certs
 
@@ -165,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     run = with_config(sub.add_parser("run", help="run the gateway"))
-    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-level", default=None, help="overrides [logging] level")
     run.set_defaults(func=cmd_run)
 
     check = with_config(sub.add_parser("check-config", help="validate a configuration"))

@@ -259,6 +259,12 @@ class MFAConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     file: Path
     revision: str
@@ -279,6 +285,7 @@ class GatewayConfig:
     risk: RiskConfig = field(default_factory=RiskConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     mfa: MFAConfig = field(default_factory=MFAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -316,6 +323,12 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     risk = _risk(root.table("risk"), zones)
     sessions = _sessions(root.table("sessions"))
     mfa = _mfa(root.table("mfa"))
+    log_t = root.table("logging")
+    logging_cfg = LoggingConfig(
+        level=log_t.choice("level", ("debug", "info", "warning", "error"), "info"),
+        format=log_t.choice("format", ("json", "text"), "json"),  # type: ignore[arg-type]
+    )
+    log_t.done()
     root.done()
     _check_overlaps(routes, root)
     if ops.enabled and server.port and (ops.host, ops.port) == (server.host, server.port):
@@ -340,6 +353,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         risk=risk,
         sessions=sessions,
         mfa=mfa,
+        logging=logging_cfg,
     )
 
 

@@ -128,3 +128,52 @@ async def test_websocket_is_closed_with_1008_when_the_certificate_is_revoked(
             aiohttp.WSMsgType.CLOSING,
         )
         assert ws.close_code == 1008
+
+
+async def test_failing_audit_log_fails_closed_with_503_and_recovers(
+    gateway_factory: GatewayFactory, certs: Certs, tmp_path: Path
+) -> None:
+    sink_dir = tmp_path / "siem"
+    sink_dir.mkdir()
+    gw = await gateway_factory({"audit": {"jsonl": str(sink_dir / "audit.jsonl")}})
+    url = f"https://127.0.0.1:{gw.port}/echo"
+    async with session(certs) as s:
+        async with s.get(url) as r:
+            assert r.status == 200
+        await gw.audit.flush()
+        # The SIEM volume disappears (a full or read-only disk behaves the same for us).
+        (sink_dir / "audit.jsonl").unlink()
+        sink_dir.rmdir()
+        sink_dir.write_text("not a directory")
+        async with s.get(url) as r:
+            first = r.status  # accepted into the queue before the writer notices
+        for _ in range(100):
+            if not gw.audit.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not gw.audit.healthy
+        async with s.get(url) as r:
+            assert r.status == 503
+            body = await r.json(content_type=None)
+            assert body["reason"] == "service-unavailable"
+            assert "Retry-After" in r.headers
+        status, text = await ops_get(gw, "/readyz")
+        assert status == 503
+        sink_dir.unlink()
+        sink_dir.mkdir()
+        await gw.audit.flush()
+        assert gw.audit.healthy
+        async with s.get(url) as r:
+            assert r.status == 200
+    assert first in (200, 503)
+    metrics = gw.metrics.render().decode()
+    assert (
+        "ztgw_audit_unavailable_total 1.0" in metrics
+        or "ztgw_audit_unavailable_total 2.0" in metrics
+    )
+    # nothing acknowledged was lost: every 200 above has its event in the database
+    await gw.audit.flush()
+    from ztgateway.audit import verify_db
+
+    result = await verify_db(gw.config.audit.db)
+    assert result.ok, result.problem
