@@ -157,7 +157,7 @@ async def test_failing_audit_log_fails_closed_with_503_and_recovers(
             body = await r.json(content_type=None)
             assert body["reason"] == "service-unavailable"
             assert "Retry-After" in r.headers
-        status, text = await ops_get(gw, "/readyz")
+        status, _ = await ops_get(gw, "/readyz")
         assert status == 503
         sink_dir.unlink()
         sink_dir.mkdir()
