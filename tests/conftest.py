@@ -64,6 +64,15 @@ async def upstream() -> AsyncIterator[int]:
     await runner.cleanup()
 
 
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+
+def _admin_token(tmp: Path) -> Path:
+    path = tmp / "admin.token"
+    path.write_text(ADMIN_TOKEN + "\n")
+    return path
+
+
 def base_config(certs: Certs, upstream_port: int, tmp: Path) -> dict[str, Any]:
     crl = tmp / "ca.crl"
     if not crl.exists():
@@ -77,7 +86,7 @@ def base_config(certs: Certs, upstream_port: int, tmp: Path) -> dict[str, Any]:
             "crl": str(crl),
             "reload_interval": 0.2,
         },
-        "ops": {"host": "127.0.0.1", "port": 0},
+        "ops": {"host": "127.0.0.1", "port": 0, "admin_token_file": str(_admin_token(tmp))},
         "audit": {"db": str(tmp / "audit.db"), "jsonl": str(tmp / "audit.jsonl")},
         "store": {"url": f"sqlite:///{tmp}/state.db"},
         "devices": {"auto_approve": True},

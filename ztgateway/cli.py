@@ -66,6 +66,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running gateway to reload (the admin API's /admin/reload on its ops listener)."""
+    import urllib.error
+    import urllib.request
+
+    from .admin import load_admin_token
+
+    config = _load(args.config)
+    token = load_admin_token(config.ops)
+    if token is None:
+        print("error: no admin token ([ops] admin_token_file or ZTGW_ADMIN_TOKEN)", file=sys.stderr)
+        return 2
+    url = f"http://{config.ops.host}:{config.ops.port}/admin/reload"
+    request = urllib.request.Request(
+        url, method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:  # noqa: S310 - the configured ops URL
+            print(r.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"error: reload refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot reach the gateway at {url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_token_issue(args: argparse.Namespace) -> int:
     from .credentials.devtoken import issue_token
 
@@ -161,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser("run", help="run the gateway"))
     run.add_argument("--log-level", default=None, help="overrides [logging] level")
     run.set_defaults(func=cmd_run)
+
+    rl = with_config(sub.add_parser("reload", help="reload a running gateway's configuration"))
+    rl.set_defaults(func=cmd_reload)
 
     check = with_config(sub.add_parser("check-config", help="validate a configuration"))
     check.set_defaults(func=cmd_check_config)

@@ -70,6 +70,7 @@ class OpsConfig:
     host: str = "127.0.0.1"
     port: int = 9100
     enabled: bool = True
+    admin_token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +401,7 @@ def _ops(t: Table) -> OpsConfig:
         host=t.text("host", "127.0.0.1"),
         port=t.integer("port", 9100, min=0, max=65535),
         enabled=t.flag("enabled", True),
+        admin_token_file=t.path("admin_token_file", must_exist=False),
     )
     t.done()
     return cfg

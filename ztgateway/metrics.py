@@ -180,6 +180,9 @@ class Metrics:
             "Requests refused with 503 because the state store failed.",
             registry=r,
         )
+        self.admin_calls = Counter(
+            "ztgw_admin_calls", "Admin API calls by result (ok, refused).", ["result"], registry=r
+        )
         self.config_reloads = Counter(
             "ztgw_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )

@@ -88,8 +88,11 @@ async def forward_auth_handler(request: web.Request) -> web.StreamResponse:
 
 
 def create_ops_app(gateway: Gateway) -> web.Application:
-    app = web.Application()
+    from .admin import add_admin_routes, require_admin
+
+    app = web.Application(middlewares=[require_admin])
     app[GATEWAY_KEY] = gateway
+    add_admin_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

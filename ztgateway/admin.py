@@ -1,0 +1,298 @@
+"""The admin API on the ops listener: sessions, devices, users, audit search, explain, reload.
+
+Every call needs the admin token (`[ops] admin_token_file` or the `ZTGW_ADMIN_TOKEN`
+environment variable) as a bearer token — even on localhost, where the ops listener binds by
+default — and every call, refused or not, is an audit event. The operations themselves are the
+store's, the same the `ztgateway devices|users|sessions` commands use.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .audit import AuditUnavailable, search
+from .context import RequestContext
+from .decision import Decision, Finding, Reason, Verdict
+from .store.base import UserRecord
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .config import OpsConfig
+
+ADMIN_ENV = "ZTGW_ADMIN_TOKEN"
+
+
+def load_admin_token(cfg: OpsConfig) -> str | None:
+    env = os.environ.get(ADMIN_ENV)
+    if env:
+        return env.strip()
+    if cfg.admin_token_file is not None and cfg.admin_token_file.exists():
+        return cfg.admin_token_file.read_text().strip() or None
+    return None
+
+
+def _audit(gw: Gateway, request: web.Request, verdict: Verdict, reason: Reason, detail: str) -> str:
+    ctx = RequestContext.synthetic(
+        method=request.method, path=request.path, client_ip=request.remote or "", headers={}
+    )
+    finding = Finding("admin", reason, verdict, detail=detail)
+    event = gw.audit_event(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)), None)
+    event["type"] = "ztgw.admin"
+    try:
+        gw.audit.record(event)
+    except AuditUnavailable:
+        gw.metrics.audit_unavailable.inc()
+        raise
+    return ctx.decision_id
+
+
+@web.middleware
+async def require_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/admin/"):
+        return await handler(request)
+    from .ops import GATEWAY_KEY
+
+    gw = request.app[GATEWAY_KEY]
+    expected = load_admin_token(gw.config.ops)
+    auth = request.headers.get("Authorization", "")
+    scheme, _, given = auth.partition(" ")
+    ok = (
+        expected is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(given.strip().encode(), expected.encode())
+    )
+    if not ok:
+        try:
+            decision_id = _audit(
+                gw,
+                request,
+                Verdict.DENY,
+                Reason.IDENTITY_UNAUTHENTICATED,
+                "admin API without admin credentials",
+            )
+        except AuditUnavailable:
+            return web.json_response({"reason": "service-unavailable"}, status=503)
+        gw.metrics.admin_calls.labels("refused").inc()
+        return web.json_response(
+            {
+                "type": "https://ztgateway.dev/problems/identity-unauthenticated",
+                "title": "Admin credentials required",
+                "status": 401,
+                "reason": "identity-unauthenticated",
+                "decision_id": decision_id,
+            },
+            status=401,
+            content_type="application/problem+json",
+            headers={"WWW-Authenticate": 'Bearer realm="ztgateway-admin"'},
+        )
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        decision_id = _audit(
+            gw,
+            request,
+            Verdict.DENY,
+            Reason.REQUEST_INVALID,
+            f"admin {request.method} {request.path}: {exc.status}",
+        )
+        return web.json_response(
+            {
+                "type": "about:blank",
+                "title": exc.reason,
+                "status": exc.status,
+                "detail": exc.text or exc.reason,
+                "decision_id": decision_id,
+            },
+            status=exc.status,
+            content_type="application/problem+json",
+        )
+    _audit(
+        gw, request, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"admin {request.method} {request.path}"
+    )
+    gw.metrics.admin_calls.labels("ok").inc()
+    return response
+
+
+def _gw(request: web.Request) -> Gateway:
+    from .ops import GATEWAY_KEY
+
+    gw: Gateway = request.app[GATEWAY_KEY]
+    return gw
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text="body must be JSON") from exc
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return body
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    user = request.query.get("user")
+    return web.json_response(
+        [s.to_json() | {"session_id": s.session_id} for s in gw.store.sessions(user)]
+    )
+
+
+async def terminate_sessions(request: web.Request) -> web.Response:
+    """POST {"user": "alice"} or {"session_id": "…"}: refused at once, WebSockets closed."""
+    gw = _gw(request)
+    body = await _json_body(request)
+    now = time.time()
+    reason = str(body.get("reason") or "terminated by an operator")
+    if "user" in body:
+        targets = [s.session_id for s in gw.store.sessions(str(body["user"])) if not s.revoked]
+    elif "session_id" in body:
+        targets = [str(body["session_id"])]
+    else:
+        raise web.HTTPBadRequest(text='give "user" or "session_id"')
+    ended = sum([await gw.store.revoke_session(sid, reason, now) for sid in targets])
+    return web.json_response({"terminated": ended})
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    return web.json_response([d.to_json() for d in _gw(request).store.devices()])
+
+
+async def device_action(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    device_id = request.match_info["device"]
+    action = request.match_info["action"]
+    if action == "approve":
+        device = await gw.store.set_device_state(device_id, "approved")
+    elif action == "revoke":
+        device = await gw.store.set_device_state(device_id, "revoked")
+    elif action == "owner":
+        body = await _json_body(request)
+        owner = body.get("owner")
+        if owner is not None and not isinstance(owner, str):
+            raise web.HTTPBadRequest(text="owner must be a string or null")
+        device = await gw.store.set_device_owner(device_id, owner)
+    else:
+        raise web.HTTPNotFound()
+    if device is None:
+        raise web.HTTPNotFound(text=f"no device {device_id}")
+    return web.json_response(device.to_json())
+
+
+async def list_users(request: web.Request) -> web.Response:
+    now = time.time()
+    return web.json_response(
+        [
+            {
+                "user": u.user,
+                "mfa_enrolled": bool(u.mfa_secret),
+                "locked": u.locked(now),
+                "locked_until": u.locked_until,
+                "timezone": u.timezone,
+                "working_hours": u.working_hours,
+            }
+            for u in _gw(request).store.users()
+        ]
+    )
+
+
+async def user_action(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    user = request.match_info["user"]
+    action = request.match_info["action"]
+    store = gw.store
+    now = time.time()
+    account = store.user(user) or UserRecord(user=user)
+    if action == "lock":
+        body = await _json_body(request)
+        minutes = body.get("minutes", 0)
+        if not isinstance(minutes, int | float) or minutes < 0:
+            raise web.HTTPBadRequest(text="minutes must be a non-negative number")
+        until = now + minutes * 60 if minutes else 4102444800.0
+        await store.save_user(
+            replace(
+                account,
+                locked_until=until,
+                lock_reason=str(body.get("reason") or "locked by an operator"),
+            )
+        )
+        ended = sum(
+            [
+                await store.revoke_session(s.session_id, "account locked", now)
+                for s in store.sessions(user)
+            ]
+        )
+        return web.json_response(
+            {"user": user, "locked_until": until, "sessions_terminated": ended}
+        )
+    if action == "unlock":
+        await store.save_user(
+            replace(account, locked_until=None, lock_reason=None, mfa_locked_until=None)
+        )
+        store.reset_failures(f"mfa:{user}")
+        return web.json_response({"user": user, "locked": False})
+    if action == "mfa-reset":
+        return web.json_response({"user": user, "reset": await gw.mfa.reset(user)})
+    raise web.HTTPNotFound()
+
+
+async def audit_search(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    q = request.query
+
+    def when(name: str) -> datetime | None:
+        value = q.get(name)
+        if not value:
+            return None
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"{name}: not an ISO 8601 time") from exc
+
+    try:
+        limit = min(1000, int(q.get("limit", "100")))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text="limit must be a number") from exc
+    await gw.audit.flush()
+    events = await search(
+        gw.config.audit.db,
+        user=q.get("user"),
+        device=q.get("device"),
+        route=q.get("route"),
+        reason=q.get("reason"),
+        decision_id=q.get("decision_id"),
+        since=when("since"),
+        until=when("until"),
+        limit=limit,
+    )
+    return web.json_response(events)
+
+
+async def reload(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    ok = gw.reload()
+    status = 200 if ok else 409
+    return web.json_response({"reloaded": ok, "revision": gw.config.revision}, status=status)
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/sessions", list_sessions)
+    app.router.add_post("/admin/sessions/terminate", terminate_sessions)
+    app.router.add_get("/admin/devices", list_devices)
+    app.router.add_post("/admin/devices/{device}/{action}", device_action)
+    app.router.add_get("/admin/users", list_users)
+    app.router.add_post("/admin/users/{user}/{action}", user_action)
+    app.router.add_get("/admin/audit", audit_search)
+    app.router.add_post("/admin/reload", reload)
