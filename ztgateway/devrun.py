@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--app-port", type=int, default=8080)
     args = p.parse_args(argv)
     Path("var").mkdir(exist_ok=True)
+    token = Path("certs/admin.token")
+    if not token.exists():
+        import secrets
+
+        token.write_text(secrets.token_urlsafe(32) + "\n")
+        token.chmod(0o600)
     py = sys.executable
     app = subprocess.Popen(
         [py, "-m", "ztgateway.demo_app", "--host", "127.0.0.1", "--port", str(args.app_port)]
