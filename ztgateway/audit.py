@@ -90,6 +90,17 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS audit_events_route ON audit_events (route)",
     "CREATE INDEX IF NOT EXISTS audit_events_reason ON audit_events (reason)",
     "CREATE INDEX IF NOT EXISTS audit_events_ts ON audit_events (ts)",
+    # Retention: events moved to archive files leave a checkpoint, the anchor from which the
+    # chain in the database continues (see rotate()).
+    """
+    CREATE TABLE IF NOT EXISTS audit_checkpoints (
+        through_seq INTEGER PRIMARY KEY,
+        last_hash TEXT NOT NULL,
+        archive TEXT NOT NULL,
+        archive_sha256 TEXT NOT NULL,
+        archived_at TEXT NOT NULL
+    )
+    """,
 )
 
 _INSERT: Final = (
@@ -687,6 +698,13 @@ def _join_lines(lines: Iterable[str]) -> bytes:
 async def _head(db: aiosqlite.Connection) -> tuple[int, str]:
     async with db.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1") as cur:
         row = await cur.fetchone()
+    if row is not None:
+        return int(row[0]), str(row[1])
+    # Everything may have been archived: continue from the last checkpoint, not from genesis.
+    async with db.execute(
+        "SELECT through_seq, last_hash FROM audit_checkpoints ORDER BY through_seq DESC LIMIT 1"
+    ) as cur:
+        row = await cur.fetchone()
     return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
 
 
@@ -789,13 +807,41 @@ def _row_problem(row: sqlite3.Row | tuple[Any, ...], event: dict[str, Any]) -> s
     return None
 
 
-async def verify_db(db_path: Path) -> VerifyResult:
-    """Check the whole chain in one read transaction (safe while the gateway is writing)."""
+async def verify_db(db_path: Path, *, archives: bool = True) -> VerifyResult:
+    """Check the whole chain in one read transaction (safe while the gateway is writing).
+
+    After a rotation the database starts mid-chain; it must then continue exactly from the
+    newest checkpoint, and (with `archives`) every archive file must still be there, unchanged
+    (its SHA-256 was recorded), and chain from genesis through each checkpoint.
+    """
     checker = _ChainChecker(require_genesis=True)
-    async with (
-        _read_only(db_path) as db,
-        db.execute(_SELECT_ROWS) as cur,
-    ):
+    async with _read_only(db_path) as db:
+        try:
+            async with db.execute(
+                "SELECT through_seq, last_hash, archive, archive_sha256 FROM audit_checkpoints "
+                "ORDER BY through_seq"
+            ) as cur:
+                checkpoints = [tuple(r) for r in await cur.fetchall()]
+        except sqlite3.OperationalError:
+            checkpoints = []
+        for through_seq, last_hash, archive, digest in checkpoints:
+            if archives:
+                path = Path(archive)
+                if not await asyncio.to_thread(path.is_file):
+                    return checker.result(f"archive {archive} is missing", int(through_seq))
+                actual = await asyncio.to_thread(_file_sha256, path)
+                if actual != digest:
+                    return checker.result(f"archive {archive} was modified", int(through_seq))
+                problem = await asyncio.to_thread(_check_archive, checker, path)
+                if problem is not None:
+                    return checker.result(f"{archive}: {problem}")
+            else:
+                checker.prev_seq, checker.prev_hash = int(through_seq), str(last_hash)
+            if checker.prev_seq != int(through_seq) or checker.prev_hash != last_hash:
+                return checker.result(
+                    f"checkpoint at seq {through_seq} does not match its archive", int(through_seq)
+                )
+        cur = await db.execute(_SELECT_ROWS)
         async for row in cur:
             seq, decision_id, text = row[0], row[1], row[9]
             try:
@@ -804,8 +850,97 @@ async def verify_db(db_path: Path) -> VerifyResult:
                 return checker.result(PROBLEM_MALFORMED, seq, decision_id)
             problem = checker.check(event, row_check=functools.partial(_row_problem, tuple(row)))
             if problem is not None:
+                await cur.close()
                 return checker.result(problem, seq, decision_id)
+        await cur.close()
     return checker.result()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_archive(checker: _ChainChecker, path: Path) -> str | None:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                return f"line {number} is not valid JSON"
+            problem = checker.check(event)
+            if problem is not None:
+                return f"line {number}: {problem}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RotateResult:
+    archived: int
+    archive: Path | None
+    through_seq: int | None
+
+
+async def rotate(db_path: Path, archive_dir: Path, *, before: datetime) -> RotateResult:
+    """Move events older than `before` into an archive file; the chain stays verifiable.
+
+    The oldest events (a prefix of the chain) are written to
+    `archive_dir/audit-<first>-<last>.jsonl`, synced, hashed, and recorded as a checkpoint
+    (last seq, last hash, file, SHA-256) in the same transaction that deletes them, so a crash
+    leaves either the old state or the new one. Run it while the gateway runs (SQLite
+    serialises it with the writer), e.g. daily from cron: `ztgateway audit rotate --days 90`.
+    """
+    cutoff = _query_ts(before)
+    await asyncio.to_thread(archive_dir.mkdir, parents=True, exist_ok=True)
+    db = await aiosqlite.connect(db_path, timeout=30.0)
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                await db.execute(statement)
+            async with db.execute(
+                "SELECT seq, event, hash FROM audit_events WHERE seq <= "
+                "(SELECT COALESCE(MAX(seq), -1) FROM audit_events WHERE ts < ?) ORDER BY seq",
+                (cutoff,),
+            ) as cur:
+                rows = list(await cur.fetchall())
+            if not rows:
+                await db.execute("ROLLBACK")
+                return RotateResult(0, None, None)
+            first, last, last_hash = int(rows[0][0]), int(rows[-1][0]), str(rows[-1][2])
+            path = (archive_dir / f"audit-{first:012d}-{last:012d}.jsonl").resolve()
+            data = _join_lines(str(r[1]) for r in rows)
+            await asyncio.to_thread(_write_synced, path, data)
+            await db.execute(
+                "INSERT INTO audit_checkpoints VALUES (?, ?, ?, ?, ?)",
+                (
+                    last,
+                    last_hash,
+                    str(path),
+                    hashlib.sha256(data).hexdigest(),
+                    _format_ts(datetime.now(UTC)),
+                ),
+            )
+            await db.execute("DELETE FROM audit_events WHERE seq <= ?", (last,))
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
+    finally:
+        await db.close()
+    return RotateResult(len(rows), path, last)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def verify_jsonl(path: Path, *, require_genesis: bool = True) -> VerifyResult:

@@ -138,7 +138,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     result = (
-        verify_jsonl(Path(args.jsonl)) if args.jsonl else asyncio.run(verify_db(config.audit.db))
+        verify_jsonl(Path(args.jsonl))
+        if args.jsonl
+        else asyncio.run(verify_db(config.audit.db, archives=not args.no_archives))
     )
     if result.ok:
         print(f"ok: {result.checked} events, chain intact")
@@ -150,6 +152,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def cmd_audit_rotate(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from .audit import rotate
+
+    config = _load(args.config)
+    archive_dir = (
+        Path(args.archive_dir) if args.archive_dir else config.audit.db.parent / "audit-archive"
+    )
+    before = datetime.now(UTC) - timedelta(days=args.days)
+    result = asyncio.run(rotate(config.audit.db, archive_dir, before=before))
+    if result.archived == 0:
+        print(f"nothing older than {args.days} days")
+    else:
+        print(
+            f"archived {result.archived} events through seq {result.through_seq} to {result.archive}"
+        )
+    return 0
 
 
 def cmd_audit_search(args: argparse.Namespace) -> int:
@@ -219,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=cmd_audit_tail)
     av = with_config(asub.add_parser("verify", help="verify the hash chain"))
     av.add_argument("--jsonl", help="verify a JSON-lines audit file instead of the database")
+    av.add_argument(
+        "--no-archives", action="store_true", help="trust the checkpoints, skip archive files"
+    )
+    ar = with_config(
+        asub.add_parser("rotate", help="archive old events (the chain stays verifiable)")
+    )
+    ar.add_argument("--days", type=float, required=True, help="archive events older than this")
+    ar.add_argument("--archive-dir", help="default: audit-archive/ beside the database")
+    ar.set_defaults(func=cmd_audit_rotate)
     av.set_defaults(func=cmd_audit_verify)
     asr = with_config(asub.add_parser("search", help="find decisions"))
     for flag in ("user", "device", "route", "reason", "decision-id", "since", "until"):
