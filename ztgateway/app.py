@@ -20,7 +20,7 @@ from urllib.parse import quote
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from . import __version__
+from . import __version__, endpoints, mfa_endpoints
 from .assertion import AssertionSigner, load_or_create_key
 from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
 from .config import GatewayConfig, load_config
@@ -28,7 +28,14 @@ from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .decision import Decision, Finding, Reason, Verdict
 from .forward.headers import SERVER_BANNER, upgrade_requested, upstream_request_headers
-from .forward.http import BodyTooLarge, UpstreamFailure, Upstreams, forward_http, upstream_url
+from .forward.http import (
+    BodyTooLarge,
+    UpstreamFailure,
+    Upstreams,
+    classify,
+    forward_http,
+    upstream_url,
+)
 from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
 from .listener import GatewayRequestHandler, Listener
@@ -85,6 +92,7 @@ class Gateway:
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._watches: set[Watch] = set()
+        self._dry: tuple[Runtime, Runtime] | None = None
         self.started_at = time.time()
         self._update_cert_metrics()
         self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
@@ -122,9 +130,9 @@ class Gateway:
     def dry_runtime(self) -> Runtime:
         """The current snapshot, judging without side effects (for /decide)."""
         rt = self.runtime
-        cached = getattr(self, "_dry", None)
+        cached = self._dry
         if cached is not None and cached[0] is rt:
-            return cached[1]  # type: ignore[no-any-return]
+            return cached[1]
         dry = Runtime(
             config=rt.config,
             routes=rt.routes,
@@ -431,8 +439,6 @@ class Gateway:
             return self._refusal(fail.reason, ctx.decision_id, accept)
         except Exception as exc:
             # aiohttp's websocket client raises its own errors for refused upgrades.
-            from .forward.http import classify
-
             failure = classify(exc)
             self.metrics.upstream_errors.labels(route_label, failure.kind).inc()
             log.warning("upstream %s failed: %r", route.upstream.name, exc)
@@ -649,14 +655,10 @@ class Gateway:
             resp = web.json_response(self.signer.jwks, headers={"Cache-Control": "max-age=300"})
             resp.headers["Server"] = SERVER_BANNER
             return resp
-        from . import endpoints
-
         if ctx.path == "/.ztgw/posture" and ctx.method == "POST":
             return await endpoints.posture_report(self, request, ctx)
         if ctx.path == "/.ztgw/device" and ctx.method in ("GET", "HEAD"):
             return await endpoints.device_status(self, request, ctx)
-        from . import mfa_endpoints
-
         if ctx.path == "/.ztgw/mfa/verify" and ctx.method == "POST":
             return await mfa_endpoints.verify_api(self, request, ctx)
         if ctx.path == "/.ztgw/mfa" and ctx.method in ("GET", "POST"):
