@@ -110,6 +110,9 @@ class Gateway:
             geo=self.geo,
         )
         rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
+        self.metrics.prepare_routes(
+            [r.name for r in config.routes], [s.name for s in rt.pipeline.stages]
+        )
         return rt
 
     def _on_store_change(self, kind: ChangeKind, key: str) -> None:
@@ -261,9 +264,11 @@ class Gateway:
         except Exception as exc:
             log.error("reload refused, still serving revision %s: %s", self.config.revision, exc)
             self.metrics.config_reloads.labels("failure").inc()
+            self.metrics.config_reload_ok.set(0)
             return False
         self.config, self.runtime = config, runtime
         self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_reload_ok.set(1)
         self._update_cert_metrics()
         for w in list(self._watches):
             w.wake()
@@ -478,6 +483,12 @@ class Gateway:
         ).inc()
         if decision.monitor:
             self.metrics.would_deny.labels(route_label, decision.reason.value).inc()
+        elif not decision.allowed:
+            stage = next(
+                (f.stage for f in decision.findings if f.reason is decision.reason and f.verdict),
+                "request",
+            )
+            self.metrics.refusals.labels(route_label, stage, decision.reason.value).inc()
         self.audit.record(self.audit_event(ctx, decision, None))
 
     async def ensure_device(self, ctx: RequestContext) -> None:

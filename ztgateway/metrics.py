@@ -20,6 +20,30 @@ _DECISION_BUCKETS = (
 )  # fmt: skip
 
 
+HANDSHAKE_FAILURE_REASONS = (
+    "no_certificate",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "revoked",
+    "bad_purpose",
+    "crl_unavailable",
+    "crl_expired",
+    "verify_failed",
+    "protocol_version",
+    "no_shared_cipher",
+    "plain_http",
+    "not_tls",
+    "client_alert",
+    "tls_error",
+    "timeout",
+    "connection_lost",
+    "unparseable_certificate",
+    "other",
+)
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "tls")
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -186,6 +210,37 @@ class Metrics:
         self.config_reloads = Counter(
             "ztgw_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
+        self.config_reload_ok = Gauge(
+            "ztgw_config_last_reload_successful",
+            "1 if the last configuration reload succeeded (or none was tried), else 0.",
+            registry=r,
+        )
+        self.config_reload_ok.set(1)
+        self.refusals = Counter(
+            "ztgw_refusals",
+            "Refused requests (deny, step-up, terminate) by route, deciding stage and reason.",
+            ["route", "stage", "reason"],
+            registry=r,
+        )
+        # Closed label sets start at zero, so increase() sees their first event (Prometheus
+        # cannot tell a new series' first increment from its birth).
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+            self.tls_reloads.labels(result)
+        for result in ("ok", "refused"):
+            self.admin_calls.labels(result)
+        for result in ("issued", "passed", "failed"):
+            self.step_ups.labels(result)
+        for reason in HANDSHAKE_FAILURE_REASONS:
+            self.handshake_failures.labels(reason)
+
+    def prepare_routes(self, routes: list[str], stages: list[str]) -> None:
+        """Create each route's and stage's series at zero (see the comment in __init__)."""
+        for stage in stages:
+            self.stage_errors.labels(stage)
+        for route in routes:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(route, kind)
 
     def watch_devices(self, states: Callable[[], list[str]]) -> None:
         """Devices by state, counted at scrape time from the store's memory."""
