@@ -146,3 +146,7 @@ async def gateway_factory(
 @pytest.fixture
 async def gateway(gateway_factory: GatewayFactory) -> Gateway:
     return await gateway_factory()
+
+
+# Fixtures defined in helper modules, registered here so every test directory can use them.
+from tests.oidc_fixtures import signin  # noqa: E402, F401

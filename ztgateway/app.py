@@ -20,12 +20,13 @@ from urllib.parse import quote
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from . import __version__, endpoints, mfa_endpoints
+from . import __version__, endpoints, mfa_endpoints, portal
 from .assertion import AssertionSigner, load_or_create_key
 from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
 from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
+from .credentials.oidc import OIDCClient
 from .decision import Decision, Finding, Reason, Verdict
 from .forward.headers import SERVER_BANNER, upgrade_requested, upstream_request_headers
 from .forward.http import (
@@ -54,6 +55,23 @@ from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
 INTERNAL_PREFIX = "/.ztgw/"
+_PORTAL_PAGES = {
+    ("/.ztgw/login", "GET"): portal.login_page,
+    ("/.ztgw/login/start", "GET"): portal.login_start,
+    ("/.ztgw/oidc/callback", "GET"): portal.callback,
+    ("/.ztgw/logout", "GET"): portal.logout,
+    ("/.ztgw/logout", "POST"): portal.logout,
+    ("/.ztgw/signed-out", "GET"): portal.signed_out,
+    ("/.ztgw/whoami", "GET"): portal.whoami,
+}
+_SIGN_IN_AGAIN = frozenset(
+    {
+        Reason.IDENTITY_UNAUTHENTICATED,
+        Reason.SESSION_EXPIRED,
+        Reason.SESSION_TERMINATED,
+        Reason.SESSION_INVALID,
+    }
+)
 WS_RECHECK_INTERVAL = 5.0
 
 
@@ -80,6 +98,9 @@ class Gateway:
         self.mfa = MFA(config.mfa, self.store, create_key=config.mfa.key_file is not None)
         self.keeper = SessionKeeper(self.store, config.sessions)
         self.csrf_key = secrets.token_bytes(32)
+        provider = config.oidc.provider
+        self.oidc: OIDCClient | None = OIDCClient(provider) if provider is not None else None
+        self.oidc_name = provider.name if provider is not None else "-"
         self.signer = AssertionSigner(
             load_or_create_key(config.assertion.key),
             issuer=config.assertion.issuer or config.server.public_url or "ztgateway",
@@ -176,6 +197,8 @@ class Gateway:
         cfg = self.config
         await self.audit.start()
         await self.store.open()
+        if self.oidc is not None:
+            await self.oidc.start()
         if cfg.issuers:
             self.tokens = TokenVerifier(
                 cfg.issuers,
@@ -233,6 +256,8 @@ class Gateway:
         if self.tokens is not None:
             await self.tokens.close()
         await self.store.close()
+        if self.oidc is not None:
+            await self.oidc.close()
         self.geo.close()
         await self.audit.close()
 
@@ -576,6 +601,32 @@ class Gateway:
             extra["Retry-After"] = str(max(1, math.ceil(ctx.retry_after)))
         if verdict is Verdict.TERMINATE:
             self.metrics.terminations.labels(route_label, reason.value).inc()
+        browser = ctx.wants_html
+        if browser and self.oidc is not None and reason in _SIGN_IN_AGAIN:
+            # A person without a (valid) sign-in: send them to sign in, then back here.
+            resp = web.Response(
+                status=303,
+                headers={
+                    "Location": portal.login_redirect(ctx),
+                    DECISION_HEADER: ctx.decision_id,
+                    "Server": SERVER_BANNER,
+                    "Cache-Control": "no-store",
+                },
+            )
+            if ctx.session is not None and ctx.session.cookie_invalid:
+                resp.headers["Set-Cookie"] = clear_cookie_header(self.config.sessions.cookie_name)
+            return resp
+        if browser and reason in (Reason.DEVICE_NONCOMPLIANT, Reason.POSTURE_STALE):
+            # The remediation page says exactly what to fix on this device.
+            return web.Response(
+                status=303,
+                headers={
+                    "Location": "/.ztgw/device",
+                    DECISION_HEADER: ctx.decision_id,
+                    "Server": SERVER_BANNER,
+                    "Cache-Control": "no-store",
+                },
+            )
         if verdict is Verdict.STEP_UP:
             self.metrics.step_ups.labels("issued").inc()
             if ctx.wants_html and self.mfa.available:
@@ -676,6 +727,9 @@ class Gateway:
             return await mfa_endpoints.step_up_page(self, request, ctx)
         if ctx.path == "/.ztgw/mfa/enroll" and ctx.method == "GET":
             return await mfa_endpoints.enroll_page(self, request, ctx)
+        page_handler = _PORTAL_PAGES.get((ctx.path or "", ctx.method))
+        if page_handler is not None:
+            return await page_handler(self, request, ctx)
         decision = self.refusal_decision(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "")
         with suppress(AuditUnavailable):
             self.record_decision(ctx, decision)

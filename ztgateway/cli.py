@@ -257,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--limit", type=int, default=100)
     asr.set_defaults(func=cmd_audit_search)
 
+    from . import devidp
     from .commands import devices, users
     from .policycli import register as register_policy
 
     register_policy(sub)
     devices.register(sub)
     users.register(sub)
+    devidp.register(sub)
     return p
 
 

@@ -21,6 +21,7 @@ from yarl import URL
 
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
+from .credentials.oidc import OIDCClaims, OIDCProviderConfig
 from .posture import PLATFORMS, PosturePolicy, parse_version
 from .risk import BlocklistError, RiskWeights
 
@@ -174,6 +175,9 @@ class RoutePolicy:
     issuers: frozenset[str] = frozenset()
     min_trust: TrustLevel = "unknown"
     require_signed_posture: bool = False
+    login: Literal["never", "always", "browsers"] = "never"
+    """Who must be a signed-in user (OIDC) rather than the certificate's user: nobody, every
+    client, or browser navigations only (people sign in; machines present their certificate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +264,14 @@ class MFAConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OIDCConfig:
+    """Browser sign-in; `provider` is None when no [oidc] section is configured."""
+
+    provider: OIDCProviderConfig | None = None
+    post_logout_path: str = "/.ztgw/signed-out"
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     format: Literal["json", "text"] = "json"
@@ -287,6 +299,7 @@ class GatewayConfig:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     mfa: MFAConfig = field(default_factory=MFAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    oidc: OIDCConfig = field(default_factory=OIDCConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -324,6 +337,10 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     risk = _risk(root.table("risk"), zones)
     sessions = _sessions(root.table("sessions"))
     mfa = _mfa(root.table("mfa"))
+    oidc = _oidc(root.table("oidc"), server)
+    for i, r in enumerate(routes):
+        if r.policy.login != "never" and oidc.provider is None:
+            root.fail(f"routes[{i}].policy.login", "needs an [oidc] provider to sign people in")
     log_t = root.table("logging")
     logging_cfg = LoggingConfig(
         level=log_t.choice("level", ("debug", "info", "warning", "error"), "info"),
@@ -355,6 +372,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         sessions=sessions,
         mfa=mfa,
         logging=logging_cfg,
+        oidc=oidc,
     )
 
 
@@ -585,6 +603,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         issuers=issuers,
         min_trust=t.choice("min_trust", TRUST_LEVELS, "unknown"),  # type: ignore[arg-type]
         require_signed_posture=t.flag("require_signed_posture", False),
+        login=t.choice("login", ("never", "always", "browsers"), "never"),  # type: ignore[arg-type]
     )
     if policy.require_bound_token and not policy.require_token:
         t.fail("require_bound_token", "needs require_token = true")
@@ -901,6 +920,60 @@ def _mfa(t: Table) -> MFAConfig:
         find_time=t.number("find_time", 300.0, min=1.0),
         ban_time=t.number("ban_time", 900.0, min=1.0),
         window=t.integer("window", 1, min=0, max=3),
+    )
+    t.done()
+    return cfg
+
+
+def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
+    if not t.data:
+        t.done()
+        return OIDCConfig()
+    secret = t.text("client_secret")
+    secret_file = t.path("client_secret_file")
+    secret_env = t.text("client_secret_env")
+    if sum(x is not None for x in (secret, secret_file, secret_env)) != 1:
+        t.fail(
+            "client_secret",
+            "set exactly one of client_secret, client_secret_file, client_secret_env",
+        )
+    if secret_file is not None:
+        secret = secret_file.read_text().strip()
+    elif secret_env is not None:
+        import os
+
+        secret = os.environ.get(secret_env, "")
+        if not secret:
+            t.fail("client_secret_env", f"environment variable {secret_env} is not set")
+    public = (
+        server.public_url.rstrip("/")
+        if server.public_url
+        else f"https://{server.host}:{server.port}"
+    )
+    claims_t = t.table("claims")
+    claims = OIDCClaims(
+        user=claims_t.text("user", "sub"),
+        email=claims_t.text("email", "email"),
+        groups=claims_t.text("groups", "groups"),
+    )
+    claims_t.done()
+    try:
+        provider = OIDCProviderConfig(
+            name=t.text("name", "oidc"),
+            issuer=t.text("issuer", required=True),
+            client_id=t.text("client_id", required=True),
+            client_secret=str(secret),
+            redirect_uri=t.text("redirect_uri", public + "/.ztgw/oidc/callback"),
+            scopes=t.str_list("scopes", ("openid", "email", "profile")),
+            ca_file=t.path("ca_file"),
+            claims=claims,
+            leeway=t.number("leeway", 30.0, min=0.0),
+            max_auth_age=t.number("max_auth_age", 600.0, min=10.0),
+        )
+    except ValueError as exc:
+        t.fail("", str(exc))
+    cfg = OIDCConfig(
+        provider=provider, post_logout_path=t.text("post_logout_path", "/.ztgw/signed-out")
     )
     t.done()
     return cfg

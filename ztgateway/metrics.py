@@ -207,6 +207,18 @@ class Metrics:
         self.admin_calls = Counter(
             "ztgw_admin_calls", "Admin API calls by result (ok, refused).", ["result"], registry=r
         )
+        self.logins = Counter(
+            "ztgw_logins",
+            "Browser sign-ins by provider and result (success or the failure reason).",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.portal_views = Counter(
+            "ztgw_portal_views",
+            "Portal page views by page and outcome.",
+            ["page", "outcome"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "ztgw_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )

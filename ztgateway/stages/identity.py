@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..context import Identity, RequestContext
 from ..credentials.jwt import TokenError, VerifiedToken, check_binding
 from ..decision import Finding, Reason, Verdict
+from .session import cookie_session_id, read_cookie
 
 if TYPE_CHECKING:
     from ..config import ClaimMapping
@@ -66,6 +67,8 @@ class IdentityStage:
         self.claim_maps = runtime.config.claim_maps
         self.clock = runtime.clock
         self._identities: dict[tuple[str, str | None], Identity] = {}
+        self.store = runtime.store
+        self.cookie_name = runtime.config.sessions.cookie_name
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -122,6 +125,23 @@ class IdentityStage:
         if token is None and policy.require_token:
             return [_deny(Reason.TOKEN_REQUIRED)]
 
+        session_identity = None
+        if token is None and self.store is not None:
+            cookie = read_cookie(ctx.headers.get("Cookie", ""), self.cookie_name)
+            if cookie is not None:
+                session = self.store.session(cookie_session_id(cookie))
+                if session is not None and session.extra.get("source") == "oidc":
+                    # A browser signed in with the identity provider; the session stage
+                    # re-verifies the session itself (revocation, expiry, device, drift).
+                    groups = session.extra.get("groups") or []
+                    email = session.extra.get("email")
+                    session_identity = Identity(
+                        user=session.user,
+                        source="session",
+                        email=email if isinstance(email, str) else None,
+                        groups=frozenset(g for g in groups if isinstance(g, str)),
+                        device_id=device_id,
+                    )
         if token is not None:
             # The claims of a cached token never change: map them once per token and device.
             key = (token.token_hash, device_id)
@@ -132,7 +152,15 @@ class IdentityStage:
                     self._identities.clear()
                 self._identities[key] = cached
             ctx.identity = cached
-        elif cert is not None and policy.allow_cert_identity and cert.user:
+        elif session_identity is not None:
+            ctx.identity = session_identity
+        elif (
+            cert is not None
+            and policy.allow_cert_identity
+            and cert.user
+            and policy.login != "always"
+            and not (policy.login == "browsers" and ctx.wants_html)
+        ):
             ctx.identity = Identity(
                 user=cert.user, source="cert", email=cert.email, device_id=device_id
             )

@@ -105,7 +105,13 @@ class PolicyStage:
 
         user = ident.user if ident else None
         needs_user = bool(
-            policy.users or policy.groups or policy.roles or policy.scopes or policy.claims
+            policy.users
+            or policy.groups
+            or policy.roles
+            or policy.scopes
+            or policy.claims
+            or policy.login == "always"
+            or (policy.login == "browsers" and ctx.wants_html)
         )
         if user is None and (needs_user or cert is None):
             # Nobody claimed the request: 401, not 403.

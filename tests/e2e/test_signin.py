@@ -1,0 +1,170 @@
+"""Browser sign-in with OIDC through the gateway (HTTP level; Chromium runs in test_browser.py)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+
+from tests.oidc_fixtures import PASSWORDS, SignInSetup, form_action, form_fields
+from tests.support import Certs, client_ssl
+
+HTML = {"Accept": "text/html"}
+
+
+def browser(certs: Certs, cert: str = "alice-laptop") -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl(certs, cert)),
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+    )
+
+
+async def sign_in(
+    s: aiohttp.ClientSession, setup: SignInSetup, user: str = "alice", path: str = "/echo"
+) -> aiohttp.ClientResponse:
+    origin = setup.origin
+    r = await s.get(origin + path, headers=HTML, allow_redirects=False)
+    assert r.status == 303, await r.text()
+    login = r.headers["Location"]
+    assert login.startswith("/.ztgw/login?rd=")
+    page = await (await s.get(origin + login, headers=HTML)).text()
+    start = page.split('href="')[1].split('"')[0].replace("&amp;", "&")
+    r = await s.get(origin + start, allow_redirects=False)
+    assert r.status == 303
+    authorize = r.headers["Location"]
+    assert authorize.startswith(setup.issuer)
+    page = await (await s.get(authorize)).text()
+    r = await s.post(
+        form_action(authorize, page),
+        data={**form_fields(page), "username": user, "password": PASSWORDS[user]},
+        allow_redirects=False,
+    )
+    assert r.status == 303, await r.text()
+    callback = r.headers["Location"]
+    assert callback.startswith(origin + "/.ztgw/oidc/callback")
+    r = await s.get(callback, headers=HTML, allow_redirects=False)
+    return r
+
+
+async def test_a_person_signs_in_and_reaches_the_app_as_themselves(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    async with browser(certs) as s:
+        r = await sign_in(s, signin)
+        assert r.status == 303 and r.headers["Location"] == "/echo"
+        assert "__Host-ztgw-session=" in r.headers.getall("Set-Cookie", [""])[-1]
+        r = await s.get(
+            signin.origin + "/echo", headers={"Accept": "application/json, text/html;q=0.5"}
+        )
+        assert r.status == 200
+        seen = (await r.json())["headers_map"]
+        assert seen["x-forwarded-user"] == "alice"
+        assert seen["x-forwarded-groups"] == "admins,eng"
+        assert "__host-ztgw-session" not in seen.get("cookie", "").lower()
+        r = await s.get(signin.origin + "/.ztgw/whoami", headers=HTML)
+        page = await r.text()
+        assert "alice" in page and "session" in page
+    assert (
+        'ztgw_logins_total{provider="dev",result="success"} 1.0'
+        in signin.gateway.metrics.render().decode()
+    )
+
+
+async def test_machines_still_use_their_certificate_on_a_browsers_only_login_route(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    async with browser(certs) as s:
+        r = await s.get(signin.origin + "/echo")
+        assert r.status == 200
+        assert (await r.json())["headers_map"]["x-forwarded-user"] == "alice"
+
+
+async def test_callback_with_a_wrong_or_replayed_state_is_refused(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    async with browser(certs) as s:
+        r = await s.get(signin.origin + "/.ztgw/oidc/callback?state=forged&code=abc", headers=HTML)
+        assert r.status == 401
+        assert "state-invalid" in await r.text()
+        r = await sign_in(s, signin)
+        assert r.status == 303
+        # The same callback URL again (replayed state and code): refused.
+        replay = r.url
+        r2 = await s.get(str(replay), headers=HTML, allow_redirects=False)
+        assert r2.status == 401
+
+
+async def test_login_redirect_target_stays_on_this_origin(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    async with browser(certs) as s:
+        r = await s.get(
+            signin.origin + "/.ztgw/login/start?rd=//evil.example/x", allow_redirects=False
+        )
+        authorize = r.headers["Location"]
+        page = await (await s.get(authorize)).text()
+        r = await s.post(
+            form_action(authorize, page),
+            data={**form_fields(page), "username": "alice", "password": PASSWORDS["alice"]},
+            allow_redirects=False,
+        )
+        r = await s.get(r.headers["Location"], headers=HTML, allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"] == "/"
+
+
+async def test_sign_out_ends_the_session_and_the_next_visit_asks_to_sign_in(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    async with browser(certs) as s:
+        assert (await sign_in(s, signin)).status == 303
+        page = await (await s.get(signin.origin + "/.ztgw/logout", headers=HTML)).text()
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        r = await s.post(signin.origin + "/.ztgw/logout", data={}, allow_redirects=False)
+        assert r.status == 400, "no CSRF token, no sign-out"
+        r = await s.post(
+            signin.origin + "/.ztgw/logout", data={"csrf": csrf}, allow_redirects=False
+        )
+        assert r.status == 303
+        location = r.headers["Location"]
+        assert location.startswith(signin.issuer) and "end_session" in location
+        assert parse_qs(urlsplit(location).query)["post_logout_redirect_uri"] == [
+            signin.origin + "/.ztgw/signed-out"
+        ]
+        r = await s.get(signin.origin + "/echo", headers=HTML, allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"].startswith("/.ztgw/login")
+
+
+async def test_a_terminated_session_bounces_to_sign_in(signin: SignInSetup, certs: Certs) -> None:
+    async with browser(certs) as s:
+        assert (await sign_in(s, signin)).status == 303
+        for sess in signin.gateway.store.sessions("alice"):
+            await signin.gateway.store.revoke_session(sess.session_id, "test", 0.0 + 1)
+        r = await s.get(signin.origin + "/echo", headers=HTML, allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"].startswith("/.ztgw/login")
+
+
+async def test_session_cookie_from_another_device_is_refused(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    async with browser(certs) as s:
+        assert (await sign_in(s, signin)).status == 303
+        cookie = next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
+    async with browser(certs, "bob-phone") as s:
+        r = await s.get(
+            signin.origin + "/echo",
+            headers={"Cookie": f"__Host-ztgw-session={cookie}"},
+            allow_redirects=False,
+        )
+        assert r.status == 403
+        assert (await r.json(content_type=None))["reason"] == "device-owner-mismatch"
+
+
+@pytest.mark.parametrize("claim_user", ["alice"])
+async def test_html_in_claims_is_escaped_on_every_page(
+    signin: SignInSetup, certs: Certs, claim_user: str
+) -> None:
+    async with browser(certs) as s:
+        assert (await sign_in(s, signin)).status == 303
+        page = await (await s.get(signin.origin + "/.ztgw/whoami", headers=HTML)).text()
+        assert "<b>" not in page

@@ -1,0 +1,108 @@
+"""A dev identity provider and a gateway configured to sign people in with it (for e2e tests)."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import GatewayFactory
+from ztgateway.app import Gateway
+from ztgateway.devidp import hash_password, start_devidp
+
+CLIENT_SECRET = "test-client-secret-0123456789"
+PASSWORDS = {"alice": "alice-test-password", "bob": "bob-test-password"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class SignInSetup:
+    gateway: Gateway
+    issuer: str
+    origin: str
+
+
+def users_toml(gw_origin: str) -> str:
+    alice = hash_password(PASSWORDS["alice"], log_n=10)
+    bob = hash_password(PASSWORDS["bob"], log_n=10)
+    return f"""
+[users.alice]
+password_hash = "{alice}"
+name = "Alice <b>Example</b>"
+email = "alice@example.test"
+groups = ["admins", "eng"]
+
+[users.bob]
+password_hash = "{bob}"
+email = "bob@example.test"
+groups = ["eng"]
+
+[clients.ztgateway]
+client_id = "ztgateway"
+client_secret = "{CLIENT_SECRET}"
+redirect_uris = ["{gw_origin}/.ztgw/oidc/callback"]
+post_logout_redirect_uris = ["{gw_origin}/.ztgw/signed-out"]
+"""
+
+
+@pytest.fixture
+async def signin(
+    gateway_factory: GatewayFactory, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[SignInSetup]:
+    """The gateway at a fixed port (the redirect URI must match exactly) with an [oidc] provider."""
+    overrides: dict[str, Any] = getattr(request, "param", {}) or {}
+    port = free_port()
+    origin = f"https://127.0.0.1:{port}"
+    users = tmp_path / "idp-users.toml"
+    users.write_text(users_toml(origin))
+    runner, _, issuer = await start_devidp("127.0.0.1", 0, users)
+    routes = overrides.pop(
+        "routes",
+        [
+            {"name": "app", "prefix": "/", "upstream": "demo", "policy": {"login": "browsers"}},
+            {
+                "name": "admin",
+                "prefix": "/admin/",
+                "upstream": "demo",
+                "policy": {"login": "always", "groups": ["admins"]},
+                "session": {"mfa_max_age": 900},
+            },
+        ],
+    )
+    gw = await gateway_factory(
+        {
+            "server": {"port": port, "public_url": origin},
+            "oidc": {
+                "name": "dev",
+                "issuer": issuer,
+                "client_id": "ztgateway",
+                "client_secret": CLIENT_SECRET,
+            },
+            "routes": routes,
+            **overrides,
+        }
+    )
+    yield SignInSetup(gw, issuer, origin)
+    await runner.cleanup()
+
+
+def form_fields(page: str) -> dict[str, str]:
+    return dict(re.findall(r'name="(request_id|csrf_token)" value="([^"]*)"', page))
+
+
+def form_action(base_url: str, page: str) -> str:
+    match = re.search(r'<form method="post" action="([^"]+)"', page)
+    assert match is not None, page
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.netloc}{match.group(1)}"

@@ -1,0 +1,1132 @@
+"""`ztgateway dev-idp`: a DEVELOPMENT-ONLY OpenID Provider, so the browser sign-in can be tried
+after `make run` without an external identity provider.
+
+It implements just enough of OpenID Connect for the gateway's relying party and for tests that
+must fail the way a real provider would: discovery (OIDC Discovery §3), a JWKS with one ES256 key,
+the authorization code flow with PKCE S256 *required* (RFC 7636), single-use codes bound to client,
+redirect URI and verifier, client_secret_basic and client_secret_post, userinfo, and RP-initiated
+logout. Users, password hashes (scrypt) and clients come from one TOML file.
+
+It is not hardened for real users: everything lives in memory, there is no consent screen, no
+account lockout and no key rotation. It refuses to listen on anything but loopback unless told
+`--i-know-this-is-insecure`, and every page and its start-up log say DEVELOPMENT ONLY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import getpass
+import hashlib
+import hmac
+import html
+import ipaddress
+import logging
+import re
+import secrets
+import signal
+import socket
+import sys
+import time
+import tomllib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Generic, TypeVar
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
+
+import jwt as pyjwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ztgateway.configreader import ConfigError, Table
+from ztgateway.credentials.devtoken import jwk_thumbprint, load_signing_key, public_jwks
+
+logger = logging.getLogger(__name__)
+
+BANNER: Final = "DEVELOPMENT ONLY: a test identity provider, never for real accounts"
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 9200
+DEFAULT_USERS_FILE: Final = "config/dev-idp-users.toml"
+
+CODE_TTL: Final = 60.0  # RFC 6749 §4.1.2: "a maximum authorization code lifetime of 10 minutes
+# is RECOMMENDED"; one minute is plenty for a redirect that happens at once.
+AUTH_REQUEST_TTL: Final = 600.0
+ID_TOKEN_TTL: Final = 300
+ACCESS_TOKEN_TTL: Final = 3600
+SESSION_TTL: Final = 8 * 3600.0
+MAX_ENTRIES: Final = 10_000
+MAX_LOGIN_FAILURES: Final = 5
+ALGORITHM: Final = "ES256"
+
+# scrypt (RFC 7914) as a PHC-style string: $scrypt$ln=<log2 N>,r=<r>,p=<p>$<salt>$<hash>.
+SCRYPT_LOG_N: Final = 15
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+SCRYPT_MAXMEM: Final = 1 << 27
+_HASH_RE: Final = re.compile(
+    r"\$scrypt\$ln=(?P<ln>\d{1,2}),r=(?P<r>\d{1,2}),p=(?P<p>\d{1,2})"
+    r"\$(?P<salt>[A-Za-z0-9_-]{16,})\$(?P<hash>[A-Za-z0-9_-]{43,})"
+)
+# RFC 7636 §4.1 / §4.2: the verifier's alphabet and length; an S256 challenge is 43 characters.
+_VERIFIER_RE: Final = re.compile(r"[A-Za-z0-9._~-]{43,128}")
+_CHALLENGE_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+_USERNAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+_STYLE: Final = (
+    "body{font-family:system-ui,sans-serif;max-width:30rem;margin:1.5rem auto;padding:0 1rem;"
+    "line-height:1.5;color:#111}"
+    ".dev{background:#8b0000;color:#fff;padding:.6rem 1rem;font-weight:bold;border-radius:4px}"
+    "label{display:block;margin-top:1rem;font-weight:600}"
+    "input{width:100%;padding:.6rem;font-size:1rem;box-sizing:border-box}"
+    "button{margin-top:1.2rem;padding:.7rem 1.4rem;font-size:1rem}"
+    ".error{color:#8b0000;font-weight:600}"
+)
+# SECURITY: a CSP that allows exactly our one inline style and nothing else: no scripts, no
+# framing (clickjacking of the password form), no foreign form targets via <base>.
+_CSP: Final = (
+    "default-src 'none'; style-src 'sha256-"
+    + base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
+    + "'; frame-ancestors 'none'; base-uri 'none'"
+)
+_PAGE_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "Content-Security-Policy": _CSP,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+)
+# RFC 6749 §5.1: token responses must not be cached.
+_NO_STORE: Final[Mapping[str, str]] = MappingProxyType(
+    {"Cache-Control": "no-store", "Pragma": "no-cache"}
+)
+
+T = TypeVar("T")
+
+
+# -- passwords -------------------------------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str, *, log_n: int = SCRYPT_LOG_N) -> str:
+    """A salted scrypt hash (RFC 7914) in the PHC string format the users file stores."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"),
+        salt=salt,
+        n=1 << log_n,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        maxmem=SCRYPT_MAXMEM,
+        dklen=32,
+    )
+    return f"$scrypt$ln={log_n},r={SCRYPT_R},p={SCRYPT_P}${_b64url(salt)}${_b64url(digest)}"
+
+
+def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    match = _HASH_RE.fullmatch(encoded)
+    if match is None:
+        raise ValueError("not a $scrypt$ln=..,r=..,p=..$salt$hash string")
+    ln, r, p = int(match["ln"]), int(match["r"]), int(match["p"])
+    # Bounds keep a typo in the file from asking for gigabytes of memory per login.
+    if not (10 <= ln <= 20 and 1 <= r <= 16 and 1 <= p <= 4):
+        raise ValueError("scrypt parameters out of range (ln 10-20, r 1-16, p 1-4)")
+    try:
+        return ln, r, p, _b64url_decode(match["salt"]), _b64url_decode(match["hash"])
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("salt or hash is not base64url") from exc
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Constant-time comparison of a password against a stored scrypt hash. Blocking (~0.1 s)."""
+    ln, r, p, salt, expected = _parse_hash(encoded)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"),
+        salt=salt,
+        n=1 << ln,
+        r=r,
+        p=p,
+        maxmem=SCRYPT_MAXMEM,
+        dklen=len(expected),
+    )
+    return hmac.compare_digest(digest, expected)
+
+
+# -- the users file --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DevUser:
+    username: str
+    password_hash: str = field(repr=False)
+    email: str | None
+    name: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DevClient:
+    client_id: str
+    client_secret: str = field(repr=False)
+    redirect_uris: tuple[str, ...]
+    post_logout_redirect_uris: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DevIdPConfig:
+    users: Mapping[str, DevUser]
+    clients: Mapping[str, DevClient]  # by client_id
+
+
+def _check_redirect_uri(table: Table, key: str, uri: str) -> None:
+    parts = urlsplit(uri)
+    # RFC 6749 §3.1.2: an absolute URI without fragment; it is compared exactly, never by prefix.
+    if parts.scheme not in ("http", "https") or not parts.hostname or "#" in uri:
+        table.fail(key, f"must be an absolute http(s) URI without fragment, not {uri!r}")
+
+
+def load_devidp_file(path: Path) -> DevIdPConfig:
+    """Read and validate the users-and-clients file; a mistake is a ConfigError naming the key."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(path, "", exc.strerror or str(exc)) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from exc
+    root = Table(data, path)
+    users: dict[str, DevUser] = {}
+    for username, t in root.named_tables("users").items():
+        if _USERNAME_RE.fullmatch(username) is None:
+            t.fail("", "user names are lower-case letters, digits, '.', '_' or '-'")
+        password_hash: str = t.text("password_hash", required=True)
+        try:
+            _parse_hash(password_hash)
+        except ValueError as exc:
+            t.fail("password_hash", str(exc))
+        groups = t.str_list("groups")
+        if not all(groups):
+            t.fail("groups", "must not contain empty names")
+        users[username] = DevUser(
+            username=username,
+            password_hash=password_hash,
+            email=t.text("email"),
+            name=t.text("name", username),
+            groups=groups,
+        )
+        t.done()
+    clients: dict[str, DevClient] = {}
+    for section, t in root.named_tables("clients").items():
+        client_id: str = t.text("client_id", section)
+        secret: str = t.text("client_secret", required=True)
+        if not client_id or not secret:
+            t.fail("client_secret", "client_id and client_secret must not be empty")
+        if client_id in clients:
+            t.fail("client_id", f"duplicate client_id {client_id!r}")
+        redirect_uris = t.str_list("redirect_uris")
+        if not redirect_uris:
+            t.fail("redirect_uris", "at least one redirect URI is required")
+        for i, uri in enumerate(redirect_uris):
+            _check_redirect_uri(t, f"redirect_uris[{i}]", uri)
+        logout_uris = t.str_list("post_logout_redirect_uris")
+        for i, uri in enumerate(logout_uris):
+            _check_redirect_uri(t, f"post_logout_redirect_uris[{i}]", uri)
+        clients[client_id] = DevClient(
+            client_id=client_id,
+            client_secret=secret,
+            redirect_uris=redirect_uris,
+            post_logout_redirect_uris=logout_uris,
+        )
+        t.done()
+    root.done()
+    if not users:
+        raise ConfigError(path, "users", "at least one user is required")
+    if not clients:
+        raise ConfigError(path, "clients", "at least one client is required")
+    return DevIdPConfig(users=MappingProxyType(users), clients=MappingProxyType(clients))
+
+
+# -- in-memory state -------------------------------------------------------------------------
+
+
+class _Expiring(Generic[T]):
+    """A bounded map whose entries die after `ttl` seconds: no table here grows without limit."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float], max_entries: int = MAX_ENTRIES):
+        self._ttl = ttl
+        self._clock = clock
+        self._max = max_entries
+        self._items: OrderedDict[str, tuple[float, T]] = OrderedDict()
+
+    def put(self, key: str, value: T) -> None:
+        now = self._clock()
+        while self._items:
+            created, _ = next(iter(self._items.values()))
+            if now - created <= self._ttl:
+                break
+            self._items.popitem(last=False)
+        self._items[key] = (now, value)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    def get(self, key: str) -> T | None:
+        entry = self._items.get(key)
+        if entry is None:
+            return None
+        if self._clock() - entry[0] > self._ttl:
+            del self._items[key]
+            return None
+        return entry[1]
+
+    def pop(self, key: str) -> T | None:
+        value = self.get(key)
+        self._items.pop(key, None)
+        return value
+
+    def remove_where(self, predicate: Callable[[T], bool]) -> None:
+        for key in [k for k, (_, v) in self._items.items() if predicate(v)]:
+            del self._items[key]
+
+
+@dataclass(slots=True)
+class _AuthRequest:
+    client_id: str
+    redirect_uri: str
+    scope: tuple[str, ...]
+    state: str | None
+    nonce: str | None
+    code_challenge: str
+    failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    client_id: str
+    redirect_uri: str
+    scope: tuple[str, ...]
+    nonce: str | None
+    code_challenge: str
+    username: str
+    auth_time: int
+    session_id: str
+    issued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Session:
+    username: str
+    auth_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class _AccessToken:
+    username: str
+    client_id: str
+    scope: tuple[str, ...]
+    code: str
+
+
+class _AuthorizeError(Exception):
+    """An authorization error sent back to the client's redirect URI (RFC 6749 §4.1.2.1)."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+
+
+# -- the provider ----------------------------------------------------------------------------
+
+
+class DevIdP:
+    """All endpoints and the in-memory state of one development OpenID Provider."""
+
+    def __init__(
+        self,
+        config: DevIdPConfig,
+        *,
+        issuer: str,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        parts = urlsplit(issuer)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"issuer must be an absolute http(s) URL, not {issuer!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("issuer must not have a query or fragment (OIDC Discovery §3)")
+        self.config = config
+        self.issuer = issuer
+        self.base_path = parts.path.rstrip("/")
+        self._clock = clock
+        self._key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
+        self.kid = jwk_thumbprint(self._key.public_key())
+        self._jwks = public_jwks(self._key.public_key(), kid=self.kid)
+        self._secret = secrets.token_bytes(32)
+        secure = parts.scheme == "https"
+        self._cookie_secure = secure
+        # The __Host- prefix needs Secure; plain http is only for loopback development.
+        self.session_cookie = "__Host-devidp-session" if secure else "devidp-session"
+        self.csrf_cookie = "__Host-devidp-csrf" if secure else "devidp-csrf"
+        self._requests: _Expiring[_AuthRequest] = _Expiring(AUTH_REQUEST_TTL, clock)
+        self._codes: _Expiring[_Grant] = _Expiring(CODE_TTL, clock)
+        self._used_codes: _Expiring[str] = _Expiring(CODE_TTL * 10, clock)
+        self._tokens: _Expiring[_AccessToken] = _Expiring(ACCESS_TOKEN_TTL, clock)
+        self._sessions: _Expiring[_Session] = _Expiring(SESSION_TTL, clock)
+        # Unknown users are checked against this, so a wrong name costs as long as a wrong
+        # password and the form does not reveal which accounts exist.
+        self._dummy_hash = hash_password(secrets.token_urlsafe(16))
+
+    def url(self, path: str) -> str:
+        return self.issuer.rstrip("/") + path
+
+    def add_routes(self, app: web.Application) -> None:
+        base = self.base_path
+        app.router.add_get(base + "/.well-known/openid-configuration", self.discovery)
+        app.router.add_get(base + "/jwks.json", self.jwks)
+        app.router.add_route("GET", base + "/authorize", self.authorize)
+        app.router.add_route("POST", base + "/authorize", self.authorize)
+        app.router.add_post(base + "/login", self.login)
+        app.router.add_post(base + "/token", self.token)
+        app.router.add_route("GET", base + "/userinfo", self.userinfo)
+        app.router.add_route("POST", base + "/userinfo", self.userinfo)
+        app.router.add_route("GET", base + "/end_session", self.end_session)
+        app.router.add_route("POST", base + "/end_session", self.end_session)
+        app.router.add_get(base + "/", self.index)
+
+    # -- documents -------------------------------------------------------------------------
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        """OIDC Discovery §3 metadata; `issuer` is exactly the configured issuer (§4.3)."""
+        return web.json_response(
+            {
+                "issuer": self.issuer,
+                "authorization_endpoint": self.url("/authorize"),
+                "token_endpoint": self.url("/token"),
+                "userinfo_endpoint": self.url("/userinfo"),
+                "jwks_uri": self.url("/jwks.json"),
+                "end_session_endpoint": self.url("/end_session"),
+                "response_types_supported": ["code"],
+                "response_modes_supported": ["query"],
+                "grant_types_supported": ["authorization_code"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": [ALGORITHM],
+                "scopes_supported": ["openid", "email", "profile", "groups"],
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_basic",
+                    "client_secret_post",
+                ],
+                "claims_supported": [
+                    "iss",
+                    "sub",
+                    "aud",
+                    "exp",
+                    "iat",
+                    "auth_time",
+                    "nonce",
+                    "email",
+                    "email_verified",
+                    "name",
+                    "preferred_username",
+                    "groups",
+                ],
+                "code_challenge_methods_supported": ["S256"],
+                "prompt_values_supported": ["none", "login"],
+                "authorization_response_iss_parameter_supported": True,
+            }
+        )
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        return web.json_response(self._jwks, content_type="application/jwk-set+json")
+
+    async def index(self, request: web.Request) -> web.Response:
+        body = (
+            "<p>This is the ztgateway development identity provider. Applications send you "
+            "here to sign in.</p>"
+            f"<p>Issuer: <code>{html.escape(self.issuer)}</code></p>"
+        )
+        return _page("Development identity provider", body)
+
+    # -- authorization ---------------------------------------------------------------------
+
+    async def authorize(self, request: web.Request) -> web.StreamResponse:
+        """The authorization endpoint (OIDC Core §3.1.2): GET or POST (§3.1.2.1)."""
+        params = await _request_params(request)
+        if params is None:
+            return _page("Invalid request", "<p>A request parameter is repeated.</p>", 400)
+        client = self.config.clients.get(params.get("client_id", ""))
+        if client is None:
+            return _page("Unknown application", "<p>The client_id is not registered.</p>", 400)
+        redirect_uri = params.get("redirect_uri", "")
+        # SECURITY: RFC 6749 §3.1.2.3 / RFC 9700 §4.1: exact string match against a registered
+        # URI, and never redirect to an unverified one (§4.1.2.1): an error page instead.
+        if redirect_uri not in client.redirect_uris:
+            return _page(
+                "Invalid redirect URI",
+                "<p>The redirect_uri is not registered for this application.</p>",
+                400,
+            )
+        state = params.get("state")
+        try:
+            auth = self._check_authorization_request(client, redirect_uri, params)
+        except _AuthorizeError as exc:
+            return self._redirect_error(redirect_uri, state, exc)
+        prompt = set(params.get("prompt", "").split())
+        session = self._current_session(request)
+        if session is not None and "login" not in prompt:
+            return self._issue_code(auth, session, request.cookies.get(self.session_cookie, ""))
+        if "none" in prompt:
+            # OIDC Core §3.1.2.6: prompt=none and no session.
+            return self._redirect_error(
+                redirect_uri, state, _AuthorizeError("login_required", "no session")
+            )
+        request_id = secrets.token_urlsafe(24)
+        self._requests.put(request_id, auth)
+        return self._login_form(request, request_id, client.client_id, error=None, username="")
+
+    def _check_authorization_request(
+        self, client: DevClient, redirect_uri: str, params: Mapping[str, str]
+    ) -> _AuthRequest:
+        if params.get("response_type") != "code":
+            raise _AuthorizeError("unsupported_response_type", "only response_type=code")
+        scope = tuple(params.get("scope", "").split())
+        if "openid" not in scope:
+            raise _AuthorizeError("invalid_scope", "the openid scope is required")
+        # SECURITY: PKCE is mandatory here (RFC 9700 §2.1.1), and only S256: "plain" would put
+        # the verifier itself in the browser's URL bar.
+        challenge = params.get("code_challenge")
+        if not challenge:
+            raise _AuthorizeError("invalid_request", "PKCE code_challenge is required")
+        if params.get("code_challenge_method") != "S256":
+            raise _AuthorizeError("invalid_request", "code_challenge_method must be S256")
+        if _CHALLENGE_RE.fullmatch(challenge) is None:
+            raise _AuthorizeError("invalid_request", "malformed code_challenge")
+        for name in ("request", "request_uri"):
+            # OIDC Core §6: request objects are not supported.
+            if name in params:
+                raise _AuthorizeError(f"{name}_not_supported", f"{name} is not supported")
+        return _AuthRequest(
+            client_id=client.client_id,
+            redirect_uri=redirect_uri,
+            scope=scope,
+            state=params.get("state"),
+            nonce=params.get("nonce"),
+            code_challenge=challenge,
+        )
+
+    def _redirect_error(
+        self, redirect_uri: str, state: str | None, exc: _AuthorizeError
+    ) -> web.Response:
+        params = {"error": exc.error, "error_description": exc.description}
+        return self._redirect(redirect_uri, params, state)
+
+    def _redirect(
+        self, redirect_uri: str, params: dict[str, str], state: str | None
+    ) -> web.Response:
+        if state is not None:
+            params["state"] = state
+        # RFC 9207 §2: the issuer in the authorization response, against mix-up attacks.
+        params["iss"] = self.issuer
+        return _see_other(_append_query(redirect_uri, params))
+
+    def _csrf_token(self, binder: str, request_id: str) -> str:
+        message = b"\x00".join((b"devidp-login", binder.encode(), request_id.encode()))
+        return _b64url(hmac.new(self._secret, message, hashlib.sha256).digest())
+
+    def _login_form(
+        self,
+        request: web.Request,
+        request_id: str,
+        client_id: str,
+        *,
+        error: str | None,
+        username: str,
+        status: int = 200,
+    ) -> web.Response:
+        # Login CSRF at the provider: the form token is bound to a cookie of this browser, so a
+        # page elsewhere cannot post its own credentials into the victim's browser.
+        binder = request.cookies.get(self.csrf_cookie) or ""
+        new_binder = not binder or len(binder) > 64 or not binder.isascii()
+        if new_binder:
+            binder = secrets.token_urlsafe(24)
+        error_html = (
+            f'<p class="error" role="alert" id="login-error">{html.escape(error)}</p>'
+            if error
+            else ""
+        )
+        body = (
+            f"<p>Sign in to continue to <strong>{html.escape(client_id)}</strong>.</p>"
+            f"{error_html}"
+            f'<form method="post" action="{html.escape(self.base_path + "/login")}">'
+            f'<input type="hidden" name="request_id" value="{html.escape(request_id)}">'
+            f'<input type="hidden" name="csrf_token" '
+            f'value="{html.escape(self._csrf_token(binder, request_id))}">'
+            '<label for="username">Username</label>'
+            '<input id="username" name="username" autocomplete="username" required '
+            f'autocapitalize="none" value="{html.escape(username)}">'
+            '<label for="password">Password</label>'
+            '<input id="password" name="password" type="password" '
+            'autocomplete="current-password" required>'
+            '<button type="submit">Sign in</button></form>'
+        )
+        response = _page("Sign in", body, status)
+        if new_binder:
+            response.set_cookie(
+                self.csrf_cookie,
+                binder,
+                path="/",
+                secure=self._cookie_secure,
+                httponly=True,
+                samesite="Lax",
+            )
+        return response
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        """The login form's POST: CSRF token, then the password, then a code for the client."""
+        form = await request.post()
+        request_id = form.get("request_id")
+        token = form.get("csrf_token")
+        username = form.get("username")
+        password = form.get("password")
+        if not isinstance(request_id, str) or not request_id:
+            return _page("Bad request", "<p>The sign-in form is incomplete.</p>", 400)
+        auth = self._requests.get(request_id)
+        if auth is None:
+            return _page(
+                "Sign-in expired",
+                "<p>This sign-in request has expired or was already used. Go back to the "
+                "application and start again.</p>",
+                400,
+            )
+        binder = request.cookies.get(self.csrf_cookie, "")
+        if (
+            not binder
+            or not isinstance(token, str)
+            or not binder.isascii()
+            or not token.isascii()
+            or not hmac.compare_digest(
+                token.encode(), self._csrf_token(binder, request_id).encode()
+            )
+        ):
+            return _page(
+                "Request refused",
+                "<p>The form's security token is missing or wrong. Go back to the application "
+                "and start again.</p>",
+                403,
+            )
+        if not isinstance(username, str) or not isinstance(password, str):
+            return _page("Bad request", "<p>Username and password are required.</p>", 400)
+        user = self.config.users.get(username)
+        stored = user.password_hash if user is not None else self._dummy_hash
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if user is None or not ok:
+            auth.failures += 1
+            logger.info("dev-idp: failed sign-in for %r", username[:64])
+            if auth.failures >= MAX_LOGIN_FAILURES:
+                self._requests.pop(request_id)
+                return _page(
+                    "Too many attempts",
+                    "<p>Too many wrong passwords. Go back to the application and start again.</p>",
+                    429,
+                )
+            return self._login_form(
+                request,
+                request_id,
+                auth.client_id,
+                error="Wrong username or password.",
+                username=username,
+                status=401,
+            )
+        self._requests.pop(request_id)
+        session_id = secrets.token_urlsafe(32)
+        session = _Session(username=user.username, auth_time=int(self._clock()))
+        self._sessions.put(session_id, session)
+        logger.info("dev-idp: %s signed in for client %s", user.username, auth.client_id)
+        response = self._issue_code(auth, session, session_id)
+        response.set_cookie(
+            self.session_cookie,
+            session_id,
+            path="/",
+            secure=self._cookie_secure,
+            httponly=True,
+            samesite="Lax",
+        )
+        return response
+
+    def _current_session(self, request: web.Request) -> _Session | None:
+        session_id = request.cookies.get(self.session_cookie)
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None or session.username not in self.config.users:
+            return None
+        return session
+
+    def _issue_code(self, auth: _AuthRequest, session: _Session, session_id: str) -> web.Response:
+        code = secrets.token_urlsafe(32)
+        self._codes.put(
+            code,
+            _Grant(
+                client_id=auth.client_id,
+                redirect_uri=auth.redirect_uri,
+                scope=auth.scope,
+                nonce=auth.nonce,
+                code_challenge=auth.code_challenge,
+                username=session.username,
+                auth_time=session.auth_time,
+                session_id=session_id,
+                issued_at=self._clock(),
+            ),
+        )
+        return self._redirect(auth.redirect_uri, {"code": code}, auth.state)
+
+    # -- token -----------------------------------------------------------------------------
+
+    def _authenticate_client(
+        self, request: web.Request, form: Mapping[str, str]
+    ) -> tuple[DevClient | None, bool]:
+        """RFC 6749 §2.3.1: client_secret_basic or client_secret_post, never both (§2.3)."""
+        header = request.headers.get("Authorization")
+        used_basic = header is not None
+        if header is not None:
+            if "client_secret" in form:
+                return None, True
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "basic":
+                return None, True
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None, True
+            raw_id, sep, raw_secret = decoded.partition(":")
+            if not sep:
+                return None, True
+            # The pair is form-urlencoded before Basic encoding (RFC 6749 §2.3.1).
+            client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+        else:
+            client_id = form.get("client_id", "")
+            secret = form.get("client_secret", "")
+        client = self.config.clients.get(client_id)
+        if client is None or not secret:
+            return None, used_basic
+        if not hmac.compare_digest(secret.encode(), client.client_secret.encode()):
+            return None, used_basic
+        return client, used_basic
+
+    async def token(self, request: web.Request) -> web.Response:
+        """The token endpoint (RFC 6749 §4.1.3, OIDC Core §3.1.3)."""
+        form = await _request_params(request)
+        if form is None:
+            return _token_error("invalid_request", "a parameter is repeated or not text")
+        client, used_basic = self._authenticate_client(request, form)
+        if client is None:
+            # RFC 6749 §5.2: 401 and a challenge when the client tried the Authorization header.
+            headers = dict(_NO_STORE)
+            if used_basic:
+                headers["WWW-Authenticate"] = 'Basic realm="dev-idp"'
+            return web.json_response(
+                {"error": "invalid_client", "error_description": "client authentication failed"},
+                status=401,
+                headers=headers,
+            )
+        if form.get("grant_type") != "authorization_code":
+            return _token_error("unsupported_grant_type", "only authorization_code")
+        code = form.get("code", "")
+        # SECURITY: RFC 6749 §4.1.2: a code is single-use. It is removed on first presentation,
+        # whatever the outcome, and a second presentation revokes what the first one obtained.
+        grant = self._codes.pop(code) if code else None
+        if grant is None:
+            issued = self._used_codes.pop(code) if code else None
+            if issued is not None:
+                self._tokens.remove_where(lambda t: t.code == code)
+                logger.warning("dev-idp: authorization code reused; its tokens are revoked")
+            return _token_error("invalid_grant", "unknown, expired or already used code")
+        self._used_codes.put(code, grant.username)
+        if grant.client_id != client.client_id:
+            return _token_error("invalid_grant", "the code was issued to another client")
+        # RFC 6749 §4.1.3: redirect_uri must be identical to the one of the authorization request.
+        if form.get("redirect_uri") != grant.redirect_uri:
+            return _token_error("invalid_grant", "redirect_uri does not match")
+        verifier = form.get("code_verifier", "")
+        # RFC 7636 §4.6: BASE64URL(SHA256(code_verifier)) must equal the stored challenge.
+        if _VERIFIER_RE.fullmatch(verifier) is None:
+            return _token_error("invalid_grant", "code_verifier is missing or malformed")
+        challenge = _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+        if not hmac.compare_digest(challenge.encode(), grant.code_challenge.encode()):
+            return _token_error("invalid_grant", "code_verifier does not match")
+        user = self.config.users.get(grant.username)
+        if user is None:
+            return _token_error("invalid_grant", "the user no longer exists")
+        access_token = secrets.token_urlsafe(32)
+        self._tokens.put(
+            access_token,
+            _AccessToken(
+                username=user.username, client_id=client.client_id, scope=grant.scope, code=code
+            ),
+        )
+        id_token = self._id_token(user, grant, access_token)
+        return web.json_response(
+            {
+                "access_token": access_token,
+                "token_type": "Bearer",
+                "expires_in": ACCESS_TOKEN_TTL,
+                "scope": " ".join(grant.scope),
+                "id_token": id_token,
+            },
+            headers=_NO_STORE,
+        )
+
+    def _user_claims(self, user: DevUser, scope: tuple[str, ...]) -> dict[str, Any]:
+        claims: dict[str, Any] = {"sub": user.username, "groups": list(user.groups)}
+        if "profile" in scope:
+            claims["name"] = user.name
+            claims["preferred_username"] = user.username
+        if "email" in scope and user.email:
+            claims["email"] = user.email
+            claims["email_verified"] = True
+        return claims
+
+    def _id_token(self, user: DevUser, grant: _Grant, access_token: str) -> str:
+        now = int(self._clock())
+        claims = self._user_claims(user, grant.scope)
+        claims.update(
+            {
+                "iss": self.issuer,
+                "aud": grant.client_id,
+                "iat": now,
+                "exp": now + ID_TOKEN_TTL,
+                "auth_time": grant.auth_time,
+                # OIDC Core §3.1.3.8: left half of SHA-256 of the access token, for ES256.
+                "at_hash": _b64url(hashlib.sha256(access_token.encode()).digest()[:16]),
+                "sid": hashlib.sha256(grant.session_id.encode()).hexdigest()[:32],
+            }
+        )
+        if grant.nonce is not None:
+            claims["nonce"] = grant.nonce
+        return pyjwt.encode(
+            claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": "JWT"}
+        )
+
+    async def userinfo(self, request: web.Request) -> web.Response:
+        """OIDC Core §5.3, with the access token as a Bearer token (RFC 6750 §2.1)."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        token = self._tokens.get(value.strip()) if scheme.lower() == "bearer" else None
+        user = self.config.users.get(token.username) if token is not None else None
+        if token is None or user is None:
+            return web.json_response(
+                {"error": "invalid_token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"', **_NO_STORE},
+            )
+        return web.json_response(self._user_claims(user, token.scope), headers=_NO_STORE)
+
+    # -- logout ----------------------------------------------------------------------------
+
+    def _hinted_client(self, hint: str) -> str | None:
+        """The client an id_token_hint of ours was issued to; expiry is irrelevant for a hint."""
+        try:
+            claims = pyjwt.decode(
+                hint,
+                self._key.public_key(),
+                algorithms=[ALGORITHM],
+                issuer=self.issuer,
+                options={"verify_aud": False, "verify_exp": False, "require": ["aud", "iss"]},
+            )
+        except pyjwt.PyJWTError:
+            return None
+        aud = claims.get("aud")
+        return aud if isinstance(aud, str) else None
+
+    async def end_session(self, request: web.Request) -> web.StreamResponse:
+        """RP-Initiated Logout 1.0 §2: end our session, then go back only to a registered URI."""
+        params = await _request_params(request) or {}
+        session_id = request.cookies.get(self.session_cookie)
+        if session_id:
+            self._sessions.pop(session_id)
+        client_id = params.get("client_id")
+        hint = params.get("id_token_hint")
+        hinted = self._hinted_client(hint) if hint else None
+        if hint and hinted is None:
+            client_id = None  # an invalid hint: sign out, but redirect nowhere
+        elif hinted is not None:
+            # §2: a client_id that contradicts the hint's audience is an error, not a choice.
+            client_id = hinted if client_id in (None, hinted) else None
+        client = self.config.clients.get(client_id) if client_id else None
+        target = params.get("post_logout_redirect_uri")
+        if client is not None and target and target in client.post_logout_redirect_uris:
+            location = target
+            if "state" in params:
+                location = _append_query(target, {"state": params["state"]})
+            response = _see_other(location)
+        else:
+            response = _page(
+                "Signed out",
+                "<p>You are signed out of the development identity provider. "
+                "You can close this page.</p>",
+            )
+        response.del_cookie(self.session_cookie, path="/")
+        return response
+
+
+async def _request_params(request: web.Request) -> dict[str, str] | None:
+    """Query (GET) or form (POST) parameters; None when one is repeated, which RFC 6749 §3.1
+    and §3.2 make an invalid request (a repeated parameter is ambiguous between parsers)."""
+    source = await request.post() if request.method == "POST" else request.query
+    params: dict[str, str] = {}
+    for key, value in source.items():
+        if not isinstance(value, str) or key in params:
+            return None
+        params[key] = value
+    return params
+
+
+def _see_other(location: str) -> web.Response:
+    # 303: after a POST (the login form) the browser must GET the target (RFC 9110 §15.4.4).
+    return web.Response(status=303, headers={**_PAGE_HEADERS, "Location": location})
+
+
+def _token_error(error: str, description: str) -> web.Response:
+    return web.json_response(
+        {"error": error, "error_description": description}, status=400, headers=_NO_STORE
+    )
+
+
+def _append_query(url: str, params: Mapping[str, str]) -> str:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    query.extend(params.items())
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+def _page(title: str, body_html: str, status: int = 200) -> web.Response:
+    """Every page carries the DEVELOPMENT ONLY banner; callers escape what they interpolate."""
+    text = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)} · dev IdP (DEVELOPMENT ONLY)</title>"
+        f"<style>{_STYLE}</style></head><body>"
+        f'<p class="dev" role="note">{html.escape(BANNER)}</p>'
+        f"<main><h1>{html.escape(title)}</h1>{body_html}</main></body></html>"
+    )
+    return web.Response(
+        text=text, status=status, content_type="text/html", charset="utf-8", headers=_PAGE_HEADERS
+    )
+
+
+# -- application and server ------------------------------------------------------------------
+
+DEVIDP_KEY: Final = web.AppKey("ztgateway_devidp", DevIdP)
+
+
+def create_devidp_app(
+    users_file: Path,
+    *,
+    issuer: str,
+    key_file: Path | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The dev IdP as an aiohttp application; the DevIdP object is at `app[DEVIDP_KEY]`.
+
+    Raises ConfigError for a bad users file and ValueError for a bad issuer or key file.
+    """
+    config = load_devidp_file(users_file)
+    key = load_signing_key(key_file) if key_file is not None else None
+    idp = DevIdP(config, issuer=issuer, key=key, clock=clock)
+    app = web.Application()
+    app[DEVIDP_KEY] = idp
+    idp.add_routes(app)
+
+    async def announce(app: web.Application) -> None:
+        logger.warning("dev-idp: %s (issuer %s)", BANNER, idp.issuer)
+
+    app.on_startup.append(announce)
+    return app
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding `host` keeps the dev IdP off the network (names other than localhost
+    could resolve anywhere, so they count as not loopback)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    address = host.strip("[]")
+    family = socket.AF_INET
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(address).version == 6:
+            family = socket.AF_INET6
+    if address == "localhost":
+        address = "127.0.0.1"
+    return socket.create_server((address, port), family=family, reuse_port=False)
+
+
+async def start_devidp(
+    host: str,
+    port: int,
+    users_file: Path,
+    *,
+    issuer: str | None = None,
+    key_file: Path | None = None,
+    clock: Callable[[], float] = time.time,
+    allow_insecure_bind: bool = False,
+) -> tuple[web.AppRunner, int, str]:
+    """Start the dev IdP; returns its runner (call `cleanup()`), the bound port and the issuer.
+
+    With port 0 the socket is bound first, so the default issuer (`http://host:port`) names the
+    real port. Refuses non-loopback addresses unless `allow_insecure_bind`.
+    """
+    if not is_loopback_host(host) and not allow_insecure_bind:
+        raise ValueError(
+            f"refusing to serve the development IdP on non-loopback address {host!r} "
+            "(use --i-know-this-is-insecure)"
+        )
+    sock = _bind(host, port)
+    try:
+        bound_port = int(sock.getsockname()[1])
+        if issuer is None:
+            shown = f"[{host.strip('[]')}]" if ":" in host else host
+            issuer = f"http://{shown}:{bound_port}"
+        app = create_devidp_app(users_file, issuer=issuer, key_file=key_file, clock=clock)
+    except BaseException:
+        sock.close()
+        raise
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
+    return runner, bound_port, issuer
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    runner, port, issuer = await start_devidp(
+        args.host,
+        args.port,
+        Path(args.users),
+        issuer=args.issuer,
+        key_file=Path(args.key) if args.key else None,
+        allow_insecure_bind=args.i_know_this_is_insecure,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"dev-idp: {BANNER}", file=sys.stderr)
+    print(f"dev-idp: issuer {issuer} listening on {args.host}:{port}", file=sys.stderr)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    if not is_loopback_host(args.host) and not args.i_know_this_is_insecure:
+        print(
+            f"error: refusing to serve the development IdP on {args.host!r}: it is not a "
+            "loopback address (add --i-know-this-is-insecure to do it anyway)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.i_know_this_is_insecure and not is_loopback_host(args.host):
+        logger.warning("dev-idp: listening on non-loopback %s: %s", args.host, BANNER)
+    try:
+        asyncio.run(_serve(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print a hash for the users file; the password comes from a prompt or one stdin line."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("error: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help="listen address (loopback only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--users", default=DEFAULT_USERS_FILE, help="users and clients file")
+    parser.add_argument(
+        "--issuer", help="issuer URL (default http://HOST:PORT); must be how clients reach us"
+    )
+    parser.add_argument("--key", help="EC P-256 PKCS#8 PEM signing key (default: a new one)")
+    parser.add_argument(
+        "--i-know-this-is-insecure",
+        action="store_true",
+        help="allow a non-loopback listen address",
+    )
+    parser.set_defaults(func=_cmd_serve)
+    sub = parser.add_subparsers(dest="devidp_command", metavar="SUBCOMMAND")
+    hp = sub.add_parser(
+        "hash-password", help="print a scrypt hash for the users file (reads the password)"
+    )
+    hp.set_defaults(func=_cmd_hash_password)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `ztgateway dev-idp [options]` (serve) and `ztgateway dev-idp hash-password`."""
+    parser = subparsers.add_parser(
+        "dev-idp",
+        help="run the DEVELOPMENT-ONLY OpenID Provider",
+        description=f"{BANNER}. Serves OpenID Connect for the browser sign-in demo.",
+    )
+    _configure(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ztgateway.devidp [options] | hash-password`."""
+    parser = argparse.ArgumentParser(prog="python -m ztgateway.devidp", description=BANNER)
+    _configure(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Pages for people: sign-in, the OIDC callback, sign-out, whoami.
+
+No external assets (a gateway's pages must work when nothing else does), every value escaped,
+readable on a phone, a strict Content-Security-Policy. Forms carry a CSRF token; redirect
+targets stay on this origin.
+"""
+
+from __future__ import annotations
+
+import html
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote
+
+from aiohttp import web
+
+from .audit import AuditUnavailable
+from .context import Identity, RequestContext
+from .credentials.oidc import OIDCError
+from .decision import Decision, Finding, Reason, Verdict
+from .forward.headers import SERVER_BANNER
+from .responses import DECISION_HEADER, problem, wants_html
+from .stages.session import clear_cookie_header, cookie_session_id, new_cookie_header, read_cookie
+from .store.base import Session
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+LOGIN_COOKIE = "__Host-ztgw-oidc"
+
+STYLE = """body{font:16px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:34rem;margin:2.5rem auto;
+padding:0 1rem;color:#1b1b1b;background:#fff} h1{font-size:1.45rem;line-height:1.3}
+a.button,button{display:inline-block;font:inherit;padding:.55rem 1.2rem;border-radius:6px;border:1px solid #0b57d0;
+background:#0b57d0;color:#fff;text-decoration:none;cursor:pointer} a.button:focus,button:focus{outline:3px solid #a8c7fa}
+label{display:block;margin:1rem 0 .3rem;font-weight:600} input{font:inherit;font-size:1.4rem;letter-spacing:.3rem;
+padding:.4rem;width:9rem} .err{color:#b42318} .muted{color:#555;font-size:.9rem} code{background:#f1f1f1;
+padding:.1rem .3rem;word-break:break-all} table{border-collapse:collapse;width:100%} td,th{text-align:left;
+padding:.3rem .4rem;border-bottom:1px solid #eee;vertical-align:top} svg{width:14rem;height:14rem}
+footer{margin-top:2rem;color:#666;font-size:.85rem}"""
+
+
+def page(
+    title: str,
+    body: str,
+    ctx: RequestContext,
+    *,
+    status: int = 200,
+    cookies: tuple[str, ...] = (),
+) -> web.Response:
+    """The one shell of every portal page (`body` is trusted HTML built with html.escape)."""
+    text = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)} – ztgateway</title><style>{STYLE}</style></head>
+<body><main><h1>{html.escape(title)}</h1>{body}</main>
+<footer>ztgateway · decision <code>{html.escape(ctx.decision_id)}</code></footer></body></html>"""
+    resp = web.Response(text=text, content_type="text/html", status=status)
+    resp.headers[DECISION_HEADER] = ctx.decision_id
+    resp.headers["Server"] = SERVER_BANNER
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    for cookie in cookies:
+        resp.headers.add("Set-Cookie", cookie)
+    return resp
+
+
+def _record(
+    gw: Gateway, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str
+) -> None:
+    finding = Finding("portal", reason, verdict, detail=detail)
+    try:
+        gw.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
+    except AuditUnavailable:
+        gw.metrics.audit_unavailable.inc()
+
+
+def _rd(ctx: RequestContext) -> str:
+    from .mfa_endpoints import safe_redirect
+
+    return safe_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
+
+
+def _fmt(t: float | None) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else None
+
+
+def login_redirect(ctx: RequestContext) -> str:
+    target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
+    return "/.ztgw/login?rd=" + quote(target, safe="/")
+
+
+async def login_page(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
+) -> web.StreamResponse:
+    """GET /.ztgw/login: says what happens next; the link starts the provider's sign-in."""
+    provider = gw.config.oidc.provider
+    if provider is None or ctx.cert is None:
+        reason = Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND
+        return problem(reason, ctx.decision_id, accept=request.headers.get("Accept", ""))
+    gw.metrics.portal_views.labels("login", "shown").inc()
+    rd = _rd(ctx)
+    body = f"""<p>This application is protected by your organisation's zero-trust gateway. Your device
+<code>{html.escape(ctx.cert.device_id)}</code> is recognised; now sign in with your account.</p>
+<p><a class="button" href="/.ztgw/login/start?rd={html.escape(quote(rd, safe="/"))}">Sign in with {html.escape(provider.name)}</a></p>
+<p class="muted">You will come back to <code>{html.escape(rd)}</code> afterwards.</p>"""
+    return page("Sign in", body, ctx)
+
+
+async def login_start(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
+) -> web.StreamResponse:
+    if gw.oidc is None or ctx.cert is None:
+        return problem(
+            Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
+            ctx.decision_id,
+        )
+    try:
+        start = await gw.oidc.begin(_rd(ctx))
+    except OIDCError as exc:
+        gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
+        _record(
+            gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, f"login start: {exc.reason.value}"
+        )
+        return page(
+            "Sign-in is unavailable",
+            "<p>The identity provider cannot be reached right now. Try again in a minute.</p>",
+            ctx,
+            status=503,
+        )
+    cookie = (
+        f"{LOGIN_COOKIE}={start.cookie_value}; Path=/; Secure; HttpOnly; SameSite=Lax; "
+        f"Max-Age={int(gw.config.oidc.provider.max_auth_age if gw.config.oidc.provider else 600)}"
+    )
+    resp = web.Response(
+        status=303, headers={"Location": start.authorization_url, DECISION_HEADER: ctx.decision_id}
+    )
+    resp.headers["Server"] = SERVER_BANNER
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers.add("Set-Cookie", cookie)
+    return resp
+
+
+async def callback(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
+) -> web.StreamResponse:
+    """GET /.ztgw/oidc/callback: finish the code flow, start the session, go back to `rd`."""
+    oidc = gw.oidc
+    clear_login = f"{LOGIN_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
+    if oidc is None or ctx.cert is None:
+        return problem(
+            Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
+            ctx.decision_id,
+        )
+    q = parse_qs(ctx.query, max_num_fields=20)
+
+    def one(name: str) -> str | None:
+        values = q.get(name)
+        return values[0] if values and len(values) == 1 else None
+
+    try:
+        result = await oidc.finish(
+            state=one("state"),
+            code=one("code"),
+            error=one("error"),
+            cookie_value=read_cookie(ctx.headers.get("Cookie", ""), LOGIN_COOKIE),
+        )
+    except OIDCError as exc:
+        gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
+        gw.metrics.portal_views.labels("callback", "refused").inc()
+        _record(
+            gw,
+            ctx,
+            Verdict.DENY,
+            Reason.IDENTITY_UNAUTHENTICATED,
+            f"oidc: {exc.reason.value}: {exc.detail}",
+        )
+        body = f"""<p>The sign-in could not be completed ({html.escape(exc.reason.value)}). This happens when a
+sign-in link is reused, expires, or was started in another browser.</p>
+<p><a class="button" href="/.ztgw/login">Sign in again</a></p>"""
+        return page("Sign-in failed", body, ctx, status=401, cookies=(clear_login,))
+    now = time.time()
+    cookie_value = secrets.token_urlsafe(32)
+    old = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
+    if old:
+        await gw.store.revoke_session(cookie_session_id(old), "replaced by sign-in", now)
+    session = Session(
+        session_id=cookie_session_id(cookie_value),
+        kind="cookie",
+        user=result.user,
+        device_id=ctx.cert.device_id,
+        start_ip=ctx.client_ip,
+        last_ip=ctx.client_ip,
+        user_agent=ctx.headers.get("User-Agent", ""),
+        created=now,
+        last_seen=now,
+        expires_at=now + gw.config.sessions.absolute_timeout,
+        extra={
+            "source": "oidc",
+            "provider": gw.oidc_name,
+            "email": result.email,
+            "groups": list(result.groups),
+            "verified_ip": ctx.client_ip,
+            "id_token": result.id_token,
+        },
+    )
+    await gw.store.save_session(session)
+    ctx.identity = Identity(
+        user=result.user,
+        source="session",
+        email=result.email,
+        groups=frozenset(result.groups),
+        device_id=ctx.cert.device_id,
+    )
+    gw.metrics.logins.labels(gw.oidc_name, "success").inc()
+    _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"signed in with {gw.oidc_name}")
+    resp = web.Response(
+        status=303, headers={"Location": result.return_to, DECISION_HEADER: ctx.decision_id}
+    )
+    resp.headers["Server"] = SERVER_BANNER
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers.add("Set-Cookie", clear_login)
+    resp.headers.add(
+        "Set-Cookie",
+        new_cookie_header(
+            gw.config.sessions.cookie_name,
+            cookie_value,
+            max_age=int(gw.config.sessions.absolute_timeout),
+        ),
+    )
+    return resp
+
+
+async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+    """GET shows a confirmation form (CSRF token); POST ends the session and the provider's."""
+    from .mfa_endpoints import _csrf, _csrf_ok, _read_form, _same_origin
+
+    name = gw.config.sessions.cookie_name
+    cookie = read_cookie(ctx.headers.get("Cookie", ""), name)
+    if request.method == "GET":
+        body = f"""<form method="post" action="/.ztgw/logout">
+<input type="hidden" name="csrf" value="{html.escape(_csrf(gw, ctx))}">
+<p>Sign out of every application behind this gateway on this device?</p>
+<button type="submit">Sign out</button></form>"""
+        return page("Sign out", body, ctx)
+    form = await _read_form(request)
+    if form is None or not _same_origin(request) or not _csrf_ok(gw, ctx, form.get("csrf", "")):
+        _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "logout csrf")
+        return problem(
+            Reason.REQUEST_INVALID,
+            ctx.decision_id,
+            accept="text/html",
+            detail="The form expired. Go back and try again.",
+        )
+    id_token = None
+    if cookie:
+        session = gw.store.session(cookie_session_id(cookie))
+        if session is not None:
+            id_token = session.extra.get("id_token")
+            await gw.store.revoke_session(session.session_id, "signed out", time.time())
+    _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "signed out")
+    target = gw.config.oidc.post_logout_path
+    if gw.oidc is not None:
+        public = gw.config.server.public_url.rstrip("/") or f"https://{request.host}"
+        provider_logout = gw.oidc.logout_url(id_token, public + target)
+        if provider_logout:
+            target = provider_logout
+    resp = web.Response(status=303, headers={"Location": target, DECISION_HEADER: ctx.decision_id})
+    resp.headers["Server"] = SERVER_BANNER
+    resp.headers.add("Set-Cookie", clear_cookie_header(name))
+    return resp
+
+
+async def signed_out(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
+) -> web.StreamResponse:
+    gw.metrics.portal_views.labels("signed-out", "shown").inc()
+    body = """<p>You are signed out. Close this window, or
+<a href="/.ztgw/login">sign in again</a>.</p>"""
+    return page("Signed out", body, ctx)
+
+
+async def whoami(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+    """Identity, device, posture, risk contributions and session times, as the gateway sees them."""
+    probe = RequestContext.synthetic(
+        method="GET",
+        path="/",
+        host=ctx.host,
+        headers=dict(ctx.headers),
+        client_ip=ctx.client_ip,
+        cert=ctx.cert,
+    )
+    decision = await gw.dry_runtime().pipeline.evaluate(probe)
+    ident = probe.identity
+    view = probe.session
+    session = view.session if view else None
+    data: dict[str, Any] = {
+        "identity": ident.to_json() if ident else None,
+        "device": probe.device.to_json() if probe.device else None,
+        "risk": {
+            "score": round(probe.risk_score, 4),
+            "contributions": [
+                f.to_json() for f in decision.findings if f.stage == "risk" and f.verdict is None
+            ],
+        },
+        "session": session.to_json() if session else None,
+        "decision_for_/": decision.verdict.label,
+    }
+    if not wants_html(request.headers.get("Accept", "")):
+        resp = web.json_response(
+            data, headers={DECISION_HEADER: ctx.decision_id, "Cache-Control": "no-store"}
+        )
+        resp.headers["Server"] = SERVER_BANNER
+        return resp
+    gw.metrics.portal_views.labels("whoami", "shown").inc()
+    e = html.escape
+
+    def row(k: str, v: object) -> str:
+        return f"<tr><th scope=row>{e(k)}</th><td>{e(str(v) if v not in (None, '') else '—')}</td></tr>"
+
+    ident_rows = ""
+    if ident is not None:
+        ident_rows = (
+            row("User", ident.user)
+            + row("Signed in by", ident.source)
+            + row("E-mail", ident.email)
+            + row("Groups", ", ".join(sorted(ident.groups)))
+        )
+    device = probe.device
+    dev_rows = ""
+    if device is not None:
+        posture = device.posture
+        dev_rows = row("Device", device.device.device_id if device.device else "—") + row(
+            "Trust level", device.trust
+        )
+        if posture is not None:
+            dev_rows += row(
+                "Posture",
+                "compliant" if posture.compliant else "fails: " + ", ".join(posture.failed),
+            )
+    risk_rows = "".join(
+        row(c["reason"], f"{c.get('risk', 0):.2f} — {c.get('detail', '')}")
+        for c in data["risk"]["contributions"]
+    )
+    sess_rows = ""
+    if session is not None:
+        sess_rows = (
+            row("Started", _fmt(session.created))
+            + row("Last seen", _fmt(session.last_seen))
+            + row("Expires", _fmt(session.expires_at))
+            + row("Second factor", _fmt(session.mfa_at))
+            + row("Anomaly score", f"{session.anomaly:.2f}")
+        )
+    body = f"""<h2>You</h2><table>{ident_rows or row("User", None)}</table>
+<h2>This device</h2><table>{dev_rows or row("Device", None)}</table>
+<p><a href="/.ztgw/device">Device details and what to fix</a></p>
+<h2>Risk now</h2><p>Score <strong>{probe.risk_score:.2f}</strong></p><table>{risk_rows or row("Signals", "none")}</table>
+<h2>Session</h2><table>{sess_rows or row("Session", None)}</table>
+<p><a href="/.ztgw/logout">Sign out</a></p>"""
+    return page("Who you are to the gateway", body, ctx)
