@@ -250,6 +250,7 @@ class SessionsConfig:
     burst_window: float = 10.0
     lock_on_terminate: float = 0.0
     browser_sessions: bool = True
+    step_up_validity: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -902,6 +903,7 @@ def _sessions(t: Table) -> SessionsConfig:
         burst_window=t.number("burst_window", 10.0, min=0.1),
         lock_on_terminate=t.number("lock_on_terminate", 0.0, min=0.0),
         browser_sessions=t.flag("browser_sessions", True),
+        step_up_validity=t.number("step_up_validity", 900.0, min=1.0),
     )
     if not cfg.cookie_name.startswith("__Host-"):
         t.fail("cookie_name", "must start with __Host- (RFC 6265bis: Secure, no Domain, Path=/)")

@@ -184,6 +184,7 @@ class RequestContext:
     risk_location: tuple[float, float] | None = None
     retry_after: float | None = None
     mfa_max_age: float | None = None
+    mfa_fresh: bool = False
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"

@@ -96,6 +96,7 @@ class Reason(enum.StrEnum):
     SESSION_INVALID = "session-invalid"
     SESSION_EXPIRED = "session-expired"
     SESSION_TERMINATED = "session-terminated"
+    SESSION_ANOMALY = "session-anomaly"
     IP_DRIFT = "ip-drift"
     RATE_LIMITED = "rate-limited"
     MFA_REQUIRED = "mfa-required"
@@ -149,6 +150,7 @@ _STATUS: dict[Reason, int] = {
     Reason.SESSION_INVALID: 401,
     Reason.SESSION_EXPIRED: 401,
     Reason.SESSION_TERMINATED: 401,
+    Reason.SESSION_ANOMALY: 401,
     Reason.MFA_REQUIRED: 401,
     Reason.RISK_STEP_UP: 401,
     Reason.IP_DRIFT: 401,
@@ -189,6 +191,7 @@ _TITLES: dict[Reason, str] = {
     Reason.POSTURE_INVALID: "The posture report is not valid",
     Reason.POSTURE_REPLAYED: "The posture report was already received or is older than the last one",
     Reason.RISK_STEP_UP: "Additional verification is required",
+    Reason.SESSION_ANOMALY: "Unusual activity: confirm it is you",
     Reason.RISK_DENIED: "This request was refused as too risky",
     Reason.UPSTREAM_UNAVAILABLE: "The application is not reachable",
     Reason.UPSTREAM_TIMEOUT: "The application did not answer in time",

@@ -32,9 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     app = subprocess.Popen(
         [py, "-m", "ztgateway.demo_app", "--host", "127.0.0.1", "--port", str(args.app_port)]
     )
+    idp = subprocess.Popen(
+        [py, "-m", "ztgateway", "dev-idp", "--host", "127.0.0.1", "--port", "9200",
+         "--users", "config/dev-idp-users.toml"]
+    )  # fmt: skip
     check = subprocess.run([py, "-m", "ztgateway", "check-config", "-c", args.config], check=False)
     if check.returncode != 0:
         app.terminate()
+        idp.terminate()
         return check.returncode
     gw = subprocess.Popen([py, "-m", "ztgateway", "run", "-c", args.config])
     time.sleep(1.0)
@@ -46,19 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         "  curl --cert certs/clients/alice-laptop.pem --key certs/clients/alice-laptop.key "
         '--cacert certs/ca.pem -H "Authorization: Bearer $TOKEN" https://127.0.0.1:8443/api/echo\n\n'
         "  curl http://127.0.0.1:9100/metrics\n\n"
-        "Ctrl-C stops both.\n",
+        "In a browser: import certs/clients/alice-laptop.p12 (password: ztgateway), open\n"
+        "https://127.0.0.1:8443/ and sign in as alice / alice-dev-password (development only).\n\n"
+        "Ctrl-C stops all three.\n",
         flush=True,
     )
     try:
-        while gw.poll() is None and app.poll() is None:
+        while gw.poll() is None and app.poll() is None and idp.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        for proc in (gw, app):
+        for proc in (gw, app, idp):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in (gw, app):
+        for proc in (gw, app, idp):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=20)
     return gw.returncode or 0

@@ -159,6 +159,8 @@ async def _mark_verified(gw: Gateway, ctx: RequestContext, who: _Who, method: st
             last_seen=now,
             expires_at=old.expires_at if old else now + gw.config.sessions.absolute_timeout,
             requests=old.requests if old else 0,
+            # Keep what the sign-in established (provider, groups, e-mail, ID token).
+            extra=dict(old.extra) if old else {},
         )
         if old is not None and cookie_value:
             await store.revoke_session(old.session_id, "rotated after step-up", now)
@@ -334,7 +336,15 @@ async def step_up_page(
     if request.method == "GET":
         rd = safe_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
         if not gw.mfa.enrolled(who.user):
-            return web.HTTPSeeOther(location="/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"))
+            return web.Response(
+                status=303,
+                headers={
+                    "Location": "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"),
+                    DECISION_HEADER: ctx.decision_id,
+                    "Server": SERVER_BANNER,
+                    "Cache-Control": "no-store",
+                },
+            )
         return _page("Confirm it is you", _form(gw, ctx, rd), ctx)
     form = await _read_form(request)
     if form is None or not _same_origin(request) or not _csrf_ok(gw, ctx, form.get("csrf", "")):
@@ -402,7 +412,7 @@ async def enroll_page(
 <details><summary>Backup codes (shown once — keep them somewhere safe)</summary><ul>{codes}</ul></details>
 {_form(gw, ctx, rd)}"""
         return _page("Set up your second factor", body, ctx)
-    return web.HTTPMethodNotAllowed("POST", ["GET"])
+    return problem(Reason.METHOD_NOT_ALLOWED, ctx.decision_id, accept="text/html")
 
 
 def clear_cookie(gw: Gateway) -> str:

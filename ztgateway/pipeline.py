@@ -89,6 +89,8 @@ def decide(ctx: RequestContext, findings: list[Finding]) -> Decision:
     for f in findings:
         if f.verdict is None:
             continue
+        if f.verdict is Verdict.STEP_UP and f.reason is Reason.RISK_STEP_UP and ctx.mfa_fresh:
+            continue  # answered: the session passed a second factor within step_up_validity
         if f.verdict is Verdict.ALLOW:
             allow = allow or f
         elif blocking is None or f.verdict > blocking.verdict:  # type: ignore[operator]

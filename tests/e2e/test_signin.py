@@ -168,3 +168,46 @@ async def test_html_in_claims_is_escaped_on_every_page(
         assert (await sign_in(s, signin)).status == 303
         page = await (await s.get(signin.origin + "/.ztgw/whoami", headers=HTML)).text()
         assert "<b>" not in page
+
+
+async def test_signed_in_person_enrols_totp_and_steps_up_for_the_admin_route(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    import re
+    import time
+
+    from ztgateway.credentials.totp import totp_code
+
+    async with browser(certs) as s:
+        r = await sign_in(s, signin, path="/admin/echo?x=1")
+        assert r.status == 303 and r.headers["Location"] == "/admin/echo?x=1"
+        r = await s.get(signin.origin + "/admin/echo?x=1", headers=HTML, allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"] == "/.ztgw/mfa?rd=/admin/echo%3Fx%3D1"
+        r = await s.get(signin.origin + r.headers["Location"], headers=HTML, allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"].startswith("/.ztgw/mfa/enroll")
+        page = await (await s.get(signin.origin + r.headers["Location"], headers=HTML)).text()
+        assert "<svg" in page and "Backup codes" in page
+        secret = re.search(r"enter this key by hand: <code>([A-Z2-7]+)</code>", page)
+        assert secret is not None
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        rd = page.split('name="rd" value="')[1].split('"')[0]
+        r = await s.post(
+            signin.origin + "/.ztgw/mfa",
+            data={"code": "000000", "csrf": csrf, "rd": rd},
+            allow_redirects=False,
+        )
+        assert r.status == 401 and "did not work" in await r.text()
+        code = totp_code(secret.group(1), now=time.time())
+        r = await s.post(
+            signin.origin + "/.ztgw/mfa", data={"code": code, "rd": rd}, allow_redirects=False
+        )
+        assert r.status == 400, "no CSRF token, no step-up"
+        r = await s.post(
+            signin.origin + "/.ztgw/mfa",
+            data={"code": code, "csrf": csrf, "rd": rd},
+            allow_redirects=False,
+        )
+        assert r.status == 303 and r.headers["Location"] == "/admin/echo?x=1"
+        r = await s.get(signin.origin + "/admin/echo?x=1", headers={"Accept": "application/json"})
+        assert r.status == 200, await r.text()
+        assert (await r.json())["headers_map"]["x-forwarded-user"] == "alice"

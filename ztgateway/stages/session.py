@@ -37,6 +37,9 @@ BURST = 0.25
 REFUSAL = 0.08
 RISK_SHARE = 0.4
 HISTORY = 20  # recent decisions kept on a session, for `sessions show` and investigations
+_NOT_AN_ATTEMPT = frozenset(
+    {Reason.IDENTITY_UNAUTHENTICATED, Reason.TOKEN_REQUIRED, Reason.ROUTE_NOT_FOUND}
+)
 
 
 @dataclass(slots=True)
@@ -227,6 +230,9 @@ class SessionStage:
         if risk:
             anomaly = combine(anomaly, RISK_SHARE * risk)
         view.anomaly = anomaly
+        if session.mfa_at is not None and now - session.mfa_at <= cfg.step_up_validity:
+            # A second factor given moments ago answers a risk-triggered step-up.
+            ctx.mfa_fresh = True
 
         terminate_at = (
             rs.anomaly_terminate if rs.anomaly_terminate is not None else cfg.anomaly_terminate
@@ -248,7 +254,7 @@ class SessionStage:
                 out.append(
                     Finding(
                         NAME,
-                        Reason.RISK_STEP_UP,
+                        Reason.SESSION_ANOMALY,
                         Verdict.STEP_UP,
                         risk=anomaly,
                         detail=f"anomaly {anomaly:.2f}",
@@ -264,6 +270,11 @@ class SessionStage:
         out: list[Finding],
     ) -> list[Finding]:
         if max_age is None:
+            return out
+        if ctx.identity is not None and ctx.identity.source == "cert":
+            # A machine identified by its certificate alone has no second factor to give:
+            # MFA age binds people (tokens, sign-in sessions). Routes that must hold MFA for
+            # every client set allow_cert_identity = false.
             return out
         mfa_at = session.mfa_at if session else None
         if mfa_at is None or ctx.now - mfa_at > max_age:
@@ -290,7 +301,9 @@ class SessionKeeper:
         view = ctx.session
         ident = ctx.identity
         user = ident.user if ident else None
-        if not decision.allowed:
+        if decision.verdict >= Verdict.DENY and decision.reason not in _NOT_AN_ATTEMPT:
+            # A refusal of presented credentials or behaviour counts as a failed attempt; a
+            # step-up challenge or a first visit without credentials does not.
             for key in (
                 f"user:{user}" if user else None,
                 f"device:{ctx.cert.device_id}" if ctx.cert else None,

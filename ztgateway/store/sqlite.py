@@ -488,6 +488,20 @@ class SQLiteStore:
     def reset_failures(self, key: str) -> None:
         self._failures.pop(key, None)
 
+    # The same counters under the names the Redis store uses: there they are a round trip, so
+    # callers await them; here they answer from memory at once (per process, by design).
+    async def take_token_async(self, key: str, rate: float, burst: int, now: float) -> float:
+        return self.take_token(key, rate, burst, now)
+
+    async def record_failure_async(self, key: str, now: float) -> None:
+        self.record_failure(key, now)
+
+    async def failures_async(self, key: str, now: float, window: float) -> int:
+        return self.failures(key, now, window)
+
+    async def reset_failures_async(self, key: str) -> None:
+        self.reset_failures(key)
+
     async def advance(self, key: str, value: int) -> bool:
         """Atomic compare-and-set: store `value` only if it is greater than the stored one.
 

@@ -1,0 +1,478 @@
+"""One contract for every store backend: SQLite (a temporary file) and Redis (a real server).
+
+Every test that takes `backend` runs against both. Where the backends differ by design (rate
+counters are per process in SQLite and shared in Redis) the test states the expected behaviour
+for each backend explicitly instead of skipping one. Redis faults (paused, stopped, restarted)
+only exist for Redis and are tested against the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis as redis_sync
+
+from ztgateway.store.base import (
+    ChangeKind,
+    Device,
+    PostureRecord,
+    Session,
+    StoreUnavailable,
+    UserRecord,
+)
+from ztgateway.store.redis import RedisStore
+from ztgateway.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer, RedisServerFactory
+
+# The real-redis-server fixtures (imported by pytest itself, so its assertions are rewritten).
+pytest_plugins = ["tests.redis_server"]
+
+AnyStore = SQLiteStore | RedisStore
+
+
+@dataclass
+class Backend:
+    """Opens store instances that share one backend (one SQLite file, or one redis-server)."""
+
+    name: str
+    new: Callable[..., AnyStore]
+    server: RedisServer | None = None
+    opened: list[AnyStore] = field(default_factory=list)
+
+    async def open(self, **kw: Any) -> AnyStore:
+        store = self.new(**kw)
+        await store.open()
+        self.opened.append(store)
+        return store
+
+    @property
+    def shared_counters(self) -> bool:
+        """Rate buckets and failure windows: per process in SQLite, shared in Redis."""
+        return self.name == "redis"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server_factory: RedisServerFactory
+) -> AsyncIterator[Backend]:
+    if request.param == "redis":
+        server = redis_server_factory()
+        b = Backend("redis", lambda **kw: RedisStore(server.url, **kw), server)
+    else:
+        path = tmp_path / "state.db"
+        b = Backend("sqlite", lambda **kw: SQLiteStore(path, **kw))
+    yield b
+    for store in b.opened:
+        await store.close()
+
+
+@pytest.fixture
+async def redis_backend(redis_server_factory: RedisServerFactory) -> AsyncIterator[Backend]:
+    server = redis_server_factory()
+    b = Backend("redis", lambda **kw: RedisStore(server.url, **kw), server)
+    yield b
+    for store in b.opened:
+        await store.close()
+
+
+async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until `check()` holds; returns the seconds it took, fails after `timeout`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+async def raises_unavailable(call: Awaitable[Any]) -> float:
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await call
+    return time.monotonic() - start
+
+
+def device(device_id: str = "dev-1", now: float | None = None) -> Device:
+    now = time.time() if now is None else now
+    return Device(device_id, "ab" * 32, f"CN={device_id}", "alice", "pending", now, now, "10.0.0.1")
+
+
+def session(sid: str, user: str = "alice", ttl: float = 3600.0, created: float = 0.0) -> Session:
+    now = time.time()
+    return Session(
+        session_id=sid,
+        kind="cookie",
+        user=user,
+        device_id="dev-1",
+        start_ip="10.0.0.1",
+        last_ip="10.0.0.1",
+        user_agent="test",
+        created=created or now,
+        last_seen=now,
+        expires_at=now + ttl,
+        extra={"verified_ip": "10.0.0.1", "history": [[1.5, "10.0.0.1", "app", "allow", "ok"]]},
+    )
+
+
+# --- devices and posture -------------------------------------------------------------------------
+
+
+async def test_devices_register_touch_state_owner(backend: Backend) -> None:
+    a = await backend.open()
+    first = device("dev-1")
+    assert await a.register_device(first) == first
+    # Registering again (say, on another replica) keeps what was stored first.
+    other = dataclasses.replace(first, fingerprint="cd" * 32, state="approved")
+    b = await backend.open()
+    assert (await b.register_device(other)).fingerprint == first.fingerprint
+    assert (await a.register_device(other)).state == "pending"
+
+    approved = await a.set_device_state("dev-1", "approved")
+    assert approved is not None and approved.state == "approved"
+    owned = await a.set_device_owner("dev-1", "bob")
+    assert owned is not None and owned.owner == "bob"
+    assert (await a.set_device_owner("dev-1", None)).owner is None  # type: ignore[union-attr]
+    assert await a.set_device_state("nope", "revoked") is None
+    assert await a.set_device_owner("nope", "x") is None
+    assert a.device("nope") is None
+
+    a.touch_device("dev-1", first.last_seen + 60, "10.9.9.9")
+    await a.flush()
+    await a.register_device(device("dev-2", now=first.first_seen + 1))
+    fresh = await backend.open()
+    got = fresh.device("dev-1")
+    assert got is not None
+    assert (got.state, got.owner, got.last_ip) == ("approved", None, "10.9.9.9")
+    assert got.last_seen == pytest.approx(first.last_seen + 60)
+    assert [d.device_id for d in fresh.devices()] == ["dev-1", "dev-2"]
+
+
+async def test_posture_put_get(backend: Backend) -> None:
+    a = await backend.open()
+    assert a.posture("dev-1") is None
+    report = {"os": {"name": "debian", "patched": True}, "disk": {"encrypted": True}, "n": [1, 2]}
+    rec = PostureRecord("dev-1", report, 100.5, 99.0, True, "d" * 64)
+    await a.put_posture(rec)
+    assert a.posture("dev-1") == rec
+    newer = dataclasses.replace(rec, report={"os": {"patched": False}}, collected_at=None)
+    await a.put_posture(newer)
+    fresh = await backend.open()
+    assert fresh.posture("dev-1") == newer
+
+
+# --- users ---------------------------------------------------------------------------------------
+
+
+async def test_users_save_lock_and_history(backend: Backend) -> None:
+    a = await backend.open()
+    now = time.time()
+    u = UserRecord(
+        user="alice",
+        timezone="Europe/Paris",
+        working_hours="08:00-18:00",
+        locked_until=now + 600,
+        lock_reason="session terminated: impossible travel",
+        mfa_secret="sealed-secret",
+        mfa_enrolled_at=now - 10,
+        backup_codes=("h1", "h2"),
+        mfa_last_step=123,
+        mfa_locked_until=None,
+        known_devices=("dev-1",),
+        known_routes=("admin",),
+        last_location=(48.85, 2.35, now - 5),
+    )
+    await a.save_user(u)
+    await a.save_user(UserRecord(user="bob"))
+    assert a.user("alice") == u
+    fresh = await backend.open()
+    got = fresh.user("alice")
+    assert got == u
+    assert got is not None and got.locked(now) and not got.locked(now + 601)
+    assert [x.user for x in fresh.users()] == ["alice", "bob"]
+
+    # Unlock, then a request's history is written behind.
+    await a.save_user(dataclasses.replace(u, locked_until=None, lock_reason=None))
+    a.touch_user(dataclasses.replace(a.user("alice"), known_devices=("dev-1", "dev-2")))  # type: ignore[arg-type]
+    await a.flush()
+    again = (await backend.open()).user("alice")
+    assert again is not None
+    assert again.locked_until is None and again.known_devices == ("dev-1", "dev-2")
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+async def test_sessions_save_revoke_list_expire(backend: Backend) -> None:
+    a = await backend.open()
+    t = time.time()
+    s1, s2 = session("s1", created=t), session("s2", created=t + 1)
+    s3 = session("s3", user="bob", created=t + 2)
+    short = session("short", ttl=30.0, created=t + 3)
+    for s in (s1, s2, s3, short):
+        await a.save_session(s)
+    assert a.session("s1") == s1
+    assert [s.session_id for s in a.sessions("alice")] == ["s1", "s2", "short"]
+    assert [s.session_id for s in a.sessions()] == ["s1", "s2", "s3", "short"]
+
+    assert await a.revoke_session("s2", "terminated by admin", t + 5) is True
+    assert await a.revoke_session("s2", "again", t + 6) is False
+    assert await a.revoke_session("unknown", "x", t) is False
+    got = a.session("s2")
+    assert got is not None and got.revoked
+    assert (got.revoked_at, got.revoked_reason) == (t + 5, "terminated by admin")
+
+    # Expired sessions leave the cache (Redis may drop one as soon as it reloads it).
+    await a.save_session(session("dead", ttl=-1.0))
+    had_dead = a.session("dead") is not None
+    assert await a.expire_sessions(t + 60) == 1 + had_dead
+    assert a.session("short") is None and a.session("dead") is None
+    assert a.session("s1") is not None
+
+    fresh = await backend.open()
+    # A new instance loads live sessions only.
+    assert {s.session_id for s in fresh.sessions()} == {"s1", "s2", "s3", "short"}
+    stored = fresh.session("s1")
+    assert stored == s1 and stored.extra == s1.extra
+    assert fresh.session("s2").revoked_reason == "terminated by admin"  # type: ignore[union-attr]
+
+
+async def test_touch_never_unrevokes(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    await a.save_session(session("s1"))
+    await eventually(lambda: b.session("s1") is not None, 2.0, "session on b")
+    assert await a.revoke_session("s1", "terminated", time.time()) is True
+    # b has not heard of the revocation yet and writes its activity behind.
+    stale = dataclasses.replace(b.session("s1"), revoked_at=None, revoked_reason=None)  # type: ignore[type-var]
+    stale.requests = 42
+    b._sessions["s1"] = stale
+    b.touch_session(stale)
+    await b.flush()
+    fresh = await backend.open()
+    got = fresh.session("s1")
+    assert got is not None and got.revoked and got.revoked_reason == "terminated"
+
+
+# --- counters ------------------------------------------------------------------------------------
+
+
+async def test_take_token_burst_refill_wait(backend: Backend) -> None:
+    a = await backend.open()
+    t = time.time()
+    assert [await a.take_token_async("k", 1.0, 3, t) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert await a.take_token_async("k", 1.0, 3, t) == pytest.approx(1.0)
+    assert await a.take_token_async("k", 1.0, 3, t + 0.5) == pytest.approx(0.5)
+    assert await a.take_token_async("k", 1.0, 3, t + 1.0) == 0.0
+    assert await a.take_token_async("k", 1.0, 3, t + 1.0) == pytest.approx(1.0)
+    # Refill is capped at the burst, and other keys have their own bucket.
+    assert [await a.take_token_async("k", 1.0, 3, t + 100) for _ in range(4)][3] > 0
+    assert await a.take_token_async("other", 1.0, 3, t) == 0.0
+    assert await a.take_token_async("fast", 10.0, 1, t) == 0.0
+    assert await a.take_token_async("fast", 10.0, 1, t) == pytest.approx(0.1)
+
+
+async def test_failures_window(backend: Backend) -> None:
+    a = await backend.open()
+    t = time.time()
+    for dt in (0.0, 1.0, 2.0, 2.0):
+        await a.record_failure_async("user:alice", t + dt)
+    assert await a.failures_async("user:alice", t + 2, 5.0) == 4
+    assert await a.failures_async("user:alice", t + 6.5, 5.0) == 2
+    assert await a.failures_async("user:alice", t + 100, 5.0) == 0
+    assert await a.failures_async("user:bob", t, 5.0) == 0
+    await a.record_failure_async("user:bob", t)
+    await a.reset_failures_async("user:bob")
+    assert await a.failures_async("user:bob", t, 5.0) == 0
+
+
+async def test_claim_once(backend: Backend) -> None:
+    a = await backend.open()
+    t = time.time()
+    assert await a.claim_once("totp:alice:1", 30.0, t) is True
+    assert await a.claim_once("totp:alice:1", 30.0, t + 1) is False
+    assert await a.claim_once("totp:alice:2", 30.0, t) is True
+    assert await a.claim_once("short", 0.2, t) is True
+    await asyncio.sleep(0.3)
+    assert await a.claim_once("short", 0.2, t + 0.3) is True
+
+
+async def test_advance_is_compare_and_set(backend: Backend) -> None:
+    a = await backend.open()
+    assert await a.advance("totp-step:alice", 5) is True
+    assert await a.advance("totp-step:alice", 5) is False
+    assert await a.advance("totp-step:alice", 4) is False
+    assert await a.advance("totp-step:alice", 6) is True
+    await a.reset_counter("totp-step:alice")
+    assert await a.advance("totp-step:alice", 1) is True
+
+
+async def test_advance_concurrent_callers_exactly_one_wins(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    for step in range(57_000_000, 57_000_005):
+        results = await asyncio.gather(
+            *[(a if i % 2 else b).advance("totp-step:carol", step) for i in range(10)]
+        )
+        assert sum(results) == 1, (step, results)
+
+
+# --- across instances ----------------------------------------------------------------------------
+
+
+async def test_changes_reach_a_second_instance_within_a_second(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    heard: list[tuple[ChangeKind, str]] = []
+    b.subscribe(lambda kind, key: heard.append((kind, key)))
+    await a.register_device(device("dev-1"))
+    await a.save_user(UserRecord(user="alice"))
+    worst = 0.0
+    for i in range(5):
+        sid = f"s{i}"
+        await a.save_session(session(sid))
+        await eventually(lambda sid=sid: b.session(sid) is not None, 1.0, "new session on b")
+        assert await a.revoke_session(sid, "terminated", time.time()) is True
+        took = await eventually(
+            lambda sid=sid: b.session(sid) is not None and b.session(sid).revoked,  # type: ignore[union-attr]
+            1.0,
+            "revocation on b",
+        )
+        worst = max(worst, took)
+        assert (ChangeKind.SESSION, sid) in heard
+    assert worst < 1.0
+
+    await eventually(lambda: b.device("dev-1") is not None, 1.0, "device on b")
+    await a.set_device_state("dev-1", "revoked")
+    await eventually(lambda: b.device("dev-1").state == "revoked", 1.0, "device revocation on b")  # type: ignore[union-attr]
+    await a.save_user(UserRecord(user="alice", locked_until=time.time() + 60, lock_reason="x"))
+    await eventually(
+        lambda: b.user("alice") is not None and b.user("alice").locked(time.time()),  # type: ignore[union-attr]
+        1.0,
+        "account lock on b",
+    )
+    assert (ChangeKind.DEVICE, "dev-1") in heard and (ChangeKind.USER, "alice") in heard
+
+
+async def test_rate_limit_and_failures_across_instances(backend: Backend) -> None:
+    """Backend-specific by design: Redis shares counters between replicas, SQLite does not."""
+    a, b = await backend.open(), await backend.open()
+    t = time.time()
+    assert await a.take_token_async("rl:app:user:alice", 1.0, 3, t) == 0.0
+    assert await a.take_token_async("rl:app:user:alice", 1.0, 3, t) == 0.0
+    assert await b.take_token_async("rl:app:user:alice", 1.0, 3, t) == 0.0
+    fourth = await b.take_token_async("rl:app:user:alice", 1.0, 3, t)
+    await a.record_failure_async("ip:10.0.0.1", t)
+    counted = await b.failures_async("ip:10.0.0.1", t, 60.0)
+    if backend.shared_counters:
+        assert fourth == pytest.approx(1.0)  # the burst of 3 holds across both instances
+        assert counted == 1
+    else:
+        assert fourth == 0.0  # each process has its own bucket
+        assert counted == 0
+
+
+# --- Redis only ----------------------------------------------------------------------------------
+
+
+async def test_redis_revocation_race_has_one_winner(redis_backend: Backend) -> None:
+    a, b = await redis_backend.open(), await redis_backend.open()
+    await a.save_session(session("s1"))
+    await eventually(lambda: b.session("s1") is not None, 1.0, "session on b")
+    results = await asyncio.gather(
+        a.revoke_session("s1", "by a", time.time()), b.revoke_session("s1", "by b", time.time())
+    )
+    assert sorted(results) == [False, True]
+    # Saving a stale, unrevoked copy does not bring it back.
+    stale = dataclasses.replace(a.session("s1"), revoked_at=None, revoked_reason=None)  # type: ignore[type-var]
+    await a.save_session(stale)
+    assert a.session("s1").revoked  # type: ignore[union-attr]
+    assert (await redis_backend.open()).session("s1").revoked  # type: ignore[union-attr]
+
+
+async def test_redis_stays_healthy_while_idle(redis_backend: Backend) -> None:
+    """The heartbeat keeps an idle replica healthy: no spurious reconnects or reloads."""
+    a = await redis_backend.open()
+    start = time.monotonic()
+    while time.monotonic() - start < 2.5 * a.stale_after:
+        assert a.healthy
+        await asyncio.sleep(0.05)
+    assert a.resyncs == 0
+
+
+async def test_redis_paused_fails_closed_then_recovers(redis_backend: Backend) -> None:
+    server = redis_backend.server
+    assert server is not None
+    a = await redis_backend.open()
+    b = await redis_backend.open()
+    await a.save_session(session("s1"))
+    assert a.healthy and b.healthy
+    server.pause()
+    try:
+        assert await raises_unavailable(a.save_user(UserRecord(user="ghost"))) < 1.5
+        assert await raises_unavailable(a.take_token_async("k", 1.0, 1, time.time())) < 1.5
+        assert await raises_unavailable(b.revoke_session("s1", "x", time.time())) < 1.5
+        assert not a.healthy
+        await eventually(lambda: not b.healthy, 1.0, "b notices the frozen redis")
+    finally:
+        server.resume()
+    await eventually(lambda: a.healthy and b.healthy, 5.0, "recovery after resume")
+    assert await b.revoke_session("s1", "after resume", time.time()) is True
+    await eventually(lambda: a.session("s1").revoked, 1.0, "revocation after recovery")  # type: ignore[union-attr]
+
+
+async def test_redis_stopped_then_restarted_resyncs(redis_backend: Backend) -> None:
+    server = redis_backend.server
+    assert server is not None
+    a = await redis_backend.open()
+    b = await redis_backend.open()
+    await a.save_session(session("s1"))
+    await a.save_session(session("s2"))
+    await a.save_user(UserRecord(user="alice"))
+    # Behind both replicas' backs (no announcement), as if they had missed a message.
+    raw = redis_sync.Redis(port=server.port, decode_responses=True)
+    revocation = json.dumps([time.time(), "while you were away"])
+    raw.hset("ztgw:session:s2", mapping={"revoked": "1", "revocation": revocation})
+    raw.hincrby("ztgw:session:s2", "ver", 1)
+    raw.close()
+    assert not a.session("s2").revoked  # type: ignore[union-attr]
+
+    server.stop(save=True)
+    assert await raises_unavailable(a.save_user(UserRecord(user="ghost"))) < 1.0
+    assert await raises_unavailable(b.advance("totp-step:alice", 7)) < 1.0
+    await eventually(lambda: not a.healthy and not b.healthy, 1.0, "unhealthy while down")
+    await asyncio.sleep(0.3)
+    server.start()
+
+    await eventually(lambda: a.healthy and b.healthy, 5.0, "healthy after restart")
+    for store in (a, b):
+        assert store.resyncs >= 1
+        got = store.session("s2")
+        assert got is not None and got.revoked_reason == "while you were away"
+        assert store.session("s1") is not None and not store.session("s1").revoked  # type: ignore[union-attr]
+        assert store.user("alice") is not None and store.user("ghost") is None
+    # Scripts were flushed with the restart: writes and write-behind still work.
+    assert await a.advance("totp-step:alice", 7) is True
+    s1 = a.session("s1")
+    assert s1 is not None
+    s1.requests = 9
+    a.touch_session(s1)
+    await a.flush()
+    assert await b.revoke_session("s1", "after restart", time.time()) is True
+    await eventually(lambda: a.session("s1").revoked, 1.0, "revocation after restart")  # type: ignore[union-attr]
+    assert (await redis_backend.open()).session("s1").requests == 9  # type: ignore[union-attr]
+
+
+async def test_redis_open_fails_fast_when_down(tmp_path: Path) -> None:
+    store = RedisStore("redis://127.0.0.1:1/0")
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+    assert time.monotonic() - start < 1.5
+    assert not store.healthy

@@ -1,0 +1,920 @@
+"""The shared store: Redis behind an in-memory cache, for many replicas.
+
+Reads on the request path never leave the process: devices, posture, users and live sessions
+are held in memory, as in the SQLite store. Every durable write goes to Redis in one Lua
+script that also PUBLISHes the change (kind and key) on `<prefix>changes`, so a write that
+Redis acknowledged has been announced, atomically. Every replica (this one included) reloads
+the announced entity; a version field (`ver`, incremented by each durable write) keeps a slow
+reload from replacing a newer value with an older one.
+
+Staleness bound. The subscriber PINGs on its pub/sub connection every `sync_interval`; Redis
+answers in order with the messages, so a PONG received at time T proves every change published
+before the PING has been read. `healthy` turns False as soon as no PONG has arrived for
+`sync_interval + timeout` (0.75 s by default): at any instant either `healthy` is False or every
+change acknowledged more than that long ago is in this cache. A broken or silent pub/sub
+connection is replaced and the whole cache is reloaded (subscribe first, then read, so nothing
+falls between) before `healthy` is True again; messages lost with the old connection do not
+matter because the reload reads the state itself.
+
+Counters are SHARED and atomic, which is the point of this backend: token buckets and the TOTP
+replay guard are Lua scripts, failure windows are sorted sets, one-time claims are SET NX PX.
+Because they need a round trip they are async only (`take_token_async`, `record_failure_async`,
+`failures_async`, `reset_failures_async`): there is deliberately no synchronous `take_token`
+here, since a per-process approximation would let N replicas grant N times the limit. The
+SQLite store offers the same async names, so callers await them on either backend.
+
+Faults. Every Redis call has a socket timeout (`timeout`, 0.5 s) and an overall deadline of
+twice that, and redis-py's own retries are off: a write against a dead or frozen Redis raises
+`StoreUnavailable` within about a second and was not acknowledged (it may or may not have been
+applied; if it was, its announcement reaches every cache). A failure marks the store unhealthy;
+a background task reconnects with backoff and reloads everything before trusting its cache.
+
+Touches (last seen, last IP, session activity, user history) are written behind in batches and
+are not announced, as in SQLite. They can never undo a durable change: a session touch is
+dropped if the stored session is revoked, a device touch writes only `last_seen`/`last_ip`, and
+a user touch writes only the history fields (never a lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, fields
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from .base import (
+    ChangeKind,
+    ChangeListener,
+    Device,
+    DeviceState,
+    PostureRecord,
+    Session,
+    StoreUnavailable,
+    UserRecord,
+)
+from .sqlite import _session_from_json, _user_from_json
+
+log = logging.getLogger("ztgateway.store")
+
+T = TypeVar("T")
+
+_DEVICE_FIELDS = tuple(f.name for f in fields(Device))
+_HISTORY_FIELDS = ("known_devices", "known_routes", "last_location")
+_FAULTS = (RedisError, OSError, TimeoutError)
+_HEARTBEAT = "ztgw-heartbeat"
+_MAX_FAILURES = 1000  # per key, as the SQLite store's deque
+
+# --- Lua: every durable write and its announcement happen in one atomic step ---------------
+# ARGV[1] is always the channel, ARGV[2] the message, then script-specific arguments.
+
+_CREATE_IF_ABSENT = """
+local created = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('HSET', KEYS[1], 'ver', 1)
+  redis.call('SADD', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+  created = 1
+end
+return {created, redis.call('HGETALL', KEYS[1])}
+"""
+
+_UPDATE_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HINCRBY', KEYS[1], 'ver', 1)
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+_UPSERT = """
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return ver
+"""
+
+# Sessions: `data` (JSON, rewritten by touches), `revoked` ('0'/'1') and `revocation` (JSON
+# [revoked_at, reason]) kept apart, so that neither a touch nor a later save can undo or
+# overwrite a revocation, and revoking does not rewrite the activity others wrote.
+# ARGV[3] id, ARGV[4] data, ARGV[5] revocation or '', ARGV[6] expires_at, ARGV[7] key TTL ms
+_SAVE_SESSION = """
+local revoked = redis.call('HGET', KEYS[1], 'revoked') == '1'
+if revoked and ARGV[5] == '' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'data', ARGV[4])
+if not revoked then
+  if ARGV[5] == '' then
+    redis.call('HSET', KEYS[1], 'revoked', '0')
+  else
+    redis.call('HSET', KEYS[1], 'revoked', '1', 'revocation', ARGV[5])
+  end
+end
+local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return ver
+"""
+
+# ARGV[3] the revocation. 0: unknown or already revoked (someone else won).
+_REVOKE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'revoked') == '1' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'revoked', '1', 'revocation', ARGV[3])
+local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return ver
+"""
+
+# --- Lua: write-behind touches (not announced; never undo a durable change) -------------------
+
+_TOUCH_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HGET', KEYS[1], 'revoked') ~= '1' then
+  redis.call('HSET', KEYS[1], 'data', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+_TOUCH_DEVICE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'last_ip', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# ARGV[1] user, ARGV[2] history, ARGV[3] full record (only if the user has none yet)
+_TOUCH_USER = """
+redis.call('HSET', KEYS[1], 'history', ARGV[2])
+if redis.call('HSETNX', KEYS[1], 'record', ARGV[3]) == 1 then
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# --- Lua: shared counters ----------------------------------------------------------------
+
+# Token bucket. ARGV: rate, burst, now. Returns the wait in seconds as a string (Lua numbers
+# come back from Redis truncated to integers). A caller whose clock is behind the bucket's
+# stamp neither refills nor moves the stamp back.
+_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(b[1])
+local stamp = tonumber(b[2])
+if tokens == nil or stamp == nil then
+  tokens = burst
+  stamp = now
+end
+local elapsed = now - stamp
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(burst, tokens + elapsed * rate)
+if now > stamp then stamp = now end
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+elseif rate > 0 then
+  wait = (1 - tokens) / rate
+else
+  wait = 3600
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+           'stamp', string.format('%.17g', stamp))
+local ttl = 3600
+if rate > 0 then ttl = math.ceil(burst / rate) + 1 end
+redis.call('EXPIRE', KEYS[1], ttl)
+return string.format('%.17g', wait)
+"""
+
+# TOTP replay guard: store ARGV[1] only if greater than the stored value. 1 if stored.
+_ADVANCE = """
+local cur = tonumber(redis.call('GET', KEYS[1]))
+local v = tonumber(ARGV[1])
+if cur ~= nil and cur >= v then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def _user_parts(record: UserRecord) -> tuple[str, str]:
+    """A user as (record, history): touches rewrite only the history, never a lock."""
+    data = asdict(record)
+    history = {k: data.pop(k) for k in _HISTORY_FIELDS}
+    return json.dumps(data), json.dumps(history)
+
+
+def _pairs(mapping: dict[str, str]) -> list[str]:
+    return [x for kv in mapping.items() for x in kv]
+
+
+async def _close(pubsub: PubSub) -> None:
+    with contextlib.suppress(Exception):
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _hash(flat: list[Any]) -> dict[str, str]:
+    """HGETALL's flat [field, value, ...] reply (from Lua) as a dict."""
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+class RedisStore:
+    """Store for many replicas; see the module docstring for the consistency guarantees."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sync_interval: float = 0.25,
+        flush_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        key_prefix: str = "ztgw:",
+        timeout: float = 0.5,
+        session_grace: float = 86400.0,
+        failure_ttl: float = 86400.0,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.sync_interval = sync_interval
+        self.flush_interval = flush_interval
+        self.prefix = key_prefix
+        self.timeout = timeout
+        self.session_grace = session_grace
+        self.failure_ttl = failure_ttl
+        self.max_backoff = max_backoff
+        self._clock = clock
+        self._channel = key_prefix + "changes"
+        self._origin = secrets.token_hex(8)
+        self._redis: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._devices: dict[str, Device] = {}
+        self._posture: dict[str, PostureRecord] = {}
+        self._users: dict[str, UserRecord] = {}
+        self._sessions: dict[str, Session] = {}
+        self._versions: dict[tuple[ChangeKind, str], int] = {}
+        self._dirty_devices: set[str] = set()
+        self._dirty_sessions: set[str] = set()
+        self._dirty_users: set[str] = set()
+        self._listeners: list[ChangeListener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._synced = False  # subscribed and reloaded since the last (re)connect
+        self._failed = False  # the last call to Redis failed; cleared by the next success
+        self._last_pong = 0.0
+        self.resyncs = 0  # full reloads after the first: reconnects (for metrics and tests)
+
+    # --- keys ------------------------------------------------------------------------------
+    def _key(self, kind: str, key: str) -> str:
+        return f"{self.prefix}{kind}:{key}"
+
+    def _index(self, kind: ChangeKind) -> str:
+        return f"{self.prefix}{kind.value}s"
+
+    def _entity_key(self, kind: ChangeKind, key: str) -> str:
+        return self._key(kind.value, key)
+
+    def _message(self, kind: ChangeKind, key: str) -> str:
+        return json.dumps({"o": self._origin, "k": kind.value, "id": key})
+
+    # --- lifecycle -------------------------------------------------------------------------
+    @property
+    def stale_after(self) -> float:
+        """Seconds without a PONG after which the cache is no longer trusted."""
+        return self.sync_interval + self.timeout
+
+    async def open(self) -> None:
+        client = Redis.from_url(
+            self.url,
+            decode_responses=True,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),  # we bound and report failures ourselves
+            health_check_interval=0,
+            # RESP2: a PING on a subscribed connection comes back in order with the messages
+            # as ["pong", data], which the heartbeat relies on (redis-py mis-parses the RESP3
+            # reply to it).
+            protocol=2,
+            client_name="ztgateway",
+        )
+        self._redis = client
+        self._scripts = {
+            name: client.register_script(src)
+            for name, src in (
+                ("create", _CREATE_IF_ABSENT),
+                ("update", _UPDATE_IF_EXISTS),
+                ("upsert", _UPSERT),
+                ("save_session", _SAVE_SESSION),
+                ("revoke_session", _REVOKE_SESSION),
+                ("touch_session", _TOUCH_SESSION),
+                ("touch_device", _TOUCH_DEVICE),
+                ("touch_user", _TOUCH_USER),
+                ("bucket", _BUCKET),
+                ("advance", _ADVANCE),
+            )
+        }
+        try:
+            pubsub = await self._connect()
+        except StoreUnavailable:
+            self._redis = None
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            raise
+        self._tasks = [
+            asyncio.ensure_future(self._supervise(pubsub)),
+            asyncio.ensure_future(self._flush_loop()),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        client = self._redis
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await self._flush()
+            self._redis = None
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._synced = False
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self._redis is not None
+            and self._synced
+            and not self._failed
+            and time.monotonic() - self._last_pong < self.stale_after
+        )
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, kind: ChangeKind, key: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, key)
+            except Exception:
+                log.exception("store change listener failed")
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            raise StoreUnavailable("store is not open")
+        return self._redis
+
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """One bounded call to Redis: StoreUnavailable instead of a hang or a library error."""
+        self.redis  # noqa: B018 - raises StoreUnavailable when closed
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                result = await op()
+        except _FAULTS as exc:
+            self._failed = True
+            raise StoreUnavailable(f"redis {what}: {exc or type(exc).__name__}") from exc
+        self._failed = False
+        return result
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._scripts[name]
+        return await self._call(name, lambda: script(keys, args))
+
+    # --- subscription and resynchronisation ------------------------------------------------
+    async def _connect(self) -> PubSub:
+        """Subscribe, wait until Redis confirms it, then reload everything.
+
+        In that order: a change published after the confirmation is delivered to us; one
+        published before it is already in what we read.
+        """
+        pubsub = self.redis.pubsub()
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                await pubsub.subscribe(self._channel)
+                while True:
+                    msg = await pubsub.get_message(timeout=self.timeout)
+                    if msg is not None and msg["type"] == "subscribe":
+                        break
+            await self.sync()
+        except (*_FAULTS, StoreUnavailable) as exc:
+            await _close(pubsub)
+            self._synced = False
+            if isinstance(exc, StoreUnavailable):
+                raise
+            raise StoreUnavailable(f"redis subscribe: {exc or type(exc).__name__}") from exc
+        self._last_pong = time.monotonic()
+        self._synced = True
+        self._failed = False
+        return pubsub
+
+    async def _supervise(self, pubsub: PubSub | None) -> None:
+        """Listen for changes; on any fault, reconnect with backoff and resynchronise."""
+        delay = 0.05
+        while True:
+            if pubsub is None:
+                try:
+                    pubsub = await self._connect()
+                except Exception as exc:  # keep trying: until then the store fails closed
+                    if isinstance(exc, StoreUnavailable):
+                        log.debug("store reconnect failed: %s", exc)
+                    else:
+                        log.exception("store resynchronisation failed")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff)
+                    continue
+                self.resyncs += 1
+                log.warning("store reconnected to redis and resynchronised")
+                delay = 0.05
+            try:
+                await self._listen(pubsub)
+            except asyncio.CancelledError:
+                await _close(pubsub)
+                raise
+            except (*_FAULTS, StoreUnavailable) as exc:
+                self._synced = False
+                log.warning("store lost redis, fail closed until resynchronised: %s", exc)
+            except Exception:
+                self._synced = False
+                log.exception("store subscription failed, resynchronising")
+            await _close(pubsub)
+            pubsub = None
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        next_ping = 0.0
+        while True:
+            conn: Any = pubsub.connection  # typed as always set; it is None once closed
+            if conn is None or not conn.is_connected:
+                # redis-py would reconnect and resubscribe silently, losing what was published
+                # in between: we start over with a fresh connection and a full reload instead.
+                raise StoreUnavailable("pub/sub connection closed")
+            now = time.monotonic()
+            if now - self._last_pong >= self.stale_after:
+                raise StoreUnavailable(f"no answer from redis for {self.stale_after:.2f}s")
+            if now >= next_ping:
+                await pubsub.ping(_HEARTBEAT)
+                next_ping = now + self.sync_interval
+                if self._failed:  # a call failed but pub/sub lives: healthy again once Redis is
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._call("ping", self.redis.ping)
+            msg = await pubsub.get_message(timeout=min(self.sync_interval, self.timeout))
+            batch: list[str] = []
+            pong = False
+            while msg is not None:
+                if msg["type"] == "message":
+                    batch.append(str(msg["data"]))
+                elif msg["type"] == "pong":
+                    pong = True
+                if len(batch) >= 500:
+                    break
+                msg = await pubsub.get_message(timeout=0)
+            if batch:
+                await self._apply_messages(batch)
+            if pong:  # only now: every change published before our PING is applied
+                self._last_pong = time.monotonic()
+
+    async def _apply_messages(self, raw: list[str]) -> None:
+        wanted: dict[tuple[ChangeKind, str], bool] = {}
+        for data in raw:
+            try:
+                m = json.loads(data)
+                ref = (ChangeKind(m["k"]), str(m["id"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring malformed store change message %r", data[:200])
+                continue
+            wanted[ref] = wanted.get(ref, False) or m.get("o") != self._origin
+        hashes = await self._fetch(list(wanted))
+        for (kind, key), h in zip(wanted, hashes, strict=True):
+            changed = self._apply(kind, key, h)
+            if changed or wanted[(kind, key)]:
+                self._notify(kind, key)
+
+    async def _fetch(self, refs: list[tuple[ChangeKind, str]]) -> list[dict[str, str]]:
+        out: list[dict[str, str]] = []
+        for i in range(0, len(refs), 1000):
+            chunk = refs[i : i + 1000]
+
+            async def run(chunk: list[tuple[ChangeKind, str]] = chunk) -> list[Any]:
+                pipe = self.redis.pipeline(transaction=False)
+                for kind, key in chunk:
+                    pipe.hgetall(self._entity_key(kind, key))
+                return list(await pipe.execute())
+
+            out.extend(await self._call("reload", run))
+        return out
+
+    async def _reload(self, kind: ChangeKind, key: str) -> None:
+        (h,) = await self._fetch([(kind, key)])
+        self._apply(kind, key, h)
+
+    def _decode(self, kind: ChangeKind, key: str, h: dict[str, str]) -> Any:
+        """The cached object for a stored hash (None: gone, or a session that has expired)."""
+        if not h or (kind is not ChangeKind.USER and "ver" not in h):
+            return None
+        if kind is ChangeKind.DEVICE:
+            return Device(**{f: json.loads(h[f]) for f in _DEVICE_FIELDS})
+        if kind is ChangeKind.POSTURE:
+            d = json.loads(h["data"])
+            return PostureRecord(
+                d["device_id"],
+                d["report"],
+                d["received_at"],
+                d["collected_at"],
+                bool(d["signed"]),
+                d["digest"],
+            )
+        if kind is ChangeKind.USER:
+            if "record" not in h:
+                return None
+            data = json.loads(h["record"]) | json.loads(h.get("history") or "{}")
+            return _user_from_json(data)
+        s = _session_from_json(json.loads(h["data"]))
+        if h.get("revoked") == "1" and "revocation" in h:
+            s.revoked_at, s.revoked_reason = json.loads(h["revocation"])
+        else:
+            s.revoked_at = s.revoked_reason = None
+        return s if s.expires_at > self._clock() else None
+
+    def _cache(self, kind: ChangeKind) -> dict[str, Any]:
+        caches: dict[ChangeKind, dict[str, Any]] = {
+            ChangeKind.DEVICE: self._devices,
+            ChangeKind.POSTURE: self._posture,
+            ChangeKind.USER: self._users,
+            ChangeKind.SESSION: self._sessions,
+        }
+        return caches[kind]
+
+    def _merge_local(self, kind: ChangeKind, key: str, fresh: Any, mine: Any) -> Any:
+        """Keep what this process wrote behind but has not flushed yet."""
+        if kind is ChangeKind.SESSION and mine is not None and fresh.revoked_at is None:
+            fresh.last_seen = max(fresh.last_seen, mine.last_seen)
+            fresh.requests = max(fresh.requests, mine.requests)
+            fresh.anomaly, fresh.anomaly_at = mine.anomaly, mine.anomaly_at
+        elif kind is ChangeKind.USER and mine is not None and key in self._dirty_users:
+            fresh.known_devices = mine.known_devices
+            fresh.known_routes = mine.known_routes
+            fresh.last_location = mine.last_location
+        elif kind is ChangeKind.DEVICE and mine is not None and key in self._dirty_devices:
+            fresh.last_seen, fresh.last_ip = mine.last_seen, mine.last_ip
+        return fresh
+
+    def _apply(self, kind: ChangeKind, key: str, h: dict[str, str]) -> bool:
+        """Put a fetched hash in the cache unless we already hold a newer version."""
+        ref = (kind, key)
+        ver = int(h.get("ver", 0)) if h else -1
+        if h and ver < self._versions.get(ref, 0):
+            return False  # a reload that raced with a newer write: keep the newer value
+        cache = self._cache(kind)
+        mine = cache.get(key)
+        fresh = self._decode(kind, key, h)
+        if fresh is None:
+            self._versions.pop(ref, None)
+            return cache.pop(key, None) is not None
+        fresh = self._merge_local(kind, key, fresh, mine)
+        self._versions[ref] = ver
+        cache[key] = fresh
+        return bool(fresh != mine)
+
+    def _set(self, kind: ChangeKind, key: str, value: Any, ver: int) -> None:
+        """After our own durable write: cache what Redis now holds (version `ver`)."""
+        ref = (kind, key)
+        if ver >= self._versions.get(ref, 0):
+            self._versions[ref] = ver
+            self._cache(kind)[key] = value
+
+    async def sync(self) -> int:
+        """Reload everything from Redis now; returns how many cached entities changed.
+
+        Runs on open and after every reconnect; listeners hear about each changed entity.
+        """
+        now = self._clock()
+        client = self.redis
+
+        async def ids() -> tuple[list[str], ...]:
+            pipe = client.pipeline(transaction=False)
+            pipe.smembers(self._index(ChangeKind.DEVICE))
+            pipe.smembers(self._index(ChangeKind.POSTURE))
+            pipe.smembers(self._index(ChangeKind.USER))
+            pipe.zrangebyscore(self._index(ChangeKind.SESSION), f"({now!r}", "+inf")
+            return tuple(sorted(x) for x in await pipe.execute())
+
+        devices, postures, users, sessions = await self._call("resync", ids)
+        refs = (
+            [(ChangeKind.DEVICE, k) for k in devices]
+            + [(ChangeKind.POSTURE, k) for k in postures]
+            + [(ChangeKind.USER, k) for k in users]
+            + [(ChangeKind.SESSION, k) for k in sessions]
+        )
+        hashes = await self._fetch(refs)
+        fresh: dict[ChangeKind, dict[str, Any]] = {kind: {} for kind in ChangeKind}
+        versions: dict[tuple[ChangeKind, str], int] = {}
+        for (kind, key), h in zip(refs, hashes, strict=True):
+            value = self._decode(kind, key, h)
+            if value is not None:
+                fresh[kind][key] = self._merge_local(kind, key, value, self._cache(kind).get(key))
+                versions[(kind, key)] = int(h.get("ver", 0))
+        changed: list[tuple[ChangeKind, str]] = []
+        for kind in ChangeKind:
+            old, new = self._cache(kind), fresh[kind]
+            changed += [(kind, k) for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+        # Swap the contents (not the dicts): a version is only ever read with its value.
+        for kind in ChangeKind:
+            cache = self._cache(kind)
+            cache.clear()
+            cache.update(fresh[kind])
+        self._versions = versions
+        for kind, key in changed:
+            self._notify(kind, key)
+        return len(changed)
+
+    # --- write-behind ----------------------------------------------------------------------
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self._flush()
+            except Exception as exc:
+                log.warning("store write-behind failed, will retry: %s", exc)
+
+    async def _flush(self) -> None:
+        if not (self._dirty_devices or self._dirty_sessions or self._dirty_users):
+            return
+        devices, self._dirty_devices = self._dirty_devices, set()
+        sessions, self._dirty_sessions = self._dirty_sessions, set()
+        users, self._dirty_users = self._dirty_users, set()
+
+        async def run() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for d in (self._devices.get(k) for k in devices):
+                if d is not None:
+                    await self._scripts["touch_device"](
+                        [self._key("device", d.device_id)],
+                        [json.dumps(d.last_seen), json.dumps(d.last_ip)],
+                        client=pipe,
+                    )
+            for s in (self._sessions.get(k) for k in sessions):
+                if s is not None:
+                    await self._scripts["touch_session"](
+                        [self._key("session", s.session_id)], [json.dumps(asdict(s))], client=pipe
+                    )
+            for u in (self._users.get(k) for k in users):
+                if u is not None:
+                    record, history = _user_parts(u)
+                    await self._scripts["touch_user"](
+                        [self._key("user", u.user), self._index(ChangeKind.USER)],
+                        [u.user, history, record],
+                        client=pipe,
+                    )
+            await pipe.execute()
+
+        try:
+            await self._call("write-behind", run)
+        except StoreUnavailable:
+            self._dirty_devices |= devices
+            self._dirty_sessions |= sessions
+            self._dirty_users |= users
+            raise
+
+    async def flush(self) -> None:
+        await self._flush()
+
+    # --- devices -----------------------------------------------------------------------------
+    def device(self, device_id: str) -> Device | None:
+        return self._devices.get(device_id)
+
+    def devices(self) -> list[Device]:
+        return sorted(self._devices.values(), key=lambda d: d.first_seen)
+
+    async def register_device(self, device: Device) -> Device:
+        existing = self._devices.get(device.device_id)
+        if existing is not None:
+            return existing
+        key = device.device_id
+        values = {f: json.dumps(getattr(device, f)) for f in _DEVICE_FIELDS}
+        created, flat = await self._script(
+            "create",
+            [self._key("device", key), self._index(ChangeKind.DEVICE)],
+            [self._channel, self._message(ChangeKind.DEVICE, key), key, *_pairs(values)],
+        )
+        self._apply(ChangeKind.DEVICE, key, _hash(flat))
+        if created:
+            self._notify(ChangeKind.DEVICE, key)
+        return self._devices[key]
+
+    def touch_device(self, device_id: str, now: float, ip: str) -> None:
+        d = self._devices.get(device_id)
+        if d is not None and (now - d.last_seen > 1.0 or d.last_ip != ip):
+            d.last_seen, d.last_ip = now, ip
+            self._dirty_devices.add(device_id)
+
+    async def _update_device(self, device_id: str, field: str, value: Any) -> Device | None:
+        flat = await self._script(
+            "update",
+            [self._key("device", device_id)],
+            [self._channel, self._message(ChangeKind.DEVICE, device_id), field, json.dumps(value)],
+        )
+        self._apply(ChangeKind.DEVICE, device_id, _hash(flat))
+        if flat:
+            self._notify(ChangeKind.DEVICE, device_id)
+        return self._devices.get(device_id)
+
+    async def set_device_state(self, device_id: str, state: DeviceState) -> Device | None:
+        return await self._update_device(device_id, "state", state)
+
+    async def set_device_owner(self, device_id: str, owner: str | None) -> Device | None:
+        return await self._update_device(device_id, "owner", owner)
+
+    def posture(self, device_id: str) -> PostureRecord | None:
+        return self._posture.get(device_id)
+
+    async def put_posture(self, record: PostureRecord) -> None:
+        key = record.device_id
+        ver = await self._script(
+            "upsert",
+            [self._key("posture", key), self._index(ChangeKind.POSTURE)],
+            [
+                self._channel,
+                self._message(ChangeKind.POSTURE, key),
+                key,
+                "data",
+                json.dumps(asdict(record)),
+            ],
+        )
+        self._set(ChangeKind.POSTURE, key, record, int(ver))
+        self._notify(ChangeKind.POSTURE, key)
+
+    # --- users ---------------------------------------------------------------------------------
+    def user(self, user: str) -> UserRecord | None:
+        return self._users.get(user)
+
+    def users(self) -> list[UserRecord]:
+        return sorted(self._users.values(), key=lambda u: u.user)
+
+    async def save_user(self, record: UserRecord) -> None:
+        key = record.user
+        data, history = _user_parts(record)
+        ver = await self._script(
+            "upsert",
+            [self._key("user", key), self._index(ChangeKind.USER)],
+            [
+                self._channel,
+                self._message(ChangeKind.USER, key),
+                key,
+                "record",
+                data,
+                "history",
+                history,
+            ],
+        )
+        self._dirty_users.discard(key)
+        self._set(ChangeKind.USER, key, record, int(ver))
+        self._notify(ChangeKind.USER, key)
+
+    def touch_user(self, record: UserRecord) -> None:
+        """History a request adds (known devices, routes, location): written behind."""
+        self._users[record.user] = record
+        self._dirty_users.add(record.user)
+
+    # --- sessions ------------------------------------------------------------------------------
+    def session(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def sessions(self, user: str | None = None) -> list[Session]:
+        out = [s for s in self._sessions.values() if user is None or s.user == user]
+        return sorted(out, key=lambda s: s.created)
+
+    async def save_session(self, session: Session) -> None:
+        """Write a session. SECURITY: a revoked session stays revoked, whoever saves it later."""
+        key = session.session_id
+        ttl_ms = max(1, int((session.expires_at - self._clock() + self.session_grace) * 1000))
+        ver = await self._script(
+            "save_session",
+            [self._key("session", key), self._index(ChangeKind.SESSION)],
+            [
+                self._channel,
+                self._message(ChangeKind.SESSION, key),
+                key,
+                json.dumps(asdict(session)),
+                json.dumps([session.revoked_at, session.revoked_reason]) if session.revoked else "",
+                repr(session.expires_at),
+                ttl_ms,
+            ],
+        )
+        self._dirty_sessions.discard(key)
+        if int(ver) == 0:
+            # Revoked meanwhile (perhaps on another replica): take the revocation.
+            await self._reload(ChangeKind.SESSION, key)
+        else:
+            self._set(ChangeKind.SESSION, key, session, int(ver))
+        self._notify(ChangeKind.SESSION, key)
+
+    def touch_session(self, session: Session) -> None:
+        self._dirty_sessions.add(session.session_id)
+
+    async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
+        """Revoke; True only for the one caller (on any replica) that actually revoked it."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            await self._reload(ChangeKind.SESSION, session_id)
+            s = self._sessions.get(session_id)
+        if s is None or s.revoked:
+            return False
+        ver = await self._script(
+            "revoke_session",
+            [self._key("session", session_id)],
+            [
+                self._channel,
+                self._message(ChangeKind.SESSION, session_id),
+                json.dumps([now, reason]),
+            ],
+        )
+        if int(ver) == 0:
+            await self._reload(ChangeKind.SESSION, session_id)
+            return False
+        s.revoked_at, s.revoked_reason = now, reason
+        self._set(ChangeKind.SESSION, session_id, s, int(ver))
+        self._notify(ChangeKind.SESSION, session_id)
+        return True
+
+    async def expire_sessions(self, now: float) -> int:
+        """Drop expired sessions from the cache; delete them from Redis a grace period later."""
+        gone = [k for k, s in self._sessions.items() if s.expires_at <= now]
+        for k in gone:
+            self._sessions.pop(k, None)
+            self._versions.pop((ChangeKind.SESSION, k), None)
+        index = self._index(ChangeKind.SESSION)
+        cutoff = repr(now - self.session_grace)
+
+        async def run() -> None:
+            old = [str(k) for k in await self.redis.zrangebyscore(index, "-inf", cutoff)]
+            if old:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.delete(*(self._key("session", k) for k in old))
+                pipe.zrem(index, *old)
+                await pipe.execute()
+
+        await self._call("expire", run)
+        return len(gone)
+
+    # --- counters (shared by every replica) ------------------------------------------------------
+    async def take_token_async(self, key: str, rate: float, burst: int, now: float) -> float:
+        """Token bucket shared by all replicas: 0.0 if a token was taken, else seconds to wait."""
+        wait = await self._script(
+            "bucket", [self._key("bucket", key)], [repr(float(rate)), burst, repr(now)]
+        )
+        return float(wait)
+
+    async def record_failure_async(self, key: str, now: float) -> None:
+        k = self._key("fail", key)
+
+        async def run() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zadd(k, {f"{now!r}:{secrets.token_hex(6)}": now})
+            pipe.zremrangebyscore(k, "-inf", f"({now - self.failure_ttl!r}")
+            pipe.zremrangebyrank(k, 0, -_MAX_FAILURES - 1)
+            pipe.expire(k, max(1, int(self.failure_ttl)))
+            await pipe.execute()
+
+        await self._call("record failure", run)
+
+    async def failures_async(self, key: str, now: float, window: float) -> int:
+        """How many failures were recorded for `key` at or after `now - window` (any replica)."""
+        k = self._key("fail", key)
+        return int(await self._call("failures", lambda: self.redis.zcount(k, now - window, "+inf")))
+
+    async def reset_failures_async(self, key: str) -> None:
+        k = self._key("fail", key)
+        await self._call("reset failures", lambda: self.redis.delete(k))
+
+    async def advance(self, key: str, value: int) -> bool:
+        """Atomic compare-and-set: store `value` only if greater (the TOTP replay guard).
+
+        One Lua script, so across replicas exactly one caller wins for a given step.
+        """
+        stored = await self._script("advance", [self._key("counter", key)], [str(int(value))])
+        return bool(int(stored) == 1)
+
+    async def reset_counter(self, key: str) -> None:
+        k = self._key("counter", key)
+        await self._call("reset counter", lambda: self.redis.delete(k))
+
+    async def claim_once(self, key: str, ttl: float, now: float) -> bool:
+        """Atomically claim `key` for `ttl` seconds (Redis' clock): False if already claimed."""
+        k = self._key("claim", key)
+        ms = max(1, int(ttl * 1000))
+        return bool(await self._call("claim", lambda: self.redis.set(k, "1", nx=True, px=ms)))
