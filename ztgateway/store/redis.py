@@ -231,6 +231,22 @@ async def _close(pubsub: PubSub) -> None:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel background tasks and wait until they have ended.
+
+    Asks again until they do: on Python 3.11, `asyncio.wait_for` (which redis-py uses to send)
+    swallows a cancellation that arrives as its inner operation completes.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for t in tasks:
+        if not t.cancelled() and t.exception() is not None:
+            log.error("store background task failed", exc_info=t.exception())
+
+
 def _hash(flat: list[Any]) -> dict[str, str]:
     """HGETALL's flat [field, value, ...] reply (from Lua) as a dict."""
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
@@ -278,6 +294,7 @@ class RedisStore:
         self._synced = False  # subscribed and reloaded since the last (re)connect
         self._failed = False  # the last call to Redis failed; cleared by the next success
         self._last_pong = 0.0
+        self._closing = False
         self.resyncs = 0  # full reloads after the first: reconnects (for metrics and tests)
 
     # --- keys ------------------------------------------------------------------------------
@@ -314,6 +331,7 @@ class RedisStore:
             client_name="ztgateway",
         )
         self._redis = client
+        self._closing = False
         self._scripts = {
             name: client.register_script(src)
             for name, src in (
@@ -342,9 +360,8 @@ class RedisStore:
         ]
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closing = True
+        await _cancel_all(self._tasks)
         self._tasks = []
         client = self._redis
         if client is not None:
@@ -426,7 +443,7 @@ class RedisStore:
     async def _supervise(self, pubsub: PubSub | None) -> None:
         """Listen for changes; on any fault, reconnect with backoff and resynchronise."""
         delay = 0.05
-        while True:
+        while not self._closing:
             if pubsub is None:
                 try:
                     pubsub = await self._connect()
@@ -454,10 +471,12 @@ class RedisStore:
                 log.exception("store subscription failed, resynchronising")
             await _close(pubsub)
             pubsub = None
+        if pubsub is not None:
+            await _close(pubsub)
 
     async def _listen(self, pubsub: PubSub) -> None:
         next_ping = 0.0
-        while True:
+        while not self._closing:
             conn: Any = pubsub.connection  # typed as always set; it is None once closed
             if conn is None or not conn.is_connected:
                 # redis-py would reconnect and resubscribe silently, losing what was published
@@ -644,7 +663,7 @@ class RedisStore:
 
     # --- write-behind ----------------------------------------------------------------------
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.flush_interval)
             try:
                 await self._flush()
