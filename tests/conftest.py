@@ -148,5 +148,13 @@ async def gateway(gateway_factory: GatewayFactory) -> Gateway:
     return await gateway_factory()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item, so fixtures can act on failures (screenshots)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
+
+
 # Fixtures defined in helper modules, registered here so every test directory can use them.
 from tests.oidc_fixtures import signin  # noqa: E402, F401

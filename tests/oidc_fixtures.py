@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -61,7 +62,7 @@ async def signin(
     gateway_factory: GatewayFactory, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[SignInSetup]:
     """The gateway at a fixed port (the redirect URI must match exactly) with an [oidc] provider."""
-    overrides: dict[str, Any] = getattr(request, "param", {}) or {}
+    overrides: dict[str, Any] = copy.deepcopy(getattr(request, "param", {}) or {})
     port = free_port()
     origin = f"https://127.0.0.1:{port}"
     users = tmp_path / "idp-users.toml"
@@ -80,9 +81,10 @@ async def signin(
             },
         ],
     )
+    server = {**overrides.pop("server", {}), "port": port, "public_url": origin}
     gw = await gateway_factory(
         {
-            "server": {"port": port, "public_url": origin},
+            "server": server,
             "oidc": {
                 "name": "dev",
                 "issuer": issuer,

@@ -1,0 +1,199 @@
+"""People browsing through the gateway, in a real Chromium driven by Playwright.
+
+Debian's Chromium (`/usr/bin/chromium`), the device certificate given to the browser context
+(Playwright's `client_certificates`), the dev identity provider for sign-in. On failure a
+screenshot is kept under test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, BrowserContext, Error, Page, async_playwright
+
+from tests.oidc_fixtures import PASSWORDS, SignInSetup
+from tests.support import Certs, client_ssl
+from ztgateway.credentials.totp import totp_code
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+DRIFT = {
+    "server": {"trusted_proxies": ["127.0.0.1/32"]},
+    "routes": [
+        {
+            "name": "app",
+            "prefix": "/",
+            "upstream": "demo",
+            "policy": {"login": "browsers"},
+            "session": {"ip_drift": "step_up"},
+        },
+        {
+            "name": "secure",
+            "prefix": "/secure/",
+            "upstream": "demo",
+            "policy": {"login": "always", "min_trust": "compliant"},
+        },
+    ],
+}
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    assert Path(CHROMIUM).exists(), "Debian's chromium package is required (installed by .ci/run)"
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()
+
+
+@pytest.fixture
+async def page(
+    browser: Browser, signin: SignInSetup, certs: Certs, request: pytest.FixtureRequest
+) -> AsyncIterator[Page]:
+    context = await device_context(browser, signin, certs)
+    pg = await context.new_page()
+    pg.set_default_timeout(15_000)
+    yield pg
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        ARTIFACTS.mkdir(exist_ok=True)
+        await pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    await context.close()
+
+
+async def device_context(
+    browser: Browser, signin: SignInSetup, certs: Certs, device: str | None = "alice-laptop"
+) -> BrowserContext:
+    options: dict[str, Any] = {"ignore_https_errors": True, "locale": "en-GB"}
+    if device:
+        pem, key = certs.client(device)
+        options["client_certificates"] = [
+            {"origin": signin.origin, "certPath": str(pem), "keyPath": str(key)}
+        ]
+    return await browser.new_context(**options)
+
+
+async def shot(page: Page, name: str) -> None:
+    """With ZTGW_SCREENSHOTS=<dir>, keep a picture of each step (the README's walkthrough)."""
+    target = os.environ.get("ZTGW_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(Path(target) / f"{name}.png"))
+
+
+async def sign_in(page: Page, signin: SignInSetup, path: str = "/", user: str = "alice") -> None:
+    await page.goto(signin.origin + path)
+    await shot(page, "1-sign-in")
+    await page.get_by_role("link", name=re.compile("Sign in with")).click()
+    await shot(page, "2-identity-provider")
+    await page.get_by_label(re.compile("user", re.I)).fill(user)
+    await page.get_by_label(re.compile("password", re.I)).fill(PASSWORDS[user])
+    await page.get_by_role("button", name=re.compile("sign in|log in|continue", re.I)).click()
+    await page.wait_for_url(re.compile(re.escape(signin.origin)))
+
+
+async def test_person_signs_in_and_uses_the_legacy_app(page: Page, signin: SignInSetup) -> None:
+    await page.goto(signin.origin + "/")
+    await page.wait_for_url(re.compile(r"/\.ztgw/login"))
+    assert "Sign in" in await page.title()
+    await sign_in(page, signin)
+    await page.wait_for_url(signin.origin + "/")
+    body = await page.content()
+    assert "alice" in body  # the demo app shows the identity headers it received
+    await page.goto(signin.origin + "/.ztgw/whoami")
+    assert "alice" in await page.inner_text("main")
+
+
+async def test_mfa_route_enrols_and_asks_for_a_fresh_code(page: Page, signin: SignInSetup) -> None:
+    await sign_in(page, signin, "/admin/echo")
+    await page.wait_for_url(re.compile(r"/\.ztgw/mfa/enroll"))
+    assert await page.locator("svg").count() >= 1  # the QR code
+    await shot(page, "3-enrol-totp")
+    secret = await page.locator("code").first.inner_text()
+    assert re.fullmatch(r"[A-Z2-7]{32}", secret), secret
+    await page.get_by_label("Code").fill(totp_code(secret, now=time.time()))
+    await page.get_by_role("button", name="Verify").click()
+    await page.wait_for_url(signin.origin + "/admin/echo")
+    assert '"x-forwarded-user": "alice"' in await page.inner_text("body")
+    await page.goto(signin.origin + "/")
+    await shot(page, "4-legacy-app")
+    await page.goto(signin.origin + "/.ztgw/whoami")
+    await shot(page, "5-whoami")
+
+
+@pytest.mark.parametrize("signin", [DRIFT], indirect=True)
+async def test_moving_to_another_address_asks_for_step_up_again(
+    browser: Browser, signin: SignInSetup, certs: Certs
+) -> None:
+    secret = (await signin.gateway.mfa.enroll("alice")).secret
+    context = await device_context(browser, signin, certs)
+    page = await context.new_page()
+    await sign_in(page, signin)
+    await page.wait_for_url(signin.origin + "/")
+    await context.set_extra_http_headers({"X-Forwarded-For": "10.9.8.7"})
+    await page.goto(signin.origin + "/form")
+    await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd="))
+    await page.get_by_label("Code").fill(totp_code(secret, now=time.time()))
+    await page.get_by_role("button", name="Verify").click()
+    await page.wait_for_url(signin.origin + "/form")
+    await context.close()
+
+
+async def test_a_terminated_session_bounces_to_sign_in(page: Page, signin: SignInSetup) -> None:
+    await sign_in(page, signin)
+    await page.wait_for_url(signin.origin + "/")
+    for session in signin.gateway.store.sessions("alice"):
+        await signin.gateway.store.revoke_session(
+            session.session_id, "terminated in a test", time.time()
+        )
+    await page.goto(signin.origin + "/form")
+    await page.wait_for_url(re.compile(r"/\.ztgw/login"))
+
+
+@pytest.mark.parametrize("signin", [DRIFT], indirect=True)
+async def test_a_noncompliant_device_sees_what_to_fix(
+    page: Page, signin: SignInSetup, certs: Certs
+) -> None:
+    report = {
+        "platform": "macos", "os_version": "15.1", "last_patch": dt.date.today().isoformat(),
+        "disk_encrypted": False, "firewall": True, "antivirus": True, "screen_lock": True,
+        "mdm_enrolled": True, "jailbroken": False,
+    }  # fmt: skip
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(certs))) as s:
+        async with s.post(signin.origin + "/.ztgw/posture", json=report) as r:
+            assert r.status == 200
+    # The device is refused before anyone signs in: the browser lands on what to fix.
+    await page.goto(signin.origin + "/secure/echo")
+    await page.wait_for_url(re.compile(r"/\.ztgw/device"))
+    text = await page.inner_text("main")
+    assert "does not meet" in text and "Turn on disk encryption" in text
+    await shot(page, "6-device-remediation")
+
+
+async def test_no_client_certificate_means_no_page(
+    browser: Browser, signin: SignInSetup, certs: Certs
+) -> None:
+    context = await device_context(browser, signin, certs, device=None)
+    page = await context.new_page()
+    with pytest.raises(Error):
+        await page.goto(signin.origin + "/", timeout=10_000)
+    await context.close()
