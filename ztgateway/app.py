@@ -195,6 +195,9 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        for path in (cfg.audit.db, cfg.audit.jsonl):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
         await self.audit.start()
         await self.store.open()
         if self.oidc is not None:

@@ -36,9 +36,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
+    from .audit import AuditUnavailable
+    from .store import StoreUnavailable
+
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, AuditUnavailable, StoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

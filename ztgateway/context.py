@@ -185,6 +185,7 @@ class RequestContext:
     retry_after: float | None = None
     mfa_max_age: float | None = None
     mfa_fresh: bool = False
+    _wants_html: bool | None = None
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"
@@ -192,9 +193,13 @@ class RequestContext:
 
     @property
     def wants_html(self) -> bool:
-        from .responses import wants_html
+        """A browser navigation (several stages ask; the Accept header is parsed once)."""
+        cached = self._wants_html
+        if cached is None:
+            from .responses import wants_html
 
-        return wants_html(self.headers.get("Accept", ""))
+            cached = self._wants_html = wants_html(self.headers.get("Accept", ""))
+        return cached
 
     @classmethod
     def from_request(

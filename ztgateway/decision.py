@@ -7,6 +7,7 @@ read; `responses.render()` is the only place that turns them into HTTP.
 
 from __future__ import annotations
 
+import base64
 import enum
 import secrets
 from dataclasses import dataclass, field
@@ -220,9 +221,22 @@ class Finding:
         return out
 
 
-def new_decision_id() -> str:
-    """128 random bits, URL-safe: unguessable, so an id in a page reveals nothing."""
-    return secrets.token_urlsafe(16)
+class _IdSource:
+    """128 random bits per id from the OS CSPRNG, read 4 KiB at a time (one syscall per 256
+    ids instead of one per request)."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+
+    def __call__(self) -> str:
+        if len(self._pool) < 16:
+            self._pool = secrets.token_bytes(4096)
+        chunk, self._pool = self._pool[:16], self._pool[16:]
+        return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode()
+
+
+new_decision_id = _IdSource()
+"""Unguessable, URL-safe decision ids: an id shown in a page reveals nothing."""
 
 
 @dataclass(frozen=True, slots=True)

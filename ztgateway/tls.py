@@ -8,6 +8,7 @@ a resumed TLS session outlives a revocation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -58,6 +59,9 @@ class CertInfo:
     client_auth: bool
 
     def to_json(self) -> dict[str, object]:
+        return _cert_json(self)
+
+    def _json(self) -> dict[str, object]:
         return {
             "subject": self.subject,
             "user": self.user,
@@ -68,6 +72,12 @@ class CertInfo:
             "issuer": self.issuer,
             "not_after": datetime.fromtimestamp(self.not_after, UTC).isoformat(),
         }
+
+
+@functools.lru_cache(maxsize=4096)
+def _cert_json(cert: CertInfo) -> dict[str, object]:
+    """Formatted once per certificate: the audit event of every request carries it."""
+    return cert._json()
 
 
 def parse_client_cert(der: bytes) -> CertInfo:
