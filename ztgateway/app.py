@@ -89,6 +89,7 @@ class Gateway:
         self.tokens: TokenVerifier | None = None
         self.store = store_from_url(config.store.url, base=config.store.base)
         self.store.subscribe(self._on_store_change)
+        self.store.observe = self._on_store_write
         self.upstreams = Upstreams(list(_all_upstreams(config)))
         self.geo = GeoLocator.open(config.risk.geoip_db)
         if config.risk.geoip_db is not None and not self.geo.available:
@@ -142,6 +143,11 @@ class Gateway:
         if kind in (ChangeKind.DEVICE, ChangeKind.SESSION, ChangeKind.USER):
             for w in list(self._watches):
                 w.wake()
+
+    def _on_store_write(self, operation: str, seconds: float, ok: bool) -> None:
+        self.metrics.store_seconds.labels(operation).observe(seconds)
+        if not ok:
+            self.metrics.store_write_errors.labels(operation).inc()
 
     def _active_sessions(self) -> dict[str, int]:
         now = time.time()

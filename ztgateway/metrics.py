@@ -199,6 +199,19 @@ class Metrics:
         self.mfa_enrollments = Counter(
             "ztgw_mfa_enrollments", "TOTP enrolments started.", registry=r
         )
+        self.store_seconds = Histogram(
+            "ztgw_store_duration_seconds",
+            "Durable state-store writes (device, posture, user, session), by operation.",
+            ["operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.store_write_errors = Counter(
+            "ztgw_store_write_errors",
+            "Failed durable state-store writes, by operation.",
+            ["operation"],
+            registry=r,
+        )
         self.store_errors = Counter(
             "ztgw_store_errors",
             "Requests refused with 503 because the state store failed.",

@@ -61,6 +61,8 @@ async def test_metrics_count_decisions_and_expose_security_series(
         "ztgw_connections_open",
         'ztgw_jwks_keys{issuer="dev"} 1.0',
         "# TYPE ztgw_tls_handshake_failures_total counter",
+        'ztgw_store_duration_seconds_count{operation="write_device"} 1.0',
+        'ztgw_refusals_total{reason="token-required",route="api",stage="identity"} 1.0',
     ):
         assert series in text, series
 

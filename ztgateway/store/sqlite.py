@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ class SQLiteStore:
         clock: Any = time.time,
     ) -> None:
         self.path = path
+        self.observe: Callable[[str, float, bool], None] | None = None
+        """Durable-write latency and result, for metrics (operation, seconds, ok)."""
         self.sync_interval = sync_interval
         self.flush_interval = flush_interval
         self._clock = clock
@@ -170,6 +173,7 @@ class SQLiteStore:
 
     # --- change propagation ----------------------------------------------------------------
     async def _write(self, sql: str, args: tuple[Any, ...], kind: ChangeKind, key: str) -> None:
+        started = time.perf_counter()
         async with self._write_lock:
             db = self.db
             try:
@@ -181,8 +185,12 @@ class SQLiteStore:
                 await db.commit()
             except Exception as exc:
                 self._healthy = False
+                if self.observe is not None:
+                    self.observe(f"write_{kind.value}", time.perf_counter() - started, False)
                 raise StoreUnavailable(str(exc)) from exc
             self._healthy = True
+        if self.observe is not None:
+            self.observe(f"write_{kind.value}", time.perf_counter() - started, True)
         self._notify(kind, key)
 
     def _notify(self, kind: ChangeKind, key: str) -> None:
