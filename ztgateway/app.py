@@ -44,7 +44,7 @@ from .logs import decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
-from .responses import DECISION_HEADER, problem
+from .responses import DECISION_HEADER, problem, see_other
 from .routes import RouteTable
 from .runtime import Runtime
 from .stages.risk import remember
@@ -525,6 +525,20 @@ class Gateway:
             self.metrics.refusals.labels(route_label, stage, decision.reason.value).inc()
         self.audit.record(self.audit_event(ctx, decision, None))
 
+    def record_outcome(
+        self, ctx: RequestContext, stage: str, verdict: Verdict, reason: Reason, detail: str = ""
+    ) -> None:
+        """Audit and count a decision taken outside the pipeline (the gateway's own endpoints).
+
+        Raises AuditUnavailable, counted, so a caller that must fail closed can.
+        """
+        finding = Finding(stage, reason, verdict, detail=detail)
+        try:
+            self.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
+        except AuditUnavailable:
+            self.metrics.audit_unavailable.inc()
+            raise
+
     async def ensure_device(self, ctx: RequestContext) -> None:
         """Register the presented certificate's device if this is its first contact."""
         cert = ctx.cert
@@ -613,43 +627,17 @@ class Gateway:
         browser = ctx.wants_html
         if browser and self.oidc is not None and reason in _SIGN_IN_AGAIN:
             # A person without a (valid) sign-in: send them to sign in, then back here.
-            resp = web.Response(
-                status=303,
-                headers={
-                    "Location": portal.login_redirect(ctx),
-                    DECISION_HEADER: ctx.decision_id,
-                    "Server": SERVER_BANNER,
-                    "Cache-Control": "no-store",
-                },
-            )
-            if ctx.session is not None and ctx.session.cookie_invalid:
-                resp.headers["Set-Cookie"] = clear_cookie_header(self.config.sessions.cookie_name)
-            return resp
+            stale = ctx.session is not None and ctx.session.cookie_invalid
+            cookies = (clear_cookie_header(self.config.sessions.cookie_name),) if stale else ()
+            return see_other(portal.login_redirect(ctx), ctx.decision_id, *cookies)
         if browser and reason in (Reason.DEVICE_NONCOMPLIANT, Reason.POSTURE_STALE):
             # The remediation page says exactly what to fix on this device.
-            return web.Response(
-                status=303,
-                headers={
-                    "Location": "/.ztgw/device",
-                    DECISION_HEADER: ctx.decision_id,
-                    "Server": SERVER_BANNER,
-                    "Cache-Control": "no-store",
-                },
-            )
+            return see_other("/.ztgw/device", ctx.decision_id)
         if verdict is Verdict.STEP_UP:
             self.metrics.step_ups.labels("issued").inc()
             if ctx.wants_html and self.mfa.available:
                 target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
-                resp = web.Response(
-                    status=303,
-                    headers={
-                        "Location": "/.ztgw/mfa?rd=" + quote(target, safe="/"),
-                        DECISION_HEADER: ctx.decision_id,
-                        "Server": SERVER_BANNER,
-                        "Cache-Control": "no-store",
-                    },
-                )
-                return resp
+                return see_other("/.ztgw/mfa?rd=" + quote(target, safe="/"), ctx.decision_id)
         resp = self._refusal(
             reason, ctx.decision_id, accept, verdict=verdict, detail=detail, extra=extra
         )

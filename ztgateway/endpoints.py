@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .audit import AuditUnavailable
 from .context import RequestContext
-from .decision import Decision, Finding, Reason, Verdict
+from .decision import Reason, Verdict
 from .forward.headers import SERVER_BANNER
 from .posture import (
     MAX_REPORT_BYTES,
@@ -46,13 +46,7 @@ def _json(data: dict[str, Any], ctx: RequestContext, status: int = 200) -> web.R
 def _audit(
     gw: Gateway, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str = ""
 ) -> None:
-    finding = Finding("endpoint", reason, verdict, detail=detail)
-    decision = Decision(ctx.decision_id, verdict, reason, (finding,))
-    try:
-        gw.record_decision(ctx, decision)
-    except AuditUnavailable:
-        gw.metrics.audit_unavailable.inc()
-        raise
+    gw.record_outcome(ctx, "endpoint", verdict, reason, detail)
 
 
 def _refuse(

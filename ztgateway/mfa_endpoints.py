@@ -10,6 +10,7 @@ and `rd` only ever leads back to this origin.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import html
@@ -26,11 +27,11 @@ from .audit import AuditUnavailable
 from .context import RequestContext
 from .credentials.jwt import TokenError, check_binding
 from .credentials.totp import TOTPError, qr_svg
-from .decision import Decision, Finding, Reason, Verdict
+from .decision import Reason, Verdict
 from .forward.headers import SERVER_BANNER
 from .mfa import MFAUnavailable
 from .paths import PathError, normalize_path
-from .responses import DECISION_HEADER, problem
+from .responses import DECISION_HEADER, problem, see_other
 from .stages.session import (
     clear_cookie_header,
     cookie_session_id,
@@ -132,8 +133,7 @@ def _record(
         ctx.identity = Identity(
             user=user, source="mfa", device_id=ctx.cert.device_id if ctx.cert else None
         )
-    finding = Finding("mfa", reason, verdict, detail=detail)
-    gw.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
+    gw.record_outcome(ctx, "mfa", verdict, reason, detail)
 
 
 async def _mark_verified(gw: Gateway, ctx: RequestContext, who: _Who, method: str) -> str | None:
@@ -196,7 +196,7 @@ async def verify_api(
     """POST /.ztgw/mfa/verify {"code": "123456"} with the same certificate and token or cookie."""
     who = await _who(gw, ctx)
     if isinstance(who, Reason):
-        with _suppress_audit(gw):
+        with contextlib.suppress(AuditUnavailable):
             _record(gw, ctx, Verdict.DENY, who, "step-up identity", None)
         return problem(who, ctx.decision_id)
     raw = await request.content.read(MAX_FORM + 1)
@@ -208,7 +208,7 @@ async def verify_api(
             raise ValueError('expected {"code": "123456"}')
         code = body.get("code")
     except ValueError as exc:
-        with _suppress_audit(gw):
+        with contextlib.suppress(AuditUnavailable):
             _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, str(exc), who.user)
         return problem(Reason.REQUEST_INVALID, ctx.decision_id, detail=str(exc)[:100])
     result = await _verify_code(gw, ctx, who, code)
@@ -234,7 +234,7 @@ async def _verify_code(
     except TOTPError as exc:
         status = _TOTP_STATUS.get(exc.reason, 401)
         gw.metrics.step_ups.labels("failed").inc()
-        with _suppress_audit(gw):
+        with contextlib.suppress(AuditUnavailable):
             _record(gw, ctx, Verdict.DENY, Reason.MFA_REQUIRED, exc.reason, who.user)
         headers: dict[str, str] = {}
         if exc.locked_until:
@@ -249,20 +249,6 @@ async def _verify_code(
         return resp
     gw.metrics.step_ups.labels("passed").inc()
     return method
-
-
-class _suppress_audit:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: object, exc: object, tb: object) -> bool:
-        if isinstance(exc, AuditUnavailable):
-            self.gw.metrics.audit_unavailable.inc()
-            return True
-        return False
 
 
 # --- browser pages ------------------------------------------------------------------------
@@ -330,25 +316,17 @@ async def step_up_page(
     """GET shows the code form; POST checks it and sends the browser back to `rd`."""
     who = await _who(gw, ctx)
     if isinstance(who, Reason):
-        with _suppress_audit(gw):
+        with contextlib.suppress(AuditUnavailable):
             _record(gw, ctx, Verdict.DENY, who, "step-up identity", None)
         return problem(who, ctx.decision_id, accept="text/html")
     if request.method == "GET":
         rd = safe_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
         if not gw.mfa.enrolled(who.user):
-            return web.Response(
-                status=303,
-                headers={
-                    "Location": "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"),
-                    DECISION_HEADER: ctx.decision_id,
-                    "Server": SERVER_BANNER,
-                    "Cache-Control": "no-store",
-                },
-            )
+            return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
         return _page("Confirm it is you", _form(gw, ctx, rd), ctx)
     form = await _read_form(request)
     if form is None or not _same_origin(request) or not _csrf_ok(gw, ctx, form.get("csrf", "")):
-        with _suppress_audit(gw):
+        with contextlib.suppress(AuditUnavailable):
             _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "csrf", who.user)
         return problem(
             Reason.REQUEST_INVALID,
@@ -363,22 +341,22 @@ async def step_up_page(
         if result.status == 429:
             message = "Too many wrong codes. Try again later."
         return _page("Confirm it is you", _form(gw, ctx, rd, message), ctx, status=result.status)
-    with _suppress_audit(gw):
+    with contextlib.suppress(AuditUnavailable):
         _record(
             gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"step-up passed ({result})", who.user
         )
     cookie_value = await _mark_verified(gw, ctx, who, result)
-    resp = web.Response(
-        status=303,
-        headers={"Location": rd, DECISION_HEADER: ctx.decision_id, "Server": SERVER_BANNER},
-    )
-    if cookie_value:
-        resp.headers["Set-Cookie"] = new_cookie_header(
-            gw.config.sessions.cookie_name,
-            cookie_value,
-            max_age=int(gw.config.sessions.absolute_timeout),
+    sessions = gw.config.sessions
+    cookies = (
+        (
+            new_cookie_header(
+                sessions.cookie_name, cookie_value, max_age=int(sessions.absolute_timeout)
+            ),
         )
-    return resp
+        if cookie_value
+        else ()
+    )
+    return see_other(rd, ctx.decision_id, *cookies)
 
 
 async def enroll_page(
@@ -401,7 +379,7 @@ async def enroll_page(
         except MFAUnavailable:
             return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
         gw.metrics.mfa_enrollments.inc()
-        with _suppress_audit(gw):
+        with contextlib.suppress(AuditUnavailable):
             _record(
                 gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment started", who.user
             )

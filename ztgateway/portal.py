@@ -7,6 +7,7 @@ targets stay on this origin.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import secrets
 import time
@@ -18,9 +19,9 @@ from aiohttp import web
 from .audit import AuditUnavailable
 from .context import Identity, RequestContext
 from .credentials.oidc import OIDCError
-from .decision import Decision, Finding, Reason, Verdict
+from .decision import Reason, Verdict
 from .forward.headers import SERVER_BANNER
-from .responses import DECISION_HEADER, problem, wants_html
+from .responses import DECISION_HEADER, problem, see_other, wants_html
 from .stages.session import clear_cookie_header, cookie_session_id, new_cookie_header, read_cookie
 from .store.base import Session
 
@@ -72,11 +73,8 @@ def page(
 def _record(
     gw: Gateway, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str
 ) -> None:
-    finding = Finding("portal", reason, verdict, detail=detail)
-    try:
-        gw.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
-    except AuditUnavailable:
-        gw.metrics.audit_unavailable.inc()
+    with contextlib.suppress(AuditUnavailable):
+        gw.record_outcome(ctx, "portal", verdict, reason, detail)
 
 
 def _rd(ctx: RequestContext) -> str:
@@ -136,13 +134,7 @@ async def login_start(
         f"{LOGIN_COOKIE}={start.cookie_value}; Path=/; Secure; HttpOnly; SameSite=Lax; "
         f"Max-Age={int(gw.config.oidc.provider.max_auth_age if gw.config.oidc.provider else 600)}"
     )
-    resp = web.Response(
-        status=303, headers={"Location": start.authorization_url, DECISION_HEADER: ctx.decision_id}
-    )
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    resp.headers.add("Set-Cookie", cookie)
-    return resp
+    return see_other(start.authorization_url, ctx.decision_id, cookie)
 
 
 async def callback(
@@ -218,21 +210,11 @@ sign-in link is reused, expires, or was started in another browser.</p>
     )
     gw.metrics.logins.labels(gw.oidc_name, "success").inc()
     _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"signed in with {gw.oidc_name}")
-    resp = web.Response(
-        status=303, headers={"Location": result.return_to, DECISION_HEADER: ctx.decision_id}
+    sessions = gw.config.sessions
+    session_cookie = new_cookie_header(
+        sessions.cookie_name, cookie_value, max_age=int(sessions.absolute_timeout)
     )
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    resp.headers.add("Set-Cookie", clear_login)
-    resp.headers.add(
-        "Set-Cookie",
-        new_cookie_header(
-            gw.config.sessions.cookie_name,
-            cookie_value,
-            max_age=int(gw.config.sessions.absolute_timeout),
-        ),
-    )
-    return resp
+    return see_other(result.return_to, ctx.decision_id, clear_login, session_cookie)
 
 
 async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
@@ -269,10 +251,7 @@ async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
         provider_logout = gw.oidc.logout_url(id_token, public + target)
         if provider_logout:
             target = provider_logout
-    resp = web.Response(status=303, headers={"Location": target, DECISION_HEADER: ctx.decision_id})
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers.add("Set-Cookie", clear_cookie_header(name))
-    return resp
+    return see_other(target, ctx.decision_id, clear_cookie_header(name))
 
 
 async def signed_out(

@@ -121,3 +121,19 @@ h1{{font-size:1.4rem}} code{{background:#f1f1f1;padding:.1rem .3rem;border-radiu
 <p>Reason: <code>{e(reason.value)}</code><br>Decision id: <code>{e(decision_id)}</code></p>
 </main><footer>ztgateway · HTTP {status}</footer></body></html>
 """
+
+
+def see_other(location: str, decision_id: str, *cookies: str) -> web.Response:
+    """303 to a page of ours: the decision id travels along, nothing is cached."""
+    resp = web.Response(
+        status=303,
+        headers={
+            "Location": location,
+            DECISION_HEADER: decision_id,
+            "Server": "ztgateway",
+            "Cache-Control": "no-store",
+        },
+    )
+    for cookie in cookies:
+        resp.headers.add("Set-Cookie", cookie)
+    return resp
