@@ -27,6 +27,7 @@ from .headers import downstream_response_headers, upgrade_requested
 
 log = logging.getLogger("ztgateway.forward")
 CHUNK = 64 * 1024
+SMALL_BODY = 64 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -152,28 +153,41 @@ async def forward_http(
         ) as up:
             if on_upstream_head:
                 on_upstream_head(time.monotonic() - started)
-            response = web.StreamResponse(status=up.status, reason=up.reason)
+            no_body = request.method == "HEAD" or up.status in (204, 304) or 100 <= up.status < 200
+            length = up.content_length
+            small = not no_body and length is not None and length <= SMALL_BODY
+            if small:
+                # Most legacy pages and API answers are small: take the whole body and send
+                # head and body in one write (one TLS record) instead of streaming chunks.
+                body = await up.read()
+                ready: web.StreamResponse = web.Response(
+                    status=up.status, reason=up.reason, body=body
+                )
+            else:
+                ready = web.StreamResponse(status=up.status, reason=up.reason)
+            response = ready
             out_headers = downstream_response_headers(up.headers)
-            response.headers.update(out_headers)
-            response.headers["X-ZT-Decision-Id"] = decision_id
+            if small:
+                out_headers.popall("Content-Length", None)
+            ready.headers.update(out_headers)
+            ready.headers["X-ZT-Decision-Id"] = decision_id
             if extra_headers:
                 for name, value in extra_headers.items():
-                    response.headers.add(name, value)
-            no_body = request.method == "HEAD" or up.status in (204, 304) or 100 <= up.status < 200
+                    ready.headers.add(name, value)
             if no_body:
                 # Keep the upstream's Content-Length for HEAD (RFC 9110 §9.3.2) without a body.
-                response.headers.pop("Transfer-Encoding", None)
+                ready.headers.pop("Transfer-Encoding", None)
             if upgrade_requested(request.headers):
                 # The upgrade is declined (RFC 9110 §7.8), but bytes pipelined behind it may have
                 # been dropped by the parser: close, so the client retries them (RFC 9112 §9.3.2)
                 # instead of waiting for answers that never come.
-                response.force_close()
-            await response.prepare(request)
-            if not no_body:
+                ready.force_close()
+            await ready.prepare(request)
+            if not no_body and not small:
                 async for chunk in up.content.iter_chunked(CHUNK):
-                    await response.write(chunk)
-            await response.write_eof()
-            return response
+                    await ready.write(chunk)
+            await ready.write_eof()
+            return ready
     except BodyTooLarge:
         if response is not None and response.prepared:
             _abort(request)
