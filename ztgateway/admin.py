@@ -241,7 +241,7 @@ async def user_action(request: web.Request) -> web.Response:
         await store.save_user(
             replace(account, locked_until=None, lock_reason=None, mfa_locked_until=None)
         )
-        store.reset_failures(f"mfa:{user}")
+        await store.reset_failures_async(f"mfa:{user}")
         return web.json_response({"user": user, "locked": False})
     if action == "mfa-reset":
         return web.json_response({"user": user, "reset": await gw.mfa.reset(user)})

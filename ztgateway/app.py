@@ -392,6 +392,18 @@ class Gateway:
         accept = request.headers.get("Accept", "")
         if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
             return await self._internal(request, ctx)
+        if not self.store.healthy:
+            # SECURITY: a revocation made elsewhere may not have reached us: refuse until the
+            # store is back (and, for Redis, resynchronised) rather than trust a stale cache.
+            self.metrics.store_errors.inc()
+            decision = self.refusal_decision(
+                ctx, Reason.SERVICE_UNAVAILABLE, "state store unavailable"
+            )
+            with suppress(AuditUnavailable):
+                self.record_decision(ctx, decision)
+            return self._refusal(
+                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
+            )
         started = time.perf_counter()
         decision = await rt.pipeline.evaluate(ctx)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)

@@ -743,8 +743,8 @@ def _route_risk(t: Table) -> RouteRisk:
 
 def _store(t: Table, file: Path) -> StoreConfig:
     url = t.text("url", "sqlite:///../var/state.db")
-    if not url.startswith("sqlite:///"):
-        t.fail("url", "expected sqlite:///PATH")
+    if not url.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
+        t.fail("url", "expected sqlite:///PATH or redis://HOST:PORT/DB")
     cfg = StoreConfig(url=url, base=file.parent)
     t.done()
     return cfg

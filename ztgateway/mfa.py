@@ -23,8 +23,7 @@ from .credentials.totp import (
     hash_backup_code,
     new_enrollment,
 )
-from .store.base import UserRecord
-from .store.sqlite import SQLiteStore
+from .store.base import Store, UserRecord
 
 
 class MFAUnavailable(Exception):
@@ -50,7 +49,7 @@ def load_box(cfg: MFAConfig, *, create: bool = False) -> SecretBox | None:
 
 
 class MFA:
-    def __init__(self, cfg: MFAConfig, store: SQLiteStore, *, create_key: bool = False) -> None:
+    def __init__(self, cfg: MFAConfig, store: Store, *, create_key: bool = False) -> None:
         self.cfg = cfg
         self.store = store
         self.box = load_box(cfg, create=create_key)
@@ -81,13 +80,13 @@ class MFA:
 
     async def _failures(self, user: str, since: float) -> int:
         now = time.time()
-        return self.store.failures(f"mfa:{user}", now, max(0.0, now - since))
+        return await self.store.failures_async(f"mfa:{user}", now, max(0.0, now - since))
 
     async def _record_failure(self, user: str, now: float) -> None:
-        self.store.record_failure(f"mfa:{user}", now)
+        await self.store.record_failure_async(f"mfa:{user}", now)
 
     async def _reset_failures(self, user: str) -> None:
-        self.store.reset_failures(f"mfa:{user}")
+        await self.store.reset_failures_async(f"mfa:{user}")
 
     async def _locked_until(self, user: str) -> float | None:
         u = self.store.user(user)
@@ -130,7 +129,7 @@ class MFA:
                 u, mfa_secret=None, mfa_enrolled_at=None, backup_codes=(), mfa_locked_until=None
             )
         )
-        self.store.reset_failures(f"mfa:{user}")
+        await self.store.reset_failures_async(f"mfa:{user}")
         return True
 
     async def verify(self, user: str, code: object, *, now: float | None = None) -> str:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .context import RequestContext
 from .decision import Decision, Finding, Reason, Verdict
+from .store.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -58,6 +59,18 @@ class Pipeline:
         for stage in self.stages:
             try:
                 produced = await stage.check(ctx)
+            except StoreUnavailable as exc:
+                # Shared state is out of reach: fail closed, and say it is temporary.
+                log.warning("stage %s: state store unavailable: %s", stage.name, exc)
+                ctx.retry_after = max(ctx.retry_after or 0.0, 5.0)
+                produced = (
+                    Finding(
+                        stage.name,
+                        Reason.SERVICE_UNAVAILABLE,
+                        Verdict.DENY,
+                        detail="state store unavailable",
+                    ),
+                )
             except Exception as exc:
                 log.exception("stage %s failed for decision %s", stage.name, ctx.decision_id)
                 if self._on_stage_error:

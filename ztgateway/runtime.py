@@ -16,7 +16,7 @@ from .credentials.jwt import TokenVerifier
 from .geo import GeoLocator
 from .metrics import Metrics
 from .routes import RouteTable
-from .store.sqlite import SQLiteStore
+from .store.base import Store
 from .tls import RevocationList
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class Runtime:
     metrics: Metrics
     revocations: Callable[[], RevocationList]
     tokens: TokenVerifier | None = None
-    store: SQLiteStore | None = None
+    store: Store | None = None
     dry_run: bool = False
     geo: GeoLocator = field(default_factory=lambda: GeoLocator.open(None))
     """explain / policy test / /decide: judge, but never write (no device registration)."""

@@ -34,8 +34,7 @@ from ztgateway.store.sqlite import SQLiteStore
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer, RedisServerFactory
 
-# The real-redis-server fixtures (imported by pytest itself, so its assertions are rewritten).
-pytest_plugins = ["tests.redis_server"]
+# The real-redis-server fixtures come from tests/conftest.py.
 
 AnyStore = SQLiteStore | RedisStore
 

@@ -15,16 +15,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import load_config
-from ..store import SQLiteStore, store_from_url
+from ..store import Store, store_from_url
 
 
 def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
 
 
-async def _with_store(
-    args: argparse.Namespace, work: Callable[[SQLiteStore], Awaitable[int]]
-) -> int:
+async def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[int]]) -> int:
     config = load_config(args.config)
     store = store_from_url(config.store.url, base=config.store.base)
     await store.open()
@@ -35,7 +33,7 @@ async def _with_store(
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore) -> int:
+    async def work(store: Store) -> int:
         devices = store.devices()
         if args.json:
             print(json.dumps([d.to_json() for d in devices], indent=2))
@@ -56,7 +54,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore) -> int:
+    async def work(store: Store) -> int:
         from ..posture import evaluate
 
         d = store.device(args.device)
@@ -81,7 +79,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _setter(field: str) -> Callable[[argparse.Namespace], int]:
     def cmd(args: argparse.Namespace) -> int:
-        async def work(store: SQLiteStore) -> int:
+        async def work(store: Store) -> int:
             if field == "owner":
                 d = await store.set_device_owner(args.device, args.owner)
             else:

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import load_config
 from ..credentials.totp import qr_terminal
 from ..mfa import MFA, MFAUnavailable
-from ..store import SQLiteStore, store_from_url
+from ..store import Store, store_from_url
 from ..store.base import UserRecord
 
 
@@ -28,7 +28,7 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
 
 
-def _run(args: argparse.Namespace, work: Callable[[SQLiteStore, Any], Awaitable[int]]) -> int:
+def _run(args: argparse.Namespace, work: Callable[[Store, Any], Awaitable[int]]) -> int:
     config = load_config(args.config)
 
     async def go() -> int:
@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace, work: Callable[[SQLiteStore, Any], Awaitable[
 
 
 def users_list(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         now = time.time()
         print(f"{'USER':<16} {'MFA':<9} {'LOCKED UNTIL':<21} {'TIMEZONE':<16} HOURS")
         for u in store.users():
@@ -58,7 +58,7 @@ def users_list(args: argparse.Namespace) -> int:
 
 
 def users_set(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
         from ..config import _time_window_parse
@@ -86,7 +86,7 @@ def users_set(args: argparse.Namespace) -> int:
 
 
 def users_lock(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         u = store.user(args.user) or UserRecord(user=args.user)
         until = time.time() + args.minutes * 60 if args.minutes else 4102444800.0  # year 2100
         await store.save_user(
@@ -102,7 +102,7 @@ def users_lock(args: argparse.Namespace) -> int:
 
 
 def users_unlock(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         u = store.user(args.user)
         if u is None:
             print(f"error: no user {args.user!r}", file=sys.stderr)
@@ -110,7 +110,7 @@ def users_unlock(args: argparse.Namespace) -> int:
         await store.save_user(
             replace(u, locked_until=None, lock_reason=None, mfa_locked_until=None)
         )
-        store.reset_failures(f"mfa:{args.user}")
+        await store.reset_failures_async(f"mfa:{args.user}")
         print(f"{args.user}: unlocked")
         return 0
 
@@ -118,7 +118,7 @@ def users_unlock(args: argparse.Namespace) -> int:
 
 
 def mfa_enroll(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         mfa = MFA(config.mfa, store, create_key=config.mfa.key_file is not None)
         try:
             enrollment = await mfa.enroll(args.user)
@@ -138,7 +138,7 @@ def mfa_enroll(args: argparse.Namespace) -> int:
 
 
 def mfa_reset(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         mfa = MFA(config.mfa, store)
         if not await mfa.reset(args.user):
             print(f"{args.user}: no MFA enrolment", file=sys.stderr)
@@ -150,7 +150,7 @@ def mfa_reset(args: argparse.Namespace) -> int:
 
 
 def sessions_list(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         sessions = store.sessions(args.user)
         if args.json:
             print(
@@ -175,12 +175,12 @@ def sessions_list(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
-def _find(store: SQLiteStore, prefix: str) -> list[str]:
+def _find(store: Store, prefix: str) -> list[str]:
     return [s.session_id for s in store.sessions() if s.session_id.startswith(prefix)]
 
 
 def sessions_show(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         found = _find(store, args.session)
         if len(found) != 1:
             print(f"error: {len(found)} sessions match {args.session!r}", file=sys.stderr)
@@ -194,7 +194,7 @@ def sessions_show(args: argparse.Namespace) -> int:
 
 
 def sessions_terminate(args: argparse.Namespace) -> int:
-    async def work(store: SQLiteStore, config: Any) -> int:
+    async def work(store: Store, config: Any) -> int:
         if args.user:
             targets = [s.session_id for s in store.sessions(args.user) if not s.revoked]
         elif args.session:

@@ -112,7 +112,7 @@ class RiskStage:
                 f"ip:{ctx.client_ip}",
             ):
                 if key:
-                    failed = max(failed, store.failures(key, now, window))
+                    failed = max(failed, await store.failures_async(key, now, window))
         length = ctx.headers.get("Content-Length")
         request_bytes = int(length) if length and length.isdigit() else None
         new_device = bool(

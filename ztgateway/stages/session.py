@@ -28,7 +28,7 @@ from ..store.base import Session, UserRecord
 if TYPE_CHECKING:
     from ..config import SessionsConfig
     from ..runtime import Runtime
-    from ..store.sqlite import SQLiteStore
+    from ..store.base import Store
 
 NAME = "session"
 UA_CHANGE = 0.3
@@ -139,7 +139,9 @@ class SessionStage:
                 who = keys.get(scope)
                 if who is None:
                     continue
-                wait = store.take_token(f"rl:{route.name}:{scope}:{who}", rl.rate, rl.burst, now)
+                wait = await store.take_token_async(
+                    f"rl:{route.name}:{scope}:{who}", rl.rate, rl.burst, now
+                )
                 if wait > 0:
                     ctx.retry_after = max(ctx.retry_after or 0.0, wait)
                     return [Finding(NAME, Reason.RATE_LIMITED, Verdict.DENY, detail=f"per {scope}")]
@@ -220,10 +222,10 @@ class SessionStage:
                     NAME, Reason.SESSION_INVALID, None, risk=UA_CHANGE, detail="user agent changed"
                 )
             )
-        recent = store.failures(f"req:{session.session_id}", now, cfg.burst_window)
+        recent = await store.failures_async(f"req:{session.session_id}", now, cfg.burst_window)
         if recent >= cfg.burst_requests:
             anomaly = combine(anomaly, BURST)
-        refusals = store.failures(f"refused:{session.session_id}", now, 300.0)
+        refusals = await store.failures_async(f"refused:{session.session_id}", now, 300.0)
         if refusals:
             anomaly = combine(anomaly, min(0.6, REFUSAL * refusals))
         risk = ctx.risk_score
@@ -290,7 +292,7 @@ class SessionStage:
 class SessionKeeper:
     """Writes back what a decided request means for its session (create, touch, revoke)."""
 
-    def __init__(self, store: SQLiteStore, cfg: SessionsConfig) -> None:
+    def __init__(self, store: Store, cfg: SessionsConfig) -> None:
         self.store = store
         self.cfg = cfg
 
@@ -310,9 +312,9 @@ class SessionKeeper:
                 f"ip:{ctx.client_ip}",
             ):
                 if key:
-                    store.record_failure(key, now)
+                    await store.record_failure_async(key, now)
             if view is not None and view.session is not None:
-                store.record_failure(f"refused:{view.session.session_id}", now)
+                await store.record_failure_async(f"refused:{view.session.session_id}", now)
         if view is None or user is None or ctx.route is None:
             return None
         session = view.session
@@ -346,7 +348,7 @@ class SessionKeeper:
             ua = ctx.headers.get("User-Agent", "")
             if ua != session.user_agent:
                 session.extra["ua_changed"] = True
-            store.record_failure(f"req:{session.session_id}", now)
+            await store.record_failure_async(f"req:{session.session_id}", now)
             store.touch_session(session)
             return None
         if not decision.allowed:

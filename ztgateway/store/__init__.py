@@ -19,10 +19,17 @@ __all__ = [
 ]
 
 
-def store_from_url(url: str, *, base: Path) -> SQLiteStore:
-    """`sqlite:///relative/or/absolute.db` (relative to the config file's folder)."""
+def store_from_url(url: str, *, base: Path) -> Store:
+    """`sqlite:///relative/or/absolute.db` (relative to the config file's folder), or
+    `redis://`, `rediss://`, `unix://` for state shared by many replicas."""
     if url.startswith("sqlite:///"):
         raw = url[len("sqlite:///") :]
         path = Path(raw) if raw.startswith("/") else (base / raw)
         return SQLiteStore(path.resolve())
-    raise ValueError(f"unsupported store URL {url!r} (expected sqlite:///PATH)")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(
+        f"unsupported store URL {url!r} (expected sqlite:///PATH or redis://HOST:PORT)"
+    )

@@ -268,6 +268,7 @@ class RedisStore:
         failure_ttl: float = 86400.0,
         max_backoff: float = 2.0,
     ) -> None:
+        self.observe: Callable[[str, float, bool], None] | None = None
         self.url = url
         self.sync_interval = sync_interval
         self.flush_interval = flush_interval

@@ -1,0 +1,130 @@
+"""Two gateways on one Redis: what one replica decides, the other enforces."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, GatewayFactory
+from tests.redis_server import RedisServer
+from tests.support import Certs, session
+from ztgateway.app import Gateway
+from ztgateway.credentials.devtoken import issue_token
+from ztgateway.credentials.totp import totp_code
+
+pytestmark = pytest.mark.replicas
+API = {"name": "api", "prefix": "/", "upstream": "demo", "policy": {"require_token": True}}
+
+
+async def pair(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, **session_cfg: Any
+) -> tuple[Gateway, Gateway]:
+    route = {**API, "session": session_cfg} if session_cfg else API
+    # The trials below refuse alice on purpose, many times: keep those refusals from raising
+    # her risk (failed attempts are shared between replicas too).
+    over = {
+        "store": {"url": redis_server.url},
+        "routes": [route],
+        "risk": {"trusted_zones": ["loopback"], "weights": {"failed_attempts": 0.0}},
+    }
+    return await gateway_factory(over), await gateway_factory(over)
+
+
+async def get(gw: Gateway, certs: Certs, token: str) -> tuple[int, dict[str, Any]]:
+    async with (
+        session(certs) as s,
+        s.get(
+            f"https://127.0.0.1:{gw.port}/echo", headers={"Authorization": f"Bearer {token}"}
+        ) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def test_a_termination_on_one_replica_is_refused_on_the_other_within_a_second(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, certs: Certs
+) -> None:
+    a, b = await pair(gateway_factory, redis_server)
+    worst = 0.0
+    for trial in range(10):
+        token = issue_token(certs.issuer_key, sub="alice", extra_claims={"trial": trial})
+        first = await get(a, certs, token)
+        assert first[0] == 200, first
+        assert (await get(b, certs, token))[0] == 200
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"http://127.0.0.1:{a.ops_port}/admin/sessions/terminate",
+                json={"user": "alice"},
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            ) as r,
+        ):
+            assert r.status == 200
+        started = time.monotonic()
+        while True:
+            status, body = await get(b, certs, token)
+            if status == 401 and body["reason"] == "session-terminated":
+                break
+            assert time.monotonic() - started < 1.0, "replica B still admits a terminated session"
+            await asyncio.sleep(0.02)
+        worst = max(worst, time.monotonic() - started)
+    assert worst < 1.0
+
+
+async def test_a_rate_limit_holds_across_replicas(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, certs: Certs
+) -> None:
+    a, b = await pair(
+        gateway_factory, redis_server, rate_limit={"rate": 0.2, "burst": 4, "scopes": ["user"]}
+    )
+    token = issue_token(certs.issuer_key, sub="alice")
+    statuses = [(await get(gw, certs, token))[0] for gw in (a, b, a, b, a, b)]
+    assert statuses[:4] == [200, 200, 200, 200]
+    assert statuses[4:] == [429, 429], statuses
+
+
+async def test_a_totp_code_used_on_one_replica_is_refused_on_the_other(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, certs: Certs
+) -> None:
+    a, b = await pair(gateway_factory, redis_server)
+    secret = (await a.mfa.enroll("alice")).secret
+    token = issue_token(certs.issuer_key, sub="alice")
+    code = totp_code(secret, now=time.time())
+    results = []
+    for gw in (a, b):
+        async with (
+            session(certs) as s,
+            s.post(
+                f"https://127.0.0.1:{gw.port}/.ztgw/mfa/verify",
+                json={"code": code},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r,
+        ):
+            results.append((r.status, (await r.json(content_type=None)).get("detail")))
+    assert results[0][0] == 200
+    assert results[1] == (401, "mfa-replayed")
+
+
+async def test_redis_down_fails_closed_and_recovers(
+    gateway_factory: GatewayFactory, redis_server: RedisServer, certs: Certs
+) -> None:
+    a, _ = await pair(gateway_factory, redis_server)
+    token = issue_token(certs.issuer_key, sub="alice")
+    assert (await get(a, certs, token))[0] == 200
+    redis_server.stop(save=True)
+    deadline = time.monotonic() + 5
+    while True:
+        status, body = await get(a, certs, token)
+        if status == 503:
+            assert body["reason"] == "service-unavailable"
+            break
+        assert time.monotonic() < deadline, f"still {status} with Redis down"
+        await asyncio.sleep(0.1)
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    while (await get(a, certs, token))[0] != 200:
+        assert time.monotonic() < deadline, "did not recover after Redis came back"
+        await asyncio.sleep(0.2)
