@@ -76,8 +76,9 @@ WS_RECHECK_INTERVAL = 5.0
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, worker: int | None = None) -> None:
         self.config = config
+        self.worker = worker
         self.metrics = Metrics()
         self.tls = TLSManager(config.tls, config.server.client_cert, on_reload=self._on_tls_reload)
         self.audit = AuditLog(
@@ -233,13 +234,14 @@ class Gateway:
             on_connection_change=self.metrics.connections_open.set,
             on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
         )
-        self.port = await self.listener.start(s.host, s.port)
+        self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
         if cfg.ops.enabled:
             from .ops import create_ops_app
 
             self.ops_runner = web.AppRunner(create_ops_app(self), access_log=None)
             await self.ops_runner.setup()
-            site = web.TCPSite(self.ops_runner, cfg.ops.host, cfg.ops.port)
+            ops_port = cfg.ops.port if self.worker is None else cfg.ops.port + 1 + self.worker
+            site = web.TCPSite(self.ops_runner, cfg.ops.host, ops_port)
             await site.start()
             self.ops_port = site.port
         self._tasks.append(asyncio.ensure_future(self._poll_tls()))
@@ -791,9 +793,9 @@ def _all_upstreams(config: GatewayConfig) -> list[Any]:
     return list(seen.values())
 
 
-async def serve(config: GatewayConfig) -> None:
+async def serve(config: GatewayConfig, *, worker: int | None = None) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads."""
-    gw = Gateway(config)
+    gw = Gateway(config, worker=worker)
     await gw.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

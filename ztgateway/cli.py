@@ -39,8 +39,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .audit import AuditUnavailable
     from .store import StoreUnavailable
 
+    if config.server.workers > 1 and args.worker is None:
+        from .workers import Supervisor
+
+        asyncio.run(Supervisor(config, Path(args.config).resolve(), config.server.workers).run())
+        return 0
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, worker=args.worker))
     except (OSError, AuditUnavailable, StoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -213,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="run the gateway"))
     run.add_argument("--log-level", default=None, help="overrides [logging] level")
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     rl = with_config(sub.add_parser("reload", help="reload a running gateway's configuration"))

@@ -54,6 +54,7 @@ class ServerConfig:
     spoofed_headers: Literal["strip", "deny"] = "strip"
     allow_encoded_slash: bool = False
     public_url: str = ""
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +395,7 @@ def _server(t: Table) -> ServerConfig:
         spoofed_headers=t.choice("spoofed_headers", ("strip", "deny"), "strip"),  # type: ignore[arg-type]
         allow_encoded_slash=t.flag("allow_encoded_slash", False),
         public_url=t.text("public_url", ""),
+        workers=t.integer("workers", 1, min=1, max=64),
     )
     t.done()
     return cfg
