@@ -156,7 +156,7 @@ async def test_device_revocation_and_account_lock_hold_on_the_other_replica(
     gateway_factory: GatewayFactory, redis_server: RedisServer, certs: Certs
 ) -> None:
     a, b = await pair(gateway_factory, redis_server)
-    for _ in range(20):
+    for _ in range(100):
         token = issue_token(certs.issuer_key, sub="alice")
         assert (await get(b, certs, token))[0] == 200
         await admin(a, "/admin/devices/alice-laptop/revoke")
