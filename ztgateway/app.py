@@ -386,6 +386,7 @@ class Gateway:
         ctx = RequestContext.from_request(
             request,
             cert=conn.cert,
+            peer_ip=conn.peer_ip or None,
             trusted_proxies=cfg.server.trusted_proxies,
             allow_encoded_slash=cfg.server.allow_encoded_slash,
         )
@@ -505,6 +506,7 @@ class Gateway:
         ctx = RequestContext.from_request(
             request,
             cert=conn.cert,
+            peer_ip=conn.peer_ip or None,
             trusted_proxies=rt.config.server.trusted_proxies,
             allow_encoded_slash=rt.config.server.allow_encoded_slash,
         )

@@ -209,9 +209,11 @@ class RequestContext:
         cert: CertInfo | None,
         trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
         allow_encoded_slash: bool = False,
+        peer_ip: str | None = None,
     ) -> RequestContext:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        peer_ip = str(peer[0]) if peer else ""
+        if peer_ip is None:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            peer_ip = str(peer[0]) if peer else ""
         headers = request.headers
         client_ip = peer_ip
         peer_trusted = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)

@@ -32,7 +32,7 @@ log = logging.getLogger("ztgateway.listener")
 class GatewayRequestHandler(RequestHandler):
     """aiohttp's per-connection protocol, plus what the gateway knows about the connection."""
 
-    __slots__ = ("_header_timer", "_in_request", "cert", "listener", "tls_version")
+    __slots__ = ("_header_timer", "_in_request", "cert", "listener", "peer_ip", "tls_version")
 
     def __init__(self, manager: web.Server, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -41,6 +41,7 @@ class GatewayRequestHandler(RequestHandler):
         self.tls_version: str | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_request = False
+        self.peer_ip = ""
 
     # --- slowloris: the head of a request must arrive within header_timeout -------------
     def data_received(self, data: bytes) -> None:
@@ -253,6 +254,8 @@ class Listener:
                 tls_transport.abort()
                 return
         handler.tls_version = ssl_object.version()
+        # Recorded once: a request handled after the client hung up has no transport left.
+        handler.peer_ip = str(acceptor.peer[0]) if acceptor.peer else ""
         self._on_handshake(handler.tls_version, None)
         tls_transport.set_protocol(handler)
         handler.connection_made(tls_transport)

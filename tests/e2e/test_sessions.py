@@ -339,3 +339,16 @@ async def test_session_keeps_a_short_history(
         == 0
     )
     assert "alice" in capsys.readouterr().out
+
+
+async def test_a_steady_risk_level_does_not_compound_into_a_step_up(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    # Every request carries the same small risk (an untrusted network): the session's anomaly
+    # must stay at that level, not grow request after request until the client is locked out.
+    gw = await gateway_factory({"routes": [route(ip_drift="ignore")]})
+    token = issue_token(certs.issuer_key, sub="alice")
+    statuses = [(await call(gw, certs, token))[0] for _ in range(40)]
+    assert statuses == [200] * 40
+    [session] = gw.store.sessions("alice")
+    assert session.anomaly < 0.05, session.anomaly

@@ -53,6 +53,8 @@ class SessionView:
     cookie_value: str | None = None
     cookie_invalid: bool = False
     drifted: bool = False
+    accumulated: float = 0.0
+    """The event part of the anomaly score (what is stored and decays)."""
 
 
 def cookie_session_id(value: str) -> str:
@@ -199,6 +201,10 @@ class SessionStage:
             ]
 
         out: list[Finding] = []
+        # Two parts: events (an IP change, a new user agent) accumulate and decay over time and
+        # are stored; levels (a burst in the window, refusals in the window, this request's
+        # risk) are recomputed each request and never stored, so a steady level cannot
+        # compound request after request into a step-up or a termination.
         anomaly = decayed(session.anomaly, now - session.anomaly_at, cfg.anomaly_half_life)
         verified_ip = str(session.extra.get("verified_ip", session.start_ip))
         if ctx.client_ip != verified_ip:
@@ -222,15 +228,18 @@ class SessionStage:
                     NAME, Reason.SESSION_INVALID, None, risk=UA_CHANGE, detail="user agent changed"
                 )
             )
+        view.accumulated = anomaly
+        level = 0.0
         recent = await store.failures_async(f"req:{session.session_id}", now, cfg.burst_window)
         if recent >= cfg.burst_requests:
-            anomaly = combine(anomaly, BURST)
+            level = combine(level, BURST)
         refusals = await store.failures_async(f"refused:{session.session_id}", now, 300.0)
         if refusals:
-            anomaly = combine(anomaly, min(0.6, REFUSAL * refusals))
+            level = combine(level, min(0.6, REFUSAL * refusals))
         risk = ctx.risk_score
         if risk:
-            anomaly = combine(anomaly, RISK_SHARE * risk)
+            level = combine(level, RISK_SHARE * risk)
+        anomaly = combine(anomaly, level)
         view.anomaly = anomaly
         if session.mfa_at is not None and now - session.mfa_at <= cfg.step_up_validity:
             # A second factor given moments ago answers a risk-triggered step-up.
@@ -344,7 +353,7 @@ class SessionKeeper:
             session.requests += 1
             if view.anomaly >= cfg.anomaly_step_up and session.anomaly < cfg.anomaly_step_up:
                 session.extra["anomaly_since"] = now
-            session.anomaly, session.anomaly_at = view.anomaly, now
+            session.anomaly, session.anomaly_at = view.accumulated, now
             ua = ctx.headers.get("User-Agent", "")
             if ua != session.user_agent:
                 session.extra["ua_changed"] = True

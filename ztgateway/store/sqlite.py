@@ -482,7 +482,7 @@ class SQLiteStore:
     def record_failure(self, key: str, now: float) -> None:
         q = self._failures.get(key)
         if q is None:
-            q = self._failures[key] = deque(maxlen=1000)
+            q = self._failures[key] = deque(maxlen=100_000)
         q.append(now)
 
     def failures(self, key: str, now: float, window: float) -> int:
