@@ -35,8 +35,8 @@ fmt: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
-bench: $(STAMP) certs/ca.pem
-	$(BIN)/python -m bench.run
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache var

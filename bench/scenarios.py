@@ -35,7 +35,7 @@ ISSUER = "https://ztgateway.dev/issuer"
 AUDIENCE = "ztgateway"
 TOKEN_TTL = 4 * 3600  # outlives any run; the gateway re-checks exp on every cache hit
 
-Server = Literal["direct", "nginx", "ztgw"]
+Server = Literal["direct", "nginx", "naive", "ztgw"]
 
 # Checks that are on in every ztgateway scenario: audit and metrics cannot be switched off
 # (every decision is recorded and counted), and the certificate is verified at the handshake
@@ -47,6 +47,7 @@ BASE_CHECKS: tuple[str, ...] = (
     "audit event (hash-chained SQLite, batched)",
     "Prometheus metrics",
     "signed X-ZT-Assertion to the upstream (cached per identity)",
+    "device, risk and session stages at their route defaults (they run on every request)",
 )
 # "Every check on" as the lead's brief defines it for the headline keys.
 FULL_CHECKS: tuple[str, ...] = (
@@ -65,6 +66,29 @@ ALL_CHECKS: tuple[str, ...] = (
     "policy: network zone",
 )
 NOT_YET: tuple[str, ...] = ()
+
+# Gateway-wide settings of every benchmark gateway. The risk and session stages run on every
+# request whatever the route says; a load test is one device sending thousands of requests a
+# second from loopback, which their defaults rightly treat as an anomaly (burst: 50 requests
+# per 10 s) from an untrusted network. The checks still run on every request; they are set so
+# that what is measured is the check, not a step-up (the harness refuses runs with non-2xx).
+#
+# failed_attempts_threshold: wrk ends a run by closing its connections with requests in flight;
+# the gateway still decides those, without a peer address, as IP drift (a refusal), and every
+# refusal counts as a failed attempt of the user, device and IP for 10 minutes. The resulting
+# risk is re-added to the session's anomaly on every request, so a later run's fresh session
+# would be stepped up within a few dozen requests. Both effects are reported as gateway issues
+# in docs/performance.md; here they would only measure the benchmark's own disconnects.
+BASE_GATEWAY: dict[str, dict[str, Any]] = {
+    "risk": {"trusted_zones": ["loopback"], "failed_attempts_threshold": 10**9},
+    "sessions": {"burst_requests": 10**9},
+}
+GATEWAY_NOTES = (
+    "risk: loopback is a trusted zone and failed_attempts_threshold = 10^9; sessions: "
+    "burst_requests = 10^9; one fresh bound token (a new session) per run. One client at "
+    "thousands of req/s is otherwise a burst anomaly, and the requests wrk cuts at the end of "
+    "each run would count as failed attempts against the next runs"
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +124,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("direct", "upstream directly (plain HTTP)", "direct", 1, handshake=False),
     Scenario("nginx_1w", "nginx, mTLS, 1 worker", "nginx", 1, NGINX_CHECKS),
     Scenario("nginx_2w", "nginx, mTLS, 2 workers", "nginx", 2, NGINX_CHECKS),
+    # A reference, not a target: aiohttp server + client and nothing else (bench/naive_proxy.py).
+    Scenario("naive", "reference: naive aiohttp proxy, mTLS, no checks", "naive", 1, NGINX_CHECKS),
     Scenario(
         "ztgw_cert",
         "ztgateway, certificate-only route",
@@ -151,10 +177,6 @@ SCENARIOS: tuple[Scenario, ...] = (
         gateway={
             "devices": {"auto_approve": True},
             "posture": {"max_patch_age_days": 30, "max_report_age": 86400},
-            "risk": {"trusted_zones": ["loopback"]},
-            # One client sends thousands of requests a second: a burst of 50 per 10 s would
-            # rightly raise the anomaly score and step the session up.
-            "sessions": {"burst_requests": 10**9},
         },
         posture_report=True,
     ),
@@ -308,7 +330,7 @@ def gateway_config(
     lines += _table("audit", {"db": work / f"audit-{process}.db", "max_queue": 1_000_000})
     lines += _table("store", {"url": f"sqlite:///{work / f'state-{process}.db'}"})
     lines += _table("zones", {"loopback": ["127.0.0.0/8", "::1/128"]})
-    extra: dict[str, dict[str, Any]] = {}
+    extra: dict[str, dict[str, Any]] = {k: dict(v) for k, v in BASE_GATEWAY.items()}
     for s in mine:
         for name, table in s.gateway.items():
             extra.setdefault(name, {}).update(table)

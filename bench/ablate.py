@@ -1,0 +1,138 @@
+"""Ablations: how much would removing one piece of per-request work save? (exploration tool)
+
+Starts the benchmark's upstream, nginx and one extra ztgateway per variant, each variant being
+the real gateway with a few functions monkeypatched away at start-up (never in the source),
+then runs the chosen scenario against every variant in interleaved rounds and prints the
+median requests/s and CPU per request. The patches reach into ztgateway's internals and may
+need updating when those change; a variant that no longer applies fails at start-up.
+
+    python -m bench.ablate [scenario] [set]     # scenario: ztgw_full (default); set: main|audit|gc
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+from bench import run as R
+from bench.scenarios import SCENARIOS, gateway_config, make_pki
+
+NO_AUDIT = (
+    "from ztgateway import app, audit\n"
+    "audit.AuditLog.record = lambda self, e: None\n"
+    "app.Gateway.audit_event = lambda self, c, d, r: None\n"
+)
+NO_METRICS = (
+    "import prometheus_client.metrics as m\n"
+    "class _N:\n"
+    "    def inc(self, *a, **k): pass\n"
+    "    def observe(self, *a, **k): pass\n"
+    "    def set(self, *a, **k): pass\n"
+    "_n = _N()\n"
+    "m.MetricWrapperBase.labels = lambda self, *a, **k: _n\n"
+    "m.Histogram.observe = lambda self, *a, **k: None\n"
+    "m.Counter.inc = lambda self, *a, **k: None\n"
+)
+ONE_WRITE = "from aiohttp import web\nweb.StreamResponse._send_headers_immediately = False\n"
+AUDIT_NO_SQLITE = (
+    "from ztgateway import audit\n"
+    "async def _cb(self):\n"
+    "    n = min(len(self._pending), self._batch_size)\n"
+    "    for _ in range(n):\n"
+    "        d, _b = self._pending.popleft()\n"
+    "        self._pending_ids.discard(d)\n"
+    "    self._written += n\n"
+    "    return self._last_seq + 1, []\n"
+    "audit.AuditLog._commit_batch = _cb\n"
+)
+GC = "import gc\ngc.set_threshold(50000, 50, 100)\n"
+
+SETS: dict[str, dict[str, str]] = {
+    "main": {
+        "as is": "",
+        "one write per response": ONE_WRITE,
+        "no audit": NO_AUDIT,
+        "no metrics": NO_METRICS,
+        "no audit + no metrics + one write": NO_AUDIT + NO_METRICS + ONE_WRITE,
+    },
+    "audit": {
+        "as is": "",
+        "AuditLog.record a no-op": "from ztgateway import audit\n"
+        "audit.AuditLog.record = lambda self, e: None\n",
+        "no SQLite writer": AUDIT_NO_SQLITE,
+        "no audit": NO_AUDIT,
+    },
+    "gc": {"as is": "", "gc threshold 50000": GC, "gc threshold + no audit": GC + NO_AUDIT},
+}
+
+
+def main() -> None:
+    key = sys.argv[1] if len(sys.argv) > 1 else "ztgw_full"
+    patches = SETS[sys.argv[2] if len(sys.argv) > 2 else "main"]
+    sc = next(s for s in SCENARIOS if s.key == key)
+    pki = make_pki(R.WORK / "pki")
+    tools = R.ensure_tools()
+    stack = R.Stack()
+    R.WRK_SETTINGS.update(
+        threads={"keepalive": 1, "close": 2}, connections={"keepalive": 64, "close": 16}
+    )
+    try:
+        env = R.start_everything(pki, tools, stack, R.build_shim(tools["gcc"]))
+        tls = R.client_context(pki)
+        procs = {}
+        for i, (name, patch) in enumerate(patches.items()):
+            work = R.WORK / f"ablate-{i}"
+            work.mkdir(exist_ok=True)
+            for f in work.glob("*.db*"):
+                f.unlink()
+            port, ops = R.free_port(), R.free_port()
+            cfg = work / "gateway.toml"
+            cfg.write_text(
+                gateway_config(
+                    pki,
+                    port=port,
+                    ops_port=ops,
+                    upstream_port=env.upstream_port,
+                    work=work,
+                    process=sc.process,
+                )
+            )
+            code = (
+                patch + "\nimport sys\nfrom ztgateway.cli import main\n"
+                f"sys.exit(main(['run', '-c', {str(cfg)!r}, '--log-level', 'warning']))\n"
+            )
+            proc = stack.start(f"ablate-{i}", [R.PY, "-c", code], cwd=R.REPO)
+            auth = {"Authorization": f"Bearer {env.token}"} if sc.token else {}
+            R.wait_ready(
+                proc,
+                lambda port=port, h=auth: R.http_get(port, sc.path, tls=tls, headers=h)[0] == 200,
+            )
+            procs[name] = (proc, port)
+        results: dict[str, list[tuple[float, float, float]]] = {n: [] for n in patches}
+        for _ in range(3):
+            for name, (proc, port) in procs.items():
+                env.servers["ztgw_" + sc.process] = (proc, port)
+                R.run_wrk(env, sc, "keepalive", duration=1)
+                run = R.run_wrk(env, sc, "keepalive", duration=6)
+                if not run.valid:
+                    print(f"{name}: invalid run ({run.failures} failures)")
+                    continue
+                results[name].append(
+                    (
+                        run.rps,
+                        run.per_1k(run.proxy_main_thread_cpu_s) * 1000,
+                        run.per_1k(run.proxy_cpu_s) * 1000,
+                    )
+                )
+        print(f"\n{key}, keep-alive, medians of 3 interleaved rounds")
+        print("| variant | req/s | event-loop µs/request | process µs/request |\n|---|--:|--:|--:|")
+        for name, rr in results.items():
+            if rr:
+                med = [statistics.median(x[i] for x in rr) for i in range(3)]
+                print(f"| {name} | {med[0]:,.0f} | {med[1]:.0f} | {med[2]:.0f} |")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
