@@ -118,7 +118,16 @@ class Scenario:
 
 
 NGINX_CHECKS = ("mTLS certificate (handshake: CA + CRL)",)
-WORKERS_NA = "ztgateway `workers = N` is not implemented yet"
+FULL_ROUTE: Mapping[str, Any] = {
+    "policy": {
+        "require_client_cert": True,
+        "require_token": True,
+        "require_bound_token": True,
+        "issuers": [ISSUER_NAME],
+        "groups": [TOKEN_GROUP],
+    }
+}
+
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("direct", "upstream directly (plain HTTP)", "direct", 1, handshake=False),
@@ -140,15 +149,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "ztgw",
         1,
         FULL_CHECKS,
-        route={
-            "policy": {
-                "require_client_cert": True,
-                "require_token": True,
-                "require_bound_token": True,
-                "issuers": [ISSUER_NAME],
-                "groups": [TOKEN_GROUP],
-            }
-        },
+        route=FULL_ROUTE,
         token=True,
     ),
     Scenario(
@@ -186,7 +187,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         "ztgw",
         2,
         BASE_CHECKS,
-        unavailable=WORKERS_NA,
+        route={"policy": {"require_client_cert": True}},
+        # Its own gateway process: `workers` is gateway-wide, the 1-worker rows stay 1 worker.
+        process="two_workers",
     ),
     Scenario(
         "ztgw_full_2w",
@@ -194,8 +197,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         "ztgw",
         2,
         FULL_CHECKS,
+        route=FULL_ROUTE,
         token=True,
-        unavailable=WORKERS_NA,
+        process="two_workers",
     ),
 )
 
