@@ -83,13 +83,12 @@ def running(certs: Certs, tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
             gw.stdout.close()
 
 
-@pytest.mark.skipif(CURL is None, reason="curl is installed by .ci/run")
 def test_curl_with_alices_certificate_gets_the_echo_and_without_is_refused(
     running: tuple[int, int, Path], certs: Certs
 ) -> None:
     gw_port, ops_port, _ = running
     pem, key = certs.client("alice-laptop")
-    assert CURL is not None
+    assert CURL is not None, "curl is required (installed by .ci/run)"
     ok = subprocess.run(
         [CURL, "-sS", "--cert", str(pem), "--key", str(key), "--cacert", str(certs.ca),
          f"https://127.0.0.1:{gw_port}/echo"],
