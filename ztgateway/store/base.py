@@ -129,6 +129,41 @@ class Session:
 ChangeListener = Callable[[ChangeKind, str], None]
 
 
+class CachedReads:
+    """The hot-path reads every backend answers from its in-memory cache (no I/O).
+
+    A backend fills these four dictionaries at open and keeps them current from its change
+    feed; the request path only ever looks things up here.
+    """
+
+    _devices: dict[str, Device]
+    _posture: dict[str, PostureRecord]
+    _users: dict[str, UserRecord]
+    _sessions: dict[str, Session]
+
+    def device(self, device_id: str) -> Device | None:
+        return self._devices.get(device_id)
+
+    def devices(self) -> list[Device]:
+        return sorted(self._devices.values(), key=lambda d: d.first_seen)
+
+    def posture(self, device_id: str) -> PostureRecord | None:
+        return self._posture.get(device_id)
+
+    def user(self, user: str) -> UserRecord | None:
+        return self._users.get(user)
+
+    def users(self) -> list[UserRecord]:
+        return sorted(self._users.values(), key=lambda u: u.user)
+
+    def session(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def sessions(self, user: str | None = None) -> list[Session]:
+        out = [s for s in self._sessions.values() if user is None or s.user == user]
+        return sorted(out, key=lambda s: s.created)
+
+
 class Store(Protocol):
     """What every backend provides (SQLite embedded; Redis for many replicas)."""
 

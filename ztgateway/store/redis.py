@@ -55,6 +55,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from .base import (
+    CachedReads,
     ChangeKind,
     ChangeListener,
     Device,
@@ -252,7 +253,7 @@ def _hash(flat: list[Any]) -> dict[str, str]:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 
-class RedisStore:
+class RedisStore(CachedReads):
     """Store for many replicas; see the module docstring for the consistency guarantees."""
 
     def __init__(
@@ -714,12 +715,6 @@ class RedisStore:
         await self._flush()
 
     # --- devices -----------------------------------------------------------------------------
-    def device(self, device_id: str) -> Device | None:
-        return self._devices.get(device_id)
-
-    def devices(self) -> list[Device]:
-        return sorted(self._devices.values(), key=lambda d: d.first_seen)
-
     async def register_device(self, device: Device) -> Device:
         existing = self._devices.get(device.device_id)
         if existing is not None:
@@ -759,9 +754,6 @@ class RedisStore:
     async def set_device_owner(self, device_id: str, owner: str | None) -> Device | None:
         return await self._update_device(device_id, "owner", owner)
 
-    def posture(self, device_id: str) -> PostureRecord | None:
-        return self._posture.get(device_id)
-
     async def put_posture(self, record: PostureRecord) -> None:
         key = record.device_id
         ver = await self._script(
@@ -779,12 +771,6 @@ class RedisStore:
         self._notify(ChangeKind.POSTURE, key)
 
     # --- users ---------------------------------------------------------------------------------
-    def user(self, user: str) -> UserRecord | None:
-        return self._users.get(user)
-
-    def users(self) -> list[UserRecord]:
-        return sorted(self._users.values(), key=lambda u: u.user)
-
     async def save_user(self, record: UserRecord) -> None:
         key = record.user
         data, history = _user_parts(record)
@@ -811,13 +797,6 @@ class RedisStore:
         self._dirty_users.add(record.user)
 
     # --- sessions ------------------------------------------------------------------------------
-    def session(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
-
-    def sessions(self, user: str | None = None) -> list[Session]:
-        out = [s for s in self._sessions.values() if user is None or s.user == user]
-        return sorted(out, key=lambda s: s.created)
-
     async def save_session(self, session: Session) -> None:
         """Write a session. SECURITY: a revoked session stays revoked, whoever saves it later."""
         key = session.session_id

@@ -26,6 +26,7 @@ from typing import Any
 import aiosqlite
 
 from .base import (
+    CachedReads,
     ChangeKind,
     ChangeListener,
     Device,
@@ -73,7 +74,7 @@ def _session_from_json(data: dict[str, Any]) -> Session:
     return Session(**{k: v for k, v in data.items() if k in _SESSION_FIELDS})
 
 
-class SQLiteStore:
+class SQLiteStore(CachedReads):
     def __init__(
         self,
         path: Path,
@@ -311,12 +312,6 @@ class SQLiteStore:
         await self._flush()
 
     # --- devices -----------------------------------------------------------------------------
-    def device(self, device_id: str) -> Device | None:
-        return self._devices.get(device_id)
-
-    def devices(self) -> list[Device]:
-        return sorted(self._devices.values(), key=lambda d: d.first_seen)
-
     async def register_device(self, device: Device) -> Device:
         existing = self._devices.get(device.device_id)
         if existing is not None:
@@ -373,9 +368,6 @@ class SQLiteStore:
         await self._reload(ChangeKind.DEVICE, device_id)
         return self._devices.get(device_id)
 
-    def posture(self, device_id: str) -> PostureRecord | None:
-        return self._posture.get(device_id)
-
     async def put_posture(self, record: PostureRecord) -> None:
         await self._write(
             "INSERT INTO posture VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
@@ -395,12 +387,6 @@ class SQLiteStore:
         self._posture[record.device_id] = record
 
     # --- users ---------------------------------------------------------------------------------
-    def user(self, user: str) -> UserRecord | None:
-        return self._users.get(user)
-
-    def users(self) -> list[UserRecord]:
-        return sorted(self._users.values(), key=lambda u: u.user)
-
     async def save_user(self, record: UserRecord) -> None:
         self._users[record.user] = record
         self._dirty_users.discard(record.user)
@@ -418,13 +404,6 @@ class SQLiteStore:
         self._dirty_users.add(record.user)
 
     # --- sessions ------------------------------------------------------------------------------
-    def session(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
-
-    def sessions(self, user: str | None = None) -> list[Session]:
-        out = [s for s in self._sessions.values() if user is None or s.user == user]
-        return sorted(out, key=lambda s: s.created)
-
     async def save_session(self, session: Session) -> None:
         self._sessions[session.session_id] = session
         self._dirty_sessions.discard(session.session_id)
