@@ -8,6 +8,7 @@ builds a complete new snapshot and swaps the reference.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import secrets
@@ -31,12 +32,13 @@ from .decision import Decision, Finding, Reason, Verdict
 from .forward.headers import SERVER_BANNER, upgrade_requested, upstream_request_headers
 from .forward.http import (
     BodyTooLarge,
-    UpstreamFailure,
     Upstreams,
     classify,
     forward_http,
+    upstream_target,
     upstream_url,
 )
+from .forward.upstream import UpstreamFailure
 from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
 from .listener import GatewayRequestHandler, Listener
@@ -451,9 +453,7 @@ class Gateway:
             )
 
         headers = self._upstream_headers(ctx, request)
-        session = self.upstreams.session(route.upstream)
         assert ctx.path is not None
-        url = upstream_url(route, ctx.path, ctx.query)
         route_seconds = self.metrics.request_seconds.labels(route_label)
         try:
             if ctx.websocket:
@@ -462,8 +462,8 @@ class Gateway:
                 try:
                     return await bridge_websocket(
                         request,
-                        session,
-                        url,
+                        self.upstreams.session(route.upstream),
+                        upstream_url(route, ctx.path, ctx.query),
                         headers,
                         recheck=lambda: self._recheck(request, conn),
                         interval=WS_RECHECK_INTERVAL,
@@ -474,8 +474,8 @@ class Gateway:
             response = await forward_http(
                 request,
                 route,
-                session,
-                url,
+                self.upstreams.pool(route.upstream),
+                upstream_target(route, ctx.path, ctx.query),
                 headers,
                 decision_id=ctx.decision_id,
                 extra_headers=response_headers,
@@ -795,10 +795,24 @@ def _all_upstreams(config: GatewayConfig) -> list[Any]:
     return list(seen.values())
 
 
+def tune_gc() -> None:
+    """Collect cycles less often on the request path (issue 9's profile showed gc at ~3%).
+
+    Everything built at start-up (config, compiled routes, the store's in-memory state, the
+    modules) is moved out of the collector's sight with `gc.freeze()`, so full collections no
+    longer rescan it; the young generation is collected every 20,000 allocations instead of 700.
+    Requests create few reference cycles, so the larger young generation stays small.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 async def serve(config: GatewayConfig, *, worker: int | None = None) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads."""
     gw = Gateway(config, worker=worker)
     await gw.start()
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

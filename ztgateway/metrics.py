@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
@@ -42,6 +43,25 @@ HANDSHAKE_FAILURE_REASONS = (
     "other",
 )
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "tls")
+
+
+def _cache_children(metric: MetricWrapperBase) -> None:
+    """Put a plain dict in front of `labels()`, which validates and takes a lock every call.
+
+    The request path asks the same few children several times per request (issue 9's profile
+    had `labels` among the top frames). Series are never removed here, so the cache is exact;
+    it is only used for positional label values, which is all this code base passes.
+    """
+    children: dict[tuple[str, ...], Any] = {}
+    original = metric.labels
+
+    def labels(*values: str) -> Any:
+        child = children.get(values)
+        if child is None:
+            child = children[values] = original(*values)
+        return child
+
+    setattr(metric, "labels", labels)  # noqa: B010 - an instance override, on purpose
 
 
 class Metrics:
@@ -258,6 +278,9 @@ class Metrics:
             self.step_ups.labels(result)
         for reason in HANDSHAKE_FAILURE_REASONS:
             self.handshake_failures.labels(reason)
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+                _cache_children(metric)
 
     def prepare_routes(self, routes: list[str], stages: list[str]) -> None:
         """Create each route's and stage's series at zero (see the comment in __init__)."""

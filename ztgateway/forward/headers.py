@@ -97,13 +97,35 @@ def upgrade_requested(headers: CIMultiDictProxy[str]) -> bool:
     return "Upgrade" in headers and "upgrade" in _connection_listed(headers)
 
 
-def downstream_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    listed = _connection_listed(headers)
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        # A legacy app's Latin-1 header value: pass its characters on rather than fail.
+        return raw.decode("latin-1")
+
+
+def downstream_raw_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], int | None]:
+    """The client's response headers from the upstream's raw ones, and its Content-Length.
+
+    Hop-by-hop and Connection-listed headers are dropped and the upstream's Server banner is
+    replaced, straight from the parser's bytes.
+    """
+    listed: set[str] = set()
+    for raw_name, raw_value in raw:
+        if raw_name.lower() == b"connection":
+            listed.update(t.strip().lower() for t in _text(raw_value).split(",") if t.strip())
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    length: int | None = None
+    for name_b, value_b in raw:
+        name = _text(name_b)
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in listed or lower == "server":
             continue
+        value = _text(value_b)
+        if lower == "content-length":
+            # llhttp has already refused a malformed or conflicting Content-Length.
+            length = int(value)
         out.add(name, value)
     out["Server"] = SERVER_BANNER
-    return out
+    return out, length
