@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass, field
@@ -90,7 +91,10 @@ FORWARDING_HEADERS = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def protected_header(name: str) -> bool:
+    # Asked for every header of every request, twice; the names repeat, so remember the
+    # answer (bounded: a client inventing names only churns the LRU).
     n = name.lower().replace("_", "-")
     return n in PROTECTED_HEADERS or n.startswith(PROTECTED_PREFIXES)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,23 @@ async def test_compliant_report_opens_the_secure_route_and_disk_encryption_off_c
     ):
         page = await r.text()
     assert "Turn on disk encryption" in page and "does not meet" in page
+
+
+async def test_posture_judged_compliant_turns_stale_on_time_despite_the_evaluation_cache(
+    gateway_factory: GatewayFactory, certs: Certs, gateway_routes: list[dict[str, Any]]
+) -> None:
+    # The device stage reuses one evaluation per device for up to a second, but never past
+    # the moment the report goes stale: judged fresh at ~1.4 s, the same device must be
+    # refused at ~2.05 s, while a plain one-second cache would still say compliant.
+    gw = await gateway_factory({"routes": gateway_routes, "posture": {"max_report_age": 2.0}})
+    status, answer = await post_report(gw, certs, REPORT)
+    posted = time.monotonic()
+    assert status == 200 and answer["compliant"] is True
+    await asyncio.sleep(1.4)
+    assert (await get_secure(gw, certs))[0] == 200
+    await asyncio.sleep(max(0.0, posted + 2.05 - time.monotonic()))
+    status, body = await get_secure(gw, certs)
+    assert (status, body["reason"]) == (403, "posture-stale")
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,8 @@ class DeviceStage:
         self.store = runtime.store
         self.auto_approve = runtime.config.devices.auto_approve
         self.owner_mismatch_denies = runtime.config.devices.owner_mismatch == "deny"
+        # device id, require_signed -> (the report it judged, valid until, evaluation)
+        self._evaluations: dict[tuple[str, bool], tuple[object, float, PostureEvaluation]] = {}
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -112,17 +114,37 @@ class DeviceStage:
                     detail=f"device of {device.owner} used by {user}",
                 )
             )
-        evaluation = posture_for(
-            self.runtime,
-            device.device_id,
-            now=ctx.now,
-            require_signed=policy.require_signed_posture,
-        )
+        evaluation = self._evaluate(device.device_id, ctx.now, policy.require_signed_posture)
         trust = "registered"
         if device.state == "approved":
             trust = "compliant" if evaluation.compliant else "approved"
         ctx.device = DeviceView(device, trust, evaluation, new)
         return self._trust_findings(ctx, policy.min_trust, out)
+
+    def _evaluate(self, device_id: str, now: float, require_signed: bool) -> PostureEvaluation:
+        """The device's posture judged against the policy, reused while nothing can change it.
+
+        A verdict only changes with a new report (another record object), with time (the report
+        ages past `max_report_age`, or the patch age crosses midnight) or with a reload (a new
+        stage). So one evaluation serves a device for up to a second, and never past the moment
+        its report goes stale: issue 9's profile had it re-judged on every request.
+        """
+        assert self.store is not None
+        record = self.store.posture(device_id)
+        key = (device_id, require_signed)
+        hit = self._evaluations.get(key)
+        if hit is not None and hit[0] is record and now < hit[1]:
+            return hit[2]
+        evaluation = posture_for(self.runtime, device_id, now=now, require_signed=require_signed)
+        valid_until = now + 1.0
+        if evaluation.reported_at is not None:
+            valid_until = min(
+                valid_until, evaluation.reported_at + self.runtime.config.posture.max_report_age
+            )
+        if len(self._evaluations) >= 100_000:
+            self._evaluations.clear()
+        self._evaluations[key] = (record, valid_until, evaluation)
+        return evaluation
 
     def _trust_findings(
         self, ctx: RequestContext, minimum: str, out: list[Finding]
