@@ -22,14 +22,14 @@ Sessions are realistic: 90% token-bound API sessions (`tok:` + 48 hex, as `token
 10% browser sessions (`ck:` + 48 hex) from an OIDC sign-in followed by a TOTP step-up (their
 `extra` holds what `portal.py` and `mfa_endpoints.py` keep: provider, e-mail, groups, the ~1 KB
 ID token, the MFA method); every one device-bound (`sha256:` + 32 hex, the id of a certificate
-without a device URI), with a user, an IPv4 address, a client user agent, timestamps, and
-`extra` as `SessionKeeper` writes it: `verified_ip`, and once the session has served requests,
-the `history` of its last 20 decisions. Two populations:
+without a device URI), with a user, an IPv4 address (its `verified_ip`), a client user agent,
+timestamps, and `extra` as sign-in leaves it. A session's decision history is not in memory
+(it is written behind to the store's `session_history`, decision 0008). Two populations:
 
-- *active*: sessions that served more than 20 requests (full history), each with the
+- *active*: sessions that served more than 20 requests, each with the
   per-session request counter `SessionKeeper` records (`req:<session id>`): the steady state
   of a session in use. The lookup and stage timings use this population.
-- *new*: sessions as `SessionKeeper` creates them (one request, no history, no counter yet).
+- *new*: sessions as `SessionKeeper` creates them (one request, no counter yet).
 
 The timings are `bench.micro.measure`'s (batches of ~0.1 s; median and minimum of the
 per-operation mean), with the batches of the 10- and the 100,000-session store alternating, so
@@ -37,7 +37,7 @@ their ratio is not skewed by the machine getting busier between the two.
 
 Memory per session is the growth of the process's resident memory (RSS) while a fresh store
 loads 100,000 sessions, divided by 100,000: the `Session` objects, their strings, floats,
-`extra` dicts and history lists, the store's dictionary, and the allocator's overhead. The
+`extra` dicts, the store's dictionary, and the allocator's overhead. The
 new population is measured in a fresh process of its own (started at the beginning and run
 while this one builds the active store), so neither measurement reuses memory the other
 freed. The request counters are measured with tracemalloc (allocated bytes) and reported
@@ -151,7 +151,7 @@ def iter_sessions(
             agent = rng.choice(API_AGENTS)
             mfa_at = None
         user = f"user{i:06d}@corp.example.com"
-        extra: dict[str, Any] = {"verified_ip": ip}
+        extra: dict[str, Any] = {}
         if cookie:
             # What the OIDC sign-in (portal.py) and a TOTP step-up (mfa_endpoints.py) keep.
             extra = {
@@ -159,18 +159,12 @@ def iter_sessions(
                 "provider": "corp",
                 "email": user,
                 "groups": rng.sample(GROUPS, rng.randint(1, 4)),
-                "verified_ip": ip,
                 "id_token": id_token(rng),
                 "mfa_method": "totp",
             }
         if active:
             last_seen = max(created, now - rng.uniform(0, 300))
             requests = rng.randint(HISTORY + 1, 5000)
-            step = rng.uniform(0.5, 30)
-            extra["history"] = [
-                [round(last_seen - k * step, 3), ip, ROUTE, "allow", "policy-allowed"]
-                for k in range(HISTORY - 1, -1, -1)
-            ]
             anomaly = rng.choice((0.0, 0.0, 0.0, rng.uniform(0.01, 0.3)))
             anomaly_at = last_seen
         else:
@@ -192,6 +186,7 @@ def iter_sessions(
             anomaly_at=anomaly_at,
             requests=requests,
             extra=extra,
+            verified_ip=ip,
         )
         yield session, token_hash
 
@@ -387,7 +382,7 @@ async def stage_setup(store: SQLiteStore, token_hashes: list[str], seed: int) ->
                 "User-Agent": fresh(s.user_agent),
                 "Accept": "*/*",
             },
-            client_ip=fresh(str(s.extra["verified_ip"])),
+            client_ip=fresh(s.verified_ip or s.start_ip),
             cert=cert,
         )
         ctx.route = route
@@ -587,7 +582,7 @@ async def run(
             "ratios": "100,000 vs 10 sessions, ratio of minimum times (added_us: their "
             "difference); flat = lookup ratio <= 1.5, as for routes",
             "bytes_each": "growth of resident memory while 100,000 sessions load into a fresh "
-            "store, / 100,000; active: a full 20-decision history (timed population), new: "
+            "store, / 100,000; active: sessions that served > 20 requests (timed population), new: "
             "as SessionKeeper creates them (own process). Request counters (req:<id> windows, "
             "tracemalloc) apart",
             "memory": memory,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -321,23 +322,37 @@ async def test_an_idle_browser_session_expires(
     assert "Max-Age=0" in headers["Set-Cookie"]
 
 
-async def test_session_keeps_a_short_history(
+async def test_session_history_is_kept_in_the_store_and_shown(
     gateway_factory: GatewayFactory, certs: Certs, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gw = await gateway_factory({"routes": [route(ip_drift="ignore")]})
+    gw = await gateway_factory({"routes": [route(ip_drift="terminate")]})
     token = issue_token(certs.issuer_key, sub="alice")
     for _ in range(3):
         assert (await call(gw, certs, token))[0] == 200
+    [session] = gw.store.sessions("alice")
+    # Nothing of the history is held on the session in memory (issue 9: memory per session).
+    assert session.extra == {} and session.verified_ip == "127.0.0.1"
+    status, _, body = await call(gw, certs, token, ip="127.0.0.2")
+    assert (status, body["reason"]) == (401, "ip-drift")
     await gw.store.flush()
-    sessions = gw.store.sessions("alice")
-    assert len(sessions) == 1
-    assert [h[3] for h in sessions[0].extra["history"]] == ["allow", "allow"]
-    assert (
-        await asyncio.to_thread(
-            main, ["sessions", "list", "--user", "alice", "-c", str(gw.config.file)]
-        )
-        == 0
-    )
+    assert session.revoked and "history" not in session.extra
+
+    config = str(gw.config.file)
+    args = ["sessions", "show", session.session_id[:20], "-c", config]
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, args) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["session_id"] == session.session_id and shown["verified_ip"] == "127.0.0.1"
+    history = shown["history"]
+    # Every decision on the session, the one that started it and the one that ended it
+    # included, oldest first, as the gateway's own store reads them.
+    assert [(h["ip"], h["route"], h["verdict"], h["reason"]) for h in history] == [
+        ("127.0.0.1", "api", "allow", "policy-allowed")
+    ] * 3 + [("127.0.0.2", "api", "terminate", "ip-drift")]
+    times = [h["time"] for h in history]
+    assert times == sorted(times) and session.created <= times[0]
+    assert [d.to_json() for d in await gw.store.session_history(session.session_id)] == history
+    assert await asyncio.to_thread(main, ["sessions", "list", "--user", "alice", "-c", config]) == 0
     assert "alice" in capsys.readouterr().out
 
 

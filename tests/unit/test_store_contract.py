@@ -9,8 +9,10 @@ only exist for Redis and are tested against the real server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,15 +23,18 @@ import pytest
 import redis as redis_sync
 
 from ztgateway.store.base import (
+    MAX_FAILURES,
+    SESSION_HISTORY,
     ChangeKind,
     Device,
     PostureRecord,
     Session,
+    SessionDecision,
     StoreUnavailable,
     UserRecord,
 )
 from ztgateway.store.redis import RedisStore
-from ztgateway.store.sqlite import SQLiteStore
+from ztgateway.store.sqlite import SCHEMA, SQLiteStore
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer, RedisServerFactory
@@ -46,6 +51,7 @@ class Backend:
     name: str
     new: Callable[..., AnyStore]
     server: RedisServer | None = None
+    path: Path | None = None
     opened: list[AnyStore] = field(default_factory=list)
 
     async def open(self, **kw: Any) -> AnyStore:
@@ -59,6 +65,14 @@ class Backend:
         """Rate buckets and failure windows: per process in SQLite, shared in Redis."""
         return self.name == "redis"
 
+    def raw_redis(self) -> redis_sync.Redis:
+        assert self.server is not None
+        return redis_sync.Redis(port=self.server.port, decode_responses=True)
+
+    def raw_sqlite(self) -> sqlite3.Connection:
+        assert self.path is not None
+        return sqlite3.connect(self.path)
+
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def backend(
@@ -69,7 +83,7 @@ async def backend(
         b = Backend("redis", lambda **kw: RedisStore(server.url, **kw), server)
     else:
         path = tmp_path / "state.db"
-        b = Backend("sqlite", lambda **kw: SQLiteStore(path, **kw))
+        b = Backend("sqlite", lambda **kw: SQLiteStore(path, **kw), path=path)
     yield b
     for store in b.opened:
         await store.close()
@@ -119,7 +133,8 @@ def session(sid: str, user: str = "alice", ttl: float = 3600.0, created: float =
         created=created or now,
         last_seen=now,
         expires_at=now + ttl,
-        extra={"verified_ip": "10.0.0.1", "history": [[1.5, "10.0.0.1", "app", "allow", "ok"]]},
+        verified_ip="10.0.0.1",
+        extra={"source": "oidc", "email": user, "groups": ["staff", "admins"]},
     )
 
 
@@ -265,6 +280,174 @@ async def test_touch_never_unrevokes(backend: Backend) -> None:
     assert got is not None and got.revoked and got.revoked_reason == "terminated"
 
 
+# Rows as the code before 0008 wrote them: the last decisions and the verified address in `extra`.
+OLD_SCHEMA = """
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at REAL NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX sessions_user ON sessions(user);
+CREATE TABLE changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+
+def old_session_row(sid: str) -> dict[str, Any]:
+    now = time.time()
+    row = dataclasses.asdict(session(sid, created=now))
+    del row["verified_ip"]
+    row["last_ip"] = "10.0.0.9"
+    row["extra"] = {
+        "verified_ip": "10.0.0.9",
+        "mfa_method": "totp",
+        "history": [
+            [now - 20 + i, "10.0.0.9", "app", "allow", "policy-allowed"] for i in range(20)
+        ],
+    }
+    return row
+
+
+def write_old_session(backend: Backend, row: dict[str, Any]) -> None:
+    """Behind the stores' backs, in the format the code before 0008 wrote."""
+    data = json.dumps(row)
+    if backend.name == "sqlite":
+        with contextlib.closing(backend.raw_sqlite()) as db, db:
+            db.executescript(OLD_SCHEMA)
+            db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                (row["session_id"], row["user"], row["expires_at"], data),
+            )
+    else:
+        with contextlib.closing(backend.raw_redis()) as raw:
+            key = f"ztgw:session:{row['session_id']}"
+            raw.hset(key, mapping={"data": data, "revoked": "0", "ver": "1"})
+            raw.zadd("ztgw:sessions", {row["session_id"]: row["expires_at"]})
+
+
+def stored_session_json(backend: Backend, sid: str) -> dict[str, Any]:
+    if backend.name == "sqlite":
+        with contextlib.closing(backend.raw_sqlite()) as db:
+            (data,) = db.execute(
+                "SELECT data FROM sessions WHERE session_id = ?", (sid,)
+            ).fetchone()
+    else:
+        with contextlib.closing(backend.raw_redis()) as raw:
+            data = raw.hget(f"ztgw:session:{sid}", "data")
+    return dict(json.loads(data))
+
+
+def stored_history_size(backend: Backend, sid: str) -> int:
+    if backend.name == "sqlite":
+        with contextlib.closing(backend.raw_sqlite()) as db:
+            sql = "SELECT COUNT(*) FROM session_history WHERE session_id = ?"
+            return int(db.execute(sql, (sid,)).fetchone()[0])
+    with contextlib.closing(backend.raw_redis()) as raw:
+        return int(raw.zcard(f"ztgw:history:{sid}"))
+
+
+async def test_sessions_written_before_0008_load_without_their_history(backend: Backend) -> None:
+    row = old_session_row("old")
+    write_old_session(backend, row)
+    a = await backend.open()
+    got = a.session("old")
+    assert got is not None
+    # The old history is dropped on load (not kept in memory, not carried over); the verified
+    # address moves to its field; everything else is as stored.
+    assert got.extra == {"mfa_method": "totp"}
+    assert got.verified_ip == "10.0.0.9" and got.last_ip is got.verified_ip
+    assert (got.user, got.start_ip, got.expires_at) == (row["user"], "10.0.0.1", row["expires_at"])
+    assert await a.session_history("old") == []
+    # Its next write-behind stores it in the new form.
+    got.requests += 1
+    a.touch_session(got)
+    a.record_decision("old", SessionDecision(time.time(), "10.0.0.9", "app", "allow", "ok"))
+    await a.flush()
+    stored = stored_session_json(backend, "old")
+    assert stored["extra"] == {"mfa_method": "totp"} and stored["verified_ip"] == "10.0.0.9"
+    fresh = await backend.open()
+    assert fresh.session("old") == got
+    assert [d.reason for d in await fresh.session_history("old")] == ["ok"]
+
+
+async def test_a_verified_ip_written_into_extra_moves_to_its_field(backend: Backend) -> None:
+    """As the step-up endpoint records it: the session stage must see the new address."""
+    a = await backend.open()
+    s = session("s1")
+    s.extra["anomaly_since"] = 1.0
+    await a.save_session(s)
+    cached = a.session("s1")
+    assert cached is not None and cached.verified_ip == "10.0.0.1"
+    cached.extra["verified_ip"] = "10.0.0.7"
+    cached.extra["mfa_method"] = "totp"
+    cached.extra.pop("anomaly_since", None)
+    await a.save_session(cached)
+    for store in (a, await backend.open()):
+        got = store.session("s1")
+        assert got is not None and got.verified_ip == "10.0.0.7"
+        assert got.extra == {**session("s1").extra, "mfa_method": "totp"}
+
+
+async def test_session_history_keeps_the_last_decisions_in_time_order(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    t = time.time()
+    await a.save_session(session("s1"))
+    for i in range(SESSION_HISTORY + 5):
+        a.record_decision("s1", SessionDecision(t + i, "10.0.0.1", "app", "allow", "ok"))
+    a.record_decision("s2", SessionDecision(t, "10.0.0.2", "app", "deny", "denied"))
+    a.record_decision("s2", SessionDecision(t, "10.0.0.2", "app", "deny", "denied"))
+    await a.flush()
+    # Another process (worker, replica) writes the same session's decisions too: the newest by
+    # time are kept, whichever process wrote them.
+    b.record_decision("s1", SessionDecision(t + 100, "10.0.0.3", "admin", "terminate", "ip-drift"))
+    b.record_decision("s1", SessionDecision(t + 1.5, "10.0.0.3", "app", "allow", "too old"))
+    await b.flush()
+    # Written behind: what is not flushed yet is only seen by the process that recorded it.
+    a.record_decision("s3", SessionDecision(t, "10.0.0.4", "app", "allow", "pending"))
+
+    fresh = await backend.open()
+    got = await fresh.session_history("s1")
+    assert len(got) == SESSION_HISTORY
+    assert [d.at for d in got] == [t + i for i in range(6, SESSION_HISTORY + 5)] + [t + 100]
+    assert got[-1] == SessionDecision(t + 100, "10.0.0.3", "admin", "terminate", "ip-drift")
+    assert await a.session_history("s1") == got
+    assert [d.ip for d in await fresh.session_history("s2")] == ["10.0.0.2", "10.0.0.2"]
+    assert [d.reason for d in await a.session_history("s3")] == ["pending"]
+    assert await fresh.session_history("s3") == []
+    assert await fresh.session_history("unknown") == []
+    assert stored_history_size(backend, "s1") == SESSION_HISTORY
+
+    # It goes with its session.
+    await a.expire_sessions(time.time() + 3600 + 86400 + 60)
+    assert await fresh.session_history("s1") == []
+    assert stored_history_size(backend, "s1") == 0
+
+
+async def test_session_history_survives_a_failed_write_behind(backend: Backend) -> None:
+    a = await backend.open()
+    t = time.time()
+    a.record_decision("s1", SessionDecision(t, "10.0.0.1", "app", "allow", "first"))
+    if backend.name == "sqlite":
+        assert isinstance(a, SQLiteStore)
+        await a.db.execute("DROP TABLE session_history")
+    else:
+        assert backend.server is not None
+        backend.server.pause()
+    try:
+        with pytest.raises(Exception):  # SQLite: OperationalError; Redis: StoreUnavailable
+            await a.flush()
+        a.record_decision("s1", SessionDecision(t + 1, "10.0.0.1", "app", "allow", "second"))
+    finally:
+        if backend.name == "sqlite":
+            assert isinstance(a, SQLiteStore)
+            await a.db.executescript(SCHEMA)
+        else:
+            assert backend.server is not None
+            backend.server.resume()
+    await eventually(lambda: a.healthy, 5.0, "store healthy again")
+    await a.flush()
+    got = await (await backend.open()).session_history("s1")
+    assert [d.reason for d in got] == ["first", "second"]
+
+
 # --- counters ------------------------------------------------------------------------------------
 
 
@@ -295,6 +478,86 @@ async def test_failures_window(backend: Backend) -> None:
     await a.record_failure_async("user:bob", t)
     await a.reset_failures_async("user:bob")
     assert await a.failures_async("user:bob", t, 5.0) == 0
+
+
+async def test_failures_are_exact_for_every_window_asked(backend: Backend) -> None:
+    """A short window asked of a key never loses events a longer one counts.
+
+    (The SQLite store once dropped, on every query, the events outside that query's window.)
+    SQLite keeps a key's events for the longest window asked for keys of its family (here
+    `user`): exact for every window up to that one, as callers ask with configured windows.
+    """
+    a = await backend.open()
+    t = time.time()
+    for i in range(10):
+        await a.record_failure_async("user:carol", t + i)
+    assert await a.failures_async("user:carol", t + 9, 60.0) == 10
+    assert await a.failures_async("user:carol", t + 9, 2.0) == 3
+    assert await a.failures_async("user:carol", t + 9, 5.0) == 6
+    assert await a.failures_async("user:carol", t + 9, 2.0) == 3
+    assert await a.failures_async("user:carol", t + 9, 60.0) == 10
+    assert await a.failures_async("user:dave", t + 9, 60.0) == 0
+    # Out of order (concurrent requests finish in any order): counted by time, not arrival.
+    await a.record_failure_async("user:carol", t + 4.5)
+    assert await a.failures_async("user:carol", t + 9, 5.0) == 7
+    assert await a.failures_async("user:carol", t + 65, 60.0) == 5  # t + 5 to t + 9
+    # At most MAX_FAILURES per key, the newest, on both backends.
+    for i in range(MAX_FAILURES + 5):
+        await a.record_failure_async("ip:10.9.9.9", t + i / 1000)
+    assert await a.failures_async("ip:10.9.9.9", t + 2, 60.0) == MAX_FAILURES
+
+
+async def test_quiet_counters_are_dropped(backend: Backend) -> None:
+    """A counter whose newest event can no longer be counted goes: no leak per session.
+
+    SQLite drops a key once the longest window asked of the store (0.2 s here) cannot count its
+    newest event (`failure_ttl` while none was asked); Redis expires it `failure_ttl` after its
+    last event.
+    """
+    a = await backend.open(failure_ttl=1.0, flush_interval=0.05)
+    t = time.time()
+    await a.record_failure_async("req:tok:quiet", t)
+    await a.record_failure_async("req:tok:busy", t)
+    await a.record_failure_async("mfa:never-asked", t)
+    assert await a.failures_async("req:tok:quiet", t, 0.2) == 1
+
+    def present(key: str) -> bool:
+        if isinstance(a, SQLiteStore):
+            return key in a._failures
+        with contextlib.closing(backend.raw_redis()) as raw:
+            return bool(raw.exists(f"ztgw:fail:{key}"))
+
+    assert present("req:tok:quiet") and present("mfa:never-asked")
+    # A busy key stays, with only what its windows can still count.
+    while time.time() - t < 1.5:
+        await a.record_failure_async("req:tok:busy", time.time())
+        assert await a.failures_async("req:tok:busy", time.time(), 0.2) >= 1
+        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: not present("req:tok:quiet") and not present("mfa:never-asked"), 3.0, "dropped"
+    )
+    assert present("req:tok:busy")
+    if isinstance(a, SQLiteStore):
+        events = a._failures["req:tok:busy"]
+        assert isinstance(events, float) or len(events) <= 6  # 0.2 s of events, 20 a second
+    assert await a.failures_async("req:tok:quiet", time.time(), 0.2) == 0
+    assert await a.failures_async("mfa:never-asked", time.time(), 60.0) == 0
+
+
+async def test_counters_are_kept_for_failure_ttl_until_a_window_is_asked(backend: Backend) -> None:
+    a = await backend.open(failure_ttl=1.0, flush_interval=0.05)
+    t = time.time()
+    await a.record_failure_async("user:erin", t)
+
+    def present() -> bool:
+        if isinstance(a, SQLiteStore):
+            return "user:erin" in a._failures
+        with contextlib.closing(backend.raw_redis()) as raw:
+            return bool(raw.exists("ztgw:fail:user:erin"))
+
+    await asyncio.sleep(0.6)
+    assert present()
+    await eventually(lambda: not present(), 2.0, "dropped after failure_ttl")
 
 
 async def test_claim_once(backend: Backend) -> None:

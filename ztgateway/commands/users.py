@@ -21,7 +21,7 @@ from ..config import load_config
 from ..credentials.totp import qr_terminal
 from ..mfa import MFA, MFAUnavailable
 from ..store import Store, store_from_url
-from ..store.base import UserRecord
+from ..store.base import SESSION_HISTORY, UserRecord
 
 
 def _when(ts: float | None) -> str:
@@ -187,7 +187,16 @@ def sessions_show(args: argparse.Namespace) -> int:
             return 1
         s = store.session(found[0])
         assert s is not None
-        print(json.dumps(s.to_json() | {"session_id": s.session_id, "extra": s.extra}, indent=2))
+        # The last decisions live in the store, not on the session (written behind by the
+        # gateway: up to its flush interval old).
+        history = await store.session_history(s.session_id)
+        shown = s.to_json() | {
+            "session_id": s.session_id,
+            "verified_ip": s.verified_ip or s.start_ip,
+            "extra": s.extra,
+            "history": [d.to_json() for d in history],
+        }
+        print(json.dumps(shown, indent=2))
         return 0
 
     return _run(args, work)
@@ -253,9 +262,9 @@ def register(sub: Any) -> None:
     ls = add(ssub, "list", "sessions (all, or one user's)", sessions_list)
     ls.add_argument("--user")
     ls.add_argument("--json", action="store_true")
-    add(ssub, "show", "one session", sessions_show).add_argument(
-        "session", help="id or unique prefix"
-    )
+    add(
+        ssub, "show", f"one session, with its last {SESSION_HISTORY} decisions", sessions_show
+    ).add_argument("session", help="id or unique prefix")
     tm = add(ssub, "terminate", "end a session or every session of a user", sessions_terminate)
     tm.add_argument("session", nargs="?")
     tm.add_argument("--user")

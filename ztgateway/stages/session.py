@@ -7,7 +7,10 @@ its rate limits, with an anomaly score that rises with odd behaviour, decays wit
 for TOTP step-up and finally terminates the session.
 
 The stage only reads and decides; `SessionKeeper.after_decision()` (called by the gateway once
-the decision is final) creates, updates and revokes sessions.
+the decision is final) creates, updates and revokes sessions, and hands each decision on a
+session to the store, which writes the last few behind for `ztgateway sessions show`
+(docs/decisions/0008-session-history.md): nothing on the request path reads them, so they are
+not kept on the session in memory.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..context import RequestContext
 from ..decision import Decision, Finding, Reason, Verdict
-from ..store.base import Session, UserRecord
+from ..store.base import SESSION_HISTORY, Session, SessionDecision, UserRecord
 
 if TYPE_CHECKING:
     from ..config import SessionsConfig
@@ -36,7 +39,7 @@ IP_CHANGE = 0.2
 BURST = 0.25
 REFUSAL = 0.08
 RISK_SHARE = 0.4
-HISTORY = 20  # recent decisions kept on a session, for `sessions show` and investigations
+HISTORY = SESSION_HISTORY  # recent decisions the store keeps per session, for `sessions show`
 _NOT_AN_ATTEMPT = frozenset(
     {Reason.IDENTITY_UNAUTHENTICATED, Reason.TOKEN_REQUIRED, Reason.ROUTE_NOT_FOUND}
 )
@@ -206,7 +209,7 @@ class SessionStage:
         # risk) are recomputed each request and never stored, so a steady level cannot
         # compound request after request into a step-up or a termination.
         anomaly = decayed(session.anomaly, now - session.anomaly_at, cfg.anomaly_half_life)
-        verified_ip = str(session.extra.get("verified_ip", session.start_ip))
+        verified_ip = session.verified_ip or session.start_ip
         if ctx.client_ip != verified_ip:
             mode = rs.ip_drift
             near = same_network(ctx.client_ip, verified_ip)
@@ -327,6 +330,14 @@ class SessionKeeper:
         if view is None or user is None or ctx.route is None:
             return None
         session = view.session
+        ip = ctx.client_ip
+        if session is not None:
+            store.record_decision(
+                session.session_id,
+                SessionDecision(
+                    now, ip, ctx.route.name, decision.verdict.label, decision.reason.value
+                ),
+            )
         if decision.verdict is Verdict.TERMINATE and session is not None:
             reason = decision.reason.value
             await store.revoke_session(session.session_id, reason, now)
@@ -337,19 +348,10 @@ class SessionKeeper:
                 await store.save_user(account)
             return None
         if session is not None:
-            history = session.extra.setdefault("history", [])
-            history.append(
-                [
-                    round(now, 3),
-                    ctx.client_ip,
-                    ctx.route.name,
-                    decision.verdict.label,
-                    decision.reason.value,
-                ]
-            )
-            del history[:-HISTORY]
             session.last_seen = now
-            session.last_ip = ctx.client_ip
+            if ip != session.last_ip:
+                # The request's string lives as long as the session: share an equal one.
+                session.last_ip = session.start_ip if ip == session.start_ip else ip
             session.requests += 1
             if view.anomaly >= cfg.anomaly_step_up and session.anomaly < cfg.anomaly_step_up:
                 session.extra["anomaly_since"] = now
@@ -381,15 +383,19 @@ class SessionKeeper:
                 kind=kind,  # type: ignore[arg-type]
                 user=user,
                 device_id=ctx.cert.device_id if ctx.cert else None,
-                start_ip=ctx.client_ip,
-                last_ip=ctx.client_ip,
+                start_ip=ip,
+                last_ip=ip,
                 user_agent=ctx.headers.get("User-Agent", ""),
                 created=now,
                 last_seen=now,
                 expires_at=now + absolute,
                 requests=1,
-                extra={"verified_ip": ctx.client_ip},
+                verified_ip=ip,
             )
+        )
+        store.record_decision(
+            session_id,
+            SessionDecision(now, ip, route.name, decision.verdict.label, decision.reason.value),
         )
         return cookie_value
 

@@ -9,12 +9,20 @@ other workers or replicas) see it within the store's sync interval — the stale
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 DeviceState = Literal["pending", "approved", "revoked"]
 DEVICE_STATES: tuple[DeviceState, ...] = ("pending", "approved", "revoked")
+
+SESSION_HISTORY = 20
+"""Decisions kept per session for `ztgateway sessions show` (in the store, not in memory)."""
+MAX_FAILURES = 1000
+"""Events kept per failure/request counter key, on every backend."""
+HISTORY_BACKLOG = 100_000
+"""Decisions waiting for the next write-behind flush; the oldest are dropped beyond this."""
 
 
 class ChangeKind(enum.StrEnum):
@@ -82,6 +90,38 @@ class UserRecord:
         return self.locked_until is not None and self.locked_until > now
 
 
+class SessionDecision(NamedTuple):
+    """One decision on a session, as `ztgateway sessions show` lists it."""
+
+    at: float
+    ip: str
+    route: str
+    verdict: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.at,
+            "ip": self.ip,
+            "route": self.route,
+            "verdict": self.verdict,
+            "reason": self.reason,
+        }
+
+
+_MOVED = frozenset({"history", "verified_ip"})  # `extra` keys before 0008
+_SHORT = 64  # `extra` strings up to this length are shared between sessions (sys.intern)
+
+
+def _shared(value: Any) -> Any:
+    """Recurring small values of `extra` (provider, source, group names) as one object."""
+    if type(value) is str and len(value) <= _SHORT:
+        return sys.intern(value)
+    if type(value) is list:
+        return [_shared(v) for v in value]
+    return value
+
+
 @dataclass(slots=True)
 class Session:
     session_id: str
@@ -101,10 +141,61 @@ class Session:
     revoked_reason: str | None = None
     requests: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    verified_ip: str | None = None
+    """The address the session was last verified from (start, sign-in, step-up); None: start_ip.
+
+    Before 0008 it was `extra["verified_ip"]`: `compact()` moves it here (old rows, and writers
+    that still set it there)."""
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+    def compact(self) -> Session:
+        """Normalise in place for a long stay in memory; returns the session.
+
+        Every store calls it on what it loads and what it is given to save, so a session costs
+        the same however it arrived (docs/decisions/0008-session-history.md):
+        - `extra["history"]` (the decisions sessions kept before 0008) is dropped: the store
+          keeps a session's recent decisions out of memory (`record_decision`);
+        - `extra["verified_ip"]` moves to `verified_ip`;
+        - equal addresses and times share one object; the kind, the user agent, and the keys
+          and short strings of `extra` are interned (the same few values in every session);
+        - `extra` is rebuilt at its size (an emptied dict keeps its table).
+        """
+        extra = self.extra
+        if extra:
+            ip = extra.get("verified_ip")
+            if isinstance(ip, str):
+                self.verified_ip = ip
+            user = self.user
+            self.extra = {
+                sys.intern(k): user if k == "email" and v == user else _shared(v)
+                for k, v in extra.items()
+                if k not in _MOVED
+            }
+        self.kind = sys.intern(self.kind)  # type: ignore[assignment]
+        self.user_agent = sys.intern(self.user_agent)
+        start = self.start_ip
+        if self.last_ip == start:
+            self.last_ip = start
+        verified = self.verified_ip
+        if verified is not None:
+            if verified == start:
+                self.verified_ip = start
+            elif verified == self.last_ip:
+                self.verified_ip = self.last_ip
+        if self.last_seen == self.created:
+            self.last_seen = self.created
+        if self.anomaly_at == self.last_seen:
+            self.anomaly_at = self.last_seen
+        if self.anomaly == 0.0:
+            self.anomaly = 0.0
+        if self.anomaly_at == 0.0:
+            self.anomaly_at = 0.0
+        if self.revoked_reason is not None:
+            self.revoked_reason = sys.intern(self.revoked_reason)
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -194,6 +285,13 @@ class Store(Protocol):
     async def save_session(self, session: Session) -> None: ...
     def touch_session(self, session: Session) -> None: ...
     async def revoke_session(self, session_id: str, reason: str, now: float) -> bool: ...
+    def record_decision(self, session_id: str, decision: SessionDecision) -> None:
+        """Written behind (every flush), capped at SESSION_HISTORY per session."""
+        ...
+
+    async def session_history(self, session_id: str) -> list[SessionDecision]:
+        """The session's last SESSION_HISTORY decisions, oldest first (read by the CLI)."""
+        ...
 
     def touch_user(self, record: UserRecord) -> None: ...
     async def expire_sessions(self, now: float) -> int: ...

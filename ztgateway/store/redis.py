@@ -32,17 +32,22 @@ a background task reconnects with backoff and reloads everything before trusting
 Touches (last seen, last IP, session activity, user history) are written behind in batches and
 are not announced, as in SQLite. They can never undo a durable change: a session touch is
 dropped if the stored session is revoked, a device touch writes only `last_seen`/`last_ip`, and
-a user touch writes only the history fields (never a lock).
+a user touch writes only the history fields (never a lock). The sessions' recent decisions are
+written behind too, each session's in a sorted set (`<prefix>history:<id>`, scored by time,
+trimmed to the last SESSION_HISTORY, expiring with the session), read only by
+`ztgateway sessions show`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
@@ -55,6 +60,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from .base import (
+    HISTORY_BACKLOG,
+    MAX_FAILURES,
+    SESSION_HISTORY,
     CachedReads,
     ChangeKind,
     ChangeListener,
@@ -62,10 +70,11 @@ from .base import (
     DeviceState,
     PostureRecord,
     Session,
+    SessionDecision,
     StoreUnavailable,
     UserRecord,
 )
-from .sqlite import _session_from_json, _user_from_json
+from .sqlite import _latest, _session_from_json, _session_json, _user_from_json
 
 log = logging.getLogger("ztgateway.store")
 
@@ -75,7 +84,6 @@ _DEVICE_FIELDS = tuple(f.name for f in fields(Device))
 _HISTORY_FIELDS = ("known_devices", "known_routes", "last_location")
 _FAULTS = (RedisError, OSError, TimeoutError)
 _HEARTBEAT = "ztgw-heartbeat"
-_MAX_FAILURES = 1000  # per key, as the SQLite store's deque
 
 # --- Lua: every durable write and its announcement happen in one atomic step ---------------
 # ARGV[1] is always the channel, ARGV[2] the message, then script-specific arguments.
@@ -291,6 +299,10 @@ class RedisStore(CachedReads):
         self._dirty_devices: set[str] = set()
         self._dirty_sessions: set[str] = set()
         self._dirty_users: set[str] = set()
+        # (session id, decision, number): the number makes the decision's member unique and
+        # the same if a failed write-behind is retried.
+        self._history: deque[tuple[str, SessionDecision, int]] = deque(maxlen=HISTORY_BACKLOG)
+        self._history_seq = itertools.count()
         self._listeners: list[ChangeListener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = False  # subscribed and reloaded since the last (re)connect
@@ -672,12 +684,24 @@ class RedisStore(CachedReads):
             except Exception as exc:
                 log.warning("store write-behind failed, will retry: %s", exc)
 
+    def _history_ttl_ms(self, session_id: str, now: float) -> int:
+        """A session's history lives as long as its key (a day after it expires)."""
+        s = self._sessions.get(session_id)
+        end = s.expires_at if s is not None else now
+        return max(1, int((end - now + self.session_grace) * 1000))
+
     async def _flush(self) -> None:
-        if not (self._dirty_devices or self._dirty_sessions or self._dirty_users):
+        if not (self._dirty_devices or self._dirty_sessions or self._dirty_users or self._history):
             return
         devices, self._dirty_devices = self._dirty_devices, set()
         sessions, self._dirty_sessions = self._dirty_sessions, set()
         users, self._dirty_users = self._dirty_users, set()
+        pending = list(self._history)
+        self._history.clear()
+        history: dict[str, list[tuple[SessionDecision, int]]] = {}
+        for sid, decision, n in pending:
+            history.setdefault(sid, []).append((decision, n))
+        now = self._clock()
 
         async def run() -> None:
             pipe = self.redis.pipeline(transaction=False)
@@ -691,16 +715,24 @@ class RedisStore(CachedReads):
             for s in (self._sessions.get(k) for k in sessions):
                 if s is not None:
                     await self._scripts["touch_session"](
-                        [self._key("session", s.session_id)], [json.dumps(asdict(s))], client=pipe
+                        [self._key("session", s.session_id)], [_session_json(s)], client=pipe
                     )
             for u in (self._users.get(k) for k in users):
                 if u is not None:
-                    record, history = _user_parts(u)
+                    record, history_fields = _user_parts(u)
                     await self._scripts["touch_user"](
                         [self._key("user", u.user), self._index(ChangeKind.USER)],
-                        [u.user, history, record],
+                        [u.user, history_fields, record],
                         client=pipe,
                     )
+            for sid, numbered in history.items():
+                key = self._key("history", sid)
+                latest = sorted(numbered, key=lambda x: x[0].at)[-SESSION_HISTORY:]
+                # The member ends with a tag of its own: equal decisions stay apart.
+                members = {json.dumps([*d, f"{self._origin}.{n}"]): d.at for d, n in latest}
+                pipe.zadd(key, members)
+                pipe.zremrangebyrank(key, 0, -SESSION_HISTORY - 1)
+                pipe.pexpire(key, self._history_ttl_ms(sid, now))
             await pipe.execute()
 
         try:
@@ -709,6 +741,7 @@ class RedisStore(CachedReads):
             self._dirty_devices |= devices
             self._dirty_sessions |= sessions
             self._dirty_users |= users
+            self._history = deque([*pending, *self._history], maxlen=HISTORY_BACKLOG)
             raise
 
     async def flush(self) -> None:
@@ -799,6 +832,7 @@ class RedisStore(CachedReads):
     # --- sessions ------------------------------------------------------------------------------
     async def save_session(self, session: Session) -> None:
         """Write a session. SECURITY: a revoked session stays revoked, whoever saves it later."""
+        session.compact()
         key = session.session_id
         ttl_ms = max(1, int((session.expires_at - self._clock() + self.session_grace) * 1000))
         ver = await self._script(
@@ -808,7 +842,7 @@ class RedisStore(CachedReads):
                 self._channel,
                 self._message(ChangeKind.SESSION, key),
                 key,
-                json.dumps(asdict(session)),
+                _session_json(session),
                 json.dumps([session.revoked_at, session.revoked_reason]) if session.revoked else "",
                 repr(session.expires_at),
                 ttl_ms,
@@ -824,6 +858,16 @@ class RedisStore(CachedReads):
 
     def touch_session(self, session: Session) -> None:
         self._dirty_sessions.add(session.session_id)
+
+    def record_decision(self, session_id: str, decision: SessionDecision) -> None:
+        self._history.append((session_id, decision, next(self._history_seq)))
+
+    async def session_history(self, session_id: str) -> list[SessionDecision]:
+        key = self._key("history", session_id)
+        raw = await self._call("history", lambda: self.redis.zrange(key, -SESSION_HISTORY, -1))
+        stored = [SessionDecision(*json.loads(str(m))[:5]) for m in raw]
+        # With what this replica has not written yet.
+        return _latest([*stored, *(d for sid, d, _ in self._history if sid == session_id)])
 
     async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
         """Revoke; True only for the one caller (on any replica) that actually revoked it."""
@@ -864,6 +908,7 @@ class RedisStore(CachedReads):
             if old:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.delete(*(self._key("session", k) for k in old))
+                pipe.delete(*(self._key("history", k) for k in old))
                 pipe.zrem(index, *old)
                 await pipe.execute()
 
@@ -885,7 +930,7 @@ class RedisStore(CachedReads):
             pipe = self.redis.pipeline(transaction=True)
             pipe.zadd(k, {f"{now!r}:{secrets.token_hex(6)}": now})
             pipe.zremrangebyscore(k, "-inf", f"({now - self.failure_ttl!r}")
-            pipe.zremrangebyrank(k, 0, -_MAX_FAILURES - 1)
+            pipe.zremrangebyrank(k, 0, -MAX_FAILURES - 1)
             pipe.expire(k, max(1, int(self.failure_ttl)))
             await pipe.execute()
 

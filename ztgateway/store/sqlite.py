@@ -4,10 +4,13 @@ Reads on the request path never touch the disk: devices, posture, users and live
 held in memory and kept in sync through a `changes` table that every writer appends to. A
 process (this gateway, another worker, the CLI) polls it every `sync_interval` and reloads what
 changed, so a revocation made anywhere on the host holds everywhere within that bound.
-Frequent touches (last seen, last IP, session activity) are written behind in batches.
+Frequent touches (last seen, last IP, session activity) are written behind in batches, and so
+are the sessions' recent decisions (`session_history`, read only by `ztgateway sessions show`).
 
 Counters (rate buckets, failure windows) live in process memory: they are per-process by design
-for the embedded store; the Redis store shares them between replicas.
+for the embedded store; the Redis store shares them between replicas. A failure window is one
+float, or a sorted `array('d')`; it keeps only what the windows callers ask can still count, and
+a key that went quiet is dropped by an incremental sweep (see `failures`).
 """
 
 from __future__ import annotations
@@ -17,15 +20,20 @@ import contextlib
 import json
 import logging
 import time
+from array import array
+from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiosqlite
 
 from .base import (
+    HISTORY_BACKLOG,
+    MAX_FAILURES,
+    SESSION_HISTORY,
     CachedReads,
     ChangeKind,
     ChangeListener,
@@ -33,6 +41,7 @@ from .base import (
     DeviceState,
     PostureRecord,
     Session,
+    SessionDecision,
     StoreUnavailable,
     UserRecord,
 )
@@ -56,7 +65,19 @@ CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS session_history (
+    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL, at REAL NOT NULL, ip TEXT NOT NULL,
+    route TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS session_history_by_session ON session_history(session_id, at);
 """
+# The last SESSION_HISTORY decisions of a session, by time (rows come from every process).
+_TRIM_HISTORY = """
+DELETE FROM session_history WHERE session_id = ?1 AND id NOT IN (
+    SELECT id FROM session_history WHERE session_id = ?1 ORDER BY at DESC, id DESC LIMIT ?2)
+"""
+_SWEEP_BATCH = 2000  # failure keys checked per write-behind tick, at least
+_SWEEP_SLICE = 1000  # ... between two yields to the event loop
+_SWEEP_EVERY = 1.0  # seconds between the starts of two passes over the keys, at least
 _SESSION_FIELDS = {f.name for f in fields(Session)}
 _USER_FIELDS = {f.name for f in fields(UserRecord)}
 
@@ -71,7 +92,40 @@ def _user_from_json(data: dict[str, Any]) -> UserRecord:
 
 
 def _session_from_json(data: dict[str, Any]) -> Session:
-    return Session(**{k: v for k, v in data.items() if k in _SESSION_FIELDS})
+    """Rows of every version: an older one's `extra` history and verified IP are migrated."""
+    return Session(**{k: v for k, v in data.items() if k in _SESSION_FIELDS}).compact()
+
+
+def _session_json(session: Session) -> str:
+    return json.dumps(asdict(session))
+
+
+def _latest(decisions: Iterable[SessionDecision]) -> list[SessionDecision]:
+    """The last SESSION_HISTORY decisions, oldest first."""
+    return sorted(decisions, key=lambda d: d.at)[-SESSION_HISTORY:]
+
+
+def _by_session(
+    pending: Iterable[tuple[str, SessionDecision]],
+) -> dict[str, list[SessionDecision]]:
+    """Pending decisions grouped by session, only the ones the store would keep."""
+    out: dict[str, list[SessionDecision]] = {}
+    for sid, d in pending:
+        out.setdefault(sid, []).append(d)
+    return {sid: _latest(ds) for sid, ds in out.items()}
+
+
+# A failure window: one event as a float (most keys), more as a sorted array of floats.
+Events: TypeAlias = "float | array[float]"
+
+
+_GONE = float("-inf")
+"""A key whose events all aged out: kept (one shared float) until its next event or the sweep,
+so that a session's counter does not leave and re-enter the dictionary between its requests."""
+
+
+def _newest(events: Events) -> float:
+    return events if isinstance(events, float) else events[-1]
 
 
 class SQLiteStore(CachedReads):
@@ -82,6 +136,7 @@ class SQLiteStore(CachedReads):
         sync_interval: float = 0.25,
         flush_interval: float = 1.0,
         clock: Any = time.time,
+        failure_ttl: float = 86400.0,
     ) -> None:
         self.path = path
         self.observe: Callable[[str, float, bool], None] | None = None
@@ -98,7 +153,13 @@ class SQLiteStore(CachedReads):
         self._dirty_sessions: set[str] = set()
         self._dirty_users: set[str] = set()
         self._buckets: dict[str, tuple[float, float]] = {}
-        self._failures: dict[str, deque[float]] = {}
+        self.failure_ttl = failure_ttl
+        self._failures: dict[str, Events] = {}
+        self._horizons: dict[str, float] = {}  # per key family: the longest window asked
+        self._longest = -1.0  # the longest window asked of any key (-1: none yet)
+        self._sweep_todo: list[str] = []
+        self._sweep_next = 0.0
+        self._history: deque[tuple[str, SessionDecision]] = deque(maxlen=HISTORY_BACKLOG)
         self._listeners: list[ChangeListener] = []
         self._last_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -265,6 +326,7 @@ class SQLiteStore(CachedReads):
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval)
+            await self._sweep()
             try:
                 await self._flush()
             except Exception as exc:
@@ -272,11 +334,14 @@ class SQLiteStore(CachedReads):
                 log.warning("store write-behind failed, will retry: %s", exc)
 
     async def _flush(self) -> None:
-        if not (self._dirty_devices or self._dirty_sessions or self._dirty_users):
+        if not (self._dirty_devices or self._dirty_sessions or self._dirty_users or self._history):
             return
         devices, self._dirty_devices = self._dirty_devices, set()
         sessions, self._dirty_sessions = self._dirty_sessions, set()
         users, self._dirty_users = self._dirty_users, set()
+        pending = list(self._history)
+        self._history.clear()
+        history = _by_session(pending)
         async with self._write_lock:
             db = self.db
             try:
@@ -292,7 +357,7 @@ class SQLiteStore(CachedReads):
                         await db.execute(
                             "UPDATE sessions SET data = ? WHERE session_id = ? "
                             "AND json_extract(data, '$.revoked_at') IS NULL",
-                            (json.dumps(asdict(s)), s.session_id),
+                            (_session_json(s), s.session_id),
                         )
                 for u in (self._users.get(k) for k in users):
                     if u is not None:
@@ -301,11 +366,23 @@ class SQLiteStore(CachedReads):
                             "ON CONFLICT(user) DO UPDATE SET data = excluded.data",
                             (u.user, json.dumps(asdict(u))),
                         )
+                if history:
+                    await db.executemany(
+                        "INSERT INTO session_history "
+                        "(session_id, at, ip, route, verdict, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(sid, *d) for sid, ds in history.items() for d in ds],
+                    )
+                    await db.executemany(_TRIM_HISTORY, [(sid, SESSION_HISTORY) for sid in history])
                 await db.commit()
             except Exception:
                 self._dirty_devices |= devices
                 self._dirty_sessions |= sessions
                 self._dirty_users |= users
+                # Kept for the next attempt, before what arrived meanwhile (the oldest go first
+                # if the backlog is full).
+                self._history = deque([*pending, *self._history], maxlen=HISTORY_BACKLOG)
+                with contextlib.suppress(Exception):
+                    await db.rollback()
                 raise
 
     async def flush(self) -> None:
@@ -405,19 +482,33 @@ class SQLiteStore(CachedReads):
 
     # --- sessions ------------------------------------------------------------------------------
     async def save_session(self, session: Session) -> None:
+        session.compact()
         self._sessions[session.session_id] = session
         self._dirty_sessions.discard(session.session_id)
         await self._write(
             "INSERT INTO sessions (session_id, user, expires_at, data) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(session_id) DO UPDATE SET data = excluded.data, "
             "expires_at = excluded.expires_at",
-            (session.session_id, session.user, session.expires_at, json.dumps(asdict(session))),
+            (session.session_id, session.user, session.expires_at, _session_json(session)),
             ChangeKind.SESSION,
             session.session_id,
         )
 
     def touch_session(self, session: Session) -> None:
         self._dirty_sessions.add(session.session_id)
+
+    def record_decision(self, session_id: str, decision: SessionDecision) -> None:
+        self._history.append((session_id, decision))
+
+    async def session_history(self, session_id: str) -> list[SessionDecision]:
+        async with self.db.execute(
+            "SELECT at, ip, route, verdict, reason FROM session_history WHERE session_id = ? "
+            "ORDER BY at DESC, id DESC LIMIT ?",
+            (session_id, SESSION_HISTORY),
+        ) as cur:
+            stored = [SessionDecision(*row) for row in await cur.fetchall()]
+        # With what this process has not written yet.
+        return _latest([*stored, *(d for sid, d in self._history if sid == session_id)])
 
     async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
         s = self._sessions.get(session_id)
@@ -435,6 +526,11 @@ class SQLiteStore(CachedReads):
         for k in gone:
             self._sessions.pop(k, None)
         async with self._write_lock:
+            await self.db.execute(
+                "DELETE FROM session_history WHERE session_id IN "
+                "(SELECT session_id FROM sessions WHERE expires_at <= ?)",
+                (now - 86400,),
+            )
             await self.db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now - 86400,))
             await self.db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
             await self.db.commit()
@@ -458,22 +554,106 @@ class SQLiteStore(CachedReads):
         for k in [k for k, (_, t) in self._buckets.items() if now - t > full_after]:
             del self._buckets[k]
 
+    def _prune(self, key: str, events: array[float], cutoff: float) -> None:
+        """Drop the events before `cutoff`; one left is kept as a float, none as _GONE."""
+        gone = bisect_left(events, cutoff)
+        if gone:
+            del events[:gone]
+            if len(events) == 1:
+                self._failures[key] = events[0]
+            elif not events:
+                self._failures[key] = _GONE
+
     def record_failure(self, key: str, now: float) -> None:
-        q = self._failures.get(key)
-        if q is None:
-            q = self._failures[key] = deque(maxlen=100_000)
-        q.append(now)
+        now = float(now)
+        failures = self._failures
+        events = failures.get(key)
+        if events is None or events is _GONE:
+            failures[key] = now
+        else:
+            if isinstance(events, float):
+                pair = (events, now) if events <= now else (now, events)
+                events = failures[key] = array("d", pair)
+            elif now >= events[-1]:
+                events.append(now)
+            else:
+                insort(events, now)  # concurrent requests finish in any order
+            if len(events) > MAX_FAILURES:
+                del events[: len(events) - MAX_FAILURES]
 
     def failures(self, key: str, now: float, window: float) -> int:
-        q = self._failures.get(key)
-        if not q:
+        """Events recorded for `key` at or after `now - window`.
+
+        Retention follows the windows asked. A key keeps the events the longest window asked
+        of its family (`req`, `refused`, `user`, …: the text before the first colon) can count,
+        a quiet key goes once the longest window asked of the store cannot count its newest
+        event, and nothing older than `failure_ttl` (the Redis store's retention) is promised.
+        So the count is exact unless the same key was asked before with a window shorter than
+        this one by more than the time since, which callers (fixed, configured windows; the
+        TOTP window only grows with time) never do.
+        """
+        if window > self._longest:  # noqa: PLR1730 - on every request: no call
+            self._longest = window
+        events = self._failures.get(key)
+        if events is None:
             return 0
-        while q and q[0] < now - window:
-            q.popleft()
-        return len(q)
+        since = now - window
+        if events is _GONE:
+            return 0
+        if isinstance(events, float) and events >= since:
+            return 1
+        i = key.find(":")
+        family = key[:i] if i > 0 else ""
+        asked = self._horizons.get(family)
+        if asked is None or window > asked:
+            self._horizons[family] = asked = window
+        ttl = self.failure_ttl
+        cutoff = now - (asked if asked < ttl else ttl)
+        if isinstance(events, float):
+            if events < cutoff:
+                self._failures[key] = _GONE  # its slot, for the next event (or the sweep)
+            return 0
+        if events[0] < cutoff:
+            self._prune(key, events, cutoff)
+            events = self._failures[key]
+            if isinstance(events, float):
+                return 1 if events >= since else 0
+        return len(events) - bisect_left(events, since)
 
     def reset_failures(self, key: str) -> None:
         self._failures.pop(key, None)
+
+    def _sweep_failures(self, now: float, budget: int) -> int:
+        """Check up to `budget` keys of the current pass over a snapshot of the keys, and drop
+        the quiet ones (newest event older than the longest window asked, or `failure_ttl`);
+        how many were checked. A pass starts at most every _SWEEP_EVERY seconds."""
+        todo = self._sweep_todo
+        if not todo:
+            if now < self._sweep_next or not self._failures:
+                return 0
+            todo = self._sweep_todo = list(self._failures)
+            self._sweep_next = now + _SWEEP_EVERY
+        failures = self._failures
+        longest, ttl = self._longest, self.failure_ttl
+        cutoff = now - (longest if 0.0 <= longest < ttl else ttl)
+        checked = min(budget, len(todo))
+        for _ in range(checked):
+            key = todo.pop()
+            events = failures.get(key)
+            if events is not None and _newest(events) < cutoff:
+                del failures[key]
+        return checked
+
+    async def _sweep(self) -> None:
+        """One write-behind tick's share of the sweep: a tenth of the keys at least, so a pass
+        takes at most ten ticks, in slices that let requests through in between."""
+        budget = max(_SWEEP_BATCH, len(self._failures) // 10)
+        while budget > 0:
+            checked = self._sweep_failures(self._clock(), min(budget, _SWEEP_SLICE))
+            if not checked:
+                return
+            budget -= checked
+            await asyncio.sleep(0)
 
     # The same counters under the names the Redis store uses: there they are a round trip, so
     # callers await them; here they answer from memory at once (per process, by design).
