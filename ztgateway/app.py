@@ -78,6 +78,9 @@ WS_RECHECK_INTERVAL = 5.0
 
 
 class Gateway:
+    session_sweep_interval = 60.0
+    """Seconds between sweeps of expired sessions out of memory (tests shorten it)."""
+
     def __init__(self, config: GatewayConfig, *, worker: int | None = None) -> None:
         self.config = config
         self.worker = worker
@@ -248,6 +251,7 @@ class Gateway:
             self.ops_port = site.port
         self._tasks.append(asyncio.ensure_future(self._poll_tls()))
         self._tasks.append(asyncio.ensure_future(self._report_audit_depth()))
+        self._tasks.append(asyncio.ensure_future(self._expire_sessions()))
         log.info(
             "ztgateway %s listening on https://%s:%d (ops on %s:%s)",
             __version__, s.host, self.port, cfg.ops.host, self.ops_port,
@@ -286,6 +290,24 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             self.metrics.audit_queue.set(self.audit.stats.queued)
+
+    async def _expire_sessions(self) -> None:
+        """Drop sessions past their absolute expiry from memory (and, a day later, the store).
+
+        They are refused on their own already (the session stage checks `expires_at`); this
+        keeps a long-running gateway's memory to the sessions that can still be used.
+        """
+        while True:
+            await asyncio.sleep(self.session_sweep_interval)
+            try:
+                gone = await self.store.expire_sessions(time.time())
+            except StoreUnavailable:
+                continue
+            except Exception:  # the sweep must outlive a bad tick
+                log.exception("session expiry sweep failed")
+                continue
+            if gone:
+                log.info("expired %d sessions", gone)
 
     def reload(self) -> bool:
         """SIGHUP: new configuration and TLS material, or keep serving the old on any error."""

@@ -367,3 +367,15 @@ async def test_a_steady_risk_level_does_not_compound_into_a_step_up(
     assert statuses == [200] * 40
     [session] = gw.store.sessions("alice")
     assert session.anomaly < 0.05, session.anomaly
+
+
+async def test_sessions_past_their_absolute_expiry_leave_memory(
+    gateway_factory: GatewayFactory, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Gateway, "session_sweep_interval", 0.2)
+    gw = await gateway_factory({"sessions": {"absolute_timeout": 1}, "routes": [route()]})
+    token = issue_token(certs.issuer_key, sub="alice")
+    assert (await call(gw, certs, token))[0] == 200
+    assert len(gw.store.sessions()) == 1
+    await asyncio.sleep(1.6)
+    assert gw.store.sessions() == []
