@@ -1619,23 +1619,32 @@ def main(argv: list[str] | None = None) -> int:
     s_ratio = headline["session_lookup_ratio"]
     s_bytes = headline["session_bytes_each"]
     s_value = None
-    if s_ratio is not None and s_bytes is not None:
+    if s_ratio is not None:
         s_value = (
             f"lookup ×{s_ratio:.2f} (+{fmt(micro.get('session_lookup_added_us'))} µs), "
             f"stage check ×{fmt(headline['session_stage_ratio'])} "
-            f"(+{fmt(micro.get('session_stage_added_us'))} µs); {s_bytes:,} B per session in use "
-            f"(20-decision history), {fmt_int(headline['session_bytes_each_new'])} B new, "
-            f"+ {fmt_int(micro.get('session_counter_bytes_each'))} B request counter"
+            f"(+{fmt(micro.get('session_stage_added_us'))} µs)"
         )
     targets_out["sessions_flat"] = {
-        "label": "flat cost 10 → 100,000 sessions; ≤ 2 KB per session",
-        "goal": "lookup ratio <= 1.5, <= 2048 B per session",
+        "label": "flat cost 10 → 100,000 sessions (session lookup, ratio of minimum times)",
+        "goal": "<= 1.5",
         "value": s_value,
         "ratio": s_ratio,
+        "reached": None if s_ratio is None else s_ratio <= 1.5,
+    }
+    m_value = None
+    if s_bytes is not None:
+        m_value = (
+            f"{s_bytes:,} B per session in use, {fmt_int(headline['session_bytes_each_new'])} B "
+            f"new, + {fmt_int(micro.get('session_counter_bytes_each'))} B request counter"
+        )
+    counter = micro.get("session_counter_bytes_each") or 0
+    targets_out["sessions_memory"] = {
+        "label": "memory per session (in use, with its request counter)",
+        "goal": "<= 2048 B",
+        "value": m_value,
         "bytes_each": s_bytes,
-        "reached": None
-        if s_ratio is None or s_bytes is None
-        else s_ratio <= 1.5 and s_bytes <= 2048,
+        "reached": None if s_bytes is None else s_bytes + counter <= 2048,
     }
     now = dt.datetime.now(dt.UTC)
     commands = {
