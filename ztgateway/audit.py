@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ _SELECT_ROWS: Final = (
 )
 
 _RETRY_BASE: Final = 0.05
+_LINK_CHUNK: Final = 128
+"""Events chained per turn of the event loop (well under a millisecond): requests run between
+chunks, so a large batch does not stall them."""
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 _SCHEMA: Final = (
@@ -199,8 +203,26 @@ def _link_hash(prev_hash: str, body: str) -> str:
 
 def _format_ts(moment: datetime) -> str:
     # Fixed width (isoformat pads the year, strftime does not) so string order is time order
-    # and `search(since=, until=)` can compare the ts column as text.
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    # and `search(since=, until=)` can compare the ts column as text. In UTC isoformat ends
+    # with "+00:00", which becomes the "Z".
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+_clock_second: list[tuple[int, str]] = [(-1, "")]
+"""[(Unix second, "YYYY-MM-DDTHH:MM:SS.")], the pair swapped whole so threads never mix it."""
+
+
+def _now_ts() -> str:
+    """`_format_ts(datetime.now(UTC))`, formatting the date and time once per second.
+
+    `datetime.now()` reads the same clock as `time.time_ns()` and floors to microseconds.
+    """
+    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _clock_second[0]
+    if cached[0] != second:
+        text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+        cached = _clock_second[0] = (second, text[:-6] + ".")
+    return "%s%06dZ" % (cached[1], micros)  # noqa: UP031 (faster than the f-string)
 
 
 def _normalize_ts(value: Any) -> str:
@@ -235,6 +257,103 @@ def _index_columns(event: dict[str, Any]) -> tuple[str | None, ...]:
         _column(result.get("reason")),
         _column(inp.get("client_ip")),
     )
+
+
+# A queued event is (decision_id, _Entry). The entry holds what the writer needs, computed once
+# by record() from the dict it has: the ts column, the index columns, and the event encoded
+# with placeholders for the chain fields plus where they are (see _encode). The writer then
+# only cuts, hashes and splices; it never parses an event back. An entry without cuts took the
+# slow path: it holds the canonical body and the event as parsed from it.
+_Entry = tuple[
+    str,  # ts column
+    tuple[str | None, ...],  # user, device, route, verdict, reason, client_ip columns
+    bytes,  # with cuts: the encoding with placeholders; without: the canonical body
+    tuple[int, int, int] | None,  # cuts: offsets of the hash, prev_hash and seq placeholders
+    dict[str, Any] | None,  # without cuts: the event as the stored line holds it
+]
+
+_PLACEHOLDER: Final = "\x7f"
+"""Value the chain fields get in the encoding made by record(). Only a string holding DEL puts
+a 0x7f byte into orjson's output (it is neither escaped nor part of any other UTF-8 sequence),
+so exactly three of them are exactly the three placeholders; any other count takes the slow
+path."""
+_PLACEHOLDERS: Final = {"hash": _PLACEHOLDER, "prev_hash": _PLACEHOLDER, "seq": _PLACEHOLDER}
+_DEL: Final = b"\x7f"
+_HASH_CUT: Final = len(b',"hash":"')
+_PREV_CUT: Final = len(b',"prev_hash":"')
+_SEQ_CUT: Final = len(b',"seq":"')
+# The stored line: the canonical body with the chain fields spliced in where sorting puts them.
+_LINE: Final = b'%b,"hash":"%b"%b,"prev_hash":%b%b,"seq":%d%b'
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def _as_parsed(value: Any) -> Any:
+    """`value` as the stored event holds it, i.e. after a round trip through canonical JSON."""
+    if value is None or type(value) is str or type(value) is dict:
+        return value
+    return json.loads(canonical_json(value))
+
+
+def _fast_columns(body: dict[str, Any]) -> tuple[str | None, ...]:
+    """`_index_columns(json.loads(canonical_json(body)))` without the round trip.
+
+    Only for a body that orjson encodes: the round trip then changes nothing but the types
+    that are not str, dict or None, and those few values are round-tripped on their own.
+    """
+    inp = body.get("input")
+    if type(inp) is not dict:
+        inp = _as_parsed(inp)
+        if not isinstance(inp, dict):
+            inp = {}
+    result = body.get("result")
+    if type(result) is not dict:
+        result = _as_parsed(result)
+        if not isinstance(result, dict):
+            result = {}
+    columns = (
+        inp.get("user"),
+        inp.get("device"),
+        body.get("route"),
+        result.get("verdict"),
+        result.get("reason"),
+        inp.get("client_ip"),
+    )
+    for value in columns:
+        if value is not None and type(value) is not str:
+            return tuple(_column(_as_parsed(v)) for v in columns)
+    return columns
+
+
+def _encode(body: dict[str, Any], ts: str) -> _Entry:
+    """The queue entry for `body` (a private copy holding the chain placeholders)."""
+    try:
+        raw = orjson.dumps(body, option=_ORJSON_OPTIONS, default=_json_default)
+    except (TypeError, orjson.JSONEncodeError):
+        pass
+    else:
+        # The first three DEL bytes, and no fourth (memchr scans; count() is byte by byte).
+        h = raw.find(_DEL)
+        p = raw.find(_DEL, h + 1)
+        s = raw.find(_DEL, p + 1)
+        if 0 <= h < p < s and raw.find(_DEL, s + 1) < 0:
+            # So these are the three placeholders, each written as `"key":"\x7f"`. Keys are
+            # sorted and "decision_id" < "hash" < "prev_hash" < "seq" < "timestamp" are all
+            # there, so each is a member between two others, after a comma (_link_rows cuts
+            # out exactly `,"hash":"\x7f"` and so on).
+            return ts, _fast_columns(body), raw, (h, p, s), None
+    # Slow path (values orjson refuses, lone surrogates, a DEL in the event): the writer builds
+    # the stored line from the parsed event, exactly as it always has.
+    for name in CHAIN_FIELDS:
+        del body[name]
+    canonical = canonical_json(body)
+    try:
+        encoded = canonical.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (only the fallback encoder lets them through): replace them.
+        canonical = canonical_json(_scrub(json.loads(canonical)))
+        encoded = canonical.encode("utf-8")
+    parsed = json.loads(canonical)
+    return _normalize_ts(parsed["timestamp"]), _index_columns(parsed), encoded, None, parsed
 
 
 # --------------------------------------------------------------------------- writer
@@ -335,7 +454,7 @@ class AuditLog:
         self._busy_timeout = busy_timeout
         self._retry_max = retry_max
 
-        self._pending: deque[tuple[str, str]] = deque()  # (decision_id, canonical body)
+        self._pending: deque[tuple[str, _Entry]] = deque()  # (decision_id, what to write)
         self._pending_ids: set[str] = set()
         self._accepted = 0
         self._written = 0
@@ -518,21 +637,17 @@ class AuditLog:
             raise ValueError("audit event needs a non-empty string decision_id")
         if decision_id in self._pending_ids:
             raise ValueError(f"decision {decision_id} is already queued")
-        reserved = CHAIN_FIELDS.intersection(event)
-        if reserved:
-            raise ValueError(f"audit event may not set {sorted(reserved)}; the chain sets them")
-        body = dict(event)
-        body.setdefault("type", EVENT_TYPE)
+        body = {**event, **_PLACEHOLDERS}
+        if len(body) != len(event) + len(_PLACEHOLDERS):
+            reserved = sorted(CHAIN_FIELDS.intersection(event))
+            raise ValueError(f"audit event may not set {reserved}; the chain sets them")
+        if "type" not in body:
+            body["type"] = EVENT_TYPE
         if "timestamp" in body:
-            _normalize_ts(body["timestamp"])
+            ts = _normalize_ts(body["timestamp"])
         else:
-            body["timestamp"] = _format_ts(datetime.now(UTC))
-        canonical = canonical_json(body)
-        try:
-            canonical.encode("utf-8")
-        except UnicodeEncodeError:
-            canonical = canonical_json(_scrub(json.loads(canonical)))
-        self._pending.append((decision_id, canonical))
+            ts = body["timestamp"] = _now_ts()
+        self._pending.append((decision_id, _encode(body, ts)))
         self._pending_ids.add(decision_id)
         self._accepted += 1
         self._wake.set()
@@ -635,7 +750,7 @@ class AuditLog:
             self._report_failure(exc)
             self._fail_waiters(AuditUnavailable("audit writer has failed"))
 
-    async def _commit_batch(self) -> tuple[int, list[str]]:
+    async def _commit_batch(self) -> tuple[int, list[bytes]]:
         db = self._db
         assert db is not None
         batch = list(itertools.islice(self._pending, self._batch_size))
@@ -657,33 +772,30 @@ class AuditLog:
                 )
             first_seq = seq + 1
             rows: list[tuple[Any, ...]] = []
-            lines: list[str] = []
-            for decision_id, canonical in batch:
-                seq += 1
-                link = _link_hash(prev, canonical)
-                body = json.loads(canonical)
-                stored = canonical_json({**body, "seq": seq, "prev_hash": prev, "hash": link})
-                ts = _normalize_ts(body["timestamp"])
-                rows.append((seq, decision_id, ts, *_index_columns(body), stored, prev, link))
-                lines.append(stored)
-                prev = link
+            lines: list[bytes] = []
+            for start in range(0, len(batch), _LINK_CHUNK):
+                if start:
+                    await asyncio.sleep(0)  # requests run between chunks, not after the batch
+                chunk = batch[start : start + _LINK_CHUNK]
+                seq, prev = _link_rows(chunk, seq, prev, rows, lines)
             await db.executemany(_INSERT, rows)
             await db.execute("COMMIT")
         except BaseException:
             await _rollback(db)
             raise
         for _ in batch:
-            decision_id, _canonical = self._pending.popleft()
+            decision_id, _entry = self._pending.popleft()
             self._pending_ids.discard(decision_id)
         self._written += len(batch)
         self._last_seq, self._last_hash = seq, prev
         return first_seq, lines
 
-    async def _mirror(self, first_seq: int, lines: list[str]) -> None:
+    async def _mirror(self, first_seq: int, lines: list[bytes]) -> None:
         """Append a just-committed batch to the sink when it directly follows what the sink has."""
         if self._jsonl_path is None or self._sink_seq != first_seq - 1:
             return  # behind (earlier fault or another writer): _catch_up_sink reads the DB
-        await asyncio.to_thread(_append_lines, self._jsonl_path, _join_lines(lines))
+        data = b"\n".join(lines) + b"\n" if lines else b""
+        await asyncio.to_thread(_append_lines, self._jsonl_path, data)
         self._sink_seq = first_seq + len(lines) - 1
 
     async def _catch_up_sink(self) -> None:
@@ -705,6 +817,42 @@ class AuditLog:
             return
         await asyncio.to_thread(_append_lines, self._jsonl_path, _join_lines(r[1] for r in rows))
         self._sink_seq = int(rows[-1][0])
+
+
+def _link_rows(
+    batch: list[tuple[str, _Entry]],
+    seq: int,
+    prev: str,
+    rows: list[tuple[Any, ...]],
+    lines: list[bytes],
+) -> tuple[int, str]:
+    """Chain `batch` onto (seq, prev): append its rows and sink lines; return the new head."""
+    sha256 = hashlib.sha256
+    prev_raw = prev.encode("utf-8")
+    # prev_hash as JSON; only a head edited behind the writer's back needs more than quotes.
+    prev_json = b'"' + prev_raw + b'"' if _HEX64.fullmatch(prev) else orjson.dumps(prev)
+    for decision_id, (ts, columns, raw, cuts, parsed) in batch:
+        seq += 1
+        if cuts is not None:
+            h, p, s = cuts
+            head = raw[: h - _HASH_CUT]
+            before_prev = raw[h + 2 : p - _PREV_CUT]
+            before_seq = raw[p + 2 : s - _SEQ_CUT]
+            rest = raw[s + 2 :]
+            link = sha256(b"".join((prev_raw, head, before_prev, before_seq, rest))).hexdigest()
+            link_raw = link.encode()
+            line = _LINE % (head, link_raw, before_prev, prev_json, before_seq, seq, rest)
+            stored = line.decode()
+        else:
+            assert parsed is not None
+            link = sha256(prev_raw + raw).hexdigest()
+            link_raw = link.encode()
+            stored = canonical_json({**parsed, "seq": seq, "prev_hash": prev, "hash": link})
+            line = stored.encode("utf-8")
+        rows.append((seq, decision_id, ts, *columns, stored, prev, link))
+        lines.append(line)
+        prev, prev_raw, prev_json = link, link_raw, b'"' + link_raw + b'"'
+    return seq, prev
 
 
 def _join_lines(lines: Iterable[str]) -> bytes:
@@ -1102,14 +1250,33 @@ _SECRET_SUFFIXES: Final = ("token", "secret", "password", "apikey", "signature")
 _WORD_SPLIT: Final = re.compile(r"[^a-z0-9]+")
 
 
-def _is_secret_name(name: str, always: frozenset[str]) -> bool:
-    lowered = name.lower()
+_CACHED_NAME_MAX: Final = 64
+"""Names up to this long have their verdict cached (clients reuse a few dozen header and
+parameter names); longer ones are judged every time, so the cache stays small."""
+
+
+@functools.lru_cache(maxsize=2048)
+def _is_secret_lowered(lowered: str, always: frozenset[str]) -> bool:
     if lowered in always:
         return True
     if any(word in _SECRET_WORDS for word in _WORD_SPLIT.split(lowered)):
         return True
     # camelCase names (refreshToken, clientSecret) have no separator to split on.
     return lowered.endswith(_SECRET_SUFFIXES)
+
+
+def _is_secret_name(name: str, always: frozenset[str]) -> bool:
+    lowered = name.lower()
+    if len(lowered) > _CACHED_NAME_MAX:
+        return bool(_is_secret_lowered.__wrapped__(lowered, always))
+    return _is_secret_lowered(lowered, always)
+
+
+@functools.lru_cache(maxsize=1024)
+def _query_name(raw_name: str) -> tuple[str, bool]:
+    """A query parameter's decoded name and whether its value is a secret."""
+    name = unquote_plus(raw_name)
+    return name, _is_secret_name(name, SECRET_QUERY_PARAMS)
 
 
 def _mask(value: str, key: bytes | None) -> str:
@@ -1135,18 +1302,29 @@ def mask_headers(
 
     Each value of a repeated header is masked on its own so one shared cookie still correlates.
     """
-    grouped: dict[str, list[str]] = {}
-    for name, value in headers:
-        grouped.setdefault(name.lower(), []).append(value)
     out: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
     masked: list[str] = []
-    for name, values in grouped.items():
-        if _is_secret_name(name, SECRET_HEADERS):
-            out[name] = ", ".join(_mask(v, key) for v in values)
-            masked.append(f"{prefix}.{name}")
+    for name, raw in headers:
+        lowered = name.lower()
+        value = raw
+        if (
+            _is_secret_lowered(lowered, SECRET_HEADERS)
+            if len(lowered) <= _CACHED_NAME_MAX
+            else _is_secret_lowered.__wrapped__(lowered, SECRET_HEADERS)
+        ):
+            value = _mask(raw, key)
+            if lowered not in out:
+                masked.append(f"{prefix}.{lowered}")
+        if lowered in out:
+            repeated.setdefault(lowered, [out[lowered]]).append(value)
         else:
-            out[name] = ", ".join(values)
-    return out, sorted(masked)
+            out[lowered] = value
+    # A repeated header is one entry, its values joined in order.
+    for lowered, values in repeated.items():
+        out[lowered] = ", ".join(values)
+    masked.sort()
+    return out, masked
 
 
 def mask_query(
@@ -1163,8 +1341,12 @@ def mask_query(
     masked: set[str] = set()
     for part in query.split("&"):
         raw_name, sep, raw_value = part.partition("=")
-        name = unquote_plus(raw_name)
-        if sep and raw_value and _is_secret_name(name, SECRET_QUERY_PARAMS):
+        name, secret = (
+            _query_name(raw_name)
+            if len(raw_name) <= _CACHED_NAME_MAX
+            else _query_name.__wrapped__(raw_name)
+        )
+        if sep and raw_value and secret:
             parts.append(f"{raw_name}={_mask(unquote_plus(raw_value), key)}")
             masked.add(f"{prefix}.{name}")
         else:
