@@ -39,7 +39,7 @@ from .stages.session import (
     read_cookie,
     token_session_id,
 )
-from .store.base import Session
+from .store.base import ID_TOKEN, Session
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -147,6 +147,13 @@ async def _mark_verified(gw: Gateway, ctx: RequestContext, who: _Who, method: st
         cookie_value = secrets.token_urlsafe(32) if who.kind != "token" else None
         sid = cookie_session_id(cookie_value) if cookie_value else who.session_id
         old = session
+        extra = dict(old.extra) if old else {}
+        if old is not None:
+            # The ID token is kept apart by the store: the new session gets it too, so that
+            # logout still sends it to the provider.
+            id_token = await store.session_id_token(old.session_id)
+            if id_token:
+                extra[ID_TOKEN] = id_token
         session = Session(
             session_id=sid,
             kind="cookie" if cookie_value else "token",
@@ -160,7 +167,7 @@ async def _mark_verified(gw: Gateway, ctx: RequestContext, who: _Who, method: st
             expires_at=old.expires_at if old else now + gw.config.sessions.absolute_timeout,
             requests=old.requests if old else 0,
             # Keep what the sign-in established (provider, groups, e-mail, ID token).
-            extra=dict(old.extra) if old else {},
+            extra=extra,
         )
         if old is not None and cookie_value:
             await store.revoke_session(old.session_id, "rotated after step-up", now)

@@ -23,7 +23,7 @@ from .decision import Reason, Verdict
 from .forward.headers import SERVER_BANNER
 from .responses import DECISION_HEADER, problem, see_other, wants_html
 from .stages.session import clear_cookie_header, cookie_session_id, new_cookie_header, read_cookie
-from .store.base import Session
+from .store.base import ID_TOKEN, Session, StoreUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -197,7 +197,8 @@ sign-in link is reused, expires, or was started in another browser.</p>
             "email": result.email,
             "groups": list(result.groups),
             "verified_ip": ctx.client_ip,
-            "id_token": result.id_token,
+            # For logout's id_token_hint: the store keeps it apart, not in memory.
+            ID_TOKEN: result.id_token,
         },
     )
     await gw.store.save_session(session)
@@ -242,7 +243,10 @@ async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
     if cookie:
         session = gw.store.session(cookie_session_id(cookie))
         if session is not None:
-            id_token = session.extra.get("id_token")
+            # Read from the store (not held in memory); without it the provider may only ask
+            # the person to confirm, so a failed read does not stop the sign-out.
+            with contextlib.suppress(StoreUnavailable):
+                id_token = await gw.store.session_id_token(session.session_id)
             await gw.store.revoke_session(session.session_id, "signed out", time.time())
     _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "signed out")
     target = gw.config.oidc.post_logout_path

@@ -5,10 +5,12 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import jwt as pyjwt
 import pytest
 
 from tests.oidc_fixtures import PASSWORDS, SignInSetup, form_action, form_fields
 from tests.support import Certs, client_ssl
+from ztgateway.store.base import ID_TOKEN
 
 HTML = {"Accept": "text/html"}
 
@@ -45,6 +47,36 @@ async def sign_in(
     assert callback.startswith(origin + "/.ztgw/oidc/callback")
     r = await s.get(callback, headers=HTML, allow_redirects=False)
     return r
+
+
+async def sign_out(s: aiohttp.ClientSession, setup: SignInSetup) -> str:
+    """Confirm the sign-out form; where the gateway sends the browser (the provider's logout)."""
+    page = await (await s.get(setup.origin + "/.ztgw/logout", headers=HTML)).text()
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    r = await s.post(setup.origin + "/.ztgw/logout", data={"csrf": csrf}, allow_redirects=False)
+    assert r.status == 303
+    return r.headers["Location"]
+
+
+async def assert_provider_logout_with_hint(
+    s: aiohttp.ClientSession, setup: SignInSetup, location: str
+) -> None:
+    """RP-initiated logout with the ID token the sign-in received as `id_token_hint`, which the
+    provider accepts (it sends the browser back to the gateway's signed-out page)."""
+    assert location.startswith(setup.issuer) and "end_session" in location
+    params = parse_qs(urlsplit(location).query)
+    assert params["post_logout_redirect_uri"] == [setup.origin + "/.ztgw/signed-out"]
+    (hint,) = params["id_token_hint"]
+    claims = pyjwt.decode(hint, options={"verify_signature": False})
+    assert (claims["iss"], claims["aud"], claims["sub"]) == (setup.issuer, "ztgateway", "alice")
+    r = await s.get(location, allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == setup.origin + "/.ztgw/signed-out"
+
+
+def sessions_hold_no_id_token(setup: SignInSetup) -> bool:
+    """Issue 9: the ID token is in the store, never in the sessions in memory."""
+    sessions = setup.gateway.store.sessions("alice")
+    return bool(sessions) and all(ID_TOKEN not in s.extra for s in sessions)
 
 
 async def test_a_person_signs_in_and_reaches_the_app_as_themselves(
@@ -122,15 +154,12 @@ async def test_sign_out_ends_the_session_and_the_next_visit_asks_to_sign_in(
         csrf = page.split('name="csrf" value="')[1].split('"')[0]
         r = await s.post(signin.origin + "/.ztgw/logout", data={}, allow_redirects=False)
         assert r.status == 400, "no CSRF token, no sign-out"
+        assert sessions_hold_no_id_token(signin)
         r = await s.post(
             signin.origin + "/.ztgw/logout", data={"csrf": csrf}, allow_redirects=False
         )
         assert r.status == 303
-        location = r.headers["Location"]
-        assert location.startswith(signin.issuer) and "end_session" in location
-        assert parse_qs(urlsplit(location).query)["post_logout_redirect_uri"] == [
-            signin.origin + "/.ztgw/signed-out"
-        ]
+        await assert_provider_logout_with_hint(s, signin, r.headers["Location"])
         r = await s.get(signin.origin + "/echo", headers=HTML, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"].startswith("/.ztgw/login")
 
@@ -211,3 +240,7 @@ async def test_signed_in_person_enrols_totp_and_steps_up_for_the_admin_route(
         r = await s.get(signin.origin + "/admin/echo?x=1", headers={"Accept": "application/json"})
         assert r.status == 200, await r.text()
         assert (await r.json())["headers_map"]["x-forwarded-user"] == "alice"
+        # The step-up gave the browser a new session: signing out of it still ends the
+        # provider's session with the ID token of the sign-in.
+        assert sessions_hold_no_id_token(signin)
+        await assert_provider_logout_with_hint(s, signin, await sign_out(s, signin))

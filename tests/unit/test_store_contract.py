@@ -23,6 +23,7 @@ import pytest
 import redis as redis_sync
 
 from ztgateway.store.base import (
+    ID_TOKEN,
     MAX_FAILURES,
     SESSION_HISTORY,
     ChangeKind,
@@ -282,11 +283,11 @@ async def test_touch_never_unrevokes(backend: Backend) -> None:
 
 # Rows as the code before 0008 wrote them: the last decisions and the verified address in `extra`.
 OLD_SCHEMA = """
-CREATE TABLE sessions (
+CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at REAL NOT NULL,
     data TEXT NOT NULL);
-CREATE INDEX sessions_user ON sessions(user);
-CREATE TABLE changes (
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
+CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
 """
 
@@ -446,6 +447,167 @@ async def test_session_history_survives_a_failed_write_behind(backend: Backend) 
     await a.flush()
     got = await (await backend.open()).session_history("s1")
     assert [d.reason for d in got] == ["first", "second"]
+
+
+# --- a browser session's ID token: kept apart, never in memory -----------------------------------
+
+ID_TOKEN_1 = "eyJhbGciOiJFUzI1NiJ9." + "a" * 600 + ".sig1"
+ID_TOKEN_2 = "eyJhbGciOiJFUzI1NiJ9." + "b" * 600 + ".sig2"
+
+
+def browser_session(sid: str, id_token: str | None = ID_TOKEN_1, ttl: float = 3600.0) -> Session:
+    """As the OIDC sign-in creates it: the ID token in `extra`, for the store to keep apart."""
+    s = session(sid, ttl=ttl)
+    if id_token is not None:
+        s.extra[ID_TOKEN] = id_token
+    return s
+
+
+def stored_id_tokens(backend: Backend) -> dict[str, str]:
+    """What the backend keeps apart, read behind the stores' backs."""
+    if backend.name == "sqlite":
+        with contextlib.closing(backend.raw_sqlite()) as db:
+            return dict(db.execute("SELECT session_id, id_token FROM session_secrets"))
+    with contextlib.closing(backend.raw_redis()) as raw:
+        out = {}
+        for key in raw.scan_iter("ztgw:session:*"):
+            token = raw.hget(key, "id_token")
+            if token is not None:
+                out[key.removeprefix("ztgw:session:")] = token
+        return out
+
+
+def holds_no_id_token(store: AnyStore) -> bool:
+    return all(ID_TOKEN not in s.extra for s in store.sessions())
+
+
+async def test_an_id_token_is_stored_apart_and_read_back_by_every_instance(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    s = browser_session("s1")
+    await a.save_session(s)
+    await a.save_session(browser_session("plain", id_token=None))
+    # Not in memory (the session saved was compacted in place), nor in the session's JSON.
+    assert ID_TOKEN not in s.extra and a.session("s1") == s
+    assert "id_token" not in json.dumps(stored_session_json(backend, "s1"))
+    assert stored_id_tokens(backend) == {"s1": ID_TOKEN_1}
+    await eventually(lambda: b.session("s1") is not None, 2.0, "session on b")
+    for store in (a, b):
+        assert holds_no_id_token(store)
+        assert await store.session_id_token("s1") == ID_TOKEN_1
+        assert await store.session_id_token("plain") is None
+        assert await store.session_id_token("unknown") is None
+
+    # Touches (activity written behind, by any instance) never drop it.
+    for store in (a, b):
+        got = store.session("s1")
+        assert got is not None
+        got.requests += 5
+        store.touch_session(got)
+        await store.flush()
+    # A save without one (a step-up on the same session) keeps it; a save with one replaces it.
+    cached = b.session("s1")
+    assert cached is not None
+    cached.extra["mfa_method"] = "totp"
+    await b.save_session(cached)
+    assert await a.session_id_token("s1") == ID_TOKEN_1
+    replaced = dataclasses.replace(cached, extra={**cached.extra, ID_TOKEN: ID_TOKEN_2})
+    await b.save_session(replaced)
+    assert await a.session_id_token("s1") == ID_TOKEN_2
+    # A revoked session keeps it until it expires: signing out of a session that an admin or
+    # the risk engine ended still ends the provider's session too.
+    assert await b.revoke_session("s1", "terminated by admin", time.time()) is True
+    assert await a.session_id_token("s1") == ID_TOKEN_2
+
+    fresh = await backend.open()
+    got = fresh.session("s1")
+    assert got is not None and got.revoked and got.extra.get("mfa_method") == "totp"
+    assert holds_no_id_token(fresh)
+    assert await fresh.session_id_token("s1") == ID_TOKEN_2
+    if isinstance(fresh, RedisStore):
+        # A reload never even reads it from Redis.
+        (h,) = await fresh._fetch([(ChangeKind.SESSION, "s1")])
+        assert "id_token" not in h and "data" in h
+
+
+async def test_a_rotated_session_keeps_the_id_token(backend: Backend) -> None:
+    """The step-up's cookie rotation: a new session with what the sign-in established."""
+    a, b = await backend.open(), await backend.open()
+    await a.save_session(browser_session("old"))
+    old = a.session("old")
+    assert old is not None
+    token = await a.session_id_token("old")
+    assert token == ID_TOKEN_1
+    new = dataclasses.replace(old, session_id="new", extra={**old.extra, ID_TOKEN: token})
+    assert await a.revoke_session("old", "rotated after step-up", time.time()) is True
+    await a.save_session(new)
+    await eventually(lambda: b.session("new") is not None, 2.0, "rotated session on b")
+    for store in (a, b):
+        assert holds_no_id_token(store)
+        assert await store.session_id_token("new") == ID_TOKEN_1
+        assert await store.session_id_token("old") == ID_TOKEN_1  # until it expires
+    assert stored_id_tokens(backend) == {"old": ID_TOKEN_1, "new": ID_TOKEN_1}
+
+
+async def test_an_id_token_goes_with_its_session(backend: Backend) -> None:
+    a = await backend.open()
+    # Already expired (so that no reload of its announcement can bring it back into the cache).
+    await a.save_session(browser_session("short", ttl=-1.0))
+    await a.save_session(browser_session("long", id_token=ID_TOKEN_2, ttl=3 * 86400))
+    # Expired sessions are deleted from the store a day after they expire, with their token.
+    await a.expire_sessions(time.time())
+    assert a.session("short") is None
+    assert await a.session_id_token("short") == ID_TOKEN_1
+    await a.expire_sessions(time.time() + 86400 + 60)
+    assert a.session("short") is None
+    assert await a.session_id_token("short") is None
+    assert await a.session_id_token("long") == ID_TOKEN_2
+    assert stored_id_tokens(backend) == {"long": ID_TOKEN_2}
+    assert await (await backend.open()).session_id_token("short") is None
+
+
+async def test_rows_written_with_the_id_token_in_their_json_keep_it_reachable(
+    backend: Backend,
+) -> None:
+    """Sessions stored before the ID token was kept apart (0008 and older): it is in the JSON."""
+    rows = {sid: old_session_row(sid) for sid in ("idle", "touched", "revoked", "plain")}
+    for sid, row in rows.items():
+        if sid != "plain":
+            row["extra"][ID_TOKEN] = f"{ID_TOKEN_1}-{sid}"
+        write_old_session(backend, row)
+    a, b = await backend.open(), await backend.open()
+    for store in (a, b):
+        assert len(store.sessions()) == 4 and holds_no_id_token(store)
+        got = store.session("touched")
+        assert got is not None and got.extra == {"mfa_method": "totp"}
+    # Read from the row while it is as it was written.
+    assert await a.session_id_token("idle") == f"{ID_TOKEN_1}-idle"
+    # Any write that replaces the row (a touch from any instance, a revocation) moves it aside.
+    touched = b.session("touched")
+    assert touched is not None
+    touched.requests += 1
+    b.touch_session(touched)
+    await b.flush()
+    assert await a.revoke_session("revoked", "terminated by admin", time.time()) is True
+    if backend.name == "sqlite":  # SQLite's revocation rewrites the row; Redis' does not
+        assert "id_token" not in json.dumps(stored_session_json(backend, "revoked"))
+    assert "id_token" not in json.dumps(stored_session_json(backend, "touched"))
+    assert stored_session_json(backend, "touched")["requests"] == touched.requests
+    fresh = await backend.open()
+    for sid in ("idle", "touched", "revoked"):
+        assert await fresh.session_id_token(sid) == f"{ID_TOKEN_1}-{sid}", sid
+    assert await fresh.session_id_token("plain") is None
+    assert "touched" in stored_id_tokens(backend)
+    # A save of the old row with a new token replaces the one it carried.
+    idle = fresh.session("idle")
+    assert idle is not None
+    await fresh.save_session(dataclasses.replace(idle, extra={ID_TOKEN: ID_TOKEN_2}))
+    assert await a.session_id_token("idle") == ID_TOKEN_2
+    # And they go with their session.
+    await a.expire_sessions(time.time() + 3600 + 86400 + 60)
+    assert stored_id_tokens(backend) == {}
+    assert await fresh.session_id_token("touched") is None
 
 
 # --- counters ------------------------------------------------------------------------------------

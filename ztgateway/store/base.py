@@ -110,6 +110,11 @@ class SessionDecision(NamedTuple):
 
 
 _MOVED = frozenset({"history", "verified_ip"})  # `extra` keys before 0008
+ID_TOKEN = "id_token"  # noqa: S105 - the name of a key, not a secret
+"""The `extra` key a writer puts a session's OIDC ID token under (the sign-in, the step-up's
+rotation). Stores keep it apart from the session and never in memory; logout reads it back with
+`Store.session_id_token` (docs/decisions/0008-session-history.md)."""
+_APART = _MOVED | {ID_TOKEN}  # `extra` keys that `compact()` does not keep
 _SHORT = 64  # `extra` strings up to this length are shared between sessions (sys.intern)
 
 
@@ -159,6 +164,8 @@ class Session:
         - `extra["history"]` (the decisions sessions kept before 0008) is dropped: the store
           keeps a session's recent decisions out of memory (`record_decision`);
         - `extra["verified_ip"]` moves to `verified_ip`;
+        - `extra["id_token"]` is dropped: a store keeps it apart (take it first with
+          `take_id_token`), and rows written before keep it in the store until their next write;
         - equal addresses and times share one object; the kind, the user agent, and the keys
           and short strings of `extra` are interned (the same few values in every session);
         - `extra` is rebuilt at its size (an emptied dict keeps its table).
@@ -172,7 +179,7 @@ class Session:
             self.extra = {
                 sys.intern(k): user if k == "email" and v == user else _shared(v)
                 for k, v in extra.items()
-                if k not in _MOVED
+                if k not in _APART
             }
         self.kind = sys.intern(self.kind)  # type: ignore[assignment]
         self.user_agent = sys.intern(self.user_agent)
@@ -215,6 +222,12 @@ class Session:
             "revoked_reason": self.revoked_reason,
             "requests": self.requests,
         }
+
+
+def take_id_token(session: Session) -> str | None:
+    """The ID token a writer put in the session's `extra`, for the store to keep apart."""
+    token = session.extra.get(ID_TOKEN)
+    return token if isinstance(token, str) and token else None
 
 
 ChangeListener = Callable[[ChangeKind, str], None]
@@ -282,7 +295,11 @@ class Store(Protocol):
     # sessions
     def session(self, session_id: str) -> Session | None: ...
     def sessions(self, user: str | None = None) -> list[Session]: ...
-    async def save_session(self, session: Session) -> None: ...
+    async def save_session(self, session: Session) -> None:
+        """Write a session durably. An ID token in `extra["id_token"]` is stored apart (and
+        replaces the one stored); a session saved without one keeps the one stored."""
+        ...
+
     def touch_session(self, session: Session) -> None: ...
     async def revoke_session(self, session_id: str, reason: str, now: float) -> bool: ...
     def record_decision(self, session_id: str, decision: SessionDecision) -> None:
@@ -291,6 +308,12 @@ class Store(Protocol):
 
     async def session_history(self, session_id: str) -> list[SessionDecision]:
         """The session's last SESSION_HISTORY decisions, oldest first (read by the CLI)."""
+        ...
+
+    async def session_id_token(self, session_id: str) -> str | None:
+        """The session's OIDC ID token, kept apart from it (read by logout, for the provider's
+        `id_token_hint`, and by the step-up's rotation); None if it has none. Deleted with the
+        session by `expire_sessions`."""
         ...
 
     def touch_user(self, record: UserRecord) -> None: ...

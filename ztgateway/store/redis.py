@@ -35,7 +35,10 @@ dropped if the stored session is revoked, a device touch writes only `last_seen`
 a user touch writes only the history fields (never a lock). The sessions' recent decisions are
 written behind too, each session's in a sorted set (`<prefix>history:<id>`, scored by time,
 trimmed to the last SESSION_HISTORY, expiring with the session), read only by
-`ztgateway sessions show`.
+`ztgateway sessions show`. A browser session's OIDC ID token is the `id_token` field of the
+session's hash: written by a save, never by a touch, never loaded into the cache (reloads read
+only the fields they need), read only by logout and the step-up's rotation, and gone with the
+hash.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from .base import (
     SessionDecision,
     StoreUnavailable,
     UserRecord,
+    take_id_token,
 )
 from .sqlite import _latest, _session_from_json, _session_json, _user_from_json
 
@@ -81,6 +85,8 @@ log = logging.getLogger("ztgateway.store")
 T = TypeVar("T")
 
 _DEVICE_FIELDS = tuple(f.name for f in fields(Device))
+# What a reload reads of a session's hash: everything but the ID token (`id_token`).
+_SESSION_HASH_FIELDS = ("data", "revoked", "revocation", "ver")
 _HISTORY_FIELDS = ("known_devices", "known_routes", "last_location")
 _FAULTS = (RedisError, OSError, TimeoutError)
 _HEARTBEAT = "ztgw-heartbeat"
@@ -116,16 +122,40 @@ redis.call('PUBLISH', ARGV[1], ARGV[2])
 return ver
 """
 
+# A session hash written before the ID token was kept apart has it in `data`: moved to its field
+# (`id_token`) before `data` is replaced, by any replica, a touch included. A substring search
+# first; only a match decodes the JSON.
+_KEEP_LOGOUT_HINT = """
+local function keep_id_token(key)
+  local old = redis.call('HGET', key, 'data')
+  if old and string.find(old, '"id_token"', 1, true) then
+    local ok, d = pcall(cjson.decode, old)
+    if ok and type(d) == 'table' and type(d.extra) == 'table'
+        and type(d.extra.id_token) == 'string' and d.extra.id_token ~= '' then
+      redis.call('HSETNX', key, 'id_token', d.extra.id_token)
+    end
+  end
+end
+"""
+
 # Sessions: `data` (JSON, rewritten by touches), `revoked` ('0'/'1') and `revocation` (JSON
 # [revoked_at, reason]) kept apart, so that neither a touch nor a later save can undo or
-# overwrite a revocation, and revoking does not rewrite the activity others wrote.
-# ARGV[3] id, ARGV[4] data, ARGV[5] revocation or '', ARGV[6] expires_at, ARGV[7] key TTL ms
-_SAVE_SESSION = """
+# overwrite a revocation, and revoking does not rewrite the activity others wrote. `id_token`
+# (a browser session's OIDC ID token, for logout) is written by saves only, and never reloaded.
+# ARGV[3] id, ARGV[4] data, ARGV[5] revocation or '', ARGV[6] expires_at, ARGV[7] key TTL ms,
+# ARGV[8] ID token or '' (none given: the stored one stays)
+_SAVE_SESSION = (
+    _KEEP_LOGOUT_HINT
+    + """
 local revoked = redis.call('HGET', KEYS[1], 'revoked') == '1'
 if revoked and ARGV[5] == '' then
   return 0
 end
+keep_id_token(KEYS[1])
 redis.call('HSET', KEYS[1], 'data', ARGV[4])
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'id_token', ARGV[8])
+end
 if not revoked then
   if ARGV[5] == '' then
     redis.call('HSET', KEYS[1], 'revoked', '0')
@@ -139,6 +169,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return ver
 """
+)
 
 # ARGV[3] the revocation. 0: unknown or already revoked (someone else won).
 _REVOKE_SESSION = """
@@ -153,13 +184,17 @@ return ver
 
 # --- Lua: write-behind touches (not announced; never undo a durable change) -------------------
 
-_TOUCH_SESSION = """
+_TOUCH_SESSION = (
+    _KEEP_LOGOUT_HINT
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HGET', KEYS[1], 'revoked') ~= '1' then
+  keep_id_token(KEYS[1])
   redis.call('HSET', KEYS[1], 'data', ARGV[1])
   return 1
 end
 return 0
 """
+)
 
 _TOUCH_DEVICE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -545,8 +580,21 @@ class RedisStore(CachedReads):
             async def run(chunk: list[tuple[ChangeKind, str]] = chunk) -> list[Any]:
                 pipe = self.redis.pipeline(transaction=False)
                 for kind, key in chunk:
-                    pipe.hgetall(self._entity_key(kind, key))
-                return list(await pipe.execute())
+                    if kind is ChangeKind.SESSION:
+                        pipe.hmget(self._entity_key(kind, key), _SESSION_HASH_FIELDS)
+                    else:
+                        pipe.hgetall(self._entity_key(kind, key))
+                replies = await pipe.execute()
+                return [
+                    {
+                        f: str(v)
+                        for f, v in zip(_SESSION_HASH_FIELDS, r, strict=True)
+                        if v is not None
+                    }
+                    if kind is ChangeKind.SESSION
+                    else r
+                    for (kind, _), r in zip(chunk, replies, strict=True)
+                ]
 
             out.extend(await self._call("reload", run))
         return out
@@ -832,6 +880,7 @@ class RedisStore(CachedReads):
     # --- sessions ------------------------------------------------------------------------------
     async def save_session(self, session: Session) -> None:
         """Write a session. SECURITY: a revoked session stays revoked, whoever saves it later."""
+        id_token = take_id_token(session)  # before compact() drops it from `extra`
         session.compact()
         key = session.session_id
         ttl_ms = max(1, int((session.expires_at - self._clock() + self.session_grace) * 1000))
@@ -846,6 +895,7 @@ class RedisStore(CachedReads):
                 json.dumps([session.revoked_at, session.revoked_reason]) if session.revoked else "",
                 repr(session.expires_at),
                 ttl_ms,
+                id_token or "",
             ],
         )
         self._dirty_sessions.discard(key)
@@ -858,6 +908,21 @@ class RedisStore(CachedReads):
 
     def touch_session(self, session: Session) -> None:
         self._dirty_sessions.add(session.session_id)
+
+    async def session_id_token(self, session_id: str) -> str | None:
+        key = self._key("session", session_id)
+        token, data = await self._call(
+            "id token", lambda: self.redis.hmget(key, ["id_token", "data"])
+        )
+        if token:
+            return str(token)
+        if data and '"id_token"' in data:
+            # Written before, not rewritten since: the token is still in `data`.
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                old = json.loads(data)["extra"]["id_token"]
+                if isinstance(old, str) and old:
+                    return old
+        return None
 
     def record_decision(self, session_id: str, decision: SessionDecision) -> None:
         self._history.append((session_id, decision, next(self._history_seq)))

@@ -6,6 +6,8 @@ process (this gateway, another worker, the CLI) polls it every `sync_interval` a
 changed, so a revocation made anywhere on the host holds everywhere within that bound.
 Frequent touches (last seen, last IP, session activity) are written behind in batches, and so
 are the sessions' recent decisions (`session_history`, read only by `ztgateway sessions show`).
+A browser session's OIDC ID token is kept apart too (`session_secrets`, read only by logout and
+the step-up's rotation), never in memory.
 
 Counters (rate buckets, failure windows) live in process memory: they are per-process by design
 for the embedded store; the Redis store shares them between replicas. A failure window is one
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from array import array
 from bisect import bisect_left, insort
@@ -44,6 +47,7 @@ from .base import (
     SessionDecision,
     StoreUnavailable,
     UserRecord,
+    take_id_token,
 )
 
 log = logging.getLogger("ztgateway.store")
@@ -69,7 +73,21 @@ CREATE TABLE IF NOT EXISTS session_history (
     id INTEGER PRIMARY KEY, session_id TEXT NOT NULL, at REAL NOT NULL, ip TEXT NOT NULL,
     route TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS session_history_by_session ON session_history(session_id, at);
+CREATE TABLE IF NOT EXISTS session_secrets (session_id TEXT PRIMARY KEY, id_token TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS sessions_keep_id_token AFTER UPDATE OF data ON sessions
+WHEN instr(OLD.data, '"id_token"') > 0
+BEGIN
+    INSERT OR IGNORE INTO session_secrets (session_id, id_token)
+    SELECT OLD.session_id, t FROM (SELECT json_extract(OLD.data, '$.extra.id_token') AS t)
+    WHERE typeof(t) = 'text' AND t <> '';
+END;
 """
+# The trigger: a row written before the ID token was kept apart has it in `data`, until a write
+# (by any process, a touch included) replaces `data`, which moves the token aside first.
+_SAVE_LOGOUT_HINT = (
+    "INSERT INTO session_secrets (session_id, id_token) VALUES (?, ?) "
+    "ON CONFLICT(session_id) DO UPDATE SET id_token = excluded.id_token"
+)
 # The last SESSION_HISTORY decisions of a session, by time (rows come from every process).
 _TRIM_HISTORY = """
 DELETE FROM session_history WHERE session_id = ?1 AND id NOT IN (
@@ -234,12 +252,22 @@ class SQLiteStore(CachedReads):
                 self._sessions[s.session_id] = s
 
     # --- change propagation ----------------------------------------------------------------
-    async def _write(self, sql: str, args: tuple[Any, ...], kind: ChangeKind, key: str) -> None:
+    async def _write(
+        self,
+        sql: str,
+        args: tuple[Any, ...],
+        kind: ChangeKind,
+        key: str,
+        also: tuple[tuple[str, tuple[Any, ...]], ...] = (),
+    ) -> None:
+        """One durable change (and `also`, in the same transaction), announced to every process."""
         started = time.perf_counter()
         async with self._write_lock:
             db = self.db
             try:
                 await db.execute(sql, args)
+                for more, more_args in also:
+                    await db.execute(more, more_args)
                 await db.execute(
                     "INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)",
                     (kind.value, key, self._clock()),
@@ -482,6 +510,7 @@ class SQLiteStore(CachedReads):
 
     # --- sessions ------------------------------------------------------------------------------
     async def save_session(self, session: Session) -> None:
+        id_token = take_id_token(session)  # before compact() drops it from `extra`
         session.compact()
         self._sessions[session.session_id] = session
         self._dirty_sessions.discard(session.session_id)
@@ -492,7 +521,22 @@ class SQLiteStore(CachedReads):
             (session.session_id, session.user, session.expires_at, _session_json(session)),
             ChangeKind.SESSION,
             session.session_id,
+            also=((_SAVE_LOGOUT_HINT, (session.session_id, id_token)),) if id_token else (),
         )
+
+    async def session_id_token(self, session_id: str) -> str | None:
+        try:
+            async with self.db.execute(
+                "SELECT 0, id_token FROM session_secrets WHERE session_id = ?1 UNION ALL "
+                # A row written before, not rewritten since: the token is still in its JSON.
+                "SELECT 1, json_extract(data, '$.extra.id_token') FROM sessions "
+                "WHERE session_id = ?1 ORDER BY 1",
+                (session_id,),
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return next((t for _, t in rows if isinstance(t, str) and t), None)
 
     def touch_session(self, session: Session) -> None:
         self._dirty_sessions.add(session.session_id)
@@ -526,8 +570,14 @@ class SQLiteStore(CachedReads):
         for k in gone:
             self._sessions.pop(k, None)
         async with self._write_lock:
+            # What is kept apart goes with its session.
             await self.db.execute(
                 "DELETE FROM session_history WHERE session_id IN "
+                "(SELECT session_id FROM sessions WHERE expires_at <= ?)",
+                (now - 86400,),
+            )
+            await self.db.execute(
+                "DELETE FROM session_secrets WHERE session_id IN "
                 "(SELECT session_id FROM sessions WHERE expires_at <= ?)",
                 (now - 86400,),
             )
