@@ -1281,8 +1281,9 @@ def markdown(res: dict[str, Any]) -> str:
                 f"({fmt(active.get('load_s'), 1)} s for 100,000). 100,000 vs 10 sessions "
                 f"(minimum times): lookup ×{fmt(micro.get('session_lookup_ratio'))}, session "
                 f"stage check ×{fmt(micro.get('session_stage_ratio'))}. Resident memory per "
-                f"session: {fmt_int(micro.get('session_bytes_each'))} B in use (a full "
-                f"20-decision history), {fmt_int(micro.get('session_bytes_each_new'))} B new, "
+                f"session: {fmt_int(micro.get('session_bytes_each'))} B in use (sessions that "
+                "served > 20 requests; their decision history is in the store, not in memory), "
+                f"{fmt_int(micro.get('session_bytes_each_new'))} B new, "
                 f"plus {fmt_int(micro.get('session_counter_bytes_each'))} B for its request "
                 "counter (`req:<id>` window).",
                 "",
