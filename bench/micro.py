@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,7 @@ from bench.scenarios import (
     make_pki,
 )
 from bench.scenarios import scenario as get_scenario
-
-Body = Callable[[int], Awaitable[None]]
-Setup = Callable[[int], Awaitable[Body]]
+from bench.timing import Body, Setup, batch_size
 
 
 @dataclass
@@ -70,17 +68,7 @@ def _pki(path: Path | None) -> Pki:
 
 async def measure(setup: Setup, *, target: float, repeats: int) -> dict[str, Any]:
     """Calibrate a batch size, then time `repeats` batches; µs per operation."""
-    n = 1
-    while True:
-        body = await setup(n)
-        gc.collect()
-        t0 = time.perf_counter()
-        await body(n)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= target / 4 or n >= 10_000_000:
-            break
-        n *= 4 if elapsed < target / 40 else 2
-    n = max(1, int(n * target / max(elapsed, 1e-9)))
+    n = await batch_size(setup, target)
     per_op: list[float] = []
     for _ in range(repeats):
         body = await setup(n)

@@ -59,18 +59,16 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from bench.timing import Body, Setup, batch_size
 from ztgateway.stages.session import HISTORY  # decisions kept per session
 from ztgateway.store.base import ChangeKind, Session
 from ztgateway.store.sqlite import SCHEMA, SQLiteStore
-
-Body = Callable[[int], Awaitable[None]]
-Setup = Callable[[int], Awaitable[Body]]
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = 10
@@ -427,27 +425,12 @@ def remove_databases(directory: Path, name: str = "sessions-*.db") -> None:
         db.unlink(missing_ok=True)
 
 
-async def _batch_size(setup: Setup, target: float) -> int:
-    """As bench.micro.measure: a batch that takes about `target` seconds."""
-    n = 1
-    while True:
-        body = await setup(n)
-        gc.collect()
-        t0 = time.perf_counter()
-        await body(n)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= target / 4 or n >= 10_000_000:
-            break
-        n *= 4 if elapsed < target / 40 else 2
-    return max(1, int(n * target / max(elapsed, 1e-9)))
-
-
 async def measure_pair(
     small: Setup, large: Setup, *, target: float, repeats: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """bench.micro.measure for two setups, their batches alternating: the ratio of the two is
     not skewed by the machine getting busier or quieter between them."""
-    sizes = (await _batch_size(small, target), await _batch_size(large, target))
+    sizes = (await batch_size(small, target), await batch_size(large, target))
     per_op: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for i, setup in enumerate((small, large)):
