@@ -96,7 +96,7 @@ class Gateway:
         self.store = store_from_url(config.store.url, base=config.store.base)
         self.store.subscribe(self._on_store_change)
         self.store.observe = self._on_store_write
-        self.upstreams = Upstreams(list(_all_upstreams(config)))
+        self.upstreams = Upstreams()
         self.geo = GeoLocator.open(config.risk.geoip_db)
         if config.risk.geoip_db is not None and not self.geo.available:
             log.warning(

@@ -1308,11 +1308,7 @@ def mask_headers(
     for name, raw in headers:
         lowered = name.lower()
         value = raw
-        if (
-            _is_secret_lowered(lowered, SECRET_HEADERS)
-            if len(lowered) <= _CACHED_NAME_MAX
-            else _is_secret_lowered.__wrapped__(lowered, SECRET_HEADERS)
-        ):
+        if _is_secret_name(lowered, SECRET_HEADERS):
             value = _mask(raw, key)
             if lowered not in out:
                 masked.append(f"{prefix}.{lowered}")

@@ -46,8 +46,7 @@ class Upstreams:
     Both are built on first use (they need the running loop) and closed at shutdown.
     """
 
-    def __init__(self, upstreams: list[UpstreamConfig]) -> None:
-        self._configs = {u.name: u for u in upstreams}
+    def __init__(self) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._pools: dict[str, UpstreamPool] = {}
 

@@ -15,7 +15,7 @@ from ..config import TRUST_LEVELS
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..posture import PostureEvaluation, evaluate
-from ..store.base import Device
+from ..store.base import Device, PostureRecord
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -47,6 +47,12 @@ def posture_for(
 ) -> PostureEvaluation:
     store = runtime.store
     record = store.posture(device_id) if store is not None else None
+    return _judge(runtime, record, now=now, require_signed=require_signed)
+
+
+def _judge(
+    runtime: Runtime, record: PostureRecord | None, *, now: float, require_signed: bool
+) -> PostureEvaluation:
     return evaluate(
         record.report if record else None,
         record.received_at if record else None,
@@ -66,7 +72,9 @@ class DeviceStage:
         self.auto_approve = runtime.config.devices.auto_approve
         self.owner_mismatch_denies = runtime.config.devices.owner_mismatch == "deny"
         # device id, require_signed -> (the report it judged, valid until, evaluation)
-        self._evaluations: dict[tuple[str, bool], tuple[object, float, PostureEvaluation]] = {}
+        self._evaluations: dict[
+            tuple[str, bool], tuple[PostureRecord | None, float, PostureEvaluation]
+        ] = {}
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -135,7 +143,7 @@ class DeviceStage:
         hit = self._evaluations.get(key)
         if hit is not None and hit[0] is record and now < hit[1]:
             return hit[2]
-        evaluation = posture_for(self.runtime, device_id, now=now, require_signed=require_signed)
+        evaluation = _judge(self.runtime, record, now=now, require_signed=require_signed)
         valid_until = now + 1.0
         if evaluation.reported_at is not None:
             valid_until = min(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -107,6 +107,11 @@ class SessionDecision(NamedTuple):
             "verdict": self.verdict,
             "reason": self.reason,
         }
+
+
+def latest_decisions(decisions: Iterable[SessionDecision]) -> list[SessionDecision]:
+    """The last SESSION_HISTORY decisions, oldest first."""
+    return sorted(decisions, key=lambda d: d.at)[-SESSION_HISTORY:]
 
 
 _MOVED = frozenset({"history", "verified_ip"})  # `extra` keys before 0008

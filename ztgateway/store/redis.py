@@ -76,9 +76,10 @@ from .base import (
     SessionDecision,
     StoreUnavailable,
     UserRecord,
+    latest_decisions,
     take_id_token,
 )
-from .sqlite import _latest, _session_from_json, _session_json, _user_from_json
+from .sqlite import _session_from_json, _session_json, _user_from_json
 
 log = logging.getLogger("ztgateway.store")
 
@@ -932,7 +933,7 @@ class RedisStore(CachedReads):
         raw = await self._call("history", lambda: self.redis.zrange(key, -SESSION_HISTORY, -1))
         stored = [SessionDecision(*json.loads(str(m))[:5]) for m in raw]
         # With what this replica has not written yet.
-        return _latest([*stored, *(d for sid, d, _ in self._history if sid == session_id)])
+        return latest_decisions([*stored, *(d for sid, d, _ in self._history if sid == session_id)])
 
     async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
         """Revoke; True only for the one caller (on any replica) that actually revoked it."""

@@ -47,6 +47,7 @@ from .base import (
     SessionDecision,
     StoreUnavailable,
     UserRecord,
+    latest_decisions,
     take_id_token,
 )
 
@@ -118,11 +119,6 @@ def _session_json(session: Session) -> str:
     return json.dumps(asdict(session))
 
 
-def _latest(decisions: Iterable[SessionDecision]) -> list[SessionDecision]:
-    """The last SESSION_HISTORY decisions, oldest first."""
-    return sorted(decisions, key=lambda d: d.at)[-SESSION_HISTORY:]
-
-
 def _by_session(
     pending: Iterable[tuple[str, SessionDecision]],
 ) -> dict[str, list[SessionDecision]]:
@@ -130,7 +126,7 @@ def _by_session(
     out: dict[str, list[SessionDecision]] = {}
     for sid, d in pending:
         out.setdefault(sid, []).append(d)
-    return {sid: _latest(ds) for sid, ds in out.items()}
+    return {sid: latest_decisions(ds) for sid, ds in out.items()}
 
 
 # A failure window: one event as a float (most keys), more as a sorted array of floats.
@@ -552,7 +548,7 @@ class SQLiteStore(CachedReads):
         ) as cur:
             stored = [SessionDecision(*row) for row in await cur.fetchall()]
         # With what this process has not written yet.
-        return _latest([*stored, *(d for sid, d in self._history if sid == session_id)])
+        return latest_decisions([*stored, *(d for sid, d in self._history if sid == session_id)])
 
     async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
         s = self._sessions.get(session_id)
