@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import GatewayFactory
+from tests.support import free_port
 from ztgateway.app import Gateway
 from ztgateway.devidp import hash_password, start_devidp
 
 CLIENT_SECRET = "test-client-secret-0123456789"
 PASSWORDS = {"alice": "alice-test-password", "bob": "bob-test-password"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -29,13 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _command(port: int, *args: str, timeout: float = 1.0) -> bytes:

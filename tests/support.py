@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,6 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel says is free now, for a server a test starts as another process."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _toml_value(v: Any) -> str:

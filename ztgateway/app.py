@@ -15,6 +15,7 @@ import secrets
 import signal
 import time
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -81,9 +82,13 @@ class Gateway:
     session_sweep_interval = 60.0
     """Seconds between sweeps of expired sessions out of memory (tests shorten it)."""
 
-    def __init__(self, config: GatewayConfig, *, worker: int | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, *, worker: int | None = None, ops_socket: Path | None = None
+    ) -> None:
         self.config = config
         self.worker = worker
+        self.ops_socket = ops_socket
+        """A worker's ops listener: a Unix socket in the supervisor's private directory."""
         self.metrics = Metrics()
         self.tls = TLSManager(config.tls, config.server.client_cert, on_reload=self._on_tls_reload)
         self.audit = AuditLog(
@@ -245,16 +250,25 @@ class Gateway:
 
             self.ops_runner = web.AppRunner(create_ops_app(self), access_log=None)
             await self.ops_runner.setup()
-            ops_port = cfg.ops.port if self.worker is None else cfg.ops.port + 1 + self.worker
-            site = web.TCPSite(self.ops_runner, cfg.ops.host, ops_port)
-            await site.start()
-            self.ops_port = site.port
+            if self.ops_socket is not None:
+                # A worker: only its supervisor talks to it, through a socket in a 0700
+                # directory, so no TCP port is taken (or raced for) per worker.
+                with suppress(FileNotFoundError):
+                    self.ops_socket.unlink()  # left by the worker this one replaces
+                unix = web.UnixSite(self.ops_runner, str(self.ops_socket))
+                await unix.start()
+                self.ops_socket.chmod(0o600)
+            else:
+                site = web.TCPSite(self.ops_runner, cfg.ops.host, cfg.ops.port)
+                await site.start()
+                self.ops_port = site.port
         self._tasks.append(asyncio.ensure_future(self._poll_tls()))
         self._tasks.append(asyncio.ensure_future(self._report_audit_depth()))
         self._tasks.append(asyncio.ensure_future(self._expire_sessions()))
         log.info(
-            "ztgateway %s listening on https://%s:%d (ops on %s:%s)",
-            __version__, s.host, self.port, cfg.ops.host, self.ops_port,
+            "ztgateway %s listening on https://%s:%d (ops on %s)",
+            __version__, s.host, self.port,
+            self.ops_socket or f"{cfg.ops.host}:{self.ops_port}",
         )  # fmt: skip
 
     async def stop(self) -> None:
@@ -830,9 +844,11 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-async def serve(config: GatewayConfig, *, worker: int | None = None) -> None:
+async def serve(
+    config: GatewayConfig, *, worker: int | None = None, ops_socket: Path | None = None
+) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads."""
-    gw = Gateway(config, worker=worker)
+    gw = Gateway(config, worker=worker, ops_socket=ops_socket)
     await gw.start()
     tune_gc()
     loop = asyncio.get_running_loop()

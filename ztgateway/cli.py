@@ -45,7 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(Supervisor(config, Path(args.config).resolve(), config.server.workers).run())
         return 0
     try:
-        asyncio.run(serve(config, worker=args.worker))
+        ops_socket = Path(args.ops_socket) if args.ops_socket else None
+        asyncio.run(serve(config, worker=args.worker, ops_socket=ops_socket))
     except (OSError, AuditUnavailable, StoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser("run", help="run the gateway"))
     run.add_argument("--log-level", default=None, help="overrides [logging] level")
     run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--ops-socket", default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     rl = with_config(sub.add_parser("reload", help="reload a running gateway's configuration"))

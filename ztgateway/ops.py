@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .context import RequestContext
@@ -16,6 +17,19 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+RELAY_PEER_HEADER = "X-Ztgw-Relay-Peer"
+"""Set by the workers' supervisor: the address of whoever called its ops port."""
+
+
+@web.middleware
+async def relayed_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A worker's ops socket is reachable only by its supervisor (a 0700 directory), so the
+    caller address the supervisor names is the one trusted-proxy checks and audit events use.
+    On a TCP ops listener the header is never believed."""
+    if request.app[GATEWAY_KEY].ops_socket is None:
+        return await handler(request)
+    peer = request.headers.get(RELAY_PEER_HEADER, "")
+    return await handler(request.clone(remote=peer))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -90,7 +104,7 @@ async def forward_auth_handler(request: web.Request) -> web.StreamResponse:
 def create_ops_app(gateway: Gateway) -> web.Application:
     from .admin import add_admin_routes, require_admin
 
-    app = web.Application(middlewares=[require_admin])
+    app = web.Application(middlewares=[relayed_peer, require_admin])
     app[GATEWAY_KEY] = gateway
     add_admin_routes(app)
     app.router.add_get("/healthz", healthz)

@@ -2,20 +2,28 @@
 
 Each worker is a full gateway (`ztgateway run --worker I`) binding the mTLS port with
 SO_REUSEPORT, so the kernel spreads connections over them; state is shared through the store
-(SQLite in WAL mode with its change log, or Redis). Each worker keeps its own ops listener on
-`ops.port + 1 + I` (127.0.0.1 by default; the admin API lives there). The supervisor owns the
-configured ops port: `/metrics` merges the workers' metrics (counters and histograms summed,
-per-process gauges summed, shared or timestamp gauges by maximum),
-`/healthz` and `/readyz` answer for all workers. A worker that dies is restarted.
+(SQLite in WAL mode with its change log, or Redis). A worker's ops listener is a Unix socket in
+a private (0700) directory the supervisor creates, so workers take no TCP ports of their own:
+a port chosen as "ops port + 1 + I" could be held by anything on the host, and a worker that
+cannot bind it would crash and be restarted forever. The supervisor owns the configured ops
+port: `/metrics` merges the workers' metrics (counters and histograms summed, per-process
+gauges summed, shared or timestamp gauges by maximum), `/healthz` and `/readyz` answer for all
+workers, `/admin/reload` reloads every worker, and everything else (the admin API, `/decide`,
+`/forward-auth`) is relayed to one live worker, since they share their state. A worker that
+dies is restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -26,15 +34,20 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from .config import GatewayConfig
+from .ops import RELAY_PEER_HEADER
 
 log = logging.getLogger("ztgateway.workers")
 RESTART_BACKOFF = 1.0
 ADDITIVE_GAUGES = frozenset({"ztgw_connections_open", "ztgw_audit_queue_depth"})
 MIN_GAUGES = frozenset({"ztgw_config_last_reload_successful"})
-
-
-def worker_ops_port(config: GatewayConfig, index: int) -> int:
-    return config.ops.port + 1 + index
+NOT_RELAYED = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
+        "Upgrade", "Host", "Content-Length", RELAY_PEER_HEADER,
+    )
+)  # fmt: skip
+"""Hop-by-hop headers, and the peer header only the supervisor may set."""
 
 
 def merge_metrics(texts: Iterable[str]) -> str:
@@ -100,8 +113,15 @@ class Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
         self.stopping = False
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="ztgw-ops-"))
+        self._clients: dict[int, aiohttp.ClientSession] = {}
+        self._turn = itertools.count()
+
+    def ops_socket(self, index: int) -> Path:
+        return self.socket_dir / f"worker-{index}.sock"
 
     async def spawn(self, index: int) -> None:
+        extra = ["--ops-socket", str(self.ops_socket(index))] if self.config.ops.enabled else []
         self.procs[index] = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -111,6 +131,7 @@ class Supervisor:
             str(self.config_path),
             "--worker",
             str(index),
+            *extra,
         )
         log.info("worker %d started (pid %d)", index, self.procs[index].pid)
 
@@ -136,18 +157,86 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
+    def _client(self, index: int) -> aiohttp.ClientSession:
+        client = self._clients.get(index)
+        if client is None:
+            client = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(self.ops_socket(index))),
+                timeout=aiohttp.ClientTimeout(total=30),
+                auto_decompress=False,
+            )
+            self._clients[index] = client
+        return client
+
+    async def _ask(
+        self, index: int, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One request to one worker's ops socket; the URL's host is a placeholder."""
+        async with self._client(index).request(
+            method, f"http://worker{path}", headers=headers, data=body or None
+        ) as r:
+            kept = [(k, v) for k, v in r.headers.items() if k.lower() not in NOT_RELAYED]
+            return r.status, kept, await r.read()
+
     async def scrape(self, path: str) -> list[tuple[int, int, str]]:
-        timeout = aiohttp.ClientTimeout(total=5)
-        results: list[tuple[int, int, str]] = []
-        async with aiohttp.ClientSession(timeout=timeout) as s:
-            for index in range(self.count):
-                url = f"http://{self.config.ops.host}:{worker_ops_port(self.config, index)}{path}"
-                try:
-                    async with s.get(url) as r:
-                        results.append((index, r.status, await r.text()))
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    results.append((index, 599, str(exc)))
-        return results
+        async def one(index: int) -> tuple[int, int, str]:
+            try:
+                status, _, body = await asyncio.wait_for(self._ask(index, "GET", path, {}), 5)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                return index, 599, str(exc)
+            return index, status, body.decode("utf-8", "replace")
+
+        return list(await asyncio.gather(*(one(i) for i in range(self.count))))
+
+    @staticmethod
+    def _relayed_headers(request: web.Request) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_RELAYED}
+        headers[RELAY_PEER_HEADER] = request.remote or ""
+        return headers
+
+    async def relay(self, request: web.Request) -> web.Response:
+        """The admin API, `/decide` and `/forward-auth`, answered by the next live worker. A
+        worker that cannot be reached (restarting) is skipped; none reachable is a 503."""
+        body = await request.read()
+        headers = self._relayed_headers(request)
+        first = next(self._turn)
+        for step in range(self.count):
+            index = (first + step) % self.count
+            try:
+                status, kept, answer = await self._ask(
+                    index, request.method, request.rel_url.raw_path_qs, headers, body
+                )
+            except aiohttp.ClientConnectorError:
+                continue  # never reached the worker, so trying the next one repeats nothing
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return _problem(502, "worker did not answer", f"worker {index}: {exc}")
+            return web.Response(status=status, headers=kept, body=answer)
+        return _problem(503, "no worker available", "every worker is restarting")
+
+    async def reload_all(self, request: web.Request) -> web.Response:
+        """`/admin/reload` reloads every worker, as SIGHUP to the supervisor does. Each worker
+        checks the admin token itself; a refusal is passed on as it came."""
+        headers = self._relayed_headers(request)
+        body = await request.read()
+        results: dict[str, object] = {}
+        ok = True
+        for index in range(self.count):
+            try:
+                status, kept, answer = await self._ask(
+                    index, "POST", "/admin/reload", headers, body
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                ok = False
+                results[str(index)] = {"reloaded": False, "error": str(exc)}
+                continue
+            if status in (401, 403):
+                return web.Response(status=status, headers=kept, body=answer)
+            try:
+                results[str(index)] = json.loads(answer)
+            except ValueError:
+                results[str(index)] = {"status": status}
+            ok = ok and status == 200
+        return web.json_response({"reloaded": ok, "workers": results}, status=200 if ok else 409)
 
     def ops_app(self) -> web.Application:
         async def metrics(request: web.Request) -> web.Response:
@@ -177,6 +266,8 @@ class Supervisor:
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", health)
         app.router.add_get("/readyz", health)
+        app.router.add_post("/admin/reload", self.reload_all)
+        app.router.add_route("*", "/{tail:.*}", self.relay)
         return app
 
     async def run(self) -> None:
@@ -185,27 +276,44 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.signal_all(signal.SIGHUP))
-        for index in range(self.count):
-            await self.spawn(index)
         runner = web.AppRunner(self.ops_app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.config.ops.host, self.config.ops.port)
-        await site.start()
-        print(
-            f"ztgateway supervisor: {self.count} workers on https://{self.config.server.host}:"
-            f"{self.config.server.port}; merged ops on http://{self.config.ops.host}:{self.config.ops.port}",
-            flush=True,
-        )
-        watcher = asyncio.ensure_future(self.watch())
-        await stop.wait()
-        self.stopping = True
-        watcher.cancel()
-        self.signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.server.shutdown_timeout + 5
-        for proc in self.procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        await runner.cleanup()
+        try:
+            for index in range(self.count):
+                await self.spawn(index)
+            await runner.setup()
+            where = "no ops listener ([ops] enabled = false)"
+            if self.config.ops.enabled:
+                site = web.TCPSite(runner, self.config.ops.host, self.config.ops.port)
+                await site.start()
+                where = f"merged ops on http://{self.config.ops.host}:{self.config.ops.port}"
+            print(
+                f"ztgateway supervisor: {self.count} workers on https://"
+                f"{self.config.server.host}:{self.config.server.port}; {where}",
+                flush=True,
+            )
+            watcher = asyncio.ensure_future(self.watch())
+            await stop.wait()
+            self.stopping = True
+            watcher.cancel()
+        finally:
+            self.stopping = True
+            self.signal_all(signal.SIGTERM)
+            deadline = time.monotonic() + self.config.server.shutdown_timeout + 5
+            for proc in self.procs.values():
+                try:
+                    await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+            await runner.cleanup()
+            for client in self._clients.values():
+                await client.close()
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def _problem(status: int, title: str, detail: str) -> web.Response:
+    return web.json_response(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status=status,
+        content_type="application/problem+json",
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,18 +12,12 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.support import Certs, session
+from tests.support import Certs, free_port, session
 from ztgateway.credentials.devtoken import issue_token
 
 pytestmark = pytest.mark.nginx
 REPO = Path(__file__).resolve().parents[2]
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import Certs, client_ssl, session
+from tests.support import Certs, client_ssl, free_port, session
 from ztgateway.app import Gateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,12 +180,6 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 
 def alert_names() -> list[str]:
     return re.findall(r"^\s*- alert: (\w+)\s*$", ALERTS.read_text(), flags=re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class Prometheus:

@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Certs
+from tests.support import Certs, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CURL = shutil.which("curl")
 RUNNING_DECISIONS: list[tuple[Path, str]] = []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
