@@ -265,20 +265,36 @@ async def test_sessions_save_revoke_list_expire(backend: Backend) -> None:
     assert fresh.session("s2").revoked_reason == "terminated by admin"  # type: ignore[union-attr]
 
 
-async def test_touch_never_unrevokes(backend: Backend) -> None:
+async def revoked_on_a_stale_on_b(backend: Backend) -> tuple[AnyStore, Session]:
+    """s1 revoked through one instance, and a second instance's copy that has not heard of it
+    yet (its own, returned, for it to write back)."""
     a, b = await backend.open(), await backend.open()
     await a.save_session(session("s1"))
     await eventually(lambda: b.session("s1") is not None, 2.0, "session on b")
     assert await a.revoke_session("s1", "terminated", time.time()) is True
-    # b has not heard of the revocation yet and writes its activity behind.
     stale = dataclasses.replace(b.session("s1"), revoked_at=None, revoked_reason=None)  # type: ignore[type-var]
-    stale.requests = 42
     b._sessions["s1"] = stale
+    return b, stale
+
+
+async def test_touch_never_unrevokes(backend: Backend) -> None:
+    b, stale = await revoked_on_a_stale_on_b(backend)
+    stale.requests = 42  # its activity, written behind
     b.touch_session(stale)
     await b.flush()
     fresh = await backend.open()
     got = fresh.session("s1")
     assert got is not None and got.revoked and got.revoked_reason == "terminated"
+
+
+async def test_a_stale_save_never_unrevokes(backend: Backend) -> None:
+    b, stale = await revoked_on_a_stale_on_b(backend)
+    stale.expires_at += 60  # its whole copy saved (a step-up, a new expiry)
+    await b.save_session(stale)
+    assert b.session("s1").revoked  # type: ignore[union-attr]
+    got = (await backend.open()).session("s1")
+    assert got is not None and got.revoked and got.revoked_reason == "terminated"
+    assert got.expires_at == stale.expires_at - 60  # the stale save was dropped whole
 
 
 # Rows as the code before 0008 wrote them: the last decisions and the verified address in `extra`.

@@ -115,6 +115,16 @@ def _session_from_json(data: dict[str, Any]) -> Session:
     return Session(**{k: v for k, v in data.items() if k in _SESSION_FIELDS}).compact()
 
 
+_SAVE_SESSION = (
+    "INSERT INTO sessions (session_id, user, expires_at, data) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(session_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at "
+    # SECURITY: a revocation is final. A save from a process whose copy predates it (it has
+    # not synced yet) is dropped instead of writing the session back to life, as on Redis.
+    "WHERE json_extract(sessions.data, '$.revoked_at') IS NULL "
+    "OR json_extract(excluded.data, '$.revoked_at') IS NOT NULL"
+)
+
+
 def _session_json(session: Session) -> str:
     return json.dumps(asdict(session))
 
@@ -511,14 +521,23 @@ class SQLiteStore(CachedReads):
         self._sessions[session.session_id] = session
         self._dirty_sessions.discard(session.session_id)
         await self._write(
-            "INSERT INTO sessions (session_id, user, expires_at, data) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(session_id) DO UPDATE SET data = excluded.data, "
-            "expires_at = excluded.expires_at",
+            _SAVE_SESSION,
             (session.session_id, session.user, session.expires_at, _session_json(session)),
             ChangeKind.SESSION,
             session.session_id,
             also=((_SAVE_LOGOUT_HINT, (session.session_id, id_token)),) if id_token else (),
         )
+        if not session.revoked:
+            # Another process may have revoked it since this copy was read; then the row was
+            # left as it was (_SAVE_SESSION), and the copy this process goes on using is revoked.
+            async with self.db.execute(
+                "SELECT json_extract(data, '$.revoked_at'), json_extract(data, '$.revoked_reason') "
+                "FROM sessions WHERE session_id = ?",
+                (session.session_id,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None and row[0] is not None:
+                session.revoked_at, session.revoked_reason = row[0], row[1]
 
     async def session_id_token(self, session_id: str) -> str | None:
         try:
