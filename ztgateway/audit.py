@@ -176,13 +176,32 @@ def canonical_json(value: Any) -> str:
         return orjson.dumps(value, option=_ORJSON_OPTIONS, default=_json_default).decode()
     except (TypeError, orjson.JSONEncodeError):
         return json.dumps(
-            value,
+            _string_keys(value),
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
             allow_nan=False,
             default=_json_default,
         )
+
+
+def _string_keys(value: Any) -> Any:
+    """Keys as the stored JSON will hold them, before they are sorted: sorting `{2: .., 10: ..}`
+    by number and the stored `{"10": .., "2": ..}` by text would give two encodings of one
+    event, and a chain its verifier cannot reproduce."""
+    if isinstance(value, dict):
+        return {_json_key(k): _string_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_string_keys(v) for v in value]
+    return value
+
+
+def _json_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool | int | float):
+        return json.dumps(key)  # as the json module writes a key: 1, 1.5, true, null
+    raise TypeError(f"audit event keys are strings or numbers; got {type(key).__name__}")
 
 
 def _scrub(value: Any) -> Any:

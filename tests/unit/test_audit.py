@@ -206,19 +206,36 @@ async def test_enums_and_datetimes_are_logged_in_wire_form(db: Path) -> None:
     assert (await verify_db(db)).ok
 
 
-async def test_undecodable_header_bytes_do_not_jam_the_writer(db: Path) -> None:
-    # aiohttp surrogate-escapes raw bytes; such a string cannot be stored as UTF-8 as it is.
-    event = decision(1)
-    event["input"]["headers"] = {"user-agent": "curl\udcff"}
+async def logged_with_a_follower(db: Path, event: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write `event` and one ordinary event after it; both must go through and verify."""
     async with AuditLog(db) as log:
         log.record(event)
         log.record(decision(2))
         await log.flush()
         assert log.healthy
     logged = await tail(db)
+    assert [e["decision_id"] for e in logged] == [event["decision_id"], "dec-2"]
+    result = await verify_db(db)
+    assert result.ok, result.problem
+    return logged
+
+
+async def test_undecodable_header_bytes_do_not_jam_the_writer(db: Path) -> None:
+    # aiohttp surrogate-escapes raw bytes; such a string cannot be stored as UTF-8 as it is.
+    event = decision(1)
+    event["input"]["headers"] = {"user-agent": "curl\udcff"}
+    logged = await logged_with_a_follower(db, event)
     assert logged[0]["input"]["headers"]["user-agent"] == "curl\ufffd"
-    assert [e["decision_id"] for e in logged] == ["dec-1", "dec-2"]
-    assert (await verify_db(db)).ok
+
+
+async def test_non_string_keys_are_stored_as_text_and_the_chain_verifies(db: Path) -> None:
+    # Sorted as numbers they would hash as 2, 10; stored and re-read as text they sort 10, 2.
+    event = decision(1)
+    event["input"]["counts"] = {2: "two", 10: "ten", None: "none", True: "yes"}
+    event["input"]["mixed"] = {1: "a", "b": "c"}  # unsortable as they came
+    logged = await logged_with_a_follower(db, event)
+    assert logged[0]["input"]["counts"] == {"2": "two", "10": "ten", "null": "none", "true": "yes"}
+    assert logged[0]["input"]["mixed"] == {"1": "a", "b": "c"}
 
 
 # ----------------------------------------------------------------------------- hash chain
