@@ -7,15 +7,17 @@ median requests/s and CPU per request. The patches reach into ztgateway's intern
 need updating when those change; a variant that no longer applies fails at start-up.
 
     python -m bench.ablate [scenario] [set]     # scenario: ztgw_full (default); set: main|audit|gc
+    python -m bench.ablate ztgw_full tail --p99 RATE   # p99 at a fixed rate instead (bench.loadgen)
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
+from typing import Any
 
 from bench import run as R
-from bench.scenarios import SCENARIOS, gateway_config, make_pki
+from bench.scenarios import SCENARIOS, Scenario, gateway_config, make_pki
 
 NO_AUDIT = (
     "from ztgateway import app, audit\n"
@@ -46,6 +48,11 @@ AUDIT_NO_SQLITE = (
     "audit.AuditLog._commit_batch = _cb\n"
 )
 GC = "import gc\ngc.set_threshold(50000, 50, 100)\n"
+NO_GC_TUNING = "from ztgateway import app\napp.tune_gc = lambda: None\n"
+GC_FREEZE_ONLY = (
+    "import gc\nfrom ztgateway import app\napp.tune_gc = lambda: (gc.collect(), gc.freeze())\n"
+)
+SMALL_LINK_CHUNKS = "from ztgateway import audit\naudit._LINK_CHUNK = 16\n"
 
 SETS: dict[str, dict[str, str]] = {
     "main": {
@@ -63,12 +70,25 @@ SETS: dict[str, dict[str, str]] = {
         "no audit": NO_AUDIT,
     },
     "gc": {"as is": "", "gc threshold 50000": GC, "gc threshold + no audit": GC + NO_AUDIT},
+    "tail": {
+        "as is": "",
+        "default gc (no tune_gc)": NO_GC_TUNING,
+        "gc.freeze only": GC_FREEZE_ONLY,
+        "audit chunks of 16": SMALL_LINK_CHUNKS,
+        "no audit": NO_AUDIT,
+    },
 }
 
 
 def main() -> None:
-    key = sys.argv[1] if len(sys.argv) > 1 else "ztgw_full"
-    patches = SETS[sys.argv[2] if len(sys.argv) > 2 else "main"]
+    argv = sys.argv[1:]
+    p99_rate = 0.0
+    if "--p99" in argv:
+        at = argv.index("--p99")
+        p99_rate = float(argv[at + 1])
+        del argv[at : at + 2]
+    key = argv[0] if argv else "ztgw_full"
+    patches = SETS[argv[1] if len(argv) > 1 else "main"]
     sc = next(s for s in SCENARIOS if s.key == key)
     pki = make_pki(R.WORK / "pki")
     tools = R.ensure_tools()
@@ -108,6 +128,10 @@ def main() -> None:
                 lambda port=port, h=auth: R.http_get(port, sc.path, tls=tls, headers=h)[0] == 200,
             )
             procs[name] = (proc, port)
+            env.ops_ports[f"ablate-{i}"] = ops  # so drain_audit waits for its backlog too
+        if p99_rate:
+            tail_latency(env, sc, procs, p99_rate)
+            return
         results: dict[str, list[tuple[float, float, float]]] = {n: [] for n in patches}
         for _ in range(3):
             for name, (proc, port) in procs.items():
@@ -132,6 +156,29 @@ def main() -> None:
                 print(f"| {name} | {med[0]:,.0f} | {med[1]:.0f} | {med[2]:.0f} |")
     finally:
         stack.stop()
+
+
+def tail_latency(env: R.Env, sc: Scenario, procs: dict[str, Any], rate: float) -> None:
+    """p50/p99 at a fixed rate for each variant and the upstream directly, 5 interleaved rounds."""
+    direct = next(s for s in SCENARIOS if s.key == "direct")
+    runs: dict[str, list[dict[str, Any]]] = {"direct": [], **{n: [] for n in procs}}
+    for r in range(5):
+        for name, done in runs.items():
+            if name == "direct":
+                done.append(R.run_fixed_rate(env, direct, rate, 6.0, r))
+                continue
+            env.servers["ztgw_" + sc.process] = procs[name]
+            R.drain_audit(env)
+            done.append(R.run_fixed_rate(env, sc, rate, 6.0, r))
+    base = statistics.median(x["service_ms"]["p99"] for x in runs["direct"])
+    print(f"\n{sc.key} at {rate:.0f} req/s, medians of 5 interleaved rounds of 6 s")
+    print("| variant | p50 ms | p99 ms | added p99 ms | p99 of each round |\n|---|--:|--:|--:|---|")
+    for name, rr in runs.items():
+        p50 = statistics.median(x["service_ms"]["p50"] for x in rr)
+        p99s = [x["service_ms"]["p99"] for x in rr]
+        p99 = statistics.median(p99s)
+        each = ", ".join(f"{v:.2f}" for v in p99s)
+        print(f"| {name} | {p50:.2f} | {p99:.2f} | {p99 - base:+.2f} | {each} |")
 
 
 if __name__ == "__main__":
