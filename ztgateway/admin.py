@@ -273,6 +273,7 @@ async def audit_search(request: web.Request) -> web.Response:
         route=q.get("route"),
         reason=q.get("reason"),
         decision_id=q.get("decision_id"),
+        session=q.get("session"),
         since=when("since"),
         until=when("until"),
         limit=limit,

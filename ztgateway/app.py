@@ -744,6 +744,9 @@ class Gateway:
                 "peer_ip": ctx.peer_ip,
                 "user": ident.user if ident else None,
                 "device": cert.device_id if cert else None,
+                # The stored session's id (a hash, never the cookie or token): what `sessions
+                # show` lists and `audit search --session` finds.
+                "session": ctx.session.session_id if ctx.session else None,
                 "cert": cert.to_json() if cert else None,
                 "headers": headers,
                 "websocket": ctx.websocket,

@@ -1178,6 +1178,7 @@ async def search(
     route: str | None = None,
     reason: str | None = None,
     decision_id: str | None = None,
+    session: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int = 100,
@@ -1185,6 +1186,8 @@ async def search(
     """The newest `limit` events matching every given filter, oldest first.
 
     `since` is inclusive and `until` exclusive, so consecutive windows never count an event twice.
+    `session` has no index of its own (it is read from the event, so logs written before it was
+    recorded need no migration): give `user` or `since` with it on a large log.
     """
     if limit <= 0:
         return []
@@ -1200,6 +1203,9 @@ async def search(
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    if session is not None:
+        clauses.append("json_extract(event, '$.input.session') = ?")
+        params.append(session)
     if since is not None:
         clauses.append("ts >= ?")
         params.append(_query_ts(since))

@@ -197,6 +197,7 @@ def cmd_audit_search(args: argparse.Namespace) -> int:
             route=args.route,
             reason=args.reason,
             decision_id=args.decision_id,
+            session=args.session,
             since=datetime.fromisoformat(args.since) if args.since else None,
             until=datetime.fromisoformat(args.until) if args.until else None,
             limit=args.limit,
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar.set_defaults(func=cmd_audit_rotate)
     av.set_defaults(func=cmd_audit_verify)
     asr = with_config(asub.add_parser("search", help="find decisions"))
-    for flag in ("user", "device", "route", "reason", "decision-id", "since", "until"):
+    for flag in ("user", "device", "route", "reason", "decision-id", "session", "since", "until"):
         asr.add_argument(f"--{flag}")
     asr.add_argument("--limit", type=int, default=100)
     asr.set_defaults(func=cmd_audit_search)

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
+from tests.e2e.test_admin import admin
 from tests.support import Certs, client_ssl
 from ztgateway.app import Gateway
 from ztgateway.cli import main
@@ -352,6 +353,18 @@ async def test_session_history_is_kept_in_the_store_and_shown(
     times = [h["time"] for h in history]
     assert times == sorted(times) and session.created <= times[0]
     assert [d.to_json() for d in await gw.store.session_history(session.session_id)] == history
+    # The audit log names the session in each of those decisions, and finds them by it.
+    await gw.audit.flush()
+    args = ["audit", "search", "--session", session.session_id, "-c", config]
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, args) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["input"]["client_ip"], e["result"]["reason"]) for e in found] == [
+        (h["ip"], h["reason"]) for h in history
+    ]
+    assert {e["input"]["session"] for e in found} == {session.session_id}
+    status, by_api = await admin(gw, "GET", f"/admin/audit?session={session.session_id}")
+    assert status == 200 and by_api == found
     assert await asyncio.to_thread(main, ["sessions", "list", "--user", "alice", "-c", config]) == 0
     assert "alice" in capsys.readouterr().out
 
