@@ -70,13 +70,7 @@ class Table:
         min: int | None = None,
         max: int | None = None,
     ) -> Any:
-        value = self._get(name, int, default, required)
-        if value is not None:
-            if min is not None and value < min:
-                self.fail(name, f"must be at least {min}, not {value}")
-            if max is not None and value > max:
-                self.fail(name, f"must be at most {max}, not {value}")
-        return value
+        return self._bounded(name, self._get(name, int, default, required), min, max)
 
     def number(
         self,
@@ -87,12 +81,14 @@ class Table:
         min: float | None = None,
         max: float | None = None,
     ) -> Any:
-        value = self._get(name, float, default, required)
+        return self._bounded(name, self._get(name, float, default, required), min, max)
+
+    def _bounded(self, name: str, value: Any, low: float | None, high: float | None) -> Any:
         if value is not None:
-            if min is not None and value < min:
-                self.fail(name, f"must be at least {min}, not {value}")
-            if max is not None and value > max:
-                self.fail(name, f"must be at most {max}, not {value}")
+            if low is not None and value < low:
+                self.fail(name, f"must be at least {low}, not {value}")
+            if high is not None and value > high:
+                self.fail(name, f"must be at most {high}, not {value}")
         return value
 
     def flag(self, name: str, default: bool | None = None, *, required: bool = False) -> Any:

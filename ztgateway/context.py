@@ -30,10 +30,11 @@ if TYPE_CHECKING:
     from .tls import CertInfo
 
 
-# Headers only the gateway may set towards the upstream. Compared after lower-casing and
-# mapping "_" to "-", because many servers (CGI, PHP, some WSGI stacks) treat
-# X_Forwarded_User exactly like X-Forwarded-User.
-PROTECTED_HEADERS = frozenset(
+# The protected headers a reverse proxy in front of us sets as a matter of course. From a
+# trusted proxy they are expected, not a spoofing attempt; they are still replaced by ours
+# before forwarding. Identity headers stay spoofing whoever sends them: no proxy speaks for
+# the user to us.
+FORWARDING_HEADERS = frozenset(
     {
         "forwarded",
         "x-forwarded-for",
@@ -42,12 +43,19 @@ PROTECTED_HEADERS = frozenset(
         "x-forwarded-port",
         "x-forwarded-prefix",
         "x-forwarded-server",
+        "x-real-ip",
+    }
+)
+# Headers only the gateway may set towards the upstream. Compared after lower-casing and
+# mapping "_" to "-", because many servers (CGI, PHP, some WSGI stacks) treat
+# X_Forwarded_User exactly like X-Forwarded-User.
+PROTECTED_HEADERS = FORWARDING_HEADERS | frozenset(
+    {
         "x-forwarded-user",
         "x-forwarded-email",
         "x-forwarded-groups",
         "x-forwarded-preferred-username",
         "x-forwarded-access-token",
-        "x-real-ip",
         "x-client-ip",
         "x-original-url",
         "x-original-uri",
@@ -73,22 +81,6 @@ PROTECTED_HEADERS = frozenset(
     }
 )
 PROTECTED_PREFIXES = ("x-zt-", "x-ztgw-")
-# The protected headers a reverse proxy in front of us sets as a matter of course. From a
-# trusted proxy they are expected, not a spoofing attempt; they are still replaced by ours
-# before forwarding. Identity headers stay spoofing whoever sends them: no proxy speaks for
-# the user to us.
-FORWARDING_HEADERS = frozenset(
-    {
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-        "x-real-ip",
-    }
-)
 
 
 @functools.lru_cache(maxsize=4096)

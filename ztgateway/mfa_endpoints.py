@@ -197,15 +197,23 @@ _TOTP_STATUS = {
 }
 
 
+def _unidentified(
+    gw: Gateway, ctx: RequestContext, reason: Reason, *, accept: str = ""
+) -> web.Response:
+    """A step-up asked without an identity to step up: refused and audited (best effort: the
+    refusal stands even if the audit log cannot take it)."""
+    with contextlib.suppress(AuditUnavailable):
+        _record(gw, ctx, Verdict.DENY, reason, "step-up identity", None)
+    return problem(reason, ctx.decision_id, accept=accept)
+
+
 async def verify_api(
     gw: Gateway, request: web.BaseRequest, ctx: RequestContext
 ) -> web.StreamResponse:
     """POST /.ztgw/mfa/verify {"code": "123456"} with the same certificate and token or cookie."""
     who = await _who(gw, ctx)
     if isinstance(who, Reason):
-        with contextlib.suppress(AuditUnavailable):
-            _record(gw, ctx, Verdict.DENY, who, "step-up identity", None)
-        return problem(who, ctx.decision_id)
+        return _unidentified(gw, ctx, who)
     raw = await request.content.read(MAX_FORM + 1)
     try:
         if len(raw) > MAX_FORM:
@@ -323,9 +331,7 @@ async def step_up_page(
     """GET shows the code form; POST checks it and sends the browser back to `rd`."""
     who = await _who(gw, ctx)
     if isinstance(who, Reason):
-        with contextlib.suppress(AuditUnavailable):
-            _record(gw, ctx, Verdict.DENY, who, "step-up identity", None)
-        return problem(who, ctx.decision_id, accept="text/html")
+        return _unidentified(gw, ctx, who, accept="text/html")
     if request.method == "GET":
         rd = safe_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
         if not gw.mfa.enrolled(who.user):

@@ -32,6 +32,22 @@ class Scripted:
     drop_reused: bool = False  # close without answering a connection's second request
 
 
+# path -> (what the upstream writes, whether it then closes the connection)
+ANSWERS: dict[str, tuple[bytes, bool]] = {
+    "/ok": (OK, False),
+    "/head": (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", False),
+    "/close-delimited": (b"HTTP/1.1 200 OK\r\nX-Framing: eof\r\n\r\nall of this, until close", True),
+    "/early-hints": (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" + OK, False),
+    "/latin1": (b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\nContent-Length: 2\r\n\r\nok", False),
+    "/connection-close": (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", True),
+    "/malformed": (b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nok", False),
+    "/trailing-garbage": (OK + b"HTTP/1.1 418 Unasked\r\n\r\n", False),
+    "/slow": (OK, False),  # after 0.2 s
+    "/truncated": (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly", True),
+}  # fmt: skip
+NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", False)
+
+
 async def _serve(script: Scripted, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     script.connections += 1
     conn = script.connections
@@ -47,41 +63,14 @@ async def _serve(script: Scripted, reader: asyncio.StreamReader, w: asyncio.Stre
             script.requests.append((conn, method, path))
             served += 1
             if script.drop_reused and served == 2:
-                w.close()
                 return
-            if path == "/ok":
-                w.write(OK)
-            elif path == "/head":
-                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-            elif path == "/close-delimited":
-                w.write(b"HTTP/1.1 200 OK\r\nX-Framing: eof\r\n\r\nall of this, until close")
-                await w.drain()
-                w.close()
-                return
-            elif path == "/early-hints":
-                w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" + OK)
-            elif path == "/latin1":
-                w.write(b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\nContent-Length: 2\r\n\r\nok")
-            elif path == "/connection-close":
-                w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
-                await w.drain()
-                w.close()
-                return
-            elif path == "/malformed":
-                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nok")
-            elif path == "/trailing-garbage":
-                w.write(OK + b"HTTP/1.1 418 Unasked\r\n\r\n")
-            elif path == "/slow":
+            if path == "/slow":
                 await asyncio.sleep(0.2)
-                w.write(OK)
-            elif path == "/truncated":
-                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly")
-                await w.drain()
-                w.close()
-                return
-            else:
-                w.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            answer, then_close = ANSWERS.get(path, NOT_FOUND)
+            w.write(answer)
             await w.drain()
+            if then_close:
+                return
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     finally:

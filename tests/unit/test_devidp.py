@@ -165,6 +165,23 @@ def login_action(authorize: str, page: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{match.group(1)}"
 
 
+async def login_form(browser: aiohttp.ClientSession, url: str) -> str:
+    async with browser.get(url) as response:
+        return await response.text()
+
+
+async def post_login(
+    browser: aiohttp.ClientSession, url: str, page: str, username: str, password: str
+) -> tuple[int, str | None, str]:
+    """Post `page`'s login form: (status, Location, the page answered)."""
+    async with browser.post(
+        login_action(url, page),
+        data={**form_fields(page), "username": username, "password": password},
+        allow_redirects=False,
+    ) as response:
+        return response.status, response.headers.get("Location"), await response.text()
+
+
 async def browser_login(
     browser: aiohttp.ClientSession, url: str, username: str, password: str
 ) -> dict[str, str]:
@@ -305,40 +322,23 @@ async def test_wrong_password_shows_the_form_again_and_issues_no_code(
     idp: IdP, browser: aiohttp.ClientSession
 ) -> None:
     url = authorize_url(idp.issuer)
-    async with browser.get(url) as response:
-        page = await response.text()
-    async with browser.post(
-        login_action(url, page),
-        data={**form_fields(page), "username": "alice", "password": "wrong"},
-        allow_redirects=False,
-    ) as response:
-        assert response.status == 401
-        assert "Location" not in response.headers
-        again = await response.text()
+    page = await login_form(browser, url)
+    status, location, again = await post_login(browser, url, page, "alice", "wrong")
+    assert (status, location) == (401, None)
     assert "Wrong username or password." in again
     # The same attempt can still succeed with the right password.
-    async with browser.post(
-        login_action(url, again),
-        data={**form_fields(again), "username": "alice", "password": PASSWORDS["alice"]},
-        allow_redirects=False,
-    ) as response:
-        assert response.status == 303
-        assert "code" in callback_query(response.headers["Location"])
+    status, location, _ = await post_login(browser, url, again, "alice", PASSWORDS["alice"])
+    assert status == 303 and location is not None
+    assert "code" in callback_query(location)
 
 
 async def test_unknown_user_gets_the_same_answer_and_html_is_escaped(
     idp: IdP, browser: aiohttp.ClientSession
 ) -> None:
     url = authorize_url(idp.issuer)
-    async with browser.get(url) as response:
-        page = await response.text()
-    async with browser.post(
-        login_action(url, page),
-        data={**form_fields(page), "username": '"><script>alert(1)</script>', "password": "x"},
-        allow_redirects=False,
-    ) as response:
-        assert response.status == 401
-        again = await response.text()
+    page = await login_form(browser, url)
+    status, _, again = await post_login(browser, url, page, '"><script>alert(1)</script>', "x")
+    assert status == 401
     assert "Wrong username or password." in again
     assert "<script>" not in again
     assert "&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in again
@@ -348,24 +348,11 @@ async def test_too_many_wrong_passwords_end_the_attempt(
     idp: IdP, browser: aiohttp.ClientSession
 ) -> None:
     url = authorize_url(idp.issuer)
-    async with browser.get(url) as response:
-        page = await response.text()
-    statuses = []
-    for _ in range(5):
-        async with browser.post(
-            login_action(url, page),
-            data={**form_fields(page), "username": "alice", "password": "nope"},
-            allow_redirects=False,
-        ) as response:
-            statuses.append(response.status)
+    page = await login_form(browser, url)
+    statuses = [(await post_login(browser, url, page, "alice", "nope"))[0] for _ in range(5)]
     assert statuses == [401, 401, 401, 401, 429]
-    async with browser.post(
-        login_action(url, page),
-        data={**form_fields(page), "username": "alice", "password": PASSWORDS["alice"]},
-        allow_redirects=False,
-    ) as response:
-        assert response.status == 400
-        assert "Location" not in response.headers
+    status, location, _ = await post_login(browser, url, page, "alice", PASSWORDS["alice"])
+    assert (status, location) == (400, None)
 
 
 async def test_login_post_without_csrf_token_or_from_another_browser_is_refused(

@@ -39,11 +39,13 @@ _WEBSOCKET_HANDSHAKE = frozenset(
 SERVER_BANNER = "ztgateway"
 
 
+def _listed(connection_values: Iterable[str]) -> set[str]:
+    """The header names `Connection` lists (RFC 9110 §7.6.1), lower-cased, from all its fields."""
+    return {t.strip().lower() for v in connection_values for t in v.split(",") if t.strip()}
+
+
 def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    listed: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        listed.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return listed
+    return _listed(headers.getall("Connection", ()))
 
 
 def upstream_request_headers(
@@ -111,10 +113,7 @@ def downstream_raw_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[
     Hop-by-hop and Connection-listed headers are dropped and the upstream's Server banner is
     replaced, straight from the parser's bytes.
     """
-    listed: set[str] = set()
-    for raw_name, raw_value in raw:
-        if raw_name.lower() == b"connection":
-            listed.update(t.strip().lower() for t in _text(raw_value).split(",") if t.strip())
+    listed = _listed(_text(v) for n, v in raw if n.lower() == b"connection")
     out: CIMultiDict[str] = CIMultiDict()
     length: int | None = None
     for name_b, value_b in raw:
