@@ -920,3 +920,79 @@ async def test_redis_open_fails_fast_when_down(tmp_path: Path) -> None:
         await store.open()
     assert time.monotonic() - start < 1.5
     assert not store.healthy
+
+
+# --- SQLite shared by processes (workers = N) ----------------------------------------------------
+
+
+async def test_sqlite_write_behind_rides_out_a_held_lock_and_fails_closed_past_its_grace(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path, flush_interval=0.05, busy_timeout=0.05, flush_grace=0.6)
+    await store.open()
+    try:
+        await store.save_session(session("s1"))
+        held = sqlite3.connect(path, isolation_level=None)
+        held.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        try:
+            s1 = store.session("s1")
+            assert s1 is not None
+            s1.requests = 7
+            store.touch_session(s1)
+            await eventually(lambda: store._flush_failing_since is not None, 2.0, "a failed flush")
+            # Retried with nothing lost, and the cache is still current: keep serving...
+            assert store.healthy
+            # ...but not for ever: a write-behind failing past its grace fails closed.
+            await eventually(lambda: not store.healthy, 3.0, "unhealthy past the grace")
+        finally:
+            held.execute("ROLLBACK")
+            held.close()
+        await eventually(lambda: store.healthy, 3.0, "healthy once the backlog is written")
+        fresh = SQLiteStore(path)
+        await fresh.open()
+        try:
+            assert fresh.session("s1").requests == 7  # type: ignore[union-attr]
+        finally:
+            await fresh.close()
+    finally:
+        await store.close()
+
+
+async def test_sqlite_reads_never_make_a_write_fail_under_another_process_writes(
+    tmp_path: Path,
+) -> None:
+    # A read left open across an await kept a snapshot on the shared connection; a write made
+    # meanwhile failed at once with "database is locked" when the other process had committed
+    # since (the benchmark's two workers saw it as a burst of 503s).
+    path = tmp_path / "state.db"
+    a, b = SQLiteStore(path, sync_interval=0.002), SQLiteStore(path, sync_interval=0.002)
+    await a.open()
+    await b.open()
+    failures: list[BaseException] = []
+    stop = time.monotonic() + 1.5
+
+    async def writer(store: SQLiteStore, prefix: str) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            try:
+                await store.save_session(session(f"{prefix}{i}"))
+                s = store.session(f"{prefix}{i}")
+                assert s is not None
+                store.touch_session(s)
+                await store.flush()
+            except Exception as exc:
+                failures.append(exc)
+
+    async def reader(store: SQLiteStore, prefix: str) -> None:
+        while time.monotonic() < stop:
+            await store.session_history(f"{prefix}1")
+            await store.session_id_token(f"{prefix}1")
+
+    try:
+        await asyncio.gather(writer(a, "a"), writer(b, "b"), reader(a, "b"), reader(b, "a"))
+    finally:
+        await a.close()
+        await b.close()
+    assert failures == []

@@ -125,6 +125,10 @@ _SAVE_SESSION = (
 )
 
 
+def _posture_from_row(row: Any) -> PostureRecord:
+    return PostureRecord(row[0], json.loads(row[1]), row[2], row[3], bool(row[4]), row[5])
+
+
 def _session_json(session: Session) -> str:
     return json.dumps(asdict(session))
 
@@ -161,8 +165,14 @@ class SQLiteStore(CachedReads):
         flush_interval: float = 1.0,
         clock: Any = time.time,
         failure_ttl: float = 86400.0,
+        busy_timeout: float = 5.0,
+        flush_grace: float = 5.0,
     ) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
+        self.flush_grace = flush_grace
+        """Seconds the write-behind may keep failing before the store reports unhealthy."""
+        self._flush_failing_since: float | None = None
         self.observe: Callable[[str, float, bool], None] | None = None
         """Durable-write latency and result, for metrics (operation, seconds, ok)."""
         self.sync_interval = sync_interval
@@ -194,7 +204,7 @@ class SQLiteStore(CachedReads):
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = await aiosqlite.connect(self.path, timeout=5.0)
+            db = await aiosqlite.connect(self.path, timeout=self.busy_timeout)
         except Exception as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from exc
         self._db = db
@@ -202,9 +212,8 @@ class SQLiteStore(CachedReads):
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
         await db.commit()
-        async with db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes") as cur:
-            row = await cur.fetchone()
-            self._last_seq = int(row[0]) if row else 0
+        [(last_seq,)] = await self._rows("SELECT COALESCE(MAX(seq), 0) FROM changes")
+        self._last_seq = int(last_seq)
         await self._load_all()
         self._healthy = True
         self._tasks = [
@@ -226,7 +235,15 @@ class SQLiteStore(CachedReads):
 
     @property
     def healthy(self) -> bool:
-        return self._healthy and self._db is not None
+        # A write-behind that fails once (another process held the lock past the busy timeout)
+        # is retried with nothing lost, and the cache is still current (sync reads on): only
+        # one failing for longer than `flush_grace` makes requests fail closed.
+        failing = self._flush_failing_since
+        return (
+            self._healthy
+            and self._db is not None
+            and (failing is None or time.monotonic() - failing < self.flush_grace)
+        )
 
     def subscribe(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -238,24 +255,25 @@ class SQLiteStore(CachedReads):
         return self._db
 
     async def _load_all(self) -> None:
-        db = self.db
-        async with db.execute("SELECT * FROM devices") as cur:
-            async for row in cur:
-                self._devices[row[0]] = Device(*row)
-        async with db.execute("SELECT * FROM posture") as cur:
-            async for row in cur:
-                self._posture[row[0]] = PostureRecord(
-                    row[0], json.loads(row[1]), row[2], row[3], bool(row[4]), row[5]
-                )
-        async with db.execute("SELECT data FROM users") as cur:
-            async for row in cur:
-                u = _user_from_json(json.loads(row[0]))
-                self._users[u.user] = u
+        for row in await self._rows("SELECT * FROM devices"):
+            self._devices[row[0]] = Device(*row)
+        for row in await self._rows("SELECT * FROM posture"):
+            self._posture[row[0]] = _posture_from_row(row)
+        for row in await self._rows("SELECT data FROM users"):
+            u = _user_from_json(json.loads(row[0]))
+            self._users[u.user] = u
         now = self._clock()
-        async with db.execute("SELECT data FROM sessions WHERE expires_at > ?", (now,)) as cur:
-            async for row in cur:
-                s = _session_from_json(json.loads(row[0]))
-                self._sessions[s.session_id] = s
+        for row in await self._rows("SELECT data FROM sessions WHERE expires_at > ?", (now,)):
+            s = _session_from_json(json.loads(row[0]))
+            self._sessions[s.session_id] = s
+
+    async def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Every row of a read, in one step. A read left open across an await holds a snapshot
+        on this shared connection, and a write made meanwhile by another coroutine then fails at
+        once with "database is locked" if another process has committed since (WAL cannot
+        upgrade a stale snapshot, and the busy timeout does not apply): a lock error under load
+        with `workers = 2`, each one a moment of 503s."""
+        return list(await self.db.execute_fetchall(sql, args))
 
     # --- change propagation ----------------------------------------------------------------
     async def _write(
@@ -307,11 +325,9 @@ class SQLiteStore(CachedReads):
 
     async def sync(self) -> int:
         """Apply changes made by other processes; returns how many were applied."""
-        db = self.db
-        async with db.execute(
+        rows = await self._rows(
             "SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq", (self._last_seq,)
-        ) as cur:
-            rows = list(await cur.fetchall())
+        )
         for seq, kind, key in rows:
             self._last_seq = max(self._last_seq, int(seq))
             await self._reload(ChangeKind(kind), key)
@@ -319,32 +335,29 @@ class SQLiteStore(CachedReads):
         self._healthy = True
         return len(rows)
 
+    async def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
+        rows = await self._rows(sql, args)
+        return rows[0] if rows else None
+
     async def _reload(self, kind: ChangeKind, key: str) -> None:
-        db = self.db
         if kind is ChangeKind.DEVICE:
-            async with db.execute("SELECT * FROM devices WHERE device_id = ?", (key,)) as cur:
-                row = await cur.fetchone()
+            row = await self._one("SELECT * FROM devices WHERE device_id = ?", (key,))
             if row is None:
                 self._devices.pop(key, None)
             else:
                 self._devices[key] = Device(*row)
         elif kind is ChangeKind.POSTURE:
-            async with db.execute("SELECT * FROM posture WHERE device_id = ?", (key,)) as cur:
-                row = await cur.fetchone()
+            row = await self._one("SELECT * FROM posture WHERE device_id = ?", (key,))
             if row is not None:
-                self._posture[key] = PostureRecord(
-                    row[0], json.loads(row[1]), row[2], row[3], bool(row[4]), row[5]
-                )
+                self._posture[key] = _posture_from_row(row)
         elif kind is ChangeKind.USER:
-            async with db.execute("SELECT data FROM users WHERE user = ?", (key,)) as cur:
-                row = await cur.fetchone()
+            row = await self._one("SELECT data FROM users WHERE user = ?", (key,))
             if row is None:
                 self._users.pop(key, None)
             else:
                 self._users[key] = _user_from_json(json.loads(row[0]))
         elif kind is ChangeKind.SESSION:
-            async with db.execute("SELECT data FROM sessions WHERE session_id = ?", (key,)) as cur:
-                row = await cur.fetchone()
+            row = await self._one("SELECT data FROM sessions WHERE session_id = ?", (key,))
             if row is None:
                 self._sessions.pop(key, None)
             else:
@@ -364,11 +377,11 @@ class SQLiteStore(CachedReads):
             try:
                 await self._flush()
             except Exception as exc:
-                self._healthy = False
                 log.warning("store write-behind failed, will retry: %s", exc)
 
     async def _flush(self) -> None:
         if not (self._dirty_devices or self._dirty_sessions or self._dirty_users or self._history):
+            self._flush_failing_since = None
             return
         devices, self._dirty_devices = self._dirty_devices, set()
         sessions, self._dirty_sessions = self._dirty_sessions, set()
@@ -417,7 +430,10 @@ class SQLiteStore(CachedReads):
                 self._history = deque([*pending, *self._history], maxlen=HISTORY_BACKLOG)
                 with contextlib.suppress(Exception):
                     await db.rollback()
+                if self._flush_failing_since is None:
+                    self._flush_failing_since = time.monotonic()
                 raise
+            self._flush_failing_since = None
 
     async def flush(self) -> None:
         await self._flush()
@@ -530,25 +546,23 @@ class SQLiteStore(CachedReads):
         if not session.revoked:
             # Another process may have revoked it since this copy was read; then the row was
             # left as it was (_SAVE_SESSION), and the copy this process goes on using is revoked.
-            async with self.db.execute(
+            row = await self._one(
                 "SELECT json_extract(data, '$.revoked_at'), json_extract(data, '$.revoked_reason') "
                 "FROM sessions WHERE session_id = ?",
                 (session.session_id,),
-            ) as cur:
-                row = await cur.fetchone()
+            )
             if row is not None and row[0] is not None:
                 session.revoked_at, session.revoked_reason = row[0], row[1]
 
     async def session_id_token(self, session_id: str) -> str | None:
         try:
-            async with self.db.execute(
+            rows = await self._rows(
                 "SELECT 0, id_token FROM session_secrets WHERE session_id = ?1 UNION ALL "
                 # A row written before, not rewritten since: the token is still in its JSON.
                 "SELECT 1, json_extract(data, '$.extra.id_token') FROM sessions "
                 "WHERE session_id = ?1 ORDER BY 1",
                 (session_id,),
-            ) as cur:
-                rows = await cur.fetchall()
+            )
         except sqlite3.Error as exc:
             raise StoreUnavailable(str(exc)) from exc
         return next((t for _, t in rows if isinstance(t, str) and t), None)
@@ -560,12 +574,12 @@ class SQLiteStore(CachedReads):
         self._history.append((session_id, decision))
 
     async def session_history(self, session_id: str) -> list[SessionDecision]:
-        async with self.db.execute(
+        rows = await self._rows(
             "SELECT at, ip, route, verdict, reason FROM session_history WHERE session_id = ? "
             "ORDER BY at DESC, id DESC LIMIT ?",
             (session_id, SESSION_HISTORY),
-        ) as cur:
-            stored = [SessionDecision(*row) for row in await cur.fetchall()]
+        )
+        stored = [SessionDecision(*row) for row in rows]
         # With what this process has not written yet.
         return latest_decisions([*stored, *(d for sid, d in self._history if sid == session_id)])
 
