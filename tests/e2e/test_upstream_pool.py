@@ -9,9 +9,11 @@ response. Every request still crosses real TLS to the gateway and real TCP to th
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
@@ -30,6 +32,7 @@ class Scripted:
     connections: int = 0
     requests: list[tuple[int, str, str]] = field(default_factory=list)  # (conn, method, path)
     drop_reused: bool = False  # close without answering a connection's second request
+    hung_up: int = 0  # connections the gateway closed while we were still writing
 
 
 # path -> (what the upstream writes, whether it then closes the connection)
@@ -44,6 +47,9 @@ ANSWERS: dict[str, tuple[bytes, bool]] = {
     "/trailing-garbage": (OK + b"HTTP/1.1 418 Unasked\r\n\r\n", False),
     "/slow": (OK, False),  # after 0.2 s
     "/truncated": (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly", True),
+    # Too big to be taken whole, so its head is forwarded before the body breaks off.
+    "/cut-mid-body": (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 200_000, True),
+    "/endless": (b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n", False),  # then 64 KB / 10 ms
 }  # fmt: skip
 NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", False)
 
@@ -69,10 +75,16 @@ async def _serve(script: Scripted, reader: asyncio.StreamReader, w: asyncio.Stre
             answer, then_close = ANSWERS.get(path, NOT_FOUND)
             w.write(answer)
             await w.drain()
+            while path == "/endless":  # until the gateway gives up on this connection
+                w.write(b"y" * 65536)
+                await w.drain()
+                await asyncio.sleep(0.01)
             if then_close:
                 return
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except asyncio.IncompleteReadError:
         pass
+    except ConnectionError:
+        script.hung_up += 1
     finally:
         w.close()
 
@@ -181,6 +193,45 @@ async def test_malformed_or_truncated_answer_is_502_reset(
         assert (await r.json(content_type=None))["reason"] == "upstream-unavailable"
     rendered = gw.metrics.render().decode()
     assert 'ztgw_upstream_errors_total{kind="reset",route="app"} 1.0' in rendered
+
+
+async def test_a_body_broken_off_upstream_resets_the_client_and_is_logged_as_the_upstreams(
+    gateway_factory: GatewayFactory,
+    certs: Certs,
+    scripted: Scripted,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ztgateway.forward")
+    gw = await _gateway(gateway_factory, scripted)
+    async with session(certs) as s, s.get(_url(gw, "/cut-mid-body")) as r:
+        assert r.status == 200  # the head was out before the body broke off
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+    messages = [r.getMessage() for r in caplog.records if r.name == "ztgateway.forward"]
+    assert any("upstream demo failed mid-response" in m for m in messages), messages
+
+
+async def test_a_client_leaving_mid_body_frees_the_upstream_and_blames_nobody(
+    gateway_factory: GatewayFactory,
+    certs: Certs,
+    scripted: Scripted,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ztgateway.forward")
+    gw = await _gateway(gateway_factory, scripted)
+    async with session(certs) as s:
+        r = await s.get(_url(gw, "/endless"))
+        assert r.status == 200
+        await r.content.readexactly(65536)
+        r.close()  # hangs up with most of the 100 MB still to come
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    # The gateway stops reading the upstream and closes that connection (not kept, not leaked).
+    while scripted.hung_up == 0 or (gw.listener is not None and gw.listener.open_connections):
+        assert loop.time() < deadline, (scripted, gw.listener and gw.listener.open_connections)
+        await asyncio.sleep(0.05)
+    logged = [r.getMessage() for r in caplog.records if r.name == "ztgateway.forward"]
+    assert not any("upstream demo failed" in m for m in logged), logged
 
 
 async def test_bytes_after_an_answer_retire_the_connection(

@@ -279,9 +279,16 @@ async def forward_http(
                 raise BodyTooLarge from exc
             if response is not None and response.prepared:
                 # The head is out: the only honest signal left is a broken connection.
-                log.warning(
-                    "upstream %s failed mid-response: %s", route.upstream.name, type(exc).__name__
-                )
+                client = request.transport
+                if client is None or client.is_closing():
+                    # The client hung up while we wrote to it: nothing failed upstream.
+                    log.info("client left mid-response: %s", type(exc).__name__)
+                else:
+                    log.warning(
+                        "upstream %s failed mid-response: %s",
+                        route.upstream.name,
+                        type(exc).__name__,
+                    )
                 _abort(request)
                 return response
             if isinstance(exc, UpstreamFailure):
