@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -100,6 +100,24 @@ async def scripted() -> AsyncIterator[Scripted]:
     script.port = server.sockets[0].getsockname()[1]
     yield script
     server.close()
+
+
+@pytest.fixture
+def forward_log() -> Iterator[list[str]]:
+    """What the forwarding code logs (info and up) during the test, as it is logged."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("ztgateway.forward"), Keep(logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 async def _gateway(factory: GatewayFactory, script: Scripted, **upstream: object) -> Gateway:
@@ -196,28 +214,19 @@ async def test_malformed_or_truncated_answer_is_502_reset(
 
 
 async def test_a_body_broken_off_upstream_resets_the_client_and_is_logged_as_the_upstreams(
-    gateway_factory: GatewayFactory,
-    certs: Certs,
-    scripted: Scripted,
-    caplog: pytest.LogCaptureFixture,
+    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted, forward_log: list[str]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ztgateway.forward")
     gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s, s.get(_url(gw, "/cut-mid-body")) as r:
         assert r.status == 200  # the head was out before the body broke off
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
-    messages = [r.getMessage() for r in caplog.records if r.name == "ztgateway.forward"]
-    assert any("upstream demo failed mid-response" in m for m in messages), messages
+    assert any("upstream demo failed mid-response" in m for m in forward_log), forward_log
 
 
 async def test_a_client_leaving_mid_body_frees_the_upstream_and_blames_nobody(
-    gateway_factory: GatewayFactory,
-    certs: Certs,
-    scripted: Scripted,
-    caplog: pytest.LogCaptureFixture,
+    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted, forward_log: list[str]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ztgateway.forward")
     gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         r = await s.get(_url(gw, "/endless"))
@@ -230,8 +239,7 @@ async def test_a_client_leaving_mid_body_frees_the_upstream_and_blames_nobody(
     while scripted.hung_up == 0 or (gw.listener is not None and gw.listener.open_connections):
         assert loop.time() < deadline, (scripted, gw.listener and gw.listener.open_connections)
         await asyncio.sleep(0.05)
-    logged = [r.getMessage() for r in caplog.records if r.name == "ztgateway.forward"]
-    assert not any("upstream demo failed" in m for m in logged), logged
+    assert not any("upstream demo failed" in m for m in forward_log), forward_log
 
 
 async def test_bytes_after_an_answer_retire_the_connection(
