@@ -68,7 +68,7 @@ from typing import Any
 from bench.timing import Body, Setup, batch_size
 from ztgateway.stages.session import HISTORY  # decisions kept per session
 from ztgateway.store.base import ChangeKind, Session
-from ztgateway.store.sqlite import SCHEMA, SQLiteStore
+from ztgateway.store.sqlite import SAVE_SESSION, SCHEMA, SQLiteStore
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = 10
@@ -80,12 +80,7 @@ CONTEXT_POOL = 16_384  # request contexts for the stage row, the same number for
 SAMPLE_EVERY = 500  # sessions kept to check the round trip through the store
 _FIELDS = tuple(f.name for f in fields(Session))
 
-# The SQL of SQLiteStore.save_session (and the change event its `_write` appends).
-SAVE_SESSION_SQL = (
-    "INSERT INTO sessions (session_id, user, expires_at, data) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT(session_id) DO UPDATE SET data = excluded.data, "
-    "expires_at = excluded.expires_at"
-)
+# The change event SQLiteStore._write appends to save_session's SAVE_SESSION.
 CHANGE_SQL = "INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)"
 
 API_AGENTS = (
@@ -238,7 +233,7 @@ def write_bulk(
         con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(SCHEMA)
         with con:
-            con.executemany(SAVE_SESSION_SQL, rows())
+            con.executemany(SAVE_SESSION, rows())
             con.executemany(CHANGE_SQL, ((ChangeKind.SESSION.value, k, now) for k in ids))
     finally:
         con.close()

@@ -115,7 +115,7 @@ def _session_from_json(data: dict[str, Any]) -> Session:
     return Session(**{k: v for k, v in data.items() if k in _SESSION_FIELDS}).compact()
 
 
-_SAVE_SESSION = (
+SAVE_SESSION = (
     "INSERT INTO sessions (session_id, user, expires_at, data) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(session_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at "
     # SECURITY: a revocation is final. A save from a process whose copy predates it (it has
@@ -255,17 +255,25 @@ class SQLiteStore(CachedReads):
         return self._db
 
     async def _load_all(self) -> None:
-        for row in await self._rows("SELECT * FROM devices"):
-            self._devices[row[0]] = Device(*row)
-        for row in await self._rows("SELECT * FROM posture"):
-            self._posture[row[0]] = _posture_from_row(row)
-        for row in await self._rows("SELECT data FROM users"):
-            u = _user_from_json(json.loads(row[0]))
-            self._users[u.user] = u
+        # Streamed, not fetched whole (100,000 sessions' rows at once would double the memory
+        # the store starts with): open() runs this before the store's tasks start, so no other
+        # coroutine can write on the connection while these reads are open (see _rows).
+        db = self.db
+        async with db.execute("SELECT * FROM devices") as cur:
+            async for row in cur:
+                self._devices[row[0]] = Device(*row)
+        async with db.execute("SELECT * FROM posture") as cur:
+            async for row in cur:
+                self._posture[row[0]] = _posture_from_row(row)
+        async with db.execute("SELECT data FROM users") as cur:
+            async for row in cur:
+                u = _user_from_json(json.loads(row[0]))
+                self._users[u.user] = u
         now = self._clock()
-        for row in await self._rows("SELECT data FROM sessions WHERE expires_at > ?", (now,)):
-            s = _session_from_json(json.loads(row[0]))
-            self._sessions[s.session_id] = s
+        async with db.execute("SELECT data FROM sessions WHERE expires_at > ?", (now,)) as cur:
+            async for row in cur:
+                s = _session_from_json(json.loads(row[0]))
+                self._sessions[s.session_id] = s
 
     async def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """Every row of a read, in one step. A read left open across an await holds a snapshot
@@ -537,7 +545,7 @@ class SQLiteStore(CachedReads):
         self._sessions[session.session_id] = session
         self._dirty_sessions.discard(session.session_id)
         await self._write(
-            _SAVE_SESSION,
+            SAVE_SESSION,
             (session.session_id, session.user, session.expires_at, _session_json(session)),
             ChangeKind.SESSION,
             session.session_id,
@@ -545,7 +553,7 @@ class SQLiteStore(CachedReads):
         )
         if not session.revoked:
             # Another process may have revoked it since this copy was read; then the row was
-            # left as it was (_SAVE_SESSION), and the copy this process goes on using is revoked.
+            # left as it was (SAVE_SESSION), and the copy this process goes on using is revoked.
             row = await self._one(
                 "SELECT json_extract(data, '$.revoked_at'), json_extract(data, '$.revoked_reason') "
                 "FROM sessions WHERE session_id = ?",
