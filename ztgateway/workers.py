@@ -31,6 +31,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from .config import GatewayConfig
@@ -169,7 +170,12 @@ class Supervisor:
         return client
 
     async def _ask(
-        self, index: int, method: str, path: str, headers: dict[str, str], body: bytes = b""
+        self,
+        index: int,
+        method: str,
+        path: str,
+        headers: CIMultiDict[str] | dict[str, str],
+        body: bytes = b"",
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """One request to one worker's ops socket; the URL's host is a placeholder."""
         async with self._client(index).request(
@@ -189,8 +195,12 @@ class Supervisor:
         return list(await asyncio.gather(*(one(i) for i in range(self.count))))
 
     @staticmethod
-    def _relayed_headers(request: web.Request) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_RELAYED}
+    def _relayed_headers(request: web.Request) -> CIMultiDict[str]:
+        """The caller's headers, repeated ones kept (a dict would keep only the last), less the
+        hop-by-hop ones, plus the caller's address for the worker."""
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in NOT_RELAYED
+        )
         headers[RELAY_PEER_HEADER] = request.remote or ""
         return headers
 
