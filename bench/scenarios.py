@@ -159,15 +159,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         1,
         ALL_CHECKS,
         route={
-            "policy": {
-                "require_client_cert": True,
-                "require_token": True,
-                "require_bound_token": True,
-                "issuers": [ISSUER_NAME],
-                "groups": [TOKEN_GROUP],
-                "zones": ["loopback"],
-                "min_trust": "compliant",
-            },
+            "policy": {**FULL_ROUTE["policy"], "zones": ["loopback"], "min_trust": "compliant"},
             # The limit is checked on every request; it is set above the load so that what is
             # measured is the check, not 429s.
             "session": {"ip_drift": "step_up", "rate_limit": {"rate": 1e7, "burst": 10**7}},

@@ -126,14 +126,19 @@ async def _gateway(factory: GatewayFactory, script: Scripted, **upstream: object
     )
 
 
+@pytest.fixture
+async def gw(gateway_factory: GatewayFactory, scripted: Scripted) -> Gateway:
+    """The gateway with the scripted upstream behind it, default pool settings."""
+    return await _gateway(gateway_factory, scripted)
+
+
 def _url(gw: Gateway, path: str) -> str:
     return f"https://127.0.0.1:{gw.port}{path}"
 
 
 async def test_sequential_requests_share_one_keep_alive_connection(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         for _ in range(20):
             async with s.get(_url(gw, "/ok")) as r:
@@ -143,9 +148,8 @@ async def test_sequential_requests_share_one_keep_alive_connection(
 
 
 async def test_head_answer_without_body_leaves_the_connection_reusable(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         async with s.head(_url(gw, "/head")) as r:
             assert r.status == 200
@@ -156,9 +160,8 @@ async def test_head_answer_without_body_leaves_the_connection_reusable(
 
 
 async def test_body_delimited_by_close_arrives_whole_and_the_socket_is_not_reused(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         async with s.get(_url(gw, "/close-delimited")) as r:
             assert r.status == 200
@@ -169,9 +172,8 @@ async def test_body_delimited_by_close_arrives_whole_and_the_socket_is_not_reuse
 
 
 async def test_upstream_connection_close_is_honoured(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         for _ in range(3):
             async with s.get(_url(gw, "/connection-close")) as r:
@@ -182,18 +184,16 @@ async def test_upstream_connection_close_is_honoured(
 
 
 async def test_interim_103_is_skipped_and_the_final_answer_forwarded(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s, s.get(_url(gw, "/early-hints")) as r:
         assert (r.status, await r.read()) == (200, b"ok")
         assert "Link" not in r.headers
 
 
 async def test_latin1_header_value_is_passed_on_as_its_characters(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s, s.get(_url(gw, "/latin1")) as r:
         assert r.status == 200
         assert r.headers["X-Name"] == "café"
@@ -201,11 +201,10 @@ async def test_latin1_header_value_is_passed_on_as_its_characters(
 
 @pytest.mark.parametrize("path", ["/malformed", "/truncated"])
 async def test_malformed_or_truncated_answer_is_502_reset(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted, path: str
+    gw: Gateway, certs: Certs, scripted: Scripted, path: str
 ) -> None:
     # A small answer is taken whole before its head is forwarded, so even a body cut short
     # still gets the client an honest 502 rather than a truncated 200.
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s, s.get(_url(gw, path)) as r:
         assert r.status == 502
         assert (await r.json(content_type=None))["reason"] == "upstream-unavailable"
@@ -214,9 +213,8 @@ async def test_malformed_or_truncated_answer_is_502_reset(
 
 
 async def test_a_body_broken_off_upstream_resets_the_client_and_is_logged_as_the_upstreams(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted, forward_log: list[str]
+    gw: Gateway, certs: Certs, scripted: Scripted, forward_log: list[str]
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s, s.get(_url(gw, "/cut-mid-body")) as r:
         assert r.status == 200  # the head was out before the body broke off
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -225,9 +223,8 @@ async def test_a_body_broken_off_upstream_resets_the_client_and_is_logged_as_the
 
 
 async def test_a_client_leaving_mid_body_frees_the_upstream_and_blames_nobody(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted, forward_log: list[str]
+    gw: Gateway, certs: Certs, scripted: Scripted, forward_log: list[str]
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         r = await s.get(_url(gw, "/endless"))
         assert r.status == 200
@@ -243,9 +240,8 @@ async def test_a_client_leaving_mid_body_frees_the_upstream_and_blames_nobody(
 
 
 async def test_bytes_after_an_answer_retire_the_connection(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         async with s.get(_url(gw, "/trailing-garbage")) as r:
             assert (r.status, await r.read()) == (200, b"ok")
@@ -257,10 +253,9 @@ async def test_bytes_after_an_answer_retire_the_connection(
 
 
 async def test_reused_connection_dropped_unanswered_is_retried_once_for_a_get(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
     scripted.drop_reused = True
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         async with s.get(_url(gw, "/ok")) as r:
             assert r.status == 200
@@ -271,10 +266,9 @@ async def test_reused_connection_dropped_unanswered_is_retried_once_for_a_get(
 
 
 async def test_reused_connection_dropped_unanswered_is_not_retried_for_a_post(
-    gateway_factory: GatewayFactory, certs: Certs, scripted: Scripted
+    gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
     scripted.drop_reused = True
-    gw = await _gateway(gateway_factory, scripted)
     async with session(certs) as s:
         async with s.get(_url(gw, "/ok")) as r:
             assert r.status == 200
