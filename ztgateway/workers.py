@@ -49,6 +49,7 @@ NOT_RELAYED = frozenset(
     )
 )  # fmt: skip
 """Hop-by-hop headers, and the peer header only the supervisor may set."""
+RELAY_FAILURES = ("too_large", "worker_error", "no_worker")
 
 
 def merge_metrics(texts: Iterable[str]) -> str:
@@ -117,6 +118,7 @@ class Supervisor:
         self.socket_dir = Path(tempfile.mkdtemp(prefix="ztgw-ops-"))
         self._clients: dict[int, aiohttp.ClientSession] = {}
         self._turn = itertools.count()
+        self.relay_failures: dict[str, int] = dict.fromkeys(RELAY_FAILURES, 0)
 
     def ops_socket(self, index: int) -> Path:
         return self.socket_dir / f"worker-{index}.sock"
@@ -207,7 +209,10 @@ class Supervisor:
     async def relay(self, request: web.Request) -> web.Response:
         """The admin API, `/decide` and `/forward-auth`, answered by the next live worker. A
         worker that cannot be reached (restarting) is skipped; none reachable is a 503."""
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return self._relay_failed(413, "body too large", exc.text or "", "too_large")
         headers = self._relayed_headers(request)
         first = next(self._turn)
         for step in range(self.count):
@@ -219,9 +224,18 @@ class Supervisor:
             except aiohttp.ClientConnectorError:
                 continue  # never reached the worker, so trying the next one repeats nothing
             except (aiohttp.ClientError, TimeoutError) as exc:
-                return _problem(502, "worker did not answer", f"worker {index}: {exc}")
+                detail = f"worker {index}: {exc}"
+                return self._relay_failed(502, "worker did not answer", detail, "worker_error")
             return web.Response(status=status, headers=kept, body=answer)
-        return _problem(503, "no worker available", "every worker is restarting")
+        return self._relay_failed(
+            503, "no worker available", "every worker is restarting", "no_worker"
+        )
+
+    def _relay_failed(self, status: int, title: str, detail: str, kind: str) -> web.Response:
+        """Counted and logged here: the workers keep the audit log, and none of them saw it."""
+        self.relay_failures[kind] += 1
+        log.warning("ops relay refused (%s): %s", kind, detail)
+        return _problem(status, title, detail)
 
     async def reload_all(self, request: web.Request) -> web.Response:
         """`/admin/reload` reloads every worker, as SIGHUP to the supervisor does. Each worker
@@ -259,6 +273,12 @@ class Supervisor:
                 "# HELP ztgw_workers_up Workers answering their ops listener.\n"
                 "# TYPE ztgw_workers_up gauge\n"
                 f"ztgw_workers_up {float(len(texts))}\n"
+                "# HELP ztgw_ops_relay_failures_total Ops calls the supervisor could not relay.\n"
+                "# TYPE ztgw_ops_relay_failures_total counter\n"
+                + "".join(
+                    f'ztgw_ops_relay_failures_total{{kind="{k}"}} {float(n)}\n'
+                    for k, n in self.relay_failures.items()
+                )
             )
             return web.Response(text=merged, content_type="text/plain", charset="utf-8")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -158,6 +159,11 @@ async def test_admin_reload_and_forward_auth_go_through_the_supervisor(
                 ) as r:
                     assert r.status in (401, 403)
                     assert r.headers["X-ZT-Reason"] != "request-invalid"
+            # What the supervisor cannot relay is refused by it, clearly, and counted.
+            async with s.post(f"{base}/decide", data=io.BytesIO(b"x" * (2 << 20))) as r:
+                assert r.status == 413
+                assert r.content_type == "application/problem+json"
+            assert await metric(sup.ops, "ztgw_ops_relay_failures_total") == 1
         other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
         async with (
             aiohttp.ClientSession(connector=other) as s,
