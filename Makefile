@@ -1,42 +1,82 @@
 # ztgateway developer commands. `make run` and `make test` do all set-up on a fresh machine.
+#
+# Every environment installs from the committed lock files in requirements/ (exact versions,
+# sha256 hashes), never from whatever a registry serves today:
+#   requirements/runtime.txt  the gateway and its build backend   (`make run`)
+#   requirements/dev.txt      the above + tests, lint, lock tools  (`make test`, CI)
+# `make lock` regenerates both from pyproject.toml; see "Dependencies" in the README.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
 CONFIG ?= config/gateway.toml
+# pip only: --require-hashes refuses anything not in the lock; the project itself is installed
+# without its dependencies (they came from the lock) and without build isolation (the build
+# backend came from the lock too), so nothing is resolved against the registry.
+PIP_LOCKED := $(BIN)/pip install -q --require-hashes --no-deps
+PIP_SELF := $(BIN)/pip install -q --no-deps --no-build-isolation -e .
+# Locking asks the public registry only (no machine-local wheel folders or mirrors), so the lock
+# names files every machine can fetch and their hashes.
+LOCK_ENV := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
+LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --all-build-deps \
+	--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),$(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p))))
 
-.PHONY: venv run test lint fmt bench certs clean
+.PHONY: venv dev-venv run test test-future lint fmt bench certs lock clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
 
-venv: $(STAMP)
+$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml | $(BIN)/python
+	$(PIP_LOCKED) -r requirements/runtime.txt
+	$(PIP_SELF)
+	touch $@
 
-certs/ca.pem: | $(STAMP)
-	$(BIN)/ztgateway certs init --dir certs
+$(DEV_STAMP): requirements/dev.txt pyproject.toml | $(BIN)/python
+	$(PIP_LOCKED) -r requirements/dev.txt
+	$(PIP_SELF)
+	touch $@ $(RUNTIME_STAMP)
 
-certs: certs/ca.pem
+venv: $(RUNTIME_STAMP)
+dev-venv: $(DEV_STAMP)
 
-run: $(STAMP) certs/ca.pem
+# The dev PKI is made once and renewed whenever a certificate is expired or close to expiry,
+# so the demo still starts a year from now.
+certs: $(RUNTIME_STAMP)
+	$(BIN)/ztgateway certs init --dir certs --renew
+
+run: certs
 	$(BIN)/python -m ztgateway.devrun -c $(CONFIG)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check ztgateway tests $(wildcard bench)
 	$(BIN)/ruff format --check ztgateway tests $(wildcard bench)
 	$(BIN)/mypy
 
-fmt: $(STAMP)
+fmt: $(DEV_STAMP)
 	$(BIN)/ruff format ztgateway tests $(wildcard bench)
 	$(BIN)/ruff check --fix ztgateway tests $(wildcard bench)
 
 test: lint
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-future
 
-bench: $(STAMP)
+# The suite's time-dependent tests again, with the whole process (OpenSSL included) 400 days in
+# the future under libfaketime: a certificate, token or report made "now" with a fixed lifetime,
+# or a fixed date compared with something made now, fails here long before it fails in CI.
+FUTURE ?= +400d
+test-future: $(DEV_STAMP)
+	tests/run_future.sh $(FUTURE)
+
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# Regenerate both lock files from pyproject.toml, keeping every pin that still satisfies it.
+# `make lock UPGRADE=aiohttp` moves one package (and what it needs) to its newest release;
+# `make lock UPGRADE=all` moves everything.
+lock: $(DEV_STAMP)
+	$(LOCK_ENV) $(BIN)/pip-compile $(LOCK_FLAGS) -o requirements/runtime.txt pyproject.toml
+	$(LOCK_ENV) $(BIN)/pip-compile $(LOCK_FLAGS) --extra dev -c requirements/runtime.txt -o requirements/dev.txt pyproject.toml
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache var
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache var

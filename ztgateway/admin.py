@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
@@ -43,7 +42,11 @@ def load_admin_token(cfg: OpsConfig) -> str | None:
 
 def _audit(gw: Gateway, request: web.Request, verdict: Verdict, reason: Reason, detail: str) -> str:
     ctx = RequestContext.synthetic(
-        method=request.method, path=request.path, client_ip=request.remote or "", headers={}
+        method=request.method,
+        path=request.path,
+        client_ip=request.remote or "",
+        headers={},
+        clock=gw.clock,
     )
     finding = Finding("admin", reason, verdict, detail=detail)
     event = gw.audit_event(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)), None)
@@ -154,7 +157,7 @@ async def terminate_sessions(request: web.Request) -> web.Response:
     """POST {"user": "alice"} or {"session_id": "…"}: refused at once, WebSockets closed."""
     gw = _gw(request)
     body = await _json_body(request)
-    now = time.time()
+    now = gw.clock.time()
     reason = str(body.get("reason") or "terminated by an operator")
     if "user" in body:
         targets = [s.session_id for s in gw.store.sessions(str(body["user"])) if not s.revoked]
@@ -192,7 +195,8 @@ async def device_action(request: web.Request) -> web.Response:
 
 
 async def list_users(request: web.Request) -> web.Response:
-    now = time.time()
+    gw = _gw(request)
+    now = gw.clock.time()
     return web.json_response(
         [
             {
@@ -203,7 +207,7 @@ async def list_users(request: web.Request) -> web.Response:
                 "timezone": u.timezone,
                 "working_hours": u.working_hours,
             }
-            for u in _gw(request).store.users()
+            for u in gw.store.users()
         ]
     )
 
@@ -213,7 +217,7 @@ async def user_action(request: web.Request) -> web.Response:
     user = request.match_info["user"]
     action = request.match_info["action"]
     store = gw.store
-    now = time.time()
+    now = gw.clock.time()
     account = store.user(user) or UserRecord(user=user)
     if action == "lock":
         body = await _json_body(request)

@@ -13,7 +13,6 @@ import logging
 import math
 import secrets
 import signal
-import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from . import __version__, endpoints, mfa_endpoints, portal
 from .assertion import AssertionSigner, load_or_create_key
 from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
+from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
@@ -83,9 +83,16 @@ class Gateway:
     """Seconds between sweeps of expired sessions out of memory (tests shorten it)."""
 
     def __init__(
-        self, config: GatewayConfig, *, worker: int | None = None, ops_socket: Path | None = None
+        self,
+        config: GatewayConfig,
+        *,
+        worker: int | None = None,
+        ops_socket: Path | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
+        """Every part of the gateway reads time from here (tests pass a ManualClock)."""
         self.worker = worker
         self.ops_socket = ops_socket
         """A worker's ops listener: a Unix socket in the supervisor's private directory."""
@@ -96,9 +103,10 @@ class Gateway:
             jsonl_path=config.audit.jsonl,
             max_queue=config.audit.max_queue,
             on_write_failure=lambda exc: self.metrics.audit_failures.inc(),
+            clock=clock,
         )
         self.tokens: TokenVerifier | None = None
-        self.store = store_from_url(config.store.url, base=config.store.base)
+        self.store = store_from_url(config.store.url, base=config.store.base, clock=clock)
         self.store.subscribe(self._on_store_change)
         self.store.observe = self._on_store_write
         self.upstreams = Upstreams()
@@ -107,16 +115,21 @@ class Gateway:
             log.warning(
                 "geolocation unavailable, impossible travel is not checked: %s", self.geo.error
             )
-        self.mfa = MFA(config.mfa, self.store, create_key=config.mfa.key_file is not None)
+        self.mfa = MFA(
+            config.mfa, self.store, create_key=config.mfa.key_file is not None, clock=clock
+        )
         self.keeper = SessionKeeper(self.store, config.sessions)
         self.csrf_key = secrets.token_bytes(32)
         provider = config.oidc.provider
-        self.oidc: OIDCClient | None = OIDCClient(provider) if provider is not None else None
+        self.oidc: OIDCClient | None = (
+            OIDCClient(provider, clock=clock.time) if provider is not None else None
+        )
         self.oidc_name = provider.name if provider is not None else "-"
         self.signer = AssertionSigner(
             load_or_create_key(config.assertion.key),
             issuer=config.assertion.issuer or config.server.public_url or "ztgateway",
             ttl=config.assertion.ttl,
+            clock=clock,
         )
         self.runtime = self._build_runtime(config)
         self.listener: Listener | None = None
@@ -126,7 +139,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._watches: set[Watch] = set()
         self._dry: tuple[Runtime, Runtime] | None = None
-        self.started_at = time.time()
+        self.started_at = clock.time()
         self._update_cert_metrics()
         self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
         self.metrics.watch_sessions(self._active_sessions)
@@ -141,6 +154,7 @@ class Gateway:
             tokens=self.tokens,
             store=self.store,
             geo=self.geo,
+            clock=self.clock,
         )
         rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
         self.metrics.prepare_routes(
@@ -161,7 +175,7 @@ class Gateway:
             self.metrics.store_write_errors.labels(operation).inc()
 
     def _active_sessions(self) -> dict[str, int]:
-        now = time.time()
+        now = self.clock.time()
         counts: dict[str, int] = {}
         for s in self.store.sessions():
             if not s.revoked and s.expires_at > now:
@@ -183,6 +197,7 @@ class Gateway:
             store=rt.store,
             dry_run=True,
             geo=rt.geo,
+            clock=rt.clock,
         )
         dry.pipeline = Pipeline(default_stages(dry))
         self._dry = (rt, dry)
@@ -224,6 +239,7 @@ class Gateway:
                 cfg.issuers,
                 session_factory=None,
                 on_result=self._on_token_result,
+                clock=self.clock.time,
             )
             await self.tokens.start()
             self.metrics.watch_issuers(self.tokens.jwks_status)
@@ -314,7 +330,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.session_sweep_interval)
             try:
-                gone = await self.store.expire_sessions(time.time())
+                gone = await self.store.expire_sessions(self.clock.time())
             except StoreUnavailable:
                 continue
             except Exception:  # the sweep must outlive a bad tick
@@ -427,6 +443,7 @@ class Gateway:
             peer_ip=conn.peer_ip or None,
             trusted_proxies=cfg.server.trusted_proxies,
             allow_encoded_slash=cfg.server.allow_encoded_slash,
+            clock=self.clock,
         )
         ctx.forwarded_proto = "https"
         decision_id_var.set(ctx.decision_id)
@@ -445,9 +462,9 @@ class Gateway:
             return self._refusal(
                 Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
             )
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         decision = await rt.pipeline.evaluate(ctx)
-        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        self.metrics.decision_seconds.observe(self.clock.monotonic() - started)
         route = ctx.route
         route_label = route.name if route else "-"
         if route is not None:
@@ -516,6 +533,7 @@ class Gateway:
                 decision_id=ctx.decision_id,
                 extra_headers=response_headers,
                 on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
+                clock=self.clock,
             )
             return response
         except BodyTooLarge:
@@ -534,7 +552,7 @@ class Gateway:
             log.warning("upstream %s failed: %r", route.upstream.name, exc)
             return self._refusal(failure.reason, ctx.decision_id, accept)
         finally:
-            route_seconds.observe(time.monotonic() - ctx.started)
+            route_seconds.observe(self.clock.monotonic() - ctx.started)
 
     async def _recheck(self, request: web.BaseRequest, conn: GatewayRequestHandler) -> Decision:
         """Re-run the whole decision for an open WebSocket, on the current snapshot."""
@@ -545,6 +563,7 @@ class Gateway:
             peer_ip=conn.peer_ip or None,
             trusted_proxies=rt.config.server.trusted_proxies,
             allow_encoded_slash=rt.config.server.allow_encoded_slash,
+            clock=self.clock,
         )
         decision: Decision = await rt.pipeline.evaluate(ctx)
         if not decision.allowed:
@@ -794,7 +813,7 @@ class Gateway:
         checks: dict[str, Any] = {}
         checks["audit"] = {"ok": self.audit.healthy}
         m = self.tls.current
-        now = time.time()
+        now = self.clock.time()
         checks["certificates"] = {
             "ok": m.server_not_after > now,
             "server_not_after": m.server_not_after,

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import os
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from .clock import SYSTEM_CLOCK, Clock
 
 
 def _b64(n: int) -> str:
@@ -49,8 +50,16 @@ def load_or_create_key(path: Path | None) -> ec.EllipticCurvePrivateKey:
 
 
 class AssertionSigner:
-    def __init__(self, key: ec.EllipticCurvePrivateKey, *, issuer: str, ttl: int) -> None:
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        *,
+        issuer: str,
+        ttl: int,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._key = key
+        self.clock = clock
         self.issuer = issuer
         self.ttl = ttl
         numbers = key.public_key().public_numbers()
@@ -75,7 +84,7 @@ class AssertionSigner:
         now: float | None = None,
     ) -> str:
         """Signing costs ~50 µs, so an assertion is reused until half its lifetime has passed."""
-        now = time.time() if now is None else now
+        now = self.clock.time() if now is None else now
         key = (audience, user, email, groups, device_id, source)
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:

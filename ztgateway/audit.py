@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import sqlite3
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -47,6 +46,8 @@ from urllib.parse import unquote_plus
 
 import aiosqlite
 import orjson
+
+from .clock import SYSTEM_CLOCK, Clock
 
 logger = logging.getLogger(__name__)
 
@@ -231,12 +232,12 @@ _clock_second: list[tuple[int, str]] = [(-1, "")]
 """[(Unix second, "YYYY-MM-DDTHH:MM:SS.")], the pair swapped whole so threads never mix it."""
 
 
-def _now_ts() -> str:
-    """`_format_ts(datetime.now(UTC))`, formatting the date and time once per second.
+def _now_ts(now_ns: int) -> str:
+    """`_format_ts` of the clock's `time_ns()`, formatting the date and time once per second.
 
-    `datetime.now()` reads the same clock as `time.time_ns()` and floors to microseconds.
+    Floors to microseconds, as `datetime.fromtimestamp` would.
     """
-    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    second, micros = divmod(now_ns // 1000, 1_000_000)
     cached = _clock_second[0]
     if cached[0] != second:
         text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
@@ -459,6 +460,7 @@ class AuditLog:
         on_write_failure: Callable[[BaseException], None] | None = None,
         busy_timeout: float = 5.0,
         retry_max: float = 5.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if max_queue < 1 or batch_size < 1:
             raise ValueError("max_queue and batch_size must be positive")
@@ -472,6 +474,7 @@ class AuditLog:
         self._on_write_failure = on_write_failure
         self._busy_timeout = busy_timeout
         self._retry_max = retry_max
+        self._clock = clock
 
         self._pending: deque[tuple[str, _Entry]] = deque()  # (decision_id, what to write)
         self._pending_ids: set[str] = set()
@@ -665,7 +668,7 @@ class AuditLog:
         if "timestamp" in body:
             ts = _normalize_ts(body["timestamp"])
         else:
-            ts = body["timestamp"] = _now_ts()
+            ts = body["timestamp"] = _now_ts(self._clock.time_ns())
         self._pending.append((decision_id, _encode(body, ts)))
         self._pending_ids.add(decision_id)
         self._accepted += 1
@@ -1067,7 +1070,9 @@ class RotateResult:
     through_seq: int | None
 
 
-async def rotate(db_path: Path, archive_dir: Path, *, before: datetime) -> RotateResult:
+async def rotate(
+    db_path: Path, archive_dir: Path, *, before: datetime, clock: Clock = SYSTEM_CLOCK
+) -> RotateResult:
     """Move events older than `before` into an archive file; the chain stays verifiable.
 
     The oldest events (a prefix of the chain) are written to
@@ -1104,7 +1109,7 @@ async def rotate(db_path: Path, archive_dir: Path, *, before: datetime) -> Rotat
                     last_hash,
                     str(path),
                     hashlib.sha256(data).hexdigest(),
-                    _format_ts(datetime.now(UTC)),
+                    _format_ts(clock.now()),
                 ),
             )
             await db.execute("DELETE FROM audit_events WHERE seq <= ?", (last,))

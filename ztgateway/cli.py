@@ -164,15 +164,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_rotate(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from .audit import rotate
+    from .clock import SYSTEM_CLOCK
 
     config = _load(args.config)
     archive_dir = (
         Path(args.archive_dir) if args.archive_dir else config.audit.db.parent / "audit-archive"
     )
-    before = datetime.now(UTC) - timedelta(days=args.days)
+    before = SYSTEM_CLOCK.now() - timedelta(days=args.days)
     result = asyncio.run(rotate(config.audit.db, archive_dir, before=before))
     if result.archived == 0:
         print(f"nothing older than {args.days} days")

@@ -11,12 +11,12 @@ import base64
 import binascii
 import functools
 import ipaddress
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .clock import SYSTEM_CLOCK, Clock
 from .decision import Finding, new_decision_id
 from .paths import PathError, normalize_path
 
@@ -167,8 +167,10 @@ class RequestContext:
     client_ip: str
     peer_ip: str
     decision_id: str = field(default_factory=new_decision_id)
-    started: float = field(default_factory=time.monotonic)
-    now: float = field(default_factory=time.time)
+    started: float = 0.0
+    """The clock's monotonic time when the request arrived (for durations)."""
+    now: float = 0.0
+    """The clock's wall time every stage judges the request at (one instant per request)."""
     path: str | None = None
     path_error: str | None = None
     cert: CertInfo | None = None
@@ -206,6 +208,7 @@ class RequestContext:
         trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
         allow_encoded_slash: bool = False,
         peer_ip: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> RequestContext:
         if peer_ip is None:
             peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -232,6 +235,8 @@ class RequestContext:
             cert=cert,
             spoofed_headers=spoofed,
             websocket=is_websocket_handshake(request.method, headers),
+            started=clock.monotonic(),
+            now=clock.time(),
         )
         try:
             ctx.path = normalize_path(raw_path, allow_encoded_slash=allow_encoded_slash)
@@ -250,8 +255,12 @@ class RequestContext:
         client_ip: str = "127.0.0.1",
         cert: CertInfo | None = None,
         now: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> RequestContext:
-        """A context with no socket behind it: `policy explain`, `policy test`, `/decide`."""
+        """A context with no socket behind it: `policy explain`, `policy test`, `/decide`.
+
+        It is judged at `now` when given (a policy test case's instant), else at the clock's.
+        """
         raw_path, _, query = path.partition("?")
         h = CIMultiDictProxy(CIMultiDict(headers or {}))
         ctx = cls(
@@ -267,9 +276,9 @@ class RequestContext:
             # No connection to bridge here, only a question to answer: any sign of an upgrade
             # counts, so a route with websocket = false refuses it.
             websocket=h.get("Upgrade", "").lower() == "websocket",
+            started=clock.monotonic(),
+            now=clock.time() if now is None else now,
         )
-        if now is not None:
-            ctx.now = now
         try:
             ctx.path = normalize_path(raw_path)
         except PathError as exc:

@@ -30,7 +30,6 @@ import secrets
 import signal
 import socket
 import sys
-import time
 import tomllib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ import jwt as pyjwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.configreader import ConfigError, Table
 from ztgateway.credentials.devtoken import jwk_thumbprint, load_signing_key, public_jwks
 
@@ -360,7 +360,7 @@ class DevIdP:
         *,
         issuer: str,
         key: ec.EllipticCurvePrivateKey | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = SYSTEM_CLOCK.time,
     ) -> None:
         parts = urlsplit(issuer)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -936,7 +936,7 @@ def create_devidp_app(
     *,
     issuer: str,
     key_file: Path | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = SYSTEM_CLOCK.time,
 ) -> web.Application:
     """The dev IdP as an aiohttp application; the DevIdP object is at `app[DEVIDP_KEY]`.
 
@@ -985,7 +985,7 @@ async def start_devidp(
     *,
     issuer: str | None = None,
     key_file: Path | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = SYSTEM_CLOCK.time,
     allow_insecure_bind: bool = False,
 ) -> tuple[web.AppRunner, int, str]:
     """Start the dev IdP; returns its runner (call `cleanup()`), the bound port and the issuer.

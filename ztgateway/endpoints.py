@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -81,7 +80,7 @@ async def posture_report(
     if len(raw) > MAX_REPORT_BYTES:
         return _refuse(gw, ctx, Reason.BODY_TOO_LARGE, f"at most {MAX_REPORT_BYTES} bytes")
     content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    now = time.time()
+    now = ctx.now
     try:
         signed = content_type == "application/jose"
         if signed:
@@ -153,7 +152,7 @@ async def device_status(
     if cert is None:
         return _refuse(gw, ctx, Reason.CLIENT_CERT_REQUIRED, "", accept=accept)
     device = gw.store.device(cert.device_id)
-    evaluation = posture_for(gw.runtime, cert.device_id, now=time.time(), require_signed=False)
+    evaluation = posture_for(gw.runtime, cert.device_id, now=ctx.now, require_signed=False)
     record = gw.store.posture(cert.device_id)
     data = {
         "device_id": cert.device_id,

@@ -73,7 +73,7 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
     if not cfg.forward_auth.enabled:
         raise web.HTTPNotFound()
     if not _is_trusted(peer, gw):
-        ctx = RequestContext.synthetic(method="GET", path="/", client_ip=peer)
+        ctx = RequestContext.synthetic(method="GET", path="/", client_ip=peer, clock=gw.clock)
         decision = gw.refusal_decision(
             ctx, Reason.REQUEST_INVALID, "forward-auth caller not trusted"
         )
@@ -99,6 +99,7 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
         headers=dict(passed),
         client_ip=client_ip,
         cert=cert,
+        clock=gw.clock,
     )
     ctx.peer_ip = peer
     if bad_cert:

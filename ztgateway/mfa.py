@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
+from .clock import SYSTEM_CLOCK, Clock
 from .config import MFAConfig
 from .credentials.totp import (
     Enrollment,
@@ -49,8 +49,11 @@ def load_box(cfg: MFAConfig, *, create: bool = False) -> SecretBox | None:
 
 
 class MFA:
-    def __init__(self, cfg: MFAConfig, store: Store, *, create_key: bool = False) -> None:
+    def __init__(
+        self, cfg: MFAConfig, store: Store, *, create_key: bool = False, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.cfg = cfg
+        self.clock = clock
         self.store = store
         self.box = load_box(cfg, create=create_key)
         self.verifier = Verifier(
@@ -79,7 +82,7 @@ class MFA:
         return await self.store.advance(f"totp-step:{user}", step)
 
     async def _failures(self, user: str, since: float) -> int:
-        now = time.time()
+        now = self.clock.time()
         return await self.store.failures_async(f"mfa:{user}", now, max(0.0, now - since))
 
     async def _record_failure(self, user: str, now: float) -> None:
@@ -112,7 +115,7 @@ class MFA:
             replace(
                 u,
                 mfa_secret=self.box.seal(enrollment.secret, user=user),
-                mfa_enrolled_at=time.time(),
+                mfa_enrolled_at=self.clock.time(),
                 backup_codes=hashes,
                 mfa_locked_until=None,
             )
@@ -134,7 +137,7 @@ class MFA:
 
     async def verify(self, user: str, code: object, *, now: float | None = None) -> str:
         """'totp' or 'backup' on success; TOTPError(reason) otherwise."""
-        now = time.time() if now is None else now
+        now = self.clock.time() if now is None else now
         if self.box is None:
             raise MFAUnavailable("no MFA key configured")
         u = self.store.user(user)

@@ -17,7 +17,6 @@ import html
 import json
 import math
 import secrets
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
@@ -68,7 +67,7 @@ class _Who:
 
 
 def _csrf(gw: Gateway, ctx: RequestContext, ts: int | None = None) -> str:
-    ts = int(time.time()) if ts is None else ts
+    ts = int(ctx.now) if ts is None else ts
     binding = (ctx.cert.fingerprint_sha256 if ctx.cert else "-") + f":{ts}"
     mac = hmac.new(gw.csrf_key, binding.encode(), hashlib.sha256).hexdigest()[:32]
     return f"{ts}.{mac}"
@@ -76,7 +75,7 @@ def _csrf(gw: Gateway, ctx: RequestContext, ts: int | None = None) -> str:
 
 def _csrf_ok(gw: Gateway, ctx: RequestContext, token: str) -> bool:
     ts_text, _, _ = token.partition(".")
-    if not ts_text.isdigit() or time.time() - int(ts_text) > CSRF_TTL:
+    if not ts_text.isdigit() or ctx.now - int(ts_text) > CSRF_TTL:
         return False
     return hmac.compare_digest(_csrf(gw, ctx, int(ts_text)), token)
 
@@ -95,7 +94,7 @@ async def _who(gw: Gateway, ctx: RequestContext) -> _Who | Reason:
         if scheme.lower() != "bearer" or gw.tokens is None:
             return Reason.TOKEN_INVALID
         try:
-            token = await gw.tokens.verify(credential.strip())
+            token = await gw.tokens.verify(credential.strip(), now=ctx.now)
         except TokenError as exc:
             return exc.reason
         binding = check_binding(token, cert.der, required=False)
@@ -138,7 +137,7 @@ def _record(
 
 async def _mark_verified(gw: Gateway, ctx: RequestContext, who: _Who, method: str) -> str | None:
     """Record the step-up on the session; returns a new cookie value when one is (re)issued."""
-    now = time.time()
+    now = ctx.now
     store = gw.store
     session = who.session
     cookie_value: str | None = None
@@ -236,7 +235,7 @@ async def verify_api(
     except AuditUnavailable:
         return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id)
     await _mark_verified(gw, ctx, who, result)
-    return _json({"mfa_verified_at": int(time.time()), "user": who.user, "method": result}, ctx)
+    return _json({"mfa_verified_at": int(ctx.now), "user": who.user, "method": result}, ctx)
 
 
 async def _verify_code(
@@ -253,7 +252,7 @@ async def _verify_code(
             _record(gw, ctx, Verdict.DENY, Reason.MFA_REQUIRED, exc.reason, who.user)
         headers: dict[str, str] = {}
         if exc.locked_until:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.locked_until - time.time())))
+            headers["Retry-After"] = str(max(1, math.ceil(exc.locked_until - ctx.now)))
         resp = problem(
             Reason.MFA_REQUIRED,
             ctx.decision_id,

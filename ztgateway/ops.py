@@ -77,6 +77,7 @@ async def decide(request: web.Request) -> web.Response:
             headers=headers,
             client_ip=str(body.get("client_ip", "127.0.0.1")),
             cert=cert,
+            clock=gw.clock,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return web.json_response(

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from .clock import SYSTEM_CLOCK, Clock
+
 KeyType: TypeAlias = Literal["ec", "rsa"]
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey: TypeAlias = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -124,24 +126,19 @@ def _signing_hash() -> hashes.SHA256:
     return hashes.SHA256()
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 def _require_aware(value: dt.datetime | None, name: str) -> None:
     if value is not None and value.tzinfo is None:
         raise PKIError(f"{name} must be timezone-aware (naive datetimes are ambiguous)")
 
 
 def _validity(
-    days: int, not_before: dt.datetime | None, not_after: dt.datetime | None
+    days: int, not_before: dt.datetime | None, not_after: dt.datetime | None, now: dt.datetime
 ) -> tuple[dt.datetime, dt.datetime]:
     """Fill in whichever bound is missing so that asking only for an expired (or only for a
     future) certificate yields a sensible window of `days` rather than an inverted one."""
     _require_aware(not_before, "not_before")
     _require_aware(not_after, "not_after")
     lifetime = dt.timedelta(days=days)
-    now = _utcnow()
     if not_before is None:
         not_before = now - CLOCK_SKEW
         if not_after is not None and not_after <= not_before:
@@ -216,9 +213,15 @@ class Issued:
 
 
 class CertificateAuthority:
-    """A signing CA. Root or intermediate; either can issue leaves and CRLs."""
+    """A signing CA. Root or intermediate; either can issue leaves and CRLs.
 
-    def __init__(self, cert: x509.Certificate, key: PrivateKey) -> None:
+    Validity windows and CRL times start at its clock's "now", so a test can mint material for
+    any instant (`CertificateAuthority.generate(clock=ManualClock(...))`).
+    """
+
+    def __init__(
+        self, cert: x509.Certificate, key: PrivateKey, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         if _public_der(cert.public_key()) != _public_der(key.public_key()):
             raise PKIError("the CA private key does not match the CA certificate")
         try:
@@ -229,6 +232,7 @@ class CertificateAuthority:
             raise PKIError("the CA certificate lacks BasicConstraints CA=true")
         self.cert = cert
         self.key = key
+        self.clock = clock
 
     @classmethod
     def generate(
@@ -237,6 +241,7 @@ class CertificateAuthority:
         *,
         key_type: KeyType = "ec",
         days: int = 3650,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> CertificateAuthority:
         key = generate_key(key_type)
         name = x509.Name(
@@ -245,7 +250,7 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
             ]
         )
-        not_before, not_after = _validity(days, None, None)
+        not_before, not_after = _validity(days, None, None, clock.now())
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -265,14 +270,16 @@ class CertificateAuthority:
             )
             .sign(key, _signing_hash())
         )
-        return cls(cert, key)
+        return cls(cert, key, clock=clock)
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
+    def load(
+        cls, cert_path: Path, key_path: Path, *, clock: Clock = SYSTEM_CLOCK
+    ) -> CertificateAuthority:
         cert = load_certificate(cert_path)
         key = load_private_key(key_path)
         try:
-            return cls(cert, key)
+            return cls(cert, key, clock=clock)
         except PKIError as exc:
             raise PKIError(f"{cert_path} / {key_path}: {exc}") from exc
 
@@ -370,7 +377,7 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
             ]
         )
-        not_before, not_after = _validity(days, None, None)
+        not_before, not_after = _validity(days, None, None, self.clock.now())
         cert = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -387,7 +394,7 @@ class CertificateAuthority:
             .add_extension(self._aki(), critical=False)
             .sign(self.key, _signing_hash())
         )
-        return CertificateAuthority(cert, key)
+        return CertificateAuthority(cert, key, clock=self.clock)
 
     def crl(
         self,
@@ -402,7 +409,7 @@ class CertificateAuthority:
         successive CRLs from the same CA increase monotonically (RFC 5280 §5.2.3) without a
         counter on disk."""
         _require_aware(last_update, "last_update")
-        last = (last_update or _utcnow()).astimezone(dt.UTC)
+        last = (last_update or self.clock.now()).astimezone(dt.UTC)
         entries: dict[int, dt.datetime]
         if isinstance(revoked, Mapping):
             entries = {}
@@ -462,7 +469,7 @@ class CertificateAuthority:
         not_before: dt.datetime | None,
         not_after: dt.datetime | None,
     ) -> x509.CertificateBuilder:
-        start, end = _validity(days, not_before, not_after)
+        start, end = _validity(days, not_before, not_after, self.clock.now())
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -671,6 +678,7 @@ def init_pki(
     *,
     force: bool = False,
     clients: Sequence[tuple[str, str]] = DEFAULT_CLIENTS,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> PKIPaths:
     """Create a complete dev PKI. With `force` the whole PKI is replaced: client material and
     revocations of the old CA are removed, since nothing signed by it can be trusted any more."""
@@ -683,14 +691,13 @@ def init_pki(
     for name, _user in clients:
         _check_name(name, "client name")
 
-    ca = CertificateAuthority.generate()
+    ca = CertificateAuthority.generate(clock=clock)
     if force and paths.clients_dir.is_dir():
         for stale in paths.clients_dir.iterdir():
             if stale.suffix in {".pem", ".key", ".p12"} and stale.is_file():
                 stale.unlink()
 
-    server = ca.issue_server("localhost", dns=("localhost",), ips=("127.0.0.1", "::1"))
-    server.write(paths.server_cert, paths.server_key)
+    _write_server(paths, ca)
 
     issuer = _write_es256_key(paths.issuer_key)
     jwks = {"keys": [jwk_from_public_key(issuer.public_key(), alg=ISSUER_ALG)]}
@@ -710,11 +717,16 @@ def init_pki(
     return paths
 
 
-def load_ca(directory: Path) -> CertificateAuthority:
+def _write_server(paths: PKIPaths, ca: CertificateAuthority) -> None:
+    server = ca.issue_server("localhost", dns=("localhost",), ips=("127.0.0.1", "::1"))
+    server.write(paths.server_cert, paths.server_key)
+
+
+def load_ca(directory: Path, *, clock: Clock = SYSTEM_CLOCK) -> CertificateAuthority:
     paths = PKIPaths(Path(directory))
     if not paths.ca_cert.exists() or not paths.ca_key.exists():
         raise PKIError(f"no CA in {paths.directory}; run `ztgateway certs init` first")
-    return CertificateAuthority.load(paths.ca_cert, paths.ca_key)
+    return CertificateAuthority.load(paths.ca_cert, paths.ca_key, clock=clock)
 
 
 def issue_client(
@@ -725,6 +737,7 @@ def issue_client(
     email: str | None = None,
     days: int = 365,
     force: bool = False,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> tuple[Path, Path, Path]:
     """Re-issuing with `force` does not revoke the old certificate: revoke it first, because
     `revoke` reads the serial from clients/<name>.pem."""
@@ -736,7 +749,7 @@ def issue_client(
                 raise PKIError(f"{target} already exists; use --force to re-issue")
     if days <= 0:
         raise PKIError("days must be positive")
-    ca = load_ca(paths.directory)
+    ca = load_ca(paths.directory, clock=clock)
     return _write_client(paths, ca, ca.issue_client(name, user=user, email=email, days=days), name)
 
 
@@ -769,7 +782,7 @@ def _revocation_map(entries: Sequence[Mapping[str, Any]], path: Path) -> dict[in
     return out
 
 
-def revoke(directory: Path, name: str) -> int:
+def revoke(directory: Path, name: str, *, clock: Clock = SYSTEM_CLOCK) -> int:
     """Idempotent: revoking twice keeps one entry (and re-signs the CRL, which also refreshes
     its nextUpdate)."""
     paths = PKIPaths(Path(directory))
@@ -777,14 +790,14 @@ def revoke(directory: Path, name: str) -> int:
     if not pem_path.exists():
         raise PKIError(f"unknown client {name!r}: {pem_path} does not exist")
     cert = load_certificate(pem_path)
-    ca = load_ca(paths.directory)
+    ca = load_ca(paths.directory, clock=clock)
     if not ca.issued(cert):
         raise PKIError(f"{pem_path} was not issued by the CA in {paths.directory}")
     entries = read_revoked(paths.directory)
     revoked = _revocation_map(entries, paths.revoked)
     serial = cert.serial_number
     if serial not in revoked:
-        now = _utcnow().replace(microsecond=0)
+        now = clock.now().replace(microsecond=0)
         entries.append({"name": name, "serial": f"{serial:x}", "revoked_at": now.isoformat()})
         revoked[serial] = now
         atomic_write(paths.revoked, (json.dumps(entries, indent=2) + "\n").encode(), mode=0o644)
@@ -792,10 +805,105 @@ def revoke(directory: Path, name: str) -> int:
     return serial
 
 
-def refresh_crl(directory: Path) -> x509.CertificateRevocationList:
+def refresh_crl(directory: Path, *, clock: Clock = SYSTEM_CLOCK) -> x509.CertificateRevocationList:
     """Re-sign ca.crl from revoked.json, e.g. before its nextUpdate passes."""
     paths = PKIPaths(Path(directory))
-    ca = load_ca(paths.directory)
+    ca = load_ca(paths.directory, clock=clock)
     revoked = _revocation_map(read_revoked(paths.directory), paths.revoked)
     _write_crl(paths, ca, revoked)
     return x509.load_pem_x509_crl(paths.crl.read_bytes())
+
+
+RENEW_BEFORE = dt.timedelta(days=30)
+"""Dev material this close to its expiry is renewed by `certs init --renew` (`make run`)."""
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What `renew_pki` did: nothing, or made a PKI, or re-issued some of it."""
+
+    created: bool = False
+    """There was no PKI (or its CA was unusable): a complete new one was made."""
+    reason: str = ""
+    renewed: tuple[str, ...] = ()
+    """Re-issued in place: "server", "crl" and client names."""
+
+
+def renew_pki(
+    directory: Path,
+    *,
+    within: dt.timedelta = RENEW_BEFORE,
+    clients: Sequence[tuple[str, str]] = DEFAULT_CLIENTS,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Renewal:
+    """Keep a dev PKI usable: re-issue whatever has expired or expires within `within`.
+
+    Without a CA, or with a CA that is expired, not yet valid or about to expire, the whole
+    PKI is made anew (clients must import their new bundles). Otherwise the server
+    certificate and each client certificate this CA issued are re-issued in place, same
+    names and identities (revoked ones stay revoked and are not renewed), and the CRL is
+    re-signed before its nextUpdate. Keys of the dev token issuer and the assertion do not
+    expire and are kept.
+    """
+    paths = PKIPaths(Path(directory))
+    if not paths.ca_cert.exists() or not paths.ca_key.exists():
+        init_pki(paths.directory, force=True, clients=clients, clock=clock)
+        return Renewal(created=True, reason="no CA")
+    ca = load_ca(paths.directory, clock=clock)
+    now = clock.now()
+    horizon = now + within
+    if not ca.cert.not_valid_before_utc <= now or ca.cert.not_valid_after_utc <= horizon:
+        init_pki(paths.directory, force=True, clients=clients, clock=clock)
+        return Renewal(created=True, reason=f"CA valid until {ca.cert.not_valid_after_utc}")
+    renewed: list[str] = []
+
+    def stale(path: Path) -> bool:
+        if not path.exists():
+            return True
+        cert = load_certificate(path)
+        return (
+            not ca.issued(cert)
+            or cert.not_valid_before_utc > now
+            or cert.not_valid_after_utc <= horizon
+        )
+
+    if stale(paths.server_cert) or not paths.server_key.exists():
+        _write_server(paths, ca)
+        renewed.append("server")
+    revoked = _revocation_map(read_revoked(paths.directory), paths.revoked)
+    if paths.clients_dir.is_dir():
+        for pem in sorted(paths.clients_dir.glob("*.pem")):
+            cert = load_certificate(pem)
+            if not ca.issued(cert) or cert.serial_number in revoked or not stale(pem):
+                continue
+            user = _subject(cert, NameOID.USER_ID) or pem.stem
+            email = _san_email(cert)
+            lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+            days = max(1, round((lifetime - CLOCK_SKEW) / dt.timedelta(days=1)))
+            _write_client(
+                paths, ca, ca.issue_client(pem.stem, user=user, email=email, days=days), pem.stem
+            )
+            renewed.append(pem.stem)
+    crl_stale = True
+    if paths.crl.exists():
+        crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+        next_update = crl.next_update_utc
+        crl_stale = next_update is None or next_update <= horizon or crl.last_update_utc > now
+    if crl_stale:
+        _write_crl(paths, ca, revoked)
+        renewed.append("crl")
+    return Renewal(renewed=tuple(renewed))
+
+
+def _subject(cert: x509.Certificate, oid: ObjectIdentifier) -> str | None:
+    values = cert.subject.get_attributes_for_oid(oid)
+    return str(values[0].value) if values else None
+
+
+def _san_email(cert: x509.Certificate) -> str | None:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    emails = san.get_values_for_type(x509.RFC822Name)
+    return emails[0] if emails else None

@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography import x509
 
+from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .configreader import ConfigError, Table
 from .context import RequestContext
@@ -47,20 +48,22 @@ class Request:
 class OfflineEvaluator:
     """A pipeline over one configuration, for explain, policy tests and /decide."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        self.clock = clock
         revocations = RevocationList()
         if config.tls.crl is not None:
             revocations = load_crl(config.tls.crl)
-        self.tokens = TokenVerifier(config.issuers) if config.issuers else None
+        self.tokens = TokenVerifier(config.issuers, clock=clock.time) if config.issuers else None
         self.runtime = Runtime(
             config=config,
             routes=RouteTable(config.routes),
             metrics=Metrics(),
             revocations=lambda: revocations,
             tokens=self.tokens,
-            store=store_from_url(config.store.url, base=config.store.base),
+            store=store_from_url(config.store.url, base=config.store.base, clock=clock),
             dry_run=True,
+            clock=clock,
         )
         self.runtime.pipeline = Pipeline(default_stages(self.runtime))
 
@@ -89,6 +92,7 @@ class OfflineEvaluator:
             client_ip=req.ip,
             cert=req.cert,
             now=req.now,
+            clock=self.clock,
         )
         return ctx, await self.runtime.pipeline.evaluate(ctx)
 
@@ -184,6 +188,7 @@ def _case_request(case: Table, base: Path, key: Path | None) -> Request:
             issuer=str(data.pop("iss")) if "iss" in data else "https://ztgateway.dev/issuer",
             audience=str(data.pop("aud")) if "aud" in data else "ztgateway",
             extra_claims=data,
+            now=case.number("now"),  # a case judged at `now` carries a token minted then
         )
     claims_t.done()
     cert_path = case.path("cert")

@@ -175,7 +175,7 @@ async def callback(
 sign-in link is reused, expires, or was started in another browser.</p>
 <p><a class="button" href="/.ztgw/login">Sign in again</a></p>"""
         return page("Sign-in failed", body, ctx, status=401, cookies=(clear_login,))
-    now = time.time()
+    now = ctx.now
     cookie_value = secrets.token_urlsafe(32)
     old = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
     if old:
@@ -247,7 +247,7 @@ async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
             # the person to confirm, so a failed read does not stop the sign-out.
             with contextlib.suppress(StoreUnavailable):
                 id_token = await gw.store.session_id_token(session.session_id)
-            await gw.store.revoke_session(session.session_id, "signed out", time.time())
+            await gw.store.revoke_session(session.session_id, "signed out", ctx.now)
     _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "signed out")
     target = gw.config.oidc.post_logout_path
     if gw.oidc is not None:
@@ -276,6 +276,7 @@ async def whoami(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
         headers=dict(ctx.headers),
         client_ip=ctx.client_ip,
         cert=ctx.cert,
+        now=ctx.now,
     )
     decision = await gw.dry_runtime().pipeline.evaluate(probe)
     ident = probe.identity

@@ -6,11 +6,11 @@ swaps configuration, routes and stages atomically without a request ever seeing 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig
 from .credentials.jwt import TokenVerifier
 from .geo import GeoLocator
@@ -34,5 +34,5 @@ class Runtime:
     dry_run: bool = False
     geo: GeoLocator = field(default_factory=lambda: GeoLocator.open(None))
     """explain / policy test / /decide: judge, but never write (no device registration)."""
-    clock: Callable[[], float] = field(default=time.time)
+    clock: Clock = SYSTEM_CLOCK
     pipeline: Pipeline = field(init=False)

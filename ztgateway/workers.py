@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +33,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from .clock import SYSTEM_CLOCK
 from .config import GatewayConfig
 from .ops import RELAY_PEER_HEADER
 
@@ -112,6 +112,7 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.count = workers
+        self.clock = SYSTEM_CLOCK
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
         self.stopping = False
@@ -328,10 +329,10 @@ class Supervisor:
         finally:
             self.stopping = True
             self.signal_all(signal.SIGTERM)
-            deadline = time.monotonic() + self.config.server.shutdown_timeout + 5
+            deadline = self.clock.monotonic() + self.config.server.shutdown_timeout + 5
             for proc in self.procs.values():
                 try:
-                    await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
+                    await asyncio.wait_for(proc.wait(), max(0.1, deadline - self.clock.monotonic()))
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()

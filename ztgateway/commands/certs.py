@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from ztgateway import pki
+from ztgateway.clock import SYSTEM_CLOCK
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -45,8 +46,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p_init = sub.add_parser("init", help="create the CA, server cert, client certs, CRL and keys")
     _add_dir(p_init)
-    p_init.add_argument(
+    mode = p_init.add_mutually_exclusive_group()
+    mode.add_argument(
         "--force", action="store_true", help="replace an existing PKI (all old certs stop working)"
+    )
+    mode.add_argument(
+        "--renew",
+        action="store_true",
+        help="keep an existing PKI usable: create it if missing, re-issue what has expired or "
+        "expires within --within days (what `make run` does)",
+    )
+    p_init.add_argument(
+        "--within",
+        type=_positive_int,
+        default=pki.RENEW_BEFORE.days,
+        metavar="DAYS",
+        help=f"with --renew: renew what expires within DAYS (default {pki.RENEW_BEFORE.days})",
     )
     p_init.set_defaults(func=_guarded(_cmd_init))
 
@@ -108,7 +123,20 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    paths = pki.init_pki(args.directory, force=args.force)
+    if args.renew:
+        renewal = pki.renew_pki(args.directory, within=dt.timedelta(days=args.within))
+        if not renewal.created:
+            if renewal.renewed:
+                print(f"renewed in {args.directory}: {', '.join(renewal.renewed)}")
+            return EXIT_OK
+        if renewal.reason != "no CA":
+            print(
+                f"replaced the development PKI in {args.directory} ({renewal.reason}): "
+                "re-import the client bundles"
+            )
+        paths = pki.PKIPaths(args.directory)
+    else:
+        paths = pki.init_pki(args.directory, force=args.force)
     ca = pki.load_certificate(paths.ca_cert)
     print(f"created a development PKI in {paths.directory} (not for production)")
     rows = [
@@ -184,7 +212,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def describe(cert: x509.Certificate, *, now: dt.datetime | None = None) -> list[str]:
     """Lines for `certs show`; separate from printing so other commands can reuse it."""
-    moment = now or dt.datetime.now(dt.UTC)
+    moment = now or SYSTEM_CLOCK.now()
     if moment < cert.not_valid_before_utc:
         status = "not yet valid"
     elif moment > cert.not_valid_after_utc:

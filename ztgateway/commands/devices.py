@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..clock import SYSTEM_CLOCK
 from ..config import load_config
 from ..store import Store, store_from_url
 
@@ -63,10 +64,12 @@ def cmd_show(args: argparse.Namespace) -> int:
             return 1
         p = store.posture(d.device_id)
         config = load_config(args.config)
-        import time
 
         evaluation = evaluate(
-            p.report if p else None, p.received_at if p else None, config.posture, now=time.time()
+            p.report if p else None,
+            p.received_at if p else None,
+            config.posture,
+            now=SYSTEM_CLOCK.time(),
         )
         out: dict[str, Any] = {**d.to_json(), "posture": evaluation.to_json()}
         if p:

@@ -12,11 +12,11 @@ import asyncio
 import datetime as dt
 import json
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+from ..clock import SYSTEM_CLOCK
 from ..config import load_config
 from ..credentials.totp import qr_terminal
 from ..mfa import MFA, MFAUnavailable
@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace, work: Callable[[Store, Any], Awaitable[int]])
 
 def users_list(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
-        now = time.time()
+        now = SYSTEM_CLOCK.time()
         print(f"{'USER':<16} {'MFA':<9} {'LOCKED UNTIL':<21} {'TIMEZONE':<16} HOURS")
         for u in store.users():
             locked = _when(u.locked_until) if u.locked(now) else "-"
@@ -88,13 +88,15 @@ def users_set(args: argparse.Namespace) -> int:
 def users_lock(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
         u = store.user(args.user) or UserRecord(user=args.user)
-        until = time.time() + args.minutes * 60 if args.minutes else 4102444800.0  # year 2100
+        until = (
+            SYSTEM_CLOCK.time() + args.minutes * 60 if args.minutes else 4102444800.0
+        )  # year 2100
         await store.save_user(
             replace(u, locked_until=until, lock_reason=args.reason or "locked by an operator")
         )
         ended = 0
         for s in store.sessions(args.user):
-            ended += await store.revoke_session(s.session_id, "account locked", time.time())
+            ended += await store.revoke_session(s.session_id, "account locked", SYSTEM_CLOCK.time())
         print(f"{args.user}: locked until {_when(until)}; {ended} sessions terminated")
         return 0
 
@@ -164,7 +166,7 @@ def sessions_list(args: argparse.Namespace) -> int:
             state = (
                 f"terminated ({s.revoked_reason})"
                 if s.revoked
-                else ("expired" if s.expires_at < time.time() else "active")
+                else ("expired" if s.expires_at < SYSTEM_CLOCK.time() else "active")
             )
             print(
                 f"{s.session_id[:24]:<26} {s.kind:<6} {s.user:<10} {s.device_id or '-':<16} {s.last_ip:<16} "
@@ -214,7 +216,7 @@ def sessions_terminate(args: argparse.Namespace) -> int:
         else:
             print("error: give a session id or --user", file=sys.stderr)
             return 2
-        now = time.time()
+        now = SYSTEM_CLOCK.time()
         ended = sum([await store.revoke_session(sid, args.reason, now) for sid in targets])
         print(f"{ended} sessions terminated")
         return 0

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import secrets
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -22,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.credentials.jwt import cert_thumbprint_s256
 
 DEV_ISSUER: Final = "https://ztgateway.dev/issuer"
@@ -89,7 +89,7 @@ def issue_token(
     if ttl <= 0:
         raise ValueError("ttl must be positive")
     key = load_signing_key(key_path)
-    issued_at = int(time.time() if now is None else now)
+    issued_at = int(SYSTEM_CLOCK.time() if now is None else now)
     claims: dict[str, Any] = {
         "iss": issuer,
         "aud": audience,

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import jwt as pyjwt
 from jwt import exceptions as jwt_errors
 from jwt.types import Options
 
+from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.credentials.jwks import (
     SUPPORTED_ALGORITHMS,
     JwksCache,
@@ -293,7 +293,7 @@ class TokenVerifier:
         self,
         issuers: Sequence[IssuerConfig],
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = SYSTEM_CLOCK.time,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         cache_size: int = 10_000,
         on_result: Callable[[str, str], None] | None = None,
@@ -376,10 +376,13 @@ class TokenVerifier:
             # A broken metrics hook must not turn a verdict into an error.
             logger.exception("token result hook failed")
 
-    async def verify(self, token: str) -> VerifiedToken:
-        """Verify a bearer token or raise TokenError; no other exception escapes for any input."""
+    async def verify(self, token: str, *, now: float | None = None) -> VerifiedToken:
+        """Verify a bearer token or raise TokenError; no other exception escapes for any input.
+
+        Times are judged at `now` (the request's instant) when given, else at the clock's.
+        """
         try:
-            verified, label = await self._verify(token)
+            verified, label = await self._verify(token, self._clock() if now is None else now)
         except TokenError as exc:
             self._report(exc.issuer or "unknown", exc.reason.value)
             raise
@@ -392,7 +395,7 @@ class TokenVerifier:
         self._report(verified.issuer, label)
         return verified
 
-    async def _verify(self, token: str) -> tuple[VerifiedToken, str]:
+    async def _verify(self, token: str, now: float) -> tuple[VerifiedToken, str]:
         # Size first, before hashing or parsing anything an attacker chose.
         if len(token) > self._max_bytes:
             raise TokenError(Reason.TOKEN_INVALID, f"token longer than {self._max_bytes} bytes")
@@ -401,7 +404,7 @@ class TokenVerifier:
         token_hash = hashlib.sha256(token.encode("ascii")).hexdigest()
         cached = self._cache.get(token_hash)
         if cached is not None:
-            return self._cached(token_hash, cached), "cached"
+            return self._cached(token_hash, cached, now), "cached"
         segments = token.split(".")
         if len(segments) != 3 or not segments[0] or not segments[1]:
             raise TokenError(Reason.TOKEN_INVALID, "not a compact JWS of three segments")
@@ -415,7 +418,7 @@ class TokenVerifier:
         if config is None:
             raise TokenError(Reason.TOKEN_ISSUER_UNKNOWN, "no configured issuer has this 'iss'")
         try:
-            verified = await self._verify_for(config, token, token_hash, header, segments[2])
+            verified = await self._verify_for(config, token, token_hash, header, segments[2], now)
         except TokenError as exc:
             exc.issuer = exc.issuer or config.name
             raise
@@ -428,10 +431,10 @@ class TokenVerifier:
         self._remember(verified)
         return verified, "valid"
 
-    def _cached(self, token_hash: str, verified: VerifiedToken) -> VerifiedToken:
+    def _cached(self, token_hash: str, verified: VerifiedToken, now: float) -> VerifiedToken:
         config = self._by_name[verified.issuer]
         try:
-            _check_times(verified.claims, config, self._clock())
+            _check_times(verified.claims, config, now)
         except TokenError as exc:
             self._cache.pop(token_hash, None)
             exc.issuer = config.name
@@ -474,6 +477,7 @@ class TokenVerifier:
         token_hash: str,
         header: Mapping[str, Any],
         signature_segment: str,
+        now: float,
     ) -> VerifiedToken:
         if len(token) > config.max_token_bytes:
             raise TokenError(
@@ -522,7 +526,6 @@ class TokenVerifier:
             )
         except jwt_errors.PyJWTError as exc:
             raise TokenError(_pyjwt_reason(exc), f"{type(exc).__name__}: {exc}") from exc
-        now = self._clock()
         _check_times(claims, config, now)
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:

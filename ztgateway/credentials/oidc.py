@@ -32,7 +32,6 @@ import json
 import logging
 import secrets
 import ssl
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
+from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.credentials.jwt import IssuerConfig, TokenError, TokenVerifier
 from ztgateway.decision import Reason
 
@@ -292,7 +292,7 @@ class OIDCClient:
         cfg: OIDCProviderConfig,
         *,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = SYSTEM_CLOCK.time,
         secret: bytes | None = None,
     ) -> None:
         if secret is not None and len(secret) < 32:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -18,6 +17,7 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..config import RouteConfig, UpstreamConfig
 from ..decision import Reason
 from ..paths import encode_path
@@ -170,6 +170,7 @@ async def forward_http(
     decision_id: str,
     extra_headers: dict[str, str] | None = None,
     on_upstream_head: Callable[[float], None] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> web.StreamResponse:
     """Proxy one request. Raises BodyTooLarge or UpstreamFailure before the response starts."""
     limit = route.client_max_size
@@ -206,7 +207,7 @@ async def forward_http(
     # A keep-alive connection the upstream closed as we picked it is retried once, when
     # nothing was streamed and repeating the request is harmless (RFC 9110 §9.2.2).
     attempts = 2 if stream is None and method in IDEMPOTENT else 1
-    started = time.monotonic()
+    started = clock.monotonic()
     response: web.StreamResponse | None = None
     for attempt in range(attempts):
         conn = await pool.acquire()
@@ -232,7 +233,7 @@ async def forward_http(
                     continue
                 raise
             if on_upstream_head:
-                on_upstream_head(time.monotonic() - started)
+                on_upstream_head(clock.monotonic() - started)
             status = up.status
             no_body = method == "HEAD" or status in (204, 304)
             out_headers, content_length = downstream_raw_headers(up.raw_headers)

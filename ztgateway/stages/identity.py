@@ -65,7 +65,6 @@ class IdentityStage:
         self.revocations = runtime.revocations
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
-        self.clock = runtime.clock
         self._identities: dict[tuple[str, str | None], Identity] = {}
         self.store = runtime.store
         self.cookie_name = runtime.config.sessions.cookie_name
@@ -108,7 +107,7 @@ class IdentityStage:
                 if self.tokens is None:
                     return [_deny(Reason.TOKEN_ISSUER_UNKNOWN, "no issuers configured")]
                 try:
-                    token = await self.tokens.verify(credential)
+                    token = await self.tokens.verify(credential, now=ctx.now)
                 except TokenError as exc:
                     return [_deny(exc.reason, exc.detail)]
                 if policy.issuers and token.issuer not in policy.issuers:

@@ -49,7 +49,6 @@ import itertools
 import json
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, fields
@@ -62,6 +61,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from ..clock import SYSTEM_CLOCK, Clock
 from .base import (
     HISTORY_BACKLOG,
     MAX_FAILURES,
@@ -273,7 +273,7 @@ def _pairs(mapping: dict[str, str]) -> list[str]:
 
 async def _close(pubsub: PubSub) -> None:
     with contextlib.suppress(Exception):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
@@ -306,7 +306,7 @@ class RedisStore(CachedReads):
         *,
         sync_interval: float = 0.25,
         flush_interval: float = 1.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         key_prefix: str = "ztgw:",
         timeout: float = 0.5,
         session_grace: float = 86400.0,
@@ -428,7 +428,7 @@ class RedisStore(CachedReads):
             self._redis is not None
             and self._synced
             and not self._failed
-            and time.monotonic() - self._last_pong < self.stale_after
+            and self._clock.monotonic() - self._last_pong < self.stale_after
         )
 
     def subscribe(self, listener: ChangeListener) -> None:
@@ -485,7 +485,7 @@ class RedisStore(CachedReads):
             if isinstance(exc, StoreUnavailable):
                 raise
             raise StoreUnavailable(f"redis subscribe: {exc or type(exc).__name__}") from exc
-        self._last_pong = time.monotonic()
+        self._last_pong = self._clock.monotonic()
         self._synced = True
         self._failed = False
         return pubsub
@@ -532,7 +532,7 @@ class RedisStore(CachedReads):
                 # redis-py would reconnect and resubscribe silently, losing what was published
                 # in between: we start over with a fresh connection and a full reload instead.
                 raise StoreUnavailable("pub/sub connection closed")
-            now = time.monotonic()
+            now = self._clock.monotonic()
             if now - self._last_pong >= self.stale_after:
                 raise StoreUnavailable(f"no answer from redis for {self.stale_after:.2f}s")
             if now >= next_ping:
@@ -555,7 +555,7 @@ class RedisStore(CachedReads):
             if batch:
                 await self._apply_messages(batch)
             if pong:  # only now: every change published before our PING is applied
-                self._last_pong = time.monotonic()
+                self._last_pong = self._clock.monotonic()
 
     async def _apply_messages(self, raw: list[str]) -> None:
         wanted: dict[tuple[ChangeKind, str], bool] = {}
@@ -630,7 +630,7 @@ class RedisStore(CachedReads):
             s.revoked_at, s.revoked_reason = json.loads(h["revocation"])
         else:
             s.revoked_at = s.revoked_reason = None
-        return s if s.expires_at > self._clock() else None
+        return s if s.expires_at > self._clock.time() else None
 
     def _cache(self, kind: ChangeKind) -> dict[str, Any]:
         caches: dict[ChangeKind, dict[str, Any]] = {
@@ -684,7 +684,7 @@ class RedisStore(CachedReads):
 
         Runs on open and after every reconnect; listeners hear about each changed entity.
         """
-        now = self._clock()
+        now = self._clock.time()
         client = self.redis
 
         async def ids() -> tuple[list[str], ...]:
@@ -750,7 +750,7 @@ class RedisStore(CachedReads):
         history: dict[str, list[tuple[SessionDecision, int]]] = {}
         for sid, decision, n in pending:
             history.setdefault(sid, []).append((decision, n))
-        now = self._clock()
+        now = self._clock.time()
 
         async def run() -> None:
             pipe = self.redis.pipeline(transaction=False)
@@ -884,7 +884,7 @@ class RedisStore(CachedReads):
         id_token = take_id_token(session)  # before compact() drops it from `extra`
         session.compact()
         key = session.session_id
-        ttl_ms = max(1, int((session.expires_at - self._clock() + self.session_grace) * 1000))
+        ttl_ms = max(1, int((session.expires_at - self._clock.time() + self.session_grace) * 1000))
         ver = await self._script(
             "save_session",
             [self._key("session", key), self._index(ChangeKind.SESSION)],

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import sqlite3
-import time
 from array import array
 from bisect import bisect_left, insort
 from collections import deque
@@ -33,6 +32,7 @@ from typing import Any, TypeAlias
 
 import aiosqlite
 
+from ..clock import SYSTEM_CLOCK, Clock
 from .base import (
     HISTORY_BACKLOG,
     MAX_FAILURES,
@@ -163,7 +163,7 @@ class SQLiteStore(CachedReads):
         *,
         sync_interval: float = 0.25,
         flush_interval: float = 1.0,
-        clock: Any = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         failure_ttl: float = 86400.0,
         busy_timeout: float = 5.0,
         flush_grace: float = 5.0,
@@ -242,7 +242,7 @@ class SQLiteStore(CachedReads):
         return (
             self._healthy
             and self._db is not None
-            and (failing is None or time.monotonic() - failing < self.flush_grace)
+            and (failing is None or self._clock.monotonic() - failing < self.flush_grace)
         )
 
     def subscribe(self, listener: ChangeListener) -> None:
@@ -269,7 +269,7 @@ class SQLiteStore(CachedReads):
             async for row in cur:
                 u = _user_from_json(json.loads(row[0]))
                 self._users[u.user] = u
-        now = self._clock()
+        now = self._clock.time()
         async with db.execute("SELECT data FROM sessions WHERE expires_at > ?", (now,)) as cur:
             async for row in cur:
                 s = _session_from_json(json.loads(row[0]))
@@ -293,7 +293,7 @@ class SQLiteStore(CachedReads):
         also: tuple[tuple[str, tuple[Any, ...]], ...] = (),
     ) -> None:
         """One durable change (and `also`, in the same transaction), announced to every process."""
-        started = time.perf_counter()
+        started = self._clock.monotonic()
         async with self._write_lock:
             db = self.db
             try:
@@ -302,17 +302,17 @@ class SQLiteStore(CachedReads):
                     await db.execute(more, more_args)
                 await db.execute(
                     "INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)",
-                    (kind.value, key, self._clock()),
+                    (kind.value, key, self._clock.time()),
                 )
                 await db.commit()
             except Exception as exc:
                 self._healthy = False
                 if self.observe is not None:
-                    self.observe(f"write_{kind.value}", time.perf_counter() - started, False)
+                    self.observe(f"write_{kind.value}", self._clock.monotonic() - started, False)
                 raise StoreUnavailable(str(exc)) from exc
             self._healthy = True
         if self.observe is not None:
-            self.observe(f"write_{kind.value}", time.perf_counter() - started, True)
+            self.observe(f"write_{kind.value}", self._clock.monotonic() - started, True)
         self._notify(kind, key)
 
     def _notify(self, kind: ChangeKind, key: str) -> None:
@@ -439,7 +439,7 @@ class SQLiteStore(CachedReads):
                 with contextlib.suppress(Exception):
                     await db.rollback()
                 if self._flush_failing_since is None:
-                    self._flush_failing_since = time.monotonic()
+                    self._flush_failing_since = self._clock.monotonic()
                 raise
             self._flush_failing_since = None
 
@@ -736,7 +736,7 @@ class SQLiteStore(CachedReads):
         takes at most ten ticks, in slices that let requests through in between."""
         budget = max(_SWEEP_BATCH, len(self._failures) // 10)
         while budget > 0:
-            checked = self._sweep_failures(self._clock(), min(budget, _SWEEP_SLICE))
+            checked = self._sweep_failures(self._clock.time(), min(budget, _SWEEP_SLICE))
             if not checked:
                 return
             budget -= checked
