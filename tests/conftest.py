@@ -2,59 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.support import Certs, deep_merge, to_toml
+from tests.support import Certs, deep_merge, make_pki, to_toml
 from ztgateway.app import Gateway
 from ztgateway.config import load_config
 from ztgateway.demo_app import start_demo_app
-from ztgateway.pki import CertificateAuthority, init_pki
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    d = tmp_path_factory.mktemp("pki")
-    paths = init_pki(d)
-    ca = CertificateAuthority.load(paths.ca_cert, paths.ca_key)
-    now = dt.datetime.now(dt.UTC)
-    clients = d / "clients"
-    ca.issue_client(
-        "old-laptop",
-        user="alice",
-        not_before=now - dt.timedelta(days=30),
-        not_after=now - dt.timedelta(days=1),
-    ).write(clients / "old-laptop.pem", clients / "old-laptop.key")
-    ca.issue_client(
-        "server-cert-as-client", user="svc", eku=(ExtendedKeyUsageOID.SERVER_AUTH,)
-    ).write(clients / "server-cert-as-client.pem", clients / "server-cert-as-client.key")
-    ca.issue_client("stolen-laptop", user="alice").write(
-        clients / "stolen-laptop.pem", clients / "stolen-laptop.key"
-    )
-    ca.issue_client("carol-laptop", user="carol").write(
-        clients / "carol-laptop.pem", clients / "carol-laptop.key"
-    )
-    other = CertificateAuthority.generate("Mallory CA")
-    other.issue_client("mallory-laptop", user="alice").write(
-        clients / "mallory-laptop.pem", clients / "mallory-laptop.key"
-    )
-    return Certs(
-        dir=d,
-        ca=paths.ca_cert,
-        ca_key=paths.ca_key,
-        server=paths.server_cert,
-        server_key=paths.server_key,
-        crl=paths.crl,
-        issuer_key=paths.issuer_key,
-        issuer_jwks=paths.issuer_jwks,
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import socket
 import ssl
 from collections.abc import Mapping
@@ -11,6 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from ztgateway.clock import SYSTEM_CLOCK, Clock
+from ztgateway.pki import CertificateAuthority, init_pki
+
+
+def real_time_env() -> dict[str, str]:
+    """This process's environment without libfaketime, for a child that cannot run under it.
+
+    `make test-future` runs the suite under libfaketime (tests/run_future.sh). Two children
+    break there: Chromium's zygote deadlocks and redis-server's allocator recurses into
+    clock_gettime at start-up. Neither clock matters to what is tested: the browser is a
+    client with its own clock (it ignores the test CA's validity and gets Max-Age cookies)
+    and the gateway gives Redis only relative TTLs, never a time of its own.
+    """
+    return {
+        k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("FAKETIME")
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -84,6 +104,47 @@ class Certs:
 
     def client(self, name: str) -> tuple[Path, Path]:
         return self.dir / "clients" / f"{name}.pem", self.dir / "clients" / f"{name}.key"
+
+
+def make_pki(d: Path, clock: Clock = SYSTEM_CLOCK) -> Certs:
+    """A dev PKI valid at `clock`'s now, plus the odd clients the tests need.
+
+    Tests that judge a fixed instant make their PKI with a ManualClock at that instant, so
+    nothing they compare was made "now".
+    """
+    paths = init_pki(d, clock=clock)
+    ca = CertificateAuthority.load(paths.ca_cert, paths.ca_key, clock=clock)
+    now = clock.now()
+    clients = d / "clients"
+    ca.issue_client(
+        "old-laptop",
+        user="alice",
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=1),
+    ).write(clients / "old-laptop.pem", clients / "old-laptop.key")
+    ca.issue_client(
+        "server-cert-as-client", user="svc", eku=(ExtendedKeyUsageOID.SERVER_AUTH,)
+    ).write(clients / "server-cert-as-client.pem", clients / "server-cert-as-client.key")
+    ca.issue_client("stolen-laptop", user="alice").write(
+        clients / "stolen-laptop.pem", clients / "stolen-laptop.key"
+    )
+    ca.issue_client("carol-laptop", user="carol").write(
+        clients / "carol-laptop.pem", clients / "carol-laptop.key"
+    )
+    other = CertificateAuthority.generate("Mallory CA", clock=clock)
+    other.issue_client("mallory-laptop", user="alice").write(
+        clients / "mallory-laptop.pem", clients / "mallory-laptop.key"
+    )
+    return Certs(
+        dir=d,
+        ca=paths.ca_cert,
+        ca_key=paths.ca_key,
+        server=paths.server_cert,
+        server_key=paths.server_key,
+        crl=paths.crl,
+        issuer_key=paths.issuer_key,
+        issuer_jwks=paths.issuer_jwks,
+    )
 
 
 def client_ssl(

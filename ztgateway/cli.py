@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .configreader import ConfigError
 
 DEFAULT_CONFIG = "config/gateway.toml"
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import certs
 
     p = argparse.ArgumentParser(prog="ztgateway", description="Zero-trust enforcement gateway.")
+    p.add_argument("--version", action="version", version=f"ztgateway {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Error, Page, async_playwright
 
 from tests.oidc_fixtures import PASSWORDS, SignInSetup
-from tests.support import Certs, client_ssl
+from tests.support import Certs, client_ssl, real_time_env
 from ztgateway.credentials.totp import totp_code
 
 pytestmark = pytest.mark.browser
@@ -60,7 +60,9 @@ DRIFT = {
 async def browser() -> AsyncIterator[Browser]:
     assert Path(CHROMIUM).exists(), "Debian's chromium package is required (installed by .ci/run)"
     async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        b = await p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, env=real_time_env()
+        )
         yield b
         await b.close()
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import base_config
-from tests.support import Certs, deep_merge, to_toml
+from tests.support import Certs, deep_merge, make_pki, to_toml
+from ztgateway.clock import SYSTEM_CLOCK, Clock, ManualClock
 from ztgateway.config import load_config
 from ztgateway.context import RequestContext
 from ztgateway.credentials.devtoken import issue_token
@@ -20,13 +21,17 @@ from ztgateway.policycli import OfflineEvaluator, Request, load_cert
 
 
 def evaluator(
-    certs: Certs, tmp_path: Path, routes: list[dict[str, Any]], **over: Any
+    certs: Certs,
+    tmp_path: Path,
+    routes: list[dict[str, Any]],
+    clock: Clock = SYSTEM_CLOCK,
+    **over: Any,
 ) -> OfflineEvaluator:
     cfg = deep_merge(base_config(certs, 9, tmp_path), over)
     cfg["routes"] = routes
     path = tmp_path / "gw.toml"
     path.write_text(to_toml(cfg))
-    return OfflineEvaluator(load_config(path))
+    return OfflineEvaluator(load_config(path), clock=clock)
 
 
 def token(certs: Certs, **kw: Any) -> str:
@@ -130,19 +135,28 @@ async def test_network_zones(certs: Certs, tmp_path: Path, alice: Any) -> None:
     assert (await decide(ev, cert=alice, ip="127.0.0.1"))[1] is Reason.NETWORK_ZONE_DENIED
 
 
-async def test_time_windows_in_the_routes_time_zone(
-    certs: Certs, tmp_path: Path, alice: Any
-) -> None:
+async def test_time_windows_in_the_routes_time_zone(tmp_path: Path) -> None:
+    # A fixed week, and a PKI and CRL made for it: nothing here was made "now".
+    paris = dt.timezone(dt.timedelta(hours=1))  # January: CET
+    monday_10 = dt.datetime(2030, 1, 7, 10, 0, tzinfo=paris)
+    clock = ManualClock(monday_10 - dt.timedelta(days=1))
+    pki = make_pki(tmp_path / "pki", clock)
+    alice = load_cert(str(pki.client("alice-laptop")[0]))
     ev = evaluator(
-        certs, tmp_path, [r({"time_windows": ["mon-fri 08:00-18:00"], "timezone": "Europe/Paris"})]
+        pki,
+        tmp_path,
+        [r({"time_windows": ["mon-fri 08:00-18:00"], "timezone": "Europe/Paris"})],
+        clock=clock,
     )
-    paris = dt.timezone(dt.timedelta(hours=1))  # November: CET
-    monday_10 = dt.datetime(2026, 11, 23, 10, 0, tzinfo=paris).timestamp()
-    monday_20 = dt.datetime(2026, 11, 23, 20, 0, tzinfo=paris).timestamp()
-    saturday_10 = dt.datetime(2026, 11, 28, 10, 0, tzinfo=paris).timestamp()
-    assert (await decide(ev, cert=alice, now=monday_10))[0] is Verdict.ALLOW
-    assert (await decide(ev, cert=alice, now=monday_20))[1] is Reason.TIME_WINDOW_DENIED
-    assert (await decide(ev, cert=alice, now=saturday_10))[1] is Reason.TIME_WINDOW_DENIED
+    monday_20 = monday_10 + dt.timedelta(hours=10)
+    saturday_10 = monday_10 + dt.timedelta(days=5)
+    for moment, expected in (
+        (monday_10, Reason.POLICY_ALLOWED),
+        (monday_20, Reason.TIME_WINDOW_DENIED),
+        (saturday_10, Reason.TIME_WINDOW_DENIED),
+    ):
+        clock.set(moment)
+        assert (await decide(ev, cert=alice))[1] is expected, moment
 
 
 async def test_certificate_subject_allow_list(certs: Certs, tmp_path: Path, alice: Any) -> None:
