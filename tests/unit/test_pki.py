@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from ztgateway import pki
+from ztgateway.clock import ManualClock
 from ztgateway.commands import certs as certs_cmd
 
 UTC = dt.UTC
@@ -625,3 +626,84 @@ def test_describe_reports_expired_certificates(ca: pki.CertificateAuthority) -> 
     assert "status:      expired" in certs_cmd.describe(expired.cert)
     future = ca.issue_client("new", user="u", not_before=dt.datetime.now(UTC) + dt.timedelta(1))
     assert "status:      not yet valid" in certs_cmd.describe(future.cert)
+
+
+# -- renewal: `make run` a year from now still starts (certs init --renew)
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_renew_makes_a_pki_where_there_is_none(tmp_path: Path) -> None:
+    renewal = pki.renew_pki(tmp_path / "certs")
+    assert renewal.created and renewal.reason == "no CA"
+    assert pki.PKIPaths(tmp_path / "certs").ca_cert.exists()
+
+
+def test_renew_leaves_a_fresh_pki_alone(tmp_path: Path) -> None:
+    clock = ManualClock(dt.datetime(2031, 3, 3, 12, 0, tzinfo=UTC))
+    paths = pki.init_pki(tmp_path, clock=clock)
+    before = {p: p.read_bytes() for p in paths.directory.rglob("*") if p.is_file()}
+    clock.advance(86400 * 200)
+    assert pki.renew_pki(tmp_path, clock=clock) == pki.Renewal()
+    assert {p: p.read_bytes() for p in paths.directory.rglob("*") if p.is_file()} == before
+
+
+def test_renew_reissues_what_expires_soon_and_keeps_identities_and_revocations(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock(dt.datetime(2031, 3, 3, 12, 0, tzinfo=UTC))
+    paths = pki.init_pki(tmp_path, clock=clock)
+    pki.issue_client(tmp_path, "carol-tab", user="carol", email="carol@corp.test", clock=clock)
+    pki.revoke(tmp_path, "bob-phone", clock=clock)
+    ca_before, server_before = _cert(paths.ca_cert), _cert(paths.server_cert)
+    bob_before = _cert(paths.client_paths("bob-phone")[0])
+    clock.advance(86400 * 350)  # client certificates (365 days) and the CRL are 15 days from expiry
+
+    renewal = pki.renew_pki(tmp_path, clock=clock)
+
+    assert not renewal.created
+    assert set(renewal.renewed) == {"alice-laptop", "carol-tab", "crl"}
+    assert _cert(paths.ca_cert) == ca_before and _cert(paths.server_cert) == server_before
+    assert _cert(paths.client_paths("bob-phone")[0]) == bob_before  # revoked stays revoked
+    now = clock.now()
+    carol = _cert(paths.client_paths("carol-tab")[0])
+    assert carol.not_valid_before_utc <= now < carol.not_valid_after_utc - dt.timedelta(days=300)
+    assert carol.subject.get_attributes_for_oid(NameOID.USER_ID)[0].value == "carol"
+    san = carol.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == ["carol@corp.test"]
+    assert pki.CertificateAuthority.load(paths.ca_cert, paths.ca_key).issued(carol)
+    bundle = pkcs12.load_key_and_certificates(
+        paths.client_paths("carol-tab")[2].read_bytes(), pki.P12_PASSWORD.encode()
+    )
+    assert bundle[1] == carol  # the .p12 was re-made with the new certificate and key
+    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    assert crl.next_update_utc is not None and crl.next_update_utc > now + dt.timedelta(days=300)
+    assert crl.get_revoked_certificate_by_serial_number(bob_before.serial_number) is not None
+
+
+def test_renew_replaces_a_pki_whose_ca_is_about_to_expire(tmp_path: Path) -> None:
+    clock = ManualClock(dt.datetime(2031, 3, 3, 12, 0, tzinfo=UTC))
+    paths = pki.init_pki(tmp_path, clock=clock)
+    old_ca = _cert(paths.ca_cert)
+    clock.advance(86400 * (3650 - 10))
+    renewal = pki.renew_pki(tmp_path, clock=clock)
+    assert renewal.created and "CA valid until" in renewal.reason
+    new_ca = _cert(paths.ca_cert)
+    assert new_ca != old_ca and new_ca.not_valid_after_utc > clock.now() + dt.timedelta(days=3000)
+    alice = _cert(paths.client_paths("alice-laptop")[0])
+    assert pki.CertificateAuthority.load(paths.ca_cert, paths.ca_key).issued(alice)
+
+
+def test_cli_init_renew_is_quiet_when_nothing_is_due(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    certs_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["certs", "init", "--renew", "--dir", str(tmp_path)])
+    assert args.func(args) == 0
+    assert "created a development PKI" in capsys.readouterr().out
+    args = parser.parse_args(["certs", "init", "--renew", "--dir", str(tmp_path)])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == ""
