@@ -1,8 +1,9 @@
-"""The gateway process: listeners, the request handler, and start-up / shut-down in order.
+"""The gateway process: wiring and lifecycle (start-up / shut-down in order, reload).
 
 `Gateway` owns every long-lived service (TLS material, token verifier, upstream pools, audit
 log, metrics) and the current `Runtime` snapshot. A request reads `self.runtime` once; a reload
-builds a complete new snapshot and swaps the reference.
+builds a complete new snapshot and swaps the reference. What happens to a request is in
+`request_path.py`; how it is decided and recorded, in `decisions.py`.
 """
 
 from __future__ import annotations
@@ -10,72 +11,72 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import secrets
 import signal
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from aiohttp import HttpVersion11, web
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp import web
 
-from . import __version__, endpoints, mfa_endpoints, portal
+from . import __version__
 from .assertion import AssertionSigner, load_or_create_key
-from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
+from .audit import AuditLog
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .credentials.oidc import OIDCClient
 from .decision import Decision, Finding, Reason, Verdict
-from .forward.headers import SERVER_BANNER, upgrade_requested, upstream_request_headers
-from .forward.http import (
-    BodyTooLarge,
-    Upstreams,
-    classify,
-    forward_http,
-    upstream_target,
-    upstream_url,
-)
-from .forward.upstream import UpstreamFailure
-from .forward.websocket import Watch, bridge_websocket
+from .decisions import DecisionPath, Recorder, audit_event, refusal
+from .forward.http import Upstreams
+from .forward.identity import asserted_identity
+from .forward.websocket import Watch
 from .geo import GeoLocator
-from .listener import GatewayRequestHandler, Listener
-from .logs import decision_id_var
+from .http1 import Limits
+from .listener import Listener
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
-from .responses import DECISION_HEADER, problem, see_other
+from .request_path import RequestPath
 from .routes import RouteTable
 from .runtime import Runtime
-from .stages.risk import remember
-from .stages.session import SessionKeeper, clear_cookie_header, new_cookie_header
+from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, Device, StoreUnavailable
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
-INTERNAL_PREFIX = "/.ztgw/"
-_PORTAL_PAGES = {
-    ("/.ztgw/login", "GET"): portal.login_page,
-    ("/.ztgw/login/start", "GET"): portal.login_start,
-    ("/.ztgw/oidc/callback", "GET"): portal.callback,
-    ("/.ztgw/logout", "GET"): portal.logout,
-    ("/.ztgw/logout", "POST"): portal.logout,
-    ("/.ztgw/signed-out", "GET"): portal.signed_out,
-    ("/.ztgw/whoami", "GET"): portal.whoami,
-}
-_SIGN_IN_AGAIN = frozenset(
-    {
-        Reason.IDENTITY_UNAUTHENTICATED,
-        Reason.SESSION_EXPIRED,
-        Reason.SESSION_TERMINATED,
-        Reason.SESSION_INVALID,
-    }
-)
-WS_RECHECK_INTERVAL = 5.0
+
+
+def protocol_limits(cfg: GatewayConfig) -> Limits:
+    """What the data plane's HTTP protocol enforces, from `[server]` and the routes."""
+    s = cfg.server
+    hosts: set[str] = set(s.hosts)
+    if not hosts:
+        hosts |= {"localhost", "127.0.0.1", "[::1]"}
+        if s.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard names no host
+            hosts.add(f"[{s.host}]" if ":" in s.host else s.host)
+        if s.public_url:
+            from yarl import URL
+
+            public = URL(s.public_url).raw_host
+            if public:
+                hosts.add(f"[{public}]" if ":" in public else public.lower())
+        for route in cfg.routes:
+            hosts |= route.hosts
+    return Limits(
+        header_timeout=s.header_timeout,
+        body_timeout=s.body_timeout,
+        idle_timeout=s.idle_timeout,
+        send_timeout=s.send_timeout,
+        max_header_bytes=s.max_header_bytes,
+        max_headers=s.max_headers,
+        max_target_bytes=s.max_target_bytes,
+        hosts=frozenset(h.lower() for h in hosts),
+        # CONNECT would ask us to tunnel; TRACE reflects the request, credentials included.
+        refuse_methods=frozenset({"CONNECT"} if s.allow_trace else {"TRACE", "CONNECT"}),
+    )
 
 
 class Gateway:
@@ -137,7 +138,16 @@ class Gateway:
         self.ops_port: int | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._watches: set[Watch] = set()
+        self.watches: set[Watch] = set()
+        """Open WebSockets: woken to re-verify at once on a revocation or a reload."""
+        self.recorder = Recorder(
+            metrics=self.metrics,
+            audit=self.audit,
+            keeper=self.keeper,
+            revision=lambda: self.config.revision,
+        )
+        self.decisions = DecisionPath(self.recorder)
+        self.request_path = RequestPath(self, self.decisions)
         self._dry: tuple[Runtime, Runtime] | None = None
         self.started_at = clock.time()
         self._update_cert_metrics()
@@ -166,7 +176,7 @@ class Gateway:
         # A device or session changed (perhaps revoked, from the CLI or another process):
         # open WebSockets re-verify now instead of at their next interval.
         if kind in (ChangeKind.DEVICE, ChangeKind.SESSION, ChangeKind.USER):
-            for w in list(self._watches):
+            for w in list(self.watches):
                 w.wake()
 
     def _on_store_write(self, operation: str, seconds: float, ok: bool) -> None:
@@ -211,7 +221,7 @@ class Gateway:
         self._update_cert_metrics()
         if ok:
             # Open WebSockets re-verify at once: a revoked certificate closes them now.
-            for w in list(self._watches):
+            for w in list(self.watches):
                 w.wake()
 
     def _update_cert_metrics(self) -> None:
@@ -246,17 +256,13 @@ class Gateway:
             self.runtime = self._build_runtime(cfg)
         s = cfg.server
         self.listener = Listener(
-            handler=self.handle,
+            handler=self.request_path,
             context=lambda: self.tls.current.context,
+            limits=protocol_limits(cfg),
             handshake_timeout=s.handshake_timeout,
-            header_timeout=s.header_timeout,
-            idle_timeout=s.idle_timeout,
             max_connections=s.max_connections,
-            max_header_bytes=s.max_header_bytes,
-            max_headers=s.max_headers,
+            clock=self.clock.time,
             on_handshake=self._on_handshake,
-            on_protocol_error=self._on_protocol_error,
-            on_header_timeout=self.metrics.slow_clients.inc,
             on_connection_change=self.metrics.connections_open.set,
             on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
         )
@@ -293,7 +299,7 @@ class Gateway:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for w in list(self._watches):
+        for w in list(self.watches):
             w.wake()
         if self.listener is not None:
             await self.listener.close(self.config.server.shutdown_timeout)
@@ -360,7 +366,7 @@ class Gateway:
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_reload_ok.set(1)
         self._update_cert_metrics()
-        for w in list(self._watches):
+        for w in list(self.watches):
             w.wake()
         log.info("configuration reloaded: revision %s", config.revision)
         return True
@@ -372,243 +378,29 @@ class Gateway:
         else:
             self.metrics.handshake_failures.labels(failure).inc()
 
-    def _on_protocol_error(
-        self,
-        conn: GatewayRequestHandler,
-        request: web.BaseRequest,
-        reason: Reason,
-        decision_id: str,
-        exc: BaseException | None,
-    ) -> None:
-        self.metrics.protocol_errors.labels(reason.value).inc()
-        self.metrics.requests.labels("-", "deny", reason.value).inc()
-        peer = conn.transport.get_extra_info("peername") if conn.transport else None
-        event = {
-            "decision_id": decision_id,
-            "type": "ztgw.decision",
-            "route": None,
-            "input": {
-                "client_ip": peer[0] if peer else None,
-                "device": conn.cert.device_id if conn.cert else None,
-                "protocol_error": type(exc).__name__ if exc else None,
-            },
-            "result": {
-                "verdict": "deny",
-                "reason": reason.value,
-                "findings": [
-                    {
-                        "stage": "http",
-                        "reason": reason.value,
-                        "verdict": "deny",
-                        "detail": type(exc).__name__ if exc else "",
-                    }
-                ],
-            },
-            "policy_revision": self.config.revision,
-        }
-        with suppress(AuditUnavailable):
-            self.audit.record(event)
-
-    # --- the request path --------------------------------------------------------------------
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        conn = request.protocol
-        assert isinstance(conn, GatewayRequestHandler)
-        conn.request_started()
-        token = decision_id_var.set(None)
-        try:
-            if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
-                # SECURITY: RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing,
-                # a classic request-smuggling shape; refuse and close, never forward.
-                return conn.handle_error(
-                    request, 400, BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request")
-                )
-            response = await self._handle(request, conn)
-        finally:
-            conn.request_finished()
-            decision_id_var.reset(token)
-        if upgrade_requested(request.headers) and not isinstance(response, web.WebSocketResponse):
-            # llhttp stops parsing after an Upgrade request; close so a pipelined request
-            # behind it is retried by the client instead of hanging.
-            response.force_close()
-        return response
-
-    async def _handle(
-        self, request: web.BaseRequest, conn: GatewayRequestHandler
-    ) -> web.StreamResponse:
-        rt = self.runtime
-        cfg = rt.config
-        ctx = RequestContext.from_request(
-            request,
-            cert=conn.cert,
-            peer_ip=conn.peer_ip or None,
-            trusted_proxies=cfg.server.trusted_proxies,
-            allow_encoded_slash=cfg.server.allow_encoded_slash,
-            clock=self.clock,
-        )
-        ctx.forwarded_proto = "https"
-        decision_id_var.set(ctx.decision_id)
-        accept = request.headers.get("Accept", "")
-        if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
-            return await self._internal(request, ctx)
-        if not self.store.healthy:
-            # SECURITY: a revocation made elsewhere may not have reached us: refuse until the
-            # store is back (and, for Redis, resynchronised) rather than trust a stale cache.
-            self.metrics.store_errors.inc()
-            decision = self.refusal_decision(
-                ctx, Reason.SERVICE_UNAVAILABLE, "state store unavailable"
-            )
-            with suppress(AuditUnavailable):
-                self.record_decision(ctx, decision)
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
-            )
-        started = self.clock.monotonic()
-        decision = await rt.pipeline.evaluate(ctx)
-        self.metrics.decision_seconds.observe(self.clock.monotonic() - started)
-        route = ctx.route
-        route_label = route.name if route else "-"
-        if route is not None:
-            self.metrics.risk_score.labels(route_label).observe(ctx.risk_score)
-        if ctx.session is not None and ctx.session.session is not None:
-            self.metrics.anomaly_score.observe(ctx.session.anomaly)
-        if decision.reason in (Reason.RISK_STEP_UP, Reason.RISK_DENIED) and route is not None:
-            top = next(
-                (
-                    f.reason.value
-                    for f in decision.findings
-                    if f.stage == "risk" and f.verdict is None
-                ),
-                "none",
-            )
-            self.metrics.risk_refusals.labels(route_label, decision.verdict.label, top).inc()
-        try:
-            self.record_decision(ctx, decision)
-            new_cookie = await self.keeper.after_decision(ctx, decision)
-            if decision.allowed:
-                remember(rt, ctx)
-        except AuditUnavailable:
-            # SECURITY: a decision we cannot record is not acted on (fail closed).
-            self.metrics.audit_unavailable.inc()
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
-            )
-        except StoreUnavailable:
-            self.metrics.store_errors.inc()
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
-            )
-        if not decision.allowed or route is None:
-            return self._render_refusal(ctx, decision, accept)
-        response_headers: dict[str, str] = {}
-        if new_cookie:
-            response_headers["Set-Cookie"] = new_cookie_header(
-                cfg.sessions.cookie_name, new_cookie, max_age=int(cfg.sessions.absolute_timeout)
-            )
-
-        headers = self._upstream_headers(ctx, request)
-        assert ctx.path is not None
-        route_seconds = self.metrics.request_seconds.labels(route_label)
-        try:
-            if ctx.websocket:
-                watch = Watch()
-                self._watches.add(watch)
-                try:
-                    return await bridge_websocket(
-                        request,
-                        self.upstreams.session(route.upstream),
-                        upstream_url(route, ctx.path, ctx.query),
-                        headers,
-                        recheck=lambda: self._recheck(request, conn),
-                        interval=WS_RECHECK_INTERVAL,
-                        watch=watch,
-                    )
-                finally:
-                    self._watches.discard(watch)
-            response = await forward_http(
-                request,
-                route,
-                self.upstreams.pool(route.upstream),
-                upstream_target(route, ctx.path, ctx.query),
-                headers,
-                decision_id=ctx.decision_id,
-                extra_headers=response_headers,
-                on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
-                clock=self.clock,
-            )
-            return response
-        except BodyTooLarge:
-            self.metrics.requests.labels(route_label, "deny", Reason.BODY_TOO_LARGE.value).inc()
-            resp = self._refusal(Reason.BODY_TOO_LARGE, ctx.decision_id, accept)
-            resp.force_close()
-            return resp
-        except UpstreamFailure as fail:
-            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
-            log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
-            return self._refusal(fail.reason, ctx.decision_id, accept)
-        except Exception as exc:
-            # aiohttp's websocket client raises its own errors for refused upgrades.
-            failure = classify(exc)
-            self.metrics.upstream_errors.labels(route_label, failure.kind).inc()
-            log.warning("upstream %s failed: %r", route.upstream.name, exc)
-            return self._refusal(failure.reason, ctx.decision_id, accept)
-        finally:
-            route_seconds.observe(self.clock.monotonic() - ctx.started)
-
-    async def _recheck(self, request: web.BaseRequest, conn: GatewayRequestHandler) -> Decision:
-        """Re-run the whole decision for an open WebSocket, on the current snapshot."""
-        rt = self.runtime
-        ctx = RequestContext.from_request(
-            request,
-            cert=conn.cert,
-            peer_ip=conn.peer_ip or None,
-            trusted_proxies=rt.config.server.trusted_proxies,
-            allow_encoded_slash=rt.config.server.allow_encoded_slash,
-            clock=self.clock,
-        )
-        decision: Decision = await rt.pipeline.evaluate(ctx)
-        if not decision.allowed:
-            self.metrics.requests.labels(
-                ctx.route.name if ctx.route else "-", decision.verdict.label, decision.reason.value
-            ).inc()
-            with suppress(AuditUnavailable):
-                event = self.audit_event(ctx, decision, request)
-                event["input"]["websocket_recheck"] = True
-                self.audit.record(event)
-        return decision
-
+    # --- what the gateway's own endpoints use ------------------------------------------------
     def record_decision(self, ctx: RequestContext, decision: Decision) -> None:
-        """Count and audit one decision; raises AuditUnavailable (the caller fails closed)."""
-        route_label = ctx.route.name if ctx.route else "-"
-        if not self.audit.healthy:
-            # SECURITY: the audit writer is failing (disk full, read-only database): refuse
-            # rather than act on decisions nobody will be able to account for.
-            raise AuditUnavailable("audit log is failing")
-        self.metrics.requests.labels(
-            route_label, decision.verdict.label, decision.reason.value
-        ).inc()
-        if decision.monitor:
-            self.metrics.would_deny.labels(route_label, decision.reason.value).inc()
-        elif not decision.allowed:
-            stage = next(
-                (f.stage for f in decision.findings if f.reason is decision.reason and f.verdict),
-                "request",
-            )
-            self.metrics.refusals.labels(route_label, stage, decision.reason.value).inc()
-        self.audit.record(self.audit_event(ctx, decision, None))
+        """Count and audit a decision taken outside the pipeline; raises AuditUnavailable."""
+        self.recorder.record(ctx, decision)
 
     def record_outcome(
         self, ctx: RequestContext, stage: str, verdict: Verdict, reason: Reason, detail: str = ""
     ) -> None:
-        """Audit and count a decision taken outside the pipeline (the gateway's own endpoints).
-
-        Raises AuditUnavailable, counted, so a caller that must fail closed can.
-        """
+        """Audit and count an outcome of the gateway's own endpoints (raises AuditUnavailable)."""
         finding = Finding(stage, reason, verdict, detail=detail)
-        try:
-            self.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
-        except AuditUnavailable:
-            self.metrics.audit_unavailable.inc()
-            raise
+        self.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
+
+    def refusal_decision(self, ctx: RequestContext, reason: Reason, detail: str) -> Decision:
+        """A refusal decided outside the pipeline, with its one finding."""
+        return refusal(ctx, reason, detail)
+
+    def asserted_identity(self, ctx: RequestContext) -> dict[str, str]:
+        return asserted_identity(self.signer, ctx)
+
+    def audit_event(
+        self, ctx: RequestContext, decision: Decision, request: object = None
+    ) -> dict[str, Any]:
+        return audit_event(ctx, decision, self.config.revision)
 
     async def ensure_device(self, ctx: RequestContext) -> None:
         """Register the presented certificate's device if this is its first contact."""
@@ -626,186 +418,6 @@ class Gateway:
                 last_seen=ctx.now,
                 last_ip=ctx.client_ip,
             )
-        )
-
-    def refusal_decision(self, ctx: RequestContext, reason: Reason, detail: str) -> Decision:
-        """A refusal decided outside the pipeline, with its one finding."""
-        finding = Finding("request", reason, Verdict.DENY, detail=detail)
-        ctx.findings.append(finding)
-        return Decision(ctx.decision_id, Verdict.DENY, reason, (finding,))
-
-    def _upstream_headers(self, ctx: RequestContext, request: web.BaseRequest) -> Any:
-        route = ctx.route
-        assert route is not None
-        return upstream_request_headers(
-            ctx.headers,
-            self.identity_headers(ctx, request.host),
-            forward_authorization=route.forward_authorization,
-            websocket=ctx.websocket,
-            drop_cookies=(self.config.sessions.cookie_name,),
-        )
-
-    def identity_headers(self, ctx: RequestContext, original_host: str) -> dict[str, str]:
-        """The headers the upstream may trust: forwarding facts, identity, signed assertion."""
-        add: dict[str, str] = {
-            "X-Forwarded-For": ctx.client_ip,
-            "X-Forwarded-Proto": ctx.forwarded_proto,
-            "X-Forwarded-Host": original_host,
-        }
-        add.update(self.asserted_identity(ctx))
-        return add
-
-    def asserted_identity(self, ctx: RequestContext) -> dict[str, str]:
-        """Identity headers and the signed assertion (also what forward-auth answers)."""
-        route = ctx.route
-        assert route is not None
-        h = route.headers
-        ident = ctx.identity
-        add: dict[str, str] = {DECISION_HEADER: ctx.decision_id}
-        if ident is not None:
-            if ident.user:
-                add[h.user] = ident.user
-            if ident.email:
-                add[h.email] = ident.email
-            if ident.groups:
-                add[h.groups] = ",".join(sorted(ident.groups))
-            if ident.device_id:
-                add[h.device] = ident.device_id
-            add[h.assertion] = self.signer.sign(
-                audience=route.name,
-                user=ident.user,
-                email=ident.email,
-                groups=ident.groups,
-                device_id=ident.device_id,
-                source=ident.source,
-                now=ctx.now,
-            )
-        return add
-
-    def _render_refusal(self, ctx: RequestContext, decision: Decision, accept: str) -> web.Response:
-        """Refusal, step-up challenge or redirect, rate-limit hint, stale-cookie clean-up."""
-        route = ctx.route
-        reason, verdict = decision.reason, decision.verdict
-        route_label = route.name if route else "-"
-        detail = None
-        if route is not None and route.expose_detail:
-            detail = next((f.detail for f in decision.findings if f.reason is reason), None)
-        extra: dict[str, str] = {}
-        if ctx.retry_after:
-            extra["Retry-After"] = str(max(1, math.ceil(ctx.retry_after)))
-        if verdict is Verdict.TERMINATE:
-            self.metrics.terminations.labels(route_label, reason.value).inc()
-        browser = ctx.wants_html
-        if browser and self.oidc is not None and reason in _SIGN_IN_AGAIN:
-            # A person without a (valid) sign-in: send them to sign in, then back here.
-            stale = ctx.session is not None and ctx.session.cookie_invalid
-            cookies = (clear_cookie_header(self.config.sessions.cookie_name),) if stale else ()
-            return see_other(portal.login_redirect(ctx), ctx.decision_id, *cookies)
-        if browser and reason in (Reason.DEVICE_NONCOMPLIANT, Reason.POSTURE_STALE):
-            # The remediation page says exactly what to fix on this device.
-            return see_other("/.ztgw/device", ctx.decision_id)
-        if verdict is Verdict.STEP_UP:
-            self.metrics.step_ups.labels("issued").inc()
-            if ctx.wants_html and self.mfa.available:
-                target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
-                return see_other("/.ztgw/mfa?rd=" + quote(target, safe="/"), ctx.decision_id)
-        resp = self._refusal(
-            reason, ctx.decision_id, accept, verdict=verdict, detail=detail, extra=extra
-        )
-        if verdict is Verdict.STEP_UP:
-            # RFC 9470 §3: the step-up challenge, with max_age when the route bounds MFA age.
-            challenge = (
-                'Bearer realm="ztgateway", error="insufficient_user_authentication", '
-                f'error_description="{reason.value}: complete TOTP at /.ztgw/mfa/verify"'
-            )
-            if ctx.mfa_max_age:
-                challenge += f", max_age={int(ctx.mfa_max_age)}"
-            resp.headers["WWW-Authenticate"] = challenge
-        view = ctx.session
-        if view is not None and view.cookie_invalid:
-            resp.headers["Set-Cookie"] = clear_cookie_header(self.config.sessions.cookie_name)
-        return resp
-
-    def _refusal(
-        self,
-        reason: Reason,
-        decision_id: str,
-        accept: str,
-        *,
-        verdict: Verdict = Verdict.DENY,
-        detail: str | None = None,
-        extra: dict[str, str] | None = None,
-    ) -> web.Response:
-        resp = problem(
-            reason, decision_id, verdict=verdict, accept=accept, detail=detail, extra_headers=extra
-        )
-        resp.headers["Server"] = SERVER_BANNER
-        return resp
-
-    def audit_event(
-        self, ctx: RequestContext, decision: Decision, request: web.BaseRequest | None
-    ) -> dict[str, Any]:
-        headers, masked = mask_headers(ctx.headers.items())
-        query, masked_q = mask_query(ctx.query)
-        ident = ctx.identity
-        cert = ctx.cert
-        return {
-            "decision_id": ctx.decision_id,
-            "type": "ztgw.decision",
-            "route": ctx.route.name if ctx.route else None,
-            "input": {
-                "method": ctx.method,
-                "host": ctx.host,
-                "path": ctx.path,
-                "raw_path": ctx.raw_path if ctx.path != ctx.raw_path else None,
-                "query": query,
-                "client_ip": ctx.client_ip,
-                "peer_ip": ctx.peer_ip,
-                "user": ident.user if ident else None,
-                "device": cert.device_id if cert else None,
-                # The stored session's id (a hash, never the cookie or token): what `sessions
-                # show` lists and `audit search --session` finds.
-                "session": ctx.session.session_id if ctx.session else None,
-                "cert": cert.to_json() if cert else None,
-                "headers": headers,
-                "websocket": ctx.websocket,
-            },
-            "identity": ident.to_json() if ident else None,
-            "result": {
-                "verdict": decision.verdict.label,
-                "reason": decision.reason.value,
-                "findings": [f.to_json() for f in decision.findings],
-                "monitor": decision.monitor,
-                "would_verdict": decision.would_verdict.label if decision.would_verdict else None,
-            },
-            "masked": sorted(masked + masked_q),
-            "policy_revision": self.config.revision,
-        }
-
-    async def _internal(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
-        """Gateway endpoints under /.ztgw/ (served to any client that passed the handshake)."""
-        if ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
-            resp = web.json_response(self.signer.jwks, headers={"Cache-Control": "max-age=300"})
-            resp.headers["Server"] = SERVER_BANNER
-            return resp
-        if ctx.path == "/.ztgw/posture" and ctx.method == "POST":
-            return await endpoints.posture_report(self, request, ctx)
-        if ctx.path == "/.ztgw/device" and ctx.method in ("GET", "HEAD"):
-            return await endpoints.device_status(self, request, ctx)
-        if ctx.path == "/.ztgw/mfa/verify" and ctx.method == "POST":
-            return await mfa_endpoints.verify_api(self, request, ctx)
-        if ctx.path == "/.ztgw/mfa" and ctx.method in ("GET", "POST"):
-            return await mfa_endpoints.step_up_page(self, request, ctx)
-        if ctx.path == "/.ztgw/mfa/enroll" and ctx.method == "GET":
-            return await mfa_endpoints.enroll_page(self, request, ctx)
-        page_handler = _PORTAL_PAGES.get((ctx.path or "", ctx.method))
-        if page_handler is not None:
-            return await page_handler(self, request, ctx)
-        decision = self.refusal_decision(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "")
-        with suppress(AuditUnavailable):
-            self.record_decision(ctx, decision)
-        return self._refusal(
-            Reason.ROUTE_NOT_FOUND, ctx.decision_id, request.headers.get("Accept", "")
         )
 
     # --- ops helpers ----------------------------------------------------------------------------

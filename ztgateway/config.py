@@ -55,6 +55,11 @@ class ServerConfig:
     allow_encoded_slash: bool = False
     public_url: str = ""
     workers: int = 1
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
+    max_target_bytes: int = 8190
+    hosts: tuple[str, ...] = ()
+    allow_trace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,9 +401,29 @@ def _server(t: Table) -> ServerConfig:
         allow_encoded_slash=t.flag("allow_encoded_slash", False),
         public_url=t.text("public_url", ""),
         workers=t.integer("workers", 1, min=1, max=64),
+        body_timeout=t.number("body_timeout", 30.0, min=0.1),
+        send_timeout=t.number("send_timeout", 30.0, min=0.1),
+        max_target_bytes=t.integer("max_target_bytes", 8190, min=256, max=65536),
+        hosts=tuple(_host_names(t)),
+        allow_trace=t.flag("allow_trace", False),
     )
     t.done()
     return cfg
+
+
+def _host_names(t: Table) -> list[str]:
+    """`server.hosts`: the Host names the data plane answers for (RFC 9110 §7.2)."""
+    out = []
+    for name in t.str_list("hosts", ()):
+        host = name.strip().lower()
+        if (
+            not host
+            or any(c in host for c in "/?#@ ")
+            or (":" in host and not host.startswith("["))
+        ):
+            t.fail("hosts", f"{name!r} is not a host name (no scheme, port or path)")
+        out.append(host)
+    return out
 
 
 def _tls(t: Table) -> TLSConfig:

@@ -21,10 +21,9 @@ from .decision import Finding, new_decision_id
 from .paths import PathError, normalize_path
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .config import RouteConfig
     from .credentials.jwt import VerifiedToken
+    from .http1 import Request
     from .stages.device import DeviceView
     from .stages.session import SessionView
     from .tls import CertInfo
@@ -187,6 +186,8 @@ class RequestContext:
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"
+    protocol_error: str | None = None
+    """What the HTTP protocol refused, when it refused the request before any stage."""
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -202,17 +203,16 @@ class RequestContext:
     @classmethod
     def from_request(
         cls,
-        request: web.BaseRequest,
+        request: Request,
         *,
-        cert: CertInfo | None,
         trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
         allow_encoded_slash: bool = False,
-        peer_ip: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> RequestContext:
-        if peer_ip is None:
-            peer = request.transport.get_extra_info("peername") if request.transport else None
-            peer_ip = str(peer[0]) if peer else ""
+        """The context of a request on the data plane; the connection's peer and certificate
+        were taken once, when it was accepted."""
+        peer_ip = request.peer_ip
+        cert = request.cert
         headers = request.headers
         client_ip = peer_ip
         peer_trusted = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)

@@ -46,6 +46,13 @@ class Reason(enum.StrEnum):
     HEADER_SPOOFED = "header-spoofed"
     HEADER_TOO_LARGE = "header-too-large"
     BODY_TOO_LARGE = "body-too-large"
+    TARGET_TOO_LONG = "target-too-long"
+    HOST_INVALID = "host-invalid"
+    HOST_MISDIRECTED = "host-misdirected"
+    EXPECTATION_UNSUPPORTED = "expectation-unsupported"
+    VERSION_UNSUPPORTED = "version-unsupported"
+    REQUEST_TIMEOUT = "request-timeout"
+    WEBSOCKET_INVALID = "websocket-invalid"
     # identity
     TOKEN_REQUIRED = "token-required"
     TOKEN_INVALID = "token-invalid"
@@ -132,6 +139,14 @@ _STATUS: dict[Reason, int] = {
     Reason.HEADER_SPOOFED: 400,
     Reason.HEADER_TOO_LARGE: 431,
     Reason.BODY_TOO_LARGE: 413,
+    Reason.TARGET_TOO_LONG: 414,
+    Reason.HOST_INVALID: 400,
+    # RFC 9110 §15.5.20: a Host this server is not configured to answer for.
+    Reason.HOST_MISDIRECTED: 421,
+    Reason.EXPECTATION_UNSUPPORTED: 417,
+    Reason.VERSION_UNSUPPORTED: 505,
+    Reason.REQUEST_TIMEOUT: 408,
+    Reason.WEBSOCKET_INVALID: 400,
     Reason.TOKEN_REQUIRED: 401,
     Reason.TOKEN_INVALID: 401,
     Reason.TOKEN_EXPIRED: 401,
@@ -176,6 +191,13 @@ _TITLES: dict[Reason, str] = {
     Reason.HEADER_SPOOFED: "The request carried identity headers that only the gateway may set",
     Reason.HEADER_TOO_LARGE: "The request headers are too large",
     Reason.BODY_TOO_LARGE: "The request body is too large",
+    Reason.TARGET_TOO_LONG: "The request target is too long",
+    Reason.HOST_INVALID: "The request needs exactly one valid Host",
+    Reason.HOST_MISDIRECTED: "This gateway does not answer for that host name",
+    Reason.EXPECTATION_UNSUPPORTED: "Only Expect: 100-continue is supported",
+    Reason.VERSION_UNSUPPORTED: "Only HTTP/1.x is spoken here",
+    Reason.REQUEST_TIMEOUT: "The request body did not arrive in time",
+    Reason.WEBSOCKET_INVALID: "The WebSocket handshake is not acceptable",
     Reason.TOKEN_REQUIRED: "A bearer token is required",
     Reason.TOKEN_INVALID: "The bearer token is not valid",
     Reason.TOKEN_EXPIRED: "The bearer token has expired",

@@ -17,6 +17,7 @@ from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
 from .forward.headers import SERVER_BANNER
+from .http1 import Request
 from .posture import (
     MAX_REPORT_BYTES,
     PostureError,
@@ -59,9 +60,7 @@ def _refuse(
     return problem(reason, ctx.decision_id, accept=accept, detail=detail)
 
 
-async def posture_report(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def posture_report(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/posture: the presented certificate's device reports its posture."""
     store = gw.store
     cert = ctx.cert
@@ -143,9 +142,7 @@ async def posture_report(
     )
 
 
-async def device_status(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def device_status(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/device: the device's state, last posture and what to fix (page or JSON)."""
     cert = ctx.cert
     accept = request.headers.get("Accept", "")

@@ -28,6 +28,7 @@ from .credentials.jwt import TokenError, check_binding
 from .credentials.totp import TOTPError, qr_svg
 from .decision import Reason, Verdict
 from .forward.headers import SERVER_BANNER
+from .http1 import Request
 from .mfa import MFAUnavailable
 from .paths import PathError, normalize_path
 from .responses import DECISION_HEADER, problem, see_other
@@ -206,9 +207,7 @@ def _unidentified(
     return problem(reason, ctx.decision_id, accept=accept)
 
 
-async def verify_api(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def verify_api(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/mfa/verify {"code": "123456"} with the same certificate and token or cookie."""
     who = await _who(gw, ctx)
     if isinstance(who, Reason):
@@ -305,7 +304,7 @@ authenticator app.</p>{err}
 <button type="submit">Verify</button></form>"""
 
 
-async def _read_form(request: web.BaseRequest) -> dict[str, str] | None:
+async def _read_form(request: Request) -> dict[str, str] | None:
     raw = await request.content.read(MAX_FORM + 1)
     if len(raw) > MAX_FORM:
         return None
@@ -316,7 +315,7 @@ async def _read_form(request: web.BaseRequest) -> dict[str, str] | None:
     return {k: v[0] for k, v in parsed.items()}
 
 
-def _same_origin(request: web.BaseRequest) -> bool:
+def _same_origin(request: Request) -> bool:
     """Browsers send Origin on POST; if present it must be ours (defence in depth over CSRF)."""
     origin = request.headers.get("Origin")
     if origin is None:
@@ -324,9 +323,7 @@ def _same_origin(request: web.BaseRequest) -> bool:
     return origin == f"https://{request.host}"
 
 
-async def step_up_page(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows the code form; POST checks it and sends the browser back to `rd`."""
     who = await _who(gw, ctx)
     if isinstance(who, Reason):
@@ -371,9 +368,7 @@ async def step_up_page(
     return see_other(rd, ctx.decision_id, *cookies)
 
 
-async def enroll_page(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def enroll_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """Enrolment in the browser, after a full verification (certificate + session or token)."""
     who = await _who(gw, ctx)
     if isinstance(who, Reason):

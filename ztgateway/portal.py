@@ -21,6 +21,7 @@ from .context import Identity, RequestContext
 from .credentials.oidc import OIDCError
 from .decision import Reason, Verdict
 from .forward.headers import SERVER_BANNER
+from .http1 import Request
 from .responses import DECISION_HEADER, problem, see_other, wants_html
 from .stages.session import clear_cookie_header, cookie_session_id, new_cookie_header, read_cookie
 from .store.base import ID_TOKEN, Session, StoreUnavailable
@@ -92,9 +93,7 @@ def login_redirect(ctx: RequestContext) -> str:
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
-async def login_page(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def login_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/login: says what happens next; the link starts the provider's sign-in."""
     provider = gw.config.oidc.provider
     if provider is None or ctx.cert is None:
@@ -109,9 +108,7 @@ async def login_page(
     return page("Sign in", body, ctx)
 
 
-async def login_start(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     if gw.oidc is None or ctx.cert is None:
         return problem(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
@@ -137,9 +134,7 @@ async def login_start(
     return see_other(start.authorization_url, ctx.decision_id, cookie)
 
 
-async def callback(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/oidc/callback: finish the code flow, start the session, go back to `rd`."""
     oidc = gw.oidc
     clear_login = f"{LOGIN_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
@@ -218,7 +213,7 @@ sign-in link is reused, expires, or was started in another browser.</p>
     return see_other(result.return_to, ctx.decision_id, clear_login, session_cookie)
 
 
-async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows a confirmation form (CSRF token); POST ends the session and the provider's."""
     from .mfa_endpoints import _csrf, _csrf_ok, _read_form, _same_origin
 
@@ -258,16 +253,14 @@ async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
     return see_other(target, ctx.decision_id, clear_cookie_header(name))
 
 
-async def signed_out(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def signed_out(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     gw.metrics.portal_views.labels("signed-out", "shown").inc()
     body = """<p>You are signed out. Close this window, or
 <a href="/.ztgw/login">sign in again</a>.</p>"""
     return page("Signed out", body, ctx)
 
 
-async def whoami(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """Identity, device, posture, risk contributions and session times, as the gateway sees them."""
     probe = RequestContext.synthetic(
         method="GET",

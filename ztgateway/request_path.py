@@ -1,0 +1,248 @@
+"""The request path of the mTLS data plane, top to bottom.
+
+    http1.Connection ──▶ handle(): context ─▶ /.ztgw/ page? ─▶ decide-and-record ─▶ render | forward
+
+`RequestPath` is what `http1.Connection` calls (its `Handler`): `handle()` for every parsed
+request, `refuse()` for a request the protocol refused before it was parsed whole (audited and
+counted like any refusal, rendered by the same `responses.problem_parts`), `on_event()` for the
+protocol's timers. The decision itself is `DecisionPath.decide()`, the one path every entry
+point uses; refusals are `responses.render()`; forwarding is `forward/http.py` (raw upstream
+pool) or `forward/websocket.py` (the frame-aware relay).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import endpoints, mfa_endpoints, portal
+from .context import RequestContext
+from .decision import Decision, Reason
+from .decisions import DecisionPath
+from .forward.headers import upstream_request_headers
+from .forward.http import forward_http, upstream_target
+from .forward.identity import identity_headers
+from .forward.upstream import UpstreamFailure
+from .forward.websocket import Watch, bridge_websocket
+from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
+from .logs import decision_id_var
+from .responses import SERVER, Parts, problem_parts, render
+from .stages.session import new_cookie_header
+from .tls import upstream_context
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("ztgateway.request")
+INTERNAL_PREFIX = "/.ztgw/"
+WS_RECHECK_INTERVAL = 5.0
+_PAGES = {
+    ("/.ztgw/login", "GET"): portal.login_page,
+    ("/.ztgw/login/start", "GET"): portal.login_start,
+    ("/.ztgw/oidc/callback", "GET"): portal.callback,
+    ("/.ztgw/logout", "GET"): portal.logout,
+    ("/.ztgw/logout", "POST"): portal.logout,
+    ("/.ztgw/signed-out", "GET"): portal.signed_out,
+    ("/.ztgw/whoami", "GET"): portal.whoami,
+    ("/.ztgw/posture", "POST"): endpoints.posture_report,
+    ("/.ztgw/device", "GET"): endpoints.device_status,
+    ("/.ztgw/device", "HEAD"): endpoints.device_status,
+    ("/.ztgw/mfa/verify", "POST"): mfa_endpoints.verify_api,
+    ("/.ztgw/mfa", "GET"): mfa_endpoints.step_up_page,
+    ("/.ztgw/mfa", "POST"): mfa_endpoints.step_up_page,
+    ("/.ztgw/mfa/enroll", "GET"): mfa_endpoints.enroll_page,
+}
+_TIMERS = {"header_timeout", "body_timeout", "idle_timeout", "slow_reader"}
+
+
+class RequestPath:
+    """Every request on the mTLS listener (an `http1.Handler`)."""
+
+    def __init__(self, gw: Gateway, decisions: DecisionPath) -> None:
+        self.gw = gw
+        self.decisions = decisions
+        self.metrics = gw.metrics
+
+    # --- the request ------------------------------------------------------------------------
+    async def handle(self, request: Request) -> None:
+        gw = self.gw
+        rt = gw.runtime  # one snapshot for the whole request (a reload swaps it atomically)
+        server = rt.config.server
+        ctx = RequestContext.from_request(
+            request,
+            trusted_proxies=server.trusted_proxies,
+            allow_encoded_slash=server.allow_encoded_slash,
+            clock=gw.clock,
+        )
+        decision_id_var.set(ctx.decision_id)
+        if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
+            await self._page(request, ctx)
+            return
+        outcome = await self.decisions.decide(ctx, rt)
+        decision = outcome.decision
+        route = ctx.route
+        if not decision.allowed or route is None:
+            request.respond(*self.render(ctx, decision))
+            return
+        sessions = rt.config.sessions
+        extra: dict[str, str] = {}
+        if outcome.new_cookie:
+            extra["Set-Cookie"] = new_cookie_header(
+                sessions.cookie_name, outcome.new_cookie, max_age=int(sessions.absolute_timeout)
+            )
+        headers = upstream_request_headers(
+            ctx.headers,
+            identity_headers(gw.signer, ctx, request.host),
+            forward_authorization=route.forward_authorization,
+            websocket=ctx.websocket,
+            drop_cookies=(sessions.cookie_name,),
+        )
+        assert ctx.path is not None
+        target = upstream_target(route, ctx.path, ctx.query)
+        route_label = route.name
+        try:
+            if ctx.websocket:
+                await self._websocket(request, ctx, target, headers)
+                return
+            await forward_http(
+                request,
+                route,
+                gw.upstreams.pool(route.upstream),
+                target,
+                headers,
+                decision_id=ctx.decision_id,
+                extra_headers=extra,
+                on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
+                clock=gw.clock,
+            )
+        except BodyTooLarge:
+            self.metrics.requests.labels(route_label, "deny", Reason.BODY_TOO_LARGE.value).inc()
+            request.respond(*self._problem(ctx, Reason.BODY_TOO_LARGE), close=True)
+        except BodyTimeout:
+            self.metrics.protocol_errors.labels(Reason.REQUEST_TIMEOUT.value).inc()
+            request.respond(*self._problem(ctx, Reason.REQUEST_TIMEOUT), close=True)
+        except UpstreamFailure as fail:
+            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
+            log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
+            request.respond(*self._problem(ctx, fail.reason))
+        except ClientGone:
+            return
+        finally:
+            self.metrics.request_seconds.labels(route_label).observe(
+                gw.clock.monotonic() - ctx.started
+            )
+
+    def render(self, ctx: RequestContext, decision: Decision) -> Parts:
+        gw = self.gw
+        return render(
+            ctx,
+            decision,
+            sign_in=gw.oidc is not None,
+            step_up_page=gw.mfa.available,
+            cookie_name=gw.runtime.config.sessions.cookie_name,
+        )
+
+    def _problem(self, ctx: RequestContext, reason: Reason) -> Parts:
+        return problem_parts(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""))
+
+    # --- WebSocket ---------------------------------------------------------------------------
+    async def _websocket(
+        self, request: Request, ctx: RequestContext, target: str, headers: Any
+    ) -> None:
+        gw = self.gw
+        route = ctx.route
+        assert route is not None
+        up = route.upstream
+        watch = Watch()
+        gw.watches.add(watch)
+        try:
+            await bridge_websocket(
+                request,
+                up,
+                upstream_context(up) if up.url.scheme == "https" else None,
+                target,
+                headers,
+                decision_id=ctx.decision_id,
+                recheck=lambda: self.recheck(request),
+                interval=WS_RECHECK_INTERVAL,
+                watch=watch,
+            )
+        finally:
+            gw.watches.discard(watch)
+
+    async def recheck(self, request: Request) -> Decision:
+        """Re-run the whole decision for an open WebSocket, on the current snapshot."""
+        rt = self.gw.runtime
+        ctx = RequestContext.from_request(
+            request,
+            trusted_proxies=rt.config.server.trusted_proxies,
+            allow_encoded_slash=rt.config.server.allow_encoded_slash,
+            clock=self.gw.clock,
+        )
+        return (await self.decisions.decide(ctx, rt, recheck=True)).decision
+
+    # --- the gateway's own pages under /.ztgw/ -----------------------------------------------
+    async def _page(self, request: Request, ctx: RequestContext) -> None:
+        """Small handlers on the same protocol (decision 0009): they read the request through
+        `http1.Request` and answer with an aiohttp `Response` used as a value (status,
+        headers, body), written here in one write."""
+        handler = _PAGES.get((ctx.path or "", ctx.method))
+        resp: web.StreamResponse
+        if handler is None and ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
+            resp = web.json_response(self.gw.signer.jwks, headers={"Cache-Control": "max-age=300"})
+        elif handler is None:
+            outcome = self.decisions.refuse(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "", "request")
+            request.respond(*self.render(ctx, outcome.decision))
+            return
+        else:
+            resp = await handler(self.gw, request, ctx)
+        send_web_response(request, resp)
+
+    # --- what the protocol refuses or times out ----------------------------------------------
+    def refuse(self, conn: Connection, request: Request | None, refusal: Refusal) -> Parts:
+        """A request the protocol refused: recorded and answered like any other refusal."""
+        gw = self.gw
+        path, _, query = (request.target if request is not None else "").partition("?")
+        headers = request.headers if request is not None and request.method else None
+        ctx = RequestContext.synthetic(
+            method=(request.method if request is not None else "") or "-",
+            path="/",
+            client_ip=conn.peer_ip,
+            cert=conn.cert,
+            clock=gw.clock,
+        )
+        ctx.raw_path, ctx.query, ctx.path = path[:2048], query[:2048], None
+        ctx.host = ""
+        if headers is not None:
+            ctx.headers = headers
+        ctx.protocol_error = refusal.detail
+        if refusal.reason is not Reason.STAGE_ERROR:
+            self.metrics.protocol_errors.labels(refusal.reason.value).inc()
+        outcome = self.decisions.refuse(ctx, refusal.reason, refusal.detail, "http")
+        reason = outcome.decision.reason
+        return problem_parts(
+            reason,
+            ctx.decision_id,
+            accept=ctx.headers.get("Accept", ""),
+            extra_headers={"Retry-After": "5"} if ctx.retry_after else None,
+        )
+
+    def on_event(self, name: str) -> None:
+        if name == "header_timeout":
+            self.metrics.slow_clients.inc()
+        if name in _TIMERS:
+            self.metrics.connection_timeouts.labels(name.removesuffix("_timeout")).inc()
+
+
+def send_web_response(request: Request, resp: web.StreamResponse) -> None:
+    """Write a page's aiohttp Response (a value: status, headers, bytes body) in one write."""
+    body = resp.body if isinstance(resp, web.Response) else None
+    data = body if isinstance(body, bytes | bytearray) else b""
+    headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]
+    if not any(k.lower() == "server" for k, _ in headers):
+        headers.append(("Server", SERVER))
+    for cookie in resp.cookies.values():
+        headers.append(("Set-Cookie", cookie.output(header="").strip()))
+    request.respond(resp.status, headers, bytes(data), reason=resp.reason or "")
