@@ -186,6 +186,8 @@ class RequestContext:
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"
+    content_length: int | None = None
+    """The declared body length (None: no body or chunked), judged against the route's limit."""
     protocol_error: str | None = None
     """What the HTTP protocol refused, when it refused the request before any stage."""
     findings: list[Finding] = field(default_factory=list)
@@ -235,6 +237,7 @@ class RequestContext:
             cert=cert,
             spoofed_headers=spoofed,
             websocket=is_websocket_handshake(request.method, headers),
+            content_length=request.content_length,
             started=clock.monotonic(),
             now=clock.time(),
         )

@@ -18,10 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason
 from .responses import problem
+from .stages.session import new_cookie_header
 from .tls import CertInfo, parse_client_cert
 
 if TYPE_CHECKING:
@@ -74,11 +74,11 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
         raise web.HTTPNotFound()
     if not _is_trusted(peer, gw):
         ctx = RequestContext.synthetic(method="GET", path="/", client_ip=peer, clock=gw.clock)
-        decision = gw.refusal_decision(
-            ctx, Reason.REQUEST_INVALID, "forward-auth caller not trusted"
-        )
-        gw.record_decision(ctx, decision)
-        return problem(Reason.REQUEST_INVALID, ctx.decision_id, status=403)
+        refused = gw.decisions.refuse(
+            ctx, Reason.REQUEST_INVALID, "forward-auth caller not trusted", "request"
+        ).decision
+        status = 503 if refused.reason is Reason.SERVICE_UNAVAILABLE else 403
+        return problem(refused.reason, ctx.decision_id, status=status)
     method = h.get("X-Original-Method") or h.get("X-Forwarded-Method") or "GET"
     uri = h.get("X-Original-URI") or h.get("X-Forwarded-Uri") or "/"
     host = h.get("X-Forwarded-Host", "")
@@ -103,19 +103,28 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
     )
     ctx.peer_ip = peer
     if bad_cert:
-        decision = gw.refusal_decision(
-            ctx, Reason.CLIENT_CERT_INVALID, "unparseable forwarded certificate"
+        outcome = gw.decisions.refuse(
+            ctx, Reason.CLIENT_CERT_INVALID, "unparseable forwarded certificate", "request"
         )
     else:
-        decision = await gw.runtime.pipeline.evaluate(ctx)
-    try:
-        gw.record_decision(ctx, decision)
-    except AuditUnavailable:
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, status=503)
+        # The same decide-and-record path as the data plane (security review M4): the audit
+        # event, the metrics, and the session write-back (touch, anomaly, failed attempts,
+        # revocation on TERMINATE) all happen here too.
+        outcome = await gw.decisions.decide(ctx, gw.runtime)
+    decision = outcome.decision
     if not decision.allowed or ctx.route is None:
         # nginx auth_request understands only 401 and 403 (anything else becomes a 500).
         status = 401 if decision.status == 401 else 403
+        if decision.reason is Reason.SERVICE_UNAVAILABLE:
+            status = 503
         resp = problem(decision.reason, ctx.decision_id, verdict=decision.verdict, status=status)
         resp.headers["X-ZT-Reason"] = decision.reason.value
         return resp
-    return web.Response(status=200, headers=gw.asserted_identity(ctx))
+    resp = web.Response(status=200, headers=gw.asserted_identity(ctx))
+    if outcome.new_cookie:
+        # The edge copies it to the client (auth_request_set + add_header Set-Cookie).
+        sessions = gw.runtime.config.sessions
+        resp.headers["Set-Cookie"] = new_cookie_header(
+            sessions.cookie_name, outcome.new_cookie, max_age=int(sessions.absolute_timeout)
+        )
+    return resp

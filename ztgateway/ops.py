@@ -92,7 +92,7 @@ async def decide(request: web.Request) -> web.Response:
         )
     # The live configuration and state, but judged without side effects (no registration,
     # no rate-limit tokens spent).
-    decision = await gw.dry_runtime().pipeline.evaluate(ctx)
+    decision = (await gw.decisions.decide(ctx, gw.dry_runtime(), dry=True)).decision
     return web.json_response(explain_json(ctx, decision))
 
 

@@ -271,7 +271,7 @@ async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
         cert=ctx.cert,
         now=ctx.now,
     )
-    decision = await gw.dry_runtime().pipeline.evaluate(probe)
+    decision = (await gw.decisions.decide(probe, gw.dry_runtime(), dry=True)).decision
     ident = probe.identity
     view = probe.session
     session = view.session if view else None

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import endpoints, mfa_endpoints, portal
 from .context import RequestContext
-from .decision import Decision, Reason
+from .decision import Decision, Reason, new_decision_id
 from .decisions import DecisionPath
 from .forward.headers import upstream_request_headers
 from .forward.http import forward_http, upstream_target
@@ -84,7 +84,9 @@ class RequestPath:
         decision = outcome.decision
         route = ctx.route
         if not decision.allowed or route is None:
-            request.respond(*self.render(ctx, decision))
+            # A body refused for its size may still be on its way: close rather than read it.
+            too_large = decision.reason is Reason.BODY_TOO_LARGE
+            request.respond(*self.render(ctx, decision), close=too_large)
             return
         sessions = rt.config.sessions
         extra: dict[str, str] = {}
@@ -118,11 +120,12 @@ class RequestPath:
                 clock=gw.clock,
             )
         except BodyTooLarge:
-            self.metrics.requests.labels(route_label, "deny", Reason.BODY_TOO_LARGE.value).inc()
-            request.respond(*self._problem(ctx, Reason.BODY_TOO_LARGE), close=True)
+            # A chunked body that streamed past the route's limit: refused after the ALLOW,
+            # and recorded as a decision of its own that names the one it overrides.
+            self._refused_late(request, ctx, Reason.BODY_TOO_LARGE, "body over client_max_size")
         except BodyTimeout:
             self.metrics.protocol_errors.labels(Reason.REQUEST_TIMEOUT.value).inc()
-            request.respond(*self._problem(ctx, Reason.REQUEST_TIMEOUT), close=True)
+            self._refused_late(request, ctx, Reason.REQUEST_TIMEOUT, "request body stalled")
         except UpstreamFailure as fail:
             self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
             log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
@@ -143,6 +146,15 @@ class RequestPath:
             step_up_page=gw.mfa.available,
             cookie_name=gw.runtime.config.sessions.cookie_name,
         )
+
+    def _refused_late(
+        self, request: Request, ctx: RequestContext, reason: Reason, detail: str
+    ) -> None:
+        allowed_as = ctx.decision_id
+        ctx.decision_id = new_decision_id()  # audit decision ids are unique
+        ctx.findings.clear()
+        outcome = self.decisions.refuse(ctx, reason, f"{detail} (after {allowed_as})", "http")
+        request.respond(*self._problem(ctx, outcome.decision.reason), close=True)
 
     def _problem(self, ctx: RequestContext, reason: Reason) -> Parts:
         return problem_parts(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""))
