@@ -389,7 +389,9 @@ class Env:
         """(proxy process or None for direct, port, tls)."""
         if s.server == "direct":
             return None, self.upstream_port, False
-        key = {"nginx": f"nginx_{s.workers}w", "naive": "naive"}.get(s.server, f"ztgw_{s.process}")
+        key = {"nginx": f"nginx_{s.workers}w", "naive": "naive", "floor": "floor"}.get(
+            s.server, f"ztgw_{s.process}"
+        )
         proc, port = self.servers[key]
         return proc, port, True
 
@@ -439,14 +441,16 @@ def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) 
         )
         wait_ready(proc, lambda port=port: http_get(port, "/bench", tls=tls)[0] == 200)
         servers[f"nginx_{workers}w"] = (proc, port)
-    if any(s.server == "naive" for s in SCENARIOS):
+    for kind, module in (("naive", "bench.naive_proxy"), ("floor", "bench.floor_proxy")):
+        if not any(s.server == kind for s in SCENARIOS):
+            continue
         port = free_port()
         proc = stack.start(
-            "naive-proxy",
+            f"{kind}-proxy",
             [
                 PY,
                 "-m",
-                "bench.naive_proxy",
+                module,
                 "--port",
                 str(port),
                 "--upstream",
@@ -463,7 +467,7 @@ def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) 
             cwd=REPO,
         )
         wait_ready(proc, lambda port=port: http_get(port, "/bench", tls=tls)[0] == 200)
-        servers["naive"] = (proc, port)
+        servers[kind] = (proc, port)
     token = bound_token(pki)
     skipped: dict[str, str] = {}
     ops_ports: dict[str, int] = {}
