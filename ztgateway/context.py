@@ -241,10 +241,7 @@ class RequestContext:
             started=clock.monotonic(),
             now=clock.time(),
         )
-        try:
-            ctx.path = normalize_path(raw_path, allow_encoded_slash=allow_encoded_slash)
-        except PathError as exc:
-            ctx.path_error = str(exc)
+        ctx.path, ctx.path_error = _normalized(raw_path, allow_encoded_slash)
         return ctx
 
     @classmethod
@@ -287,6 +284,15 @@ class RequestContext:
         except PathError as exc:
             ctx.path_error = str(exc)
         return ctx
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(raw_path: str, allow_encoded_slash: bool) -> tuple[str | None, str | None]:
+    """The normalised path or why not, once per distinct raw path (clients repeat paths)."""
+    try:
+        return normalize_path(raw_path, allow_encoded_slash=allow_encoded_slash), None
+    except PathError as exc:
+        return None, str(exc)
 
 
 def client_ip_from_forwarded(

@@ -15,6 +15,7 @@ Recording a decision is, in this order:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def audit_event(
     ctx: RequestContext, decision: Decision, revision: str, *, recheck: bool = False
 ) -> dict[str, Any]:
     """The one decision-log event shape (OPA's): input (secrets masked), result, revision."""
-    headers, masked = mask_headers(ctx.headers.items())
+    headers, masked = _masked_headers(tuple(ctx.headers.items()))
     query, masked_q = mask_query(ctx.query)
     ident = ctx.identity
     cert = ctx.cert
@@ -100,6 +101,14 @@ def audit_event(
     if ctx.protocol_error:
         event["input"]["protocol_error"] = ctx.protocol_error
     return event
+
+
+@functools.lru_cache(maxsize=1024)
+def _masked_headers(items: tuple[tuple[str, str], ...]) -> tuple[dict[str, str], list[str]]:
+    """Masked once per distinct set of header fields: a client sends the same ones again and
+    again (the profile in place put masking at ~3% of a request). The event encoder only
+    reads the dict, so sharing it between events is safe."""
+    return mask_headers(items)
 
 
 class Recorder:
