@@ -60,6 +60,8 @@ class ServerConfig:
     max_target_bytes: int = 8190
     hosts: tuple[str, ...] = ()
     allow_trace: bool = False
+    websocket_ping_interval: float = 20.0
+    websocket_max_message: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +408,10 @@ def _server(t: Table) -> ServerConfig:
         max_target_bytes=t.integer("max_target_bytes", 8190, min=256, max=65536),
         hosts=tuple(_host_names(t)),
         allow_trace=t.flag("allow_trace", False),
+        websocket_ping_interval=t.number("websocket_ping_interval", 20.0, min=0.1),
+        websocket_max_message=t.integer(
+            "websocket_max_message", 4 * 1024 * 1024, min=1024, max=1 << 30
+        ),
     )
     t.done()
     return cfg

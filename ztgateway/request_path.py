@@ -180,6 +180,8 @@ class RequestPath:
                 recheck=lambda: self.recheck(request),
                 interval=WS_RECHECK_INTERVAL,
                 watch=watch,
+                max_message=gw.runtime.config.server.websocket_max_message,
+                ping_interval=gw.runtime.config.server.websocket_ping_interval,
             )
         finally:
             gw.watches.discard(watch)

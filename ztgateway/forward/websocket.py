@@ -70,6 +70,11 @@ def _tokens(values: list[str]) -> list[str]:
     return [t.strip() for v in values for t in v.split(",") if t.strip()]
 
 
+def _header(name: str, params: str | bool) -> str:
+    """An extension as a header value: wsproto's offer()/accept() give only the parameters."""
+    return f"{name}; {params}" if isinstance(params, str) and params else name
+
+
 class Watch:
     """Lets the outside (revocations, reloads, shutdown) wake an open relay at once."""
 
@@ -411,7 +416,7 @@ async def bridge_websocket(
         fields.append(("Sec-WebSocket-Protocol", ", ".join(offered_protocols)))
     up_deflate = PerMessageDeflate()
     if wants_deflate:
-        fields.append(("Sec-WebSocket-Extensions", str(up_deflate.offer())))
+        fields.append(("Sec-WebSocket-Extensions", _header(up_deflate.name, up_deflate.offer())))
     host_header = (f"[{host}]" if ":" in host else host) + (
         "" if url.is_default_port() else f":{port}"
     )
@@ -473,9 +478,9 @@ async def bridge_websocket(
             )
             client_deflate = PerMessageDeflate()
             accepted = client_deflate.accept(client_offer)
-            if accepted:
+            if accepted is not None and accepted is not False:
                 client_exts = [client_deflate]
-                client_ext_header = "permessage-deflate" if accepted is True else str(accepted)
+                client_ext_header = _header(client_deflate.name, accepted)
     except BaseException:
         if leg.transport is not None:
             leg.transport.abort()
