@@ -128,7 +128,7 @@ async def test_permessage_deflate_only_when_both_sides_accept(
     async with session(certs) as s:
         resp_headers: dict[str, str] = {}
         async with s.ws_connect(f"https://127.0.0.1:{gw.port}/ws", compress=compress) as ws:
-            resp_headers = dict(ws._response.headers)  # noqa: SLF001 - what the gateway answered
+            resp_headers = dict(ws._response.headers)
             payload = "z" * 5000
             await ws.send_str(payload)
             assert await ws.receive_str(timeout=5) == payload
@@ -196,6 +196,9 @@ async def test_refused_upgrade_is_problem_json_with_a_decision_id_and_audited(
         assert b"application/problem+json" in head and b"X-ZT-Decision-Id" in head
         assert await closed_by_peer(reader, 2.0)
     await gw.audit.flush()
-    assert gw.metrics.registry.get_sample_value(
-        "ztgw_requests_total", {"route": "app", "verdict": "deny", "reason": "request-invalid"}
-    ) == 1
+    assert (
+        gw.metrics.registry.get_sample_value(
+            "ztgw_requests_total", {"route": "app", "verdict": "deny", "reason": "request-invalid"}
+        )
+        == 1
+    )
