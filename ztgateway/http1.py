@@ -50,6 +50,8 @@ BODY_HIGH_WATER = 256 * 1024
 """Request body bytes buffered before reading from the client pauses."""
 OUTPUT_HIGH_WATER = 256 * 1024
 OUTPUT_LOW_WATER = 64 * 1024
+QUEUED_BODY_BYTES = 64 * 1024
+"""Body bytes of a request queued behind the one in progress before reading pauses."""
 MAX_PIPELINED = 16
 """Parsed requests waiting behind the one in progress before reading pauses."""
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
@@ -665,6 +667,7 @@ class Connection(asyncio.Protocol):
             self.current = req
             if self._timer_kind == "idle":
                 self._disarm()
+            self.resume_body()
             if req.refusal is not None:
                 self._refuse(req, req.refusal)
                 return
@@ -847,27 +850,31 @@ class Connection(asyncio.Protocol):
         self._maybe_pause()
 
     # --- flow control and timers -------------------------------------------------------------
+    def _must_pause(self) -> bool:
+        """Read no further while parsed work waits: too many pipelined requests, a body the
+        handler has not read, or a body of a request still queued behind the current one
+        (it would otherwise be buffered whole, up to the route's limit, per queued request)."""
+        if len(self._queue) >= MAX_PIPELINED:
+            return True
+        parsing = self._parsing
+        if parsing is None:
+            return False
+        waiting = parsing is not self.current and parsing.body.buffered > QUEUED_BODY_BYTES
+        return waiting or parsing.body.buffered > BODY_HIGH_WATER
+
     def _maybe_pause(self) -> None:
         t = self.transport
         if t is None or self.closed or self.takeover is not None:
             return
-        body = self._parsing.body if self._parsing is not None else None
-        pending = len(self._queue) >= MAX_PIPELINED or (
-            body is not None and body.buffered > BODY_HIGH_WATER
-        )
-        if pending and not self._reading_paused:
+        if not self._reading_paused and self._must_pause():
             self._reading_paused = True
             t.pause_reading()
 
     def resume_body(self) -> None:
         t = self.transport
-        if self._reading_paused and t is not None and not self.closed:
-            body = self._parsing.body if self._parsing is not None else None
-            if len(self._queue) < MAX_PIPELINED and (
-                body is None or body.buffered <= BODY_HIGH_WATER // 2
-            ):
-                self._reading_paused = False
-                t.resume_reading()
+        if self._reading_paused and t is not None and not self.closed and not self._must_pause():
+            self._reading_paused = False
+            t.resume_reading()
 
     def _arm(self, kind: str, seconds: float) -> None:
         self._disarm()
