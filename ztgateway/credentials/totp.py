@@ -47,9 +47,12 @@ __all__ = [
     "Verifier",
     "check_backup_code",
     "hash_backup_code",
+    "new_backup_codes",
     "new_enrollment",
+    "new_secret",
     "normalise_backup_code",
     "normalise_code",
+    "otpauth_uri",
     "qr_svg",
     "qr_terminal",
     "totp_code",
@@ -236,30 +239,39 @@ def _new_backup_code() -> str:
     )
 
 
-def new_enrollment(
-    user: str, *, issuer: str = "ztgateway", backup_codes: int = BACKUP_CODE_COUNT
-) -> Enrollment:
-    """A fresh 160-bit secret, its `otpauth://` URI and one-time backup codes.
+def otpauth_uri(user: str, secret: str, *, issuer: str = "ztgateway") -> str:
+    """The Key URI Format that authenticator apps scan.
 
     The URI spells out algorithm, digits and period even though they are the defaults, so an
     app that guesses differently still agrees with the verifier.
     """
     _check_label_part("user", user)
     _check_label_part("issuer", issuer)
-    if not 0 <= backup_codes <= 100:
-        raise ValueError("backup_codes must be between 0 and 100")
-    # RFC 4226 §4 R7: keys from a cryptographically strong random source.
-    secret = base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
     label = f"{quote(issuer, safe='')}:{quote(user, safe='')}"
-    uri = (
+    return (
         f"otpauth://totp/{label}?secret={secret}&issuer={quote(issuer, safe='')}"
         f"&algorithm={ALGORITHM}&digits={DIGITS}&period={PERIOD}"
     )
-    return Enrollment(
-        secret=secret,
-        uri=uri,
-        backup_codes=tuple(_new_backup_code() for _ in range(backup_codes)),
-    )
+
+
+def new_backup_codes(count: int = BACKUP_CODE_COUNT) -> tuple[str, ...]:
+    if not 0 <= count <= 100:
+        raise ValueError("backup_codes must be between 0 and 100")
+    return tuple(_new_backup_code() for _ in range(count))
+
+
+def new_secret() -> str:
+    # RFC 4226 §4 R7: keys from a cryptographically strong random source.
+    return base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
+
+
+def new_enrollment(
+    user: str, *, issuer: str = "ztgateway", backup_codes: int = BACKUP_CODE_COUNT
+) -> Enrollment:
+    """A fresh 160-bit secret, its `otpauth://` URI and one-time backup codes."""
+    secret = new_secret()
+    uri = otpauth_uri(user, secret, issuer=issuer)
+    return Enrollment(secret=secret, uri=uri, backup_codes=new_backup_codes(backup_codes))
 
 
 def qr_svg(uri: str) -> str:
