@@ -135,7 +135,7 @@ async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason
         if binding is not None:
             return binding
         sid = token_session_id(token.token_hash)
-        session = store.session(sid)
+        session = await store.find_session(sid)
         if session is not None and session.revoked:
             return Reason.SESSION_TERMINATED
         # The user the pipeline sees for this token (its issuer's claim map), not `sub`.
@@ -146,7 +146,7 @@ async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason
     cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
     if cookie is not None:
         sid = cookie_session_id(cookie)
-        session = store.session(sid)
+        session = await store.find_session(sid)
         if session is None:
             return Reason.SESSION_INVALID
         if session.revoked:

@@ -265,7 +265,7 @@ async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
         return form
     id_token = None
     if cookie:
-        session = gw.store.session(cookie_session_id(cookie))
+        session = await gw.store.find_session(cookie_session_id(cookie))
         if session is not None:
             # Read from the store (not held in memory); without it the provider may only ask
             # the person to confirm, so a failed read does not stop the sign-out.

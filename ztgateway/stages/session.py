@@ -157,7 +157,10 @@ class SessionStage:
                 Finding(NAME, Reason.ACCOUNT_LOCKED, Verdict.DENY, detail=account.lock_reason or "")
             ]
 
-        session = store.session(session_id) if session_id else None
+        session = None
+        if session_id is not None:
+            # Not in memory yet: perhaps just made by another worker or replica (a sign-in).
+            session = store.session(session_id) or await store.find_session(session_id)
         view = SessionView(session, session_id, kind, 0.0, cookie_value=cookie)
         ctx.session = view
         if session is None:

@@ -274,6 +274,18 @@ class CachedReads:
         out = [s for s in self._sessions.values() if user is None or s.user == user]
         return sorted(out, key=lambda s: s.created)
 
+    async def _reload(self, kind: ChangeKind, key: str) -> None: ...
+
+    async def find_session(self, session_id: str) -> Session | None:
+        """The session from memory, or, when this process has not heard of it yet, from the
+        backend: a sign-in that another worker or replica finished a moment ago (within the
+        sync interval) is found on the browser's very next request (issue 18, I3)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            await self._reload(ChangeKind.SESSION, session_id)
+            session = self._sessions.get(session_id)
+        return session
+
     def _dead_in_memory(self, now: float, idle_timeout: float | None) -> list[str]:
         """Sessions nothing can use any more: past their absolute expiry, and browser sessions
         that were revoked or idled out (their cookie is refused as unknown once they are gone,
@@ -316,6 +328,10 @@ class Store(Protocol):
 
     # sessions
     def session(self, session_id: str) -> Session | None: ...
+    async def find_session(self, session_id: str) -> Session | None:
+        """`session()`, or read from the backend when this process has not heard of it yet."""
+        ...
+
     def sessions(self, user: str | None = None) -> list[Session]: ...
     async def save_session(self, session: Session) -> None:
         """Write a session durably. An ID token in `extra["id_token"]` is stored apart (and
