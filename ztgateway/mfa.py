@@ -342,36 +342,23 @@ class MFA:
         return "totp"
 
     async def _verify_backup(self, user: str, code: str, now: float) -> str:
-        cfg = self.cfg
-        locked = await self._locked_until(user)
-        if locked is not None and locked > now:
-            raise TOTPError("mfa-locked", locked_until=locked)
         # Counted first (as the TOTP path does): at most max_failures attempts per window
         # ever reach scrypt, however many arrive at once.
-        await self._record_failure(user, now)
-        since = now - cfg.find_time
-        if locked is not None:
-            since = max(since, locked)
-        attempts = await self._failures(user, since)
-        if attempts > cfg.max_failures:
-            until = now + cfg.ban_time
-            await self._lock(user, until)
-            raise TOTPError("mfa-locked", locked_until=until)
-        normalise_backup_code(code)  # mfa-malformed costs nothing more
+        attempts = await self.verifier.admit(user, now)
+        try:
+            normalise_backup_code(code)  # mfa-malformed costs nothing more
+        except TOTPError as failure:
+            await self.verifier.failed(user, now, attempts, failure)
         u = self.store.user(user)
         hashes = u.backup_codes if u is not None else ()
         index = await self.expensive.run(lambda: check_backup_code(code, hashes))
         if index is None:
             self._count_check("invalid")
-            if attempts >= cfg.max_failures:
-                until = now + cfg.ban_time
-                await self._lock(user, until)
-                raise TOTPError("mfa-locked", locked_until=until)
-            raise TOTPError("mfa-invalid")
+            await self.verifier.failed(user, now, attempts, TOTPError("mfa-invalid"))
         used = hashes[index]
         if not await self.store.consume_backup_code(user, used):
             self._count_check("replayed")
-            raise TOTPError("mfa-replayed")
+            await self.verifier.failed(user, now, attempts, TOTPError("mfa-replayed"))
         self._count_check("used")
         await self._reset_failures(user)
         # Tidy the record (the count shown; fewer hashes to check next time). The mark in the

@@ -405,6 +405,15 @@ _MESSAGES = {
 }
 
 
+async def _posted_form(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext, purpose: str
+) -> dict[str, str] | web.Response:
+    """The fields of one of these pages' forms once forms.py passed it (before anyone is
+    identified or anything is counted), or its refusal."""
+    cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
+    return await read_checked_form(gw, request, ctx, purpose, cookie, stage="mfa")
+
+
 async def step_up_page(
     gw: Gateway, request: web.BaseRequest, ctx: RequestContext
 ) -> web.StreamResponse:
@@ -417,8 +426,7 @@ async def step_up_page(
         if not gw.mfa.enrolled(who.user):
             return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
         return page("Confirm it is you", _step_up_form(gw, ctx, who, rd), ctx)
-    cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
-    form = await read_checked_form(gw, request, ctx, "mfa", cookie, stage="mfa")
+    form = await _posted_form(gw, request, ctx, "mfa")
     if isinstance(form, web.Response):
         return form
     rd = local_redirect(form.get("rd"))
@@ -459,17 +467,8 @@ def _enrol_page(
         body = (
             "<p>Your second factor is set up. To move it to a new authenticator app, enter a "
             "code from the one you use now (or a backup code).</p>"
-            + _code_form(
-                gw,
-                ctx,
-                who.cookie_value,
-                action="/.ztgw/mfa/enroll",
-                purpose="enroll",
-                rd=rd,
-                label="Current code",
-                button="Replace my authenticator",
-                hidden={"action": "replace"},
-                error=error,
+            + _enrol_form(
+                gw, ctx, who, rd, "replace", "Current code", "Replace my authenticator", error
             )
             + '<p class="muted">Lost it and have no backup codes? Ask IT to reset your second '
             "factor.</p>"
@@ -487,6 +486,16 @@ code from an authenticator app on your phone. Setting it up takes a minute.</p>
     return page("Set up your second factor", body, ctx, status=status)
 
 
+def _enrol_form(
+    gw: Gateway, ctx: RequestContext, who: Who, rd: str, action: str, label: str, button: str,
+    error: str,
+) -> str:  # fmt: skip
+    return _code_form(
+        gw, ctx, who.cookie_value, action="/.ztgw/mfa/enroll", purpose="enroll", rd=rd,
+        label=label, button=button, hidden={"action": action}, error=error,
+    )  # fmt: skip
+
+
 def _pending_body(
     gw: Gateway, ctx: RequestContext, who: Who, rd: str, pending: PendingEnrolment, error: str
 ) -> str:
@@ -497,18 +506,7 @@ shows to finish. Until you do, nothing changes: reloading this page shows the sa
 <p>Or enter this key by hand: <code>{html.escape(pending.secret)}</code></p>
 <p><a href="{html.escape(pending.uri)}">Open in an authenticator app on this device</a></p>
 <p class="muted">This set-up waits {minutes} more minutes for your code.</p>
-""" + _code_form(
-        gw,
-        ctx,
-        who.cookie_value,
-        action="/.ztgw/mfa/enroll",
-        purpose="enroll",
-        rd=rd,
-        label="Code from your app",
-        button="Finish set-up",
-        hidden={"action": "confirm"},
-        error=error,
-    )
+""" + _enrol_form(gw, ctx, who, rd, "confirm", "Code from your app", "Finish set-up", error)
 
 
 def _enrolled_body(enrollment: Enrollment, rd: str) -> str:
@@ -555,8 +553,7 @@ async def enroll_page(
         if isinstance(who, web.Response):
             return who
         return _enrol_page(gw, ctx, who, rd)
-    cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
-    form = await read_checked_form(gw, request, ctx, "enroll", cookie, stage="mfa")
+    form = await _posted_form(gw, request, ctx, "enroll")
     if isinstance(form, web.Response):
         return form
     rd = local_redirect(form.get("rd"))

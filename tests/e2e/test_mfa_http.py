@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_signin import HTML, browser, hidden, sign_in
+from tests.e2e.test_signin import HTML, browser, hidden, session_cookie, sign_in
 from tests.oidc_fixtures import SignInSetup
 from tests.redis_server import RedisServer
 from tests.support import Certs, client_ssl
@@ -34,6 +34,20 @@ async def post(
     async with client(certs, cert) as s, s.post(f"https://127.0.0.1:{gw.port}{path}", **kw) as r:
         body = await r.json(content_type=None) if "json" in r.content_type else {}
         return r.status, body
+
+
+async def verify(
+    gw: Gateway, certs: Certs, token: str, code: str, cert: str = "alice-laptop"
+) -> tuple[int, dict[str, Any]]:
+    """POST /.ztgw/mfa/verify as an API client with its bearer token."""
+    return await post(
+        gw,
+        certs,
+        "/.ztgw/mfa/verify",
+        cert=cert,
+        json={"code": code},
+        headers={"Authorization": f"Bearer {token}"},
+    )
 
 
 async def failures(gw: Gateway, user: str = "alice") -> int:
@@ -88,18 +102,8 @@ async def test_a_backup_code_works_once_when_sent_many_times_at_once(
     gw = await gateway_factory({"routes": [API]})
     code = (await gw.mfa.enroll("alice")).backup_codes[0]
     token = issue_token(certs.issuer_key, sub="alice")
-    results = await asyncio.gather(
-        *[
-            post(
-                gw,
-                certs,
-                "/.ztgw/mfa/verify",
-                json={"code": code},
-                headers={"Authorization": f"Bearer {token}"},
-            )
-            for _ in range(5)  # max_failures: more at once would also lock the user out
-        ]
-    )
+    # max_failures at once: more would also lock the user out
+    results = await asyncio.gather(*[verify(gw, certs, token, code) for _ in range(5)])
     ok = [body for status, body in results if status == 200]
     assert len(ok) == 1 and ok[0]["method"] == "backup"
     refused = [body["reason"] for status, body in results if status != 200]
@@ -120,18 +124,7 @@ async def test_a_backup_code_works_once_across_workers_and_replicas(
     code = (await a.mfa.enroll("alice")).backup_codes[3]
     await b.store.sync()
     token = issue_token(certs.issuer_key, sub="alice")
-    results = await asyncio.gather(
-        *[
-            post(
-                gw,
-                certs,
-                "/.ztgw/mfa/verify",
-                json={"code": code},
-                headers={"Authorization": f"Bearer {token}"},
-            )
-            for gw in (a, b, a, b, a, b)
-        ]
-    )
+    results = await asyncio.gather(*[verify(gw, certs, token, code) for gw in (a, b, a, b, a, b)])
     assert [status for status, _ in results].count(200) == 1, results
 
 
@@ -144,24 +137,9 @@ async def test_wrong_backup_codes_are_counted_and_capped_before_the_expensive_ch
     await gw.mfa.enroll("alice")
     bob_secret = (await gw.mfa.enroll("bob")).secret
     token = issue_token(certs.issuer_key, sub="alice")
-    flood = [
-        post(
-            gw,
-            certs,
-            "/.ztgw/mfa/verify",
-            json={"code": "aaaa-bbbb-cccc"},
-            headers={"Authorization": f"Bearer {token}"},
-        )
-        for _ in range(30)
-    ]
-    bob = post(
-        gw,
-        certs,
-        "/.ztgw/mfa/verify",
-        cert="bob-phone",
-        json={"code": totp_code(bob_secret, now=time.time())},
-        headers={"Authorization": f"Bearer {issue_token(certs.issuer_key, sub='bob')}"},
-    )
+    flood = [verify(gw, certs, token, "aaaa-bbbb-cccc") for _ in range(30)]
+    bob_token = issue_token(certs.issuer_key, sub="bob")
+    bob = verify(gw, certs, bob_token, totp_code(bob_secret, now=time.time()), cert="bob-phone")
     *results, bob_result = await asyncio.gather(*flood, bob)
     reasons = [body["reason"] for _, body in results]
     assert set(reasons) <= {"mfa-invalid", "mfa-locked", "rate-limited"}, reasons
@@ -189,12 +167,12 @@ async def test_a_cookie_client_stepping_up_through_the_api_gets_its_new_cookie(
     secret = (await gw.mfa.enroll("alice")).secret
     async with browser(certs) as s:
         assert (await sign_in(s, signin)).status == 303
-        old = next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
+        old = session_cookie(s)
         r = await s.post(
             signin.origin + "/.ztgw/mfa/verify", json={"code": totp_code(secret, now=time.time())}
         )
         assert r.status == 200 and (await r.json())["method"] == "totp"
-        new = next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
+        new = session_cookie(s)
         assert new != old
         r = await s.get(signin.origin + "/admin/echo", headers={"Accept": "application/json"})
         assert r.status == 200, "the new session carries the step-up"

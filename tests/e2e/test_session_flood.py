@@ -10,8 +10,8 @@ import tracemalloc
 import aiohttp
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_signin import HTML, browser, sign_in
-from tests.oidc_fixtures import PASSWORDS, SignInSetup, form_action, form_fields
+from tests.e2e.test_signin import HTML, browser, idp_login, sign_in
+from tests.oidc_fixtures import SignInSetup
 from tests.support import Certs, client_ssl
 from ztgateway.app import Gateway
 
@@ -69,13 +69,8 @@ async def start_sign_in(s: aiohttp.ClientSession, setup: SignInSetup) -> str:
 async def finish_sign_in(
     s: aiohttp.ClientSession, setup: SignInSetup, authorize: str, user: str
 ) -> aiohttp.ClientResponse:
-    page = await (await s.get(authorize)).text()
-    r = await s.post(
-        form_action(authorize, page),
-        data={**form_fields(page), "username": user, "password": PASSWORDS[user]},
-        allow_redirects=False,
-    )
-    return await s.get(r.headers["Location"], headers=HTML, allow_redirects=False)
+    callback = await idp_login(s, authorize, user)
+    return await s.get(callback, headers=HTML, allow_redirects=False)
 
 
 async def test_one_device_looping_on_sign_in_evicts_only_its_own_attempts(

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN
-from tests.e2e.test_signin import HTML, browser, hidden, sign_in
+from tests.e2e.test_signin import HTML, browser, hidden, session_cookie, sign_in
 from tests.oidc_fixtures import SignInSetup
 from tests.support import Certs
 from ztgateway.cli import main
@@ -31,8 +31,13 @@ def gateway_clock() -> ManualClock:
     return ManualClock(time.time())
 
 
-def session_cookie(s: aiohttp.ClientSession) -> str:
-    return next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
+async def keep_in_use(
+    s: aiohttp.ClientSession, setup: SignInSetup, clock: ManualClock, hours: int
+) -> None:
+    """A request every hour for `hours` hours: the session never idles."""
+    for _ in range(hours):
+        clock.advance(3600)
+        assert (await s.get(setup.origin + "/echo", headers=JSON)).status == 200
 
 
 async def step_up_form(s: aiohttp.ClientSession, setup: SignInSetup) -> dict[str, str]:
@@ -58,9 +63,7 @@ async def test_an_active_session_still_ends_at_its_absolute_timeout(
 ) -> None:
     async with browser(certs) as s:
         assert (await sign_in(s, signin)).status == 303
-        for _ in range(11):  # in use every hour: never idle
-            gateway_clock.advance(3600)
-            assert (await s.get(signin.origin + "/echo", headers=JSON)).status == 200
+        await keep_in_use(s, signin, gateway_clock, 11)
         gateway_clock.advance(3600 + 1)  # 12 h and a second after the sign-in
         r = await s.get(signin.origin + "/echo", headers=JSON, allow_redirects=False)
         assert (r.status, (await r.json())["reason"]) == (401, "session-expired")
@@ -100,9 +103,7 @@ async def test_a_code_does_not_revive_a_session_past_its_absolute_timeout(
     secret = (await gw.mfa.enroll("alice")).secret
     async with browser(certs) as s:
         assert (await sign_in(s, signin)).status == 303
-        for _ in range(11):  # in use every hour: never idle
-            gateway_clock.advance(3600)
-            assert (await s.get(signin.origin + "/echo", headers=JSON)).status == 200
+        await keep_in_use(s, signin, gateway_clock, 11)
         gateway_clock.advance(1800)
         form = await step_up_form(s, signin)
         gateway_clock.advance(1800 + 1)  # the form is 30 minutes old, the sign-in 12 hours

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_signin import HTML, browser, hidden
-from tests.oidc_fixtures import CLIENT_SECRET, PASSWORDS, form_action, form_fields, users_toml
+from tests.e2e.test_signin import HTML, browser, hidden, idp_login
+from tests.oidc_fixtures import CLIENT_SECRET, users_toml
 from tests.redis_server import RedisServer
 from tests.support import Certs, free_port
 from ztgateway.app import Gateway
@@ -69,15 +69,8 @@ async def test_a_sign_in_started_on_one_replica_finishes_on_another(
     other = f"https://127.0.0.1:{b.port}"
     async with browser(certs) as s:
         r = await s.get(origin + "/.ztgw/login/start?rd=/echo", allow_redirects=False)
-        authorize = r.headers["Location"]
-        page = await (await s.get(authorize)).text()
-        r = await s.post(
-            form_action(authorize, page),
-            data={**form_fields(page), "username": "alice", "password": PASSWORDS["alice"]},
-            allow_redirects=False,
-        )
         # The provider sends the browser back; a load balancer hands it to the other replica.
-        callback = r.headers["Location"].replace(origin, other)
+        callback = (await idp_login(s, r.headers["Location"])).replace(origin, other)
         r = await s.get(callback, headers=HTML, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"] == "/echo", await r.text()
         for replica in (origin, other):

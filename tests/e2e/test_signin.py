@@ -40,6 +40,14 @@ async def sign_in(
     assert r.status == 303
     authorize = r.headers["Location"]
     assert authorize.startswith(setup.issuer)
+    callback = await idp_login(s, authorize, user)
+    assert callback.startswith(origin + "/.ztgw/oidc/callback")
+    r = await s.get(callback, headers=HTML, allow_redirects=False)
+    return r
+
+
+async def idp_login(s: aiohttp.ClientSession, authorize: str, user: str = "alice") -> str:
+    """Sign in at the dev IdP's form; the callback URL it sends the browser back to."""
     page = await (await s.get(authorize)).text()
     r = await s.post(
         form_action(authorize, page),
@@ -47,10 +55,11 @@ async def sign_in(
         allow_redirects=False,
     )
     assert r.status == 303, await r.text()
-    callback = r.headers["Location"]
-    assert callback.startswith(origin + "/.ztgw/oidc/callback")
-    r = await s.get(callback, headers=HTML, allow_redirects=False)
-    return r
+    return r.headers["Location"]
+
+
+def session_cookie(s: aiohttp.ClientSession) -> str:
+    return next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
 
 
 async def sign_out(s: aiohttp.ClientSession, setup: SignInSetup) -> str:
@@ -164,14 +173,8 @@ async def test_login_redirect_target_stays_on_this_origin(
         r = await s.get(
             signin.origin + "/.ztgw/login/start?rd=//evil.example/x", allow_redirects=False
         )
-        authorize = r.headers["Location"]
-        page = await (await s.get(authorize)).text()
-        r = await s.post(
-            form_action(authorize, page),
-            data={**form_fields(page), "username": "alice", "password": PASSWORDS["alice"]},
-            allow_redirects=False,
-        )
-        r = await s.get(r.headers["Location"], headers=HTML, allow_redirects=False)
+        callback = await idp_login(s, r.headers["Location"])
+        r = await s.get(callback, headers=HTML, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"] == "/"
 
 
@@ -208,7 +211,7 @@ async def test_session_cookie_from_another_device_is_refused(
 ) -> None:
     async with browser(certs) as s:
         assert (await sign_in(s, signin)).status == 303
-        cookie = next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
+        cookie = session_cookie(s)
     async with browser(certs, "bob-phone") as s:
         r = await s.get(
             signin.origin + "/echo",

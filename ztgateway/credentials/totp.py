@@ -28,7 +28,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NoReturn
 from urllib.parse import quote
 
 import segno
@@ -516,7 +516,25 @@ class Verifier:
             raise TOTPError("mfa-locked", locked_until=until)
         if secret is None:
             raise TOTPError("mfa-not-enrolled")
+        attempts = await self._count(user, now, until)
+        try:
+            step = verify_totp(secret, normalise_code(code), now=now, window=self.window)
+            if not await self._claim_step(user, step):
+                raise TOTPError("mfa-replayed")
+        except TOTPError as failure:
+            await self.failed(user, now, attempts, failure)
+        await self._reset_failures(user)
+        return step
 
+    async def admit(self, user: str, now: float) -> int:
+        """Count an attempt at another kind of code (a backup code) before it is checked, under
+        the same lock-out: refused over the limit, else the attempts in the window so far."""
+        until = await self._locked_until(user)
+        if until is not None and now < until:
+            raise TOTPError("mfa-locked", locked_until=until)
+        return await self._count(user, now, until)
+
+    async def _count(self, user: str, now: float, until: float | None) -> int:
         await self._record_failure(user, now)
         since = now - self.find_time
         if until is not None:
@@ -527,15 +545,11 @@ class Verifier:
             ban = now + self.ban_time
             await self._lock(user, ban)
             raise TOTPError("mfa-locked", locked_until=ban)
+        return attempts
 
-        try:
-            step = verify_totp(secret, normalise_code(code), now=now, window=self.window)
-            if not await self._claim_step(user, step):
-                raise TOTPError("mfa-replayed")
-        except TOTPError as failure:
-            if attempts >= self.max_failures:
-                failure.locked_until = now + self.ban_time
-                await self._lock(user, failure.locked_until)
-            raise
-        await self._reset_failures(user)
-        return step
+    async def failed(self, user: str, now: float, attempts: int, failure: TOTPError) -> NoReturn:
+        """Raise `failure`, locking the user out if it was the last attempt the window allows."""
+        if attempts >= self.max_failures:
+            failure.locked_until = now + self.ban_time
+            await self._lock(user, failure.locked_until)
+        raise failure
