@@ -37,6 +37,8 @@ EVIDENCE_KEYS = (*REQUIRED_FIELDS,)
 operator and the device page; it never changes a verdict."""
 MAX_EVIDENCE_CHARS = 512
 MAX_REPORT_BYTES = 16 * 1024
+MAX_CLOCK_SKEW = 300.0
+"""How far in the future a report's collected_at may lie (the device's clock may run ahead)."""
 _VERSION = re.compile(r"^(\d{1,9}(?:\.\d{1,9}){0,5})(?:[-+~ ].{0,64})?$")
 
 REMEDIATION: dict[str, str] = {

@@ -59,7 +59,7 @@ def build_report(
     hostname: str | None = None,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"platform": platform, **collected.fields}
-    report["collected_at"] = clock.now().isoformat(timespec="seconds").replace("+00:00", "Z")
+    report["collected_at"] = clock.now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
     report["agent_version"] = __version__
     report["hostname"] = (hostname or socket.gethostname())[:255]
     if collected.os_name:
