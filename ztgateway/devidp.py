@@ -1091,7 +1091,12 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="listen address (loopback only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
     parser.add_argument("--users", default=DEFAULT_USERS_FILE, help="users and clients file")
     parser.add_argument(
         "--issuer", help="issuer URL (default http://HOST:PORT); must be how clients reach us"
