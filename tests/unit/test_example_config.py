@@ -94,8 +94,8 @@ def test_the_example_lists_every_key_the_loader_accepts(
     for where, read, given in reads:
         if (
             where in OPEN_TABLES
-            or any(where.startswith(t + ".") for t in ("upstreams", "issuers"))
-            and where.count(".") == 1
+            or (any(where.startswith(t + ".") for t in ("upstreams", "issuers"))
+            and where.count(".") == 1)
         ):
             continue
         if not given:
