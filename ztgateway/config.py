@@ -574,16 +574,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         _time_window(w, tz, t, f"time_windows[{i}]")
         for i, w in enumerate(t.str_list("time_windows"))
     )
-    claims_t = t.table("claims")
-    claims = []
-    for name in list(claims_t.data):
-        value = claims_t.data[name]
-        values = (value,) if isinstance(value, str) else value
-        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
-            claims_t.fail(name, "must be a string or a list of strings")
-        claims_t._read.add(name)
-        claims.append((name, tuple(values)))
-    claims_t.done()
+    claims = _claim_values(t.table("claims"))
     issuers = frozenset(t.str_list("issuers"))
     for name in issuers - issuer_names:
         t.fail("issuers", f"unknown issuer {name!r} (define it under [issuers])")
@@ -596,7 +587,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         groups=frozenset(t.str_list("groups")),
         roles=frozenset(t.str_list("roles")),
         scopes=frozenset(t.str_list("scopes")),
-        claims=tuple(claims),
+        claims=claims,
         methods=methods,
         paths=t.str_list("paths"),
         cert_subjects=frozenset(t.str_list("cert_subjects")),
@@ -929,6 +920,20 @@ def _mfa(t: Table) -> MFAConfig:
     return cfg
 
 
+def _claim_values(t: Table) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`claim = "value"` or `claim = ["a", "b"]` for every claim the table names."""
+    out = []
+    for name in list(t.data):
+        value = t.data[name]
+        values = (value,) if isinstance(value, str) else value
+        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+            t.fail(name, "must be a string or a list of strings")
+        t._read.add(name)
+        out.append((name, tuple(values)))
+    t.done()
+    return tuple(out)
+
+
 def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
     if not t.data:
         t.done()
@@ -973,6 +978,7 @@ def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
             claims=claims,
             leeway=t.duration("leeway", 30.0, min=0.0),
             max_auth_age=t.duration("max_auth_age", 600.0, min=10.0),
+            required_claims=_claim_values(t.table("required_claims")),
         )
     except ValueError as exc:
         t.fail("", str(exc))
