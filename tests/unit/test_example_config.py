@@ -20,6 +20,7 @@ EXAMPLE = REPO / "config" / "gateway.example.toml"
 # Tables whose keys are names the operator chooses (zones, weights, claims to match...): the
 # example shows some, and the loader reads whatever is there.
 OPEN_TABLES = {
+    "oidc.required_claims",
     "zones",
     "risk.weights",
     "posture.min_os_version",
