@@ -228,3 +228,46 @@ def test_users_lock_for_a_duration_and_list_as_json(
     assert main(["users", "list", "--json", "-c", str(config)]) == 0
     users = {u["user"]: u for u in json.loads(capsys.readouterr().out)}
     assert users["alice"]["locked"] is True and isinstance(users["alice"]["locked_until"], float)
+
+
+def test_mfa_key_rotation_reseals_every_secret(
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from ztgateway.credentials.totp import SecretBox
+    from ztgateway.store import store_from_url
+
+    monkeypatch.delenv("ZTGW_MFA_KEY", raising=False)
+    secrets = {}
+    for user in ("alice", "bob"):
+        assert main(["users", "mfa", "enroll", user, "--quiet", "-c", str(config)]) == 0
+        uri = capsys.readouterr().out.strip()
+        secrets[user] = parse_qs(urlsplit(uri).query)["secret"][0]
+    new_key = tmp_path / "mfa-new.key"
+    assert (
+        main(["users", "mfa", "rotate-key", "--new-key-file", str(new_key), "-c", str(config)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "created a new key" in out and "re-sealed 2 TOTP secrets" in out
+    assert new_key.stat().st_mode & 0o777 == 0o600
+    old_box = SecretBox.from_b64((tmp_path / "mfa.key").read_text())
+    new_box = SecretBox.from_b64(new_key.read_text())
+
+    async def check() -> None:
+        store = store_from_url(f"sqlite:///{tmp_path}/state.db", base=tmp_path)
+        await store.open()
+        try:
+            for user, secret in secrets.items():
+                record = store.user(user)
+                assert record is not None and record.mfa_secret
+                assert new_box.open(record.mfa_secret, user=user) == secret
+                with pytest.raises(ValueError, match="does not open"):
+                    old_box.open(record.mfa_secret, user=user)
+        finally:
+            await store.close()
+
+    asyncio.run(check())

@@ -12,6 +12,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK
@@ -181,6 +182,52 @@ def mfa_reset(args: argparse.Namespace) -> int:
             print(f"{args.user}: no MFA enrolment", file=sys.stderr)
             return 1
         print(f"{args.user}: MFA reset; the user enrols again at the next step-up")
+        return 0
+
+    return _run(args, work)
+
+
+def mfa_rotate_key(args: argparse.Namespace) -> int:
+    """Re-seal every stored TOTP secret under a new MFA key (the old one is the configured key).
+
+    The running gateways hold the old key in memory: stop them, rotate, install the new key
+    where [mfa] key_file or its environment variable points, start them (docs/deploy.md).
+    """
+
+    import os
+
+    from ..credentials.totp import SecretBox
+
+    new_path = Path(args.new_key_file)
+    if not new_path.exists():
+        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(SecretBox.generate_key_b64() + "\n")
+        print(f"created a new key in {new_path} (mode 0600)")
+    new = SecretBox.from_b64(new_path.read_text().strip())
+
+    async def work(store: Store, config: Any) -> int:
+        from ..mfa import load_box
+
+        old = load_box(config.mfa)
+        if old is None:
+            print("error: no current MFA key ([mfa] key_file or its variable)", file=sys.stderr)
+            return 2
+        resealed = []
+        for u in store.users():
+            if not u.mfa_secret:
+                continue
+            # Every secret opens with the old key before anything is written: a mixed store
+            # (some secrets under each key) would lock people out.
+            resealed.append(
+                replace(u, mfa_secret=new.seal(old.open(u.mfa_secret, user=u.user), user=u.user))
+            )
+        for u in resealed:
+            await store.save_user(u)
+        print(
+            f"re-sealed {len(resealed)} TOTP secrets under {new_path}; now point [mfa] key_file "
+            f"(or {config.mfa.key_env}) at it and start the gateways"
+        )
         return 0
 
     return _run(args, work)
@@ -356,6 +403,18 @@ def register(sub: Any) -> None:
     en.add_argument("--quiet", action="store_true", help="only the URI")
     add(msub, "reset", "remove a user's TOTP enrolment", mfa_reset).add_argument(
         "user", help=user_help
+    )
+    rk = add(
+        msub,
+        "rotate-key",
+        "re-seal every TOTP secret under a new MFA key (gateways stopped)",
+        mfa_rotate_key,
+    )
+    rk.add_argument(
+        "--new-key-file",
+        required=True,
+        metavar="FILE",
+        help="the new key (base64 of 32 bytes); created with mode 0600 if it does not exist",
     )
 
     sessions = sub.add_parser("sessions", help="live sessions")
