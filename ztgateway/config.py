@@ -204,6 +204,9 @@ class AssertionConfig:
     key: Path | None
     ttl: int = 60
     issuer: str = ""
+    also_publish: tuple[Path, ...] = ()
+    """Keys published in /.ztgw/jwks.json beside the signing key: the next one before a
+    rotation, the previous one after it (docs/deploy.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,9 +686,26 @@ def _assertion(t: Table) -> AssertionConfig:
         key=t.path("key"),
         ttl=int(t.duration("ttl", 60, min=5, max=3600)),
         issuer=t.text("issuer", ""),
+        also_publish=_key_files(t, "also_publish"),
     )
     t.done()
     return cfg
+
+
+def _key_files(t: Table, name: str) -> tuple[Path, ...]:
+    from .assertion import load_public_keys
+
+    paths = []
+    for i, value in enumerate(t.str_list(name)):
+        path = (t.file.parent / value).resolve()
+        if not path.exists():
+            t.fail(f"{name}[{i}]", f"file not found: {path}")
+        try:
+            load_public_keys([path])
+        except ValueError as exc:
+            t.fail(f"{name}[{i}]", str(exc))
+        paths.append(path)
+    return tuple(paths)
 
 
 def _forward_auth(t: Table) -> ForwardAuthConfig:
