@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .probe import Collected, Finding, Output, Probe, describe_failure, first_line
@@ -181,17 +181,14 @@ def disk_encryption(probe: Probe) -> Finding:
 # -- firewall ------------------------------------------------------------------------------
 
 
-def parse_ufw(out: Output) -> Finding | None:
-    if not out.ok:
-        return None
-    status = first_line(out.stdout)
-    if status.lower() == "status: active":
+def parse_ufw(text: str) -> Finding | None:
+    if first_line(text).lower() == "status: active":
         return Finding(True, "ufw: active")
     return None
 
 
-def parse_firewalld(out: Output) -> Finding | None:
-    if out.ok and out.stdout.strip() == "running":
+def parse_firewalld(text: str) -> Finding | None:
+    if text.strip() == "running":
         return Finding(True, "firewalld: running")
     return None
 
@@ -248,34 +245,27 @@ def parse_iptables(text: str) -> Finding | None:
     return None
 
 
+# Each tool that can filter input, in the order asked: its command, its reader, and what an
+# answer without a filter means.
+FIREWALL_TOOLS: tuple[tuple[tuple[str, ...], Callable[[str], Finding | None], str, str], ...] = (
+    (("ufw", "status"), parse_ufw, "ufw", "ufw: inactive"),
+    (("firewall-cmd", "--state"), parse_firewalld, "firewalld", "firewalld: not running"),
+    (("nft", "-j", "list", "ruleset"), parse_nft, "nft", "nftables: no input filter"),
+    (("iptables", "-S", "INPUT"), parse_iptables, "iptables", "iptables: INPUT accepts everything"),
+)
+
+
 def firewall(probe: Probe) -> Finding:
     seen: list[str] = []
-    ufw = probe.run(["ufw", "status"])
-    found = parse_ufw(ufw)
-    if found:
-        return found
-    seen.append("ufw: inactive" if ufw.ok else describe_failure(ufw, "ufw"))
-    firewalld = probe.run(["firewall-cmd", "--state"])
-    found = parse_firewalld(firewalld)
-    if found:
-        return found
-    seen.append("firewalld: not running" if not firewalld.missing else "firewalld: not installed")
-    nft = probe.run(["nft", "-j", "list", "ruleset"])
-    if nft.ok:
-        found = parse_nft(nft.stdout)
+    for argv, parse, what, unfiltered in FIREWALL_TOOLS:
+        out = probe.run(list(argv))
+        if not out.ok:
+            seen.append(describe_failure(out, what))
+            continue
+        found = parse(out.stdout)
         if found:
             return found
-        seen.append("nftables: no input filter")
-    else:
-        seen.append(describe_failure(nft, "nft"))
-    ipt = probe.run(["iptables", "-S", "INPUT"])
-    if ipt.ok:
-        found = parse_iptables(ipt.stdout)
-        if found:
-            return found
-        seen.append("iptables: INPUT accepts everything")
-    else:
-        seen.append(describe_failure(ipt, "iptables"))
+        seen.append(unfiltered)
     return Finding(False, "; ".join(seen))
 
 
