@@ -54,7 +54,7 @@ def device_args(gw: Gateway, certs: Certs, name: str = "alice-laptop") -> list[s
 
 
 async def test_the_agent_reports_this_machine_signed_over_mtls(
-    gateway: Gateway, certs: Certs
+    gateway: Gateway, certs: Certs, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = await asyncio.to_thread(agent, *device_args(gateway, certs), "--json")
     assert out.returncode == 0, out.stderr
@@ -88,6 +88,13 @@ async def test_the_agent_reports_this_machine_signed_over_mtls(
     assert 'ztgw_posture_reports_total{result="noncompliant"}' in text or (
         'ztgw_posture_reports_total{result="compliant"}' in text
     )
+    # The operator sees the checks with what the agent saw.
+    capsys.readouterr()
+    args = ["devices", "show", "alice-laptop", "-c", str(gateway.config.file)]
+    assert await asyncio.to_thread(main, args) == 0
+    shown = capsys.readouterr().out
+    assert f"seen: {report['evidence']['disk_encrypted']}" in shown
+    assert f"seen: {report['evidence']['last_patch']}" in shown
     # A second run is a new report (collected later), not a replay.
     again = await asyncio.to_thread(agent, *device_args(gateway, certs))
     assert again.returncode == 0, again.stderr

@@ -29,6 +29,10 @@ async def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitabl
         await store.close()
 
 
+# A check's name where it differs from the report field whose evidence explains it.
+_REPORT_FIELD = {"patch_age": "last_patch"}
+
+
 def _evaluate(store: Store, policy: PosturePolicy, device_id: str) -> PostureEvaluation:
     p = store.posture(device_id)
     return evaluate(
@@ -104,11 +108,21 @@ def cmd_show(args: argparse.Namespace) -> int:
                 ]
             )
         )
+        evidence = p.report.get("evidence", {}) if p else {}
+        if p and p.report.get("source"):
+            print(f"reported by: {p.report['source']}")
         print("checks:")
         for c in evaluation.checks:
             mark = "ok  " if c.passed else "FAIL"
             detail = f" ({c.detail})" if c.detail else ""
             print(f"  {mark} {c.name}{detail}")
+            seen = (
+                evidence.get(_REPORT_FIELD.get(c.name, c.name))
+                if isinstance(evidence, dict)
+                else None
+            )
+            if seen:
+                print(f"       seen: {seen}")
             if not c.passed and c.remediation:
                 print(f"       -> {c.remediation}")
         return 0
