@@ -306,6 +306,7 @@ class Gateway:
             issuer=cfg.assertion.issuer or cfg.server.public_url or "ztgateway",
             ttl=cfg.assertion.ttl,
             clock=self.clock,
+            also_publish=cfg.assertion.also_publish,
         )
 
     async def stop(self) -> None:
