@@ -43,6 +43,7 @@ from .forms import (
 )
 from .forward.headers import SERVER_BANNER
 from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
+from .paths import PathError, normalize_path
 from .portal import login_redirect_to, page
 from .responses import DECISION_HEADER, problem, see_other
 from .stages.identity import identity_from_token
@@ -151,7 +152,10 @@ async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason
             return Reason.SESSION_INVALID
         if session.revoked:
             return Reason.SESSION_TERMINATED
-        route = gw.runtime.routes.match(ctx.host, rd.partition("?")[0])
+        try:
+            route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
+        except PathError:
+            route = None
         idle = (route.session.idle_timeout if route else None) or gw.config.sessions.idle_timeout
         if ctx.now >= session.expires_at or ctx.now - session.last_seen > idle:
             # SECURITY: a code must not revive a session that has ended (issue 18, L3).
