@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import secrets
 import signal
 from contextlib import suppress
 from pathlib import Path
@@ -26,14 +25,16 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
-from .credentials.oidc import OIDCClient
+from .credentials.oidc import OIDCClient, StorePendingLogins
 from .decision import Decision, Finding, Reason, Verdict
 from .decisions import DecisionPath, Recorder, audit_event, refusal
+from .forms import CSRFTokens
 from .forward.http import Upstreams
 from .forward.identity import asserted_identity
 from .forward.websocket import Watch
 from .geo import GeoLocator
 from .http1 import Limits
+from .keys import GatewayKeys
 from .listener import Listener
 from .metrics import Metrics
 from .mfa import MFA
@@ -117,21 +118,20 @@ class Gateway:
                 "geolocation unavailable, impossible travel is not checked: %s", self.geo.error
             )
         self.mfa = MFA(
-            config.mfa, self.store, create_key=config.mfa.key_file is not None, clock=clock
+            config.mfa,
+            self.store,
+            create_key=config.mfa.key_file is not None,
+            clock=clock,
+            on_backup_check=lambda result: self.metrics.mfa_backup_checks.labels(result).inc(),
         )
         self.keeper = SessionKeeper(self.store, config.sessions)
-        self.csrf_key = secrets.token_bytes(32)
-        provider = config.oidc.provider
-        self.oidc: OIDCClient | None = (
-            OIDCClient(provider, clock=clock.time) if provider is not None else None
-        )
-        self.oidc_name = provider.name if provider is not None else "-"
-        self.signer = AssertionSigner(
-            load_or_create_key(config.assertion.key),
-            issuer=config.assertion.issuer or config.server.public_url or "ztgateway",
-            ttl=config.assertion.ttl,
-            clock=clock,
-        )
+        # Keyed at start() from the one root key every worker and replica shares (keys.py):
+        # the CSRF tokens, the sign-in's login cookie and, unless a key file is configured,
+        # the assertion signature (issue 18, I3).
+        self.csrf: CSRFTokens
+        self.signer: AssertionSigner
+        self.oidc: OIDCClient | None = None
+        self.oidc_name = config.oidc.provider.name if config.oidc.provider is not None else "-"
         self.runtime = self._build_runtime(config)
         self.listener: Listener | None = None
         self.ops_runner: web.AppRunner | None = None
@@ -239,9 +239,10 @@ class Gateway:
         cfg = self.config
         for path in (cfg.audit.db, cfg.audit.jsonl):
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await self.audit.start()
         await self.store.open()
+        await self._load_keys()
         if self.oidc is not None:
             await self.oidc.start()
         if cfg.issuers:
@@ -293,6 +294,27 @@ class Gateway:
             self.ops_socket or f"{cfg.ops.host}:{self.ops_port}",
         )  # fmt: skip
 
+    async def _load_keys(self) -> None:
+        cfg = self.config
+        keys = await GatewayKeys.load(cfg.keys, self.store)
+        self.csrf = CSRFTokens(keys.csrf)
+        provider = cfg.oidc.provider
+        if provider is not None:
+            self.oidc = OIDCClient(
+                provider,
+                clock=self.clock.time,
+                secret=keys.oidc_login,
+                pending=StorePendingLogins(self.store),
+            )
+        key_file = cfg.assertion.key
+        self.signer = AssertionSigner(
+            load_or_create_key(key_file) if key_file is not None else keys.assertion_key(),
+            issuer=cfg.assertion.issuer or cfg.server.public_url or "ztgateway",
+            ttl=cfg.assertion.ttl,
+            clock=self.clock,
+            also_publish=cfg.assertion.also_publish,
+        )
+
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests up to the deadline, flush the audit."""
         for t in self._tasks:
@@ -312,6 +334,7 @@ class Gateway:
         if self.oidc is not None:
             await self.oidc.close()
         self.geo.close()
+        self.mfa.close()
         await self.audit.close()
 
     async def _poll_tls(self) -> None:
@@ -336,7 +359,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.session_sweep_interval)
             try:
-                gone = await self.store.expire_sessions(self.clock.time())
+                gone = await self.keeper.expire(self.clock.time(), self.runtime.config.routes)
             except StoreUnavailable:
                 continue
             except Exception:  # the sweep must outlive a bad tick

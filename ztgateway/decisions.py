@@ -38,10 +38,9 @@ RETRY_AFTER = 5.0
 
 @dataclass(slots=True)
 class Outcome:
-    """A decision as recorded, and what the caller must hand back to the client."""
+    """A decision as recorded (sessions start at sign-in, never as a side effect here)."""
 
     decision: Decision
-    new_cookie: str | None = None
 
 
 def refusal(ctx: RequestContext, reason: Reason, detail: str, stage: str = "request") -> Decision:
@@ -209,7 +208,7 @@ class DecisionPath:
             if not (recheck and decision.allowed):
                 # An open WebSocket re-verified every few seconds is audited when it turns.
                 rec.audit_record(ctx, decision, recheck=recheck)
-            cookie = await rec.keeper.after_decision(ctx, decision)
+            await rec.keeper.after_decision(ctx, decision)
             if decision.allowed:
                 remember(rt, ctx)
         except AuditUnavailable:
@@ -217,7 +216,7 @@ class DecisionPath:
         except StoreUnavailable:
             rec.metrics.store_errors.inc()
             return Outcome(unavailable(ctx, "state store unavailable"))
-        return Outcome(decision, None if recheck else cookie)
+        return Outcome(decision)
 
     def _recorded(self, ctx: RequestContext, decision: Decision) -> Outcome:
         """Record a refusal decided before the pipeline; a failing audit is still a 503."""

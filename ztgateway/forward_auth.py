@@ -21,7 +21,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .context import RequestContext
 from .decision import Reason
 from .responses import problem
-from .stages.session import new_cookie_header
 from .tls import CertInfo, parse_client_cert
 
 if TYPE_CHECKING:
@@ -120,11 +119,4 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
         resp = problem(decision.reason, ctx.decision_id, verdict=decision.verdict, status=status)
         resp.headers["X-ZT-Reason"] = decision.reason.value
         return resp
-    resp = web.Response(status=200, headers=gw.asserted_identity(ctx))
-    if outcome.new_cookie:
-        # The edge copies it to the client (auth_request_set + add_header Set-Cookie).
-        sessions = gw.runtime.config.sessions
-        resp.headers["Set-Cookie"] = new_cookie_header(
-            sessions.cookie_name, outcome.new_cookie, max_age=int(sessions.absolute_timeout)
-        )
-    return resp
+    return web.Response(status=200, headers=gw.asserted_identity(ctx))

@@ -29,7 +29,7 @@ from .forward.websocket import Watch, bridge_websocket
 from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
 from .logs import decision_id_var
 from .responses import SERVER, Parts, problem_parts, render
-from .stages.session import new_cookie_header
+from .store.base import StoreUnavailable
 from .tls import upstream_context
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ _PAGES = {
     ("/.ztgw/mfa", "GET"): mfa_endpoints.step_up_page,
     ("/.ztgw/mfa", "POST"): mfa_endpoints.step_up_page,
     ("/.ztgw/mfa/enroll", "GET"): mfa_endpoints.enroll_page,
+    ("/.ztgw/mfa/enroll", "POST"): mfa_endpoints.enroll_page,
 }
 _TIMERS = {"header_timeout", "body_timeout", "idle_timeout", "slow_reader"}
 
@@ -89,11 +90,6 @@ class RequestPath:
             request.respond(*self.render(ctx, decision), close=too_large)
             return
         sessions = rt.config.sessions
-        extra: dict[str, str] = {}
-        if outcome.new_cookie:
-            extra["Set-Cookie"] = new_cookie_header(
-                sessions.cookie_name, outcome.new_cookie, max_age=int(sessions.absolute_timeout)
-            )
         headers = upstream_request_headers(
             ctx.headers,
             identity_headers(gw.signer, ctx, request.host),
@@ -115,7 +111,6 @@ class RequestPath:
                 target,
                 headers,
                 decision_id=ctx.decision_id,
-                extra_headers=extra,
                 on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
                 clock=gw.clock,
             )
@@ -211,7 +206,17 @@ class RequestPath:
             request.respond(*self.render(ctx, outcome.decision))
             return
         else:
-            resp = await handler(self.gw, request, ctx)
+            try:
+                resp = await handler(self.gw, request, ctx)
+            except StoreUnavailable:
+                # Fail closed, and say so: not a stage error.
+                self.metrics.store_errors.inc()
+                outcome = self.decisions.refuse(
+                    ctx, Reason.SERVICE_UNAVAILABLE, "state store", "endpoint"
+                )
+                ctx.retry_after = 5.0
+                request.respond(*self.render(ctx, outcome.decision))
+                return
         send_web_response(request, resp)
 
     # --- what the protocol refuses or times out ----------------------------------------------
