@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import ssl
 from collections.abc import Coroutine
 from typing import Any
 
 from yarl import URL
 
+from bench.naive_proxy import mtls_context, proxy_args
 from ztgateway.config import RouteConfig, UpstreamConfig
 from ztgateway.decision import new_decision_id
 from ztgateway.forward.http import Upstreams, forward_http
@@ -73,14 +73,7 @@ class Floor:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(args.cert, args.key)
-    ctx.load_verify_locations(cafile=args.ca)
-    if args.crl:
-        ctx.load_verify_locations(cafile=args.crl)
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = mtls_context(args)
     loop = asyncio.get_running_loop()
     listener = Listener(
         handler=Floor(args.upstream),
@@ -102,15 +95,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.floor_proxy")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--upstream", required=True)
-    p.add_argument("--cert", required=True)
-    p.add_argument("--key", required=True)
-    p.add_argument("--ca", required=True)
-    p.add_argument("--crl")
-    args = p.parse_args()
+    args = proxy_args("python -m bench.floor_proxy")
     import uvloop
 
     uvloop.run(serve(args))

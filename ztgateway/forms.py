@@ -40,9 +40,9 @@ from aiohttp import web
 
 from .audit import AuditUnavailable
 from .decision import Reason, Verdict
+from .http1 import Request
 from .paths import PathError, encode_path, normalize_path
 from .responses import problem, wants_html
-from .http1 import Request
 
 if TYPE_CHECKING:
     from .config import GatewayConfig

@@ -21,10 +21,10 @@ from .credentials.oidc import OIDCError
 from .decision import Reason, Verdict
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
 from .forward.headers import SERVER_BANNER
+from .http1 import Request
 from .responses import DECISION_HEADER, problem, see_other, wants_html
 from .stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from .store.base import ID_TOKEN, StoreUnavailable
-from .http1 import Request
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -104,9 +104,7 @@ def login_redirect_to(target: str) -> str:
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
-async def login_page(
-    gw: Gateway, request: Request, ctx: RequestContext
-) -> web.StreamResponse:
+async def login_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/login: says what happens next; the link starts the provider's sign-in."""
     provider = gw.config.oidc.provider
     if provider is None or ctx.cert is None:
@@ -121,9 +119,7 @@ async def login_page(
     return page("Sign in", body, ctx)
 
 
-async def login_start(
-    gw: Gateway, request: Request, ctx: RequestContext
-) -> web.StreamResponse:
+async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     if gw.oidc is None or ctx.cert is None:
         return problem(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
@@ -161,9 +157,7 @@ async def login_start(
     return see_other(start.authorization_url, ctx.decision_id, cookie)
 
 
-async def callback(
-    gw: Gateway, request: Request, ctx: RequestContext
-) -> web.StreamResponse:
+async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/oidc/callback: finish the code flow, start the session, go back to `rd`."""
     oidc = gw.oidc
     clear_login = f"{LOGIN_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
@@ -283,9 +277,7 @@ async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
     return see_other(target, ctx.decision_id, clear_cookie_header(name))
 
 
-async def signed_out(
-    gw: Gateway, request: Request, ctx: RequestContext
-) -> web.StreamResponse:
+async def signed_out(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     gw.metrics.portal_views.labels("signed-out", "shown").inc()
     body = """<p>You are signed out. Close this window, or
 <a href="/.ztgw/login">sign in again</a>.</p>"""
