@@ -198,6 +198,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         return setup
 
     gw = Gateway(config)
+    # The signer and CSRF keys come from the gateway's root key at start-up (keys.py).
+    await gw.store.open()
+    await gw._load_keys()
+    await gw.store.close()
     full_ctx = context(full.path, True)
     full_decision = await pipeline.evaluate(full_ctx)
 
