@@ -1,0 +1,475 @@
+"""The decision log: one event per gateway decision, hash-chained, written off the request path.
+
+The shape follows OPA's decision log (`decision_id`, `timestamp`, `input`, `result`) so the
+tooling people already point at OPA reads ours. The request path only calls `AuditLog.record()`,
+which snapshots the event and enqueues it; a single writer task batches the queue into SQLite
+and then mirrors the committed rows to an optional JSON-lines file for a SIEM.
+
+Integrity is a hash chain: every stored event carries `seq`, `prev_hash` and `hash`, where
+
+    hash = sha256(prev_hash + canonical_json(event minus {"seq", "prev_hash", "hash"}))
+
+and the first event's `prev_hash` is 64 zeros. Leaving `seq` out of the hashed body costs
+nothing: order is protected by the links, and a renumbered row still breaks its neighbour's
+`prev_hash`. A chain without a key detects editing, deleting, inserting and reordering, but not
+someone who truncates the newest rows or re-hashes everything after an edit; anchor the last
+hash elsewhere (`VerifyResult.last_hash`) if that matters.
+
+Durability contract: an event `record()` accepted is written, or `close()` says loudly that it
+was not (`AuditUnavailable`, `AuditStats.dropped`). On a write fault the writer keeps the
+events, reports the fault and retries; `record()` refuses only when the queue is full, so a
+gateway that cannot audit fails closed instead of forgetting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import sqlite3
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import aiosqlite
+
+from ..clock import SYSTEM_CLOCK, Clock
+from .chain import (
+    CHAIN_FIELDS,
+    EVENT_TYPE,
+    GENESIS_HASH,
+    PLACEHOLDERS,
+    Entry,
+    encode_entry,
+    join_lines,
+    link_rows,
+    normalize_ts,
+    now_ts,
+)
+from .sink import append_lines, read_sink_tail
+from .store import INSERT, SCHEMA, SCHEMA_VERSION, chain_head, create_private, rollback
+
+logger = logging.getLogger("ztgateway.audit")
+
+_RETRY_BASE: Final = 0.05
+_LINK_CHUNK: Final = 128
+"""Events chained per turn of the event loop (well under a millisecond): requests run between
+chunks, so a large batch does not stall them."""
+
+
+class AuditUnavailable(Exception):
+    """Raised by record() when the queue is full or the writer has failed.
+
+    The caller fails closed (503): a decision that cannot be audited is not served.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStats:
+    queued: int
+    written: int
+    write_failures: int
+    dropped: int
+    """Only non-zero when close() was cut short (or the writer died) with events still queued."""
+
+
+class AuditLog:
+    """Queue in memory, one writer task, SQLite as the record and JSON lines as its mirror.
+
+    `record()` must be called from the event loop's thread; it never awaits or touches disk.
+    """
+
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        jsonl_path: Path | None = None,
+        max_queue: int = 100_000,
+        batch_size: int = 500,
+        flush_interval: float = 0.05,
+        on_write_failure: Callable[[BaseException], None] | None = None,
+        busy_timeout: float = 5.0,
+        retry_max: float = 5.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if max_queue < 1 or batch_size < 1:
+            raise ValueError("max_queue and batch_size must be positive")
+        if flush_interval < 0 or busy_timeout < 0 or retry_max <= 0:
+            raise ValueError("flush_interval and busy_timeout must be >= 0, retry_max > 0")
+        self._db_path = db_path
+        self._jsonl_path = jsonl_path
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._on_write_failure = on_write_failure
+        self._busy_timeout = busy_timeout
+        self._retry_max = retry_max
+        self._clock = clock
+
+        self._pending: deque[tuple[str, Entry]] = deque()  # (decision_id, what to write)
+        self._pending_ids: set[str] = set()
+        self._accepted = 0
+        self._written = 0
+        self._write_failures = 0
+        self._failures_in_row = 0
+        self._dropped = 0
+        self._last_seq = 0
+        self._last_hash = GENESIS_HASH
+        self._sink_seq = 0
+
+        self._db: aiosqlite.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._fatal: BaseException | None = None
+        self._stopping = False
+        self._close_done = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def __aenter__(self) -> AuditLog:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open or create the log; AuditUnavailable here keeps a gateway that cannot audit down.
+
+        The head loaded here is what the writer expects to extend; each batch re-reads it under
+        the write lock, so a second process on the same file extends one chain, not a fork.
+        """
+        if self._db is not None or self._stopping:
+            raise RuntimeError("AuditLog.start() may be called once")
+        try:
+            await asyncio.to_thread(create_private, self._db_path)
+            db = await aiosqlite.connect(
+                self._db_path, isolation_level=None, timeout=self._busy_timeout
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise AuditUnavailable(f"cannot open audit database {self._db_path}: {exc}") from exc
+        try:
+            await self._prepare(db)
+            self._last_seq, self._last_hash = await chain_head(db)
+            if self._jsonl_path is not None:
+                await asyncio.to_thread(append_lines, self._jsonl_path, b"")
+                self._sink_seq = await self._sink_position(db, self._jsonl_path)
+        except (sqlite3.Error, OSError) as exc:
+            await db.close()
+            raise AuditUnavailable(f"cannot prepare audit log: {exc}") from exc
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+        self._task = asyncio.create_task(self._run(), name="ztgw-audit-writer")
+
+    async def _prepare(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA journal_mode=WAL") as cur:
+            row = await cur.fetchone()
+        if row is None or str(row[0]).lower() != "wal":
+            logger.warning("audit database %s is not in WAL mode: %s", self._db_path, row)
+        await db.execute("PRAGMA synchronous=NORMAL")
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise AuditUnavailable(
+                f"audit database schema {version} is newer than this gateway ({SCHEMA_VERSION})"
+            )
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA:
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await rollback(db)
+            raise
+
+    async def _sink_position(self, db: aiosqlite.Connection, path: Path) -> int:
+        """Where the JSON-lines mirror stands in the chain, so a crash gap is re-exported."""
+        tail = await asyncio.to_thread(read_sink_tail, path)
+        if tail is not None:
+            seq, link = tail
+            async with db.execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,)) as cur:
+                row = await cur.fetchone()
+            if row is not None and row[0] == link:
+                return seq
+            logger.warning(
+                "audit sink %s ends at seq %d, which is not in %s; continuing from seq %d",
+                path,
+                seq,
+                self._db_path,
+                self._last_seq + 1,
+            )
+        # A new (or rotated) file starts at the present, anchored on the current head.
+        return self._last_seq
+
+    async def flush(self) -> None:
+        """Return once every event recorded before the call is in SQLite and the sink."""
+        if self._fatal is not None:
+            raise AuditUnavailable("audit writer has failed") from self._fatal
+        target = self._accepted
+        if self._task is None or self._is_flushed(target):
+            return
+        if self._task.done():
+            raise AuditUnavailable("audit writer is not running")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (target, waiter)
+        self._waiters.append(entry)
+        self._wake.set()
+        self._kick.set()
+        try:
+            await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+
+    async def close(self) -> None:
+        """Flush, stop the writer and close the database; idempotent.
+
+        This waits as long as a write fault lasts, because returning would lose acknowledged
+        events. To bound shutdown, wrap it in `asyncio.timeout()`: on cancellation whatever is
+        still queued is counted in `stats.dropped` and logged as an error, never dropped quietly.
+        """
+        if self._stopping:
+            await self._close_done.wait()
+            return
+        self._stopping = True
+        task = self._task
+        try:
+            if task is not None:
+                self._wake.set()
+                self._kick.set()
+                await asyncio.wait({task})
+        finally:
+            # Also reached when close() is cancelled: never leave the writer running against a
+            # closed connection.
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            lost = len(self._pending)
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.close()
+            if lost:
+                logger.error("audit log closed with %d acknowledged events not written", lost)
+            self._dropped += lost
+            self._pending.clear()
+            self._pending_ids.clear()
+            self._fail_waiters(AuditUnavailable("audit log closed before the events were written"))
+            self._close_done.set()
+        if lost:
+            raise AuditUnavailable(f"audit log closed with {lost} events not written")
+
+    # ------------------------------------------------------------------ request path
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Snapshot and enqueue one decision event; never blocks.
+
+        Raises AuditUnavailable when the event cannot be promised to the log (not started,
+        closed, writer failed, queue full) and ValueError/TypeError for a malformed event.
+        """
+        if self._fatal is not None:
+            raise AuditUnavailable("audit writer has failed") from self._fatal
+        if self._task is None or self._stopping:
+            raise AuditUnavailable("audit log is not running")
+        if len(self._pending) >= self._max_queue:
+            raise AuditUnavailable(f"audit queue is full ({self._max_queue} events)")
+        decision_id = event.get("decision_id")
+        if not isinstance(decision_id, str) or not decision_id:
+            raise ValueError("audit event needs a non-empty string decision_id")
+        if decision_id in self._pending_ids:
+            raise ValueError(f"decision {decision_id} is already queued")
+        body = {**event, **PLACEHOLDERS}
+        if len(body) != len(event) + len(PLACEHOLDERS):
+            reserved = sorted(CHAIN_FIELDS.intersection(event))
+            raise ValueError(f"audit event may not set {reserved}; the chain sets them")
+        if "type" not in body:
+            body["type"] = EVENT_TYPE
+        if "timestamp" in body:
+            ts = normalize_ts(body["timestamp"])
+        else:
+            ts = body["timestamp"] = now_ts(self._clock.time_ns())
+        self._pending.append((decision_id, encode_entry(body, ts)))
+        self._pending_ids.add(decision_id)
+        self._accepted += 1
+        self._wake.set()
+        if len(self._pending) == self._batch_size:
+            self._kick.set()
+
+    @property
+    def stats(self) -> AuditStats:
+        return AuditStats(
+            queued=len(self._pending),
+            written=self._written,
+            write_failures=self._write_failures,
+            dropped=self._dropped,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """False while writes are failing, so /readyz can drain traffic before the queue fills."""
+        return (
+            self._task is not None
+            and not self._task.done()
+            and not self._stopping
+            and self._fatal is None
+            and self._failures_in_row == 0
+        )
+
+    # ------------------------------------------------------------------ writer task
+
+    def _sink_behind(self) -> bool:
+        return self._jsonl_path is not None and self._sink_seq < self._last_seq
+
+    def _is_flushed(self, target: int) -> bool:
+        return self._written >= target and not self._sink_behind()
+
+    def _settle_waiters(self) -> None:
+        for target, waiter in self._waiters:
+            if not waiter.done() and self._is_flushed(target):
+                waiter.set_result(None)
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but let flush()/close() (and a full batch) cut it short."""
+        if seconds > 0 and not self._kick.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._kick.wait()
+        self._kick.clear()
+
+    def _report_failure(self, exc: BaseException) -> None:
+        self._write_failures += 1
+        self._failures_in_row += 1
+        logger.warning(
+            "audit write failed (%d in a row, %d queued): %s",
+            self._failures_in_row,
+            len(self._pending),
+            exc,
+        )
+        if self._on_write_failure is not None:
+            try:
+                self._on_write_failure(exc)
+            except Exception:
+                logger.exception("audit on_write_failure callback raised")
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._settle_waiters()
+                if not self._pending and not self._sink_behind():
+                    if self._stopping:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                urgent = self._stopping or bool(self._waiters)
+                if self._pending and not urgent and len(self._pending) < self._batch_size:
+                    # Coalesce: one commit per flush_interval instead of one per request.
+                    await self._pause(self._flush_interval)
+                try:
+                    if self._pending:
+                        first_seq, lines = await self._commit_batch()
+                        await self._mirror(first_seq, lines)
+                    else:
+                        await self._catch_up_sink()
+                except (sqlite3.Error, OSError) as exc:
+                    self._report_failure(exc)
+                    exponent = min(self._failures_in_row - 1, 16)
+                    await self._pause(min(_RETRY_BASE * 2**exponent, self._retry_max))
+                else:
+                    self._failures_in_row = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug, not a disk fault: retrying would spin, so stop and make record() refuse.
+            logger.exception("audit writer stopped")
+            self._fatal = exc
+            self._report_failure(exc)
+            self._fail_waiters(AuditUnavailable("audit writer has failed"))
+
+    async def _commit_batch(self) -> tuple[int, list[bytes]]:
+        db = self._db
+        assert db is not None
+        batch = list(itertools.islice(self._pending, self._batch_size))
+        # BEGIN IMMEDIATE takes the write lock before reading the head, so another process
+        # appending to the same file cannot fork the chain between our read and our insert.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            seq, prev = await chain_head(db)
+            if seq < self._last_seq or (seq == self._last_seq and prev != self._last_hash):
+                # Not a reason to stop auditing, but the operator must hear that the newest
+                # rows were deleted or replaced behind the writer's back.
+                logger.error(
+                    "audit chain head in %s moved from seq %d (%s) to seq %d (%s)",
+                    self._db_path,
+                    self._last_seq,
+                    self._last_hash,
+                    seq,
+                    prev,
+                )
+            first_seq = seq + 1
+            rows: list[tuple[Any, ...]] = []
+            lines: list[bytes] = []
+            for start in range(0, len(batch), _LINK_CHUNK):
+                if start:
+                    await asyncio.sleep(0)  # requests run between chunks, not after the batch
+                chunk = batch[start : start + _LINK_CHUNK]
+                seq, prev = link_rows(chunk, seq, prev, rows, lines)
+            await db.executemany(INSERT, rows)
+            await db.execute("COMMIT")
+        except BaseException:
+            await rollback(db)
+            raise
+        for _ in batch:
+            decision_id, _entry = self._pending.popleft()
+            self._pending_ids.discard(decision_id)
+        self._written += len(batch)
+        self._last_seq, self._last_hash = seq, prev
+        return first_seq, lines
+
+    async def _mirror(self, first_seq: int, lines: list[bytes]) -> None:
+        """Append a just-committed batch to the sink when it directly follows what the sink has."""
+        if self._jsonl_path is None or self._sink_seq != first_seq - 1:
+            return  # behind (earlier fault or another writer): _catch_up_sink reads the DB
+        data = b"\n".join(lines) + b"\n" if lines else b""
+        await asyncio.to_thread(append_lines, self._jsonl_path, data)
+        self._sink_seq = first_seq + len(lines) - 1
+
+    async def _catch_up_sink(self) -> None:
+        db = self._db
+        assert db is not None and self._jsonl_path is not None
+        async with db.execute(
+            "SELECT seq, event FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self._sink_seq, self._batch_size),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        if not rows:
+            logger.warning(
+                "audit rows %d..%d vanished from %s before reaching the sink",
+                self._sink_seq + 1,
+                self._last_seq,
+                self._db_path,
+            )
+            self._sink_seq = self._last_seq
+            return
+        await asyncio.to_thread(append_lines, self._jsonl_path, join_lines(r[1] for r in rows))
+        self._sink_seq = int(rows[-1][0])
