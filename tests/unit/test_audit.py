@@ -482,6 +482,79 @@ async def test_sink_catches_up_after_a_crash_between_commit_and_append(
     ]
 
 
+async def test_two_writers_on_one_sink_mirror_every_event_once_in_order(
+    db: Path, tmp_path: Path
+) -> None:
+    # Issue 19 D1: each writer continued the sink from what *it* had last mirrored, so with two
+    # workers every event reached the file twice, out of order, and verify said TAMPERED.
+    sink = tmp_path / "audit.jsonl"
+    async with AuditLog(db, jsonl_path=sink) as w0, AuditLog(db, jsonl_path=sink) as w1:
+        for n in range(10):
+            w = w0 if n % 2 else w1
+            w.record(decision(n))
+            await w.flush()
+    lines = sink.read_text().splitlines()
+    assert len(lines) == 10
+    assert [json.loads(line) for line in lines] == [json.loads(r["event"]) for r in rows(db)]
+    result = verify_jsonl(sink)
+    assert result.ok, result.problem
+
+
+async def test_concurrent_writers_under_load_leave_one_verifiable_sink(
+    db: Path, tmp_path: Path
+) -> None:
+    sink = tmp_path / "audit.jsonl"
+    async with (
+        AuditLog(db, jsonl_path=sink, flush_interval=0.002, batch_size=7) as w0,
+        AuditLog(db, jsonl_path=sink, flush_interval=0.003, batch_size=11) as w1,
+    ):
+
+        async def load(w: AuditLog, offset: int) -> None:
+            for n in range(offset, offset + 400):
+                w.record(decision(n))
+                if n % 13 == 0:
+                    await asyncio.sleep(0.001)
+
+        await asyncio.gather(load(w0, 0), load(w1, 10_000))
+    ids = [json.loads(line)["decision_id"] for line in sink.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 800
+    assert [json.loads(line)["seq"] for line in sink.read_text().splitlines()] == list(
+        range(1, 801)
+    )
+    assert verify_jsonl(sink).ok
+    assert (await verify_db(db)).checked == 800
+
+
+async def test_rotated_sink_continues_where_the_moved_file_ended(db: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "audit.jsonl"
+    async with AuditLog(db, jsonl_path=sink, flush_interval=0.001) as log:
+        for n in range(5):
+            log.record(decision(n))
+        await log.flush()
+        sink.rename(tmp_path / "audit.jsonl.1")  # logrotate, without copytruncate
+        for n in range(5, 8):
+            log.record(decision(n))
+        await log.flush()
+    old = [json.loads(x)["seq"] for x in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    new = [json.loads(x)["seq"] for x in sink.read_text().splitlines()]
+    assert (old, new) == ([1, 2, 3, 4, 5], [6, 7, 8])
+    assert verify_jsonl(tmp_path / "audit.jsonl.1").ok
+    assert verify_jsonl(sink, require_genesis=False).ok
+
+
+async def test_sink_of_another_chain_is_moved_aside_not_extended(db: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "audit.jsonl"
+    other = tmp_path / "other.db"
+    await write_log(other, 3, jsonl=sink)  # a file left by another database
+    await write_log(db, 2, jsonl=sink, start=10)
+    assert verify_jsonl(tmp_path / "audit.jsonl.foreign-3").checked == 3
+    assert [json.loads(x)["decision_id"] for x in sink.read_text().splitlines()] == [
+        "dec-10",
+        "dec-11",
+    ]
+    assert verify_jsonl(sink).ok
+
+
 # ----------------------------------------------------------------------------- faults
 
 

@@ -45,12 +45,11 @@ from .chain import (
     PLACEHOLDERS,
     Entry,
     encode_entry,
-    join_lines,
     link_rows,
     normalize_ts,
     now_ts,
 )
-from .sink import append_lines, read_sink_tail
+from .sink import JsonlSink
 from .store import INSERT, SCHEMA, SCHEMA_VERSION, chain_head, create_private, rollback
 
 logger = logging.getLogger("ztgateway.audit")
@@ -120,6 +119,7 @@ class AuditLog:
         self._last_seq = 0
         self._last_hash = GENESIS_HASH
         self._sink_seq = 0
+        self._sink: JsonlSink | None = None
 
         self._db: aiosqlite.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -163,8 +163,10 @@ class AuditLog:
             await self._prepare(db)
             self._last_seq, self._last_hash = await chain_head(db)
             if self._jsonl_path is not None:
-                await asyncio.to_thread(append_lines, self._jsonl_path, b"")
-                self._sink_seq = await self._sink_position(db, self._jsonl_path)
+                self._sink = JsonlSink(self._jsonl_path, self._db_path)
+                self._sink_seq = await asyncio.to_thread(
+                    self._sink.start, (self._last_seq, self._last_hash)
+                )
         except (sqlite3.Error, OSError) as exc:
             await db.close()
             raise AuditUnavailable(f"cannot prepare audit log: {exc}") from exc
@@ -196,25 +198,6 @@ class AuditLog:
         except BaseException:
             await rollback(db)
             raise
-
-    async def _sink_position(self, db: aiosqlite.Connection, path: Path) -> int:
-        """Where the JSON-lines mirror stands in the chain, so a crash gap is re-exported."""
-        tail = await asyncio.to_thread(read_sink_tail, path)
-        if tail is not None:
-            seq, link = tail
-            async with db.execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,)) as cur:
-                row = await cur.fetchone()
-            if row is not None and row[0] == link:
-                return seq
-            logger.warning(
-                "audit sink %s ends at seq %d, which is not in %s; continuing from seq %d",
-                path,
-                seq,
-                self._db_path,
-                self._last_seq + 1,
-            )
-        # A new (or rotated) file starts at the present, anchored on the current head.
-        return self._last_seq
 
     async def flush(self) -> None:
         """Return once every event recorded before the call is in SQLite and the sink."""
@@ -264,6 +247,9 @@ class AuditLog:
             if self._db is not None:
                 with contextlib.suppress(sqlite3.Error):
                     await self._db.close()
+            if self._sink is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await asyncio.to_thread(self._sink.close)
             if lost:
                 logger.error("audit log closed with %d acknowledged events not written", lost)
             self._dropped += lost
@@ -447,29 +433,14 @@ class AuditLog:
         return first_seq, lines
 
     async def _mirror(self, first_seq: int, lines: list[bytes]) -> None:
-        """Append a just-committed batch to the sink when it directly follows what the sink has."""
-        if self._jsonl_path is None or self._sink_seq != first_seq - 1:
-            return  # behind (earlier fault or another writer): _catch_up_sink reads the DB
-        data = b"\n".join(lines) + b"\n" if lines else b""
-        await asyncio.to_thread(append_lines, self._jsonl_path, data)
-        self._sink_seq = first_seq + len(lines) - 1
+        """Append a just-committed batch to the sink (see sink.py for who appends what)."""
+        if self._sink is None:
+            return
+        batch = (first_seq, lines, self._last_hash)
+        at = await asyncio.to_thread(self._sink.sync, batch, self._last_seq, self._sink_seq)
+        self._sink_seq = max(self._sink_seq, at)
 
     async def _catch_up_sink(self) -> None:
-        db = self._db
-        assert db is not None and self._jsonl_path is not None
-        async with db.execute(
-            "SELECT seq, event FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (self._sink_seq, self._batch_size),
-        ) as cur:
-            rows = list(await cur.fetchall())
-        if not rows:
-            logger.warning(
-                "audit rows %d..%d vanished from %s before reaching the sink",
-                self._sink_seq + 1,
-                self._last_seq,
-                self._db_path,
-            )
-            self._sink_seq = self._last_seq
-            return
-        await asyncio.to_thread(append_lines, self._jsonl_path, join_lines(r[1] for r in rows))
-        self._sink_seq = int(rows[-1][0])
+        assert self._sink is not None
+        at = await asyncio.to_thread(self._sink.sync, None, self._last_seq, self._sink_seq)
+        self._sink_seq = max(self._sink_seq, at)
