@@ -103,6 +103,8 @@ class Gateway:
             jsonl_path=config.audit.jsonl,
             max_queue=config.audit.max_queue,
             on_write_failure=lambda exc: self.metrics.audit_failures.inc(),
+            durability=config.audit.durability,
+            journal_dir=config.audit.journal_dir,
             clock=clock,
         )
         self.tokens: TokenVerifier | None = None
@@ -423,6 +425,9 @@ class Gateway:
                     request, 400, BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request")
                 )
             response = await self._handle(request, conn)
+            if self.audit.needs_sync and not response.prepared:
+                refused = await self._audit_durable(request, response.headers.get(DECISION_HEADER))
+                response = refused or response
         finally:
             conn.request_finished()
             decision_id_var.reset(token)
@@ -505,6 +510,10 @@ class Gateway:
                 cfg.sessions.cookie_name, new_cookie, max_age=int(cfg.sessions.absolute_timeout)
             )
 
+        if self.audit.needs_sync:
+            refused = await self._audit_durable(request, ctx.decision_id)
+            if refused is not None:
+                return refused
         headers = self._upstream_headers(ctx, request)
         assert ctx.path is not None
         route_seconds = self.metrics.request_seconds.labels(route_label)
@@ -553,6 +562,26 @@ class Gateway:
             return self._refusal(failure.reason, ctx.decision_id, accept)
         finally:
             route_seconds.observe(self.clock.monotonic() - ctx.started)
+
+    async def _audit_durable(
+        self, request: web.BaseRequest, decision_id: str | None
+    ) -> web.Response | None:
+        """`durability = "fsync"`: this request's events on stable storage before it is
+        answered or forwarded (one fdatasync shared by every request waiting now).
+
+        None once synced; a refusal (503) when the sync failed (fail closed).
+        """
+        try:
+            await self.audit.sync()
+        except AuditUnavailable:
+            self.metrics.audit_unavailable.inc()
+            return self._refusal(
+                Reason.SERVICE_UNAVAILABLE,
+                decision_id or "-",
+                request.headers.get("Accept", ""),
+                extra={"Retry-After": "5"},
+            )
+        return None
 
     async def _recheck(self, request: web.BaseRequest, conn: GatewayRequestHandler) -> Decision:
         """Re-run the whole decision for an open WebSocket, on the current snapshot."""

@@ -80,6 +80,10 @@ class AuditConfig:
     db: Path
     jsonl: Path | None = None
     max_queue: int = 100_000
+    durability: Literal["memory", "journal", "fsync"] = "journal"
+    """What an event must reach before the gateway acts on its decision (docs/audit.md)."""
+    journal_dir: Path | None = None
+    """The write-ahead journal's directory; None: `<db>.journal` beside the database."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +438,8 @@ def _audit(t: Table, file: Path) -> AuditConfig:
         db=db,
         jsonl=t.path("jsonl", must_exist=False),
         max_queue=t.integer("max_queue", 100_000, min=100),
+        durability=t.choice("durability", ("memory", "journal", "fsync"), "journal"),  # type: ignore[arg-type]
+        journal_dir=t.path("journal_dir", must_exist=False),
     )
     t.done()
     return cfg

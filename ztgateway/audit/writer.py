@@ -18,7 +18,18 @@ hash elsewhere (`VerifyResult.last_hash`) if that matters.
 Durability contract: an event `record()` accepted is written, or `close()` says loudly that it
 was not (`AuditUnavailable`, `AuditStats.dropped`). On a write fault the writer keeps the
 events, reports the fault and retries; `record()` refuses only when the queue is full, so a
-gateway that cannot audit fails closed instead of forgetting.
+gateway that cannot audit fails closed instead of forgetting. What survives a crash depends on
+`durability` (docs/audit.md):
+
+- "journal" (the default): `record()` appends the event to this process's write-ahead journal
+  (journal.py) before it returns, so the caller acts only on an event the kernel holds; a
+  process crash (SIGKILL, OOM) loses nothing, and the next writer moves the journal into the
+  chain. A power loss or kernel panic can lose what the kernel had not written out.
+- "fsync": as "journal", and the caller awaits `sync()` (one `fdatasync` shared by every
+  request waiting at that moment) before it answers or forwards; SQLite commits with
+  `synchronous=FULL`. Survives power loss on storage that honours flushes.
+- "memory": no journal; an event waits up to `flush_interval` in memory, and a process crash
+  loses it. For measurements and for deployments that accept that window.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import sqlite3
 from collections import deque
@@ -33,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiosqlite
 
@@ -49,6 +61,7 @@ from .chain import (
     normalize_ts,
     now_ts,
 )
+from .journal import Journal, Orphan, find_orphans
 from .sink import JsonlSink
 from .store import INSERT, SCHEMA, SCHEMA_VERSION, chain_head, create_private, rollback
 
@@ -58,6 +71,10 @@ _RETRY_BASE: Final = 0.05
 _LINK_CHUNK: Final = 128
 """Events chained per turn of the event loop (well under a millisecond): requests run between
 chunks, so a large batch does not stall them."""
+
+
+Durability = Literal["memory", "journal", "fsync"]
+DURABILITY_MODES: Final = ("memory", "journal", "fsync")
 
 
 class AuditUnavailable(Exception):
@@ -73,13 +90,17 @@ class AuditStats:
     written: int
     write_failures: int
     dropped: int
-    """Only non-zero when close() was cut short (or the writer died) with events still queued."""
+    """Only non-zero when close() was cut short (or the writer died) with events still queued;
+    with a journal they are not lost: the next writer to start recovers them."""
+    recovered: int = 0
+    """Events this writer moved into the chain from the journal of a process that died."""
 
 
 class AuditLog:
     """Queue in memory, one writer task, SQLite as the record and JSON lines as its mirror.
 
-    `record()` must be called from the event loop's thread; it never awaits or touches disk.
+    `record()` must be called from the event loop's thread; it never awaits, and touches disk
+    only for the journal's one `write(2)`.
     """
 
     def __init__(
@@ -93,8 +114,13 @@ class AuditLog:
         on_write_failure: Callable[[BaseException], None] | None = None,
         busy_timeout: float = 5.0,
         retry_max: float = 5.0,
+        durability: Durability = "journal",
+        journal_dir: Path | None = None,
+        recover_interval: float = 2.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}")
         if max_queue < 1 or batch_size < 1:
             raise ValueError("max_queue and batch_size must be positive")
         if flush_interval < 0 or busy_timeout < 0 or retry_max <= 0:
@@ -108,8 +134,15 @@ class AuditLog:
         self._busy_timeout = busy_timeout
         self._retry_max = retry_max
         self._clock = clock
+        self.durability: Durability = durability
+        self.journal_dir = journal_dir or default_journal_dir(db_path)
+        self._journal: Journal | None = None
+        self._recover_interval = recover_interval
+        self._next_recovery = 0.0
+        self._recovered = 0
 
-        self._pending: deque[tuple[str, Entry]] = deque()  # (decision_id, what to write)
+        # (decision_id, what to write, its journal segment or 0)
+        self._pending: deque[tuple[str, Entry, int]] = deque()
         self._pending_ids: set[str] = set()
         self._accepted = 0
         self._written = 0
@@ -161,27 +194,46 @@ class AuditLog:
             raise AuditUnavailable(f"cannot open audit database {self._db_path}: {exc}") from exc
         try:
             await self._prepare(db)
+            self._db = db
             self._last_seq, self._last_hash = await chain_head(db)
             if self._jsonl_path is not None:
                 self._sink = JsonlSink(self._jsonl_path, self._db_path)
                 self._sink_seq = await asyncio.to_thread(
                     self._sink.start, (self._last_seq, self._last_hash)
                 )
+            if self.durability != "memory":
+                journal = Journal(self.journal_dir, fsync=self.durability == "fsync")
+                await asyncio.to_thread(journal.open)
+                self._journal = journal
+            # What a process that died left in its journal goes into the chain before anything
+            # this one decides.
+            await self._recover()
         except (sqlite3.Error, OSError) as exc:
-            await db.close()
+            await self._abandon_start(db)
             raise AuditUnavailable(f"cannot prepare audit log: {exc}") from exc
         except BaseException:
-            await db.close()
+            await self._abandon_start(db)
             raise
-        self._db = db
         self._task = asyncio.create_task(self._run(), name="ztgw-audit-writer")
+
+    async def _abandon_start(self, db: aiosqlite.Connection) -> None:
+        self._db = None
+        await db.close()
+        if self._journal is not None:
+            self._journal.close(everything_written=True)
+            self._journal = None
+        if self._sink is not None:
+            self._sink.close()
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         async with db.execute("PRAGMA journal_mode=WAL") as cur:
             row = await cur.fetchone()
         if row is None or str(row[0]).lower() != "wal":
             logger.warning("audit database %s is not in WAL mode: %s", self._db_path, row)
-        await db.execute("PRAGMA synchronous=NORMAL")
+        # WAL with NORMAL: a commit survives a process crash; FULL: a power loss too, which
+        # the fsync mode needs before it deletes the journal that held the batch.
+        synchronous = "FULL" if self.durability == "fsync" else "NORMAL"
+        await db.execute(f"PRAGMA synchronous={synchronous}")
         async with db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
@@ -250,7 +302,19 @@ class AuditLog:
             if self._sink is not None:
                 with contextlib.suppress(sqlite3.Error):
                     await asyncio.to_thread(self._sink.close)
-            if lost:
+            journal = self._journal
+            if journal is not None:
+                self._journal = None
+                await journal.settle()
+                journal.close(everything_written=not lost)
+            if lost and journal is not None:
+                logger.error(
+                    "audit log closed with %d acknowledged events not written to the database; "
+                    "they stay in the journal %s and the next start recovers them",
+                    lost,
+                    journal.directory,
+                )
+            elif lost:
                 logger.error("audit log closed with %d acknowledged events not written", lost)
             self._dropped += lost
             self._pending.clear()
@@ -274,11 +338,29 @@ class AuditLog:
             raise AuditUnavailable("audit log is not running")
         if len(self._pending) >= self._max_queue:
             raise AuditUnavailable(f"audit queue is full ({self._max_queue} events)")
+        decision_id, entry = self._entry(event)
+        if decision_id in self._pending_ids:
+            raise ValueError(f"decision {decision_id} is already queued")
+        segment = 0
+        if self._journal is not None:
+            try:
+                segment = self._journal.append(entry[2])
+            except OSError as exc:
+                # SECURITY: not in the journal means not promised: the caller refuses (503).
+                self._report_failure(exc)
+                raise AuditUnavailable(f"audit journal write failed: {exc}") from exc
+        self._pending.append((decision_id, entry, segment))
+        self._pending_ids.add(decision_id)
+        self._accepted += 1
+        self._wake.set()
+        if len(self._pending) == self._batch_size:
+            self._kick.set()
+
+    def _entry(self, event: dict[str, Any]) -> tuple[str, Entry]:
+        """Validate and encode one event (a snapshot: later changes to `event` do not count)."""
         decision_id = event.get("decision_id")
         if not isinstance(decision_id, str) or not decision_id:
             raise ValueError("audit event needs a non-empty string decision_id")
-        if decision_id in self._pending_ids:
-            raise ValueError(f"decision {decision_id} is already queued")
         body = {**event, **PLACEHOLDERS}
         if len(body) != len(event) + len(PLACEHOLDERS):
             reserved = sorted(CHAIN_FIELDS.intersection(event))
@@ -289,12 +371,27 @@ class AuditLog:
             ts = normalize_ts(body["timestamp"])
         else:
             ts = body["timestamp"] = now_ts(self._clock.time_ns())
-        self._pending.append((decision_id, encode_entry(body, ts)))
-        self._pending_ids.add(decision_id)
-        self._accepted += 1
-        self._wake.set()
-        if len(self._pending) == self._batch_size:
-            self._kick.set()
+        return decision_id, encode_entry(body, ts)
+
+    @property
+    def needs_sync(self) -> bool:
+        """True when the caller must `await sync()` before acting ("fsync" mode only)."""
+        journal = self._journal
+        return journal is not None and journal.unsynced
+
+    async def sync(self) -> None:
+        """Return once every event recorded so far survives a power loss ("fsync" mode).
+
+        Every caller waiting at the same moment shares one `fdatasync` (group commit); in the
+        other modes this returns at once. Raises AuditUnavailable when the sync failed.
+        """
+        journal = self._journal
+        if journal is None or not journal.unsynced:
+            return
+        try:
+            await journal.sync()
+        except OSError as exc:
+            raise AuditUnavailable(str(exc)) from exc
 
     @property
     def stats(self) -> AuditStats:
@@ -303,6 +400,7 @@ class AuditLog:
             written=self._written,
             write_failures=self._write_failures,
             dropped=self._dropped,
+            recovered=self._recovered,
         )
 
     @property
@@ -361,11 +459,22 @@ class AuditLog:
         try:
             while True:
                 self._settle_waiters()
+                if self._journal is not None and self._clock.monotonic() >= self._next_recovery:
+                    try:
+                        await self._recover()
+                    except (sqlite3.Error, OSError) as exc:
+                        self._report_failure(exc)
                 if not self._pending and not self._sink_behind():
                     if self._stopping:
                         return
                     self._wake.clear()
-                    await self._wake.wait()
+                    if self._journal is None:
+                        await self._wake.wait()
+                    else:
+                        # Idle, but still looking for journals of processes that died.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self._recover_interval):
+                                await self._wake.wait()
                     continue
                 urgent = self._stopping or bool(self._waiters)
                 if self._pending and not urgent and len(self._pending) < self._batch_size:
@@ -393,9 +502,26 @@ class AuditLog:
             self._fail_waiters(AuditUnavailable("audit writer has failed"))
 
     async def _commit_batch(self) -> tuple[int, list[bytes]]:
+        batch = list(itertools.islice(self._pending, self._batch_size))
+        first_seq, lines = await self._commit([(d, e) for d, e, _ in batch])
+        for _ in batch:
+            decision_id, _entry, _segment = self._pending.popleft()
+            self._pending_ids.discard(decision_id)
+        self._written += len(batch)
+        if self._journal is not None:
+            self._journal.written(segment for _d, _e, segment in batch)
+        return first_seq, lines
+
+    async def _commit(
+        self, batch: list[tuple[str, Entry]], *, skip_present: bool = False
+    ) -> tuple[int, list[bytes]]:
+        """Chain `batch` onto the database's head in one transaction; (first seq, lines).
+
+        `skip_present`: leave out events whose decision id is already stored (a journal being
+        recovered may hold events its process had committed before it died).
+        """
         db = self._db
         assert db is not None
-        batch = list(itertools.islice(self._pending, self._batch_size))
         # BEGIN IMMEDIATE takes the write lock before reading the head, so another process
         # appending to the same file cannot fork the chain between our read and our insert.
         await db.execute("BEGIN IMMEDIATE")
@@ -412,6 +538,8 @@ class AuditLog:
                     seq,
                     prev,
                 )
+            if skip_present:
+                batch = await _not_stored(db, batch)
             first_seq = seq + 1
             rows: list[tuple[Any, ...]] = []
             lines: list[bytes] = []
@@ -420,17 +548,57 @@ class AuditLog:
                     await asyncio.sleep(0)  # requests run between chunks, not after the batch
                 chunk = batch[start : start + _LINK_CHUNK]
                 seq, prev = link_rows(chunk, seq, prev, rows, lines)
-            await db.executemany(INSERT, rows)
+            if rows:
+                await db.executemany(INSERT, rows)
             await db.execute("COMMIT")
         except BaseException:
             await rollback(db)
             raise
-        for _ in batch:
-            decision_id, _entry = self._pending.popleft()
-            self._pending_ids.discard(decision_id)
-        self._written += len(batch)
         self._last_seq, self._last_hash = seq, prev
         return first_seq, lines
+
+    # ------------------------------------------------------------------ journal recovery
+
+    async def _recover(self) -> None:
+        """Move the journals of processes that died into the chain, then delete them."""
+        self._next_recovery = self._clock.monotonic() + self._recover_interval
+        if self._journal is None:
+            return
+        orphans = await asyncio.to_thread(find_orphans, self.journal_dir, self._journal.owner)
+        try:
+            while orphans:
+                await self._recover_one(orphans[0])
+                orphans.pop(0)
+        finally:
+            for orphan in orphans:
+                orphan.release()  # the next scan tries again
+
+    async def _recover_one(self, orphan: Orphan) -> None:
+        lines = await asyncio.to_thread(orphan.lines)
+        entries: list[tuple[str, Entry]] = []
+        for line in lines:
+            try:
+                entries.append(self._entry(_journal_event(line)))
+            except (ValueError, TypeError) as exc:
+                logger.error("audit journal of %s holds a malformed event: %s", orphan.owner, exc)
+        stored = 0
+        for start in range(0, len(entries), self._batch_size):
+            first_seq, out = await self._commit(
+                entries[start : start + self._batch_size], skip_present=True
+            )
+            stored += len(out)
+            if out:
+                await self._mirror(first_seq, out)
+        await asyncio.to_thread(orphan.discard)
+        self._recovered += stored
+        if entries:
+            logger.warning(
+                "audit: recovered the journal of process %s, which ended without closing its "
+                "log: %d events, %d of them not yet in the database, now written",
+                orphan.owner,
+                len(entries),
+                stored,
+            )
 
     async def _mirror(self, first_seq: int, lines: list[bytes]) -> None:
         """Append a just-committed batch to the sink (see sink.py for who appends what)."""
@@ -444,3 +612,39 @@ class AuditLog:
         assert self._sink is not None
         at = await asyncio.to_thread(self._sink.sync, None, self._last_seq, self._sink_seq)
         self._sink_seq = max(self._sink_seq, at)
+
+
+def default_journal_dir(db_path: Path) -> Path:
+    """`<database>.journal/` beside the database (not SQLite's own `-journal` file)."""
+    return db_path.with_name(db_path.name + ".journal")
+
+
+def _journal_event(line: bytes) -> dict[str, Any]:
+    """An event as record() journaled it, without the chain placeholders it was encoded with."""
+    event = json.loads(line)
+    if not isinstance(event, dict):
+        raise ValueError("not a JSON object")
+    for name in CHAIN_FIELDS:
+        event.pop(name, None)
+    return event
+
+
+async def _not_stored(
+    db: aiosqlite.Connection, batch: list[tuple[str, Entry]]
+) -> list[tuple[str, Entry]]:
+    present: set[str] = set()
+    ids = [decision_id for decision_id, _ in batch]
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        # Only placeholders are interpolated; the ids are bound parameters.
+        sql = f"SELECT decision_id FROM audit_events WHERE decision_id IN ({marks})"  # noqa: S608
+        async with db.execute(sql, chunk) as cur:
+            present.update(str(row[0]) for row in await cur.fetchall())
+    seen: set[str] = set()
+    out: list[tuple[str, Entry]] = []
+    for decision_id, entry in batch:
+        if decision_id not in present and decision_id not in seen:
+            seen.add(decision_id)
+            out.append((decision_id, entry))
+    return out
