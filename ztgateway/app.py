@@ -20,10 +20,13 @@ from urllib.parse import quote
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import __version__, endpoints, mfa_endpoints, portal
 from .assertion import AssertionSigner, load_or_create_key
-from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
+from .audit import AuditLog, AuditUnavailable, MaskKey, mask_headers, mask_query
+from .audit.checkpoint import CheckpointSigner
+from .audit.keys import key_id, load_checkpoint_signing, load_mask_key
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
@@ -98,6 +101,7 @@ class Gateway:
         """A worker's ops listener: a Unix socket in the supervisor's private directory."""
         self.metrics = Metrics()
         self.tls = TLSManager(config.tls, config.server.client_cert, on_reload=self._on_tls_reload)
+        self.mask_key, checkpoint_key = self._audit_keys(config, create=True)
         self.audit = AuditLog(
             config.audit.db,
             jsonl_path=config.audit.jsonl,
@@ -105,6 +109,8 @@ class Gateway:
             on_write_failure=lambda exc: self.metrics.audit_failures.inc(),
             durability=config.audit.durability,
             journal_dir=config.audit.journal_dir,
+            checkpoint_signer=CheckpointSigner(checkpoint_key) if checkpoint_key else None,
+            checkpoint_interval=config.audit.checkpoint_interval,
             clock=clock,
         )
         self.tokens: TokenVerifier | None = None
@@ -145,6 +151,18 @@ class Gateway:
         self._update_cert_metrics()
         self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
         self.metrics.watch_sessions(self._active_sessions)
+
+    @staticmethod
+    def _audit_keys(
+        config: GatewayConfig, *, create: bool
+    ) -> tuple[MaskKey | None, Ed25519PrivateKey | None]:
+        """The audit mask key and checkpoint key, both kept outside the audit store."""
+        a = config.audit
+        mask = load_mask_key(a.mask_key_file, a.mask_key_env, create=create)
+        signing = load_checkpoint_signing(
+            a.checkpoint_key_file, a.checkpoint_public_keys, create=create
+        )
+        return mask, signing
 
     # --- runtime snapshot ------------------------------------------------------------------
     def _build_runtime(self, config: GatewayConfig) -> Runtime:
@@ -353,12 +371,21 @@ class Gateway:
             else:
                 self.tls.maybe_reload(force=True)
             runtime = self._build_runtime(config)
+            # A rotated mask or checkpoint key takes effect with the new configuration.
+            mask_key, checkpoint_key = self._audit_keys(config, create=False)
         except Exception as exc:
             log.error("reload refused, still serving revision %s: %s", self.config.revision, exc)
             self.metrics.config_reloads.labels("failure").inc()
             self.metrics.config_reload_ok.set(0)
             return False
         self.config, self.runtime = config, runtime
+        self.mask_key = mask_key
+        if checkpoint_key is None:
+            self.audit.checkpoint_signer = None
+        elif self.audit.checkpoint_signer is None or self.audit.checkpoint_signer.key_id != key_id(
+            checkpoint_key.public_key()
+        ):
+            self.audit.checkpoint_signer = CheckpointSigner(checkpoint_key)
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_reload_ok.set(1)
         self._update_cert_metrics()
@@ -774,8 +801,8 @@ class Gateway:
     def audit_event(
         self, ctx: RequestContext, decision: Decision, request: web.BaseRequest | None
     ) -> dict[str, Any]:
-        headers, masked = mask_headers(ctx.headers.items())
-        query, masked_q = mask_query(ctx.query)
+        headers, masked = mask_headers(ctx.headers.items(), key=self.mask_key)
+        query, masked_q = mask_query(ctx.query, key=self.mask_key)
         ident = ctx.identity
         cert = ctx.cert
         return {

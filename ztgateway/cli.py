@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    from .audit import AuditUnavailable
+    from .audit import AuditKeyError, AuditUnavailable
     from .store import StoreUnavailable
 
     if config.server.workers > 1 and args.worker is None:
@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         ops_socket = Path(args.ops_socket) if args.ops_socket else None
         asyncio.run(serve(config, worker=args.worker, ops_socket=ops_socket))
-    except (OSError, AuditUnavailable, StoreUnavailable) as exc:
+    except (OSError, AuditUnavailable, AuditKeyError, StoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -144,30 +144,96 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify_db, verify_jsonl
+    from .audit.verify import (
+        describe,
+        trusted_keys_for,
+        unanchored_problem,
+        verify_db,
+        verify_jsonl,
+    )
 
     config = _load(args.config)
+    keys = trusted_keys_for(config.audit, Path(args.public_keys) if args.public_keys else None)
     result = (
-        verify_jsonl(Path(args.jsonl))
+        verify_jsonl(Path(args.jsonl), trusted_keys=keys)
         if args.jsonl
-        else asyncio.run(verify_db(config.audit.db, archives=not args.no_archives))
+        else asyncio.run(
+            verify_db(config.audit.db, archives=not args.no_archives, trusted_keys=keys)
+        )
     )
-    if result.ok:
-        print(f"ok: {result.checked} events, chain intact")
-        return 0
-    print(
-        f"TAMPERED: first bad event seq={result.first_bad_seq} "
-        f"decision_id={result.first_bad_decision_id}: {result.problem} "
-        f"({result.checked} events checked)",
-        file=sys.stderr,
-    )
-    return 1
+    if not result.ok:
+        print(
+            f"TAMPERED: first bad event seq={result.first_bad_seq} "
+            f"decision_id={result.first_bad_decision_id}: {result.problem} "
+            f"({result.checked} events checked)",
+            file=sys.stderr,
+        )
+        return 1
+    for line in describe(result, config.audit, journal=not args.jsonl):
+        print(line, file=sys.stderr)
+    problem = unanchored_problem(result, config.audit, keys, args.max_unanchored)
+    if problem is not None:
+        print(f"UNANCHORED: {problem}", file=sys.stderr)
+        return 1
+    print(f"ok: {result.checked} events, chain intact")
+    return 0
+
+
+def cmd_audit_recover(args: argparse.Namespace) -> int:
+    """Move the journals of gateway processes that ended without closing their log into the
+    chain now (the next start would do it too); journals of running processes are left alone."""
+    from .audit import AuditLog
+    from .audit.checkpoint import CheckpointSigner
+    from .audit.keys import load_checkpoint_signing
+
+    config = _load(args.config)
+    a = config.audit
+
+    async def recover() -> int:
+        key = load_checkpoint_signing(a.checkpoint_key_file, a.checkpoint_public_keys, create=False)
+        log = AuditLog(
+            a.db,
+            jsonl_path=a.jsonl,
+            durability="journal" if a.durability == "memory" else a.durability,
+            journal_dir=a.journal_dir,
+            checkpoint_signer=CheckpointSigner(key) if key is not None else None,
+        )
+        async with log:
+            pass
+        return log.stats.recovered
+
+    print(f"recovered {asyncio.run(recover())} events from journals")
+    return 0
+
+
+def cmd_audit_rotate_key(args: argparse.Namespace) -> int:
+    from .audit.keys import rotate_checkpoint_key, rotate_mask_key
+
+    a = _load(args.config).audit
+    if args.kind == "mask":
+        if a.mask_key_file is None:
+            print("error: no [audit] mask_key_file configured", file=sys.stderr)
+            return 2
+        print(f"new mask key {rotate_mask_key(a.mask_key_file)} in {a.mask_key_file}")
+    else:
+        if a.checkpoint_key_file is None or a.checkpoint_public_keys is None:
+            print("error: no [audit] checkpoint_key_file configured", file=sys.stderr)
+            return 2
+        kid = rotate_checkpoint_key(a.checkpoint_key_file, a.checkpoint_public_keys)
+        print(
+            f"new checkpoint key {kid} in {a.checkpoint_key_file}; the old public key stays "
+            f"trusted in {a.checkpoint_public_keys}"
+        )
+    print("run `ztgateway reload` (or send SIGHUP) for the running gateway to use it")
+    return 0
 
 
 def cmd_audit_rotate(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from .audit import rotate
+    from .audit.checkpoint import CheckpointSigner
+    from .audit.keys import load_checkpoint_signing
     from .clock import SYSTEM_CLOCK
 
     config = _load(args.config)
@@ -175,7 +241,10 @@ def cmd_audit_rotate(args: argparse.Namespace) -> int:
         Path(args.archive_dir) if args.archive_dir else config.audit.db.parent / "audit-archive"
     )
     before = SYSTEM_CLOCK.now() - timedelta(days=args.days)
-    result = asyncio.run(rotate(config.audit.db, archive_dir, before=before))
+    a = config.audit
+    key = load_checkpoint_signing(a.checkpoint_key_file, a.checkpoint_public_keys, create=False)
+    signer = CheckpointSigner(key) if key is not None else None
+    result = asyncio.run(rotate(a.db, archive_dir, before=before, signer=signer))
     if result.archived == 0:
         print(f"nothing older than {args.days} days")
     else:
@@ -259,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument(
         "--no-archives", action="store_true", help="trust the checkpoints, skip archive files"
     )
+    av.add_argument(
+        "--public-keys",
+        help="PEM bundle of trusted checkpoint keys (default: [audit] checkpoint_public_keys)",
+    )
+    av.add_argument(
+        "--max-unanchored",
+        type=float,
+        default=None,
+        help="fail when events after the last signed checkpoint are older than this many "
+        "seconds (default: 2 x checkpoint_interval + 60 when checkpoint keys are configured)",
+    )
     ar = with_config(
         asub.add_parser("rotate", help="archive old events (the chain stays verifiable)")
     )
@@ -266,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--archive-dir", help="default: audit-archive/ beside the database")
     ar.set_defaults(func=cmd_audit_rotate)
     av.set_defaults(func=cmd_audit_verify)
+    arc = with_config(
+        asub.add_parser("recover", help="write journals left by crashed processes into the log")
+    )
+    arc.set_defaults(func=cmd_audit_recover)
+    ark = with_config(
+        asub.add_parser("rotate-key", help="replace the mask or checkpoint key (then reload)")
+    )
+    ark.add_argument("kind", choices=("mask", "checkpoint"))
+    ark.set_defaults(func=cmd_audit_rotate_key)
     asr = with_config(asub.add_parser("search", help="find decisions"))
     for flag in ("user", "device", "route", "reason", "decision-id", "session", "since", "until"):
         asr.add_argument(f"--{flag}")

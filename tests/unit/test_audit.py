@@ -22,8 +22,10 @@ from ztgateway.audit import (
     PROBLEM_GAP,
     PROBLEM_LINK,
     SECRET_HEADERS,
+    UNKEYED_MASK,
     AuditLog,
     AuditUnavailable,
+    MaskKey,
     mask_headers,
     mask_query,
     search,
@@ -691,8 +693,13 @@ async def test_close_cut_short_counts_what_it_could_not_write(db: Path) -> None:
 # ----------------------------------------------------------------------------- masking
 
 
+KEY = MaskKey.from_secret(b"a deployment's 32-byte mask key!")
+
+
 def short_sha(value: str) -> str:
-    return f"<masked:{hashlib.sha256(value.encode()).hexdigest()[:8]}>"
+    """The keyed mask: HMAC-SHA256 under KEY, named by the key's id."""
+    mac = hmac.new(KEY.secret, value.encode(), hashlib.sha256).hexdigest()[:16]
+    return f"<masked:{KEY.key_id}:{mac}>"
 
 
 def test_secret_headers_are_masked_and_listed() -> None:
@@ -706,7 +713,8 @@ def test_secret_headers_are_masked_and_listed() -> None:
             ("Accept", "application/json"),
             ("X-ZTGW-MFA", "123456"),
             ("X-Refresh-Token", "rt-1"),
-        ]
+        ],
+        key=KEY,
     )
     assert headers == {
         "authorization": short_sha("Bearer eyJ.secret.sig"),
@@ -726,18 +734,28 @@ def test_secret_headers_are_masked_and_listed() -> None:
 
 
 def test_same_secret_masks_the_same_so_events_correlate() -> None:
-    first, _ = mask_headers([("Authorization", "Bearer t1")])
-    again, _ = mask_headers([("authorization", "Bearer t1")])
-    other, _ = mask_headers([("Authorization", "Bearer t2")])
+    first, _ = mask_headers([("Authorization", "Bearer t1")], key=KEY)
+    again, _ = mask_headers([("authorization", "Bearer t1")], key=KEY)
+    other, _ = mask_headers([("Authorization", "Bearer t2")], key=KEY)
     assert first == again != other
 
 
-def test_keyed_masking_resists_guessing_short_secrets() -> None:
-    key = b"deployment-key"
-    headers, _ = mask_headers([("X-ZTGW-MFA", "123456")], key=key)
-    expected = hmac.new(key, b"123456", hashlib.sha256).hexdigest()[:8]
-    assert headers["x-ztgw-mfa"] == f"<masked:{expected}>"
-    assert headers["x-ztgw-mfa"] != short_sha("123456")
+def test_without_a_key_a_secret_leaves_no_digest_at_all() -> None:
+    # Issue 18 M5: the unkeyed mask was sha256(value)[:8], which a dictionary reverses.
+    headers, masked = mask_headers([("X-ZTGW-MFA", "123456"), ("Cookie", "sid=abc")])
+    assert headers == {"x-ztgw-mfa": UNKEYED_MASK, "cookie": UNKEYED_MASK}
+    assert masked == ["input.headers.cookie", "input.headers.x-ztgw-mfa"]
+    query, _ = mask_query("user=alice&password=hunter2&otp=123456")
+    assert query == f"user=alice&password={UNKEYED_MASK}&otp={UNKEYED_MASK}"
+
+
+def test_a_rotated_key_masks_differently_and_says_so() -> None:
+    other = MaskKey.from_secret(b"the next 32-byte deployment key!")
+    before, _ = mask_headers([("X-ZTGW-MFA", "123456")], key=KEY)
+    after, _ = mask_headers([("X-ZTGW-MFA", "123456")], key=other)
+    assert before != after
+    assert KEY.key_id in before["x-ztgw-mfa"]
+    assert other.key_id in after["x-ztgw-mfa"]
 
 
 def test_secret_header_names_include_the_documented_ones() -> None:
@@ -756,7 +774,7 @@ def test_secret_query_parameters_are_masked_and_order_is_kept() -> None:
         "page=2&access_token=at1&code=c0de&state=xyz&redirect_uri=%2Fhome"
         "&password=hunter2&client_secret=s&refreshToken=r&id%5Ftoken=it&key=k&token=&flag"
     )
-    masked_query, masked = mask_query(query)
+    masked_query, masked = mask_query(query, key=KEY)
     assert masked_query == (
         f"page=2&access_token={short_sha('at1')}&code={short_sha('c0de')}"
         f"&state={short_sha('xyz')}&redirect_uri=%2Fhome&password={short_sha('hunter2')}"

@@ -9,7 +9,9 @@ tooling people already point at OPA reads ours. The modules, each owning one thi
 - `writer`: `AuditLog`, the queue and the one writer task per process;
 - `sink`: the JSON-lines mirror for a SIEM;
 - `verify`, `rotate`, `query`: `ztgateway audit verify | rotate | tail | search`;
-- `masking`: secrets in headers and query strings, masked before an event is built.
+- `masking`: secrets in headers and query strings, masked before an event is built;
+- `journal`: the write-ahead journal that makes an event survive a crash before it is acted on;
+- `keys`: the mask key and the checkpoint key, both held outside the audit store.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .chain import (
     VerifyResult,
     canonical_json,
 )
-from .masking import SECRET_HEADERS, SECRET_QUERY_PARAMS, mask_headers, mask_query
+from .keys import AuditKeyError, MaskKey
+from .masking import SECRET_HEADERS, SECRET_QUERY_PARAMS, UNKEYED_MASK, mask_headers, mask_query
 from .query import search, tail
 from .rotate import RotateResult, rotate
 from .store import SCHEMA_VERSION
@@ -45,9 +48,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "SECRET_HEADERS",
     "SECRET_QUERY_PARAMS",
+    "UNKEYED_MASK",
+    "AuditKeyError",
     "AuditLog",
     "AuditStats",
     "AuditUnavailable",
+    "MaskKey",
     "RotateResult",
     "VerifyResult",
     "canonical_json",

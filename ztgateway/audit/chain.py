@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -35,6 +35,33 @@ class VerifyResult:
     problem: str
     last_hash: str | None = None
     """Head of the verified chain: keep it elsewhere to detect truncation of the newest events."""
+    anchors: Anchors | None = None
+    """What the signed checkpoints cover (None when the checkpoints were not checked)."""
+
+
+@dataclass(slots=True)
+class Anchors:
+    """The signed checkpoints found while walking a chain (see checkpoint.py)."""
+
+    signatures_checked: bool
+    checkpoints: int = 0
+    anchored_seq: int | None = None
+    """The newest event a valid checkpoint vouches for."""
+    last_checkpoint_at: str | None = None
+    unanchored: int = 0
+    """Events after the newest checkpoint: nothing but the chain itself vouches for them."""
+    unanchored_since: str | None = None
+    """Timestamp of the oldest of those."""
+
+
+class AnchorCheck(Protocol):
+    """Looks at each event that passed the chain checks, with the link before it."""
+
+    anchors: Anchors
+
+    def check(
+        self, event: dict[str, Any], prev_seq: int | None, prev_hash: str | None
+    ) -> str | None: ...
 
 
 # --------------------------------------------------------------------------- canonical form
@@ -271,6 +298,25 @@ def encode_entry(body: dict[str, Any], ts: str) -> Entry:
     return normalize_ts(parsed["timestamp"]), index_columns(parsed), encoded, None, parsed
 
 
+def prepare_entry(event: dict[str, Any], now_ns: int) -> tuple[str, Entry]:
+    """Validate and encode one event (a snapshot: later changes to `event` do not count);
+    an event without a timestamp gets `now_ns`."""
+    decision_id = event.get("decision_id")
+    if not isinstance(decision_id, str) or not decision_id:
+        raise ValueError("audit event needs a non-empty string decision_id")
+    body = {**event, **PLACEHOLDERS}
+    if len(body) != len(event) + len(PLACEHOLDERS):
+        reserved = sorted(CHAIN_FIELDS.intersection(event))
+        raise ValueError(f"audit event may not set {reserved}; the chain sets them")
+    if "type" not in body:
+        body["type"] = EVENT_TYPE
+    if "timestamp" in body:
+        ts = normalize_ts(body["timestamp"])
+    else:
+        ts = body["timestamp"] = now_ts(now_ns)
+    return decision_id, encode_entry(body, ts)
+
+
 def link_rows(
     batch: list[tuple[str, Entry]],
     seq: int,
@@ -314,8 +360,9 @@ def join_lines(lines: Iterable[str]) -> bytes:
 class ChainChecker:
     """Walks events in order; the same rules for the database and the JSON-lines file."""
 
-    def __init__(self, *, require_genesis: bool) -> None:
+    def __init__(self, *, require_genesis: bool, anchors: AnchorCheck | None = None) -> None:
         self.require_genesis = require_genesis
+        self.anchor_check = anchors
         self.prev_seq: int | None = None
         self.prev_hash: str | None = None
         self.checked = 0
@@ -357,6 +404,10 @@ class ChainChecker:
                 return PROBLEM_LINK
             if seq != self.prev_seq + 1:
                 return PROBLEM_GAP
+        if self.anchor_check is not None:
+            problem = self.anchor_check.check(event, self.prev_seq, self.prev_hash)
+            if problem is not None:
+                return problem
         self.prev_seq, self.prev_hash = seq, link
         self.checked += 1
         return None
@@ -364,6 +415,7 @@ class ChainChecker:
     def result(
         self, problem: str | None = None, seq: int | None = None, decision_id: str | None = None
     ) -> VerifyResult:
+        anchors = self.anchor_check.anchors if self.anchor_check is not None else None
         if problem is None:
-            return VerifyResult(True, self.checked, None, None, "", self.prev_hash)
-        return VerifyResult(False, self.checked, seq, decision_id, problem, self.prev_hash)
+            return VerifyResult(True, self.checked, None, None, "", self.prev_hash, anchors)
+        return VerifyResult(False, self.checked, seq, decision_id, problem, self.prev_hash, anchors)

@@ -10,6 +10,10 @@ from collections.abc import Iterable
 from typing import Final
 from urllib.parse import unquote_plus
 
+from .keys import MaskKey
+
+UNKEYED_MASK: Final = "<masked>"
+
 SECRET_HEADERS: Final = frozenset(
     {
         "authorization",
@@ -91,23 +95,25 @@ def _query_name(raw_name: str) -> tuple[str, bool]:
     return name, _is_secret_name(name, SECRET_QUERY_PARAMS)
 
 
-def _mask(value: str, key: bytes | None) -> str:
-    # Eight hex chars correlate two events carrying the same secret without revealing it.
-    # Unkeyed, a low-entropy secret (a password, a 6-digit code) can be brute-forced against
-    # the prefix; a deployment key turns it into an HMAC that cannot.
-    data = value.encode("utf-8", "surrogatepass")
-    digest = (
-        hmac.new(key, data, hashlib.sha256).hexdigest()
-        if key is not None
-        else hashlib.sha256(data).hexdigest()
-    )
-    return f"<masked:{digest[:8]}>"
+def _mask(value: str, key: MaskKey | None) -> str:
+    """`<masked:KEY-ID:HMAC>` with a key, `<masked>` without one (issue 18 M5).
+
+    The mask used to be an unkeyed SHA-256 prefix: a Basic password, a query-string password
+    and a TOTP code were recovered from it offline in under a second. Keyed with a secret held
+    outside the audit store, the 64-bit HMAC still correlates two events carrying the same
+    secret, and reveals nothing to whoever reads the log without the key. Without a key there is
+    nothing safe to derive, so the value is dropped entirely.
+    """
+    if key is None:
+        return UNKEYED_MASK
+    mac = hmac.new(key.secret, value.encode("utf-8", "surrogatepass"), hashlib.sha256)
+    return f"<masked:{key.key_id}:{mac.hexdigest()[:16]}>"
 
 
 def mask_headers(
     headers: Iterable[tuple[str, str]],
     *,
-    key: bytes | None = None,
+    key: MaskKey | None = None,
     prefix: str = "input.headers",
 ) -> tuple[dict[str, str], list[str]]:
     """Headers for the event input with secrets replaced, and the paths that were masked.
@@ -136,7 +142,7 @@ def mask_headers(
 
 
 def mask_query(
-    query: str, *, key: bytes | None = None, prefix: str = "input.query"
+    query: str, *, key: MaskKey | None = None, prefix: str = "input.query"
 ) -> tuple[str, list[str]]:
     """The query string (without '?') with secret parameter values masked, and their paths.
 

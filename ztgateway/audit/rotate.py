@@ -8,13 +8,15 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
 from ..clock import SYSTEM_CLOCK, Clock
-from .chain import format_ts, join_lines
+from .chain import format_ts, join_lines, link_rows, now_ts, prepare_entry
+from .checkpoint import CheckpointSigner
 from .query import query_ts
-from .store import SCHEMA, rollback
+from .store import INSERT, SCHEMA, chain_head, rollback
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +27,12 @@ class RotateResult:
 
 
 async def rotate(
-    db_path: Path, archive_dir: Path, *, before: datetime, clock: Clock = SYSTEM_CLOCK
+    db_path: Path,
+    archive_dir: Path,
+    *,
+    before: datetime,
+    clock: Clock = SYSTEM_CLOCK,
+    signer: CheckpointSigner | None = None,
 ) -> RotateResult:
     """Move events older than `before` into an archive file; the chain stays verifiable.
 
@@ -34,6 +41,8 @@ async def rotate(
     (last seq, last hash, file, SHA-256) in the same transaction that deletes them, so a crash
     leaves either the old state or the new one. Run it while the gateway runs (SQLite
     serialises it with the writer), e.g. daily from cron: `ztgateway audit rotate --days 90`.
+    With a `signer`, the same transaction ends the chain with a signed checkpoint ("rotation"),
+    so the archive and what stays in the database are vouched for at the moment they part.
     """
     cutoff = query_ts(before)
     await asyncio.to_thread(archive_dir.mkdir, parents=True, exist_ok=True)
@@ -67,6 +76,14 @@ async def rotate(
                 ),
             )
             await db.execute("DELETE FROM audit_events WHERE seq <= ?", (last,))
+            if signer is not None:
+                seq, prev = await chain_head(db)
+                event = signer.event(
+                    seq, prev, reason="rotation", timestamp=now_ts(clock.time_ns())
+                )
+                inserted: list[tuple[Any, ...]] = []
+                link_rows([prepare_entry(event, clock.time_ns())], seq, prev, inserted, [])
+                await db.executemany(INSERT, inserted)
             await db.execute("COMMIT")
         except BaseException:
             await rollback(db)

@@ -50,17 +50,8 @@ from typing import Any, Final, Literal
 import aiosqlite
 
 from ..clock import SYSTEM_CLOCK, Clock
-from .chain import (
-    CHAIN_FIELDS,
-    EVENT_TYPE,
-    GENESIS_HASH,
-    PLACEHOLDERS,
-    Entry,
-    encode_entry,
-    link_rows,
-    normalize_ts,
-    now_ts,
-)
+from .chain import CHAIN_FIELDS, GENESIS_HASH, Entry, link_rows, now_ts, prepare_entry
+from .checkpoint import CHECKPOINT_TYPE, CheckpointSigner
 from .journal import Journal, Orphan, find_orphans
 from .sink import JsonlSink
 from .store import INSERT, SCHEMA, SCHEMA_VERSION, chain_head, create_private, rollback
@@ -117,6 +108,8 @@ class AuditLog:
         durability: Durability = "journal",
         journal_dir: Path | None = None,
         recover_interval: float = 2.0,
+        checkpoint_signer: CheckpointSigner | None = None,
+        checkpoint_interval: float = 60.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if durability not in DURABILITY_MODES:
@@ -140,6 +133,15 @@ class AuditLog:
         self._recover_interval = recover_interval
         self._next_recovery = 0.0
         self._recovered = 0
+        self.checkpoint_signer = checkpoint_signer
+        """Signs checkpoints; replaced on reload when the key file was rotated."""
+        self._checkpoint_interval = checkpoint_interval
+        self._next_checkpoint = 0.0
+        self._checkpoint_reason: str | None = None
+        """A checkpoint owed whatever the interval says (after start-up's recovery)."""
+        self._unanchored = 0
+        """Events this writer committed since its last checkpoint."""
+        self.checkpoints = 0
 
         # (decision_id, what to write, its journal segment or 0)
         self._pending: deque[tuple[str, Entry, int]] = deque()
@@ -208,6 +210,11 @@ class AuditLog:
             # What a process that died left in its journal goes into the chain before anything
             # this one decides.
             await self._recover()
+            if self.checkpoint_signer is not None:
+                self._next_checkpoint = self._clock.monotonic() + self._checkpoint_interval
+                if not await _head_is_checkpoint(db):
+                    # Vouch at once for what the last run (perhaps a crash) left unanchored.
+                    await self._commit([], checkpoint="start")
         except (sqlite3.Error, OSError) as exc:
             await self._abandon_start(db)
             raise AuditUnavailable(f"cannot prepare audit log: {exc}") from exc
@@ -357,21 +364,7 @@ class AuditLog:
             self._kick.set()
 
     def _entry(self, event: dict[str, Any]) -> tuple[str, Entry]:
-        """Validate and encode one event (a snapshot: later changes to `event` do not count)."""
-        decision_id = event.get("decision_id")
-        if not isinstance(decision_id, str) or not decision_id:
-            raise ValueError("audit event needs a non-empty string decision_id")
-        body = {**event, **PLACEHOLDERS}
-        if len(body) != len(event) + len(PLACEHOLDERS):
-            reserved = sorted(CHAIN_FIELDS.intersection(event))
-            raise ValueError(f"audit event may not set {reserved}; the chain sets them")
-        if "type" not in body:
-            body["type"] = EVENT_TYPE
-        if "timestamp" in body:
-            ts = normalize_ts(body["timestamp"])
-        else:
-            ts = body["timestamp"] = now_ts(self._clock.time_ns())
-        return decision_id, encode_entry(body, ts)
+        return prepare_entry(event, self._clock.time_ns())
 
     @property
     def needs_sync(self) -> bool:
@@ -465,15 +458,26 @@ class AuditLog:
                     except (sqlite3.Error, OSError) as exc:
                         self._report_failure(exc)
                 if not self._pending and not self._sink_behind():
+                    reason = self._checkpoint_owed(idle=True)
+                    if reason is not None:
+                        try:
+                            first_seq, lines = await self._commit([], checkpoint=reason)
+                            await self._mirror(first_seq, lines)
+                        except (sqlite3.Error, OSError) as exc:
+                            self._report_failure(exc)
+                            await self._pause(self._retry_max)
+                        continue
                     if self._stopping:
                         return
                     self._wake.clear()
-                    if self._journal is None:
+                    idle = self._idle_timeout()
+                    if idle is None:
                         await self._wake.wait()
                     else:
-                        # Idle, but still looking for journals of processes that died.
+                        # Idle, but still looking for journals of processes that died and
+                        # owing the events since the last checkpoint a signature.
                         with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(self._recover_interval):
+                            async with asyncio.timeout(idle):
                                 await self._wake.wait()
                     continue
                 urgent = self._stopping or bool(self._waiters)
@@ -501,9 +505,32 @@ class AuditLog:
             self._report_failure(exc)
             self._fail_waiters(AuditUnavailable("audit writer has failed"))
 
+    def _checkpoint_owed(self, *, idle: bool = False, adding: int = 0) -> str | None:
+        """Why a checkpoint goes into the next commit, or None."""
+        if self.checkpoint_signer is None:
+            return None
+        if self._checkpoint_reason is not None:
+            return self._checkpoint_reason
+        if self._unanchored + adding == 0:
+            return None
+        if idle and self._stopping:
+            return "shutdown"
+        if self._clock.monotonic() >= self._next_checkpoint:
+            return "interval"
+        return None
+
+    def _idle_timeout(self) -> float | None:
+        waits: list[float] = []
+        if self._journal is not None:
+            waits.append(self._recover_interval)
+        if self.checkpoint_signer is not None and self._unanchored:
+            waits.append(max(0.0, self._next_checkpoint - self._clock.monotonic()))
+        return min(waits) if waits else None
+
     async def _commit_batch(self) -> tuple[int, list[bytes]]:
         batch = list(itertools.islice(self._pending, self._batch_size))
-        first_seq, lines = await self._commit([(d, e) for d, e, _ in batch])
+        reason = self._checkpoint_owed(adding=len(batch))
+        first_seq, lines = await self._commit([(d, e) for d, e, _ in batch], checkpoint=reason)
         for _ in batch:
             decision_id, _entry, _segment = self._pending.popleft()
             self._pending_ids.discard(decision_id)
@@ -513,12 +540,17 @@ class AuditLog:
         return first_seq, lines
 
     async def _commit(
-        self, batch: list[tuple[str, Entry]], *, skip_present: bool = False
+        self,
+        batch: list[tuple[str, Entry]],
+        *,
+        skip_present: bool = False,
+        checkpoint: str | None = None,
     ) -> tuple[int, list[bytes]]:
         """Chain `batch` onto the database's head in one transaction; (first seq, lines).
 
         `skip_present`: leave out events whose decision id is already stored (a journal being
-        recovered may hold events its process had committed before it died).
+        recovered may hold events its process had committed before it died). `checkpoint`:
+        end the transaction with a signed checkpoint over the batch, for this reason.
         """
         db = self._db
         assert db is not None
@@ -548,6 +580,13 @@ class AuditLog:
                     await asyncio.sleep(0)  # requests run between chunks, not after the batch
                 chunk = batch[start : start + _LINK_CHUNK]
                 seq, prev = link_rows(chunk, seq, prev, rows, lines)
+            signed = checkpoint is not None and self.checkpoint_signer is not None and seq > 0
+            if signed:
+                assert self.checkpoint_signer is not None and checkpoint is not None
+                event = self.checkpoint_signer.event(
+                    seq, prev, reason=checkpoint, timestamp=now_ts(self._clock.time_ns())
+                )
+                seq, prev = link_rows([self._entry(event)], seq, prev, rows, lines)
             if rows:
                 await db.executemany(INSERT, rows)
             await db.execute("COMMIT")
@@ -555,6 +594,13 @@ class AuditLog:
             await rollback(db)
             raise
         self._last_seq, self._last_hash = seq, prev
+        if checkpoint is not None:
+            self._checkpoint_reason = None
+            self._unanchored = 0
+            self._next_checkpoint = self._clock.monotonic() + self._checkpoint_interval
+            self.checkpoints += int(signed)
+        else:
+            self._unanchored += len(rows)
         return first_seq, lines
 
     # ------------------------------------------------------------------ journal recovery
@@ -648,3 +694,15 @@ async def _not_stored(
             seen.add(decision_id)
             out.append((decision_id, entry))
     return out
+
+
+async def _head_is_checkpoint(db: aiosqlite.Connection) -> bool:
+    """Whether the newest event is a checkpoint (an empty chain needs none)."""
+    async with db.execute("SELECT event FROM audit_events ORDER BY seq DESC LIMIT 1") as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return True
+    try:
+        return bool(json.loads(row[0]).get("type") == CHECKPOINT_TYPE)
+    except (ValueError, AttributeError):
+        return False
