@@ -45,6 +45,7 @@ from .forward.http import (
 from .forward.upstream import UpstreamFailure
 from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
+from .lifeline import watch_lifeline
 from .listener import GatewayRequestHandler, Listener
 from .logs import decision_id_var
 from .metrics import Metrics
@@ -923,9 +924,14 @@ def tune_gc() -> None:
 
 
 async def serve(
-    config: GatewayConfig, *, worker: int | None = None, ops_socket: Path | None = None
+    config: GatewayConfig,
+    *,
+    worker: int | None = None,
+    ops_socket: Path | None = None,
+    lifeline: int | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone); SIGHUP
+    reloads."""
     gw = Gateway(config, worker=worker, ops_socket=ops_socket)
     await gw.start()
     tune_gc()
@@ -934,6 +940,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    if lifeline is not None:
+        watch_lifeline(lifeline, stop.set)
     print(f"ztgateway listening on https://{config.server.host}:{gw.port}", flush=True)
     if gw.ops_port:
         print(f"ops listener on http://{config.ops.host}:{gw.ops_port}", flush=True)

@@ -43,11 +43,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.server.workers > 1 and args.worker is None:
         from .workers import Supervisor
 
-        asyncio.run(Supervisor(config, Path(args.config).resolve(), config.server.workers).run())
+        try:
+            asyncio.run(
+                Supervisor(config, Path(args.config).resolve(), config.server.workers).run()
+            )
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
+    if args.supervisor_pid is not None:
+        from .lifeline import die_with_parent
+
+        if not die_with_parent(args.supervisor_pid):
+            print("error: the supervisor is gone; not starting this worker", file=sys.stderr)
+            return 1
     try:
         ops_socket = Path(args.ops_socket) if args.ops_socket else None
-        asyncio.run(serve(config, worker=args.worker, ops_socket=ops_socket))
+        asyncio.run(
+            serve(config, worker=args.worker, ops_socket=ops_socket, lifeline=args.lifeline_fd)
+        )
     except (OSError, AuditUnavailable, AuditKeyError, StoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -294,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=None, help="overrides [logging] level")
     run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--ops-socket", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     rl = with_config(sub.add_parser("reload", help="reload a running gateway's configuration"))

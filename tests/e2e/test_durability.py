@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 
 from tests.e2e.test_workers import _restarted, _up, supervised, wait_for
-from tests.support import Certs, client_ssl
+from tests.support import Certs, client_ssl, free_port, to_toml
 
 pytestmark = pytest.mark.replicas
 
@@ -126,3 +127,85 @@ async def test_a_worker_killed_under_load_loses_no_answered_decision(
     assert verified.returncode == 0, verified.stderr
     journal = tmp_path / "audit.db.journal"
     assert list(journal.iterdir()) == []  # the killed worker's journal was recovered, then removed
+
+
+# ----------------------------------------------------------------------------- D3: orphans
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped, not a zombie and not gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def gone_within(pids: list[int], seconds: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if not any(alive(p) for p in pids):
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still running after {seconds} s: {[p for p in pids if alive(p)]}")
+
+
+def second_supervisor(config: Path) -> subprocess.CompletedProcess[str]:
+    """`ztgateway run` on the same mTLS port, with an ops port of its own (so what it refuses
+    is the mTLS port)."""
+    data = tomllib.loads(config.read_text())
+    data["ops"]["port"] = free_port()
+    other = config.with_name("second.toml")
+    other.write_text(to_toml(data))
+    return subprocess.run(
+        [sys.executable, "-m", "ztgateway", "run", "-c", str(other)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+async def test_workers_die_with_their_supervisor_and_no_second_one_starts_beside_them(
+    certs: Certs, upstream: int, tmp_path: Path
+) -> None:
+    config = tmp_path / "gw.toml"
+    killed = False
+    async with supervised(certs, upstream, tmp_path) as sup:
+        first, second = sup.workers()
+        stale = sup.socket_dir()
+        # Another supervisor on the same port refuses to start while this one serves.
+        refused = second_supervisor(config)
+        assert refused.returncode == 1
+        assert f"127.0.0.1:{sup.port} is already in use" in refused.stderr
+        load = Load()
+        await run_load(certs, sup.port, 0.5, load, clients=2)
+        assert load.io_errors == 0 and set(load.answered.values()) <= {200, 401}
+
+        os.kill(first, signal.SIGSTOP)  # this one cannot act on its supervisor's death yet
+        try:
+            sup.proc.send_signal(signal.SIGKILL)
+            sup.proc.wait()
+            killed = True
+            took = await gone_within([second], 1.0)  # SIGTERM from the kernel, or the pipe
+            assert took < 1.0
+            # While any worker of the dead supervisor remains, a new one refuses the port.
+            refused = second_supervisor(config)
+            assert refused.returncode == 1, refused.stdout
+            assert f"127.0.0.1:{sup.port} is already in use" in refused.stderr
+        finally:
+            os.kill(first, signal.SIGCONT)
+        await gone_within([first], 1.0)
+    assert killed
+    # Nothing of the old generation is left: a new supervisor starts on the port and serves,
+    # and it removed the private directory its SIGKILLed predecessor could not.
+    proc = subprocess.Popen([sys.executable, "-m", "ztgateway", "run", "-c", str(config)])
+    try:
+        await wait_for(lambda: _up(sup.ops, 2))
+        load = Load()
+        await run_load(certs, sup.port, 0.5, load, clients=2)
+        assert load.io_errors == 0 and load.answered
+        assert not stale.exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0

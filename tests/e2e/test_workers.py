@@ -31,6 +31,11 @@ class Supervised:
     port: int  # the mTLS port the workers share
     ops: int  # the supervisor's ops port
 
+    def socket_dir(self) -> Path:
+        """The supervisor's private directory of worker ops sockets (from a worker's argv)."""
+        argv = Path(f"/proc/{self.workers()[0]}/cmdline").read_bytes().split(b"\0")
+        return Path(argv[argv.index(b"--ops-socket") + 1].decode()).parent
+
     def workers(self) -> list[int]:
         found = subprocess.run(
             ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=True
@@ -56,8 +61,9 @@ async def supervised(
         await wait_for(lambda: _up(ops, 2))
         yield Supervised(proc, port, ops)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0
+        if proc.poll() is None:  # a test may have killed it
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=40) == 0
 
 
 async def metric(ops: int, name: str) -> float:
