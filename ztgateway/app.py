@@ -51,6 +51,8 @@ from .logs import decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
+from .reloading import RESTART_REQUIRED, listener_changes, restart_required
+from .resources import Heap, ensure_fd_limit
 from .responses import DECISION_HEADER, problem, see_other
 from .routes import RouteTable
 from .runtime import Runtime
@@ -80,6 +82,9 @@ _SIGN_IN_AGAIN = frozenset(
     }
 )
 WS_RECHECK_INTERVAL = 5.0
+_OTHER_FDS = 64
+"""File descriptors kept for everything but connections: logs, the store, the audit files,
+the ops listener, TLS material reads."""
 
 
 class Gateway:
@@ -148,6 +153,10 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._watches: set[Watch] = set()
         self._dry: tuple[Runtime, Runtime] | None = None
+        self.started_config = config
+        """What the long-lived parts were built from (reloading.py compares with it)."""
+        self.last_reload: dict[str, Any] = {}
+        self.heap = Heap()
         self.started_at = clock.time()
         self._update_cert_metrics()
         self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
@@ -275,12 +284,15 @@ class Gateway:
             max_connections=s.max_connections,
             max_header_bytes=s.max_header_bytes,
             max_headers=s.max_headers,
+            max_pending_handshakes=s.max_pending_handshakes,
+            max_pending_handshakes_per_source=s.max_pending_handshakes_per_source,
             on_handshake=self._on_handshake,
             on_protocol_error=self._on_protocol_error,
             on_header_timeout=self.metrics.slow_clients.inc,
             on_connection_change=self.metrics.connections_open.set,
             on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
         )
+        self._budget_fds(self.listener)
         self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
         if cfg.ops.enabled:
             from .ops import create_ops_app
@@ -301,6 +313,8 @@ class Gateway:
                 self.ops_port = site.port
         self._tasks.append(asyncio.ensure_future(self._poll_tls()))
         self._tasks.append(asyncio.ensure_future(self._report_audit_depth()))
+        if s.memory_trim_interval > 0 and self.heap.available:
+            self._tasks.append(asyncio.ensure_future(self._trim_memory(s.memory_trim_interval)))
         self._tasks.append(asyncio.ensure_future(self._expire_sessions()))
         log.info(
             "ztgateway %s listening on https://%s:%d (ops on %s)",
@@ -338,9 +352,47 @@ class Gateway:
             self.tls.maybe_reload()
 
     async def _report_audit_depth(self) -> None:
+        recovered = checkpoints = 0
         while True:
             await asyncio.sleep(1.0)
-            self.metrics.audit_queue.set(self.audit.stats.queued)
+            stats = self.audit.stats
+            self.metrics.audit_queue.set(stats.queued)
+            self.metrics.audit_recovered.inc(stats.recovered - recovered)
+            self.metrics.audit_checkpoints.inc(self.audit.checkpoints - checkpoints)
+            recovered, checkpoints = stats.recovered, self.audit.checkpoints
+
+    def _budget_fds(self, listener: Listener) -> None:
+        """Raise RLIMIT_NOFILE for what the listener may hold; below it, refuse and count
+        (resources.py) rather than let the event loop reset connections silently."""
+        s = self.config.server
+        upstream = sum(up.max_connections for up in _all_upstreams(self.config))
+        wanted = s.max_connections + s.max_pending_handshakes + upstream + _OTHER_FDS
+        limit = ensure_fd_limit(wanted)
+        self.metrics.fd_limit.set(limit.soft)
+        if limit.raised_from is not None:
+            log.info(
+                "raised the file-descriptor limit from %d to %d", limit.raised_from, limit.soft
+            )
+        listener.fd_budget = None
+        if limit.soft < wanted:
+            # Short: half of what is left for the upstream pools at most, the rest for clients.
+            usable = max(2, limit.soft - _OTHER_FDS)
+            listener.fd_budget = max(1, usable - min(upstream, usable // 2))
+            log.warning(
+                "file-descriptor limit %d (hard %d) is below the %d that max_connections (%d), "
+                "max_pending_handshakes (%d) and the upstream pools need: at most %d client "
+                "connections; more are refused and counted in "
+                'ztgw_connections_rejected_total{reason="fd_limit"}. Raise LimitNOFILE / ulimit -n.',
+                limit.soft, limit.hard, wanted, s.max_connections, s.max_pending_handshakes,
+                listener.fd_budget,
+            )  # fmt: skip
+        self.metrics.handshakes_pending.set_function(lambda: len(listener.pending))
+
+    async def _trim_memory(self, interval: float) -> None:
+        """Return freed heap to the system now and then (resources.py: glibc keeps it)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.heap.trim()
 
     async def _expire_sessions(self) -> None:
         """Drop sessions past their absolute expiry from memory (and, a day later, the store).
@@ -361,7 +413,11 @@ class Gateway:
                 log.info("expired %d sessions", gone)
 
     def reload(self) -> bool:
-        """SIGHUP: new configuration and TLS material, or keep serving the old on any error."""
+        """SIGHUP: new configuration and TLS material, or keep serving the old on any error.
+
+        The listener's `[server]` limits apply to connections accepted from now on; settings
+        only a restart applies are named (reloading.py) in `last_reload`, the log and a metric.
+        """
         try:
             config = load_config(self.config.file)
             if (
@@ -378,8 +434,25 @@ class Gateway:
             log.error("reload refused, still serving revision %s: %s", self.config.revision, exc)
             self.metrics.config_reloads.labels("failure").inc()
             self.metrics.config_reload_ok.set(0)
+            self.last_reload = {"reloaded": False, "error": str(exc)}
             return False
+        applied = listener_changes(self.config, config)
+        pending = restart_required(self.started_config, config)
         self.config, self.runtime = config, runtime
+        self.keeper.cfg = config.sessions
+        if self.listener is not None:
+            s = config.server
+            self.listener.apply_limits(
+                handshake_timeout=s.handshake_timeout,
+                header_timeout=s.header_timeout,
+                idle_timeout=s.idle_timeout,
+                max_connections=s.max_connections,
+                max_header_bytes=s.max_header_bytes,
+                max_headers=s.max_headers,
+                max_pending_handshakes=s.max_pending_handshakes,
+                max_pending_handshakes_per_source=s.max_pending_handshakes_per_source,
+            )
+            self._budget_fds(self.listener)
         self.mask_key = mask_key
         if checkpoint_key is None:
             self.audit.checkpoint_signer = None
@@ -389,10 +462,30 @@ class Gateway:
             self.audit.checkpoint_signer = CheckpointSigner(checkpoint_key)
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_reload_ok.set(1)
+        for name in RESTART_REQUIRED:
+            self.metrics.config_restart_required.labels(name).set(1 if name in pending else 0)
         self._update_cert_metrics()
         for w in list(self._watches):
             w.wake()
-        log.info("configuration reloaded: revision %s", config.revision)
+        self.last_reload = {
+            "reloaded": True,
+            "revision": config.revision,
+            "applied": applied,
+            "restart_required": pending,
+        }
+        log.info(
+            "configuration reloaded: revision %s%s",
+            config.revision,
+            f"; listener limits applied to new connections: {', '.join(applied)}"
+            if applied
+            else "",
+        )
+        if pending:
+            log.warning(
+                "configuration reloaded, but these settings changed since start-up and take "
+                "effect only after a restart: %s",
+                ", ".join(pending),
+            )
         return True
 
     # --- listener callbacks ------------------------------------------------------------------
@@ -933,6 +1026,7 @@ async def serve(
     """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone); SIGHUP
     reloads."""
     gw = Gateway(config, worker=worker, ops_socket=ops_socket)
+    gw.heap.limit_arenas()
     await gw.start()
     tune_gc()
     loop = asyncio.get_running_loop()

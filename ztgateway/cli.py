@@ -108,7 +108,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as r:  # noqa: S310 - the configured ops URL
-            print(r.read().decode())
+            text = r.read().decode()
+            print(text)
+            pending = _restart_required(json.loads(text))
+            if pending:
+                print(
+                    "warning: reloaded, but these settings take effect only after a restart: "
+                    + ", ".join(pending),
+                    file=sys.stderr,
+                )
             return 0
     except urllib.error.HTTPError as exc:
         print(f"error: reload refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
@@ -116,6 +124,17 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot reach the gateway at {url}: {exc}", file=sys.stderr)
         return 1
+
+
+def _restart_required(answer: object) -> list[str]:
+    """`restart_required` of a gateway's reload answer, or of every worker's (supervisor)."""
+    if not isinstance(answer, dict):
+        return []
+    found = set(answer.get("restart_required") or ())
+    for worker in (answer.get("workers") or {}).values():
+        if isinstance(worker, dict):
+            found.update(worker.get("restart_required") or ())
+    return sorted(found)
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:

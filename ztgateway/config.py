@@ -55,6 +55,14 @@ class ServerConfig:
     allow_encoded_slash: bool = False
     public_url: str = ""
     workers: int = 1
+    max_pending_handshakes: int = 1024
+    """Connections mid-handshake, budgeted apart from `max_connections` (established)."""
+    max_pending_handshakes_per_source: int = 64
+    """Of those, from one address (an IPv6 /64): one host cannot starve the others."""
+    min_ready_workers: int = 1
+    """With workers > 1, the supervisor's /readyz is 200 while at least this many are ready."""
+    memory_trim_interval: float = 30.0
+    """Seconds between returns of freed heap memory to the system (malloc_trim); 0: never."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +416,13 @@ def _server(t: Table) -> ServerConfig:
         allow_encoded_slash=t.flag("allow_encoded_slash", False),
         public_url=t.text("public_url", ""),
         workers=t.integer("workers", 1, min=1, max=64),
+        max_pending_handshakes=t.integer("max_pending_handshakes", 1024, min=1),
+        max_pending_handshakes_per_source=t.integer("max_pending_handshakes_per_source", 64, min=1),
+        min_ready_workers=t.integer("min_ready_workers", 1, min=1, max=64),
+        memory_trim_interval=t.number("memory_trim_interval", 30.0, min=0.0),
     )
+    if cfg.min_ready_workers > cfg.workers and t.has("min_ready_workers"):
+        t.fail("min_ready_workers", f"must be at most workers ({cfg.workers})")
     t.done()
     return cfg
 
