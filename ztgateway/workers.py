@@ -296,11 +296,18 @@ class Supervisor:
             return web.Response(text=merged, content_type="text/plain", charset="utf-8")
 
         async def health(request: web.Request) -> web.Response:
-            path = "/readyz" if request.path == "/readyz" else "/healthz"
-            results = await self.scrape(path)
-            ok = all(status == 200 for _, status, _ in results)
+            """Ready while at least `min_ready_workers` workers are (issue 19: one worker
+            restarting made the host 503, so a load balancer drained it although the other
+            worker served); alive while any worker is."""
+            ready = request.path == "/readyz"
+            results = await self.scrape("/readyz" if ready else "/healthz")
+            up = sum(1 for _, status, _ in results if status == 200)
+            needed = min(self.config.server.min_ready_workers, self.count) if ready else 1
+            ok = up >= needed
             body = {
-                "status": "ok" if ok else "degraded",
+                "status": ("ok" if up == self.count else "degraded") if ok else "unavailable",
+                "workers_ok": up,
+                "workers_needed": needed,
                 "workers": {str(i): status for i, status, _ in results},
             }
             return web.json_response(body, status=200 if ok else 503)

@@ -16,6 +16,7 @@ import tomllib
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -209,3 +210,61 @@ async def test_workers_die_with_their_supervisor_and_no_second_one_starts_beside
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0
+
+
+# ----------------------------------------------------------------------------- readiness, reload
+
+
+async def readyz(ops: int) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{ops}/readyz") as r:
+        return r.status, dict(await r.json())
+
+
+async def test_the_host_stays_ready_while_one_worker_restarts(
+    certs: Certs, upstream: int, tmp_path: Path
+) -> None:
+    async with supervised(certs, upstream, tmp_path) as sup:
+        assert (await readyz(sup.ops))[0] == 200
+        os.kill(sup.workers()[0], signal.SIGKILL)
+        seen: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status, body = await readyz(sup.ops)
+            seen.append((status, body["status"]))
+            if await _restarted(sup.ops) and body["workers_ok"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert (200, "degraded") in seen  # one worker down, and the host still ready
+        assert all(status == 200 for status, _ in seen), seen
+
+
+async def test_min_ready_workers_makes_a_restart_unready(
+    certs: Certs, upstream: int, tmp_path: Path
+) -> None:
+    async with supervised(certs, upstream, tmp_path, server={"min_ready_workers": 2}) as sup:
+        os.kill(sup.workers()[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        statuses = set()
+        while time.monotonic() < deadline and 503 not in statuses:
+            statuses.add((await readyz(sup.ops))[0])
+            await asyncio.sleep(0.05)
+        assert 503 in statuses
+        await wait_for(lambda: _up(sup.ops, 2))
+        assert (await readyz(sup.ops))[0] == 200
+
+
+async def test_reload_through_the_supervisor_reports_what_needs_a_restart(
+    certs: Certs, upstream: int, tmp_path: Path
+) -> None:
+    async with supervised(certs, upstream, tmp_path):
+        config = tmp_path / "gw.toml"
+        data = tomllib.loads(config.read_text())
+        data["server"].update(workers=3, idle_timeout=30.0)
+        config.write_text(to_toml(data))
+        done = cli("reload", "-c", str(config))
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        for worker in ("0", "1"):
+            assert answer["workers"][worker]["restart_required"] == ["server.workers"]
+            assert answer["workers"][worker]["applied"] == ["server.idle_timeout"]
+        assert "take effect only after a restart: server.workers" in done.stderr

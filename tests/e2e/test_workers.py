@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, base_config
-from tests.support import Certs, client_ssl, free_port, to_toml
+from tests.support import Certs, client_ssl, deep_merge, free_port, to_toml
 
 pytestmark = pytest.mark.replicas
 
@@ -53,7 +53,7 @@ async def supervised(
     cfg = base_config(certs, upstream, tmp_path)
     cfg["server"].update({"port": port, "workers": 2})
     cfg["ops"]["port"] = ops
-    cfg.update(sections)
+    cfg = deep_merge(cfg, sections)
     path = tmp_path / "gw.toml"
     path.write_text(to_toml(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "ztgateway", "run", "-c", str(path)])
