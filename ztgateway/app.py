@@ -26,6 +26,7 @@ from . import __version__, endpoints, mfa_endpoints, portal
 from .assertion import AssertionSigner, load_or_create_key
 from .audit import AuditLog, AuditUnavailable, MaskKey, mask_headers, mask_query
 from .audit.checkpoint import CheckpointSigner
+from .audit.events import upstream_event
 from .audit.keys import key_id, load_checkpoint_signing, load_mask_key
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
@@ -638,12 +639,22 @@ class Gateway:
         headers = self._upstream_headers(ctx, request)
         assert ctx.path is not None
         route_seconds = self.metrics.request_seconds.labels(route_label)
+        head_seconds: list[float] = []
+        observe_head = self.metrics.upstream_seconds.labels(route_label).observe
+
+        def on_head(seconds: float) -> None:
+            head_seconds.append(seconds)
+            observe_head(seconds)
+
+        # (outcome, upstream status, status answered, refusal reason): recorded once known.
+        outcome: tuple[str, int | None, int, Reason | None] | None = None
+        forwarding = self.clock.monotonic()
         try:
             if ctx.websocket:
                 watch = Watch()
                 self._watches.add(watch)
                 try:
-                    return await bridge_websocket(
+                    ws = await bridge_websocket(
                         request,
                         self.upstreams.session(route.upstream),
                         upstream_url(route, ctx.path, ctx.query),
@@ -652,6 +663,8 @@ class Gateway:
                         interval=WS_RECHECK_INTERVAL,
                         watch=watch,
                     )
+                    outcome = ("websocket", ws.status, ws.status, None)
+                    return ws
                 finally:
                     self._watches.discard(watch)
             response = await forward_http(
@@ -662,27 +675,70 @@ class Gateway:
                 headers,
                 decision_id=ctx.decision_id,
                 extra_headers=response_headers,
-                on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
+                on_upstream_head=on_head,
                 clock=self.clock,
             )
+            outcome = ("responded", response.status, response.status, None)
             return response
         except BodyTooLarge:
             self.metrics.requests.labels(route_label, "deny", Reason.BODY_TOO_LARGE.value).inc()
             resp = self._refusal(Reason.BODY_TOO_LARGE, ctx.decision_id, accept)
             resp.force_close()
+            outcome = ("body-too-large", None, resp.status, Reason.BODY_TOO_LARGE)
             return resp
         except UpstreamFailure as fail:
             self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
             log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
+            outcome = (fail.kind, None, fail.reason.status, fail.reason)
             return self._refusal(fail.reason, ctx.decision_id, accept)
         except Exception as exc:
             # aiohttp's websocket client raises its own errors for refused upgrades.
             failure = classify(exc)
             self.metrics.upstream_errors.labels(route_label, failure.kind).inc()
             log.warning("upstream %s failed: %r", route.upstream.name, exc)
+            outcome = (failure.kind, None, failure.reason.status, failure.reason)
             return self._refusal(failure.reason, ctx.decision_id, accept)
         finally:
-            route_seconds.observe(self.clock.monotonic() - ctx.started)
+            now = self.clock.monotonic()
+            route_seconds.observe(now - ctx.started)
+            if outcome is not None:
+                self._record_upstream(
+                    ctx, outcome, now - forwarding, head_seconds[0] if head_seconds else None
+                )
+
+    def _record_upstream(
+        self,
+        ctx: RequestContext,
+        outcome: tuple[str, int | None, int, Reason | None],
+        seconds: float,
+        head_seconds: float | None,
+    ) -> None:
+        """The upstream's outcome, as an event linked to the decision (audit/events.py)."""
+        kind, status, answered, reason = outcome
+        if self.config.audit.upstream_events == "failures" and reason is None:
+            return
+        route = ctx.route
+        assert route is not None
+        ident, cert = ctx.identity, ctx.cert
+        event = upstream_event(
+            ctx.decision_id,
+            route=route.name,
+            upstream=route.upstream.name,
+            outcome=kind,
+            status=status,
+            answered=answered,
+            seconds=seconds,
+            head_seconds=head_seconds,
+            reason=reason.value if reason is not None else None,
+            user=ident.user if ident else None,
+            device=cert.device_id if cert else None,
+            client_ip=ctx.client_ip,
+        )
+        try:
+            self.audit.record(event)
+        except AuditUnavailable:
+            # Answered already; the decision itself is in the log. Counted, and /readyz says.
+            self.metrics.audit_unavailable.inc()
 
     async def _audit_durable(
         self, request: web.BaseRequest, decision_id: str | None

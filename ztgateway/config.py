@@ -100,6 +100,8 @@ class AuditConfig:
     checkpoint_public_keys: Path | None = None
     """PEM bundle of the public keys `audit verify` trusts; default `<checkpoint_key_file>.pub`."""
     checkpoint_interval: float = 60.0
+    upstream_events: Literal["all", "failures"] = "all"
+    """Which forwarded requests get an upstream-outcome event (audit/events.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +473,7 @@ def _audit(t: Table, file: Path) -> AuditConfig:
         checkpoint_key_file=checkpoint_key,
         checkpoint_public_keys=public_keys,
         checkpoint_interval=t.number("checkpoint_interval", 60.0, min=1.0, max=86400.0),
+        upstream_events=t.choice("upstream_events", ("all", "failures"), "all"),  # type: ignore[arg-type]
     )
     t.done()
     return cfg

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .chain import format_ts
+from .events import UPSTREAM_SUFFIX
 from .store import read_only
 
 
@@ -56,11 +57,14 @@ async def search(
         ("device", device),
         ("route", route),
         ("reason", reason),
-        ("decision_id", decision_id),
     ):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    if decision_id is not None:
+        # The decision and what followed it: its upstream outcome (events.py).
+        clauses.append("decision_id IN (?, ?)")
+        params.extend((decision_id, decision_id + UPSTREAM_SUFFIX))
     if session is not None:
         clauses.append("json_extract(event, '$.input.session') = ?")
         params.append(session)
