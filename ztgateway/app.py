@@ -48,7 +48,7 @@ from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
 from .lifeline import watch_lifeline
 from .listener import GatewayRequestHandler, Listener
-from .logs import decision_id_var
+from .logs import RateLimit, decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
@@ -1078,6 +1078,7 @@ async def serve(
     worker: int | None = None,
     ops_socket: Path | None = None,
     lifeline: int | None = None,
+    log_limit: RateLimit | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone); SIGHUP
     reloads."""
@@ -1092,6 +1093,10 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, gw.reload)
     if lifeline is not None:
         watch_lifeline(lifeline, stop.set)
+    summaries: asyncio.Task[None] | None = None
+    if log_limit is not None:
+        log_limit.on_suppressed = gw.metrics.log_lines_suppressed.inc
+        summaries = asyncio.ensure_future(_log_summaries(log_limit))
     print(f"ztgateway listening on https://{config.server.host}:{gw.port}", flush=True)
     if gw.ops_port:
         print(f"ops listener on http://{config.ops.host}:{gw.ops_port}", flush=True)
@@ -1100,6 +1105,15 @@ async def serve(
         "shutting down: finishing in-flight requests (up to %ss)", config.server.shutdown_timeout
     )
     await gw.stop()
+    if summaries is not None and log_limit is not None:
+        summaries.cancel()
+        log_limit.summaries(final=True)
+
+
+async def _log_summaries(limit: RateLimit) -> None:
+    while True:
+        await asyncio.sleep(limit.window)
+        limit.summaries()
 
 
 __all__ = ["Gateway", "TokenError", "serve"]

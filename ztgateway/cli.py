@@ -30,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from .logs import setup_logging
 
-    setup_logging(args.log_level or config.logging.level, config.logging.format)
+    log_limit = setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         import uvloop
 
@@ -60,7 +60,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         ops_socket = Path(args.ops_socket) if args.ops_socket else None
         asyncio.run(
-            serve(config, worker=args.worker, ops_socket=ops_socket, lifeline=args.lifeline_fd)
+            serve(
+                config,
+                worker=args.worker,
+                ops_socket=ops_socket,
+                lifeline=args.lifeline_fd,
+                log_limit=log_limit,
+            )
         )
     except (OSError, AuditUnavailable, AuditKeyError, StoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,10 +4,17 @@ decision (ztgateway/audit/events.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import GatewayFactory
-from tests.support import Certs, free_port, session
+from tests.conftest import GatewayFactory, base_config
+from tests.support import Certs, deep_merge, free_port, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.audit import search
 
@@ -78,3 +85,45 @@ async def test_failures_only_leaves_answered_requests_with_their_decision_alone(
     gw = await gateway_factory({"audit": {"upstream_events": "failures"}})
     _, decision_id = await get(gw, certs, "/echo")
     assert set(await events_of(gw, decision_id)) == {"ztgw.decision"}
+
+
+async def test_an_upstream_outage_logs_a_few_lines_not_one_per_request(
+    certs: Certs, upstream: int, tmp_path: Path
+) -> None:
+    port, ops = free_port(), free_port()
+    cfg = deep_merge(
+        base_config(certs, upstream, tmp_path),
+        {
+            "server": {"port": port},
+            "ops": {"port": ops},
+            "upstreams": {"demo": {"url": f"http://127.0.0.1:{free_port()}"}},
+            "logging": {"format": "text"},
+        },
+    )
+    path = tmp_path / "outage.toml"
+    path.write_text(to_toml(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ztgateway", "run", "-c", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", ops), 1).close()
+                break
+            await asyncio.sleep(0.1)
+        async with session(certs) as s:
+            for _ in range(40):
+                async with s.get(f"https://127.0.0.1:{port}/echo") as r:
+                    assert r.status == 502
+            async with s.get(f"http://127.0.0.1:{ops}/metrics", ssl=False) as r:
+                text = await r.text()
+        assert "ztgw_log_lines_suppressed_total 35.0" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=40)
+    lines = [line for line in err.decode().splitlines() if "upstream demo connect" in line]
+    assert len(lines) == 5, lines
+    # At shutdown the held-back count is written, so nothing disappears without a trace.
+    assert "35 lines like 'upstream %s %s: %s' suppressed" in err.decode()
