@@ -52,7 +52,7 @@ from .logs import RateLimit, decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
-from .reloading import RESTART_REQUIRED, listener_changes, restart_required
+from .reloading import RESTART_REQUIRED, listener_changes, listener_limits, restart_required
 from .resources import Heap, ensure_fd_limit
 from .responses import DECISION_HEADER, problem, see_other
 from .routes import RouteTable
@@ -279,14 +279,7 @@ class Gateway:
         self.listener = Listener(
             handler=self.handle,
             context=lambda: self.tls.current.context,
-            handshake_timeout=s.handshake_timeout,
-            header_timeout=s.header_timeout,
-            idle_timeout=s.idle_timeout,
-            max_connections=s.max_connections,
-            max_header_bytes=s.max_header_bytes,
-            max_headers=s.max_headers,
-            max_pending_handshakes=s.max_pending_handshakes,
-            max_pending_handshakes_per_source=s.max_pending_handshakes_per_source,
+            **listener_limits(s),
             on_handshake=self._on_handshake,
             on_protocol_error=self._on_protocol_error,
             on_header_timeout=self.metrics.slow_clients.inc,
@@ -442,17 +435,7 @@ class Gateway:
         self.config, self.runtime = config, runtime
         self.keeper.cfg = config.sessions
         if self.listener is not None:
-            s = config.server
-            self.listener.apply_limits(
-                handshake_timeout=s.handshake_timeout,
-                header_timeout=s.header_timeout,
-                idle_timeout=s.idle_timeout,
-                max_connections=s.max_connections,
-                max_header_bytes=s.max_header_bytes,
-                max_headers=s.max_headers,
-                max_pending_handshakes=s.max_pending_handshakes,
-                max_pending_handshakes_per_source=s.max_pending_handshakes_per_source,
-            )
+            self.listener.apply_limits(**listener_limits(config.server))
             self._budget_fds(self.listener)
         self.mask_key = mask_key
         if checkpoint_key is None:

@@ -171,6 +171,19 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
     for event in asyncio.run(tail(config.audit.db, args.n)):
         if args.json:
             print(json.dumps(event))
+        elif event.get("type") == "ztgw.checkpoint":
+            cp = event.get("checkpoint", {})
+            print(
+                f"{event.get('timestamp', '')} checkpoint ({cp.get('reason')}) signed by key "
+                f"{cp.get('key_id')} through seq {cp.get('through_seq')}"
+            )
+        elif event.get("type") == "ztgw.upstream":
+            up = event.get("upstream", {})
+            print(
+                f"{event.get('timestamp', '')} upstream {up.get('name')} {up.get('outcome')} "
+                f"status={up.get('status')} answered={up.get('answered')} "
+                f"{up.get('seconds')}s for decision {event.get('decision')}"
+            )
         else:
             r = event.get("result", {})
             i = event.get("input", {})

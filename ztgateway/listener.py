@@ -135,11 +135,6 @@ class Listener:
     ) -> None:
         self._handler = handler
         self._context = context
-        self.handshake_timeout = handshake_timeout
-        self.header_timeout = header_timeout
-        self.max_connections = max_connections
-        self.max_pending = max_pending_handshakes
-        self.max_pending_per_source = max_pending_handshakes_per_source
         self.fd_budget: int | None = None
         """Connections (pending + established) the file-descriptor limit leaves room for."""
         self.pending_by_source: dict[str, int] = {}
@@ -162,6 +157,16 @@ class Listener:
             access_log=None,
             auto_decompress=False,
             handler_cancellation=True,
+        )
+        self.apply_limits(
+            handshake_timeout=handshake_timeout,
+            header_timeout=header_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_pending_handshakes=max_pending_handshakes,
+            max_pending_handshakes_per_source=max_pending_handshakes_per_source,
         )
 
     # callbacks from handlers

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from .config import GatewayConfig
+from .config import GatewayConfig, ServerConfig
 
 LISTENER_LIMITS: Final = (
     "handshake_timeout",
@@ -53,6 +53,11 @@ RESTART_REQUIRED: Final = (
 )
 """Settings held by long-lived parts built at start-up (sockets, the audit writer, the store,
 the token verifier, the OIDC client, the MFA box, the assertion signer, the GeoIP reader)."""
+
+
+def listener_limits(server: ServerConfig) -> dict[str, Any]:
+    """The `[server]` values the listener takes, at start-up and on every reload."""
+    return {name: getattr(server, name) for name in LISTENER_LIMITS}
 
 
 def setting(config: GatewayConfig, path: str) -> Any:

@@ -49,35 +49,34 @@ class MaskKey:
         return cls(secret, key_id)
 
 
-def create_exclusive(path: Path, data: bytes) -> bool:
-    """Write `data` to `path` (0600) unless it exists; True when this call created it."""
+def _synced_temp(path: Path, data: bytes) -> Path:
+    """`data` in a new 0600 file beside `path`, on disk: ready to be linked or renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` (0600) unless it exists; True when this call created it."""
+    tmp = _synced_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic, and fails if another process got there first
-        except FileExistsError:
-            return False
-        return True
+        os.link(tmp, path)  # atomic, and fails if another process got there first
+    except FileExistsError:
+        return False
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp.unlink()
+    return True
 
 
 def replace_atomically(path: Path, data: bytes) -> None:
     """A rotation: the new content appears whole, under the same name, mode 0600."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    tmp = _synced_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -224,33 +224,26 @@ class JsonlSink:
         finally:
             cur.close()
 
+    def _one(self, sql: str, params: tuple[int, ...] = ()) -> tuple[object, ...] | None:
+        cur = self._conn().execute(sql, params)
+        try:
+            row: tuple[object, ...] | None = cur.fetchone()
+            return row
+        finally:
+            cur.close()
+
     def _in_chain(self, seq: int, link: str) -> bool:
         if seq == 0:
             return True
-        cur = self._conn().execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,))
-        try:
-            row = cur.fetchone()
-        finally:
-            cur.close()
-        if row is not None:
-            return bool(row[0] == link)
-        # Rotated out of the database: the checkpoints still name the archive's last hash.
-        cur = self._conn().execute(
-            "SELECT last_hash FROM audit_checkpoints WHERE through_seq = ?", (seq,)
-        )
-        try:
-            row = cur.fetchone()
-        finally:
-            cur.close()
+        row = self._one("SELECT hash FROM audit_events WHERE seq = ?", (seq,))
+        if row is None:
+            # Rotated out of the database: the checkpoints still name the archive's last hash.
+            row = self._one("SELECT last_hash FROM audit_checkpoints WHERE through_seq = ?", (seq,))
         if row is not None:
             return bool(row[0] == link)
         # Older than anything the database holds (archived mid-batch): cannot be disproved.
-        cur = self._conn().execute("SELECT MIN(seq) FROM audit_events")
-        try:
-            low = cur.fetchone()
-        finally:
-            cur.close()
-        return low is not None and low[0] is not None and seq < int(low[0])
+        low = self._one("SELECT MIN(seq) FROM audit_events")
+        return low is not None and isinstance(low[0], int) and seq < low[0]
 
 
 def _read_position(fd: int) -> tuple[int, str] | None:
