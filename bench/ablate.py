@@ -12,6 +12,7 @@ need updating when those change; a variant that no longer applies fails at start
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 from typing import Any
@@ -104,7 +105,7 @@ def main() -> None:
             work = R.WORK / f"ablate-{i}"
             work.mkdir(exist_ok=True)
             for f in work.glob("*.db*"):
-                f.unlink()
+                shutil.rmtree(f) if f.is_dir() else f.unlink()  # the journal is a directory
             port, ops = R.free_port(), R.free_port()
             cfg = work / "gateway.toml"
             cfg.write_text(

@@ -471,7 +471,8 @@ def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) 
         port, ops = free_port(), free_port()
         cfg = WORK / f"gateway-{process}.toml"
         for stale in [*WORK.glob(f"audit-{process}.db*"), *WORK.glob(f"state-{process}.db*")]:
-            stale.unlink()
+            # The audit journal (audit-*.db.journal/) is a directory.
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         cfg.write_text(
             gateway_config(
                 pki, port=port, ops_port=ops, upstream_port=up_port, work=WORK, process=process

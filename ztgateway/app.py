@@ -27,7 +27,7 @@ from .assertion import AssertionSigner, load_or_create_key
 from .audit import AuditLog, AuditUnavailable, MaskKey, mask_headers, mask_query
 from .audit.checkpoint import CheckpointSigner
 from .audit.events import upstream_event
-from .audit.keys import key_id, load_checkpoint_signing, load_mask_key
+from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
@@ -262,6 +262,15 @@ class Gateway:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
         await self.audit.start()
+        a = cfg.audit
+        for warning in placement_warnings(
+            a.db,
+            a.jsonl,
+            a.mask_key_file,
+            a.checkpoint_key_file,
+            mask_env=self.mask_key is not None and a.mask_key_file is None,
+        ):
+            log.warning("%s", warning)
         await self.store.open()
         if self.oidc is not None:
             await self.oidc.start()

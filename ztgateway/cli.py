@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{config.file}: ok (revision {config.revision}, {len(config.routes)} routes, "
         f"{len(config.issuers)} issuers)"
     )
+    from .audit.keys import placement_warnings
+
+    a = config.audit
+    for warning in placement_warnings(
+        a.db,
+        a.jsonl,
+        a.mask_key_file,
+        a.checkpoint_key_file,
+        mask_env=bool(os.environ.get(a.mask_key_env)),
+    ):
+        print(f"  warning: {warning}")
     for r in config.routes:
         hosts = ",".join(sorted(r.hosts)) or "*"
         print(f"  route {r.name}: {hosts}{r.prefix} -> {r.upstream.url} [{r.mode}]")

@@ -312,6 +312,10 @@ def find_orphans(directory: Path, own: str) -> list[Orphan]:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             continue  # recovered by someone else a moment ago
+        except OSError as exc:
+            # Not ours to recover (another user's gateway, a read-only copy): leave it.
+            logger.warning("audit journal lock %s cannot be opened: %s", lock, exc)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -210,3 +210,33 @@ def load_checkpoint_signing(
                 f"{bundle}: cannot record the checkpoint public key: {exc}"
             ) from exc
     return key
+
+
+def placement_warnings(
+    db: Path,
+    jsonl: Path | None,
+    mask_key: Path | None,
+    checkpoint_key: Path | None,
+    *,
+    mask_env: bool,
+) -> list[str]:
+    """What `check-config` and start-up say about where the audit keys are (or are not)."""
+    out: list[str] = []
+    if mask_key is None and not mask_env:
+        out.append(
+            "[audit] mask_key_file is not set: masked secrets are logged as <masked> with no "
+            "digest, so two events carrying the same secret cannot be correlated"
+        )
+    if checkpoint_key is None:
+        out.append(
+            "[audit] checkpoint_key_file is not set: the audit chain is not anchored, so an "
+            "event deleted and the rest re-hashed would still verify"
+        )
+    store = {db.parent.resolve(), *((jsonl.parent.resolve(),) if jsonl else ())}
+    for name, key in (("mask_key_file", mask_key), ("checkpoint_key_file", checkpoint_key)):
+        if key is not None and key.parent.resolve() in store:
+            out.append(
+                f"[audit] {name} {key} is in the audit store's directory: whoever can write "
+                "the audit log may read the key; keep it elsewhere (with the TLS keys)"
+            )
+    return out
