@@ -183,6 +183,10 @@ async def test_workers_die_with_their_supervisor_and_no_second_one_starts_beside
         await run_load(certs, sup.port, 0.5, load, clients=2)
         assert load.io_errors == 0 and set(load.answered.values()) <= {200, 401}
 
+        # Let both workers finish their write-behind (store, every 1 s) and audit batches: a
+        # worker frozen inside a SQLite write transaction would hold the lock the other one's
+        # final flush needs, and the other would wait for its busy timeout before exiting.
+        await asyncio.sleep(1.5)
         os.kill(first, signal.SIGSTOP)  # this one cannot act on its supervisor's death yet
         try:
             sup.proc.send_signal(signal.SIGKILL)
