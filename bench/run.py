@@ -132,10 +132,19 @@ def build_shim(gcc: str) -> Path:
     return out
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port, never one this run handed out before: two calls in a row may otherwise get
+    the same port, since neither is bound until its server starts."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 # --------------------------------------------------------------------------- CPU accounting

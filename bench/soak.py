@@ -49,10 +49,16 @@ MIX = (("GET", "/echo", False, 70), ("GET", "/api/echo", True, 20), ("POST", "/a
 BODY = b"x" * 4096
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports (bound together, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def log(message: str) -> None:
@@ -593,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         issuer="https://ztgateway.dev/issuer",
         audience="ztgateway",
     )
-    port, ops, redis, upstream = free_port(), free_port(), free_port(), free_port()
+    port, ops, redis, upstream = free_ports(4)
     config = work / "soak.toml"
     config.write_text(gateway_config(pki, work, port=port, ops=ops, redis=redis, upstream=upstream))
     stack = Stack()

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, base_config
-from tests.support import Certs, client_ssl, deep_merge, free_port, session, to_toml
+from tests.support import Certs, client_ssl, deep_merge, free_port, free_ports, session, to_toml
 from ztgateway.app import Gateway
 
 
@@ -210,7 +210,7 @@ async def test_pending_handshakes_have_a_budget_of_their_own(
 def run_gateway(
     certs: Certs, upstream: int, tmp_path: Path, *, nofile: tuple[int, int], **server: Any
 ) -> tuple[subprocess.Popen[bytes], int, int]:
-    port, ops = free_port(), free_port()
+    port, ops = free_ports(2)
     cfg = deep_merge(
         base_config(certs, upstream, tmp_path),
         {"server": {"port": port, **server}, "ops": {"port": ops}},

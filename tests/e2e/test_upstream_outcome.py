@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import GatewayFactory, base_config
-from tests.support import Certs, deep_merge, free_port, session, to_toml
+from tests.support import Certs, deep_merge, free_port, free_ports, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.audit import search
 
@@ -90,7 +90,7 @@ async def test_failures_only_leaves_answered_requests_with_their_decision_alone(
 async def test_an_upstream_outage_logs_a_few_lines_not_one_per_request(
     certs: Certs, upstream: int, tmp_path: Path
 ) -> None:
-    port, ops = free_port(), free_port()
+    port, ops = free_ports(2)
     cfg = deep_merge(
         base_config(certs, upstream, tmp_path),
         {

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, base_config
-from tests.support import Certs, client_ssl, deep_merge, free_port, to_toml
+from tests.support import Certs, client_ssl, deep_merge, free_ports, to_toml
 
 pytestmark = pytest.mark.replicas
 
@@ -49,7 +49,7 @@ async def supervised(
     certs: Certs, upstream: int, tmp_path: Path, **sections: Any
 ) -> AsyncIterator[Supervised]:
     """`ztgateway run` with `workers = 2`, once both workers answer; stopped cleanly after."""
-    port, ops = free_port(), free_port()
+    port, ops = free_ports(2)
     cfg = base_config(certs, upstream, tmp_path)
     cfg["server"].update({"port": port, "workers": 2})
     cfg["ops"]["port"] = ops
