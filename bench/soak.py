@@ -273,11 +273,13 @@ async def steady_load(
 async def churn(
     args: argparse.Namespace, port: int, tls: ssl.SSLContext, load: Load, t0: float
 ) -> None:
-    """Every `churn_every` s, `churn_size` connections opened together (at most 100 handshakes
-    in flight), one request each, all held until the last one is open, then closed."""
+    """Every `churn_every` s, `churn_size` connections opened together (at most 48 handshakes
+    in flight: all come from 127.0.0.1, and each worker lets one address hold at most
+    `max_pending_handshakes_per_source` = 64 pending handshakes), one request each, all held
+    until the last one is open, then closed."""
     clock = time.perf_counter
     request = request_bytes("GET", "/echo", None, port)
-    limit = asyncio.Semaphore(100)
+    limit = asyncio.Semaphore(48)
     rounds = int(args.duration // args.churn_every) if args.churn_size else 0
     for r in range(rounds):
         await asyncio.sleep(max(0.0, t0 + (r + 0.5) * args.churn_every - clock()))
@@ -355,6 +357,27 @@ async def sampler(
 
 
 # --------------------------------------------------------------------------- after the run
+
+
+def scrape_refusals(ops: int) -> dict[str, float]:
+    """What the gateway refused or failed at the connection level, from its merged metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{ops}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for family in (
+            "ztgw_connections_rejected_total",
+            "ztgw_tls_handshake_failures_total",
+            "ztgw_worker_restarts_total",
+            "ztgw_audit_recovered_events_total",
+            "ztgw_log_lines_suppressed_total",
+        ):
+            if line.startswith(family) and not line.endswith(" 0.0"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+    return out
 
 
 def audit_report(work: Path, config: Path, answered: set[str]) -> dict[str, Any]:
@@ -527,6 +550,9 @@ def markdown(res: dict[str, Any], commit: str, started: str) -> str:
             for k, v in res["rss"].items()
         ),
         "",
+        "**Connection-level refusals and failures** (merged metrics, non-zero only): "
+        + (", ".join(f"`{k}` {v:g}" for k, v in res.get("refusals", {}).items()) or "none"),
+        "",
         "**File descriptors** (min / max / end): "
         + ", ".join(f"{k} {v['min']}/{v['max']}/{v['end']}" for k, v in res["fds"].items()),
         "",
@@ -646,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             f"gateway {gateway.pid} with 2 workers on :{port}, Redis :{redis}; {args.duration:g} s at {args.rate:g} req/s"
         )
         load, samples = asyncio.run(drive(args, port, gateway.pid, pki, token))
+        refusals = scrape_refusals(ops)
         log("load done; stopping the gateway (SIGTERM)")
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=60)
@@ -658,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     audit = audit_report(work, config, answered)
     res = summarize(args, load, samples, audit)
+    res["refusals"] = refusals
     res["samples"] = samples
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],
