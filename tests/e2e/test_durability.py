@@ -158,13 +158,7 @@ def second_supervisor(config: Path) -> subprocess.CompletedProcess[str]:
     data["ops"]["port"] = free_port()
     other = config.with_name("second.toml")
     other.write_text(to_toml(data))
-    return subprocess.run(
-        [sys.executable, "-m", "ztgateway", "run", "-c", str(other)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
+    return cli("run", "-c", str(other))
 
 
 async def test_workers_die_with_their_supervisor_and_no_second_one_starts_beside_them(
