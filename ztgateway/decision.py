@@ -46,6 +46,10 @@ class Reason(enum.StrEnum):
     HEADER_SPOOFED = "header-spoofed"
     HEADER_TOO_LARGE = "header-too-large"
     BODY_TOO_LARGE = "body-too-large"
+    # the gateway's own forms and state-changing endpoints (forms.py)
+    ORIGIN_MISMATCH = "origin-mismatch"
+    CSRF_INVALID = "csrf-invalid"
+    MEDIA_TYPE_UNSUPPORTED = "media-type-unsupported"
     # identity
     TOKEN_REQUIRED = "token-required"
     TOKEN_INVALID = "token-invalid"
@@ -102,6 +106,14 @@ class Reason(enum.StrEnum):
     RATE_LIMITED = "rate-limited"
     MFA_REQUIRED = "mfa-required"
     ACCOUNT_LOCKED = "account-locked"
+    # second factor (mfa.py, mfa_endpoints.py): the outcome of a code someone entered
+    MFA_INVALID = "mfa-invalid"
+    MFA_REPLAYED = "mfa-replayed"
+    MFA_MALFORMED = "mfa-malformed"
+    MFA_LOCKED = "mfa-locked"
+    MFA_NOT_ENROLLED = "mfa-not-enrolled"
+    MFA_ENROLMENT_EXISTS = "mfa-enrolment-exists"
+    MFA_ENROLMENT_EXPIRED = "mfa-enrolment-expired"
     # faults
     STAGE_ERROR = "stage-error"
     UPSTREAM_UNAVAILABLE = "upstream-unavailable"
@@ -132,6 +144,9 @@ _STATUS: dict[Reason, int] = {
     Reason.HEADER_SPOOFED: 400,
     Reason.HEADER_TOO_LARGE: 431,
     Reason.BODY_TOO_LARGE: 413,
+    Reason.ORIGIN_MISMATCH: 403,
+    Reason.CSRF_INVALID: 400,
+    Reason.MEDIA_TYPE_UNSUPPORTED: 415,
     Reason.TOKEN_REQUIRED: 401,
     Reason.TOKEN_INVALID: 401,
     Reason.TOKEN_EXPIRED: 401,
@@ -156,6 +171,13 @@ _STATUS: dict[Reason, int] = {
     Reason.RISK_STEP_UP: 401,
     Reason.IP_DRIFT: 401,
     Reason.RATE_LIMITED: 429,
+    Reason.MFA_INVALID: 401,
+    Reason.MFA_REPLAYED: 401,
+    Reason.MFA_MALFORMED: 400,
+    Reason.MFA_LOCKED: 429,
+    Reason.MFA_NOT_ENROLLED: 403,
+    Reason.MFA_ENROLMENT_EXISTS: 409,
+    Reason.MFA_ENROLMENT_EXPIRED: 409,
     Reason.POSTURE_INVALID: 400,
     Reason.POSTURE_REPLAYED: 409,
     Reason.STAGE_ERROR: 503,
@@ -176,6 +198,9 @@ _TITLES: dict[Reason, str] = {
     Reason.HEADER_SPOOFED: "The request carried identity headers that only the gateway may set",
     Reason.HEADER_TOO_LARGE: "The request headers are too large",
     Reason.BODY_TOO_LARGE: "The request body is too large",
+    Reason.ORIGIN_MISMATCH: "This request did not come from this site",
+    Reason.CSRF_INVALID: "The form expired or did not come from this site",
+    Reason.MEDIA_TYPE_UNSUPPORTED: "The request body is not of a type accepted here",
     Reason.TOKEN_REQUIRED: "A bearer token is required",
     Reason.TOKEN_INVALID: "The bearer token is not valid",
     Reason.TOKEN_EXPIRED: "The bearer token has expired",
@@ -194,6 +219,15 @@ _TITLES: dict[Reason, str] = {
     Reason.RISK_STEP_UP: "Additional verification is required",
     Reason.SESSION_ANOMALY: "Unusual activity: confirm it is you",
     Reason.RISK_DENIED: "This request was refused as too risky",
+    Reason.RATE_LIMITED: "Too many requests: wait a moment and try again",
+    Reason.MFA_REQUIRED: "Your second factor is required",
+    Reason.MFA_INVALID: "That code did not work",
+    Reason.MFA_REPLAYED: "That code was already used: wait for the next one",
+    Reason.MFA_MALFORMED: "That is not a six-digit code or a backup code",
+    Reason.MFA_LOCKED: "Too many wrong codes: try again later",
+    Reason.MFA_NOT_ENROLLED: "No second factor is set up for this account",
+    Reason.MFA_ENROLMENT_EXISTS: "A second factor is already set up for this account",
+    Reason.MFA_ENROLMENT_EXPIRED: "The set-up of your second factor expired: start again",
     Reason.UPSTREAM_UNAVAILABLE: "The application is not reachable",
     Reason.UPSTREAM_TIMEOUT: "The application did not answer in time",
     Reason.SERVICE_UNAVAILABLE: "The gateway cannot verify requests right now",

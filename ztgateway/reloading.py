@@ -45,6 +45,7 @@ RESTART_REQUIRED: Final = (
     "store.base",
     "logging.level",
     "logging.format",
+    "keys",
     "issuers",
     "oidc",
     "mfa",
@@ -52,7 +53,8 @@ RESTART_REQUIRED: Final = (
     "risk.geoip_db",
 )
 """Settings held by long-lived parts built at start-up (sockets, the audit writer, the store,
-the token verifier, the OIDC client, the MFA box, the assertion signer, the GeoIP reader)."""
+the gateway's root key, the token verifier, the OIDC client, the MFA box, the assertion signer,
+the GeoIP reader)."""
 
 
 def listener_limits(server: ServerConfig) -> dict[str, Any]:
