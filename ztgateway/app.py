@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import __version__
 from .assertion import AssertionSigner, load_or_create_key
-from .audit import AuditLog
+from .audit import AuditLog, MaskKey
+from .audit.checkpoint import CheckpointSigner
+from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
@@ -35,11 +38,15 @@ from .forward.websocket import Watch
 from .geo import GeoLocator
 from .http1 import Limits
 from .keys import GatewayKeys
+from .lifeline import watch_lifeline
 from .listener import Listener
+from .logs import RateLimit
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
+from .reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .request_path import RequestPath
+from .resources import Heap, ensure_fd_limit
 from .routes import RouteTable
 from .runtime import Runtime
 from .stages.session import SessionKeeper
@@ -48,6 +55,9 @@ from .store.base import ChangeKind, Device, StoreUnavailable
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
+_OTHER_FDS = 64
+"""File descriptors kept for everything but connections: logs, the store, the audit files,
+the ops listener, TLS material reads."""
 
 
 def protocol_limits(cfg: GatewayConfig) -> Limits:
@@ -80,6 +90,19 @@ def protocol_limits(cfg: GatewayConfig) -> Limits:
     )
 
 
+def listener_settings(cfg: GatewayConfig) -> dict[str, Any]:
+    """What the listener takes from `[server]`, at start-up and on every reload (issue 19 D4):
+    its own budgets and the protocol's limits for connections accepted from then on."""
+    s = cfg.server
+    return {
+        "limits": protocol_limits(cfg),
+        "handshake_timeout": s.handshake_timeout,
+        "max_connections": s.max_connections,
+        "max_pending_handshakes": s.max_pending_handshakes,
+        "max_pending_handshakes_per_source": s.max_pending_handshakes_per_source,
+    }
+
+
 class Gateway:
     session_sweep_interval = 60.0
     """Seconds between sweeps of expired sessions out of memory (tests shorten it)."""
@@ -100,11 +123,16 @@ class Gateway:
         """A worker's ops listener: a Unix socket in the supervisor's private directory."""
         self.metrics = Metrics()
         self.tls = TLSManager(config.tls, config.server.client_cert, on_reload=self._on_tls_reload)
+        self.mask_key, checkpoint_key = self._audit_keys(config, create=True)
         self.audit = AuditLog(
             config.audit.db,
             jsonl_path=config.audit.jsonl,
             max_queue=config.audit.max_queue,
             on_write_failure=lambda exc: self.metrics.audit_failures.inc(),
+            durability=config.audit.durability,
+            journal_dir=config.audit.journal_dir,
+            checkpoint_signer=CheckpointSigner(checkpoint_key) if checkpoint_key else None,
+            checkpoint_interval=config.audit.checkpoint_interval,
             clock=clock,
         )
         self.tokens: TokenVerifier | None = None
@@ -145,14 +173,31 @@ class Gateway:
             audit=self.audit,
             keeper=self.keeper,
             revision=lambda: self.config.revision,
+            mask_key=lambda: self.mask_key,
         )
         self.decisions = DecisionPath(self.recorder)
         self.request_path = RequestPath(self, self.decisions)
         self._dry: tuple[Runtime, Runtime] | None = None
+        self.started_config = config
+        """What the long-lived parts were built from (reloading.py compares with it)."""
+        self.last_reload: dict[str, Any] = {}
+        self.heap = Heap()
         self.started_at = clock.time()
         self._update_cert_metrics()
         self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
         self.metrics.watch_sessions(self._active_sessions)
+
+    @staticmethod
+    def _audit_keys(
+        config: GatewayConfig, *, create: bool
+    ) -> tuple[MaskKey | None, Ed25519PrivateKey | None]:
+        """The audit mask key and checkpoint key, both kept outside the audit store."""
+        a = config.audit
+        mask = load_mask_key(a.mask_key_file, a.mask_key_env, create=create)
+        signing = load_checkpoint_signing(
+            a.checkpoint_key_file, a.checkpoint_public_keys, create=create
+        )
+        return mask, signing
 
     # --- runtime snapshot ------------------------------------------------------------------
     def _build_runtime(self, config: GatewayConfig) -> Runtime:
@@ -241,6 +286,15 @@ class Gateway:
             if path is not None:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await self.audit.start()
+        a = cfg.audit
+        for warning in placement_warnings(
+            a.db,
+            a.jsonl,
+            a.mask_key_file,
+            a.checkpoint_key_file,
+            mask_env=self.mask_key is not None and a.mask_key_file is None,
+        ):
+            log.warning("%s", warning)
         await self.store.open()
         await self._load_keys()
         if self.oidc is not None:
@@ -259,14 +313,13 @@ class Gateway:
         self.listener = Listener(
             handler=self.request_path,
             context=lambda: self.tls.current.context,
-            limits=protocol_limits(cfg),
-            handshake_timeout=s.handshake_timeout,
-            max_connections=s.max_connections,
+            **listener_settings(cfg),
             clock=self.clock.time,
             on_handshake=self._on_handshake,
             on_connection_change=self.metrics.connections_open.set,
             on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
         )
+        self._budget_fds(self.listener)
         self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
         if cfg.ops.enabled:
             from .ops import create_ops_app
@@ -287,6 +340,8 @@ class Gateway:
                 self.ops_port = site.port
         self._tasks.append(asyncio.ensure_future(self._poll_tls()))
         self._tasks.append(asyncio.ensure_future(self._report_audit_depth()))
+        if s.memory_trim_interval > 0 and self.heap.available:
+            self._tasks.append(asyncio.ensure_future(self._trim_memory(s.memory_trim_interval)))
         self._tasks.append(asyncio.ensure_future(self._expire_sessions()))
         log.info(
             "ztgateway %s listening on https://%s:%d (ops on %s)",
@@ -346,9 +401,47 @@ class Gateway:
             self.tls.maybe_reload()
 
     async def _report_audit_depth(self) -> None:
+        recovered = checkpoints = 0
         while True:
             await asyncio.sleep(1.0)
-            self.metrics.audit_queue.set(self.audit.stats.queued)
+            stats = self.audit.stats
+            self.metrics.audit_queue.set(stats.queued)
+            self.metrics.audit_recovered.inc(stats.recovered - recovered)
+            self.metrics.audit_checkpoints.inc(self.audit.checkpoints - checkpoints)
+            recovered, checkpoints = stats.recovered, self.audit.checkpoints
+
+    def _budget_fds(self, listener: Listener) -> None:
+        """Raise RLIMIT_NOFILE for what the listener may hold; below it, refuse and count
+        (resources.py) rather than let the event loop reset connections silently."""
+        s = self.config.server
+        upstream = sum(up.max_connections for up in _all_upstreams(self.config))
+        wanted = s.max_connections + s.max_pending_handshakes + upstream + _OTHER_FDS
+        limit = ensure_fd_limit(wanted)
+        self.metrics.fd_limit.set(limit.soft)
+        if limit.raised_from is not None:
+            log.info(
+                "raised the file-descriptor limit from %d to %d", limit.raised_from, limit.soft
+            )
+        listener.fd_budget = None
+        if limit.soft < wanted:
+            # Short: half of what is left for the upstream pools at most, the rest for clients.
+            usable = max(2, limit.soft - _OTHER_FDS)
+            listener.fd_budget = max(1, usable - min(upstream, usable // 2))
+            log.warning(
+                "file-descriptor limit %d (hard %d) is below the %d that max_connections (%d), "
+                "max_pending_handshakes (%d) and the upstream pools need: at most %d client "
+                "connections; more are refused and counted in "
+                'ztgw_connections_rejected_total{reason="fd_limit"}. Raise LimitNOFILE / ulimit -n.',
+                limit.soft, limit.hard, wanted, s.max_connections, s.max_pending_handshakes,
+                listener.fd_budget,
+            )  # fmt: skip
+        self.metrics.handshakes_pending.set_function(lambda: len(listener.pending))
+
+    async def _trim_memory(self, interval: float) -> None:
+        """Return freed heap to the system now and then (resources.py: glibc keeps it)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.heap.trim()
 
     async def _expire_sessions(self) -> None:
         """Drop sessions past their absolute expiry from memory (and, a day later, the store).
@@ -369,7 +462,11 @@ class Gateway:
                 log.info("expired %d sessions", gone)
 
     def reload(self) -> bool:
-        """SIGHUP: new configuration and TLS material, or keep serving the old on any error."""
+        """SIGHUP: new configuration and TLS material, or keep serving the old on any error.
+
+        The listener's `[server]` limits apply to connections accepted from now on; settings
+        only a restart applies are named (reloading.py) in `last_reload`, the log and a metric.
+        """
         try:
             config = load_config(self.config.file)
             if (
@@ -380,18 +477,54 @@ class Gateway:
             else:
                 self.tls.maybe_reload(force=True)
             runtime = self._build_runtime(config)
+            # A rotated mask or checkpoint key takes effect with the new configuration.
+            mask_key, checkpoint_key = self._audit_keys(config, create=False)
         except Exception as exc:
             log.error("reload refused, still serving revision %s: %s", self.config.revision, exc)
             self.metrics.config_reloads.labels("failure").inc()
             self.metrics.config_reload_ok.set(0)
+            self.last_reload = {"reloaded": False, "error": str(exc)}
             return False
+        applied = listener_changes(self.config, config)
+        pending = restart_required(self.started_config, config)
         self.config, self.runtime = config, runtime
+        self.keeper.cfg = config.sessions
+        if self.listener is not None:
+            self.listener.apply_limits(**listener_settings(config))
+            self._budget_fds(self.listener)
+        self.mask_key = mask_key
+        if checkpoint_key is None:
+            self.audit.checkpoint_signer = None
+        elif self.audit.checkpoint_signer is None or self.audit.checkpoint_signer.key_id != key_id(
+            checkpoint_key.public_key()
+        ):
+            self.audit.checkpoint_signer = CheckpointSigner(checkpoint_key)
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_reload_ok.set(1)
+        for name in RESTART_REQUIRED:
+            self.metrics.config_restart_required.labels(name).set(1 if name in pending else 0)
         self._update_cert_metrics()
         for w in list(self.watches):
             w.wake()
-        log.info("configuration reloaded: revision %s", config.revision)
+        self.last_reload = {
+            "reloaded": True,
+            "revision": config.revision,
+            "applied": applied,
+            "restart_required": pending,
+        }
+        log.info(
+            "configuration reloaded: revision %s%s",
+            config.revision,
+            f"; listener limits applied to new connections: {', '.join(applied)}"
+            if applied
+            else "",
+        )
+        if pending:
+            log.warning(
+                "configuration reloaded, but these settings changed since start-up and take "
+                "effect only after a restart: %s",
+                ", ".join(pending),
+            )
         return True
 
     # --- listener callbacks ------------------------------------------------------------------
@@ -401,6 +534,7 @@ class Gateway:
         else:
             self.metrics.handshake_failures.labels(failure).inc()
 
+    # --- the request path --------------------------------------------------------------------
     # --- what the gateway's own endpoints use ------------------------------------------------
     def record_decision(self, ctx: RequestContext, decision: Decision) -> None:
         """Count and audit a decision taken outside the pipeline; raises AuditUnavailable."""
@@ -423,7 +557,7 @@ class Gateway:
     def audit_event(
         self, ctx: RequestContext, decision: Decision, request: object = None
     ) -> dict[str, Any]:
-        return audit_event(ctx, decision, self.config.revision)
+        return audit_event(ctx, decision, self.config.revision, mask_key=self.mask_key)
 
     async def ensure_device(self, ctx: RequestContext) -> None:
         """Register the presented certificate's device if this is its first contact."""
@@ -502,10 +636,17 @@ def tune_gc() -> None:
 
 
 async def serve(
-    config: GatewayConfig, *, worker: int | None = None, ops_socket: Path | None = None
+    config: GatewayConfig,
+    *,
+    worker: int | None = None,
+    ops_socket: Path | None = None,
+    lifeline: int | None = None,
+    log_limit: RateLimit | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone); SIGHUP
+    reloads."""
     gw = Gateway(config, worker=worker, ops_socket=ops_socket)
+    gw.heap.limit_arenas()
     await gw.start()
     tune_gc()
     loop = asyncio.get_running_loop()
@@ -513,6 +654,12 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    if lifeline is not None:
+        watch_lifeline(lifeline, stop.set)
+    summaries: asyncio.Task[None] | None = None
+    if log_limit is not None:
+        log_limit.on_suppressed = gw.metrics.log_lines_suppressed.inc
+        summaries = asyncio.ensure_future(_log_summaries(log_limit))
     print(f"ztgateway listening on https://{config.server.host}:{gw.port}", flush=True)
     if gw.ops_port:
         print(f"ops listener on http://{config.ops.host}:{gw.ops_port}", flush=True)
@@ -521,6 +668,15 @@ async def serve(
         "shutting down: finishing in-flight requests (up to %ss)", config.server.shutdown_timeout
     )
     await gw.stop()
+    if summaries is not None and log_limit is not None:
+        summaries.cancel()
+        log_limit.summaries(final=True)
+
+
+async def _log_summaries(limit: RateLimit) -> None:
+    while True:
+        await asyncio.sleep(limit.window)
+        limit.summaries()
 
 
 __all__ = ["Gateway", "TokenError", "serve"]

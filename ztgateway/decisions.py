@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
+from .audit import AuditLog, AuditUnavailable, MaskKey, mask_headers, mask_query
 from .context import RequestContext
 from .decision import Decision, Finding, Reason, Verdict
 from .metrics import Metrics
@@ -56,11 +56,17 @@ def unavailable(ctx: RequestContext, detail: str) -> Decision:
 
 
 def audit_event(
-    ctx: RequestContext, decision: Decision, revision: str, *, recheck: bool = False
+    ctx: RequestContext,
+    decision: Decision,
+    revision: str,
+    *,
+    recheck: bool = False,
+    mask_key: MaskKey | None = None,
 ) -> dict[str, Any]:
-    """The one decision-log event shape (OPA's): input (secrets masked), result, revision."""
-    headers, masked = _masked_headers(tuple(ctx.headers.items()))
-    query, masked_q = mask_query(ctx.query)
+    """The one decision-log event shape (OPA's): input (secrets masked with the keyed MAC of
+    audit/keys.py), result, revision."""
+    headers, masked = _masked_headers(tuple(ctx.headers.items()), mask_key)
+    query, masked_q = mask_query(ctx.query, key=mask_key)
     ident = ctx.identity
     cert = ctx.cert
     event: dict[str, Any] = {
@@ -103,11 +109,13 @@ def audit_event(
 
 
 @functools.lru_cache(maxsize=1024)
-def _masked_headers(items: tuple[tuple[str, str], ...]) -> tuple[dict[str, str], list[str]]:
-    """Masked once per distinct set of header fields: a client sends the same ones again and
-    again (the profile in place put masking at ~3% of a request). The event encoder only
-    reads the dict, so sharing it between events is safe."""
-    return mask_headers(items)
+def _masked_headers(
+    items: tuple[tuple[str, str], ...], key: MaskKey | None
+) -> tuple[dict[str, str], list[str]]:
+    """Masked once per distinct set of header fields and mask key: a client sends the same
+    ones again and again (the profile in place put masking at ~3% of a request). The event
+    encoder only reads the dict, so sharing it between events is safe."""
+    return mask_headers(items, key=key)
 
 
 class Recorder:
@@ -120,11 +128,13 @@ class Recorder:
         audit: AuditLog,
         keeper: SessionKeeper,
         revision: Callable[[], str],
+        mask_key: Callable[[], MaskKey | None] = lambda: None,
     ) -> None:
         self.metrics = metrics
         self.audit = audit
         self.keeper = keeper
         self.revision = revision
+        self.mask_key = mask_key
 
     def count(self, ctx: RequestContext, decision: Decision) -> None:
         m = self.metrics
@@ -166,7 +176,11 @@ class Recorder:
             self.metrics.audit_unavailable.inc()
             raise AuditUnavailable("audit log is failing")
         try:
-            self.audit.record(audit_event(ctx, decision, self.revision(), recheck=recheck))
+            self.audit.record(
+                audit_event(
+                    ctx, decision, self.revision(), recheck=recheck, mask_key=self.mask_key()
+                )
+            )
         except AuditUnavailable:
             self.metrics.audit_unavailable.inc()
             raise

@@ -8,7 +8,13 @@ counted by reason, and the parsed certificate rides on the connection (`http1.Co
 which then owns every HTTP limit and timeout.
 
 Server-side limits that come before HTTP live here: maximum connections and the handshake
-timeout. Shutdown drains: no new connections, idle ones close, requests in progress finish
+timeout. Connections that have not finished their handshake are budgeted apart from established
+ones, and per source address (issue 19: one host holding 700 raw sockets that never sent a
+ClientHello filled `max_connections` and kept every legitimate client out for 7.6 s): at most
+`max_pending_handshakes` in all and `max_pending_handshakes_per_source` from one address (one
+/64 for IPv6) may be mid-handshake; `max_connections` counts established connections. Every
+refusal is counted by cause, including the file-descriptor budget (`fd_budget`) that keeps the
+process below its RLIMIT_NOFILE, where libuv would otherwise reset connections silently. Shutdown drains: no new connections, idle ones close, requests in progress finish
 (answered with `Connection: close`), open WebSockets are closed with 1001, and whatever is
 left at the deadline is cut.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -39,6 +46,8 @@ class Listener:
         limits: Limits,
         handshake_timeout: float,
         max_connections: int,
+        max_pending_handshakes: int = 1024,
+        max_pending_handshakes_per_source: int = 64,
         clock: Callable[[], float],
         on_handshake: Callable[[str | None, str | None], None],
         on_connection_change: Callable[[int], None],
@@ -46,9 +55,17 @@ class Listener:
     ) -> None:
         self._handler = handler
         self._context = context
-        self.limits = limits
-        self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
+        self.fd_budget: int | None = None
+        """Connections (pending + established) the file-descriptor limit leaves room for."""
+        self.pending_by_source: dict[str, int] = {}
+        self.established = 0
+        self.apply_limits(
+            limits=limits,
+            handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
+            max_pending_handshakes=max_pending_handshakes,
+            max_pending_handshakes_per_source=max_pending_handshakes_per_source,
+        )
         self._clock = clock
         self._on_handshake = on_handshake
         self._on_connection_change = on_connection_change
@@ -60,9 +77,27 @@ class Listener:
         self.server: asyncio.Server | None = None
         self._drained: asyncio.Event | None = None
 
+    def apply_limits(
+        self,
+        *,
+        limits: Limits,
+        handshake_timeout: float,
+        max_connections: int,
+        max_pending_handshakes: int,
+        max_pending_handshakes_per_source: int,
+    ) -> None:
+        """A reload's `[server]` limits, for every connection accepted from now on (issue 19
+        D4); connections already open keep the protocol limits they were accepted with."""
+        self.limits = limits
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.max_pending = max_pending_handshakes
+        self.max_pending_per_source = max_pending_handshakes_per_source
+
     def on_connection_closed(self, conn: Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
+            self.established -= 1
             self.open_connections -= 1
             self._on_connection_change(self.open_connections)
             if not self.connections and self._drained is not None:
@@ -82,15 +117,37 @@ class Listener:
         return int(self.server.sockets[0].getsockname()[1])
 
     def accept(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
-        if self.open_connections >= self.max_connections:
-            self._on_rejected("max_connections")
+        source = source_key(acceptor.peer)
+        pending = len(self.pending)
+        if self.fd_budget is not None and self.open_connections >= self.fd_budget:
+            refused = "fd_limit"
+        elif self.established >= self.max_connections:
+            refused = "max_connections"
+        elif pending >= self.max_pending:
+            refused = "pending_handshakes"
+        elif self.pending_by_source.get(source, 0) >= self.max_pending_per_source:
+            refused = "pending_per_source"
+        else:
+            refused = ""
+        if refused:
+            self._on_rejected(refused)
             transport.abort()
             return
         self.open_connections += 1
+        self.pending_by_source[source] = self.pending_by_source.get(source, 0) + 1
         self._on_connection_change(self.open_connections)
         task = asyncio.ensure_future(self._handshake(transport, acceptor))
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self.pending.discard(task)
+            left = self.pending_by_source.get(source, 1) - 1
+            if left > 0:
+                self.pending_by_source[source] = left
+            else:
+                self.pending_by_source.pop(source, None)
+
+        task.add_done_callback(done)
 
     async def _handshake(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +209,14 @@ class Listener:
                 self._on_connection_change(self.open_connections)
                 tls_transport.abort()
                 return
+        if self.established >= self.max_connections:
+            # Others finished their handshakes first: the established budget is full.
+            self._on_rejected("max_connections")
+            self.open_connections -= 1
+            self._on_connection_change(self.open_connections)
+            tls_transport.abort()
+            return
+        self.established += 1
         version = ssl_object.version()
         conn = Connection(
             self._handler,
@@ -253,3 +318,17 @@ class _Acceptor(asyncio.Protocol):
         self.buffer.clear()
         if self.eof and not conn.eof_received():
             conn.close()
+
+
+def source_key(peer: Any) -> str:
+    """The address a pending-handshake budget is kept for: the IPv4 address, or the /64 of an
+    IPv6 one (one host is routinely given a whole /64)."""
+    if not peer:
+        return "?"
+    host = str(peer[0])
+    if ":" in host:
+        try:
+            return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        except ValueError:
+            return host
+    return host

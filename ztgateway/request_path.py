@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import endpoints, mfa_endpoints, portal
+from .audit import AuditUnavailable
+from .audit.events import upstream_event
 from .context import RequestContext
 from .decision import Decision, Reason, new_decision_id
 from .decisions import DecisionPath
@@ -84,6 +86,8 @@ class RequestPath:
         outcome = await self.decisions.decide(ctx, rt)
         decision = outcome.decision
         route = ctx.route
+        if not await self._durable(request, ctx):
+            return
         if not decision.allowed or route is None:
             # A body refused for its size may still be on its way: close rather than read it.
             too_large = decision.reason is Reason.BODY_TOO_LARGE
@@ -100,37 +104,112 @@ class RequestPath:
         assert ctx.path is not None
         target = upstream_target(route, ctx.path, ctx.query)
         route_label = route.name
+        head_seconds: list[float] = []
+        observe_head = self.metrics.upstream_seconds.labels(route_label).observe
+
+        def on_head(seconds: float) -> None:
+            head_seconds.append(seconds)
+            observe_head(seconds)
+
+        # (outcome, upstream status, status answered, refusal reason): recorded once known.
+        result: tuple[str, int | None, int, Reason | None] | None = None
+        forwarding = gw.clock.monotonic()
         try:
             if ctx.websocket:
                 await self._websocket(request, ctx, target, headers)
+                result = ("websocket", 101, 101, None)
                 return
-            await forward_http(
+            status = await forward_http(
                 request,
                 route,
                 gw.upstreams.pool(route.upstream),
                 target,
                 headers,
                 decision_id=ctx.decision_id,
-                on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
+                on_upstream_head=on_head,
                 clock=gw.clock,
             )
+            result = ("responded", status, status, None)
         except BodyTooLarge:
             # A chunked body that streamed past the route's limit: refused after the ALLOW,
             # and recorded as a decision of its own that names the one it overrides.
+            result = ("body-too-large", None, 413, Reason.BODY_TOO_LARGE)
             self._refused_late(request, ctx, Reason.BODY_TOO_LARGE, "body over client_max_size")
         except BodyTimeout:
             self.metrics.protocol_errors.labels(Reason.REQUEST_TIMEOUT.value).inc()
+            result = ("body-timeout", None, 408, Reason.REQUEST_TIMEOUT)
             self._refused_late(request, ctx, Reason.REQUEST_TIMEOUT, "request body stalled")
         except UpstreamFailure as fail:
             self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
             log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
+            result = (fail.kind, None, fail.reason.status, fail.reason)
             request.respond(*self._problem(ctx, fail.reason))
         except ClientGone:
             return
         finally:
-            self.metrics.request_seconds.labels(route_label).observe(
-                gw.clock.monotonic() - ctx.started
+            now = gw.clock.monotonic()
+            self.metrics.request_seconds.labels(route_label).observe(now - ctx.started)
+            if result is not None:
+                self._record_upstream(
+                    ctx, result, now - forwarding, head_seconds[0] if head_seconds else None
+                )
+
+    async def _durable(self, request: Request, ctx: RequestContext) -> bool:
+        """`[audit] durability = "fsync"`: this request's events on stable storage before it is
+        answered or forwarded (one fdatasync shared by every request waiting now, audit/).
+        False, answered 503, when the sync failed (fail closed)."""
+        audit = self.gw.audit
+        if not audit.needs_sync:
+            return True
+        try:
+            await audit.sync()
+        except AuditUnavailable:
+            self.metrics.audit_unavailable.inc()
+            ctx.retry_after = 5.0
+            request.respond(
+                *problem_parts(
+                    Reason.SERVICE_UNAVAILABLE,
+                    ctx.decision_id,
+                    accept=ctx.headers.get("Accept", ""),
+                    extra_headers={"Retry-After": "5"},
+                )
             )
+            return False
+        return True
+
+    def _record_upstream(
+        self,
+        ctx: RequestContext,
+        result: tuple[str, int | None, int, Reason | None],
+        seconds: float,
+        head_seconds: float | None,
+    ) -> None:
+        """What the upstream then did, as an event linked to the decision (audit/events.py)."""
+        kind, status, answered, reason = result
+        if self.gw.config.audit.upstream_events == "failures" and reason is None:
+            return
+        route = ctx.route
+        assert route is not None
+        ident, cert = ctx.identity, ctx.cert
+        event = upstream_event(
+            ctx.decision_id,
+            route=route.name,
+            upstream=route.upstream.name,
+            outcome=kind,
+            status=status,
+            answered=answered,
+            seconds=seconds,
+            head_seconds=head_seconds,
+            reason=reason.value if reason is not None else None,
+            user=ident.user if ident else None,
+            device=cert.device_id if cert else None,
+            client_ip=ctx.client_ip,
+        )
+        try:
+            self.gw.audit.record(event)
+        except AuditUnavailable:
+            # Answered already; the decision itself is in the log. Counted, and /readyz says.
+            self.metrics.audit_unavailable.inc()
 
     def render(self, ctx: RequestContext, decision: Decision) -> Parts:
         gw = self.gw
@@ -217,7 +296,8 @@ class RequestPath:
                 ctx.retry_after = 5.0
                 request.respond(*self.render(ctx, outcome.decision))
                 return
-        send_web_response(request, resp)
+        if await self._durable(request, ctx):
+            send_web_response(request, resp)
 
     # --- what the protocol refuses or times out ----------------------------------------------
     def refuse(self, conn: Connection, request: Request | None, refusal: Refusal) -> Parts:

@@ -152,9 +152,10 @@ async def forward_http(
     extra_headers: dict[str, str] | None = None,
     on_upstream_head: Callable[[float], None] | None = None,
     clock: Clock = SYSTEM_CLOCK,
-) -> None:
-    """Proxy one request and answer it. Raises BodyTooLarge or UpstreamFailure before the
-    response starts; after that a fault can only cut the client's connection."""
+) -> int:
+    """Proxy one request and answer it; returns the upstream's status. Raises BodyTooLarge or
+    UpstreamFailure before the response starts; after that a fault can only cut the client's
+    connection."""
     limit = route.client_max_size
     body = request.body
     length = request.content_length
@@ -188,6 +189,7 @@ async def forward_http(
     attempts = 2 if stream is None and method in IDEMPOTENT else 1
     started = clock.monotonic()
     writer: Writer | None = None
+    status = 0
     for attempt in range(attempts):
         conn = await pool.acquire()
         reuse = False
@@ -233,13 +235,11 @@ async def forward_http(
                         await writer.write(chunk)
                 writer.end()
             reuse = sender is None or (sender.done() and not sender.cancelled())
-            return
-        except (BodyTooLarge, BodyTimeout, ClientGone) as exc:
+            return status
+        except (BodyTooLarge, BodyTimeout, ClientGone):
             if request.response_started:
                 request.conn.abort()
-                return
-            if isinstance(exc, ClientGone):
-                raise
+                return status
             raise
         except (UpstreamFailure, OSError) as exc:
             if body.error is not None and not request.response_started:
@@ -256,7 +256,7 @@ async def forward_http(
                         type(exc).__name__,
                     )
                 request.conn.abort()
-                return
+                return status
             if isinstance(exc, UpstreamFailure):
                 raise
             raise classify(exc) from exc
