@@ -22,6 +22,7 @@ from yarl import URL
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
+from .pages.branding import PortalConfig, parse_portal
 from .posture import PLATFORMS, PosturePolicy, parse_version
 from .risk import BlocklistError, RiskWeights
 
@@ -349,6 +350,7 @@ class GatewayConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     oidc: OIDCConfig = field(default_factory=OIDCConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    portal: PortalConfig = field(default_factory=PortalConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -387,6 +389,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     sessions = _sessions(root.table("sessions"))
     mfa = _mfa(root.table("mfa"))
     oidc = _oidc(root.table("oidc"), server)
+    portal = parse_portal(root.table("portal"))
     keys_t = root.table("keys")
     keys = KeysConfig(
         file=keys_t.path("file", must_exist=False),
@@ -429,6 +432,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         logging=logging_cfg,
         oidc=oidc,
         keys=keys,
+        portal=portal,
     )
 
 

@@ -18,6 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .clock import SYSTEM_CLOCK, Clock
 from .decision import Finding, new_decision_id
+from .pages.branding import DEFAULT_LOOK, PortalConfig
 from .paths import PathError, normalize_path
 
 if TYPE_CHECKING:
@@ -156,6 +157,14 @@ class Identity:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class LockView:
+    """An account lock as the refusal page tells it: until when, in the person's time zone."""
+
+    until: float
+    timezone: str
+
+
 @dataclass(slots=True)
 class RequestContext:
     method: str
@@ -191,6 +200,10 @@ class RequestContext:
     protocol_error: str | None = None
     """What the HTTP protocol refused, when it refused the request before any stage."""
     findings: list[Finding] = field(default_factory=list)
+    look: PortalConfig = DEFAULT_LOOK
+    """The branding of the configuration this request is served under (its pages show it)."""
+    locked: LockView | None = None
+    """Set by the session stage when the account is locked (the page says until when)."""
 
     @property
     def wants_html(self) -> bool:

@@ -7,18 +7,21 @@ audit event, like any other.
 
 from __future__ import annotations
 
-import html
 import json
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote
 
 from aiohttp import web
 
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
-from .forms import JSON_TYPE, media_type, read_checked_body
+from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
 from .forward.headers import SERVER_BANNER
 from .http1 import Request
+from .pages.posture_text import check_text
+from .pages.when import moment, zone
+from .portal import template_page
 from .posture import (
     MAX_REPORT_BYTES,
     PostureError,
@@ -57,9 +60,9 @@ def _refuse(
     try:
         _audit(gw, ctx, Verdict.DENY, reason, detail)
     except AuditUnavailable:
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept=accept)
+        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept=accept, look=ctx.look)
     # The field name is ours (from validation), never the request's bytes.
-    return problem(reason, ctx.decision_id, accept=accept, detail=detail)
+    return problem(reason, ctx.decision_id, accept=accept, detail=detail, look=ctx.look)
 
 
 async def posture_report(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
@@ -151,7 +154,7 @@ async def posture_report(gw: Gateway, request: Request, ctx: RequestContext) -> 
     try:
         _audit(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "posture report accepted")
     except AuditUnavailable:
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id)
+        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, look=ctx.look)
     return _json(
         {"device_id": cert.device_id, "accepted": True, "signed": signed, **evaluation.to_json()},
         ctx,
@@ -178,38 +181,25 @@ async def device_status(gw: Gateway, request: Request, ctx: RequestContext) -> w
     }
     if not wants_html(accept):
         return _json(data, ctx)
-    resp = web.Response(text=_device_page(data), content_type="text/html")
-    resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    return resp
-
-
-def _device_page(data: dict[str, Any]) -> str:
-    e = html.escape
-    posture = data["posture"]
-    rows = "".join(
-        f"<li class={'ok' if c['passed'] else 'bad'}><strong>{e(c['check'].replace('_', ' '))}</strong>"
-        f"{' — ' + e(c['detail']) if c.get('detail') else ''}"
-        f"{'' if c['passed'] else '<br>' + e(c['remediation'])}</li>"
-        for c in posture["checks"]
+    rd = parse_qs(ctx.query).get("rd", [""])[0]
+    back = local_redirect(rd) if rd else ""
+    views = [check_text(c) for c in evaluation.checks]
+    gw.metrics.portal_views.labels("device", "shown").inc()
+    owner = device.owner if device else cert.user
+    account = gw.store.user(owner) if owner else None
+    tz = zone(account.timezone if account else None, gw.config.risk.default_timezone)
+    return template_page(
+        "device.html",
+        ctx,
+        title="This device meets the security requirements"
+        if evaluation.compliant
+        else "This device does not meet the security requirements",
+        device_id=cert.device_id,
+        state=data["state"],
+        owner=owner,
+        failed=[v for v in views if not v.passed],
+        checks=views,
+        reported=moment(evaluation.reported_at, ctx.now, tz),
+        rd=back,
+        rd_query=quote(back, safe="/") if back else "",
     )
-    verdict = "meets" if posture["compliant"] else "does not meet"
-    todo = "".join(f"<li>{e(r)}</li>" for r in data["remediation"])
-    todo_html = f"<h2>What to do</h2><ol>{todo}</ol>" if todo else "<p>Nothing to do.</p>"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Your device – ztgateway</title>
-<style>
-body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#1b1b1b}}
-.ok::marker{{content:"✓ ";color:#1a7f37}} .bad::marker{{content:"✗ ";color:#b42318}}
-li{{margin:.4rem 0}} code{{background:#f1f1f1;padding:.1rem .3rem}}
-</style></head><body><main>
-<h1>Your device {verdict} the security requirements</h1>
-<p>Device <code>{e(str(data["device_id"]))}</code> · state <strong>{e(str(data["state"]))}</strong>
-· owner {e(str(data["owner"] or "—"))}</p>
-{todo_html}
-<h2>Checks</h2><ul>{rows}</ul>
-</main></body></html>
-"""

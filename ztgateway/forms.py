@@ -248,7 +248,13 @@ def refuse(gw: FormGateway, ctx: RequestContext, refusal: Refusal, *, stage: str
         gw.record_outcome(ctx, stage, Verdict.DENY, refusal.reason, refusal.detail)
     accept = ctx.headers.get("Accept", "")
     detail = _FOR_PEOPLE.get(refusal.reason, refusal.detail) if wants_html(accept) else None
-    return problem(refusal.reason, ctx.decision_id, accept=accept, detail=detail or refusal.detail)
+    return problem(
+        refusal.reason,
+        ctx.decision_id,
+        accept=accept,
+        detail=detail or refusal.detail,
+        look=ctx.look,
+    )
 
 
 async def read_checked_form(

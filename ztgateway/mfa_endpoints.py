@@ -18,20 +18,20 @@ secret confirms it, and replacing a factor needs the current one (or an operator
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from .audit import AuditUnavailable
-from .context import Identity, RequestContext
+from .context import Identity, LockView, RequestContext
 from .credentials.jwt import TokenError, check_binding
-from .credentials.totp import Enrollment, SealedSecretError, TOTPError, qr_svg
+from .credentials.totp import SealedSecretError, TOTPError, qr_svg
 from .decision import Reason, Verdict
 from .forms import (
     JSON_TYPE,
@@ -44,9 +44,11 @@ from .forms import (
 from .forward.headers import SERVER_BANNER
 from .http1 import Request
 from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
+from .pages.render import trusted
+from .pages.when import until, zone
 from .paths import PathError, normalize_path
-from .portal import login_redirect_to, page
-from .responses import DECISION_HEADER, problem, see_other
+from .portal import login_redirect_to, template_page
+from .responses import DECISION_HEADER, lock_ends_text, problem, see_other
 from .stages.identity import identity_from_token
 from .stages.session import cookie_session_id, read_cookie, token_session_id
 from .store.base import ID_TOKEN, Session
@@ -114,6 +116,10 @@ async def who_steps_up(gw: Gateway, ctx: RequestContext, rd: str = "/") -> Who |
         return Reason.DEVICE_OWNER_MISMATCH
     account = store.user(who.user)
     if account is not None and account.locked(now):
+        assert account.locked_until is not None
+        ctx.locked = LockView(
+            account.locked_until, account.timezone or gw.config.risk.default_timezone
+        )
         return Reason.ACCOUNT_LOCKED
     return who
 
@@ -191,7 +197,14 @@ def _refused(
     """Audited (best effort: the refusal stands either way), counted, rendered."""
     with contextlib.suppress(AuditUnavailable):
         _record(gw, ctx, Verdict.DENY, reason, detail, user)
-    return problem(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""), detail=detail)
+    return problem(
+        reason,
+        ctx.decision_id,
+        accept=ctx.headers.get("Accept", ""),
+        detail=detail,
+        look=ctx.look,
+        lock_ends=lock_ends_text(ctx) if reason is Reason.ACCOUNT_LOCKED else None,
+    )
 
 
 def _unidentified(gw: Gateway, ctx: RequestContext, reason: Reason, rd: str) -> web.Response:
@@ -268,6 +281,7 @@ class CodeRefused:
     reason: Reason
     detail: str
     retry_after: int | None = None
+    locked_until: float | None = None
 
     def response(self, ctx: RequestContext) -> web.Response:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
@@ -277,6 +291,7 @@ class CodeRefused:
             accept=ctx.headers.get("Accept", ""),
             detail=self.detail,
             extra_headers=headers,
+            look=ctx.look,
         )
 
     @property
@@ -311,7 +326,8 @@ def _audited(gw: Gateway, ctx: RequestContext, who: Who, refused: CodeRefused) -
 def _code_refused(gw: Gateway, ctx: RequestContext, who: Who, exc: TOTPError) -> CodeRefused:
     gw.metrics.step_ups.labels("failed").inc()
     retry = max(1, math.ceil(exc.locked_until - ctx.now)) if exc.locked_until else None
-    return _audited(gw, ctx, who, CodeRefused(Reason(exc.reason), exc.reason, retry))
+    refused = CodeRefused(Reason(exc.reason), exc.reason, retry, exc.locked_until)
+    return _audited(gw, ctx, who, refused)
 
 
 # --- the API -------------------------------------------------------------------------------
@@ -340,7 +356,7 @@ async def verify_api(gw: Gateway, request: Request, ctx: RequestContext) -> web.
             gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"step-up passed ({result})", who.user
         )
     except AuditUnavailable:
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id)
+        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, look=ctx.look)
     # The browser session the step-up rotated goes back to the caller (issue 18, I2): without
     # it a cookie client would have revoked its own session.
     cookie = await _mark_verified(gw, ctx, who, result)
@@ -362,36 +378,50 @@ def _code_form(
     button: str,
     hidden: dict[str, str] | None = None,
     error: str = "",
-) -> str:
+) -> dict[str, Any]:
+    """The values of the code form (`_macros.html` code_form), with a fresh CSRF token."""
     token = gw.csrf.issue(purpose, csrf_binding(ctx, who_cookie), ctx.now)
-    fields = "".join(
-        f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
-        for k, v in {"csrf": token, "rd": rd, **(hidden or {})}.items()
-    )
-    err = f'<p class="err" role="alert">{html.escape(error)}</p>' if error else ""
-    return f"""{err}<form method="post" action="{html.escape(action)}">{fields}
-<label for="code">{html.escape(label)}</label>
-<input id="code" name="code" autocomplete="one-time-code" maxlength="32" required autofocus>
-<button type="submit">{html.escape(button)}</button></form>"""
+    return {
+        "action": action,
+        "hidden": {"csrf": token, "rd": rd, **(hidden or {})},
+        "label": label,
+        "button": button,
+        "error": error,
+    }
 
 
-def _step_up_form(gw: Gateway, ctx: RequestContext, who: Who, rd: str, error: str = "") -> str:
-    return (
-        "<p>For this page the gateway needs your second factor. Enter the six-digit code from "
-        "your authenticator app, or one of your backup codes.</p>"
-        + _code_form(
-            gw,
-            ctx,
-            who.cookie_value,
-            action="/.ztgw/mfa",
-            purpose="mfa",
-            rd=rd,
-            label="Code",
-            button="Verify",
-            error=error,
-        )
-        + '<p class="muted">Lost your authenticator? Use a backup code, or ask IT to reset '
-        "your second factor.</p>"
+_WHY = {
+    Reason.MFA_REQUIRED: "This page asks for your second factor every so often.",
+    Reason.IP_DRIFT: "Your network address changed since you signed in.",
+    Reason.SESSION_ANOMALY: "Your session's activity looked unusual.",
+    Reason.RISK_STEP_UP: "This request looked riskier than usual (for example a new place, "
+    "device or time).",
+}
+
+
+def _step_up(
+    gw: Gateway,
+    ctx: RequestContext,
+    who: Who,
+    rd: str,
+    *,
+    error: str = "",
+    status: int = 200,
+    why: str = "",
+    lock_ends: str | None = None,
+) -> web.Response:
+    form = _code_form(
+        gw, ctx, who.cookie_value, action="/.ztgw/mfa", purpose="mfa", rd=rd, label="Code",
+        button="Verify", error=error,
+    )  # fmt: skip
+    return template_page(
+        "step_up.html",
+        ctx,
+        title="Confirm it is you",
+        status=status,
+        why=why or "For this page the gateway needs your second factor.",
+        form=form,
+        lock_ends=lock_ends,
     )
 
 
@@ -426,7 +456,9 @@ async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> we
             return _unidentified(gw, ctx, who, rd)
         if not gw.mfa.enrolled(who.user):
             return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
-        return page("Confirm it is you", _step_up_form(gw, ctx, who, rd), ctx)
+        asked = _reason_param(ctx)
+        why = _WHY.get(asked, "") if asked is not None else ""
+        return _step_up(gw, ctx, who, rd, why=why)
     form = await _posted_form(gw, request, ctx, "mfa")
     if isinstance(form, web.Response):
         return form
@@ -438,8 +470,13 @@ async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> we
     if isinstance(result, CodeRefused):
         if not ctx.wants_html:
             return result.response(ctx)
-        form_html = _step_up_form(gw, ctx, who, rd, result.message)
-        return page("Confirm it is you", form_html, ctx, status=result.reason.status)
+        lock_ends = None
+        if result.locked_until is not None:
+            lock_ends = until(result.locked_until, ctx.now, _user_zone(gw, who.user))
+        return _step_up(
+            gw, ctx, who, rd, error=result.message, status=result.reason.status,
+            lock_ends=lock_ends,
+        )  # fmt: skip
     with contextlib.suppress(AuditUnavailable):
         _record(
             gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"step-up passed ({result})", who.user
@@ -458,66 +495,58 @@ def _enrol_page(
     now = ctx.now
     pending = gw.mfa.pending(who.user, now)
     if pending is not None:
-        return page(
-            "Set up your second factor",
-            _pending_body(gw, ctx, who, rd, pending, error),
-            ctx,
-            status=status,
-        )
+        return _pending_page(gw, ctx, who, rd, pending, error, status)
     if gw.mfa.enrolled(who.user):
-        body = (
-            "<p>Your second factor is set up. To move it to a new authenticator app, enter a "
-            "code from the one you use now (or a backup code).</p>"
-            + _enrol_form(
-                gw, ctx, who, rd, "replace", "Current code", "Replace my authenticator", error
-            )
-            + '<p class="muted">Lost it and have no backup codes? Ask IT to reset your second '
-            "factor.</p>"
+        form = _enrol_form(
+            gw, ctx, who, rd, "replace", "Current code", "Replace my authenticator", error
         )
-        return page("Your second factor", body, ctx, status=status)
+        return template_page(
+            "enrol_replace.html", ctx, title="Your second factor", status=status, form=form
+        )
     token = gw.csrf.issue("enroll", csrf_binding(ctx, who.cookie_value), now)
-    err = f'<p class="err" role="alert">{html.escape(error)}</p>' if error else ""
-    body = f"""{err}<p>Some applications behind this gateway ask for a second factor: a six-digit
-code from an authenticator app on your phone. Setting it up takes a minute.</p>
-<form method="post" action="/.ztgw/mfa/enroll">
-<input type="hidden" name="csrf" value="{html.escape(token)}">
-<input type="hidden" name="rd" value="{html.escape(rd)}">
-<input type="hidden" name="action" value="start">
-<button type="submit">Set up an authenticator app</button></form>"""
-    return page("Set up your second factor", body, ctx, status=status)
+    return template_page(
+        "enrol_start.html",
+        ctx,
+        title="Set up your second factor",
+        status=status,
+        error=error,
+        hidden={"csrf": token, "rd": rd, "action": "start"},
+    )
 
 
 def _enrol_form(
     gw: Gateway, ctx: RequestContext, who: Who, rd: str, action: str, label: str, button: str,
     error: str,
-) -> str:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     return _code_form(
         gw, ctx, who.cookie_value, action="/.ztgw/mfa/enroll", purpose="enroll", rd=rd,
         label=label, button=button, hidden={"action": action}, error=error,
     )  # fmt: skip
 
 
-def _pending_body(
-    gw: Gateway, ctx: RequestContext, who: Who, rd: str, pending: PendingEnrolment, error: str
-) -> str:
-    minutes = max(1, int((pending.expires_at - ctx.now) // 60))
-    return f"""<p>Scan this code with your authenticator app, then enter the six-digit code it
-shows to finish. Until you do, nothing changes: reloading this page shows the same code.</p>
-{qr_svg(pending.uri)}
-<p>Or enter this key by hand: <code>{html.escape(pending.secret)}</code></p>
-<p><a href="{html.escape(pending.uri)}">Open in an authenticator app on this device</a></p>
-<p class="muted">This set-up waits {minutes} more minutes for your code.</p>
-""" + _enrol_form(gw, ctx, who, rd, "confirm", "Code from your app", "Finish set-up", error)
-
-
-def _enrolled_body(enrollment: Enrollment, rd: str) -> str:
-    codes = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in enrollment.backup_codes)
-    return f"""<p>Your second factor is set up.</p>
-<h2>Your backup codes</h2>
-<p>Each works once, in place of a code from your app, if you lose your phone. Write them down
-or print this page now: they are shown only this once.</p>
-<ol>{codes}</ol>
-<p><a class="button" href="{html.escape(rd)}">Continue</a></p>"""
+def _pending_page(
+    gw: Gateway,
+    ctx: RequestContext,
+    who: Who,
+    rd: str,
+    pending: PendingEnrolment,
+    error: str,
+    status: int,
+) -> web.Response:
+    secret = pending.secret
+    return template_page(
+        "enrol_pending.html",
+        ctx,
+        title="Set up your second factor",
+        status=status,
+        qr=trusted(qr_svg(pending.uri)),
+        # A phone cannot scan its own screen: the otpauth:// link opens the app on it.
+        uri=pending.uri,
+        secret=secret,
+        secret_grouped=" ".join(secret[i : i + 4] for i in range(0, len(secret), 4)),
+        minutes=max(1, int((pending.expires_at - ctx.now) // 60)),
+        form=_enrol_form(gw, ctx, who, rd, "confirm", "Code from your app", "Finish set-up", error),
+    )
 
 
 async def _signed_in(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Response:
@@ -631,9 +660,24 @@ async def _confirm(gw: Gateway, ctx: RequestContext, who: Who, rd: str, code: st
         _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment confirmed", who.user)
     # The person just proved the new factor: that is a step-up too.
     cookie_header = await _mark_verified(gw, ctx, who, "totp")
-    return page(
-        "Second factor set up",
-        _enrolled_body(enrollment, rd),
+    return template_page(
+        "enrolled.html",
         ctx,
+        title="Second factor set up",
         cookies=(cookie_header,) if cookie_header else (),
+        codes=list(enrollment.backup_codes),
+        rd=rd,
     )
+
+
+def _user_zone(gw: Gateway, user: str) -> ZoneInfo:
+    account = gw.store.user(user)
+    return zone(account.timezone if account else None, gw.config.risk.default_timezone)
+
+
+def _reason_param(ctx: RequestContext) -> Reason | None:
+    """Why the data plane asked for a step-up (`why=` on the redirect), for the page's words."""
+    try:
+        return Reason(parse_qs(ctx.query).get("why", [""])[0])
+    except ValueError:
+        return None

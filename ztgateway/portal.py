@@ -8,8 +8,6 @@ targets stay on this origin.
 from __future__ import annotations
 
 import contextlib
-import html
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
@@ -22,6 +20,10 @@ from .decision import Reason, Verdict
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
 from .forward.headers import SERVER_BANNER
 from .http1 import Request
+from .pages.posture_text import check_text
+from .pages.render import page_headers, render, trusted
+from .pages.session_end import ended_text
+from .pages.when import moment, zone
 from .responses import DECISION_HEADER, problem, see_other, wants_html
 from .stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from .store.base import ID_TOKEN, StoreUnavailable
@@ -30,16 +32,6 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 LOGIN_COOKIE = "__Host-ztgw-oidc"
-
-STYLE = """body{font:16px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:34rem;margin:2.5rem auto;
-padding:0 1rem;color:#1b1b1b;background:#fff} h1{font-size:1.45rem;line-height:1.3}
-a.button,button{display:inline-block;font:inherit;padding:.55rem 1.2rem;border-radius:6px;border:1px solid #0b57d0;
-background:#0b57d0;color:#fff;text-decoration:none;cursor:pointer} a.button:focus,button:focus{outline:3px solid #a8c7fa}
-label{display:block;margin:1rem 0 .3rem;font-weight:600} input{font:inherit;font-size:1.4rem;letter-spacing:.3rem;
-padding:.4rem;width:9rem} .err{color:#b42318} .muted{color:#555;font-size:.9rem} code{background:#f1f1f1;
-padding:.1rem .3rem;word-break:break-all} table{border-collapse:collapse;width:100%} td,th{text-align:left;
-padding:.3rem .4rem;border-bottom:1px solid #eee;vertical-align:top} svg{width:14rem;height:14rem}
-footer{margin-top:2rem;color:#666;font-size:.85rem}"""
 
 
 def page(
@@ -51,30 +43,42 @@ def page(
     cookies: tuple[str, ...] = (),
     form_targets: tuple[str, ...] = (),
 ) -> web.Response:
-    """The one shell of every portal page (`body` is trusted HTML built with html.escape).
+    """A page in the one skeleton whose body is HTML the caller built and escaped itself.
+
+    Prefer `template_page` (a template under pages/templates, autoescaped)."""
+    return template_page(
+        "page.html",
+        ctx,
+        title=title,
+        status=status,
+        cookies=cookies,
+        form_targets=form_targets,
+        body=trusted(body),
+    )
+
+
+def template_page(
+    template: str,
+    ctx: RequestContext,
+    *,
+    title: str,
+    status: int = 200,
+    cookies: tuple[str, ...] = (),
+    form_targets: tuple[str, ...] = (),
+    **values: Any,
+) -> web.Response:
+    """Every page of the portal: `template` (pages/templates, extends base.html) with the
+    branding of the configuration the request is served under.
 
     `form_targets`: origins a form on the page may end up at besides this one (CSP
     `form-action` also governs the redirects after a submission: sign-out goes on to the
     identity provider's end-session endpoint)."""
-    text = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)} – ztgateway</title><style>{STYLE}</style></head>
-<body><main><h1>{html.escape(title)}</h1>{body}</main>
-<footer>ztgateway · decision <code>{html.escape(ctx.decision_id)}</code></footer></body></html>"""
-    resp = web.Response(text=text, content_type="text/html", status=status)
-    resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    targets = " ".join(("'self'", *form_targets))
-    resp.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-        f"form-action {targets}; frame-ancestors 'none'"
+    text = render(
+        template, ctx.look, title=title, decision_id=ctx.decision_id, status=status, **values
     )
-    resp.headers["X-Frame-Options"] = "DENY"
-    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" on the
-    # portal's own form posts (Fetch §3.1), which made sign-out fail in Chromium; other
-    # origins still get no Referer at all.
-    resp.headers["Referrer-Policy"] = "same-origin"
+    resp = web.Response(body=text.encode(), status=status)
+    for name, value in page_headers(ctx.decision_id, form_targets):
+        resp.headers[name] = value
     for cookie in cookies:
         resp.headers.add("Set-Cookie", cookie)
     return resp
@@ -91,10 +95,6 @@ def _rd(ctx: RequestContext) -> str:
     return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
 
 
-def _fmt(t: float | None) -> str | None:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else None
-
-
 def login_redirect(ctx: RequestContext) -> str:
     return login_redirect_to((ctx.path or "/") + ("?" + ctx.query if ctx.query else ""))
 
@@ -109,14 +109,24 @@ async def login_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.
     provider = gw.config.oidc.provider
     if provider is None or ctx.cert is None:
         reason = Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND
-        return problem(reason, ctx.decision_id, accept=request.headers.get("Accept", ""))
+        return problem(
+            reason, ctx.decision_id, accept=request.headers.get("Accept", ""), look=ctx.look
+        )
     gw.metrics.portal_views.labels("login", "shown").inc()
     rd = _rd(ctx)
-    body = f"""<p>This application is protected by your organisation's zero-trust gateway. Your device
-<code>{html.escape(ctx.cert.device_id)}</code> is recognised; now sign in with your account.</p>
-<p><a class="button" href="/.ztgw/login/start?rd={html.escape(quote(rd, safe="/"))}">Sign in with {html.escape(provider.name)}</a></p>
-<p class="muted">You will come back to <code>{html.escape(rd)}</code> afterwards.</p>"""
-    return page("Sign in", body, ctx)
+    ended = ended_text(parse_qs(ctx.query).get("ended", [""])[0])
+    return template_page(
+        "sign_in.html",
+        ctx,
+        title="Sign in",
+        ended=ended,
+        device=ctx.cert.device_id,
+        # "Recognised" only for a device the registry has seen (the review's F10).
+        known_device=gw.store.device(ctx.cert.device_id) is not None,
+        provider=provider.name,
+        start_url="/.ztgw/login/start?rd=" + quote(rd, safe="/"),
+        rd=rd,
+    )
 
 
 async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
@@ -124,6 +134,7 @@ async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web
         return problem(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
             ctx.decision_id,
+            look=ctx.look,
         )
     try:
         # The device is the source: one device looping on "sign in" only ever evicts its
@@ -134,21 +145,27 @@ async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web
         # is the client's odd input, refused clearly (never a 503).
         _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "login start: rd")
         return problem(
-            Reason.REQUEST_INVALID, ctx.decision_id, accept=request.headers.get("Accept", "")
+            Reason.REQUEST_INVALID,
+            ctx.decision_id,
+            accept=request.headers.get("Accept", ""),
+            look=ctx.look,
         )
     except StoreUnavailable:
         _record(gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, "login start: store unavailable")
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
+        return problem(
+            Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html", look=ctx.look
+        )
     except OIDCError as exc:
         gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
         _record(
             gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, f"login start: {exc.reason.value}"
         )
-        return page(
-            "Sign-in is unavailable",
-            "<p>The identity provider cannot be reached right now. Try again in a minute.</p>",
+        return template_page(
+            "sign_in_unavailable.html",
             ctx,
+            title="Sign-in is unavailable",
             status=503,
+            rd_query=quote(_rd(ctx), safe="/"),
         )
     cookie = (
         f"{LOGIN_COOKIE}={start.cookie_value}; Path=/; Secure; HttpOnly; SameSite=Lax; "
@@ -165,6 +182,7 @@ async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.St
         return problem(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
             ctx.decision_id,
+            look=ctx.look,
         )
     try:
         q = parse_qs(ctx.query, max_num_fields=20)
@@ -185,7 +203,9 @@ async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.St
         )
     except StoreUnavailable:
         _record(gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, "callback: store unavailable")
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
+        return problem(
+            Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html", look=ctx.look
+        )
     except OIDCError as exc:
         gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
         gw.metrics.portal_views.labels("callback", "refused").inc()
@@ -196,10 +216,14 @@ async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.St
             Reason.IDENTITY_UNAUTHENTICATED,
             f"oidc: {exc.reason.value}: {exc.detail}",
         )
-        body = f"""<p>The sign-in could not be completed ({html.escape(exc.reason.value)}). This happens when a
-sign-in link is reused, expires, or was started in another browser.</p>
-<p><a class="button" href="/.ztgw/login">Sign in again</a></p>"""
-        return page("Sign-in failed", body, ctx, status=401, cookies=(clear_login,))
+        return template_page(
+            "sign_in_failed.html",
+            ctx,
+            title="Sign-in failed",
+            status=401,
+            cookies=(clear_login,),
+            reason=exc.reason.value,
+        )
     old_cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
     if old_cookie:
         # A sign-in starts afresh: the browser's old session (if any) ends, nothing of it
@@ -250,11 +274,13 @@ async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
     cookie = read_cookie(ctx.headers.get("Cookie", ""), name)
     if request.method == "GET":
         token = gw.csrf.issue("logout", csrf_binding(ctx, cookie), ctx.now)
-        body = f"""<form method="post" action="/.ztgw/logout">
-<input type="hidden" name="csrf" value="{html.escape(token)}">
-<p>Sign out of every application behind this gateway on this device?</p>
-<button type="submit">Sign out</button></form>"""
-        return page("Sign out", body, ctx, form_targets=_provider_origins(gw))
+        return template_page(
+            "sign_out.html",
+            ctx,
+            title="Sign out",
+            form_targets=_provider_origins(gw),
+            csrf=token,
+        )
     form = await read_checked_form(gw, request, ctx, "logout", cookie)
     if isinstance(form, web.StreamResponse):
         return form
@@ -279,9 +305,7 @@ async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
 
 async def signed_out(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     gw.metrics.portal_views.labels("signed-out", "shown").inc()
-    body = """<p>You are signed out. Close this window, or
-<a href="/.ztgw/login">sign in again</a>.</p>"""
-    return page("Signed out", body, ctx)
+    return template_page("signed_out.html", ctx, title="Signed out")
 
 
 async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
@@ -318,48 +342,68 @@ async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
         resp.headers["Server"] = SERVER_BANNER
         return resp
     gw.metrics.portal_views.labels("whoami", "shown").inc()
-    e = html.escape
+    account = gw.store.user(ident.user) if ident is not None and ident.user else None
+    tz = zone(account.timezone if account else None, gw.config.risk.default_timezone)
+    now = ctx.now
 
-    def row(k: str, v: object) -> str:
-        return f"<tr><th scope=row>{e(k)}</th><td>{e(str(v) if v not in (None, '') else '—')}</td></tr>"
+    def at(t: float | None) -> str | None:
+        return moment(t, now, tz)
 
-    ident_rows = ""
+    you: list[tuple[str, object]] = [("User", None)]
     if ident is not None:
-        ident_rows = (
-            row("User", ident.user)
-            + row("Signed in by", ident.source)
-            + row("E-mail", ident.email)
-            + row("Groups", ", ".join(sorted(ident.groups)))
-        )
+        you = [
+            ("User", ident.user),
+            ("Signed in with", _SOURCES.get(ident.source, ident.source)),
+            ("E-mail", ident.email),
+            ("Groups", ", ".join(sorted(ident.groups))),
+        ]
+    device_rows: list[tuple[str, object]] = [("Device", ctx.cert.device_id if ctx.cert else None)]
     device = probe.device
-    dev_rows = ""
     if device is not None:
+        device_rows = [
+            ("Device", device.device.device_id if device.device else None),
+            ("Trust level", device.trust),
+        ]
         posture = device.posture
-        dev_rows = row("Device", device.device.device_id if device.device else "—") + row(
-            "Trust level", device.trust
-        )
         if posture is not None:
-            dev_rows += row(
-                "Posture",
-                "compliant" if posture.compliant else "fails: " + ", ".join(posture.failed),
+            failed = [check_text(c).title for c in posture.checks if not c.passed]
+            device_rows.append(
+                (
+                    "Posture",
+                    "meets the requirements"
+                    if posture.compliant
+                    else "fails: " + ", ".join(failed),
+                )
             )
-    risk_rows = "".join(
-        row(c["reason"], f"{c.get('risk', 0):.2f} — {c.get('detail', '')}")
+    risk = [
+        (c["reason"], f"{c.get('risk', 0):.2f} — {c.get('detail', '')}")
         for c in data["risk"]["contributions"]
-    )
-    sess_rows = ""
+    ]
+    session_rows: list[tuple[str, object]] = [("Session", None)]
     if session is not None:
-        sess_rows = (
-            row("Started", _fmt(session.created))
-            + row("Last seen", _fmt(session.last_seen))
-            + row("Expires", _fmt(session.expires_at))
-            + row("Second factor", _fmt(session.mfa_at))
-            + row("Anomaly score", f"{session.anomaly:.2f}")
-        )
-    body = f"""<h2>You</h2><table>{ident_rows or row("User", None)}</table>
-<h2>This device</h2><table>{dev_rows or row("Device", None)}</table>
-<p><a href="/.ztgw/device">Device details and what to fix</a></p>
-<h2>Risk now</h2><p>Score <strong>{probe.risk_score:.2f}</strong></p><table>{risk_rows or row("Signals", "none")}</table>
-<h2>Session</h2><table>{sess_rows or row("Session", None)}</table>
-<p><a href="/.ztgw/logout">Sign out</a></p>"""
-    return page("Who you are to the gateway", body, ctx)
+        session_rows = [
+            ("Started", at(session.created)),
+            ("Last seen", at(session.last_seen)),
+            ("Ends at the latest", at(session.expires_at)),
+            ("Second factor given", at(session.mfa_at) or "not yet in this session"),
+            ("Anomaly score", f"{session.anomaly:.2f} (0 to 1)"),
+        ]
+    return template_page(
+        "whoami.html",
+        ctx,
+        title="Who you are to the gateway",
+        you=you,
+        device=device_rows,
+        risk=risk,
+        risk_score=f"{probe.risk_score:.2f}",
+        session=session_rows,
+        times_in=tz.key,
+    )
+
+
+_SOURCES = {
+    "session": "a sign-in with the identity provider",
+    "token": "a bearer token",
+    "cert": "the device certificate only",
+    "mfa": "a second factor",
+}

@@ -21,6 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 PLATFORMS = ("windows", "macos", "linux", "ios", "android")
+PLATFORM_NAMES = {
+    "windows": "Windows",
+    "macos": "macOS",
+    "linux": "Linux",
+    "ios": "iOS",
+    "android": "Android",
+}
 BOOL_CHECKS = ("disk_encrypted", "firewall", "antivirus", "screen_lock", "mdm_enrolled")
 REQUIRED_FIELDS = ("platform", "os_version", "last_patch", *BOOL_CHECKS, "jailbroken")
 OPTIONAL_FIELDS = (
@@ -226,7 +233,7 @@ def evaluate(
                 "os_version",
                 ok,
                 f"{report.get('os_version')} (minimum {minimum})",
-                f"Update {platform} to version {minimum} or later.",
+                f"Update {PLATFORM_NAMES.get(platform, platform)} to version {minimum} or later.",
             )
         )
     if policy.max_patch_age_days is not None:

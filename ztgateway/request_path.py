@@ -30,6 +30,7 @@ from .forward.upstream import UpstreamFailure
 from .forward.websocket import Watch, bridge_websocket
 from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
 from .logs import decision_id_var
+from .pages.render import STATIC_PREFIX, static_asset, static_headers
 from .responses import SERVER, Parts, problem_parts, render
 from .store.base import StoreUnavailable
 from .tls import upstream_context
@@ -79,6 +80,7 @@ class RequestPath:
             allow_encoded_slash=server.allow_encoded_slash,
             clock=gw.clock,
         )
+        ctx.look = rt.config.portal
         decision_id_var.set(ctx.decision_id)
         if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
             await self._page(request, ctx)
@@ -172,6 +174,7 @@ class RequestPath:
                     ctx.decision_id,
                     accept=ctx.headers.get("Accept", ""),
                     extra_headers={"Retry-After": "5"},
+                    look=ctx.look,
                 )
             )
             return False
@@ -231,7 +234,9 @@ class RequestPath:
         request.respond(*self._problem(ctx, outcome.decision.reason), close=True)
 
     def _problem(self, ctx: RequestContext, reason: Reason) -> Parts:
-        return problem_parts(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""))
+        return problem_parts(
+            reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""), look=ctx.look
+        )
 
     # --- WebSocket ---------------------------------------------------------------------------
     async def _websocket(
@@ -278,6 +283,14 @@ class RequestPath:
         headers, body), written here in one write."""
         handler = _PAGES.get((ctx.path or "", ctx.method))
         resp: web.StreamResponse
+        path = ctx.path or ""
+        if handler is None and path.startswith(STATIC_PREFIX) and ctx.method in ("GET", "HEAD"):
+            # The pages' stylesheet and logo: needed before anyone signs in, public, cacheable.
+            asset = static_asset(path, ctx.look)
+            if asset is not None:
+                body, media_type = asset
+                request.respond(200, static_headers(media_type), body)
+                return
         if handler is None and ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
             resp = web.json_response(self.gw.signer.jwks, headers={"Cache-Control": "max-age=300"})
         elif handler is None:
@@ -314,6 +327,7 @@ class RequestPath:
         )
         ctx.raw_path, ctx.query, ctx.path = path[:2048], query[:2048], None
         ctx.host = ""
+        ctx.look = gw.runtime.config.portal
         if headers is not None:
             ctx.headers = headers
         ctx.protocol_error = refusal.detail
@@ -326,6 +340,7 @@ class RequestPath:
             ctx.decision_id,
             accept=ctx.headers.get("Accept", ""),
             extra_headers={"Retry-After": "5"} if ctx.retry_after else None,
+            look=ctx.look,
         )
 
     def on_event(self, name: str) -> None:

@@ -8,7 +8,6 @@ finding is sent only where the route enables it; request bytes are never echoed.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,12 @@ from urllib.parse import quote
 from aiohttp import web
 
 from .decision import Decision, Reason, Verdict
+from .pages.advice import advice_for
+from .pages.branding import DEFAULT_LOOK, PortalConfig
+from .pages.render import page_headers
+from .pages.render import render as render_page
+from .pages.session_end import ended_code
+from .pages.when import until, zone
 from .stages.session import clear_cookie_header
 
 if TYPE_CHECKING:
@@ -36,18 +41,6 @@ SIGN_IN_AGAIN = frozenset(
 )
 _REALM = 'realm="ztgateway"'
 _TOKEN_REASONS = frozenset(r for r in Reason if r.value.startswith("token-"))
-
-_ADVICE: dict[Reason, str] = {
-    Reason.CLIENT_CERT_REQUIRED: "Connect with your device's client certificate installed.",
-    Reason.CLIENT_CERT_REVOKED: "This device's certificate was revoked. Ask IT for a new one.",
-    Reason.CLIENT_CERT_INVALID: "Your device certificate is expired or not valid for sign-in. Ask IT to renew it.",
-    Reason.ROUTE_NOT_FOUND: "Check the address you followed.",
-    Reason.IDENTITY_UNAUTHENTICATED: "Sign in and try again.",
-    Reason.TOKEN_REQUIRED: "Send a bearer token from a trusted issuer.",
-    Reason.GROUP_REQUIRED: "Ask the application owner for access.",
-    Reason.UPSTREAM_UNAVAILABLE: "Try again in a moment; if it persists, tell the application owner.",
-    Reason.UPSTREAM_TIMEOUT: "Try again in a moment; if it persists, tell the application owner.",
-}
 
 
 def www_authenticate(reason: Reason, verdict: Verdict) -> str | None:
@@ -87,18 +80,20 @@ def problem_parts(
     detail: str | None = None,
     status: int | None = None,
     extra_headers: dict[str, str] | None = None,
+    look: PortalConfig = DEFAULT_LOOK,
+    lock_ends: str | None = None,
 ) -> Parts:
-    """The refusal body and headers: problem+json (RFC 9457), or a page for a browser."""
+    """The refusal body and headers: problem+json (RFC 9457), or a page for a browser.
+
+    `look`: the branding of the page; `lock_ends`: when a lock ends, in the person's terms."""
     code = status or reason.status
     headers = {DECISION_HEADER: decision_id, "Cache-Control": "no-store", "Server": SERVER}
     challenge = www_authenticate(reason, verdict)
     if challenge:
         headers["WWW-Authenticate"] = challenge
-    if extra_headers:
-        headers.update(extra_headers)
     if wants_html(accept):
-        headers["Content-Type"] = "text/html; charset=utf-8"
-        body = _page(reason, decision_id, code, detail).encode()
+        headers.update(page_headers(decision_id))
+        body = refusal_page(reason, decision_id, code, detail, look, lock_ends).encode()
     else:
         doc: dict[str, Any] = {
             "type": PROBLEM_BASE + reason.value,
@@ -111,6 +106,8 @@ def problem_parts(
             doc["detail"] = detail
         headers["Content-Type"] = "application/problem+json"
         body = json.dumps(doc).encode()
+    if extra_headers:
+        headers.update(extra_headers)
     return code, list(headers.items()), body
 
 
@@ -123,6 +120,8 @@ def problem(
     detail: str | None = None,
     status: int | None = None,
     extra_headers: dict[str, str] | None = None,
+    look: PortalConfig = DEFAULT_LOOK,
+    lock_ends: str | None = None,
 ) -> web.Response:
     """The same refusal as an aiohttp response (the ops listener, the gateway's pages)."""
     code, headers, body = problem_parts(
@@ -133,6 +132,8 @@ def problem(
         detail=detail,
         status=status,
         extra_headers=extra_headers,
+        look=look,
+        lock_ends=lock_ends,
     )
     return web.Response(status=code, body=body, headers=headers)
 
@@ -169,14 +170,23 @@ def render(
     browser = ctx.wants_html
     view = ctx.session
     stale = view is not None and view.cookie_invalid
-    if browser and sign_in and reason in SIGN_IN_AGAIN:
-        cookies = (clear_cookie_header(cookie_name),) if stale else ()
-        return see_other_parts(login_redirect(ctx), ctx.decision_id, *cookies)
+    if browser and sign_in and (reason in SIGN_IN_AGAIN or verdict is Verdict.TERMINATE):
+        # The page says why the session ended (a fixed sentence per code: pages/session_end).
+        why = next((f.detail for f in decision.findings if f.reason is reason), "")
+        ended = ended_code(reason, why)
+        ended_session = stale or verdict is Verdict.TERMINATE
+        cookies = (clear_cookie_header(cookie_name),) if ended_session else ()
+        target = login_redirect(ctx) + (f"&ended={ended}" if ended else "")
+        return see_other_parts(target, ctx.decision_id, *cookies)
     if browser and reason in (Reason.DEVICE_NONCOMPLIANT, Reason.POSTURE_STALE):
-        return see_other_parts("/.ztgw/device", ctx.decision_id)
+        # With the way back: the device page offers "check again" and a link to return.
+        target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
+        return see_other_parts("/.ztgw/device?rd=" + quote(target, safe="/"), ctx.decision_id)
     if verdict is Verdict.STEP_UP and browser and step_up_page:
         target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
-        return see_other_parts("/.ztgw/mfa?rd=" + quote(target, safe="/"), ctx.decision_id)
+        # `why`: a reason code the page words (a fixed sentence each; anything else: none).
+        location = f"/.ztgw/mfa?rd={quote(target, safe='/')}&why={reason.value}"
+        return see_other_parts(location, ctx.decision_id)
     detail = None
     if route is not None and route.expose_detail:
         detail = next((f.detail for f in decision.findings if f.reason is reason), None)
@@ -201,7 +211,17 @@ def render(
         accept=ctx.headers.get("Accept", ""),
         detail=detail,
         extra_headers=extra,
+        look=ctx.look,
+        lock_ends=lock_ends_text(ctx) if reason is Reason.ACCOUNT_LOCKED else None,
     )
+
+
+def lock_ends_text(ctx: RequestContext) -> str | None:
+    """When the account lock the session stage found ends, in the person's time zone."""
+    locked = ctx.locked
+    if locked is None:
+        return None
+    return until(locked.until, ctx.now, zone(locked.timezone))
 
 
 def login_redirect(ctx: RequestContext) -> str:
@@ -210,28 +230,30 @@ def login_redirect(ctx: RequestContext) -> str:
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
-def _page(reason: Reason, decision_id: str, status: int, detail: str | None) -> str:
-    e = html.escape
-    advice = _ADVICE.get(
-        reason, "If you think this is wrong, contact your IT support and quote the decision id."
+def refusal_page(
+    reason: Reason,
+    decision_id: str,
+    status: int,
+    detail: str | None,
+    look: PortalConfig = DEFAULT_LOOK,
+    lock_ends: str | None = None,
+) -> str:
+    """The refusal page: the reason in words, what to do, the reference to quote."""
+    advice, ask_support = advice_for(reason)
+    return render_page(
+        "refusal.html",
+        look,
+        title=reason.summary,
+        decision_id=decision_id,
+        status=status,
+        advice=advice,
+        ask_support=ask_support,
+        detail=detail if detail and detail != advice else None,
+        lock_ends=lock_ends,
+        reason=reason.value,
+        continue_url=None,
+        continue_label="",
     )
-    detail_html = f"<p class=detail>{e(detail)}</p>" if detail else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{status} – {e(reason.summary)}</title>
-<style>
-body{{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:3rem auto;padding:0 1rem;color:#1b1b1b}}
-h1{{font-size:1.4rem}} code{{background:#f1f1f1;padding:.1rem .3rem;border-radius:3px}}
-.detail{{color:#555}} footer{{margin-top:2rem;color:#666;font-size:.85rem}}
-</style></head>
-<body><main>
-<h1>{e(reason.summary)}</h1>
-<p>{e(advice)}</p>
-{detail_html}
-<p>Reason: <code>{e(reason.value)}</code><br>Decision id: <code>{e(decision_id)}</code></p>
-</main><footer>ztgateway · HTTP {status}</footer></body></html>
-"""
 
 
 def see_other(location: str, decision_id: str, *cookies: str) -> web.Response:

@@ -71,16 +71,18 @@ async def test_enrolment_in_chromium_survives_a_reload_and_a_wrong_code(
     await page.get_by_role("button", name="Set up an authenticator app").click()
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa/enroll\?rd=/admin/echo"))
     assert await page.locator("svg").count() == 1
-    secret = await page.locator("code").first.inner_text()
+    secret = (await page.locator("code.key").inner_text()).replace(" ", "")
     assert re.fullmatch(r"[A-Z2-7]{32}", secret), secret
     assert not gw.mfa.enrolled("alice"), "pending until a code confirms it"
     await page.reload()
-    assert await page.locator("code").first.inner_text() == secret, "a reload keeps the QR code"
+    assert (await page.locator("code.key").inner_text()).replace(" ", "") == secret, (
+        "a reload keeps the QR code"
+    )
     await page.get_by_label("Code from your app").fill("000000")
     await page.get_by_role("button", name="Finish set-up").click()
     assert "did not work" in await page.inner_text("main")
     assert await page.locator("svg").count() == 1, "a wrong code keeps the QR code"
-    assert await page.locator("code").first.inner_text() == secret
+    assert (await page.locator("code.key").inner_text()).replace(" ", "") == secret
     await page.get_by_label("Code from your app").fill(totp_code(secret, now=time.time()))
     await page.get_by_role("button", name="Finish set-up").click()
     await page.wait_for_selector("text=Your backup codes")
@@ -111,7 +113,7 @@ async def test_replacing_the_authenticator_in_chromium_needs_the_current_code(
     await page.get_by_label("Current code").fill(totp_code(old, now=time.time()))
     await page.get_by_role("button", name="Replace my authenticator").click()
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa/enroll"))
-    new = await page.locator("code").first.inner_text()
+    new = (await page.locator("code.key").inner_text()).replace(" ", "")
     assert new != old and re.fullmatch(r"[A-Z2-7]{32}", new)
     user = gw.store.user("alice")
     assert user is not None and gw.mfa.box is not None

@@ -167,7 +167,7 @@ async def test_an_enrolment_not_confirmed_in_time_expires(
         form = {"csrf": hidden(page, "csrf"), "rd": "/"}
         r = await s.post(enrol, data={**form, "action": "start"}, headers=HTML)
         page = await r.text()
-        secret = re.search(r"by hand: <code>([A-Z2-7]+)</code>", page)
+        secret = re.search(r'by hand: <code class="key" aria-label="([A-Z2-7]+)"', page)
         assert secret is not None
         gateway_clock.advance(gw.config.mfa.enrolment_ttl + 1)
         assert gw.mfa.pending("alice", gateway_clock.time()) is None

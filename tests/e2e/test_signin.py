@@ -35,7 +35,7 @@ async def sign_in(
     login = r.headers["Location"]
     assert login.startswith("/.ztgw/login?rd=")
     page = await (await s.get(origin + login, headers=HTML)).text()
-    start = page.split('href="')[1].split('"')[0].replace("&amp;", "&")
+    start = re.search(r'href="(/\.ztgw/login/start[^"]*)"', page).group(1).replace("&amp;", "&")
     r = await s.get(origin + start, allow_redirects=False)
     assert r.status == 303
     authorize = r.headers["Location"]
@@ -249,7 +249,9 @@ async def test_signed_in_person_enrols_totp_and_steps_up_for_the_admin_route(
         r = await sign_in(s, signin, path="/admin/echo?x=1")
         assert r.status == 303 and r.headers["Location"] == "/admin/echo?x=1"
         r = await s.get(origin + "/admin/echo?x=1", headers=HTML, allow_redirects=False)
-        assert r.status == 303 and r.headers["Location"] == "/.ztgw/mfa?rd=/admin/echo%3Fx%3D1"
+        assert r.status == 303 and r.headers["Location"] == (
+            "/.ztgw/mfa?rd=/admin/echo%3Fx%3D1&why=mfa-required"
+        )
         r = await s.get(origin + r.headers["Location"], headers=HTML, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"].startswith("/.ztgw/mfa/enroll")
         enrol = origin + r.headers["Location"]
@@ -265,7 +267,7 @@ async def test_signed_in_person_enrols_totp_and_steps_up_for_the_admin_route(
         )
         assert r.status == 303
         page = await (await s.get(origin + r.headers["Location"], headers=HTML)).text()
-        secret = re.search(r"enter this key by hand: <code>([A-Z2-7]+)</code>", page)
+        secret = re.search(r'by hand: <code class="key" aria-label="([A-Z2-7]+)"', page)
         assert secret is not None and "<svg" in page
         again = await (await s.get(enrol, headers=HTML)).text()
         assert secret.group(1) in again, "the same pending secret on every GET"

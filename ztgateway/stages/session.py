@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any
 
-from ..context import RequestContext
+from ..context import LockView, RequestContext
 from ..decision import Decision, Finding, Reason, Verdict
 from ..store.base import SESSION_HISTORY, Session, SessionDecision, UserRecord
 
@@ -113,6 +113,7 @@ class SessionStage:
         self.store = runtime.store
         self.cfg: SessionsConfig = runtime.config.sessions
         self.dry_run = runtime.dry_run
+        self.default_timezone = runtime.config.risk.default_timezone
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -153,6 +154,8 @@ class SessionStage:
 
         account = store.user(user) if user else None
         if account is not None and account.locked(now):
+            assert account.locked_until is not None
+            ctx.locked = LockView(account.locked_until, account.timezone or self.default_timezone)
             return [
                 Finding(NAME, Reason.ACCOUNT_LOCKED, Verdict.DENY, detail=account.lock_reason or "")
             ]
