@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import hashlib
 import json
 import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import jwt
 from cryptography import x509
 
 from .clock import SYSTEM_CLOCK, Clock
@@ -28,9 +31,12 @@ from .decision import Decision, Verdict
 from .decisions import DecisionPath
 from .metrics import Metrics
 from .pipeline import Pipeline, default_stages
+from .posture import PostureError, digest, validate_report
 from .routes import RouteTable
 from .runtime import Runtime
+from .stages.session import token_session_id
 from .store import store_from_url
+from .store.base import PostureRecord, Session, Store
 from .tls import CertInfo, RevocationList, load_crl, parse_client_cert
 
 
@@ -44,6 +50,38 @@ class Request:
     cert: CertInfo | None = None
     headers: Mapping[str, str] | None = None
     now: float | None = None
+    mfa_age: float | None = None
+    """A policy case's "the person gave their second factor this long ago" (token sessions)."""
+    posture: dict[str, Any] | None = None
+    """A policy case's posture report for the presented certificate's device (validated)."""
+    report_age: float = 0.0
+
+
+class CaseFacts:
+    """The configured store, read as is, with what a policy case states laid over it: a session
+    with its second factor given `mfa_age` ago, and the device's posture report. Nothing is
+    written to the store (the evaluation is a dry run)."""
+
+    def __init__(self, base: Store) -> None:
+        self._base = base
+        self._sessions: dict[str, Session] = {}
+        self._postures: dict[str, PostureRecord] = {}
+
+    def state(self, sessions: dict[str, Session], postures: dict[str, PostureRecord]) -> None:
+        self._sessions, self._postures = sessions, postures
+
+    def session(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id) or self._base.session(session_id)
+
+    async def find_session(self, session_id: str) -> Session | None:
+        stated = self._sessions.get(session_id)
+        return stated if stated is not None else await self._base.find_session(session_id)
+
+    def posture(self, device_id: str) -> PostureRecord | None:
+        return self._postures.get(device_id) or self._base.posture(device_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
 
 
 class OfflineEvaluator:
@@ -52,6 +90,9 @@ class OfflineEvaluator:
     def __init__(self, config: GatewayConfig, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         self.clock = clock
+        self.facts = CaseFacts(
+            store_from_url(config.store.url, base=config.store.base, clock=clock)
+        )
         revocations = RevocationList()
         if config.tls.crl is not None:
             revocations = load_crl(config.tls.crl)
@@ -62,7 +103,7 @@ class OfflineEvaluator:
             metrics=Metrics(),
             revocations=lambda: revocations,
             tokens=self.tokens,
-            store=store_from_url(config.store.url, base=config.store.base, clock=clock),
+            store=cast(Store, self.facts),
             dry_run=True,
             clock=clock,
         )
@@ -71,15 +112,13 @@ class OfflineEvaluator:
     async def __aenter__(self) -> OfflineEvaluator:
         if self.tokens is not None:
             await self.tokens.start()
-        if self.runtime.store is not None:
-            await self.runtime.store.open()
+        await self.facts._base.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.tokens is not None:
             await self.tokens.close()
-        if self.runtime.store is not None:
-            await self.runtime.store.close()
+        await self.facts._base.close()
 
     async def evaluate(self, req: Request) -> tuple[RequestContext, Decision]:
         headers = dict(req.headers or {})
@@ -95,8 +134,59 @@ class OfflineEvaluator:
             now=req.now,
             clock=self.clock,
         )
+        self.facts.state(*self._stated(req, ctx.now))
         # The one decision path, as a dry run: nothing is recorded.
         return ctx, (await DecisionPath(None).decide(ctx, self.runtime, dry=True)).decision
+
+    def _stated(
+        self, req: Request, now: float
+    ) -> tuple[dict[str, Session], dict[str, PostureRecord]]:
+        sessions: dict[str, Session] = {}
+        postures: dict[str, PostureRecord] = {}
+        if req.mfa_age is not None and req.token:
+            # The session the gateway keeps for this token (keyed by its hash), as it stands
+            # after a step-up `mfa_age` seconds ago.
+            token_hash = hashlib.sha256(req.token.encode("ascii")).hexdigest()
+            user = _token_subject(req.token)
+            sid = token_session_id(token_hash)
+            sessions[sid] = Session(
+                session_id=sid,
+                kind="token",
+                user=user,
+                device_id=req.cert.device_id if req.cert else None,
+                start_ip=req.ip,
+                last_ip=req.ip,
+                user_agent=(req.headers or {}).get("User-Agent", ""),
+                created=now - req.mfa_age,
+                last_seen=now,
+                expires_at=now + self.config.sessions.absolute_timeout,
+                mfa_at=now - req.mfa_age,
+                anomaly_at=now,
+            )
+        if req.posture is not None and req.cert is not None:
+            report = dict(req.posture)
+            collected = now - req.report_age
+            report.setdefault("collected_at", collected)
+            raw = json.dumps(report, sort_keys=True).encode()
+            postures[req.cert.device_id] = PostureRecord(
+                device_id=req.cert.device_id,
+                report=report,
+                received_at=collected,
+                collected_at=collected,
+                signed=True,
+                digest=digest(raw),
+            )
+        return sessions, postures
+
+
+def _token_subject(token: str) -> str:
+    """The token's `sub`, unverified: only to name the stated session's user (the pipeline
+    verifies the token itself and refuses a mismatch as `session-invalid`)."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return ""
+    return str(claims.get("sub", ""))
 
 
 def load_cert_pem(data: bytes) -> CertInfo:
@@ -198,6 +288,12 @@ def _case_request(case: Table, base: Path, key: Path | None) -> Request:
     headers = {k: str(v) for k, v in headers_t.data.items()}
     headers_t._read.update(headers)
     headers_t.done()
+    mfa_age = case.duration("mfa_age", None, min=0.0)
+    if mfa_age is not None and not token:
+        case.fail("mfa_age", "needs token or token_claims: a second factor is a person's")
+    posture, report_age = _case_posture(case, case.number("now"))
+    if posture is not None and cert_path is None:
+        case.fail("posture", "needs cert: posture is reported by the certificate's device")
     return Request(
         method=case.text("method", "GET"),
         path=case.text("path", "/"),
@@ -207,7 +303,39 @@ def _case_request(case: Table, base: Path, key: Path | None) -> Request:
         cert=load_cert(str(cert_path)) if cert_path else None,
         headers=headers,
         now=case.number("now"),
+        mfa_age=mfa_age,
+        posture=posture,
+        report_age=report_age,
     )
+
+
+def _case_posture(case: Table, now: float | None) -> tuple[dict[str, Any] | None, float]:
+    """`[case.posture]`: a posture report as the device agent sends it, validated the same way.
+
+    Times are relative, so a case does not start failing as the calendar moves on:
+    `patch_age_days` instead of `last_patch`, `report_age` (a duration) instead of
+    `collected_at`."""
+    t = case.table("posture")
+    if not t.data:
+        t.done()
+        return None, 0.0
+    doc = dict(t.data)
+    t._read.update(doc)
+    report_age = 0.0
+    if "report_age" in doc:
+        report_age = t.duration("report_age", 0.0, min=0.0)
+        doc.pop("report_age")
+    if "patch_age_days" in doc:
+        days = t.integer("patch_age_days", 0, min=0)
+        doc.pop("patch_age_days")
+        when = (now if now is not None else SYSTEM_CLOCK.time()) - days * 86400
+        doc["last_patch"] = dt.datetime.fromtimestamp(when, dt.UTC).date().isoformat()
+    try:
+        report = validate_report(doc)
+    except PostureError as exc:
+        t.fail(exc.field if exc.field in doc else "", exc.message)
+    t.done()
+    return report, report_age
 
 
 def cmd_test(args: argparse.Namespace) -> int:

@@ -121,7 +121,11 @@ class IdentityStage:
                 )
                 if binding is not None:
                     return [_deny(binding)]
-        if token is None and policy.require_token:
+        people_sign_in = policy.login == "browsers" and ctx.wants_html
+        if token is None and policy.require_token and not people_sign_in:
+            # With login = "browsers", programs send a token and people sign in instead: a
+            # browser is then identified only by a session from the identity provider (never
+            # by its certificate alone, below), so Accept: text/html opens nothing to a program.
             return [_deny(Reason.TOKEN_REQUIRED)]
 
         session_identity = None
@@ -159,7 +163,7 @@ class IdentityStage:
             and policy.allow_cert_identity
             and cert.user
             and policy.login != "always"
-            and not (policy.login == "browsers" and ctx.wants_html)
+            and not people_sign_in
         ):
             ctx.identity = Identity(
                 user=cert.user, source="cert", email=cert.email, device_id=device_id
