@@ -93,6 +93,9 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     max_connections: int = 256
     max_connections_per_host: int = 256
+    case_insensitive: bool = False
+    """The upstream serves `/ADMIN/` as `/admin/` (IIS, Windows file systems): its routes match
+    case-insensitively and paths with Windows file-name aliases are refused (docs/security.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +198,10 @@ class RouteConfig:
     expose_detail: bool = False
     websocket: bool = True
     strip_prefix: bool = False
+    allow_path_params: bool = False
+    """`;params` in path segments reach the upstream (routing ignores them); refused if false."""
+    allow_double_encoding: bool = False
+    """Escapes a second decoding would turn into dots or separators (`%252e`) are forwarded."""
     risk: RouteRisk = field(default_factory=RouteRisk)
     session: RouteSession = field(default_factory=RouteSession)
 
@@ -514,6 +521,7 @@ def _upstream(name: str, t: Table) -> UpstreamConfig:
         read_timeout=t.number("read_timeout", 60.0, min=0.01),
         max_connections=t.integer("max_connections", 256, min=1),
         max_connections_per_host=t.integer("max_connections_per_host", 256, min=1),
+        case_insensitive=t.flag("case_insensitive", False),
     )
     t.done()
     return cfg
@@ -652,6 +660,8 @@ def _route(
         t.fail("prefix", "must start and end with '/' so '/api/' never matches '/apiary'")
     if "//" in prefix or "/./" in prefix or "/../" in prefix:
         t.fail("prefix", "must be a normalised path")
+    if any(c in prefix for c in ";%\\?#") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
+        t.fail("prefix", "must be a decoded path without ';', '%', '\\', '?', '#' or controls")
     up_ref = t.text("upstream", required=True)
     if up_ref in upstreams:
         upstream = upstreams[up_ref]
@@ -678,6 +688,8 @@ def _route(
         expose_detail=t.flag("expose_detail", False),
         websocket=t.flag("websocket", True),
         strip_prefix=t.flag("strip_prefix", False),
+        allow_path_params=t.flag("allow_path_params", False),
+        allow_double_encoding=t.flag("allow_double_encoding", False),
         risk=_route_risk(t.table("risk")),
         session=_route_session(t.table("session")),
     )
@@ -711,7 +723,9 @@ def _check_overlaps(routes: tuple[RouteConfig, ...], root: Table) -> None:
     """Two routes that could claim the same request are ambiguous: refuse at load.
 
     Routes nest (the longest prefix wins, see docs/decisions/0002-routing.md); what is refused
-    is the same prefix on overlapping host sets, and duplicate names.
+    is the same prefix on overlapping host sets, and duplicate names. For the routes of a
+    case-insensitive upstream "the same prefix" ignores case: `/Admin/` on one upstream and
+    `/admin/` on a case-insensitive one would both claim `/ADMIN/x`.
     """
     seen_names: dict[str, int] = {}
     for i, r in enumerate(routes):
@@ -720,7 +734,16 @@ def _check_overlaps(routes: tuple[RouteConfig, ...], root: Table) -> None:
         seen_names[r.name] = i
         for j in range(i):
             o = routes[j]
+            folds = r.upstream.case_insensitive or o.upstream.case_insensitive
             if o.prefix != r.prefix:
+                if not (folds and o.prefix.lower() == r.prefix.lower()):
+                    continue
+                if not r.hosts or not o.hosts or r.hosts & o.hosts:
+                    root.fail(
+                        f"routes[{i}].prefix",
+                        f"overlaps route {o.name!r} ({o.prefix!r} and {r.prefix!r} differ only "
+                        "in case, and one upstream is case_insensitive)",
+                    )
                 continue
             if not r.hosts or not o.hosts or r.hosts & o.hosts:
                 both_any = not r.hosts and not o.hosts

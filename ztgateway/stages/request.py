@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
+from ..paths import route_path_refusal
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -50,6 +51,17 @@ class RequestStage:
             out.append(Finding(NAME, Reason.ROUTE_NOT_FOUND, Verdict.DENY, detail=ctx.path))
             return out
         ctx.route = route
+        refusal = route_path_refusal(
+            ctx.path,
+            allow_path_params=route.allow_path_params,
+            allow_double_encoding=route.allow_double_encoding,
+            case_insensitive=route.upstream.case_insensitive,
+        )
+        if refusal is not None:
+            # The route was chosen on the path as its upstream will read it; what that
+            # upstream would read differently again is refused, never forwarded.
+            out.append(Finding(NAME, Reason.PATH_INVALID, Verdict.DENY, detail=refusal))
+            return out
         if ctx.websocket and not route.websocket:
             out.append(
                 Finding(NAME, Reason.REQUEST_INVALID, Verdict.DENY, detail="websocket not enabled")
