@@ -30,7 +30,13 @@ from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .credentials.oidc import OIDCClient
 from .decision import Decision, Finding, Reason, Verdict
-from .forward.headers import SERVER_BANNER, upgrade_requested, upstream_request_headers
+from .forward.headers import (
+    SERVER_BANNER,
+    identity_header_names,
+    list_header_value,
+    upgrade_requested,
+    upstream_request_headers,
+)
 from .forward.http import (
     BodyTooLarge,
     Upstreams,
@@ -42,6 +48,7 @@ from .forward.http import (
 from .forward.upstream import UpstreamFailure
 from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
+from .hostnames import server_names
 from .listener import GatewayRequestHandler, Listener
 from .logs import decision_id_var
 from .metrics import Metrics
@@ -155,6 +162,7 @@ class Gateway:
             store=self.store,
             geo=self.geo,
             clock=self.clock,
+            server_names=server_names(config, lambda: self.tls.current.server_names),
         )
         rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
         self.metrics.prepare_routes(
@@ -443,6 +451,7 @@ class Gateway:
             peer_ip=conn.peer_ip or None,
             trusted_proxies=cfg.server.trusted_proxies,
             allow_encoded_slash=cfg.server.allow_encoded_slash,
+            sni=conn.sni,
             clock=self.clock,
         )
         ctx.forwarded_proto = "https"
@@ -505,7 +514,7 @@ class Gateway:
                 cfg.sessions.cookie_name, new_cookie, max_age=int(cfg.sessions.absolute_timeout)
             )
 
-        headers = self._upstream_headers(ctx, request)
+        headers = self._upstream_headers(ctx, request, decision)
         assert ctx.path is not None
         route_seconds = self.metrics.request_seconds.labels(route_label)
         try:
@@ -563,6 +572,7 @@ class Gateway:
             peer_ip=conn.peer_ip or None,
             trusted_proxies=rt.config.server.trusted_proxies,
             allow_encoded_slash=rt.config.server.allow_encoded_slash,
+            sni=conn.sni,
             clock=self.clock,
         )
         decision: Decision = await rt.pipeline.evaluate(ctx)
@@ -634,29 +644,37 @@ class Gateway:
         ctx.findings.append(finding)
         return Decision(ctx.decision_id, Verdict.DENY, reason, (finding,))
 
-    def _upstream_headers(self, ctx: RequestContext, request: web.BaseRequest) -> Any:
+    def _upstream_headers(
+        self, ctx: RequestContext, request: web.BaseRequest, decision: Decision
+    ) -> Any:
         route = ctx.route
         assert route is not None
         return upstream_request_headers(
             ctx.headers,
-            self.identity_headers(ctx, request.host),
+            self.identity_headers(ctx, request.host, decision),
             forward_authorization=route.forward_authorization,
             websocket=ctx.websocket,
             drop_cookies=(self.config.sessions.cookie_name,),
+            identity_names=identity_header_names(route.headers),
         )
 
-    def identity_headers(self, ctx: RequestContext, original_host: str) -> dict[str, str]:
+    def identity_headers(
+        self, ctx: RequestContext, original_host: str, decision: Decision
+    ) -> dict[str, str]:
         """The headers the upstream may trust: forwarding facts, identity, signed assertion."""
         add: dict[str, str] = {
             "X-Forwarded-For": ctx.client_ip,
             "X-Forwarded-Proto": ctx.forwarded_proto,
             "X-Forwarded-Host": original_host,
         }
-        add.update(self.asserted_identity(ctx))
+        add.update(self.asserted_identity(ctx, decision))
         return add
 
-    def asserted_identity(self, ctx: RequestContext) -> dict[str, str]:
-        """Identity headers and the signed assertion (also what forward-auth answers)."""
+    def asserted_identity(self, ctx: RequestContext, decision: Decision) -> dict[str, str]:
+        """Identity headers and the signed assertion (also what forward-auth answers).
+
+        A request a monitor-mode route let through says so in its assertion; identities that
+        failed their own checks never get this far (pipeline._NEVER_MONITORED)."""
         route = ctx.route
         assert route is not None
         h = route.headers
@@ -668,7 +686,7 @@ class Gateway:
             if ident.email:
                 add[h.email] = ident.email
             if ident.groups:
-                add[h.groups] = ",".join(sorted(ident.groups))
+                add[h.groups] = list_header_value(ident.groups)
             if ident.device_id:
                 add[h.device] = ident.device_id
             add[h.assertion] = self.signer.sign(
@@ -679,6 +697,9 @@ class Gateway:
                 device_id=ident.device_id,
                 source=ident.source,
                 now=ctx.now,
+                would=decision.would_verdict.label
+                if decision.monitor and decision.would_verdict
+                else None,
             )
         return add
 

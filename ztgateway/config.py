@@ -22,12 +22,14 @@ from yarl import URL
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
+from .headerfamilies import cert_header_problem
 from .posture import PLATFORMS, PosturePolicy, parse_version
 from .risk import BlocklistError, RiskWeights
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CertMode = Literal["required", "optional"]
 RouteMode = Literal["enforce", "monitor"]
+CrossSite = Literal["lax", "strict", "safe-methods"]
 
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -55,6 +57,13 @@ class ServerConfig:
     allow_encoded_slash: bool = False
     public_url: str = ""
     workers: int = 1
+    hosts: tuple[str, ...] = ()
+    """The names clients may address the gateway by (Host, SNI); "*.example.com" covers one
+    label. Empty: the server certificate's names and public_url's host (hostnames.py)."""
+    invalid_credentials_limit: int = 30
+    """Failed credential verifications per client address within the window before further
+    credentials from it are refused unverified (throttle.py); 0 turns the throttle off."""
+    invalid_credentials_window: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +125,12 @@ class ClaimMapping:
     groups: str = "groups"
     roles: str = "roles"
     scopes: str = "scope"
+    require_email_verified: bool = False
+    """Take the e-mail only with `email_verified: true`; by default only `false` drops it."""
+    user_namespace: str = ""
+    """"" : the issuer's users are the directory's (the client certificates' and the OIDC
+    provider's): "alice" is one person whichever of them says so. Otherwise its users are
+    "<namespace>:<user>", never the same as anyone else's (security review L8)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +217,12 @@ class RouteConfig:
     """`;params` in path segments reach the upstream (routing ignores them); refused if false."""
     allow_double_encoding: bool = False
     """Escapes a second decoding would turn into dots or separators (`%252e`) are forwarded."""
+    cross_site: CrossSite = "lax"
+    """Which requests another site's page may make with the user's (ambient) certificate:
+    "lax" top-level GET navigations, "strict" none, "safe-methods" any GET/HEAD. Unsafe
+    methods from another site are refused whatever this says (docs/security.md)."""
+    websocket_origins: frozenset[str] = frozenset()
+    """Origins besides the gateway's own whose pages may open this route's WebSockets."""
     risk: RouteRisk = field(default_factory=RouteRisk)
     session: RouteSession = field(default_factory=RouteSession)
 
@@ -213,10 +234,21 @@ class AssertionConfig:
     issuer: str = ""
 
 
+EdgeProxy = Literal["nginx", "traefik", "caddy"]
+EDGE_PROXIES: tuple[EdgeProxy, ...] = ("nginx", "traefik", "caddy")
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardAuthConfig:
     enabled: bool = False
     trusted_proxies: tuple[Network, ...] = ()
+    edge: EdgeProxy = "nginx"
+    """Whose headers describe the original request (URI, method, host, client address): only
+    that proxy's are read; another proxy's names in a request were sent by the client."""
+    cert_header: str = ""
+    """The one header in which the edge passes the client certificate it verified ("" = the
+    edge passes none). The certificate is verified again here; any other certificate header
+    in a request is refused (docs/security.md, "Forward-auth")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,9 +435,28 @@ def _server(t: Table) -> ServerConfig:
         allow_encoded_slash=t.flag("allow_encoded_slash", False),
         public_url=t.text("public_url", ""),
         workers=t.integer("workers", 1, min=1, max=64),
+        hosts=_hostnames(t, "hosts"),
+        invalid_credentials_limit=t.integer("invalid_credentials_limit", 30, min=0),
+        invalid_credentials_window=t.number("invalid_credentials_window", 60.0, min=1.0),
     )
     t.done()
     return cfg
+
+
+_HOSTNAME = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*\.?$")
+
+
+def _hostnames(t: Table, key: str) -> tuple[str, ...]:
+    out = []
+    for i, name in enumerate(t.str_list(key)):
+        n = name.strip().lower()
+        try:
+            ipaddress.ip_address(n.strip("[]"))
+        except ValueError:
+            if not _HOSTNAME.match(n):
+                t.fail(f"{key}[{i}]", f"not a host name or IP address: {name!r}")
+        out.append(n)
+    return tuple(out)
 
 
 def _tls(t: Table) -> TLSConfig:
@@ -456,6 +507,7 @@ def _issuers(
     tables: dict[str, Table], claim_maps: dict[str, ClaimMapping]
 ) -> tuple[IssuerConfig, ...]:
     out = []
+    implicit: list[str] = []
     for name, t in tables.items():
         c = t.table("claims")
         d = ClaimMapping()
@@ -465,6 +517,8 @@ def _issuers(
             groups=c.text("groups", d.groups),
             roles=c.text("roles", d.roles),
             scopes=c.text("scopes", d.scopes),
+            require_email_verified=t.flag("require_email_verified", False),
+            user_namespace=_namespace(t, implicit),
         )
         c.done()
         jwks_url = t.text("jwks_url")
@@ -497,6 +551,28 @@ def _issuers(
         t.done()
         out.append(issuer)
     return tuple(out)
+
+
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def _namespace(t: Table, implicit: list[str]) -> str:
+    """An issuer's user namespace. Two issuers that could mint the same `sub` for different
+    people must not both fall into the directory's names unnoticed: sharing it is stated."""
+    value: str | None = t.text("user_namespace")
+    if value is None:
+        if implicit:
+            t.fail(
+                "user_namespace",
+                f"issuers {implicit[0]!r} and this one would share user names: give each its "
+                'own user_namespace, or user_namespace = "" to each that speaks for the '
+                "directory's users",
+            )
+        implicit.append(t.where.rpartition(".")[2])
+        return ""
+    if value and not _NAMESPACE.match(value):
+        t.fail("user_namespace", "lower-case letters, digits, '.', '-' and '_'")
+    return value
 
 
 def _upstream(name: str, t: Table) -> UpstreamConfig:
@@ -690,6 +766,8 @@ def _route(
         strip_prefix=t.flag("strip_prefix", False),
         allow_path_params=t.flag("allow_path_params", False),
         allow_double_encoding=t.flag("allow_double_encoding", False),
+        cross_site=t.choice("cross_site", ("lax", "strict", "safe-methods"), "lax"),  # type: ignore[arg-type]
+        websocket_origins=_origins(t, "websocket_origins"),
         risk=_route_risk(t.table("risk")),
         session=_route_session(t.table("session")),
     )
@@ -697,6 +775,28 @@ def _route(
         pass  # the listener demands a certificate anyway; the route just does not insist
     t.done()
     return route
+
+
+def _origins(t: Table, key: str) -> frozenset[str]:
+    """Origins as browsers serialise them (RFC 6454 §6.2): scheme://host[:port], no default."""
+    out = set()
+    for i, origin in enumerate(t.str_list(key)):
+        try:
+            url = URL(origin.strip().lower())
+            ok = (
+                url.scheme in ("http", "https")
+                and bool(url.host)
+                and url.raw_path in ("", "/")
+                and not (url.query_string or url.fragment or url.user)
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            t.fail(f"{key}[{i}]", "an origin is scheme://host[:port], e.g. https://app.example")
+        port = "" if url.is_default_port() else f":{url.port}"
+        host = str(url.raw_host)
+        out.add(f"{url.scheme}://[{host}]{port}" if ":" in host else f"{url.scheme}://{host}{port}")
+    return frozenset(out)
 
 
 def _assertion(t: Table) -> AssertionConfig:
@@ -711,10 +811,17 @@ def _assertion(t: Table) -> AssertionConfig:
 
 def _forward_auth(t: Table) -> ForwardAuthConfig:
     cfg = ForwardAuthConfig(
-        enabled=t.flag("enabled", False), trusted_proxies=t.cidrs("trusted_proxies")
+        enabled=t.flag("enabled", False),
+        trusted_proxies=t.cidrs("trusted_proxies"),
+        edge=t.choice("edge", EDGE_PROXIES, "nginx"),  # type: ignore[arg-type]
+        cert_header=t.text("cert_header", ""),
     )
     if cfg.enabled and not cfg.trusted_proxies:
         t.fail("trusted_proxies", "forward-auth needs the front proxy's addresses")
+    if cfg.cert_header:
+        problem = cert_header_problem(cfg.edge, cfg.cert_header)
+        if problem:
+            t.fail("cert_header", problem)
     t.done()
     return cfg
 

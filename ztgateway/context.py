@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .clock import SYSTEM_CLOCK, Clock
 from .decision import Finding, new_decision_id
+from .headerfamilies import forwarding_header, protected_header
 from .paths import PathError, normalize_path
 
 if TYPE_CHECKING:
@@ -25,70 +25,10 @@ if TYPE_CHECKING:
 
     from .config import RouteConfig
     from .credentials.jwt import VerifiedToken
+    from .fetchmeta import FetchContext
     from .stages.device import DeviceView
     from .stages.session import SessionView
     from .tls import CertInfo
-
-
-# The protected headers a reverse proxy in front of us sets as a matter of course. From a
-# trusted proxy they are expected, not a spoofing attempt; they are still replaced by ours
-# before forwarding. Identity headers stay spoofing whoever sends them: no proxy speaks for
-# the user to us.
-FORWARDING_HEADERS = frozenset(
-    {
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-        "x-real-ip",
-    }
-)
-# Headers only the gateway may set towards the upstream. Compared after lower-casing and
-# mapping "_" to "-", because many servers (CGI, PHP, some WSGI stacks) treat
-# X_Forwarded_User exactly like X-Forwarded-User.
-PROTECTED_HEADERS = FORWARDING_HEADERS | frozenset(
-    {
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-forwarded-preferred-username",
-        "x-forwarded-access-token",
-        "x-client-ip",
-        "x-original-url",
-        "x-original-uri",
-        "x-rewrite-url",
-        "remote-user",
-        "x-remote-user",
-        "x-user",
-        "x-email",
-        "x-auth-request-user",
-        "x-auth-request-email",
-        "x-auth-request-groups",
-        "x-auth-request-preferred-username",
-        "x-auth-request-access-token",
-        "x-client-cert",
-        "x-ssl-client-cert",
-        "x-ssl-client-dn",
-        "x-ssl-client-verify",
-        "x-ssl-client-s-dn",
-        "ssl-client-cert",
-        "x-pomerium-jwt-assertion",
-        "x-goog-iap-jwt-assertion",
-        "cf-access-jwt-assertion",
-    }
-)
-PROTECTED_PREFIXES = ("x-zt-", "x-ztgw-")
-
-
-@functools.lru_cache(maxsize=4096)
-def protected_header(name: str) -> bool:
-    # Asked for every header of every request, twice; the names repeat, so remember the
-    # answer (bounded: a client inventing names only churns the LRU).
-    n = name.lower().replace("_", "-")
-    return n in PROTECTED_HEADERS or n.startswith(PROTECTED_PREFIXES)
 
 
 def spoofed_headers(
@@ -100,8 +40,7 @@ def spoofed_headers(
             {
                 k
                 for k in headers
-                if protected_header(k)
-                and not (from_trusted_proxy and k.lower().replace("_", "-") in FORWARDING_HEADERS)
+                if protected_header(k) and not (from_trusted_proxy and forwarding_header(k))
             }
         )
     )
@@ -184,6 +123,17 @@ class RequestContext:
     mfa_max_age: float | None = None
     mfa_fresh: bool = False
     _wants_html: bool | None = None
+    _fetch: FetchContext | None = None
+    authority: str = ""
+    """The host (with its port) the client addressed: the Host header, or the edge's."""
+    listener: bool = False
+    """It arrived on our own mTLS listener (not forward-auth, /decide or `policy explain`):
+    its Host and SNI must be names of ours."""
+    sni: str | None = None
+    """The server name the client's TLS handshake asked for (None: none sent, or an IP)."""
+    unstrippable: bool = False
+    """The gateway does not forward this request itself (forward-auth): a protected header
+    cannot be stripped, so the request stage refuses it."""
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"
@@ -199,6 +149,24 @@ class RequestContext:
             cached = self._wants_html = wants_html(self.headers.get("Accept", ""))
         return cached
 
+    @property
+    def fetch(self) -> FetchContext:
+        """Who made the request, as the browser tells (Fetch Metadata, Origin): fetchmeta.py."""
+        cached = self._fetch
+        if cached is None:
+            from .fetchmeta import read
+
+            cached = self._fetch = read(
+                self.method, self.headers, self.authority or self.host, self.wants_html
+            )
+        return cached
+
+    @property
+    def browser(self) -> bool:
+        """A browser made it (Fetch Metadata present), not an API client: what decides whether
+        people's rules (sign-in, MFA) apply, rather than the Accept header's order."""
+        return self.fetch.browser
+
     @classmethod
     def from_request(
         cls,
@@ -208,6 +176,7 @@ class RequestContext:
         trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
         allow_encoded_slash: bool = False,
         peer_ip: str | None = None,
+        sni: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> RequestContext:
         if peer_ip is None:
@@ -227,6 +196,9 @@ class RequestContext:
         ctx = cls(
             method=request.method,
             host=host,
+            authority=request.headers.get("Host", ""),
+            listener=True,
+            sni=sni,
             raw_path=raw_path,
             query=query,
             headers=headers,
@@ -266,6 +238,7 @@ class RequestContext:
         ctx = cls(
             method=method.upper(),
             host=host.lower(),
+            authority=host,
             raw_path=raw_path,
             query=query,
             headers=h,

@@ -44,6 +44,8 @@ class Reason(enum.StrEnum):
     PATH_INVALID = "path-invalid"
     REQUEST_INVALID = "request-invalid"
     HEADER_SPOOFED = "header-spoofed"
+    HOST_MISDIRECTED = "host-misdirected"
+    ORIGIN_DENIED = "origin-denied"
     HEADER_TOO_LARGE = "header-too-large"
     BODY_TOO_LARGE = "body-too-large"
     # identity
@@ -62,7 +64,9 @@ class Reason(enum.StrEnum):
     TOKEN_BINDING_MISMATCH = "token-binding-mismatch"
     TOKEN_BINDING_REQUIRED = "token-binding-required"
     TOKEN_ISSUER_UNAVAILABLE = "token-issuer-unavailable"
+    CREDENTIALS_THROTTLED = "credentials-throttled"
     IDENTITY_UNAUTHENTICATED = "identity-unauthenticated"
+    IDENTITY_AMBIGUOUS = "identity-ambiguous"
     # policy
     USER_NOT_ALLOWED = "user-not-allowed"
     GROUP_REQUIRED = "group-required"
@@ -130,6 +134,10 @@ _STATUS: dict[Reason, int] = {
     Reason.PATH_INVALID: 400,
     Reason.REQUEST_INVALID: 400,
     Reason.HEADER_SPOOFED: 400,
+    # RFC 9110 §15.5.20: the request was directed at a server that is not able to answer for
+    # that authority (a Host or SNI that is not one of the gateway's names).
+    Reason.HOST_MISDIRECTED: 421,
+    Reason.ORIGIN_DENIED: 403,
     Reason.HEADER_TOO_LARGE: 431,
     Reason.BODY_TOO_LARGE: 413,
     Reason.TOKEN_REQUIRED: 401,
@@ -156,6 +164,7 @@ _STATUS: dict[Reason, int] = {
     Reason.RISK_STEP_UP: 401,
     Reason.IP_DRIFT: 401,
     Reason.RATE_LIMITED: 429,
+    Reason.CREDENTIALS_THROTTLED: 429,
     Reason.POSTURE_INVALID: 400,
     Reason.POSTURE_REPLAYED: 409,
     Reason.STAGE_ERROR: 503,
@@ -174,12 +183,16 @@ _TITLES: dict[Reason, str] = {
     Reason.PATH_INVALID: "The request path is not acceptable",
     Reason.REQUEST_INVALID: "The request is malformed",
     Reason.HEADER_SPOOFED: "The request carried identity headers that only the gateway may set",
+    Reason.HOST_MISDIRECTED: "This gateway does not serve that host name",
+    Reason.ORIGIN_DENIED: "Another site's page may not make this request with your identity",
     Reason.HEADER_TOO_LARGE: "The request headers are too large",
     Reason.BODY_TOO_LARGE: "The request body is too large",
     Reason.TOKEN_REQUIRED: "A bearer token is required",
     Reason.TOKEN_INVALID: "The bearer token is not valid",
     Reason.TOKEN_EXPIRED: "The bearer token has expired",
     Reason.IDENTITY_UNAUTHENTICATED: "Sign-in is required",
+    Reason.CREDENTIALS_THROTTLED: "Too many invalid credentials from this address: wait",
+    Reason.IDENTITY_AMBIGUOUS: "This user name belongs to another identity source",
     Reason.GROUP_REQUIRED: "Your account is not in a group allowed here",
     Reason.SCOPE_INSUFFICIENT: "The token lacks a scope this application requires",
     Reason.STAGE_ERROR: "The gateway could not verify this request",

@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from .decision import Reason, new_decision_id
 from .responses import problem
-from .tls import CertInfo, CertInfoCache, handshake_failure_reason
+from .tls import CertInfo, CertInfoCache, handshake_failure_reason, server_name
 
 log = logging.getLogger("ztgateway.listener")
 
@@ -32,13 +32,22 @@ log = logging.getLogger("ztgateway.listener")
 class GatewayRequestHandler(RequestHandler):
     """aiohttp's per-connection protocol, plus what the gateway knows about the connection."""
 
-    __slots__ = ("_header_timer", "_in_request", "cert", "listener", "peer_ip", "tls_version")
+    __slots__ = (
+        "_header_timer",
+        "_in_request",
+        "cert",
+        "listener",
+        "peer_ip",
+        "sni",
+        "tls_version",
+    )
 
     def __init__(self, manager: web.Server, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.listener = listener
         self.cert: CertInfo | None = None
         self.tls_version: str | None = None
+        self.sni: str | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self.peer_ip = ""
@@ -254,6 +263,7 @@ class Listener:
                 tls_transport.abort()
                 return
         handler.tls_version = ssl_object.version()
+        handler.sni = server_name(ssl_object)
         # Recorded once: a request handled after the client hung up has no transport left.
         handler.peer_ip = str(acceptor.peer[0]) if acceptor.peer else ""
         self._on_handshake(handler.tls_version, None)

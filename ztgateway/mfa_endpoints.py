@@ -31,6 +31,7 @@ from .forward.headers import SERVER_BANNER
 from .mfa import MFAUnavailable
 from .paths import PathError, normalize_path
 from .responses import DECISION_HEADER, problem, see_other
+from .stages.identity import identity_from_token
 from .stages.session import (
     clear_cookie_header,
     cookie_session_id,
@@ -101,7 +102,10 @@ async def _who(gw: Gateway, ctx: RequestContext) -> _Who | Reason:
         if binding is not None:
             return binding
         sid = token_session_id(token.token_hash)
-        return _Who(token.subject, sid, "token", gw.store.session(sid))
+        # The user the pipeline sees (claim map, issuer namespace), not the raw `sub`: MFA
+        # state belongs to that user (security review L8).
+        user = identity_from_token(token, gw.config.claim_maps.get(token.issuer), None).user
+        return _Who(user or token.subject, sid, "token", gw.store.session(sid))
     cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
     if cookie is not None:
         sid = cookie_session_id(cookie)

@@ -14,9 +14,11 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig
 from .credentials.jwt import TokenVerifier
 from .geo import GeoLocator
+from .hostnames import ServerNames
 from .metrics import Metrics
 from .routes import RouteTable
 from .store.base import Store
+from .throttle import CredentialThrottle
 from .tls import RevocationList
 
 if TYPE_CHECKING:
@@ -34,5 +36,18 @@ class Runtime:
     dry_run: bool = False
     geo: GeoLocator = field(default_factory=lambda: GeoLocator.open(None))
     """explain / policy test / /decide: judge, but never write (no device registration)."""
+    server_names: ServerNames = field(default_factory=lambda: ServerNames(()))
+    """The Host/SNI names of requests on our listener (the gateway passes its own)."""
     clock: Clock = SYSTEM_CLOCK
     pipeline: Pipeline = field(init=False)
+    throttle: CredentialThrottle = field(init=False)
+    """Failed credential verifications per client address (throttle.py)."""
+
+    def __post_init__(self) -> None:
+        s = self.config.server
+        self.throttle = CredentialThrottle(
+            self.store,
+            limit=s.invalid_credentials_limit,
+            window=s.invalid_credentials_window,
+            dry_run=self.dry_run,
+        )

@@ -113,7 +113,7 @@ class PolicyStage:
             or policy.scopes
             or policy.claims
             or policy.login == "always"
-            or (policy.login == "browsers" and ctx.wants_html)
+            or (policy.login == "browsers" and ctx.browser)
         )
         if user is None and (needs_user or cert is None):
             # Nobody claimed the request: 401, not 403.
