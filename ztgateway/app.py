@@ -54,13 +54,14 @@ from .logs import decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
-from .responses import DECISION_HEADER, problem, see_other
+from .responses import DECISION_HEADER, add_security_headers, hsts_value, problem, see_other
 from .routes import RouteTable
 from .runtime import Runtime
+from .stages.device import new_device
 from .stages.risk import remember
 from .stages.session import SessionKeeper, clear_cookie_header, new_cookie_header
 from .store import store_from_url
-from .store.base import ChangeKind, Device, StoreUnavailable
+from .store.base import ChangeKind, StoreUnavailable
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
@@ -267,6 +268,7 @@ class Gateway:
             on_header_timeout=self.metrics.slow_clients.inc,
             on_connection_change=self.metrics.connections_open.set,
             on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
+            decorate=lambda resp: add_security_headers(resp, self._hsts()),
         )
         self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
         if cfg.ops.enabled:
@@ -373,6 +375,10 @@ class Gateway:
         log.info("configuration reloaded: revision %s", config.revision)
         return True
 
+    def _hsts(self) -> str | None:
+        s = self.runtime.config.server
+        return hsts_value(s.hsts_max_age, s.hsts_include_subdomains)
+
     # --- listener callbacks ------------------------------------------------------------------
     def _on_handshake(self, version: str | None, failure: str | None) -> None:
         if failure is None:
@@ -434,6 +440,9 @@ class Gateway:
         finally:
             conn.request_finished()
             decision_id_var.reset(token)
+        if not response.prepared:
+            # Answered by the gateway itself (a forwarded response has been streamed already).
+            add_security_headers(response, self._hsts())
         if upgrade_requested(request.headers) and not isinstance(response, web.WebSocketResponse):
             # llhttp stops parsing after an Upgrade request; close so a pipelined request
             # behind it is retried by the client instead of hanging.
@@ -626,16 +635,7 @@ class Gateway:
         if cert is None or self.store.device(cert.device_id) is not None:
             return
         await self.store.register_device(
-            Device(
-                device_id=cert.device_id,
-                fingerprint=cert.fingerprint_sha256,
-                subject=cert.subject,
-                owner=cert.user,
-                state="approved" if self.config.devices.auto_approve else "pending",
-                first_seen=ctx.now,
-                last_seen=ctx.now,
-                last_ip=ctx.client_ip,
-            )
+            new_device(cert, ctx.now, ctx.client_ip, approved=self.config.devices.auto_approve)
         )
 
     def refusal_decision(self, ctx: RequestContext, reason: Reason, detail: str) -> Decision:

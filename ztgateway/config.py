@@ -64,6 +64,9 @@ class ServerConfig:
     """Failed credential verifications per client address within the window before further
     credentials from it are refused unverified (throttle.py); 0 turns the throttle off."""
     invalid_credentials_window: float = 60.0
+    hsts_max_age: int = 31_536_000
+    """Strict-Transport-Security max-age on the gateway's own answers (0: not sent)."""
+    hsts_include_subdomains: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +195,9 @@ class RoutePolicy:
     zones: tuple[str, ...] = ()
     time_windows: tuple[TimeWindow, ...] = ()
     issuers: frozenset[str] = frozenset()
-    min_trust: TrustLevel = "unknown"
+    min_trust: TrustLevel | None = None
+    """None: `[devices] default_min_trust` for a request with a certificate ("approved" unless
+    configured), "unknown" for one without (a route that does not require a certificate)."""
     require_signed_posture: bool = False
     login: Literal["never", "always", "browsers"] = "never"
     """Who must be a signed-in user (OIDC) rather than the certificate's user: nobody, every
@@ -261,6 +266,9 @@ class StoreConfig:
 class DevicesConfig:
     auto_approve: bool = False
     owner_mismatch: Literal["deny", "risk"] = "deny"
+    default_min_trust: TrustLevel = "approved"
+    """The trust a route without `min_trust` needs of a presented device: a pending device
+    (auto_approve = false) is refused until approved (security review I1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +446,8 @@ def _server(t: Table) -> ServerConfig:
         hosts=_hostnames(t, "hosts"),
         invalid_credentials_limit=t.integer("invalid_credentials_limit", 30, min=0),
         invalid_credentials_window=t.number("invalid_credentials_window", 60.0, min=1.0),
+        hsts_max_age=t.integer("hsts_max_age", 31_536_000, min=0),
+        hsts_include_subdomains=t.flag("hsts_include_subdomains", False),
     )
     t.done()
     return cfg
@@ -688,7 +698,9 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         zones=zone_names,
         time_windows=windows,
         issuers=issuers,
-        min_trust=t.choice("min_trust", TRUST_LEVELS, "unknown"),  # type: ignore[arg-type]
+        min_trust=(
+            t.choice("min_trust", TRUST_LEVELS, "unknown") if t.has("min_trust") else None  # type: ignore[arg-type]
+        ),
         require_signed_posture=t.flag("require_signed_posture", False),
         login=t.choice("login", ("never", "always", "browsers"), "never"),  # type: ignore[arg-type]
     )
@@ -886,6 +898,7 @@ def _devices(t: Table) -> DevicesConfig:
     cfg = DevicesConfig(
         auto_approve=t.flag("auto_approve", False),
         owner_mismatch=t.choice("owner_mismatch", ("deny", "risk"), "deny"),  # type: ignore[arg-type]
+        default_min_trust=t.choice("default_min_trust", TRUST_LEVELS, "approved"),  # type: ignore[arg-type]
     )
     t.done()
     return cfg

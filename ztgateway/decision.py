@@ -83,6 +83,7 @@ class Reason(enum.StrEnum):
     DEVICE_REVOKED = "device-revoked"
     DEVICE_NONCOMPLIANT = "device-noncompliant"
     DEVICE_OWNER_MISMATCH = "device-owner-mismatch"
+    DEVICE_KEY_MISMATCH = "device-key-mismatch"
     POSTURE_STALE = "posture-stale"
     POSTURE_INVALID = "posture-invalid"
     POSTURE_REPLAYED = "posture-replayed"
@@ -201,6 +202,7 @@ _TITLES: dict[Reason, str] = {
     Reason.DEVICE_REVOKED: "This device has been revoked",
     Reason.DEVICE_NONCOMPLIANT: "This device does not meet the security requirements",
     Reason.DEVICE_OWNER_MISMATCH: "This device belongs to another user",
+    Reason.DEVICE_KEY_MISMATCH: "This certificate names a registered device but not its key",
     Reason.POSTURE_STALE: "This device has not reported its security state recently",
     Reason.POSTURE_INVALID: "The posture report is not valid",
     Reason.POSTURE_REPLAYED: "The posture report was already received or is older than the last one",

@@ -31,6 +31,7 @@ from .certverify import CertRefused
 from .context import RequestContext, spoofed_headers
 from .decision import Decision, Reason
 from .headerfamilies import EDGES, CertFormat
+from .ops import RELAY_PEER_HEADER
 from .responses import problem
 from .tls import CertInfo
 
@@ -76,6 +77,8 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
         return problem(Reason.REQUEST_INVALID, ctx.decision_id, status=403)
     edge = EDGES[fa.edge]
     consumed = {n.lower() for n in (edge.uri, edge.method, edge.host, edge.client)}
+    if gw.ops_socket is not None:
+        consumed.add(RELAY_PEER_HEADER.lower())  # the supervisor's, read by ops.relayed_peer
     if fa.cert_header:
         consumed.add(fa.cert_header.lower())
     passed = CIMultiDict((k, v) for k, v in h.items() if k.lower() not in consumed)

@@ -105,6 +105,7 @@ class GatewayRequestHandler(RequestHandler):
         self.listener.on_protocol_error(self, request, reason, decision_id, exc)
         resp = problem(reason, decision_id, status=reason.status)
         resp.headers["Server"] = "ztgateway"
+        self.listener.decorate(resp)
         resp.force_close()
         return resp
 
@@ -130,6 +131,7 @@ class Listener:
         on_header_timeout: Callable[[], None],
         on_connection_change: Callable[[int], None],
         on_rejected: Callable[[str], None],
+        decorate: Callable[[web.StreamResponse], None] = lambda resp: None,
     ) -> None:
         self._handler = handler
         self._context = context
@@ -141,6 +143,8 @@ class Listener:
         self._on_header_timeout = on_header_timeout
         self._on_connection_change = on_connection_change
         self._on_rejected = on_rejected
+        self.decorate = decorate
+        """Adds the gateway's security headers to a response it makes itself."""
         self.open_connections = 0
         self.pending: set[asyncio.Task[None]] = set()
         self.certs = CertInfoCache()

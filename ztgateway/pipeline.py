@@ -39,6 +39,7 @@ _NEVER_MONITORED = frozenset(
         Reason.CLIENT_CERT_REVOKED,
         Reason.CLIENT_CERT_INVALID,
         Reason.DEVICE_REVOKED,
+        Reason.DEVICE_KEY_MISMATCH,
         Reason.DEVICE_OWNER_MISMATCH,
         Reason.ACCOUNT_LOCKED,
         Reason.SESSION_TERMINATED,

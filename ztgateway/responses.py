@@ -34,6 +34,41 @@ _ADVICE: dict[Reason, str] = {
 }
 
 
+# What the gateway's own answers (refusals, redirects, portal pages, JWKS, protocol errors) carry
+# unless a page set its own: no MIME sniffing of a problem+json body into HTML, no framing
+# (clickjacking of portal forms), no referrer leaking decision ids or return paths to another
+# site, no other site embedding them (CORP), nothing but inline styles in our pages.
+# "same-origin", not "no-referrer": under no-referrer a browser sends `Origin: null` with the
+# page's own form posts, which the forms' same-origin check must then refuse.
+_OWN_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+    ),
+    ("Referrer-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+
+
+def hsts_value(max_age: int, include_subdomains: bool) -> str | None:
+    """RFC 6797 Strict-Transport-Security for our TLS listener (None: switched off)."""
+    if max_age <= 0:
+        return None
+    return f"max-age={max_age}" + ("; includeSubDomains" if include_subdomains else "")
+
+
+def add_security_headers(resp: web.StreamResponse, hsts: str | None) -> None:
+    """Add the headers above (and HSTS, on the TLS listener) where the response has none."""
+    headers = resp.headers
+    for name, value in _OWN_HEADERS:
+        if name not in headers:
+            headers[name] = value
+    if hsts and "Strict-Transport-Security" not in headers:
+        headers["Strict-Transport-Security"] = hsts
+
+
 def www_authenticate(reason: Reason, verdict: Verdict) -> str | None:
     if verdict is Verdict.STEP_UP or reason in (Reason.MFA_REQUIRED, Reason.RISK_STEP_UP):
         return f'Bearer {_REALM}, error="insufficient_user_authentication", error_description="{reason.value}"'

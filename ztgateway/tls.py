@@ -9,6 +9,7 @@ a resumed TLS session outlives a revocation.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
@@ -204,8 +205,41 @@ def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     # No set_ecdh_curve(): with OpenSSL 3 it replaces the group list with that one curve, which
     # refused clients offering only X25519 or P-384 and cost every browser (X25519 key share
-    # first) a HelloRetryRequest round trip (RFC 8446 §4.1.4). OpenSSL's default groups cover
-    # Mozilla intermediate's X25519, prime256v1 and secp384r1, all forward secret.
+    # first) a HelloRetryRequest round trip (RFC 8446 §4.1.4). OpenSSL's default list also has
+    # X448, P-521 and the FFDHE groups, beyond Mozilla intermediate: limit it to exactly its
+    # three, X25519 first (what browsers send a key share for).
+    limit_groups(ctx)
+
+
+TLS_GROUPS = b"X25519:P-256:P-384"
+_SSL_CTRL_SET_GROUPS_LIST = 92  # openssl/ssl.h
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The OpenSSL the ssl module is linked against, through the _ssl extension's handle."""
+    import _ssl
+
+    lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def limit_groups(ctx: ssl.SSLContext) -> None:
+    """SSL_CTX_set1_groups_list(ctx, "X25519:P-256:P-384"), which Python's ssl module lacks.
+
+    The SSL_CTX pointer is the first field after the object header of CPython's PySSLContext;
+    it is checked (its options must read back as the context's) before anything is written,
+    and the gateway refuses to start rather than serve with groups it did not choose."""
+    lib = _libssl()
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        raise RuntimeError("cannot reach this Python's OpenSSL context to limit TLS groups")
+    if lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(TLS_GROUPS)) != 1:
+        raise RuntimeError(f"OpenSSL refused the TLS groups {TLS_GROUPS.decode()}")
 
 
 _SNI_ATTRIBUTE = "ztgw_sni"
