@@ -33,33 +33,38 @@ FORWARDING_HEADERS = frozenset(
     }
 )
 
-_CERT_NAMES = frozenset(
-    {
-        "client-cert",  # RFC 9440
-        "client-cert-chain",
-        "x-client-cert",
-        "x-client-certificate",
-        "x-client-verify",
-        "x-client-dn",
-        "x-ssl-cert",
-        "x-ssl-client-cert",
-        "ssl-client-cert",
-        "x-arr-clientcert",  # IIS Application Request Routing, Azure App Service
-        "x-arr-ssl",
-        "x-forwarded-client-cert",  # Envoy XFCC
-        "x-forwarded-tls-client-cert",  # Traefik
-        "x-forwarded-tls-client-cert-info",
-        "x-amzn-mtls-clientcert",  # AWS ALB mTLS
-        "x-amzn-mtls-clientcert-leaf",
-        "x-amzn-mtls-clientcert-serial-number",
-        "x-amzn-mtls-clientcert-issuer",
-        "x-amzn-mtls-clientcert-subject",
-        "x-amzn-mtls-clientcert-validity",
-        "wl-proxy-client-cert",  # WebLogic
-        "x-wl-proxy-client-cert",
-        "proxy-ssl-client-cert",
-    }
+CERTIFICATE_HEADERS = (
+    "Client-Cert",  # RFC 9440
+    "Client-Cert-Chain",
+    "X-Client-Cert",
+    "X-Client-Certificate",
+    "X-Client-Verify",
+    "X-Client-DN",
+    "X-SSL-Cert",
+    "X-SSL-Client-Cert",
+    "X-SSL-Client-Verify",
+    "X-SSL-Client-DN",
+    "X-SSL-Client-S-DN",
+    "X-SSL-Client-I-DN",
+    "SSL-Client-Cert",
+    "X-ARR-ClientCert",  # IIS Application Request Routing, Azure App Service
+    "X-ARR-SSL",
+    "X-Forwarded-Client-Cert",  # Envoy XFCC
+    "X-Forwarded-Tls-Client-Cert",  # Traefik
+    "X-Forwarded-Tls-Client-Cert-Info",
+    "X-Amzn-Mtls-Clientcert",  # AWS ALB mTLS
+    "X-Amzn-Mtls-Clientcert-Leaf",
+    "X-Amzn-Mtls-Clientcert-Serial-Number",
+    "X-Amzn-Mtls-Clientcert-Issuer",
+    "X-Amzn-Mtls-Clientcert-Subject",
+    "X-Amzn-Mtls-Clientcert-Validity",
+    "WL-Proxy-Client-Cert",  # WebLogic
+    "X-WL-Proxy-Client-Cert",
+    "Proxy-SSL-Client-Cert",
 )
+"""Where proxies and frameworks pass a client certificate (or its parts) on; the shipped edge
+snippets clear every one of them towards the app (tests/unit/test_edge_snippets.py)."""
+_CERT_NAMES = frozenset(h.lower() for h in CERTIFICATE_HEADERS)
 _CERT_PREFIXES = (
     "x-ssl-client-",
     "ssl-client-",

@@ -61,3 +61,74 @@ def test_path_opt_ins_are_flags(certs: Certs, tmp_path: Path) -> None:
     assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].allow_double_encoding"
     err = error_for(tmp_path, certs, {"upstreams": {"demo": {"case_insensitive": "no"}}})
     assert err.key == "upstreams.demo.case_insensitive"
+
+
+def test_forward_auth_reads_one_edge_and_one_certificate_header(
+    certs: Certs, tmp_path: Path
+) -> None:
+    fa = {"enabled": True, "trusted_proxies": ["127.0.0.1/32"]}
+    cfg = load_config(write(tmp_path, certs, {"forward_auth": fa}))
+    assert (cfg.forward_auth.edge, cfg.forward_auth.cert_header) == ("nginx", "")
+    err = error_for(tmp_path, certs, {"forward_auth": {**fa, "edge": "haproxy"}})
+    assert err.key == "forward_auth.edge"
+    err = error_for(tmp_path, certs, {"forward_auth": {**fa, "cert_header": "X-Device-Id"}})
+    assert err.key == "forward_auth.cert_header" and "certificate header" in err.message
+    err = error_for(tmp_path, certs, {"forward_auth": {**fa, "cert_header": "X SSL"}})
+    assert err.key == "forward_auth.cert_header"
+    ok = {**fa, "edge": "traefik", "cert_header": "X-Forwarded-Tls-Client-Cert"}
+    assert load_config(write(tmp_path, certs, {"forward_auth": ok})).forward_auth.edge == "traefik"
+
+
+def test_two_issuers_share_user_names_only_when_the_configuration_says_so(
+    certs: Certs, tmp_path: Path
+) -> None:
+    second = {
+        "issuer": "https://partner.example/issuer",
+        "audiences": ["ztgateway"],
+        "jwks_file": str(certs.issuer_jwks),
+    }
+    err = error_for(tmp_path, certs, {"issuers": {"partner": second}})
+    assert err.key == "issuers.partner.user_namespace"
+    assert "would share user names" in err.message
+    cfg = load_config(
+        write(tmp_path, certs, {"issuers": {"partner": {**second, "user_namespace": "partner"}}})
+    )
+    assert cfg.claim_maps["partner"].user_namespace == "partner"
+    assert cfg.claim_maps["dev"].user_namespace == ""
+    both = {"dev": {"user_namespace": ""}, "partner": {**second, "user_namespace": ""}}
+    assert len(load_config(write(tmp_path, certs, {"issuers": both})).issuers) == 2
+    bad = {"partner": {**second, "user_namespace": "Partner:X"}}
+    assert error_for(tmp_path, certs, {"issuers": bad}).key == "issuers.partner.user_namespace"
+
+
+@pytest.mark.parametrize(
+    "origin", ["evil.example", "https://a.example/path", "ftp://a.example", "https://", "*"]
+)
+def test_websocket_origins_are_origins(certs: Certs, tmp_path: Path, origin: str) -> None:
+    r = {"name": "a", "prefix": "/", "upstream": "demo", "websocket_origins": [origin]}
+    assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].websocket_origins[0]"
+
+
+def test_websocket_origins_are_kept_as_browsers_serialise_them(
+    certs: Certs, tmp_path: Path
+) -> None:
+    origins = ["https://A.example:443", "http://b.example:8080/", "https://[::1]:8443"]
+    r = {"name": "a", "prefix": "/", "upstream": "demo", "websocket_origins": origins}
+    cfg = load_config(write(tmp_path, certs, routes=[r]))
+    assert cfg.routes[0].websocket_origins == {
+        "https://a.example",
+        "http://b.example:8080",
+        "https://[::1]:8443",
+    }
+
+
+def test_cross_site_hosts_and_default_min_trust_are_validated(certs: Certs, tmp_path: Path) -> None:
+    r = {"name": "a", "prefix": "/", "upstream": "demo", "cross_site": "open"}
+    assert error_for(tmp_path, certs, routes=[r]).key == "routes[0].cross_site"
+    assert error_for(tmp_path, certs, {"server": {"hosts": ["a b"]}}).key == "server.hosts[0]"
+    err = error_for(tmp_path, certs, {"devices": {"default_min_trust": "trusted"}})
+    assert err.key == "devices.default_min_trust"
+    cfg = load_config(write(tmp_path, certs))
+    assert cfg.devices.default_min_trust == "approved"
+    assert cfg.routes[0].policy.min_trust is None
+    assert cfg.routes[0].cross_site == "lax"
