@@ -225,17 +225,26 @@ async def test_only_the_configured_edges_request_headers_are_read(
     await refused(gw, cert, "request-invalid", edge="nginx")
 
 
+async def edge_with_intermediate(
+    gateway_factory: GatewayFactory, certs: Certs, edge: dict[str, Any], client_ca: Path
+) -> tuple[Gateway, CertificateAuthority, bytes]:
+    """A gateway trusting `client_ca` (no CRL), an intermediate of the session CA, a leaf of it."""
+    inter = CertificateAuthority.load(certs.ca, certs.ca_key).issue_intermediate()
+    leaf = inter.issue_client("dave-laptop", user="dave").cert_pem()
+    if client_ca != certs.ca:
+        client_ca.write_bytes(certs.ca.read_bytes() + inter.cert_pem())
+    tls = {"cert": str(certs.server), "key": str(certs.server_key), "client_ca": str(client_ca)}
+    gw = await gateway_factory({"forward_auth": edge}, replace={"tls": tls})
+    return gw, inter, leaf
+
+
 async def test_intermediate_in_the_client_ca_bundle_builds_the_path(
     gateway_factory: GatewayFactory, certs: Certs, tmp_path: Path
 ) -> None:
-    root = CertificateAuthority.load(certs.ca, certs.ca_key)
-    inter = root.issue_intermediate()
-    leaf = inter.issue_client("dave-laptop", user="dave")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(certs.ca.read_bytes() + inter.cert_pem())
-    tls = {"cert": str(certs.server), "key": str(certs.server_key), "client_ca": str(bundle)}
-    gw = await gateway_factory({"forward_auth": NGINX_EDGE}, replace={"tls": tls})
-    status, headers, _ = await ask(gw, {"X-SSL-Client-Cert": nginx_value(leaf.cert_pem())})
+    gw, _, leaf_pem = await edge_with_intermediate(
+        gateway_factory, certs, NGINX_EDGE, tmp_path / "bundle.pem"
+    )
+    status, headers, _ = await ask(gw, {"X-SSL-Client-Cert": nginx_value(leaf_pem)})
     assert status == 200
     assert headers["X-Forwarded-User"] == "dave"
 
@@ -243,19 +252,15 @@ async def test_intermediate_in_the_client_ca_bundle_builds_the_path(
 async def test_intermediate_sent_by_the_edge_builds_the_path_but_never_anchors_it(
     gateway_factory: GatewayFactory, certs: Certs, tmp_path: Path
 ) -> None:
-    root = CertificateAuthority.load(certs.ca, certs.ca_key)
-    inter = root.issue_intermediate()
-    leaf = inter.issue_client("dave-laptop", user="dave")
-    tls = {"cert": str(certs.server), "key": str(certs.server_key), "client_ca": str(certs.ca)}
-    gw = await gateway_factory({"forward_auth": TRAEFIK_EDGE}, replace={"tls": tls})
+    gw, inter, leaf_pem = await edge_with_intermediate(
+        gateway_factory, certs, TRAEFIK_EDGE, certs.ca
+    )
     header = "X-Forwarded-Tls-Client-Cert"
     status, headers, _ = await ask(
-        gw, {header: traefik_value(leaf.cert_pem(), inter.cert_pem())}, edge="traefik"
+        gw, {header: traefik_value(leaf_pem, inter.cert_pem())}, edge="traefik"
     )
     assert status == 200 and headers["X-Forwarded-User"] == "dave"
-    await refused(
-        gw, {header: traefik_value(leaf.cert_pem())}, "client-cert-invalid", edge="traefik"
-    )
+    await refused(gw, {header: traefik_value(leaf_pem)}, "client-cert-invalid", edge="traefik")
     # A self-made CA sent along with its leaf is an intermediate at most, never a trust anchor.
     mallory = CertificateAuthority.generate("Mallory CA")
     forged = mallory.issue_client("alice-laptop", user="alice")
