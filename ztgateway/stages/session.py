@@ -41,7 +41,14 @@ REFUSAL = 0.08
 RISK_SHARE = 0.4
 HISTORY = SESSION_HISTORY  # recent decisions the store keeps per session, for `sessions show`
 _NOT_AN_ATTEMPT = frozenset(
-    {Reason.IDENTITY_UNAUTHENTICATED, Reason.TOKEN_REQUIRED, Reason.ROUTE_NOT_FOUND}
+    {
+        Reason.IDENTITY_UNAUTHENTICATED,
+        Reason.TOKEN_REQUIRED,
+        Reason.ROUTE_NOT_FOUND,
+        # Another site's page made the request with the user's ambient certificate: counting
+        # it against the user would let any page step them up or lock them out.
+        Reason.ORIGIN_DENIED,
+    }
 )
 
 
