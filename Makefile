@@ -45,8 +45,14 @@ dev-venv: $(DEV_STAMP)
 certs: $(RUNTIME_STAMP)
 	$(BIN)/ztgateway certs init --dir certs --renew
 
+# Ports: from $(CONFIG), moved one by one (make run GATEWAY_PORT=18443 OPS_PORT=19100
+# APP_PORT=18080 IDP_PORT=19200) or all at once (make run PORT_OFFSET=10000, or ZTGW_PORT_OFFSET
+# in the environment); the demo app, the dev IdP, its redirect URIs and the hints follow.
+RUN_PORTS := $(if $(GATEWAY_PORT),--gateway-port $(GATEWAY_PORT)) $(if $(OPS_PORT),--ops-port $(OPS_PORT)) \
+	$(if $(APP_PORT),--app-port $(APP_PORT)) $(if $(IDP_PORT),--idp-port $(IDP_PORT)) \
+	$(if $(PORT_OFFSET),--port-offset $(PORT_OFFSET))
 run: certs
-	$(BIN)/python -m ztgateway.devrun -c $(CONFIG)
+	$(BIN)/python -m ztgateway.devrun -c $(CONFIG) $(RUN_PORTS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check ztgateway tests $(wildcard bench)

@@ -9,7 +9,9 @@ store's, the same the `ztgateway devices|users|sessions` commands use.
 from __future__ import annotations
 
 import hmac
+import json
 import os
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
@@ -21,7 +23,8 @@ from .audit import AuditUnavailable, search
 from .certverify import CertRefused, ClientCertVerifier
 from .context import RequestContext
 from .decision import Decision, Finding, Reason, Verdict
-from .store.base import REBIND_NEXT, Device, Store, UserRecord
+from .posture import MAX_CLOCK_SKEW, PostureError, digest, evaluate, validate_report
+from .store.base import REBIND_NEXT, Device, PostureRecord, Store, UserRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,7 +44,15 @@ def load_admin_token(cfg: OpsConfig) -> str | None:
     return None
 
 
-def _audit(gw: Gateway, request: web.Request, verdict: Verdict, reason: Reason, detail: str) -> str:
+def _audit(
+    gw: Gateway,
+    request: web.Request,
+    verdict: Verdict,
+    reason: Reason,
+    detail: str,
+    *,
+    device: str | None = None,
+) -> str:
     ctx = RequestContext.synthetic(
         method=request.method,
         path=request.path,
@@ -52,6 +63,9 @@ def _audit(gw: Gateway, request: web.Request, verdict: Verdict, reason: Reason, 
     finding = Finding("admin", reason, verdict, detail=detail)
     event = gw.audit_event(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)), None)
     event["type"] = "ztgw.admin"
+    if device is not None:
+        # So `audit search --device X` finds what an operator's system said about X.
+        event["input"]["device"] = device
     try:
         gw.audit.record(event)
     except AuditUnavailable:
@@ -332,6 +346,130 @@ async def audit_search(request: web.Request) -> web.Response:
     return web.json_response(events)
 
 
+MAX_BULK_REPORTS = 1000
+_SOURCE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _bulk_report(gw: Gateway, doc: Any, now: float) -> tuple[str, dict[str, Any], float]:
+    """One management-system report, held to the agent's rules plus two of its own: it names
+    its device, and it says when the data was collected (which makes replays detectable)."""
+    if not isinstance(doc, dict):
+        raise PostureError("(report)", "must be a JSON object")
+    device_id = doc.get("device_id")
+    if not isinstance(device_id, str) or not device_id:
+        raise PostureError("device_id", "is required: which device this report describes")
+    report = validate_report(doc)
+    collected = report.get("collected_at")
+    if collected is None:
+        raise PostureError("collected_at", "is required in a management system's report")
+    if collected > now + MAX_CLOCK_SKEW:
+        raise PostureError("collected_at", "is in the future")
+    previous = gw.store.posture(device_id)
+    last = previous.collected_at if previous is not None else None
+    if last is not None and collected <= last:
+        raise PostureError("collected_at", "is not newer than the last report", replay=True)
+    return device_id, report, float(collected)
+
+
+async def post_posture(request: web.Request) -> web.Response:
+    """POST {"source": "intune", "reports": [{"device_id": …, …}]}: posture for many devices
+    from a management system (MDM, inventory, EDR console).
+
+    Each report is judged on its own (one bad device never refuses the others) and is one
+    audit event naming its device; the call itself is audited by `require_admin`. Reports
+    posted here count as unsigned: routes with `require_signed_posture` still need the device's
+    own agent, whose signature proves the device key's holder made them.
+    """
+    gw = _gw(request)
+    body = await _json_body(request)
+    source = body.get("source")
+    if not isinstance(source, str) or _SOURCE.fullmatch(source) is None:
+        raise web.HTTPBadRequest(
+            text='"source" must name the reporting system: lower-case letters, digits, . _ -'
+        )
+    reports = body.get("reports")
+    if not isinstance(reports, list) or not reports:
+        raise web.HTTPBadRequest(text='"reports" must be a non-empty list')
+    if len(reports) > MAX_BULK_REPORTS:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_BULK_REPORTS,
+            actual_size=len(reports),
+            text=f"at most {MAX_BULK_REPORTS} reports per call",
+        )
+    now = gw.clock.time()
+    results: list[dict[str, Any]] = []
+    for doc in reports:
+        named = doc.get("device_id") if isinstance(doc, dict) else None
+        shown = named if isinstance(named, str) and len(named) <= 255 else None
+        try:
+            device_id, report, collected = _bulk_report(gw, doc, now)
+        except PostureError as exc:
+            reason = Reason.POSTURE_REPLAYED if exc.replay else Reason.POSTURE_INVALID
+            gw.metrics.posture_reports.labels("refused").inc()
+            _audit(
+                gw,
+                request,
+                Verdict.DENY,
+                reason,
+                f"posture from {source}: {exc.field}: {exc.message}",
+                device=shown,
+            )
+            results.append(
+                {
+                    "device_id": shown,
+                    "accepted": False,
+                    "reason": reason.value,
+                    "field": exc.field,
+                    "detail": exc.message,
+                }
+            )
+            continue
+        report["source"] = f"operator:{source}"
+        canonical = json.dumps(report, sort_keys=True, separators=(",", ":")).encode()
+        await gw.store.put_posture(
+            PostureRecord(
+                device_id=device_id,
+                report=report,
+                received_at=now,
+                collected_at=collected,
+                signed=False,
+                digest=digest(canonical),
+            )
+        )
+        evaluation = evaluate(report, now, gw.config.posture, now=now, signed=False)
+        gw.metrics.posture_reports.labels(
+            "compliant" if evaluation.compliant else "noncompliant"
+        ).inc()
+        for name in evaluation.failed:
+            gw.metrics.posture_failed_checks.labels(name).inc()
+        _audit(
+            gw,
+            request,
+            Verdict.ALLOW,
+            Reason.POLICY_ALLOWED,
+            f"posture from {source} accepted",
+            device=device_id,
+        )
+        results.append(
+            {
+                "device_id": device_id,
+                "accepted": True,
+                "known_device": gw.store.device(device_id) is not None,
+                "compliant": evaluation.compliant,
+                "failed_checks": evaluation.failed,
+            }
+        )
+    accepted = sum(1 for r in results if r["accepted"])
+    return web.json_response(
+        {
+            "source": source,
+            "accepted": accepted,
+            "refused": len(results) - accepted,
+            "results": results,
+        }
+    )
+
+
 async def reload(request: web.Request) -> web.Response:
     gw = _gw(request)
     ok = gw.reload()
@@ -344,6 +482,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/admin/sessions/terminate", terminate_sessions)
     app.router.add_get("/admin/devices", list_devices)
     app.router.add_post("/admin/devices/{device}/{action}", device_action)
+    app.router.add_post("/admin/posture", post_posture)
     app.router.add_get("/admin/users", list_users)
     app.router.add_post("/admin/users/{user}/{action}", user_action)
     app.router.add_get("/admin/audit", audit_search)

@@ -138,6 +138,7 @@ class Gateway:
             issuer=config.assertion.issuer or config.server.public_url or "ztgateway",
             ttl=config.assertion.ttl,
             clock=clock,
+            also_publish=config.assertion.also_publish,
         )
         self.runtime = self._build_runtime(config)
         self.listener: Listener | None = None

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,30 @@ def load_or_create_key(path: Path | None) -> ec.EllipticCurvePrivateKey:
     return loaded
 
 
+def _jwk(public: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    numbers = public.public_numbers()
+    members = {"crv": "P-256", "kty": "EC", "x": _b64(numbers.x), "y": _b64(numbers.y)}
+    canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+    # RFC 7638 thumbprint as the kid, so rotation never reuses an id.
+    kid = base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
+    return {**members, "kid": kid, "alg": "ES256", "use": "sig"}
+
+
+def load_public_keys(paths: Sequence[Path]) -> list[ec.EllipticCurvePublicKey]:
+    """P-256 public keys from PEM files holding a private key or a public key."""
+    out = []
+    for path in paths:
+        data = path.read_bytes()
+        try:
+            key: Any = serialization.load_pem_private_key(data, password=None).public_key()
+        except ValueError:
+            key = serialization.load_pem_public_key(data)
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ValueError(f"{path}: not an EC P-256 key")
+        out.append(key)
+    return out
+
+
 class AssertionSigner:
     def __init__(
         self,
@@ -57,19 +82,19 @@ class AssertionSigner:
         issuer: str,
         ttl: int,
         clock: Clock = SYSTEM_CLOCK,
+        also_publish: Sequence[Path] = (),
     ) -> None:
         self._key = key
         self.clock = clock
         self.issuer = issuer
         self.ttl = ttl
-        numbers = key.public_key().public_numbers()
-        members = {"crv": "P-256", "kty": "EC", "x": _b64(numbers.x), "y": _b64(numbers.y)}
-        canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
-        # RFC 7638 thumbprint as the kid, so rotation never reuses an id.
-        self.kid = (
-            base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
-        )
-        self.jwks = {"keys": [{**members, "kid": self.kid, "alg": "ES256", "use": "sig"}]}
+        current = _jwk(key.public_key())
+        self.kid = current["kid"]
+        # Rotation (docs/deploy.md): the next key is published before it signs, the previous
+        # one until the assertions it signed have expired, so verifiers never meet a kid
+        # their cached JWKS lacks.
+        extra = [_jwk(k) for k in load_public_keys(also_publish)]
+        self.jwks = {"keys": [current, *(k for k in extra if k["kid"] != self.kid)]}
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, str]] = OrderedDict()
 
     def sign(

@@ -237,6 +237,9 @@ class AssertionConfig:
     key: Path | None
     ttl: int = 60
     issuer: str = ""
+    also_publish: tuple[Path, ...] = ()
+    """Keys published in /.ztgw/jwks.json beside the signing key: the next one before a
+    rotation, the previous one after it (docs/deploy.md)."""
 
 
 EdgeProxy = Literal["nginx", "traefik", "caddy"]
@@ -430,14 +433,14 @@ def _server(t: Table) -> ServerConfig:
         host=t.text("host", "127.0.0.1"),
         port=t.integer("port", 8443, min=0, max=65535),
         client_cert=t.choice("client_cert", ("required", "optional"), "required"),  # type: ignore[arg-type]
-        handshake_timeout=t.number("handshake_timeout", 10.0, min=0.1),
-        header_timeout=t.number("header_timeout", 10.0, min=0.1),
-        idle_timeout=t.number("idle_timeout", 60.0, min=0.1),
+        handshake_timeout=t.duration("handshake_timeout", 10.0, min=0.1),
+        header_timeout=t.duration("header_timeout", 10.0, min=0.1),
+        idle_timeout=t.duration("idle_timeout", 60.0, min=0.1),
         max_connections=t.integer("max_connections", 10_000, min=1),
         max_header_bytes=t.integer("max_header_bytes", 8190, min=256, max=65536),
         max_headers=t.integer("max_headers", 100, min=8, max=1000),
         client_max_size=t.integer("client_max_size", 10 * 1024 * 1024, min=0),
-        shutdown_timeout=t.number("shutdown_timeout", 15.0, min=0.0),
+        shutdown_timeout=t.duration("shutdown_timeout", 15.0, min=0.0),
         trusted_proxies=t.cidrs("trusted_proxies"),
         spoofed_headers=t.choice("spoofed_headers", ("strip", "deny"), "strip"),  # type: ignore[arg-type]
         allow_encoded_slash=t.flag("allow_encoded_slash", False),
@@ -479,7 +482,7 @@ def _tls(t: Table) -> TLSConfig:
         client_ca=ca,
         crl=t.path("crl"),
         min_version=t.choice("min_version", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),  # type: ignore[arg-type]
-        reload_interval=t.number("reload_interval", 2.0, min=0.0),
+        reload_interval=t.duration("reload_interval", 2.0, min=0.0),
     )
     t.done()
     return cfg
@@ -550,11 +553,11 @@ def _issuers(
                 jwks_url=jwks_url,
                 jwks_file=jwks_file,
                 jwks_ca_file=t.path("jwks_ca"),
-                leeway=t.number("leeway", 30.0, min=0.0, max=600.0),
-                max_token_age=t.number("max_token_age", None, min=1.0),
-                refresh_interval=t.number("refresh_interval", 60.0, min=1.0),
-                jwks_max_age=t.number("jwks_max_age", 3600.0, min=1.0),
-                jwks_timeout=t.number("jwks_timeout", 5.0, min=0.1),
+                leeway=t.duration("leeway", 30.0, min=0.0, max=600.0),
+                max_token_age=t.duration("max_token_age", None, min=1.0),
+                refresh_interval=t.duration("refresh_interval", 60.0, min=1.0),
+                jwks_max_age=t.duration("jwks_max_age", 3600.0, min=1.0),
+                jwks_timeout=t.duration("jwks_timeout", 5.0, min=0.1),
             )
         except ValueError as exc:
             t.fail("algorithms", str(exc))
@@ -603,8 +606,8 @@ def _upstream(name: str, t: Table) -> UpstreamConfig:
         ca=ca,
         client_cert=cert,
         client_key=key,
-        connect_timeout=t.number("connect_timeout", 5.0, min=0.01),
-        read_timeout=t.number("read_timeout", 60.0, min=0.01),
+        connect_timeout=t.duration("connect_timeout", 5.0, min=0.01),
+        read_timeout=t.duration("read_timeout", 60.0, min=0.01),
         max_connections=t.integer("max_connections", 256, min=1),
         max_connections_per_host=t.integer("max_connections_per_host", 256, min=1),
         case_insensitive=t.flag("case_insensitive", False),
@@ -668,16 +671,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         _time_window(w, tz, t, f"time_windows[{i}]")
         for i, w in enumerate(t.str_list("time_windows"))
     )
-    claims_t = t.table("claims")
-    claims = []
-    for name in list(claims_t.data):
-        value = claims_t.data[name]
-        values = (value,) if isinstance(value, str) else value
-        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
-            claims_t.fail(name, "must be a string or a list of strings")
-        claims_t._read.add(name)
-        claims.append((name, tuple(values)))
-    claims_t.done()
+    claims = _claim_values(t.table("claims"))
     issuers = frozenset(t.str_list("issuers"))
     for name in issuers - issuer_names:
         t.fail("issuers", f"unknown issuer {name!r} (define it under [issuers])")
@@ -690,7 +684,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         groups=frozenset(t.str_list("groups")),
         roles=frozenset(t.str_list("roles")),
         scopes=frozenset(t.str_list("scopes")),
-        claims=tuple(claims),
+        claims=claims,
         methods=methods,
         paths=t.str_list("paths"),
         cert_subjects=frozenset(t.str_list("cert_subjects")),
@@ -814,11 +808,28 @@ def _origins(t: Table, key: str) -> frozenset[str]:
 def _assertion(t: Table) -> AssertionConfig:
     cfg = AssertionConfig(
         key=t.path("key"),
-        ttl=t.integer("ttl", 60, min=5, max=3600),
+        ttl=int(t.duration("ttl", 60, min=5, max=3600)),
         issuer=t.text("issuer", ""),
+        also_publish=_key_files(t, "also_publish"),
     )
     t.done()
     return cfg
+
+
+def _key_files(t: Table, name: str) -> tuple[Path, ...]:
+    from .assertion import load_public_keys
+
+    paths = []
+    for i, value in enumerate(t.str_list(name)):
+        path = (t.file.parent / value).resolve()
+        if not path.exists():
+            t.fail(f"{name}[{i}]", f"file not found: {path}")
+        try:
+            load_public_keys([path])
+        except ValueError as exc:
+            t.fail(f"{name}[{i}]", str(exc))
+        paths.append(path)
+    return tuple(paths)
 
 
 def _forward_auth(t: Table) -> ForwardAuthConfig:
@@ -942,7 +953,7 @@ def _posture(t: Table) -> PosturePolicy:
         required_checks=checks,
         min_os_version=tuple(pairs),
         max_patch_age_days=max_patch,
-        max_report_age=t.number("max_report_age", 86400.0, min=1.0),
+        max_report_age=t.duration("max_report_age", 86400.0, min=1.0),
         platforms=platforms,
     )
     t.done()
@@ -992,7 +1003,7 @@ def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
         blocklist=blocklist,
         geoip_db=t.path("geoip_db", must_exist=False),
         max_travel_speed_kmh=t.number("max_travel_speed_kmh", 900.0, min=1.0),
-        failed_attempts_window=t.number("failed_attempts_window", 600.0, min=1.0),
+        failed_attempts_window=t.duration("failed_attempts_window", 600.0, min=1.0),
         failed_attempts_threshold=t.integer("failed_attempts_threshold", 5, min=1),
         large_request_bytes=t.integer("large_request_bytes", 10 * 1024 * 1024, min=1),
         default_timezone=tz,
@@ -1019,9 +1030,9 @@ def _route_session(t: Table) -> RouteSession:
     rl_t.done()
     cfg = RouteSession(
         ip_drift=t.choice("ip_drift", IP_DRIFT_MODES, "allow_same_network"),  # type: ignore[arg-type]
-        idle_timeout=t.number("idle_timeout", None, min=1.0),
-        absolute_timeout=t.number("absolute_timeout", None, min=1.0),
-        mfa_max_age=t.number("mfa_max_age", None, min=1.0),
+        idle_timeout=t.duration("idle_timeout", None, min=1.0),
+        absolute_timeout=t.duration("absolute_timeout", None, min=1.0),
+        mfa_max_age=t.duration("mfa_max_age", None, min=1.0),
         anomaly_step_up=t.number("anomaly_step_up", None, min=0.0, max=1.0),
         anomaly_terminate=t.number("anomaly_terminate", None, min=0.0, max=1.0),
         rate_limit=rate_limit,
@@ -1039,16 +1050,16 @@ def _route_session(t: Table) -> RouteSession:
 def _sessions(t: Table) -> SessionsConfig:
     cfg = SessionsConfig(
         cookie_name=t.text("cookie_name", "__Host-ztgw-session"),
-        idle_timeout=t.number("idle_timeout", 1800.0, min=1.0),
-        absolute_timeout=t.number("absolute_timeout", 43200.0, min=1.0),
+        idle_timeout=t.duration("idle_timeout", 1800.0, min=1.0),
+        absolute_timeout=t.duration("absolute_timeout", 43200.0, min=1.0),
         anomaly_step_up=t.number("anomaly_step_up", 0.7, min=0.0, max=1.0),
         anomaly_terminate=t.number("anomaly_terminate", 0.9, min=0.0, max=1.0),
-        anomaly_half_life=t.number("anomaly_half_life", 600.0, min=1.0),
+        anomaly_half_life=t.duration("anomaly_half_life", 600.0, min=1.0),
         burst_requests=t.integer("burst_requests", 50, min=1),
-        burst_window=t.number("burst_window", 10.0, min=0.1),
-        lock_on_terminate=t.number("lock_on_terminate", 0.0, min=0.0),
+        burst_window=t.duration("burst_window", 10.0, min=0.1),
+        lock_on_terminate=t.duration("lock_on_terminate", 0.0, min=0.0),
         browser_sessions=t.flag("browser_sessions", True),
-        step_up_validity=t.number("step_up_validity", 900.0, min=1.0),
+        step_up_validity=t.duration("step_up_validity", 900.0, min=1.0),
     )
     if not cfg.cookie_name.startswith("__Host-"):
         t.fail("cookie_name", "must start with __Host- (RFC 6265bis: Secure, no Domain, Path=/)")
@@ -1064,12 +1075,26 @@ def _mfa(t: Table) -> MFAConfig:
         key_env=t.text("key_env", "ZTGW_MFA_KEY"),
         issuer=t.text("issuer", "ztgateway"),
         max_failures=t.integer("max_failures", 5, min=1),
-        find_time=t.number("find_time", 300.0, min=1.0),
-        ban_time=t.number("ban_time", 900.0, min=1.0),
+        find_time=t.duration("find_time", 300.0, min=1.0),
+        ban_time=t.duration("ban_time", 900.0, min=1.0),
         window=t.integer("window", 1, min=0, max=3),
     )
     t.done()
     return cfg
+
+
+def _claim_values(t: Table) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`claim = "value"` or `claim = ["a", "b"]` for every claim the table names."""
+    out = []
+    for name in list(t.data):
+        value = t.data[name]
+        values = (value,) if isinstance(value, str) else value
+        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+            t.fail(name, "must be a string or a list of strings")
+        t._read.add(name)
+        out.append((name, tuple(values)))
+    t.done()
+    return tuple(out)
 
 
 def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
@@ -1114,8 +1139,9 @@ def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
             scopes=t.str_list("scopes", ("openid", "email", "profile")),
             ca_file=t.path("ca_file"),
             claims=claims,
-            leeway=t.number("leeway", 30.0, min=0.0),
-            max_auth_age=t.number("max_auth_age", 600.0, min=10.0),
+            leeway=t.duration("leeway", 30.0, min=0.0),
+            max_auth_age=t.duration("max_auth_age", 600.0, min=10.0),
+            required_claims=_claim_values(t.table("required_claims")),
         )
     except ValueError as exc:
         t.fail("", str(exc))

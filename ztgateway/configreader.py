@@ -83,6 +83,37 @@ class Table:
     ) -> Any:
         return self._bounded(name, self._get(name, float, default, required), min, max)
 
+    def duration(
+        self,
+        name: str,
+        default: float | None = None,
+        *,
+        required: bool = False,
+        min: float | None = None,
+        max: float | None = None,
+    ) -> Any:
+        """Seconds: a number (`1800`) or a duration string (`"30m"`, `"1h30m"`, `"7d"`)."""
+        from .durations import parse_duration
+
+        self._read.add(name)
+        if name in self.data and isinstance(self.data[name], str):
+            try:
+                value: Any = parse_duration(self.data[name], default_unit="s")
+            except ValueError as exc:
+                self.fail(name, str(exc))
+            return self._bounded(name, value, min, max)
+        if name in self.data and isinstance(self.data[name], bool | int | float):
+            if isinstance(self.data[name], bool):
+                self.fail(
+                    name, f'must be a duration (seconds or like "30m"), not {self.data[name]!r}'
+                )
+            return self._bounded(name, float(self.data[name]), min, max)
+        if name in self.data:
+            self.fail(name, f'must be a duration (seconds or like "30m"), not {self.data[name]!r}')
+        if required:
+            self.fail(name, "is required")
+        return default
+
     def _bounded(self, name: str, value: Any, low: float | None, high: float | None) -> Any:
         if value is not None:
             if low is not None and value < low:

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import html
 import ipaddress
+import json
 import logging
 import re
 import secrets
@@ -41,11 +42,12 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 
 import jwt as pyjwt
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.configreader import ConfigError, Table
 from ztgateway.credentials.devtoken import jwk_thumbprint, load_signing_key, public_jwks
+from ztgateway.devidp_shapes import GENERIC, SHAPES, Shape
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +261,19 @@ def load_devidp_file(path: Path) -> DevIdPConfig:
     return DevIdPConfig(users=MappingProxyType(users), clients=MappingProxyType(clients))
 
 
+def _rsa_jwks(public_key: rsa.RSAPublicKey) -> tuple[str, dict[str, Any]]:
+    """(kid, JWK Set) for an RS256 key; the kid is its RFC 7638 thumbprint."""
+    numbers = public_key.public_numbers()
+
+    def b64(n: int) -> str:
+        return _b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+    required = {"e": b64(numbers.e), "kty": "RSA", "n": b64(numbers.n)}
+    canonical = json.dumps(required, sort_keys=True, separators=(",", ":")).encode()
+    kid = _b64url(hashlib.sha256(canonical).digest())
+    return kid, {"keys": [{**required, "kid": kid, "use": "sig", "alg": "RS256"}]}
+
+
 # -- in-memory state -------------------------------------------------------------------------
 
 
@@ -361,6 +376,7 @@ class DevIdP:
         issuer: str,
         key: ec.EllipticCurvePrivateKey | None = None,
         clock: Callable[[], float] = SYSTEM_CLOCK.time,
+        shape: Shape = GENERIC,
     ) -> None:
         parts = urlsplit(issuer)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -370,10 +386,18 @@ class DevIdP:
         self.config = config
         self.issuer = issuer
         self.base_path = parts.path.rstrip("/")
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.shape = shape
         self._clock = clock
-        self._key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-        self.kid = jwk_thumbprint(self._key.public_key())
-        self._jwks = public_jwks(self._key.public_key(), kid=self.kid)
+        self._key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+        if shape.algorithm == "RS256":
+            # The real providers sign with RS256; an RSA key per start, like a rotation.
+            self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self.kid, self._jwks = _rsa_jwks(self._key.public_key())
+        else:
+            self._key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
+            self.kid = jwk_thumbprint(self._key.public_key())
+            self._jwks = public_jwks(self._key.public_key(), kid=self.kid)
         self._secret = secrets.token_bytes(32)
         secure = parts.scheme == "https"
         self._cookie_secure = secure
@@ -392,61 +416,74 @@ class DevIdP:
     def url(self, path: str) -> str:
         return self.issuer.rstrip("/") + path
 
+    def endpoint_path(self, name: str) -> str | None:
+        """Where the shape puts an endpoint (None: this provider has none)."""
+        template = self.shape.endpoints.get(name)
+        return None if template is None else template.format(issuer=self.base_path)
+
+    def endpoint(self, name: str) -> str | None:
+        path = self.endpoint_path(name)
+        return None if path is None else self.origin + path
+
     def add_routes(self, app: web.Application) -> None:
         base = self.base_path
         app.router.add_get(base + "/.well-known/openid-configuration", self.discovery)
-        app.router.add_get(base + "/jwks.json", self.jwks)
-        app.router.add_route("GET", base + "/authorize", self.authorize)
-        app.router.add_route("POST", base + "/authorize", self.authorize)
+        for name, handler, methods in (
+            ("jwks", self.jwks, ("GET",)),
+            ("authorize", self.authorize, ("GET", "POST")),
+            ("token", self.token, ("POST",)),
+            ("userinfo", self.userinfo, ("GET", "POST")),
+            ("end_session", self.end_session, ("GET", "POST")),
+        ):
+            path = self.endpoint_path(name)
+            if path is not None:
+                for method in methods:
+                    app.router.add_route(method, path, handler)
         app.router.add_post(base + "/login", self.login)
-        app.router.add_post(base + "/token", self.token)
-        app.router.add_route("GET", base + "/userinfo", self.userinfo)
-        app.router.add_route("POST", base + "/userinfo", self.userinfo)
-        app.router.add_route("GET", base + "/end_session", self.end_session)
-        app.router.add_route("POST", base + "/end_session", self.end_session)
         app.router.add_get(base + "/", self.index)
 
     # -- documents -------------------------------------------------------------------------
 
     async def discovery(self, request: web.Request) -> web.Response:
         """OIDC Discovery §3 metadata; `issuer` is exactly the configured issuer (§4.3)."""
-        return web.json_response(
-            {
-                "issuer": self.issuer,
-                "authorization_endpoint": self.url("/authorize"),
-                "token_endpoint": self.url("/token"),
-                "userinfo_endpoint": self.url("/userinfo"),
-                "jwks_uri": self.url("/jwks.json"),
-                "end_session_endpoint": self.url("/end_session"),
-                "response_types_supported": ["code"],
-                "response_modes_supported": ["query"],
-                "grant_types_supported": ["authorization_code"],
-                "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": [ALGORITHM],
-                "scopes_supported": ["openid", "email", "profile", "groups"],
-                "token_endpoint_auth_methods_supported": [
-                    "client_secret_basic",
-                    "client_secret_post",
-                ],
-                "claims_supported": [
-                    "iss",
-                    "sub",
-                    "aud",
-                    "exp",
-                    "iat",
-                    "auth_time",
-                    "nonce",
-                    "email",
-                    "email_verified",
-                    "name",
-                    "preferred_username",
-                    "groups",
-                ],
-                "code_challenge_methods_supported": ["S256"],
-                "prompt_values_supported": ["none", "login"],
-                "authorization_response_iss_parameter_supported": True,
-            }
-        )
+        document = {
+            "issuer": self.issuer,
+            "authorization_endpoint": self.endpoint("authorize"),
+            "token_endpoint": self.endpoint("token"),
+            "userinfo_endpoint": self.endpoint("userinfo"),
+            "jwks_uri": self.endpoint("jwks"),
+            "end_session_endpoint": self.endpoint("end_session"),
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": [self.shape.algorithm],
+            "scopes_supported": list(self.shape.scopes),
+            "token_endpoint_auth_methods_supported": [
+                "client_secret_basic",
+                "client_secret_post",
+            ],
+            "claims_supported": [
+                "iss",
+                "sub",
+                "aud",
+                "exp",
+                "iat",
+                "auth_time",
+                "nonce",
+                "email",
+                "email_verified",
+                "name",
+                "preferred_username",
+                "groups",
+                *self.shape.extra_claims_supported,
+            ],
+            "code_challenge_methods_supported": ["S256"],
+            "prompt_values_supported": ["none", "login"],
+            "authorization_response_iss_parameter_supported": True,
+        }
+        # A provider without RP-initiated logout (Google) does not announce the endpoint.
+        return web.json_response({k: v for k, v in document.items() if v is not None})
 
     async def jwks(self, request: web.Request) -> web.Response:
         return web.json_response(self._jwks, content_type="application/jwk-set+json")
@@ -788,19 +825,12 @@ class DevIdP:
             headers=_NO_STORE,
         )
 
-    def _user_claims(self, user: DevUser, scope: tuple[str, ...]) -> dict[str, Any]:
-        claims: dict[str, Any] = {"sub": user.username, "groups": list(user.groups)}
-        if "profile" in scope:
-            claims["name"] = user.name
-            claims["preferred_username"] = user.username
-        if "email" in scope and user.email:
-            claims["email"] = user.email
-            claims["email_verified"] = True
-        return claims
+    def _user_claims(self, user: DevUser, scope: tuple[str, ...], client_id: str) -> dict[str, Any]:
+        return self.shape.claims(user, scope, client_id)
 
     def _id_token(self, user: DevUser, grant: _Grant, access_token: str) -> str:
         now = int(self._clock())
-        claims = self._user_claims(user, grant.scope)
+        claims = self._user_claims(user, grant.scope, grant.client_id)
         claims.update(
             {
                 "iss": self.issuer,
@@ -816,7 +846,10 @@ class DevIdP:
         if grant.nonce is not None:
             claims["nonce"] = grant.nonce
         return pyjwt.encode(
-            claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": "JWT"}
+            claims,
+            self._key,
+            algorithm=self.shape.algorithm,
+            headers={"kid": self.kid, "typ": "JWT"},
         )
 
     async def userinfo(self, request: web.Request) -> web.Response:
@@ -831,7 +864,9 @@ class DevIdP:
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"', **_NO_STORE},
             )
-        return web.json_response(self._user_claims(user, token.scope), headers=_NO_STORE)
+        return web.json_response(
+            self._user_claims(user, token.scope, token.client_id), headers=_NO_STORE
+        )
 
     # -- logout ----------------------------------------------------------------------------
 
@@ -841,7 +876,7 @@ class DevIdP:
             claims = pyjwt.decode(
                 hint,
                 self._key.public_key(),
-                algorithms=[ALGORITHM],
+                algorithms=[self.shape.algorithm],
                 issuer=self.issuer,
                 options={"verify_aud": False, "verify_exp": False, "require": ["aud", "iss"]},
             )
@@ -937,6 +972,7 @@ def create_devidp_app(
     issuer: str,
     key_file: Path | None = None,
     clock: Callable[[], float] = SYSTEM_CLOCK.time,
+    shape: Shape = GENERIC,
 ) -> web.Application:
     """The dev IdP as an aiohttp application; the DevIdP object is at `app[DEVIDP_KEY]`.
 
@@ -944,13 +980,13 @@ def create_devidp_app(
     """
     config = load_devidp_file(users_file)
     key = load_signing_key(key_file) if key_file is not None else None
-    idp = DevIdP(config, issuer=issuer, key=key, clock=clock)
+    idp = DevIdP(config, issuer=issuer, key=key, clock=clock, shape=shape)
     app = web.Application()
     app[DEVIDP_KEY] = idp
     idp.add_routes(app)
 
     async def announce(app: web.Application) -> None:
-        logger.warning("dev-idp: %s (issuer %s)", BANNER, idp.issuer)
+        logger.warning("dev-idp: %s (issuer %s, shaped like %s)", BANNER, idp.issuer, shape.name)
 
     app.on_startup.append(announce)
     return app
@@ -987,6 +1023,7 @@ async def start_devidp(
     key_file: Path | None = None,
     clock: Callable[[], float] = SYSTEM_CLOCK.time,
     allow_insecure_bind: bool = False,
+    shape: Shape = GENERIC,
 ) -> tuple[web.AppRunner, int, str]:
     """Start the dev IdP; returns its runner (call `cleanup()`), the bound port and the issuer.
 
@@ -1003,8 +1040,10 @@ async def start_devidp(
         bound_port = int(sock.getsockname()[1])
         if issuer is None:
             shown = f"[{host.strip('[]')}]" if ":" in host else host
-            issuer = f"http://{shown}:{bound_port}"
-        app = create_devidp_app(users_file, issuer=issuer, key_file=key_file, clock=clock)
+            issuer = f"http://{shown}:{bound_port}{shape.issuer_path}"
+        app = create_devidp_app(
+            users_file, issuer=issuer, key_file=key_file, clock=clock, shape=shape
+        )
     except BaseException:
         sock.close()
         raise
@@ -1030,6 +1069,7 @@ async def _serve(args: argparse.Namespace) -> None:
         issuer=args.issuer,
         key_file=Path(args.key) if args.key else None,
         allow_insecure_bind=args.i_know_this_is_insecure,
+        shape=SHAPES[args.shape],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1091,12 +1131,23 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="listen address (loopback only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
     parser.add_argument("--users", default=DEFAULT_USERS_FILE, help="users and clients file")
     parser.add_argument(
         "--issuer", help="issuer URL (default http://HOST:PORT); must be how clients reach us"
     )
     parser.add_argument("--key", help="EC P-256 PKCS#8 PEM signing key (default: a new one)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="generic",
+        help="look like this provider: its paths, claims, groups and logout (docs/oidc.md)",
+    )
     parser.add_argument(
         "--i-know-this-is-insecure",
         action="store_true",

@@ -252,21 +252,24 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from .commands.common import add_config, add_json
+
     p = sub.add_parser("policy", help="explain and test policy")
-    psub = p.add_subparsers(dest="policy_command", required=True)
-    ex = psub.add_parser("explain", help="decide one request and print every finding")
-    ex.add_argument("-c", "--config", default="config/gateway.toml")
-    ex.add_argument("--method", default="GET")
-    ex.add_argument("--path", required=True)
-    ex.add_argument("--host", default="127.0.0.1")
-    ex.add_argument("--ip", default="127.0.0.1")
-    ex.add_argument("--token")
-    ex.add_argument("--cert", help="client certificate (PEM)")
-    ex.add_argument("--header", action="append", help="extra 'Name: value' header")
-    ex.add_argument("--json", action="store_true")
+    psub = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    ex = add_config(psub.add_parser("explain", help="decide one request and print every finding"))
+    ex.add_argument("--method", default="GET", help="request method (default GET)")
+    ex.add_argument("--path", required=True, help="request path, as the client sends it")
+    ex.add_argument("--host", default="127.0.0.1", help="Host header (default 127.0.0.1)")
+    ex.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    ex.add_argument("--token", help="bearer token the request carries")
+    ex.add_argument("--cert", metavar="PEM", help="client certificate the request presents")
+    ex.add_argument(
+        "--header", action="append", metavar="'NAME: VALUE'", help="extra header (repeatable)"
+    )
+    add_json(ex)
     ex.set_defaults(func=cmd_explain)
     te = psub.add_parser("test", help="run a table of policy cases")
-    te.add_argument("file")
+    te.add_argument("file", help="TOML file of [[case]] tables (see the README)")
     te.set_defaults(func=cmd_test)
 
 

@@ -23,8 +23,22 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 PLATFORMS = ("windows", "macos", "linux", "ios", "android")
 BOOL_CHECKS = ("disk_encrypted", "firewall", "antivirus", "screen_lock", "mdm_enrolled")
 REQUIRED_FIELDS = ("platform", "os_version", "last_patch", *BOOL_CHECKS, "jailbroken")
-OPTIONAL_FIELDS = ("collected_at", "device_id", "agent_version", "hostname")
+OPTIONAL_FIELDS = (
+    "collected_at",
+    "device_id",
+    "agent_version",
+    "hostname",
+    "os_name",
+    "kernel",
+    "evidence",
+)
+EVIDENCE_KEYS = (*REQUIRED_FIELDS,)
+"""`evidence` explains a field (what the agent saw: "/ on dm-crypt nvme0n1p3_crypt"), for the
+operator and the device page; it never changes a verdict."""
+MAX_EVIDENCE_CHARS = 512
 MAX_REPORT_BYTES = 16 * 1024
+MAX_CLOCK_SKEW = 300.0
+"""How far in the future a report's collected_at may lie (the device's clock may run ahead)."""
 _VERSION = re.compile(r"^(\d{1,9}(?:\.\d{1,9}){0,5})(?:[-+~ ].{0,64})?$")
 
 REMEDIATION: dict[str, str] = {
@@ -161,9 +175,21 @@ def validate_report(doc: Any) -> dict[str, Any]:
     out = dict(doc)
     if "collected_at" in doc:
         out["collected_at"] = _parse_time(doc["collected_at"], "collected_at")
-    for key in ("device_id", "agent_version", "hostname"):
+    for key in ("device_id", "agent_version", "hostname", "os_name", "kernel"):
         if key in doc and (not isinstance(doc[key], str) or len(doc[key]) > 255):
             raise PostureError(key, "must be a string of at most 255 characters")
+    if "evidence" in doc:
+        evidence = doc["evidence"]
+        if not isinstance(evidence, dict):
+            raise PostureError("evidence", "must be an object of field name to text")
+        for key, text in evidence.items():
+            if key not in EVIDENCE_KEYS:
+                raise PostureError(f"evidence.{str(key)[:64]}", "names no report field")
+            if not isinstance(text, str) or len(text) > MAX_EVIDENCE_CHARS:
+                raise PostureError(
+                    f"evidence.{key}",
+                    f"must be a string of at most {MAX_EVIDENCE_CHARS} characters",
+                )
     return out
 
 

@@ -224,7 +224,10 @@ async def test_pending_devices_wait_for_approval_and_cli_revocation_holds_at_onc
         assert r.status == 403
         assert (await r.json())["reason"] == "device-revoked"
     assert await asyncio.to_thread(main, ["devices", "show", "carol-laptop", "-c", config]) == 0
-    assert '"state": "revoked"' in capsys.readouterr().out
+    assert "state:" in (shown := capsys.readouterr().out) and "revoked" in shown
+    args = ["devices", "show", "carol-laptop", "--json", "-c", config]
+    assert await asyncio.to_thread(main, args) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "revoked"
     text = gw.metrics.render().decode()
     assert 'ztgw_devices{state="revoked"} 1.0' in text
 

@@ -339,7 +339,7 @@ async def test_session_history_is_kept_in_the_store_and_shown(
     assert session.revoked and "history" not in session.extra
 
     config = str(gw.config.file)
-    args = ["sessions", "show", session.session_id[:20], "-c", config]
+    args = ["sessions", "show", session.session_id[:20], "--json", "-c", config]
     capsys.readouterr()
     assert await asyncio.to_thread(main, args) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -355,7 +355,7 @@ async def test_session_history_is_kept_in_the_store_and_shown(
     assert [d.to_json() for d in await gw.store.session_history(session.session_id)] == history
     # The audit log names the session in each of those decisions, and finds them by it.
     await gw.audit.flush()
-    args = ["audit", "search", "--session", session.session_id, "-c", config]
+    args = ["audit", "search", "--json", "--session", session.session_id, "-c", config]
     capsys.readouterr()
     assert await asyncio.to_thread(main, args) == 0
     found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -159,6 +159,10 @@ def test_audit_cli_tail_verify_and_detect_tampering(
     assert code == 0 and "d1" in out and "d2" in out and "d0" not in out
     assert run(capsys, "audit", "verify", "-c", str(config))[0] == 0
     code, out, _ = run(capsys, "audit", "search", "-c", str(config), "--decision-id", "d1")
+    assert code == 0 and "d1" in out and "/p1" in out and "alice" in out
+    code, out, _ = run(
+        capsys, "audit", "search", "-c", str(config), "--decision-id", "d1", "--json"
+    )
     assert code == 0 and '"d1"' in out
     db = sqlite3.connect(tmp_path / "audit.db")
     db.execute(

@@ -147,7 +147,12 @@ def test_check_config_cli_reports_ok_and_errors(
 def test_repository_configs_are_valid(certs: Certs, tmp_path: Path, name: str) -> None:
     """The shipped configurations load (against a test PKI), so they never rot."""
     root = Path(__file__).resolve().parents[2]
-    text = (root / "config" / name).read_text().replace("../certs/", f"{certs.dir}/")
+    # Files the example names that the test PKI does not make: the IdP's secret and CA.
+    (tmp_path / "oidc-client-secret").write_text("a-secret\n")
+    text = (root / "config" / name).read_text()
+    text = text.replace("../certs/oidc-client-secret", f"{tmp_path}/oidc-client-secret")
+    text = text.replace("../certs/idp-ca.pem", str(certs.ca))
+    text = text.replace("../certs/", f"{certs.dir}/")
     text = text.replace("../var/", f"{tmp_path}/")
     path = tmp_path / name
     path.write_text(text)

@@ -6,6 +6,7 @@ each other and with pyproject.toml.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -88,6 +89,21 @@ def test_a_wheel_builds_installs_and_reports_its_version(tmp_path: Path) -> None
         check=True,
     )
     assert out.stdout.strip() == f"ztgateway {__version__}"
+    # The device agent's own command (what deploy/systemd/ztgateway-agent.service runs) reads
+    # this machine from the installed copy.
+    agent = subprocess.run(
+        [str(target / "bin" / "ztgateway-agent"), "report", "--dry-run", "--config", "/dev/null"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(agent.stdout)
+    assert report["platform"] == "linux" and report["agent_version"] == __version__
+    entry_points = (
+        zipfile.ZipFile(wheel).read(f"ztgateway-{__version__}.dist-info/entry_points.txt").decode()
+    )
+    assert "ztgateway-agent = ztgateway.agent.cli:main" in entry_points
     where = subprocess.run(
         [sys.executable, "-c", "import ztgateway; print(ztgateway.__file__)"],
         env=env,

@@ -75,7 +75,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p_issue.set_defaults(func=_guarded(_cmd_issue_client))
 
     p_revoke = sub.add_parser("revoke", help="revoke a client certificate and re-sign the CRL")
-    p_revoke.add_argument("name", metavar="NAME")
+    p_revoke.add_argument(
+        "name", metavar="NAME", help="the client's name, as given to issue-client"
+    )
     _add_dir(p_revoke)
     p_revoke.set_defaults(func=_guarded(_cmd_revoke))
 

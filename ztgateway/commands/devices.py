@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,11 +15,9 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK
 from ..config import load_config
+from ..posture import PostureEvaluation, PosturePolicy, evaluate
 from ..store import Store, store_from_url
-
-
-def _when(ts: float | None) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
+from .common import add_config, add_json, fmt_time, key_values, print_json, table
 
 
 async def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[int]]) -> int:
@@ -34,22 +30,51 @@ async def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitabl
         await store.close()
 
 
+# A check's name where it differs from the report field whose evidence explains it.
+_REPORT_FIELD = {"patch_age": "last_patch"}
+
+
+def _evaluate(store: Store, policy: PosturePolicy, device_id: str) -> PostureEvaluation:
+    p = store.posture(device_id)
+    return evaluate(
+        p.report if p else None,
+        p.received_at if p else None,
+        policy,
+        now=SYSTEM_CLOCK.time(),
+        signed=p.signed if p else False,
+    )
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     async def work(store: Store) -> int:
         devices = store.devices()
+        policy = load_config(args.config).posture
         if args.json:
-            print(json.dumps([d.to_json() for d in devices], indent=2))
+            print_json([d.to_json() for d in devices])
             return 0
-        print(
-            f"{'DEVICE':<28} {'STATE':<9} {'OWNER':<12} {'LAST SEEN':<21} {'LAST IP':<16} POSTURE"
-        )
+        rows = []
         for d in devices:
             p = store.posture(d.device_id)
-            posture = _when(p.received_at) if p else "none"
-            print(
-                f"{d.device_id:<28} {d.state:<9} {d.owner or '-':<12} {_when(d.last_seen):<21} "
-                f"{d.last_ip or '-':<16} {posture}"
+            if p is None:
+                posture = "no report"
+            else:
+                ev = _evaluate(store, policy, d.device_id)
+                posture = "compliant" if ev.compliant else "non-compliant"
+                if not ev.compliant:
+                    posture += f" ({', '.join(ev.failed)})"
+            rows.append(
+                (
+                    d.device_id,
+                    d.state,
+                    d.owner or "-",
+                    fmt_time(d.last_seen),
+                    d.last_ip or "-",
+                    fmt_time(p.received_at) if p else "-",
+                    posture,
+                )
             )
+        headers = ("DEVICE", "STATE", "OWNER", "LAST SEEN", "LAST IP", "REPORTED", "POSTURE")
+        print(table(headers, rows, empty="no devices yet"))
         return 0
 
     return asyncio.run(_with_store(args, work))
@@ -57,25 +82,50 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     async def work(store: Store) -> int:
-        from ..posture import evaluate
-
         d = store.device(args.device)
         if d is None:
             print(f"error: no device {args.device!r}", file=sys.stderr)
             return 1
         p = store.posture(d.device_id)
-        config = load_config(args.config)
-
-        evaluation = evaluate(
-            p.report if p else None,
-            p.received_at if p else None,
-            config.posture,
-            now=SYSTEM_CLOCK.time(),
+        evaluation = _evaluate(store, load_config(args.config).posture, d.device_id)
+        if args.json:
+            out: dict[str, Any] = {**d.to_json(), "posture": evaluation.to_json()}
+            if p:
+                out["last_report"] = p.report
+            print_json(out)
+            return 0
+        print(
+            key_values(
+                [
+                    ("device", d.device_id),
+                    ("state", d.state),
+                    ("owner", d.owner),
+                    ("first seen", fmt_time(d.first_seen)),
+                    ("last seen", fmt_time(d.last_seen)),
+                    ("last ip", d.last_ip),
+                    ("posture", "compliant" if evaluation.compliant else "non-compliant"),
+                    ("reported", fmt_time(p.received_at) if p else "never"),
+                    ("signed report", ("yes" if p.signed else "no") if p else "-"),
+                ]
+            )
         )
-        out: dict[str, Any] = {**d.to_json(), "posture": evaluation.to_json()}
-        if p:
-            out["last_report"] = p.report
-        print(json.dumps(out, indent=2, default=str))
+        evidence = p.report.get("evidence", {}) if p else {}
+        if p and p.report.get("source"):
+            print(f"reported by: {p.report['source']}")
+        print("checks:")
+        for c in evaluation.checks:
+            mark = "ok  " if c.passed else "FAIL"
+            detail = f" ({c.detail})" if c.detail else ""
+            print(f"  {mark} {c.name}{detail}")
+            seen = (
+                evidence.get(_REPORT_FIELD.get(c.name, c.name))
+                if isinstance(evidence, dict)
+                else None
+            )
+            if seen:
+                print(f"       seen: {seen}")
+            if not c.passed and c.remediation:
+                print(f"       -> {c.remediation}")
         return 0
 
     return asyncio.run(_with_store(args, work))
@@ -127,27 +177,33 @@ def cmd_rebind(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("devices", help="the device registry")
-    dsub = p.add_subparsers(dest="devices_command", required=True)
+    dsub = p.add_subparsers(dest="devices_command", required=True, metavar="SUBCOMMAND")
 
     def add(
         name: str, help_text: str, func: Callable[[argparse.Namespace], int]
     ) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = dsub.add_parser(name, help=help_text)
-        sp.add_argument("-c", "--config", default="config/gateway.toml")
+        sp: argparse.ArgumentParser = add_config(dsub.add_parser(name, help=help_text))
         sp.set_defaults(func=func)
         return sp
 
-    add("list", "all devices", cmd_list).add_argument("--json", action="store_true")
-    add("show", "one device with its posture", cmd_show).add_argument("device")
-    add("approve", "approve a pending device", _setter("approved")).add_argument("device")
-    add("revoke", "refuse a device everywhere", _setter("revoked")).add_argument("device")
+    device_help = "device id (the certificate's urn:ztgw:device:<id>)"
+    add_json(add("list", "all devices with their state and posture", cmd_list))
+    add_json(add("show", "one device with its posture checks", cmd_show)).add_argument(
+        "device", help=device_help
+    )
+    add("approve", "approve a pending device", _setter("approved")).add_argument(
+        "device", help=device_help
+    )
+    add("revoke", "refuse a device everywhere", _setter("revoked")).add_argument(
+        "device", help=device_help
+    )
     rb = add(
         "rebind",
         "pin the device to a new key: its new certificate's (--cert), else the next one it shows",
         cmd_rebind,
     )
-    rb.add_argument("device")
+    rb.add_argument("device", help=device_help)
     rb.add_argument("--cert", help="the device's new certificate (PEM), verified against the CA")
     so = add("set-owner", "change the device's owner", _setter("owner"))
-    so.add_argument("device")
-    so.add_argument("owner")
+    so.add_argument("device", help=device_help)
+    so.add_argument("owner", help="the user the device belongs to")

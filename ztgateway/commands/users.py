@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK
@@ -22,10 +21,18 @@ from ..credentials.totp import qr_terminal
 from ..mfa import MFA, MFAUnavailable
 from ..store import Store, store_from_url
 from ..store.base import SESSION_HISTORY, UserRecord
+from .common import (
+    add_config,
+    add_json,
+    duration_arg,
+    fmt_duration,
+    fmt_time,
+    key_values,
+    print_json,
+    table,
+)
 
-
-def _when(ts: float | None) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
+FOREVER = 4102444800.0  # 2100-01-01: "until unlocked"
 
 
 def _run(args: argparse.Namespace, work: Callable[[Store, Any], Awaitable[int]]) -> int:
@@ -45,13 +52,35 @@ def _run(args: argparse.Namespace, work: Callable[[Store, Any], Awaitable[int]])
 def users_list(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
         now = SYSTEM_CLOCK.time()
-        print(f"{'USER':<16} {'MFA':<9} {'LOCKED UNTIL':<21} {'TIMEZONE':<16} HOURS")
-        for u in store.users():
-            locked = _when(u.locked_until) if u.locked(now) else "-"
-            print(
-                f"{u.user:<16} {'enrolled' if u.mfa_secret else '-':<9} {locked:<21} "
-                f"{u.timezone or '-':<16} {u.working_hours or '-'}"
+        users = store.users()
+        if args.json:
+            print_json(
+                [
+                    {
+                        "user": u.user,
+                        "mfa_enrolled": bool(u.mfa_secret),
+                        "locked": u.locked(now),
+                        "locked_until": u.locked_until,
+                        "lock_reason": u.lock_reason,
+                        "timezone": u.timezone,
+                        "working_hours": u.working_hours,
+                    }
+                    for u in users
+                ]
             )
+            return 0
+        rows = [
+            (
+                u.user,
+                "enrolled" if u.mfa_secret else "-",
+                _locked_text(u.locked_until) if u.locked(now) else "-",
+                u.timezone or "-",
+                u.working_hours or "-",
+            )
+            for u in users
+        ]
+        headers = ("USER", "MFA", "LOCKED UNTIL", "TIMEZONE", "HOURS")
+        print(table(headers, rows, empty="no users yet"))
         return 0
 
     return _run(args, work)
@@ -85,19 +114,26 @@ def users_set(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def _locked_text(until: float | None) -> str:
+    return "until unlocked" if until is not None and until >= FOREVER else fmt_time(until)
+
+
 def users_lock(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
         u = store.user(args.user) or UserRecord(user=args.user)
-        until = (
-            SYSTEM_CLOCK.time() + args.minutes * 60 if args.minutes else 4102444800.0
-        )  # year 2100
+        until = SYSTEM_CLOCK.time() + args.duration if args.duration else FOREVER
         await store.save_user(
             replace(u, locked_until=until, lock_reason=args.reason or "locked by an operator")
         )
         ended = 0
         for s in store.sessions(args.user):
             ended += await store.revoke_session(s.session_id, "account locked", SYSTEM_CLOCK.time())
-        print(f"{args.user}: locked until {_when(until)}; {ended} sessions terminated")
+        shown = (
+            "until unlocked"
+            if until >= FOREVER
+            else f"until {fmt_time(until)} ({fmt_duration(args.duration)})"
+        )
+        print(f"{args.user}: locked {shown}; {ended} sessions terminated")
         return 0
 
     return _run(args, work)
@@ -151,27 +187,80 @@ def mfa_reset(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def mfa_rotate_key(args: argparse.Namespace) -> int:
+    """Re-seal every stored TOTP secret under a new MFA key (the old one is the configured key).
+
+    The running gateways hold the old key in memory: stop them, rotate, install the new key
+    where [mfa] key_file or its environment variable points, start them (docs/deploy.md).
+    """
+
+    import os
+
+    from ..credentials.totp import SecretBox
+
+    new_path = Path(args.new_key_file)
+    if not new_path.exists():
+        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(SecretBox.generate_key_b64() + "\n")
+        print(f"created a new key in {new_path} (mode 0600)")
+    new = SecretBox.from_b64(new_path.read_text().strip())
+
+    async def work(store: Store, config: Any) -> int:
+        from ..mfa import load_box
+
+        old = load_box(config.mfa)
+        if old is None:
+            print("error: no current MFA key ([mfa] key_file or its variable)", file=sys.stderr)
+            return 2
+        resealed = []
+        for u in store.users():
+            if not u.mfa_secret:
+                continue
+            # Every secret opens with the old key before anything is written: a mixed store
+            # (some secrets under each key) would lock people out.
+            resealed.append(
+                replace(u, mfa_secret=new.seal(old.open(u.mfa_secret, user=u.user), user=u.user))
+            )
+        for u in resealed:
+            await store.save_user(u)
+        print(
+            f"re-sealed {len(resealed)} TOTP secrets under {new_path}; now point [mfa] key_file "
+            f"(or {config.mfa.key_env}) at it and start the gateways"
+        )
+        return 0
+
+    return _run(args, work)
+
+
 def sessions_list(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
         sessions = store.sessions(args.user)
         if args.json:
-            print(
-                json.dumps([s.to_json() | {"session_id": s.session_id} for s in sessions], indent=2)
-            )
+            print_json([s.to_json() | {"session_id": s.session_id} for s in sessions])
             return 0
-        print(
-            f"{'SESSION':<26} {'KIND':<6} {'USER':<10} {'DEVICE':<16} {'LAST IP':<16} {'LAST SEEN':<21} {'ANOMALY':<8} STATE"
-        )
+        now = SYSTEM_CLOCK.time()
+        rows = []
         for s in sessions:
             state = (
                 f"terminated ({s.revoked_reason})"
                 if s.revoked
-                else ("expired" if s.expires_at < SYSTEM_CLOCK.time() else "active")
+                else ("expired" if s.expires_at < now else "active")
             )
-            print(
-                f"{s.session_id[:24]:<26} {s.kind:<6} {s.user:<10} {s.device_id or '-':<16} {s.last_ip:<16} "
-                f"{_when(s.last_seen):<21} {s.anomaly:<8.2f} {state}"
+            rows.append(
+                (
+                    s.session_id[:24],
+                    s.kind,
+                    s.user,
+                    s.device_id or "-",
+                    s.last_ip,
+                    fmt_time(s.last_seen),
+                    f"{s.anomaly:.2f}",
+                    state,
+                )
             )
+        headers = ("SESSION", "KIND", "USER", "DEVICE", "LAST IP", "LAST SEEN", "ANOMALY", "STATE")
+        print(table(headers, rows, empty="no sessions"))
         return 0
 
     return _run(args, work)
@@ -192,13 +281,53 @@ def sessions_show(args: argparse.Namespace) -> int:
         # The last decisions live in the store, not on the session (written behind by the
         # gateway: up to its flush interval old).
         history = await store.session_history(s.session_id)
-        shown = s.to_json() | {
-            "session_id": s.session_id,
-            "verified_ip": s.verified_ip or s.start_ip,
-            "extra": s.extra,
-            "history": [d.to_json() for d in history],
-        }
-        print(json.dumps(shown, indent=2))
+        if args.json:
+            print_json(
+                s.to_json()
+                | {
+                    "session_id": s.session_id,
+                    "verified_ip": s.verified_ip or s.start_ip,
+                    "extra": s.extra,
+                    "history": [d.to_json() for d in history],
+                }
+            )
+            return 0
+        data = s.to_json()
+        now = SYSTEM_CLOCK.time()
+        state = (
+            f"terminated ({s.revoked_reason})"
+            if s.revoked
+            else ("expired" if s.expires_at < now else "active")
+        )
+        pairs: list[tuple[str, Any]] = [("session", s.session_id), ("state", state)]
+        for key, value in data.items():
+            if key in ("session_id", "revoked", "revoked_reason"):
+                continue
+            is_time = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and (key.endswith(("_at", "_seen")) or key in ("created", "expires", "mfa_at"))
+            )
+            pairs.append((key.replace("_", " "), fmt_time(value) if is_time else value))
+        pairs.append(("verified ip", s.verified_ip or s.start_ip))
+        print(key_values(pairs))
+        if history:
+            print("last decisions:")
+            rows = []
+            for d in history:
+                h = d.to_json()
+                rows.append(
+                    (
+                        fmt_time(h.get("at") or h.get("time") or h.get("ts")),
+                        h.get("verdict", "-"),
+                        h.get("reason", "-"),
+                        h.get("route") or "-",
+                        h.get("path") or "-",
+                        h.get("ip") or "-",
+                    )
+                )
+            headers = ("TIME", "VERDICT", "REASON", "ROUTE", "PATH", "IP")
+            print("  " + table(headers, rows).replace("\n", "\n  "))
         return 0
 
     return _run(args, work)
@@ -228,46 +357,76 @@ def register(sub: Any) -> None:
     def add(
         parent: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]
     ) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
-        sp.add_argument("-c", "--config", default="config/gateway.toml")
+        sp: argparse.ArgumentParser = add_config(parent.add_parser(name, help=help_text))
         sp.set_defaults(func=func)
         return sp
 
+    user_help = "user name (as the gateway sees it: token sub or certificate UID)"
     users = sub.add_parser("users", help="accounts: locks, working hours, MFA")
-    usub = users.add_subparsers(dest="users_command", required=True)
-    add(usub, "list", "known users", users_list)
+    usub = users.add_subparsers(dest="users_command", required=True, metavar="SUBCOMMAND")
+    add_json(add(usub, "list", "known users", users_list))
     st = add(usub, "set", "a user's time zone and working hours (risk signal)", users_set)
-    st.add_argument("user")
-    st.add_argument("--timezone")
-    st.add_argument("--hours", help="e.g. 'mon-fri 08:00-18:00'")
+    st.add_argument("user", help=user_help)
+    st.add_argument("--timezone", metavar="ZONE", help="IANA time zone, e.g. Europe/Paris")
+    st.add_argument("--hours", help="working hours, e.g. 'mon-fri 08:00-18:00'")
     lk = add(usub, "lock", "lock an account and end its sessions", users_lock)
-    lk.add_argument("user")
-    lk.add_argument("--minutes", type=float, default=0, help="0: until unlocked")
-    lk.add_argument("--reason")
+    lk.add_argument("user", help=user_help)
+    span = lk.add_mutually_exclusive_group()
+    span.add_argument(
+        "--for",
+        dest="duration",
+        type=duration_arg("m"),
+        default=0.0,
+        metavar="DURATION",
+        help="how long, like 30m, 4h or 2d (default: until unlocked)",
+    )
+    span.add_argument(
+        "--minutes",
+        dest="duration",
+        type=duration_arg("m"),
+        metavar="N",
+        help="the same as --for, in minutes",
+    )
+    lk.add_argument("--reason", help="shown in audit events and to the user")
     add(usub, "unlock", "unlock an account (and its MFA lock-out)", users_unlock).add_argument(
-        "user"
+        "user", help=user_help
     )
     mfa = usub.add_parser("mfa", help="TOTP enrolment")
-    msub = mfa.add_subparsers(dest="mfa_command", required=True)
+    msub = mfa.add_subparsers(dest="mfa_command", required=True, metavar="SUBCOMMAND")
     en = add(
         msub,
         "enroll",
         "new TOTP secret: prints the otpauth URI (QR and backup codes on stderr)",
         mfa_enroll,
     )
-    en.add_argument("user")
+    en.add_argument("user", help=user_help)
     en.add_argument("--quiet", action="store_true", help="only the URI")
-    add(msub, "reset", "remove a user's TOTP enrolment", mfa_reset).add_argument("user")
+    add(msub, "reset", "remove a user's TOTP enrolment", mfa_reset).add_argument(
+        "user", help=user_help
+    )
+    rk = add(
+        msub,
+        "rotate-key",
+        "re-seal every TOTP secret under a new MFA key (gateways stopped)",
+        mfa_rotate_key,
+    )
+    rk.add_argument(
+        "--new-key-file",
+        required=True,
+        metavar="FILE",
+        help="the new key (base64 of 32 bytes); created with mode 0600 if it does not exist",
+    )
 
     sessions = sub.add_parser("sessions", help="live sessions")
-    ssub = sessions.add_subparsers(dest="sessions_command", required=True)
-    ls = add(ssub, "list", "sessions (all, or one user's)", sessions_list)
-    ls.add_argument("--user")
-    ls.add_argument("--json", action="store_true")
-    add(
-        ssub, "show", f"one session, with its last {SESSION_HISTORY} decisions", sessions_show
+    ssub = sessions.add_subparsers(dest="sessions_command", required=True, metavar="SUBCOMMAND")
+    ls = add_json(add(ssub, "list", "sessions (all, or one user's)", sessions_list))
+    ls.add_argument("--user", help="only this user's sessions")
+    add_json(
+        add(ssub, "show", f"one session, with its last {SESSION_HISTORY} decisions", sessions_show)
     ).add_argument("session", help="id or unique prefix")
     tm = add(ssub, "terminate", "end a session or every session of a user", sessions_terminate)
-    tm.add_argument("session", nargs="?")
-    tm.add_argument("--user")
-    tm.add_argument("--reason", default="terminated by an operator")
+    tm.add_argument("session", nargs="?", help="id or unique prefix")
+    tm.add_argument("--user", help="end every session of this user")
+    tm.add_argument(
+        "--reason", default="terminated by an operator", help="recorded and shown to the user"
+    )

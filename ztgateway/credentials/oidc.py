@@ -94,11 +94,28 @@ class OIDCError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class OIDCClaims:
-    """Which ID token claims carry the user name, e-mail and groups."""
+    """Which ID token claims carry the user name, e-mail and groups.
+
+    A name is a claim, or a dotted path into nested claims when no claim has that exact name
+    (`realm_access.roles`: Keycloak's realm roles; a namespaced claim such as
+    `https://example.com/groups` is found by its exact name first).
+    """
 
     user: str = "sub"
     email: str = "email"
     groups: str = "groups"
+
+
+def claim_at(claims: Mapping[str, Any], name: str) -> Any:
+    """The claim `name`, else the value at its dotted path; None when neither exists."""
+    if name in claims:
+        return claims[name]
+    node: Any = claims
+    for part in name.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -148,6 +165,9 @@ class OIDCProviderConfig:
     max_auth_age: float = 600.0
     timeout: float = 10.0
     max_pending: int = 10_000
+    required_claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Sign-in is refused unless each claim (or dotted path) equals, or as a list contains,
+    one of its values: `hd = ["example.com"]` keeps a Google sign-in to one Workspace domain."""
 
     def __post_init__(self) -> None:
         where = f"oidc provider {self.name!r}"
@@ -784,12 +804,20 @@ class OIDCClient:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise OIDCError(OIDCReason.ID_TOKEN_INVALID, "'sub' is not a non-empty string")
-        user = claims.get(mapping.user)
+        for name, accepted in self.cfg.required_claims:
+            value = claim_at(claims, name)
+            values = value if isinstance(value, list) else [value]
+            if not any(isinstance(v, str) and v in accepted for v in values):
+                raise OIDCError(
+                    OIDCReason.LOGIN_DENIED,
+                    f"claim {name!r} is not one of the accepted values ({', '.join(accepted)})",
+                )
+        user = claim_at(claims, mapping.user)
         if not isinstance(user, str) or not user:
             raise OIDCError(
                 OIDCReason.ID_TOKEN_INVALID, f"user claim {mapping.user!r} is not a string"
             )
-        email = claims.get(mapping.email)
+        email = claim_at(claims, mapping.email)
         if email is not None and not isinstance(email, str):
             raise OIDCError(
                 OIDCReason.ID_TOKEN_INVALID, f"email claim {mapping.email!r} is not a string"
@@ -798,7 +826,17 @@ class OIDCClient:
         # as the user's e-mail (it could be anyone's).
         if claims.get("email_verified") is False:
             email = None
-        raw_groups = claims.get(mapping.groups)
+        raw_groups = claim_at(claims, mapping.groups)
+        overage = claims.get("_claim_names")
+        if raw_groups is None and isinstance(overage, Mapping) and mapping.groups in overage:
+            # Entra ID's groups overage (more groups than fit a token): the token names a Graph
+            # endpoint instead of the groups. Signing in with no groups would look like a
+            # policy refusal everywhere; say what to change instead.
+            raise OIDCError(
+                OIDCReason.ID_TOKEN_INVALID,
+                f"the provider left the {mapping.groups!r} claim out (groups overage): emit only "
+                "the groups assigned to the application (docs/oidc.md, Entra ID)",
+            )
         if raw_groups is None:
             groups: tuple[str, ...] = ()
         elif isinstance(raw_groups, str):
