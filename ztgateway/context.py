@@ -17,6 +17,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .clock import SYSTEM_CLOCK, Clock
 from .decision import Finding, new_decision_id
+from .fetchmeta import FetchContext
+from .fetchmeta import read as read_fetch
 from .headerfamilies import forwarding_header, protected_header
 from .paths import PathError, normalize_path
 
@@ -25,7 +27,6 @@ if TYPE_CHECKING:
 
     from .config import RouteConfig
     from .credentials.jwt import VerifiedToken
-    from .fetchmeta import FetchContext
     from .stages.device import DeviceView
     from .stages.session import SessionView
     from .tls import CertInfo
@@ -154,9 +155,7 @@ class RequestContext:
         """Who made the request, as the browser tells (Fetch Metadata, Origin): fetchmeta.py."""
         cached = self._fetch
         if cached is None:
-            from .fetchmeta import read
-
-            cached = self._fetch = read(
+            cached = self._fetch = read_fetch(
                 self.method, self.headers, self.authority or self.host, self.wants_html
             )
         return cached

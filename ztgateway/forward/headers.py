@@ -7,6 +7,7 @@ each attempt as a finding); the gateway then adds the headers the upstream may t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -53,9 +54,18 @@ def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return _listed(headers.getall("Connection", ()))
 
 
+@functools.lru_cache(maxsize=256)
 def identity_header_names(h: IdentityHeaders) -> frozenset[str]:
-    """A route's identity header names, lower-case: only the gateway sets them."""
+    """A route's identity header names, lower-case: only the gateway sets them (once per
+    route's header table: it is frozen)."""
     return frozenset(n.lower() for n in (h.user, h.email, h.groups, h.device, h.assertion))
+
+
+@functools.lru_cache(maxsize=256)
+def unprotected_identity_names(h: IdentityHeaders) -> tuple[str, ...]:
+    """Those of a route's identity header names that no protected family covers already (an
+    operator's "X-Corp-User"); usually none."""
+    return tuple(sorted(n for n in identity_header_names(h) if not protected_header(n)))
 
 
 def upstream_request_headers(

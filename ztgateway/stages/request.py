@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..fetchmeta import cross_site_refusal, websocket_origin_refusal
-from ..forward.headers import identity_header_names
+from ..forward.headers import unprotected_identity_names
 from ..paths import route_path_refusal
 
 if TYPE_CHECKING:
@@ -67,10 +67,10 @@ class RequestStage:
         ctx.route = route
         # The route's own identity header names (an operator's "X-Corp-User") are the gateway's
         # to set: a client's copy would reach the upstream whenever we assert no user.
-        own = identity_header_names(route.headers)
         spoofed = ctx.spoofed_headers
-        extra = tuple(k for k in ctx.headers if k.lower() in own and k not in spoofed)
-        if extra:
+        own = unprotected_identity_names(route.headers)
+        if own and any(name in ctx.headers for name in own):
+            extra = {k for k in ctx.headers if k.lower() in own}
             spoofed = ctx.spoofed_headers = tuple(sorted({*spoofed, *extra}))
         out = self._spoofing(ctx, spoofed)
         if any(f.verdict is not None for f in out):
@@ -93,12 +93,15 @@ class RequestStage:
             return out
         # Resource isolation (docs/security.md, "Ambient certificates"): the certificate comes
         # with every request a browser makes to us, whoever's page made it.
+        headers = ctx.headers
         if ctx.websocket:
             refusal = websocket_origin_refusal(
-                ctx.headers, ctx.authority or ctx.host, route.websocket_origins
+                headers, ctx.authority or ctx.host, route.websocket_origins
             )
-        else:
+        elif "Sec-Fetch-Site" in headers or "Origin" in headers:
             refusal = cross_site_refusal(ctx.method, ctx.fetch, route.cross_site)
+        else:
+            refusal = None  # nothing says another site made it: an API client, or same-origin
         if refusal is not None:
             out.append(Finding(NAME, Reason.ORIGIN_DENIED, Verdict.DENY, detail=refusal))
         return out
