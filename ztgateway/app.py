@@ -467,6 +467,14 @@ class Gateway:
         ctx.forwarded_proto = "https"
         decision_id_var.set(ctx.decision_id)
         accept = request.headers.get("Accept", "")
+        misdirected = rt.server_names.refusal(ctx.host, ctx.sni)
+        if misdirected is not None:
+            # Every request on the listener, the gateway's own pages included: a foreign Host
+            # would reach an upstream as X-Forwarded-Host (or build a portal link).
+            decision = self.refusal_decision(ctx, Reason.HOST_MISDIRECTED, misdirected)
+            with suppress(AuditUnavailable):
+                self.record_decision(ctx, decision)
+            return self._refusal(Reason.HOST_MISDIRECTED, ctx.decision_id, accept)
         if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
             return await self._internal(request, ctx)
         if not self.store.healthy:

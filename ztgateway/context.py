@@ -127,9 +127,6 @@ class RequestContext:
     _fetch: FetchContext | None = None
     authority: str = ""
     """The host (with its port) the client addressed: the Host header, or the edge's."""
-    listener: bool = False
-    """It arrived on our own mTLS listener (not forward-auth, /decide or `policy explain`):
-    its Host and SNI must be names of ours."""
     sni: str | None = None
     """The server name the client's TLS handshake asked for (None: none sent, or an IP)."""
     unstrippable: bool = False
@@ -196,7 +193,6 @@ class RequestContext:
             method=request.method,
             host=host,
             authority=request.headers.get("Host", ""),
-            listener=True,
             sni=sni,
             raw_path=raw_path,
             query=query,

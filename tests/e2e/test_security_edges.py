@@ -152,6 +152,17 @@ async def test_host_that_is_not_the_gateways_is_misdirected_and_never_forwarded(
     assert recording.hits == []
 
 
+async def test_the_gateways_own_pages_answer_only_for_its_names(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy()
+    for path in ("/.ztgw/jwks.json", "/.ztgw/whoami", "/.ztgw/login"):
+        request = f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nAccept: application/json\r\n\r\n"
+        r = await exchange(certs, gw, request.encode())
+        assert r.status == 421, (path, r.status)
+        assert r.problem()["reason"] == "host-misdirected"
+
+
 async def test_names_of_the_server_certificate_and_configured_hosts_are_answered(
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
 ) -> None:

@@ -1,5 +1,5 @@
-"""The request stage: a host of ours, a path we can normalise, exactly one route, header
-hygiene, and the route's resource-isolation policy (who may make the request).
+"""The request stage: a path we can normalise, exactly one route, header hygiene, and the
+route's resource-isolation policy (who may make the request).
 
 It runs first because the route decides what every later stage requires.
 """
@@ -28,7 +28,6 @@ class RequestStage:
         self.routes = runtime.routes
         self.metrics = runtime.metrics
         self.deny_spoofing = runtime.config.server.spoofed_headers == "deny"
-        self.server_names = runtime.server_names
 
     def _spoofing(self, ctx: RequestContext, names: tuple[str, ...]) -> list[Finding]:
         if not names:
@@ -49,10 +48,6 @@ class RequestStage:
         ]
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
-        if ctx.listener:
-            misdirected = self.server_names.refusal(ctx.host, ctx.sni)
-            if misdirected is not None:
-                return [Finding(NAME, Reason.HOST_MISDIRECTED, Verdict.DENY, detail=misdirected)]
         if ctx.path is None:
             out = self._spoofing(ctx, ctx.spoofed_headers)
             out.append(
