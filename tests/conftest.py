@@ -10,6 +10,7 @@ import pytest
 
 from tests.support import Certs, deep_merge, make_pki, to_toml
 from ztgateway.app import Gateway
+from ztgateway.clock import SYSTEM_CLOCK, Clock
 from ztgateway.config import load_config
 from ztgateway.demo_app import start_demo_app
 
@@ -90,14 +91,17 @@ async def gateway_factory(
     started: list[Gateway] = []
 
     async def make(
-        overrides: dict[str, Any] | None = None, *, replace: dict[str, Any] | None = None
+        overrides: dict[str, Any] | None = None,
+        *,
+        replace: dict[str, Any] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> Gateway:
         cfg = deep_merge(base_config(certs, upstream, tmp_path), overrides or {})
         if replace:
             cfg.update(replace)
         path = tmp_path / f"gateway-{len(started)}.toml"
         path.write_text(to_toml(cfg))
-        gw = Gateway(load_config(path))
+        gw = Gateway(load_config(path), clock=clock)
         await gw.start()
         started.append(gw)
         return gw
@@ -105,6 +109,13 @@ async def gateway_factory(
     yield make
     for gw in started:
         await gw.stop()
+
+
+@pytest.fixture
+def gateway_clock() -> Clock:
+    """The clock `signin` gives its gateway; a module that moves time overrides this fixture
+    with a ManualClock."""
+    return SYSTEM_CLOCK
 
 
 @pytest.fixture

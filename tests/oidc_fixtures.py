@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import GatewayFactory
 from tests.support import free_port
 from ztgateway.app import Gateway
+from ztgateway.clock import Clock
 from ztgateway.devidp import hash_password, start_devidp
 
 CLIENT_SECRET = "test-client-secret-0123456789"
@@ -53,9 +54,15 @@ post_logout_redirect_uris = ["{gw_origin}/.ztgw/signed-out"]
 
 @pytest.fixture
 async def signin(
-    gateway_factory: GatewayFactory, tmp_path: Path, request: pytest.FixtureRequest
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    gateway_clock: Clock,
 ) -> AsyncIterator[SignInSetup]:
-    """The gateway at a fixed port (the redirect URI must match exactly) with an [oidc] provider."""
+    """The gateway at a fixed port (the redirect URI must match exactly) with an [oidc] provider.
+
+    Its clock is the `gateway_clock` fixture: the system's, or a ManualClock where a test module
+    overrides that fixture to move time."""
     overrides: dict[str, Any] = copy.deepcopy(getattr(request, "param", {}) or {})
     port = free_port()
     origin = f"https://127.0.0.1:{port}"
@@ -87,7 +94,8 @@ async def signin(
             },
             "routes": routes,
             **overrides,
-        }
+        },
+        clock=gateway_clock,
     )
     yield SignInSetup(gw, issuer, origin)
     await runner.cleanup()

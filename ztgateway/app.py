@@ -11,7 +11,6 @@ import asyncio
 import gc
 import logging
 import math
-import secrets
 import signal
 from contextlib import suppress
 from pathlib import Path
@@ -28,8 +27,9 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
-from .credentials.oidc import OIDCClient
+from .credentials.oidc import OIDCClient, StorePendingLogins
 from .decision import Decision, Finding, Reason, Verdict
+from .forms import CSRFTokens
 from .forward.headers import (
     SERVER_BANNER,
     identity_header_names,
@@ -49,6 +49,7 @@ from .forward.upstream import UpstreamFailure
 from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
 from .hostnames import server_names
+from .keys import GatewayKeys
 from .listener import GatewayRequestHandler, Listener
 from .logs import decision_id_var
 from .metrics import Metrics
@@ -59,7 +60,7 @@ from .routes import RouteTable
 from .runtime import Runtime
 from .stages.device import new_device
 from .stages.risk import remember
-from .stages.session import SessionKeeper, clear_cookie_header, new_cookie_header
+from .stages.session import SessionKeeper, clear_cookie_header
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
 from .tls import TLSManager
@@ -124,22 +125,20 @@ class Gateway:
                 "geolocation unavailable, impossible travel is not checked: %s", self.geo.error
             )
         self.mfa = MFA(
-            config.mfa, self.store, create_key=config.mfa.key_file is not None, clock=clock
+            config.mfa,
+            self.store,
+            create_key=config.mfa.key_file is not None,
+            clock=clock,
+            on_backup_check=lambda result: self.metrics.mfa_backup_checks.labels(result).inc(),
         )
         self.keeper = SessionKeeper(self.store, config.sessions)
-        self.csrf_key = secrets.token_bytes(32)
-        provider = config.oidc.provider
-        self.oidc: OIDCClient | None = (
-            OIDCClient(provider, clock=clock.time) if provider is not None else None
-        )
-        self.oidc_name = provider.name if provider is not None else "-"
-        self.signer = AssertionSigner(
-            load_or_create_key(config.assertion.key),
-            issuer=config.assertion.issuer or config.server.public_url or "ztgateway",
-            ttl=config.assertion.ttl,
-            clock=clock,
-            also_publish=config.assertion.also_publish,
-        )
+        # Keyed at start() from the one root key every worker and replica shares (keys.py):
+        # the CSRF tokens, the sign-in's login cookie and, unless a key file is configured,
+        # the assertion signature (issue 18, I3).
+        self.csrf: CSRFTokens
+        self.signer: AssertionSigner
+        self.oidc: OIDCClient | None = None
+        self.oidc_name = config.oidc.provider.name if config.oidc.provider is not None else "-"
         self.runtime = self._build_runtime(config)
         self.listener: Listener | None = None
         self.ops_runner: web.AppRunner | None = None
@@ -239,9 +238,10 @@ class Gateway:
         cfg = self.config
         for path in (cfg.audit.db, cfg.audit.jsonl):
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await self.audit.start()
         await self.store.open()
+        await self._load_keys()
         if self.oidc is not None:
             await self.oidc.start()
         if cfg.issuers:
@@ -298,6 +298,27 @@ class Gateway:
             self.ops_socket or f"{cfg.ops.host}:{self.ops_port}",
         )  # fmt: skip
 
+    async def _load_keys(self) -> None:
+        cfg = self.config
+        keys = await GatewayKeys.load(cfg.keys, self.store)
+        self.csrf = CSRFTokens(keys.csrf)
+        provider = cfg.oidc.provider
+        if provider is not None:
+            self.oidc = OIDCClient(
+                provider,
+                clock=self.clock.time,
+                secret=keys.oidc_login,
+                pending=StorePendingLogins(self.store),
+            )
+        key_file = cfg.assertion.key
+        self.signer = AssertionSigner(
+            load_or_create_key(key_file) if key_file is not None else keys.assertion_key(),
+            issuer=cfg.assertion.issuer or cfg.server.public_url or "ztgateway",
+            ttl=cfg.assertion.ttl,
+            clock=self.clock,
+            also_publish=cfg.assertion.also_publish,
+        )
+
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests up to the deadline, flush the audit."""
         for t in self._tasks:
@@ -317,6 +338,7 @@ class Gateway:
         if self.oidc is not None:
             await self.oidc.close()
         self.geo.close()
+        self.mfa.close()
         await self.audit.close()
 
     async def _poll_tls(self) -> None:
@@ -341,7 +363,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.session_sweep_interval)
             try:
-                gone = await self.store.expire_sessions(self.clock.time())
+                gone = await self.keeper.expire(self.clock.time(), self.runtime.config.routes)
             except StoreUnavailable:
                 continue
             except Exception:  # the sweep must outlive a bad tick
@@ -510,7 +532,7 @@ class Gateway:
             self.metrics.risk_refusals.labels(route_label, decision.verdict.label, top).inc()
         try:
             self.record_decision(ctx, decision)
-            new_cookie = await self.keeper.after_decision(ctx, decision)
+            await self.keeper.after_decision(ctx, decision)
             if decision.allowed:
                 remember(rt, ctx)
         except AuditUnavailable:
@@ -527,11 +549,6 @@ class Gateway:
         if not decision.allowed or route is None:
             return self._render_refusal(ctx, decision, accept)
         response_headers: dict[str, str] = {}
-        if new_cookie:
-            response_headers["Set-Cookie"] = new_cookie_header(
-                cfg.sessions.cookie_name, new_cookie, max_age=int(cfg.sessions.absolute_timeout)
-            )
-
         headers = self._upstream_headers(ctx, request, decision)
         assert ctx.path is not None
         route_seconds = self.metrics.request_seconds.labels(route_label)
@@ -814,6 +831,22 @@ class Gateway:
 
     async def _internal(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         """Gateway endpoints under /.ztgw/ (served to any client that passed the handshake)."""
+        try:
+            return await self._endpoint(request, ctx)
+        except StoreUnavailable:
+            # Fail closed, and say so: not a stage error.
+            self.metrics.store_errors.inc()
+            decision = self.refusal_decision(ctx, Reason.SERVICE_UNAVAILABLE, "state store")
+            with suppress(AuditUnavailable):
+                self.record_decision(ctx, decision)
+            return self._refusal(
+                Reason.SERVICE_UNAVAILABLE,
+                ctx.decision_id,
+                request.headers.get("Accept", ""),
+                extra={"Retry-After": "5"},
+            )
+
+    async def _endpoint(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         if ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
             resp = web.json_response(self.signer.jwks, headers={"Cache-Control": "max-age=300"})
             resp.headers["Server"] = SERVER_BANNER
@@ -826,7 +859,7 @@ class Gateway:
             return await mfa_endpoints.verify_api(self, request, ctx)
         if ctx.path == "/.ztgw/mfa" and ctx.method in ("GET", "POST"):
             return await mfa_endpoints.step_up_page(self, request, ctx)
-        if ctx.path == "/.ztgw/mfa/enroll" and ctx.method == "GET":
+        if ctx.path == "/.ztgw/mfa/enroll" and ctx.method in ("GET", "POST"):
             return await mfa_endpoints.enroll_page(self, request, ctx)
         page_handler = _PORTAL_PAGES.get((ctx.path or "", ctx.method))
         if page_handler is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,28 +21,25 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .clock import SYSTEM_CLOCK, Clock
+from .keys import create_private_file
 
 
 def _b64(n: int) -> str:
     return base64.urlsafe_b64encode(n.to_bytes(32, "big")).rstrip(b"=").decode()
 
 
-def load_or_create_key(path: Path | None) -> ec.EllipticCurvePrivateKey:
-    """A configured key file is used as is; none configured means an ephemeral key per process."""
-    if path is None:
-        return ec.generate_private_key(ec.SECP256R1())
+def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The configured key file, created (0600) if missing. Without one configured the gateway
+    derives its key from its shared root key (keys.py), the same in every process."""
     if not path.exists():
         key = ec.generate_private_key(ec.SECP256R1())
-        path.parent.mkdir(parents=True, exist_ok=True)
         pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        return key
+        # Linked into place whole: workers starting together all read the one that won.
+        create_private_file(path, pem)
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp256r1":
         raise ValueError(f"{path}: the assertion key must be an EC P-256 private key")

@@ -300,8 +300,12 @@ class SessionsConfig:
     burst_requests: int = 50
     burst_window: float = 10.0
     lock_on_terminate: float = 0.0
-    browser_sessions: bool = True
     step_up_validity: float = 900.0
+    persistent_cookie: bool = False
+    """False: the cookie has no Max-Age and ends with the browser; the server-side idle and
+    absolute timeouts hold either way."""
+    max_per_device: int = 5
+    """Browser sessions one user keeps on one device; a sign-in beyond it ends the oldest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +317,16 @@ class MFAConfig:
     find_time: float = 300.0
     ban_time: float = 900.0
     window: int = 1
+    enrolment_ttl: float = 900.0
+    """How long a started enrolment (its secret, sealed) waits for the confirming code."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeysConfig:
+    """Where the root of the gateway's own keys comes from (keys.py); neither: the store."""
+
+    file: Path | None = None
+    env: str = "ZTGW_GATEWAY_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +366,7 @@ class GatewayConfig:
     mfa: MFAConfig = field(default_factory=MFAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     oidc: OIDCConfig = field(default_factory=OIDCConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -390,6 +405,12 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     sessions = _sessions(root.table("sessions"))
     mfa = _mfa(root.table("mfa"))
     oidc = _oidc(root.table("oidc"), server)
+    keys_t = root.table("keys")
+    keys = KeysConfig(
+        file=keys_t.path("file", must_exist=False),
+        env=keys_t.text("env", "ZTGW_GATEWAY_KEY"),
+    )
+    keys_t.done()
     for i, r in enumerate(routes):
         if r.policy.login != "never" and oidc.provider is None:
             root.fail(f"routes[{i}].policy.login", "needs an [oidc] provider to sign people in")
@@ -425,6 +446,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         mfa=mfa,
         logging=logging_cfg,
         oidc=oidc,
+        keys=keys,
     )
 
 
@@ -1058,9 +1080,14 @@ def _sessions(t: Table) -> SessionsConfig:
         burst_requests=t.integer("burst_requests", 50, min=1),
         burst_window=t.duration("burst_window", 10.0, min=0.1),
         lock_on_terminate=t.duration("lock_on_terminate", 0.0, min=0.0),
-        browser_sessions=t.flag("browser_sessions", True),
         step_up_validity=t.duration("step_up_validity", 900.0, min=1.0),
+        persistent_cookie=t.flag("persistent_cookie", False),
+        max_per_device=t.integer("max_per_device", 5, min=1, max=100),
     )
+    if "browser_sessions" in t.data:
+        # Issue 18 (M6): a cookie session per cookie-less request let any client fill memory;
+        # sessions now start only at a sign-in or a step-up.
+        t.fail("browser_sessions", "was removed: sessions start at sign-in (docs/security.md)")
     if not cfg.cookie_name.startswith("__Host-"):
         t.fail("cookie_name", "must start with __Host- (RFC 6265bis: Secure, no Domain, Path=/)")
     if cfg.anomaly_step_up > cfg.anomaly_terminate:
@@ -1078,6 +1105,7 @@ def _mfa(t: Table) -> MFAConfig:
         find_time=t.duration("find_time", 300.0, min=1.0),
         ban_time=t.duration("ban_time", 900.0, min=1.0),
         window=t.integer("window", 1, min=0, max=3),
+        enrolment_ttl=t.duration("enrolment_ttl", 900.0, min=60.0, max=86400.0),
     )
     t.done()
     return cfg
@@ -1141,6 +1169,7 @@ def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
             claims=claims,
             leeway=t.duration("leeway", 30.0, min=0.0),
             max_auth_age=t.duration("max_auth_age", 600.0, min=10.0),
+            max_pending_per_device=t.integer("max_pending_per_device", 5, min=1, max=100),
             required_claims=_claim_values(t.table("required_claims")),
         )
     except ValueError as exc:

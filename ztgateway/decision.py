@@ -48,6 +48,10 @@ class Reason(enum.StrEnum):
     ORIGIN_DENIED = "origin-denied"
     HEADER_TOO_LARGE = "header-too-large"
     BODY_TOO_LARGE = "body-too-large"
+    # the gateway's own forms and state-changing endpoints (forms.py)
+    ORIGIN_MISMATCH = "origin-mismatch"
+    CSRF_INVALID = "csrf-invalid"
+    MEDIA_TYPE_UNSUPPORTED = "media-type-unsupported"
     # identity
     TOKEN_REQUIRED = "token-required"
     TOKEN_INVALID = "token-invalid"
@@ -107,6 +111,14 @@ class Reason(enum.StrEnum):
     RATE_LIMITED = "rate-limited"
     MFA_REQUIRED = "mfa-required"
     ACCOUNT_LOCKED = "account-locked"
+    # second factor (mfa.py, mfa_endpoints.py): the outcome of a code someone entered
+    MFA_INVALID = "mfa-invalid"
+    MFA_REPLAYED = "mfa-replayed"
+    MFA_MALFORMED = "mfa-malformed"
+    MFA_LOCKED = "mfa-locked"
+    MFA_NOT_ENROLLED = "mfa-not-enrolled"
+    MFA_ENROLMENT_EXISTS = "mfa-enrolment-exists"
+    MFA_ENROLMENT_EXPIRED = "mfa-enrolment-expired"
     # faults
     STAGE_ERROR = "stage-error"
     UPSTREAM_UNAVAILABLE = "upstream-unavailable"
@@ -141,6 +153,9 @@ _STATUS: dict[Reason, int] = {
     Reason.ORIGIN_DENIED: 403,
     Reason.HEADER_TOO_LARGE: 431,
     Reason.BODY_TOO_LARGE: 413,
+    Reason.ORIGIN_MISMATCH: 403,
+    Reason.CSRF_INVALID: 400,
+    Reason.MEDIA_TYPE_UNSUPPORTED: 415,
     Reason.TOKEN_REQUIRED: 401,
     Reason.TOKEN_INVALID: 401,
     Reason.TOKEN_EXPIRED: 401,
@@ -166,6 +181,13 @@ _STATUS: dict[Reason, int] = {
     Reason.IP_DRIFT: 401,
     Reason.RATE_LIMITED: 429,
     Reason.CREDENTIALS_THROTTLED: 429,
+    Reason.MFA_INVALID: 401,
+    Reason.MFA_REPLAYED: 401,
+    Reason.MFA_MALFORMED: 400,
+    Reason.MFA_LOCKED: 429,
+    Reason.MFA_NOT_ENROLLED: 403,
+    Reason.MFA_ENROLMENT_EXISTS: 409,
+    Reason.MFA_ENROLMENT_EXPIRED: 409,
     Reason.POSTURE_INVALID: 400,
     Reason.POSTURE_REPLAYED: 409,
     Reason.STAGE_ERROR: 503,
@@ -188,6 +210,9 @@ _TITLES: dict[Reason, str] = {
     Reason.ORIGIN_DENIED: "Another site's page may not make this request with your identity",
     Reason.HEADER_TOO_LARGE: "The request headers are too large",
     Reason.BODY_TOO_LARGE: "The request body is too large",
+    Reason.ORIGIN_MISMATCH: "This request did not come from this site",
+    Reason.CSRF_INVALID: "The form expired or did not come from this site",
+    Reason.MEDIA_TYPE_UNSUPPORTED: "The request body is not of a type accepted here",
     Reason.TOKEN_REQUIRED: "A bearer token is required",
     Reason.TOKEN_INVALID: "The bearer token is not valid",
     Reason.TOKEN_EXPIRED: "The bearer token has expired",
@@ -209,6 +234,15 @@ _TITLES: dict[Reason, str] = {
     Reason.RISK_STEP_UP: "Additional verification is required",
     Reason.SESSION_ANOMALY: "Unusual activity: confirm it is you",
     Reason.RISK_DENIED: "This request was refused as too risky",
+    Reason.RATE_LIMITED: "Too many requests: wait a moment and try again",
+    Reason.MFA_REQUIRED: "Your second factor is required",
+    Reason.MFA_INVALID: "That code did not work",
+    Reason.MFA_REPLAYED: "That code was already used: wait for the next one",
+    Reason.MFA_MALFORMED: "That is not a six-digit code or a backup code",
+    Reason.MFA_LOCKED: "Too many wrong codes: try again later",
+    Reason.MFA_NOT_ENROLLED: "No second factor is set up for this account",
+    Reason.MFA_ENROLMENT_EXISTS: "A second factor is already set up for this account",
+    Reason.MFA_ENROLMENT_EXPIRED: "The set-up of your second factor expired: start again",
     Reason.UPSTREAM_UNAVAILABLE: "The application is not reachable",
     Reason.UPSTREAM_TIMEOUT: "The application did not answer in time",
     Reason.SERVICE_UNAVAILABLE: "The gateway cannot verify requests right now",

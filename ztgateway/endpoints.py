@@ -16,6 +16,7 @@ from aiohttp import web
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
+from .forms import JSON_TYPE, media_type, read_checked_body
 from .forward.headers import SERVER_BANNER
 from .posture import (
     MAX_REPORT_BYTES,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 CLOCK_SKEW = 300.0
+JOSE_TYPE = "application/jose"
 
 
 def _json(data: dict[str, Any], ctx: RequestContext, status: int = 200) -> web.Response:
@@ -62,8 +64,21 @@ def _refuse(
 async def posture_report(
     gw: Gateway, request: web.BaseRequest, ctx: RequestContext
 ) -> web.StreamResponse:
-    """POST /.ztgw/posture: the presented certificate's device reports its posture."""
+    """POST /.ztgw/posture: the presented certificate's device reports its posture.
+
+    Only from the device's agent: another site's page could otherwise post for the visitor's
+    device (the certificate is ambient), marking it compliant, or non-compliant, or stamping a
+    future `collected_at` that refused the real agent's next reports as replays (issue 18, L2).
+    So: `application/json` or `application/jose` only (never a CORS-safelisted type), refused
+    when a browser says another site sent it, and a future `collected_at` bounded and never
+    kept beyond the time the gateway received it.
+    """
     store = gw.store
+    raw = await read_checked_body(
+        gw, request, ctx, JSON_TYPE, JOSE_TYPE, limit=MAX_REPORT_BYTES, stage="endpoint"
+    )
+    if isinstance(raw, web.Response):
+        return raw
     cert = ctx.cert
     if cert is None:
         return _refuse(
@@ -74,30 +89,26 @@ async def posture_report(
     device = store.device(cert.device_id)
     if device is not None and device.state == "revoked":
         return _refuse(gw, ctx, Reason.DEVICE_REVOKED, device.device_id)
-    if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
-        return _refuse(gw, ctx, Reason.BODY_TOO_LARGE, f"at most {MAX_REPORT_BYTES} bytes")
-    raw = await request.content.read(MAX_REPORT_BYTES + 1)
-    if len(raw) > MAX_REPORT_BYTES:
-        return _refuse(gw, ctx, Reason.BODY_TOO_LARGE, f"at most {MAX_REPORT_BYTES} bytes")
-    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
     now = ctx.now
     try:
-        signed = content_type == "application/jose"
+        signed = media_type(ctx.headers) == JOSE_TYPE
         if signed:
             doc: Any = verify_signed_report(raw.decode("ascii", "strict").strip(), cert.der)
         else:
-            if content_type not in ("application/json", ""):
-                raise PostureError("(content-type)", "must be application/json or application/jose")
             try:
                 doc = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise PostureError("(body)", "not valid JSON") from exc
         report = validate_report(doc)
         if report.get("device_id") not in (None, cert.device_id):
             raise PostureError("device_id", "names another device than the presented certificate")
         collected = report.get("collected_at")
         if collected is not None and collected > now + CLOCK_SKEW:
-            raise PostureError("collected_at", "is in the future")
+            raise PostureError(
+                "collected_at",
+                f"is {collected - now:.0f} s ahead of the gateway's clock "
+                f"(at most {CLOCK_SKEW:.0f} s of clock skew are accepted)",
+            )
         previous = store.posture(cert.device_id)
         body_digest = digest(raw)
         if previous is not None:
@@ -116,6 +127,11 @@ async def posture_report(
     except UnicodeDecodeError:
         gw.metrics.posture_reports.labels("refused").inc()
         return _refuse(gw, ctx, Reason.POSTURE_INVALID, "(body): not a compact JWS")
+    if collected is not None and collected > now:
+        # Within the skew, but kept as no later than its arrival: as the replay baseline it
+        # must not hold back the agent's next report, nor make this one look fresh for longer.
+        collected = now
+        report["collected_at"] = now
     if device is None:
         # A device's first contact may be its agent: register it like a first request would.
         await gw.ensure_device(ctx)

@@ -259,7 +259,14 @@ class Metrics:
             registry=r,
         )
         self.mfa_enrollments = Counter(
-            "ztgw_mfa_enrollments", "TOTP enrolments started.", registry=r
+            "ztgw_mfa_enrollments", "TOTP enrolments confirmed with a code.", registry=r
+        )
+        self.mfa_backup_checks = Counter(
+            "ztgw_mfa_backup_checks",
+            "Backup-code checks run (scrypt over the user's codes); attempts over the limit "
+            "are refused before one runs.",
+            ["result"],
+            registry=r,
         )
         self.store_seconds = Histogram(
             "ztgw_store_duration_seconds",

@@ -1,92 +1,126 @@
-"""Step-up endpoints: `POST /.ztgw/mfa/verify` (API clients), `/.ztgw/mfa` and
-`/.ztgw/mfa/enroll` (browsers).
+"""The second factor over HTTP: `POST /.ztgw/mfa/verify` (API clients), `/.ztgw/mfa` (the
+step-up page) and `/.ztgw/mfa/enroll` (setting up an authenticator), for people and programs.
 
-Who is stepping up is established exactly as on any request — the presented client
-certificate, plus the bearer token (bound to it) or the gateway's session cookie, else the
-certificate's user — and success is recorded on that session (created if the step-up came
-before any session existed). Browser forms carry a CSRF token bound to the device certificate,
-and `rd` only ever leads back to this origin.
+Who is stepping up is established as on any request, and held to the same checks (issue 18,
+L3): a valid, unrevoked client certificate of a device that is not revoked (nor another user's
+where the configuration refuses that); then the bearer token bound to it, or the gateway's
+session cookie (not revoked, not past its absolute or idle timeout, of this very device), or
+else the certificate's user; and an account that is not locked. A step-up never extends a
+session: the rotated session keeps its expiry.
+
+Every POST first passes `forms.py` (Fetch Metadata, Origin, content type; a CSRF token on
+forms), before the identity is looked at or an attempt counted, so another site can neither
+burn someone's attempts (L1) nor enrol them (M1). Enrolment needs a person signed in with the
+identity provider (not a certificate alone), is a POST, stays pending until a code from the new
+secret confirms it, and replacing a factor needs the current one (or an operator's reset).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import html
 import json
+import logging
 import math
-import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
 from aiohttp import web
 
 from .audit import AuditUnavailable
-from .context import RequestContext
+from .context import Identity, RequestContext
 from .credentials.jwt import TokenError, check_binding
-from .credentials.totp import TOTPError, qr_svg
+from .credentials.totp import Enrollment, SealedSecretError, TOTPError, qr_svg
 from .decision import Reason, Verdict
+from .forms import (
+    JSON_TYPE,
+    MAX_FORM_BYTES,
+    csrf_binding,
+    local_redirect,
+    read_checked_body,
+    read_checked_form,
+)
 from .forward.headers import SERVER_BANNER
-from .mfa import MFAUnavailable
+from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from .paths import PathError, normalize_path
+from .portal import login_redirect_to, page
 from .responses import DECISION_HEADER, problem, see_other
 from .stages.identity import identity_from_token
-from .stages.session import (
-    clear_cookie_header,
-    cookie_session_id,
-    new_cookie_header,
-    read_cookie,
-    token_session_id,
-)
+from .stages.session import cookie_session_id, read_cookie, token_session_id
 from .store.base import ID_TOKEN, Session
 
 if TYPE_CHECKING:
     from .app import Gateway
 
-MAX_FORM = 4096
-CSRF_TTL = 3600
+log = logging.getLogger("ztgateway.mfa")
+safe_redirect = local_redirect
+"""Where `rd` may lead: a path on this origin (kept under its old name for callers)."""
+
+_SIGN_IN_AGAIN = frozenset(
+    {
+        Reason.IDENTITY_UNAUTHENTICATED,
+        Reason.SESSION_EXPIRED,
+        Reason.SESSION_INVALID,
+        Reason.SESSION_TERMINATED,
+    }
+)
 
 
-def safe_redirect(rd: str | None) -> str:
-    """Only a path on this origin: no scheme, no `//host`, no `/\\host`, nothing we would refuse."""
-    if not rd or not rd.startswith("/") or rd.startswith("//") or "\\" in rd:
-        return "/"
-    path, _, query = rd.partition("?")
-    try:
-        norm = normalize_path(path)
-    except PathError:
-        return "/"
-    if any(c in rd for c in "\r\n\t"):
-        return "/"
-    return norm + ("?" + query if query else "")
+@dataclass(slots=True)
+class Who:
+    """The identity a step-up or an enrolment is for."""
+
+    user: str
+    kind: str  # "token" | "cookie" | "cert"
+    session_id: str
+    session: Session | None
+    cookie_value: str | None = None
+    signed_in: bool = False
+    """A session from a sign-in with the identity provider (what enrolment needs)."""
 
 
-class _Who:
-    def __init__(self, user: str, session_id: str, kind: str, session: Session | None) -> None:
-        self.user, self.session_id, self.kind, self.session = user, session_id, kind, session
+def _rd(ctx: RequestContext) -> str:
+    return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
 
 
-def _csrf(gw: Gateway, ctx: RequestContext, ts: int | None = None) -> str:
-    ts = int(ctx.now) if ts is None else ts
-    binding = (ctx.cert.fingerprint_sha256 if ctx.cert else "-") + f":{ts}"
-    mac = hmac.new(gw.csrf_key, binding.encode(), hashlib.sha256).hexdigest()[:32]
-    return f"{ts}.{mac}"
+async def who_steps_up(gw: Gateway, ctx: RequestContext, rd: str = "/") -> Who | Reason:
+    """The identity behind this request, or the reason there is none we may step up.
 
-
-def _csrf_ok(gw: Gateway, ctx: RequestContext, token: str) -> bool:
-    ts_text, _, _ = token.partition(".")
-    if not ts_text.isdigit() or ctx.now - int(ts_text) > CSRF_TTL:
-        return False
-    return hmac.compare_digest(_csrf(gw, ctx, int(ts_text)), token)
-
-
-async def _who(gw: Gateway, ctx: RequestContext) -> _Who | Reason:
+    The same checks the identity, device and session stages make for the route `rd` leads to.
+    """
+    now = ctx.now
     cert = ctx.cert
     if cert is None:
         return Reason.CLIENT_CERT_REQUIRED
     if gw.tls.current.revocations.is_revoked(cert.serial):
         return Reason.CLIENT_CERT_REVOKED
+    if not (cert.not_before <= now <= cert.not_after) or not cert.client_auth:
+        return Reason.CLIENT_CERT_INVALID
+    store = gw.store
+    device = store.device(cert.device_id)
+    if device is not None and device.state == "revoked":
+        return Reason.DEVICE_REVOKED
+    who = await _credential(gw, ctx, rd)
+    if isinstance(who, Reason):
+        return who
+    if (
+        device is not None
+        and device.owner
+        and device.owner != who.user
+        and gw.config.devices.owner_mismatch == "deny"
+    ):
+        return Reason.DEVICE_OWNER_MISMATCH
+    account = store.user(who.user)
+    if account is not None and account.locked(now):
+        return Reason.ACCOUNT_LOCKED
+    return who
+
+
+async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason:
+    cert = ctx.cert
+    assert cert is not None
+    store = gw.store
     auth = ctx.headers.getall("Authorization", ())
     if len(auth) > 1:
         return Reason.TOKEN_INVALID
@@ -102,23 +136,36 @@ async def _who(gw: Gateway, ctx: RequestContext) -> _Who | Reason:
         if binding is not None:
             return binding
         sid = token_session_id(token.token_hash)
-        # The user the pipeline sees (claim map, issuer namespace), not the raw `sub`: MFA
-        # state belongs to that user (security review L8).
+        session = await store.find_session(sid)
+        if session is not None and session.revoked:
+            return Reason.SESSION_TERMINATED
+        # The user the pipeline sees for this token (its issuer's claim map), not `sub`.
         user = identity_from_token(token, gw.config.claim_maps.get(token.issuer), None).user
-        return _Who(user or token.subject, sid, "token", gw.store.session(sid))
+        if not user:
+            return Reason.TOKEN_CLAIMS_INVALID
+        return Who(user, "token", sid, session)
     cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
     if cookie is not None:
         sid = cookie_session_id(cookie)
-        session = gw.store.session(sid)
+        session = await store.find_session(sid)
         if session is None:
             return Reason.SESSION_INVALID
         if session.revoked:
             return Reason.SESSION_TERMINATED
-        if session.device_id and session.device_id != cert.device_id:
+        try:
+            route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
+        except PathError:
+            route = None
+        idle = (route.session.idle_timeout if route else None) or gw.config.sessions.idle_timeout
+        if ctx.now >= session.expires_at or ctx.now - session.last_seen > idle:
+            # SECURITY: a code must not revive a session that has ended (issue 18, L3).
+            return Reason.SESSION_EXPIRED
+        if session.device_id != cert.device_id:
             return Reason.SESSION_INVALID
-        return _Who(session.user, sid, "cookie", session)
+        signed_in = session.extra.get("source") == "oidc"
+        return Who(session.user, "cookie", sid, session, cookie, signed_in)
     if cert.user:
-        return _Who(cert.user, "", "cert", None)
+        return Who(cert.user, "cert", "", None)
     return Reason.IDENTITY_UNAUTHENTICATED
 
 
@@ -131,283 +178,467 @@ def _record(
     user: str | None,
 ) -> None:
     if user:
-        from .context import Identity
-
         ctx.identity = Identity(
             user=user, source="mfa", device_id=ctx.cert.device_id if ctx.cert else None
         )
     gw.record_outcome(ctx, "mfa", verdict, reason, detail)
 
 
-async def _mark_verified(gw: Gateway, ctx: RequestContext, who: _Who, method: str) -> str | None:
-    """Record the step-up on the session; returns a new cookie value when one is (re)issued."""
+def _refused(
+    gw: Gateway, ctx: RequestContext, reason: Reason, detail: str, user: str | None = None
+) -> web.Response:
+    """Audited (best effort: the refusal stands either way), counted, rendered."""
+    with contextlib.suppress(AuditUnavailable):
+        _record(gw, ctx, Verdict.DENY, reason, detail, user)
+    return problem(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""), detail=detail)
+
+
+def _unidentified(gw: Gateway, ctx: RequestContext, reason: Reason, rd: str) -> web.Response:
+    """No identity to step up: a person whose sign-in has ended signs in again."""
+    if gw.oidc is not None and ctx.wants_html and reason in _SIGN_IN_AGAIN:
+        with contextlib.suppress(AuditUnavailable):
+            _record(gw, ctx, Verdict.DENY, reason, "step-up: sign in again", None)
+        return see_other(login_redirect_to(rd), ctx.decision_id)
+    return _refused(gw, ctx, reason, "step-up identity")
+
+
+async def _mark_verified(gw: Gateway, ctx: RequestContext, who: Who, method: str) -> str | None:
+    """Record the step-up; returns the Set-Cookie of the browser session it (re)issued."""
     now = ctx.now
     store = gw.store
     session = who.session
-    cookie_value: str | None = None
-    if session is None or who.kind in ("cookie", "cert"):
-        # SECURITY: privilege changed, so a browser gets a fresh session id (no fixation).
-        cookie_value = secrets.token_urlsafe(32) if who.kind != "token" else None
-        sid = cookie_session_id(cookie_value) if cookie_value else who.session_id
-        old = session
-        extra = dict(old.extra) if old else {}
-        if old is not None:
-            # The ID token is kept apart by the store: the new session gets it too, so that
-            # logout still sends it to the provider.
-            id_token = await store.session_id_token(old.session_id)
-            if id_token:
-                extra[ID_TOKEN] = id_token
-        session = Session(
-            session_id=sid,
-            kind="cookie" if cookie_value else "token",
-            user=who.user,
-            device_id=ctx.cert.device_id if ctx.cert else None,
-            start_ip=old.start_ip if old else ctx.client_ip,
-            last_ip=ctx.client_ip,
-            user_agent=ctx.headers.get("User-Agent", ""),
-            created=old.created if old else now,
-            last_seen=now,
-            expires_at=old.expires_at if old else now + gw.config.sessions.absolute_timeout,
-            requests=old.requests if old else 0,
-            # Keep what the sign-in established (provider, groups, e-mail, ID token).
-            extra=extra,
-        )
-        if old is not None and cookie_value:
-            await store.revoke_session(old.session_id, "rotated after step-up", now)
-    session.mfa_at = now
-    session.anomaly, session.anomaly_at = 0.0, now
-    session.extra["verified_ip"] = ctx.client_ip
-    session.extra["mfa_method"] = method
-    session.extra.pop("anomaly_since", None)
-    await store.save_session(session)
-    return cookie_value
+    if who.kind == "token":
+        if session is None:
+            sessions = gw.config.sessions
+            expires = now + sessions.absolute_timeout
+            session = Session(
+                session_id=who.session_id,
+                kind="token",
+                user=who.user,
+                device_id=ctx.cert.device_id if ctx.cert else None,
+                start_ip=ctx.client_ip,
+                last_ip=ctx.client_ip,
+                user_agent=ctx.headers.get("User-Agent", ""),
+                created=now,
+                last_seen=now,
+                expires_at=expires,
+            )
+        session.mfa_at = now
+        session.anomaly, session.anomaly_at = 0.0, now
+        session.verified_ip = ctx.client_ip
+        session.extra["mfa_method"] = method
+        session.extra.pop("anomaly_since", None)
+        await store.save_session(session)
+        return None
+    # SECURITY: privilege changed, so a browser gets a fresh session id (no fixation); the
+    # old one ends, and what the sign-in established (provider, groups, e-mail, the ID token
+    # for logout) moves to the new one, with the old one's expiry.
+    extra: dict[str, Any] = {}
+    if session is not None:
+        extra = {k: v for k, v in session.extra.items() if k != "anomaly_since"}
+        id_token = await store.session_id_token(session.session_id)
+        if id_token:
+            extra[ID_TOKEN] = id_token
+    extra["mfa_method"] = method
+    return await gw.keeper.start_browser_session(
+        ctx,
+        user=who.user,
+        extra=extra,
+        replaces=session,
+        replaced_because="rotated after step-up",
+        mfa_at=now,
+    )
 
 
-def _json(data: dict[str, Any], ctx: RequestContext, status: int = 200) -> web.Response:
-    resp = web.json_response(data, status=status)
+def _json(data: dict[str, Any], ctx: RequestContext, cookie: str | None = None) -> web.Response:
+    resp = web.json_response(data)
     resp.headers[DECISION_HEADER] = ctx.decision_id
     resp.headers["Server"] = SERVER_BANNER
     resp.headers["Cache-Control"] = "no-store"
+    if cookie:
+        resp.headers["Set-Cookie"] = cookie
     return resp
 
 
-_TOTP_STATUS = {
-    "mfa-invalid": 401,
-    "mfa-replayed": 401,
-    "mfa-malformed": 400,
-    "mfa-locked": 429,
-    "mfa-not-enrolled": 403,
-}
+@dataclass(frozen=True, slots=True)
+class CodeRefused:
+    """A code that did not pass, already audited and counted."""
+
+    reason: Reason
+    detail: str
+    retry_after: int | None = None
+
+    def response(self, ctx: RequestContext) -> web.Response:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        return problem(
+            self.reason,
+            ctx.decision_id,
+            accept=ctx.headers.get("Accept", ""),
+            detail=self.detail,
+            extra_headers=headers,
+        )
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES.get(self.reason, "That did not work. Try again.")
 
 
-def _unidentified(
-    gw: Gateway, ctx: RequestContext, reason: Reason, *, accept: str = ""
-) -> web.Response:
-    """A step-up asked without an identity to step up: refused and audited (best effort: the
-    refusal stands even if the audit log cannot take it)."""
+async def _check_code(
+    gw: Gateway, ctx: RequestContext, who: Who, code: object
+) -> str | CodeRefused:
+    """'totp' or 'backup', or why not (audited and counted)."""
+    try:
+        method = await gw.mfa.verify(who.user, code, now=ctx.now)
+    except TOTPError as exc:
+        return _code_refused(gw, ctx, who, exc)
+    except MFABusy:
+        return _audited(gw, ctx, who, CodeRefused(Reason.RATE_LIMITED, "checks saturated", 1))
+    except (MFAUnavailable, SealedSecretError) as exc:
+        log.error("step-up for %s cannot be checked: %s", who.user, exc)
+        detail = "the second factor cannot be checked"
+        return _audited(gw, ctx, who, CodeRefused(Reason.SERVICE_UNAVAILABLE, detail))
+    gw.metrics.step_ups.labels("passed").inc()
+    return method
+
+
+def _audited(gw: Gateway, ctx: RequestContext, who: Who, refused: CodeRefused) -> CodeRefused:
     with contextlib.suppress(AuditUnavailable):
-        _record(gw, ctx, Verdict.DENY, reason, "step-up identity", None)
-    return problem(reason, ctx.decision_id, accept=accept)
+        _record(gw, ctx, Verdict.DENY, refused.reason, refused.detail, who.user)
+    return refused
+
+
+def _code_refused(gw: Gateway, ctx: RequestContext, who: Who, exc: TOTPError) -> CodeRefused:
+    gw.metrics.step_ups.labels("failed").inc()
+    retry = max(1, math.ceil(exc.locked_until - ctx.now)) if exc.locked_until else None
+    return _audited(gw, ctx, who, CodeRefused(Reason(exc.reason), exc.reason, retry))
+
+
+# --- the API -------------------------------------------------------------------------------
 
 
 async def verify_api(
     gw: Gateway, request: web.BaseRequest, ctx: RequestContext
 ) -> web.StreamResponse:
-    """POST /.ztgw/mfa/verify {"code": "123456"} with the same certificate and token or cookie."""
-    who = await _who(gw, ctx)
+    """POST /.ztgw/mfa/verify {"code": "123456"} (application/json) with the same certificate
+    and token or cookie the step-up is for."""
+    raw = await read_checked_body(gw, request, ctx, JSON_TYPE, limit=MAX_FORM_BYTES, stage="mfa")
+    if isinstance(raw, web.Response):
+        return raw
+    who = await who_steps_up(gw, ctx)
     if isinstance(who, Reason):
-        return _unidentified(gw, ctx, who)
-    raw = await request.content.read(MAX_FORM + 1)
+        return _refused(gw, ctx, who, "step-up identity")
     try:
-        if len(raw) > MAX_FORM:
-            raise ValueError("body too large")
         body = json.loads(raw)
-        if not isinstance(body, dict) or set(body) - {"code"}:
+        if not isinstance(body, dict) or set(body) != {"code"}:
             raise ValueError('expected {"code": "123456"}')
-        code = body.get("code")
-    except ValueError as exc:
-        with contextlib.suppress(AuditUnavailable):
-            _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, str(exc), who.user)
-        return problem(Reason.REQUEST_INVALID, ctx.decision_id, detail=str(exc)[:100])
-    result = await _verify_code(gw, ctx, who, code)
-    if isinstance(result, web.Response):
-        return result
+    except (ValueError, RecursionError) as exc:
+        return _refused(gw, ctx, Reason.REQUEST_INVALID, str(exc)[:100], who.user)
+    result = await _check_code(gw, ctx, who, body["code"])
+    if isinstance(result, CodeRefused):
+        return result.response(ctx)
     try:
         _record(
             gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"step-up passed ({result})", who.user
         )
     except AuditUnavailable:
         return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id)
-    await _mark_verified(gw, ctx, who, result)
-    return _json({"mfa_verified_at": int(ctx.now), "user": who.user, "method": result}, ctx)
+    # The browser session the step-up rotated goes back to the caller (issue 18, I2): without
+    # it a cookie client would have revoked its own session.
+    cookie = await _mark_verified(gw, ctx, who, result)
+    return _json({"mfa_verified_at": int(ctx.now), "user": who.user, "method": result}, ctx, cookie)
 
 
-async def _verify_code(
-    gw: Gateway, ctx: RequestContext, who: _Who, code: object
-) -> str | web.Response:
-    try:
-        method = await gw.mfa.verify(who.user, code)
-    except MFAUnavailable:
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, detail="MFA is not configured")
-    except TOTPError as exc:
-        status = _TOTP_STATUS.get(exc.reason, 401)
-        gw.metrics.step_ups.labels("failed").inc()
-        with contextlib.suppress(AuditUnavailable):
-            _record(gw, ctx, Verdict.DENY, Reason.MFA_REQUIRED, exc.reason, who.user)
-        headers: dict[str, str] = {}
-        if exc.locked_until:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.locked_until - ctx.now)))
-        resp = problem(
-            Reason.MFA_REQUIRED,
-            ctx.decision_id,
-            status=status,
-            detail=exc.reason,
-            extra_headers=headers,
-        )
-        return resp
-    gw.metrics.step_ups.labels("passed").inc()
-    return method
+# --- the step-up page ----------------------------------------------------------------------
 
 
-# --- browser pages ------------------------------------------------------------------------
-
-_STYLE = """body{font:16px/1.5 system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem;color:#1b1b1b}
-label{display:block;margin:1rem 0 .3rem;font-weight:600} input{font:inherit;font-size:1.4rem;letter-spacing:.3rem;
-padding:.4rem;width:9rem} button{font:inherit;padding:.5rem 1.2rem;margin-top:1rem} .err{color:#b42318}
-svg{width:14rem;height:14rem} code{background:#f1f1f1;padding:.1rem .3rem;word-break:break-all}"""
-
-
-def _page(
-    title: str, body: str, ctx: RequestContext, status: int = 200, cookie: str | None = None
-) -> web.Response:
-    text = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)} – ztgateway</title><style>{_STYLE}</style></head>
-<body><main><h1>{html.escape(title)}</h1>{body}</main></body></html>"""
-    resp = web.Response(text=text, content_type="text/html", status=status)
-    resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    resp.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+def _code_form(
+    gw: Gateway,
+    ctx: RequestContext,
+    who_cookie: str | None,
+    *,
+    action: str,
+    purpose: str,
+    rd: str,
+    label: str,
+    button: str,
+    hidden: dict[str, str] | None = None,
+    error: str = "",
+) -> str:
+    token = gw.csrf.issue(purpose, csrf_binding(ctx, who_cookie), ctx.now)
+    fields = "".join(
+        f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+        for k, v in {"csrf": token, "rd": rd, **(hidden or {})}.items()
     )
-    resp.headers["X-Frame-Options"] = "DENY"
-    if cookie:
-        resp.headers["Set-Cookie"] = cookie
-    return resp
-
-
-def _form(gw: Gateway, ctx: RequestContext, rd: str, error: str = "") -> str:
     err = f'<p class="err" role="alert">{html.escape(error)}</p>' if error else ""
-    return f"""<p>For this page the gateway needs your second factor. Enter the six-digit code from your
-authenticator app.</p>{err}
-<form method="post" action="/.ztgw/mfa">
-<input type="hidden" name="csrf" value="{html.escape(_csrf(gw, ctx))}">
-<input type="hidden" name="rd" value="{html.escape(rd)}">
-<label for="code">Code</label>
-<input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]{{6}}" maxlength="6" required autofocus>
-<button type="submit">Verify</button></form>"""
+    return f"""{err}<form method="post" action="{html.escape(action)}">{fields}
+<label for="code">{html.escape(label)}</label>
+<input id="code" name="code" autocomplete="one-time-code" maxlength="32" required autofocus>
+<button type="submit">{html.escape(button)}</button></form>"""
 
 
-async def _read_form(request: web.BaseRequest) -> dict[str, str] | None:
-    raw = await request.content.read(MAX_FORM + 1)
-    if len(raw) > MAX_FORM:
-        return None
-    try:
-        parsed = parse_qs(raw.decode("utf-8"), max_num_fields=10, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return {k: v[0] for k, v in parsed.items()}
+def _step_up_form(gw: Gateway, ctx: RequestContext, who: Who, rd: str, error: str = "") -> str:
+    return (
+        "<p>For this page the gateway needs your second factor. Enter the six-digit code from "
+        "your authenticator app, or one of your backup codes.</p>"
+        + _code_form(
+            gw,
+            ctx,
+            who.cookie_value,
+            action="/.ztgw/mfa",
+            purpose="mfa",
+            rd=rd,
+            label="Code",
+            button="Verify",
+            error=error,
+        )
+        + '<p class="muted">Lost your authenticator? Use a backup code, or ask IT to reset '
+        "your second factor.</p>"
+    )
 
 
-def _same_origin(request: web.BaseRequest) -> bool:
-    """Browsers send Origin on POST; if present it must be ours (defence in depth over CSRF)."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return True
-    return origin == f"https://{request.host}"
+_MESSAGES = {
+    Reason.MFA_INVALID: "That code did not work. Wait for the next code and try again.",
+    Reason.MFA_REPLAYED: "That code was already used. Wait for the next code and try again.",
+    Reason.MFA_MALFORMED: "Enter the six digits your app shows, or a backup code.",
+    Reason.MFA_LOCKED: "Too many wrong codes. Try again later.",
+    Reason.MFA_NOT_ENROLLED: "No second factor is set up for your account.",
+    Reason.RATE_LIMITED: "The gateway is busy checking codes. Try again in a moment.",
+    Reason.MFA_ENROLMENT_EXISTS: "A second factor is already set up: to replace it, enter a "
+    "code from your current authenticator.",
+    Reason.MFA_ENROLMENT_EXPIRED: "That set-up expired. Start again.",
+}
+
+
+async def _posted_form(
+    gw: Gateway, request: web.BaseRequest, ctx: RequestContext, purpose: str
+) -> dict[str, str] | web.Response:
+    """The fields of one of these pages' forms once forms.py passed it (before anyone is
+    identified or anything is counted), or its refusal."""
+    cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
+    return await read_checked_form(gw, request, ctx, purpose, cookie, stage="mfa")
 
 
 async def step_up_page(
     gw: Gateway, request: web.BaseRequest, ctx: RequestContext
 ) -> web.StreamResponse:
     """GET shows the code form; POST checks it and sends the browser back to `rd`."""
-    who = await _who(gw, ctx)
-    if isinstance(who, Reason):
-        return _unidentified(gw, ctx, who, accept="text/html")
     if request.method == "GET":
-        rd = safe_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
+        rd = _rd(ctx)
+        who = await who_steps_up(gw, ctx, rd)
+        if isinstance(who, Reason):
+            return _unidentified(gw, ctx, who, rd)
         if not gw.mfa.enrolled(who.user):
             return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
-        return _page("Confirm it is you", _form(gw, ctx, rd), ctx)
-    form = await _read_form(request)
-    if form is None or not _same_origin(request) or not _csrf_ok(gw, ctx, form.get("csrf", "")):
-        with contextlib.suppress(AuditUnavailable):
-            _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "csrf", who.user)
-        return problem(
-            Reason.REQUEST_INVALID,
-            ctx.decision_id,
-            accept="text/html",
-            detail="The form expired or did not come from this site. Go back and try again.",
-        )
-    rd = safe_redirect(form.get("rd"))
-    result = await _verify_code(gw, ctx, who, form.get("code", ""))
-    if isinstance(result, web.Response):
-        message = "That code did not work. Wait for the next code and try again."
-        if result.status == 429:
-            message = "Too many wrong codes. Try again later."
-        return _page("Confirm it is you", _form(gw, ctx, rd, message), ctx, status=result.status)
+        return page("Confirm it is you", _step_up_form(gw, ctx, who, rd), ctx)
+    form = await _posted_form(gw, request, ctx, "mfa")
+    if isinstance(form, web.Response):
+        return form
+    rd = local_redirect(form.get("rd"))
+    who = await who_steps_up(gw, ctx, rd)
+    if isinstance(who, Reason):
+        return _unidentified(gw, ctx, who, rd)
+    result = await _check_code(gw, ctx, who, form.get("code", ""))
+    if isinstance(result, CodeRefused):
+        if not ctx.wants_html:
+            return result.response(ctx)
+        form_html = _step_up_form(gw, ctx, who, rd, result.message)
+        return page("Confirm it is you", form_html, ctx, status=result.reason.status)
     with contextlib.suppress(AuditUnavailable):
         _record(
             gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"step-up passed ({result})", who.user
         )
-    cookie_value = await _mark_verified(gw, ctx, who, result)
-    sessions = gw.config.sessions
-    cookies = (
-        (
-            new_cookie_header(
-                sessions.cookie_name, cookie_value, max_age=int(sessions.absolute_timeout)
-            ),
+    cookie_header = await _mark_verified(gw, ctx, who, result)
+    return see_other(rd, ctx.decision_id, *((cookie_header,) if cookie_header else ()))
+
+
+# --- enrolment -----------------------------------------------------------------------------
+
+
+def _enrol_page(
+    gw: Gateway, ctx: RequestContext, who: Who, rd: str, *, status: int = 200, error: str = ""
+) -> web.Response:
+    """What the person sees at /.ztgw/mfa/enroll, from the state of their enrolment."""
+    now = ctx.now
+    pending = gw.mfa.pending(who.user, now)
+    if pending is not None:
+        return page(
+            "Set up your second factor",
+            _pending_body(gw, ctx, who, rd, pending, error),
+            ctx,
+            status=status,
         )
-        if cookie_value
-        else ()
+    if gw.mfa.enrolled(who.user):
+        body = (
+            "<p>Your second factor is set up. To move it to a new authenticator app, enter a "
+            "code from the one you use now (or a backup code).</p>"
+            + _enrol_form(
+                gw, ctx, who, rd, "replace", "Current code", "Replace my authenticator", error
+            )
+            + '<p class="muted">Lost it and have no backup codes? Ask IT to reset your second '
+            "factor.</p>"
+        )
+        return page("Your second factor", body, ctx, status=status)
+    token = gw.csrf.issue("enroll", csrf_binding(ctx, who.cookie_value), now)
+    err = f'<p class="err" role="alert">{html.escape(error)}</p>' if error else ""
+    body = f"""{err}<p>Some applications behind this gateway ask for a second factor: a six-digit
+code from an authenticator app on your phone. Setting it up takes a minute.</p>
+<form method="post" action="/.ztgw/mfa/enroll">
+<input type="hidden" name="csrf" value="{html.escape(token)}">
+<input type="hidden" name="rd" value="{html.escape(rd)}">
+<input type="hidden" name="action" value="start">
+<button type="submit">Set up an authenticator app</button></form>"""
+    return page("Set up your second factor", body, ctx, status=status)
+
+
+def _enrol_form(
+    gw: Gateway, ctx: RequestContext, who: Who, rd: str, action: str, label: str, button: str,
+    error: str,
+) -> str:  # fmt: skip
+    return _code_form(
+        gw, ctx, who.cookie_value, action="/.ztgw/mfa/enroll", purpose="enroll", rd=rd,
+        label=label, button=button, hidden={"action": action}, error=error,
+    )  # fmt: skip
+
+
+def _pending_body(
+    gw: Gateway, ctx: RequestContext, who: Who, rd: str, pending: PendingEnrolment, error: str
+) -> str:
+    minutes = max(1, int((pending.expires_at - ctx.now) // 60))
+    return f"""<p>Scan this code with your authenticator app, then enter the six-digit code it
+shows to finish. Until you do, nothing changes: reloading this page shows the same code.</p>
+{qr_svg(pending.uri)}
+<p>Or enter this key by hand: <code>{html.escape(pending.secret)}</code></p>
+<p><a href="{html.escape(pending.uri)}">Open in an authenticator app on this device</a></p>
+<p class="muted">This set-up waits {minutes} more minutes for your code.</p>
+""" + _enrol_form(gw, ctx, who, rd, "confirm", "Code from your app", "Finish set-up", error)
+
+
+def _enrolled_body(enrollment: Enrollment, rd: str) -> str:
+    codes = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in enrollment.backup_codes)
+    return f"""<p>Your second factor is set up.</p>
+<h2>Your backup codes</h2>
+<p>Each works once, in place of a code from your app, if you lose your phone. Write them down
+or print this page now: they are shown only this once.</p>
+<ol>{codes}</ol>
+<p><a class="button" href="{html.escape(rd)}">Continue</a></p>"""
+
+
+async def _signed_in(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Response:
+    """Enrolment is for a person signed in with the identity provider on this device."""
+    enrol_here = "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/")
+    who = await who_steps_up(gw, ctx, enrol_here)
+    if isinstance(who, Reason):
+        return _unidentified(gw, ctx, who, enrol_here)
+    if who.kind == "cookie" and who.signed_in:
+        return who
+    # SECURITY: a certificate is ambient (another site can make the browser present it), and
+    # a token is not a person at a browser: neither may set up a second factor (issue 18, M1).
+    if gw.oidc is not None and ctx.wants_html:
+        return see_other(login_redirect_to(enrol_here), ctx.decision_id)
+    return _refused(
+        gw,
+        ctx,
+        Reason.IDENTITY_UNAUTHENTICATED,
+        "setting up a second factor needs a sign-in with the identity provider; "
+        "without one, IT enrols you (ztgateway users mfa enroll)",
+        who.user,
     )
-    return see_other(rd, ctx.decision_id, *cookies)
 
 
 async def enroll_page(
     gw: Gateway, request: web.BaseRequest, ctx: RequestContext
 ) -> web.StreamResponse:
-    """Enrolment in the browser, after a full verification (certificate + session or token)."""
-    who = await _who(gw, ctx)
-    if isinstance(who, Reason):
-        return problem(who, ctx.decision_id, accept="text/html")
-    rd = safe_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
+    """GET shows the enrolment as it stands; POST starts, replaces or confirms it."""
+    if not gw.mfa.available:
+        return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "MFA is not configured")
     if request.method == "GET":
-        if gw.mfa.enrolled(who.user):
-            return _page(
-                "Already enrolled",
-                "<p>Your second factor is set up. To replace it, ask IT to reset it.</p>",
-                ctx,
-            )
-        try:
-            enrollment = await gw.mfa.enroll(who.user)
-        except MFAUnavailable:
-            return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
-        gw.metrics.mfa_enrollments.inc()
-        with contextlib.suppress(AuditUnavailable):
-            _record(
-                gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment started", who.user
-            )
-        codes = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in enrollment.backup_codes)
-        body = f"""<p>Scan this code with your authenticator app, then enter the six-digit code it shows.</p>
-{qr_svg(enrollment.uri)}
-<p>Or enter this key by hand: <code>{html.escape(enrollment.secret)}</code></p>
-<details><summary>Backup codes (shown once — keep them somewhere safe)</summary><ul>{codes}</ul></details>
-{_form(gw, ctx, rd)}"""
-        return _page("Set up your second factor", body, ctx)
-    return problem(Reason.METHOD_NOT_ALLOWED, ctx.decision_id, accept="text/html")
+        rd = _rd(ctx)
+        who = await _signed_in(gw, ctx, rd)
+        if isinstance(who, web.Response):
+            return who
+        return _enrol_page(gw, ctx, who, rd)
+    form = await _posted_form(gw, request, ctx, "enroll")
+    if isinstance(form, web.Response):
+        return form
+    rd = local_redirect(form.get("rd"))
+    who = await _signed_in(gw, ctx, rd)
+    if isinstance(who, web.Response):
+        return who
+    action = form.get("action", "")
+    try:
+        if action == "start":
+            return await _start(gw, ctx, who, rd)
+        if action == "replace":
+            return await _replace(gw, ctx, who, rd, form.get("code", ""))
+        if action == "confirm":
+            return await _confirm(gw, ctx, who, rd, form.get("code", ""))
+    except SealedSecretError as exc:
+        log.error("enrolment for %s cannot be read: %s", who.user, exc)
+        return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "the enrolment cannot be read")
+    return _refused(gw, ctx, Reason.REQUEST_INVALID, f"unknown action {action[:20]!r}", who.user)
 
 
-def clear_cookie(gw: Gateway) -> str:
-    return clear_cookie_header(gw.config.sessions.cookie_name)
+def _enrol_refused(
+    gw: Gateway, ctx: RequestContext, who: Who, rd: str, refused: CodeRefused
+) -> web.Response:
+    """A person sees the enrolment page again (same QR code) with what went wrong; a program
+    gets problem+json."""
+    if not ctx.wants_html:
+        return refused.response(ctx)
+    return _enrol_page(gw, ctx, who, rd, status=refused.reason.status, error=refused.message)
+
+
+def _back_to_enrolment(ctx: RequestContext, rd: str) -> web.Response:
+    # Post/redirect/get: a reload shows the page again instead of re-posting the form.
+    return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
+
+
+async def _start(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -> web.Response:
+    if gw.mfa.enrolled(who.user):
+        # Replacing a factor needs the current one: the "replace" form.
+        refused = CodeRefused(Reason.MFA_ENROLMENT_EXISTS, "start: replace with the current code")
+        return _enrol_refused(gw, ctx, who, rd, _audited(gw, ctx, who, refused))
+    await gw.mfa.start_enrolment(who.user, ctx.now)
+    with contextlib.suppress(AuditUnavailable):
+        _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment started", who.user)
+    return _back_to_enrolment(ctx, rd)
+
+
+async def _replace(gw: Gateway, ctx: RequestContext, who: Who, rd: str, code: str) -> web.Response:
+    if not gw.mfa.enrolled(who.user):
+        return _back_to_enrolment(ctx, rd)
+    result = await _check_code(gw, ctx, who, code)
+    if isinstance(result, CodeRefused):
+        return _enrol_refused(gw, ctx, who, rd, result)
+    await gw.mfa.start_enrolment(who.user, ctx.now)
+    with contextlib.suppress(AuditUnavailable):
+        _record(
+            gw,
+            ctx,
+            Verdict.ALLOW,
+            Reason.POLICY_ALLOWED,
+            f"mfa replacement started ({result})",
+            who.user,
+        )
+    return _back_to_enrolment(ctx, rd)
+
+
+async def _confirm(gw: Gateway, ctx: RequestContext, who: Who, rd: str, code: str) -> web.Response:
+    try:
+        enrollment = await gw.mfa.confirm_enrolment(who.user, code, ctx.now)
+    except LookupError:
+        refused = CodeRefused(Reason.MFA_ENROLMENT_EXPIRED, "confirm: nothing pending")
+        return _enrol_refused(gw, ctx, who, rd, _audited(gw, ctx, who, refused))
+    except TOTPError as exc:
+        return _enrol_refused(gw, ctx, who, rd, _code_refused(gw, ctx, who, exc))
+    gw.metrics.mfa_enrollments.inc()
+    with contextlib.suppress(AuditUnavailable):
+        _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment confirmed", who.user)
+    # The person just proved the new factor: that is a step-up too.
+    cookie_header = await _mark_verified(gw, ctx, who, "totp")
+    return page(
+        "Second factor set up",
+        _enrolled_body(enrollment, rd),
+        ctx,
+        cookies=(cookie_header,) if cookie_header else (),
+    )

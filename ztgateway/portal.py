@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
@@ -20,10 +19,11 @@ from .audit import AuditUnavailable
 from .context import Identity, RequestContext
 from .credentials.oidc import OIDCError
 from .decision import Reason, Verdict
+from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
 from .forward.headers import SERVER_BANNER
 from .responses import DECISION_HEADER, problem, see_other, wants_html
-from .stages.session import clear_cookie_header, cookie_session_id, new_cookie_header, read_cookie
-from .store.base import ID_TOKEN, Session, StoreUnavailable
+from .stages.session import clear_cookie_header, cookie_session_id, read_cookie
+from .store.base import ID_TOKEN, StoreUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -48,8 +48,13 @@ def page(
     *,
     status: int = 200,
     cookies: tuple[str, ...] = (),
+    form_targets: tuple[str, ...] = (),
 ) -> web.Response:
-    """The one shell of every portal page (`body` is trusted HTML built with html.escape)."""
+    """The one shell of every portal page (`body` is trusted HTML built with html.escape).
+
+    `form_targets`: origins a form on the page may end up at besides this one (CSP
+    `form-action` also governs the redirects after a submission: sign-out goes on to the
+    identity provider's end-session endpoint)."""
     text = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)} – ztgateway</title><style>{STYLE}</style></head>
@@ -59,12 +64,16 @@ def page(
     resp.headers[DECISION_HEADER] = ctx.decision_id
     resp.headers["Server"] = SERVER_BANNER
     resp.headers["Cache-Control"] = "no-store"
+    targets = " ".join(("'self'", *form_targets))
     resp.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
-        "frame-ancestors 'none'"
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        f"form-action {targets}; frame-ancestors 'none'"
     )
     resp.headers["X-Frame-Options"] = "DENY"
-    resp.headers["Referrer-Policy"] = "no-referrer"
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" on the
+    # portal's own form posts (Fetch §3.1), which made sign-out fail in Chromium; other
+    # origins still get no Referer at all.
+    resp.headers["Referrer-Policy"] = "same-origin"
     for cookie in cookies:
         resp.headers.add("Set-Cookie", cookie)
     return resp
@@ -78,9 +87,7 @@ def _record(
 
 
 def _rd(ctx: RequestContext) -> str:
-    from .mfa_endpoints import safe_redirect
-
-    return safe_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
+    return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
 
 
 def _fmt(t: float | None) -> str | None:
@@ -88,7 +95,11 @@ def _fmt(t: float | None) -> str | None:
 
 
 def login_redirect(ctx: RequestContext) -> str:
-    target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
+    return login_redirect_to((ctx.path or "/") + ("?" + ctx.query if ctx.query else ""))
+
+
+def login_redirect_to(target: str) -> str:
+    """The sign-in page, coming back to `target` (a path on this origin) afterwards."""
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
@@ -118,7 +129,19 @@ async def login_start(
             ctx.decision_id,
         )
     try:
-        start = await gw.oidc.begin(_rd(ctx))
+        # The device is the source: one device looping on "sign in" only ever evicts its
+        # own attempts in flight (issue 18, I5).
+        start = await gw.oidc.begin(_rd(ctx), source=ctx.cert.device_id)
+    except ValueError:
+        # local_redirect() only gives what begin() accepts; should they ever disagree, this
+        # is the client's odd input, refused clearly (never a 503).
+        _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "login start: rd")
+        return problem(
+            Reason.REQUEST_INVALID, ctx.decision_id, accept=request.headers.get("Accept", "")
+        )
+    except StoreUnavailable:
+        _record(gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, "login start: store unavailable")
+        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
     except OIDCError as exc:
         gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
         _record(
@@ -148,7 +171,10 @@ async def callback(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
             ctx.decision_id,
         )
-    q = parse_qs(ctx.query, max_num_fields=20)
+    try:
+        q = parse_qs(ctx.query, max_num_fields=20)
+    except ValueError:  # more fields than any provider sends: refused, not a 503
+        q = {}
 
     def one(name: str) -> str | None:
         values = q.get(name)
@@ -160,7 +186,11 @@ async def callback(
             code=one("code"),
             error=one("error"),
             cookie_value=read_cookie(ctx.headers.get("Cookie", ""), LOGIN_COOKIE),
+            source=ctx.cert.device_id,
         )
+    except StoreUnavailable:
+        _record(gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, "callback: store unavailable")
+        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
     except OIDCError as exc:
         gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
         gw.metrics.portal_views.labels("callback", "refused").inc()
@@ -175,33 +205,23 @@ async def callback(
 sign-in link is reused, expires, or was started in another browser.</p>
 <p><a class="button" href="/.ztgw/login">Sign in again</a></p>"""
         return page("Sign-in failed", body, ctx, status=401, cookies=(clear_login,))
-    now = ctx.now
-    cookie_value = secrets.token_urlsafe(32)
-    old = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
-    if old:
-        await gw.store.revoke_session(cookie_session_id(old), "replaced by sign-in", now)
-    session = Session(
-        session_id=cookie_session_id(cookie_value),
-        kind="cookie",
+    old_cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
+    if old_cookie:
+        # A sign-in starts afresh: the browser's old session (if any) ends, nothing of it
+        # carries over (a new id: no fixation).
+        await gw.store.revoke_session(cookie_session_id(old_cookie), "replaced by sign-in", ctx.now)
+    session_cookie = await gw.keeper.start_browser_session(
+        ctx,
         user=result.user,
-        device_id=ctx.cert.device_id,
-        start_ip=ctx.client_ip,
-        last_ip=ctx.client_ip,
-        user_agent=ctx.headers.get("User-Agent", ""),
-        created=now,
-        last_seen=now,
-        expires_at=now + gw.config.sessions.absolute_timeout,
         extra={
             "source": "oidc",
             "provider": gw.oidc_name,
             "email": result.email,
             "groups": list(result.groups),
-            "verified_ip": ctx.client_ip,
             # For logout's id_token_hint: the store keeps it apart, not in memory.
             ID_TOKEN: result.id_token,
         },
     )
-    await gw.store.save_session(session)
     ctx.identity = Identity(
         user=result.user,
         source="session",
@@ -211,37 +231,41 @@ sign-in link is reused, expires, or was started in another browser.</p>
     )
     gw.metrics.logins.labels(gw.oidc_name, "success").inc()
     _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"signed in with {gw.oidc_name}")
-    sessions = gw.config.sessions
-    session_cookie = new_cookie_header(
-        sessions.cookie_name, cookie_value, max_age=int(sessions.absolute_timeout)
-    )
     return see_other(result.return_to, ctx.decision_id, clear_login, session_cookie)
+
+
+def _provider_origins(gw: Gateway) -> tuple[str, ...]:
+    """Where sign-out continues: the provider's end-session endpoint (its issuer's origin
+    until discovery has told us the endpoint)."""
+    if gw.oidc is None:
+        return ()
+    metadata = gw.oidc.metadata
+    url = (
+        metadata.end_session_endpoint
+        if metadata is not None and metadata.end_session_endpoint
+        else gw.oidc.cfg.issuer
+    )
+    origin = public_origin(url)
+    return (origin,) if origin else ()
 
 
 async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
     """GET shows a confirmation form (CSRF token); POST ends the session and the provider's."""
-    from .mfa_endpoints import _csrf, _csrf_ok, _read_form, _same_origin
-
     name = gw.config.sessions.cookie_name
     cookie = read_cookie(ctx.headers.get("Cookie", ""), name)
     if request.method == "GET":
+        token = gw.csrf.issue("logout", csrf_binding(ctx, cookie), ctx.now)
         body = f"""<form method="post" action="/.ztgw/logout">
-<input type="hidden" name="csrf" value="{html.escape(_csrf(gw, ctx))}">
+<input type="hidden" name="csrf" value="{html.escape(token)}">
 <p>Sign out of every application behind this gateway on this device?</p>
 <button type="submit">Sign out</button></form>"""
-        return page("Sign out", body, ctx)
-    form = await _read_form(request)
-    if form is None or not _same_origin(request) or not _csrf_ok(gw, ctx, form.get("csrf", "")):
-        _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "logout csrf")
-        return problem(
-            Reason.REQUEST_INVALID,
-            ctx.decision_id,
-            accept="text/html",
-            detail="The form expired. Go back and try again.",
-        )
+        return page("Sign out", body, ctx, form_targets=_provider_origins(gw))
+    form = await read_checked_form(gw, request, ctx, "logout", cookie)
+    if isinstance(form, web.StreamResponse):
+        return form
     id_token = None
     if cookie:
-        session = gw.store.session(cookie_session_id(cookie))
+        session = await gw.store.find_session(cookie_session_id(cookie))
         if session is not None:
             # Read from the store (not held in memory); without it the provider may only ask
             # the person to confirm, so a failed read does not stop the sign-out.

@@ -281,7 +281,7 @@ def verify_signed_report(token: str, cert_der: bytes) -> dict[str, Any]:
         raise PostureError("(signature)", "the report's signature does not verify") from exc
     try:
         doc = json.loads(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise PostureError("(body)", "signed payload is not JSON") from exc
     if not isinstance(doc, dict) or "collected_at" not in doc:
         raise PostureError("collected_at", "is required in a signed report")

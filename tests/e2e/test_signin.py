@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import re
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -10,6 +13,7 @@ import pytest
 
 from tests.oidc_fixtures import PASSWORDS, SignInSetup, form_action, form_fields
 from tests.support import Certs, client_ssl
+from ztgateway.credentials.totp import totp_code
 from ztgateway.store.base import ID_TOKEN
 
 HTML = {"Accept": "text/html"}
@@ -36,6 +40,14 @@ async def sign_in(
     assert r.status == 303
     authorize = r.headers["Location"]
     assert authorize.startswith(setup.issuer)
+    callback = await idp_login(s, authorize, user)
+    assert callback.startswith(origin + "/.ztgw/oidc/callback")
+    r = await s.get(callback, headers=HTML, allow_redirects=False)
+    return r
+
+
+async def idp_login(s: aiohttp.ClientSession, authorize: str, user: str = "alice") -> str:
+    """Sign in at the dev IdP's form; the callback URL it sends the browser back to."""
     page = await (await s.get(authorize)).text()
     r = await s.post(
         form_action(authorize, page),
@@ -43,10 +55,11 @@ async def sign_in(
         allow_redirects=False,
     )
     assert r.status == 303, await r.text()
-    callback = r.headers["Location"]
-    assert callback.startswith(origin + "/.ztgw/oidc/callback")
-    r = await s.get(callback, headers=HTML, allow_redirects=False)
-    return r
+    return r.headers["Location"]
+
+
+def session_cookie(s: aiohttp.ClientSession) -> str:
+    return next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
 
 
 async def sign_out(s: aiohttp.ClientSession, setup: SignInSetup) -> str:
@@ -103,6 +116,32 @@ async def test_a_person_signs_in_and_reaches_the_app_as_themselves(
     )
 
 
+async def test_the_session_cookie_is_host_prefixed_and_ends_with_the_browser(
+    signin: SignInSetup, certs: Certs
+) -> None:
+    async with browser(certs) as s:
+        r = await sign_in(s, signin)
+        cookie = next(
+            c for c in r.headers.getall("Set-Cookie") if c.startswith("__Host-ztgw-session=")
+        )
+        for attr in ("Path=/", "Secure", "HttpOnly", "SameSite=Lax"):
+            assert attr in cookie
+        # Issue 18 (I6): no Max-Age (nor Expires): a session cookie, gone when the browser
+        # closes; the gateway's idle and absolute timeouts hold on the server regardless
+        # (test_session_lifetime.py).
+        assert "Domain" not in cookie and "Max-Age" not in cookie and "Expires" not in cookie
+
+
+@pytest.mark.parametrize("signin", [{"sessions": {"persistent_cookie": True}}], indirect=True)
+async def test_a_persistent_cookie_is_an_explicit_choice(signin: SignInSetup, certs: Certs) -> None:
+    async with browser(certs) as s:
+        r = await sign_in(s, signin)
+        cookie = next(
+            c for c in r.headers.getall("Set-Cookie") if c.startswith("__Host-ztgw-session=")
+        )
+        assert "Max-Age=43200" in cookie
+
+
 async def test_machines_still_use_their_certificate_on_a_browsers_only_login_route(
     signin: SignInSetup, certs: Certs
 ) -> None:
@@ -134,14 +173,8 @@ async def test_login_redirect_target_stays_on_this_origin(
         r = await s.get(
             signin.origin + "/.ztgw/login/start?rd=//evil.example/x", allow_redirects=False
         )
-        authorize = r.headers["Location"]
-        page = await (await s.get(authorize)).text()
-        r = await s.post(
-            form_action(authorize, page),
-            data={**form_fields(page), "username": "alice", "password": PASSWORDS["alice"]},
-            allow_redirects=False,
-        )
-        r = await s.get(r.headers["Location"], headers=HTML, allow_redirects=False)
+        callback = await idp_login(s, r.headers["Location"])
+        r = await s.get(callback, headers=HTML, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"] == "/"
 
 
@@ -178,7 +211,7 @@ async def test_session_cookie_from_another_device_is_refused(
 ) -> None:
     async with browser(certs) as s:
         assert (await sign_in(s, signin)).status == 303
-        cookie = next(c for c in s.cookie_jar if c.key == "__Host-ztgw-session").value
+        cookie = session_cookie(s)
     async with browser(certs, "bob-phone") as s:
         r = await s.get(
             signin.origin + "/echo",
@@ -199,45 +232,61 @@ async def test_html_in_claims_is_escaped_on_every_page(
         assert "<b>" not in page
 
 
+def hidden(page: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', page)
+    assert match is not None, (name, page)
+    return html.unescape(match.group(1))
+
+
 async def test_signed_in_person_enrols_totp_and_steps_up_for_the_admin_route(
     signin: SignInSetup, certs: Certs
 ) -> None:
-    import re
-    import time
-
-    from ztgateway.credentials.totp import totp_code
-
+    # Issue 18 (M1): enrolment is the signed-in person's POST with a CSRF token, pending (the
+    # same secret on every GET) until a code from it confirms it. This test used to read the
+    # secret off the first GET, which enrolled the user by itself.
+    origin = signin.origin
     async with browser(certs) as s:
         r = await sign_in(s, signin, path="/admin/echo?x=1")
         assert r.status == 303 and r.headers["Location"] == "/admin/echo?x=1"
-        r = await s.get(signin.origin + "/admin/echo?x=1", headers=HTML, allow_redirects=False)
+        r = await s.get(origin + "/admin/echo?x=1", headers=HTML, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"] == "/.ztgw/mfa?rd=/admin/echo%3Fx%3D1"
-        r = await s.get(signin.origin + r.headers["Location"], headers=HTML, allow_redirects=False)
+        r = await s.get(origin + r.headers["Location"], headers=HTML, allow_redirects=False)
         assert r.status == 303 and r.headers["Location"].startswith("/.ztgw/mfa/enroll")
-        page = await (await s.get(signin.origin + r.headers["Location"], headers=HTML)).text()
-        assert "<svg" in page and "Backup codes" in page
-        secret = re.search(r"enter this key by hand: <code>([A-Z2-7]+)</code>", page)
-        assert secret is not None
-        csrf = page.split('name="csrf" value="')[1].split('"')[0]
-        rd = page.split('name="rd" value="')[1].split('"')[0]
+        enrol = origin + r.headers["Location"]
+        page = await (await s.get(enrol, headers=HTML)).text()
+        assert "<svg" not in page and not signin.gateway.mfa.enrolled("alice")
+        csrf, rd = hidden(page, "csrf"), hidden(page, "rd")
+        assert rd == "/admin/echo?x=1"
         r = await s.post(
-            signin.origin + "/.ztgw/mfa",
-            data={"code": "000000", "csrf": csrf, "rd": rd},
+            origin + "/.ztgw/mfa/enroll",
+            data={"csrf": csrf, "rd": rd, "action": "start"},
+            headers=HTML,
             allow_redirects=False,
+        )
+        assert r.status == 303
+        page = await (await s.get(origin + r.headers["Location"], headers=HTML)).text()
+        secret = re.search(r"enter this key by hand: <code>([A-Z2-7]+)</code>", page)
+        assert secret is not None and "<svg" in page
+        again = await (await s.get(enrol, headers=HTML)).text()
+        assert secret.group(1) in again, "the same pending secret on every GET"
+        csrf = hidden(page, "csrf")
+        confirm = {"csrf": csrf, "rd": rd, "action": "confirm"}
+        r = await s.post(
+            origin + "/.ztgw/mfa/enroll", data={**confirm, "code": "000000"}, headers=HTML
         )
         assert r.status == 401 and "did not work" in await r.text()
+        assert secret.group(1) in await r.text(), "a wrong code keeps the QR code"
         code = totp_code(secret.group(1), now=time.time())
-        r = await s.post(
-            signin.origin + "/.ztgw/mfa", data={"code": code, "rd": rd}, allow_redirects=False
-        )
-        assert r.status == 400, "no CSRF token, no step-up"
-        r = await s.post(
-            signin.origin + "/.ztgw/mfa",
-            data={"code": code, "csrf": csrf, "rd": rd},
-            allow_redirects=False,
-        )
-        assert r.status == 303 and r.headers["Location"] == "/admin/echo?x=1"
-        r = await s.get(signin.origin + "/admin/echo?x=1", headers={"Accept": "application/json"})
+        r = await s.post(origin + "/.ztgw/mfa/enroll", data={**confirm, "csrf": "", "code": code})
+        assert (r.status, (await r.json(content_type=None))["reason"]) == (400, "csrf-invalid")
+        assert not signin.gateway.mfa.enrolled("alice")
+        r = await s.post(origin + "/.ztgw/mfa/enroll", data={**confirm, "code": code})
+        page = await r.text()
+        assert r.status == 200 and "Your backup codes" in page
+        assert len(re.findall(r"<li><code>[a-z2-9-]{14}</code></li>", page)) == 10
+        assert signin.gateway.mfa.enrolled("alice")
+        # Confirming was a step-up: the admin route lets alice in with the rotated session.
+        r = await s.get(origin + "/admin/echo?x=1", headers={"Accept": "application/json"})
         assert r.status == 200, await r.text()
         assert (await r.json())["headers_map"]["x-forwarded-user"] == "alice"
         # The step-up gave the browser a new session: signing out of it still ends the

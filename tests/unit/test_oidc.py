@@ -203,8 +203,9 @@ async def test_state_without_this_browsers_cookie_is_refused(dev: DevSetup) -> N
     attacker = await dev.client.begin("/")
     victim = await dev.client.begin("/")
     query = await dev.login(attacker)
-    for cookie in (None, "", victim.cookie_value, attacker.cookie_value + "x", "a.b"):
-        one_more = await dev.client.begin("/")
+    for i, cookie in enumerate((None, "", victim.cookie_value, attacker.cookie_value + "x", "a.b")):
+        # Started by other devices: each source keeps only its newest few attempts.
+        one_more = await dev.client.begin("/", source=f"device-{i}")
         q = await dev.login(one_more)
         with pytest.raises(OIDCError) as info:
             await dev.client.finish(

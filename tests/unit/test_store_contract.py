@@ -819,6 +819,97 @@ async def test_advance_concurrent_callers_exactly_one_wins(backend: Backend) -> 
         assert sum(results) == 1, (step, results)
 
 
+async def test_a_backup_code_is_consumed_once_across_instances(backend: Backend) -> None:
+    """Issue 18 (M7): of many concurrent uses of one backup code, on any number of processes or
+    replicas, exactly one gets it; and a later save of a stale user record (which still lists
+    the code) does not bring it back."""
+    a, b = await backend.open(), await backend.open()
+    u = UserRecord(user="alice", mfa_secret="sealed", backup_codes=("h1", "h2"))
+    await a.save_user(u)
+    for code in ("h1", "h2"):
+        results = await asyncio.gather(
+            *[(a if i % 2 else b).consume_backup_code("alice", code) for i in range(10)]
+        )
+        assert sum(results) == 1, (code, results)
+    await b.save_user(u)  # stale: still lists h1 and h2
+    assert await a.consume_backup_code("alice", "h1") is False
+    assert await b.consume_backup_code("bob", "h1") is True, "marks are per user"
+
+
+async def test_a_session_made_elsewhere_is_found_before_the_next_sync(backend: Backend) -> None:
+    """A sign-in finished by another worker or replica a moment ago: the browser's very next
+    request, wherever it lands, finds the session (not yet in this instance's memory)."""
+    a, b = await backend.open(sync_interval=60.0), await backend.open(sync_interval=60.0)
+    await a.save_session(session("fresh"))
+    assert b.session("fresh") is None
+    found = await b.find_session("fresh")
+    assert found is not None and found.user == "alice"
+    assert b.session("fresh") is not None
+    assert await b.find_session("never-issued") is None and b.session("never-issued") is None
+
+
+async def test_the_first_shared_secret_wins_everywhere(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    results = await asyncio.gather(
+        *[(a if i % 2 else b).shared_secret("root", f"candidate-{i}") for i in range(8)]
+    )
+    assert len(set(results)) == 1 and results[0].startswith("candidate-")
+    assert await (await backend.open()).shared_secret("root", "late") == results[0]
+    assert await a.shared_secret("other", "x") == "x"
+
+
+async def test_pending_logins_are_single_use_bound_to_their_source_and_bounded(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    t = time.time()
+    await a.put_pending_login("s1", "dev-1", "one", t + 600, 3)
+    # Taken by another source: not found, and not burnt for its own.
+    assert await b.take_pending_login("s1", "dev-2", t) is None
+    results = await asyncio.gather(
+        *[(a if i % 2 else b).take_pending_login("s1", "dev-1", t) for i in range(6)]
+    )
+    assert results.count("one") == 1 and results.count(None) == 5
+    # A source keeps its newest `per_source`; another source's attempts are untouched.
+    await b.put_pending_login("other", "dev-2", "theirs", t + 600, 3)
+    for i in range(10):
+        await (a if i % 2 else b).put_pending_login(f"f{i}", "dev-1", f"flood {i}", t + 600, 3)
+    assert await a.take_pending_login("f6", "dev-1", t) is None
+    assert await a.take_pending_login("f7", "dev-1", t) == "flood 7"
+    assert await b.take_pending_login("f9", "dev-1", t) == "flood 9"
+    assert await a.take_pending_login("other", "dev-2", t) == "theirs"
+    # Past its expiry an attempt is gone.
+    await a.put_pending_login("old", "dev-3", "stale", t + 600, 3)
+    assert await a.take_pending_login("old", "dev-3", t + 601) is None
+
+
+async def test_a_touch_never_rewrites_a_lock_an_enrolment_or_backup_codes(
+    backend: Backend,
+) -> None:
+    """A process's copy of a user record may predate a lock, an enrolment or a used backup
+    code written elsewhere; its write-behind history must not write those back."""
+    a, b = await backend.open(), await backend.open()
+    await a.save_user(UserRecord(user="alice"))
+    await eventually(lambda: b.user("alice") is not None, 2.0, "user on b")
+    stale = b.user("alice")
+    assert stale is not None
+    now = time.time()
+    locked = UserRecord(
+        user="alice",
+        locked_until=now + 600,
+        lock_reason="operator",
+        mfa_secret="sealed",
+        backup_codes=("h2",),
+    )
+    await a.save_user(locked)
+    b._users["alice"] = dataclasses.replace(stale, known_devices=("dev-9",))  # not synced yet
+    b.touch_user(b._users["alice"])
+    await b.flush()
+    got = (await backend.open()).user("alice")
+    assert got is not None and got.known_devices == ("dev-9",)
+    assert (got.locked_until, got.mfa_secret, got.backup_codes) == (now + 600, "sealed", ("h2",))
+
+
 # --- across instances ----------------------------------------------------------------------------
 
 

@@ -16,8 +16,10 @@ module owns every check that makes the callback trustworthy:
   issuer exactly, our client id in the audience, the times with leeway; then the `nonce`, `azp`
   and `at_hash` of OIDC Core §3.1.3.7-§3.1.3.8.
 
-Pending attempts are held in memory, bounded and expiring: a gateway restart (or a different
-replica) loses attempts in flight, and the user simply signs in again.
+Pending attempts are kept by a `PendingLogins` (the gateway's is its shared store, so a sign-in
+started on one worker or replica may come back to another), expiring with `max_auth_age` and
+bounded per source (the device that started them): one client looping on "sign in" only ever
+evicts its own attempts, never everyone else's (issue 18, I5).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -165,6 +167,7 @@ class OIDCProviderConfig:
     max_auth_age: float = 600.0
     timeout: float = 10.0
     max_pending: int = 10_000
+    max_pending_per_device: int = 5
     required_claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Sign-in is refused unless each claim (or dotted path) equals, or as a list contains,
     one of its values: `hd = ["example.com"]` keeps a Google sign-in to one Workspace domain."""
@@ -194,8 +197,16 @@ class OIDCProviderConfig:
                 raise ValueError(f"{where}: claim name for {attr!r} must not be empty")
         if self.leeway < 0:
             raise ValueError(f"{where}: 'leeway' must not be negative")
-        if self.max_auth_age <= 0 or self.timeout <= 0 or self.max_pending <= 0:
-            raise ValueError(f"{where}: 'max_auth_age', 'timeout', 'max_pending' must be positive")
+        if (
+            self.max_auth_age <= 0
+            or self.timeout <= 0
+            or self.max_pending <= 0
+            or self.max_pending_per_device <= 0
+        ):
+            raise ValueError(
+                f"{where}: 'max_auth_age', 'timeout', 'max_pending', 'max_pending_per_device' "
+                "must be positive"
+            )
         if self.ca_file is not None and urlsplit(self.issuer).scheme != "https":
             raise ValueError(f"{where}: 'ca_file' needs an https 'issuer'")
 
@@ -242,12 +253,120 @@ class LoginResult:
 
 
 @dataclass(frozen=True, slots=True)
-class _Pending:
+class PendingLogin:
+    """One login attempt between `begin` and `finish` (only a hash of the cookie is kept)."""
+
     nonce: str
     code_verifier: str
     cookie_hash: bytes
     return_to: str
     created: float
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "nonce": self.nonce,
+                "code_verifier": self.code_verifier,
+                "cookie_hash": _b64url(self.cookie_hash),
+                "return_to": self.return_to,
+                "created": self.created,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PendingLogin:
+        d = json.loads(text)
+        return cls(
+            nonce=str(d["nonce"]),
+            code_verifier=str(d["code_verifier"]),
+            cookie_hash=base64.urlsafe_b64decode(str(d["cookie_hash"]) + "=="),
+            return_to=str(d["return_to"]),
+            created=float(d["created"]),
+        )
+
+
+class PendingLogins(Protocol):
+    """Where login attempts wait for their callback. `take` is single-use (atomic get and
+    delete); `put` keeps at most `per_source` attempts per source, evicting that source's
+    oldest."""
+
+    async def put(
+        self, state: str, pending: PendingLogin, *, source: str, expires: float, per_source: int
+    ) -> None: ...
+    async def take(self, state: str, source: str, now: float) -> PendingLogin | None: ...
+    def count(self) -> int | None: ...
+    def clear(self) -> None: ...
+
+
+class MemoryPendingLogins:
+    """In one process's memory: for a single process (and the unit tests). Bounded overall by
+    `max_pending` too, oldest first."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self._pending: OrderedDict[str, tuple[PendingLogin, str, float]] = OrderedDict()
+
+    async def put(
+        self, state: str, pending: PendingLogin, *, source: str, expires: float, per_source: int
+    ) -> None:
+        now = pending.created
+        # Insertion order is creation order, so expired attempts are all at the front.
+        while self._pending:
+            first, (_, _, until) = next(iter(self._pending.items()))
+            if until > now:
+                break
+            del self._pending[first]
+        mine = [s for s, (_, src, _) in self._pending.items() if src == source]
+        for old in mine[: max(0, len(mine) - per_source + 1)]:
+            del self._pending[old]
+        self._pending[state] = (pending, source, expires)
+        while len(self._pending) > self.max_pending:
+            self._pending.popitem(last=False)
+
+    async def take(self, state: str, source: str, now: float) -> PendingLogin | None:
+        entry = self._pending.get(state)
+        if entry is None or entry[1] != source:
+            return None
+        del self._pending[state]
+        return entry[0] if entry[2] > now else None
+
+    def count(self) -> int | None:
+        return len(self._pending)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+class LoginStore(Protocol):
+    """The part of the gateway's Store that keeps login attempts (store/base.py)."""
+
+    async def put_pending_login(
+        self, state: str, source: str, data: str, expires: float, per_source: int
+    ) -> None: ...
+    async def take_pending_login(self, state: str, source: str, now: float) -> str | None: ...
+
+
+class StorePendingLogins:
+    """Login attempts in the gateway's shared store: every worker and replica finishes what
+    another started."""
+
+    def __init__(self, store: LoginStore) -> None:
+        self.store = store
+
+    async def put(
+        self, state: str, pending: PendingLogin, *, source: str, expires: float, per_source: int
+    ) -> None:
+        await self.store.put_pending_login(state, source, pending.to_json(), expires, per_source)
+
+    async def take(self, state: str, source: str, now: float) -> PendingLogin | None:
+        data = await self.store.take_pending_login(state, source, now)
+        return PendingLogin.from_json(data) if data is not None else None
+
+    def count(self) -> int | None:
+        return None  # kept by the store; not counted per process
+
+    def clear(self) -> None:
+        pass  # the store's rows belong to every process, and expire on their own
 
 
 def _b64url(data: bytes) -> str:
@@ -303,8 +422,9 @@ class OIDCClient:
 
     `session_factory` returns the application's shared aiohttp session (used, never closed);
     without it the client opens its own at `start` (no cookie jar: RFC 8725 §3.10). `secret` keys
-    the MAC on the login cookie; when omitted a random one is drawn, which is enough because the
-    attempts it protects live in this process's memory anyway.
+    the MAC on the login cookie and `pending` keeps the attempts: the gateway passes a key every
+    process derives alike (keys.py) and its shared store; when omitted, a random key and this
+    process's memory, which suits one process only.
     """
 
     def __init__(
@@ -314,6 +434,7 @@ class OIDCClient:
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         clock: Callable[[], float] = SYSTEM_CLOCK.time,
         secret: bytes | None = None,
+        pending: PendingLogins | None = None,
     ) -> None:
         if secret is not None and len(secret) < 32:
             raise ValueError("the login cookie secret must be at least 32 bytes")
@@ -328,7 +449,9 @@ class OIDCClient:
         self._last_attempt: float | None = None
         self._last_error: str | None = None
         self._ssl: ssl.SSLContext | None = None
-        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._pending: PendingLogins = (
+            pending if pending is not None else MemoryPendingLogins(cfg.max_pending)
+        )
         self._closed = False
 
     async def __aenter__(self) -> OIDCClient:
@@ -391,7 +514,7 @@ class OIDCClient:
         return {
             "discovered": self._metadata is not None,
             "last_error": self._last_error,
-            "pending_logins": len(self._pending),
+            "pending_logins": self._pending.count(),
             "jwks": (
                 self._verifier.jwks_status().get(self._issuer_name)
                 if self._verifier is not None
@@ -578,19 +701,13 @@ class OIDCClient:
         message = b"\x00".join((_COOKIE_LABEL, state.encode("ascii"), binder.encode("ascii")))
         return _b64url(hmac.new(self._secret, message, hashlib.sha256).digest())
 
-    def _prune(self, now: float) -> None:
-        # Insertion order is creation order, so expired attempts are all at the front.
-        while self._pending:
-            state, pending = next(iter(self._pending.items()))
-            if now - pending.created <= self.cfg.max_auth_age:
-                break
-            del self._pending[state]
-
-    async def begin(self, return_to: str) -> LoginStart:
+    async def begin(self, return_to: str, *, source: str = "-") -> LoginStart:
         """Start a login attempt that will bring the browser back to `return_to` (a local path).
 
-        Raises ValueError for a `return_to` that is not a same-origin path, and OIDCError
-        (`provider-unavailable`) when the provider's discovery document cannot be had.
+        `source` names who started it (the gateway passes the device): each source keeps at
+        most `max_pending_per_device` attempts, its oldest evicted first. Raises ValueError for
+        a `return_to` that is not a same-origin path, and OIDCError (`provider-unavailable`)
+        when the provider's discovery document cannot be had.
         """
         if self._closed:
             raise RuntimeError("OIDCClient is closed")
@@ -599,7 +716,6 @@ class OIDCClient:
             raise ValueError("return_to must be a path on this origin")
         metadata = await self._ensure_discovered()
         now = self._clock()
-        self._prune(now)
         # 256 bits each: unguessable (RFC 6749 §10.10 asks for at least 128).
         state = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(32)
@@ -609,16 +725,21 @@ class OIDCClient:
         cookie_value = f"{binder}.{self._cookie_mac(state, binder)}"
         # Only a hash is kept, so a dump of the pending table does not hand out usable cookies.
         cookie_hash = hashlib.sha256(cookie_value.encode("ascii")).digest()
-        self._pending[state] = _Pending(
-            nonce=nonce,
-            code_verifier=code_verifier,
-            cookie_hash=cookie_hash,
-            return_to=checked,
-            created=now,
+        await self._pending.put(
+            state,
+            PendingLogin(
+                nonce=nonce,
+                code_verifier=code_verifier,
+                cookie_hash=cookie_hash,
+                return_to=checked,
+                created=now,
+            ),
+            source=source,
+            expires=now + self.cfg.max_auth_age,
+            # Bounded per source: a flood of started logins evicts the flooder's own oldest
+            # attempts, never another device's sign-in in flight.
+            per_source=self.cfg.max_pending_per_device,
         )
-        # Bounded: a flood of started logins evicts the oldest attempts instead of growing memory.
-        while len(self._pending) > self.cfg.max_pending:
-            self._pending.popitem(last=False)
         params = {
             "response_type": "code",
             "client_id": self.cfg.client_id,
@@ -635,7 +756,9 @@ class OIDCClient:
             cookie_value=cookie_value,
         )
 
-    def _take_pending(self, state: str | None, cookie_value: str | None) -> _Pending:
+    async def _take_pending(
+        self, state: str | None, cookie_value: str | None, source: str
+    ) -> PendingLogin:
         if not state or not state.isascii():
             raise OIDCError(OIDCReason.STATE_INVALID, "the callback has no usable state")
         # SECURITY: login CSRF (RFC 6749 §10.12, RFC 9700 §4.7.1): the state must come back to
@@ -650,10 +773,11 @@ class OIDCClient:
             raise OIDCError(OIDCReason.STATE_INVALID, "the login cookie is not for this state")
         # SECURITY: RFC 9700 §4.7.1 / RFC 6749 §10.12: state is single-use; from here on it is
         # gone whatever follows, so a replayed callback is worthless.
-        pending = self._pending.pop(state, None)
+        now = self._clock()
+        pending = await self._pending.take(state, source, now)
         if pending is None:
-            raise OIDCError(OIDCReason.STATE_INVALID, "unknown, replayed or evicted state")
-        if self._clock() - pending.created > self.cfg.max_auth_age:
+            raise OIDCError(OIDCReason.STATE_INVALID, "unknown, replayed, expired or evicted state")
+        if now - pending.created > self.cfg.max_auth_age:
             raise OIDCError(OIDCReason.STATE_INVALID, "the login attempt expired")
         # Defence in depth: only the very cookie handed out at begin() (kept as a hash) counts,
         # even for someone who learnt the MAC secret.
@@ -669,16 +793,17 @@ class OIDCClient:
         code: str | None,
         error: str | None,
         cookie_value: str | None,
+        source: str = "-",
     ) -> LoginResult:
         """Complete a login from the callback's query and the login cookie, or raise OIDCError.
 
         Nothing in the callback is believed before its state is matched to this browser's
-        attempt; then a provider error is `login-denied`, and otherwise the code is exchanged
-        and the ID token verified.
+        attempt (and to the `source` that began it); then a provider error is `login-denied`,
+        and otherwise the code is exchanged and the ID token verified.
         """
         if self._closed:
             raise RuntimeError("OIDCClient is closed")
-        pending = self._take_pending(state, cookie_value)
+        pending = await self._take_pending(state, cookie_value, source)
         if error is not None:
             raise OIDCError(
                 OIDCReason.LOGIN_DENIED, f"provider error {_provider_error_text(error)!r}"

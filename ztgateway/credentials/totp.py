@@ -28,7 +28,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NoReturn
 from urllib.parse import quote
 
 import segno
@@ -47,9 +47,12 @@ __all__ = [
     "Verifier",
     "check_backup_code",
     "hash_backup_code",
+    "new_backup_codes",
     "new_enrollment",
+    "new_secret",
     "normalise_backup_code",
     "normalise_code",
+    "otpauth_uri",
     "qr_svg",
     "qr_terminal",
     "totp_code",
@@ -236,30 +239,39 @@ def _new_backup_code() -> str:
     )
 
 
-def new_enrollment(
-    user: str, *, issuer: str = "ztgateway", backup_codes: int = BACKUP_CODE_COUNT
-) -> Enrollment:
-    """A fresh 160-bit secret, its `otpauth://` URI and one-time backup codes.
+def otpauth_uri(user: str, secret: str, *, issuer: str = "ztgateway") -> str:
+    """The Key URI Format that authenticator apps scan.
 
     The URI spells out algorithm, digits and period even though they are the defaults, so an
     app that guesses differently still agrees with the verifier.
     """
     _check_label_part("user", user)
     _check_label_part("issuer", issuer)
-    if not 0 <= backup_codes <= 100:
-        raise ValueError("backup_codes must be between 0 and 100")
-    # RFC 4226 §4 R7: keys from a cryptographically strong random source.
-    secret = base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
     label = f"{quote(issuer, safe='')}:{quote(user, safe='')}"
-    uri = (
+    return (
         f"otpauth://totp/{label}?secret={secret}&issuer={quote(issuer, safe='')}"
         f"&algorithm={ALGORITHM}&digits={DIGITS}&period={PERIOD}"
     )
-    return Enrollment(
-        secret=secret,
-        uri=uri,
-        backup_codes=tuple(_new_backup_code() for _ in range(backup_codes)),
-    )
+
+
+def new_backup_codes(count: int = BACKUP_CODE_COUNT) -> tuple[str, ...]:
+    if not 0 <= count <= 100:
+        raise ValueError("backup_codes must be between 0 and 100")
+    return tuple(_new_backup_code() for _ in range(count))
+
+
+def new_secret() -> str:
+    # RFC 4226 §4 R7: keys from a cryptographically strong random source.
+    return base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
+
+
+def new_enrollment(
+    user: str, *, issuer: str = "ztgateway", backup_codes: int = BACKUP_CODE_COUNT
+) -> Enrollment:
+    """A fresh 160-bit secret, its `otpauth://` URI and one-time backup codes."""
+    secret = new_secret()
+    uri = otpauth_uri(user, secret, issuer=issuer)
+    return Enrollment(secret=secret, uri=uri, backup_codes=new_backup_codes(backup_codes))
 
 
 def qr_svg(uri: str) -> str:
@@ -504,7 +516,25 @@ class Verifier:
             raise TOTPError("mfa-locked", locked_until=until)
         if secret is None:
             raise TOTPError("mfa-not-enrolled")
+        attempts = await self._count(user, now, until)
+        try:
+            step = verify_totp(secret, normalise_code(code), now=now, window=self.window)
+            if not await self._claim_step(user, step):
+                raise TOTPError("mfa-replayed")
+        except TOTPError as failure:
+            await self.failed(user, now, attempts, failure)
+        await self._reset_failures(user)
+        return step
 
+    async def admit(self, user: str, now: float) -> int:
+        """Count an attempt at another kind of code (a backup code) before it is checked, under
+        the same lock-out: refused over the limit, else the attempts in the window so far."""
+        until = await self._locked_until(user)
+        if until is not None and now < until:
+            raise TOTPError("mfa-locked", locked_until=until)
+        return await self._count(user, now, until)
+
+    async def _count(self, user: str, now: float, until: float | None) -> int:
         await self._record_failure(user, now)
         since = now - self.find_time
         if until is not None:
@@ -515,15 +545,11 @@ class Verifier:
             ban = now + self.ban_time
             await self._lock(user, ban)
             raise TOTPError("mfa-locked", locked_until=ban)
+        return attempts
 
-        try:
-            step = verify_totp(secret, normalise_code(code), now=now, window=self.window)
-            if not await self._claim_step(user, step):
-                raise TOTPError("mfa-replayed")
-        except TOTPError as failure:
-            if attempts >= self.max_failures:
-                failure.locked_until = now + self.ban_time
-                await self._lock(user, failure.locked_until)
-            raise
-        await self._reset_failures(user)
-        return step
+    async def failed(self, user: str, now: float, attempts: int, failure: TOTPError) -> NoReturn:
+        """Raise `failure`, locking the user out if it was the last attempt the window allows."""
+        if attempts >= self.max_failures:
+            failure.locked_until = now + self.ban_time
+            await self._lock(user, failure.locked_until)
+        raise failure

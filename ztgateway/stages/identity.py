@@ -163,7 +163,8 @@ class IdentityStage:
         if token is None and self.store is not None:
             cookie = read_cookie(ctx.headers.get("Cookie", ""), self.cookie_name)
             if cookie is not None:
-                session = self.store.session(cookie_session_id(cookie))
+                sid = cookie_session_id(cookie)
+                session = self.store.session(sid) or await self.store.find_session(sid)
                 if session is not None and session.extra.get("source") == "oidc":
                     # A browser signed in with the identity provider; the session stage
                     # re-verifies the session itself (revocation, expiry, device, drift).

@@ -22,14 +22,14 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..context import RequestContext
 from ..decision import Decision, Finding, Reason, Verdict
 from ..store.base import SESSION_HISTORY, Session, SessionDecision, UserRecord
 
 if TYPE_CHECKING:
-    from ..config import SessionsConfig
+    from ..config import RouteConfig, SessionsConfig
     from ..runtime import Runtime
     from ..store.base import Store
 
@@ -164,7 +164,10 @@ class SessionStage:
                 Finding(NAME, Reason.ACCOUNT_LOCKED, Verdict.DENY, detail=account.lock_reason or "")
             ]
 
-        session = store.session(session_id) if session_id else None
+        session = None
+        if session_id is not None:
+            # Not in memory yet: perhaps just made by another worker or replica (a sign-in).
+            session = store.session(session_id) or await store.find_session(session_id)
         view = SessionView(session, session_id, kind, 0.0, cookie_value=cookie)
         ctx.session = view
         if session is None:
@@ -323,8 +326,13 @@ class SessionKeeper:
         self.store = store
         self.cfg = cfg
 
-    async def after_decision(self, ctx: RequestContext, decision: Decision) -> str | None:
-        """Returns a new cookie value to set, if a browser session was started."""
+    async def after_decision(self, ctx: RequestContext, decision: Decision) -> None:
+        """Count refusals, touch or revoke the request's session, start a token's session.
+
+        A browser session is never started here: only a sign-in or a step-up starts one
+        (`start_browser_session`). Minting one for every cookie-less page request let any
+        client fill memory for 12 hours a request (issue 18, M6).
+        """
         store, cfg = self.store, self.cfg
         now = ctx.now
         view = ctx.session
@@ -343,7 +351,7 @@ class SessionKeeper:
             if view is not None and view.session is not None:
                 await store.record_failure_async(f"refused:{view.session.session_id}", now)
         if view is None or user is None or ctx.route is None:
-            return None
+            return
         session = view.session
         ip = ctx.client_ip
         if session is not None:
@@ -361,7 +369,7 @@ class SessionKeeper:
                 account.locked_until = now + cfg.lock_on_terminate
                 account.lock_reason = f"session terminated: {reason}"
                 await store.save_user(account)
-            return None
+            return
         if session is not None:
             session.last_seen = now
             if ip != session.last_ip:
@@ -376,26 +384,20 @@ class SessionKeeper:
                 session.extra["ua_changed"] = True
             await store.record_failure_async(f"req:{session.session_id}", now)
             store.touch_session(session)
-            return None
-        if not decision.allowed:
-            return None
-        # A full verification just passed: start a session.
+            return
+        if not decision.allowed or view.kind != "token" or not view.session_id:
+            return
+        # A verified token's first request: its session (keyed by the token's hash, so one
+        # per token however many requests carry it) is what continuous verification tracks.
         route = ctx.route
         absolute = route.session.absolute_timeout or cfg.absolute_timeout
-        cookie_value = None
-        if view.kind == "token" and view.session_id:
-            session_id, kind = view.session_id, "token"
-            if ident is not None and ident.token is not None:
-                absolute = min(absolute, max(1.0, ident.token.expires_at - now))
-        elif cfg.browser_sessions and view.kind == "none" and ctx.wants_html:
-            cookie_value = secrets.token_urlsafe(32)
-            session_id, kind = cookie_session_id(cookie_value), "cookie"
-        else:
-            return None
+        session_id = view.session_id
+        if ident is not None and ident.token is not None:
+            absolute = min(absolute, max(1.0, ident.token.expires_at - now))
         await store.save_session(
             Session(
                 session_id=session_id,
-                kind=kind,  # type: ignore[arg-type]
+                kind="token",
                 user=user,
                 device_id=ctx.cert.device_id if ctx.cert else None,
                 start_ip=ip,
@@ -412,12 +414,81 @@ class SessionKeeper:
             session_id,
             SessionDecision(now, ip, route.name, decision.verdict.label, decision.reason.value),
         )
-        return cookie_value
+
+    async def start_browser_session(
+        self,
+        ctx: RequestContext,
+        *,
+        user: str,
+        extra: dict[str, Any],
+        replaces: Session | None = None,
+        replaced_because: str = "replaced by sign-in",
+        mfa_at: float | None = None,
+    ) -> str:
+        """A new browser session after a sign-in or a step-up; returns its Set-Cookie header.
+
+        The one place that starts one. A fresh id every time, the session it `replaces`
+        revoked (no fixation), its expiry kept if it replaces one (a step-up never extends a
+        session), and at most `max_per_device` live ones per user and device: a client
+        signing in in a loop ends its own oldest sessions instead of filling memory.
+        """
+        store, cfg = self.store, self.cfg
+        now = ctx.now
+        cookie_value = secrets.token_urlsafe(32)
+        device_id = ctx.cert.device_id if ctx.cert else None
+        old = replaces
+        session = Session(
+            session_id=cookie_session_id(cookie_value),
+            kind="cookie",
+            user=user,
+            device_id=device_id,
+            start_ip=old.start_ip if old else ctx.client_ip,
+            last_ip=ctx.client_ip,
+            user_agent=ctx.headers.get("User-Agent", ""),
+            created=old.created if old else now,
+            last_seen=now,
+            expires_at=old.expires_at if old else now + cfg.absolute_timeout,
+            requests=old.requests if old else 0,
+            mfa_at=mfa_at,
+            extra=extra,
+            verified_ip=ctx.client_ip,
+        )
+        if old is not None:
+            await store.revoke_session(old.session_id, replaced_because, now)
+        await store.save_session(session)
+        live = [
+            s
+            for s in store.sessions(user)
+            if s.kind == "cookie"
+            and s.device_id == device_id
+            and not s.revoked
+            and s.expires_at > now
+            and s.session_id != session.session_id
+        ]
+        for s in sorted(live, key=lambda s: s.last_seen)[
+            : max(0, len(live) + 1 - cfg.max_per_device)
+        ]:
+            await store.revoke_session(s.session_id, "too many sessions on this device", now)
+        return self.cookie_header(cookie_value)
+
+    def cookie_header(self, value: str) -> str:
+        cfg = self.cfg
+        max_age = int(cfg.absolute_timeout) if cfg.persistent_cookie else None
+        return new_cookie_header(cfg.cookie_name, value, max_age=max_age)
+
+    async def expire(self, now: float, routes: Sequence[RouteConfig]) -> int:
+        """Forget sessions nothing can use any more (see `Store.expire_sessions`); a browser
+        session is idle-dead after the longest idle timeout any route allows."""
+        idle = max([self.cfg.idle_timeout, *(r.session.idle_timeout or 0.0 for r in routes)])
+        return await self.store.expire_sessions(now, idle_timeout=idle)
 
 
-def new_cookie_header(name: str, value: str, *, max_age: int) -> str:
-    """`__Host-` prefix: Secure, Path=/, no Domain (RFC 6265bis §4.1.3.2)."""
-    return f"{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}"
+def new_cookie_header(name: str, value: str, *, max_age: int | None = None) -> str:
+    """`__Host-` prefix: Secure, Path=/, no Domain (RFC 6265bis §4.1.3.2). Without `max_age` a
+    session cookie (RFC 6265 §5.3 step 3): it ends with the browser, while the gateway's own
+    idle and absolute timeouts bound the session on the server either way (issue 18, I6)."""
+    lifetime = f"; Max-Age={max_age}" if max_age is not None else ""
+    return f"{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax{lifetime}"
 
 
 def clear_cookie_header(name: str) -> str:

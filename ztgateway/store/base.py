@@ -92,6 +92,8 @@ class UserRecord:
     backup_codes: tuple[str, ...] = ()  # hashes
     mfa_last_step: int | None = None
     mfa_locked_until: float | None = None
+    mfa_pending_secret: str | None = None  # sealed; an enrolment waiting for its confirming code
+    mfa_pending_at: float | None = None
     known_devices: tuple[str, ...] = ()
     known_routes: tuple[str, ...] = ()
     last_location: tuple[float, float, float] | None = None  # lat, lon, time
@@ -282,6 +284,33 @@ class CachedReads:
         out = [s for s in self._sessions.values() if user is None or s.user == user]
         return sorted(out, key=lambda s: s.created)
 
+    async def _reload(self, kind: ChangeKind, key: str) -> None: ...
+
+    async def find_session(self, session_id: str) -> Session | None:
+        """The session from memory, or, when this process has not heard of it yet, from the
+        backend: a sign-in that another worker or replica finished a moment ago (within the
+        sync interval) is found on the browser's very next request (issue 18, I3)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            await self._reload(ChangeKind.SESSION, session_id)
+            session = self._sessions.get(session_id)
+        return session
+
+    def _dead_in_memory(self, now: float, idle_timeout: float | None) -> list[str]:
+        """Sessions nothing can use any more: past their absolute expiry, and browser sessions
+        that were revoked or idled out (their cookie is refused as unknown once they are gone,
+        exactly as it was refused as revoked or expired). A revoked *token* session stays until
+        it expires: forgetting it would let the same token start a new one."""
+        dead = []
+        for key, s in self._sessions.items():
+            if s.expires_at <= now or (
+                idle_timeout is not None
+                and s.kind == "cookie"
+                and (s.revoked_at is not None or now - s.last_seen > idle_timeout)
+            ):
+                dead.append(key)
+        return dead
+
 
 class Store(Protocol):
     """What every backend provides (SQLite embedded; Redis for many replicas)."""
@@ -315,6 +344,10 @@ class Store(Protocol):
 
     # sessions
     def session(self, session_id: str) -> Session | None: ...
+    async def find_session(self, session_id: str) -> Session | None:
+        """`session()`, or read from the backend when this process has not heard of it yet."""
+        ...
+
     def sessions(self, user: str | None = None) -> list[Session]: ...
     async def save_session(self, session: Session) -> None:
         """Write a session durably. An ID token in `extra["id_token"]` is stored apart (and
@@ -337,8 +370,17 @@ class Store(Protocol):
         session by `expire_sessions`."""
         ...
 
-    def touch_user(self, record: UserRecord) -> None: ...
-    async def expire_sessions(self, now: float) -> int: ...
+    def touch_user(self, record: UserRecord) -> None:
+        """Write behind the history a request adds (known devices, routes, location) and only
+        that: a touch never writes a lock, an enrolment or backup codes."""
+        ...
+
+    async def expire_sessions(self, now: float, idle_timeout: float | None = None) -> int:
+        """Forget sessions past their absolute expiry (deleted from the backend a day later)
+        and, when `idle_timeout` is given, browser sessions revoked or idle longer than that,
+        from memory only (`sessions show` still finds them until they expire)."""
+        ...
+
     async def flush(self) -> None: ...
     async def sync(self) -> int: ...
 
@@ -350,5 +392,29 @@ class Store(Protocol):
     async def claim_once(self, key: str, ttl: float, now: float) -> bool: ...
     async def advance(self, key: str, value: int) -> bool: ...
     async def reset_counter(self, key: str) -> None: ...
+
+    async def consume_backup_code(self, user: str, code_hash: str) -> bool:
+        """Mark one of `user`'s backup codes (by its stored hash) used: True for exactly one
+        caller, in every process and replica, and never undone by a later save of the user
+        record (the marks live apart from it)."""
+        ...
+
+    # the gateway's own secrets and sign-ins in flight, shared by every worker and replica
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        """The value stored under `name`; `candidate` is stored first if there is none (the
+        first process to ask wins, every other one reads the winner's)."""
+        ...
+
+    async def put_pending_login(
+        self, state: str, source: str, data: str, expires: float, per_source: int
+    ) -> None:
+        """Keep a sign-in attempt until `expires`; at most `per_source` per source, the
+        source's oldest dropped first."""
+        ...
+
+    async def take_pending_login(self, state: str, source: str, now: float) -> str | None:
+        """The attempt's data, removed (single use: one caller gets it); None if it is
+        unknown, taken, expired or was started by another source."""
+        ...
 
     observe: Callable[[str, float, bool], None] | None

@@ -260,6 +260,37 @@ return 1
 """
 
 
+# Sign-ins in flight, per source: KEYS[1] a hash state -> "<expires>\n<data>", KEYS[2] a sorted
+# set of the same states by arrival. ARGV: state, value, ttl ms, per_source, arrival.
+_PUT_LOGIN = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if excess > 0 then
+  local old = redis.call('ZRANGE', KEYS[2], 0, excess - 1)
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, excess - 1)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# Single use: read and delete in one step. ARGV[1] the state.
+_TAKE_LOGIN = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return value
+"""
+
+_SET_ONCE = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
+
 def _user_parts(record: UserRecord) -> tuple[str, str]:
     """A user as (record, history): touches rewrite only the history, never a lock."""
     data = asdict(record)
@@ -395,6 +426,9 @@ class RedisStore(CachedReads):
                 ("touch_user", _TOUCH_USER),
                 ("bucket", _BUCKET),
                 ("advance", _ADVANCE),
+                ("put_login", _PUT_LOGIN),
+                ("take_login", _TAKE_LOGIN),
+                ("set_once", _SET_ONCE),
             )
         }
         try:
@@ -969,9 +1003,9 @@ class RedisStore(CachedReads):
         self._notify(ChangeKind.SESSION, session_id)
         return True
 
-    async def expire_sessions(self, now: float) -> int:
+    async def expire_sessions(self, now: float, idle_timeout: float | None = None) -> int:
         """Drop expired sessions from the cache; delete them from Redis a grace period later."""
-        gone = [k for k, s in self._sessions.items() if s.expires_at <= now]
+        gone = self._dead_in_memory(now, idle_timeout)
         for k in gone:
             self._sessions.pop(k, None)
             self._versions.pop((ChangeKind.SESSION, k), None)
@@ -1037,3 +1071,39 @@ class RedisStore(CachedReads):
         k = self._key("claim", key)
         ms = max(1, int(ttl * 1000))
         return bool(await self._call("claim", lambda: self.redis.set(k, "1", nx=True, px=ms)))
+
+    async def consume_backup_code(self, user: str, code_hash: str) -> bool:
+        """SADD answers 1 to exactly one caller on any replica (issue 18, M7). The set is kept
+        apart from the user's record, so no later save of a stale record brings a code back."""
+        k = self._key("backup-used", user)
+        added = await self._call("backup code", lambda: self.redis.sadd(k, code_hash))
+        return bool(int(added) == 1)
+
+    # --- the gateway's own secrets and sign-ins in flight -----------------------------------------
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        value = await self._script("set_once", [self._key("secret", name)], [candidate])
+        return str(value)
+
+    async def put_pending_login(
+        self, state: str, source: str, data: str, expires: float, per_source: int
+    ) -> None:
+        now = self._clock.time()
+        ttl_ms = max(1, int((expires - now) * 1000))
+        await self._script(
+            "put_login",
+            [self._key("logins", source), self._key("logins-order", source)],
+            # Arrival by this replica's clock: attempts of one source started on two replicas
+            # are ordered as well as the replicas' clocks agree.
+            [state, f"{expires!r}\n{data}", ttl_ms, per_source, repr(now)],
+        )
+
+    async def take_pending_login(self, state: str, source: str, now: float) -> str | None:
+        value = await self._script(
+            "take_login",
+            [self._key("logins", source), self._key("logins-order", source)],
+            [state],
+        )
+        if not value:
+            return None
+        expires, _, data = str(value).partition("\n")
+        return data if float(expires) > now else None

@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
+import stat
 from array import array
 from bisect import bisect_left, insort
 from collections import deque
@@ -75,6 +77,12 @@ CREATE TABLE IF NOT EXISTS session_history (
     route TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS session_history_by_session ON session_history(session_id, at);
 CREATE TABLE IF NOT EXISTS session_secrets (session_id TEXT PRIMARY KEY, id_token TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS backup_codes_used (
+    user TEXT NOT NULL, code_hash TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (user, code_hash));
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_logins (
+    state TEXT PRIMARY KEY, source TEXT NOT NULL, expires REAL NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS pending_logins_by_source ON pending_logins(source);
 CREATE TRIGGER IF NOT EXISTS sessions_keep_id_token AFTER UPDATE OF data ON sessions
 WHEN instr(OLD.data, '"id_token"') > 0
 BEGIN
@@ -94,6 +102,19 @@ _TRIM_HISTORY = """
 DELETE FROM session_history WHERE session_id = ?1 AND id NOT IN (
     SELECT id FROM session_history WHERE session_id = ?1 ORDER BY at DESC, id DESC LIMIT ?2)
 """
+# A touch writes a user's history (what requests add) into the stored record and nothing else:
+# a copy of the record this process holds may predate a lock, an enrolment or a used backup code
+# written since by another process, and must not write those back.
+_TOUCH_USER = (
+    "INSERT INTO users (user, data) VALUES (?1, ?2) ON CONFLICT(user) DO UPDATE SET "
+    "data = json_set(users.data, '$.known_devices', json(?3), '$.known_routes', json(?4), "
+    "'$.last_location', json(?5))"
+)
+# The newest `per_source` attempts of a source stay (rowids grow with insertion).
+_TRIM_LOGINS = (
+    "DELETE FROM pending_logins WHERE source = ?1 AND rowid NOT IN "
+    "(SELECT rowid FROM pending_logins WHERE source = ?1 ORDER BY rowid DESC LIMIT ?2)"
+)
 _SWEEP_BATCH = 2000  # failure keys checked per write-behind tick, at least
 _SWEEP_SLICE = 1000  # ... between two yields to the event loop
 _SWEEP_EVERY = 1.0  # seconds between the starts of two passes over the keys, at least
@@ -208,8 +229,8 @@ class SQLiteStore(CachedReads):
 
     # --- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            await asyncio.to_thread(_private_database, self.path)
             db = await aiosqlite.connect(self.path, timeout=self.busy_timeout)
         except Exception as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from exc
@@ -427,9 +448,14 @@ class SQLiteStore(CachedReads):
                 for u in (self._users.get(k) for k in users):
                     if u is not None:
                         await db.execute(
-                            "INSERT INTO users (user, data) VALUES (?, ?) "
-                            "ON CONFLICT(user) DO UPDATE SET data = excluded.data",
-                            (u.user, json.dumps(asdict(u))),
+                            _TOUCH_USER,
+                            (
+                                u.user,
+                                json.dumps(asdict(u)),
+                                json.dumps(list(u.known_devices)),
+                                json.dumps(list(u.known_routes)),
+                                json.dumps(u.last_location),
+                            ),
                         )
                 if history:
                     await db.executemany(
@@ -630,8 +656,8 @@ class SQLiteStore(CachedReads):
         await self.save_session(s)
         return True
 
-    async def expire_sessions(self, now: float) -> int:
-        gone = [k for k, s in self._sessions.items() if s.expires_at <= now]
+    async def expire_sessions(self, now: float, idle_timeout: float | None = None) -> int:
+        gone = self._dead_in_memory(now, idle_timeout)
         for k in gone:
             self._sessions.pop(k, None)
         async with self._write_lock:
@@ -648,6 +674,7 @@ class SQLiteStore(CachedReads):
             )
             await self.db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now - 86400,))
             await self.db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
+            await self.db.execute("DELETE FROM pending_logins WHERE expires <= ?", (now,))
             await self.db.commit()
         return len(gone)
 
@@ -816,3 +843,94 @@ class SQLiteStore(CachedReads):
             )
             await db.commit()
             return bool(cur.rowcount == 1)
+
+    async def consume_backup_code(self, user: str, code_hash: str) -> bool:
+        """One INSERT against a primary key: SQLite serialises writers across processes, so
+        exactly one caller inserts the mark (issue 18, M7)."""
+        async with self._write_lock:
+            db = self.db
+            try:
+                cur = await db.execute(
+                    "INSERT OR IGNORE INTO backup_codes_used (user, code_hash, at) VALUES (?, ?, ?)",
+                    (user, code_hash, self._clock.time()),
+                )
+                await db.commit()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(str(exc)) from exc
+            return bool(cur.rowcount == 1)
+
+    # --- the gateway's own secrets and sign-ins in flight -----------------------------------------
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        async with self._write_lock:
+            db = self.db
+            try:
+                await db.execute(
+                    "INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, candidate)
+                )
+                await db.commit()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(str(exc)) from exc
+        row = await self._one("SELECT value FROM secrets WHERE name = ?", (name,))
+        if row is None:
+            raise StoreUnavailable(f"secret {name} vanished")
+        return str(row[0])
+
+    async def put_pending_login(
+        self, state: str, source: str, data: str, expires: float, per_source: int
+    ) -> None:
+        async with self._write_lock:
+            db = self.db
+            try:
+                await db.execute(
+                    "INSERT OR REPLACE INTO pending_logins (state, source, expires, data) "
+                    "VALUES (?, ?, ?, ?)",
+                    (state, source, expires, data),
+                )
+                await db.execute(_TRIM_LOGINS, (source, per_source))
+                await db.commit()
+            except sqlite3.Error as exc:
+                with contextlib.suppress(Exception):
+                    await db.rollback()
+                raise StoreUnavailable(str(exc)) from exc
+
+    async def take_pending_login(self, state: str, source: str, now: float) -> str | None:
+        async with self._write_lock:
+            db = self.db
+            try:
+                rows = list(
+                    await db.execute_fetchall(
+                        "DELETE FROM pending_logins WHERE state = ? AND source = ? "
+                        "RETURNING data, expires",
+                        (state, source),
+                    )
+                )
+                await db.commit()
+            except sqlite3.Error as exc:
+                with contextlib.suppress(Exception):
+                    await db.rollback()
+                raise StoreUnavailable(str(exc)) from exc
+        if not rows or float(rows[0][1]) <= now:
+            return None
+        return str(rows[0][0])
+
+
+def _private_database(path: Path) -> None:
+    """The state database holds sessions (addresses, user agents), ID tokens, devices and
+    backup-code hashes: owner-only, like the audit log (issue 18, L5). Created 0600 before
+    SQLite opens it (its -wal and -shm files take the database file's mode); an existing file
+    or side file readable by others is tightened; a directory created here is 0700, and an
+    existing one of ours loses its access for others (not a shared, sticky one such as /tmp)."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+    else:
+        info = directory.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o007 and not info.st_mode & stat.S_ISVTX:
+            directory.chmod(stat.S_IMODE(info.st_mode) & ~0o007)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(file.stat().st_mode)
+            if mode & 0o077:
+                file.chmod(mode & 0o600)
