@@ -38,7 +38,7 @@ class FetchContext:
 
 def own_origin(host: str) -> str:
     """The gateway's origin for a request to `host` (the Host header, with its port)."""
-    h = host.strip().lower().rstrip(".")
+    h = host.strip().lower()
     if h.endswith(":443"):
         h = h[:-4]
     return "https://" + h
