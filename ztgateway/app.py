@@ -54,6 +54,7 @@ from .listener import GatewayRequestHandler, Listener
 from .logs import decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
+from .paths import encode_path
 from .pipeline import Pipeline, default_stages
 from .responses import DECISION_HEADER, add_security_headers, hsts_value, problem, see_other
 from .routes import RouteTable
@@ -756,8 +757,24 @@ class Gateway:
             if ctx.wants_html and self.mfa.available:
                 target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
                 return see_other("/.ztgw/mfa?rd=" + quote(target, safe="/"), ctx.decision_id)
+        continue_to = None
+        if (
+            reason is Reason.ORIGIN_DENIED
+            and ctx.path is not None
+            and ctx.method in ("GET", "HEAD")
+            and ctx.fetch.navigation
+        ):
+            # A link from another site: the person confirms with a click on our own page,
+            # which the browser then sends as a same-origin navigation (docs/security.md).
+            continue_to = encode_path(ctx.path) + ("?" + ctx.query if ctx.query else "")
         resp = self._refusal(
-            reason, ctx.decision_id, accept, verdict=verdict, detail=detail, extra=extra
+            reason,
+            ctx.decision_id,
+            accept,
+            verdict=verdict,
+            detail=detail,
+            extra=extra,
+            continue_to=continue_to,
         )
         if verdict is Verdict.STEP_UP:
             # RFC 9470 §3: the step-up challenge, with max_age when the route bounds MFA age.
@@ -782,9 +799,16 @@ class Gateway:
         verdict: Verdict = Verdict.DENY,
         detail: str | None = None,
         extra: dict[str, str] | None = None,
+        continue_to: str | None = None,
     ) -> web.Response:
         resp = problem(
-            reason, decision_id, verdict=verdict, accept=accept, detail=detail, extra_headers=extra
+            reason,
+            decision_id,
+            verdict=verdict,
+            accept=accept,
+            detail=detail,
+            extra_headers=extra,
+            continue_to=continue_to,
         )
         resp.headers["Server"] = SERVER_BANNER
         return resp

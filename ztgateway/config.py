@@ -222,10 +222,11 @@ class RouteConfig:
     """`;params` in path segments reach the upstream (routing ignores them); refused if false."""
     allow_double_encoding: bool = False
     """Escapes a second decoding would turn into dots or separators (`%252e`) are forwarded."""
-    cross_site: CrossSite = "lax"
+    cross_site: CrossSite = "strict"
     """Which requests another site's page may make with the user's (ambient) certificate:
-    "lax" top-level GET navigations, "strict" none, "safe-methods" any GET/HEAD. Unsafe
-    methods from another site are refused whatever this says (docs/security.md)."""
+    "strict" none (a link from another site gets a page to continue from), "lax" top-level
+    GET navigations, "safe-methods" any GET/HEAD. Unsafe methods from another site are refused
+    whatever this says (docs/security.md)."""
     websocket_origins: frozenset[str] = frozenset()
     """Origins besides the gateway's own whose pages may open this route's WebSockets."""
     risk: RouteRisk = field(default_factory=RouteRisk)
@@ -794,7 +795,7 @@ def _route(
         strip_prefix=t.flag("strip_prefix", False),
         allow_path_params=t.flag("allow_path_params", False),
         allow_double_encoding=t.flag("allow_double_encoding", False),
-        cross_site=t.choice("cross_site", ("lax", "strict", "safe-methods"), "lax"),  # type: ignore[arg-type]
+        cross_site=t.choice("cross_site", ("strict", "lax", "safe-methods"), "strict"),  # type: ignore[arg-type]
         websocket_origins=_origins(t, "websocket_origins"),
         risk=_route_risk(t.table("risk")),
         session=_route_session(t.table("session")),

@@ -74,20 +74,27 @@ def read(
 
 
 def cross_site_refusal(method: str, fetch: FetchContext, mode: str) -> str | None:
-    """Why the route refuses this cross-site request, or None. `mode` is the route's
-    `cross_site`: "lax" (top-level GET navigations only, like SameSite=Lax), "strict" (none)
-    or "safe-methods" (any GET/HEAD, e.g. images another of your sites embeds)."""
+    """Why the route refuses this cross-site request outright, or None. `mode` is the route's
+    `cross_site`: "strict" (the default) and "lax" let top-level GET navigations through,
+    "safe-methods" any GET/HEAD (e.g. images another of your sites embeds). Under "strict" such
+    a navigation is still never identified by the certificate alone (`ambient_refusal`)."""
     if not fetch.cross_site:
         return None
     if method not in SAFE_METHODS:
         # SECURITY: never for unsafe methods, whatever the route says: that is CSRF.
         return f"cross-site {method} ({fetch.site})"
-    if mode == "safe-methods":
+    if mode == "safe-methods" or fetch.navigation:
         return None
-    if mode == "lax" and fetch.navigation:
-        return None
-    what = "navigation" if fetch.navigation else "subresource or script request"
-    return f"cross-site {what} ({fetch.site})"
+    return f"cross-site subresource or script request ({fetch.site})"
+
+
+def ambient_refusal(fetch: FetchContext, mode: str) -> str | None:
+    """Why the certificate alone may not identify this request, or None: under "strict" a
+    navigation another site started (a link, a redirect chain through it) carries only what a
+    session or token says; the certificate came along whatever the person meant."""
+    if fetch.cross_site and mode == "strict":
+        return f"a link from another site ({fetch.site}): the certificate alone does not count"
+    return None
 
 
 def websocket_origin_refusal(
@@ -106,6 +113,7 @@ def websocket_origin_refusal(
 
 __all__ = [
     "FetchContext",
+    "ambient_refusal",
     "cross_site_refusal",
     "own_origin",
     "read",

@@ -36,6 +36,7 @@ _NEVER_MONITORED = frozenset(
         Reason.STAGE_ERROR,
         Reason.SERVICE_UNAVAILABLE,
         Reason.CREDENTIALS_THROTTLED,
+        Reason.ORIGIN_DENIED,
         Reason.CLIENT_CERT_REVOKED,
         Reason.CLIENT_CERT_INVALID,
         Reason.DEVICE_REVOKED,

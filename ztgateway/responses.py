@@ -31,6 +31,8 @@ _ADVICE: dict[Reason, str] = {
     Reason.GROUP_REQUIRED: "Ask the application owner for access.",
     Reason.UPSTREAM_UNAVAILABLE: "Try again in a moment; if it persists, tell the application owner.",
     Reason.UPSTREAM_TIMEOUT: "Try again in a moment; if it persists, tell the application owner.",
+    Reason.ORIGIN_DENIED: "A page of another site sent your browser here with your device's "
+    "certificate. If you meant to open this page, continue from here.",
 }
 
 
@@ -102,6 +104,7 @@ def problem(
     detail: str | None = None,
     status: int | None = None,
     extra_headers: dict[str, str] | None = None,
+    continue_to: str | None = None,
 ) -> web.Response:
     code = status or reason.status
     headers = {DECISION_HEADER: decision_id, "Cache-Control": "no-store"}
@@ -113,7 +116,7 @@ def problem(
     if wants_html(accept):
         return web.Response(
             status=code,
-            text=_page(reason, decision_id, code, detail),
+            text=_page(reason, decision_id, code, detail, continue_to),
             content_type="text/html",
             headers=headers,
         )
@@ -134,12 +137,19 @@ def problem(
     )
 
 
-def _page(reason: Reason, decision_id: str, status: int, detail: str | None) -> str:
+def _page(
+    reason: Reason, decision_id: str, status: int, detail: str | None, continue_to: str | None
+) -> str:
     e = html.escape
     advice = _ADVICE.get(
         reason, "If you think this is wrong, contact your IT support and quote the decision id."
     )
     detail_html = f"<p class=detail>{e(detail)}</p>" if detail else ""
+    if continue_to:
+        # A link on this origin: following it is the person's own same-origin navigation.
+        detail_html += (
+            f'<p><a href="{e(continue_to)}">Continue to <code>{e(continue_to)}</code></a></p>'
+        )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -127,8 +127,8 @@ async def test_pages_of_other_sites_cannot_act_as_the_certificates_owner(
         seen = (await response.json())["headers_map"]
         assert seen["x-forwarded-user"] == "alice"
         assert seen["sec-fetch-site"] == "none"
-        # A link on another site's page is a top-level navigation: followed with her identity
-        # (a route can refuse even that: cross_site = "strict").
+        # A link on another site's page gets a page of the gateway to continue from: her click
+        # there is a same-origin navigation (a route can let links through: cross_site = "lax").
         await page.goto(f"http://127.0.0.2:{cross_port}/")
         await page.evaluate(
             "url => { const a = document.createElement('a'); a.href = url; a.id = 'go';"
@@ -138,10 +138,16 @@ async def test_pages_of_other_sites_cannot_act_as_the_certificates_owner(
         async with page.expect_navigation() as navigation:
             await page.click("#go")
         response = await navigation.value
+        assert response is not None and response.status == 403
+        assert recording.paths().count("/echo?from=link") == 0
+        async with page.expect_navigation() as navigation:
+            await page.get_by_role("link", name="Continue to").click()
+        response = await navigation.value
         assert response is not None and response.status == 200
         seen = (await response.json())["headers_map"]
-        assert seen["sec-fetch-site"] == "cross-site"
+        assert seen["sec-fetch-site"] == "same-origin"
         assert seen["x-forwarded-user"] == "alice"
+        assert recording.paths().count("/echo?from=link") == 1
     finally:
         await context.close()
         await cross.cleanup()

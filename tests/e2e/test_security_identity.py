@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.e2e.test_proxy import audit_event
+from tests.e2e.test_proxy import RecordingUpstream, audit_event
 from tests.e2e.test_signin import browser, sign_in
 from tests.oidc_fixtures import SignInSetup
 from tests.support import Certs, session
@@ -101,7 +101,7 @@ CROSS_NAV = site("cross-site", "navigate", "document")
         ("POST", site("cross-site", "navigate", "document"), 403),  # a form post
         ("GET", site("cross-site", "navigate", "iframe"), 403),  # framing
         ("GET", site("same-site", "no-cors", "image"), 403),  # another origin of the site
-        ("GET", CROSS_NAV, 200),  # a link from another site
+        ("GET", CROSS_NAV, 403),  # a link from another site: a page to continue from
         ("GET", site("same-origin", "cors", "empty"), 200),
         ("POST", site("same-origin", "cors", "empty"), 200),
         ("POST", site("none", "navigate", "document"), 200),
@@ -122,9 +122,65 @@ async def test_cross_site_requests_carry_no_certificate_identity_to_the_app(
     if status == 403:
         assert body["reason"] == "origin-denied"
         event = await audit_event(gateway, body["decision_id"])
-        assert event["result"]["findings"][-1]["stage"] == "request"
+        # Refused before any identity is taken from the certificate: by the request stage, or
+        # (a navigation under cross_site = "strict") by the identity stage.
+        assert event["result"]["findings"][-1]["stage"] in ("request", "identity")
     else:
         assert body["headers_map"]["x-forwarded-user"] == "alice"
+
+
+async def test_a_link_from_another_site_gets_a_page_to_continue_from(
+    gateway: Gateway, certs: Certs, recording: RecordingUpstream
+) -> None:
+    headers = {**site("cross-site", "navigate", "document"), "Accept": "text/html"}
+    async with (
+        session(certs) as s,
+        s.get(f"https://127.0.0.1:{gateway.port}/echo?q=a%20b&x=<1>", headers=headers) as r,
+    ):
+        assert r.status == 403
+        page = await r.text()
+    assert 'href="/echo?q=a%20b&amp;x=%3C1%3E"' in page
+    assert "origin-denied" in page
+    # Not for what is not a navigation: nobody sees an image's page.
+    img = {**site("cross-site", "no-cors", "image"), "Accept": "text/html"}
+    async with (
+        session(certs) as s,
+        s.get(f"https://127.0.0.1:{gateway.port}/echo", headers=img) as r,
+    ):
+        assert r.status == 403
+        assert "Continue to" not in await r.text()
+
+
+async def test_a_link_from_another_site_is_identified_by_a_session_not_by_the_certificate(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    """SameSite=Lax sends the session cookie with a top-level navigation from another site (a
+    sign-in coming back from the identity provider is one): the session identifies it. The
+    certificate alone does not, not even as a device, where the route needs no user."""
+    gw = await gateway_factory(
+        {
+            "routes": [
+                {"name": "app", "prefix": "/", "upstream": "demo"},
+                {
+                    "name": "anon",
+                    "prefix": "/anon/",
+                    "upstream": "demo",
+                    "policy": {"allow_cert_identity": False},
+                },
+            ]
+        }
+    )
+    await oidc_session(gw, "c00kie")
+    cookie = {"Cookie": "__Host-ztgw-session=c00kie", "User-Agent": ""}
+    status, body = await call(gw, certs, "/echo", headers={**CROSS_NAV, **cookie})
+    assert status == 200, body
+    assert body["headers_map"]["x-forwarded-user"] == "alice"
+    status, body = await call(gw, certs, "/anon/echo", headers=CROSS_NAV)
+    assert status == 200, body
+    seen = body["headers_map"]
+    assert "x-zt-device-id" not in seen and "x-forwarded-user" not in seen
+    status, body = await call(gw, certs, "/anon/echo", headers=JSON)
+    assert body["headers_map"]["x-zt-device-id"] == "alice-laptop"
 
 
 async def test_same_origin_post_of_a_browser_without_fetch_metadata_passes(
@@ -136,13 +192,14 @@ async def test_same_origin_post_of_a_browser_without_fetch_metadata_passes(
             assert r.status == 200
 
 
-async def test_routes_choose_strict_or_safe_methods_but_never_unsafe_cross_site(
+async def test_routes_opt_in_to_links_or_safe_methods_but_never_unsafe_cross_site(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory(
         {
             "routes": [
-                {"name": "app", "prefix": "/", "upstream": "demo", "cross_site": "strict"},
+                {"name": "app", "prefix": "/", "upstream": "demo"},
+                {"name": "wiki", "prefix": "/wiki/", "upstream": "demo", "cross_site": "lax"},
                 {
                     "name": "assets",
                     "prefix": "/assets/",
@@ -153,6 +210,8 @@ async def test_routes_choose_strict_or_safe_methods_but_never_unsafe_cross_site(
         },
     )
     assert (await call(gw, certs, "/echo", headers=CROSS_NAV))[0] == 403
+    assert (await call(gw, certs, "/wiki/echo", headers=CROSS_NAV))[0] == 200
+    assert (await call(gw, certs, "/wiki/echo", headers=CROSS_IMG))[0] == 403
     assert (await call(gw, certs, "/assets/echo", headers=CROSS_IMG))[0] == 200
     async with (
         session(certs) as s,

@@ -6,6 +6,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ztgateway.fetchmeta import (
+    ambient_refusal,
     cross_site_refusal,
     own_origin,
     read,
@@ -72,7 +73,10 @@ def test_cross_site_is_read_from_sec_fetch_site_then_origin(
         ("GET", {"Sec_Fetch_Mode": "cors", "Sec_Fetch_Dest": "empty"}, "lax", True),
         ("OPTIONS", {"Sec_Fetch_Mode": "cors", "Sec_Fetch_Dest": "empty"}, "lax", True),
         ("POST", {"Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, "lax", True),
-        ("GET", {"Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, "strict", True),
+        # "strict" lets the navigation through to be decided on its identity (ambient_refusal)
+        ("GET", {"Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, "strict", False),
+        ("GET", {"Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "iframe"}, "strict", True),
+        ("GET", {"Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "image"}, "strict", True),
         ("GET", {"Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "image"}, "safe-methods", False),
         ("POST", {"Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "empty"}, "safe-methods", True),
         ("PUT", {"Sec_Fetch_Mode": "cors", "Sec_Fetch_Dest": "empty"}, "safe-methods", True),
@@ -84,6 +88,14 @@ def test_route_modes_and_never_unsafe_methods_from_another_site(
 ) -> None:
     f = fetch(method, Sec_Fetch_Site="cross-site", **kw)
     assert (cross_site_refusal(method, f, mode) is not None) is refused
+
+
+def test_under_strict_the_certificate_alone_never_identifies_a_cross_site_navigation() -> None:
+    nav = {"Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}
+    assert ambient_refusal(fetch(Sec_Fetch_Site="cross-site", **nav), "strict") is not None
+    assert ambient_refusal(fetch(Sec_Fetch_Site="cross-site", **nav), "lax") is None
+    assert ambient_refusal(fetch(Sec_Fetch_Site="same-origin", **nav), "strict") is None
+    assert ambient_refusal(fetch(Sec_Fetch_Site="none", **nav), "strict") is None
 
 
 def test_same_origin_requests_are_never_refused() -> None:

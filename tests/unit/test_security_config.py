@@ -131,4 +131,4 @@ def test_cross_site_hosts_and_default_min_trust_are_validated(certs: Certs, tmp_
     cfg = load_config(write(tmp_path, certs))
     assert cfg.devices.default_min_trust == "approved"
     assert cfg.routes[0].policy.min_trust is None
-    assert cfg.routes[0].cross_site == "lax"
+    assert cfg.routes[0].cross_site == "strict"

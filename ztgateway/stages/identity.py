@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..context import Identity, RequestContext
 from ..credentials.jwt import TokenError, VerifiedToken, check_binding
 from ..decision import Finding, Reason, Verdict
+from ..fetchmeta import ambient_refusal
 from .session import cookie_session_id, read_cookie
 
 if TYPE_CHECKING:
@@ -193,6 +194,16 @@ class IdentityStage:
                 self._identities[key] = cached
             ctx.identity = cached
             return ()
+        # SECURITY: the certificate is ambient: a navigation another site started never gets
+        # its identity (not even the device id) from the certificate alone where the route
+        # is strict; a session or token still counts (docs/security.md). A WebSocket's Origin
+        # was held to the route's allow-list already.
+        headers = ctx.headers
+        ambient = (
+            ambient_refusal(ctx.fetch, route.cross_site)
+            if not ctx.websocket and ("Sec-Fetch-Site" in headers or "Origin" in headers)
+            else None
+        )
         if session_identity is not None:
             identity = session_identity
         elif (
@@ -205,11 +216,15 @@ class IdentityStage:
             # to sign-in (security review M2).
             and not (policy.login == "browsers" and ctx.browser)
         ):
+            if ambient is not None:
+                return [_deny(Reason.ORIGIN_DENIED, ambient)]
             identity = Identity(
                 user=cert.user, source="cert", email=cert.email, device_id=device_id
             )
         else:
-            ctx.identity = Identity(user=None, source="none", device_id=device_id)
+            ctx.identity = Identity(
+                user=None, source="none", device_id=None if ambient else device_id
+            )
             return ()
         ambiguous = directory_user_refusal(identity.user, self.namespaces)
         if ambiguous:
