@@ -12,6 +12,7 @@ need updating when those change; a variant that no longer applies fails at start
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 from typing import Any
@@ -37,7 +38,7 @@ NO_METRICS = (
 )
 ONE_WRITE = "from aiohttp import web\nweb.StreamResponse._send_headers_immediately = False\n"
 AUDIT_NO_SQLITE = (
-    "from ztgateway import audit\n"
+    "from ztgateway.audit import writer\n"
     "async def _cb(self):\n"
     "    n = min(len(self._pending), self._batch_size)\n"
     "    for _ in range(n):\n"
@@ -45,14 +46,14 @@ AUDIT_NO_SQLITE = (
     "        self._pending_ids.discard(d)\n"
     "    self._written += n\n"
     "    return self._last_seq + 1, []\n"
-    "audit.AuditLog._commit_batch = _cb\n"
+    "writer.AuditLog._commit_batch = _cb\n"
 )
 GC = "import gc\ngc.set_threshold(50000, 50, 100)\n"
 NO_GC_TUNING = "from ztgateway import app\napp.tune_gc = lambda: None\n"
 GC_FREEZE_ONLY = (
     "import gc\nfrom ztgateway import app\napp.tune_gc = lambda: (gc.collect(), gc.freeze())\n"
 )
-SMALL_LINK_CHUNKS = "from ztgateway import audit\naudit._LINK_CHUNK = 16\n"
+SMALL_LINK_CHUNKS = "from ztgateway.audit import writer\nwriter._LINK_CHUNK = 16\n"
 
 SETS: dict[str, dict[str, str]] = {
     "main": {
@@ -104,7 +105,7 @@ def main() -> None:
             work = R.WORK / f"ablate-{i}"
             work.mkdir(exist_ok=True)
             for f in work.glob("*.db*"):
-                f.unlink()
+                shutil.rmtree(f) if f.is_dir() else f.unlink()  # the journal is a directory
             port, ops = R.free_port(), R.free_port()
             cfg = work / "gateway.toml"
             cfg.write_text(

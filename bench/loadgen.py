@@ -27,6 +27,7 @@ import os
 import resource
 import ssl
 import time
+from collections.abc import Callable
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -53,6 +54,28 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             if size == 0:
                 break
     return status, close
+
+
+async def release_on_schedule(
+    release: Callable[[float, int], None], rate: float, duration: float, t0: float
+) -> None:
+    """Call `release(scheduled, i)` for request i at `t0 + i / rate` (perf_counter time).
+
+    Everything due is released at once, then the loop sleeps until the next one is due. The
+    loop's timers tick in milliseconds, so a request leaves up to ~1 ms after its slot;
+    "service" latency starts at the write and does not count that delay.
+    """
+    clock = time.perf_counter
+    total = int(rate * duration)
+    interval = 1.0 / rate
+    i = 0
+    while i < total:
+        now = clock()
+        while i < total and t0 + i * interval <= now:
+            release(t0 + i * interval, i)
+            i += 1
+        if i < total:
+            await asyncio.sleep(max(0.0, t0 + i * interval - clock()))
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -103,21 +126,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 reader, writer = await connect()
 
     workers = [asyncio.ensure_future(worker(i)) for i in range(args.connections)]
-    total = int(args.rate * args.duration)
-    interval = 1.0 / args.rate
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = clock() + 0.05
-    i = 0
-    while i < total:
-        now = clock()
-        # Everything due is released at once, then the loop sleeps until the next one is due.
-        # The loop's timers tick in milliseconds, so a request leaves up to ~1 ms after its
-        # slot; "service" latency starts at the write and does not count that delay.
-        while i < total and t0 + i * interval <= now:
-            queue.put_nowait(t0 + i * interval)
-            i += 1
-        if i < total:
-            await asyncio.sleep(max(0.0, t0 + i * interval - clock()))
+    await release_on_schedule(
+        lambda scheduled, _i: queue.put_nowait(scheduled), args.rate, args.duration, t0
+    )
     for _ in workers:
         queue.put_nowait(None)
     await asyncio.gather(*workers)

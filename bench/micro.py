@@ -207,23 +207,43 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         return body
 
-    audit = AuditLog(tmp / "micro-audit.db", max_queue=50_000_000, batch_size=5000)
-    await audit.start()
+    audits = {
+        mode: AuditLog(
+            tmp / f"micro-audit-{mode}.db",
+            max_queue=50_000_000,
+            batch_size=5000,
+            durability=mode,
+        )
+        for mode in ("memory", "journal", "fsync")
+    }
+    for log in audits.values():
+        await log.start()
     template = gw.audit_event(full_ctx, full_decision, None)
     counter = [0]
 
-    async def record_setup(n: int) -> Body:
-        events = []
-        for _ in range(n):
-            counter[0] += 1
-            events.append({**template, "decision_id": f"micro-{counter[0]}"})
+    def record_setup_for(mode: str, waiting: int = 64) -> Setup:
+        """record() per event; with "fsync", `waiting` requests share each group fdatasync."""
+        log = audits[mode]
 
-        async def body(n: int) -> None:
-            rec = audit.record
-            for e in events:
-                rec(e)
+        async def setup(n: int) -> Body:
+            events = []
+            for _ in range(n):
+                counter[0] += 1
+                events.append({**template, "decision_id": f"micro-{counter[0]}"})
 
-        return body
+            async def body(n: int) -> None:
+                rec = log.record
+                for i, e in enumerate(events, start=1):
+                    rec(e)
+                    if log.needs_sync and i % waiting == 0:
+                        await log.sync()
+                await log.sync()
+
+            return body
+
+        return setup
+
+    record_setup = record_setup_for("journal")
 
     async def metrics_setup(n: int) -> Body:
         m = gw.metrics
@@ -339,7 +359,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         Row("route match, 1,000 routes", route_setup(1000), "longest prefix, 3-path mix"),
         *session_rows,
         Row("audit event build (Gateway.audit_event)", event_setup, "masking, findings, to_json"),
-        Row("audit enqueue (AuditLog.record)", record_setup, "canonical JSON + queue"),
+        Row(
+            "audit enqueue (AuditLog.record), durability = journal (default)",
+            record_setup,
+            "canonical JSON + journal write(2) + queue",
+        ),
+        Row(
+            "audit enqueue, durability = memory",
+            record_setup_for("memory"),
+            "canonical JSON + queue (a crash loses the batch)",
+        ),
+        Row(
+            "audit enqueue, durability = fsync",
+            record_setup_for("fsync"),
+            "+ one fdatasync per 64 events (64 requests waiting together)",
+        ),
         Row("metrics per request (4 label lookups + observations)", metrics_setup, ""),
         Row(
             "upstream headers + identity + assertion (cached)",
@@ -404,7 +438,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         print(f"all-checks pipeline per call: {all_us}", file=sys.stderr)
         await all_eval.__aexit__(None, None, None)
 
-    await audit.close()
+    for log in audits.values():
+        await log.close()
     await verifier_cached.close()
     await verifier_uncached.close()
     await evaluator.__aexit__(None, None, None)

@@ -132,10 +132,19 @@ def build_shim(gcc: str) -> Path:
     return out
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port, never one this run handed out before: two calls in a row may otherwise get
+    the same port, since neither is bound until its server starts."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 # --------------------------------------------------------------------------- CPU accounting
@@ -471,7 +480,8 @@ def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) 
         port, ops = free_port(), free_port()
         cfg = WORK / f"gateway-{process}.toml"
         for stale in [*WORK.glob(f"audit-{process}.db*"), *WORK.glob(f"state-{process}.db*")]:
-            stale.unlink()
+            # The audit journal (audit-*.db.journal/) is a directory.
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         cfg.write_text(
             gateway_config(
                 pki, port=port, ops_port=ops, upstream_port=up_port, work=WORK, process=process

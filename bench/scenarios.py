@@ -44,7 +44,7 @@ BASE_CHECKS: tuple[str, ...] = (
     "mTLS certificate (handshake: CA + CRL)",
     "certificate re-checked per request (CRL serial, validity, EKU)",
     "route match + path normalisation + spoofed-header scan",
-    "audit event (hash-chained SQLite, batched)",
+    "audit event (hash-chained SQLite, batched; write-ahead journal before acting)",
     "Prometheus metrics",
     "signed X-ZT-Assertion to the upstream (cached per identity)",
     "device, risk and session stages at their route defaults (they run on every request)",
@@ -175,6 +175,32 @@ SCENARIOS: tuple[Scenario, ...] = (
             "posture": {"max_patch_age_days": 30, "max_report_age": 86400},
         },
         posture_report=True,
+    ),
+    # The cost of the audit's durability modes (docs/audit.md): the same route and checks as
+    # ztgw_full (whose gateway runs the default, "journal"), each in a gateway of its own.
+    Scenario(
+        "ztgw_full_memory",
+        "ztgateway, every check on, audit durability = memory (no journal)",
+        "ztgw",
+        1,
+        FULL_CHECKS,
+        route=FULL_ROUTE,
+        token=True,
+        handshake=False,
+        process="audit_memory",
+        gateway={"audit": {"durability": "memory"}},
+    ),
+    Scenario(
+        "ztgw_full_fsync",
+        "ztgateway, every check on, audit durability = fsync (group fdatasync)",
+        "ztgw",
+        1,
+        FULL_CHECKS,
+        route=FULL_ROUTE,
+        token=True,
+        handshake=False,
+        process="audit_fsync",
+        gateway={"audit": {"durability": "fsync"}},
     ),
     Scenario(
         "ztgw_cert_2w",
@@ -326,13 +352,14 @@ def gateway_config(
         },
     )
     lines += _table("ops", {"host": "127.0.0.1", "port": ops_port})
-    lines += _table("audit", {"db": work / f"audit-{process}.db", "max_queue": 1_000_000})
-    lines += _table("store", {"url": f"sqlite:///{work / f'state-{process}.db'}"})
-    lines += _table("zones", {"loopback": ["127.0.0.0/8", "::1/128"]})
     extra: dict[str, dict[str, Any]] = {k: dict(v) for k, v in BASE_GATEWAY.items()}
     for s in mine:
         for name, table in s.gateway.items():
             extra.setdefault(name, {}).update(table)
+    audit = {"db": work / f"audit-{process}.db", "max_queue": 1_000_000, **extra.pop("audit", {})}
+    lines += _table("audit", audit)
+    lines += _table("store", {"url": f"sqlite:///{work / f'state-{process}.db'}"})
+    lines += _table("zones", {"loopback": ["127.0.0.0/8", "::1/128"]})
     for name, table in extra.items():
         lines += _table(name, table)
     lines += _table("assertion", {"key": pki.paths.assertion_key, "ttl": 60})

@@ -35,9 +35,21 @@ def real_time_env() -> dict[str, str]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the kernel says is free now, for a server a test starts as another process."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct free ports: all bound at once, so the kernel cannot hand one out twice
+    (two calls of free_port() can return the same port, and a gateway then refuses an ops
+    port equal to its mTLS port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _toml_value(v: Any) -> str:

@@ -474,7 +474,9 @@ async def reload(request: web.Request) -> web.Response:
     gw = _gw(request)
     ok = gw.reload()
     status = 200 if ok else 409
-    return web.json_response({"reloaded": ok, "revision": gw.config.revision}, status=status)
+    # What was applied, and what only a restart applies (reloading.py).
+    body = {"revision": gw.config.revision, **gw.last_reload, "reloaded": ok}
+    return web.json_response(body, status=status)
 
 
 def add_admin_routes(app: web.Application) -> None:

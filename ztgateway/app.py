@@ -19,10 +19,14 @@ from urllib.parse import quote
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import __version__, endpoints, mfa_endpoints, portal
 from .assertion import AssertionSigner, load_or_create_key
-from .audit import AuditLog, AuditUnavailable, mask_headers, mask_query
+from .audit import AuditLog, AuditUnavailable, MaskKey, mask_headers, mask_query
+from .audit.checkpoint import CheckpointSigner
+from .audit.events import upstream_event
+from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
@@ -50,12 +54,15 @@ from .forward.websocket import Watch, bridge_websocket
 from .geo import GeoLocator
 from .hostnames import server_names
 from .keys import GatewayKeys
+from .lifeline import watch_lifeline
 from .listener import GatewayRequestHandler, Listener
-from .logs import decision_id_var
+from .logs import RateLimit, decision_id_var
 from .metrics import Metrics
 from .mfa import MFA
 from .paths import encode_path
 from .pipeline import Pipeline, default_stages
+from .reloading import RESTART_REQUIRED, listener_changes, listener_limits, restart_required
+from .resources import Heap, ensure_fd_limit
 from .responses import DECISION_HEADER, add_security_headers, hsts_value, problem, see_other
 from .routes import RouteTable
 from .runtime import Runtime
@@ -86,6 +93,9 @@ _SIGN_IN_AGAIN = frozenset(
     }
 )
 WS_RECHECK_INTERVAL = 5.0
+_OTHER_FDS = 64
+"""File descriptors kept for everything but connections: logs, the store, the audit files,
+the ops listener, TLS material reads."""
 
 
 class Gateway:
@@ -108,11 +118,16 @@ class Gateway:
         """A worker's ops listener: a Unix socket in the supervisor's private directory."""
         self.metrics = Metrics()
         self.tls = TLSManager(config.tls, config.server.client_cert, on_reload=self._on_tls_reload)
+        self.mask_key, checkpoint_key = self._audit_keys(config, create=True)
         self.audit = AuditLog(
             config.audit.db,
             jsonl_path=config.audit.jsonl,
             max_queue=config.audit.max_queue,
             on_write_failure=lambda exc: self.metrics.audit_failures.inc(),
+            durability=config.audit.durability,
+            journal_dir=config.audit.journal_dir,
+            checkpoint_signer=CheckpointSigner(checkpoint_key) if checkpoint_key else None,
+            checkpoint_interval=config.audit.checkpoint_interval,
             clock=clock,
         )
         self.tokens: TokenVerifier | None = None
@@ -148,10 +163,26 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._watches: set[Watch] = set()
         self._dry: tuple[Runtime, Runtime] | None = None
+        self.started_config = config
+        """What the long-lived parts were built from (reloading.py compares with it)."""
+        self.last_reload: dict[str, Any] = {}
+        self.heap = Heap()
         self.started_at = clock.time()
         self._update_cert_metrics()
         self.metrics.watch_devices(lambda: [d.state for d in self.store.devices()])
         self.metrics.watch_sessions(self._active_sessions)
+
+    @staticmethod
+    def _audit_keys(
+        config: GatewayConfig, *, create: bool
+    ) -> tuple[MaskKey | None, Ed25519PrivateKey | None]:
+        """The audit mask key and checkpoint key, both kept outside the audit store."""
+        a = config.audit
+        mask = load_mask_key(a.mask_key_file, a.mask_key_env, create=create)
+        signing = load_checkpoint_signing(
+            a.checkpoint_key_file, a.checkpoint_public_keys, create=create
+        )
+        return mask, signing
 
     # --- runtime snapshot ------------------------------------------------------------------
     def _build_runtime(self, config: GatewayConfig) -> Runtime:
@@ -241,6 +272,15 @@ class Gateway:
             if path is not None:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await self.audit.start()
+        a = cfg.audit
+        for warning in placement_warnings(
+            a.db,
+            a.jsonl,
+            a.mask_key_file,
+            a.checkpoint_key_file,
+            mask_env=self.mask_key is not None and a.mask_key_file is None,
+        ):
+            log.warning("%s", warning)
         await self.store.open()
         await self._load_keys()
         if self.oidc is not None:
@@ -259,12 +299,7 @@ class Gateway:
         self.listener = Listener(
             handler=self.handle,
             context=lambda: self.tls.current.context,
-            handshake_timeout=s.handshake_timeout,
-            header_timeout=s.header_timeout,
-            idle_timeout=s.idle_timeout,
-            max_connections=s.max_connections,
-            max_header_bytes=s.max_header_bytes,
-            max_headers=s.max_headers,
+            **listener_limits(s),
             on_handshake=self._on_handshake,
             on_protocol_error=self._on_protocol_error,
             on_header_timeout=self.metrics.slow_clients.inc,
@@ -272,6 +307,7 @@ class Gateway:
             on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
             decorate=lambda resp: add_security_headers(resp, self._hsts()),
         )
+        self._budget_fds(self.listener)
         self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
         if cfg.ops.enabled:
             from .ops import create_ops_app
@@ -292,6 +328,8 @@ class Gateway:
                 self.ops_port = site.port
         self._tasks.append(asyncio.ensure_future(self._poll_tls()))
         self._tasks.append(asyncio.ensure_future(self._report_audit_depth()))
+        if s.memory_trim_interval > 0 and self.heap.available:
+            self._tasks.append(asyncio.ensure_future(self._trim_memory(s.memory_trim_interval)))
         self._tasks.append(asyncio.ensure_future(self._expire_sessions()))
         log.info(
             "ztgateway %s listening on https://%s:%d (ops on %s)",
@@ -351,9 +389,47 @@ class Gateway:
             self.tls.maybe_reload()
 
     async def _report_audit_depth(self) -> None:
+        recovered = checkpoints = 0
         while True:
             await asyncio.sleep(1.0)
-            self.metrics.audit_queue.set(self.audit.stats.queued)
+            stats = self.audit.stats
+            self.metrics.audit_queue.set(stats.queued)
+            self.metrics.audit_recovered.inc(stats.recovered - recovered)
+            self.metrics.audit_checkpoints.inc(self.audit.checkpoints - checkpoints)
+            recovered, checkpoints = stats.recovered, self.audit.checkpoints
+
+    def _budget_fds(self, listener: Listener) -> None:
+        """Raise RLIMIT_NOFILE for what the listener may hold; below it, refuse and count
+        (resources.py) rather than let the event loop reset connections silently."""
+        s = self.config.server
+        upstream = sum(up.max_connections for up in _all_upstreams(self.config))
+        wanted = s.max_connections + s.max_pending_handshakes + upstream + _OTHER_FDS
+        limit = ensure_fd_limit(wanted)
+        self.metrics.fd_limit.set(limit.soft)
+        if limit.raised_from is not None:
+            log.info(
+                "raised the file-descriptor limit from %d to %d", limit.raised_from, limit.soft
+            )
+        listener.fd_budget = None
+        if limit.soft < wanted:
+            # Short: half of what is left for the upstream pools at most, the rest for clients.
+            usable = max(2, limit.soft - _OTHER_FDS)
+            listener.fd_budget = max(1, usable - min(upstream, usable // 2))
+            log.warning(
+                "file-descriptor limit %d (hard %d) is below the %d that max_connections (%d), "
+                "max_pending_handshakes (%d) and the upstream pools need: at most %d client "
+                "connections; more are refused and counted in "
+                'ztgw_connections_rejected_total{reason="fd_limit"}. Raise LimitNOFILE / ulimit -n.',
+                limit.soft, limit.hard, wanted, s.max_connections, s.max_pending_handshakes,
+                listener.fd_budget,
+            )  # fmt: skip
+        self.metrics.handshakes_pending.set_function(lambda: len(listener.pending))
+
+    async def _trim_memory(self, interval: float) -> None:
+        """Return freed heap to the system now and then (resources.py: glibc keeps it)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.heap.trim()
 
     async def _expire_sessions(self) -> None:
         """Drop sessions past their absolute expiry from memory (and, a day later, the store).
@@ -374,7 +450,11 @@ class Gateway:
                 log.info("expired %d sessions", gone)
 
     def reload(self) -> bool:
-        """SIGHUP: new configuration and TLS material, or keep serving the old on any error."""
+        """SIGHUP: new configuration and TLS material, or keep serving the old on any error.
+
+        The listener's `[server]` limits apply to connections accepted from now on; settings
+        only a restart applies are named (reloading.py) in `last_reload`, the log and a metric.
+        """
         try:
             config = load_config(self.config.file)
             if (
@@ -385,18 +465,54 @@ class Gateway:
             else:
                 self.tls.maybe_reload(force=True)
             runtime = self._build_runtime(config)
+            # A rotated mask or checkpoint key takes effect with the new configuration.
+            mask_key, checkpoint_key = self._audit_keys(config, create=False)
         except Exception as exc:
             log.error("reload refused, still serving revision %s: %s", self.config.revision, exc)
             self.metrics.config_reloads.labels("failure").inc()
             self.metrics.config_reload_ok.set(0)
+            self.last_reload = {"reloaded": False, "error": str(exc)}
             return False
+        applied = listener_changes(self.config, config)
+        pending = restart_required(self.started_config, config)
         self.config, self.runtime = config, runtime
+        self.keeper.cfg = config.sessions
+        if self.listener is not None:
+            self.listener.apply_limits(**listener_limits(config.server))
+            self._budget_fds(self.listener)
+        self.mask_key = mask_key
+        if checkpoint_key is None:
+            self.audit.checkpoint_signer = None
+        elif self.audit.checkpoint_signer is None or self.audit.checkpoint_signer.key_id != key_id(
+            checkpoint_key.public_key()
+        ):
+            self.audit.checkpoint_signer = CheckpointSigner(checkpoint_key)
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_reload_ok.set(1)
+        for name in RESTART_REQUIRED:
+            self.metrics.config_restart_required.labels(name).set(1 if name in pending else 0)
         self._update_cert_metrics()
         for w in list(self._watches):
             w.wake()
-        log.info("configuration reloaded: revision %s", config.revision)
+        self.last_reload = {
+            "reloaded": True,
+            "revision": config.revision,
+            "applied": applied,
+            "restart_required": pending,
+        }
+        log.info(
+            "configuration reloaded: revision %s%s",
+            config.revision,
+            f"; listener limits applied to new connections: {', '.join(applied)}"
+            if applied
+            else "",
+        )
+        if pending:
+            log.warning(
+                "configuration reloaded, but these settings changed since start-up and take "
+                "effect only after a restart: %s",
+                ", ".join(pending),
+            )
         return True
 
     def _hsts(self) -> str | None:
@@ -461,6 +577,9 @@ class Gateway:
                     request, 400, BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request")
                 )
             response = await self._handle(request, conn)
+            if self.audit.needs_sync and not response.prepared:
+                refused = await self._audit_durable(request, response.headers.get(DECISION_HEADER))
+                response = refused or response
         finally:
             conn.request_finished()
             decision_id_var.reset(token)
@@ -550,15 +669,29 @@ class Gateway:
         if not decision.allowed or route is None:
             return self._render_refusal(ctx, decision, accept)
         response_headers: dict[str, str] = {}
+        if self.audit.needs_sync:
+            refused = await self._audit_durable(request, ctx.decision_id)
+            if refused is not None:
+                return refused
         headers = self._upstream_headers(ctx, request, decision)
         assert ctx.path is not None
         route_seconds = self.metrics.request_seconds.labels(route_label)
+        head_seconds: list[float] = []
+        observe_head = self.metrics.upstream_seconds.labels(route_label).observe
+
+        def on_head(seconds: float) -> None:
+            head_seconds.append(seconds)
+            observe_head(seconds)
+
+        # (outcome, upstream status, status answered, refusal reason): recorded once known.
+        outcome: tuple[str, int | None, int, Reason | None] | None = None
+        forwarding = self.clock.monotonic()
         try:
             if ctx.websocket:
                 watch = Watch()
                 self._watches.add(watch)
                 try:
-                    return await bridge_websocket(
+                    ws = await bridge_websocket(
                         request,
                         self.upstreams.session(route.upstream),
                         upstream_url(route, ctx.path, ctx.query),
@@ -567,6 +700,8 @@ class Gateway:
                         interval=WS_RECHECK_INTERVAL,
                         watch=watch,
                     )
+                    outcome = ("websocket", ws.status, ws.status, None)
+                    return ws
                 finally:
                     self._watches.discard(watch)
             response = await forward_http(
@@ -577,27 +712,90 @@ class Gateway:
                 headers,
                 decision_id=ctx.decision_id,
                 extra_headers=response_headers,
-                on_upstream_head=self.metrics.upstream_seconds.labels(route_label).observe,
+                on_upstream_head=on_head,
                 clock=self.clock,
             )
+            outcome = ("responded", response.status, response.status, None)
             return response
         except BodyTooLarge:
             self.metrics.requests.labels(route_label, "deny", Reason.BODY_TOO_LARGE.value).inc()
             resp = self._refusal(Reason.BODY_TOO_LARGE, ctx.decision_id, accept)
             resp.force_close()
+            outcome = ("body-too-large", None, resp.status, Reason.BODY_TOO_LARGE)
             return resp
         except UpstreamFailure as fail:
             self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
             log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
+            outcome = (fail.kind, None, fail.reason.status, fail.reason)
             return self._refusal(fail.reason, ctx.decision_id, accept)
         except Exception as exc:
             # aiohttp's websocket client raises its own errors for refused upgrades.
             failure = classify(exc)
             self.metrics.upstream_errors.labels(route_label, failure.kind).inc()
             log.warning("upstream %s failed: %r", route.upstream.name, exc)
+            outcome = (failure.kind, None, failure.reason.status, failure.reason)
             return self._refusal(failure.reason, ctx.decision_id, accept)
         finally:
-            route_seconds.observe(self.clock.monotonic() - ctx.started)
+            now = self.clock.monotonic()
+            route_seconds.observe(now - ctx.started)
+            if outcome is not None:
+                self._record_upstream(
+                    ctx, outcome, now - forwarding, head_seconds[0] if head_seconds else None
+                )
+
+    def _record_upstream(
+        self,
+        ctx: RequestContext,
+        outcome: tuple[str, int | None, int, Reason | None],
+        seconds: float,
+        head_seconds: float | None,
+    ) -> None:
+        """The upstream's outcome, as an event linked to the decision (audit/events.py)."""
+        kind, status, answered, reason = outcome
+        if self.config.audit.upstream_events == "failures" and reason is None:
+            return
+        route = ctx.route
+        assert route is not None
+        ident, cert = ctx.identity, ctx.cert
+        event = upstream_event(
+            ctx.decision_id,
+            route=route.name,
+            upstream=route.upstream.name,
+            outcome=kind,
+            status=status,
+            answered=answered,
+            seconds=seconds,
+            head_seconds=head_seconds,
+            reason=reason.value if reason is not None else None,
+            user=ident.user if ident else None,
+            device=cert.device_id if cert else None,
+            client_ip=ctx.client_ip,
+        )
+        try:
+            self.audit.record(event)
+        except AuditUnavailable:
+            # Answered already; the decision itself is in the log. Counted, and /readyz says.
+            self.metrics.audit_unavailable.inc()
+
+    async def _audit_durable(
+        self, request: web.BaseRequest, decision_id: str | None
+    ) -> web.Response | None:
+        """`durability = "fsync"`: this request's events on stable storage before it is
+        answered or forwarded (one fdatasync shared by every request waiting now).
+
+        None once synced; a refusal (503) when the sync failed (fail closed).
+        """
+        try:
+            await self.audit.sync()
+        except AuditUnavailable:
+            self.metrics.audit_unavailable.inc()
+            return self._refusal(
+                Reason.SERVICE_UNAVAILABLE,
+                decision_id or "-",
+                request.headers.get("Accept", ""),
+                extra={"Retry-After": "5"},
+            )
+        return None
 
     async def _recheck(self, request: web.BaseRequest, conn: GatewayRequestHandler) -> Decision:
         """Re-run the whole decision for an open WebSocket, on the current snapshot."""
@@ -816,8 +1014,8 @@ class Gateway:
     def audit_event(
         self, ctx: RequestContext, decision: Decision, request: web.BaseRequest | None
     ) -> dict[str, Any]:
-        headers, masked = mask_headers(ctx.headers.items())
-        query, masked_q = mask_query(ctx.query)
+        headers, masked = mask_headers(ctx.headers.items(), key=self.mask_key)
+        query, masked_q = mask_query(ctx.query, key=self.mask_key)
         ident = ctx.identity
         cert = ctx.cert
         return {
@@ -954,10 +1152,17 @@ def tune_gc() -> None:
 
 
 async def serve(
-    config: GatewayConfig, *, worker: int | None = None, ops_socket: Path | None = None
+    config: GatewayConfig,
+    *,
+    worker: int | None = None,
+    ops_socket: Path | None = None,
+    lifeline: int | None = None,
+    log_limit: RateLimit | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    """Run until SIGTERM/SIGINT (or, for a worker, until its supervisor is gone); SIGHUP
+    reloads."""
     gw = Gateway(config, worker=worker, ops_socket=ops_socket)
+    gw.heap.limit_arenas()
     await gw.start()
     tune_gc()
     loop = asyncio.get_running_loop()
@@ -965,6 +1170,12 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    if lifeline is not None:
+        watch_lifeline(lifeline, stop.set)
+    summaries: asyncio.Task[None] | None = None
+    if log_limit is not None:
+        log_limit.on_suppressed = gw.metrics.log_lines_suppressed.inc
+        summaries = asyncio.ensure_future(_log_summaries(log_limit))
     print(f"ztgateway listening on https://{config.server.host}:{gw.port}", flush=True)
     if gw.ops_port:
         print(f"ops listener on http://{config.ops.host}:{gw.ops_port}", flush=True)
@@ -973,6 +1184,15 @@ async def serve(
         "shutting down: finishing in-flight requests (up to %ss)", config.server.shutdown_timeout
     )
     await gw.stop()
+    if summaries is not None and log_limit is not None:
+        summaries.cancel()
+        log_limit.summaries(final=True)
+
+
+async def _log_summaries(limit: RateLimit) -> None:
+    while True:
+        await asyncio.sleep(limit.window)
+        limit.summaries()
 
 
 __all__ = ["Gateway", "TokenError", "serve"]

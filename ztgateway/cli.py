@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,25 +40,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from .logs import setup_logging
 
-    setup_logging(args.log_level or config.logging.level, config.logging.format)
+    log_limit = setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    from .audit import AuditUnavailable
+    from .audit import AuditKeyError, AuditUnavailable
     from .store import StoreUnavailable
 
     if config.server.workers > 1 and args.worker is None:
         from .workers import Supervisor
 
-        asyncio.run(Supervisor(config, Path(args.config).resolve(), config.server.workers).run())
+        try:
+            asyncio.run(
+                Supervisor(config, Path(args.config).resolve(), config.server.workers).run()
+            )
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
+    if args.supervisor_pid is not None:
+        from .lifeline import die_with_parent
+
+        if not die_with_parent(args.supervisor_pid):
+            print("error: the supervisor is gone; not starting this worker", file=sys.stderr)
+            return 1
     try:
         ops_socket = Path(args.ops_socket) if args.ops_socket else None
-        asyncio.run(serve(config, worker=args.worker, ops_socket=ops_socket))
-    except (OSError, AuditUnavailable, StoreUnavailable) as exc:
+        asyncio.run(
+            serve(
+                config,
+                worker=args.worker,
+                ops_socket=ops_socket,
+                lifeline=args.lifeline_fd,
+                log_limit=log_limit,
+            )
+        )
+    except (OSError, AuditUnavailable, AuditKeyError, StoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -79,6 +100,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{config.file}: ok (revision {config.revision}, {len(config.routes)} routes, "
         f"{len(config.issuers)} issuers)"
     )
+    from .audit.keys import placement_warnings
+
+    a = config.audit
+    for warning in placement_warnings(
+        a.db,
+        a.jsonl,
+        a.mask_key_file,
+        a.checkpoint_key_file,
+        mask_env=bool(os.environ.get(a.mask_key_env)),
+    ):
+        print(f"  warning: {warning}")
     for r in config.routes:
         hosts = ",".join(sorted(r.hosts)) or "*"
         print(f"  route {r.name}: {hosts}{r.prefix} -> {r.upstream.url} [{r.mode}]")
@@ -103,7 +135,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as r:  # noqa: S310 - the configured ops URL
-            print(r.read().decode())
+            text = r.read().decode()
+            print(text)
+            pending = _restart_required(json.loads(text))
+            if pending:
+                print(
+                    "warning: reloaded, but these settings take effect only after a restart: "
+                    + ", ".join(pending),
+                    file=sys.stderr,
+                )
             return 0
     except urllib.error.HTTPError as exc:
         print(f"error: reload refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
@@ -111,6 +151,17 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot reach the gateway at {url}: {exc}", file=sys.stderr)
         return 1
+
+
+def _restart_required(answer: object) -> list[str]:
+    """`restart_required` of a gateway's reload answer, or of every worker's (supervisor)."""
+    if not isinstance(answer, dict):
+        return []
+    found = set(answer.get("restart_required") or ())
+    for worker in (answer.get("workers") or {}).values():
+        if isinstance(worker, dict):
+            found.update(worker.get("restart_required") or ())
+    return sorted(found)
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -139,6 +190,19 @@ def _audit_rows(events: list[dict[str, Any]]) -> str:
     for event in events:
         r = event.get("result", {})
         i = event.get("input", {})
+        kind = event.get("type")
+        if kind == "ztgw.checkpoint":
+            # A signature over the chain (docs/audit.md): who signed, through which event.
+            cp = event.get("checkpoint", {})
+            r = {"verdict": "signed", "reason": f"checkpoint ({cp.get('reason')})"}
+            i = {"path": f"through seq {cp.get('through_seq')}", "user": cp.get("key_id")}
+        elif kind == "ztgw.upstream":
+            # What the upstream did with an allowed request (its decision's id + /upstream).
+            up = event.get("upstream", {})
+            r = {
+                "verdict": f"up:{up.get('answered')}",
+                "reason": r.get("reason") or f"{up.get('outcome')} {up.get('seconds')}s",
+            }
         rows.append(
             (
                 fmt_time(event.get("timestamp")),
@@ -170,30 +234,96 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify_db, verify_jsonl
+    from .audit.verify import (
+        describe,
+        trusted_keys_for,
+        unanchored_problem,
+        verify_db,
+        verify_jsonl,
+    )
 
     config = _load(args.config)
+    keys = trusted_keys_for(config.audit, Path(args.public_keys) if args.public_keys else None)
     result = (
-        verify_jsonl(Path(args.jsonl))
+        verify_jsonl(Path(args.jsonl), trusted_keys=keys)
         if args.jsonl
-        else asyncio.run(verify_db(config.audit.db, archives=not args.no_archives))
+        else asyncio.run(
+            verify_db(config.audit.db, archives=not args.no_archives, trusted_keys=keys)
+        )
     )
-    if result.ok:
-        print(f"ok: {result.checked} events, chain intact")
-        return 0
-    print(
-        f"TAMPERED: first bad event seq={result.first_bad_seq} "
-        f"decision_id={result.first_bad_decision_id}: {result.problem} "
-        f"({result.checked} events checked)",
-        file=sys.stderr,
-    )
-    return 1
+    if not result.ok:
+        print(
+            f"TAMPERED: first bad event seq={result.first_bad_seq} "
+            f"decision_id={result.first_bad_decision_id}: {result.problem} "
+            f"({result.checked} events checked)",
+            file=sys.stderr,
+        )
+        return 1
+    for line in describe(result, config.audit, journal=not args.jsonl):
+        print(line, file=sys.stderr)
+    problem = unanchored_problem(result, config.audit, keys, args.max_unanchored)
+    if problem is not None:
+        print(f"UNANCHORED: {problem}", file=sys.stderr)
+        return 1
+    print(f"ok: {result.checked} events, chain intact")
+    return 0
+
+
+def cmd_audit_recover(args: argparse.Namespace) -> int:
+    """Move the journals of gateway processes that ended without closing their log into the
+    chain now (the next start would do it too); journals of running processes are left alone."""
+    from .audit import AuditLog
+    from .audit.checkpoint import CheckpointSigner
+    from .audit.keys import load_checkpoint_signing
+
+    config = _load(args.config)
+    a = config.audit
+
+    async def recover() -> int:
+        key = load_checkpoint_signing(a.checkpoint_key_file, a.checkpoint_public_keys, create=False)
+        log = AuditLog(
+            a.db,
+            jsonl_path=a.jsonl,
+            durability="journal" if a.durability == "memory" else a.durability,
+            journal_dir=a.journal_dir,
+            checkpoint_signer=CheckpointSigner(key) if key is not None else None,
+        )
+        async with log:
+            pass
+        return log.stats.recovered
+
+    print(f"recovered {asyncio.run(recover())} events from journals")
+    return 0
+
+
+def cmd_audit_rotate_key(args: argparse.Namespace) -> int:
+    from .audit.keys import rotate_checkpoint_key, rotate_mask_key
+
+    a = _load(args.config).audit
+    if args.kind == "mask":
+        if a.mask_key_file is None:
+            print("error: no [audit] mask_key_file configured", file=sys.stderr)
+            return 2
+        print(f"new mask key {rotate_mask_key(a.mask_key_file)} in {a.mask_key_file}")
+    else:
+        if a.checkpoint_key_file is None or a.checkpoint_public_keys is None:
+            print("error: no [audit] checkpoint_key_file configured", file=sys.stderr)
+            return 2
+        kid = rotate_checkpoint_key(a.checkpoint_key_file, a.checkpoint_public_keys)
+        print(
+            f"new checkpoint key {kid} in {a.checkpoint_key_file}; the old public key stays "
+            f"trusted in {a.checkpoint_public_keys}"
+        )
+    print("run `ztgateway reload` (or send SIGHUP) for the running gateway to use it")
+    return 0
 
 
 def cmd_audit_rotate(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from .audit import rotate
+    from .audit.checkpoint import CheckpointSigner
+    from .audit.keys import load_checkpoint_signing
     from .clock import SYSTEM_CLOCK
     from .commands.common import fmt_duration
 
@@ -201,11 +331,13 @@ def cmd_audit_rotate(args: argparse.Namespace) -> int:
     archive_dir = (
         Path(args.archive_dir) if args.archive_dir else config.audit.db.parent / "audit-archive"
     )
-    age = args.older_than
-    before = SYSTEM_CLOCK.now() - timedelta(seconds=age)
-    result = asyncio.run(rotate(config.audit.db, archive_dir, before=before))
+    before = SYSTEM_CLOCK.now() - timedelta(seconds=args.older_than)
+    a = config.audit
+    key = load_checkpoint_signing(a.checkpoint_key_file, a.checkpoint_public_keys, create=False)
+    signer = CheckpointSigner(key) if key is not None else None
+    result = asyncio.run(rotate(a.db, archive_dir, before=before, signer=signer))
     if result.archived == 0:
-        print(f"nothing older than {fmt_duration(age)}")
+        print(f"nothing older than {fmt_duration(args.older_than)}")
     else:
         print(
             f"archived {result.archived} events through seq {result.through_seq} to {result.archive}"
@@ -262,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--ops-socket", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     rl = add_config(sub.add_parser("reload", help="reload a running gateway's configuration"))
@@ -310,6 +444,19 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument(
         "--no-archives", action="store_true", help="trust the checkpoints, skip archive files"
     )
+    av.add_argument(
+        "--public-keys",
+        metavar="PEM",
+        help="PEM bundle of trusted checkpoint keys (default: [audit] checkpoint_public_keys)",
+    )
+    av.add_argument(
+        "--max-unanchored",
+        type=duration_arg("s"),
+        default=None,
+        metavar="DURATION",
+        help="fail when events after the last signed checkpoint are older than this (default: "
+        "2 x checkpoint_interval + 60 s when checkpoint keys are configured)",
+    )
     av.set_defaults(func=cmd_audit_verify)
     ar = add_config(
         asub.add_parser("rotate", help="archive old events (the chain stays verifiable)")
@@ -332,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--archive-dir", metavar="DIR", help="default: audit-archive/ beside the database"
     )
     ar.set_defaults(func=cmd_audit_rotate)
+    arc = add_config(
+        asub.add_parser("recover", help="write journals left by crashed processes into the log")
+    )
+    arc.set_defaults(func=cmd_audit_recover)
+    ark = add_config(
+        asub.add_parser("rotate-key", help="replace the mask or checkpoint key (then reload)")
+    )
+    ark.add_argument("kind", choices=("mask", "checkpoint"), help="which key to replace")
+    ark.set_defaults(func=cmd_audit_rotate_key)
     asr = add_json(add_config(asub.add_parser("search", help="find decisions")))
     for flag, what in (
         ("user", "decisions about this user"),

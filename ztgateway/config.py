@@ -67,6 +67,14 @@ class ServerConfig:
     hsts_max_age: int = 31_536_000
     """Strict-Transport-Security max-age on the gateway's own answers (0: not sent)."""
     hsts_include_subdomains: bool = False
+    max_pending_handshakes: int = 1024
+    """Connections mid-handshake, budgeted apart from `max_connections` (established)."""
+    max_pending_handshakes_per_source: int = 64
+    """Of those, from one address (an IPv6 /64): one host cannot starve the others."""
+    min_ready_workers: int = 1
+    """With workers > 1, the supervisor's /readyz is 200 while at least this many are ready."""
+    memory_trim_interval: float = 30.0
+    """Seconds between returns of freed heap memory to the system (malloc_trim); 0: never."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,20 @@ class AuditConfig:
     db: Path
     jsonl: Path | None = None
     max_queue: int = 100_000
+    durability: Literal["memory", "journal", "fsync"] = "journal"
+    """What an event must reach before the gateway acts on its decision (docs/audit.md)."""
+    journal_dir: Path | None = None
+    """The write-ahead journal's directory; None: `<db>.journal` beside the database."""
+    mask_key_file: Path | None = None
+    """HMAC key for masked secrets (created on first start); none: masks carry no digest."""
+    mask_key_env: str = "ZTGW_AUDIT_MASK_KEY"
+    checkpoint_key_file: Path | None = None
+    """Ed25519 key that signs checkpoints over the chain (created on first start)."""
+    checkpoint_public_keys: Path | None = None
+    """PEM bundle of the public keys `audit verify` trusts; default `<checkpoint_key_file>.pub`."""
+    checkpoint_interval: float = 60.0
+    upstream_events: Literal["all", "failures"] = "all"
+    """Which forwarded requests get an upstream-outcome event (audit/events.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,10 +493,16 @@ def _server(t: Table) -> ServerConfig:
         workers=t.integer("workers", 1, min=1, max=64),
         hosts=_hostnames(t, "hosts"),
         invalid_credentials_limit=t.integer("invalid_credentials_limit", 30, min=0),
-        invalid_credentials_window=t.number("invalid_credentials_window", 60.0, min=1.0),
+        invalid_credentials_window=t.duration("invalid_credentials_window", 60.0, min=1.0),
         hsts_max_age=t.integer("hsts_max_age", 31_536_000, min=0),
         hsts_include_subdomains=t.flag("hsts_include_subdomains", False),
+        max_pending_handshakes=t.integer("max_pending_handshakes", 1024, min=1),
+        max_pending_handshakes_per_source=t.integer("max_pending_handshakes_per_source", 64, min=1),
+        min_ready_workers=t.integer("min_ready_workers", 1, min=1, max=64),
+        memory_trim_interval=t.duration("memory_trim_interval", 30.0, min=0.0),
     )
+    if cfg.min_ready_workers > cfg.workers and t.has("min_ready_workers"):
+        t.fail("min_ready_workers", f"must be at most workers ({cfg.workers})")
     t.done()
     return cfg
 
@@ -524,10 +552,22 @@ def _ops(t: Table) -> OpsConfig:
 
 def _audit(t: Table, file: Path) -> AuditConfig:
     db = t.path("db", must_exist=False) or (file.parent / "../var/audit.db").resolve()
+    checkpoint_key = t.path("checkpoint_key_file", must_exist=False)
+    public_keys = t.path("checkpoint_public_keys", must_exist=False)
+    if public_keys is None and checkpoint_key is not None:
+        public_keys = checkpoint_key.with_name(checkpoint_key.name + ".pub")
     cfg = AuditConfig(
         db=db,
         jsonl=t.path("jsonl", must_exist=False),
         max_queue=t.integer("max_queue", 100_000, min=100),
+        durability=t.choice("durability", ("memory", "journal", "fsync"), "journal"),  # type: ignore[arg-type]
+        journal_dir=t.path("journal_dir", must_exist=False),
+        mask_key_file=t.path("mask_key_file", must_exist=False),
+        mask_key_env=t.text("mask_key_env", "ZTGW_AUDIT_MASK_KEY"),
+        checkpoint_key_file=checkpoint_key,
+        checkpoint_public_keys=public_keys,
+        checkpoint_interval=t.duration("checkpoint_interval", 60.0, min=1.0, max=86400.0),
+        upstream_events=t.choice("upstream_events", ("all", "failures"), "all"),  # type: ignore[arg-type]
     )
     t.done()
     return cfg

@@ -9,11 +9,20 @@ counted by reason, and the parsed certificate rides on the connection's protocol
 Server-side limits live here too: maximum connections, the handshake timeout, and a header
 timeout (slowloris) that aiohttp does not have: the request head must arrive within
 `header_timeout` of its first byte.
+
+Connections that have not finished their handshake are budgeted apart from established ones,
+and per source address (issue 19: one host holding 700 raw sockets that never sent a
+ClientHello filled `max_connections` and kept every legitimate client out for 7.6 s): at most
+`max_pending_handshakes` in all and `max_pending_handshakes_per_source` from one address (one
+/64 for IPv6) may be mid-handshake; `max_connections` counts established connections. Every
+refusal is counted by cause, including the file-descriptor budget (`fd_budget`) that keeps the
+process below its RLIMIT_NOFILE, where libuv would otherwise reset connections silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -124,6 +133,8 @@ class Listener:
         max_connections: int,
         max_header_bytes: int,
         max_headers: int,
+        max_pending_handshakes: int = 1024,
+        max_pending_handshakes_per_source: int = 64,
         on_handshake: Callable[[str | None, str | None], None],
         on_protocol_error: Callable[
             [GatewayRequestHandler, web.BaseRequest, Reason, str, BaseException | None], None
@@ -135,9 +146,10 @@ class Listener:
     ) -> None:
         self._handler = handler
         self._context = context
-        self.handshake_timeout = handshake_timeout
-        self.header_timeout = header_timeout
-        self.max_connections = max_connections
+        self.fd_budget: int | None = None
+        """Connections (pending + established) the file-descriptor limit leaves room for."""
+        self.pending_by_source: dict[str, int] = {}
+        self.established = 0
         self._on_handshake = on_handshake
         self._on_protocol_error = on_protocol_error
         self._on_header_timeout = on_header_timeout
@@ -159,6 +171,16 @@ class Listener:
             auto_decompress=False,
             handler_cancellation=True,
         )
+        self.apply_limits(
+            handshake_timeout=handshake_timeout,
+            header_timeout=header_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_pending_handshakes=max_pending_handshakes,
+            max_pending_handshakes_per_source=max_pending_handshakes_per_source,
+        )
 
     # callbacks from handlers
     def on_header_timeout(self) -> None:
@@ -166,7 +188,34 @@ class Listener:
 
     def on_connection_closed(self) -> None:
         self.open_connections -= 1
+        self.established -= 1
         self._on_connection_change(self.open_connections)
+
+    def apply_limits(
+        self,
+        *,
+        handshake_timeout: float,
+        header_timeout: float,
+        idle_timeout: float,
+        max_connections: int,
+        max_header_bytes: int,
+        max_headers: int,
+        max_pending_handshakes: int,
+        max_pending_handshakes_per_source: int,
+    ) -> None:
+        """A reload's `[server]` limits, for every connection accepted from now on (issue 19
+        D4: they used to stay as they were at start-up, and the reload said nothing)."""
+        self.handshake_timeout = handshake_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.max_pending = max_pending_handshakes
+        self.max_pending_per_source = max_pending_handshakes_per_source
+        self.web_server._kwargs.update(
+            keepalive_timeout=idle_timeout,
+            max_line_size=max_header_bytes,
+            max_field_size=max_header_bytes,
+            max_headers=max_headers,
+        )
 
     def on_protocol_error(
         self,
@@ -196,15 +245,37 @@ class Listener:
         return GatewayRequestHandler(ws, self, loop=ws._loop, **ws._kwargs)
 
     def accept(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
-        if self.open_connections >= self.max_connections:
-            self._on_rejected("max_connections")
+        source = source_key(acceptor.peer)
+        pending = len(self.pending)
+        if self.fd_budget is not None and self.open_connections >= self.fd_budget:
+            refused = "fd_limit"
+        elif self.established >= self.max_connections:
+            refused = "max_connections"
+        elif pending >= self.max_pending:
+            refused = "pending_handshakes"
+        elif self.pending_by_source.get(source, 0) >= self.max_pending_per_source:
+            refused = "pending_per_source"
+        else:
+            refused = ""
+        if refused:
+            self._on_rejected(refused)
             transport.abort()
             return
         self.open_connections += 1
+        self.pending_by_source[source] = self.pending_by_source.get(source, 0) + 1
         self._on_connection_change(self.open_connections)
         task = asyncio.ensure_future(self._handshake(transport, acceptor))
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self.pending.discard(task)
+            left = self.pending_by_source.get(source, 1) - 1
+            if left > 0:
+                self.pending_by_source[source] = left
+            else:
+                self.pending_by_source.pop(source, None)
+
+        task.add_done_callback(done)
 
     async def _handshake(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
         loop = asyncio.get_running_loop()
@@ -266,6 +337,14 @@ class Listener:
                 self._on_connection_change(self.open_connections)
                 tls_transport.abort()
                 return
+        if self.established >= self.max_connections:
+            # Others finished their handshakes first: the established budget is full.
+            self._on_rejected("max_connections")
+            self.open_connections -= 1
+            self._on_connection_change(self.open_connections)
+            tls_transport.abort()
+            return
+        self.established += 1
         handler.tls_version = ssl_object.version()
         handler.sni = server_name(ssl_object)
         # Recorded once: a request handled after the client hung up has no transport left.
@@ -353,3 +432,17 @@ class _Acceptor(asyncio.Protocol):
         self.buffer.clear()
         if self.eof:
             handler.eof_received()
+
+
+def source_key(peer: Any) -> str:
+    """The address a pending-handshake budget is kept for: the IPv4 address, or the /64 of an
+    IPv6 one (one host is routinely given a whole /64)."""
+    if not peer:
+        return "?"
+    host = str(peer[0])
+    if ":" in host:
+        try:
+            return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        except ValueError:
+            return host
+    return host

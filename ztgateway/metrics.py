@@ -54,6 +54,12 @@ HANDSHAKE_FAILURE_REASONS = (
     "other",
 )
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "tls")
+CONNECTION_REFUSAL_REASONS = (
+    "max_connections",
+    "pending_handshakes",
+    "pending_per_source",
+    "fd_limit",
+)
 
 
 def _cache_children(metric: MetricWrapperBase) -> None:
@@ -161,8 +167,39 @@ class Metrics:
         )
         self.connections_rejected = Counter(
             "ztgw_connections_rejected",
-            "Connections closed before the handshake, by reason.",
+            "Connections refused by the listener's budgets (established, pending handshakes, "
+            "per source, file descriptors), by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.handshakes_pending = Gauge(
+            "ztgw_handshakes_pending", "Connections whose TLS handshake is running.", registry=r
+        )
+        self.fd_limit = Gauge(
+            "ztgw_fd_limit",
+            "The process's file-descriptor soft limit (RLIMIT_NOFILE) after start-up raised it.",
+            registry=r,
+        )
+        self.config_restart_required = Gauge(
+            "ztgw_config_restart_required",
+            "1 for each setting the configuration file changed since start-up that only a "
+            "restart applies (ztgateway reload names them too).",
+            ["setting"],
+            registry=r,
+        )
+        self.audit_recovered = Counter(
+            "ztgw_audit_recovered_events",
+            "Audit events moved into the log from the journal of a process that died.",
+            registry=r,
+        )
+        self.audit_checkpoints = Counter(
+            "ztgw_audit_checkpoints",
+            "Signed checkpoints this process appended to the audit chain.",
+            registry=r,
+        )
+        self.log_lines_suppressed = Counter(
+            "ztgw_log_lines_suppressed",
+            "Repeated log lines held back by the rate limit (each summary says how many).",
             registry=r,
         )
         self.protocol_errors = Counter(
@@ -327,6 +364,8 @@ class Metrics:
             self.step_ups.labels(result)
         for reason in HANDSHAKE_FAILURE_REASONS:
             self.handshake_failures.labels(reason)
+        for reason in CONNECTION_REFUSAL_REASONS:
+            self.connections_rejected.labels(reason)
         for metric in vars(self).values():
             if isinstance(metric, MetricWrapperBase) and metric._labelnames:
                 _cache_children(metric)

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .audit import AuditUnavailable
 from .context import RequestContext
 from .responses import add_security_headers
 
@@ -20,6 +21,26 @@ if TYPE_CHECKING:
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 RELAY_PEER_HEADER = "X-Ztgw-Relay-Peer"
 """Set by the workers' supervisor: the address of whoever called its ops port."""
+
+
+@web.middleware
+async def audit_durable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`[audit] durability = "fsync"`: what forward-auth, /decide and the admin API decided is
+    on stable storage before the answer leaves (an edge proxy acts on it as on our own)."""
+    response = await handler(request)
+    audit = request.app[GATEWAY_KEY].audit
+    if audit.needs_sync and not response.prepared:
+        try:
+            await audit.sync()
+        except AuditUnavailable as exc:
+            return web.json_response(
+                {"type": "about:blank", "title": "audit unavailable", "status": 503,
+                 "detail": str(exc)},
+                status=503,
+                content_type="application/problem+json",
+                headers={"Retry-After": "5"},
+            )  # fmt: skip
+    return response
 
 
 @web.middleware
@@ -134,7 +155,9 @@ async def forward_auth_handler(request: web.Request) -> web.StreamResponse:
 def create_ops_app(gateway: Gateway) -> web.Application:
     from .admin import add_admin_routes, require_admin
 
-    app = web.Application(middlewares=[security_headers, relayed_peer, require_admin])
+    app = web.Application(
+        middlewares=[security_headers, audit_durable, relayed_peer, require_admin]
+    )
     app[GATEWAY_KEY] = gateway
     add_admin_routes(app)
     app.router.add_get("/healthz", healthz)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -144,8 +145,7 @@ async def test_failing_audit_log_fails_closed_with_503_and_recovers(
             assert r.status == 200
         await gw.audit.flush()
         # The SIEM volume disappears (a full or read-only disk behaves the same for us).
-        (sink_dir / "audit.jsonl").unlink()
-        sink_dir.rmdir()
+        shutil.rmtree(sink_dir)
         sink_dir.write_text("not a directory")
         async with s.get(url) as r:
             first = r.status  # accepted into the queue before the writer notices

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Certs, free_port
+from tests.support import Certs, free_ports
 from ztgateway.credentials.devtoken import issue_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
 
 @pytest.fixture
 def running(certs: Certs, tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
-    app_port, gw_port, ops_port = free_port(), free_port(), free_port()
+    app_port, gw_port, ops_port = free_ports(3)
     text = (REPO / "config" / "gateway.toml").read_text()
     text = text.replace("../certs/", f"{certs.dir}/").replace("../var/", f"{tmp_path}/")
     text = text.replace("port = 8443", f"port = {gw_port}").replace(

@@ -20,6 +20,9 @@ async def test_alice_reaches_echo_with_her_certificate(gateway: Gateway, certs: 
     assert seen["x-zt-decision-id"] == r.headers["X-ZT-Decision-Id"]
     await gateway.audit.flush()
     lines = (gateway.config.audit.jsonl or gateway.config.audit.db).read_text().splitlines()
-    event = json.loads(lines[-1])
+    event, outcome = json.loads(lines[-2]), json.loads(lines[-1])
     assert event["decision_id"] == r.headers["X-ZT-Decision-Id"]
     assert event["result"]["verdict"] == "allow"
+    # What the upstream then did follows, linked to the decision (audit/events.py).
+    assert outcome["decision"] == event["decision_id"]
+    assert outcome["upstream"]["status"] == 200

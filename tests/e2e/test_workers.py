@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, base_config
-from tests.support import Certs, client_ssl, free_port, to_toml
+from tests.support import Certs, client_ssl, deep_merge, free_ports, to_toml
 
 pytestmark = pytest.mark.replicas
 
@@ -30,6 +30,11 @@ class Supervised:
     proc: subprocess.Popen[bytes]
     port: int  # the mTLS port the workers share
     ops: int  # the supervisor's ops port
+
+    def socket_dir(self) -> Path:
+        """The supervisor's private directory of worker ops sockets (from a worker's argv)."""
+        argv = Path(f"/proc/{self.workers()[0]}/cmdline").read_bytes().split(b"\0")
+        return Path(argv[argv.index(b"--ops-socket") + 1].decode()).parent
 
     def workers(self) -> list[int]:
         found = subprocess.run(
@@ -44,11 +49,11 @@ async def supervised(
     certs: Certs, upstream: int, tmp_path: Path, **sections: Any
 ) -> AsyncIterator[Supervised]:
     """`ztgateway run` with `workers = 2`, once both workers answer; stopped cleanly after."""
-    port, ops = free_port(), free_port()
+    port, ops = free_ports(2)
     cfg = base_config(certs, upstream, tmp_path)
     cfg["server"].update({"port": port, "workers": 2})
     cfg["ops"]["port"] = ops
-    cfg.update(sections)
+    cfg = deep_merge(cfg, sections)
     path = tmp_path / "gw.toml"
     path.write_text(to_toml(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "ztgateway", "run", "-c", str(path)])
@@ -56,8 +61,9 @@ async def supervised(
         await wait_for(lambda: _up(ops, 2))
         yield Supervised(proc, port, ops)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0
+        if proc.poll() is None:  # a test may have killed it
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=40) == 0
 
 
 async def metric(ops: int, name: str) -> float:

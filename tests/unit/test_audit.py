@@ -22,8 +22,10 @@ from ztgateway.audit import (
     PROBLEM_GAP,
     PROBLEM_LINK,
     SECRET_HEADERS,
+    UNKEYED_MASK,
     AuditLog,
     AuditUnavailable,
+    MaskKey,
     mask_headers,
     mask_query,
     search,
@@ -482,6 +484,79 @@ async def test_sink_catches_up_after_a_crash_between_commit_and_append(
     ]
 
 
+async def test_two_writers_on_one_sink_mirror_every_event_once_in_order(
+    db: Path, tmp_path: Path
+) -> None:
+    # Issue 19 D1: each writer continued the sink from what *it* had last mirrored, so with two
+    # workers every event reached the file twice, out of order, and verify said TAMPERED.
+    sink = tmp_path / "audit.jsonl"
+    async with AuditLog(db, jsonl_path=sink) as w0, AuditLog(db, jsonl_path=sink) as w1:
+        for n in range(10):
+            w = w0 if n % 2 else w1
+            w.record(decision(n))
+            await w.flush()
+    lines = sink.read_text().splitlines()
+    assert len(lines) == 10
+    assert [json.loads(line) for line in lines] == [json.loads(r["event"]) for r in rows(db)]
+    result = verify_jsonl(sink)
+    assert result.ok, result.problem
+
+
+async def test_concurrent_writers_under_load_leave_one_verifiable_sink(
+    db: Path, tmp_path: Path
+) -> None:
+    sink = tmp_path / "audit.jsonl"
+    async with (
+        AuditLog(db, jsonl_path=sink, flush_interval=0.002, batch_size=7) as w0,
+        AuditLog(db, jsonl_path=sink, flush_interval=0.003, batch_size=11) as w1,
+    ):
+
+        async def load(w: AuditLog, offset: int) -> None:
+            for n in range(offset, offset + 400):
+                w.record(decision(n))
+                if n % 13 == 0:
+                    await asyncio.sleep(0.001)
+
+        await asyncio.gather(load(w0, 0), load(w1, 10_000))
+    ids = [json.loads(line)["decision_id"] for line in sink.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 800
+    assert [json.loads(line)["seq"] for line in sink.read_text().splitlines()] == list(
+        range(1, 801)
+    )
+    assert verify_jsonl(sink).ok
+    assert (await verify_db(db)).checked == 800
+
+
+async def test_rotated_sink_continues_where_the_moved_file_ended(db: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "audit.jsonl"
+    async with AuditLog(db, jsonl_path=sink, flush_interval=0.001) as log:
+        for n in range(5):
+            log.record(decision(n))
+        await log.flush()
+        sink.rename(tmp_path / "audit.jsonl.1")  # logrotate, without copytruncate
+        for n in range(5, 8):
+            log.record(decision(n))
+        await log.flush()
+    old = [json.loads(x)["seq"] for x in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    new = [json.loads(x)["seq"] for x in sink.read_text().splitlines()]
+    assert (old, new) == ([1, 2, 3, 4, 5], [6, 7, 8])
+    assert verify_jsonl(tmp_path / "audit.jsonl.1").ok
+    assert verify_jsonl(sink, require_genesis=False).ok
+
+
+async def test_sink_of_another_chain_is_moved_aside_not_extended(db: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "audit.jsonl"
+    other = tmp_path / "other.db"
+    await write_log(other, 3, jsonl=sink)  # a file left by another database
+    await write_log(db, 2, jsonl=sink, start=10)
+    assert verify_jsonl(tmp_path / "audit.jsonl.foreign-3").checked == 3
+    assert [json.loads(x)["decision_id"] for x in sink.read_text().splitlines()] == [
+        "dec-10",
+        "dec-11",
+    ]
+    assert verify_jsonl(sink).ok
+
+
 # ----------------------------------------------------------------------------- faults
 
 
@@ -618,8 +693,13 @@ async def test_close_cut_short_counts_what_it_could_not_write(db: Path) -> None:
 # ----------------------------------------------------------------------------- masking
 
 
+KEY = MaskKey.from_secret(b"a deployment's 32-byte mask key!")
+
+
 def short_sha(value: str) -> str:
-    return f"<masked:{hashlib.sha256(value.encode()).hexdigest()[:8]}>"
+    """The keyed mask: HMAC-SHA256 under KEY, named by the key's id."""
+    mac = hmac.new(KEY.secret, value.encode(), hashlib.sha256).hexdigest()[:16]
+    return f"<masked:{KEY.key_id}:{mac}>"
 
 
 def test_secret_headers_are_masked_and_listed() -> None:
@@ -633,7 +713,8 @@ def test_secret_headers_are_masked_and_listed() -> None:
             ("Accept", "application/json"),
             ("X-ZTGW-MFA", "123456"),
             ("X-Refresh-Token", "rt-1"),
-        ]
+        ],
+        key=KEY,
     )
     assert headers == {
         "authorization": short_sha("Bearer eyJ.secret.sig"),
@@ -653,18 +734,28 @@ def test_secret_headers_are_masked_and_listed() -> None:
 
 
 def test_same_secret_masks_the_same_so_events_correlate() -> None:
-    first, _ = mask_headers([("Authorization", "Bearer t1")])
-    again, _ = mask_headers([("authorization", "Bearer t1")])
-    other, _ = mask_headers([("Authorization", "Bearer t2")])
+    first, _ = mask_headers([("Authorization", "Bearer t1")], key=KEY)
+    again, _ = mask_headers([("authorization", "Bearer t1")], key=KEY)
+    other, _ = mask_headers([("Authorization", "Bearer t2")], key=KEY)
     assert first == again != other
 
 
-def test_keyed_masking_resists_guessing_short_secrets() -> None:
-    key = b"deployment-key"
-    headers, _ = mask_headers([("X-ZTGW-MFA", "123456")], key=key)
-    expected = hmac.new(key, b"123456", hashlib.sha256).hexdigest()[:8]
-    assert headers["x-ztgw-mfa"] == f"<masked:{expected}>"
-    assert headers["x-ztgw-mfa"] != short_sha("123456")
+def test_without_a_key_a_secret_leaves_no_digest_at_all() -> None:
+    # Issue 18 M5: the unkeyed mask was sha256(value)[:8], which a dictionary reverses.
+    headers, masked = mask_headers([("X-ZTGW-MFA", "123456"), ("Cookie", "sid=abc")])
+    assert headers == {"x-ztgw-mfa": UNKEYED_MASK, "cookie": UNKEYED_MASK}
+    assert masked == ["input.headers.cookie", "input.headers.x-ztgw-mfa"]
+    query, _ = mask_query("user=alice&password=hunter2&otp=123456")
+    assert query == f"user=alice&password={UNKEYED_MASK}&otp={UNKEYED_MASK}"
+
+
+def test_a_rotated_key_masks_differently_and_says_so() -> None:
+    other = MaskKey.from_secret(b"the next 32-byte deployment key!")
+    before, _ = mask_headers([("X-ZTGW-MFA", "123456")], key=KEY)
+    after, _ = mask_headers([("X-ZTGW-MFA", "123456")], key=other)
+    assert before != after
+    assert KEY.key_id in before["x-ztgw-mfa"]
+    assert other.key_id in after["x-ztgw-mfa"]
 
 
 def test_secret_header_names_include_the_documented_ones() -> None:
@@ -683,7 +774,7 @@ def test_secret_query_parameters_are_masked_and_order_is_kept() -> None:
         "page=2&access_token=at1&code=c0de&state=xyz&redirect_uri=%2Fhome"
         "&password=hunter2&client_secret=s&refreshToken=r&id%5Ftoken=it&key=k&token=&flag"
     )
-    masked_query, masked = mask_query(query)
+    masked_query, masked = mask_query(query, key=KEY)
     assert masked_query == (
         f"page=2&access_token={short_sha('at1')}&code={short_sha('c0de')}"
         f"&state={short_sha('xyz')}&redirect_uri=%2Fhome&password={short_sha('hunter2')}"

@@ -125,6 +125,35 @@ def test_hmac_algorithm_for_an_issuer_is_refused(certs: Certs, tmp_path: Path) -
     assert err.key == "issuers.dev.algorithms"
 
 
+def test_check_config_warns_about_missing_or_misplaced_audit_keys(
+    certs: Certs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-config", "-c", str(write(tmp_path, certs))]) == 0
+    out = capsys.readouterr().out
+    assert "mask_key_file is not set" in out
+    assert "checkpoint_key_file is not set" in out
+    beside = {"mask_key_file": str(tmp_path / "mask.key")}  # audit.db is in tmp_path too
+    assert main(["check-config", "-c", str(write(tmp_path, certs, {"audit": beside}))]) == 0
+    assert "is in the audit store's directory" in capsys.readouterr().out
+    elsewhere = {
+        "mask_key_file": str(tmp_path / "keys" / "mask.key"),
+        "checkpoint_key_file": str(tmp_path / "keys" / "checkpoint.key"),
+    }
+    assert main(["check-config", "-c", str(write(tmp_path, certs, {"audit": elsewhere}))]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_audit_and_server_keys_are_checked(certs: Certs, tmp_path: Path) -> None:
+    assert error_for(tmp_path, certs, {"audit": {"durability": "eventually"}}).key == (
+        "audit.durability"
+    )
+    err = error_for(tmp_path, certs, {"server": {"min_ready_workers": 3, "workers": 2}})
+    assert err.key == "server.min_ready_workers"
+    cfg = load_config(write(tmp_path, certs, {"audit": {"checkpoint_key_file": "k/cp.key"}}))
+    assert cfg.audit.checkpoint_public_keys == tmp_path / "k" / "cp.key.pub"
+    assert cfg.audit.durability == "journal"
+
+
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     p = tmp_path / "bad.toml"
     p.write_text("[server\nport = 1")

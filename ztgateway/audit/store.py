@@ -1,0 +1,124 @@
+"""The SQLite layout of the decision log, shared by the writer and the readers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+
+from .chain import GENESIS_HASH, PROBLEM_COLUMNS, index_columns, normalize_ts
+
+SCHEMA_VERSION: Final = 1
+
+SELECT_ROWS: Final = (
+    'SELECT seq, decision_id, ts, "user", device, route, verdict, reason, client_ip, event, '
+    "prev_hash, hash FROM audit_events ORDER BY seq"
+)
+
+SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS audit_events (
+        seq INTEGER PRIMARY KEY,
+        decision_id TEXT NOT NULL UNIQUE,
+        ts TEXT NOT NULL,
+        "user" TEXT,
+        device TEXT,
+        route TEXT,
+        verdict TEXT,
+        reason TEXT,
+        client_ip TEXT,
+        event TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    )
+    """,
+    # decision_id is indexed by its UNIQUE constraint; a second index would only cost writes.
+    'CREATE INDEX IF NOT EXISTS audit_events_user ON audit_events ("user")',
+    "CREATE INDEX IF NOT EXISTS audit_events_device ON audit_events (device)",
+    "CREATE INDEX IF NOT EXISTS audit_events_route ON audit_events (route)",
+    "CREATE INDEX IF NOT EXISTS audit_events_reason ON audit_events (reason)",
+    "CREATE INDEX IF NOT EXISTS audit_events_ts ON audit_events (ts)",
+    # Retention: events moved to archive files leave a checkpoint, the anchor from which the
+    # chain in the database continues (see rotate()).
+    """
+    CREATE TABLE IF NOT EXISTS audit_checkpoints (
+        through_seq INTEGER PRIMARY KEY,
+        last_hash TEXT NOT NULL,
+        archive TEXT NOT NULL,
+        archive_sha256 TEXT NOT NULL,
+        archived_at TEXT NOT NULL
+    )
+    """,
+)
+
+INSERT: Final = (
+    'INSERT INTO audit_events (seq, decision_id, ts, "user", device, route, verdict, reason, '
+    "client_ip, event, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def create_private(path: Path) -> None:
+    # Decision logs name people and devices: create the file owner-only before SQLite does
+    # (its -wal and -shm files copy the database file's mode).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+async def chain_head(db: aiosqlite.Connection) -> tuple[int, str]:
+    async with db.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1") as cur:
+        row = await cur.fetchone()
+    if row is not None:
+        return int(row[0]), str(row[1])
+    # Everything may have been archived: continue from the last checkpoint, not from genesis.
+    async with db.execute(
+        "SELECT through_seq, last_hash FROM audit_checkpoints ORDER BY through_seq DESC LIMIT 1"
+    ) as cur:
+        row = await cur.fetchone()
+    return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+
+async def rollback(db: aiosqlite.Connection) -> None:
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@contextlib.asynccontextmanager
+async def read_only(db_path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    # Checked first because connecting would silently create an empty database to "verify".
+    if not await asyncio.to_thread(db_path.is_file):
+        raise FileNotFoundError(f"no audit database at {db_path}")
+    db = await aiosqlite.connect(db_path)
+    try:
+        await db.execute("PRAGMA query_only = ON")
+        yield db
+    finally:
+        await db.close()
+
+
+def row_problem(row: sqlite3.Row | tuple[Any, ...], event: dict[str, Any]) -> str | None:
+    """Columns are outside the hash; tie them to the hashed event so search cannot be steered."""
+    seq, decision_id, ts, *indexed, _text, prev, link = row
+    try:
+        expected_ts = normalize_ts(event.get("timestamp"))
+    except ValueError:
+        return PROBLEM_COLUMNS
+    if (
+        seq != event.get("seq")
+        or prev != event.get("prev_hash")
+        or link != event.get("hash")
+        or decision_id != event.get("decision_id")
+        or ts != expected_ts
+        or tuple(indexed) != index_columns(event)
+    ):
+        return PROBLEM_COLUMNS
+    return None
