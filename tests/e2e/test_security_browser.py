@@ -102,7 +102,10 @@ async def test_pages_of_other_sites_cannot_act_as_the_certificates_owner(
     gw = await proxy()
     origin = f"https://127.0.0.1:{gw.port}"
     # Another site (another host) and another origin of the gateway's own site (another port).
-    cross, cross_port = await serve("127.0.0.2", {"/": hostile_page(origin, "cross")})
+    link = f'<!doctype html><a id="go" href="{origin}/echo?from=link">open the app</a>'
+    cross, cross_port = await serve(
+        "127.0.0.2", {"/": hostile_page(origin, "cross"), "/link": link}
+    )
     sibling, sibling_port = await serve("127.0.0.1", {"/": hostile_page(origin, "sibling")})
     pem, key = certs.client("alice-laptop")
     context = await browser.new_context(
@@ -129,12 +132,7 @@ async def test_pages_of_other_sites_cannot_act_as_the_certificates_owner(
         assert seen["sec-fetch-site"] == "none"
         # A link on another site's page gets a page of the gateway to continue from: her click
         # there is a same-origin navigation (a route can let links through: cross_site = "lax").
-        await page.goto(f"http://127.0.0.2:{cross_port}/")
-        await page.evaluate(
-            "url => { const a = document.createElement('a'); a.href = url; a.id = 'go';"
-            " a.textContent = 'open the app'; document.body.prepend(a); }",
-            origin + "/echo?from=link",
-        )
+        await page.goto(f"http://127.0.0.2:{cross_port}/link")
         async with page.expect_navigation() as navigation:
             await page.click("#go")
         response = await navigation.value
