@@ -93,6 +93,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from ztgateway.context import RequestContext
     from ztgateway.credentials.jwt import TokenVerifier
     from ztgateway.forward.headers import upstream_request_headers
+    from ztgateway.forward.identity import identity_headers
     from ztgateway.policycli import OfflineEvaluator, load_cert
     from ztgateway.routes import RouteTable
 
@@ -197,6 +198,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         return setup
 
     gw = Gateway(config)
+    # The signer and CSRF keys come from the gateway's root key at start-up (keys.py).
+    await gw.store.open()
+    await gw._load_keys()
+    await gw.store.close()
     full_ctx = context(full.path, True)
     full_decision = await pipeline.evaluate(full_ctx)
 
@@ -260,7 +265,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async def headers_setup(n: int) -> Body:
         async def body(n: int) -> None:
             for _ in range(n):
-                add = gw.identity_headers(full_ctx, "127.0.0.1:8443", full_decision)
+                add = identity_headers(gw.signer, full_ctx, "127.0.0.1:8443", full_decision)
                 upstream_request_headers(full_ctx.headers, add, forward_authorization=False)
 
         return body
@@ -358,7 +363,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         Row("route match, 10 routes", route_setup(10), "longest prefix, 3-path mix"),
         Row("route match, 1,000 routes", route_setup(1000), "longest prefix, 3-path mix"),
         *session_rows,
-        Row("audit event build (Gateway.audit_event)", event_setup, "masking, findings, to_json"),
+        Row("audit event build (decisions.audit_event)", event_setup, "masking, findings, to_json"),
         Row(
             "audit enqueue (AuditLog.record), durability = journal (default)",
             record_setup,

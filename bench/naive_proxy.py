@@ -53,8 +53,9 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.naive_proxy")
+def proxy_args(prog: str) -> argparse.Namespace:
+    """The command line of the reference proxies (this one and bench.floor_proxy)."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
@@ -62,7 +63,11 @@ def main() -> None:
     p.add_argument("--key", required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--crl")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def mtls_context(args: argparse.Namespace) -> ssl.SSLContext:
+    """The same client-certificate verification as nginx's `ssl_verify_client on` + CRL."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(args.cert, args.key)
@@ -71,6 +76,12 @@ def main() -> None:
         ctx.load_verify_locations(cafile=args.crl)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def main() -> None:
+    args = proxy_args("python -m bench.naive_proxy")
+    ctx = mtls_context(args)
     try:
         import uvloop
 

@@ -74,13 +74,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODES = ("keepalive", "close")
 APT_PACKAGES = ("nginx", "wrk", "gcc", "libc6-dev")
 
-# The targets of issue 9, checked against the medians (never as assertions in tests).
+# The targets of issue 14 (issue 9's where 14 has none), checked against the medians of one
+# run (never as assertions in tests).
 GOALS = {
-    "full_rps_ratio_vs_nginx": (">=", 0.33),
-    "full_cpu_ratio_vs_nginx": ("<=", 4.0),
+    "full_cpu_ratio_vs_nginx": ("<=", 2.0),
+    "cert_only_cpu_ratio_vs_nginx": ("<=", 1.5),
+    "full_rps_ratio_vs_nginx": (">=", 0.5),
+    "handshake_ratio_vs_nginx": (">=", 0.8),
+    "added_p99_ms": ("<=", 1.0),
     "decision_us_median": ("<=", 50.0),
-    "handshake_ratio_vs_nginx": (">=", 0.6),
-    "added_p99_ms": ("<=", 2.0),
     "route_match_1000_vs_10": ("<=", 1.5),
 }
 
@@ -398,7 +400,9 @@ class Env:
         """(proxy process or None for direct, port, tls)."""
         if s.server == "direct":
             return None, self.upstream_port, False
-        key = {"nginx": f"nginx_{s.workers}w", "naive": "naive"}.get(s.server, f"ztgw_{s.process}")
+        key = {"nginx": f"nginx_{s.workers}w", "naive": "naive", "floor": "floor"}.get(
+            s.server, f"ztgw_{s.process}"
+        )
         proc, port = self.servers[key]
         return proc, port, True
 
@@ -448,14 +452,16 @@ def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) 
         )
         wait_ready(proc, lambda port=port: http_get(port, "/bench", tls=tls)[0] == 200)
         servers[f"nginx_{workers}w"] = (proc, port)
-    if any(s.server == "naive" for s in SCENARIOS):
+    for kind, module in (("naive", "bench.naive_proxy"), ("floor", "bench.floor_proxy")):
+        if not any(s.server == kind for s in SCENARIOS):
+            continue
         port = free_port()
         proc = stack.start(
-            "naive-proxy",
+            f"{kind}-proxy",
             [
                 PY,
                 "-m",
-                "bench.naive_proxy",
+                module,
                 "--port",
                 str(port),
                 "--upstream",
@@ -472,7 +478,7 @@ def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) 
             cwd=REPO,
         )
         wait_ready(proc, lambda port=port: http_get(port, "/bench", tls=tls)[0] == 200)
-        servers["naive"] = (proc, port)
+        servers[kind] = (proc, port)
     token = bound_token(pki)
     skipped: dict[str, str] = {}
     ops_ports: dict[str, int] = {}
@@ -1192,7 +1198,7 @@ def markdown(res: dict[str, Any]) -> str:
             "",
         ]
     out += [
-        "## Targets (issue 9)",
+        "## Targets (issue 14)",
         "",
         "| target | goal | measured | reached |",
         "|---|---|--:|---|",
@@ -1595,6 +1601,22 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "all_checks_decision_us_median": micro.get("all_checks_decision_us_median"),
         "full_2w_rps_ratio_vs_nginx_2w": rat("keepalive", "ztgw_full_2w", "rps_vs_nginx"),
+        # Layer by layer (keep-alive, CPU µs per request): nginx, the transport floor (our
+        # protocol + upstream pool, no checks), certificate-only, every check on. The pipeline's
+        # in-place cost is every-check minus the floor.
+        "floor_cpu_ratio_vs_nginx": rat("keepalive", "floor", "cpu_vs_nginx"),
+        "floor_rps_ratio_vs_nginx": rat("keepalive", "floor", "rps_vs_nginx"),
+        "layers_cpu_us": {
+            k: (None if v is None else round(v * 1000, 1))
+            for k, v in (
+                ("nginx_1w", med("keepalive", "nginx_1w", "proxy_cpu_s_per_1k")),
+                ("naive", med("keepalive", "naive", "proxy_cpu_s_per_1k")),
+                ("floor", med("keepalive", "floor", "proxy_cpu_s_per_1k")),
+                ("ztgw_cert", med("keepalive", "ztgw_cert", "proxy_cpu_s_per_1k")),
+                ("ztgw_full", med("keepalive", "ztgw_full", "proxy_cpu_s_per_1k")),
+                ("ztgw_all", med("keepalive", "ztgw_all", "proxy_cpu_s_per_1k")),
+            )
+        },
         "route_match_1000_vs_10": micro.get("route_match_1000_vs_10"),
         "session_lookup_ratio": micro.get("session_lookup_ratio"),
         "session_stage_ratio": micro.get("session_stage_ratio"),
@@ -1604,6 +1626,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = {
         "full_rps_ratio_vs_nginx": "every check on: req/s vs nginx (1 worker each, keep-alive)",
         "full_cpu_ratio_vs_nginx": "every check on: CPU per request vs nginx",
+        "cert_only_cpu_ratio_vs_nginx": "certificate-only: CPU per request vs nginx",
         "decision_us_median": "decision pipeline median, warm caches (µs)",
         "handshake_ratio_vs_nginx": "every check on: full-handshake connections/s vs nginx",
         "added_p99_ms": "added p99 over direct at 1/4 of max load (ms)",
@@ -1621,10 +1644,10 @@ def main(argv: list[str] | None = None) -> int:
         }
     full_2w = headline["full_2w_rps_ratio_vs_nginx_2w"]
     targets_out["full_2w"] = {
-        "label": "every check on, 2 workers vs nginx 2 workers",
-        "goal": ">= 0.33",
+        "label": "every check on, 2 workers vs nginx 2 workers (req/s)",
+        "goal": ">= 0.5",
         "value": full_2w,
-        "reached": None if full_2w is None else full_2w >= 0.33,
+        "reached": None if full_2w is None else full_2w >= 0.5,
     }
     # bench.micro: a real SQLiteStore loaded with 10, then 100,000 sessions (bench/micro_sessions.py).
     s_ratio = headline["session_lookup_ratio"]

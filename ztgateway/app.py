@@ -1,8 +1,9 @@
-"""The gateway process: listeners, the request handler, and start-up / shut-down in order.
+"""The gateway process: wiring and lifecycle (start-up / shut-down in order, reload).
 
 `Gateway` owns every long-lived service (TLS material, token verifier, upstream pools, audit
 log, metrics) and the current `Runtime` snapshot. A request reads `self.runtime` once; a reload
-builds a complete new snapshot and swaps the reference.
+builds a complete new snapshot and swaps the reference. What happens to a request is in
+`request_path.py`; how it is decided and recorded, in `decisions.py`.
 """
 
 from __future__ import annotations
@@ -10,22 +11,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import signal
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from aiohttp import HttpVersion11, web
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import __version__, endpoints, mfa_endpoints, portal
+from . import __version__
 from .assertion import AssertionSigner, load_or_create_key
-from .audit import AuditLog, AuditUnavailable, MaskKey, mask_headers, mask_query
+from .audit import AuditLog, MaskKey
 from .audit.checkpoint import CheckpointSigner
-from .audit.events import upstream_event
 from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
@@ -33,69 +30,78 @@ from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .credentials.oidc import OIDCClient, StorePendingLogins
 from .decision import Decision, Finding, Reason, Verdict
+from .decisions import DecisionPath, Recorder, audit_event, refusal
 from .forms import CSRFTokens
-from .forward.headers import (
-    SERVER_BANNER,
-    identity_header_names,
-    list_header_value,
-    upgrade_requested,
-    upstream_request_headers,
-)
-from .forward.http import (
-    BodyTooLarge,
-    Upstreams,
-    classify,
-    forward_http,
-    upstream_target,
-    upstream_url,
-)
-from .forward.upstream import UpstreamFailure
-from .forward.websocket import Watch, bridge_websocket
+from .forward.http import Upstreams
+from .forward.identity import asserted_identity
+from .forward.websocket import Watch
 from .geo import GeoLocator
-from .hostnames import server_names
+from .http1 import Limits
 from .keys import GatewayKeys
 from .lifeline import watch_lifeline
-from .listener import GatewayRequestHandler, Listener
-from .logs import RateLimit, decision_id_var
+from .listener import Listener
+from .logs import RateLimit
 from .metrics import Metrics
 from .mfa import MFA
-from .paths import encode_path
 from .pipeline import Pipeline, default_stages
-from .reloading import RESTART_REQUIRED, listener_changes, listener_limits, restart_required
+from .reloading import RESTART_REQUIRED, listener_changes, restart_required
+from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
-from .responses import DECISION_HEADER, add_security_headers, hsts_value, problem, see_other
 from .routes import RouteTable
 from .runtime import Runtime
 from .stages.device import new_device
-from .stages.risk import remember
-from .stages.session import SessionKeeper, clear_cookie_header
+from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
-INTERNAL_PREFIX = "/.ztgw/"
-_PORTAL_PAGES = {
-    ("/.ztgw/login", "GET"): portal.login_page,
-    ("/.ztgw/login/start", "GET"): portal.login_start,
-    ("/.ztgw/oidc/callback", "GET"): portal.callback,
-    ("/.ztgw/logout", "GET"): portal.logout,
-    ("/.ztgw/logout", "POST"): portal.logout,
-    ("/.ztgw/signed-out", "GET"): portal.signed_out,
-    ("/.ztgw/whoami", "GET"): portal.whoami,
-}
-_SIGN_IN_AGAIN = frozenset(
-    {
-        Reason.IDENTITY_UNAUTHENTICATED,
-        Reason.SESSION_EXPIRED,
-        Reason.SESSION_TERMINATED,
-        Reason.SESSION_INVALID,
-    }
-)
-WS_RECHECK_INTERVAL = 5.0
 _OTHER_FDS = 64
 """File descriptors kept for everything but connections: logs, the store, the audit files,
 the ops listener, TLS material reads."""
+
+
+def protocol_limits(cfg: GatewayConfig) -> Limits:
+    """What the data plane's HTTP protocol enforces, from `[server]` and the routes."""
+    s = cfg.server
+    hosts: set[str] = set(s.hosts)
+    if not hosts:
+        hosts |= {"localhost", "127.0.0.1", "[::1]"}
+        if s.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard names no host
+            hosts.add(f"[{s.host}]" if ":" in s.host else s.host)
+        if s.public_url:
+            from yarl import URL
+
+            public = URL(s.public_url).raw_host
+            if public:
+                hosts.add(f"[{public}]" if ":" in public else public.lower())
+        for route in cfg.routes:
+            hosts |= route.hosts
+    return Limits(
+        header_timeout=s.header_timeout,
+        body_timeout=s.body_timeout,
+        idle_timeout=s.idle_timeout,
+        send_timeout=s.send_timeout,
+        max_header_bytes=s.max_header_bytes,
+        max_headers=s.max_headers,
+        max_target_bytes=s.max_target_bytes,
+        hosts=frozenset(h.lower() for h in hosts),
+        # CONNECT would ask us to tunnel; TRACE reflects the request, credentials included.
+        refuse_methods=frozenset({"CONNECT"} if s.allow_trace else {"TRACE", "CONNECT"}),
+    )
+
+
+def listener_settings(cfg: GatewayConfig) -> dict[str, Any]:
+    """What the listener takes from `[server]`, at start-up and on every reload (issue 19 D4):
+    its own budgets and the protocol's limits for connections accepted from then on."""
+    s = cfg.server
+    return {
+        "limits": protocol_limits(cfg),
+        "handshake_timeout": s.handshake_timeout,
+        "max_connections": s.max_connections,
+        "max_pending_handshakes": s.max_pending_handshakes,
+        "max_pending_handshakes_per_source": s.max_pending_handshakes_per_source,
+    }
 
 
 class Gateway:
@@ -161,7 +167,17 @@ class Gateway:
         self.ops_port: int | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._watches: set[Watch] = set()
+        self.watches: set[Watch] = set()
+        """Open WebSockets: woken to re-verify at once on a revocation or a reload."""
+        self.recorder = Recorder(
+            metrics=self.metrics,
+            audit=self.audit,
+            keeper=self.keeper,
+            revision=lambda: self.config.revision,
+            mask_key=lambda: self.mask_key,
+        )
+        self.decisions = DecisionPath(self.recorder)
+        self.request_path = RequestPath(self, self.decisions)
         self._dry: tuple[Runtime, Runtime] | None = None
         self.started_config = config
         """What the long-lived parts were built from (reloading.py compares with it)."""
@@ -195,7 +211,6 @@ class Gateway:
             store=self.store,
             geo=self.geo,
             clock=self.clock,
-            server_names=server_names(config, lambda: self.tls.current.server_names),
         )
         rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
         self.metrics.prepare_routes(
@@ -207,7 +222,7 @@ class Gateway:
         # A device or session changed (perhaps revoked, from the CLI or another process):
         # open WebSockets re-verify now instead of at their next interval.
         if kind in (ChangeKind.DEVICE, ChangeKind.SESSION, ChangeKind.USER):
-            for w in list(self._watches):
+            for w in list(self.watches):
                 w.wake()
 
     def _on_store_write(self, operation: str, seconds: float, ok: bool) -> None:
@@ -252,7 +267,7 @@ class Gateway:
         self._update_cert_metrics()
         if ok:
             # Open WebSockets re-verify at once: a revoked certificate closes them now.
-            for w in list(self._watches):
+            for w in list(self.watches):
                 w.wake()
 
     def _update_cert_metrics(self) -> None:
@@ -297,15 +312,13 @@ class Gateway:
             self.runtime = self._build_runtime(cfg)
         s = cfg.server
         self.listener = Listener(
-            handler=self.handle,
+            handler=self.request_path,
             context=lambda: self.tls.current.context,
-            **listener_limits(s),
+            **listener_settings(cfg),
+            clock=self.clock.time,
             on_handshake=self._on_handshake,
-            on_protocol_error=self._on_protocol_error,
-            on_header_timeout=self.metrics.slow_clients.inc,
             on_connection_change=self.metrics.connections_open.set,
             on_rejected=lambda r: self.metrics.connections_rejected.labels(r).inc(),
-            decorate=lambda resp: add_security_headers(resp, self._hsts()),
         )
         self._budget_fds(self.listener)
         self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
@@ -364,7 +377,7 @@ class Gateway:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for w in list(self._watches):
+        for w in list(self.watches):
             w.wake()
         if self.listener is not None:
             await self.listener.close(self.config.server.shutdown_timeout)
@@ -478,7 +491,7 @@ class Gateway:
         self.config, self.runtime = config, runtime
         self.keeper.cfg = config.sessions
         if self.listener is not None:
-            self.listener.apply_limits(**listener_limits(config.server))
+            self.listener.apply_limits(**listener_settings(config))
             self._budget_fds(self.listener)
         self.mask_key = mask_key
         if checkpoint_key is None:
@@ -492,7 +505,7 @@ class Gateway:
         for name in RESTART_REQUIRED:
             self.metrics.config_restart_required.labels(name).set(1 if name in pending else 0)
         self._update_cert_metrics()
-        for w in list(self._watches):
+        for w in list(self.watches):
             w.wake()
         self.last_reload = {
             "reloaded": True,
@@ -515,10 +528,6 @@ class Gateway:
             )
         return True
 
-    def _hsts(self) -> str | None:
-        s = self.runtime.config.server
-        return hsts_value(s.hsts_max_age, s.hsts_include_subdomains)
-
     # --- listener callbacks ------------------------------------------------------------------
     def _on_handshake(self, version: str | None, failure: str | None) -> None:
         if failure is None:
@@ -526,333 +535,30 @@ class Gateway:
         else:
             self.metrics.handshake_failures.labels(failure).inc()
 
-    def _on_protocol_error(
-        self,
-        conn: GatewayRequestHandler,
-        request: web.BaseRequest,
-        reason: Reason,
-        decision_id: str,
-        exc: BaseException | None,
-    ) -> None:
-        self.metrics.protocol_errors.labels(reason.value).inc()
-        self.metrics.requests.labels("-", "deny", reason.value).inc()
-        peer = conn.transport.get_extra_info("peername") if conn.transport else None
-        event = {
-            "decision_id": decision_id,
-            "type": "ztgw.decision",
-            "route": None,
-            "input": {
-                "client_ip": peer[0] if peer else None,
-                "device": conn.cert.device_id if conn.cert else None,
-                "protocol_error": type(exc).__name__ if exc else None,
-            },
-            "result": {
-                "verdict": "deny",
-                "reason": reason.value,
-                "findings": [
-                    {
-                        "stage": "http",
-                        "reason": reason.value,
-                        "verdict": "deny",
-                        "detail": type(exc).__name__ if exc else "",
-                    }
-                ],
-            },
-            "policy_revision": self.config.revision,
-        }
-        with suppress(AuditUnavailable):
-            self.audit.record(event)
-
     # --- the request path --------------------------------------------------------------------
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        conn = request.protocol
-        assert isinstance(conn, GatewayRequestHandler)
-        conn.request_started()
-        token = decision_id_var.set(None)
-        try:
-            if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
-                # SECURITY: RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing,
-                # a classic request-smuggling shape; refuse and close, never forward.
-                return conn.handle_error(
-                    request, 400, BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request")
-                )
-            response = await self._handle(request, conn)
-            if self.audit.needs_sync and not response.prepared:
-                refused = await self._audit_durable(request, response.headers.get(DECISION_HEADER))
-                response = refused or response
-        finally:
-            conn.request_finished()
-            decision_id_var.reset(token)
-        if not response.prepared:
-            # Answered by the gateway itself (a forwarded response has been streamed already).
-            add_security_headers(response, self._hsts())
-        if upgrade_requested(request.headers) and not isinstance(response, web.WebSocketResponse):
-            # llhttp stops parsing after an Upgrade request; close so a pipelined request
-            # behind it is retried by the client instead of hanging.
-            response.force_close()
-        return response
-
-    async def _handle(
-        self, request: web.BaseRequest, conn: GatewayRequestHandler
-    ) -> web.StreamResponse:
-        rt = self.runtime
-        cfg = rt.config
-        ctx = RequestContext.from_request(
-            request,
-            cert=conn.cert,
-            peer_ip=conn.peer_ip or None,
-            trusted_proxies=cfg.server.trusted_proxies,
-            allow_encoded_slash=cfg.server.allow_encoded_slash,
-            sni=conn.sni,
-            clock=self.clock,
-        )
-        ctx.forwarded_proto = "https"
-        decision_id_var.set(ctx.decision_id)
-        accept = request.headers.get("Accept", "")
-        misdirected = rt.server_names.refusal(ctx.host, ctx.sni)
-        if misdirected is not None:
-            # Every request on the listener, the gateway's own pages included: a foreign Host
-            # would reach an upstream as X-Forwarded-Host (or build a portal link).
-            decision = self.refusal_decision(ctx, Reason.HOST_MISDIRECTED, misdirected)
-            with suppress(AuditUnavailable):
-                self.record_decision(ctx, decision)
-            return self._refusal(Reason.HOST_MISDIRECTED, ctx.decision_id, accept)
-        if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
-            return await self._internal(request, ctx)
-        if not self.store.healthy:
-            # SECURITY: a revocation made elsewhere may not have reached us: refuse until the
-            # store is back (and, for Redis, resynchronised) rather than trust a stale cache.
-            self.metrics.store_errors.inc()
-            decision = self.refusal_decision(
-                ctx, Reason.SERVICE_UNAVAILABLE, "state store unavailable"
-            )
-            with suppress(AuditUnavailable):
-                self.record_decision(ctx, decision)
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
-            )
-        started = self.clock.monotonic()
-        decision = await rt.pipeline.evaluate(ctx)
-        self.metrics.decision_seconds.observe(self.clock.monotonic() - started)
-        route = ctx.route
-        route_label = route.name if route else "-"
-        if route is not None:
-            self.metrics.risk_score.labels(route_label).observe(ctx.risk_score)
-        if ctx.session is not None and ctx.session.session is not None:
-            self.metrics.anomaly_score.observe(ctx.session.anomaly)
-        if decision.reason in (Reason.RISK_STEP_UP, Reason.RISK_DENIED) and route is not None:
-            top = next(
-                (
-                    f.reason.value
-                    for f in decision.findings
-                    if f.stage == "risk" and f.verdict is None
-                ),
-                "none",
-            )
-            self.metrics.risk_refusals.labels(route_label, decision.verdict.label, top).inc()
-        try:
-            self.record_decision(ctx, decision)
-            await self.keeper.after_decision(ctx, decision)
-            if decision.allowed:
-                remember(rt, ctx)
-        except AuditUnavailable:
-            # SECURITY: a decision we cannot record is not acted on (fail closed).
-            self.metrics.audit_unavailable.inc()
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
-            )
-        except StoreUnavailable:
-            self.metrics.store_errors.inc()
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept, extra={"Retry-After": "5"}
-            )
-        if not decision.allowed or route is None:
-            return self._render_refusal(ctx, decision, accept)
-        response_headers: dict[str, str] = {}
-        if self.audit.needs_sync:
-            refused = await self._audit_durable(request, ctx.decision_id)
-            if refused is not None:
-                return refused
-        headers = self._upstream_headers(ctx, request, decision)
-        assert ctx.path is not None
-        route_seconds = self.metrics.request_seconds.labels(route_label)
-        head_seconds: list[float] = []
-        observe_head = self.metrics.upstream_seconds.labels(route_label).observe
-
-        def on_head(seconds: float) -> None:
-            head_seconds.append(seconds)
-            observe_head(seconds)
-
-        # (outcome, upstream status, status answered, refusal reason): recorded once known.
-        outcome: tuple[str, int | None, int, Reason | None] | None = None
-        forwarding = self.clock.monotonic()
-        try:
-            if ctx.websocket:
-                watch = Watch()
-                self._watches.add(watch)
-                try:
-                    ws = await bridge_websocket(
-                        request,
-                        self.upstreams.session(route.upstream),
-                        upstream_url(route, ctx.path, ctx.query),
-                        headers,
-                        recheck=lambda: self._recheck(request, conn),
-                        interval=WS_RECHECK_INTERVAL,
-                        watch=watch,
-                    )
-                    outcome = ("websocket", ws.status, ws.status, None)
-                    return ws
-                finally:
-                    self._watches.discard(watch)
-            response = await forward_http(
-                request,
-                route,
-                self.upstreams.pool(route.upstream),
-                upstream_target(route, ctx.path, ctx.query),
-                headers,
-                decision_id=ctx.decision_id,
-                extra_headers=response_headers,
-                on_upstream_head=on_head,
-                clock=self.clock,
-            )
-            outcome = ("responded", response.status, response.status, None)
-            return response
-        except BodyTooLarge:
-            self.metrics.requests.labels(route_label, "deny", Reason.BODY_TOO_LARGE.value).inc()
-            resp = self._refusal(Reason.BODY_TOO_LARGE, ctx.decision_id, accept)
-            resp.force_close()
-            outcome = ("body-too-large", None, resp.status, Reason.BODY_TOO_LARGE)
-            return resp
-        except UpstreamFailure as fail:
-            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
-            log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
-            outcome = (fail.kind, None, fail.reason.status, fail.reason)
-            return self._refusal(fail.reason, ctx.decision_id, accept)
-        except Exception as exc:
-            # aiohttp's websocket client raises its own errors for refused upgrades.
-            failure = classify(exc)
-            self.metrics.upstream_errors.labels(route_label, failure.kind).inc()
-            log.warning("upstream %s failed: %r", route.upstream.name, exc)
-            outcome = (failure.kind, None, failure.reason.status, failure.reason)
-            return self._refusal(failure.reason, ctx.decision_id, accept)
-        finally:
-            now = self.clock.monotonic()
-            route_seconds.observe(now - ctx.started)
-            if outcome is not None:
-                self._record_upstream(
-                    ctx, outcome, now - forwarding, head_seconds[0] if head_seconds else None
-                )
-
-    def _record_upstream(
-        self,
-        ctx: RequestContext,
-        outcome: tuple[str, int | None, int, Reason | None],
-        seconds: float,
-        head_seconds: float | None,
-    ) -> None:
-        """The upstream's outcome, as an event linked to the decision (audit/events.py)."""
-        kind, status, answered, reason = outcome
-        if self.config.audit.upstream_events == "failures" and reason is None:
-            return
-        route = ctx.route
-        assert route is not None
-        ident, cert = ctx.identity, ctx.cert
-        event = upstream_event(
-            ctx.decision_id,
-            route=route.name,
-            upstream=route.upstream.name,
-            outcome=kind,
-            status=status,
-            answered=answered,
-            seconds=seconds,
-            head_seconds=head_seconds,
-            reason=reason.value if reason is not None else None,
-            user=ident.user if ident else None,
-            device=cert.device_id if cert else None,
-            client_ip=ctx.client_ip,
-        )
-        try:
-            self.audit.record(event)
-        except AuditUnavailable:
-            # Answered already; the decision itself is in the log. Counted, and /readyz says.
-            self.metrics.audit_unavailable.inc()
-
-    async def _audit_durable(
-        self, request: web.BaseRequest, decision_id: str | None
-    ) -> web.Response | None:
-        """`durability = "fsync"`: this request's events on stable storage before it is
-        answered or forwarded (one fdatasync shared by every request waiting now).
-
-        None once synced; a refusal (503) when the sync failed (fail closed).
-        """
-        try:
-            await self.audit.sync()
-        except AuditUnavailable:
-            self.metrics.audit_unavailable.inc()
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE,
-                decision_id or "-",
-                request.headers.get("Accept", ""),
-                extra={"Retry-After": "5"},
-            )
-        return None
-
-    async def _recheck(self, request: web.BaseRequest, conn: GatewayRequestHandler) -> Decision:
-        """Re-run the whole decision for an open WebSocket, on the current snapshot."""
-        rt = self.runtime
-        ctx = RequestContext.from_request(
-            request,
-            cert=conn.cert,
-            peer_ip=conn.peer_ip or None,
-            trusted_proxies=rt.config.server.trusted_proxies,
-            allow_encoded_slash=rt.config.server.allow_encoded_slash,
-            sni=conn.sni,
-            clock=self.clock,
-        )
-        decision: Decision = await rt.pipeline.evaluate(ctx)
-        if not decision.allowed:
-            self.metrics.requests.labels(
-                ctx.route.name if ctx.route else "-", decision.verdict.label, decision.reason.value
-            ).inc()
-            with suppress(AuditUnavailable):
-                event = self.audit_event(ctx, decision, request)
-                event["input"]["websocket_recheck"] = True
-                self.audit.record(event)
-        return decision
-
+    # --- what the gateway's own endpoints use ------------------------------------------------
     def record_decision(self, ctx: RequestContext, decision: Decision) -> None:
-        """Count and audit one decision; raises AuditUnavailable (the caller fails closed)."""
-        route_label = ctx.route.name if ctx.route else "-"
-        if not self.audit.healthy:
-            # SECURITY: the audit writer is failing (disk full, read-only database): refuse
-            # rather than act on decisions nobody will be able to account for.
-            raise AuditUnavailable("audit log is failing")
-        self.metrics.requests.labels(
-            route_label, decision.verdict.label, decision.reason.value
-        ).inc()
-        if decision.monitor:
-            self.metrics.would_deny.labels(route_label, decision.reason.value).inc()
-        elif not decision.allowed:
-            stage = next(
-                (f.stage for f in decision.findings if f.reason is decision.reason and f.verdict),
-                "request",
-            )
-            self.metrics.refusals.labels(route_label, stage, decision.reason.value).inc()
-        self.audit.record(self.audit_event(ctx, decision, None))
+        """Count and audit a decision taken outside the pipeline; raises AuditUnavailable."""
+        self.recorder.record(ctx, decision)
 
     def record_outcome(
         self, ctx: RequestContext, stage: str, verdict: Verdict, reason: Reason, detail: str = ""
     ) -> None:
-        """Audit and count a decision taken outside the pipeline (the gateway's own endpoints).
-
-        Raises AuditUnavailable, counted, so a caller that must fail closed can.
-        """
+        """Audit and count an outcome of the gateway's own endpoints (raises AuditUnavailable)."""
         finding = Finding(stage, reason, verdict, detail=detail)
-        try:
-            self.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
-        except AuditUnavailable:
-            self.metrics.audit_unavailable.inc()
-            raise
+        self.record_decision(ctx, Decision(ctx.decision_id, verdict, reason, (finding,)))
+
+    def refusal_decision(self, ctx: RequestContext, reason: Reason, detail: str) -> Decision:
+        """A refusal decided outside the pipeline, with its one finding."""
+        return refusal(ctx, reason, detail)
+
+    def asserted_identity(self, ctx: RequestContext, decision: Decision) -> dict[str, str]:
+        return asserted_identity(self.signer, ctx, decision)
+
+    def audit_event(
+        self, ctx: RequestContext, decision: Decision, request: object = None
+    ) -> dict[str, Any]:
+        return audit_event(ctx, decision, self.config.revision, mask_key=self.mask_key)
 
     async def ensure_device(self, ctx: RequestContext) -> None:
         """Register the presented certificate's device if this is its first contact."""
@@ -861,236 +567,6 @@ class Gateway:
             return
         await self.store.register_device(
             new_device(cert, ctx.now, ctx.client_ip, approved=self.config.devices.auto_approve)
-        )
-
-    def refusal_decision(self, ctx: RequestContext, reason: Reason, detail: str) -> Decision:
-        """A refusal decided outside the pipeline, with its one finding."""
-        finding = Finding("request", reason, Verdict.DENY, detail=detail)
-        ctx.findings.append(finding)
-        return Decision(ctx.decision_id, Verdict.DENY, reason, (finding,))
-
-    def _upstream_headers(
-        self, ctx: RequestContext, request: web.BaseRequest, decision: Decision
-    ) -> Any:
-        route = ctx.route
-        assert route is not None
-        return upstream_request_headers(
-            ctx.headers,
-            self.identity_headers(ctx, request.host, decision),
-            forward_authorization=route.forward_authorization,
-            websocket=ctx.websocket,
-            drop_cookies=(self.config.sessions.cookie_name,),
-            identity_names=identity_header_names(route.headers),
-        )
-
-    def identity_headers(
-        self, ctx: RequestContext, original_host: str, decision: Decision
-    ) -> dict[str, str]:
-        """The headers the upstream may trust: forwarding facts, identity, signed assertion."""
-        add: dict[str, str] = {
-            "X-Forwarded-For": ctx.client_ip,
-            "X-Forwarded-Proto": ctx.forwarded_proto,
-            "X-Forwarded-Host": original_host,
-        }
-        add.update(self.asserted_identity(ctx, decision))
-        return add
-
-    def asserted_identity(self, ctx: RequestContext, decision: Decision) -> dict[str, str]:
-        """Identity headers and the signed assertion (also what forward-auth answers).
-
-        A request a monitor-mode route let through says so in its assertion; identities that
-        failed their own checks never get this far (pipeline._NEVER_MONITORED)."""
-        route = ctx.route
-        assert route is not None
-        h = route.headers
-        ident = ctx.identity
-        add: dict[str, str] = {DECISION_HEADER: ctx.decision_id}
-        if ident is not None:
-            if ident.user:
-                add[h.user] = ident.user
-            if ident.email:
-                add[h.email] = ident.email
-            if ident.groups:
-                add[h.groups] = list_header_value(ident.groups)
-            if ident.device_id:
-                add[h.device] = ident.device_id
-            add[h.assertion] = self.signer.sign(
-                audience=route.name,
-                user=ident.user,
-                email=ident.email,
-                groups=ident.groups,
-                device_id=ident.device_id,
-                source=ident.source,
-                now=ctx.now,
-                would=decision.would_verdict.label
-                if decision.monitor and decision.would_verdict
-                else None,
-            )
-        return add
-
-    def _render_refusal(self, ctx: RequestContext, decision: Decision, accept: str) -> web.Response:
-        """Refusal, step-up challenge or redirect, rate-limit hint, stale-cookie clean-up."""
-        route = ctx.route
-        reason, verdict = decision.reason, decision.verdict
-        route_label = route.name if route else "-"
-        detail = None
-        if route is not None and route.expose_detail:
-            detail = next((f.detail for f in decision.findings if f.reason is reason), None)
-        extra: dict[str, str] = {}
-        if ctx.retry_after:
-            extra["Retry-After"] = str(max(1, math.ceil(ctx.retry_after)))
-        if verdict is Verdict.TERMINATE:
-            self.metrics.terminations.labels(route_label, reason.value).inc()
-        browser = ctx.wants_html
-        if browser and self.oidc is not None and reason in _SIGN_IN_AGAIN:
-            # A person without a (valid) sign-in: send them to sign in, then back here.
-            stale = ctx.session is not None and ctx.session.cookie_invalid
-            cookies = (clear_cookie_header(self.config.sessions.cookie_name),) if stale else ()
-            return see_other(portal.login_redirect(ctx), ctx.decision_id, *cookies)
-        if browser and reason in (Reason.DEVICE_NONCOMPLIANT, Reason.POSTURE_STALE):
-            # The remediation page says exactly what to fix on this device.
-            return see_other("/.ztgw/device", ctx.decision_id)
-        if verdict is Verdict.STEP_UP:
-            self.metrics.step_ups.labels("issued").inc()
-            if ctx.wants_html and self.mfa.available:
-                target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
-                return see_other("/.ztgw/mfa?rd=" + quote(target, safe="/"), ctx.decision_id)
-        continue_to = None
-        if (
-            reason is Reason.ORIGIN_DENIED
-            and ctx.path is not None
-            and ctx.method in ("GET", "HEAD")
-            and ctx.fetch.navigation
-        ):
-            # A link from another site: the person confirms with a click on our own page,
-            # which the browser then sends as a same-origin navigation (docs/security.md).
-            continue_to = encode_path(ctx.path) + ("?" + ctx.query if ctx.query else "")
-        resp = self._refusal(
-            reason,
-            ctx.decision_id,
-            accept,
-            verdict=verdict,
-            detail=detail,
-            extra=extra,
-            continue_to=continue_to,
-        )
-        if verdict is Verdict.STEP_UP:
-            # RFC 9470 §3: the step-up challenge, with max_age when the route bounds MFA age.
-            challenge = (
-                'Bearer realm="ztgateway", error="insufficient_user_authentication", '
-                f'error_description="{reason.value}: complete TOTP at /.ztgw/mfa/verify"'
-            )
-            if ctx.mfa_max_age:
-                challenge += f", max_age={int(ctx.mfa_max_age)}"
-            resp.headers["WWW-Authenticate"] = challenge
-        view = ctx.session
-        if view is not None and view.cookie_invalid:
-            resp.headers["Set-Cookie"] = clear_cookie_header(self.config.sessions.cookie_name)
-        return resp
-
-    def _refusal(
-        self,
-        reason: Reason,
-        decision_id: str,
-        accept: str,
-        *,
-        verdict: Verdict = Verdict.DENY,
-        detail: str | None = None,
-        extra: dict[str, str] | None = None,
-        continue_to: str | None = None,
-    ) -> web.Response:
-        resp = problem(
-            reason,
-            decision_id,
-            verdict=verdict,
-            accept=accept,
-            detail=detail,
-            extra_headers=extra,
-            continue_to=continue_to,
-        )
-        resp.headers["Server"] = SERVER_BANNER
-        return resp
-
-    def audit_event(
-        self, ctx: RequestContext, decision: Decision, request: web.BaseRequest | None
-    ) -> dict[str, Any]:
-        headers, masked = mask_headers(ctx.headers.items(), key=self.mask_key)
-        query, masked_q = mask_query(ctx.query, key=self.mask_key)
-        ident = ctx.identity
-        cert = ctx.cert
-        return {
-            "decision_id": ctx.decision_id,
-            "type": "ztgw.decision",
-            "route": ctx.route.name if ctx.route else None,
-            "input": {
-                "method": ctx.method,
-                "host": ctx.host,
-                "path": ctx.path,
-                "raw_path": ctx.raw_path if ctx.path != ctx.raw_path else None,
-                "query": query,
-                "client_ip": ctx.client_ip,
-                "peer_ip": ctx.peer_ip,
-                "user": ident.user if ident else None,
-                "device": cert.device_id if cert else None,
-                # The stored session's id (a hash, never the cookie or token): what `sessions
-                # show` lists and `audit search --session` finds.
-                "session": ctx.session.session_id if ctx.session else None,
-                "cert": cert.to_json() if cert else None,
-                "headers": headers,
-                "websocket": ctx.websocket,
-            },
-            "identity": ident.to_json() if ident else None,
-            "result": {
-                "verdict": decision.verdict.label,
-                "reason": decision.reason.value,
-                "findings": [f.to_json() for f in decision.findings],
-                "monitor": decision.monitor,
-                "would_verdict": decision.would_verdict.label if decision.would_verdict else None,
-            },
-            "masked": sorted(masked + masked_q),
-            "policy_revision": self.config.revision,
-        }
-
-    async def _internal(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
-        """Gateway endpoints under /.ztgw/ (served to any client that passed the handshake)."""
-        try:
-            return await self._endpoint(request, ctx)
-        except StoreUnavailable:
-            # Fail closed, and say so: not a stage error.
-            self.metrics.store_errors.inc()
-            decision = self.refusal_decision(ctx, Reason.SERVICE_UNAVAILABLE, "state store")
-            with suppress(AuditUnavailable):
-                self.record_decision(ctx, decision)
-            return self._refusal(
-                Reason.SERVICE_UNAVAILABLE,
-                ctx.decision_id,
-                request.headers.get("Accept", ""),
-                extra={"Retry-After": "5"},
-            )
-
-    async def _endpoint(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
-        if ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
-            resp = web.json_response(self.signer.jwks, headers={"Cache-Control": "max-age=300"})
-            resp.headers["Server"] = SERVER_BANNER
-            return resp
-        if ctx.path == "/.ztgw/posture" and ctx.method == "POST":
-            return await endpoints.posture_report(self, request, ctx)
-        if ctx.path == "/.ztgw/device" and ctx.method in ("GET", "HEAD"):
-            return await endpoints.device_status(self, request, ctx)
-        if ctx.path == "/.ztgw/mfa/verify" and ctx.method == "POST":
-            return await mfa_endpoints.verify_api(self, request, ctx)
-        if ctx.path == "/.ztgw/mfa" and ctx.method in ("GET", "POST"):
-            return await mfa_endpoints.step_up_page(self, request, ctx)
-        if ctx.path == "/.ztgw/mfa/enroll" and ctx.method in ("GET", "POST"):
-            return await mfa_endpoints.enroll_page(self, request, ctx)
-        page_handler = _PORTAL_PAGES.get((ctx.path or "", ctx.method))
-        if page_handler is not None:
-            return await page_handler(self, request, ctx)
-        decision = self.refusal_decision(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "")
-        with suppress(AuditUnavailable):
-            self.record_decision(ctx, decision)
-        return self._refusal(
-            Reason.ROUTE_NOT_FOUND, ctx.decision_id, request.headers.get("Accept", "")
         )
 
     # --- ops helpers ----------------------------------------------------------------------------

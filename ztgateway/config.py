@@ -57,9 +57,13 @@ class ServerConfig:
     allow_encoded_slash: bool = False
     public_url: str = ""
     workers: int = 1
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
+    max_target_bytes: int = 8190
     hosts: tuple[str, ...] = ()
-    """The names clients may address the gateway by (Host, SNI); "*.example.com" covers one
-    label. Empty: the server certificate's names and public_url's host (hostnames.py)."""
+    allow_trace: bool = False
+    websocket_ping_interval: float = 20.0
+    websocket_max_message: int = 4 * 1024 * 1024
     invalid_credentials_limit: int = 30
     """Failed credential verifications per client address within the window before further
     credentials from it are refused unverified (throttle.py); 0 turns the throttle off."""
@@ -491,7 +495,15 @@ def _server(t: Table) -> ServerConfig:
         allow_encoded_slash=t.flag("allow_encoded_slash", False),
         public_url=t.text("public_url", ""),
         workers=t.integer("workers", 1, min=1, max=64),
-        hosts=_hostnames(t, "hosts"),
+        body_timeout=t.duration("body_timeout", 30.0, min=0.1),
+        send_timeout=t.duration("send_timeout", 30.0, min=0.1),
+        max_target_bytes=t.integer("max_target_bytes", 8190, min=256, max=65536),
+        hosts=tuple(_host_names(t)),
+        allow_trace=t.flag("allow_trace", False),
+        websocket_ping_interval=t.duration("websocket_ping_interval", 20.0, min=0.1),
+        websocket_max_message=t.integer(
+            "websocket_max_message", 4 * 1024 * 1024, min=1024, max=1 << 30
+        ),
         invalid_credentials_limit=t.integer("invalid_credentials_limit", 30, min=0),
         invalid_credentials_window=t.duration("invalid_credentials_window", 60.0, min=1.0),
         hsts_max_age=t.integer("hsts_max_age", 31_536_000, min=0),
@@ -507,20 +519,19 @@ def _server(t: Table) -> ServerConfig:
     return cfg
 
 
-_HOSTNAME = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*\.?$")
-
-
-def _hostnames(t: Table, key: str) -> tuple[str, ...]:
+def _host_names(t: Table) -> list[str]:
+    """`server.hosts`: the Host names the data plane answers for (RFC 9110 §7.2)."""
     out = []
-    for i, name in enumerate(t.str_list(key)):
-        n = name.strip().lower()
-        try:
-            ipaddress.ip_address(n.strip("[]"))
-        except ValueError:
-            if not _HOSTNAME.match(n):
-                t.fail(f"{key}[{i}]", f"not a host name or IP address: {name!r}")
-        out.append(n)
-    return tuple(out)
+    for name in t.str_list("hosts", ()):
+        host = name.strip().lower()
+        if (
+            not host
+            or any(c in host for c in "/?#@ ")
+            or (":" in host and not host.startswith("["))
+        ):
+            t.fail("hosts", f"{name!r} is not a host name (no scheme, port or path)")
+        out.append(host)
+    return out
 
 
 def _tls(t: Table) -> TLSConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,10 +24,9 @@ from .headerfamilies import forwarding_header, protected_header
 from .paths import PathError, normalize_path
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .config import RouteConfig
     from .credentials.jwt import VerifiedToken
+    from .http1 import Request
     from .stages.device import DeviceView
     from .stages.session import SessionView
     from .tls import CertInfo
@@ -127,14 +127,16 @@ class RequestContext:
     _fetch: FetchContext | None = None
     authority: str = ""
     """The host (with its port) the client addressed: the Host header, or the edge's."""
-    sni: str | None = None
-    """The server name the client's TLS handshake asked for (None: none sent, or an IP)."""
     unstrippable: bool = False
     """The gateway does not forward this request itself (forward-auth): a protected header
     cannot be stripped, so the request stage refuses it."""
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"
+    content_length: int | None = None
+    """The declared body length (None: no body or chunked), judged against the route's limit."""
+    protocol_error: str | None = None
+    """What the HTTP protocol refused, when it refused the request before any stage."""
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -166,18 +168,16 @@ class RequestContext:
     @classmethod
     def from_request(
         cls,
-        request: web.BaseRequest,
+        request: Request,
         *,
-        cert: CertInfo | None,
         trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
         allow_encoded_slash: bool = False,
-        peer_ip: str | None = None,
-        sni: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> RequestContext:
-        if peer_ip is None:
-            peer = request.transport.get_extra_info("peername") if request.transport else None
-            peer_ip = str(peer[0]) if peer else ""
+        """The context of a request on the data plane; the connection's peer and certificate
+        were taken once, when it was accepted."""
+        peer_ip = request.peer_ip
+        cert = request.cert
         headers = request.headers
         client_ip = peer_ip
         peer_trusted = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)
@@ -193,7 +193,6 @@ class RequestContext:
             method=request.method,
             host=host,
             authority=request.headers.get("Host", ""),
-            sni=sni,
             raw_path=raw_path,
             query=query,
             headers=headers,
@@ -202,13 +201,11 @@ class RequestContext:
             cert=cert,
             spoofed_headers=spoofed,
             websocket=is_websocket_handshake(request.method, headers),
+            content_length=request.content_length,
             started=clock.monotonic(),
             now=clock.time(),
         )
-        try:
-            ctx.path = normalize_path(raw_path, allow_encoded_slash=allow_encoded_slash)
-        except PathError as exc:
-            ctx.path_error = str(exc)
+        ctx.path, ctx.path_error = _normalized(raw_path, allow_encoded_slash)
         return ctx
 
     @classmethod
@@ -252,6 +249,15 @@ class RequestContext:
         except PathError as exc:
             ctx.path_error = str(exc)
         return ctx
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(raw_path: str, allow_encoded_slash: bool) -> tuple[str | None, str | None]:
+    """The normalised path or why not, once per distinct raw path (clients repeat paths)."""
+    try:
+        return normalize_path(raw_path, allow_encoded_slash=allow_encoded_slash), None
+    except PathError as exc:
+        return None, str(exc)
 
 
 def client_ip_from_forwarded(

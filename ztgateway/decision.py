@@ -48,6 +48,12 @@ class Reason(enum.StrEnum):
     ORIGIN_DENIED = "origin-denied"
     HEADER_TOO_LARGE = "header-too-large"
     BODY_TOO_LARGE = "body-too-large"
+    TARGET_TOO_LONG = "target-too-long"
+    HOST_INVALID = "host-invalid"
+    EXPECTATION_UNSUPPORTED = "expectation-unsupported"
+    VERSION_UNSUPPORTED = "version-unsupported"
+    REQUEST_TIMEOUT = "request-timeout"
+    WEBSOCKET_INVALID = "websocket-invalid"
     # the gateway's own forms and state-changing endpoints (forms.py)
     ORIGIN_MISMATCH = "origin-mismatch"
     CSRF_INVALID = "csrf-invalid"
@@ -153,6 +159,12 @@ _STATUS: dict[Reason, int] = {
     Reason.ORIGIN_DENIED: 403,
     Reason.HEADER_TOO_LARGE: 431,
     Reason.BODY_TOO_LARGE: 413,
+    Reason.TARGET_TOO_LONG: 414,
+    Reason.HOST_INVALID: 400,
+    Reason.EXPECTATION_UNSUPPORTED: 417,
+    Reason.VERSION_UNSUPPORTED: 505,
+    Reason.REQUEST_TIMEOUT: 408,
+    Reason.WEBSOCKET_INVALID: 400,
     Reason.ORIGIN_MISMATCH: 403,
     Reason.CSRF_INVALID: 400,
     Reason.MEDIA_TYPE_UNSUPPORTED: 415,
@@ -206,10 +218,16 @@ _TITLES: dict[Reason, str] = {
     Reason.PATH_INVALID: "The request path is not acceptable",
     Reason.REQUEST_INVALID: "The request is malformed",
     Reason.HEADER_SPOOFED: "The request carried identity headers that only the gateway may set",
-    Reason.HOST_MISDIRECTED: "This gateway does not serve that host name",
     Reason.ORIGIN_DENIED: "Another site's page may not make this request with your identity",
     Reason.HEADER_TOO_LARGE: "The request headers are too large",
     Reason.BODY_TOO_LARGE: "The request body is too large",
+    Reason.TARGET_TOO_LONG: "The request target is too long",
+    Reason.HOST_INVALID: "The request needs exactly one valid Host",
+    Reason.HOST_MISDIRECTED: "This gateway does not answer for that host name",
+    Reason.EXPECTATION_UNSUPPORTED: "Only Expect: 100-continue is supported",
+    Reason.VERSION_UNSUPPORTED: "Only HTTP/1.x is spoken here",
+    Reason.REQUEST_TIMEOUT: "The request body did not arrive in time",
+    Reason.WEBSOCKET_INVALID: "The WebSocket handshake is not acceptable",
     Reason.ORIGIN_MISMATCH: "This request did not come from this site",
     Reason.CSRF_INVALID: "The form expired or did not come from this site",
     Reason.MEDIA_TYPE_UNSUPPORTED: "The request body is not of a type accepted here",

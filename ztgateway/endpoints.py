@@ -18,6 +18,7 @@ from .context import RequestContext
 from .decision import Reason, Verdict
 from .forms import JSON_TYPE, media_type, read_checked_body
 from .forward.headers import SERVER_BANNER
+from .http1 import Request
 from .posture import (
     MAX_REPORT_BYTES,
     PostureError,
@@ -61,9 +62,7 @@ def _refuse(
     return problem(reason, ctx.decision_id, accept=accept, detail=detail)
 
 
-async def posture_report(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def posture_report(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/posture: the presented certificate's device reports its posture.
 
     Only from the device's agent: another site's page could otherwise post for the visitor's
@@ -159,9 +158,7 @@ async def posture_report(
     )
 
 
-async def device_status(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def device_status(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/device: the device's state, last posture and what to fix (page or JSON)."""
     cert = ctx.cert
     accept = request.headers.get("Accept", "")

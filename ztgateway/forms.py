@@ -41,6 +41,7 @@ from aiohttp import web
 from .audit import AuditUnavailable
 from .decision import Reason, Verdict
 from .fetchmeta import own_origin
+from .http1 import Request
 from .paths import PathError, encode_path, normalize_path
 from .responses import problem, wants_html
 
@@ -128,7 +129,7 @@ def require_type(ctx: RequestContext, *accepted: str) -> Refusal | None:
     )
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes | None:
+async def read_body(request: Request, limit: int) -> bytes | None:
     """At most `limit` bytes of the body, or None when it is longer (the one place that reads
     a body for the gateway's own endpoints)."""
     if request.content_length is not None and request.content_length > limit:
@@ -249,7 +250,7 @@ def refuse(gw: FormGateway, ctx: RequestContext, refusal: Refusal, *, stage: str
 
 async def read_checked_form(
     gw: FormGateway,
-    request: web.BaseRequest,
+    request: Request,
     ctx: RequestContext,
     purpose: str,
     cookie_value: str | None,
@@ -277,7 +278,7 @@ async def read_checked_form(
 
 async def read_checked_body(
     gw: FormGateway,
-    request: web.BaseRequest,
+    request: Request,
     ctx: RequestContext,
     *types: str,
     limit: int,

@@ -26,14 +26,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .audit import AuditUnavailable
 from .certverify import CertRefused
 from .context import RequestContext, spoofed_headers
 from .decision import Decision, Reason
 from .headerfamilies import EDGES, CertFormat
 from .ops import RELAY_PEER_HEADER
 from .responses import problem
-from .tls import CertInfo
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -47,18 +45,21 @@ def _is_trusted(peer: str, gw: Gateway) -> bool:
     return any(addr in net for net in gw.config.forward_auth.trusted_proxies)
 
 
-def _answer(gw: Gateway, ctx: RequestContext, decision: Decision) -> web.StreamResponse:
-    try:
-        gw.record_decision(ctx, decision)
-    except AuditUnavailable:
-        return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, status=503)
+def _answer(ctx: RequestContext, decision: Decision, gw: Gateway) -> web.StreamResponse:
     if not decision.allowed or ctx.route is None:
         # nginx auth_request understands only 401 and 403 (anything else becomes a 500).
         status = 401 if decision.status == 401 else 403
+        if decision.reason is Reason.SERVICE_UNAVAILABLE:
+            status = 503
         resp = problem(decision.reason, ctx.decision_id, verdict=decision.verdict, status=status)
         resp.headers["X-ZT-Reason"] = decision.reason.value
         return resp
     return web.Response(status=200, headers=gw.asserted_identity(ctx, decision))
+
+
+def _refuse(gw: Gateway, ctx: RequestContext, reason: Reason, detail: str) -> web.StreamResponse:
+    """A refusal before the pipeline, recorded on the one decision path."""
+    return _answer(ctx, gw.decisions.refuse(ctx, reason, detail, "request").decision, gw)
 
 
 async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
@@ -70,11 +71,11 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
         raise web.HTTPNotFound()
     if not _is_trusted(peer, gw):
         ctx = RequestContext.synthetic(method="GET", path="/", client_ip=peer, clock=gw.clock)
-        decision = gw.refusal_decision(
-            ctx, Reason.REQUEST_INVALID, "forward-auth caller not trusted"
-        )
-        gw.record_decision(ctx, decision)
-        return problem(Reason.REQUEST_INVALID, ctx.decision_id, status=403)
+        refused = gw.decisions.refuse(
+            ctx, Reason.REQUEST_INVALID, "forward-auth caller not trusted", "request"
+        ).decision
+        status = 503 if refused.reason is Reason.SERVICE_UNAVAILABLE else 403
+        return problem(refused.reason, ctx.decision_id, status=status)
     edge = EDGES[fa.edge]
     consumed = {n.lower() for n in (edge.uri, edge.method, edge.host, edge.client)}
     if gw.ops_socket is not None:
@@ -97,41 +98,38 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
     # (identity, original URL, another certificate header) came from the client.
     ctx.spoofed_headers = spoofed_headers(CIMultiDictProxy(passed), from_trusted_proxy=True)
     if edge.uri not in h:
-        return _answer(
-            gw, ctx, gw.refusal_decision(ctx, Reason.REQUEST_INVALID, f"no {edge.uri} header")
-        )
+        return _refuse(gw, ctx, Reason.REQUEST_INVALID, f"no {edge.uri} header")
     if ctx.spoofed_headers:
         gw.metrics.spoofed_headers.inc(len(ctx.spoofed_headers))
         detail = "the edge passes them on unchanged: " + ", ".join(ctx.spoofed_headers)
-        return _answer(gw, ctx, gw.refusal_decision(ctx, Reason.HEADER_SPOOFED, detail))
+        return _refuse(gw, ctx, Reason.HEADER_SPOOFED, detail)
     if fa.cert_header:
         values = h.getall(fa.cert_header, ())
         if len(values) > 1:
-            refusal = gw.refusal_decision(
-                ctx, Reason.HEADER_SPOOFED, f"{fa.cert_header} more than once"
-            )
-            return _answer(gw, ctx, refusal)
+            return _refuse(gw, ctx, Reason.HEADER_SPOOFED, f"{fa.cert_header} more than once")
         if values and values[0].strip():
-            verified = await verify_forwarded_cert(gw, ctx, values[0], edge.cert_format)
-            if isinstance(verified, Decision):
-                return _answer(gw, ctx, verified)
-            ctx.cert = verified
-    return _answer(gw, ctx, await gw.runtime.pipeline.evaluate(ctx))
+            problem_ = await verify_forwarded_cert(gw, ctx, values[0], edge.cert_format)
+            if problem_ is not None:
+                return _refuse(gw, ctx, *problem_)
+    # The same decide-and-record path as the data plane (security review M4): the audit event,
+    # the metrics, and the session write-back (touch, anomaly, failed attempts, revocation on
+    # TERMINATE) all happen here too.
+    return _answer(ctx, (await gw.decisions.decide(ctx, gw.runtime)).decision, gw)
 
 
 async def verify_forwarded_cert(
     gw: Gateway, ctx: RequestContext, value: str, fmt: CertFormat
-) -> CertInfo | Decision:
-    """The header's certificate verified like a handshake, or the refusal to answer with."""
+) -> tuple[Reason, str] | None:
+    """Put the header's certificate on `ctx` once verified like a handshake; else the reason
+    and detail of the refusal."""
     throttle = gw.runtime.throttle
     wait = await throttle.wait(ctx.client_ip, ctx.now)
     if wait:
         ctx.retry_after = wait
-        return gw.refusal_decision(
-            ctx, Reason.CREDENTIALS_THROTTLED, "too many invalid credentials from this address"
-        )
+        return Reason.CREDENTIALS_THROTTLED, "too many invalid credentials from this address"
     try:
-        return gw.tls.current.verifier.verify_header(value, fmt, ctx.now)
+        ctx.cert = gw.tls.current.verifier.verify_header(value, fmt, ctx.now)
     except CertRefused as exc:
         await throttle.failed(ctx.client_ip, ctx.now)
-        return gw.refusal_decision(ctx, exc.reason, exc.detail)
+        return exc.reason, exc.detail
+    return None

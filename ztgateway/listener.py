@@ -1,122 +1,38 @@
-"""The mTLS listener: we run the TLS handshake ourselves, then hand the connection to aiohttp.
+"""The mTLS listener: we run the TLS handshake ourselves, then hand the connection to http1.
 
 Why not `create_server(ssl=...)`: Python's ssl layer logs refused handshakes only in debug
 mode, so a wrong-CA or revoked certificate would be invisible; the context could not be swapped
 on reload per connection; and there is no hook to parse the client certificate once. Here each
 accepted socket is upgraded with `loop.start_tls()` using the *current* context, failures are
-counted by reason, and the parsed certificate rides on the connection's protocol object.
+counted by reason, and the parsed certificate rides on the connection (`http1.Connection`),
+which then owns every HTTP limit and timeout.
 
-Server-side limits live here too: maximum connections, the handshake timeout, and a header
-timeout (slowloris) that aiohttp does not have: the request head must arrive within
-`header_timeout` of its first byte.
-
-Connections that have not finished their handshake are budgeted apart from established ones,
-and per source address (issue 19: one host holding 700 raw sockets that never sent a
+Server-side limits that come before HTTP live here: maximum connections and the handshake
+timeout. Connections that have not finished their handshake are budgeted apart from established
+ones, and per source address (issue 19: one host holding 700 raw sockets that never sent a
 ClientHello filled `max_connections` and kept every legitimate client out for 7.6 s): at most
 `max_pending_handshakes` in all and `max_pending_handshakes_per_source` from one address (one
 /64 for IPv6) may be mid-handshake; `max_connections` counts established connections. Every
 refusal is counted by cause, including the file-descriptor budget (`fd_budget`) that keeps the
-process below its RLIMIT_NOFILE, where libuv would otherwise reset connections silently.
+process below its RLIMIT_NOFILE, where libuv would otherwise reset connections silently. Shutdown drains: no new connections, idle ones close, requests in progress finish
+(answered with `Connection: close`), open WebSockets are closed with 1001, and whatever is
+left at the deadline is cut.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import http_exceptions, web
-from aiohttp.web_protocol import RequestHandler
-
-from .decision import Reason, new_decision_id
-from .responses import problem
-from .tls import CertInfo, CertInfoCache, handshake_failure_reason, server_name
+from .http1 import Connection, Handler, Limits
+from .tls import CertInfoCache, handshake_failure_reason, server_name
 
 log = logging.getLogger("ztgateway.listener")
-
-
-class GatewayRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, plus what the gateway knows about the connection."""
-
-    __slots__ = (
-        "_header_timer",
-        "_in_request",
-        "cert",
-        "listener",
-        "peer_ip",
-        "sni",
-        "tls_version",
-    )
-
-    def __init__(self, manager: web.Server, listener: Listener, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self.listener = listener
-        self.cert: CertInfo | None = None
-        self.tls_version: str | None = None
-        self.sni: str | None = None
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._in_request = False
-        self.peer_ip = ""
-
-    # --- slowloris: the head of a request must arrive within header_timeout -------------
-    def data_received(self, data: bytes) -> None:
-        if not self._in_request and self._header_timer is None:
-            self._header_timer = self._loop.call_later(
-                self.listener.header_timeout, self._header_timeout
-            )
-        super().data_received(data)
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if not self._in_request and self.transport is not None:
-            self.listener.on_header_timeout()
-            self.force_close()
-
-    def request_started(self) -> None:
-        self._in_request = True
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def request_finished(self) -> None:
-        self._in_request = False
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        self.listener.on_connection_closed()
-        super().connection_lost(exc)
-
-    # --- parser refusals become problem+json with a decision id and an audit event ----------
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
-        if isinstance(exc, http_exceptions.LineTooLong | http_exceptions.InvalidHeader) and (
-            "Got more than" in str(exc) or "too long" in str(exc).lower()
-        ):
-            reason = Reason.HEADER_TOO_LARGE
-        elif status >= 500:
-            reason = Reason.STAGE_ERROR
-            log.error("unhandled error on %s", request.path, exc_info=exc)
-        else:
-            reason = Reason.REQUEST_INVALID
-        decision_id = new_decision_id()
-        self.listener.on_protocol_error(self, request, reason, decision_id, exc)
-        resp = problem(reason, decision_id, status=reason.status)
-        resp.headers["Server"] = "ztgateway"
-        self.listener.decorate(resp)
-        resp.force_close()
-        return resp
 
 
 class Listener:
@@ -125,24 +41,17 @@ class Listener:
     def __init__(
         self,
         *,
-        handler: Callable[[web.BaseRequest], Any],
+        handler: Handler,
         context: Callable[[], ssl.SSLContext],
+        limits: Limits,
         handshake_timeout: float,
-        header_timeout: float,
-        idle_timeout: float,
         max_connections: int,
-        max_header_bytes: int,
-        max_headers: int,
         max_pending_handshakes: int = 1024,
         max_pending_handshakes_per_source: int = 64,
+        clock: Callable[[], float],
         on_handshake: Callable[[str | None, str | None], None],
-        on_protocol_error: Callable[
-            [GatewayRequestHandler, web.BaseRequest, Reason, str, BaseException | None], None
-        ],
-        on_header_timeout: Callable[[], None],
         on_connection_change: Callable[[int], None],
         on_rejected: Callable[[str], None],
-        decorate: Callable[[web.StreamResponse], None] = lambda resp: None,
     ) -> None:
         self._handler = handler
         self._context = context
@@ -150,82 +59,49 @@ class Listener:
         """Connections (pending + established) the file-descriptor limit leaves room for."""
         self.pending_by_source: dict[str, int] = {}
         self.established = 0
-        self._on_handshake = on_handshake
-        self._on_protocol_error = on_protocol_error
-        self._on_header_timeout = on_header_timeout
-        self._on_connection_change = on_connection_change
-        self._on_rejected = on_rejected
-        self.decorate = decorate
-        """Adds the gateway's security headers to a response it makes itself."""
-        self.open_connections = 0
-        self.pending: set[asyncio.Task[None]] = set()
-        self.certs = CertInfoCache()
-        self.server: asyncio.Server | None = None
-        self.web_server = web.Server(
-            handler,
-            keepalive_timeout=idle_timeout,
-            max_line_size=max_header_bytes,
-            max_field_size=max_header_bytes,
-            max_headers=max_headers,
-            access_log=None,
-            auto_decompress=False,
-            handler_cancellation=True,
-        )
         self.apply_limits(
+            limits=limits,
             handshake_timeout=handshake_timeout,
-            header_timeout=header_timeout,
-            idle_timeout=idle_timeout,
             max_connections=max_connections,
-            max_header_bytes=max_header_bytes,
-            max_headers=max_headers,
             max_pending_handshakes=max_pending_handshakes,
             max_pending_handshakes_per_source=max_pending_handshakes_per_source,
         )
-
-    # callbacks from handlers
-    def on_header_timeout(self) -> None:
-        self._on_header_timeout()
-
-    def on_connection_closed(self) -> None:
-        self.open_connections -= 1
-        self.established -= 1
-        self._on_connection_change(self.open_connections)
+        self._clock = clock
+        self._on_handshake = on_handshake
+        self._on_connection_change = on_connection_change
+        self._on_rejected = on_rejected
+        self.open_connections = 0
+        self.pending: set[asyncio.Task[None]] = set()
+        self.connections: set[Connection] = set()
+        self.certs = CertInfoCache()
+        self.server: asyncio.Server | None = None
+        self._drained: asyncio.Event | None = None
 
     def apply_limits(
         self,
         *,
+        limits: Limits,
         handshake_timeout: float,
-        header_timeout: float,
-        idle_timeout: float,
         max_connections: int,
-        max_header_bytes: int,
-        max_headers: int,
         max_pending_handshakes: int,
         max_pending_handshakes_per_source: int,
     ) -> None:
         """A reload's `[server]` limits, for every connection accepted from now on (issue 19
-        D4: they used to stay as they were at start-up, and the reload said nothing)."""
+        D4); connections already open keep the protocol limits they were accepted with."""
+        self.limits = limits
         self.handshake_timeout = handshake_timeout
-        self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.max_pending = max_pending_handshakes
         self.max_pending_per_source = max_pending_handshakes_per_source
-        self.web_server._kwargs.update(
-            keepalive_timeout=idle_timeout,
-            max_line_size=max_header_bytes,
-            max_field_size=max_header_bytes,
-            max_headers=max_headers,
-        )
 
-    def on_protocol_error(
-        self,
-        conn: GatewayRequestHandler,
-        request: web.BaseRequest,
-        reason: Reason,
-        decision_id: str,
-        exc: BaseException | None,
-    ) -> None:
-        self._on_protocol_error(conn, request, reason, decision_id, exc)
+    def on_connection_closed(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.established -= 1
+            self.open_connections -= 1
+            self._on_connection_change(self.open_connections)
+            if not self.connections and self._drained is not None:
+                self._drained.set()
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
@@ -239,10 +115,6 @@ class Listener:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
-
-    def new_handler(self) -> GatewayRequestHandler:
-        ws = self.web_server
-        return GatewayRequestHandler(ws, self, loop=ws._loop, **ws._kwargs)
 
     def accept(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
         source = source_key(acceptor.peer)
@@ -325,11 +197,11 @@ class Listener:
             if tls_transport is not None:
                 tls_transport.abort()
             return
-        handler = self.new_handler()
         der = ssl_object.getpeercert(binary_form=True)
+        cert = None
         if der:
             try:
-                handler.cert = self.certs.get(der)
+                cert = self.certs.get(der)
             except ValueError:
                 # OpenSSL accepted it but we cannot parse it: refuse rather than guess.
                 self._on_handshake(None, "unparseable_certificate")
@@ -345,24 +217,39 @@ class Listener:
             tls_transport.abort()
             return
         self.established += 1
-        handler.tls_version = ssl_object.version()
-        handler.sni = server_name(ssl_object)
-        # Recorded once: a request handled after the client hung up has no transport left.
-        handler.peer_ip = str(acceptor.peer[0]) if acceptor.peer else ""
-        self._on_handshake(handler.tls_version, None)
-        tls_transport.set_protocol(handler)
-        handler.connection_made(tls_transport)
-        acceptor.hand_over(handler)
+        version = ssl_object.version()
+        conn = Connection(
+            self._handler,
+            self.limits,
+            cert=cert,
+            # Recorded once: a request decided after the client hung up still has its peer.
+            peer_ip=str(acceptor.peer[0]) if acceptor.peer else "",
+            tls_version=version,
+            clock=self._clock,
+            on_close=self.on_connection_closed,
+            sni=server_name(ssl_object),
+        )
+        self.connections.add(conn)
+        self._on_handshake(version, None)
+        tls_transport.set_protocol(conn)
+        conn.connection_made(tls_transport)
+        acceptor.hand_over(conn)
 
     async def close(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
+        """Stop accepting, let requests in progress finish up to `timeout`, then cut the rest."""
         if self.server is not None:
             self.server.close()
         for t in list(self.pending):
             t.cancel()
         await asyncio.gather(*self.pending, return_exceptions=True)
-        self.web_server.pre_shutdown()
-        await self.web_server.shutdown(timeout)
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.connections:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout)
+        for conn in list(self.connections):
+            conn.abort()
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -375,7 +262,7 @@ class _Acceptor(asyncio.Protocol):
     task runs (asyncio's selector loop happens not to), so the ClientHello can land here; left
     here, the TLS layer would wait for it until `handshake_timeout`. `replay_raw()` hands them to
     the TLS protocol. After: decrypted application data that followed the client's Finished
-    before `hand_over()` gave the connection to aiohttp.
+    before `hand_over()` gave the connection to the HTTP protocol.
     """
 
     def __init__(self, listener: Listener) -> None:
@@ -426,12 +313,12 @@ class _Acceptor(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
 
-    def hand_over(self, handler: GatewayRequestHandler) -> None:
+    def hand_over(self, conn: Connection) -> None:
         for chunk in self.buffer:
-            handler.data_received(chunk)
+            conn.data_received(chunk)
         self.buffer.clear()
-        if self.eof:
-            handler.eof_received()
+        if self.eof and not conn.eof_received():
+            conn.close()
 
 
 def source_key(peer: Any) -> str:

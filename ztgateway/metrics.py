@@ -213,6 +213,13 @@ class Metrics:
             "Connections closed because the request head did not arrive in time (slowloris).",
             registry=r,
         )
+        self.connection_timeouts = Counter(
+            "ztgw_connection_timeouts",
+            "Connections the HTTP protocol cut by a timer: header (slowloris), body (a slow "
+            "upload), idle keep-alive, slow_reader (a full output buffer not read in time).",
+            ["timer"],
+            registry=r,
+        )
         self.spoofed_headers = Counter(
             "ztgw_spoofed_headers",
             "Inbound identity or forwarding headers stripped from requests.",

@@ -42,6 +42,7 @@ from .forms import (
     read_checked_form,
 )
 from .forward.headers import SERVER_BANNER
+from .http1 import Request
 from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from .paths import PathError, normalize_path
 from .portal import login_redirect_to, page
@@ -316,9 +317,7 @@ def _code_refused(gw: Gateway, ctx: RequestContext, who: Who, exc: TOTPError) ->
 # --- the API -------------------------------------------------------------------------------
 
 
-async def verify_api(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def verify_api(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/mfa/verify {"code": "123456"} (application/json) with the same certificate
     and token or cookie the step-up is for."""
     raw = await read_checked_body(gw, request, ctx, JSON_TYPE, limit=MAX_FORM_BYTES, stage="mfa")
@@ -410,7 +409,7 @@ _MESSAGES = {
 
 
 async def _posted_form(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext, purpose: str
+    gw: Gateway, request: Request, ctx: RequestContext, purpose: str
 ) -> dict[str, str] | web.Response:
     """The fields of one of these pages' forms once forms.py passed it (before anyone is
     identified or anything is counted), or its refusal."""
@@ -418,9 +417,7 @@ async def _posted_form(
     return await read_checked_form(gw, request, ctx, purpose, cookie, stage="mfa")
 
 
-async def step_up_page(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows the code form; POST checks it and sends the browser back to `rd`."""
     if request.method == "GET":
         rd = _rd(ctx)
@@ -545,9 +542,7 @@ async def _signed_in(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Res
     )
 
 
-async def enroll_page(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def enroll_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows the enrolment as it stands; POST starts, replaces or confirms it."""
     if not gw.mfa.available:
         return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "MFA is not configured")

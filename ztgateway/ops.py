@@ -94,6 +94,7 @@ async def decide(request: web.Request) -> web.Response:
     Behind the admin token (admin.require_admin). A certificate given as PEM is verified as our
     listener verifies a handshake; one it would refuse is answered with that refusal."""
     from .certverify import CertRefused
+    from .decisions import refusal
     from .policycli import explain_json
 
     gw = request.app[GATEWAY_KEY]
@@ -140,9 +141,9 @@ async def decide(request: web.Request) -> web.Response:
     # The live configuration and state, but judged without side effects (no registration,
     # no rate-limit tokens spent).
     if refused is not None:
-        decision = gw.refusal_decision(ctx, refused.reason, refused.detail)
+        decision = refusal(ctx, refused.reason, refused.detail)
     else:
-        decision = await gw.dry_runtime().pipeline.evaluate(ctx)
+        decision = (await gw.decisions.decide(ctx, gw.dry_runtime(), dry=True)).decision
     return web.json_response(explain_json(ctx, decision))
 
 

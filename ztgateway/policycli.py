@@ -25,6 +25,7 @@ from .configreader import ConfigError, Table
 from .context import RequestContext
 from .credentials.jwt import TokenVerifier
 from .decision import Decision, Verdict
+from .decisions import DecisionPath
 from .metrics import Metrics
 from .pipeline import Pipeline, default_stages
 from .routes import RouteTable
@@ -94,7 +95,8 @@ class OfflineEvaluator:
             now=req.now,
             clock=self.clock,
         )
-        return ctx, await self.runtime.pipeline.evaluate(ctx)
+        # The one decision path, as a dry run: nothing is recorded.
+        return ctx, (await DecisionPath(None).decide(ctx, self.runtime, dry=True)).decision
 
 
 def load_cert_pem(data: bytes) -> CertInfo:

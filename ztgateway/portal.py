@@ -21,6 +21,7 @@ from .credentials.oidc import OIDCError
 from .decision import Reason, Verdict
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
 from .forward.headers import SERVER_BANNER
+from .http1 import Request
 from .responses import DECISION_HEADER, problem, see_other, wants_html
 from .stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from .store.base import ID_TOKEN, StoreUnavailable
@@ -103,9 +104,7 @@ def login_redirect_to(target: str) -> str:
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
-async def login_page(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def login_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/login: says what happens next; the link starts the provider's sign-in."""
     provider = gw.config.oidc.provider
     if provider is None or ctx.cert is None:
@@ -120,9 +119,7 @@ async def login_page(
     return page("Sign in", body, ctx)
 
 
-async def login_start(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     if gw.oidc is None or ctx.cert is None:
         return problem(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
@@ -160,9 +157,7 @@ async def login_start(
     return see_other(start.authorization_url, ctx.decision_id, cookie)
 
 
-async def callback(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/oidc/callback: finish the code flow, start the session, go back to `rd`."""
     oidc = gw.oidc
     clear_login = f"{LOGIN_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
@@ -249,7 +244,7 @@ def _provider_origins(gw: Gateway) -> tuple[str, ...]:
     return (origin,) if origin else ()
 
 
-async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows a confirmation form (CSRF token); POST ends the session and the provider's."""
     name = gw.config.sessions.cookie_name
     cookie = read_cookie(ctx.headers.get("Cookie", ""), name)
@@ -282,16 +277,14 @@ async def logout(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
     return see_other(target, ctx.decision_id, clear_cookie_header(name))
 
 
-async def signed_out(
-    gw: Gateway, request: web.BaseRequest, ctx: RequestContext
-) -> web.StreamResponse:
+async def signed_out(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     gw.metrics.portal_views.labels("signed-out", "shown").inc()
     body = """<p>You are signed out. Close this window, or
 <a href="/.ztgw/login">sign in again</a>.</p>"""
     return page("Signed out", body, ctx)
 
 
-async def whoami(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """Identity, device, posture, risk contributions and session times, as the gateway sees them."""
     probe = RequestContext.synthetic(
         method="GET",
@@ -302,7 +295,7 @@ async def whoami(gw: Gateway, request: web.BaseRequest, ctx: RequestContext) -> 
         cert=ctx.cert,
         now=ctx.now,
     )
-    decision = await gw.dry_runtime().pipeline.evaluate(probe)
+    decision = (await gw.decisions.decide(probe, gw.dry_runtime(), dry=True)).decision
     ident = probe.identity
     view = probe.session
     session = view.session if view else None

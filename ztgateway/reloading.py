@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from .config import GatewayConfig, ServerConfig
+from .config import GatewayConfig
 
 LISTENER_LIMITS: Final = (
     "handshake_timeout",
@@ -24,8 +24,16 @@ LISTENER_LIMITS: Final = (
     "max_headers",
     "max_pending_handshakes",
     "max_pending_handshakes_per_source",
+    "body_timeout",
+    "send_timeout",
+    "max_target_bytes",
+    "hosts",
+    "allow_trace",
+    "websocket_ping_interval",
+    "websocket_max_message",
 )
-"""`[server]` settings a reload applies to connections accepted from then on."""
+"""`[server]` settings a reload applies to connections accepted from then on (the listener's
+budgets and the HTTP/1.1 protocol's limits: `app.listener_settings`)."""
 
 RESTART_REQUIRED: Final = (
     "server.host",
@@ -55,11 +63,6 @@ RESTART_REQUIRED: Final = (
 """Settings held by long-lived parts built at start-up (sockets, the audit writer, the store,
 the gateway's root key, the token verifier, the OIDC client, the MFA box, the assertion signer,
 the GeoIP reader)."""
-
-
-def listener_limits(server: ServerConfig) -> dict[str, Any]:
-    """The `[server]` values the listener takes, at start-up and on every reload."""
-    return {name: getattr(server, name) for name in LISTENER_LIMITS}
 
 
 def setting(config: GatewayConfig, path: str) -> Any:

@@ -10,14 +10,31 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from aiohttp import web
 
-from .decision import Reason, Verdict
+from .decision import Decision, Reason, Verdict
+from .paths import encode_path
+from .stages.session import clear_cookie_header
+
+if TYPE_CHECKING:
+    from .context import RequestContext
 
 PROBLEM_BASE = "https://ztgateway.dev/problems/"
 DECISION_HEADER = "X-ZT-Decision-Id"
+SERVER = "ztgateway"
+"""The one Server banner the gateway sends (no version: nothing to fingerprint)."""
+SIGN_IN_AGAIN = frozenset(
+    {
+        Reason.IDENTITY_UNAUTHENTICATED,
+        Reason.SESSION_EXPIRED,
+        Reason.SESSION_TERMINATED,
+        Reason.SESSION_INVALID,
+    }
+)
 _REALM = 'realm="ztgateway"'
 _TOKEN_REASONS = frozenset(r for r in Reason if r.value.startswith("token-"))
 
@@ -35,7 +52,6 @@ _ADVICE: dict[Reason, str] = {
     "certificate. If you meant to open this page, continue from here.",
 }
 
-
 # What the gateway's own answers (refusals, redirects, portal pages, JWKS, protocol errors) carry
 # unless a page set its own: no MIME sniffing of a problem+json body into HTML, no framing
 # (clickjacking of portal forms), no referrer leaking decision ids or return paths to another
@@ -52,6 +68,7 @@ _OWN_HEADERS = (
     ("Referrer-Policy", "same-origin"),
     ("Cross-Origin-Resource-Policy", "same-origin"),
 )
+_OWN_NAMES = frozenset(n.lower() for n, _ in _OWN_HEADERS)
 
 
 def hsts_value(max_age: int, include_subdomains: bool) -> str | None:
@@ -69,6 +86,18 @@ def add_security_headers(resp: web.StreamResponse, hsts: str | None) -> None:
             headers[name] = value
     if hsts and "Strict-Transport-Security" not in headers:
         headers["Strict-Transport-Security"] = hsts
+
+
+def with_security_headers(
+    headers: list[tuple[str, str]], hsts: str | None
+) -> list[tuple[str, str]]:
+    """The same for a response the data plane writes as parts."""
+    present = {n.lower() for n, _ in headers}
+    out = list(headers)
+    out.extend((n, v) for n, v in _OWN_HEADERS if n.lower() not in present)
+    if hsts and "strict-transport-security" not in present:
+        out.append(("Strict-Transport-Security", hsts))
+    return out
 
 
 def www_authenticate(reason: Reason, verdict: Verdict) -> str | None:
@@ -95,6 +124,47 @@ def wants_html(accept: str) -> bool:
     return json_at < 0 or a.find("text/html") < json_at
 
 
+Parts = tuple[int, list[tuple[str, str]], bytes]
+"""A response as the data plane writes it: status, header fields, body."""
+
+
+def problem_parts(
+    reason: Reason,
+    decision_id: str,
+    *,
+    verdict: Verdict = Verdict.DENY,
+    accept: str = "",
+    detail: str | None = None,
+    status: int | None = None,
+    extra_headers: dict[str, str] | None = None,
+    continue_to: str | None = None,
+) -> Parts:
+    """The refusal body and headers: problem+json (RFC 9457), or a page for a browser."""
+    code = status or reason.status
+    headers = {DECISION_HEADER: decision_id, "Cache-Control": "no-store", "Server": SERVER}
+    challenge = www_authenticate(reason, verdict)
+    if challenge:
+        headers["WWW-Authenticate"] = challenge
+    if extra_headers:
+        headers.update(extra_headers)
+    if wants_html(accept):
+        headers["Content-Type"] = "text/html; charset=utf-8"
+        body = _page(reason, decision_id, code, detail, continue_to).encode()
+    else:
+        doc: dict[str, Any] = {
+            "type": PROBLEM_BASE + reason.value,
+            "title": reason.summary,
+            "status": code,
+            "reason": reason.value,
+            "decision_id": decision_id,
+        }
+        if detail:
+            doc["detail"] = detail
+        headers["Content-Type"] = "application/problem+json"
+        body = json.dumps(doc).encode()
+    return code, list(headers.items()), body
+
+
 def problem(
     reason: Reason,
     decision_id: str,
@@ -106,35 +176,102 @@ def problem(
     extra_headers: dict[str, str] | None = None,
     continue_to: str | None = None,
 ) -> web.Response:
-    code = status or reason.status
-    headers = {DECISION_HEADER: decision_id, "Cache-Control": "no-store"}
-    challenge = www_authenticate(reason, verdict)
-    if challenge:
-        headers["WWW-Authenticate"] = challenge
-    if extra_headers:
-        headers.update(extra_headers)
-    if wants_html(accept):
-        return web.Response(
-            status=code,
-            text=_page(reason, decision_id, code, detail, continue_to),
-            content_type="text/html",
-            headers=headers,
-        )
-    body: dict[str, Any] = {
-        "type": PROBLEM_BASE + reason.value,
-        "title": reason.summary,
-        "status": code,
-        "reason": reason.value,
-        "decision_id": decision_id,
-    }
-    if detail:
-        body["detail"] = detail
-    return web.Response(
-        status=code,
-        body=json.dumps(body).encode(),
-        content_type="application/problem+json",
-        headers=headers,
+    """The same refusal as an aiohttp response (the ops listener, the gateway's pages)."""
+    code, headers, body = problem_parts(
+        reason,
+        decision_id,
+        verdict=verdict,
+        accept=accept,
+        detail=detail,
+        status=status,
+        extra_headers=extra_headers,
+        continue_to=continue_to,
     )
+    return web.Response(status=code, body=body, headers=headers)
+
+
+def see_other_parts(location: str, decision_id: str, *cookies: str) -> Parts:
+    """303 to a page of ours: the decision id travels along, nothing is cached."""
+    headers = [
+        ("Location", location),
+        (DECISION_HEADER, decision_id),
+        ("Server", SERVER),
+        ("Cache-Control", "no-store"),
+    ]
+    headers.extend(("Set-Cookie", c) for c in cookies)
+    return 303, headers, b""
+
+
+def render(
+    ctx: RequestContext,
+    decision: Decision,
+    *,
+    sign_in: bool,
+    step_up_page: bool,
+    cookie_name: str,
+) -> Parts:
+    """THE mapping from a refusal decision to HTTP, for every entry point on the data plane.
+
+    A browser without a (valid) sign-in goes to sign in; a browser on a non-compliant device
+    to the remediation page; a step-up to the TOTP page (browsers) or an RFC 9470 challenge;
+    everything else is problem+json or the refusal page, with Retry-After where the client may
+    retry and a stale session cookie cleared.
+    """
+    route = ctx.route
+    reason, verdict = decision.reason, decision.verdict
+    browser = ctx.wants_html
+    view = ctx.session
+    stale = view is not None and view.cookie_invalid
+    if browser and sign_in and reason in SIGN_IN_AGAIN:
+        cookies = (clear_cookie_header(cookie_name),) if stale else ()
+        return see_other_parts(login_redirect(ctx), ctx.decision_id, *cookies)
+    if browser and reason in (Reason.DEVICE_NONCOMPLIANT, Reason.POSTURE_STALE):
+        return see_other_parts("/.ztgw/device", ctx.decision_id)
+    if verdict is Verdict.STEP_UP and browser and step_up_page:
+        target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
+        return see_other_parts("/.ztgw/mfa?rd=" + quote(target, safe="/"), ctx.decision_id)
+    detail = None
+    if route is not None and route.expose_detail:
+        detail = next((f.detail for f in decision.findings if f.reason is reason), None)
+    extra: dict[str, str] = {}
+    if ctx.retry_after:
+        extra["Retry-After"] = str(max(1, math.ceil(ctx.retry_after)))
+    if verdict is Verdict.STEP_UP:
+        # RFC 9470 §3: the step-up challenge, with max_age when the route bounds MFA age.
+        challenge = (
+            'Bearer realm="ztgateway", error="insufficient_user_authentication", '
+            f'error_description="{reason.value}: complete TOTP at /.ztgw/mfa/verify"'
+        )
+        if ctx.mfa_max_age:
+            challenge += f", max_age={int(ctx.mfa_max_age)}"
+        extra["WWW-Authenticate"] = challenge
+    if stale:
+        extra["Set-Cookie"] = clear_cookie_header(cookie_name)
+    continue_to = None
+    if (
+        reason is Reason.ORIGIN_DENIED
+        and ctx.path is not None
+        and ctx.method in ("GET", "HEAD")
+        and ctx.fetch.navigation
+    ):
+        # A link from another site: the person confirms with a click on our own page, which
+        # the browser then sends as a same-origin navigation (docs/security.md).
+        continue_to = encode_path(ctx.path) + ("?" + ctx.query if ctx.query else "")
+    return problem_parts(
+        reason,
+        ctx.decision_id,
+        verdict=verdict,
+        accept=ctx.headers.get("Accept", ""),
+        detail=detail,
+        extra_headers=extra,
+        continue_to=continue_to,
+    )
+
+
+def login_redirect(ctx: RequestContext) -> str:
+    """The sign-in page, with the way back to what was asked for."""
+    target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
+    return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
 def _page(
@@ -169,16 +306,9 @@ h1{{font-size:1.4rem}} code{{background:#f1f1f1;padding:.1rem .3rem;border-radiu
 
 
 def see_other(location: str, decision_id: str, *cookies: str) -> web.Response:
-    """303 to a page of ours: the decision id travels along, nothing is cached."""
-    resp = web.Response(
-        status=303,
-        headers={
-            "Location": location,
-            DECISION_HEADER: decision_id,
-            "Server": "ztgateway",
-            "Cache-Control": "no-store",
-        },
-    )
-    for cookie in cookies:
-        resp.headers.add("Set-Cookie", cookie)
+    """303 to a page of ours (as an aiohttp response, for the gateway's pages)."""
+    status, headers, _ = see_other_parts(location, decision_id, *cookies)
+    resp = web.Response(status=status)
+    for name, value in headers:
+        resp.headers.add(name, value)
     return resp

@@ -14,7 +14,6 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig
 from .credentials.jwt import TokenVerifier
 from .geo import GeoLocator
-from .hostnames import ServerNames
 from .metrics import Metrics
 from .routes import RouteTable
 from .store.base import Store
@@ -36,8 +35,6 @@ class Runtime:
     dry_run: bool = False
     geo: GeoLocator = field(default_factory=lambda: GeoLocator.open(None))
     """explain / policy test / /decide: judge, but never write (no device registration)."""
-    server_names: ServerNames = field(default_factory=lambda: ServerNames(()))
-    """The Host/SNI names of requests on our listener (the gateway passes its own)."""
     clock: Clock = SYSTEM_CLOCK
     pipeline: Pipeline = field(init=False)
     throttle: CredentialThrottle = field(init=False)

@@ -248,7 +248,7 @@ _SNI_ATTRIBUTE = "ztgw_sni"
 def _remember_sni(
     ssl_object: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext
 ) -> None:
-    # The request stage compares it with the Host header (hostnames.py): the name the
+    # The protocol compares it with each request's Host (http1.Connection): the name the
     # handshake asked for is only known here.
     if name:
         setattr(ssl_object, _SNI_ATTRIBUTE, name)
@@ -297,9 +297,6 @@ class TLSMaterial:
     ca_not_after: float
     verifier: ClientCertVerifier
     """Verifies certificates that arrive outside our handshake (forward-auth, /decide)."""
-    server_names: frozenset[str] = frozenset()
-    """The server certificate's DNS and IP names (hostnames.py: a Host outside them is
-    misdirected unless `[server] hosts` says otherwise)."""
     fingerprints: tuple[int, ...] = field(default_factory=tuple)
 
 
@@ -321,7 +318,6 @@ def build_material(cfg: TLSConfig, client_cert: str) -> TLSMaterial:
     ca = x509.load_pem_x509_certificate(cfg.client_ca.read_bytes())
     crl = load_crl(cfg.crl, ca) if cfg.crl else RevocationList()
     from .certverify import ClientCertVerifier
-    from .hostnames import certificate_names
 
     server = x509.load_pem_x509_certificate(cfg.cert.read_bytes())
     return TLSMaterial(
@@ -330,7 +326,6 @@ def build_material(cfg: TLSConfig, client_cert: str) -> TLSMaterial:
         server_not_after=server.not_valid_after_utc.timestamp(),
         ca_not_after=ca.not_valid_after_utc.timestamp(),
         verifier=ClientCertVerifier(cfg.client_ca, crl),
-        server_names=certificate_names(server),
         fingerprints=_mtimes(cfg),
     )
 

@@ -163,20 +163,15 @@ async def test_the_gateways_own_pages_answer_only_for_its_names(
         assert r.problem()["reason"] == "host-misdirected"
 
 
-async def test_names_of_the_server_certificate_and_configured_hosts_are_answered(
+async def test_the_gateways_names_and_configured_hosts_are_answered(
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
 ) -> None:
     gw = await proxy()
-    for host in ("127.0.0.1", "localhost", "LOCALHOST.", f"127.0.0.1:{gw.port}"):
+    for host in ("127.0.0.1", "localhost", "LOCALHOST", f"127.0.0.1:{gw.port}"):
         r = await exchange(certs, gw, f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         assert r.status == 200, (host, r.body)
-    gw = await proxy({"server": {"hosts": ["gw.corp.example", "*.apps.corp.example"]}})
-    for host, status in (
-        ("gw.corp.example", 200),
-        ("x.apps.corp.example", 200),
-        ("a.b.apps.corp.example", 421),
-        ("localhost", 421),
-    ):
+    gw = await proxy({"server": {"hosts": ["gw.corp.example"]}})
+    for host, status in (("gw.corp.example", 200), ("localhost", 421), ("x.corp.example", 421)):
         r = await exchange(certs, gw, f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         assert r.status == status, host
 

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..headerfamilies import protected_header
+from ..responses import SERVER
 
 if TYPE_CHECKING:
     from ..config import IdentityHeaders
@@ -33,6 +34,7 @@ HOP_BY_HOP = frozenset(
         "http2-settings",
     }
 )
+SERVER_BANNER = SERVER
 _WEBSOCKET_HANDSHAKE = frozenset(
     {
         "sec-websocket-key",
@@ -42,7 +44,6 @@ _WEBSOCKET_HANDSHAKE = frozenset(
         "sec-websocket-protocol",
     }
 )
-SERVER_BANNER = "ztgateway"
 
 
 def _listed(connection_values: Iterable[str]) -> set[str]:
@@ -144,24 +145,25 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def downstream_raw_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], int | None]:
-    """The client's response headers from the upstream's raw ones, and its Content-Length.
+def downstream_raw_headers(
+    raw: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[str, str]], int | None]:
+    """The client's response header fields from the upstream's raw ones, and its Content-Length.
 
-    Hop-by-hop and Connection-listed headers are dropped and the upstream's Server banner is
-    replaced, straight from the parser's bytes.
+    Hop-by-hop and Connection-listed fields are dropped, the upstream's Server banner is
+    replaced, and Content-Length is returned apart: the protocol writes the framing itself.
     """
     listed = _listed(_text(v) for n, v in raw if n.lower() == b"connection")
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = [("Server", SERVER)]
     length: int | None = None
     for name_b, value_b in raw:
         name = _text(name_b)
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in listed or lower == "server":
             continue
-        value = _text(value_b)
         if lower == "content-length":
             # llhttp has already refused a malformed or conflicting Content-Length.
-            length = int(value)
-        out.add(name, value)
-    out["Server"] = SERVER_BANNER
+            length = int(value_b)
+            continue
+        out.append((name, _text(value_b)))
     return out, length

@@ -13,16 +13,17 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
-from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import RouteConfig, UpstreamConfig
 from ..decision import Reason
+from ..http1 import BodyTimeout, BodyTooLarge, ClientGone, Request, Writer
 from ..paths import encode_path
+from ..responses import DECISION_HEADER
 from ..tls import upstream_context
-from .headers import downstream_raw_headers, upgrade_requested
+from .headers import downstream_raw_headers
 from .upstream import (
     IDEMPOTENT,
     UpstreamConnection,
@@ -34,10 +35,6 @@ from .upstream import (
 log = logging.getLogger("ztgateway.forward")
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class Upstreams:
@@ -118,16 +115,6 @@ def upstream_url(route: RouteConfig, path: str, query: str) -> URL:
     )
 
 
-async def _limited(
-    content: aiohttp.StreamReader, limit: int, state: list[int]
-) -> AsyncIterator[bytes]:
-    async for chunk in content.iter_chunked(CHUNK):
-        state[0] += len(chunk)
-        if state[0] > limit:
-            raise BodyTooLarge
-        yield chunk
-
-
 def classify(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamFailure(Reason.UPSTREAM_TIMEOUT, "timeout", type(exc).__name__)
@@ -136,12 +123,6 @@ def classify(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "connect", type(exc).__name__)
     return UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "reset", type(exc).__name__)
-
-
-async def _read_small(request: web.BaseRequest, state: list[int]) -> bytes:
-    body = await request.content.read()
-    state[0] = len(body)
-    return body
 
 
 async def _send_body(conn: UpstreamConnection, data: AsyncIterator[bytes], chunked: bool) -> None:
@@ -166,7 +147,7 @@ def _body_failed(conn: UpstreamConnection) -> Callable[[asyncio.Task[None]], Non
 
 
 async def forward_http(
-    request: web.BaseRequest,
+    request: Request,
     route: RouteConfig,
     pool: UpstreamPool,
     target: str,
@@ -176,29 +157,28 @@ async def forward_http(
     extra_headers: dict[str, str] | None = None,
     on_upstream_head: Callable[[float], None] | None = None,
     clock: Clock = SYSTEM_CLOCK,
-) -> web.StreamResponse:
-    """Proxy one request. Raises BodyTooLarge or UpstreamFailure before the response starts."""
+) -> int:
+    """Proxy one request and answer it; returns the upstream's status. Raises BodyTooLarge or
+    UpstreamFailure before the response starts; after that a fault can only cut the client's
+    connection."""
     limit = route.client_max_size
+    body = request.body
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge
+    body.set_limit(limit)
     method = request.method
     fields = list(headers.items())
     inline = b""
     stream: AsyncIterator[bytes] | None = None
     chunked = False
-    sent = [0]
     if request.body_exists:
-        # RFC 9110 §10.1.1: an HTTP/1.0 client cannot read an interim response, and a server
-        # MUST ignore its 100-continue expectation.
-        expects = request.headers.get("Expect", "").lower() == "100-continue"
-        if expects and request.version >= HttpVersion11:
-            # Decided already: now, and only now, ask the client for its body.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # RFC 9110 §10.1.1: the 100 Continue (HTTP/1.1 clients only) goes out when the body
+        # is first read: now, after the decision.
         if length is not None and length <= SMALL_BODY:
-            inline = await _read_small(request, sent)
+            inline = await body.read()
         else:
-            stream = _limited(request.content, limit, sent)
+            stream = body.iter_chunks()
             if length is None:
                 chunked = True
                 fields.append(("Transfer-Encoding", "chunked"))
@@ -213,7 +193,8 @@ async def forward_http(
     # nothing was streamed and repeating the request is harmless (RFC 9110 §9.2.2).
     attempts = 2 if stream is None and method in IDEMPOTENT else 1
     started = clock.monotonic()
-    response: web.StreamResponse | None = None
+    writer: Writer | None = None
+    status = 0
     for attempt in range(attempts):
         conn = await pool.acquire()
         reuse = False
@@ -241,52 +222,36 @@ async def forward_http(
                 on_upstream_head(clock.monotonic() - started)
             status = up.status
             no_body = method == "HEAD" or status in (204, 304)
-            out_headers, content_length = downstream_raw_headers(up.raw_headers)
-            small = not no_body and content_length is not None and content_length <= SMALL_BODY
-            if small:
-                # Most legacy pages and API answers are small: take the whole body and send
-                # head and body in one write (one TLS record) instead of streaming chunks.
-                body = await conn.read_all(timeout)
-                out_headers.popall("Content-Length", None)
-                ready: web.StreamResponse = web.Response(
-                    status=status, reason=up.reason or None, body=body, headers=out_headers
-                )
-            else:
-                ready = web.StreamResponse(
-                    status=status, reason=up.reason or None, headers=out_headers
-                )
-            response = ready
-            ready.headers["X-ZT-Decision-Id"] = decision_id
+            out, content_length = downstream_raw_headers(up.raw_headers)
+            out.append((DECISION_HEADER, decision_id))
             if extra_headers:
-                for name, value in extra_headers.items():
-                    ready.headers.add(name, value)
-            if no_body:
-                # Keep the upstream's Content-Length for HEAD (RFC 9110 §9.3.2) without a body.
-                ready.headers.pop("Transfer-Encoding", None)
-            if upgrade_requested(request.headers):
-                # The upgrade is declined (RFC 9110 §7.8), but bytes pipelined behind it may have
-                # been dropped by the parser: close, so the client retries them (RFC 9112 §9.3.2)
-                # instead of waiting for answers that never come.
-                ready.force_close()
-            await ready.prepare(request)
-            if not no_body and not small:
-                async for chunk in conn.iter_body(timeout):
-                    await ready.write(chunk)
-            await ready.write_eof()
+                out.extend(extra_headers.items())
+            # A declined upgrade (RFC 9110 §7.8): the protocol closes the connection after
+            # this answer, so bytes the client pipelined behind it are retried, never lost.
+            if not no_body and content_length is not None and content_length <= SMALL_BODY:
+                # Most legacy pages and API answers are small: head and body in one write
+                # (one TLS record) instead of streaming chunks.
+                data = await conn.read_all(timeout)
+                request.respond(status, out, data, reason=up.reason)
+            else:
+                writer = request.start(status, out, reason=up.reason, content_length=content_length)
+                if not no_body:
+                    async for chunk in conn.iter_body(timeout):
+                        await writer.write(chunk)
+                writer.end()
             reuse = sender is None or (sender.done() and not sender.cancelled())
-            return ready
-        except BodyTooLarge:
-            if response is not None and response.prepared:
-                _abort(request)
-                return response
+            return status
+        except (BodyTooLarge, BodyTimeout, ClientGone):
+            if request.response_started:
+                request.conn.abort()
+                return status
             raise
-        except (UpstreamFailure, aiohttp.ClientError, OSError) as exc:
-            if sent[0] > limit:
-                raise BodyTooLarge from exc
-            if response is not None and response.prepared:
+        except (UpstreamFailure, OSError) as exc:
+            if body.error is not None and not request.response_started:
+                raise body.error from exc
+            if request.response_started:
                 # The head is out: the only honest signal left is a broken connection.
-                client = request.transport
-                if client is None or client.is_closing():
+                if request.conn.closed:
                     # The client hung up while we wrote to it: nothing failed upstream.
                     log.info("client left mid-response: %s", type(exc).__name__)
                 else:
@@ -295,8 +260,8 @@ async def forward_http(
                         route.upstream.name,
                         type(exc).__name__,
                     )
-                _abort(request)
-                return response
+                request.conn.abort()
+                return status
             if isinstance(exc, UpstreamFailure):
                 raise
             raise classify(exc) from exc
@@ -305,8 +270,3 @@ async def forward_http(
                 sender.cancel()
             pool.release(conn, reuse=reuse)
     raise UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "reset", "retry exhausted")
-
-
-def _abort(request: web.BaseRequest) -> None:
-    if request.transport is not None:
-        request.transport.abort()

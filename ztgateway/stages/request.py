@@ -81,6 +81,18 @@ class RequestStage:
             # upstream would read differently again is refused, never forwarded.
             out.append(Finding(NAME, Reason.PATH_INVALID, Verdict.DENY, detail=refusal))
             return out
+        if ctx.content_length is not None and ctx.content_length > route.client_max_size:
+            # Refused on its declared length, before a byte of the body is read (and so before
+            # any 100 Continue); a chunked body is cut off at the limit while it streams.
+            out.append(
+                Finding(
+                    NAME,
+                    Reason.BODY_TOO_LARGE,
+                    Verdict.DENY,
+                    detail=f"{ctx.content_length} > {route.client_max_size} bytes",
+                )
+            )
+            return out
         if ctx.websocket and not route.websocket:
             out.append(
                 Finding(NAME, Reason.REQUEST_INVALID, Verdict.DENY, detail="websocket not enabled")

@@ -1,0 +1,375 @@
+"""The request path of the mTLS data plane, top to bottom.
+
+    http1.Connection ──▶ handle(): context ─▶ /.ztgw/ page? ─▶ decide-and-record ─▶ render | forward
+
+`RequestPath` is what `http1.Connection` calls (its `Handler`): `handle()` for every parsed
+request, `refuse()` for a request the protocol refused before it was parsed whole (audited and
+counted like any refusal, rendered by the same `responses.problem_parts`), `on_event()` for the
+protocol's timers. The decision itself is `DecisionPath.decide()`, the one path every entry
+point uses; refusals are `responses.render()`; forwarding is `forward/http.py` (raw upstream
+pool) or `forward/websocket.py` (the frame-aware relay).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import endpoints, mfa_endpoints, portal
+from .audit import AuditUnavailable
+from .audit.events import upstream_event
+from .context import RequestContext
+from .decision import Decision, Reason, new_decision_id
+from .decisions import DecisionPath
+from .forward.headers import identity_header_names, upstream_request_headers
+from .forward.http import forward_http, upstream_target
+from .forward.identity import identity_headers
+from .forward.upstream import UpstreamFailure
+from .forward.websocket import Watch, bridge_websocket
+from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
+from .logs import decision_id_var
+from .responses import (
+    SERVER,
+    Parts,
+    add_security_headers,
+    hsts_value,
+    problem_parts,
+    render,
+    with_security_headers,
+)
+from .store.base import StoreUnavailable
+from .tls import upstream_context
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("ztgateway.request")
+INTERNAL_PREFIX = "/.ztgw/"
+WS_RECHECK_INTERVAL = 5.0
+_PAGES = {
+    ("/.ztgw/login", "GET"): portal.login_page,
+    ("/.ztgw/login/start", "GET"): portal.login_start,
+    ("/.ztgw/oidc/callback", "GET"): portal.callback,
+    ("/.ztgw/logout", "GET"): portal.logout,
+    ("/.ztgw/logout", "POST"): portal.logout,
+    ("/.ztgw/signed-out", "GET"): portal.signed_out,
+    ("/.ztgw/whoami", "GET"): portal.whoami,
+    ("/.ztgw/posture", "POST"): endpoints.posture_report,
+    ("/.ztgw/device", "GET"): endpoints.device_status,
+    ("/.ztgw/device", "HEAD"): endpoints.device_status,
+    ("/.ztgw/mfa/verify", "POST"): mfa_endpoints.verify_api,
+    ("/.ztgw/mfa", "GET"): mfa_endpoints.step_up_page,
+    ("/.ztgw/mfa", "POST"): mfa_endpoints.step_up_page,
+    ("/.ztgw/mfa/enroll", "GET"): mfa_endpoints.enroll_page,
+    ("/.ztgw/mfa/enroll", "POST"): mfa_endpoints.enroll_page,
+}
+_TIMERS = {"header_timeout", "body_timeout", "idle_timeout", "slow_reader"}
+
+
+class RequestPath:
+    """Every request on the mTLS listener (an `http1.Handler`)."""
+
+    def __init__(self, gw: Gateway, decisions: DecisionPath) -> None:
+        self.gw = gw
+        self.decisions = decisions
+        self.metrics = gw.metrics
+
+    # --- the request ------------------------------------------------------------------------
+    async def handle(self, request: Request) -> None:
+        gw = self.gw
+        rt = gw.runtime  # one snapshot for the whole request (a reload swaps it atomically)
+        server = rt.config.server
+        ctx = RequestContext.from_request(
+            request,
+            trusted_proxies=server.trusted_proxies,
+            allow_encoded_slash=server.allow_encoded_slash,
+            clock=gw.clock,
+        )
+        decision_id_var.set(ctx.decision_id)
+        if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
+            await self._page(request, ctx)
+            return
+        outcome = await self.decisions.decide(ctx, rt)
+        decision = outcome.decision
+        route = ctx.route
+        if not await self._durable(request, ctx):
+            return
+        if not decision.allowed or route is None:
+            # A body refused for its size may still be on its way: close rather than read it.
+            too_large = decision.reason is Reason.BODY_TOO_LARGE
+            request.respond(*self.render(ctx, decision), close=too_large)
+            return
+        sessions = rt.config.sessions
+        headers = upstream_request_headers(
+            ctx.headers,
+            identity_headers(gw.signer, ctx, request.host, decision),
+            forward_authorization=route.forward_authorization,
+            websocket=ctx.websocket,
+            drop_cookies=(sessions.cookie_name,),
+            identity_names=identity_header_names(route.headers),
+        )
+        assert ctx.path is not None
+        target = upstream_target(route, ctx.path, ctx.query)
+        route_label = route.name
+        head_seconds: list[float] = []
+        observe_head = self.metrics.upstream_seconds.labels(route_label).observe
+
+        def on_head(seconds: float) -> None:
+            head_seconds.append(seconds)
+            observe_head(seconds)
+
+        # (outcome, upstream status, status answered, refusal reason): recorded once known.
+        result: tuple[str, int | None, int, Reason | None] | None = None
+        forwarding = gw.clock.monotonic()
+        try:
+            if ctx.websocket:
+                await self._websocket(request, ctx, target, headers)
+                result = ("websocket", 101, 101, None)
+                return
+            status = await forward_http(
+                request,
+                route,
+                gw.upstreams.pool(route.upstream),
+                target,
+                headers,
+                decision_id=ctx.decision_id,
+                on_upstream_head=on_head,
+                clock=gw.clock,
+            )
+            result = ("responded", status, status, None)
+        except BodyTooLarge:
+            # A chunked body that streamed past the route's limit: refused after the ALLOW,
+            # and recorded as a decision of its own that names the one it overrides.
+            result = ("body-too-large", None, 413, Reason.BODY_TOO_LARGE)
+            self._refused_late(request, ctx, Reason.BODY_TOO_LARGE, "body over client_max_size")
+        except BodyTimeout:
+            self.metrics.protocol_errors.labels(Reason.REQUEST_TIMEOUT.value).inc()
+            result = ("body-timeout", None, 408, Reason.REQUEST_TIMEOUT)
+            self._refused_late(request, ctx, Reason.REQUEST_TIMEOUT, "request body stalled")
+        except UpstreamFailure as fail:
+            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
+            log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
+            result = (fail.kind, None, fail.reason.status, fail.reason)
+            request.respond(*self._problem(ctx, fail.reason))
+        except ClientGone:
+            return
+        finally:
+            now = gw.clock.monotonic()
+            self.metrics.request_seconds.labels(route_label).observe(now - ctx.started)
+            if result is not None:
+                self._record_upstream(
+                    ctx, result, now - forwarding, head_seconds[0] if head_seconds else None
+                )
+
+    async def _durable(self, request: Request, ctx: RequestContext) -> bool:
+        """`[audit] durability = "fsync"`: this request's events on stable storage before it is
+        answered or forwarded (one fdatasync shared by every request waiting now, audit/).
+        False, answered 503, when the sync failed (fail closed)."""
+        audit = self.gw.audit
+        if not audit.needs_sync:
+            return True
+        try:
+            await audit.sync()
+        except AuditUnavailable:
+            self.metrics.audit_unavailable.inc()
+            ctx.retry_after = 5.0
+            request.respond(
+                *self.own(
+                    problem_parts(
+                        Reason.SERVICE_UNAVAILABLE,
+                        ctx.decision_id,
+                        accept=ctx.headers.get("Accept", ""),
+                        extra_headers={"Retry-After": "5"},
+                    )
+                )
+            )
+            return False
+        return True
+
+    def _record_upstream(
+        self,
+        ctx: RequestContext,
+        result: tuple[str, int | None, int, Reason | None],
+        seconds: float,
+        head_seconds: float | None,
+    ) -> None:
+        """What the upstream then did, as an event linked to the decision (audit/events.py)."""
+        kind, status, answered, reason = result
+        if self.gw.config.audit.upstream_events == "failures" and reason is None:
+            return
+        route = ctx.route
+        assert route is not None
+        ident, cert = ctx.identity, ctx.cert
+        event = upstream_event(
+            ctx.decision_id,
+            route=route.name,
+            upstream=route.upstream.name,
+            outcome=kind,
+            status=status,
+            answered=answered,
+            seconds=seconds,
+            head_seconds=head_seconds,
+            reason=reason.value if reason is not None else None,
+            user=ident.user if ident else None,
+            device=cert.device_id if cert else None,
+            client_ip=ctx.client_ip,
+        )
+        try:
+            self.gw.audit.record(event)
+        except AuditUnavailable:
+            # Answered already; the decision itself is in the log. Counted, and /readyz says.
+            self.metrics.audit_unavailable.inc()
+
+    def render(self, ctx: RequestContext, decision: Decision) -> Parts:
+        gw = self.gw
+        return self.own(
+            render(
+                ctx,
+                decision,
+                sign_in=gw.oidc is not None,
+                step_up_page=gw.mfa.available,
+                cookie_name=gw.runtime.config.sessions.cookie_name,
+            )
+        )
+
+    def hsts(self) -> str | None:
+        s = self.gw.runtime.config.server
+        return hsts_value(s.hsts_max_age, s.hsts_include_subdomains)
+
+    def own(self, parts: Parts) -> Parts:
+        """What the gateway answers itself carries its security headers (responses.py); a
+        forwarded response is the upstream's."""
+        status, headers, body = parts
+        return status, with_security_headers(headers, self.hsts()), body
+
+    def _refused_late(
+        self, request: Request, ctx: RequestContext, reason: Reason, detail: str
+    ) -> None:
+        allowed_as = ctx.decision_id
+        ctx.decision_id = new_decision_id()  # audit decision ids are unique
+        ctx.findings.clear()
+        outcome = self.decisions.refuse(ctx, reason, f"{detail} (after {allowed_as})", "http")
+        request.respond(*self._problem(ctx, outcome.decision.reason), close=True)
+
+    def _problem(self, ctx: RequestContext, reason: Reason) -> Parts:
+        return self.own(
+            problem_parts(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""))
+        )
+
+    # --- WebSocket ---------------------------------------------------------------------------
+    async def _websocket(
+        self, request: Request, ctx: RequestContext, target: str, headers: Any
+    ) -> None:
+        gw = self.gw
+        route = ctx.route
+        assert route is not None
+        up = route.upstream
+        watch = Watch()
+        gw.watches.add(watch)
+        try:
+            await bridge_websocket(
+                request,
+                up,
+                upstream_context(up) if up.url.scheme == "https" else None,
+                target,
+                headers,
+                decision_id=ctx.decision_id,
+                recheck=lambda: self.recheck(request),
+                interval=WS_RECHECK_INTERVAL,
+                watch=watch,
+                max_message=gw.runtime.config.server.websocket_max_message,
+                ping_interval=gw.runtime.config.server.websocket_ping_interval,
+            )
+        finally:
+            gw.watches.discard(watch)
+
+    async def recheck(self, request: Request) -> Decision:
+        """Re-run the whole decision for an open WebSocket, on the current snapshot."""
+        rt = self.gw.runtime
+        ctx = RequestContext.from_request(
+            request,
+            trusted_proxies=rt.config.server.trusted_proxies,
+            allow_encoded_slash=rt.config.server.allow_encoded_slash,
+            clock=self.gw.clock,
+        )
+        return (await self.decisions.decide(ctx, rt, recheck=True)).decision
+
+    # --- the gateway's own pages under /.ztgw/ -----------------------------------------------
+    async def _page(self, request: Request, ctx: RequestContext) -> None:
+        """Small handlers on the same protocol (decision 0009): they read the request through
+        `http1.Request` and answer with an aiohttp `Response` used as a value (status,
+        headers, body), written here in one write."""
+        handler = _PAGES.get((ctx.path or "", ctx.method))
+        resp: web.StreamResponse
+        if handler is None and ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
+            resp = web.json_response(self.gw.signer.jwks, headers={"Cache-Control": "max-age=300"})
+        elif handler is None:
+            outcome = self.decisions.refuse(ctx, Reason.ROUTE_NOT_FOUND, ctx.path or "", "request")
+            request.respond(*self.render(ctx, outcome.decision))
+            return
+        else:
+            try:
+                resp = await handler(self.gw, request, ctx)
+            except StoreUnavailable:
+                # Fail closed, and say so: not a stage error.
+                self.metrics.store_errors.inc()
+                outcome = self.decisions.refuse(
+                    ctx, Reason.SERVICE_UNAVAILABLE, "state store", "endpoint"
+                )
+                ctx.retry_after = 5.0
+                request.respond(*self.render(ctx, outcome.decision))
+                return
+        if await self._durable(request, ctx):
+            send_web_response(request, resp, self.hsts())
+
+    # --- what the protocol refuses or times out ----------------------------------------------
+    def refuse(self, conn: Connection, request: Request | None, refusal: Refusal) -> Parts:
+        """A request the protocol refused: recorded and answered like any other refusal."""
+        gw = self.gw
+        path, _, query = (request.target if request is not None else "").partition("?")
+        headers = request.headers if request is not None and request.method else None
+        ctx = RequestContext.synthetic(
+            method=(request.method if request is not None else "") or "-",
+            path="/",
+            client_ip=conn.peer_ip,
+            cert=conn.cert,
+            clock=gw.clock,
+        )
+        ctx.raw_path, ctx.query, ctx.path = path[:2048], query[:2048], None
+        ctx.host = ""
+        if headers is not None:
+            ctx.headers = headers
+        ctx.protocol_error = refusal.detail
+        if refusal.reason is not Reason.STAGE_ERROR:
+            self.metrics.protocol_errors.labels(refusal.reason.value).inc()
+        outcome = self.decisions.refuse(ctx, refusal.reason, refusal.detail, "http")
+        reason = outcome.decision.reason
+        return self.own(
+            problem_parts(
+                reason,
+                ctx.decision_id,
+                accept=ctx.headers.get("Accept", ""),
+                extra_headers={"Retry-After": "5"} if ctx.retry_after else None,
+            )
+        )
+
+    def on_event(self, name: str) -> None:
+        if name == "header_timeout":
+            self.metrics.slow_clients.inc()
+        if name in _TIMERS:
+            self.metrics.connection_timeouts.labels(name.removesuffix("_timeout")).inc()
+
+
+def send_web_response(request: Request, resp: web.StreamResponse, hsts: str | None) -> None:
+    """Write a page's aiohttp Response (a value: status, headers, bytes body) in one write."""
+    add_security_headers(resp, hsts)
+    body = resp.body if isinstance(resp, web.Response) else None
+    data = body if isinstance(body, bytes | bytearray) else b""
+    headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]
+    if not any(k.lower() == "server" for k, _ in headers):
+        headers.append(("Server", SERVER))
+    for cookie in resp.cookies.values():
+        headers.append(("Set-Cookie", cookie.output(header="").strip()))
+    request.respond(resp.status, headers, bytes(data), reason=resp.reason or "")
