@@ -49,9 +49,10 @@ from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
 from .routes import RouteTable
 from .runtime import Runtime
+from .stages.device import new_device
 from .stages.session import SessionKeeper
 from .store import store_from_url
-from .store.base import ChangeKind, Device, StoreUnavailable
+from .store.base import ChangeKind, StoreUnavailable
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
@@ -551,8 +552,8 @@ class Gateway:
         """A refusal decided outside the pipeline, with its one finding."""
         return refusal(ctx, reason, detail)
 
-    def asserted_identity(self, ctx: RequestContext) -> dict[str, str]:
-        return asserted_identity(self.signer, ctx)
+    def asserted_identity(self, ctx: RequestContext, decision: Decision) -> dict[str, str]:
+        return asserted_identity(self.signer, ctx, decision)
 
     def audit_event(
         self, ctx: RequestContext, decision: Decision, request: object = None
@@ -565,16 +566,7 @@ class Gateway:
         if cert is None or self.store.device(cert.device_id) is not None:
             return
         await self.store.register_device(
-            Device(
-                device_id=cert.device_id,
-                fingerprint=cert.fingerprint_sha256,
-                subject=cert.subject,
-                owner=cert.user,
-                state="approved" if self.config.devices.auto_approve else "pending",
-                first_seen=ctx.now,
-                last_seen=ctx.now,
-                last_ip=ctx.client_ip,
-            )
+            new_device(cert, ctx.now, ctx.client_ip, approved=self.config.devices.auto_approve)
         )
 
     # --- ops helpers ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .pages.render import page_headers
 from .pages.render import render as render_page
 from .pages.session_end import ended_code
 from .pages.when import until, zone
+from .paths import encode_path
 from .stages.session import clear_cookie_header
 
 if TYPE_CHECKING:
@@ -41,6 +42,54 @@ SIGN_IN_AGAIN = frozenset(
 )
 _REALM = 'realm="ztgateway"'
 _TOKEN_REASONS = frozenset(r for r in Reason if r.value.startswith("token-"))
+
+# What the gateway's own answers (refusals, redirects, portal pages, JWKS, protocol errors) carry
+# unless a page set its own: no MIME sniffing of a problem+json body into HTML, no framing
+# (clickjacking of portal forms), no referrer leaking decision ids or return paths to another
+# site, no other site embedding them (CORP), nothing loaded by what is not a page (pages set
+# their own policy: styles and images from this origin only, pages/render.py).
+# "same-origin", not "no-referrer": under no-referrer a browser sends `Origin: null` with the
+# page's own form posts, which the forms' same-origin check must then refuse.
+_OWN_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; frame-ancestors 'none'",
+    ),
+    ("Referrer-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+_OWN_NAMES = frozenset(n.lower() for n, _ in _OWN_HEADERS)
+
+
+def hsts_value(max_age: int, include_subdomains: bool) -> str | None:
+    """RFC 6797 Strict-Transport-Security for our TLS listener (None: switched off)."""
+    if max_age <= 0:
+        return None
+    return f"max-age={max_age}" + ("; includeSubDomains" if include_subdomains else "")
+
+
+def add_security_headers(resp: web.StreamResponse, hsts: str | None) -> None:
+    """Add the headers above (and HSTS, on the TLS listener) where the response has none."""
+    headers = resp.headers
+    for name, value in _OWN_HEADERS:
+        if name not in headers:
+            headers[name] = value
+    if hsts and "Strict-Transport-Security" not in headers:
+        headers["Strict-Transport-Security"] = hsts
+
+
+def with_security_headers(
+    headers: list[tuple[str, str]], hsts: str | None
+) -> list[tuple[str, str]]:
+    """The same for a response the data plane writes as parts."""
+    present = {n.lower() for n, _ in headers}
+    out = list(headers)
+    out.extend((n, v) for n, v in _OWN_HEADERS if n.lower() not in present)
+    if hsts and "strict-transport-security" not in present:
+        out.append(("Strict-Transport-Security", hsts))
+    return out
 
 
 def www_authenticate(reason: Reason, verdict: Verdict) -> str | None:
@@ -82,6 +131,7 @@ def problem_parts(
     extra_headers: dict[str, str] | None = None,
     look: PortalConfig = DEFAULT_LOOK,
     lock_ends: str | None = None,
+    continue_to: str | None = None,
 ) -> Parts:
     """The refusal body and headers: problem+json (RFC 9457), or a page for a browser.
 
@@ -93,7 +143,9 @@ def problem_parts(
         headers["WWW-Authenticate"] = challenge
     if wants_html(accept):
         headers.update(page_headers(decision_id))
-        body = refusal_page(reason, decision_id, code, detail, look, lock_ends).encode()
+        body = refusal_page(
+            reason, decision_id, code, detail, look, lock_ends, continue_to
+        ).encode()
     else:
         doc: dict[str, Any] = {
             "type": PROBLEM_BASE + reason.value,
@@ -122,6 +174,7 @@ def problem(
     extra_headers: dict[str, str] | None = None,
     look: PortalConfig = DEFAULT_LOOK,
     lock_ends: str | None = None,
+    continue_to: str | None = None,
 ) -> web.Response:
     """The same refusal as an aiohttp response (the ops listener, the gateway's pages)."""
     code, headers, body = problem_parts(
@@ -134,6 +187,7 @@ def problem(
         extra_headers=extra_headers,
         look=look,
         lock_ends=lock_ends,
+        continue_to=continue_to,
     )
     return web.Response(status=code, body=body, headers=headers)
 
@@ -204,6 +258,16 @@ def render(
         extra["WWW-Authenticate"] = challenge
     if stale:
         extra["Set-Cookie"] = clear_cookie_header(cookie_name)
+    continue_to = None
+    if (
+        reason is Reason.ORIGIN_DENIED
+        and ctx.path is not None
+        and ctx.method in ("GET", "HEAD")
+        and ctx.fetch.navigation
+    ):
+        # A link from another site: the person confirms with a click on our own page, which
+        # the browser then sends as a same-origin navigation (docs/security.md).
+        continue_to = encode_path(ctx.path) + ("?" + ctx.query if ctx.query else "")
     return problem_parts(
         reason,
         ctx.decision_id,
@@ -213,6 +277,7 @@ def render(
         extra_headers=extra,
         look=ctx.look,
         lock_ends=lock_ends_text(ctx) if reason is Reason.ACCOUNT_LOCKED else None,
+        continue_to=continue_to,
     )
 
 
@@ -237,6 +302,7 @@ def refusal_page(
     detail: str | None,
     look: PortalConfig = DEFAULT_LOOK,
     lock_ends: str | None = None,
+    continue_to: str | None = None,
 ) -> str:
     """The refusal page: the reason in words, what to do, the reference to quote."""
     advice, ask_support = advice_for(reason)
@@ -251,8 +317,8 @@ def refusal_page(
         detail=detail if detail and detail != advice else None,
         lock_ends=lock_ends,
         reason=reason.value,
-        continue_url=None,
-        continue_label="",
+        # A link on this origin: following it is the person's own same-origin navigation.
+        continue_url=continue_to,
     )
 
 

@@ -45,6 +45,8 @@ ADVICE: dict[Reason, str] = {
     Reason.MFA_LOCKED: "Too many wrong codes were entered for your account.",
     Reason.ORIGIN_MISMATCH: "This form was sent from another site. If you meant to do this, open "
     "the gateway's page yourself and try again.",
+    Reason.ORIGIN_DENIED: "A page of another site sent your browser here with your device's "
+    "certificate. If you meant to open this page, continue from here.",
     Reason.CSRF_INVALID: "The form expired or did not come from this site. Go back, reload the "
     "page and try again.",
     Reason.UPSTREAM_UNAVAILABLE: _TRY_AGAIN,
