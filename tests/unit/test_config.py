@@ -183,12 +183,14 @@ def test_repository_configs_are_valid(certs: Certs, tmp_path: Path, name: str) -
     text = text.replace("../certs/idp-ca.pem", str(certs.ca))
     text = text.replace("../certs/", f"{certs.dir}/")
     text = text.replace("../var/", f"{tmp_path}/")
+    text = text.replace('"demo-logo.svg"', f'"{root}/config/demo-logo.svg"')
     path = tmp_path / name
     path.write_text(text)
     cfg = load_config(path)
     assert cfg.routes
     if name == "gateway.toml":
         assert {r.prefix for r in cfg.routes} >= {"/", "/api/", "/admin/"}
+        assert cfg.portal.logo is not None and cfg.portal.logo.media_type == "image/svg+xml"
 
 
 def test_a_bad_blocklist_line_is_a_config_error_naming_the_line(
