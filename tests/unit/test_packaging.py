@@ -59,6 +59,13 @@ def test_a_wheel_builds_installs_and_reports_its_version(tmp_path: Path) -> None
         metadata = zf.read(f"ztgateway-{__version__}.dist-info/METADATA").decode()
     assert f"ztgateway-{__version__}.dist-info/licenses/LICENSE" in names
     assert "ztgateway/py.typed" in names
+    # The portal's templates and stylesheet are package data: every one in the checkout ships.
+    pages = Path(__file__).resolve().parents[2] / "ztgateway" / "pages"
+    shipped = [
+        f"ztgateway/pages/{p.relative_to(pages).as_posix()}"
+        for p in [*pages.glob("templates/*.html"), *pages.glob("static/*")]
+    ]
+    assert len(shipped) > 10 and not [n for n in shipped if n not in names]
     assert "License-Expression: Apache-2.0" in metadata
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
 
@@ -113,6 +120,26 @@ def test_a_wheel_builds_installs_and_reports_its_version(tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert where.stdout.strip().startswith(str(target))
+    # The installed copy renders a page from its own templates (a refusal page, with the
+    # stylesheet it names served from its own package data).
+    page = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ztgateway.pages.branding import PortalConfig\n"
+            "from ztgateway.pages.render import render, static_asset, stylesheet_path\n"
+            "look = PortalConfig(name='Acme')\n"
+            "print(render('signed_out.html', look, title='Signed out', decision_id='d1'))\n"
+            "print(len(static_asset(stylesheet_path(look), look)[0]))\n",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    assert "<title>Signed out – Acme</title>" in page.stdout
+    assert int(page.stdout.strip().splitlines()[-1]) > 1000
 
 
 def test_every_pin_in_the_locks_has_a_hash() -> None:
