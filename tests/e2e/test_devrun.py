@@ -68,7 +68,7 @@ class Run:
 def demo_dir(certs: Certs, tmp_path: Path) -> Path:
     """A checkout's layout: config/ and certs/ side by side, as `make run` expects."""
     (tmp_path / "config").mkdir()
-    for name in ("gateway.toml", "dev-idp-users.toml"):
+    for name in ("gateway.toml", "dev-idp-users.toml", "demo-logo.svg"):
         shutil.copy(REPO / "config" / name, tmp_path / "config" / name)
     shutil.copytree(certs.dir, tmp_path / "certs")
     return tmp_path

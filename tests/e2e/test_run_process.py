@@ -45,6 +45,7 @@ def running(certs: Certs, tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
         "port = 9100", f"port = {ops_port}"
     )
     text = text.replace("127.0.0.1:8080", f"127.0.0.1:{app_port}")
+    text = text.replace('"demo-logo.svg"', f'"{REPO}/config/demo-logo.svg"')
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(text)
     app = subprocess.Popen(
