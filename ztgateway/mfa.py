@@ -335,6 +335,11 @@ class MFA:
         now = self.clock.time() if now is None else now
         box = self._require_box()
         u = self.store.user(user)
+        if u is None or not u.mfa_secret:
+            # Perhaps set up a moment ago by another process (`ztgateway users mfa enroll`,
+            # another worker or replica): read the store rather than refuse until its change
+            # feed arrives. Only ever for a user without a factor in memory: one row read.
+            u = await self.store.find_user(user)
         secret = box.open(u.mfa_secret, user=user) if u and u.mfa_secret else None
         if isinstance(code, str) and "-" in code and u is not None and u.backup_codes:
             return await self._verify_backup(u.user, code, now)

@@ -848,6 +848,18 @@ async def test_a_session_made_elsewhere_is_found_before_the_next_sync(backend: B
     assert await b.find_session("never-issued") is None and b.session("never-issued") is None
 
 
+async def test_find_user_reads_what_another_process_just_wrote(backend: Backend) -> None:
+    """An enrolment made by `ztgateway users mfa enroll` counts on the very next code, before
+    the change feed reaches the gateway (the README's quick start pastes them back to back)."""
+    a, b = await backend.open(sync_interval=60.0), await backend.open(sync_interval=60.0)
+    await a.save_user(UserRecord(user="alice", mfa_secret="sealed"))
+    assert b.user("alice") is None
+    found = await b.find_user("alice")
+    assert found is not None and found.mfa_secret == "sealed"
+    assert b.user("alice") is not None
+    assert await b.find_user("nobody") is None
+
+
 async def test_the_first_shared_secret_wins_everywhere(backend: Backend) -> None:
     a, b = await backend.open(), await backend.open()
     results = await asyncio.gather(

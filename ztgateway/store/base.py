@@ -286,6 +286,12 @@ class CachedReads:
 
     async def _reload(self, kind: ChangeKind, key: str) -> None: ...
 
+    async def find_user(self, user: str) -> UserRecord | None:
+        """The user read afresh from the backend: a change another process made a moment ago
+        (an enrolment by `ztgateway users mfa enroll`) counts before the change feed brings it."""
+        await self._reload(ChangeKind.USER, user)
+        return self._users.get(user)
+
     async def find_session(self, session_id: str) -> Session | None:
         """The session from memory, or, when this process has not heard of it yet, from the
         backend: a sign-in that another worker or replica finished a moment ago (within the
@@ -339,6 +345,11 @@ class Store(Protocol):
 
     # users
     def user(self, user: str) -> UserRecord | None: ...
+    async def find_user(self, user: str) -> UserRecord | None:
+        """The user from memory, or from the backend when another process changed it a moment
+        ago."""
+        ...
+
     async def save_user(self, record: UserRecord) -> None: ...
     def users(self) -> list[UserRecord]: ...
 
