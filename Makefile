@@ -22,7 +22,7 @@ LOCK_ENV := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
 LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --all-build-deps \
 	--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),$(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p))))
 
-.PHONY: venv dev-venv run test test-future lint fmt bench soak certs lock clean
+.PHONY: venv dev-venv run test test-future lint fmt bench soak certs lock clean screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,13 +55,13 @@ run: certs
 	$(BIN)/python -m ztgateway.devrun -c $(CONFIG) $(RUN_PORTS)
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check ztgateway tests $(wildcard bench)
-	$(BIN)/ruff format --check ztgateway tests $(wildcard bench)
+	$(BIN)/ruff check ztgateway tests $(wildcard bench) scripts
+	$(BIN)/ruff format --check ztgateway tests $(wildcard bench) scripts
 	$(BIN)/mypy
 
 fmt: $(DEV_STAMP)
-	$(BIN)/ruff format ztgateway tests $(wildcard bench)
-	$(BIN)/ruff check --fix ztgateway tests $(wildcard bench)
+	$(BIN)/ruff format ztgateway tests $(wildcard bench) scripts
+	$(BIN)/ruff check --fix ztgateway tests $(wildcard bench) scripts
 
 test: lint
 	$(BIN)/pytest -q
@@ -73,6 +73,11 @@ test: lint
 FUTURE ?= +400d
 test-future: $(DEV_STAMP)
 	tests/run_future.sh $(FUTURE)
+
+# Every page a person meets, photographed in Debian's Chromium (Playwright) from the real demo
+# started in a scratch copy of the checkout: docs/screenshots/*.png (docs/portal.md).
+screenshots: $(DEV_STAMP) certs
+	$(BIN)/python scripts/screenshots.py
 
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -199,6 +200,17 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return True
     return False
+
+
+def free_port_offset(ports: tuple[int, ...] = (8443, 9100, 8080, 9200)) -> int:
+    """An offset that moves every one of the demo's ports onto a free one (for scripts and
+    tests that run the demo beside another)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        offset = rng.randrange(20000, 50000)
+        if not any(port_taken(p + offset) for p in ports):
+            return offset
+    raise SystemExit("no free ports for the demo")
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

@@ -366,14 +366,10 @@ async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
         ]
         posture = device.posture
         if posture is not None:
-            failed = [check_text(c).title for c in posture.checks if not c.passed]
+            failed = [check_text(c) for c in posture.checks if not c.passed]
+            said = "; ".join(f"{v.title.lower()}: {v.result}" for v in failed)
             device_rows.append(
-                (
-                    "Posture",
-                    "meets the requirements"
-                    if posture.compliant
-                    else "fails: " + ", ".join(failed),
-                )
+                ("Posture", "meets the requirements" if posture.compliant else f"fails ({said})")
             )
     risk = [
         (c["reason"], f"{c.get('risk', 0):.2f} — {c.get('detail', '')}")

@@ -8,7 +8,6 @@ screenshot is kept under test-artifacts/.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -94,19 +93,9 @@ async def device_context(
     return await browser.new_context(**options)
 
 
-async def shot(page: Page, name: str) -> None:
-    """With ZTGW_SCREENSHOTS=<dir>, keep a picture of each step (the README's walkthrough)."""
-    target = os.environ.get("ZTGW_SCREENSHOTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        await page.screenshot(path=str(Path(target) / f"{name}.png"))
-
-
 async def sign_in(page: Page, signin: SignInSetup, path: str = "/", user: str = "alice") -> None:
     await page.goto(signin.origin + path)
-    await shot(page, "1-sign-in")
     await page.get_by_role("link", name=re.compile("Sign in with")).click()
-    await shot(page, "2-identity-provider")
     await page.get_by_label(re.compile("user", re.I)).fill(user)
     await page.get_by_label(re.compile("password", re.I)).fill(PASSWORDS[user])
     await page.get_by_role("button", name=re.compile("sign in|log in|continue", re.I)).click()
@@ -131,7 +120,6 @@ async def test_mfa_route_enrols_and_asks_for_a_fresh_code(page: Page, signin: Si
     # Issue 18 (M1): the page alone sets nothing up; the person's POST starts the enrolment.
     await page.get_by_role("button", name="Set up an authenticator app").click()
     await page.wait_for_selector("svg")  # the QR code
-    await shot(page, "3-enrol-totp")
     secret = (await page.locator("code.key").inner_text()).replace(" ", "")
     assert re.fullmatch(r"[A-Z2-7]{32}", secret), secret
     await page.get_by_label("Code from your app").fill(totp_code(secret, now=time.time()))
@@ -140,9 +128,7 @@ async def test_mfa_route_enrols_and_asks_for_a_fresh_code(page: Page, signin: Si
     await page.wait_for_url(signin.origin + "/admin/echo")
     assert '"x-forwarded-user": "alice"' in await page.inner_text("body")
     await page.goto(signin.origin + "/")
-    await shot(page, "4-legacy-app")
     await page.goto(signin.origin + "/.ztgw/whoami")
-    await shot(page, "5-whoami")
 
 
 @pytest.mark.parametrize("signin", [DRIFT], indirect=True)
@@ -191,7 +177,6 @@ async def test_a_noncompliant_device_sees_what_to_fix(
     await page.wait_for_url(re.compile(r"/\.ztgw/device"))
     text = await page.inner_text("main")
     assert "does not meet" in text and "Turn on disk encryption" in text
-    await shot(page, "6-device-remediation")
 
 
 async def test_no_client_certificate_means_no_page(

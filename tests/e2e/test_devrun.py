@@ -4,7 +4,6 @@ SIGINT to the runner stops all of them."""
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
 import signal
@@ -24,7 +23,7 @@ import pytest
 
 from tests.support import Certs, free_port
 from ztgateway.credentials.devtoken import issue_token
-from ztgateway.devrun import moved_idp_users, set_keys
+from ztgateway.devrun import free_port_offset, moved_idp_users, set_keys
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,15 +84,6 @@ def start(cwd: Path, *argv: str) -> Run:
     return Run(proc)
 
 
-def free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def nobody_listens(ports: list[int], timeout: float = 30.0) -> bool:
     """No process accepts on any of `ports` (a refused connection; a bind could still fail on
     the server side's TIME_WAIT entries from the test's own requests)."""
@@ -116,11 +106,7 @@ def nobody_listens(ports: list[int], timeout: float = 30.0) -> bool:
 
 
 def free_offset() -> int:
-    for _ in range(200):
-        offset = random.randrange(20000, 50000)
-        if all(free(p + offset) for p in (8443, 9100, 8080, 9200)):
-            return offset
-    raise RuntimeError("no free offset")
+    return free_port_offset()
 
 
 @pytest.fixture

@@ -428,5 +428,7 @@ def register(sub: Any) -> None:
     tm.add_argument("session", nargs="?", help="id or unique prefix")
     tm.add_argument("--user", help="end every session of this user")
     tm.add_argument(
-        "--reason", default="terminated by an operator", help="recorded and shown to the user"
+        "--reason",
+        default="terminated by an operator",
+        help="recorded for the audit and `sessions list` (the person is told an administrator ended it)",
     )

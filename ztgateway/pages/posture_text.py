@@ -24,74 +24,76 @@ class CheckText:
 CHECKS: dict[str, CheckText] = {
     "disk_encrypted": CheckText(
         "Disk encryption",
-        "The disk is encrypted, so a lost or stolen device does not give away its data.",
+        "Checks that the disk is encrypted, so a lost or stolen device does not give away its "
+        "data.",
         "the disk is encrypted",
         "the disk is not encrypted",
     ),
     "firewall": CheckText(
         "Firewall",
-        "The device's firewall is on and blocks connections nobody asked for.",
+        "Checks that the device's firewall is on and blocks connections nobody asked for.",
         "the firewall is on",
         "the firewall is off",
     ),
     "antivirus": CheckText(
         "Malware protection",
-        "Antivirus or endpoint protection is installed and running.",
+        "Checks that antivirus or endpoint protection is installed and running.",
         "protection is running",
         "no protection is running",
     ),
     "screen_lock": CheckText(
         "Screen lock",
-        "The screen locks by itself after a few idle minutes and needs a password or PIN.",
+        "Checks that the screen locks by itself after a few idle minutes and needs a "
+        "password or PIN.",
         "the screen lock is set",
         "no screen lock is set",
     ),
     "mdm_enrolled": CheckText(
         "Device management",
-        "The device is enrolled in the organisation's device management (MDM).",
+        "Checks that the device is enrolled in the organisation's device management (MDM).",
         "the device is managed",
         "the device is not managed",
     ),
     "jailbroken": CheckText(
         "System integrity",
-        "The operating system is the maker's, not jailbroken or rooted (which disables its "
-        "protections).",
+        "Checks that the operating system is the maker's, not jailbroken or rooted (which "
+        "disables its protections).",
         "not jailbroken or rooted",
         "the device is jailbroken or rooted",
     ),
     "os_version": CheckText(
         "Operating system version",
-        "The operating system is at least the version this organisation requires.",
+        "Checks that the operating system is at least the version this organisation requires.",
         "recent enough",
         "too old",
     ),
     "patch_age": CheckText(
         "System updates",
-        "The latest system updates were installed recently.",
+        "Checks that the latest system updates were installed recently.",
         "up to date",
         "updates are overdue",
     ),
     "report_fresh": CheckText(
         "Recent report",
-        "The device agent reported the device's state recently.",
+        "Checks that the device agent reported the device's state recently.",
         "reported recently",
         "the last report is too old",
     ),
     "report_missing": CheckText(
         "Device report",
-        "The device agent reports the device's security state to the gateway.",
+        "Checks that the device agent reports the device's security state to the gateway.",
         "received",
         "no report has been received from this device",
     ),
     "report_unsigned": CheckText(
         "Signed report",
-        "The device agent signs its reports with the device's key.",
+        "Checks that the device agent signs its reports with the device's key.",
         "signed",
         "the report was not signed",
     ),
     "platform": CheckText(
         "Platform",
-        "The device runs an operating system this application supports.",
+        "Checks that the device runs an operating system this application supports.",
         "supported",
         "not supported",
     ),
