@@ -230,12 +230,7 @@ class FormGateway(Protocol):
     ) -> None: ...
 
 
-_FOR_PEOPLE = {
-    Reason.CSRF_INVALID: "The form expired or did not come from this site. "
-    "Go back, reload the page and try again.",
-    Reason.ORIGIN_MISMATCH: "This form was sent from another site. "
-    "If you meant to do this, open the gateway's page yourself and try again.",
-}
+_SAID_TO_PEOPLE = frozenset({Reason.CSRF_INVALID, Reason.ORIGIN_MISMATCH})
 
 
 def refuse(gw: FormGateway, ctx: RequestContext, refusal: Refusal, *, stage: str) -> web.Response:
@@ -244,12 +239,13 @@ def refuse(gw: FormGateway, ctx: RequestContext, refusal: Refusal, *, stage: str
     with contextlib.suppress(AuditUnavailable):
         gw.record_outcome(ctx, stage, Verdict.DENY, refusal.reason, refusal.detail)
     accept = ctx.headers.get("Accept", "")
-    detail = _FOR_PEOPLE.get(refusal.reason, refusal.detail) if wants_html(accept) else None
+    # A person reads what to do in words (pages/advice.py); a program gets the detail.
+    for_people = wants_html(accept) and refusal.reason in _SAID_TO_PEOPLE
     return problem(
         refusal.reason,
         ctx.decision_id,
         accept=accept,
-        detail=detail or refusal.detail,
+        detail=None if for_people else refusal.detail,
         look=ctx.look,
     )
 

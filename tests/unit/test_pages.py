@@ -430,3 +430,9 @@ def test_times_are_said_relative_to_the_clock_given_not_the_wall_clock() -> None
     assert until(NOW + 3 * 3600, NOW, utc) == "12:00 (UTC), in 3 hours"
     assert until(NOW + 86400 + 60, NOW, utc) == "Tue 3 Mar 09:01 (UTC), in 24 hours 1 minute"
     assert zone("Mars/Olympus").key == "UTC"
+
+
+def test_a_form_refusal_tells_a_person_what_to_do_in_words_once() -> None:
+    _, headers, body = problem_parts(Reason.CSRF_INVALID, "d-1", accept="text/html", look=LOOK)
+    assert body.count(b"Go back, reload the page and try again.") == 1
+    assert dict(headers)["Content-Type"] == "text/html; charset=utf-8"
