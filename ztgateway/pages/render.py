@@ -76,7 +76,7 @@ def static_headers(media_type: str) -> list[tuple[str, str]]:
         ("Cache-Control", "public, max-age=31536000, immutable"),
         ("X-Content-Type-Options", "nosniff"),
         # An SVG logo opened on its own must not run anything (it is only ever an <img>).
-        ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; sandbox"),
+        ("Content-Security-Policy", "default-src 'none'; sandbox"),
         ("Server", SERVER),
     ]
 
