@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Browser, Page
 
-from tests.e2e.test_browser import browser, device_context, page, shot, sign_in
+from tests.e2e.test_browser import browser, device_context, page, sign_in
 from tests.oidc_fixtures import SignInSetup
 from tests.support import Certs
 from ztgateway.credentials.totp import totp_code
@@ -47,7 +47,6 @@ async def test_sign_out_in_chromium_ends_both_sessions_and_lands_on_the_signed_o
     # The gateway's sign-out, then the provider's end-session endpoint, then back here.
     await page.wait_for_url(signin.origin + "/.ztgw/signed-out")
     assert "You are signed out" in await page.inner_text("main")
-    await shot(page, "7-signed-out")
     ended = gw.store.session(session.session_id)
     assert ended is not None and ended.revoked_reason == "signed out"
     assert errors == [], errors
@@ -91,7 +90,6 @@ async def test_enrolment_in_chromium_survives_a_reload_and_a_wrong_code(
     assert len(codes) == 10 and all(
         re.fullmatch(r"[a-z2-9]{4}-[a-z2-9]{4}-[a-z2-9]{4}", c) for c in codes
     )
-    await shot(page, "3b-backup-codes")
     await page.get_by_role("link", name="Continue").click()
     # The confirming code was a step-up too: the admin route lets alice in.
     await page.wait_for_url(signin.origin + "/admin/echo")
