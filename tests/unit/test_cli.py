@@ -173,3 +173,129 @@ def test_audit_cli_tail_verify_and_detect_tampering(
     code, _, err = run(capsys, "audit", "verify", "-c", str(config))
     assert code == 1
     assert "decision_id=d1" in err
+
+
+@pytest.fixture
+def mfa_config(certs: Certs, tmp_path: Path) -> Path:
+    """The admin route with a second factor within 15 minutes; /secure/ needs a compliant
+    device (a passing posture report)."""
+    cfg = base_config(certs, 9, tmp_path)
+    cfg["routes"][2]["session"] = {"mfa_max_age": 900}
+    cfg["routes"].append(
+        {"name": "secure", "prefix": "/secure/", "upstream": "demo",
+         "policy": {"require_token": True, "min_trust": "compliant"}}
+    )  # fmt: skip
+    path = tmp_path / "mfa.toml"
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def _cases(tmp_path: Path, config: Path, certs: Certs, body: str) -> Path:
+    alice = certs.client("alice-laptop")[0]
+    cases = tmp_path / "cases.toml"
+    cases.write_text(
+        f'config = "{config}"\nissuer_key = "{certs.issuer_key}"\n'
+        + body.replace("ALICE", str(alice))
+    )
+    return cases
+
+
+POSTURE = """[case.posture]
+platform = "macos"
+os_version = "15.1"
+patch_age_days = 2
+disk_encrypted = DISK
+firewall = true
+antivirus = true
+screen_lock = true
+mdm_enrolled = true
+jailbroken = false
+"""
+
+
+def test_a_policy_case_states_how_long_ago_the_second_factor_was_given(
+    certs: Certs, mfa_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A case could not say "MFA done", so no route with mfa_max_age could be tested as allow
+    (the UX review's F6): these fail on the old code with "case[0].mfa_age: unknown key"."""
+    case = """
+[[case]]
+name = "{name}"
+path = "/admin/echo"
+cert = "ALICE"
+mfa_age = "{age}"
+verdict = "{verdict}"
+{reason}
+[case.token_claims]
+sub = "alice"
+groups = ["admins"]
+"""
+    body = case.format(name="a minute ago", age="1m", verdict="allow", reason="")
+    body += case.format(
+        name="an hour ago", age="1h", verdict="step_up", reason='reason = "mfa-required"'
+    )
+    code, out, err = run(capsys, "policy", "test", str(_cases(tmp_path, mfa_config, certs, body)))
+    assert code == 0, out + err
+    assert "2 passed, 0 failed" in out
+    # Nothing stated: the store knows no session for this token, so a step-up is due.
+    body = case.format(name="unstated", age="1m", verdict="allow", reason="")
+    body = body.replace('mfa_age = "1m"\n', "")
+    code, out, _ = run(capsys, "policy", "test", str(_cases(tmp_path, mfa_config, certs, body)))
+    assert code == 1 and "got step_up (mfa-required)" in out
+
+
+def test_a_policy_case_states_the_devices_posture(
+    certs: Certs, mfa_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = """
+[[case]]
+name = "{name}"
+path = "/secure/echo"
+cert = "ALICE"
+verdict = "{verdict}"
+{reason}
+[case.token_claims]
+sub = "alice"
+"""
+    body = case.format(name="compliant", verdict="allow", reason="") + POSTURE.replace(
+        "DISK", "true"
+    )
+    body += case.format(
+        name="no disk encryption", verdict="deny", reason='reason = "device-noncompliant"'
+    ) + POSTURE.replace("DISK", "false")
+    body += case.format(
+        name="a stale report", verdict="deny", reason='reason = "posture-stale"'
+    ) + POSTURE.replace("DISK", "true").replace(
+        "jailbroken = false", 'jailbroken = false\nreport_age = "3d"'
+    )
+    code, out, err = run(capsys, "policy", "test", str(_cases(tmp_path, mfa_config, certs, body)))
+    assert code == 0, out + err
+    assert "3 passed, 0 failed" in out
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        ('[[case]]\nname = "x"\nmfa_age = "1m"\n', "case[0].mfa_age", "needs token or token_claims"),
+        ('[[case]]\nname = "x"\nmfa_age = "soon"\ncert = "ALICE"\n[case.token_claims]\nsub = "a"\n',
+         "case[0].mfa_age", ""),
+        ('[[case]]\nname = "x"\n' + POSTURE.replace("DISK", "true"), "case[0].posture",
+         "needs cert"),
+        ('[[case]]\nname = "x"\ncert = "ALICE"\n' + POSTURE.replace("DISK", '"yes"'),
+         "case[0].posture.disk_encrypted", ""),
+        ('[[case]]\nname = "x"\ncert = "ALICE"\n' + POSTURE.replace("DISK", "true")
+         + "colour = 1\n", "case[0].posture.colour", "unknown field"),
+    ],
+)  # fmt: skip
+def test_policy_case_facts_are_checked_and_named(
+    certs: Certs,
+    mfa_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    body: str,
+    key: str,
+    message: str,
+) -> None:
+    code, _, err = run(capsys, "policy", "test", str(_cases(tmp_path, mfa_config, certs, body)))
+    assert code == 2
+    assert f"{key}:" in err and message in err
