@@ -353,7 +353,7 @@ async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
     if ident is not None:
         you = [
             ("User", ident.user),
-            ("Signed in with", _SOURCES.get(ident.source, ident.source)),
+            ("Identified by", _SOURCES.get(ident.source, ident.source)),
             ("E-mail", ident.email),
             ("Groups", ", ".join(sorted(ident.groups))),
         ]
@@ -398,7 +398,7 @@ async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
 
 
 _SOURCES = {
-    "session": "a sign-in with the identity provider",
+    "session": "your sign-in with the identity provider",
     "token": "a bearer token",
     "cert": "the device certificate only",
     "mfa": "a second factor",

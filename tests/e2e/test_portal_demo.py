@@ -221,7 +221,7 @@ async def test_sign_out_whoami_and_signed_out_are_the_same_portal(
     await sign_in(page, signin, "/")
     await page.goto(signin.origin + "/.ztgw/whoami")
     text = await branded(page)
-    assert "alice" in text and "a sign-in with the identity provider" in text
+    assert "alice" in text and "your sign-in with the identity provider" in text
     assert "Times in UTC" in text
     await page.get_by_role("link", name="Sign out").click()
     await page.wait_for_url(re.compile(r"/\.ztgw/logout"))
@@ -232,4 +232,30 @@ async def test_sign_out_whoami_and_signed_out_are_the_same_portal(
     await page.get_by_role("link", name="Sign in again").click()
     await page.wait_for_url(re.compile(r"/\.ztgw/login"))
     assert "Sign in with" in await branded(page)
+    await context.close()
+
+
+@pytest.mark.parametrize("signin", [DEMO], indirect=True)
+async def test_too_many_wrong_codes_say_until_when_the_second_factor_is_locked(
+    browser: Browser,  # noqa: F811
+    signin: SignInSetup,
+    certs: Certs,
+) -> None:
+    await signin.gateway.mfa.enroll("alice")
+    context = await device_context(browser, signin, certs)
+    page = await context.new_page()
+    await sign_in(page, signin, "/reports/echo")
+    await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?"))
+    text = ""
+    for _ in range(signin.gateway.config.mfa.max_failures + 1):
+        await page.get_by_label("Code").fill("000000")
+        await page.get_by_role("button", name="Verify").click()
+        await page.wait_for_load_state()
+        text = await branded(page)
+        if "Too many wrong codes" in text:
+            break
+    assert "Too many wrong codes" in text
+    ends = signin.gateway.clock.time() + signin.gateway.config.mfa.ban_time
+    shown = dt.datetime.fromtimestamp(ends, dt.UTC)
+    assert re.search(rf"You can try again at {shown:%H}:\d\d \(UTC\), in 1[45] minutes", text)
     await context.close()
