@@ -141,7 +141,7 @@ async def sign_in(s: aiohttp.ClientSession, setup: Shaped, user: str) -> aiohttp
     r = await s.get(origin + "/admin/echo", headers=HTML, allow_redirects=False)
     assert r.status == 303
     page = await (await s.get(origin + r.headers["Location"], headers=HTML)).text()
-    start = page.split('href="')[1].split('"')[0].replace("&amp;", "&")
+    start = re.search(r'href="(/\.ztgw/login/start[^"]*)"', page).group(1).replace("&amp;", "&")
     r = await s.get(origin + start, allow_redirects=False)
     authorize = r.headers["Location"]
     shape = SHAPES[setup.provider]
