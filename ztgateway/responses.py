@@ -8,12 +8,14 @@ finding is sent only where the route enables it; request bytes are never echoed.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from aiohttp import web
+from markupsafe import escape
 
 from .decision import Decision, Reason, Verdict
 from .pages.advice import advice_for
@@ -304,7 +306,38 @@ def refusal_page(
     lock_ends: str | None = None,
     continue_to: str | None = None,
 ) -> str:
-    """The refusal page: the reason in words, what to do, the reference to quote."""
+    """The refusal page: the reason in words, what to do, the reference to quote.
+
+    Without a detail, lock time or link (nearly every refusal) the page differs between
+    requests only by its decision id, so it is rendered once per reason, status and branding
+    and the id put in (a template rendering costs about five times a problem+json body, and
+    a browser's refusals should not be the cheap way to make the gateway work)."""
+    if detail is None and lock_ends is None and continue_to is None:
+        before, after = _plain_refusal(reason, status, look)
+        return before + escape(decision_id) + after
+    return _render_refusal(reason, decision_id, status, detail, look, lock_ends, continue_to)
+
+
+_ID_MARK = "@@decision-id@@"
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_refusal(reason: Reason, status: int, look: PortalConfig) -> tuple[str, str]:
+    page = _render_refusal(reason, _ID_MARK, status, None, look, None, None)
+    before, _, after = page.partition(_ID_MARK)
+    assert _ID_MARK not in after
+    return before, after
+
+
+def _render_refusal(
+    reason: Reason,
+    decision_id: str,
+    status: int,
+    detail: str | None,
+    look: PortalConfig,
+    lock_ends: str | None,
+    continue_to: str | None,
+) -> str:
     advice, ask_support = advice_for(reason)
     return render_page(
         "refusal.html",

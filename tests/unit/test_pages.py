@@ -436,3 +436,14 @@ def test_a_form_refusal_tells_a_person_what_to_do_in_words_once() -> None:
     _, headers, body = problem_parts(Reason.CSRF_INVALID, "d-1", accept="text/html", look=LOOK)
     assert body.count(b"Go back, reload the page and try again.") == 1
     assert dict(headers)["Content-Type"] == "text/html; charset=utf-8"
+
+
+def test_a_refusal_page_rendered_once_per_reason_still_carries_each_requests_id() -> None:
+    _, _, one = problem_parts(Reason.PATH_DENIED, "id-one", accept="text/html", look=LOOK)
+    _, _, two = problem_parts(Reason.PATH_DENIED, "id-two", accept="text/html", look=LOOK)
+    assert b"<code>id-one</code>" in one and b"<code>id-two</code>" in two
+    assert one.replace(b"id-one", b"id-two") == two
+    _, _, evil = problem_parts(Reason.PATH_DENIED, EVIL, accept="text/html", look=LOOK)
+    assert b"<script>" not in evil and ESCAPED.encode() in evil
+    _, _, other = problem_parts(Reason.PATH_DENIED, "id-one", accept="text/html")
+    assert b"Acme Corp" in one and b"Acme Corp" not in other

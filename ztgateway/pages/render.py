@@ -57,7 +57,12 @@ def stylesheet(accent: str) -> bytes:
 
 
 def stylesheet_path(look: PortalConfig) -> str:
-    tag = hashlib.sha256(stylesheet(look.accent)).hexdigest()[:12]
+    return _stylesheet_path(look.accent)
+
+
+@functools.cache
+def _stylesheet_path(accent: str) -> str:
+    tag = hashlib.sha256(stylesheet(accent)).hexdigest()[:12]
     return f"{STATIC_PREFIX}portal-{tag}.css"
 
 
