@@ -314,7 +314,7 @@ def refusal_page(
     a browser's refusals should not be the cheap way to make the gateway work)."""
     if detail is None and lock_ends is None and continue_to is None:
         before, after = _plain_refusal(reason, status, look)
-        return before + escape(decision_id) + after
+        return before + str(escape(decision_id)) + after
     return _render_refusal(reason, decision_id, status, detail, look, lock_ends, continue_to)
 
 
