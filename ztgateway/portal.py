@@ -303,6 +303,11 @@ async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
     return see_other(target, ctx.decision_id, clear_cookie_header(name))
 
 
+async def home(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+    """GET /.ztgw/: the gateway's own namespace, not an application: the person's page."""
+    return see_other("/.ztgw/whoami", ctx.decision_id)
+
+
 async def signed_out(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
     gw.metrics.portal_views.labels("signed-out", "shown").inc()
     return template_page("signed_out.html", ctx, title="Signed out")

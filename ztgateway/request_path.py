@@ -50,6 +50,7 @@ log = logging.getLogger("ztgateway.request")
 INTERNAL_PREFIX = "/.ztgw/"
 WS_RECHECK_INTERVAL = 5.0
 _PAGES = {
+    ("/.ztgw/", "GET"): portal.home,
     ("/.ztgw/login", "GET"): portal.login_page,
     ("/.ztgw/login/start", "GET"): portal.login_start,
     ("/.ztgw/oidc/callback", "GET"): portal.callback,

@@ -219,7 +219,9 @@ async def test_sign_out_whoami_and_signed_out_are_the_same_portal(
     context = await device_context(browser, signin, certs)
     page = await context.new_page()
     await sign_in(page, signin, "/")
-    await page.goto(signin.origin + "/.ztgw/whoami")
+    # The gateway's own namespace is not an application: it leads to the person's page.
+    await page.goto(signin.origin + "/.ztgw/")
+    await page.wait_for_url(signin.origin + "/.ztgw/whoami")
     text = await branded(page)
     assert "alice" in text and "your sign-in with the identity provider" in text
     assert "Times in UTC" in text
