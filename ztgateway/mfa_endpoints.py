@@ -407,19 +407,21 @@ def _step_up(
     *,
     error: str = "",
     status: int = 200,
-    why: str = "",
+    why: Reason | None = None,
     lock_ends: str | None = None,
 ) -> web.Response:
+    # The reason travels with the form, so a wrong code keeps the page's words.
     form = _code_form(
         gw, ctx, who.cookie_value, action="/.ztgw/mfa", purpose="mfa", rd=rd, label="Code",
-        button="Verify", error=error,
+        button="Verify", error=error, hidden={"why": why.value} if why in _WHY else None,
     )  # fmt: skip
     return template_page(
         "step_up.html",
         ctx,
         title="Confirm it is you",
         status=status,
-        why=why or "For this page the gateway needs your second factor.",
+        why=(_WHY.get(why) if why is not None else None)
+        or "For this page the gateway needs your second factor.",
         form=form,
         lock_ends=lock_ends,
     )
@@ -456,9 +458,7 @@ async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> we
             return _unidentified(gw, ctx, who, rd)
         if not gw.mfa.enrolled(who.user):
             return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
-        asked = _reason_param(ctx)
-        why = _WHY.get(asked, "") if asked is not None else ""
-        return _step_up(gw, ctx, who, rd, why=why)
+        return _step_up(gw, ctx, who, rd, why=_reason(parse_qs(ctx.query).get("why", [""])[0]))
     form = await _posted_form(gw, request, ctx, "mfa")
     if isinstance(form, web.Response):
         return form
@@ -475,7 +475,7 @@ async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> we
             lock_ends = until(result.locked_until, ctx.now, _user_zone(gw, who.user))
         return _step_up(
             gw, ctx, who, rd, error=result.message, status=result.reason.status,
-            lock_ends=lock_ends,
+            why=_reason(form.get("why", "")), lock_ends=lock_ends,
         )  # fmt: skip
     with contextlib.suppress(AuditUnavailable):
         _record(
@@ -675,9 +675,11 @@ def _user_zone(gw: Gateway, user: str) -> ZoneInfo:
     return zone(account.timezone if account else None, gw.config.risk.default_timezone)
 
 
-def _reason_param(ctx: RequestContext) -> Reason | None:
-    """Why the data plane asked for a step-up (`why=` on the redirect), for the page's words."""
+def _reason(value: str) -> Reason | None:
+    """Why the data plane asked for a step-up (`why=` on the redirect, then in the form), for
+    the page's words: only a reason with words of its own counts."""
     try:
-        return Reason(parse_qs(ctx.query).get("why", [""])[0])
+        reason = Reason(value)
     except ValueError:
         return None
+    return reason if reason in _WHY else None

@@ -115,7 +115,8 @@ async def test_a_first_visit_to_reports_is_a_risk_step_up(
     assert "Confirm it is you" in text and "riskier than usual" in text
     await page.get_by_label("Code").fill("000000")
     await page.get_by_role("button", name="Verify").click()
-    assert "That code did not work" in await branded(page)
+    text = await branded(page)
+    assert "That code did not work" in text and "riskier than usual" in text
     await page.get_by_label("Code").fill(await code_for(signin, secret))
     await page.get_by_role("button", name="Verify").click()
     await page.wait_for_url(signin.origin + "/reports/echo")
