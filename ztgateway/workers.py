@@ -41,7 +41,17 @@ from .ops import RELAY_PEER_HEADER
 
 log = logging.getLogger("ztgateway.workers")
 RESTART_BACKOFF = 1.0
-ADDITIVE_GAUGES = frozenset({"ztgw_connections_open", "ztgw_audit_queue_depth"})
+ADDITIVE_GAUGES = frozenset(
+    {
+        "ztgw_connections_open",
+        "ztgw_audit_queue_depth",
+        # Each worker is its own process: the host's gateway uses the sum of their memory and
+        # descriptors (a maximum would hide all but one worker from a capacity alert).
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+    }
+)
 MIN_GAUGES = frozenset({"ztgw_config_last_reload_successful"})
 NOT_RELAYED = frozenset(
     h.lower()
