@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page
+from playwright.async_api import Browser, BrowserContext, Page
 
 from tests.e2e.test_browser import browser, device_context, sign_in  # noqa: F401 - fixture
 from tests.oidc_fixtures import SignInSetup
@@ -61,6 +61,29 @@ async def branded(page: Page) -> str:
     return await page.inner_text("main")
 
 
+async def watched_page(context: BrowserContext) -> Page:
+    """A page whose Content-Security-Policy violations are collected: the pages load their
+    stylesheet and logo from /.ztgw/static/ and have no inline style or script, so Chromium
+    must report none under `style-src 'self'` (no 'unsafe-inline')."""
+    page = await context.new_page()
+    violations: list[str] = []
+    page.on(
+        "console",
+        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    context_violations[id(context)] = violations
+    return page
+
+
+context_violations: dict[int, list[str]] = {}
+
+
+async def close_checked(context: BrowserContext) -> None:
+    violations = context_violations.pop(id(context), [])
+    await context.close()
+    assert not violations, violations
+
+
 async def code_for(signin: SignInSetup, secret: str) -> str:
     return totp_code(secret, now=signin.gateway.clock.time())
 
@@ -72,7 +95,7 @@ async def test_alice_enrols_totp_for_the_admin_route_on_her_phone_sized_screen(
     certs: Certs,
 ) -> None:
     context = await device_context(browser, signin, certs)
-    page = await context.new_page()
+    page = await watched_page(context)
     await page.set_viewport_size({"width": 390, "height": 844})
     await sign_in(page, signin, "/admin/echo")
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa/enroll"))
@@ -97,7 +120,7 @@ async def test_alice_enrols_totp_for_the_admin_route_on_her_phone_sized_screen(
     await page.get_by_role("link", name="Continue").click()
     await page.wait_for_url(signin.origin + "/admin/echo")
     assert '"x-forwarded-user": "alice"' in await page.inner_text("body")
-    await context.close()
+    await close_checked(context)
 
 
 @pytest.mark.parametrize("signin", [DEMO], indirect=True)
@@ -108,7 +131,7 @@ async def test_a_first_visit_to_reports_is_a_risk_step_up(
 ) -> None:
     secret = (await signin.gateway.mfa.enroll("alice")).secret
     context = await device_context(browser, signin, certs)
-    page = await context.new_page()
+    page = await watched_page(context)
     await sign_in(page, signin, "/reports/echo")
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd=/reports/echo&why=risk-step-up"))
     text = await branded(page)
@@ -123,7 +146,7 @@ async def test_a_first_visit_to_reports_is_a_risk_step_up(
     # The second factor just given also answers /admin/'s 15 minutes.
     await page.goto(signin.origin + "/admin/echo")
     assert '"x-forwarded-user": "alice"' in await page.inner_text("body")
-    await context.close()
+    await close_checked(context)
 
 
 @pytest.mark.parametrize("signin", [DEMO], indirect=True)
@@ -133,13 +156,13 @@ async def test_bob_is_told_admin_is_for_another_group(
     certs: Certs,
 ) -> None:
     context = await device_context(browser, signin, certs, device="bob-phone")
-    page = await context.new_page()
+    page = await watched_page(context)
     await sign_in(page, signin, "/admin/echo", user="bob")
     text = await branded(page)
     assert "Your account is not in a group allowed here" in text
     assert "Ask the application owner for access" in text
     assert "group-required" in text
-    await context.close()
+    await close_checked(context)
 
 
 @pytest.mark.parametrize("signin", [DEMO], indirect=True)
@@ -157,7 +180,7 @@ async def test_a_device_that_fails_its_posture_sees_each_check_in_words(
         async with s.post(signin.origin + "/.ztgw/posture", json=report) as r:
             assert r.status == 200
     context = await device_context(browser, signin, certs)
-    page = await context.new_page()
+    page = await watched_page(context)
     await page.goto(signin.origin + "/secure/echo")
     await page.wait_for_url(re.compile(r"/\.ztgw/device\?rd=/secure/echo"))
     text = await branded(page)
@@ -174,7 +197,7 @@ async def test_a_device_that_fails_its_posture_sees_each_check_in_words(
     await page.get_by_role("link", name="Check again").click()
     await page.wait_for_url(re.compile(r"/\.ztgw/device\?rd="))
     assert await page.get_by_role("link", name="Back to /secure/echo").count() == 1
-    await context.close()
+    await close_checked(context)
 
 
 @pytest.mark.parametrize("signin", [DEMO], indirect=True)
@@ -185,7 +208,7 @@ async def test_a_locked_account_sees_until_when_and_an_ended_session_why(
 ) -> None:
     gw = signin.gateway
     context = await device_context(browser, signin, certs)
-    page = await context.new_page()
+    page = await watched_page(context)
     await sign_in(page, signin, "/")  # lands on the daily TOTP enrolment of the demo's app
     # Locked for 25 minutes from the gateway's clock, said in her time zone.
     now = gw.clock.time()
@@ -208,7 +231,7 @@ async def test_a_locked_account_sees_until_when_and_an_ended_session_why(
     text = await branded(page)
     assert "An administrator ended your session" in text
     assert "laptop reported stolen" not in text
-    await context.close()
+    await close_checked(context)
 
 
 @pytest.mark.parametrize("signin", [DEMO], indirect=True)
@@ -218,7 +241,7 @@ async def test_sign_out_whoami_and_signed_out_are_the_same_portal(
     certs: Certs,
 ) -> None:
     context = await device_context(browser, signin, certs)
-    page = await context.new_page()
+    page = await watched_page(context)
     await sign_in(page, signin, "/")
     # The gateway's own namespace is not an application: it leads to the person's page.
     await page.goto(signin.origin + "/.ztgw/")
@@ -235,7 +258,7 @@ async def test_sign_out_whoami_and_signed_out_are_the_same_portal(
     await page.get_by_role("link", name="Sign in again").click()
     await page.wait_for_url(re.compile(r"/\.ztgw/login"))
     assert "Sign in with" in await branded(page)
-    await context.close()
+    await close_checked(context)
 
 
 @pytest.mark.parametrize("signin", [DEMO], indirect=True)
@@ -246,7 +269,7 @@ async def test_too_many_wrong_codes_say_until_when_the_second_factor_is_locked(
 ) -> None:
     await signin.gateway.mfa.enroll("alice")
     context = await device_context(browser, signin, certs)
-    page = await context.new_page()
+    page = await watched_page(context)
     await sign_in(page, signin, "/reports/echo")
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?"))
     text = ""
@@ -261,4 +284,4 @@ async def test_too_many_wrong_codes_say_until_when_the_second_factor_is_locked(
     ends = signin.gateway.clock.time() + signin.gateway.config.mfa.ban_time
     shown = dt.datetime.fromtimestamp(ends, dt.UTC)
     assert re.search(rf"You can try again at {shown:%H}:\d\d \(UTC\), in 1[45] minutes", text)
-    await context.close()
+    await close_checked(context)
