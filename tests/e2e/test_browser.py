@@ -182,12 +182,23 @@ async def test_moving_to_another_address_asks_for_step_up_again(
 async def test_a_terminated_session_bounces_to_sign_in(page: Page, signin: SignInSetup) -> None:
     await sign_in(page, signin)
     await page.wait_for_url(signin.origin + "/")
-    for session in signin.gateway.store.sessions("alice"):
+    ended = signin.gateway.store.sessions("alice")
+    for session in ended:
         await signin.gateway.store.revoke_session(
             session.session_id, "terminated in a test", time.time()
         )
+    to_provider: list[str] = []
+    page.on(
+        "request",
+        lambda r: to_provider.append(r.url) if r.url.startswith(signin.issuer) else None,
+    )
     await page.goto(signin.origin + "/form")
-    await page.wait_for_url(re.compile(re.escape(signin.issuer) + "/authorize"))
+    # Straight to the (one) provider, which still knows the browser and sends it back signed
+    # in: a new session, never the terminated one.
+    await page.wait_for_url(signin.origin + "/form")
+    assert any(u.startswith(signin.issuer + "/authorize") for u in to_provider), to_provider
+    fresh = [s for s in signin.gateway.store.sessions("alice") if not s.revoked]
+    assert len(fresh) == 1 and fresh[0].session_id not in {s.session_id for s in ended}
 
 
 @pytest.mark.parametrize("signin", [DRIFT], indirect=True)
