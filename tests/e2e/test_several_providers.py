@@ -79,7 +79,8 @@ async def test_the_chooser_lists_the_routes_providers_and_each_signs_in_its_own_
         page = await new_page(browser, setup, certs, contexts, devices[name])
         await page.goto(setup.origin + "/echo")
         await page.wait_for_url(re.compile(r"/\.ztgw/login\?rd=/echo"))
-        await shot(page, f"chooser-{name}")
+        if name == "corp":
+            await shot(page, "8-provider-chooser")
         buttons = page.get_by_role("link", name=re.compile("^Sign in with"))
         assert await buttons.all_inner_texts() == [
             "Sign in with Corp account",
@@ -146,7 +147,7 @@ async def test_a_session_of_another_provider_is_refused_with_a_page_and_a_way_on
     await page.wait_for_url(setup.origin + "/echo")
     response = await page.goto(setup.origin + "/corp/echo")
     assert response is not None and response.status == 403
-    await shot(page, "provider-not-allowed")
+    await shot(page, "9-provider-not-allowed")
     text = await page.inner_text("main")
     assert "does not accept your sign-in's provider" in text
     assert "provider-not-allowed" in text
@@ -164,3 +165,4 @@ async def test_a_session_of_another_provider_is_refused_with_a_page_and_a_way_on
     assert re.search(
         r'ztgw_requests_total\{[^}]*reason="provider-not-allowed"[^}]*\} 1\.0', metrics
     )
+    assert 'ztgw_provider_refusals_total{route="corp-only",provider="partners"} 1.0' in metrics

@@ -136,3 +136,7 @@ def test_a_session_is_held_to_its_provider_and_name_space() -> None:
     assert stale is not None and stale.reason is Reason.SESSION_INVALID
     gone = provider_session_refusal("alice", None, "google", ())
     assert gone is not None and gone.reason is Reason.SESSION_INVALID
+    # A record naming no provider: the directory's, and only where the route does not choose.
+    assert provider_session_refusal("alice", None, None, ()) is None
+    unnamed = provider_session_refusal("alice", None, None, ("corp",))
+    assert unnamed is not None and unnamed.reason is Reason.PROVIDER_NOT_ALLOWED

@@ -85,7 +85,14 @@ def provider_session_refusal(
     """Why a browser session signed in by the provider `name` is not good on a route that
     accepts `allowed` (empty: every provider): a provider no longer configured, a user name
     outside that provider's name space, or a provider the route does not accept."""
+    if provider is None and name is None:
+        # A session record that names no provider (every sign-in records one): the
+        # directory's, good only where the route does not choose providers.
+        if allowed:
+            return _deny(Reason.PROVIDER_NOT_ALLOWED, "the session names no provider")
+        return None
     if provider is None:
+        # Its provider was removed from the configuration: its sessions end with it.
         return _deny(Reason.SESSION_INVALID, f"provider {name!r} is not configured")
     ns = provider.user_namespace
     if ns and not user.startswith(ns + ":"):
@@ -108,6 +115,8 @@ class IdentityStage:
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
         self.providers = runtime.config.oidc
+        self.metrics = runtime.metrics
+        self.dry_run = runtime.dry_run
         self.namespaces = frozenset(
             m.user_namespace for m in self.claim_maps.values() if m.user_namespace
         ) | frozenset(p.user_namespace for p in self.providers.providers if p.user_namespace)
@@ -121,7 +130,15 @@ class IdentityStage:
     ) -> Finding | None:
         name = extra.get("provider")
         provider = self.providers.get(name) if isinstance(name, str) else None
-        return provider_session_refusal(user, provider, name, route.policy.providers)
+        refusal = provider_session_refusal(user, provider, name, route.policy.providers)
+        if (
+            refusal is not None
+            and refusal.reason is Reason.PROVIDER_NOT_ALLOWED
+            and provider is not None
+            and not self.dry_run
+        ):
+            self.metrics.provider_refusals.labels(route.name, provider.name).inc()
+        return refusal
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -202,6 +219,7 @@ class IdentityStage:
                     refusal = self._provider_refusal(session.user, session.extra, route)
                     if refusal is not None:
                         return [refusal]
+                    signed_by = session.extra.get("provider")
                     groups = session.extra.get("groups") or []
                     email = session.extra.get("email")
                     session_identity = Identity(
@@ -210,7 +228,7 @@ class IdentityStage:
                         email=email if isinstance(email, str) else None,
                         groups=frozenset(g for g in groups if isinstance(g, str)),
                         device_id=device_id,
-                        provider=str(session.extra.get("provider")),
+                        provider=signed_by if isinstance(signed_by, str) else None,
                     )
         if token is not None:
             # The claims of a cached token never change: map them once per token and device.
