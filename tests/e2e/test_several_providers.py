@@ -165,4 +165,4 @@ async def test_a_session_of_another_provider_is_refused_with_a_page_and_a_way_on
     assert re.search(
         r'ztgw_requests_total\{[^}]*reason="provider-not-allowed"[^}]*\} 1\.0', metrics
     )
-    assert 'ztgw_provider_refusals_total{route="corp-only",provider="partners"} 1.0' in metrics
+    assert 'ztgw_provider_refusals_total{provider="partners",route="corp-only"} 1.0' in metrics
