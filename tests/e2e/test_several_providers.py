@@ -151,7 +151,7 @@ async def test_a_session_of_another_provider_is_refused_with_a_page_and_a_way_on
     text = await page.inner_text("main")
     assert "does not accept your sign-in's provider" in text
     assert "provider-not-allowed" in text
-    assert "signed in with Partner account; this application accepts corp" in text
+    assert "signed in with Partner account; this application accepts Corp account" in text
     decision_id = response.headers["x-zt-decision-id"]
     # The way on: sign in with the provider the route accepts (straight there: it is the one).
     await page.get_by_role("link", name="Sign in with an accepted provider").click()

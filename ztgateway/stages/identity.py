@@ -6,7 +6,7 @@ finding, unless the route requires it; a present but bad credential is a DENY wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..context import Identity, RequestContext
@@ -80,7 +80,11 @@ def directory_user_refusal(user: str | None, namespaces: frozenset[str]) -> str 
 
 
 def provider_session_refusal(
-    user: str, provider: OIDCProviderConfig | None, name: object, allowed: Sequence[str]
+    user: str,
+    provider: OIDCProviderConfig | None,
+    name: object,
+    allowed: Sequence[str],
+    label_of: Callable[[str], str] = str,
 ) -> Finding | None:
     """Why a browser session signed in by the provider `name` is not good on a route that
     accepts `allowed` (empty: every provider): a provider no longer configured, a user name
@@ -102,7 +106,8 @@ def provider_session_refusal(
     if allowed and provider.name not in allowed:
         return _deny(
             Reason.PROVIDER_NOT_ALLOWED,
-            f"signed in with {provider.label}; this application accepts " + ", ".join(allowed),
+            f"signed in with {provider.label}; this application accepts "
+            + ", ".join(label_of(n) for n in allowed),
         )
     return None
 
@@ -125,12 +130,18 @@ class IdentityStage:
         self.cookie_name = runtime.config.sessions.cookie_name
         self.throttle = runtime.throttle
 
+    def _label(self, name: str) -> str:
+        provider = self.providers.get(name)
+        return provider.label if provider is not None else name
+
     def _provider_refusal(
         self, user: str, extra: Mapping[str, Any], route: RouteConfig
     ) -> Finding | None:
         name = extra.get("provider")
         provider = self.providers.get(name) if isinstance(name, str) else None
-        refusal = provider_session_refusal(user, provider, name, route.policy.providers)
+        refusal = provider_session_refusal(
+            user, provider, name, route.policy.providers, self._label
+        )
         if (
             refusal is not None
             and refusal.reason is Reason.PROVIDER_NOT_ALLOWED
