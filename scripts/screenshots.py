@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import shutil
 import signal
 import ssl
@@ -168,7 +169,8 @@ class Camera:
         raise SystemExit(f"{url} never showed {text!r}")
 
     async def sign_in_at_idp(self, page: Page, user: str, *, name: str | None = None) -> None:
-        await page.get_by_role("link", name="Sign in with dev-idp").click()
+        """The demo has one identity provider: a browser without a session goes straight to
+        its form."""
         await page.get_by_label("Username").wait_for()
         if name:
             await self.shot(page, name)
@@ -188,7 +190,6 @@ async def alice(camera: Camera, browser: Browser, secret: str) -> None:
     origin = camera.demo.origin
     page = await camera.context(browser, "alice-laptop", DESKTOP)
     await page.goto(origin + "/reports/echo")
-    await camera.shot(page, "01-sign-in")
     await camera.sign_in_at_idp(page, "alice", name="02-identity-provider")
     await page.wait_for_url("**/.ztgw/mfa?**")
     await camera.shot(page, "03-step-up-risk")
@@ -218,7 +219,7 @@ async def alice(camera: Camera, browser: Browser, secret: str) -> None:
     camera.demo.cli("sessions", "terminate", "--user", "alice", "--reason", "laptop reported lost")
     await camera.until_url(page, origin + "/", "ended=revoked")
     await camera.shot(page, "09-session-ended")
-    await page.get_by_role("link", name="Sign in with dev-idp").click()  # the IdP remembers her
+    await page.get_by_role("link", name=re.compile("^Sign in with")).click()  # the IdP knows her
     await page.wait_for_url(f"{origin}/**")
     camera.demo.cli("users", "lock", "alice", "--for", "25m")
     await camera.until_text(page, origin + "/", "The lock ends at")
@@ -294,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             taken = asyncio.run(shoot(out, demo, pyotp.parse_uri(uri).secret))
         finally:
             demo.stop()
-    stale = sorted(p.name for p in out.glob("*.png") if p.stem not in taken)
+    # Only this script's pictures (NN-name.png): docs/oidc.md's chooser pictures come from
+    # tests/e2e/test_several_providers.py (ZTGW_SCREENSHOTS), the demo having one provider.
+    stale = sorted(p.name for p in out.glob("[0-9][0-9]-*.png") if p.stem not in taken)
     for name in stale:
         (out / name).unlink()
     print(f"{len(taken)} screenshots" + (f"; removed {', '.join(stale)}" if stale else ""))

@@ -232,7 +232,7 @@ class RequestPath:
             render(
                 ctx,
                 decision,
-                sign_in=gw.oidc is not None,
+                sign_in=bool(gw.providers),
                 step_up_page=gw.mfa.available,
                 cookie_name=gw.runtime.config.sessions.cookie_name,
             )
@@ -308,6 +308,12 @@ class RequestPath:
         `http1.Request` and answer with an aiohttp `Response` used as a value (status,
         headers, body), written here in one write."""
         handler = _PAGES.get((ctx.path or "", ctx.method))
+        if (
+            handler is None
+            and ctx.method == "GET"
+            and self.gw.providers.by_callback(ctx.path or "")
+        ):
+            handler = portal.callback  # a provider's own callback (/.ztgw/oidc/callback/NAME)
         resp: web.StreamResponse
         path = ctx.path or ""
         if handler is None and path.startswith(STATIC_PREFIX) and ctx.method in ("GET", "HEAD"):

@@ -134,6 +134,7 @@ def problem_parts(
     look: PortalConfig = DEFAULT_LOOK,
     lock_ends: str | None = None,
     continue_to: str | None = None,
+    continue_label: str | None = None,
 ) -> Parts:
     """The refusal body and headers: problem+json (RFC 9457), or a page for a browser.
 
@@ -146,7 +147,7 @@ def problem_parts(
     if wants_html(accept):
         headers.update(page_headers(decision_id))
         body = refusal_page(
-            reason, decision_id, code, detail, look, lock_ends, continue_to
+            reason, decision_id, code, detail, look, lock_ends, continue_to, continue_label
         ).encode()
     else:
         doc: dict[str, Any] = {
@@ -260,7 +261,12 @@ def render(
         extra["WWW-Authenticate"] = challenge
     if stale:
         extra["Set-Cookie"] = clear_cookie_header(cookie_name)
-    continue_to = None
+    continue_to = continue_label = None
+    if reason is Reason.PROVIDER_NOT_ALLOWED and browser and sign_in:
+        # Which provider signed the person in and which this route accepts: names they see
+        # on the sign-in page anyway, so the page says them whatever `expose_detail` says.
+        detail = next((f.detail for f in decision.findings if f.reason is reason), None)
+        continue_to, continue_label = login_redirect(ctx), "Sign in with an accepted provider"
     if (
         reason is Reason.ORIGIN_DENIED
         and ctx.path is not None
@@ -280,6 +286,7 @@ def render(
         look=ctx.look,
         lock_ends=lock_ends_text(ctx) if reason is Reason.ACCOUNT_LOCKED else None,
         continue_to=continue_to,
+        continue_label=continue_label,
     )
 
 
@@ -305,6 +312,7 @@ def refusal_page(
     look: PortalConfig = DEFAULT_LOOK,
     lock_ends: str | None = None,
     continue_to: str | None = None,
+    continue_label: str | None = None,
 ) -> str:
     """The refusal page: the reason in words, what to do, the reference to quote.
 
@@ -315,7 +323,9 @@ def refusal_page(
     if detail is None and lock_ends is None and continue_to is None:
         before, after = _plain_refusal(reason, status, look)
         return before + str(escape(decision_id)) + after
-    return _render_refusal(reason, decision_id, status, detail, look, lock_ends, continue_to)
+    return _render_refusal(
+        reason, decision_id, status, detail, look, lock_ends, continue_to, continue_label
+    )
 
 
 _ID_MARK = "@@decision-id@@"
@@ -323,7 +333,7 @@ _ID_MARK = "@@decision-id@@"
 
 @functools.lru_cache(maxsize=256)
 def _plain_refusal(reason: Reason, status: int, look: PortalConfig) -> tuple[str, str]:
-    page = _render_refusal(reason, _ID_MARK, status, None, look, None, None)
+    page = _render_refusal(reason, _ID_MARK, status, None, look, None, None, None)
     before, _, after = page.partition(_ID_MARK)
     assert _ID_MARK not in after
     return before, after
@@ -337,6 +347,7 @@ def _render_refusal(
     look: PortalConfig,
     lock_ends: str | None,
     continue_to: str | None,
+    continue_label: str | None,
 ) -> str:
     advice, ask_support = advice_for(reason)
     return render_page(
@@ -352,6 +363,7 @@ def _render_refusal(
         reason=reason.value,
         # A link on this origin: following it is the person's own same-origin navigation.
         continue_url=continue_to,
+        continue_label=continue_label,
     )
 
 

@@ -255,9 +255,9 @@ async def test_sign_out_whoami_and_signed_out_are_the_same_portal(
     await page.get_by_role("button", name="Sign out").click()
     await page.wait_for_url(re.compile(r"/\.ztgw/signed-out"))
     assert "You are signed out" in await branded(page)
+    # One provider and nothing to say: the browser goes straight to it.
     await page.get_by_role("link", name="Sign in again").click()
-    await page.wait_for_url(re.compile(r"/\.ztgw/login"))
-    assert "Sign in with" in await branded(page)
+    await page.get_by_label("Username").wait_for()
     await close_checked(context)
 
 

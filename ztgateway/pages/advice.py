@@ -47,6 +47,8 @@ ADVICE: dict[Reason, str] = {
     "the gateway's page yourself and try again.",
     Reason.ORIGIN_DENIED: "A page of another site sent your browser here with your device's "
     "certificate. If you meant to open this page, continue from here.",
+    Reason.PROVIDER_NOT_ALLOWED: "You are signed in with an identity provider this application "
+    "does not accept. Sign in with one it accepts to continue (this ends your current sign-in).",
     Reason.CSRF_INVALID: "The form expired or did not come from this site. Go back, reload the "
     "page and try again.",
     Reason.UPSTREAM_UNAVAILABLE: _TRY_AGAIN,
