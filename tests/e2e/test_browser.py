@@ -22,6 +22,7 @@ from playwright.async_api import Browser, BrowserContext, Error, Page, async_pla
 from tests.oidc_fixtures import PASSWORDS, SignInSetup
 from tests.support import Certs, client_ssl, real_time_env
 from ztgateway.credentials.totp import totp_code
+from ztgateway.stages.session import cookie_session_id
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -179,11 +180,15 @@ async def test_moving_to_another_address_asks_for_step_up_again(
 async def test_a_terminated_session_bounces_to_sign_in(page: Page, signin: SignInSetup) -> None:
     await sign_in(page, signin)
     await page.wait_for_url(signin.origin + "/")
-    ended = signin.gateway.store.sessions("alice")
+    # The browser's own session, by its cookie (the store's list may not hold it yet).
+    store = signin.gateway.store
+    name = signin.gateway.config.sessions.cookie_name
+    (cookie,) = [c["value"] for c in await page.context.cookies() if c["name"] == name]
+    current = await store.find_session(cookie_session_id(cookie))
+    assert current is not None
+    ended = [current, *(s for s in store.sessions("alice") if s.session_id != current.session_id)]
     for session in ended:
-        await signin.gateway.store.revoke_session(
-            session.session_id, "terminated in a test", time.time()
-        )
+        await store.revoke_session(session.session_id, "terminated in a test", time.time())
     to_provider: list[str] = []
     page.on(
         "request",
