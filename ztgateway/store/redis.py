@@ -1140,7 +1140,7 @@ class RedisStore(CachedReads):
     async def webauthn_credentials(self, user: str) -> list[WebAuthnCredential]:
         k = self._key("webauthn-user", user)
         ids = await self._call("credentials", lambda: self.redis.zrange(k, 0, -1))
-        found = [await self.webauthn_credential(i) for i in ids]
+        found = [await self.webauthn_credential(str(i)) for i in ids]
         return [c for c in found if c is not None and c.user == user]
 
     async def use_webauthn_credential(
