@@ -53,6 +53,7 @@ from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, Device, StoreUnavailable
 from .tls import TLSManager
+from .webauthn import WebAuthn
 
 log = logging.getLogger("ztgateway")
 _OTHER_FDS = 64
@@ -157,6 +158,7 @@ class Gateway:
         # the CSRF tokens, the sign-in's login cookie and, unless a key file is configured,
         # the assertion signature (issue 18, I3).
         self.csrf: CSRFTokens
+        self.webauthn: WebAuthn
         self.signer: AssertionSigner
         self.oidc: OIDCClient | None = None
         self.oidc_name = config.oidc.provider.name if config.oidc.provider is not None else "-"
@@ -353,6 +355,7 @@ class Gateway:
         cfg = self.config
         keys = await GatewayKeys.load(cfg.keys, self.store)
         self.csrf = CSRFTokens(keys.csrf)
+        self.webauthn = WebAuthn(lambda: self.config.webauthn, self.store, keys.webauthn_user)
         provider = cfg.oidc.provider
         if provider is not None:
             self.oidc = OIDCClient(
