@@ -199,7 +199,11 @@ def webauthn_list(args: argparse.Namespace) -> int:
              str(c.sign_count), "yes" if c.user_verified else "no"]
             for c in credentials
         ]  # fmt: skip
-        table(["CREDENTIAL", "NAME", "ADDED", "LAST USED", "COUNTER", "UV"], rows)
+        print(
+            table(
+                ["CREDENTIAL", "NAME", "ADDED", "LAST USED", "COUNTER", "UV"], rows, empty="(none)"
+            )
+        )
         return 0
 
     return _run(args, work)
