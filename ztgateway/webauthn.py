@@ -309,8 +309,10 @@ class WebAuthn:
         """§7.1 steps 7-9 / §7.2 steps 11-13, checked first to name what is wrong: the origin is
         one of ours (never the request's Host), and the type matches the ceremony."""
         client = parse_client_data_json(raw)
-        if client.type.value != kind:
-            raise WebAuthnRefused(Reason.WEBAUTHN_INVALID, f"client data type {client.type.value}")
+        # py_webauthn keeps the type as the JSON gave it (annotated as the enum).
+        given = str(getattr(client.type, "value", client.type))
+        if given != kind:
+            raise WebAuthnRefused(Reason.WEBAUTHN_INVALID, f"client data type {given[:40]!r}")
         origin = client.origin.rstrip("/").lower()
         if origin not in self.cfg.origins:
             raise WebAuthnRefused(
