@@ -1063,31 +1063,47 @@ def _webauthn(t: Table, server: ServerConfig) -> WebAuthnConfig:
     # An address cannot be an RP ID: without a name, WebAuthn stays off unless configured.
     derived = "" if not public_host or _looks_like_address(public_host) else public_host
     rp_id = t.text("rp_id", derived) or ""
-    origins = t.str_list("origins", (public,) if public else ())
-    for i, origin in enumerate(origins):
-        parts = urlsplit(origin)
-        host = parts.hostname or ""
-        if parts.scheme != "https" or not host or parts.path or parts.query or parts.fragment:
-            t.fail(f"origins[{i}]", "an origin is https://host[:port], nothing more")
-        # WebAuthn §5.1.4.1 / HTML "is a registrable domain suffix": the RP ID must be the
-        # origin's host or a parent domain of it, or browsers refuse every ceremony.
-        if rp_id and host != rp_id and not host.endswith("." + rp_id):
-            t.fail(f"origins[{i}]", f"{host!r} is not {rp_id!r} or a subdomain of it (rp_id)")
     if rp_id and (
         rp_id != rp_id.lower() or ":" in rp_id or "/" in rp_id or _looks_like_address(rp_id)
     ):
         t.fail("rp_id", "a lower-case domain name (browsers refuse IP addresses and ports)")
+    # The public origin is the default only where it can use the RP ID.
+    public_fits = public is not None and _within(public_host, rp_id)
+    origins = t.str_list("origins", (public,) if public and public_fits else ())
+    serialised = []
+    for i, origin in enumerate(origins):
+        parts = urlsplit(origin)
+        host = parts.hostname or ""
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (
+            parts.scheme != "https" or not host or port == -1 or parts.path not in ("", "/")
+            or parts.query or parts.fragment or parts.username or parts.password
+        ):  # fmt: skip
+            t.fail(f"origins[{i}]", "an origin is https://host[:port], nothing more")
+        # RFC 6454 §6.2: the default port is not serialised (what clientDataJSON carries).
+        serialised.append(f"https://{host}" + (f":{port}" if port and port != 443 else ""))
+        # WebAuthn §5.1.4.1 / HTML "is a registrable domain suffix": the RP ID must be the
+        # origin's host or a parent domain of it, or browsers refuse every ceremony.
+        if rp_id and not _within(host, rp_id):
+            t.fail(f"origins[{i}]", f"{host!r} is not {rp_id!r} or a subdomain of it (rp_id)")
     if rp_id and not origins:
         t.fail("origins", "name the https origins people reach the gateway at")
     cfg = WebAuthnConfig(
         rp_id=rp_id,
         rp_name=t.text("rp_name", "ztgateway") or "ztgateway",
-        origins=tuple(o.rstrip("/").lower() for o in origins),
+        origins=tuple(serialised),
         challenge_ttl=t.duration("challenge_ttl", 300.0, min=30.0, max=3600.0),
         user_verification=t.choice("user_verification", USER_VERIFICATION, "preferred"),  # type: ignore[arg-type]
     )
     t.done()
     return cfg
+
+
+def _within(host: str, rp_id: str) -> bool:
+    return host == rp_id or host.endswith("." + rp_id)
 
 
 def _looks_like_address(host: str) -> bool:
