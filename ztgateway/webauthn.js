@@ -104,7 +104,16 @@
         return;
       }
       say("Waiting for the gateway…");
-      ceremony().catch((error) => { say(error.message || String(error)); });
+      ceremony().catch((error) => {
+        if (error && error.name === "NotAllowedError") {
+          say("Your security key did not answer: cancelled, timed out, or it could not verify " +
+              "you. Try again.");
+        } else if (error && error.name === "InvalidStateError") {
+          say("This security key is registered already.");
+        } else {
+          say(error.message || String(error));
+        }
+      });
     };
   }
   const add = document.getElementById("webauthn-register");

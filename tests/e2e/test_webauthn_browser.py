@@ -366,3 +366,44 @@ async def test_two_keys_per_person_removed_through_the_admin_api_and_the_cli(
     clock.advance(STEP_UP_PAST)
     await page.goto(signin.origin + "/admin/echo")
     await page.wait_for_url(re.compile(r"/\.ztgw/webauthn\?rd=/admin/echo"))
+
+
+async def test_a_key_that_does_not_verify_the_person_is_refused_where_the_route_asks(
+    person: tuple[Page, BrowserContext], wa: tuple[SignInSetup, ManualClock]
+) -> None:
+    """The route sets require_user_verification: presence alone (a touch, no PIN or biometric)
+    is not enough, at registration or at the step-up (WebAuthn §7.1 step 15, §7.2 step 17)."""
+    page, context = person
+    signin, clock = wa
+    gw = signin.gateway
+    cdp, authenticator = await virtual_key(context, page)
+    await sign_in(page, signin, "/admin/echo")
+    await page.wait_for_url(re.compile(r"/\.ztgw/webauthn"))
+    await enrol(page, signin, "Verified key")
+    # The same key, now answering without verifying the person.
+    await cdp.send(
+        "WebAuthn.setUserVerified", {"authenticatorId": authenticator, "isUserVerified": False}
+    )
+    clock.advance(STEP_UP_PAST)
+    await page.goto(signin.origin + "/admin/echo")
+    await page.get_by_role("button", name="Use my security key").click()
+    # The gateway asked for verification, so Chromium itself refuses the unverified answer.
+    status = page.locator("#webauthn-status")
+    await status.filter(has_text="could not verify you").wait_for()
+    assert ceremonies(gw, "authenticate", "success") == 0
+
+    # A client that drops the request for verification (a script relaying the challenge) gets
+    # an answer without it past the browser: the gateway refuses it.
+    async def without_uv(route: Any) -> None:
+        response = await route.fetch()
+        options = await response.json()
+        options["userVerification"] = "discouraged"
+        await route.fulfill(response=response, json=options)
+
+    await page.route("**/.ztgw/webauthn/authenticate/options", without_uv)
+    await page.reload()
+    await page.get_by_role("button", name="Use my security key").click()
+    await status.filter(has_text="must verify you").wait_for()
+    assert ceremonies(gw, "authenticate", "webauthn-uv-required") == 1
+    await page.goto(signin.origin + "/admin/echo")
+    await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd="))
