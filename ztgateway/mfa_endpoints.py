@@ -550,9 +550,16 @@ or print this page now: they are shown only this once.</p>
 <p><a class="button" href="{html.escape(rd)}">Continue</a></p>"""
 
 
-async def _signed_in(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Response:
-    """Enrolment is for a person signed in with the identity provider on this device."""
-    enrol_here = "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/")
+async def _signed_in(
+    gw: Gateway,
+    ctx: RequestContext,
+    rd: str,
+    enrol_here: str | None = None,
+    stage: str = "mfa",
+) -> Who | web.Response:
+    """Enrolment (of a TOTP app, or at `enrol_here`, of a security key) is for a person signed
+    in with the identity provider on this device."""
+    enrol_here = enrol_here or "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/")
     who = await who_steps_up(gw, ctx, enrol_here)
     if isinstance(who, Reason):
         return _unidentified(gw, ctx, who, enrol_here)
@@ -569,6 +576,7 @@ async def _signed_in(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Res
         "setting up a second factor needs a sign-in with the identity provider; "
         "without one, IT enrols you (ztgateway users mfa enroll)",
         who.user,
+        stage,
     )
 
 

@@ -41,59 +41,68 @@
     return (list || []).map((c) => Object.assign({}, c, { id: fromB64url(c.id) }));
   }
 
-  async function register() {
-    const options = await post("/.ztgw/webauthn/register/options", { csrf: csrf, rd: rd });
-    options.challenge = fromB64url(options.challenge);
-    options.user.id = fromB64url(options.user.id);
-    options.excludeCredentials = descriptors(options.excludeCredentials);
-    say("Follow your browser's prompt: touch your security key or confirm with your device.");
-    const credential = await navigator.credentials.create({ publicKey: options });
-    const name = document.getElementById("webauthn-name");
-    const done = await post("/.ztgw/webauthn/register", {
-      csrf: csrf,
-      rd: rd,
-      name: name ? name.value : "",
-      credential: {
-        id: credential.id,
-        rawId: toB64url(credential.rawId),
-        type: credential.type,
-        authenticatorAttachment: credential.authenticatorAttachment,
-        clientExtensionResults: credential.getClientExtensionResults(),
-        response: {
-          clientDataJSON: toB64url(credential.response.clientDataJSON),
-          attestationObject: toB64url(credential.response.attestationObject),
-          transports: credential.response.getTransports ? credential.response.getTransports() : [],
-        },
-      },
+  // PublicKeyCredential -> the JSON shape py_webauthn parses (WebAuthn L3 §5.1 toJSON()),
+  // written out for browsers that lack toJSON().
+  function asJSON(credential, names) {
+    const response = {};
+    names.forEach((name) => {
+      const value = credential.response[name];
+      response[name] = value ? toB64url(value) : null;
     });
+    if (credential.response.getTransports) {
+      response.transports = credential.response.getTransports();
+    }
+    return {
+      id: credential.id,
+      rawId: toB64url(credential.rawId),
+      type: credential.type,
+      authenticatorAttachment: credential.authenticatorAttachment,
+      clientExtensionResults: credential.getClientExtensionResults(),
+      response: response,
+    };
+  }
+
+  // One ceremony: options from the gateway, the browser's prompt, the answer back.
+  async function ceremony(path, prepare, call, names, extra) {
+    const options = await post(path + "/options", { csrf: csrf, rd: rd });
+    prepare(options);
+    say("Follow your browser's prompt: touch your security key or confirm with your device.");
+    const credential = await call({ publicKey: options });
+    const body = Object.assign({ csrf: csrf, rd: rd }, extra(), {
+      credential: asJSON(credential, names),
+    });
+    const done = await post(path, body);
     window.location.assign(done.redirect);
   }
 
-  async function authenticate() {
-    const options = await post("/.ztgw/webauthn/authenticate/options", { csrf: csrf, rd: rd });
-    options.challenge = fromB64url(options.challenge);
-    options.allowCredentials = descriptors(options.allowCredentials);
-    say("Follow your browser's prompt: touch your security key or confirm with your device.");
-    const credential = await navigator.credentials.get({ publicKey: options });
-    const response = credential.response;
-    const done = await post("/.ztgw/webauthn/authenticate", {
-      csrf: csrf,
-      rd: rd,
-      credential: {
-        id: credential.id,
-        rawId: toB64url(credential.rawId),
-        type: credential.type,
-        authenticatorAttachment: credential.authenticatorAttachment,
-        clientExtensionResults: credential.getClientExtensionResults(),
-        response: {
-          clientDataJSON: toB64url(response.clientDataJSON),
-          authenticatorData: toB64url(response.authenticatorData),
-          signature: toB64url(response.signature),
-          userHandle: response.userHandle ? toB64url(response.userHandle) : null,
-        },
+  function register() {
+    return ceremony(
+      "/.ztgw/webauthn/register",
+      (options) => {
+        options.challenge = fromB64url(options.challenge);
+        options.user.id = fromB64url(options.user.id);
+        options.excludeCredentials = descriptors(options.excludeCredentials);
       },
-    });
-    window.location.assign(done.redirect);
+      (request) => navigator.credentials.create(request),
+      ["clientDataJSON", "attestationObject"],
+      () => {
+        const name = document.getElementById("webauthn-name");
+        return { name: name ? name.value : "" };
+      },
+    );
+  }
+
+  function authenticate() {
+    return ceremony(
+      "/.ztgw/webauthn/authenticate",
+      (options) => {
+        options.challenge = fromB64url(options.challenge);
+        options.allowCredentials = descriptors(options.allowCredentials);
+      },
+      (request) => navigator.credentials.get(request),
+      ["clientDataJSON", "authenticatorData", "signature", "userHandle"],
+      () => ({}),
+    );
   }
 
   function run(ceremony) {

@@ -38,12 +38,12 @@ from .mfa_endpoints import (
     _rd,
     _record,
     _refused,
-    _unidentified,
+    _signed_in,
     who_steps_up,
 )
 from .paths import PathError, normalize_path
-from .portal import login_redirect_to, page
-from .responses import DECISION_HEADER, see_other
+from .portal import page
+from .responses import DECISION_HEADER
 from .store.base import WebAuthnCredential
 from .webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 
@@ -97,23 +97,7 @@ async def _needs_step_up(gw: Gateway, ctx: RequestContext, who: Who) -> bool:
 
 async def _person(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Response:
     """A person signed in with the identity provider, in this browser, on this device."""
-    here = keys_url(rd)
-    who = await who_steps_up(gw, ctx, here)
-    if isinstance(who, Reason):
-        return _unidentified(gw, ctx, who, here)
-    if who.kind == "cookie" and who.signed_in:
-        return who
-    # SECURITY: a certificate is ambient and a token is not a person at a browser (issue 18, M1).
-    if gw.oidc is not None and ctx.wants_html:
-        return see_other(login_redirect_to(here), ctx.decision_id)
-    return _refused(
-        gw,
-        ctx,
-        Reason.IDENTITY_UNAUTHENTICATED,
-        "a security key is added by a person signed in with the identity provider",
-        who.user,
-        STAGE,
-    )
+    return await _signed_in(gw, ctx, rd, keys_url(rd), STAGE)
 
 
 def _section(gw: Gateway, ctx: RequestContext, who: Who, rd: str, inner: str) -> str:

@@ -15,6 +15,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,26 @@ async def virtual_key(context: BrowserContext, page: Page) -> tuple[CDPSession, 
     return cdp, added["authenticatorId"]
 
 
-async def enrol(page: Page, signin: SignInSetup, name: str) -> None:
+async def rewrite_key(cdp: CDPSession, authenticator: str, **changes: Any) -> None:
+    """Put the authenticator's one credential back with `changes` (the same key material)."""
+    (credential,) = (await cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator}))[
+        "credentials"
+    ]
+    await cdp.send(
+        "WebAuthn.removeCredential",
+        {"authenticatorId": authenticator, "credentialId": credential["credentialId"]},
+    )
+    await cdp.send(
+        "WebAuthn.addCredential",
+        {"authenticatorId": authenticator, "credential": {**credential, **changes}},
+    )
+
+
+async def use_key(page: Page) -> None:
+    await page.get_by_role("button", name="Use my security key").click()
+
+
+async def enrol(page: Page, name: str) -> None:
     """On the keys page: name the key, click, and wait for it in the list."""
     await page.get_by_label("Name for the new key").fill(name)
     await page.get_by_role("button", name="Add a security key or passkey").click()
@@ -117,18 +137,44 @@ def ceremonies(gw: Gateway, ceremony: str, result: str) -> float:
     return gw.metrics.webauthn_ceremonies.labels(ceremony, result)._value.get()
 
 
+@dataclass
+class Person:
+    """Alice in Chromium with one virtual authenticator, signed in, sent to add a key."""
+
+    page: Page
+    context: BrowserContext
+    signin: SignInSetup
+    clock: ManualClock
+    cdp: CDPSession
+    authenticator: str
+
+    @property
+    def gw(self) -> Gateway:
+        return self.signin.gateway
+
+    async def later(self) -> None:
+        """Past the route's mfa_max_age, back at the route (its step-up page, or where it
+        sends)."""
+        self.clock.advance(STEP_UP_PAST)
+        await self.page.goto(self.signin.origin + "/admin/echo")
+
+
 @pytest.fixture
-async def person(
+async def alice(
     browser: Browser,
     wa: tuple[SignInSetup, ManualClock],
     certs: Certs,
     request: pytest.FixtureRequest,
-) -> AsyncIterator[tuple[Page, BrowserContext]]:
-    signin, _ = wa
+) -> AsyncIterator[Person]:
+    signin, clock = wa
     context = await device_context(browser, signin, certs)
     page = await context.new_page()
     page.set_default_timeout(15_000)
-    yield page, context
+    cdp, authenticator = await virtual_key(context, page)
+    # The route takes only a security key: with none, the person is sent to add one.
+    await sign_in(page, signin, "/admin/echo")
+    await page.wait_for_url(re.compile(r"/\.ztgw/webauthn\?rd=/admin/echo"))
+    yield Person(page, context, signin, clock, cdp, authenticator)
     failed = getattr(request.node, "rep_call", None)
     if failed is not None and failed.failed:
         ARTIFACTS.mkdir(exist_ok=True)
@@ -137,16 +183,10 @@ async def person(
 
 
 async def test_a_person_enrols_a_security_key_and_steps_up_with_it(
-    person: tuple[Page, BrowserContext], wa: tuple[SignInSetup, ManualClock]
+    alice: Person,
 ) -> None:
-    page, context = person
-    signin, clock = wa
-    gw = signin.gateway
-    await virtual_key(context, page)
-    # The route takes only a security key: with none, the person is sent to add one.
-    await sign_in(page, signin, "/admin/echo")
-    await page.wait_for_url(re.compile(r"/\.ztgw/webauthn\?rd=/admin/echo"))
-    await enrol(page, signin, "Laptop key")
+    page, signin, clock, gw = alice.page, alice.signin, alice.clock, alice.gw
+    await enrol(page, "Laptop key")
     (key,) = await gw.store.webauthn_credentials("alice")
     assert key.name == "Laptop key" and key.user_verified
     assert ceremonies(gw, "register", "success") == 1
@@ -156,11 +196,10 @@ async def test_a_person_enrols_a_security_key_and_steps_up_with_it(
     assert '"x-forwarded-user": "alice"' in await page.inner_text("body")
 
     # Later, the route asks again: the step-up page offers the key, and only the key.
-    clock.advance(STEP_UP_PAST)
-    await page.goto(signin.origin + "/admin/echo")
+    await alice.later()
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd=/admin/echo"))
     assert await page.get_by_label("Code").count() == 0, "a TOTP code does not answer this route"
-    await page.get_by_role("button", name="Use my security key").click()
+    await use_key(page)
     await page.wait_for_url(signin.origin + "/admin/echo")
     assert '"x-forwarded-user": "alice"' in await page.inner_text("body")
     assert ceremonies(gw, "authenticate", "success") == 1
@@ -176,39 +215,28 @@ async def test_a_person_enrols_a_security_key_and_steps_up_with_it(
 
 
 async def test_a_cloned_security_key_is_refused_and_audited(
-    person: tuple[Page, BrowserContext], wa: tuple[SignInSetup, ManualClock]
+    alice: Person,
 ) -> None:
     """WebAuthn §7.2 step 21: the signature counter going back means a second copy of the key."""
-    page, context = person
-    signin, clock = wa
-    gw = signin.gateway
-    cdp, authenticator = await virtual_key(context, page)
-    await sign_in(page, signin, "/admin/echo")
-    await page.wait_for_url(re.compile(r"/\.ztgw/webauthn"))
-    await enrol(page, signin, "Original")
-    clock.advance(STEP_UP_PAST)
-    await page.goto(signin.origin + "/admin/echo")
-    await page.get_by_role("button", name="Use my security key").click()
+    page, signin, gw, cdp, authenticator = (
+        alice.page,
+        alice.signin,
+        alice.gw,
+        alice.cdp,
+        alice.authenticator,
+    )
+    await enrol(page, "Original")
+    await alice.later()
+    await use_key(page)
     await page.wait_for_url(signin.origin + "/admin/echo")
     (stored,) = await gw.store.webauthn_credentials("alice")
     assert stored.sign_count >= 2
 
     # The clone: the same key material in an authenticator whose counter is behind.
-    (credential,) = (await cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator}))[
-        "credentials"
-    ]
-    await cdp.send(
-        "WebAuthn.removeCredential",
-        {"authenticatorId": authenticator, "credentialId": credential["credentialId"]},
-    )
-    await cdp.send(
-        "WebAuthn.addCredential",
-        {"authenticatorId": authenticator, "credential": {**credential, "signCount": 0}},
-    )
-    clock.advance(STEP_UP_PAST)
-    await page.goto(signin.origin + "/admin/echo")
+    await rewrite_key(cdp, authenticator, signCount=0)
+    await alice.later()
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd="))
-    await page.get_by_role("button", name="Use my security key").click()
+    await use_key(page)
     await page.locator("#webauthn-status", has_text="may be cloned").wait_for()
     assert re.search(r"/\.ztgw/mfa\?rd=", page.url), "the person stays on the step-up page"
     assert ceremonies(gw, "authenticate", "webauthn-cloned") == 1
@@ -225,13 +253,17 @@ async def test_a_cloned_security_key_is_refused_and_audited(
 
 
 async def test_an_assertion_made_for_another_origin_is_refused(
-    person: tuple[Page, BrowserContext], wa: tuple[SignInSetup, ManualClock]
+    alice: Person,
 ) -> None:
     """A phishing site (a sibling host) relays the gateway's challenge to the person's key and
     the key's answer back: the answer names the phishing origin, and is refused."""
-    page, context = person
-    signin, clock = wa
-    gw = signin.gateway
+    page, signin, gw, cdp, authenticator = (
+        alice.page,
+        alice.signin,
+        alice.gw,
+        alice.cdp,
+        alice.authenticator,
+    )
     port = signin.origin.rsplit(":", 1)[1]
     evil = f"https://evil.localhost:{port}"
 
@@ -239,12 +271,8 @@ async def test_an_assertion_made_for_another_origin_is_refused(
         await route.fulfill(status=200, content_type="text/html", body="<p>Sign in</p>")
 
     await page.route(f"{evil}/**", phishing_page)
-    cdp, authenticator = await virtual_key(context, page)
-    await sign_in(page, signin, "/admin/echo")
-    await page.wait_for_url(re.compile(r"/\.ztgw/webauthn"))
-    await enrol(page, signin, "Key")
-    clock.advance(STEP_UP_PAST)
-    await page.goto(signin.origin + "/admin/echo")
+    await enrol(page, "Key")
+    await alice.later()
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd="))
     csrf = await page.locator("#webauthn").get_attribute("data-csrf")
     # The attacker's relay: the gateway's options, fetched in the person's session...
@@ -259,20 +287,7 @@ async def test_an_assertion_made_for_another_origin_is_refused(
     )
     # ... answered by the person's key on the phishing site. The key is scoped to the RP ID
     # "localhost", so the phishing site has it moved under its own RP ID.
-    (credential,) = (await cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator}))[
-        "credentials"
-    ]
-    await cdp.send(
-        "WebAuthn.removeCredential",
-        {"authenticatorId": authenticator, "credentialId": credential["credentialId"]},
-    )
-    await cdp.send(
-        "WebAuthn.addCredential",
-        {
-            "authenticatorId": authenticator,
-            "credential": {**credential, "rpId": "evil.localhost", "signCount": 1000},
-        },
-    )
+    await rewrite_key(cdp, authenticator, rpId="evil.localhost", signCount=1000)
     await page.goto(evil + "/login")
     answer = await page.evaluate(
         """async (o) => {
@@ -314,25 +329,25 @@ async def test_an_assertion_made_for_another_origin_is_refused(
 
 
 async def test_two_keys_per_person_removed_through_the_admin_api_and_the_cli(
-    person: tuple[Page, BrowserContext], wa: tuple[SignInSetup, ManualClock]
+    alice: Person,
 ) -> None:
-    page, context = person
-    signin, clock = wa
-    gw = signin.gateway
-    cdp, first = await virtual_key(context, page)
-    await sign_in(page, signin, "/admin/echo")
-    await page.wait_for_url(re.compile(r"/\.ztgw/webauthn"))
-    await enrol(page, signin, "Desk key")
+    page, signin, gw, cdp, authenticator = (
+        alice.page,
+        alice.signin,
+        alice.gw,
+        alice.cdp,
+        alice.authenticator,
+    )
+    await enrol(page, "Desk key")
     # A second key, on another authenticator, right after the first one's step-up.
-    await cdp.send("WebAuthn.removeVirtualAuthenticator", {"authenticatorId": first})
+    await cdp.send("WebAuthn.removeVirtualAuthenticator", {"authenticatorId": authenticator})
     await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": AUTHENTICATOR})
-    await enrol(page, signin, "Travel key")
+    await enrol(page, "Travel key")
     keys = await gw.store.webauthn_credentials("alice")
     assert [k.name for k in keys] == ["Desk key", "Travel key"]
     # The second key steps up on its own.
-    clock.advance(STEP_UP_PAST)
-    await page.goto(signin.origin + "/admin/echo")
-    await page.get_by_role("button", name="Use my security key").click()
+    await alice.later()
+    await use_key(page)
     await page.wait_for_url(signin.origin + "/admin/echo")
 
     # The admin API removes the desk key (audited).
@@ -363,30 +378,29 @@ async def test_two_keys_per_person_removed_through_the_admin_api_and_the_cli(
     assert any(keys[0].credential_id in d and "DELETE" in d for d in details)
     assert any(keys[1].credential_id in d and "cli:" in d for d in details)
     # With no key left, the route's step-up sends the person to add one.
-    clock.advance(STEP_UP_PAST)
-    await page.goto(signin.origin + "/admin/echo")
+    await alice.later()
     await page.wait_for_url(re.compile(r"/\.ztgw/webauthn\?rd=/admin/echo"))
 
 
 async def test_a_key_that_does_not_verify_the_person_is_refused_where_the_route_asks(
-    person: tuple[Page, BrowserContext], wa: tuple[SignInSetup, ManualClock]
+    alice: Person,
 ) -> None:
     """The route sets require_user_verification: presence alone (a touch, no PIN or biometric)
     is not enough, at registration or at the step-up (WebAuthn §7.1 step 15, §7.2 step 17)."""
-    page, context = person
-    signin, clock = wa
-    gw = signin.gateway
-    cdp, authenticator = await virtual_key(context, page)
-    await sign_in(page, signin, "/admin/echo")
-    await page.wait_for_url(re.compile(r"/\.ztgw/webauthn"))
-    await enrol(page, signin, "Verified key")
+    page, signin, gw, cdp, authenticator = (
+        alice.page,
+        alice.signin,
+        alice.gw,
+        alice.cdp,
+        alice.authenticator,
+    )
+    await enrol(page, "Verified key")
     # The same key, now answering without verifying the person.
     await cdp.send(
         "WebAuthn.setUserVerified", {"authenticatorId": authenticator, "isUserVerified": False}
     )
-    clock.advance(STEP_UP_PAST)
-    await page.goto(signin.origin + "/admin/echo")
-    await page.get_by_role("button", name="Use my security key").click()
+    await alice.later()
+    await use_key(page)
     # The gateway asked for verification, so Chromium itself refuses the unverified answer.
     status = page.locator("#webauthn-status")
     await status.filter(has_text="could not verify you").wait_for()
@@ -402,7 +416,7 @@ async def test_a_key_that_does_not_verify_the_person_is_refused_where_the_route_
 
     await page.route("**/.ztgw/webauthn/authenticate/options", without_uv)
     await page.reload()
-    await page.get_by_role("button", name="Use my security key").click()
+    await use_key(page)
     await status.filter(has_text="must verify you").wait_for()
     assert ceremonies(gw, "authenticate", "webauthn-uv-required") == 1
     await page.goto(signin.origin + "/admin/echo")

@@ -75,16 +75,18 @@ class SoftKey:
             + bytes(16) + struct.pack(">H", len(self.credential_id)) + self.credential_id + self.cose()
         )  # fmt: skip
         attestation = cbor2.dumps({"fmt": "none", "attStmt": {}, "authData": auth})
+        return self.answer(
+            clientDataJSON=b64(client), attestationObject=b64(attestation), transports=["usb"]
+        )
+
+    def answer(self, **response: Any) -> dict[str, Any]:
+        """A PublicKeyCredential as the browser's toJSON() gives it."""
         return {
             "id": b64(self.credential_id),
             "rawId": b64(self.credential_id),
             "type": "public-key",
             "clientExtensionResults": {},
-            "response": {
-                "clientDataJSON": b64(client),
-                "attestationObject": b64(attestation),
-                "transports": ["usb"],
-            },
+            "response": response,
         }
 
     def get(
@@ -105,18 +107,12 @@ class SoftKey:
             + struct.pack(">I", self.counter)
         )
         signature = self.key.sign(auth + hashlib.sha256(client).digest(), ec.ECDSA(hashes.SHA256()))
-        return {
-            "id": b64(self.credential_id),
-            "rawId": b64(self.credential_id),
-            "type": "public-key",
-            "clientExtensionResults": {},
-            "response": {
-                "clientDataJSON": b64(client),
-                "authenticatorData": b64(auth),
-                "signature": b64(signature),
-                "userHandle": None,
-            },
-        }
+        return self.answer(
+            clientDataJSON=b64(client),
+            authenticatorData=b64(auth),
+            signature=b64(signature),
+            userHandle=None,
+        )
 
 
 @dataclass

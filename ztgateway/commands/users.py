@@ -29,6 +29,7 @@ from .common import (
     fmt_duration,
     fmt_time,
     key_values,
+    operator_audit_log,
     print_json,
     table,
 )
@@ -232,22 +233,13 @@ def webauthn_remove(args: argparse.Namespace) -> int:
 async def _audit_operator(config: Any, detail: str) -> None:
     """One `ztgw.admin` event in the gateway's audit chain for an operator's change made here
     (the same shape the admin API writes), through the journal like a gateway process."""
-    from ..audit import AuditLog
-    from ..audit.checkpoint import CheckpointSigner
-    from ..audit.keys import load_checkpoint_signing, load_mask_key
+    from ..audit.keys import load_mask_key
     from ..context import RequestContext
     from ..decision import Decision, Finding, Reason, Verdict
     from ..decisions import audit_event
 
     a = config.audit
-    key = load_checkpoint_signing(a.checkpoint_key_file, a.checkpoint_public_keys, create=False)
-    log = AuditLog(
-        a.db,
-        jsonl_path=a.jsonl,
-        durability="journal" if a.durability == "memory" else a.durability,
-        journal_dir=a.journal_dir,
-        checkpoint_signer=CheckpointSigner(key) if key is not None else None,
-    )
+    log = operator_audit_log(a)
     ctx = RequestContext.synthetic(method="CLI", path="ztgateway users", headers={})
     finding = Finding("admin", Reason.POLICY_ALLOWED, Verdict.ALLOW, detail=detail)
     decision = Decision(ctx.decision_id, Verdict.ALLOW, Reason.POLICY_ALLOWED, (finding,))

@@ -844,30 +844,33 @@ class SQLiteStore(CachedReads):
     # The counter and last use are columns of their own: `use_webauthn_credential` advances
     # them with one conditional UPDATE (SQLite serialises writers across processes), and
     # `data` (written once, at registration) never carries them back.
-    async def add_webauthn_credential(self, credential: WebAuthnCredential) -> bool:
+    async def _changed_one(self, sql: str, args: tuple[Any, ...]) -> bool:
+        """One statement in its own transaction: True if it changed exactly one row."""
         async with self._write_lock:
             db = self.db
             try:
-                cur = await db.execute(
-                    "INSERT OR IGNORE INTO webauthn_credentials "
-                    "(credential_id, user, sign_count, last_used_at, data) "
-                    "SELECT ?, ?, ?, NULL, ? WHERE (SELECT count(*) FROM webauthn_credentials "
-                    "WHERE user = ?) < ?",
-                    (
-                        credential.credential_id,
-                        credential.user,
-                        credential.sign_count,
-                        json.dumps(credential.to_json()),
-                        credential.user,
-                        MAX_WEBAUTHN_CREDENTIALS,
-                    ),
-                )
+                cur = await db.execute(sql, args)
                 await db.commit()
             except sqlite3.Error as exc:
                 with contextlib.suppress(Exception):
                     await db.rollback()
                 raise StoreUnavailable(str(exc)) from exc
             return bool(cur.rowcount == 1)
+
+    async def add_webauthn_credential(self, credential: WebAuthnCredential) -> bool:
+        return await self._changed_one(
+            "INSERT OR IGNORE INTO webauthn_credentials "
+            "(credential_id, user, sign_count, last_used_at, data) "
+            "SELECT ?1, ?2, ?3, NULL, ?4 "
+            "WHERE (SELECT count(*) FROM webauthn_credentials WHERE user = ?2) < ?5",
+            (
+                credential.credential_id,
+                credential.user,
+                credential.sign_count,
+                json.dumps(credential.to_json()),
+                MAX_WEBAUTHN_CREDENTIALS,
+            ),
+        )
 
     async def _credentials(self, by_user: bool, arg: str) -> list[WebAuthnCredential]:
         sql = _CREDENTIALS_BY_USER if by_user else _CREDENTIAL_BY_ID
@@ -892,35 +895,17 @@ class SQLiteStore(CachedReads):
     async def use_webauthn_credential(
         self, credential_id: str, sign_count: int, now: float
     ) -> bool:
-        async with self._write_lock:
-            db = self.db
-            try:
-                cur = await db.execute(
-                    "UPDATE webauthn_credentials SET sign_count = ?1, last_used_at = ?2 "
-                    "WHERE credential_id = ?3 AND (sign_count < ?1 OR (sign_count = 0 AND ?1 = 0))",
-                    (sign_count, now, credential_id),
-                )
-                await db.commit()
-            except sqlite3.Error as exc:
-                with contextlib.suppress(Exception):
-                    await db.rollback()
-                raise StoreUnavailable(str(exc)) from exc
-            return bool(cur.rowcount == 1)
+        return await self._changed_one(
+            "UPDATE webauthn_credentials SET sign_count = ?1, last_used_at = ?2 "
+            "WHERE credential_id = ?3 AND (sign_count < ?1 OR (sign_count = 0 AND ?1 = 0))",
+            (sign_count, now, credential_id),
+        )
 
     async def remove_webauthn_credential(self, user: str, credential_id: str) -> bool:
-        async with self._write_lock:
-            db = self.db
-            try:
-                cur = await db.execute(
-                    "DELETE FROM webauthn_credentials WHERE user = ? AND credential_id = ?",
-                    (user, credential_id),
-                )
-                await db.commit()
-            except sqlite3.Error as exc:
-                with contextlib.suppress(Exception):
-                    await db.rollback()
-                raise StoreUnavailable(str(exc)) from exc
-            return bool(cur.rowcount == 1)
+        return await self._changed_one(
+            "DELETE FROM webauthn_credentials WHERE user = ? AND credential_id = ?",
+            (user, credential_id),
+        )
 
     # --- the gateway's own secrets and sign-ins in flight -----------------------------------------
     async def shared_secret(self, name: str, candidate: str) -> str:
