@@ -46,47 +46,63 @@ AUTHENTICATOR = {
 STEP_UP_PAST = 1000.0  # seconds the gateway's clock moves so the route's mfa_max_age (900) ends
 
 
+@dataclass
+class Setup:
+    signin: SignInSetup
+    clock: ManualClock
+    overrides: dict[str, Any]
+    """The gateway's configuration (over the suite's base): a replica starts from it."""
+    replica_port: int = 0
+
+
 @pytest.fixture
 async def wa(
-    gateway_factory: GatewayFactory, tmp_path: Path
-) -> AsyncIterator[tuple[SignInSetup, ManualClock]]:
+    gateway_factory: GatewayFactory, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Setup]:
     """A gateway at https://localhost:PORT with a route that takes only a security key, with
-    user verification, for its step-up; its clock is a ManualClock the test moves."""
+    user verification, for its step-up; its clock is a ManualClock the test moves. With the
+    parameter "redis", its state is in a real redis-server (for a second replica)."""
     port = free_port()
     origin = f"https://localhost:{port}"
     users = tmp_path / "idp-users.toml"
     users.write_text(users_toml(origin))
     runner, _, issuer = await start_devidp("127.0.0.1", 0, users)
     clock = ManualClock(time.time())
-    gw = await gateway_factory(
-        {
-            "server": {"port": port, "public_url": origin},
-            "oidc": {
-                "name": "dev",
-                "issuer": issuer,
-                "client_id": "ztgateway",
-                "client_secret": CLIENT_SECRET,
-            },
-            "routes": [
-                {"name": "app", "prefix": "/", "upstream": "demo", "policy": {"login": "browsers"}},
-                {
-                    "name": "admin",
-                    "prefix": "/admin/",
-                    "upstream": "demo",
-                    "policy": {"login": "always"},
-                    "session": {
-                        "mfa_max_age": 900,
-                        "step_up_factors": ["webauthn"],
-                        "require_user_verification": True,
-                    },
-                },
-            ],
+    overrides: dict[str, Any] = {
+        "server": {"port": port, "public_url": origin},
+        "oidc": {
+            "name": "dev",
+            "issuer": issuer,
+            "client_id": "ztgateway",
+            "client_secret": CLIENT_SECRET,
         },
-        replace=None,
-        clock=clock,
-    )
+        "routes": [
+            {"name": "app", "prefix": "/", "upstream": "demo", "policy": {"login": "browsers"}},
+            {
+                "name": "admin",
+                "prefix": "/admin/",
+                "upstream": "demo",
+                "policy": {"login": "always"},
+                "session": {
+                    "mfa_max_age": 900,
+                    "step_up_factors": ["webauthn"],
+                    "require_user_verification": True,
+                },
+            },
+        ],
+    }
+    replica_port = 0
+    if getattr(request, "param", None) == "redis":
+        # A second replica on another port of localhost: both origins take answers.
+        replica_port = free_port()
+        overrides["store"] = {"url": request.getfixturevalue("redis_server").url}
+        overrides["webauthn"] = {
+            "rp_id": "localhost",
+            "origins": [origin, f"https://localhost:{replica_port}"],
+        }
+    gw = await gateway_factory(overrides, clock=clock)
     assert gw.config.webauthn.rp_id == "localhost"
-    yield SignInSetup(gw, issuer, origin), clock
+    yield Setup(SignInSetup(gw, issuer, origin), clock, overrides, replica_port)
     await runner.cleanup()
 
 
@@ -162,11 +178,11 @@ class Person:
 @pytest.fixture
 async def alice(
     browser: Browser,
-    wa: tuple[SignInSetup, ManualClock],
+    wa: Setup,
     certs: Certs,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Person]:
-    signin, clock = wa
+    signin, clock = wa.signin, wa.clock
     context = await device_context(browser, signin, certs)
     page = await context.new_page()
     page.set_default_timeout(15_000)
@@ -421,3 +437,47 @@ async def test_a_key_that_does_not_verify_the_person_is_refused_where_the_route_
     assert ceremonies(gw, "authenticate", "webauthn-uv-required") == 1
     await page.goto(signin.origin + "/admin/echo")
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd="))
+
+
+@pytest.mark.replicas
+@pytest.mark.parametrize("wa", ["redis"], indirect=True)
+async def test_a_key_added_on_one_replica_steps_up_on_another(
+    alice: Person, wa: Setup, gateway_factory: GatewayFactory, certs: Certs, browser: Browser
+) -> None:
+    """Two gateways on one Redis (as behind a load balancer, here on two ports of localhost,
+    both named in [webauthn] origins): the key, the session and the challenge are shared."""
+    page, gw = alice.page, alice.gw
+    port = wa.replica_port
+    replica = f"https://localhost:{port}"
+    b = await gateway_factory(
+        {**wa.overrides, "server": {**wa.overrides["server"], "port": port}}, clock=wa.clock
+    )
+    await enrol(page, "Shared key")
+    pem, key = certs.client("alice-laptop")
+    context = await browser.new_context(
+        ignore_https_errors=True,
+        client_certificates=[{"origin": replica, "certPath": str(pem), "keyPath": str(key)}],
+        storage_state=await page.context.storage_state(),
+    )
+    other = await context.new_page()
+    other.set_default_timeout(15_000)
+    cdp = await context.new_cdp_session(other)
+    await cdp.send("WebAuthn.enable")
+    added = await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": AUTHENTICATOR})
+    (credential,) = (
+        await alice.cdp.send("WebAuthn.getCredentials", {"authenticatorId": alice.authenticator})
+    )["credentials"]
+    await cdp.send(
+        "WebAuthn.addCredential",
+        {"authenticatorId": added["authenticatorId"], "credential": credential},
+    )
+    wa.clock.advance(STEP_UP_PAST)
+    await other.goto(replica + "/admin/echo")
+    await other.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd=/admin/echo"))
+    await use_key(other)
+    await other.wait_for_url(replica + "/admin/echo")
+    assert '"x-forwarded-user": "alice"' in await other.inner_text("body")
+    assert ceremonies(b, "authenticate", "success") == 1
+    (stored,) = await gw.store.webauthn_credentials("alice")
+    assert stored.last_used_at == wa.clock.time()
+    await context.close()
