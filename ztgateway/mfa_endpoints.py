@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, quote
 from aiohttp import web
 
 from .audit import AuditUnavailable
+from .config import RouteSession
 from .context import Identity, RequestContext
 from .credentials.jwt import TokenError, check_binding
 from .credentials.totp import Enrollment, SealedSecretError, TOTPError, qr_svg
@@ -83,6 +84,15 @@ class Who:
 
 def _rd(ctx: RequestContext) -> str:
     return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
+
+
+def route_session(gw: Gateway, ctx: RequestContext, rd: str) -> RouteSession:
+    """The session settings of the route `rd` leads to (what a step-up for it must meet)."""
+    try:
+        route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
+    except PathError:
+        route = None
+    return route.session if route is not None else RouteSession()
 
 
 async def who_steps_up(gw: Gateway, ctx: RequestContext, rd: str = "/") -> Who | Reason:
@@ -153,11 +163,7 @@ async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason
             return Reason.SESSION_INVALID
         if session.revoked:
             return Reason.SESSION_TERMINATED
-        try:
-            route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
-        except PathError:
-            route = None
-        idle = (route.session.idle_timeout if route else None) or gw.config.sessions.idle_timeout
+        idle = route_session(gw, ctx, rd).idle_timeout or gw.config.sessions.idle_timeout
         if ctx.now >= session.expires_at or ctx.now - session.last_seen > idle:
             # SECURITY: a code must not revive a session that has ended (issue 18, L3).
             return Reason.SESSION_EXPIRED
@@ -411,7 +417,7 @@ async def _step_up_choice(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -
     both; none yet: set one up (a security key where the route takes nothing else)."""
     from . import webauthn_endpoints as wa
 
-    factors = wa.route_session(gw, ctx, rd).step_up_factors
+    factors = route_session(gw, ctx, rd).step_up_factors
     key = await wa.step_up_section(gw, ctx, who, rd) if "webauthn" in factors else None
     totp = "totp" in factors and gw.mfa.enrolled(who.user)
     if key is None and not totp:

@@ -25,7 +25,6 @@ from urllib.parse import quote
 from aiohttp import web
 
 from .audit import AuditUnavailable
-from .config import RouteSession
 from .context import RequestContext
 from .decision import Reason, Verdict
 from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
@@ -39,9 +38,9 @@ from .mfa_endpoints import (
     _record,
     _refused,
     _signed_in,
+    route_session,
     who_steps_up,
 )
-from .paths import PathError, normalize_path
 from .portal import page
 from .responses import DECISION_HEADER
 from .store.base import WebAuthnCredential
@@ -59,15 +58,6 @@ _SCRIPT_TEXT = files("ztgateway").joinpath("webauthn.js").read_text(encoding="ut
 
 def keys_url(rd: str) -> str:
     return KEYS_PAGE + "?rd=" + quote(rd, safe="/")
-
-
-def route_session(gw: Gateway, ctx: RequestContext, rd: str) -> RouteSession:
-    """The session settings of the route `rd` leads to (what the step-up must satisfy)."""
-    try:
-        route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
-    except PathError:
-        route = None
-    return route.session if route is not None else RouteSession()
 
 
 async def script(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
