@@ -165,12 +165,6 @@ class WebAuthnCredential:
         )
 
 
-def sign_count_advances(stored: int, presented: int) -> bool:
-    """WebAuthn Level 2 §7.2 step 21: a counter that does not grow signals a cloned
-    authenticator, except that authenticators without a counter report 0 every time."""
-    return presented > stored or (stored == 0 and presented == 0)
-
-
 class SessionDecision(NamedTuple):
     """One decision on a session, as `ztgateway sessions show` lists it."""
 
@@ -501,9 +495,10 @@ class Store(Protocol):
     async def use_webauthn_credential(
         self, credential_id: str, sign_count: int, now: float
     ) -> bool:
-        """Record a use: True only if `sign_count` advances the stored counter
-        (`sign_count_advances`), atomically on every process and replica, so of two uses with
-        one counter value (a replay, or a clone used in parallel) exactly one passes."""
+        """Record a use: True only if `sign_count` advances the stored counter (WebAuthn Level 2
+        §7.2 step 21: greater than it; or 0 over 0, an authenticator without a counter),
+        atomically on every process and replica, so of two uses with one counter value (a
+        replay, or a clone used in parallel) exactly one passes."""
         ...
 
     async def remove_webauthn_credential(self, user: str, credential_id: str) -> bool: ...

@@ -298,8 +298,8 @@ redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 return 1
 """
 
-# WebAuthn Level 2 §7.2 step 21, as `sign_count_advances`: the counter must grow (0 -> 0 is
-# an authenticator without one). ARGV: presented count, now.
+# WebAuthn Level 2 §7.2 step 21 (`use_webauthn_credential`): the counter must grow (0 -> 0 is an
+# authenticator without one). ARGV: presented count, now.
 _USE_CREDENTIAL = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'sign_count'))
 if cur == nil then return 0 end
