@@ -234,13 +234,7 @@ async def test_a_cloned_security_key_is_refused_and_audited(
     alice: Person,
 ) -> None:
     """WebAuthn §7.2 step 21: the signature counter going back means a second copy of the key."""
-    page, signin, gw, cdp, authenticator = (
-        alice.page,
-        alice.signin,
-        alice.gw,
-        alice.cdp,
-        alice.authenticator,
-    )
+    page, signin, gw, cdp, authenticator = alice.page, alice.signin, alice.gw, alice.cdp, alice.authenticator  # fmt: skip
     await enrol(page, "Original")
     await alice.later()
     await use_key(page)
@@ -273,13 +267,7 @@ async def test_an_assertion_made_for_another_origin_is_refused(
 ) -> None:
     """A phishing site (a sibling host) relays the gateway's challenge to the person's key and
     the key's answer back: the answer names the phishing origin, and is refused."""
-    page, signin, gw, cdp, authenticator = (
-        alice.page,
-        alice.signin,
-        alice.gw,
-        alice.cdp,
-        alice.authenticator,
-    )
+    page, signin, gw, cdp, authenticator = alice.page, alice.signin, alice.gw, alice.cdp, alice.authenticator  # fmt: skip
     port = signin.origin.rsplit(":", 1)[1]
     evil = f"https://evil.localhost:{port}"
 
@@ -347,13 +335,7 @@ async def test_an_assertion_made_for_another_origin_is_refused(
 async def test_two_keys_per_person_removed_through_the_admin_api_and_the_cli(
     alice: Person,
 ) -> None:
-    page, signin, gw, cdp, authenticator = (
-        alice.page,
-        alice.signin,
-        alice.gw,
-        alice.cdp,
-        alice.authenticator,
-    )
+    page, signin, gw, cdp, authenticator = alice.page, alice.signin, alice.gw, alice.cdp, alice.authenticator  # fmt: skip
     await enrol(page, "Desk key")
     # A second key, on another authenticator, right after the first one's step-up.
     await cdp.send("WebAuthn.removeVirtualAuthenticator", {"authenticatorId": authenticator})
@@ -403,13 +385,7 @@ async def test_a_key_that_does_not_verify_the_person_is_refused_where_the_route_
 ) -> None:
     """The route sets require_user_verification: presence alone (a touch, no PIN or biometric)
     is not enough, at registration or at the step-up (WebAuthn §7.1 step 15, §7.2 step 17)."""
-    page, signin, gw, cdp, authenticator = (
-        alice.page,
-        alice.signin,
-        alice.gw,
-        alice.cdp,
-        alice.authenticator,
-    )
+    page, signin, gw, cdp, authenticator = alice.page, alice.signin, alice.gw, alice.cdp, alice.authenticator  # fmt: skip
     await enrol(page, "Verified key")
     # The same key, now answering without verifying the person.
     await cdp.send(
