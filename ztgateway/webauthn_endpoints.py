@@ -248,15 +248,25 @@ async def _for_ceremony(
     return body, rd, who
 
 
+async def _begin(
+    gw: Gateway, request: Request, ctx: RequestContext, *, adding: bool
+) -> tuple[Who, bool] | web.Response:
+    """Who asks for options, and whether the route `rd` leads to wants user verification."""
+    checked = await _for_ceremony(gw, request, ctx, adding=adding)
+    if isinstance(checked, web.Response):
+        return checked
+    _, rd, who = checked
+    return who, route_session(gw, ctx, rd).require_user_verification
+
+
 async def register_options(
     gw: Gateway, request: Request, ctx: RequestContext
 ) -> web.StreamResponse:
     """POST /.ztgw/webauthn/register/options {"csrf", "rd"}: options for credentials.create()."""
-    checked = await _for_ceremony(gw, request, ctx, adding=True)
-    if isinstance(checked, web.Response):
-        return checked
-    _, rd, who = checked
-    uv = route_session(gw, ctx, rd).require_user_verification
+    begun = await _begin(gw, request, ctx, adding=True)
+    if isinstance(begun, web.Response):
+        return begun
+    who, uv = begun
     options = await gw.webauthn.registration_options(
         who.user, who.session_id, ctx.now, require_uv=uv
     )
@@ -289,11 +299,10 @@ async def authenticate_options(
     gw: Gateway, request: Request, ctx: RequestContext
 ) -> web.StreamResponse:
     """POST /.ztgw/webauthn/authenticate/options {"csrf", "rd"}: for credentials.get()."""
-    checked = await _for_ceremony(gw, request, ctx, adding=False)
-    if isinstance(checked, web.Response):
-        return checked
-    _, rd, who = checked
-    uv = route_session(gw, ctx, rd).require_user_verification
+    begun = await _begin(gw, request, ctx, adding=False)
+    if isinstance(begun, web.Response):
+        return begun
+    who, uv = begun
     options = await gw.webauthn.authentication_options(
         who.user, who.session_id, ctx.now, require_uv=uv
     )
