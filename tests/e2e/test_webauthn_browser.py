@@ -25,7 +25,7 @@ from playwright.async_api import Browser, BrowserContext, CDPSession, Page
 from playwright.async_api import Error as PlaywrightError
 
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.e2e.test_browser import ARTIFACTS, browser, device_context, sign_in
+from tests.e2e.test_browser import ARTIFACTS, browser, device_context, shot, sign_in
 from tests.oidc_fixtures import CLIENT_SECRET, SignInSetup, users_toml
 from tests.support import Certs, free_port
 from ztgateway.app import Gateway
@@ -202,7 +202,9 @@ async def test_a_person_enrols_a_security_key_and_steps_up_with_it(
     alice: Person,
 ) -> None:
     page, signin, clock, gw = alice.page, alice.signin, alice.clock, alice.gw
+    await shot(page, "7-security-key-add")
     await enrol(page, "Laptop key")
+    await shot(page, "8-security-keys")
     (key,) = await gw.store.webauthn_credentials("alice")
     assert key.name == "Laptop key" and key.user_verified
     assert ceremonies(gw, "register", "success") == 1
@@ -215,6 +217,7 @@ async def test_a_person_enrols_a_security_key_and_steps_up_with_it(
     await alice.later()
     await page.wait_for_url(re.compile(r"/\.ztgw/mfa\?rd=/admin/echo"))
     assert await page.get_by_label("Code").count() == 0, "a TOTP code does not answer this route"
+    await shot(page, "9-step-up-security-key")
     await use_key(page)
     await page.wait_for_url(signin.origin + "/admin/echo")
     assert '"x-forwarded-user": "alice"' in await page.inner_text("body")
