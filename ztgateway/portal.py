@@ -43,6 +43,7 @@ def page(
     status: int = 200,
     cookies: tuple[str, ...] = (),
     form_targets: tuple[str, ...] = (),
+    scripts: tuple[str, ...] = (),
 ) -> web.Response:
     """A page in the one skeleton whose body is HTML the caller built and escaped itself.
 
@@ -54,6 +55,7 @@ def page(
         status=status,
         cookies=cookies,
         form_targets=form_targets,
+        scripts=scripts,
         body=trusted(body),
     )
 
@@ -66,6 +68,7 @@ def template_page(
     status: int = 200,
     cookies: tuple[str, ...] = (),
     form_targets: tuple[str, ...] = (),
+    scripts: tuple[str, ...] = (),
     **values: Any,
 ) -> web.Response:
     """Every page of the portal: `template` (pages/templates, extends base.html) with the
@@ -73,12 +76,20 @@ def template_page(
 
     `form_targets`: origins a form on the page may end up at besides this one (CSP
     `form-action` also governs the redirects after a submission: sign-out goes on to the
-    identity provider's end-session endpoint)."""
+    identity provider's end-session endpoint). `scripts`: the gateway's own script paths the
+    page loads (the WebAuthn ceremonies); CSP then allows scripts and fetches from this origin
+    only, never inline."""
     text = render(
-        template, ctx.look, title=title, decision_id=ctx.decision_id, status=status, **values
+        template,
+        ctx.look,
+        title=title,
+        decision_id=ctx.decision_id,
+        status=status,
+        scripts=scripts,
+        **values,
     )
     resp = web.Response(body=text.encode(), status=status)
-    for name, value in page_headers(ctx.decision_id, form_targets):
+    for name, value in page_headers(ctx.decision_id, form_targets, scripts=bool(scripts)):
         resp.headers[name] = value
     for cookie in cookies:
         resp.headers.add("Set-Cookie", cookie)

@@ -104,7 +104,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "rd": "/" + EVIL,
         "rd_query": EVIL,
     },
-    "step_up.html": {"why": EVIL, "form": _form(), "lock_ends": EVIL},
+    "step_up.html": {
+        "why": EVIL,
+        "form": _form(),
+        "lock_ends": EVIL,
+        "key_section": trusted("<p>key</p>"),
+        "totp": True,
+    },
     "enrol_start.html": {"error": EVIL, "hidden": {"csrf": EVIL, "rd": EVIL}},
     "enrol_pending.html": {
         "qr": trusted("<svg></svg>"),

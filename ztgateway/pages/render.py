@@ -86,22 +86,27 @@ def static_headers(media_type: str) -> list[tuple[str, str]]:
     ]
 
 
-def content_security_policy(form_targets: Iterable[str] = ()) -> str:
+def content_security_policy(form_targets: Iterable[str] = (), *, scripts: bool = False) -> str:
+    """`scripts`: the page loads the gateway's own script (the WebAuthn ceremonies), so
+    scripts and fetches from this origin are allowed; never inline ones."""
     targets = " ".join(("'self'", *form_targets))
+    script = "script-src 'self'; connect-src 'self'; " if scripts else ""
     return (
-        "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+        f"default-src 'none'; {script}style-src 'self'; img-src 'self' data:; "
         f"form-action {targets}; frame-ancestors 'none'; base-uri 'none'"
     )
 
 
-def page_headers(decision_id: str, form_targets: Iterable[str] = ()) -> list[tuple[str, str]]:
+def page_headers(
+    decision_id: str, form_targets: Iterable[str] = (), *, scripts: bool = False
+) -> list[tuple[str, str]]:
     """The headers of every page: never cached, never framed, no other origin's resources."""
     return [
         ("Content-Type", "text/html; charset=utf-8"),
         (DECISION_HEADER, decision_id),
         ("Server", SERVER),
         ("Cache-Control", "no-store"),
-        ("Content-Security-Policy", content_security_policy(form_targets)),
+        ("Content-Security-Policy", content_security_policy(form_targets, scripts=scripts)),
         ("X-Frame-Options", "DENY"),
         ("X-Content-Type-Options", "nosniff"),
         # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" on
@@ -117,20 +122,20 @@ def render(
     title: str,
     decision_id: str,
     status: int = 200,
+    scripts: tuple[str, ...] = (),
     **values: Any,
 ) -> str:
-    """One page: `template` (which extends base.html) with the branding and `values`."""
-    return (
-        environment()
-        .get_template(template)
-        .render(
-            brand=look,
-            stylesheet=stylesheet_path(look),
-            title=title,
-            decision_id=decision_id,
-            status=status,
-            **values,
-        )
+    """One page: `template` (which extends base.html) with the branding and `values`;
+    `scripts`: the gateway's own scripts the page loads (from this origin, never inline)."""
+    page = environment().get_template(template)
+    return page.render(
+        brand=look,
+        stylesheet=stylesheet_path(look),
+        title=title,
+        decision_id=decision_id,
+        status=status,
+        scripts=scripts,
+        **values,
     )
 
 
