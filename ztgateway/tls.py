@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import TLSConfig, UpstreamConfig
+from .tlsalert import AlertingContext
 
 log = logging.getLogger("ztgateway.tls")
 
@@ -186,7 +187,8 @@ def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
 
 def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:
     """mTLS server context: the client certificate is verified against the CA (and CRL)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # AlertingContext: a refused handshake still sends OpenSSL's alert (tlsalert.py).
+    ctx = AlertingContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, cfg.min_version)
     ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
     ctx.load_verify_locations(cafile=str(cfg.client_ca))
