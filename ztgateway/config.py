@@ -23,6 +23,7 @@ from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
 from .posture import PLATFORMS, PosturePolicy, parse_version
+from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
 from .risk import BlocklistError, RiskWeights
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -208,6 +209,9 @@ class RoutePolicy:
     login: Literal["never", "always", "browsers"] = "never"
     """Who must be a signed-in user (OIDC) rather than the certificate's user: nobody, every
     client, or browser navigations only (people sign in; machines present their certificate)."""
+    ocsp: OCSPFailure | None = None
+    """When OCSP cannot tell (responder down, bad or stale answer, `unknown`): refuse
+    ("hard-fail", the default) or let the request through, counted and audited ("soft-fail")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +353,7 @@ class GatewayConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     oidc: OIDCConfig = field(default_factory=OIDCConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -396,6 +401,10 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     for i, r in enumerate(routes):
         if r.policy.login != "never" and oidc.provider is None:
             root.fail(f"routes[{i}].policy.login", "needs an [oidc] provider to sign people in")
+    revocation = parse_revocation(root.table("revocation"))
+    for i, r in enumerate(routes):
+        if r.policy.ocsp is not None and not revocation.ocsp:
+            root.fail(f"routes[{i}].policy.ocsp", "needs [revocation] ocsp = true")
     log_t = root.table("logging")
     logging_cfg = LoggingConfig(
         level=log_t.choice("level", ("debug", "info", "warning", "error"), "info"),
@@ -429,6 +438,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         logging=logging_cfg,
         oidc=oidc,
         keys=keys,
+        revocation=revocation,
     )
 
 
@@ -694,6 +704,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         min_trust=t.choice("min_trust", TRUST_LEVELS, "unknown"),  # type: ignore[arg-type]
         require_signed_posture=t.flag("require_signed_posture", False),
         login=t.choice("login", ("never", "always", "browsers"), "never"),  # type: ignore[arg-type]
+        ocsp=t.choice("ocsp", OCSP_FAILURE_MODES, "hard-fail") if t.has("ocsp") else None,  # type: ignore[arg-type]
     )
     if policy.require_bound_token and not policy.require_token:
         t.fail("require_bound_token", "needs require_token = true")

@@ -39,6 +39,7 @@ _NEVER_MONITORED = frozenset(
         Reason.STAGE_ERROR,
         Reason.SERVICE_UNAVAILABLE,
         Reason.CLIENT_CERT_REVOKED,
+        Reason.CLIENT_CERT_STATUS_UNAVAILABLE,
     }
 )
 ALLOW_ONLY_STAGE = "policy"

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import ssl
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,8 +186,12 @@ def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
     # Mozilla intermediate's X25519, prime256v1 and secp384r1, all forward secret.
 
 
-def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:
-    """mTLS server context: the client certificate is verified against the CA (and CRL)."""
+def server_context(cfg: TLSConfig, client_cert: str, extra_crls: bytes = b"") -> ssl.SSLContext:
+    """mTLS server context: the client certificate is verified against the CA (and CRLs).
+
+    `extra_crls`: PEM CRLs fetched by the revocation service (revocation/crl.py), verified
+    already; loaded beside the file CRL so that OpenSSL refuses a revoked certificate in the
+    handshake with certificate_revoked (decision 0010)."""
     # AlertingContext: a refused handshake still sends OpenSSL's alert (tlsalert.py).
     ctx = AlertingContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, cfg.min_version)
@@ -195,6 +200,13 @@ def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:
     if cfg.crl is not None:
         # A PEM file may hold CRLs; OpenSSL's lookup loads them beside the CA certificates.
         ctx.load_verify_locations(cafile=str(cfg.crl))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if extra_crls:
+        # Only a file lookup loads CRLs (cadata takes certificates only).
+        with tempfile.NamedTemporaryFile(prefix="ztgw-crls-", suffix=".pem") as tmp:
+            tmp.write(extra_crls)
+            tmp.flush()
+            ctx.load_verify_locations(cafile=tmp.name)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     # OpenSSL checks the clientAuth EKU ("ssl_client" purpose) on the server side by default.
@@ -241,8 +253,8 @@ def _mtimes(cfg: TLSConfig) -> tuple[int, ...]:
     return tuple(out)
 
 
-def build_material(cfg: TLSConfig, client_cert: str) -> TLSMaterial:
-    ctx = server_context(cfg, client_cert)
+def build_material(cfg: TLSConfig, client_cert: str, extra_crls: bytes = b"") -> TLSMaterial:
+    ctx = server_context(cfg, client_cert, extra_crls)
     ca = x509.load_pem_x509_certificate(cfg.client_ca.read_bytes())
     crl = load_crl(cfg.crl, ca) if cfg.crl else RevocationList()
     return TLSMaterial(
@@ -266,19 +278,27 @@ class TLSManager:
     ) -> None:
         self.cfg = cfg
         self.client_cert = client_cert
+        self.extra_crls = b""
         self.current = build_material(cfg, client_cert)
         self._on_reload = on_reload
 
     def reconfigure(self, cfg: TLSConfig, client_cert: str) -> None:
         """Apply a new TLS section (hot reload); raises and keeps the old one on failure."""
-        material = build_material(cfg, client_cert)
+        material = build_material(cfg, client_cert, self.extra_crls)
         self.cfg, self.client_cert, self.current = cfg, client_cert, material
+
+    def set_extra_crls(self, pem: bytes) -> None:
+        """New fetched CRLs: new connections are checked against them in the handshake."""
+        if pem == self.extra_crls:
+            return
+        material = build_material(self.cfg, self.client_cert, pem)
+        self.extra_crls, self.current = pem, material
 
     def maybe_reload(self, *, force: bool = False) -> bool:
         if not force and _mtimes(self.cfg) == self.current.fingerprints:
             return False
         try:
-            material = build_material(self.cfg, self.client_cert)
+            material = build_material(self.cfg, self.client_cert, self.extra_crls)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("TLS reload failed, keeping the previous certificates: %s", exc)
             if self._on_reload:

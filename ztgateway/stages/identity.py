@@ -63,6 +63,7 @@ class IdentityStage:
 
     def __init__(self, runtime: Runtime) -> None:
         self.revocations = runtime.revocations
+        self.revocation = runtime.revocation
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
         self._identities: dict[tuple[str, str | None], Identity] = {}
@@ -74,11 +75,19 @@ class IdentityStage:
         assert route is not None, "the request stage sets the route or denies"
         policy = route.policy
         cert = ctx.cert
+        soft_failure: Finding | None = None
         if cert is not None:
             # SECURITY: re-checked per request against the newest CRL, so a keep-alive
             # connection or a resumed TLS session does not outlive a revocation.
             if self.revocations().is_revoked(cert.serial):
                 return [_deny(Reason.CLIENT_CERT_REVOKED, f"serial {cert.serial:x}")]
+            if self.revocation is not None:
+                # Fetched CRLs, OCSP and revocations other replicas found (revocation/).
+                status = await self.revocation.check(cert, policy.ocsp, ctx.now)
+                if status is not None:
+                    if status.verdict is not None:
+                        return [status]
+                    soft_failure = status
             now = ctx.now
             if now > cert.not_after:
                 return [_deny(Reason.CLIENT_CERT_INVALID, "certificate expired")]
@@ -166,4 +175,5 @@ class IdentityStage:
             )
         else:
             ctx.identity = Identity(user=None, source="none", device_id=device_id)
-        return ()
+        # A soft-fail route's "OCSP could not tell" rides along: audited, not refused.
+        return (soft_failure,) if soft_failure is not None else ()
