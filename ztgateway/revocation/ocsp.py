@@ -114,10 +114,12 @@ def _signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: float) -> x5
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise OCSPError("signer", "responder certificate not issued by the CA") from exc
         try:
-            eku = candidate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            purposes = list(
+                candidate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            )
         except x509.ExtensionNotFound:
-            eku = x509.ExtendedKeyUsage([])
-        if ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
+            purposes = []
+        if ExtendedKeyUsageOID.OCSP_SIGNING not in purposes:
             raise OCSPError("signer", "responder certificate lacks id-kp-OCSPSigning")
         if not (
             candidate.not_valid_before_utc.timestamp()

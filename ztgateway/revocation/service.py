@@ -298,16 +298,20 @@ class RevocationService:
                 der = await self._post(urls[0], request)
             except (OSError, TimeoutError) as exc:
                 raise OCSPError("unavailable", f"{urls[0]}: {exc}") from exc
-            answer = verify_response(
-                der,
-                parsed.cert,
-                parsed.issuer,
-                nonce=nonce,
-                require_nonce=self.cfg.ocsp_require_nonce,
-                now=self.clock.time(),
-                skew=self.cfg.clock_skew,
-                max_age=self.cfg.ocsp_max_age,
-            )
+            try:
+                answer = verify_response(
+                    der,
+                    parsed.cert,
+                    parsed.issuer,
+                    nonce=nonce,
+                    require_nonce=self.cfg.ocsp_require_nonce,
+                    now=self.clock.time(),
+                    skew=self.cfg.clock_skew,
+                    max_age=self.cfg.ocsp_max_age,
+                )
+            except (ValueError, TypeError) as exc:
+                # Malformed in a way the parser only noticed late: not an answer either.
+                raise OCSPError("invalid", f"unusable answer: {exc}") from exc
         except OCSPError as exc:
             self.metrics.ocsp_checks.labels(exc.result).inc()
             log.warning("OCSP check of serial %x failed (%s): %s", cert.serial, exc.result, exc)
