@@ -413,20 +413,43 @@ async def test_distribution_point_crl_is_fetched_on_first_sight_and_enforced(env
     assert env.crls.requests == 2
 
 
-async def test_revocation_found_on_one_replica_holds_on_another_without_asking(env: Env) -> None:
-    """Two gateways on one store (workers, or replicas on Redis: the store contract covers
-    both backends): OCSP on the first finds the revocation; the second refuses the certificate
-    after one tick, while the env.responder is down and even on a soft-fail route."""
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_revocation_found_on_one_replica_holds_on_another_without_asking(
+    env: Env, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Two gateways on one store (workers on one SQLite file, or replicas on one real
+    redis-server): OCSP on the first finds the revocation; the second refuses the certificate
+    after one tick, with the responder down and even on a soft-fail route, and closes the
+    connection it held open."""
+    store: dict[str, Any] = {}
+    if backend == "redis":
+        store = {"store": {"url": request.getfixturevalue("redis_server").url}}
     pem, key, serial = env.issue("ocsp-shared")
     env.responder.statuses[serial] = "good"
-    first = await env.gateway()
-    second = await env.gateway()
+    first = await env.factory(
+        {
+            "revocation": {"ocsp": True, "check_interval": 0},
+            "routes": ROUTES,
+            **store,
+        },
+        clock=env.clock,
+    )
+    second = await env.factory(
+        {"revocation": {"ocsp": True, "check_interval": 0}, "routes": ROUTES, **store},
+        clock=env.clock,
+    )
     ctx = env.ctx(pem, key)
-    assert (await fetch(second, ctx, "/soft/echo")).status == 200
-    env.responder.statuses[serial] = "revoked"
-    assert (await fetch(first, ctx)).json()["reason"] == "client-cert-revoked"
-    await env.responder.stop()
-    await second.revocation.tick()
+    held = await connect(second.port or 0, ctx)
+    try:
+        assert (await get(held, "/soft/echo")).status == 200
+        env.responder.statuses[serial] = "revoked"
+        assert (await fetch(first, ctx)).json()["reason"] == "client-cert-revoked"
+        await env.responder.stop()
+        await second.revocation.tick()
+        with pytest.raises(OSError):  # the held keep-alive connection was closed
+            await get(held, "/soft/echo")
+    finally:
+        held.close()
     reply = await fetch(second, ctx, "/soft/echo")
     assert (reply.status, reply.json()["reason"]) == (403, "client-cert-revoked")
 
