@@ -14,7 +14,7 @@ SSL protocols) returns an `AlertingSSLObject` that keeps the outgoing BIO and th
 fatal error, whatever OpenSSL left in the outgoing BIO (the alert record) is written to the raw
 transport before the exception propagates and the protocol closes the socket. Writes on an idle
 socket go out at once on both loops, so the alert precedes the close. See
-docs/decisions/0010-revocation-tls-alerts.md.
+docs/decisions/0011-revocation-tls-alerts.md.
 """
 
 from __future__ import annotations

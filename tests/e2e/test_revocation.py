@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import GatewayFactory
 from tests.e2e.test_mtls import Reply, audit_events, connect, get, metric, scrape
 from tests.e2e.test_proxy import closed_by_peer
+from tests.e2e.test_security_forward_auth import NGINX_EDGE, ask, nginx_value
 from tests.e2e.test_tls_alerts import CERTIFICATE_REVOKED, s_client_alert
 from tests.revocation_fixtures import (
     CRLServer,
@@ -492,3 +493,39 @@ async def test_openssl_as_the_responder_good_revoked_and_unknown(env: Env) -> No
         assert env.responder.requests == 3
     finally:
         await env.responder.stop()
+
+
+async def test_a_certificate_forwarded_by_the_edge_gets_the_same_revocation_checks(
+    env: Env,
+) -> None:
+    """Forward-auth verifies the edge's forwarded certificate like a handshake (certverify);
+    the decision then asks the same revocation service: OCSP on a hard-fail route, and a
+    revocation another replica recorded."""
+    pem, _, serial = env.issue("edge-ocsp")
+    env.responder.statuses[serial] = "revoked"
+    gw = await env.factory(
+        {
+            "revocation": {"ocsp": True, "check_interval": 0},
+            "forward_auth": NGINX_EDGE,
+        },
+        clock=env.clock,
+    )
+    status, _, body = await ask(gw, {"X-SSL-Client-Cert": nginx_value(pem.read_bytes())})
+    assert status == 403 and body is not None
+    assert body["reason"] == "client-cert-revoked"
+    assert env.responder.requests == 1
+
+
+async def test_a_forwarded_certificate_with_no_usable_ocsp_answer_fails_closed(env: Env) -> None:
+    pem, _, serial = env.issue("edge-down")
+    env.responder.statuses[serial] = "good"
+    await env.responder.stop()
+    gw = await env.factory(
+        {"revocation": {"ocsp": True, "check_interval": 0}, "forward_auth": NGINX_EDGE},
+        clock=env.clock,
+    )
+    status, _, body = await ask(gw, {"X-SSL-Client-Cert": nginx_value(pem.read_bytes())})
+    # nginx's auth_request understands only 2xx, 401 and 403: the edge gets 403, the reason
+    # stays the gateway's own.
+    assert status == 403 and body is not None
+    assert body["reason"] == "client-cert-status-unavailable"
