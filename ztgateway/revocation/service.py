@@ -21,6 +21,7 @@ audited as an informational finding. A stale CRL is never soft: RFC 5280 §6.3.3
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -58,8 +59,10 @@ _ERROR_RETRY = 5.0
 requests at a responder that is down; a soft-fail route keeps answering meanwhile)."""
 
 
+@functools.lru_cache(maxsize=8192)
 def cert_key(issuer: str, serial: int) -> str:
-    """The shared name of one certificate: its issuer (hashed, it is long) and serial."""
+    """The shared name of one certificate: its issuer (hashed, it is long) and serial.
+    Cached: every request of a connection asks for the same one."""
     return f"{hashlib.sha256(issuer.encode()).hexdigest()[:16]}:{serial:x}"
 
 
@@ -93,6 +96,7 @@ class RevocationService:
         clock: Clock,
     ) -> None:
         self.cfg = cfg
+        self._configured = cfg.enabled
         self.tls = tls
         self.store = store
         self.metrics = metrics
@@ -135,6 +139,7 @@ class RevocationService:
             if url not in keep:
                 del self.crls.sources[url]
         self.cfg = self.crls.cfg = cfg
+        self._configured = cfg.enabled
         for url in cfg.crl_urls:
             self.crls.add(url)
         self._ocsp.clear()
@@ -192,25 +197,37 @@ class RevocationService:
                 self._parsed.popitem(last=False)
         return parsed
 
+    @property
+    def active(self) -> bool:
+        """Whether a request must be checked at all: something is configured or known
+        revoked (the identity stage skips the call otherwise: the data plane's hot path)."""
+        return self._configured or bool(self.revoked)
+
     async def check(self, cert: CertInfo, mode: OCSPFailure | None, now: float) -> Finding | None:
         """None when the certificate may be used; otherwise the finding that says why not (or,
         on a soft-fail route, an informational finding the audit event carries)."""
         key = cert_key(cert.issuer, cert.serial)
         if key in self.revoked:
             return _revoked(cert, "revoked (shared)")
-        if not self.cfg.enabled:
+        cfg = self.cfg
+        if cfg.crl_urls or cfg.crl_distribution_points:
+            finding = await self._check_crls(cert, key, now)
+            if finding is not None:
+                return finding
+        if not cfg.ocsp:
             return None
-        parsed = self._parse(cert)
-        finding = await self._check_crls(cert, parsed, key, now)
-        if finding is not None or not self.cfg.ocsp:
-            return finding
-        return await self._check_ocsp(cert, parsed, key, mode or "hard-fail", now)
+        # The cache hit is the common case: no await, no parsing (a few dict operations).
+        cached = self._ocsp.get(key)
+        if cached is None or cached.expires <= now:
+            cached = await self._query_once(cert, self._parse(cert), key, now)
+        else:
+            self._ocsp.move_to_end(key)
+        return self._ocsp_finding(cert, cached, mode or "hard-fail")
 
-    async def _check_crls(
-        self, cert: CertInfo, parsed: _Parsed, key: str, now: float
-    ) -> Finding | None:
-        if self.cfg.crl_distribution_points:
-            for url in parsed.crl_urls:
+    async def _check_crls(self, cert: CertInfo, key: str, now: float) -> Finding | None:
+        cdp = self._parse(cert).crl_urls if self.cfg.crl_distribution_points else ()
+        if cdp:
+            for url in cdp:
                 if url not in self.crls.sources:
                     # First certificate naming this distribution point: fetch before deciding.
                     source = self.crls.add(url)
@@ -219,7 +236,7 @@ class RevocationService:
         relevant = [
             s
             for s in self.crls.sources.values()
-            if s.url in parsed.crl_urls
+            if s.url in cdp
             or (s.crl is not None and s.crl.issuer == cert.issuer)
             or (s.crl is None and s.url in self.cfg.crl_urls)
         ]
@@ -245,14 +262,7 @@ class RevocationService:
             )
         return None
 
-    async def _check_ocsp(
-        self, cert: CertInfo, parsed: _Parsed, key: str, mode: OCSPFailure, now: float
-    ) -> Finding | None:
-        cached = self._ocsp.get(key)
-        if cached is None or cached.expires <= now:
-            cached = await self._query_once(cert, parsed, key, now)
-        else:
-            self._ocsp.move_to_end(key)
+    def _ocsp_finding(self, cert: CertInfo, cached: _Cached, mode: OCSPFailure) -> Finding | None:
         answer = cached.answer
         if answer is not None and answer.status is OCSPStatus.REVOKED:
             return _revoked(cert, "OCSP: revoked")

@@ -105,7 +105,7 @@ class IdentityStage:
             # connection or a resumed TLS session does not outlive a revocation.
             if self.revocations().is_revoked(cert.serial):
                 return [_deny(Reason.CLIENT_CERT_REVOKED, f"serial {cert.serial:x}")]
-            if self.revocation is not None:
+            if self.revocation is not None and self.revocation.active:
                 # Fetched CRLs, OCSP and revocations other replicas found (revocation/).
                 status = await self.revocation.check(cert, policy.ocsp, ctx.now)
                 if status is not None:
