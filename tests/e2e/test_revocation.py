@@ -19,9 +19,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_mtls import Reply, audit_events, connect, get, metric, scrape
+from tests.e2e.test_mtls import Reply, audit_events, connect, eventually, get, metric, scrape
 from tests.e2e.test_proxy import closed_by_peer
 from tests.e2e.test_security_forward_auth import NGINX_EDGE, ask, nginx_value
 from tests.e2e.test_tls_alerts import CERTIFICATE_REVOKED, s_client_alert
@@ -35,7 +37,7 @@ from tests.revocation_fixtures import (
 from tests.support import Certs
 from ztgateway.app import Gateway
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
-from ztgateway.pki import CertificateAuthority
+from ztgateway.pki import CertificateAuthority, atomic_write
 
 HOST = "127.0.0.1"
 
@@ -275,16 +277,8 @@ async def test_revocation_seen_by_ocsp_closes_the_open_keepalive_connection(env:
     env.responder.statuses[serial] = "good"
     env.responder.validity = 300
     gw = await env.gateway()
-    reader, writer = await asyncio.open_connection(
-        HOST, gw.port, ssl=env.ctx(pem, key), server_hostname=HOST
-    )
+    reader, writer = await keepalive(gw, env.ctx(pem, key))
     try:
-        writer.write(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 200 ")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
-
         env.responder.statuses[serial] = "revoked"
         env.clock.advance(301)  # the cached "good" runs out; the tick asks again
         await gw.revocation.tick()
@@ -529,3 +523,50 @@ async def test_a_forwarded_certificate_with_no_usable_ocsp_answer_fails_closed(e
     # stays the gateway's own.
     assert status == 403 and body is not None
     assert body["reason"] == "client-cert-status-unavailable"
+
+
+async def keepalive(gw: Gateway, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, Any]:
+    """A connection that has answered one request and stays open."""
+    reader, writer = await asyncio.open_connection(HOST, gw.port, ssl=ctx, server_hostname=HOST)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    return reader, writer
+
+
+async def test_revocation_in_a_refreshed_crl_closes_the_open_keepalive_connection(
+    env: Env,
+) -> None:
+    pem, key, serial = env.issue("crl-open", ocsp=False)
+    env.crls.publish(env.ca, [], next_update_days=1)
+    gw = await env.crl_gateway(crl_urls=[env.crls.url], crl_refresh_before="1h")
+    reader, writer = await keepalive(gw, env.ctx(pem, key))
+    try:
+        env.crls.publish(env.ca, [serial], next_update_days=1)
+        env.clock.advance(23 * 3600 + 1)  # the refresh falls due
+        await gw.revocation.tick()
+        assert await closed_by_peer(reader, 5.0), "the revoked certificate's connection stays open"
+    finally:
+        writer.close()
+    assert await metric(gw, "ztgw_revocations_enforced_total", kind="connection") == 1
+
+
+async def test_revocation_in_the_crl_file_closes_the_open_keepalive_connection(
+    env: Env,
+) -> None:
+    pem, key, _ = env.issue("file-open", ocsp=False)
+    gw = await env.crl_gateway()
+    reader, writer = await keepalive(gw, env.ctx(pem, key))
+    try:
+        serial = x509.load_pem_x509_certificate(pem.read_bytes()).serial_number
+        crl = env.ca.crl([serial])
+        atomic_write(env.tmp / "ca.crl", crl.public_bytes(serialization.Encoding.PEM))
+        await eventually(
+            lambda: serial in gw.tls.current.revocations.revoked_serials, "CRL file reloaded"
+        )
+        await gw.revocation.tick()
+        assert await closed_by_peer(reader, 5.0), "the revoked certificate's connection stays open"
+    finally:
+        writer.close()

@@ -391,11 +391,14 @@ class RevocationService:
             self.revoked.update(new_shared)
             self.on_revoked(set(new_shared))
         seen: set[str] = set()
+        file_crl = self.tls.current.revocations  # [tls] crl, reloaded when the file changes
         for cert in list(self.open_certs()):
             key = cert_key(cert.issuer, cert.serial)
             if key in seen or key in self.revoked:
                 continue
             seen.add(key)
+            if file_crl.is_revoked(cert.serial) and file_crl.issuer in ("", cert.issuer):
+                found[key] = cert.not_after
             for crl in self.crls.crls():
                 if crl.issuer == cert.issuer and cert.serial in crl.revoked:
                     found[key] = cert.not_after
