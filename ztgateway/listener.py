@@ -154,7 +154,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         context = self._context()
         # A refused handshake's alert goes out on this raw transport (tlsalert.py).
-        loop.call_soon(bind_alert_sink, context, transport.write)
+        loop.call_soon(bind_alert_sink, context, transport)
         loop.call_soon(acceptor.replay_raw, transport)
         try:
             tls_transport = await loop.start_tls(

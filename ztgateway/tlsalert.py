@@ -9,17 +9,21 @@ without writing that buffer out (CPython gh-98078, fixed upstream only in 2026 a
 so browsers said "site can't be reached" and curl "Empty reply from server".
 
 `AlertingContext` is the server SSLContext: `wrap_bio()` (public API, called by both event loops'
-SSL protocols) returns an `AlertingSSLObject` that keeps the outgoing BIO and the raw transport's
-`write` the listener bound for the connection (`bind_alert_sink`). When `do_handshake()` raises a
+SSL protocols) returns an `AlertingSSLObject` that keeps the outgoing BIO and the sink the listener bound for
+the connection's raw transport (`bind_alert_sink`). When `do_handshake()` raises a
 fatal error, whatever OpenSSL left in the outgoing BIO (the alert record) is written to the raw
-transport before the exception propagates and the protocol closes the socket. Writes on an idle
-socket go out at once on both loops, so the alert precedes the close. See
+transport's socket before the exception propagates and the protocol closes its descriptor; the
+socket itself is closed a little later, after a lingering read (`LingeringAlert`), so that no
+RST overtakes the alert. See
 docs/decisions/0011-revocation-tls-alerts.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -74,6 +78,8 @@ class AlertingContext(ssl.SSLContext):
     def __init__(self, protocol: int = ssl.PROTOCOL_TLS_SERVER) -> None:
         # Per thread: tests run a second gateway on a uvloop in another thread.
         self._ztgw_next = threading.local()
+        self.lingering = 0
+        """Refused connections of this context still being read from (LingeringAlert)."""
 
     def bind_next_handshake(self, sink: AlertSink | None) -> None:
         """The raw transport's `write` for the handshake that starts next on this thread.
@@ -113,7 +119,71 @@ class AlertingContext(ssl.SSLContext):
         return result
 
 
-def bind_alert_sink(context: ssl.SSLContext, sink: AlertSink) -> None:
+LINGER_SECONDS = 2.0
+"""How long a refused connection is read from (and what arrives discarded) after its alert."""
+MAX_LINGERING = 256
+"""Refused connections lingering at once; beyond, the alert is sent and the socket closed."""
+
+
+class LingeringAlert:
+    """Sends the alert, then closes like nginx's lingering_close instead of at once.
+
+    A TLS 1.3 client sends its request right behind its Finished, before it can know its
+    certificate was refused. Closing a socket with those bytes unread makes the kernel send a
+    RST, which can reach the client before it reads the alert: Chromium then reports
+    ERR_SOCKET_NOT_CONNECTED instead of ERR_BAD_SSL_CLIENT_AUTH_CERT. So the socket is kept
+    open through a duplicate descriptor (the event loop closes its own one as usual): the alert
+    and a FIN go out, what still arrives is read and dropped until the client closes or
+    LINGER_SECONDS pass, and only then the socket is closed. At most MAX_LINGERING at once (a
+    flood of refused handshakes must not pile up descriptors)."""
+
+    def __init__(self, transport: asyncio.BaseTransport, owner: AlertingContext) -> None:
+        self._transport = transport
+        self._owner = owner
+
+    def __call__(self, data: bytes) -> None:
+        raw = self._transport.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        owner = self._owner
+        if raw is None or owner.lingering >= MAX_LINGERING:
+            self._transport.write(data)  # type: ignore[attr-defined]
+            return
+        try:
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except OSError:
+            self._transport.write(data)  # type: ignore[attr-defined]
+            return
+        sock.setblocking(False)
+        try:
+            sock.send(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        owner.lingering += 1
+        fd = sock.fileno()
+
+        def finish() -> None:
+            loop.remove_reader(fd)
+            timer.cancel()
+            sock.close()
+            owner.lingering -= 1
+
+        def readable() -> None:
+            try:
+                if sock.recv(65536):
+                    return
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass
+            finish()
+
+        timer = loop.call_later(LINGER_SECONDS, finish)
+        loop.add_reader(fd, readable)
+
+
+def bind_alert_sink(context: ssl.SSLContext, transport: asyncio.BaseTransport) -> None:
     """Queued by the listener right before `start_tls()` (see `bind_next_handshake`)."""
     if isinstance(context, AlertingContext):
-        context.bind_next_handshake(sink)
+        context.bind_next_handshake(LingeringAlert(transport, context))

@@ -13,8 +13,11 @@ import ssl
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser
+from playwright.async_api import Error as PlaywrightError
 
-from tests.e2e import test_mtls
+from tests.conftest import GatewayFactory
+from tests.e2e import test_browser, test_mtls
 from tests.e2e.test_mtls import (
     HOST,
     Reply,
@@ -134,3 +137,31 @@ async def test_concurrent_refused_and_accepted_handshakes_each_get_their_own_out
     assert list(results[: len(bad)]) == [alert for _, alert in bad]
     for outcome in results[len(bad) :]:
         assert isinstance(outcome, Reply) and outcome.status == 200, outcome
+
+
+browser = test_browser.browser
+"""Debian's Chromium, launched as tests/e2e/test_browser.py does."""
+
+
+async def test_chromium_without_a_certificate_is_told_the_certificate_was_refused(
+    browser: Browser, gateway_factory: GatewayFactory
+) -> None:
+    """Before: net::ERR_EMPTY_RESPONSE ("didn't send any data"). Now Chromium reads the
+    certificate_required alert: net::ERR_BAD_SSL_CLIENT_AUTH_CERT ("didn't accept your login
+    certificate, or one wasn't provided"). Chromium's own speculative second socket can, rarely,
+    surface as ERR_SOCKET_NOT_CONNECTED instead; a second navigation settles that, and no
+    attempt may ever look like an empty reply."""
+    gw = await gateway_factory()
+    seen: list[str] = []
+    for _ in range(2):
+        context = await browser.new_context(ignore_https_errors=True)
+        page = await context.new_page()
+        with pytest.raises(PlaywrightError) as info:
+            await page.goto(f"https://{HOST}:{gw.port}/", timeout=15_000)
+        await context.close()
+        code = re.search(r"net::(ERR_[A-Z_]+)", str(info.value))
+        seen.append(code.group(1) if code else str(info.value))
+        if seen[-1] == "ERR_BAD_SSL_CLIENT_AUTH_CERT":
+            break
+    assert "ERR_BAD_SSL_CLIENT_AUTH_CERT" in seen, seen
+    assert "ERR_EMPTY_RESPONSE" not in seen and "ERR_CONNECTION_CLOSED" not in seen, seen
