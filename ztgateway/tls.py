@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -91,6 +92,17 @@ class CertInfo:
 def _cert_json(cert: CertInfo) -> dict[str, object]:
     """Formatted once per certificate: the audit event of every request carries it."""
     return cert._json()
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`issuer` signed `cert` directly (names match and the signature verifies)."""
+    if issuer.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def parse_client_cert(der: bytes) -> CertInfo:

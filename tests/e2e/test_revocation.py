@@ -99,10 +99,15 @@ class Env:
     def ctx(self, pem: Path, key: Path) -> ssl.SSLContext:
         return tls_ctx(self.certs, pem, key)
 
-    async def gateway(self, **revocation: Any) -> Gateway:
-        """OCSP on, a hard-fail route at / and a soft-fail one at /soft/."""
+    async def gateway(self, *, extra: dict[str, Any] | None = None, **revocation: Any) -> Gateway:
+        """OCSP on, a hard-fail route at / and a soft-fail one at /soft/; `extra`: more
+        configuration (a store, forward-auth)."""
         return await self.factory(
-            {"revocation": {"ocsp": True, "check_interval": 0, **revocation}, "routes": ROUTES},
+            {
+                "revocation": {"ocsp": True, "check_interval": 0, **revocation},
+                "routes": ROUTES,
+                **(extra or {}),
+            },
             clock=self.clock,
         )
 
@@ -421,18 +426,8 @@ async def test_revocation_found_on_one_replica_holds_on_another_without_asking(
         store = {"store": {"url": request.getfixturevalue("redis_server").url}}
     pem, key, serial = env.issue("ocsp-shared")
     env.responder.statuses[serial] = "good"
-    first = await env.factory(
-        {
-            "revocation": {"ocsp": True, "check_interval": 0},
-            "routes": ROUTES,
-            **store,
-        },
-        clock=env.clock,
-    )
-    second = await env.factory(
-        {"revocation": {"ocsp": True, "check_interval": 0}, "routes": ROUTES, **store},
-        clock=env.clock,
-    )
+    first = await env.gateway(extra=store)
+    second = await env.gateway(extra=store)
     ctx = env.ctx(pem, key)
     held = await connect(second.port or 0, ctx)
     try:
@@ -497,13 +492,7 @@ async def test_a_certificate_forwarded_by_the_edge_gets_the_same_revocation_chec
     revocation another replica recorded."""
     pem, _, serial = env.issue("edge-ocsp")
     env.responder.statuses[serial] = "revoked"
-    gw = await env.factory(
-        {
-            "revocation": {"ocsp": True, "check_interval": 0},
-            "forward_auth": NGINX_EDGE,
-        },
-        clock=env.clock,
-    )
+    gw = await env.gateway(extra={"forward_auth": NGINX_EDGE})
     status, _, body = await ask(gw, {"X-SSL-Client-Cert": nginx_value(pem.read_bytes())})
     assert status == 403 and body is not None
     assert body["reason"] == "client-cert-revoked"
@@ -514,10 +503,7 @@ async def test_a_forwarded_certificate_with_no_usable_ocsp_answer_fails_closed(e
     pem, _, serial = env.issue("edge-down")
     env.responder.statuses[serial] = "good"
     await env.responder.stop()
-    gw = await env.factory(
-        {"revocation": {"ocsp": True, "check_interval": 0}, "forward_auth": NGINX_EDGE},
-        clock=env.clock,
-    )
+    gw = await env.gateway(extra={"forward_auth": NGINX_EDGE})
     status, _, body = await ask(gw, {"X-SSL-Client-Cert": nginx_value(pem.read_bytes())})
     # nginx's auth_request understands only 2xx, 401 and 403: the edge gets 403, the reason
     # stays the gateway's own.

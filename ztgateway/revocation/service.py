@@ -32,13 +32,12 @@ from pathlib import Path
 
 import aiohttp
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from ..clock import Clock
 from ..decision import Finding, Reason, Verdict
 from ..metrics import Metrics
 from ..store.base import Store, StoreUnavailable
-from ..tls import CertInfo, TLSManager
+from ..tls import CertInfo, TLSManager, issued_by
 from .config import OCSPFailure, RevocationConfig
 from .crl import CRLSet, distribution_points
 from .ocsp import (
@@ -190,7 +189,7 @@ class RevocationService:
         parsed = self._parsed.get(cert.der)
         if parsed is None:
             c = x509.load_der_x509_certificate(cert.der)
-            issuer = next((ca for ca in self.cas if _issued_by(c, ca)), None)
+            issuer = next((ca for ca in self.cas if issued_by(c, ca)), None)
             parsed = _Parsed(c, issuer, distribution_points(c), responder_urls(c))
             self._parsed[cert.der] = parsed
             if len(self._parsed) > 4096:
@@ -422,16 +421,6 @@ class RevocationService:
                 await self.tick()
             except Exception:  # the loop must outlive a bad tick
                 log.exception("revocation tick failed")
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    if ca.subject != cert.issuer:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _revoked(cert: CertInfo, detail: str) -> Finding:
