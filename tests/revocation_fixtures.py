@@ -32,6 +32,8 @@ Mode = Literal[
     "delegated-no-eku",  # the same without id-kp-OCSPSigning
     "stranger",  # claims to be the CA, signed with another key
     "stale",  # nextUpdate already passed
+    "future",  # thisUpdate an hour ahead (a responder clock, or an answer made for later)
+    "other-serial",  # a valid answer about another certificate of the same CA
     "other-nonce",  # echoes a nonce other than the request's
     "no-nonce",  # omits the nonce (a pre-signed answer)
     "try-later",  # an unsigned tryLater
@@ -126,12 +128,14 @@ class OCSPResponder(LoopbackServer):
         next_update = now + dt.timedelta(seconds=self.validity)
         if self.mode == "stale":
             this_update, next_update = now - dt.timedelta(days=2), now - dt.timedelta(days=1)
+        elif self.mode == "future":
+            this_update, next_update = now + dt.timedelta(hours=1), now + dt.timedelta(hours=2)
         status = _status(self.statuses.get(req.serial_number, "unknown"))
         revoked = status is ocsp.OCSPCertStatus.REVOKED
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             issuer_name_hash=req.issuer_name_hash,
             issuer_key_hash=req.issuer_key_hash,
-            serial_number=req.serial_number,
+            serial_number=req.serial_number + (1 if self.mode == "other-serial" else 0),
             algorithm=req.hash_algorithm,
             cert_status=status,
             this_update=this_update,

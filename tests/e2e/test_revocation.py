@@ -12,6 +12,7 @@ import asyncio
 import json
 import ssl
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from tests.revocation_fixtures import (
     issue,
     load_ca_with,
 )
-from tests.support import Certs
+from tests.support import Certs, to_toml
 from ztgateway.app import Gateway
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
 from ztgateway.pki import CertificateAuthority, atomic_write
@@ -111,9 +112,20 @@ class Env:
             clock=self.clock,
         )
 
-    async def crl_gateway(self, **revocation: Any) -> Gateway:
+    async def crl_gateway(self, *, file_crl: bool = False, **revocation: Any) -> Gateway:
+        """CRLs fetched over HTTP only, unless `file_crl`: OpenSSL checks a handshake against
+        the newest CRL of the issuer alone, so the session's `[tls] crl` file, made in the same
+        second, could decide the handshake instead of the fetched CRL."""
+        tls = {
+            "cert": str(self.certs.server),
+            "key": str(self.certs.server_key),
+            "client_ca": str(self.certs.ca),
+            "reload_interval": 0.2,
+        }
         return await self.factory(
-            {"revocation": {"check_interval": 0, **revocation}}, clock=self.clock
+            {"revocation": {"check_interval": 0, **revocation}},
+            replace=None if file_crl else {"tls": tls},
+            clock=self.clock,
         )
 
 
@@ -221,6 +233,8 @@ async def test_responder_down_is_503_on_hard_fail_and_let_through_on_soft_fail(e
     ("mode", "result"),
     [
         ("stale", "stale"),
+        ("future", "stale"),
+        ("other-serial", "invalid"),
         ("stranger", "signer"),
         ("delegated-no-eku", "signer"),
         ("other-nonce", "nonce"),
@@ -362,7 +376,11 @@ async def test_crl_is_refreshed_before_its_next_update_not_before(env: Env) -> N
 async def test_stale_crl_fails_closed_is_counted_and_recovers(env: Env) -> None:
     pem, key, _ = env.issue("crl-stale", ocsp=False)
     env.crls.publish(env.ca, [], next_update_days=1)
-    gw = await env.crl_gateway(crl_urls=[env.crls.url])
+    # With the file CRL beside it: the gateway's clock runs a day ahead of the system clock
+    # OpenSSL reads, so OpenSSL would take the CRLs published "tomorrow" as not yet valid;
+    # the file CRL (valid by the system clock) keeps the handshake about this test's subject,
+    # the request-time check that reads the gateway's clock.
+    gw = await env.crl_gateway(file_crl=True, crl_urls=[env.crls.url])
     ctx = env.ctx(pem, key)
     assert (await fetch(gw, ctx)).status == 200
     assert await metric(gw, "ztgw_crl_stale") == 0
@@ -384,6 +402,22 @@ async def test_stale_crl_fails_closed_is_counted_and_recovers(env: Env) -> None:
     await gw.revocation.tick()
     assert await metric(gw, "ztgw_crl_stale") == 0
     assert (await fetch(gw, ctx)).status == 200
+
+
+async def test_an_older_crl_does_not_replace_a_newer_one(env: Env) -> None:
+    """A rollback (an earlier CRL served again, by a stale mirror or an attacker) would
+    un-revoke certificates: RFC 5280 §5.2.3 CRL numbers only grow."""
+    pem, key, serial = env.issue("crl-rollback", ocsp=False)
+    old = env.ca.crl([], next_update_days=2, crl_number=1)
+    env.crls.publish(env.ca, [serial], next_update_days=1)  # number: ms since the epoch
+    gw = await env.crl_gateway(crl_urls=[env.crls.url], crl_refresh_before="23h")
+    env.crls.body = old.public_bytes(serialization.Encoding.DER)
+    env.clock.advance(12 * 3600 + 1)  # due again: half way through a one-day CRL at the latest
+    await gw.revocation.tick()
+    assert env.crls.requests == 2
+    assert await metric(gw, "ztgw_crl_fetches_total", result="invalid") == 1
+    alert = await s_client_with(gw, pem, key, env.certs)
+    assert alert == CERTIFICATE_REVOKED, "the newer CRL's revocation was rolled back"
 
 
 async def test_crl_signed_by_another_ca_is_refused_and_counted(env: Env) -> None:
@@ -543,7 +577,7 @@ async def test_revocation_in_the_crl_file_closes_the_open_keepalive_connection(
     env: Env,
 ) -> None:
     pem, key, _ = env.issue("file-open", ocsp=False)
-    gw = await env.crl_gateway()
+    gw = await env.crl_gateway(file_crl=True)
     reader, writer = await keepalive(gw, env.ctx(pem, key))
     try:
         serial = x509.load_pem_x509_certificate(pem.read_bytes()).serial_number
@@ -556,3 +590,21 @@ async def test_revocation_in_the_crl_file_closes_the_open_keepalive_connection(
         assert await closed_by_peer(reader, 5.0), "the revoked certificate's connection stays open"
     finally:
         writer.close()
+
+
+async def test_a_reload_applies_new_crl_urls_and_drops_removed_ones(env: Env) -> None:
+    pem, key, serial = env.issue("crl-reload", ocsp=False)
+    env.crls.publish(env.ca, [serial])
+    gw = await env.crl_gateway()
+    assert (await fetch(gw, env.ctx(pem, key))).status == 200
+    cfg = tomllib.loads(gw.config.file.read_text())
+    cfg["revocation"]["crl_urls"] = [env.crls.url]
+    gw.config.file.write_text(to_toml(cfg))
+    assert gw.reload()
+    await gw.revocation.tick()
+    assert env.crls.requests == 1
+    assert await s_client_with(gw, pem, key, env.certs) == CERTIFICATE_REVOKED
+    del cfg["revocation"]["crl_urls"]
+    gw.config.file.write_text(to_toml(cfg))
+    assert gw.reload()
+    assert list(gw.revocation.crls.sources) == []
