@@ -627,6 +627,7 @@ class Gateway:
             "error": self.geo.error,
         }
         checks["store"] = {"ok": self.store.healthy}
+        checks["revocation"] = self.revocation.status()
         if self.tokens is not None:
             checks["issuers"] = {"ok": True, "status": self.tokens.jwks_status()}
         return checks

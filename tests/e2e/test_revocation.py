@@ -396,6 +396,14 @@ async def test_stale_crl_fails_closed_is_counted_and_recovers(env: Env) -> None:
     assert reply.status == 503
     assert reply.json()["reason"] == "client-cert-status-unavailable"
 
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{HOST}:{gw.ops_port}/readyz") as r,
+    ):
+        assert r.status == 503
+        ready = await r.json()
+    assert ready["checks"]["revocation"]["crl_sources"][env.crls.url]["stale"] is True
+
     env.crls.status = 200
     env.crls.publish(env.ca, [], next_update_days=1)
     env.clock.advance(60)

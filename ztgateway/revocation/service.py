@@ -144,6 +144,26 @@ class RevocationService:
         self._ocsp.clear()
         self._crls_changed(self.clock.time())
 
+    def status(self) -> dict[str, object]:
+        """For /readyz: not ready while a CRL source holds no valid CRL (its CA's
+        certificates are refused here; another replica may still hold a fresh one)."""
+        now = self.clock.time()
+        stale = {s.url for s in self.crls.stale_sources(now)}
+        return {
+            "ok": not stale,
+            "crl_sources": {
+                s.url: {
+                    "next_update": s.crl.next_update if s.crl else None,
+                    "stale": s.url in stale,
+                    "error": s.last_error,
+                }
+                for s in self.crls.sources.values()
+            },
+            "ocsp": self.cfg.ocsp,
+            "ocsp_cached": len(self._ocsp),
+            "known_revoked": len(self.revoked),
+        }
+
     def update_cas(self) -> None:
         """The client CA bundle was reloaded."""
         self.cas = load_cas(self.tls.cfg.client_ca)
