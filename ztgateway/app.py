@@ -556,10 +556,13 @@ class Gateway:
                 cert = conn.cert
                 if cert is None or cert_key(cert.issuer, cert.serial) not in keys:
                     continue
-                if conn.takeover is not None:
-                    self.metrics.revocations_enforced.labels("websocket").inc()
-                else:
-                    self.metrics.revocations_enforced.labels("connection").inc()
+                kind = "websocket" if conn.takeover is not None else "connection"
+                self.metrics.revocations_enforced.labels(kind).inc()
+                log.warning(
+                    "certificate serial %x (%s) revoked: ending its %s from %s",
+                    cert.serial, cert.subject, kind, conn.peer_ip,
+                )  # fmt: skip
+                if conn.takeover is None:
                     conn.shutdown()
         for w in list(self.watches):
             w.wake()

@@ -368,6 +368,7 @@ class RevocationService:
         if not new:
             return
         self.revoked.update(new)
+        log.warning("client certificates found revoked: %s", ", ".join(sorted(new)))
         for k, until in new.items():
             try:
                 await self.store.revoke_certificate(k, until, now)
