@@ -616,3 +616,12 @@ async def test_a_reload_applies_new_crl_urls_and_drops_removed_ones(env: Env) ->
     gw.config.file.write_text(to_toml(cfg))
     assert gw.reload()
     assert list(gw.revocation.crls.sources) == []
+
+
+async def test_concurrent_first_requests_share_one_distribution_point_fetch(env: Env) -> None:
+    pem, key, _ = env.issue("cdp-concurrent", ocsp=False, crl=True)
+    env.crls.publish(env.ca, [])
+    gw = await env.crl_gateway(crl_distribution_points=True)
+    replies = await asyncio.gather(*(fetch(gw, env.ctx(pem, key)) for _ in range(6)))
+    assert [r.status for r in replies] == [200] * 6, [r.body[:80] for r in replies]
+    assert env.crls.requests == 1

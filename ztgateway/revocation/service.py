@@ -107,6 +107,7 @@ class RevocationService:
         self._ocsp: OrderedDict[str, _Cached] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[_Cached]] = {}
         self._parsed: OrderedDict[bytes, _Parsed] = OrderedDict()
+        self._first_fetch: dict[str, asyncio.Future[bool]] = {}
         self._session: aiohttp.ClientSession | None = None
         self.on_revoked: Callable[[set[str]], None] = lambda keys: None
         """Set by the gateway: end the open connections and WebSockets of these certificates."""
@@ -245,13 +246,16 @@ class RevocationService:
 
     async def _check_crls(self, cert: CertInfo, key: str, now: float) -> Finding | None:
         cdp = self._parse(cert).crl_urls if self.cfg.crl_distribution_points else ()
-        if cdp:
-            for url in cdp:
-                if url not in self.crls.sources:
-                    # First certificate naming this distribution point: fetch before deciding.
-                    source = self.crls.add(url)
-                    if await self.crls.refresh(source, now):
-                        self._crls_changed(now)
+        for url in cdp:
+            pending = self._first_fetch.get(url)
+            if pending is None and url not in self.crls.sources:
+                # First certificate naming this distribution point: fetch before deciding;
+                # requests arriving meanwhile wait for the same fetch.
+                pending = asyncio.ensure_future(self.crls.refresh(self.crls.add(url), now))
+                self._first_fetch[url] = pending
+                pending.add_done_callback(functools.partial(self._fetched, url))
+            if pending is not None and await asyncio.shield(pending):
+                self._crls_changed(now)
         relevant = [
             s
             for s in self.crls.sources.values()
@@ -280,6 +284,9 @@ class RevocationService:
                 detail=f"no configured CRL covers issuer {cert.issuer}",
             )
         return None
+
+    def _fetched(self, url: str, _: asyncio.Future[bool]) -> None:
+        self._first_fetch.pop(url, None)
 
     def _ocsp_finding(self, cert: CertInfo, cached: _Cached, mode: OCSPFailure) -> Finding | None:
         answer = cached.answer
