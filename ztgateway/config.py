@@ -26,6 +26,7 @@ from .credentials.oidc import OIDCClaims, OIDCProviderConfig
 from .headerfamilies import cert_header_problem
 from .pages.branding import PortalConfig, parse_portal
 from .posture import PLATFORMS, PosturePolicy, parse_version
+from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
 from .risk import BlocklistError, RiskWeights
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -238,6 +239,9 @@ class RoutePolicy:
     login: Literal["never", "always", "browsers"] = "never"
     """Who must be a signed-in user (OIDC) rather than the certificate's user: nobody, every
     client, or browser navigations only (people sign in; machines present their certificate)."""
+    ocsp: OCSPFailure | None = None
+    """When OCSP cannot tell (responder down, bad or stale answer, `unknown`): refuse
+    ("hard-fail", the default) or let the request through, counted and audited ("soft-fail")."""
     providers: tuple[str, ...] = ()
     """The OIDC providers whose sessions this route accepts, in the order the sign-in chooser
     offers them; () = every configured provider."""
@@ -442,6 +446,7 @@ class GatewayConfig:
     oidc: OIDCConfig = field(default_factory=OIDCConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -503,6 +508,10 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
                 "webauthn needs a relying party: [webauthn] rp_id, or a [server] public_url "
                 "with a host name",
             )
+    revocation = parse_revocation(root.table("revocation"))
+    for i, r in enumerate(routes):
+        if r.policy.ocsp is not None and not revocation.ocsp:
+            root.fail(f"routes[{i}].policy.ocsp", "needs [revocation] ocsp = true")
     log_t = root.table("logging")
     logging_cfg = LoggingConfig(
         level=log_t.choice("level", ("debug", "info", "warning", "error"), "info"),
@@ -538,6 +547,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         oidc=oidc,
         keys=keys,
         portal=portal,
+        revocation=revocation,
     )
 
 
@@ -849,6 +859,7 @@ def _policy(
         ),
         require_signed_posture=t.flag("require_signed_posture", False),
         login=t.choice("login", ("never", "always", "browsers"), "never"),  # type: ignore[arg-type]
+        ocsp=t.choice("ocsp", OCSP_FAILURE_MODES, "hard-fail") if t.has("ocsp") else None,  # type: ignore[arg-type]
         providers=providers,
     )
     if policy.require_bound_token and not policy.require_token:

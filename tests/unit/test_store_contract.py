@@ -1227,3 +1227,18 @@ async def test_sqlite_reads_never_make_a_write_fail_under_another_process_writes
         await a.close()
         await b.close()
     assert failures == []
+
+
+async def test_a_revoked_certificate_is_seen_by_every_instance_until_it_expires(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    t = 1_000_000.0
+    assert await b.revoked_certificates(t) == {}
+    await a.revoke_certificate("issuer1:1f", t + 100, t)
+    await a.revoke_certificate("issuer1:2a", t + 10, t)
+    # Recording it again with an earlier expiry never shortens it.
+    await b.revoke_certificate("issuer1:1f", t + 50, t)
+    assert await b.revoked_certificates(t) == {"issuer1:1f": t + 100, "issuer1:2a": t + 10}
+    assert await a.revoked_certificates(t + 20) == {"issuer1:1f": t + 100}
+    assert await b.revoked_certificates(t + 100) == {}

@@ -14,6 +14,10 @@ ADVICE: dict[Reason, str] = {
     Reason.CLIENT_CERT_REVOKED: "This device's certificate was revoked. Ask IT for a new one.",
     Reason.CLIENT_CERT_INVALID: "Your device certificate is expired or not valid for sign-in. "
     "Ask IT to renew it.",
+    Reason.CLIENT_CERT_STATUS_UNKNOWN: "Your device certificate is not known to the authority "
+    "that issued it. Ask IT for a new one.",
+    Reason.CLIENT_CERT_STATUS_UNAVAILABLE: "The gateway cannot check your device certificate "
+    "right now. Try again in a moment.",
     Reason.ROUTE_NOT_FOUND: "Check the address you followed.",
     Reason.IDENTITY_UNAUTHENTICATED: "Sign in and try again.",
     Reason.TOKEN_REQUIRED: "This address is for programs that send an access token, not for "
