@@ -24,6 +24,7 @@ from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
 from .posture import PLATFORMS, PosturePolicy, parse_version
 from .risk import BlocklistError, RiskWeights
+from .signals.config import TransmitterConfig, parse_transmitters
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CertMode = Literal["required", "optional"]
@@ -317,6 +318,8 @@ class OIDCConfig:
 
     provider: OIDCProviderConfig | None = None
     post_logout_path: str = "/.ztgw/signed-out"
+    backchannel_logout: bool = True
+    """Accept the provider's logout tokens at /.ztgw/oidc/backchannel-logout (docs/signals.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +352,8 @@ class GatewayConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     oidc: OIDCConfig = field(default_factory=OIDCConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    signals: tuple[TransmitterConfig, ...] = ()
+    """`[signals.NAME]`: Shared Signals transmitters (ztgateway/signals/, docs/signals.md)."""
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -387,6 +392,9 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     sessions = _sessions(root.table("sessions"))
     mfa = _mfa(root.table("mfa"))
     oidc = _oidc(root.table("oidc"), server)
+    signals = parse_transmitters(
+        root.named_tables("signals"), oidc.provider.issuer if oidc.provider else None
+    )
     keys_t = root.table("keys")
     keys = KeysConfig(
         file=keys_t.path("file", must_exist=False),
@@ -429,6 +437,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         logging=logging_cfg,
         oidc=oidc,
         keys=keys,
+        signals=signals,
     )
 
 
@@ -1103,7 +1112,9 @@ def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
     except ValueError as exc:
         t.fail("", str(exc))
     cfg = OIDCConfig(
-        provider=provider, post_logout_path=t.text("post_logout_path", "/.ztgw/signed-out")
+        provider=provider,
+        post_logout_path=t.text("post_logout_path", "/.ztgw/signed-out"),
+        backchannel_logout=t.flag("backchannel_logout", True),
     )
     t.done()
     return cfg

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import endpoints, mfa_endpoints, portal
+from .signals import endpoints as signal_endpoints
 from .audit import AuditUnavailable
 from .audit.events import upstream_event
 from .context import RequestContext
@@ -56,6 +57,9 @@ _PAGES = {
     ("/.ztgw/mfa", "POST"): mfa_endpoints.step_up_page,
     ("/.ztgw/mfa/enroll", "GET"): mfa_endpoints.enroll_page,
     ("/.ztgw/mfa/enroll", "POST"): mfa_endpoints.enroll_page,
+    # Signals from the identity provider (signals/, docs/signals.md)
+    ("/.ztgw/ssf/events", "POST"): signal_endpoints.push_events,
+    ("/.ztgw/oidc/backchannel-logout", "POST"): signal_endpoints.backchannel_logout,
 }
 _TIMERS = {"header_timeout", "body_timeout", "idle_timeout", "slow_reader"}
 

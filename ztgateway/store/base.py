@@ -87,6 +87,11 @@ class UserRecord:
     known_devices: tuple[str, ...] = ()
     known_routes: tuple[str, ...] = ()
     last_location: tuple[float, float, float] | None = None  # lat, lon, time
+    step_up_after: float | None = None
+    """A signal from the identity provider (CAEP credential-change, assurance-level-change)
+    asked for a second factor: sessions whose last one is older than this must step up
+    (ztgateway/signals/, docs/signals.md)."""
+    step_up_reason: str | None = None
 
     def locked(self, now: float) -> bool:
         return self.locked_until is not None and self.locked_until > now
