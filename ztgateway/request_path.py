@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import endpoints, mfa_endpoints, portal
-from .signals import endpoints as signal_endpoints
 from .audit import AuditUnavailable
 from .audit.events import upstream_event
 from .context import RequestContext
@@ -32,6 +31,7 @@ from .forward.websocket import Watch, bridge_websocket
 from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
 from .logs import decision_id_var
 from .responses import SERVER, Parts, problem_parts, render
+from .signals import endpoints as signal_endpoints
 from .store.base import StoreUnavailable
 from .tls import upstream_context
 
