@@ -268,8 +268,11 @@ class SignalReceiver:
             self.metrics.sessions_ended.labels("ssf").inc(len(effect.sessions_ended))
         elif event.action is Action.STEP_UP and step_up_applies(event.label, event.payload):
             sessions = matcher.sessions(subject, self.store.sessions(), now)
+            # NumericDate is usually whole seconds: a session started within the event's second
+            # may be from before it, so the whole second counts as before (fail closed).
+            since = event.at + 1.0 if event.at == int(event.at) else event.at
             effect.users_stepped_up = await self.enforcer.require_step_up(
-                sessions, why, min(event.at, now)
+                sessions, why, min(since, now)
             )
             self.metrics.step_ups.inc(len(effect.users_stepped_up))
         elif event.action is Action.DEVICE_POSTURE:
