@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e.test_devices import REPORT
-from tests.signals_fixtures import Signals, signals  # noqa: F401 - the fixture
+from tests.signals_fixtures import Signals
 from tests.support import Certs, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
