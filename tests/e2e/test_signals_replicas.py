@@ -5,17 +5,24 @@ other within a second; its replay is refused by either; a polled stream is acted
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.e2e.test_signals import WS_CLOSED, call, forged, metric, until
+from tests.e2e.test_workers import supervised
+from tests.oidc_fixtures import users_toml
 from tests.redis_server import RedisServer
-from tests.signals_fixtures import Signals
-from tests.support import Certs, session
+from tests.signals_fixtures import Signals, signals_config, ssf_toml, transmitter_cert
+from tests.support import Certs, client_ssl, session
 from ztgateway.app import Gateway
 from ztgateway.credentials.devtoken import issue_token
+from ztgateway.devidp import DEVIDP_KEY, start_devidp
 
 pytestmark = pytest.mark.replicas
 
@@ -118,3 +125,86 @@ async def test_a_polled_stream_is_acted_on_once_by_all_the_replicas(
     assert accepted == len(jtis), "each SET acted on exactly once"
     await asyncio.sleep(0.3)  # more polls: nothing delivered twice
     assert not signals.transmitter.errors
+
+
+async def test_workers_share_one_stream_every_websocket_closes_and_replays_are_refused(
+    certs: Certs, upstream: int, tmp_path: Path
+) -> None:
+    """`workers = 2` processes on one port: the kernel spreads the WebSockets and the pushes
+    over both; one SET closes all of alice's WebSockets within a second, whichever worker took
+    it, and every replay is refused by whichever worker takes that."""
+    users = tmp_path / "idp-users.toml"
+    audience = "https://gateway.example.test"
+    users.write_text(users_toml(audience) + ssf_toml(certs, audience, push=False))
+    runner, _, issuer = await start_devidp("127.0.0.1", 0, users)
+    idp = runner.app[DEVIDP_KEY]
+    try:
+        async with supervised(
+            certs,
+            upstream,
+            tmp_path,
+            routes=[
+                {
+                    "name": "api",
+                    "prefix": "/",
+                    "upstream": "demo",
+                    "policy": {"require_token": True},
+                }
+            ],
+            signals={"dev": signals_config(issuer, audience)},
+        ) as gw:
+            token = issue_token(certs.issuer_key, sub="alice")
+            url = f"wss://127.0.0.1:{gw.port}/ws"
+            auth = {"Authorization": f"Bearer {token}"}
+            async with contextlib.AsyncExitStack() as stack:
+                sockets = []
+                for _ in range(6):
+                    s = await stack.enter_async_context(session(certs))
+                    ws = await stack.enter_async_context(s.ws_connect(url, headers=auth))
+                    await ws.send_str("ping")
+                    assert (await ws.receive(timeout=5)).data == "ping"
+                    sockets.append(ws)
+                _, set_token = idp.transmitter.make_set(
+                    "session-revoked", {"format": "opaque", "id": "alice"}
+                )
+                status, body = await push_to(certs, gw.port, set_token)
+                assert status == 202, body
+                pushed = time.monotonic()
+                for ws in sockets:
+                    msg = await ws.receive(timeout=5)
+                    assert msg.type in WS_CLOSED and ws.close_code == 1008
+                assert time.monotonic() - pushed < 1.0
+            for _ in range(6):
+                status, body = await push_to(certs, gw.port, set_token)
+                assert (status, body["reason"]) == (400, "signal-replayed")
+            merged = await ops_text(gw.ops)
+            assert (
+                'ztgw_ssf_sets_total{result="accepted",transmitter="dev",via="push"} 1.0' in merged
+            )
+            assert (
+                'ztgw_ssf_sets_total{result="replayed",transmitter="dev",via="push"} 6.0' in merged
+            )
+    finally:
+        await runner.cleanup()
+
+
+async def push_to(certs: Certs, port: int, token: str) -> tuple[int, dict[str, Any]]:
+    pem, key = transmitter_cert(certs)
+    ctx = client_ssl(certs, None)
+    ctx.load_cert_chain(str(pem), str(key))
+    # A new connection each time, so the kernel may hand it to either worker.
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)) as s,
+        s.post(
+            f"https://127.0.0.1:{port}/.ztgw/ssf/events",
+            data=token.encode(),
+            headers={"Content-Type": "application/secevent+jwt"},
+        ) as r,
+    ):
+        text = await r.text()
+        return r.status, json.loads(text) if text else {}
+
+
+async def ops_text(ops: int) -> str:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{ops}/metrics") as r:
+        return await r.text()
