@@ -96,10 +96,12 @@ class DevSSFConfig:
 
 def load_outgoing(root: Table) -> OutgoingTLS:
     t = root.table("outgoing")
+    # Not required to exist yet: `make run` issues the dev IdP's certificate after checking
+    # this file; a missing one fails the delivery (logged), not the IdP's start.
     out = OutgoingTLS(
-        ca_file=t.path("ca_file"),
-        client_cert=t.path("client_cert"),
-        client_key=t.path("client_key"),
+        ca_file=t.path("ca_file", must_exist=False),
+        client_cert=t.path("client_cert", must_exist=False),
+        client_key=t.path("client_key", must_exist=False),
     )
     if (out.client_cert is None) != (out.client_key is None):
         t.fail("client_cert", "client_cert and client_key go together")
