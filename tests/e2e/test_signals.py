@@ -14,11 +14,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e.test_devices import REPORT
+from tests.e2e.test_mfa_http import verify
 from tests.signals_fixtures import Signals
 from tests.support import Certs, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.credentials.devtoken import issue_token
+from ztgateway.credentials.totp import totp_code
 from ztgateway.devssf import CAEP
 
 WS_CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
@@ -251,6 +253,7 @@ async def test_credential_and_assurance_changes_ask_sessions_from_before_for_a_s
     signals: Signals, certs: Certs, event: str
 ) -> None:
     gw = signals.gateway
+    secret = (await gw.mfa.enroll("alice")).secret
     token = issue_token(certs.issuer_key, sub="alice")
     assert (await call(gw, certs, token))[0] == 200
     answer = await signals.send(event=event, subject={"format": "opaque", "id": "alice"})
@@ -259,6 +262,10 @@ async def test_credential_and_assurance_changes_ask_sessions_from_before_for_a_s
     assert (status, body["reason"]) == (401, "signal-step-up")
     assert 'error="insufficient_user_authentication"' in headers["WWW-Authenticate"]
     assert gw.store.user("alice").step_up_after is not None  # type: ignore[union-attr]
+    # A fresh second factor answers it (RFC 9470: the client steps up and retries).
+    status, body = await verify(gw, certs, token, totp_code(secret, now=time.time()))
+    assert status == 200, body
+    assert (await call(gw, certs, token))[0] == 200
     await asyncio.sleep(1.01)  # a session started after the event (its iat is whole seconds)
     later = issue_token(certs.issuer_key, sub="alice", extra_claims={"n": 2})
     assert (await call(gw, certs, later))[0] == 200
