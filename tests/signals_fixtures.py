@@ -16,6 +16,7 @@ from tests.conftest import GatewayFactory
 from tests.oidc_fixtures import CLIENT_SECRET, SignInSetup, users_toml
 from tests.support import Certs, client_ssl, deep_merge, free_port
 from ztgateway.app import Gateway
+from ztgateway.clock import SYSTEM_CLOCK, Clock
 from ztgateway.devidp import DEVIDP_KEY, DevIdP, start_devidp
 from ztgateway.devssf import DevTransmitter
 from ztgateway.pki import CertificateAuthority
@@ -91,20 +92,31 @@ class Signals:
         self, token: str, gw: Gateway | None = None, **headers: str
     ) -> tuple[int, dict[str, Any]]:
         """POST a SET as a transmitter does (RFC 8935 §2), over mTLS."""
-        gw = gw or self.gateway
-        pem, key = transmitter_cert(self.certs)
-        ctx = client_ssl(self.certs, None)
-        ctx.load_cert_chain(str(pem), str(key))
-        async with (
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s,
-            s.post(
-                f"https://127.0.0.1:{gw.port}/.ztgw/ssf/events",
-                data=token.encode(),
-                headers={"Content-Type": "application/secevent+jwt", **headers},
-            ) as r,
-        ):
-            text = await r.text()
-            return r.status, json.loads(text) if text else {}
+        return await push_set(self.certs, (gw or self.gateway).port, token, **headers)
+
+
+def transmitter_session(certs: Certs) -> aiohttp.ClientSession:
+    """The provider's side of a connection to the gateway: its own client certificate, and a
+    new connection for each request (so `workers = N` may hand each to another worker)."""
+    pem, key = transmitter_cert(certs)
+    ctx = client_ssl(certs, None)
+    ctx.load_cert_chain(str(pem), str(key))
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True))
+
+
+async def push_set(
+    certs: Certs, port: int | None, token: str, **headers: str
+) -> tuple[int, dict[str, Any]]:
+    async with (
+        transmitter_session(certs) as s,
+        s.post(
+            f"https://127.0.0.1:{port}/.ztgw/ssf/events",
+            data=token.encode(),
+            headers={"Content-Type": "application/secevent+jwt", **headers},
+        ) as r,
+    ):
+        text = await r.text()
+        return r.status, json.loads(text) if text else {}
 
 
 def signals_config(issuer: str, origin: str, **over: Any) -> dict[str, Any]:
@@ -140,7 +152,7 @@ async def signals(
         token_file.write_text(POLL_TOKEN + "\n")
         over = {"poll_url": issuer + "/ssf/poll", "poll_token_file": str(token_file), **over}
 
-    async def make(extra: dict[str, Any] | None = None) -> Gateway:
+    async def make(extra: dict[str, Any] | None = None, clock: Clock = SYSTEM_CLOCK) -> Gateway:
         extra = dict(extra or {})
         any_port = extra.pop("any_port", False)
         cfg: dict[str, Any] = {
@@ -157,7 +169,7 @@ async def signals(
         cfg = deep_merge(deep_merge(cfg, gateway_over), extra)
         if "routes" in extra:
             cfg["routes"] = extra["routes"]
-        return await gateway_factory(cfg)
+        return await gateway_factory(cfg, clock=clock)
 
     gw = await make()
     yield Signals(gw, idp, issuer, origin, certs, make)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e.test_signals import WS_CLOSED, audited, metric
 from tests.e2e.test_signin import browser, sign_in, sign_out
-from tests.signals_fixtures import Signals, transmitter_cert
+from tests.signals_fixtures import Signals, transmitter_session
 from tests.support import Certs, client_ssl
 from ztgateway.app import Gateway
 from ztgateway.devssf import BACKCHANNEL_LOGOUT, sid_for
@@ -73,11 +73,8 @@ async def post_logout(
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """What the provider does (§2.5): a form POST with `logout_token`, over mTLS."""
     gw = gw or signals.gateway
-    pem, key = transmitter_cert(signals.certs)
-    ctx = client_ssl(signals.certs, None)
-    ctx.load_cert_chain(str(pem), str(key))
     async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s,
+        transmitter_session(signals.certs) as s,
         s.post(
             f"https://127.0.0.1:{gw.port}/.ztgw/oidc/backchannel-logout",
             data={"logout_token": token},

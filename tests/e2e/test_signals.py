@@ -19,6 +19,7 @@ from tests.signals_fixtures import Signals
 from tests.support import Certs, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
+from ztgateway.clock import ManualClock
 from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
 from ztgateway.devssf import CAEP
@@ -252,12 +253,15 @@ async def test_a_set_from_a_browser_or_of_another_type_is_refused(signals: Signa
 async def test_credential_and_assurance_changes_ask_sessions_from_before_for_a_second_factor(
     signals: Signals, certs: Certs, event: str
 ) -> None:
-    gw = signals.gateway
+    clock = ManualClock(time.time())  # moved below, never slept on
+    gw = await signals.make({"any_port": True}, clock=clock)
     secret = (await gw.mfa.enroll("alice")).secret
     token = issue_token(certs.issuer_key, sub="alice")
     assert (await call(gw, certs, token))[0] == 200
-    answer = await signals.send(event=event, subject={"format": "opaque", "id": "alice"})
-    assert answer["receiver_status"] == 202, answer
+    _, set_token = signals.transmitter.make_set(
+        event, {"format": "opaque", "id": "alice"}, iat=int(clock.time())
+    )
+    assert (await signals.push(set_token, gw))[0] == 202
     status, body, headers = await call(gw, certs, token)
     assert (status, body["reason"]) == (401, "signal-step-up")
     assert 'error="insufficient_user_authentication"' in headers["WWW-Authenticate"]
@@ -266,7 +270,7 @@ async def test_credential_and_assurance_changes_ask_sessions_from_before_for_a_s
     status, body = await verify(gw, certs, token, totp_code(secret, now=time.time()))
     assert status == 200, body
     assert (await call(gw, certs, token))[0] == 200
-    await asyncio.sleep(1.01)  # a session started after the event (its iat is whole seconds)
+    clock.advance(2.0)  # a session started after the event (whose time is whole seconds)
     later = issue_token(certs.issuer_key, sub="alice", extra_claims={"n": 2})
     assert (await call(gw, certs, later))[0] == 200
     (audit,) = await audited(gw)
