@@ -143,6 +143,7 @@ class BackchannelLogout:
                 via="backchannel",
                 jti=jti,
             )
+        await receiver.store.caught_up()  # a sign-in elsewhere a moment ago counts too
         matching = self._sessions(sid, sub, ctx.now)
         ended = await receiver.enforcer.terminate(matching, "back-channel logout", ctx.now)
         receiver.metrics.logout_tokens.labels(ACCEPTED).inc()

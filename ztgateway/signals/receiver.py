@@ -222,6 +222,9 @@ class SignalReceiver:
                 via=via,
                 jti=jti,
             )
+        if any(e.action in (Action.TERMINATE, Action.STEP_UP) for e in events):
+            # A session started on another worker or replica a moment ago must be seen too.
+            await self.store.caught_up()
         applied = []
         for event in events:
             effect = await self._act(t, event, jti, ctx.now)

@@ -375,6 +375,7 @@ class RedisStore(CachedReads):
         self._synced = False  # subscribed and reloaded since the last (re)connect
         self._failed = False  # the last call to Redis failed; cleared by the next success
         self._last_pong = 0.0
+        self._pongs = 0  # heartbeats answered: caught_up() waits for one sent after its call
         self._closing = False
         self.resyncs = 0  # full reloads after the first: reconnects (for metrics and tests)
 
@@ -396,6 +397,21 @@ class RedisStore(CachedReads):
     def stale_after(self) -> float:
         """Seconds without a PONG after which the cache is no longer trusted."""
         return self.sync_interval + self.timeout
+
+    async def caught_up(self) -> None:
+        """Redis answers a PING on the subscription after every message published before it:
+        the second PONG from now answers a PING sent after the call (the first may answer one
+        already in flight), so every change published before the call is applied by then."""
+        start = self._pongs
+
+        async def two_more() -> None:
+            while self._pongs < start + 2:
+                await asyncio.sleep(self.sync_interval / 5)
+
+        try:
+            await asyncio.wait_for(two_more(), 2 * self.stale_after)
+        except TimeoutError as exc:
+            raise StoreUnavailable("redis: no heartbeat to catch up with") from exc
 
     async def open(self) -> None:
         client = Redis.from_url(
@@ -590,6 +606,7 @@ class RedisStore(CachedReads):
                 await self._apply_messages(batch)
             if pong:  # only now: every change published before our PING is applied
                 self._last_pong = self._clock.monotonic()
+                self._pongs += 1
 
     async def _apply_messages(self, raw: list[str]) -> None:
         wanted: dict[tuple[ChangeKind, str], bool] = {}
