@@ -215,7 +215,9 @@ async def test_a_set_that_fails_verification_is_refused_with_the_rfc_8935_code_a
     assert (await call(gw, certs, token))[0] == 200, "a refused SET ends nothing"
 
 
-async def test_a_replayed_set_is_refused_and_acts_once(signals: Signals, certs: Certs) -> None:
+async def test_a_replayed_set_is_refused_and_acts_once(
+    signals: Signals, certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
     gw = signals.gateway
     token = forged(signals)
     status, _ = await signals.push(token)
@@ -230,6 +232,13 @@ async def test_a_replayed_set_is_refused_and_acts_once(signals: Signals, certs: 
     assert (await call(gw, certs, fresh))[0] == 200
     results = [e["result"]["reason"] for e in await audited(gw)]
     assert results == ["signal-accepted", "signal-replayed"]
+    # What an operator runs to see why (docs/signals.md): the refusal, with its decision id.
+    code = await asyncio.to_thread(
+        main,
+        ["audit", "search", "--reason", "signal-replayed", "--json", "-c", str(gw.config.file)],
+    )
+    found = capsys.readouterr().out
+    assert code == 0 and body["decision_id"] in found and "already received" in found
     assert metric(gw, "ztgw_ssf_sets_total", transmitter="dev", via="push", result="replayed") == 1
 
 
