@@ -376,6 +376,7 @@ class RedisStore(CachedReads):
         self._failed = False  # the last call to Redis failed; cleared by the next success
         self._last_pong = 0.0
         self._pongs = 0  # heartbeats answered: caught_up() waits for one sent after its call
+        self._pong_seen = asyncio.Event()  # set (and replaced) at each of them
         self._closing = False
         self.resyncs = 0  # full reloads after the first: reconnects (for metrics and tests)
 
@@ -406,7 +407,7 @@ class RedisStore(CachedReads):
 
         async def two_more() -> None:
             while self._pongs < start + 2:
-                await asyncio.sleep(self.sync_interval / 5)
+                await self._pong_seen.wait()
 
         try:
             await asyncio.wait_for(two_more(), 2 * self.stale_after)
@@ -607,6 +608,8 @@ class RedisStore(CachedReads):
             if pong:  # only now: every change published before our PING is applied
                 self._last_pong = self._clock.monotonic()
                 self._pongs += 1
+                seen, self._pong_seen = self._pong_seen, asyncio.Event()
+                seen.set()
 
     async def _apply_messages(self, raw: list[str]) -> None:
         wanted: dict[tuple[ChangeKind, str], bool] = {}
