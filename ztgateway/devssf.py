@@ -433,13 +433,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = parser.add_subparsers(dest="devssf_command", metavar="SUBCOMMAND", required=True)
     send = sub.add_parser("send", help="send one event about one subject")
     send.add_argument("--idp", default="http://127.0.0.1:9200", help="the dev IdP's issuer URL")
-    send.add_argument("--event", required=True, choices=sorted(EVENT_TYPES))
+    send.add_argument(
+        "--event", required=True, choices=sorted(EVENT_TYPES), help="the CAEP/RISC/SSF event"
+    )
     send.add_argument("--sub", required=True, help="the user (its sub, e-mail or opaque id)")
-    send.add_argument("--format", choices=SUBJECT_FORMATS, default="iss_sub")
+    send.add_argument(
+        "--format",
+        choices=SUBJECT_FORMATS,
+        default="iss_sub",
+        help="the subject's RFC 9493 format (default iss_sub, with the dev IdP as iss)",
+    )
     send.add_argument("--device", help="a device id (complex subject: user and device)")
     send.add_argument("--sid", help="the IdP session id (complex subject: user and session)")
-    send.add_argument("--status", choices=("compliant", "not-compliant"))
-    send.add_argument("--delivery", choices=("push", "poll"))
+    send.add_argument(
+        "--status",
+        choices=("compliant", "not-compliant"),
+        help="device-compliance-change: the new status (default not-compliant)",
+    )
+    send.add_argument(
+        "--delivery",
+        choices=("push", "poll"),
+        help="push to the gateway now, or queue for its poll (default: push if configured)",
+    )
     send.add_argument("--control-token", help="the [ssf] control_token of the dev IdP")
-    send.add_argument("--control-token-env", default="ZTGW_DEV_SSF_TOKEN")
+    send.add_argument(
+        "--control-token-env",
+        default="ZTGW_DEV_SSF_TOKEN",
+        help="or the variable holding it (default ZTGW_DEV_SSF_TOKEN)",
+    )
     send.set_defaults(func=_cmd_send)
