@@ -147,8 +147,48 @@ async def test_risc_account_events_end_the_accounts_sessions(
     assert (await call(gw, certs, token))[0] == 200
     answer = await signals.send(event=event, subject=subject)
     assert answer["receiver_status"] == 202, answer
-    status, body, _ = await call(gw, certs, token)
-    assert (status, body["reason"]) == (401, "session-terminated")
+    _, body, _ = await call(gw, certs, token)
+    # A disabled account is also locked; a compromised credential ends the sessions only.
+    expected = "account-locked" if event == "account-disabled" else "session-terminated"
+    assert body["reason"] == expected
+    (audit,) = await audited(gw)
+    assert len(audit["signal"]["events"][0]["sessions_ended"]) == 1
+
+
+async def test_a_disabled_account_stays_locked_until_the_provider_enables_it(
+    signals: Signals, certs: Certs
+) -> None:
+    gw = signals.gateway
+    alice = {"format": "opaque", "id": "alice"}
+    # A token minted before the account was disabled, not presented until after.
+    unused = issue_token(certs.issuer_key, sub="alice", extra_claims={"n": "unused"})
+    assert (await call(gw, certs, issue_token(certs.issuer_key, sub="alice")))[0] == 200
+    assert (await signals.send(event="account-disabled", subject=alice))["receiver_status"] == 202
+    status, body, _ = await call(gw, certs, unused)
+    assert (status, body["reason"]) == (403, "account-locked")
+    account = gw.store.user("alice")
+    assert account is not None and account.lock_reason == "account disabled at dev (RISC)"
+    assert (await signals.send(event="account-enabled", subject=alice))["receiver_status"] == 202
+    assert (await call(gw, certs, unused))[0] == 200
+    # An operator's lock is the operator's: the provider's account-enabled does not lift it.
+    code = await asyncio.to_thread(
+        main, ["users", "lock", "alice", "--for", "1h", "-c", str(gw.config.file)]
+    )
+    assert code == 0
+    await until(lambda: _locked(gw, "alice"))
+    assert (await signals.send(event="account-enabled", subject=alice))["receiver_status"] == 202
+    assert (await call(gw, certs, unused))[0] == 403
+    effects = [e["signal"]["events"][0] for e in await audited(gw)]
+    assert [(e["event"], e["users_locked"], e["users_unlocked"]) for e in effects] == [
+        ("account-disabled", ["alice"], []),
+        ("account-enabled", [], ["alice"]),
+        ("account-enabled", [], []),
+    ]
+
+
+async def _locked(gw: Gateway, user: str) -> bool:
+    account = gw.store.user(user)
+    return account is not None and account.locked(time.time())
 
 
 def forged(signals: Signals, **change: Any) -> str:

@@ -15,12 +15,14 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ..store.base import Device, PostureRecord, Session, Store, UserRecord
 from .compliance import record_key
 
 log = logging.getLogger("ztgateway.signals")
+LOCK_SECONDS: Final = 10 * 365 * 86400.0
+"""An account the provider disabled stays locked until it says `account-enabled`."""
 
 
 @dataclass(slots=True)
@@ -30,6 +32,8 @@ class Effect:
     sessions_ended: list[str] = field(default_factory=list)
     users_stepped_up: list[str] = field(default_factory=list)
     devices_updated: list[str] = field(default_factory=list)
+    users_locked: list[str] = field(default_factory=list)
+    users_unlocked: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,11 +42,9 @@ class Effect:
             "sessions_ended": self.sessions_ended,
             "users_stepped_up": self.users_stepped_up,
             "devices_updated": self.devices_updated,
+            "users_locked": self.users_locked,
+            "users_unlocked": self.users_unlocked,
         }
-
-    @property
-    def empty(self) -> bool:
-        return not (self.sessions_ended or self.users_stepped_up or self.devices_updated)
 
 
 class Enforcer:
@@ -70,6 +72,31 @@ class Enforcer:
                 continue  # an equal or later request stands already (an event seen twice)
             record.step_up_after = since
             record.step_up_reason = reason
+            await self.store.save_user(record)
+            done.append(user)
+        return done
+
+    async def lock(self, users: Sequence[str], reason: str, now: float) -> list[str]:
+        """Lock until `account-enabled` (or `ztgateway users unlock`): the session stage refuses
+        every request of a locked user, a new token's included."""
+        done = []
+        for user in sorted(set(users)):
+            record = self.store.user(user) or UserRecord(user=user)
+            record.locked_until = now + LOCK_SECONDS
+            record.lock_reason = reason
+            await self.store.save_user(record)
+            done.append(user)
+        return done
+
+    async def unlock(self, users: Sequence[str], reason: str) -> list[str]:
+        """Lift only the locks `reason` set: an operator's lock, or another transmitter's,
+        stays."""
+        done = []
+        for user in sorted(set(users)):
+            record = self.store.user(user)
+            if record is None or record.lock_reason != reason:
+                continue
+            record.locked_until, record.lock_reason = None, None
             await self.store.save_user(record)
             done.append(user)
         return done

@@ -21,6 +21,7 @@ class Action(enum.StrEnum):
     TERMINATE = "terminate"  # end the subject's sessions; open WebSockets close with 1008
     STEP_UP = "step-up"  # the subject's sessions must give a fresh second factor
     DEVICE_POSTURE = "device-posture"  # the transmitter's compliance verdict on a device
+    ENABLE = "enable"  # lifts the lock an account-disabled event of this transmitter set
     STREAM = "stream"  # about the stream itself (verification, updates): nothing to enforce
     NONE = "none"  # understood but nothing to enforce at a gateway
 
@@ -36,7 +37,7 @@ EVENTS: Final[dict[str, tuple[str, Action]]] = {
     RISC + "account-purged": ("account-purged", Action.TERMINATE),
     # Deprecated by RISC 1.0 in favour of CAEP session-revoked; transmitters still send it.
     RISC + "sessions-revoked": ("sessions-revoked", Action.TERMINATE),
-    RISC + "account-enabled": ("account-enabled", Action.NONE),
+    RISC + "account-enabled": ("account-enabled", Action.ENABLE),
     RISC + "account-credential-change-required": (
         "account-credential-change-required",
         Action.STEP_UP,
@@ -44,6 +45,10 @@ EVENTS: Final[dict[str, tuple[str, Action]]] = {
     SSF + "verification": ("verification", Action.STREAM),
     SSF + "stream-updated": ("stream-updated", Action.STREAM),
 }
+LOCKING: Final = frozenset({"account-disabled", "account-purged"})
+"""Besides ending sessions, these lock the account at the gateway until `account-enabled`:
+a token minted before the account was disabled and not presented yet would otherwise start a
+new session (RISC 1.0 §2.3: the account "should not be used")."""
 EVENT_LABELS: Final = (*sorted({label for label, _ in EVENTS.values()}), "other")
 COMPLIANCE_STATES: Final = ("compliant", "not-compliant")
 

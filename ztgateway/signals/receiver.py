@@ -35,7 +35,7 @@ from ..decisions import Recorder, audit_event
 from ..store.base import Store
 from .actions import Effect, Enforcer
 from .config import TransmitterConfig
-from .events import COMPLIANCE_STATES, Action, classify, step_up_applies
+from .events import COMPLIANCE_STATES, LOCKING, Action, classify, step_up_applies
 from .metrics import UNKNOWN, SignalMetrics
 from .subjects import Matcher, Subject, SubjectError, devices, parse_subject
 from .tokens import (
@@ -222,7 +222,7 @@ class SignalReceiver:
                 via=via,
                 jti=jti,
             )
-        if any(e.action in (Action.TERMINATE, Action.STEP_UP) for e in events):
+        if any(e.action in (Action.TERMINATE, Action.STEP_UP, Action.ENABLE) for e in events):
             # A session started on another worker or replica a moment ago must be seen too.
             await self.store.caught_up()
         applied = []
@@ -267,8 +267,18 @@ class SignalReceiver:
         why = f"{event.label} from {t.cfg.name}"
         if event.action is Action.TERMINATE:
             sessions = matcher.sessions(subject, self.store.sessions(), now)
+            if event.label in LOCKING:
+                # Known users only: a name no request ever carried gets no record.
+                known = {u for u in matcher.named_users(subject) if self.store.user(u)}
+                effect.users_locked = await self.enforcer.lock(
+                    [*known, *(s.user for s in sessions)], self._lock_reason(t), now
+                )
             effect.sessions_ended = await self.enforcer.terminate(sessions, why, now)
             self.metrics.sessions_ended.labels("ssf").inc(len(effect.sessions_ended))
+        elif event.action is Action.ENABLE:
+            effect.users_unlocked = await self.enforcer.unlock(
+                sorted(matcher.named_users(subject)), self._lock_reason(t)
+            )
         elif event.action is Action.STEP_UP and step_up_applies(event.label, event.payload):
             sessions = matcher.sessions(subject, self.store.sessions(), now)
             # NumericDate is usually whole seconds: a session started within the event's second
@@ -290,6 +300,10 @@ class SignalReceiver:
                 received=now,
             )
         return effect
+
+    @staticmethod
+    def _lock_reason(t: Transmitter) -> str:
+        return f"account disabled at {t.cfg.name} (RISC)"
 
     # --- recording ------------------------------------------------------------------------
     def ensure_auditable(self) -> None:
@@ -351,6 +365,8 @@ def _summary(applied: dict[str, Any]) -> str:
         ("sessions_ended", "sessions ended"),
         ("users_stepped_up", "users to step up"),
         ("devices_updated", "devices updated"),
+        ("users_locked", "users locked"),
+        ("users_unlocked", "users unlocked"),
     ):
         if applied[key]:
             parts.append(f"{len(applied[key])} {what}")
@@ -383,7 +399,12 @@ def parse_events(claims: dict[str, Any], leeway: float, now: float) -> list[Pars
                 subject = parse_subject(doc, where)
         except SubjectError as exc:
             raise SignalTokenError(INVALID_REQUEST, str(exc)) from exc
-        if subject is None and action in (Action.TERMINATE, Action.STEP_UP, Action.DEVICE_POSTURE):
+        if subject is None and action in (
+            Action.TERMINATE,
+            Action.STEP_UP,
+            Action.DEVICE_POSTURE,
+            Action.ENABLE,
+        ):
             raise SignalTokenError(INVALID_REQUEST, f"{label}: no subject (sub_id)")
         if (
             action is Action.DEVICE_POSTURE

@@ -160,6 +160,20 @@ class Matcher:
     def _ours(self, session: Session) -> bool:
         return self.provider is not None and session.extra.get("provider") == self.provider
 
+    def named_users(self, subject: Subject) -> set[str]:
+        """Gateway user names the subject's user member names directly (an opaque id, the `sub`
+        of an accepted `iss_sub`, an address): candidates, for whoever has no session now."""
+        names: set[str] = set()
+        for ident in subject.user:
+            fmt, values = ident.format, ident.values
+            if fmt == "opaque":
+                names.add(values[0])
+            elif fmt == "iss_sub" and values[0] in self.subject_issuers:
+                names.add(values[1])
+            elif fmt in ("email", "account"):
+                names.add(values[0].removeprefix("acct:"))
+        return names
+
     def sessions(self, subject: Subject, sessions: list[Session], now: float) -> list[Session]:
         """Live sessions every given member of the subject matches (none without members the
         gateway can match: an event about a tenant alone ends nobody's session)."""
