@@ -242,7 +242,8 @@ async def test_shared_signals_name_a_browser_sign_in_by_the_providers_sub_and_si
         assert not await reaches_the_app(first, signals)
         assert await reaches_the_app(second, signals)
         answer = await signals.send(
-            event="account-disabled", subject={"format": "email", "email": "ALICE@example.test"}
+            event="credential-compromise",
+            subject={"format": "email", "email": "ALICE@example.test"},
         )
         assert answer["receiver_status"] == 202
         assert not await reaches_the_app(second, signals)
