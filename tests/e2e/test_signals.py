@@ -167,7 +167,8 @@ async def test_a_disabled_account_stays_locked_until_the_provider_enables_it(
     status, body, _ = await call(gw, certs, unused)
     assert (status, body["reason"]) == (403, "account-locked")
     account = gw.store.user("alice")
-    assert account is not None and account.lock_reason == "account disabled at dev (RISC)"
+    assert account is not None
+    assert account.lock_reason == "account disabled at dev (RISC, opaque:alice)"
     assert (await signals.send(event="account-enabled", subject=alice))["receiver_status"] == 202
     assert (await call(gw, certs, unused))[0] == 200
     # An operator's lock is the operator's: the provider's account-enabled does not lift it.

@@ -271,14 +271,16 @@ class SignalReceiver:
                 # Known users only: a name no request ever carried gets no record.
                 known = {u for u in matcher.named_users(subject) if self.store.user(u)}
                 effect.users_locked = await self.enforcer.lock(
-                    [*known, *(s.user for s in sessions)], self._lock_reason(t), now
+                    [*known, *(s.user for s in sessions)], self._lock_reason(t, subject), now
                 )
             effect.sessions_ended = await self.enforcer.terminate(sessions, why, now)
             self.metrics.sessions_ended.labels("ssf").inc(len(effect.sessions_ended))
         elif event.action is Action.ENABLE:
-            effect.users_unlocked = await self.enforcer.unlock(
-                sorted(matcher.named_users(subject)), self._lock_reason(t)
-            )
+            # The accounts this transmitter locked for this subject, found by the lock's reason:
+            # their sessions, which named them, may be long gone from memory.
+            reason = self._lock_reason(t, subject)
+            locked = [u.user for u in self.store.users() if u.lock_reason == reason]
+            effect.users_unlocked = await self.enforcer.unlock(locked, reason)
         elif event.action is Action.STEP_UP and step_up_applies(event.label, event.payload):
             sessions = matcher.sessions(subject, self.store.sessions(), now)
             # NumericDate is usually whole seconds: a session started within the event's second
@@ -302,8 +304,10 @@ class SignalReceiver:
         return effect
 
     @staticmethod
-    def _lock_reason(t: Transmitter) -> str:
-        return f"account disabled at {t.cfg.name} (RISC)"
+    def _lock_reason(t: Transmitter, subject: Subject) -> str:
+        """Names the transmitter and the subject: `account-enabled` lifts exactly this lock."""
+        who = ", ".join(sorted(i.describe() for i in subject.user)) or "-"
+        return f"account disabled at {t.cfg.name} (RISC, {who})"[:500]
 
     # --- recording ------------------------------------------------------------------------
     def ensure_auditable(self) -> None:
