@@ -4,8 +4,10 @@ and pushes them over mTLS (RFC 8935) or queues them for the gateway's poll (RFC 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -38,6 +40,22 @@ async def call(
         ) as r,
     ):
         return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+@contextlib.asynccontextmanager
+async def open_websocket(
+    gw: Gateway, certs: Certs, token: str
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """alice's WebSocket through the gateway, answering (the demo app echoes)."""
+    async with (
+        session(certs) as s,
+        s.ws_connect(
+            f"wss://127.0.0.1:{gw.port}/api/ws", headers={"Authorization": f"Bearer {token}"}
+        ) as ws,
+    ):
+        await ws.send_str("ping")
+        assert (await ws.receive(timeout=5)).data == "ping"
+        yield ws
 
 
 def signal_events(gw: Gateway) -> list[dict[str, Any]]:
@@ -74,14 +92,7 @@ async def test_dev_ssf_send_ends_the_subjects_session_and_closes_its_websocket_w
     carol = issue_token(certs.issuer_key, sub="carol")
     assert (await call(gw, certs, token))[0] == 200
     assert (await call(gw, certs, carol, cert="carol-laptop"))[0] == 200
-    async with (
-        session(certs) as s,
-        s.ws_connect(
-            f"wss://127.0.0.1:{gw.port}/api/ws", headers={"Authorization": f"Bearer {token}"}
-        ) as ws,
-    ):
-        await ws.send_str("ping")
-        assert (await ws.receive(timeout=5)).data == "ping"
+    async with open_websocket(gw, certs, token) as ws:
         # The real command line, against the real dev IdP, which pushes to the real gateway.
         code = await asyncio.to_thread(
             main,

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.test_signals import WS_CLOSED, call, forged, metric, until
+from tests.e2e.test_signals import WS_CLOSED, call, forged, metric, open_websocket, until
 from tests.e2e.test_workers import supervised
 from tests.oidc_fixtures import users_toml
 from tests.redis_server import RedisServer
@@ -59,14 +59,7 @@ async def test_a_set_pushed_to_one_replica_closes_the_websocket_on_the_other_wit
     assert (await call(a, certs, token))[0] == 200
     assert (await call(b, certs, token))[0] == 200
     set_token = forged(signals)
-    async with (
-        session(certs) as s,
-        s.ws_connect(
-            f"wss://127.0.0.1:{b.port}/api/ws", headers={"Authorization": f"Bearer {token}"}
-        ) as ws,
-    ):
-        await ws.send_str("ping")
-        assert (await ws.receive(timeout=5)).data == "ping"
+    async with open_websocket(b, certs, token) as ws:
         status, body = await signals.push(set_token, a)
         assert status == 202, body
         pushed = time.monotonic()
