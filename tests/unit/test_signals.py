@@ -113,7 +113,7 @@ def session(**extra: Any) -> Session:
     )
 
 
-MATCHER = Matcher((ISSUER,), "okta")
+MATCHER = Matcher((ISSUER,), {"okta": ISSUER})
 
 
 @pytest.mark.parametrize(
@@ -310,3 +310,53 @@ def test_logout_token_claims_per_section_2_6(claims: dict[str, Any], message: st
         return
     with pytest.raises(SignalTokenError, match=message):
         _check_claims(claims)
+
+
+# --------------------------------------------------------------------------------- providers
+
+PARTNERS = "https://partners.example.net"
+
+
+def test_a_transmitter_names_only_the_people_of_its_own_providers() -> None:
+    """Issue 17 item 4: users of two providers never collide, and a provider's signals never
+    reach the other's people (the directory's alice is not the partners' alice)."""
+    corp = session(user="alice", provider="okta", sub="00u1")
+    partner = session(user="partners:alice", provider="partners", sub="p-1", sid="s-9")
+    token = session(user="alice")
+    token.extra = {}
+    issuers = {"okta": ISSUER, "partners": PARTNERS}
+    corp_transmitter = Matcher((ISSUER,), issuers)
+    partner_transmitter = Matcher((PARTNERS,), issuers, "partners")
+    alice = parse_subject({"format": "opaque", "id": "alice"})
+    everyone = [corp, partner, token]
+    assert corp_transmitter.sessions(alice, everyone, 1.0) == [corp, token]
+    assert partner_transmitter.sessions(alice, everyone, 1.0) == [partner]
+    # The partners' own sub, through its own issuer only.
+    by_sub = parse_subject({"format": "iss_sub", "iss": PARTNERS, "sub": "p-1"})
+    assert partner_transmitter.sessions(by_sub, everyone, 1.0) == [partner]
+    assert corp_transmitter.sessions(by_sub, everyone, 1.0) == []
+    assert partner_transmitter.named_users(alice) == {"partners:alice"}
+
+
+def test_a_logout_token_is_verified_by_the_provider_its_issuer_and_audience_name() -> None:
+    from types import SimpleNamespace
+
+    from ztgateway.signals.backchannel import BackchannelLogout
+
+    def client(name: str, issuer: str, client_id: str) -> Any:
+        return SimpleNamespace(cfg=SimpleNamespace(name=name, issuer=issuer, client_id=client_id))
+
+    clients = [client("corp", ISSUER, "gw"), client("corp-admin", ISSUER, "gw-admin"),
+               client("partners", PARTNERS, "gw")]  # fmt: skip
+    logout = BackchannelLogout(None, lambda: clients, None)  # type: ignore[arg-type]
+
+    def token(iss: str, aud: Any) -> str:
+        return pyjwt.encode({"iss": iss, "aud": aud}, "k" * 32, algorithm="HS256")
+
+    assert logout.provider_for(token(PARTNERS, "gw")).cfg.name == "partners"
+    assert logout.provider_for(token(ISSUER, "gw-admin")).cfg.name == "corp-admin"
+    assert logout.provider_for(token(ISSUER, ["x", "gw"])).cfg.name == "corp"
+    for iss, aud in ((ISSUER, "nobody"), ("https://unknown.example", "gw")):
+        with pytest.raises(SignalTokenError) as info:
+            logout.provider_for(token(iss, aud))
+        assert info.value.code == "invalid_issuer"

@@ -24,17 +24,21 @@ from typing import TYPE_CHECKING, Any, Final
 from ..context import RequestContext
 from ..credentials.jwks import JwksCache
 from ..credentials.oidc import OIDCClient, OIDCError
+from ..credentials.providers import SignInProviders
 from ..decision import Reason, Verdict
 from ..store.base import Session
 from .events import BACKCHANNEL_LOGOUT
 from .receiver import ACCEPTED, REPLAYED, Receipt
 from .tokens import (
+    INVALID_ISSUER,
     INVALID_REQUEST,
     KEYS_UNAVAILABLE,
     LOGOUT_TYPE,
     SignalTokenError,
     SignedTokenVerifier,
     TokenRules,
+    peek_claim,
+    peek_issuer,
 )
 
 if TYPE_CHECKING:
@@ -48,37 +52,51 @@ SOURCE: Final = "backchannel_logout"
 
 
 class BackchannelLogout:
+    """Logout tokens of every configured provider: each is verified by the provider its `iss`
+    (and, when two providers share an issuer, its `aud`) names, and ends only sessions that
+    provider signed in."""
+
     def __init__(
         self,
         receiver: SignalReceiver,
-        oidc: Callable[[], OIDCClient | None],
+        providers: Callable[[], SignInProviders],
         config: OIDCConfig,
     ) -> None:
         self.receiver = receiver
-        self._oidc = oidc
+        self._providers = providers
         self.config = config
-        self._verifier: SignedTokenVerifier | None = None
-        self._jwks_uri: str | None = None
+        # provider name -> (its jwks_uri when built, the verifier)
+        self._verifiers: dict[str, tuple[str, SignedTokenVerifier]] = {}
 
     @property
     def enabled(self) -> bool:
-        return self.config.provider is not None and self.config.backchannel_logout
+        return bool(self.config.providers) and self.config.backchannel_logout
 
     async def close(self) -> None:
-        if self._verifier is not None:
-            await self._verifier.keys.close()
+        for _, verifier in self._verifiers.values():
+            await verifier.keys.close()
 
-    async def verifier(self) -> SignedTokenVerifier:
-        oidc = self._oidc()
-        provider = self.config.provider
-        if oidc is None or provider is None:
-            raise SignalTokenError(INVALID_REQUEST, "no OpenID provider is configured")
+    def provider_for(self, token: str) -> OIDCClient:
+        iss = peek_issuer(token)
+        candidates = [c for c in self._providers() if c.cfg.issuer == iss]
+        if len(candidates) > 1:
+            # Two clients at one provider: the token's audience says which one it is for.
+            aud = peek_claim(token, "aud")
+            audiences = aud if isinstance(aud, list) else [aud]
+            candidates = [c for c in candidates if c.cfg.client_id in audiences]
+        if len(candidates) != 1:
+            raise SignalTokenError(INVALID_ISSUER, f"no [oidc] provider has issuer {iss!r}")
+        return candidates[0]
+
+    async def verifier(self, client: OIDCClient) -> SignedTokenVerifier:
+        provider = client.cfg
         try:
-            metadata = await oidc.discovered()
+            metadata = await client.discovered()
         except OIDCError as exc:
             raise SignalTokenError(KEYS_UNAVAILABLE, f"provider discovery: {exc.detail}") from exc
-        if self._verifier is not None and self._jwks_uri == metadata.jwks_uri:
-            return self._verifier
+        held = self._verifiers.get(provider.name)
+        if held is not None and held[0] == metadata.jwks_uri:
+            return held[1]
         receiver = self.receiver
         keys = JwksCache(
             name=f"oidc-logout:{provider.name}",
@@ -92,35 +110,34 @@ class BackchannelLogout:
             session=lambda: receiver.http,
         )
         await keys.start()
-        old, self._verifier = (
-            self._verifier,
-            SignedTokenVerifier(
-                TokenRules(
-                    issuer=provider.issuer,
-                    audience=provider.client_id,
-                    algorithms=metadata.algorithms,
-                    # §2.4 recommends `typ: logout+jwt`; providers that predate it send a plain
-                    # JWT, which the `events` and `nonce` checks below keep apart from ID tokens.
-                    types=(LOGOUT_TYPE, "jwt", None),
-                    required=("iss", "aud", "iat", "exp", "jti", "events"),
-                    leeway=provider.leeway,
-                    max_age=MAX_AGE,
-                ),
-                keys,
-                receiver.clock.time,
+        verifier = SignedTokenVerifier(
+            TokenRules(
+                issuer=provider.issuer,
+                audience=provider.client_id,
+                algorithms=metadata.algorithms,
+                # §2.4 recommends `typ: logout+jwt`; providers that predate it send a plain
+                # JWT, which the `events` and `nonce` checks below keep apart from ID tokens.
+                types=(LOGOUT_TYPE, "jwt", None),
+                required=("iss", "aud", "iat", "exp", "jti", "events"),
+                leeway=provider.leeway,
+                max_age=MAX_AGE,
             ),
+            keys,
+            receiver.clock.time,
         )
-        self._jwks_uri = metadata.jwks_uri
-        if old is not None:
-            await old.keys.close()
-        return self._verifier
+        self._verifiers[provider.name] = (metadata.jwks_uri, verifier)
+        if held is not None:
+            await held[1].keys.close()
+        return verifier
 
     async def receive(self, token: str, ctx: RequestContext) -> Receipt:
         """Raises AuditUnavailable and StoreUnavailable (answered 503)."""
         receiver = self.receiver
-        name = self.config.provider.name if self.config.provider else "-"
+        name = "-"
         try:
-            verifier = await self.verifier()
+            client = self.provider_for(token)
+            name = client.cfg.name
+            verifier = await self.verifier(client)
             claims = await verifier.verify(token)
             sid, sub = _check_claims(claims)
         except SignalTokenError as exc:
@@ -144,12 +161,12 @@ class BackchannelLogout:
                 jti=jti,
             )
         await receiver.store.caught_up()  # a sign-in elsewhere a moment ago counts too
-        matching = self._sessions(sid, sub, ctx.now)
+        matching = self._sessions(name, sid, sub, ctx.now)
         ended = await receiver.enforcer.terminate(matching, "back-channel logout", ctx.now)
         receiver.metrics.logout_tokens.labels(ACCEPTED).inc()
         receiver.metrics.sessions_ended.labels(SOURCE).inc(len(ended))
         users = sorted({s.user for s in matching})
-        summary = f"back-channel logout: {len(ended)} sessions ended"
+        summary = f"back-channel logout from {name}: {len(ended)} sessions ended"
         receiver.record(
             ctx,
             Verdict.ALLOW,
@@ -169,17 +186,18 @@ class BackchannelLogout:
         )
         return Receipt(ACCEPTED, summary, ctx.decision_id, jti)
 
-    def _sessions(self, sid: str | None, sub: str | None, now: float) -> list[Session]:
-        provider = self.config.provider
-        assert provider is not None
+    def _sessions(
+        self, provider: str, sid: str | None, sub: str | None, now: float
+    ) -> list[Session]:
+        """The live sessions this provider signed in, of that provider session and person."""
         out = []
         for s in self.receiver.store.sessions():
             extra = s.extra
-            if s.revoked or s.expires_at <= now or extra.get("provider") != provider.name:
+            if s.revoked or s.expires_at <= now or extra.get("provider") != provider:
                 continue
             if sid is not None and extra.get("sid") != sid:
                 continue
-            if sub is not None and extra.get("sub", s.user) != sub:
+            if sub is not None and extra.get("sub") != sub:
                 continue
             out.append(s)
         return out

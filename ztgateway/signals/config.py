@@ -41,7 +41,8 @@ class TransmitterConfig:
     max_event_age: float = 86400.0
     """SETs issued longer ago are refused; their `jti` is remembered this long (replay)."""
     subject_issuers: tuple[str, ...] = ()
-    """`iss` values of `iss_sub` subjects that name this gateway's users (RFC 9493 §3.2.3)."""
+    """The issuers whose people this transmitter may name (RFC 9493 `iss_sub`; and the sign-in
+    sessions of the providers with these issuers); default: its own issuer only."""
     push_token: str | None = None
     poll_url: str | None = None
     poll_token: str | None = None
@@ -81,9 +82,7 @@ def _url(t: Table, name: str, value: str) -> None:
         t.fail(name, "must be https (plain http only on loopback)")
 
 
-def parse_transmitters(
-    tables: dict[str, Table], oidc_issuer: str | None
-) -> tuple[TransmitterConfig, ...]:
+def parse_transmitters(tables: dict[str, Table]) -> tuple[TransmitterConfig, ...]:
     out: list[TransmitterConfig] = []
     seen: dict[str, str] = {}
     for name, t in tables.items():
@@ -124,7 +123,6 @@ def parse_transmitters(
             t.fail("poll_token_env", 'only with delivery = "poll"')
         if delivery == "poll" and push_token is not None:
             t.fail("push_token_env", 'only with delivery = "push"')
-        defaults = (issuer, oidc_issuer) if oidc_issuer else (issuer,)
         cfg = TransmitterConfig(
             name=name,
             issuer=issuer,
@@ -136,7 +134,7 @@ def parse_transmitters(
             delivery=delivery,
             leeway=t.duration("leeway", 30.0, min=0.0, max=600.0),
             max_event_age=t.duration("max_event_age", 86400.0, min=60.0, max=30 * 86400.0),
-            subject_issuers=t.str_list("subject_issuers", tuple(dict.fromkeys(defaults))),
+            subject_issuers=t.str_list("subject_issuers", (issuer,)),
             push_token=push_token,
             poll_url=poll_url,
             poll_token=poll_token,

@@ -20,8 +20,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -30,6 +31,7 @@ from ..audit import AuditUnavailable
 from ..clock import Clock
 from ..context import RequestContext
 from ..credentials.jwks import JwksCache
+from ..credentials.oidc import OIDCProviderConfig
 from ..decision import Decision, Finding, Reason, Verdict
 from ..decisions import Recorder, audit_event
 from ..store.base import Store
@@ -137,12 +139,15 @@ class SignalReceiver:
         store: Store,
         recorder: Recorder,
         clock: Clock,
-        provider: str | None,
+        providers: Sequence[OIDCProviderConfig] = (),
     ) -> None:
         self.store = store
         self.recorder = recorder
         self.clock = clock
-        self.provider = provider
+        # Sessions name the provider that signed them in; the transmitter whose issuer is a
+        # provider's speaks for that provider's people, in its user namespace.
+        self._provider_issuers = MappingProxyType({p.name: p.issuer for p in providers})
+        self._namespaces = {p.issuer: p.user_namespace for p in providers}
         self.metrics = SignalMetrics(recorder.metrics.registry)
         self.enforcer = Enforcer(store)
         self._http: aiohttp.ClientSession | None = None
@@ -263,7 +268,7 @@ class SignalReceiver:
         subject = event.subject
         if subject is None:
             return effect
-        matcher = Matcher(t.cfg.subject_issuers, self.provider)
+        matcher = self.matcher(t)
         why = f"{event.label} from {t.cfg.name}"
         if event.action is Action.TERMINATE:
             sessions = matcher.sessions(subject, self.store.sessions(), now)
@@ -302,6 +307,13 @@ class SignalReceiver:
                 received=now,
             )
         return effect
+
+    def matcher(self, t: Transmitter) -> Matcher:
+        return Matcher(
+            t.cfg.subject_issuers,
+            self._provider_issuers,
+            self._namespaces.get(t.cfg.issuer, ""),
+        )
 
     @staticmethod
     def _lock_reason(t: Transmitter, subject: Subject) -> str:

@@ -7,7 +7,8 @@ principal (RFC 9493 §3.2.2). SSF 1.0 §3.2 adds complex subjects, an object who
 
 Matching is against what the gateway knows:
 - a user: the session's user name, the e-mail and the provider's `sub` the sign-in recorded
-  (`iss_sub` only when `iss` is one this transmitter speaks for: `subject_issuers`);
+  (only sessions of the providers, and users of the namespace, this transmitter speaks for:
+  `subject_issuers`);
 - a session: the provider's session id (`sid`) the sign-in recorded (`opaque` id);
 - a device: the device id (from the client certificate) or its certificate fingerprint.
 Identifiers the gateway keeps nothing about (phone numbers, DIDs) match nothing: the event is
@@ -123,55 +124,77 @@ def parse_subject(doc: Any, where: str = "sub_id") -> Subject:
 
 @dataclass(frozen=True, slots=True)
 class Matcher:
-    """Matches identifiers against sessions and devices for one transmitter."""
+    """Matches identifiers against sessions and devices for one transmitter.
+
+    SECURITY: a transmitter speaks only for the people of `subject_issuers` (issue 17 item 4:
+    users of two providers never collide). A sign-in session is within its reach when the
+    provider that signed it in has one of those issuers; a session without a provider (a
+    bearer token's) when its user is in the transmitter's user namespace. Names it gives (an
+    opaque id, an address, a `sub`) are qualified with that namespace: another provider's
+    "alice" is "partners:alice", never the directory's alice.
+    """
 
     subject_issuers: tuple[str, ...]
-    provider: str | None
-    """The sign-in provider's name: a `sub` or `sid` recorded by its sign-in is its namespace."""
+    provider_issuers: Mapping[str, str]
+    """Sign-in provider name -> its issuer (a session records the provider's name)."""
+    namespace: str = ""
+    """The user namespace of the people this transmitter names ("" : the directory's)."""
+
+    def qualify(self, name: str) -> str:
+        return f"{self.namespace}:{name}" if self.namespace else name
+
+    def _issuer_of(self, session: Session) -> str | None:
+        provider = session.extra.get("provider")
+        return self.provider_issuers.get(provider) if isinstance(provider, str) else None
+
+    def in_reach(self, session: Session) -> bool:
+        if session.extra.get("provider") is not None:
+            return self._issuer_of(session) in self.subject_issuers
+        namespace = session.user.split(":", 1)[0] if ":" in session.user else ""
+        return namespace == self.namespace
 
     def user_matches(self, ident: Identifier, session: Session) -> bool:
+        if not self.in_reach(session):
+            return False
         extra = session.extra
         fmt, values = ident.format, ident.values
-        if fmt == "email":
-            return _same_address(values[0], extra.get("email")) or _same_address(
-                values[0], session.user
-            )
-        if fmt == "account":
+        if fmt in ("email", "account"):
             address = values[0].removeprefix("acct:")
             return _same_address(address, extra.get("email")) or _same_address(
-                address, session.user
+                self.qualify(address), session.user
             )
         if fmt == "iss_sub":
             iss, sub = values
             if iss not in self.subject_issuers:
                 return False
-            recorded = extra.get("sub") if self._ours(session) else None
-            return recorded == sub if recorded is not None else session.user == sub
+            recorded = extra.get("sub")
+            if recorded is not None:
+                # The provider's own name for the person, from that provider only.
+                return recorded == sub and self._issuer_of(session) == iss
+            return session.user == self.qualify(sub)
         if fmt == "opaque":
-            return session.user == values[0]
+            return session.user == self.qualify(values[0])
         return False
 
     def session_matches(self, ident: Identifier, session: Session) -> bool:
-        if ident.format != "opaque" or not self._ours(session):
+        if ident.format != "opaque" or not self.in_reach(session):
             return False
         sid = session.extra.get("sid")
         return isinstance(sid, str) and sid == ident.values[0]
 
-    def _ours(self, session: Session) -> bool:
-        return self.provider is not None and session.extra.get("provider") == self.provider
-
     def named_users(self, subject: Subject) -> set[str]:
         """Gateway user names the subject's user member names directly (an opaque id, the `sub`
-        of an accepted `iss_sub`, an address): candidates, for whoever has no session now."""
+        of an accepted `iss_sub`, an address), qualified with the transmitter's namespace:
+        candidates, for whoever has no session now."""
         names: set[str] = set()
         for ident in subject.user:
             fmt, values = ident.format, ident.values
             if fmt == "opaque":
-                names.add(values[0])
+                names.add(self.qualify(values[0]))
             elif fmt == "iss_sub" and values[0] in self.subject_issuers:
-                names.add(values[1])
+                names.add(self.qualify(values[1]))
             elif fmt in ("email", "account"):
-                names.add(values[0].removeprefix("acct:"))
+                names.add(self.qualify(values[0].removeprefix("acct:")))
         return names
 
     def sessions(self, subject: Subject, sessions: list[Session], now: float) -> list[Session]:
@@ -181,7 +204,7 @@ class Matcher:
             return []
         out = []
         for s in sessions:
-            if s.revoked or s.expires_at <= now:
+            if s.revoked or s.expires_at <= now or not self.in_reach(s):
                 continue
             if subject.user and not any(self.user_matches(i, s) for i in subject.user):
                 continue

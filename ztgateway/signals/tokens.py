@@ -82,8 +82,9 @@ def _segment_json(segment: str, what: str) -> dict[str, Any]:
     return value
 
 
-def peek_issuer(token: str) -> str:
-    """The unverified `iss`, only to choose which transmitter's keys verify the token."""
+def peek_claim(token: str, name: str) -> Any:
+    """An unverified claim, only to choose whose keys verify the token (RFC 8725 §3.10: the
+    keys themselves never come from it)."""
     if len(token) > MAX_TOKEN_BYTES or not token.isascii():
         raise SignalTokenError(
             INVALID_REQUEST, f"not an ASCII JWT of at most {MAX_TOKEN_BYTES} bytes"
@@ -94,7 +95,12 @@ def peek_issuer(token: str) -> str:
         raise SignalTokenError(INVALID_REQUEST, "encrypted (JWE) tokens are not supported")
     if len(parts) != 3 or not all(parts[:2]):
         raise SignalTokenError(INVALID_REQUEST, "not a compact JWS of three segments")
-    iss = _segment_json(parts[1], "payload").get("iss")
+    return _segment_json(parts[1], "payload").get(name)
+
+
+def peek_issuer(token: str) -> str:
+    """The unverified `iss`, only to choose which sender's keys verify the token."""
+    iss = peek_claim(token, "iss")
     if not isinstance(iss, str) or not iss:
         raise SignalTokenError(INVALID_REQUEST, "'iss' is missing or not a string")
     return iss
