@@ -48,6 +48,7 @@ from .pipeline import Pipeline, default_stages
 from .reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
+from .revocation.service import RevocationService, cert_key
 from .routes import RouteTable
 from .runtime import Runtime
 from .signals.backchannel import BackchannelLogout
@@ -57,7 +58,7 @@ from .stages.device import new_device
 from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
-from .tls import TLSManager
+from .tls import CertInfo, TLSManager
 from .webauthn import WebAuthn
 
 log = logging.getLogger("ztgateway")
@@ -159,6 +160,11 @@ class Gateway:
             on_backup_check=lambda result: self.metrics.mfa_backup_checks.labels(result).inc(),
         )
         self.keeper = SessionKeeper(self.store, config.sessions)
+        self.revocation = RevocationService(
+            config.revocation, tls=self.tls, store=self.store, metrics=self.metrics, clock=clock
+        )
+        self.revocation.on_revoked = self._end_revoked
+        self.revocation.open_certs = self._open_certs
         # Keyed at start() from the one root key every worker and replica shares (keys.py):
         # the CSRF tokens, the sign-in's login cookie and, unless a key file is configured,
         # the assertion signature (issue 18, I3).
@@ -225,6 +231,7 @@ class Gateway:
             routes=RouteTable(config.routes),
             metrics=self.metrics,
             revocations=lambda: self.tls.current.revocations,
+            revocation=self.revocation,
             tokens=self.tokens,
             store=self.store,
             geo=self.geo,
@@ -271,6 +278,7 @@ class Gateway:
             routes=rt.routes,
             metrics=Metrics(),
             revocations=rt.revocations,
+            revocation=rt.revocation,
             tokens=rt.tokens,
             store=rt.store,
             dry_run=True,
@@ -288,6 +296,7 @@ class Gateway:
         self.metrics.tls_reloads.labels("success" if ok else "failure").inc()
         self._update_cert_metrics()
         if ok:
+            self.revocation.update_cas()
             # Open WebSockets re-verify at once: a revoked certificate closes them now.
             for w in list(self.watches):
                 w.wake()
@@ -320,6 +329,7 @@ class Gateway:
             log.warning("%s", warning)
         await self.store.open()
         await self._load_keys()
+        await self.revocation.start()
         await self.providers.start()
         await self.signals.start()
         if cfg.issuers:
@@ -362,6 +372,7 @@ class Gateway:
                 await site.start()
                 self.ops_port = site.port
         self._tasks.append(asyncio.ensure_future(self._poll_tls()))
+        self._tasks.append(asyncio.ensure_future(self.revocation.run()))
         self._tasks.append(asyncio.ensure_future(self._report_audit_depth()))
         if s.memory_trim_interval > 0 and self.heap.available:
             self._tasks.append(asyncio.ensure_future(self._trim_memory(s.memory_trim_interval)))
@@ -408,6 +419,7 @@ class Gateway:
         await self.upstreams.close()
         await self.signals.close()
         await self.backchannel.close()
+        await self.revocation.close()
         if self.tokens is not None:
             await self.tokens.close()
         await self.store.close()
@@ -513,6 +525,7 @@ class Gateway:
         pending = restart_required(self.started_config, config)
         self.config, self.runtime = config, runtime
         self.keeper.cfg = config.sessions
+        self.revocation.reconfigure(config.revocation)
         if self.listener is not None:
             self.listener.apply_limits(**listener_settings(config))
             self._budget_fds(self.listener)
@@ -550,6 +563,32 @@ class Gateway:
                 ", ".join(pending),
             )
         return True
+
+    # --- revocation ----------------------------------------------------------------------------
+    def _open_certs(self) -> list[CertInfo]:
+        if self.listener is None:
+            return []
+        return [c.cert for c in self.listener.connections if c.cert is not None]
+
+    def _end_revoked(self, keys: set[str]) -> None:
+        """Certificates just found revoked (here, by another replica, OCSP or a CRL): their
+        keep-alive connections close (a request in progress is answered with Connection:
+        close) and every open WebSocket re-decides now, which closes theirs with 1008."""
+        if self.listener is not None:
+            for conn in list(self.listener.connections):
+                cert = conn.cert
+                if cert is None or cert_key(cert.issuer, cert.serial) not in keys:
+                    continue
+                kind = "websocket" if conn.takeover is not None else "connection"
+                self.metrics.revocations_enforced.labels(kind).inc()
+                log.warning(
+                    "certificate serial %x (%s) revoked: ending its %s from %s",
+                    cert.serial, cert.subject, kind, conn.peer_ip,
+                )  # fmt: skip
+                if conn.takeover is None:
+                    conn.shutdown()
+        for w in list(self.watches):
+            w.wake()
 
     # --- listener callbacks ------------------------------------------------------------------
     def _on_handshake(self, version: str | None, failure: str | None) -> None:
@@ -614,6 +653,7 @@ class Gateway:
             "error": self.geo.error,
         }
         checks["store"] = {"ok": self.store.healthy}
+        checks["revocation"] = self.revocation.status()
         if self.tokens is not None:
             checks["issuers"] = {"ok": True, "status": self.tokens.jwks_status()}
         return checks

@@ -28,13 +28,12 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from .decision import Reason
 from .headerfamilies import CertFormat
-from .tls import CertInfo, RevocationList, parse_client_cert
+from .tls import CertInfo, RevocationList, issued_by, parse_client_cert
 
 MAX_HEADER_CERT = 64 * 1024
 """A header longer than this is refused before any parsing (a chain of a few certificates)."""
@@ -50,13 +49,7 @@ class CertRefused(Exception):
 
 
 def _self_signed(cert: x509.Certificate) -> bool:
-    if cert.subject != cert.issuer:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    return issued_by(cert, cert)
 
 
 def certs_from_header(value: str, fmt: CertFormat) -> list[x509.Certificate]:

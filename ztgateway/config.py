@@ -25,6 +25,7 @@ from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
 from .headerfamilies import cert_header_problem
 from .posture import PLATFORMS, PosturePolicy, parse_version
+from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
 from .risk import BlocklistError, RiskWeights
 from .signals.config import TransmitterConfig, parse_transmitters
 
@@ -238,6 +239,9 @@ class RoutePolicy:
     login: Literal["never", "always", "browsers"] = "never"
     """Who must be a signed-in user (OIDC) rather than the certificate's user: nobody, every
     client, or browser navigations only (people sign in; machines present their certificate)."""
+    ocsp: OCSPFailure | None = None
+    """When OCSP cannot tell (responder down, bad or stale answer, `unknown`): refuse
+    ("hard-fail", the default) or let the request through, counted and audited ("soft-fail")."""
     providers: tuple[str, ...] = ()
     """The OIDC providers whose sessions this route accepts, in the order the sign-in chooser
     offers them; () = every configured provider."""
@@ -445,6 +449,7 @@ class GatewayConfig:
     keys: KeysConfig = field(default_factory=KeysConfig)
     signals: tuple[TransmitterConfig, ...] = ()
     """`[signals.NAME]`: Shared Signals transmitters (ztgateway/signals/, docs/signals.md)."""
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
 
 
 def load_config(path: Path | str) -> GatewayConfig:
@@ -506,6 +511,10 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
                 "webauthn needs a relying party: [webauthn] rp_id, or a [server] public_url "
                 "with a host name",
             )
+    revocation = parse_revocation(root.table("revocation"))
+    for i, r in enumerate(routes):
+        if r.policy.ocsp is not None and not revocation.ocsp:
+            root.fail(f"routes[{i}].policy.ocsp", "needs [revocation] ocsp = true")
     log_t = root.table("logging")
     logging_cfg = LoggingConfig(
         level=log_t.choice("level", ("debug", "info", "warning", "error"), "info"),
@@ -541,6 +550,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         oidc=oidc,
         keys=keys,
         signals=signals,
+        revocation=revocation,
     )
 
 
@@ -852,6 +862,7 @@ def _policy(
         ),
         require_signed_posture=t.flag("require_signed_posture", False),
         login=t.choice("login", ("never", "always", "browsers"), "never"),  # type: ignore[arg-type]
+        ocsp=t.choice("ocsp", OCSP_FAILURE_MODES, "hard-fail") if t.has("ocsp") else None,  # type: ignore[arg-type]
         providers=providers,
     )
     if policy.require_bound_token and not policy.require_token:

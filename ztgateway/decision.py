@@ -38,6 +38,8 @@ class Reason(enum.StrEnum):
     CLIENT_CERT_REVOKED = "client-cert-revoked"
     CLIENT_CERT_INVALID = "client-cert-invalid"
     CLIENT_CERT_NOT_ALLOWED = "client-cert-not-allowed"
+    CLIENT_CERT_STATUS_UNKNOWN = "client-cert-status-unknown"
+    CLIENT_CERT_STATUS_UNAVAILABLE = "client-cert-status-unavailable"
     # request shape
     ROUTE_NOT_FOUND = "route-not-found"
     METHOD_NOT_ALLOWED = "method-not-allowed"
@@ -162,6 +164,10 @@ _STATUS: dict[Reason, int] = {
     Reason.CLIENT_CERT_REQUIRED: 403,
     Reason.CLIENT_CERT_REVOKED: 403,
     Reason.CLIENT_CERT_INVALID: 403,
+    # OCSP said "unknown": an answer about this certificate, so a refusal of it (403); no
+    # usable answer at all (stale CRL, responder down) is the gateway's trouble (503).
+    Reason.CLIENT_CERT_STATUS_UNKNOWN: 403,
+    Reason.CLIENT_CERT_STATUS_UNAVAILABLE: 503,
     Reason.ROUTE_NOT_FOUND: 404,
     Reason.METHOD_NOT_ALLOWED: 405,
     Reason.PATH_INVALID: 400,
@@ -238,6 +244,8 @@ _TITLES: dict[Reason, str] = {
     Reason.CLIENT_CERT_REVOKED: "The client certificate has been revoked",
     Reason.CLIENT_CERT_INVALID: "The client certificate is not valid",
     Reason.CLIENT_CERT_NOT_ALLOWED: "This client certificate may not use this application",
+    Reason.CLIENT_CERT_STATUS_UNKNOWN: "The certificate authority does not know this certificate",
+    Reason.CLIENT_CERT_STATUS_UNAVAILABLE: "The client certificate's revocation status cannot be checked right now",
     Reason.ROUTE_NOT_FOUND: "No application is configured at this address",
     Reason.METHOD_NOT_ALLOWED: "This method is not allowed here",
     Reason.PATH_INVALID: "The request path is not acceptable",

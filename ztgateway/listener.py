@@ -31,6 +31,7 @@ from typing import Any
 
 from .http1 import Connection, Handler, Limits
 from .tls import CertInfoCache, handshake_failure_reason, server_name
+from .tlsalert import bind_alert_sink
 
 log = logging.getLogger("ztgateway.listener")
 
@@ -151,12 +152,15 @@ class Listener:
 
     async def _handshake(self, transport: asyncio.Transport, acceptor: _Acceptor) -> None:
         loop = asyncio.get_running_loop()
+        context = self._context()
+        # A refused handshake's alert goes out on this raw transport (tlsalert.py).
+        loop.call_soon(bind_alert_sink, context, transport)
         loop.call_soon(acceptor.replay_raw, transport)
         try:
             tls_transport = await loop.start_tls(
                 transport,
                 acceptor,
-                self._context(),
+                context,
                 server_side=True,
                 ssl_handshake_timeout=self.handshake_timeout,
             )

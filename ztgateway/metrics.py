@@ -53,6 +53,11 @@ HANDSHAKE_FAILURE_REASONS = (
     "unparseable_certificate",
     "other",
 )
+CRL_RESULTS = ("success", "unavailable", "invalid", "stale")
+OCSP_RESULTS = (
+    "good", "revoked", "unknown", "unavailable", "invalid", "signer", "stale", "nonce",
+    "no_responder",
+)  # fmt: skip
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "tls")
 WEBAUTHN_RESULTS = (
     "success",
@@ -253,6 +258,38 @@ class Metrics:
         self.tls_reloads = Counter(
             "ztgw_tls_reloads", "TLS material reloads by result.", ["result"], registry=r
         )
+        # Live revocation (revocation/): label values from CRL_RESULTS / OCSP_RESULTS.
+        self.crl_fetches = Counter(
+            "ztgw_crl_fetches", "CRL fetches by result.", ["result"], registry=r
+        )
+        self.crl_stale = Gauge(
+            "ztgw_crl_stale",
+            "CRL sources without a CRL inside its validity: their certificates are refused.",
+            registry=r,
+        )
+        self.ocsp_checks = Counter(
+            "ztgw_ocsp_checks",
+            "OCSP answers by result (cache hits not counted).",
+            ["result"],
+            registry=r,
+        )
+        self.ocsp_soft_failures = Counter(
+            "ztgw_ocsp_soft_failures",
+            "Requests let through on soft-fail routes while OCSP could not tell.",
+            registry=r,
+        )
+        self.revocations_enforced = Counter(
+            "ztgw_revocations_enforced",
+            "Open connections and WebSockets ended because their certificate was revoked.",
+            ["kind"],
+            registry=r,
+        )
+        for result in CRL_RESULTS:
+            self.crl_fetches.labels(result)
+        for result in OCSP_RESULTS:
+            self.ocsp_checks.labels(result)
+        for kind in ("connection", "websocket"):
+            self.revocations_enforced.labels(kind)
         self.audit_queue = Gauge(
             "ztgw_audit_queue_depth", "Audit events waiting to be written.", registry=r
         )

@@ -45,6 +45,7 @@ _NEVER_MONITORED = frozenset(
         Reason.CREDENTIALS_THROTTLED,
         Reason.ORIGIN_DENIED,
         Reason.CLIENT_CERT_REVOKED,
+        Reason.CLIENT_CERT_STATUS_UNAVAILABLE,
         Reason.CLIENT_CERT_INVALID,
         Reason.DEVICE_REVOKED,
         Reason.DEVICE_KEY_MISMATCH,

@@ -31,7 +31,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import (
+    AuthorityInformationAccessOID,
+    ExtendedKeyUsageOID,
+    NameOID,
+    ObjectIdentifier,
+)
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from .clock import SYSTEM_CLOCK, Clock
@@ -330,10 +335,15 @@ class CertificateAuthority:
         not_after: dt.datetime | None = None,
         eku: Sequence[ObjectIdentifier] | None = (ExtendedKeyUsageOID.CLIENT_AUTH,),
         key_type: KeyType = "ec",
+        crl_url: str | None = None,
+        ocsp_url: str | None = None,
     ) -> Issued:
         """The identity layout (CN=device, UID=user, device URN and email in the SAN) is a
         contract with the certificate stage; change both together. `eku=None` (or empty) omits
-        the extension, which tests use to build a certificate that is not for client auth."""
+        the extension, which tests use to build a certificate that is not for client auth.
+        `crl_url` / `ocsp_url` name where relying parties find its revocation status (CRL
+        distribution point, RFC 5280 §4.2.1.13; OCSP in Authority Information Access,
+        §4.2.2.1), which the gateway's revocation service follows."""
         _check_name(device, "device name")
         if not user:
             raise PKIError("a client certificate needs a user")
@@ -359,6 +369,21 @@ class CertificateAuthority:
         # RFC 5280 §4.2.1.12: an ExtendedKeyUsage must list at least one purpose.
         if eku:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+        if crl_url:
+            point = x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(crl_url)],
+                relative_name=None,
+                reasons=None,
+                crl_issuer=None,
+            )
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+        if ocsp_url:
+            access = x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
+            )
+            builder = builder.add_extension(
+                x509.AuthorityInformationAccess([access]), critical=False
+            )
         return Issued(key, builder.sign(self.key, _signing_hash()))
 
     def issue_intermediate(

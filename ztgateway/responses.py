@@ -42,6 +42,8 @@ _ADVICE: dict[Reason, str] = {
     Reason.CLIENT_CERT_REQUIRED: "Connect with your device's client certificate installed.",
     Reason.CLIENT_CERT_REVOKED: "This device's certificate was revoked. Ask IT for a new one.",
     Reason.CLIENT_CERT_INVALID: "Your device certificate is expired or not valid for sign-in. Ask IT to renew it.",
+    Reason.CLIENT_CERT_STATUS_UNKNOWN: "Your device certificate is not known to the issuing authority. Ask IT for a new one.",
+    Reason.CLIENT_CERT_STATUS_UNAVAILABLE: "The gateway cannot check your certificate right now. Try again in a moment.",
     Reason.ROUTE_NOT_FOUND: "Check the address you followed.",
     Reason.IDENTITY_UNAUTHENTICATED: "Sign in and try again.",
     Reason.TOKEN_REQUIRED: "Send a bearer token from a trusted issuer.",

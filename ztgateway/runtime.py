@@ -22,6 +22,7 @@ from .tls import RevocationList
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
+    from .revocation.service import RevocationService
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Runtime:
     routes: RouteTable
     metrics: Metrics
     revocations: Callable[[], RevocationList]
+    revocation: RevocationService | None = None
+    """Fetched CRLs, OCSP and shared revocations; None where nothing may be fetched (explain)."""
     tokens: TokenVerifier | None = None
     store: Store | None = None
     dry_run: bool = False

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import ssl
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import TLSConfig, UpstreamConfig
+from .tlsalert import AlertingContext
 
 if TYPE_CHECKING:
     from .certverify import ClientCertVerifier
@@ -89,6 +92,17 @@ class CertInfo:
 def _cert_json(cert: CertInfo) -> dict[str, object]:
     """Formatted once per certificate: the audit event of every request carries it."""
     return cert._json()
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`issuer` signed `cert` directly (names match and the signature verifies)."""
+    if issuer.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def parse_client_cert(der: bytes) -> CertInfo:
@@ -260,15 +274,27 @@ def server_name(ssl_object: object) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:
-    """mTLS server context: the client certificate is verified against the CA (and CRL)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def server_context(cfg: TLSConfig, client_cert: str, extra_crls: bytes = b"") -> ssl.SSLContext:
+    """mTLS server context: the client certificate is verified against the CA (and CRLs).
+
+    `extra_crls`: PEM CRLs fetched by the revocation service (revocation/crl.py), verified
+    already; loaded beside the file CRL so that OpenSSL refuses a revoked certificate in the
+    handshake with certificate_revoked (decision 0011)."""
+    # AlertingContext: a refused handshake still sends OpenSSL's alert (tlsalert.py).
+    ctx = AlertingContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, cfg.min_version)
     ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
     ctx.load_verify_locations(cafile=str(cfg.client_ca))
     if cfg.crl is not None:
         # A PEM file may hold CRLs; OpenSSL's lookup loads them beside the CA certificates.
         ctx.load_verify_locations(cafile=str(cfg.crl))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if extra_crls:
+        # Only a file lookup loads CRLs (cadata takes certificates only).
+        with tempfile.NamedTemporaryFile(prefix="ztgw-crls-", suffix=".pem") as tmp:
+            tmp.write(extra_crls)
+            tmp.flush()
+            ctx.load_verify_locations(cafile=tmp.name)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     # OpenSSL checks the clientAuth EKU ("ssl_client" purpose) on the server side by default.
@@ -313,8 +339,8 @@ def _mtimes(cfg: TLSConfig) -> tuple[int, ...]:
     return tuple(out)
 
 
-def build_material(cfg: TLSConfig, client_cert: str) -> TLSMaterial:
-    ctx = server_context(cfg, client_cert)
+def build_material(cfg: TLSConfig, client_cert: str, extra_crls: bytes = b"") -> TLSMaterial:
+    ctx = server_context(cfg, client_cert, extra_crls)
     ca = x509.load_pem_x509_certificate(cfg.client_ca.read_bytes())
     crl = load_crl(cfg.crl, ca) if cfg.crl else RevocationList()
     from .certverify import ClientCertVerifier
@@ -342,19 +368,27 @@ class TLSManager:
     ) -> None:
         self.cfg = cfg
         self.client_cert = client_cert
+        self.extra_crls = b""
         self.current = build_material(cfg, client_cert)
         self._on_reload = on_reload
 
     def reconfigure(self, cfg: TLSConfig, client_cert: str) -> None:
         """Apply a new TLS section (hot reload); raises and keeps the old one on failure."""
-        material = build_material(cfg, client_cert)
+        material = build_material(cfg, client_cert, self.extra_crls)
         self.cfg, self.client_cert, self.current = cfg, client_cert, material
+
+    def set_extra_crls(self, pem: bytes) -> None:
+        """New fetched CRLs: new connections are checked against them in the handshake."""
+        if pem == self.extra_crls:
+            return
+        material = build_material(self.cfg, self.client_cert, pem)
+        self.extra_crls, self.current = pem, material
 
     def maybe_reload(self, *, force: bool = False) -> bool:
         if not force and _mtimes(self.cfg) == self.current.fingerprints:
             return False
         try:
-            material = build_material(self.cfg, self.client_cert)
+            material = build_material(self.cfg, self.client_cert, self.extra_crls)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("TLS reload failed, keeping the previous certificates: %s", exc)
             if self._on_reload:

@@ -1230,3 +1230,18 @@ async def test_caught_up_sees_what_another_instance_just_wrote(backend: Backend)
         await b.caught_up()
         assert b.session(f"fresh-{i}") is not None
         assert b.user("alice").step_up_after == float(i)  # type: ignore[union-attr]
+
+
+async def test_a_revoked_certificate_is_seen_by_every_instance_until_it_expires(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    t = 1_000_000.0
+    assert await b.revoked_certificates(t) == {}
+    await a.revoke_certificate("issuer1:1f", t + 100, t)
+    await a.revoke_certificate("issuer1:2a", t + 10, t)
+    # Recording it again with an earlier expiry never shortens it.
+    await b.revoke_certificate("issuer1:1f", t + 50, t)
+    assert await b.revoked_certificates(t) == {"issuer1:1f": t + 100, "issuer1:2a": t + 10}
+    assert await a.revoked_certificates(t + 20) == {"issuer1:1f": t + 100}
+    assert await b.revoked_certificates(t + 100) == {}

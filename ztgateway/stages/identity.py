@@ -117,6 +117,7 @@ class IdentityStage:
 
     def __init__(self, runtime: Runtime) -> None:
         self.revocations = runtime.revocations
+        self.revocation = runtime.revocation
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
         self.providers = runtime.config.oidc
@@ -156,11 +157,19 @@ class IdentityStage:
         assert route is not None, "the request stage sets the route or denies"
         policy = route.policy
         cert = ctx.cert
+        soft_failure: Finding | None = None
         if cert is not None:
             # SECURITY: re-checked per request against the newest CRL, so a keep-alive
             # connection or a resumed TLS session does not outlive a revocation.
             if self.revocations().is_revoked(cert.serial):
                 return [_deny(Reason.CLIENT_CERT_REVOKED, f"serial {cert.serial:x}")]
+            if self.revocation is not None and self.revocation.active:
+                # Fetched CRLs, OCSP and revocations other replicas found (revocation/).
+                status = await self.revocation.check(cert, policy.ocsp, ctx.now)
+                if status is not None:
+                    if status.verdict is not None:
+                        return [status]
+                    soft_failure = status
             now = ctx.now
             if now > cert.not_after:
                 return [_deny(Reason.CLIENT_CERT_INVALID, "certificate expired")]
@@ -256,7 +265,7 @@ class IdentityStage:
                     self._identities.clear()
                 self._identities[key] = cached
             ctx.identity = cached
-            return ()
+            return (soft_failure,) if soft_failure is not None else ()
         # SECURITY: the certificate is ambient: a navigation another site started never gets
         # its identity (not even the device id) from the certificate alone where the route
         # is strict; a session or token still counts (docs/security.md). A WebSocket's Origin
@@ -294,9 +303,10 @@ class IdentityStage:
             ctx.identity = Identity(
                 user=None, source="none", device_id=None if ambient else device_id
             )
-            return ()
+            return (soft_failure,) if soft_failure is not None else ()
         ambiguous = directory_user_refusal(identity.user, self.namespaces)
         if ambiguous:
             return [_deny(Reason.IDENTITY_AMBIGUOUS, ambiguous)]
         ctx.identity = identity
-        return ()
+        # A soft-fail route's "OCSP could not tell" rides along: audited, not refused.
+        return (soft_failure,) if soft_failure is not None else ()

@@ -1135,6 +1135,25 @@ class RedisStore(CachedReads):
         ms = max(1, int(ttl * 1000))
         return bool(await self._call("claim", lambda: self.redis.set(k, "1", nx=True, px=ms)))
 
+    async def revoke_certificate(self, key: str, until: float, now: float) -> None:
+        """One sorted set scored by the certificate's expiry: every replica reads it."""
+        k = self._key("revoked-certs", "all")
+
+        async def run() -> None:
+            await self.redis.zremrangebyscore(k, "-inf", now)
+            # GT: a later expiry wins, and new members are still added.
+            await self.redis.zadd(k, {key: until}, gt=True)
+
+        await self._call("revoke certificate", run)
+
+    async def revoked_certificates(self, now: float) -> dict[str, float]:
+        k = self._key("revoked-certs", "all")
+        rows = await self._call(
+            "revoked certificates",
+            lambda: self.redis.zrangebyscore(k, f"({now}", "+inf", withscores=True),
+        )
+        return {str(row[0]): float(row[1]) for row in rows}
+
     async def consume_backup_code(self, user: str, code_hash: str) -> bool:
         """SADD answers 1 to exactly one caller on any replica (issue 18, M7). The set is kept
         apart from the user's record, so no later save of a stale record brings a code back."""

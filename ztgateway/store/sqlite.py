@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked_certificates (key TEXT PRIMARY KEY, until REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
@@ -856,6 +857,25 @@ class SQLiteStore(CachedReads):
             )
             await db.commit()
             return bool(cur.rowcount == 1)
+
+    async def revoke_certificate(self, key: str, until: float, now: float) -> None:
+        """Remember a client certificate's revocation (learned by OCSP or a CRL) for every
+        process sharing this file, until the certificate would have expired anyway."""
+        async with self._write_lock:
+            db = self.db
+            await db.execute("DELETE FROM revoked_certificates WHERE until <= ?", (now,))
+            await db.execute(
+                "INSERT INTO revoked_certificates (key, until) VALUES (?, ?) ON CONFLICT(key) "
+                "DO UPDATE SET until = max(until, excluded.until)",
+                (key, until),
+            )
+            await db.commit()
+
+    async def revoked_certificates(self, now: float) -> dict[str, float]:
+        async with self.db.execute(
+            "SELECT key, until FROM revoked_certificates WHERE until > ?", (now,)
+        ) as cur:
+            return {str(k): float(u) async for k, u in cur}
 
     async def consume_backup_code(self, user: str, code_hash: str) -> bool:
         """One INSERT against a primary key: SQLite serialises writers across processes, so
