@@ -135,3 +135,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 from tests.e2e.test_proxy import proxy, recording  # noqa: E402, F401
 from tests.oidc_fixtures import signin, two_providers  # noqa: E402, F401
 from tests.redis_server import redis_server, redis_server_factory  # noqa: E402, F401
+from tests.signals_fixtures import signals  # noqa: E402, F401

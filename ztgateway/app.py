@@ -51,6 +51,9 @@ from .resources import Heap, ensure_fd_limit
 from .revocation.service import RevocationService, cert_key
 from .routes import RouteTable
 from .runtime import Runtime
+from .signals.backchannel import BackchannelLogout
+from .signals.compliance import PREFIX as TRANSMITTER_VERDICT
+from .signals.receiver import SignalReceiver
 from .stages.device import new_device
 from .stages.session import SessionKeeper
 from .store import store_from_url
@@ -189,6 +192,15 @@ class Gateway:
             mask_key=lambda: self.mask_key,
         )
         self.decisions = DecisionPath(self.recorder)
+        # Signals from the identity provider: SSF events and back-channel logout (signals/).
+        self.signals = SignalReceiver(
+            config.signals,
+            store=self.store,
+            recorder=self.recorder,
+            clock=clock,
+            providers=config.oidc.providers,
+        )
+        self.backchannel = BackchannelLogout(self.signals, lambda: self.providers, config.oidc)
         self.request_path = RequestPath(self, self.decisions)
         self._dry: tuple[Runtime, Runtime] | None = None
         self.started_config = config
@@ -234,7 +246,11 @@ class Gateway:
     def _on_store_change(self, kind: ChangeKind, key: str) -> None:
         # A device or session changed (perhaps revoked, from the CLI or another process):
         # open WebSockets re-verify now instead of at their next interval.
-        if kind in (ChangeKind.DEVICE, ChangeKind.SESSION, ChangeKind.USER):
+        if kind in (ChangeKind.DEVICE, ChangeKind.SESSION, ChangeKind.USER) or (
+            kind is ChangeKind.POSTURE and key.startswith(TRANSMITTER_VERDICT)
+        ):
+            # (An agent's posture report re-judges at the next interval; a transmitter's
+            # compliance verdict, signals/compliance.py, at once.)
             for w in list(self.watches):
                 w.wake()
 
@@ -315,6 +331,7 @@ class Gateway:
         await self._load_keys()
         await self.revocation.start()
         await self.providers.start()
+        await self.signals.start()
         if cfg.issuers:
             self.tokens = TokenVerifier(
                 cfg.issuers,
@@ -400,6 +417,8 @@ class Gateway:
         if self.ops_runner is not None:
             await self.ops_runner.cleanup()
         await self.upstreams.close()
+        await self.signals.close()
+        await self.backchannel.close()
         await self.revocation.close()
         if self.tokens is not None:
             await self.tokens.close()

@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     asr.set_defaults(func=cmd_audit_search)
 
-    from . import devidp
+    from . import devidp, devssf
     from .agent import cli as agent_cli
     from .commands import devices, users
     from .policycli import register as register_policy
@@ -512,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices.register(sub)
     users.register(sub)
     devidp.register(sub)
+    devssf.register(sub)
     agent_cli.register(sub)
     return p
 

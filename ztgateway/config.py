@@ -28,6 +28,7 @@ from .pages.branding import PortalConfig, parse_portal
 from .posture import PLATFORMS, PosturePolicy, parse_version
 from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
 from .risk import BlocklistError, RiskWeights
+from .signals.config import TransmitterConfig, parse_transmitters
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CertMode = Literal["required", "optional"]
@@ -400,6 +401,8 @@ class OIDCConfig:
 
     providers: tuple[OIDCProviderConfig, ...] = ()
     post_logout_path: str = "/.ztgw/signed-out"
+    backchannel_logout: bool = True
+    """Accept the provider's logout tokens at /.ztgw/oidc/backchannel-logout (docs/signals.md)."""
 
     @property
     def provider(self) -> OIDCProviderConfig | None:
@@ -446,6 +449,8 @@ class GatewayConfig:
     oidc: OIDCConfig = field(default_factory=OIDCConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
+    signals: tuple[TransmitterConfig, ...] = ()
+    """`[signals.NAME]`: Shared Signals transmitters (ztgateway/signals/, docs/signals.md)."""
     revocation: RevocationConfig = field(default_factory=RevocationConfig)
 
 
@@ -493,6 +498,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     mfa = _mfa(root.table("mfa"))
     portal = parse_portal(root.table("portal"))
     webauthn = _webauthn(root.table("webauthn"), server)
+    signals = parse_transmitters(root.named_tables("signals"))
     keys_t = root.table("keys")
     keys = KeysConfig(
         file=keys_t.path("file", must_exist=False),
@@ -547,6 +553,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         oidc=oidc,
         keys=keys,
         portal=portal,
+        signals=signals,
         revocation=revocation,
     )
 
@@ -1361,15 +1368,21 @@ def _oidc(t: Table, server: ServerConfig, issuer_namespaces: dict[str, str]) -> 
         t.done()
         return OIDCConfig()
     post_logout_path = t.text("post_logout_path", "/.ztgw/signed-out")
+    # Every provider's logout tokens (OIDC Back-Channel Logout 1.0; signals/backchannel.py).
+    backchannel = t.flag("backchannel_logout", True)
     if t.has("issuer"):
         provider = _oidc_provider(t, t.text("name", "oidc"), server, legacy=True)
         t.done()
         _check_providers(t, [provider], set(), issuer_namespaces)
-        return OIDCConfig(providers=(provider,), post_logout_path=post_logout_path)
+        return OIDCConfig(
+            providers=(provider,),
+            post_logout_path=post_logout_path,
+            backchannel_logout=backchannel,
+        )
     providers: list[OIDCProviderConfig] = []
     defaulted: set[str] = set()
     for name in list(t.data):
-        if name == "post_logout_path":
+        if name in ("post_logout_path", "backchannel_logout"):
             continue
         if not isinstance(t.data[name], dict):
             t.fail(
@@ -1392,7 +1405,11 @@ def _oidc(t: Table, server: ServerConfig, issuer_namespaces: dict[str, str]) -> 
     if not providers:
         t.fail("", "no provider: add an [oidc.NAME] table (or remove [oidc])")
     _check_providers(t, providers, defaulted, issuer_namespaces)
-    return OIDCConfig(providers=tuple(providers), post_logout_path=post_logout_path)
+    return OIDCConfig(
+        providers=tuple(providers),
+        post_logout_path=post_logout_path,
+        backchannel_logout=backchannel,
+    )
 
 
 def _check_providers(

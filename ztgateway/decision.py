@@ -120,6 +120,11 @@ class Reason(enum.StrEnum):
     RATE_LIMITED = "rate-limited"
     MFA_REQUIRED = "mfa-required"
     ACCOUNT_LOCKED = "account-locked"
+    SIGNAL_STEP_UP = "signal-step-up"  # the identity provider said so (CAEP, signals/)
+    # signals from the identity provider (signals/: SSF events, back-channel logout tokens)
+    SIGNAL_ACCEPTED = "signal-accepted"
+    SIGNAL_INVALID = "signal-invalid"
+    SIGNAL_REPLAYED = "signal-replayed"
     # second factor (mfa.py, mfa_endpoints.py): the outcome of a code someone entered
     MFA_INVALID = "mfa-invalid"
     MFA_REPLAYED = "mfa-replayed"
@@ -205,6 +210,10 @@ _STATUS: dict[Reason, int] = {
     Reason.SESSION_ANOMALY: 401,
     Reason.MFA_REQUIRED: 401,
     Reason.RISK_STEP_UP: 401,
+    Reason.SIGNAL_STEP_UP: 401,
+    Reason.SIGNAL_ACCEPTED: 202,
+    Reason.SIGNAL_INVALID: 400,
+    Reason.SIGNAL_REPLAYED: 400,
     Reason.IP_DRIFT: 401,
     Reason.RATE_LIMITED: 429,
     Reason.CREDENTIALS_THROTTLED: 429,
@@ -276,6 +285,9 @@ _TITLES: dict[Reason, str] = {
     Reason.POSTURE_REPLAYED: "The posture report was already received or is older than the last one",
     Reason.RISK_STEP_UP: "Additional verification is required",
     Reason.SESSION_ANOMALY: "Unusual activity: confirm it is you",
+    Reason.SIGNAL_STEP_UP: "Your identity provider asks you to confirm it is you",
+    Reason.SIGNAL_INVALID: "The security event or logout token was refused",
+    Reason.SIGNAL_REPLAYED: "The security event or logout token was already received",
     Reason.RISK_DENIED: "This request was refused as too risky",
     Reason.RATE_LIMITED: "Too many requests: wait a moment and try again",
     Reason.MFA_REQUIRED: "Your second factor is required",

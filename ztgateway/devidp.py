@@ -48,6 +48,14 @@ from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.configreader import ConfigError, Table
 from ztgateway.credentials.devtoken import jwk_thumbprint, load_signing_key, public_jwks
 from ztgateway.devidp_shapes import GENERIC, SHAPES, Shape
+from ztgateway.devssf import (
+    DevSSFConfig,
+    DevTransmitter,
+    OutgoingTLS,
+    load_outgoing,
+    load_ssf,
+    sid_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +194,16 @@ class DevClient:
     client_secret: str = field(repr=False)
     redirect_uris: tuple[str, ...]
     post_logout_redirect_uris: tuple[str, ...]
+    backchannel_logout_uri: str | None = None
+    """Back-Channel Logout 1.0 §2.2: where logout tokens go when a session ends here."""
 
 
 @dataclass(frozen=True, slots=True)
 class DevIdPConfig:
     users: Mapping[str, DevUser]
     clients: Mapping[str, DevClient]  # by client_id
+    ssf: DevSSFConfig | None = None
+    outgoing: OutgoingTLS = field(default_factory=OutgoingTLS)
 
 
 def _check_redirect_uri(table: Table, key: str, uri: str) -> None:
@@ -246,19 +258,30 @@ def load_devidp_file(path: Path) -> DevIdPConfig:
         logout_uris = t.str_list("post_logout_redirect_uris")
         for i, uri in enumerate(logout_uris):
             _check_redirect_uri(t, f"post_logout_redirect_uris[{i}]", uri)
+        backchannel = t.text("backchannel_logout_uri")
+        if backchannel is not None:
+            _check_redirect_uri(t, "backchannel_logout_uri", backchannel)
         clients[client_id] = DevClient(
             client_id=client_id,
             client_secret=secret,
             redirect_uris=redirect_uris,
             post_logout_redirect_uris=logout_uris,
+            backchannel_logout_uri=backchannel,
         )
         t.done()
+    ssf = load_ssf(root)
+    outgoing = load_outgoing(root)
     root.done()
     if not users:
         raise ConfigError(path, "users", "at least one user is required")
     if not clients:
         raise ConfigError(path, "clients", "at least one client is required")
-    return DevIdPConfig(users=MappingProxyType(users), clients=MappingProxyType(clients))
+    return DevIdPConfig(
+        users=MappingProxyType(users),
+        clients=MappingProxyType(clients),
+        ssf=ssf,
+        outgoing=outgoing,
+    )
 
 
 def _rsa_jwks(public_key: rsa.RSAPublicKey) -> tuple[str, dict[str, Any]]:
@@ -409,6 +432,16 @@ class DevIdP:
         self._used_codes: _Expiring[str] = _Expiring(CODE_TTL * 10, clock)
         self._tokens: _Expiring[_AccessToken] = _Expiring(ACCESS_TOKEN_TTL, clock)
         self._sessions: _Expiring[_Session] = _Expiring(SESSION_TTL, clock)
+        # Which clients each session signed in to: they get a logout token when it ends.
+        self._session_clients: _Expiring[set[str]] = _Expiring(SESSION_TTL, clock)
+        self.transmitter = DevTransmitter(
+            issuer=issuer,
+            base_path=self.base_path,
+            origin=self.origin,
+            config=config.ssf,
+            outgoing=config.outgoing,
+            clock=clock,
+        )
         # Unknown users are checked against this, so a wrong name costs as long as a wrong
         # password and the form does not reveal which accounts exist.
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
@@ -441,6 +474,7 @@ class DevIdP:
                     app.router.add_route(method, path, handler)
         app.router.add_post(base + "/login", self.login)
         app.router.add_get(base + "/", self.index)
+        self.transmitter.add_routes(app)
 
     # -- documents -------------------------------------------------------------------------
 
@@ -481,6 +515,9 @@ class DevIdP:
             "code_challenge_methods_supported": ["S256"],
             "prompt_values_supported": ["none", "login"],
             "authorization_response_iss_parameter_supported": True,
+            # Back-Channel Logout 1.0 §2.1: logout tokens carry `sid` (and `sub`).
+            "backchannel_logout_supported": True,
+            "backchannel_logout_session_supported": True,
         }
         # A provider without RP-initiated logout (Google) does not announce the endpoint.
         return web.json_response({k: v for k, v in document.items() if v is not None})
@@ -713,6 +750,9 @@ class DevIdP:
 
     def _issue_code(self, auth: _AuthRequest, session: _Session, session_id: str) -> web.Response:
         code = secrets.token_urlsafe(32)
+        clients = self._session_clients.get(session_id) or set()
+        clients.add(auth.client_id)
+        self._session_clients.put(session_id, clients)
         self._codes.put(
             code,
             _Grant(
@@ -840,7 +880,7 @@ class DevIdP:
                 "auth_time": grant.auth_time,
                 # OIDC Core §3.1.3.8: left half of SHA-256 of the access token, for ES256.
                 "at_hash": _b64url(hashlib.sha256(access_token.encode()).digest()[:16]),
-                "sid": hashlib.sha256(grant.session_id.encode()).hexdigest()[:32],
+                "sid": sid_for(grant.session_id),
             }
         )
         if grant.nonce is not None:
@@ -890,7 +930,9 @@ class DevIdP:
         params = await _request_params(request) or {}
         session_id = request.cookies.get(self.session_cookie)
         if session_id:
-            self._sessions.pop(session_id)
+            ended = self._sessions.pop(session_id)
+            if ended is not None:
+                await self._backchannel_logout(session_id, ended)
         client_id = params.get("client_id")
         hint = params.get("id_token_hint")
         hinted = self._hinted_client(hint) if hint else None
@@ -914,6 +956,27 @@ class DevIdP:
             )
         response.del_cookie(self.session_cookie, path="/")
         return response
+
+    async def _backchannel_logout(self, session_id: str, session: _Session) -> None:
+        """Back-Channel Logout 1.0 §2.5: a logout token to every client this session signed
+        in to that registered a `backchannel_logout_uri` (sent before the browser moves on, so
+        the person is signed out everywhere by the time the page says so)."""
+        user = self.config.users.get(session.username)
+        for client_id in sorted(self._session_clients.pop(session_id) or ()):
+            client = self.config.clients.get(client_id)
+            if client is None or client.backchannel_logout_uri is None or user is None:
+                continue
+            sub = str(self._user_claims(user, ("openid",), client_id)["sub"])
+            token = self.transmitter.logout_token(
+                self._key,
+                self.kid,
+                self.shape.algorithm,
+                client_id=client_id,
+                sub=sub,
+                sid=sid_for(session_id),
+            )
+            status = await self.transmitter.send_logout(client.backchannel_logout_uri, token)
+            logger.info("dev-idp: back-channel logout of %s to %s: %s", sub, client_id, status)
 
 
 async def _request_params(request: web.Request) -> dict[str, str] | None:

@@ -164,6 +164,12 @@ def moved_gateway_config(text: str, config: dict[str, Any], ports: Ports) -> str
     issuer = config.get("oidc", {}).get("issuer")
     if issuer:
         values[("oidc", "issuer")] = _with_port(issuer, ports.idp)
+    # The dev IdP as a Shared Signals transmitter (devssf.py): its issuer and keys move with it.
+    for name, transmitter in config.get("signals", {}).items():
+        for key in ("issuer", "jwks_url", "poll_url"):
+            url = transmitter.get(key)
+            if url and _port_of(url, 80) == configured_ports(config).idp:
+                values[(f"signals.{name}", key)] = _with_port(url, ports.idp)
     return set_keys(text, values)
 
 
@@ -171,16 +177,23 @@ def moved_idp_users(text: str, old_gateway: int, new_gateway: int) -> str:
     """The dev IdP's clients with their gateway redirect URIs moved to the gateway's port."""
     data = tomllib.loads(text)
     values: dict[tuple[str, str], Any] = {}
+
+    def moved(u: str) -> str:
+        return _with_port(u, new_gateway) if _port_of(u, 443) == old_gateway else u
+
     for name, client in data.get("clients", {}).items():
         for key in ("redirect_uris", "post_logout_redirect_uris"):
             uris = client.get(key)
             if not uris:
                 continue
-            moved = [
-                _with_port(u, new_gateway) if _port_of(u, 443) == old_gateway else u for u in uris
-            ]
-            if moved != uris:
-                values[(f"clients.{name}", key)] = moved
+            if [moved(u) for u in uris] != uris:
+                values[(f"clients.{name}", key)] = [moved(u) for u in uris]
+        backchannel = client.get("backchannel_logout_uri")
+        if backchannel and moved(backchannel) != backchannel:
+            values[(f"clients.{name}", "backchannel_logout_uri")] = moved(backchannel)
+    push = data.get("ssf", {}).get("push_url")
+    if push and moved(push) != push:
+        values[("ssf", "push_url")] = moved(push)
     return set_keys(text, values) if values else text
 
 
@@ -191,6 +204,19 @@ def _write_beside(original: Path, text: str) -> Path:
 
 
 # -- processes -------------------------------------------------------------------------------
+
+
+def ensure_transmitter_cert(certs: Path) -> None:
+    """The dev IdP's client certificate, for what it sends the gateway's mTLS port (SSF pushes,
+    back-channel logout tokens; config/dev-idp-users.toml [outgoing])."""
+    if (certs / "clients" / "dev-idp.pem").exists() or not (certs / "ca.key").exists():
+        return
+    from .pki import PKIError, issue_client
+
+    try:
+        issue_client(certs, "dev-idp", user="dev-idp")
+    except PKIError as exc:
+        print(f"warning: no client certificate for the dev IdP: {exc}", file=sys.stderr)
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
@@ -299,6 +325,9 @@ def hints(ports: Ports, public_url: str) -> str:
         "  TOKEN=$(.venv/bin/ztgateway token issue --sub alice --groups admins)\n"
         f'  curl {cert} -H "Authorization: Bearer $TOKEN" {base}/api/echo\n\n'
         f"  curl http://127.0.0.1:{ports.ops}/metrics\n\n"
+        f"  .venv/bin/ztgateway dev-ssf send --idp http://127.0.0.1:{ports.idp} --event "
+        "session-revoked --sub alice \\\n"
+        "      --control-token dev-ssf-control-token-not-for-production\n\n"
         "In a browser: import certs/clients/alice-laptop.p12 (password: ztgateway), open\n"
         f"{base}/ and sign in as alice / alice-dev-password (development only).\n\n"
         f"demo app http://127.0.0.1:{ports.app}/  ·  dev IdP http://127.0.0.1:{ports.idp}/  ·  "
@@ -355,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     public_url = config.get("server", {}).get("public_url") or f"https://127.0.0.1:{ports.gateway}"
 
     Path("var").mkdir(exist_ok=True)
+    ensure_transmitter_cert(Path("certs"))
     token = Path("certs/admin.token")
     if not token.exists():
         import secrets

@@ -301,6 +301,9 @@ async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.St
             "provider": provider.name,
             "email": result.email,
             "groups": groups,
+            # The provider's names for the person and for its own session: what its
+            # back-channel logout tokens and shared signals name (signals/).
+            **_provider_ids(result.subject, result.claims.get("sid")),
             # For logout's id_token_hint: the store keeps it apart, not in memory.
             ID_TOKEN: result.id_token,
         },
@@ -316,6 +319,13 @@ async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.St
     gw.metrics.logins.labels(provider.name, "success").inc()
     _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"signed in with {provider.name}")
     return see_other(result.return_to, ctx.decision_id, clear_login, session_cookie)
+
+
+def _provider_ids(sub: str, sid: object) -> dict[str, str]:
+    ids = {"sub": sub}
+    if isinstance(sid, str) and sid:
+        ids["sid"] = sid
+    return ids
 
 
 def _provider_origins(gw: Gateway) -> tuple[str, ...]:

@@ -59,10 +59,11 @@ RESTART_REQUIRED: Final = (
     "mfa",
     "assertion",
     "risk.geoip_db",
+    "signals",
 )
 """Settings held by long-lived parts built at start-up (sockets, the audit writer, the store,
 the gateway's root key, the token verifier, the OIDC client, the MFA box, the assertion signer,
-the GeoIP reader)."""
+the GeoIP reader, the signal receiver's transmitters and pollers)."""
 
 
 def setting(config: GatewayConfig, path: str) -> Any:

@@ -40,6 +40,7 @@ from .responses import (
     render,
     with_security_headers,
 )
+from .signals import endpoints as signal_endpoints
 from .store.base import StoreUnavailable
 from .tls import upstream_context
 
@@ -72,6 +73,9 @@ _PAGES = {
     ("/.ztgw/webauthn/register", "POST"): webauthn_endpoints.register,
     ("/.ztgw/webauthn/authenticate/options", "POST"): webauthn_endpoints.authenticate_options,
     ("/.ztgw/webauthn/authenticate", "POST"): webauthn_endpoints.authenticate,
+    # Signals from the identity provider (signals/, docs/signals.md)
+    ("/.ztgw/ssf/events", "POST"): signal_endpoints.push_events,
+    ("/.ztgw/oidc/backchannel-logout", "POST"): signal_endpoints.backchannel_logout,
 }
 _TIMERS = {"header_timeout", "body_timeout", "idle_timeout", "slow_reader"}
 

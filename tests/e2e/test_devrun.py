@@ -178,6 +178,18 @@ def test_one_offset_moves_every_port_and_a_signal_stops_all_three(
     assert query["redirect_uri"] == [f"https://127.0.0.1:{gw}/.ztgw/oidc/callback"]
     with urllib.request.urlopen(location, timeout=10) as r:  # the IdP's sign-in form, no error
         assert r.status == 200 and "password" in r.read().decode().lower()
+    # The moved dev IdP is the gateway's Shared Signals transmitter: the demo's command pushes
+    # a signed SET the moved gateway accepts (202), over mTLS with the IdP's own certificate.
+    sent = subprocess.run(
+        [
+            sys.executable, "-m", "ztgateway", "dev-ssf", "send", "--idp",
+            f"http://127.0.0.1:{idp}", "--event", "session-revoked", "--sub", "alice",
+            "--control-token", "dev-ssf-control-token-not-for-production",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert '"receiver_status": 202' in sent.stdout
     run.proc.send_signal(how)
     assert run.proc.wait(timeout=40) == 0
     assert nobody_listens([gw, ops, app, idp])

@@ -1229,6 +1229,21 @@ async def test_sqlite_reads_never_make_a_write_fail_under_another_process_writes
     assert failures == []
 
 
+async def test_caught_up_sees_what_another_instance_just_wrote(backend: Backend) -> None:
+    """A signal about alice must see the session another worker or replica started a moment
+    ago: `caught_up()` returns only once every change made before it is in this cache."""
+    # SQLite: a long poll interval, so only catching up can have read it.
+    slow = {"sync_interval": 5.0} if backend.name == "sqlite" else {}
+    a, b = await backend.open(), await backend.open(**slow)
+    for i in range(3):
+        await a.save_session(session(f"fresh-{i}"))
+        user = dataclasses.replace(UserRecord(user="alice"), step_up_after=float(i))
+        await a.save_user(user)
+        await b.caught_up()
+        assert b.session(f"fresh-{i}") is not None
+        assert b.user("alice").step_up_after == float(i)  # type: ignore[union-attr]
+
+
 async def test_a_revoked_certificate_is_seen_by_every_instance_until_it_expires(
     backend: Backend,
 ) -> None:

@@ -501,6 +501,11 @@ class OIDCClient:
         """The validated discovery document, once fetched."""
         return self._metadata
 
+    async def discovered(self) -> ProviderMetadata:
+        """The discovery document, fetched now if it has not been (OIDCError if it cannot):
+        what the back-channel logout endpoint verifies logout tokens with (signals/)."""
+        return await self._ensure_discovered()
+
     def _session(self) -> aiohttp.ClientSession:
         if self._session_factory is not None:
             return self._session_factory()

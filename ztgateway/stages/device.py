@@ -15,6 +15,7 @@ from ..config import TRUST_LEVELS
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..posture import PostureEvaluation, evaluate
+from ..signals.compliance import apply_verdict, record_key
 from ..store.base import REBIND_NEXT, Device, PostureRecord
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ def posture_for(
 ) -> PostureEvaluation:
     store = runtime.store
     record = store.posture(device_id) if store is not None else None
-    return _judge(runtime, record, now=now, require_signed=require_signed)
+    verdict = store.posture(record_key(device_id)) if store is not None else None
+    return apply_verdict(_judge(runtime, record, now=now, require_signed=require_signed), verdict)
 
 
 def _judge(
@@ -88,9 +90,11 @@ class DeviceStage:
         self.auto_approve = runtime.config.devices.auto_approve
         self.owner_mismatch_denies = runtime.config.devices.owner_mismatch == "deny"
         self.default_min_trust = runtime.config.devices.default_min_trust
-        # device id, require_signed -> (the report it judged, valid until, evaluation)
+        # device id, require_signed -> (the report and the transmitter's verdict it judged,
+        # valid until, evaluation)
         self._evaluations: dict[
-            tuple[str, bool], tuple[PostureRecord | None, float, PostureEvaluation]
+            tuple[str, bool],
+            tuple[PostureRecord | None, PostureRecord | None, float, PostureEvaluation],
         ] = {}
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
@@ -179,11 +183,15 @@ class DeviceStage:
         """
         assert self.store is not None
         record = self.store.posture(device_id)
+        # A transmitter's verdict (CAEP device-compliance-change) counts beside the report.
+        verdict = self.store.posture(record_key(device_id))
         key = (device_id, require_signed)
         hit = self._evaluations.get(key)
-        if hit is not None and hit[0] is record and now < hit[1]:
-            return hit[2]
-        evaluation = _judge(self.runtime, record, now=now, require_signed=require_signed)
+        if hit is not None and hit[0] is record and hit[1] is verdict and now < hit[2]:
+            return hit[3]
+        evaluation = apply_verdict(
+            _judge(self.runtime, record, now=now, require_signed=require_signed), verdict
+        )
         valid_until = now + 1.0
         if evaluation.reported_at is not None:
             valid_until = min(
@@ -191,7 +199,7 @@ class DeviceStage:
             )
         if len(self._evaluations) >= 100_000:
             self._evaluations.clear()
-        self._evaluations[key] = (record, valid_until, evaluation)
+        self._evaluations[key] = (record, verdict, valid_until, evaluation)
         return evaluation
 
     def _trust_findings(

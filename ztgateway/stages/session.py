@@ -281,6 +281,12 @@ class SessionStage:
         if answered and session.mfa_at is not None and now - session.mfa_at <= cfg.step_up_validity:
             # A second factor given moments ago answers a risk-triggered step-up.
             ctx.mfa_fresh = True
+        asked = account.step_up_after if account is not None else None
+        if asked is not None and session.created <= asked and (session.mfa_at or 0.0) < asked:
+            # The identity provider said the credentials or the assurance changed (CAEP):
+            # a session from before must give a second factor again (signals/actions.py).
+            why = (account.step_up_reason if account is not None else None) or ""
+            out.append(Finding(NAME, Reason.SIGNAL_STEP_UP, Verdict.STEP_UP, detail=why))
 
         terminate_at = (
             rs.anomaly_terminate if rs.anomaly_terminate is not None else cfg.anomaly_terminate

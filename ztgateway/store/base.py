@@ -97,6 +97,11 @@ class UserRecord:
     known_devices: tuple[str, ...] = ()
     known_routes: tuple[str, ...] = ()
     last_location: tuple[float, float, float] | None = None  # lat, lon, time
+    step_up_after: float | None = None
+    """A signal from the identity provider (CAEP credential-change, assurance-level-change)
+    asked for a second factor: sessions whose last one is older than this must step up
+    (ztgateway/signals/, docs/signals.md)."""
+    step_up_reason: str | None = None
 
     def locked(self, now: float) -> bool:
         return self.locked_until is not None and self.locked_until > now
@@ -457,6 +462,11 @@ class Store(Protocol):
 
     async def flush(self) -> None: ...
     async def sync(self) -> int: ...
+    async def caught_up(self) -> None:
+        """Return once every change other processes made durable before the call is in this
+        process's cache (StoreUnavailable if that cannot be known in time): what a signal
+        that names a user waits for, so a session started elsewhere a moment ago is seen."""
+        ...
 
     # counters and one-time claims: async, because with many replicas they live in Redis
     async def take_token_async(self, key: str, rate: float, burst: int, now: float) -> float: ...

@@ -409,6 +409,11 @@ class RedisStore(CachedReads):
         self._synced = False  # subscribed and reloaded since the last (re)connect
         self._failed = False  # the last call to Redis failed; cleared by the next success
         self._last_pong = 0.0
+        # Heartbeats sent and answered on the current subscription (answers come in order):
+        # caught_up() waits for the answer to the first one sent after its call.
+        self._pings = 0
+        self._pongs = 0
+        self._pong_seen = asyncio.Event()  # set (and replaced) at each of them
         self._closing = False
         self.resyncs = 0  # full reloads after the first: reconnects (for metrics and tests)
 
@@ -430,6 +435,21 @@ class RedisStore(CachedReads):
     def stale_after(self) -> float:
         """Seconds without a PONG after which the cache is no longer trusted."""
         return self.sync_interval + self.timeout
+
+    async def caught_up(self) -> None:
+        """Redis answers a PING on the subscription after every message published before it:
+        once the PING sent after the call is answered, every change published before the call
+        is applied (within one heartbeat interval, `sync_interval`)."""
+        target = self._pings + 1
+
+        async def answered() -> None:
+            while self._pongs < target:
+                await self._pong_seen.wait()
+
+        try:
+            await asyncio.wait_for(answered(), 2 * self.stale_after)
+        except TimeoutError as exc:
+            raise StoreUnavailable("redis: no heartbeat to catch up with") from exc
 
     async def open(self) -> None:
         client = Redis.from_url(
@@ -597,6 +617,8 @@ class RedisStore(CachedReads):
 
     async def _listen(self, pubsub: PubSub) -> None:
         next_ping = 0.0
+        # A new subscription (after a full reload): nothing is in flight on it yet.
+        self._pongs = self._pings
         while not self._closing:
             conn: Any = pubsub.connection  # typed as always set; it is None once closed
             if conn is None or not conn.is_connected:
@@ -608,18 +630,19 @@ class RedisStore(CachedReads):
                 raise StoreUnavailable(f"no answer from redis for {self.stale_after:.2f}s")
             if now >= next_ping:
                 await pubsub.ping(_HEARTBEAT)
+                self._pings += 1
                 next_ping = now + self.sync_interval
                 if self._failed:  # a call failed but pub/sub lives: healthy again once Redis is
                     with contextlib.suppress(StoreUnavailable):
                         await self._call("ping", self.redis.ping)
             msg = await pubsub.get_message(timeout=min(self.sync_interval, self.timeout))
             batch: list[str] = []
-            pong = False
+            pong = 0
             while msg is not None:
                 if msg["type"] == "message":
                     batch.append(str(msg["data"]))
                 elif msg["type"] == "pong":
-                    pong = True
+                    pong += 1
                 if len(batch) >= 500:
                     break
                 msg = await pubsub.get_message(timeout=0)
@@ -627,6 +650,9 @@ class RedisStore(CachedReads):
                 await self._apply_messages(batch)
             if pong:  # only now: every change published before our PING is applied
                 self._last_pong = self._clock.monotonic()
+                self._pongs += pong
+                seen, self._pong_seen = self._pong_seen, asyncio.Event()
+                seen.set()
 
     async def _apply_messages(self, raw: list[str]) -> None:
         wanted: dict[tuple[ChangeKind, str], bool] = {}

@@ -384,6 +384,10 @@ class SQLiteStore(CachedReads):
         self._healthy = True
         return len(rows)
 
+    async def caught_up(self) -> None:
+        """Every committed change is in the change log: reading it now is catching up."""
+        await self.sync()
+
     async def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
         rows = await self._rows(sql, args)
         return rows[0] if rows else None
