@@ -17,6 +17,7 @@ from .session import cookie_session_id, read_cookie
 if TYPE_CHECKING:
     from ..config import ClaimMapping
     from ..runtime import Runtime
+    from ..tls import CertInfo
 
 NAME = "identity"
 
@@ -66,6 +67,7 @@ class IdentityStage:
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
         self._identities: dict[tuple[str, str | None], Identity] = {}
+        self._cert_identities: dict[CertInfo, Identity] = {}
         self.store = runtime.store
         self.cookie_name = runtime.config.sessions.cookie_name
 
@@ -161,9 +163,15 @@ class IdentityStage:
             and policy.login != "always"
             and not (policy.login == "browsers" and ctx.wants_html)
         ):
-            ctx.identity = Identity(
-                user=cert.user, source="cert", email=cert.email, device_id=device_id
-            )
+            # One per certificate: its fields never change (shared, like token identities).
+            identity = self._cert_identities.get(cert)
+            if identity is None:
+                if len(self._cert_identities) >= 10_000:
+                    self._cert_identities.clear()
+                identity = self._cert_identities[cert] = Identity(
+                    user=cert.user, source="cert", email=cert.email, device_id=device_id
+                )
+            ctx.identity = identity
         else:
             ctx.identity = Identity(user=None, source="none", device_id=device_id)
         return ()
