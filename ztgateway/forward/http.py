@@ -50,7 +50,9 @@ class Upstreams:
 
     def pool(self, up: UpstreamConfig) -> UpstreamPool:
         pool = self._pools.get(up.name)
-        if pool is None or pool.config != up:
+        # Identity first: a frozen dataclass compared field by field on every request costs
+        # more than the rest of this look-up; a reload builds a new config object.
+        if pool is None or (pool.config is not up and pool.config != up):
             ssl_ctx = upstream_context(up) if up.url.scheme == "https" else None
             pool = UpstreamPool(up, ssl_ctx)
             old = self._pools.get(up.name)
