@@ -265,7 +265,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async def headers_setup(n: int) -> Body:
         async def body(n: int) -> None:
             for _ in range(n):
-                add = identity_headers(gw.signer, full_ctx, "127.0.0.1:8443")
+                add = identity_headers(gw.signer, full_ctx, "127.0.0.1:8443", full_decision)
                 upstream_request_headers(full_ctx.headers, add, forward_authorization=False)
 
         return body

@@ -82,10 +82,13 @@ NOT_YET: tuple[str, ...] = ()
 BASE_GATEWAY: dict[str, dict[str, Any]] = {
     "risk": {"trusted_zones": ["loopback"], "failed_attempts_threshold": 10**9},
     "sessions": {"burst_requests": 10**9},
+    # The benchmark's device is an approved one: a pending device is refused by default.
+    "devices": {"auto_approve": True},
 }
 GATEWAY_NOTES = (
     "risk: loopback is a trusted zone and failed_attempts_threshold = 10^9; sessions: "
-    "burst_requests = 10^9; one fresh bound token (a new session) per run. One client at "
+    "burst_requests = 10^9; devices: auto_approve (the client is an approved device); one fresh "
+    "bound token (a new session) per run. One client at "
     "thousands of req/s is otherwise a burst anomaly, and the requests wrk cuts at the end of "
     "each run would count as failed attempts against the next runs"
 )

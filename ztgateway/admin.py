@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .audit import AuditUnavailable, search
+from .certverify import CertRefused, ClientCertVerifier
 from .context import RequestContext
 from .decision import Decision, Finding, Reason, Verdict
 from .posture import MAX_CLOCK_SKEW, PostureError, digest, evaluate, validate_report
-from .store.base import PostureRecord, UserRecord
+from .store.base import REBIND_NEXT, Device, PostureRecord, Store, UserRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,9 +74,16 @@ def _audit(
     return ctx.decision_id
 
 
+ADMIN_PATHS = ("/admin/", "/decide")
+"""Need the admin token. `/decide` answers with the identity, groups and finding details of
+whatever cookie, token or certificate it is given (security review L10): it is policy explain
+for operators, not a public oracle. /healthz, /readyz, /metrics and /forward-auth stay open
+(forward-auth checks its caller's address)."""
+
+
 @web.middleware
 async def require_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith("/admin/"):
+    if not (request.path.startswith(ADMIN_PATHS[0]) or request.path == ADMIN_PATHS[1]):
         return await handler(request)
     from .ops import GATEWAY_KEY
 
@@ -140,6 +148,30 @@ async def require_admin(request: web.Request, handler: Handler) -> web.StreamRes
     return response
 
 
+async def rebind_device(
+    store: Store, device_id: str, pem: bytes | None, verifier: ClientCertVerifier, now: float
+) -> Device | None:
+    """Pin a device to the key of `pem` (verified like a handshake, naming this device), or,
+    without one, to the key of the next certificate it presents (security review L9).
+    Raises ValueError for a certificate that may not be this device's."""
+    device = store.device(device_id)
+    if device is None:
+        return None
+    if pem is None:
+        return await store.bind_device_key(
+            device_id, REBIND_NEXT, device.fingerprint, device.subject
+        )
+    try:
+        cert = verifier.verify_pem(pem, now)
+    except CertRefused as exc:
+        raise ValueError(f"certificate refused: {exc.detail}") from exc
+    if cert.device_id != device_id:
+        raise ValueError(f"the certificate is device {cert.device_id!r}, not {device_id!r}")
+    return await store.bind_device_key(
+        device_id, cert.spki_sha256, cert.fingerprint_sha256, cert.subject
+    )
+
+
 def _gw(request: web.Request) -> Gateway:
     from .ops import GATEWAY_KEY
 
@@ -201,6 +233,21 @@ async def device_action(request: web.Request) -> web.Response:
         if owner is not None and not isinstance(owner, str):
             raise web.HTTPBadRequest(text="owner must be a string or null")
         device = await gw.store.set_device_owner(device_id, owner)
+    elif action == "rebind":
+        body = await _json_body(request)
+        pem = body.get("cert_pem")
+        if pem is not None and not isinstance(pem, str):
+            raise web.HTTPBadRequest(text="cert_pem must be a PEM string")
+        try:
+            device = await rebind_device(
+                gw.store,
+                device_id,
+                pem.encode() if pem else None,
+                gw.tls.current.verifier,
+                gw.clock.time(),
+            )
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
     else:
         raise web.HTTPNotFound()
     if device is None:

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import __version__
+from . import __version__, sdnotify
 from .assertion import AssertionSigner, load_or_create_key
 from .audit import AuditLog, MaskKey
 from .audit.checkpoint import CheckpointSigner
@@ -49,9 +49,10 @@ from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
 from .routes import RouteTable
 from .runtime import Runtime
+from .stages.device import new_device
 from .stages.session import SessionKeeper
 from .store import store_from_url
-from .store.base import ChangeKind, Device, StoreUnavailable
+from .store.base import ChangeKind, StoreUnavailable
 from .tls import TLSManager
 
 log = logging.getLogger("ztgateway")
@@ -551,8 +552,8 @@ class Gateway:
         """A refusal decided outside the pipeline, with its one finding."""
         return refusal(ctx, reason, detail)
 
-    def asserted_identity(self, ctx: RequestContext) -> dict[str, str]:
-        return asserted_identity(self.signer, ctx)
+    def asserted_identity(self, ctx: RequestContext, decision: Decision) -> dict[str, str]:
+        return asserted_identity(self.signer, ctx, decision)
 
     def audit_event(
         self, ctx: RequestContext, decision: Decision, request: object = None
@@ -565,16 +566,7 @@ class Gateway:
         if cert is None or self.store.device(cert.device_id) is not None:
             return
         await self.store.register_device(
-            Device(
-                device_id=cert.device_id,
-                fingerprint=cert.fingerprint_sha256,
-                subject=cert.subject,
-                owner=cert.user,
-                state="approved" if self.config.devices.auto_approve else "pending",
-                first_seen=ctx.now,
-                last_seen=ctx.now,
-                last_ip=ctx.client_ip,
-            )
+            new_device(cert, ctx.now, ctx.client_ip, approved=self.config.devices.auto_approve)
         )
 
     # --- ops helpers ----------------------------------------------------------------------------
@@ -653,7 +645,7 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_and_tell(gw))
     if lifeline is not None:
         watch_lifeline(lifeline, stop.set)
     summaries: asyncio.Task[None] | None = None
@@ -663,14 +655,29 @@ async def serve(
     print(f"ztgateway listening on https://{config.server.host}:{gw.port}", flush=True)
     if gw.ops_port:
         print(f"ops listener on http://{config.ops.host}:{gw.ops_port}", flush=True)
+    sdnotify.ready(_serving(gw), worker=worker)
     await stop.wait()
     log.info(
         "shutting down: finishing in-flight requests (up to %ss)", config.server.shutdown_timeout
     )
+    sdnotify.stopping()
     await gw.stop()
     if summaries is not None and log_limit is not None:
         summaries.cancel()
         log_limit.summaries(final=True)
+
+
+def _serving(gw: Gateway) -> str:
+    return f"serving https://{gw.config.server.host}:{gw.port} (revision {gw.config.revision})"
+
+
+def _reload_and_tell(gw: Gateway) -> None:
+    """SIGHUP with the service manager told: RELOADING=1, then READY=1 once the new revision
+    serves, or once the old one is known to go on serving (a refused reload keeps it)."""
+    sdnotify.reloading(gw.clock)
+    ok = gw.reload()
+    status = _serving(gw) if ok else f"reload refused; {_serving(gw)}"
+    sdnotify.ready(status, worker=gw.worker)
 
 
 async def _log_summaries(limit: RateLimit) -> None:

@@ -103,10 +103,14 @@ class AssertionSigner:
         device_id: str | None,
         source: str,
         now: float | None = None,
+        would: str | None = None,
     ) -> str:
-        """Signing costs ~50 µs, so an assertion is reused until half its lifetime has passed."""
+        """Signing costs ~50 µs, so an assertion is reused until half its lifetime has passed.
+
+        `would` is the verdict a route in monitor mode did not enforce: the upstream can tell
+        a monitored request from an allowed one (`ztgw.monitor`, `ztgw.would`)."""
         now = self.clock.time() if now is None else now
-        key = (audience, user, email, groups, device_id, source)
+        key = (audience, user, email, groups, device_id, source, would)
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
@@ -118,7 +122,9 @@ class AssertionSigner:
             "nbf": iat - 5,
             "exp": iat + self.ttl,
             "sub": user or "",
-            "ztgw": {"auth": source},
+            "ztgw": {"auth": source}
+            if would is None
+            else {"auth": source, "monitor": True, "would": would},
         }
         if email:
             claims["email"] = email

@@ -22,12 +22,14 @@ from yarl import URL
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
+from .headerfamilies import cert_header_problem
 from .posture import PLATFORMS, PosturePolicy, parse_version
 from .risk import BlocklistError, RiskWeights
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CertMode = Literal["required", "optional"]
 RouteMode = Literal["enforce", "monitor"]
+CrossSite = Literal["lax", "strict", "safe-methods"]
 
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -62,6 +64,13 @@ class ServerConfig:
     allow_trace: bool = False
     websocket_ping_interval: float = 20.0
     websocket_max_message: int = 4 * 1024 * 1024
+    invalid_credentials_limit: int = 30
+    """Failed credential verifications per client address within the window before further
+    credentials from it are refused unverified (throttle.py); 0 turns the throttle off."""
+    invalid_credentials_window: float = 60.0
+    hsts_max_age: int = 31_536_000
+    """Strict-Transport-Security max-age on the gateway's own answers (0: not sent)."""
+    hsts_include_subdomains: bool = False
     max_pending_handshakes: int = 1024
     """Connections mid-handshake, budgeted apart from `max_connections` (established)."""
     max_pending_handshakes_per_source: int = 64
@@ -122,6 +131,9 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     max_connections: int = 256
     max_connections_per_host: int = 256
+    case_insensitive: bool = False
+    """The upstream serves `/ADMIN/` as `/admin/` (IIS, Windows file systems): its routes match
+    case-insensitively and paths with Windows file-name aliases are refused (docs/security.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +154,12 @@ class ClaimMapping:
     groups: str = "groups"
     roles: str = "roles"
     scopes: str = "scope"
+    require_email_verified: bool = False
+    """Take the e-mail only with `email_verified: true`; by default only `false` drops it."""
+    user_namespace: str = ""
+    """"" : the issuer's users are the directory's (the client certificates' and the OIDC
+    provider's): "alice" is one person whichever of them says so. Otherwise its users are
+    "<namespace>:<user>", never the same as anyone else's (security review L8)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +221,9 @@ class RoutePolicy:
     zones: tuple[str, ...] = ()
     time_windows: tuple[TimeWindow, ...] = ()
     issuers: frozenset[str] = frozenset()
-    min_trust: TrustLevel = "unknown"
+    min_trust: TrustLevel | None = None
+    """None: `[devices] default_min_trust` for a request with a certificate ("approved" unless
+    configured), "unknown" for one without (a route that does not require a certificate)."""
     require_signed_posture: bool = False
     login: Literal["never", "always", "browsers"] = "never"
     """Who must be a signed-in user (OIDC) rather than the certificate's user: nobody, every
@@ -224,6 +244,17 @@ class RouteConfig:
     expose_detail: bool = False
     websocket: bool = True
     strip_prefix: bool = False
+    allow_path_params: bool = False
+    """`;params` in path segments reach the upstream (routing ignores them); refused if false."""
+    allow_double_encoding: bool = False
+    """Escapes a second decoding would turn into dots or separators (`%252e`) are forwarded."""
+    cross_site: CrossSite = "strict"
+    """Which requests another site's page may make with the user's (ambient) certificate:
+    "strict" none (a link from another site gets a page to continue from), "lax" top-level
+    GET navigations, "safe-methods" any GET/HEAD. Unsafe methods from another site are refused
+    whatever this says (docs/security.md)."""
+    websocket_origins: frozenset[str] = frozenset()
+    """Origins besides the gateway's own whose pages may open this route's WebSockets."""
     risk: RouteRisk = field(default_factory=RouteRisk)
     session: RouteSession = field(default_factory=RouteSession)
 
@@ -238,10 +269,21 @@ class AssertionConfig:
     rotation, the previous one after it (docs/deploy.md)."""
 
 
+EdgeProxy = Literal["nginx", "traefik", "caddy"]
+EDGE_PROXIES: tuple[EdgeProxy, ...] = ("nginx", "traefik", "caddy")
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardAuthConfig:
     enabled: bool = False
     trusted_proxies: tuple[Network, ...] = ()
+    edge: EdgeProxy = "nginx"
+    """Whose headers describe the original request (URI, method, host, client address): only
+    that proxy's are read; another proxy's names in a request were sent by the client."""
+    cert_header: str = ""
+    """The one header in which the edge passes the client certificate it verified ("" = the
+    edge passes none). The certificate is verified again here; any other certificate header
+    in a request is refused (docs/security.md, "Forward-auth")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +296,9 @@ class StoreConfig:
 class DevicesConfig:
     auto_approve: bool = False
     owner_mismatch: Literal["deny", "risk"] = "deny"
+    default_min_trust: TrustLevel = "approved"
+    """The trust a route without `min_trust` needs of a presented device: a pending device
+    (auto_approve = false) is refused until approved (security review I1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,6 +504,10 @@ def _server(t: Table) -> ServerConfig:
         websocket_max_message=t.integer(
             "websocket_max_message", 4 * 1024 * 1024, min=1024, max=1 << 30
         ),
+        invalid_credentials_limit=t.integer("invalid_credentials_limit", 30, min=0),
+        invalid_credentials_window=t.duration("invalid_credentials_window", 60.0, min=1.0),
+        hsts_max_age=t.integer("hsts_max_age", 31_536_000, min=0),
+        hsts_include_subdomains=t.flag("hsts_include_subdomains", False),
         max_pending_handshakes=t.integer("max_pending_handshakes", 1024, min=1),
         max_pending_handshakes_per_source=t.integer("max_pending_handshakes_per_source", 64, min=1),
         min_ready_workers=t.integer("min_ready_workers", 1, min=1, max=64),
@@ -545,6 +594,7 @@ def _issuers(
     tables: dict[str, Table], claim_maps: dict[str, ClaimMapping]
 ) -> tuple[IssuerConfig, ...]:
     out = []
+    implicit: list[str] = []
     for name, t in tables.items():
         c = t.table("claims")
         d = ClaimMapping()
@@ -554,6 +604,8 @@ def _issuers(
             groups=c.text("groups", d.groups),
             roles=c.text("roles", d.roles),
             scopes=c.text("scopes", d.scopes),
+            require_email_verified=t.flag("require_email_verified", False),
+            user_namespace=_namespace(t, implicit),
         )
         c.done()
         jwks_url = t.text("jwks_url")
@@ -588,6 +640,28 @@ def _issuers(
     return tuple(out)
 
 
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def _namespace(t: Table, implicit: list[str]) -> str:
+    """An issuer's user namespace. Two issuers that could mint the same `sub` for different
+    people must not both fall into the directory's names unnoticed: sharing it is stated."""
+    value: str | None = t.text("user_namespace")
+    if value is None:
+        if implicit:
+            t.fail(
+                "user_namespace",
+                f"issuers {implicit[0]!r} and this one would share user names: give each its "
+                'own user_namespace, or user_namespace = "" to each that speaks for the '
+                "directory's users",
+            )
+        implicit.append(t.where.rpartition(".")[2])
+        return ""
+    if value and not _NAMESPACE.match(value):
+        t.fail("user_namespace", "lower-case letters, digits, '.', '-' and '_'")
+    return value
+
+
 def _upstream(name: str, t: Table) -> UpstreamConfig:
     url = URL(t.text("url", required=True))
     if url.scheme not in ("http", "https") or not url.host:
@@ -610,6 +684,7 @@ def _upstream(name: str, t: Table) -> UpstreamConfig:
         read_timeout=t.duration("read_timeout", 60.0, min=0.01),
         max_connections=t.integer("max_connections", 256, min=1),
         max_connections_per_host=t.integer("max_connections_per_host", 256, min=1),
+        case_insensitive=t.flag("case_insensitive", False),
     )
     t.done()
     return cfg
@@ -691,7 +766,9 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         zones=zone_names,
         time_windows=windows,
         issuers=issuers,
-        min_trust=t.choice("min_trust", TRUST_LEVELS, "unknown"),  # type: ignore[arg-type]
+        min_trust=(
+            t.choice("min_trust", TRUST_LEVELS, "unknown") if t.has("min_trust") else None  # type: ignore[arg-type]
+        ),
         require_signed_posture=t.flag("require_signed_posture", False),
         login=t.choice("login", ("never", "always", "browsers"), "never"),  # type: ignore[arg-type]
     )
@@ -739,6 +816,8 @@ def _route(
         t.fail("prefix", "must start and end with '/' so '/api/' never matches '/apiary'")
     if "//" in prefix or "/./" in prefix or "/../" in prefix:
         t.fail("prefix", "must be a normalised path")
+    if any(c in prefix for c in ";%\\?#") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
+        t.fail("prefix", "must be a decoded path without ';', '%', '\\', '?', '#' or controls")
     up_ref = t.text("upstream", required=True)
     if up_ref in upstreams:
         upstream = upstreams[up_ref]
@@ -765,6 +844,10 @@ def _route(
         expose_detail=t.flag("expose_detail", False),
         websocket=t.flag("websocket", True),
         strip_prefix=t.flag("strip_prefix", False),
+        allow_path_params=t.flag("allow_path_params", False),
+        allow_double_encoding=t.flag("allow_double_encoding", False),
+        cross_site=t.choice("cross_site", ("strict", "lax", "safe-methods"), "strict"),  # type: ignore[arg-type]
+        websocket_origins=_origins(t, "websocket_origins"),
         risk=_route_risk(t.table("risk")),
         session=_route_session(t.table("session")),
     )
@@ -772,6 +855,28 @@ def _route(
         pass  # the listener demands a certificate anyway; the route just does not insist
     t.done()
     return route
+
+
+def _origins(t: Table, key: str) -> frozenset[str]:
+    """Origins as browsers serialise them (RFC 6454 §6.2): scheme://host[:port], no default."""
+    out = set()
+    for i, origin in enumerate(t.str_list(key)):
+        try:
+            url = URL(origin.strip().lower())
+            ok = (
+                url.scheme in ("http", "https")
+                and bool(url.host)
+                and url.raw_path in ("", "/")
+                and not (url.query_string or url.fragment or url.user)
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            t.fail(f"{key}[{i}]", "an origin is scheme://host[:port], e.g. https://app.example")
+        port = "" if url.is_default_port() else f":{url.port}"
+        host = str(url.raw_host)
+        out.add(f"{url.scheme}://[{host}]{port}" if ":" in host else f"{url.scheme}://{host}{port}")
+    return frozenset(out)
 
 
 def _assertion(t: Table) -> AssertionConfig:
@@ -803,10 +908,17 @@ def _key_files(t: Table, name: str) -> tuple[Path, ...]:
 
 def _forward_auth(t: Table) -> ForwardAuthConfig:
     cfg = ForwardAuthConfig(
-        enabled=t.flag("enabled", False), trusted_proxies=t.cidrs("trusted_proxies")
+        enabled=t.flag("enabled", False),
+        trusted_proxies=t.cidrs("trusted_proxies"),
+        edge=t.choice("edge", EDGE_PROXIES, "nginx"),  # type: ignore[arg-type]
+        cert_header=t.text("cert_header", ""),
     )
     if cfg.enabled and not cfg.trusted_proxies:
         t.fail("trusted_proxies", "forward-auth needs the front proxy's addresses")
+    if cfg.cert_header:
+        problem = cert_header_problem(cfg.edge, cfg.cert_header)
+        if problem:
+            t.fail("cert_header", problem)
     t.done()
     return cfg
 
@@ -815,7 +927,9 @@ def _check_overlaps(routes: tuple[RouteConfig, ...], root: Table) -> None:
     """Two routes that could claim the same request are ambiguous: refuse at load.
 
     Routes nest (the longest prefix wins, see docs/decisions/0002-routing.md); what is refused
-    is the same prefix on overlapping host sets, and duplicate names.
+    is the same prefix on overlapping host sets, and duplicate names. For the routes of a
+    case-insensitive upstream "the same prefix" ignores case: `/Admin/` on one upstream and
+    `/admin/` on a case-insensitive one would both claim `/ADMIN/x`.
     """
     seen_names: dict[str, int] = {}
     for i, r in enumerate(routes):
@@ -824,7 +938,16 @@ def _check_overlaps(routes: tuple[RouteConfig, ...], root: Table) -> None:
         seen_names[r.name] = i
         for j in range(i):
             o = routes[j]
+            folds = r.upstream.case_insensitive or o.upstream.case_insensitive
             if o.prefix != r.prefix:
+                if not (folds and o.prefix.lower() == r.prefix.lower()):
+                    continue
+                if not r.hosts or not o.hosts or r.hosts & o.hosts:
+                    root.fail(
+                        f"routes[{i}].prefix",
+                        f"overlaps route {o.name!r} ({o.prefix!r} and {r.prefix!r} differ only "
+                        "in case, and one upstream is case_insensitive)",
+                    )
                 continue
             if not r.hosts or not o.hosts or r.hosts & o.hosts:
                 both_any = not r.hosts and not o.hosts
@@ -860,6 +983,7 @@ def _devices(t: Table) -> DevicesConfig:
     cfg = DevicesConfig(
         auto_approve=t.flag("auto_approve", False),
         owner_mismatch=t.choice("owner_mismatch", ("deny", "risk"), "deny"),  # type: ignore[arg-type]
+        default_min_trust=t.choice("default_min_trust", TRUST_LEVELS, "approved"),  # type: ignore[arg-type]
     )
     t.done()
     return cfg

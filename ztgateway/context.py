@@ -18,6 +18,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .clock import SYSTEM_CLOCK, Clock
 from .decision import Finding, new_decision_id
+from .fetchmeta import FetchContext
+from .fetchmeta import read as read_fetch
+from .headerfamilies import forwarding_header, protected_header
 from .paths import PathError, normalize_path
 
 if TYPE_CHECKING:
@@ -29,67 +32,6 @@ if TYPE_CHECKING:
     from .tls import CertInfo
 
 
-# The protected headers a reverse proxy in front of us sets as a matter of course. From a
-# trusted proxy they are expected, not a spoofing attempt; they are still replaced by ours
-# before forwarding. Identity headers stay spoofing whoever sends them: no proxy speaks for
-# the user to us.
-FORWARDING_HEADERS = frozenset(
-    {
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-        "x-real-ip",
-    }
-)
-# Headers only the gateway may set towards the upstream. Compared after lower-casing and
-# mapping "_" to "-", because many servers (CGI, PHP, some WSGI stacks) treat
-# X_Forwarded_User exactly like X-Forwarded-User.
-PROTECTED_HEADERS = FORWARDING_HEADERS | frozenset(
-    {
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-forwarded-preferred-username",
-        "x-forwarded-access-token",
-        "x-client-ip",
-        "x-original-url",
-        "x-original-uri",
-        "x-rewrite-url",
-        "remote-user",
-        "x-remote-user",
-        "x-user",
-        "x-email",
-        "x-auth-request-user",
-        "x-auth-request-email",
-        "x-auth-request-groups",
-        "x-auth-request-preferred-username",
-        "x-auth-request-access-token",
-        "x-client-cert",
-        "x-ssl-client-cert",
-        "x-ssl-client-dn",
-        "x-ssl-client-verify",
-        "x-ssl-client-s-dn",
-        "ssl-client-cert",
-        "x-pomerium-jwt-assertion",
-        "x-goog-iap-jwt-assertion",
-        "cf-access-jwt-assertion",
-    }
-)
-PROTECTED_PREFIXES = ("x-zt-", "x-ztgw-")
-
-
-@functools.lru_cache(maxsize=4096)
-def protected_header(name: str) -> bool:
-    # Asked for every header of every request, twice; the names repeat, so remember the
-    # answer (bounded: a client inventing names only churns the LRU).
-    n = name.lower().replace("_", "-")
-    return n in PROTECTED_HEADERS or n.startswith(PROTECTED_PREFIXES)
-
-
 def spoofed_headers(
     headers: CIMultiDictProxy[str], *, from_trusted_proxy: bool = False
 ) -> tuple[str, ...]:
@@ -99,8 +41,7 @@ def spoofed_headers(
             {
                 k
                 for k in headers
-                if protected_header(k)
-                and not (from_trusted_proxy and k.lower().replace("_", "-") in FORWARDING_HEADERS)
+                if protected_header(k) and not (from_trusted_proxy and forwarding_header(k))
             }
         )
     )
@@ -183,6 +124,12 @@ class RequestContext:
     mfa_max_age: float | None = None
     mfa_fresh: bool = False
     _wants_html: bool | None = None
+    _fetch: FetchContext | None = None
+    authority: str = ""
+    """The host (with its port) the client addressed: the Host header, or the edge's."""
+    unstrippable: bool = False
+    """The gateway does not forward this request itself (forward-auth): a protected header
+    cannot be stripped, so the request stage refuses it."""
     spoofed_headers: tuple[str, ...] = ()
     websocket: bool = False
     forwarded_proto: str = "https"
@@ -201,6 +148,22 @@ class RequestContext:
 
             cached = self._wants_html = wants_html(self.headers.get("Accept", ""))
         return cached
+
+    @property
+    def fetch(self) -> FetchContext:
+        """Who made the request, as the browser tells (Fetch Metadata, Origin): fetchmeta.py."""
+        cached = self._fetch
+        if cached is None:
+            cached = self._fetch = read_fetch(
+                self.method, self.headers, self.authority or self.host, self.wants_html
+            )
+        return cached
+
+    @property
+    def browser(self) -> bool:
+        """A browser made it (Fetch Metadata present), not an API client: what decides whether
+        people's rules (sign-in, MFA) apply, rather than the Accept header's order."""
+        return self.fetch.browser
 
     @classmethod
     def from_request(
@@ -243,6 +206,7 @@ class RequestContext:
         ctx = cls(
             method=method,
             host=host,
+            authority=request.headers.get("Host", ""),
             raw_path=raw_path,
             query=query,
             headers=headers,
@@ -280,6 +244,7 @@ class RequestContext:
         ctx = cls(
             method=method.upper(),
             host=host.lower(),
+            authority=host,
             raw_path=raw_path,
             query=query,
             headers=h,

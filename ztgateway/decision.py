@@ -44,11 +44,12 @@ class Reason(enum.StrEnum):
     PATH_INVALID = "path-invalid"
     REQUEST_INVALID = "request-invalid"
     HEADER_SPOOFED = "header-spoofed"
+    HOST_MISDIRECTED = "host-misdirected"
+    ORIGIN_DENIED = "origin-denied"
     HEADER_TOO_LARGE = "header-too-large"
     BODY_TOO_LARGE = "body-too-large"
     TARGET_TOO_LONG = "target-too-long"
     HOST_INVALID = "host-invalid"
-    HOST_MISDIRECTED = "host-misdirected"
     EXPECTATION_UNSUPPORTED = "expectation-unsupported"
     VERSION_UNSUPPORTED = "version-unsupported"
     REQUEST_TIMEOUT = "request-timeout"
@@ -73,7 +74,9 @@ class Reason(enum.StrEnum):
     TOKEN_BINDING_MISMATCH = "token-binding-mismatch"
     TOKEN_BINDING_REQUIRED = "token-binding-required"
     TOKEN_ISSUER_UNAVAILABLE = "token-issuer-unavailable"
+    CREDENTIALS_THROTTLED = "credentials-throttled"
     IDENTITY_UNAUTHENTICATED = "identity-unauthenticated"
+    IDENTITY_AMBIGUOUS = "identity-ambiguous"
     # policy
     USER_NOT_ALLOWED = "user-not-allowed"
     GROUP_REQUIRED = "group-required"
@@ -90,6 +93,7 @@ class Reason(enum.StrEnum):
     DEVICE_REVOKED = "device-revoked"
     DEVICE_NONCOMPLIANT = "device-noncompliant"
     DEVICE_OWNER_MISMATCH = "device-owner-mismatch"
+    DEVICE_KEY_MISMATCH = "device-key-mismatch"
     POSTURE_STALE = "posture-stale"
     POSTURE_INVALID = "posture-invalid"
     POSTURE_REPLAYED = "posture-replayed"
@@ -149,12 +153,14 @@ _STATUS: dict[Reason, int] = {
     Reason.PATH_INVALID: 400,
     Reason.REQUEST_INVALID: 400,
     Reason.HEADER_SPOOFED: 400,
+    # RFC 9110 §15.5.20: the request was directed at a server that is not able to answer for
+    # that authority (a Host or SNI that is not one of the gateway's names).
+    Reason.HOST_MISDIRECTED: 421,
+    Reason.ORIGIN_DENIED: 403,
     Reason.HEADER_TOO_LARGE: 431,
     Reason.BODY_TOO_LARGE: 413,
     Reason.TARGET_TOO_LONG: 414,
     Reason.HOST_INVALID: 400,
-    # RFC 9110 §15.5.20: a Host this server is not configured to answer for.
-    Reason.HOST_MISDIRECTED: 421,
     Reason.EXPECTATION_UNSUPPORTED: 417,
     Reason.VERSION_UNSUPPORTED: 505,
     Reason.REQUEST_TIMEOUT: 408,
@@ -186,6 +192,7 @@ _STATUS: dict[Reason, int] = {
     Reason.RISK_STEP_UP: 401,
     Reason.IP_DRIFT: 401,
     Reason.RATE_LIMITED: 429,
+    Reason.CREDENTIALS_THROTTLED: 429,
     Reason.MFA_INVALID: 401,
     Reason.MFA_REPLAYED: 401,
     Reason.MFA_MALFORMED: 400,
@@ -211,6 +218,7 @@ _TITLES: dict[Reason, str] = {
     Reason.PATH_INVALID: "The request path is not acceptable",
     Reason.REQUEST_INVALID: "The request is malformed",
     Reason.HEADER_SPOOFED: "The request carried identity headers that only the gateway may set",
+    Reason.ORIGIN_DENIED: "Another site's page may not make this request with your identity",
     Reason.HEADER_TOO_LARGE: "The request headers are too large",
     Reason.BODY_TOO_LARGE: "The request body is too large",
     Reason.TARGET_TOO_LONG: "The request target is too long",
@@ -227,6 +235,8 @@ _TITLES: dict[Reason, str] = {
     Reason.TOKEN_INVALID: "The bearer token is not valid",
     Reason.TOKEN_EXPIRED: "The bearer token has expired",
     Reason.IDENTITY_UNAUTHENTICATED: "Sign-in is required",
+    Reason.CREDENTIALS_THROTTLED: "Too many invalid credentials from this address: wait",
+    Reason.IDENTITY_AMBIGUOUS: "This user name belongs to another identity source",
     Reason.GROUP_REQUIRED: "Your account is not in a group allowed here",
     Reason.SCOPE_INSUFFICIENT: "The token lacks a scope this application requires",
     Reason.STAGE_ERROR: "The gateway could not verify this request",
@@ -235,6 +245,7 @@ _TITLES: dict[Reason, str] = {
     Reason.DEVICE_REVOKED: "This device has been revoked",
     Reason.DEVICE_NONCOMPLIANT: "This device does not meet the security requirements",
     Reason.DEVICE_OWNER_MISMATCH: "This device belongs to another user",
+    Reason.DEVICE_KEY_MISMATCH: "This certificate names a registered device but not its key",
     Reason.POSTURE_STALE: "This device has not reported its security state recently",
     Reason.POSTURE_INVALID: "The posture report is not valid",
     Reason.POSTURE_REPLAYED: "The posture report was already received or is older than the last one",

@@ -40,6 +40,7 @@ from aiohttp import web
 
 from .audit import AuditUnavailable
 from .decision import Reason, Verdict
+from .fetchmeta import own_origin
 from .http1 import Request
 from .paths import PathError, encode_path, normalize_path
 from .responses import problem, wants_html
@@ -115,11 +116,7 @@ def _host_origin(ctx: RequestContext) -> str | None:
     hosts = ctx.headers.getall("Host", ())
     if len(hosts) != 1 or not hosts[0].strip():
         return None
-    host = hosts[0].strip().lower()
-    # RFC 6454 §6.2: the default port is not serialised.
-    if host.endswith(":443"):
-        host = host[:-4]
-    return f"https://{host}"
+    return own_origin(hosts[0])
 
 
 def require_type(ctx: RequestContext, *accepted: str) -> Refusal | None:

@@ -416,12 +416,15 @@ class Connection(asyncio.Protocol):
         tls_version: str | None,
         clock: Callable[[], float],
         on_close: Callable[[Connection], None],
+        sni: str | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits
         self.cert = cert
         self.peer_ip = peer_ip
         self.tls_version = tls_version
+        self.sni = sni.lower().rstrip(".") if sni else None
+        """The server name the TLS handshake asked for (None: none, or an IP address)."""
         self.clock = clock
         self._on_close = on_close
         self._max_head = limits.max_target_bytes + limits.max_header_bytes * (
@@ -654,6 +657,10 @@ class Connection(asyncio.Protocol):
         allowed = self.limits.hosts
         if allowed and name not in allowed:
             return Refusal(Reason.HOST_MISDIRECTED, name[:100])
+        if self.sni is not None and name.rstrip(".") != self.sni:
+            # RFC 9110 §15.5.20: a request for another virtual server than the one the
+            # connection was opened for (domain fronting) is misdirected.
+            return Refusal(Reason.HOST_MISDIRECTED, f"{name[:100]} on a connection for {self.sni}")
         if expect:
             if len(expect) != 1 or expect[0].strip().lower() != b"100-continue":
                 return Refusal(Reason.EXPECTATION_UNSUPPORTED, "only 100-continue is supported")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .http1 import Connection, Handler, Limits
-from .tls import CertInfoCache, handshake_failure_reason
+from .tls import CertInfoCache, handshake_failure_reason, server_name
 
 log = logging.getLogger("ztgateway.listener")
 
@@ -227,6 +227,7 @@ class Listener:
             tls_version=version,
             clock=self._clock,
             on_close=self.on_connection_closed,
+            sni=server_name(ssl_object),
         )
         self.connections.add(conn)
         self._on_handshake(version, None)

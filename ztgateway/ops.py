@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .audit import AuditUnavailable
 from .context import RequestContext
+from .responses import add_security_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -53,6 +54,20 @@ async def relayed_peer(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request.clone(remote=peer))
 
 
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """nosniff, no framing, no referrer, same-origin only: the ops answers are ours too (no
+    HSTS: the ops listener speaks plain HTTP on a management address)."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        add_security_headers(exc, None)
+        raise
+    if not response.prepared:
+        add_security_headers(response, None)
+    return response
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -74,10 +89,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def decide(request: web.Request) -> web.Response:
-    """POST /decide: the live pipeline's decision for a described request (policy explain)."""
-    from .policycli import explain_json, load_cert_pem
+    """POST /decide: the live pipeline's decision for a described request (policy explain).
+
+    Behind the admin token (admin.require_admin). A certificate given as PEM is verified as our
+    listener verifies a handshake; one it would refuse is answered with that refusal."""
+    from .certverify import CertRefused
+    from .decisions import refusal
+    from .policycli import explain_json
 
     gw = request.app[GATEWAY_KEY]
+    refused: CertRefused | None = None
     try:
         body = await request.json()
         if not isinstance(body, dict):
@@ -90,7 +111,13 @@ async def decide(request: web.Request) -> web.Response:
         token = body.get("token")
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        cert = load_cert_pem(body["cert_pem"].encode()) if body.get("cert_pem") else None
+        cert = None
+        if body.get("cert_pem"):
+            try:
+                pem = str(body["cert_pem"]).encode()
+                cert = gw.tls.current.verifier.verify_pem(pem, gw.clock.time())
+            except CertRefused as exc:
+                refused = exc
         ctx = RequestContext.synthetic(
             method=str(body.get("method", "GET")),
             path=str(body.get("path", "/")),
@@ -113,7 +140,10 @@ async def decide(request: web.Request) -> web.Response:
         )
     # The live configuration and state, but judged without side effects (no registration,
     # no rate-limit tokens spent).
-    decision = (await gw.decisions.decide(ctx, gw.dry_runtime(), dry=True)).decision
+    if refused is not None:
+        decision = refusal(ctx, refused.reason, refused.detail)
+    else:
+        decision = (await gw.decisions.decide(ctx, gw.dry_runtime(), dry=True)).decision
     return web.json_response(explain_json(ctx, decision))
 
 
@@ -126,7 +156,9 @@ async def forward_auth_handler(request: web.Request) -> web.StreamResponse:
 def create_ops_app(gateway: Gateway) -> web.Application:
     from .admin import add_admin_routes, require_admin
 
-    app = web.Application(middlewares=[audit_durable, relayed_peer, require_admin])
+    app = web.Application(
+        middlewares=[security_headers, audit_durable, relayed_peer, require_admin]
+    )
     app[GATEWAY_KEY] = gateway
     add_admin_routes(app)
     app.router.add_get("/healthz", healthz)

@@ -7,11 +7,26 @@ refused instead of guessed at: encoded slashes (`%2F`), backslashes, NUL and oth
 characters, invalid UTF-8, dot-segments that climb above the root, and dot-segments carrying
 path parameters (`..;x`), which RFC 3986 leaves as plain segments but Tomcat and other servlet
 containers resolve as `..` after stripping the parameters.
+
+What is left is not ambiguous to RFC 3986, but common upstreams fold it further, so the route
+table and policy must see the path *as the upstream will act on it* (`route_key`), and the
+route decides which folding it accepts (`route_path_refusal`):
+
+- path parameters (`/admin;jsessionid=x/echo`): Tomcat, Jetty and other servlet containers
+  strip `;...` from every segment before mapping, so the route table matches on the stripped
+  path and a route must opt in (`allow_path_params`) before a `;` reaches its upstream;
+- a second percent-decoding (`%252e%252e`, `%252f`, `%255c`, `%u002e`): many frameworks and
+  IIS decode again, turning data into dot-segments or separators; refused unless the route
+  opts in (`allow_double_encoding`);
+- case and Windows file-name folding (`/ADMIN/`, `/admin./`, `/admin::$DATA`, `/ADMINI~1/`):
+  IIS and other case-insensitive servers; routes of an upstream marked `case_insensitive`
+  match case-insensitively, and names such a server would fold are refused.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import quote, unquote_to_bytes
 
 _ENCODED_SLASH = re.compile(r"%2[fF]")
@@ -21,6 +36,14 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 3986 pchar minus "%" (we re-encode), plus "/" as the separator.
 _SAFE = "/:@!$&'()*+,;=-._~"
 MAX_PATH_BYTES = 8192
+# In the *decoded* path: an escape that another decoding pass turns into a dot, a separator
+# ("/", "\\", ";", "?", "#"), a "%" (a third pass), or a control character; and IIS's "%uXXXX".
+_SECOND_DECODING = re.compile(
+    r"%(?:2[eEfF3]|5[cC]|3[bBfF]|25|[01][0-9a-fA-F]|7[fF])|%[uU][0-9a-fA-F]{4}"
+)
+# Windows file names: a trailing dot or space is dropped, ":" names an alternate data stream
+# ("admin.asp::$DATA"), "~<digit>" an 8.3 short name ("ADMINI~1").
+_WINDOWS_FOLDED = re.compile(r"[. ]$|:|~[0-9]")
 
 
 class PathError(ValueError):
@@ -79,3 +102,49 @@ def _resolve(path: str) -> str:
 def encode_path(path: str) -> str:
     """Re-encode a normalised path for the wire, so the upstream decodes what policy saw."""
     return quote(path, safe=_SAFE)
+
+
+def strip_path_params(path: str) -> str:
+    """The path without `;parameters` in any segment: what a servlet container maps."""
+    if ";" not in path:
+        return path
+    return "/".join(seg.partition(";")[0] for seg in path.split("/"))
+
+
+def route_key(path: str, *, case_insensitive: bool = False) -> str:
+    """The path as the upstream acts on it, which routes and path policies are matched on."""
+    path = strip_path_params(path)
+    return path.lower() if case_insensitive else path
+
+
+def route_path_refusal(
+    path: str,
+    *,
+    allow_path_params: bool = False,
+    allow_double_encoding: bool = False,
+    case_insensitive: bool = False,
+) -> str | None:
+    """Why this route's upstream could read the normalised `path` as another path, or None.
+
+    `path` is the output of `normalize_path` (decoded once, dot-segments resolved).
+    """
+    if ";" in path:
+        if not allow_path_params:
+            # SECURITY: Tomcat/Jetty strip ";..." from every segment (Shiro CVE-2020-1957,
+            # Spring Security's StrictHttpFirewall refuses ";" by default for the same reason).
+            return "path parameters"
+        if any(seg.startswith(";") for seg in path.split("/")):
+            # "/a/;x/../b" is "/a/b" to us but "/b" to a server that strips the parameters
+            # first, then folds the empty segment, then resolves "..".
+            return "path parameters on an empty segment"
+    if "%" in path and not allow_double_encoding and _SECOND_DECODING.search(path):
+        return "double percent-encoding"
+    if case_insensitive:
+        if unicodedata.normalize("NFKC", path).casefold() != path.lower():
+            # What Windows or .NET folds beyond lower-casing ("ß", compatibility forms,
+            # decomposed accents) would match a route we did not choose.
+            return "characters a case-insensitive server folds"
+        for seg in strip_path_params(path).split("/"):
+            if seg and _WINDOWS_FOLDED.search(seg):
+                return "Windows file-name alias (trailing dot or space, ':' or '~<digit>')"
+    return None

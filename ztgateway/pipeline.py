@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("ztgateway.pipeline")
 
 # Refusals a route in monitor mode may turn into would-deny: never request-shape problems
-# (there is nothing sane to forward) and never faults (fail closed).
+# (there is nothing sane to forward), never faults (fail closed), and never an identity that
+# failed its own checks: monitor mode observes the route's *policy*, it does not vouch for a
+# revoked device, a locked account, a signed-out session or a forged token (security review
+# L4: they were forwarded with identity headers and a fresh assertion). What is monitored is an
+# authenticated identity (or none at all) that the route's rules would refuse.
 _NEVER_MONITORED = frozenset(
     {
         Reason.PATH_INVALID,
@@ -38,7 +42,23 @@ _NEVER_MONITORED = frozenset(
         Reason.WEBSOCKET_INVALID,
         Reason.STAGE_ERROR,
         Reason.SERVICE_UNAVAILABLE,
+        Reason.CREDENTIALS_THROTTLED,
+        Reason.ORIGIN_DENIED,
         Reason.CLIENT_CERT_REVOKED,
+        Reason.CLIENT_CERT_INVALID,
+        Reason.DEVICE_REVOKED,
+        Reason.DEVICE_KEY_MISMATCH,
+        Reason.DEVICE_OWNER_MISMATCH,
+        Reason.ACCOUNT_LOCKED,
+        Reason.SESSION_TERMINATED,
+        Reason.SESSION_EXPIRED,
+        Reason.SESSION_INVALID,
+        *(
+            r
+            for r in Reason
+            # A token that was presented and failed; an absent one (token-required) is policy.
+            if r.value.startswith("token-") and r is not Reason.TOKEN_REQUIRED
+        ),
     }
 )
 ALLOW_ONLY_STAGE = "policy"

@@ -24,7 +24,7 @@ from .context import RequestContext
 from .decision import Decision, Reason, new_decision_id
 from .decisions import DecisionPath
 from .forward.exchange import start_exchange
-from .forward.headers import upstream_request_headers
+from .forward.headers import identity_header_names, upstream_request_headers
 from .forward.http import forward_http, request_head, upstream_target
 from .forward.identity import identity_headers
 from .forward.upstream import UpstreamFailure
@@ -32,7 +32,15 @@ from .forward.websocket import Watch, bridge_websocket
 from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
 from .inline import in_task
 from .logs import decision_id_var
-from .responses import SERVER, Parts, problem_parts, render
+from .responses import (
+    SERVER,
+    Parts,
+    add_security_headers,
+    hsts_value,
+    problem_parts,
+    render,
+    with_security_headers,
+)
 from .store.base import StoreUnavailable
 from .tls import upstream_context
 
@@ -99,10 +107,11 @@ class RequestPath:
         sessions = rt.config.sessions
         headers = upstream_request_headers(
             ctx.headers,
-            identity_headers(gw.signer, ctx, request.host),
+            identity_headers(gw.signer, ctx, request.host, decision),
             forward_authorization=route.forward_authorization,
             websocket=ctx.websocket,
             drop_cookies=(sessions.cookie_name,),
+            identity_names=identity_header_names(route.headers),
         )
         assert ctx.path is not None
         target = upstream_target(route, ctx.path, ctx.query)
@@ -170,11 +179,13 @@ class RequestPath:
             self.metrics.audit_unavailable.inc()
             ctx.retry_after = 5.0
             request.respond(
-                *problem_parts(
-                    Reason.SERVICE_UNAVAILABLE,
-                    ctx.decision_id,
-                    accept=ctx.headers.get("Accept", ""),
-                    extra_headers={"Retry-After": "5"},
+                *self.own(
+                    problem_parts(
+                        Reason.SERVICE_UNAVAILABLE,
+                        ctx.decision_id,
+                        accept=ctx.headers.get("Accept", ""),
+                        extra_headers={"Retry-After": "5"},
+                    )
                 )
             )
             return False
@@ -216,13 +227,25 @@ class RequestPath:
 
     def render(self, ctx: RequestContext, decision: Decision) -> Parts:
         gw = self.gw
-        return render(
-            ctx,
-            decision,
-            sign_in=gw.oidc is not None,
-            step_up_page=gw.mfa.available,
-            cookie_name=gw.runtime.config.sessions.cookie_name,
+        return self.own(
+            render(
+                ctx,
+                decision,
+                sign_in=gw.oidc is not None,
+                step_up_page=gw.mfa.available,
+                cookie_name=gw.runtime.config.sessions.cookie_name,
+            )
         )
+
+    def hsts(self) -> str | None:
+        s = self.gw.runtime.config.server
+        return hsts_value(s.hsts_max_age, s.hsts_include_subdomains)
+
+    def own(self, parts: Parts) -> Parts:
+        """What the gateway answers itself carries its security headers (responses.py); a
+        forwarded response is the upstream's."""
+        status, headers, body = parts
+        return status, with_security_headers(headers, self.hsts()), body
 
     def _refused_late(
         self, request: Request, ctx: RequestContext, reason: Reason, detail: str
@@ -234,7 +257,9 @@ class RequestPath:
         request.respond(*self._problem(ctx, outcome.decision.reason), close=True)
 
     def _problem(self, ctx: RequestContext, reason: Reason) -> Parts:
-        return problem_parts(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""))
+        return self.own(
+            problem_parts(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""))
+        )
 
     # --- WebSocket ---------------------------------------------------------------------------
     async def _websocket(
@@ -303,7 +328,7 @@ class RequestPath:
                 request.respond(*self.render(ctx, outcome.decision))
                 return
         if await self._durable(request, ctx):
-            send_web_response(request, resp)
+            send_web_response(request, resp, self.hsts())
 
     # --- what the protocol refuses or times out ----------------------------------------------
     def refuse(self, conn: Connection, request: Request | None, refusal: Refusal) -> Parts:
@@ -327,11 +352,13 @@ class RequestPath:
             self.metrics.protocol_errors.labels(refusal.reason.value).inc()
         outcome = self.decisions.refuse(ctx, refusal.reason, refusal.detail, "http")
         reason = outcome.decision.reason
-        return problem_parts(
-            reason,
-            ctx.decision_id,
-            accept=ctx.headers.get("Accept", ""),
-            extra_headers={"Retry-After": "5"} if ctx.retry_after else None,
+        return self.own(
+            problem_parts(
+                reason,
+                ctx.decision_id,
+                accept=ctx.headers.get("Accept", ""),
+                extra_headers={"Retry-After": "5"} if ctx.retry_after else None,
+            )
         )
 
     def on_event(self, name: str) -> None:
@@ -406,8 +433,9 @@ class Forwarding:
             path._record_upstream(ctx, result, now - self.started, self.head_seconds)
 
 
-def send_web_response(request: Request, resp: web.StreamResponse) -> None:
+def send_web_response(request: Request, resp: web.StreamResponse, hsts: str | None) -> None:
     """Write a page's aiohttp Response (a value: status, headers, bytes body) in one write."""
+    add_security_headers(resp, hsts)
     body = resp.body if isinstance(resp, web.Response) else None
     data = body if isinstance(body, bytes | bytearray) else b""
     headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]

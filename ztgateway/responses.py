@@ -17,6 +17,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from .decision import Decision, Reason, Verdict
+from .paths import encode_path
 from .stages.session import clear_cookie_header
 
 if TYPE_CHECKING:
@@ -47,7 +48,56 @@ _ADVICE: dict[Reason, str] = {
     Reason.GROUP_REQUIRED: "Ask the application owner for access.",
     Reason.UPSTREAM_UNAVAILABLE: "Try again in a moment; if it persists, tell the application owner.",
     Reason.UPSTREAM_TIMEOUT: "Try again in a moment; if it persists, tell the application owner.",
+    Reason.ORIGIN_DENIED: "A page of another site sent your browser here with your device's "
+    "certificate. If you meant to open this page, continue from here.",
 }
+
+# What the gateway's own answers (refusals, redirects, portal pages, JWKS, protocol errors) carry
+# unless a page set its own: no MIME sniffing of a problem+json body into HTML, no framing
+# (clickjacking of portal forms), no referrer leaking decision ids or return paths to another
+# site, no other site embedding them (CORP), nothing but inline styles in our pages.
+# "same-origin", not "no-referrer": under no-referrer a browser sends `Origin: null` with the
+# page's own form posts, which the forms' same-origin check must then refuse.
+_OWN_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+    ),
+    ("Referrer-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+_OWN_NAMES = frozenset(n.lower() for n, _ in _OWN_HEADERS)
+
+
+def hsts_value(max_age: int, include_subdomains: bool) -> str | None:
+    """RFC 6797 Strict-Transport-Security for our TLS listener (None: switched off)."""
+    if max_age <= 0:
+        return None
+    return f"max-age={max_age}" + ("; includeSubDomains" if include_subdomains else "")
+
+
+def add_security_headers(resp: web.StreamResponse, hsts: str | None) -> None:
+    """Add the headers above (and HSTS, on the TLS listener) where the response has none."""
+    headers = resp.headers
+    for name, value in _OWN_HEADERS:
+        if name not in headers:
+            headers[name] = value
+    if hsts and "Strict-Transport-Security" not in headers:
+        headers["Strict-Transport-Security"] = hsts
+
+
+def with_security_headers(
+    headers: list[tuple[str, str]], hsts: str | None
+) -> list[tuple[str, str]]:
+    """The same for a response the data plane writes as parts."""
+    present = {n.lower() for n, _ in headers}
+    out = list(headers)
+    out.extend((n, v) for n, v in _OWN_HEADERS if n.lower() not in present)
+    if hsts and "strict-transport-security" not in present:
+        out.append(("Strict-Transport-Security", hsts))
+    return out
 
 
 def www_authenticate(reason: Reason, verdict: Verdict) -> str | None:
@@ -87,6 +137,7 @@ def problem_parts(
     detail: str | None = None,
     status: int | None = None,
     extra_headers: dict[str, str] | None = None,
+    continue_to: str | None = None,
 ) -> Parts:
     """The refusal body and headers: problem+json (RFC 9457), or a page for a browser."""
     code = status or reason.status
@@ -98,7 +149,7 @@ def problem_parts(
         headers.update(extra_headers)
     if wants_html(accept):
         headers["Content-Type"] = "text/html; charset=utf-8"
-        body = _page(reason, decision_id, code, detail).encode()
+        body = _page(reason, decision_id, code, detail, continue_to).encode()
     else:
         doc: dict[str, Any] = {
             "type": PROBLEM_BASE + reason.value,
@@ -123,6 +174,7 @@ def problem(
     detail: str | None = None,
     status: int | None = None,
     extra_headers: dict[str, str] | None = None,
+    continue_to: str | None = None,
 ) -> web.Response:
     """The same refusal as an aiohttp response (the ops listener, the gateway's pages)."""
     code, headers, body = problem_parts(
@@ -133,6 +185,7 @@ def problem(
         detail=detail,
         status=status,
         extra_headers=extra_headers,
+        continue_to=continue_to,
     )
     return web.Response(status=code, body=body, headers=headers)
 
@@ -194,6 +247,16 @@ def render(
         extra["WWW-Authenticate"] = challenge
     if stale:
         extra["Set-Cookie"] = clear_cookie_header(cookie_name)
+    continue_to = None
+    if (
+        reason is Reason.ORIGIN_DENIED
+        and ctx.path is not None
+        and ctx.method in ("GET", "HEAD")
+        and ctx.fetch.navigation
+    ):
+        # A link from another site: the person confirms with a click on our own page, which
+        # the browser then sends as a same-origin navigation (docs/security.md).
+        continue_to = encode_path(ctx.path) + ("?" + ctx.query if ctx.query else "")
     return problem_parts(
         reason,
         ctx.decision_id,
@@ -201,6 +264,7 @@ def render(
         accept=ctx.headers.get("Accept", ""),
         detail=detail,
         extra_headers=extra,
+        continue_to=continue_to,
     )
 
 
@@ -210,12 +274,19 @@ def login_redirect(ctx: RequestContext) -> str:
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
-def _page(reason: Reason, decision_id: str, status: int, detail: str | None) -> str:
+def _page(
+    reason: Reason, decision_id: str, status: int, detail: str | None, continue_to: str | None
+) -> str:
     e = html.escape
     advice = _ADVICE.get(
         reason, "If you think this is wrong, contact your IT support and quote the decision id."
     )
     detail_html = f"<p class=detail>{e(detail)}</p>" if detail else ""
+    if continue_to:
+        # A link on this origin: following it is the person's own same-origin navigation.
+        detail_html += (
+            f'<p><a href="{e(continue_to)}">Continue to <code>{e(continue_to)}</code></a></p>'
+        )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

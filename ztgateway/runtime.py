@@ -17,6 +17,7 @@ from .geo import GeoLocator
 from .metrics import Metrics
 from .routes import RouteTable
 from .store.base import Store
+from .throttle import CredentialThrottle
 from .tls import RevocationList
 
 if TYPE_CHECKING:
@@ -36,3 +37,14 @@ class Runtime:
     """explain / policy test / /decide: judge, but never write (no device registration)."""
     clock: Clock = SYSTEM_CLOCK
     pipeline: Pipeline = field(init=False)
+    throttle: CredentialThrottle = field(init=False)
+    """Failed credential verifications per client address (throttle.py)."""
+
+    def __post_init__(self) -> None:
+        s = self.config.server
+        self.throttle = CredentialThrottle(
+            self.store,
+            limit=s.invalid_credentials_limit,
+            window=s.invalid_credentials_window,
+            dry_run=self.dry_run,
+        )

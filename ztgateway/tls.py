@@ -8,6 +8,8 @@ a resumed TLS session outlives a revocation.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
@@ -18,11 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import TLSConfig, UpstreamConfig
+
+if TYPE_CHECKING:
+    from .certverify import ClientCertVerifier
 
 log = logging.getLogger("ztgateway.tls")
 
@@ -57,6 +64,10 @@ class CertInfo:
     not_before: float
     not_after: float
     client_auth: bool
+    is_ca: bool = False
+    """basicConstraints cA=TRUE or keyCertSign: a CA's certificate is never a client's."""
+    spki_sha256: str = ""
+    """SHA-256 of the SubjectPublicKeyInfo: what a device is pinned to (docs/security.md)."""
 
     def to_json(self) -> dict[str, object]:
         return _cert_json(self)
@@ -109,10 +120,19 @@ def parse_client_cert(der: bytes) -> CertInfo:
         client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
     except x509.ExtensionNotFound:
         client_auth = True  # RFC 5280 §4.2.1.12: no EKU means any purpose
+    is_ca = False
+    with contextlib.suppress(x509.ExtensionNotFound):
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    with contextlib.suppress(x509.ExtensionNotFound):
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        is_ca = is_ca or usage.key_cert_sign
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     fingerprint = hashlib.sha256(der).hexdigest()
     cn = attr(NameOID.COMMON_NAME) or ""
     email: str | None = emails[0] if emails else attr(NameOID.EMAIL_ADDRESS)
-    user = attr(NameOID.USER_ID) or (email.split("@", 1)[0] if email else None)
+    # The UID attribute names the user; without one, the whole e-mail address does. Its local
+    # part alone would make alice@partner.example the directory's "alice" (review L8).
+    user = attr(NameOID.USER_ID) or email
     return CertInfo(
         der=der,
         subject=subject.rfc4514_string(),
@@ -127,6 +147,8 @@ def parse_client_cert(der: bytes) -> CertInfo:
         not_before=cert.not_valid_before_utc.timestamp(),
         not_after=cert.not_valid_after_utc.timestamp(),
         client_auth=client_auth,
+        is_ca=is_ca,
+        spki_sha256=hashlib.sha256(spki).hexdigest(),
     )
 
 
@@ -152,6 +174,8 @@ class RevocationList:
     revoked_serials: frozenset[int] = frozenset()
     next_update: float | None = None
     issuer: str = ""
+    configured: bool = False
+    """A CRL file is configured: a certificate of another issuer has no CRL to be checked in."""
 
     def is_revoked(self, serial: int) -> bool:
         return serial in self.revoked_serials
@@ -167,6 +191,7 @@ def load_crl(path: Path, ca_cert: x509.Certificate | None = None) -> RevocationL
         revoked_serials=frozenset(r.serial_number for r in crl),
         next_update=nu.timestamp() if nu else None,
         issuer=crl.issuer.rfc4514_string(),
+        configured=True,
     )
 
 
@@ -180,8 +205,59 @@ def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     # No set_ecdh_curve(): with OpenSSL 3 it replaces the group list with that one curve, which
     # refused clients offering only X25519 or P-384 and cost every browser (X25519 key share
-    # first) a HelloRetryRequest round trip (RFC 8446 §4.1.4). OpenSSL's default groups cover
-    # Mozilla intermediate's X25519, prime256v1 and secp384r1, all forward secret.
+    # first) a HelloRetryRequest round trip (RFC 8446 §4.1.4). OpenSSL's default list also has
+    # X448, P-521 and the FFDHE groups, beyond Mozilla intermediate: limit it to exactly its
+    # three, X25519 first (what browsers send a key share for).
+    limit_groups(ctx)
+
+
+TLS_GROUPS = b"X25519:P-256:P-384"
+_SSL_CTRL_SET_GROUPS_LIST = 92  # openssl/ssl.h
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The OpenSSL the ssl module is linked against, through the _ssl extension's handle."""
+    import _ssl
+
+    lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def limit_groups(ctx: ssl.SSLContext) -> None:
+    """SSL_CTX_set1_groups_list(ctx, "X25519:P-256:P-384"), which Python's ssl module lacks.
+
+    The SSL_CTX pointer is the first field after the object header of CPython's PySSLContext;
+    it is checked (its options must read back as the context's) before anything is written,
+    and the gateway refuses to start rather than serve with groups it did not choose."""
+    lib = _libssl()
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        raise RuntimeError("cannot reach this Python's OpenSSL context to limit TLS groups")
+    if lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(TLS_GROUPS)) != 1:
+        raise RuntimeError(f"OpenSSL refused the TLS groups {TLS_GROUPS.decode()}")
+
+
+_SNI_ATTRIBUTE = "ztgw_sni"
+
+
+def _remember_sni(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext
+) -> None:
+    # The protocol compares it with each request's Host (http1.Connection): the name the
+    # handshake asked for is only known here.
+    if name:
+        setattr(ssl_object, _SNI_ATTRIBUTE, name)
+
+
+def server_name(ssl_object: object) -> str | None:
+    """The SNI of a finished server-side handshake (None: the client sent none)."""
+    name = getattr(ssl_object, _SNI_ATTRIBUTE, None)
+    return name if isinstance(name, str) else None
 
 
 def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:
@@ -198,6 +274,7 @@ def server_context(cfg: TLSConfig, client_cert: str) -> ssl.SSLContext:
     # OpenSSL checks the clientAuth EKU ("ssl_client" purpose) on the server side by default.
     ctx.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols(["http/1.1"])
+    ctx.sni_callback = _remember_sni
     return ctx
 
 
@@ -210,11 +287,6 @@ def upstream_context(up: UpstreamConfig) -> ssl.SSLContext:
     return ctx
 
 
-def cert_not_after(path: Path) -> float:
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    return cert.not_valid_after_utc.timestamp()
-
-
 @dataclass
 class TLSMaterial:
     """The current server context and CRL, swapped as one snapshot on reload."""
@@ -223,6 +295,8 @@ class TLSMaterial:
     revocations: RevocationList
     server_not_after: float
     ca_not_after: float
+    verifier: ClientCertVerifier
+    """Verifies certificates that arrive outside our handshake (forward-auth, /decide)."""
     fingerprints: tuple[int, ...] = field(default_factory=tuple)
 
 
@@ -243,11 +317,15 @@ def build_material(cfg: TLSConfig, client_cert: str) -> TLSMaterial:
     ctx = server_context(cfg, client_cert)
     ca = x509.load_pem_x509_certificate(cfg.client_ca.read_bytes())
     crl = load_crl(cfg.crl, ca) if cfg.crl else RevocationList()
+    from .certverify import ClientCertVerifier
+
+    server = x509.load_pem_x509_certificate(cfg.cert.read_bytes())
     return TLSMaterial(
         context=ctx,
         revocations=crl,
-        server_not_after=cert_not_after(cfg.cert),
+        server_not_after=server.not_valid_after_utc.timestamp(),
         ca_not_after=ca.not_valid_after_utc.timestamp(),
+        verifier=ClientCertVerifier(cfg.client_ca, crl),
         fingerprints=_mtimes(cfg),
     )
 

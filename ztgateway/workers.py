@@ -34,6 +34,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import sdnotify
 from .clock import SYSTEM_CLOCK
 from .config import GatewayConfig
 from .lifeline import claim_port
@@ -41,7 +42,17 @@ from .ops import RELAY_PEER_HEADER
 
 log = logging.getLogger("ztgateway.workers")
 RESTART_BACKOFF = 1.0
-ADDITIVE_GAUGES = frozenset({"ztgw_connections_open", "ztgw_audit_queue_depth"})
+ADDITIVE_GAUGES = frozenset(
+    {
+        "ztgw_connections_open",
+        "ztgw_audit_queue_depth",
+        # Each worker is its own process: the host's gateway uses the sum of their memory and
+        # descriptors (a maximum would hide all but one worker from a capacity alert).
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+    }
+)
 MIN_GAUGES = frozenset({"ztgw_config_last_reload_successful"})
 NOT_RELAYED = frozenset(
     h.lower()
@@ -126,6 +137,12 @@ class Supervisor:
         # The lifeline: workers watch the read end; only this process holds the write end, so
         # the kernel closes it (EOF for every worker) whenever this process dies.
         self._lifeline_r, self._lifeline_w = os.pipe()
+        # sd_notify between the workers and us (sdnotify.py): who is ready, and whether the
+        # service manager has been told READY=1 yet / which workers a reload still waits for.
+        self.readiness = sdnotify.WorkerReadiness(self.socket_dir, self._worker_said)
+        self.ready_workers: set[int] = set()
+        self.announced = False
+        self._reload_waits: set[int] | None = None
 
     def ops_socket(self, index: int) -> Path:
         return self.socket_dir / f"worker-{index}.sock"
@@ -147,7 +164,7 @@ class Supervisor:
             str(self._lifeline_r),
             *extra,
             pass_fds=(self._lifeline_r,),
-            env=worker_environment(),
+            env=self.readiness.environment(worker_environment()),
         )
         log.info("worker %d started (pid %d)", index, self.procs[index].pid)
 
@@ -163,9 +180,55 @@ class Supervisor:
                         proc.returncode,
                     )
                     self.restarts += 1
+                    self._worker_gone(index)
                     await asyncio.sleep(RESTART_BACKOFF)
                     if not self.stopping:
                         await self.spawn(index)
+
+    def _needed(self) -> int:
+        return max(1, min(self.config.server.min_ready_workers, self.count))
+
+    def _status(self) -> str:
+        return (
+            f"{len(self.ready_workers)} of {self.count} workers serving https://"
+            f"{self.config.server.host}:{self.config.server.port}"
+        )
+
+    def _worker_said(self, fields: dict[str, str]) -> None:
+        try:
+            index = int(fields.get(sdnotify.WORKER_FIELD, ""))
+        except ValueError:
+            return  # not one of our workers' messages
+        if fields.get("READY") != "1" or index not in self.procs:
+            return
+        self.ready_workers.add(index)
+        if self._reload_waits is not None:
+            self._reload_waits.discard(index)
+            if not self._reload_waits:
+                self._reload_waits = None
+                sdnotify.ready(self._status())
+                return
+        if not self.announced and len(self.ready_workers) >= self._needed():
+            self.announced = True
+            sdnotify.ready(self._status())
+
+    def _worker_gone(self, index: int) -> None:
+        self.ready_workers.discard(index)
+        if self._reload_waits is not None:
+            self._reload_waits.discard(index)
+            if not self._reload_waits:
+                self._reload_waits = None
+                sdnotify.ready(self._status())
+
+    def reload_signal(self) -> None:
+        """SIGHUP: every worker reloads; the service manager hears RELOADING=1 now and READY=1
+        once each worker that was serving has said READY=1 again (or has gone)."""
+        self._reload_waits = set(self.ready_workers)
+        sdnotify.reloading(self.clock)
+        self.signal_all(signal.SIGHUP)
+        if not self._reload_waits:
+            self._reload_waits = None
+            sdnotify.ready(self._status())
 
     def signal_all(self, sig: int) -> None:
         for proc in self.procs.values():
@@ -336,7 +399,8 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.signal_all(signal.SIGHUP))
+        loop.add_signal_handler(signal.SIGHUP, self.reload_signal)
+        self.readiness.start()
         runner = web.AppRunner(self.ops_app(), access_log=None)
         try:
             for index in range(self.count):
@@ -358,6 +422,7 @@ class Supervisor:
             watcher.cancel()
         finally:
             self.stopping = True
+            sdnotify.stopping()
             self.signal_all(signal.SIGTERM)
             deadline = self.clock.monotonic() + self.config.server.shutdown_timeout + 5
             for proc in self.procs.values():
@@ -369,6 +434,7 @@ class Supervisor:
             await runner.cleanup()
             for client in self._clients.values():
                 await client.close()
+            self.readiness.close()
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 

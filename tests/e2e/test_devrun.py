@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Certs, free_port
+from ztgateway.credentials.devtoken import issue_token
 from ztgateway.devrun import moved_idp_users, set_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,8 +178,12 @@ def test_one_offset_moves_every_port_and_a_signal_stops_all_three(
     # The hints name the ports that were bound, nothing else.
     assert f"https://127.0.0.1:{gw}/echo" in out and f"http://127.0.0.1:{ops}/metrics" in out
     assert ":8443" not in out and ":9100" not in out
-    # Every part answers on its moved port: the gateway forwards to the moved demo app...
-    status, _, body = _get(f"https://127.0.0.1:{gw}/echo", certs, demo_dir)
+    # Every part answers on its moved port: the gateway forwards to the moved demo app (its
+    # API: alice's certificate alone no longer skips the demo app's daily TOTP)...
+    token = issue_token(demo_dir / "certs" / "issuer.key", sub="alice")
+    status, _, body = _get(
+        f"https://127.0.0.1:{gw}/api/echo", certs, demo_dir, Authorization=f"Bearer {token}"
+    )
     assert status == 200 and "alice" in body
     # ...and sends a browser to the moved dev IdP with a redirect URI the IdP accepts.
     location = _sign_in_url(f"https://127.0.0.1:{gw}", certs, demo_dir)

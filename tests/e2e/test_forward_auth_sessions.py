@@ -26,7 +26,13 @@ from ztgateway.stages.session import token_session_id
 
 def forward_auth_config() -> dict[str, Any]:
     return {
-        "forward_auth": {"enabled": True, "trusted_proxies": ["127.0.0.1/32"]},
+        # The certificate in the one header this edge passes it in (security review H1).
+        "forward_auth": {
+            "enabled": True,
+            "trusted_proxies": ["127.0.0.1/32"],
+            "edge": "nginx",
+            "cert_header": "X-SSL-Client-Cert",
+        },
         "routes": [route(ip_drift="terminate")],
     }
 

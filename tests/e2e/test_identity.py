@@ -10,7 +10,7 @@ from typing import Any
 import jwt
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import ADMIN_TOKEN, GatewayFactory
 from tests.support import Certs, session
 from ztgateway.app import Gateway
 from ztgateway.credentials.devtoken import issue_token
@@ -253,9 +253,10 @@ async def test_ops_decide_explains_a_request(gateway: Gateway, certs: Certs) -> 
         "token": tok(certs),
         "cert_pem": certs.client("alice-laptop")[0].read_text(),
     }
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with (
         aiohttp.ClientSession() as s,
-        s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", json=body) as r,
+        s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", json=body, headers=admin) as r,
     ):
         assert r.status == 200
         out = await r.json()
@@ -265,6 +266,6 @@ async def test_ops_decide_explains_a_request(gateway: Gateway, certs: Certs) -> 
     assert out["identity"]["user"] == "alice"
     async with (
         aiohttp.ClientSession() as s,
-        s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", data=b"[1") as r,
+        s.post(f"http://127.0.0.1:{gateway.ops_port}/decide", data=b"[1", headers=admin) as r,
     ):
         assert r.status == 400

@@ -101,7 +101,7 @@ async def test_reload_applies_listener_limits_to_new_connections(
     await until(lambda: gw.listener is not None and gw.listener.established == 3)
     with pytest.raises((ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError)):
         reader, writer = await open_tls(gw.port, certs)
-        writer.write(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
         await writer.drain()
         if not await reader.read(1):
             raise ConnectionResetError("closed without an answer")
@@ -278,7 +278,7 @@ async def test_fd_limit_below_max_connections_is_warned_and_excess_refused_and_c
         for _ in range(130):
             try:
                 reader, writer = await open_tls(port, certs)
-                writer.write(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                writer.write(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 await writer.drain()
                 if not (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200"):
                     raise ConnectionResetError

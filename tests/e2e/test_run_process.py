@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Certs, free_ports
+from ztgateway.credentials.devtoken import issue_token
 
 REPO = Path(__file__).resolve().parents[2]
 CURL = shutil.which("curl")
@@ -83,9 +84,21 @@ def test_curl_with_alices_certificate_gets_the_echo_and_without_is_refused(
     gw_port, ops_port, _ = running
     pem, key = certs.client("alice-laptop")
     assert CURL is not None, "curl is required (installed by .ci/run)"
+    # The people's app asks alice for TOTP once a working day: a client holding only her
+    # certificate (a script, malware) is challenged like her browser, not let through.
+    challenged = subprocess.run(
+        [CURL, "-sS", "-i", "--cert", str(pem), "--key", str(key), "--cacert", str(certs.ca),
+         f"https://127.0.0.1:{gw_port}/echo"],
+        capture_output=True, check=False, timeout=20,
+    )  # fmt: skip
+    assert challenged.returncode == 0, challenged.stderr
+    assert challenged.stdout.startswith(b"HTTP/1.1 401"), challenged.stdout[:200]
+    assert b"insufficient_user_authentication" in challenged.stdout
+    # A program uses the API with her certificate and a token.
+    token = issue_token(certs.issuer_key, sub="alice")
     ok = subprocess.run(
         [CURL, "-sS", "--cert", str(pem), "--key", str(key), "--cacert", str(certs.ca),
-         f"https://127.0.0.1:{gw_port}/echo"],
+         "-H", f"Authorization: Bearer {token}", f"https://127.0.0.1:{gw_port}/api/echo"],
         capture_output=True, check=False, timeout=20,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
@@ -104,7 +117,8 @@ def test_curl_with_alices_certificate_gets_the_echo_and_without_is_refused(
         timeout=20,
     ).stdout.decode()
     assert 'ztgw_tls_handshake_failures_total{reason="no_certificate"} 1.0' in metrics
-    assert 'ztgw_requests_total{reason="policy-allowed",route="app",verdict="allow"} 1.0' in metrics
+    assert 'ztgw_requests_total{reason="policy-allowed",route="api",verdict="allow"} 1.0' in metrics
+    assert 'ztgw_requests_total{reason="mfa-required",route="app",verdict="step_up"} 1.0' in metrics
 
 
 def test_sigterm_finishes_and_flushes_the_audit_log(
@@ -116,6 +130,10 @@ def test_sigterm_finishes_and_flushes_the_audit_log(
     gw_port, _, tmp = running
     ctx = ssl.create_default_context(cafile=str(certs.ca))
     ctx.load_cert_chain(*map(str, certs.client("alice-laptop")))
-    with urllib.request.urlopen(f"https://127.0.0.1:{gw_port}/echo", context=ctx, timeout=10) as r:
+    token = issue_token(certs.issuer_key, sub="alice")
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{gw_port}/api/echo", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, context=ctx, timeout=10) as r:
         assert r.status == 200
         RUNNING_DECISIONS.append((tmp, r.headers["X-ZT-Decision-Id"]))

@@ -109,3 +109,42 @@ def test_the_timer_starts_the_agent_service() -> None:
     assert "Unit=" not in timer and (UNITS / "ztgateway-agent.service").exists()
     assert "Persistent=true" in timer
     assert shutil.which("systemd-analyze") or Path(SYSTEMD_ANALYZE).exists()
+
+
+def _agent_args(argv: list[str]) -> object:
+    parser = Parser(prog="ztgateway-agent")
+    agent_cli._configure(parser)
+    return parser.parse_args(argv)
+
+
+def test_the_macos_launch_daemon_runs_the_agent_hourly_and_at_boot() -> None:
+    import plistlib
+
+    job = plistlib.loads((REPO / "deploy" / "macos" / "com.ztgateway.agent.plist").read_bytes())
+    assert job["Label"] == "com.ztgateway.agent"
+    program, *argv = job["ProgramArguments"]
+    assert Path(program).name == "ztgateway-agent"
+    assert callable(_agent_args(argv).func)  # type: ignore[attr-defined]
+    assert job["RunAtLoad"] is True
+    assert job["StartInterval"] == 3600
+    assert job["Umask"] == 0o077  # the report and log stay root's
+    assert "UserName" not in job  # a LaunchDaemon without one runs as root, as fdesetup needs
+
+
+def test_the_windows_scheduled_task_runs_the_agent_hourly_at_start_up_as_system() -> None:
+    from xml.etree import ElementTree
+
+    ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+    task = ElementTree.parse(REPO / "deploy" / "windows" / "ztgateway-agent-task.xml").getroot()
+    assert task.tag == f"{{{ns['t']}}}Task"
+    command = task.findtext("t:Actions/t:Exec/t:Command", namespaces=ns)
+    arguments = task.findtext("t:Actions/t:Exec/t:Arguments", namespaces=ns)
+    assert command is not None and arguments is not None
+    assert command.strip('"').endswith("\\ztgateway-agent.exe")
+    argv = shlex.split(arguments.replace("\\", "/"))  # Windows quoting, POSIX-split for the test
+    assert callable(_agent_args(argv).func)  # type: ignore[attr-defined]
+    assert task.find("t:Triggers/t:BootTrigger", ns) is not None
+    interval = task.findtext("t:Triggers/t:TimeTrigger/t:Repetition/t:Interval", namespaces=ns)
+    assert interval == "PT1H"
+    assert task.findtext("t:Principals/t:Principal/t:UserId", namespaces=ns) == "S-1-5-18"
+    assert task.findtext("t:Settings/t:MultipleInstancesPolicy", namespaces=ns) == "IgnoreNew"

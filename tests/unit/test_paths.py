@@ -202,3 +202,87 @@ def test_allowed_encoded_slash_still_cannot_climb_above_the_root(raw: str) -> No
 def test_allowed_encoded_slash_does_not_allow_encoded_backslash() -> None:
     with pytest.raises(PathError, match="backslash"):
         normalize_path("/a%2F%5Cb", allow_encoded_slash=True)
+
+
+# --- what the route's upstream would read differently (security review H2) -------------------
+from ztgateway.paths import route_key, route_path_refusal, strip_path_params  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("path", "stripped"),
+    [
+        ("/a;b=c/d", "/a/d"),
+        ("/a/b;v=1", "/a/b"),
+        ("/admin;jsessionid=x/echo", "/admin/echo"),
+        ("/a;x;y/b;", "/a/b"),
+        ("/plain/path", "/plain/path"),
+    ],
+)
+def test_path_parameters_are_stripped_from_every_segment(path: str, stripped: str) -> None:
+    assert strip_path_params(path) == stripped
+    assert route_key(path) == stripped
+
+
+def test_route_key_folds_case_only_for_case_insensitive_upstreams() -> None:
+    assert route_key("/ADMIN;x/Echo") == "/ADMIN/Echo"
+    assert route_key("/ADMIN;x/Echo", case_insensitive=True) == "/admin/echo"
+
+
+@pytest.mark.parametrize(
+    ("path", "options", "why"),
+    [
+        ("/a;b/c", {}, "path parameters"),
+        ("/a/b;", {}, "path parameters"),
+        ("/a/;x/b", {"allow_path_params": True}, "empty segment"),
+        ("/;x", {"allow_path_params": True}, "empty segment"),
+        # escapes that survive one decoding and turn into dots or separators at the next
+        ("/%2e%2e/x", {}, "double"),
+        ("/%2E/x", {}, "double"),
+        ("/%2F", {}, "double"),
+        ("/%5c", {}, "double"),
+        ("/%3B", {}, "double"),
+        ("/%3f", {}, "double"),
+        ("/%23", {}, "double"),
+        ("/%25", {}, "double"),
+        ("/%00", {}, "double"),
+        ("/%0a", {}, "double"),
+        ("/%7F", {}, "double"),
+        ("/%u002e", {}, "double"),
+        ("/%U2215", {}, "double"),
+        # Windows names on a case-insensitive upstream
+        ("/admin./x", {"case_insensitive": True}, "Windows"),
+        ("/admin /x", {"case_insensitive": True}, "Windows"),
+        ("/x/web.config::$DATA", {"case_insensitive": True}, "Windows"),
+        ("/PROGRA~1/x", {"case_insensitive": True}, "Windows"),
+        ("/stra\u00dfe", {"case_insensitive": True}, "folds"),
+        ("/\uff21dmin", {"case_insensitive": True}, "folds"),
+        ("/e\u0301", {"case_insensitive": True}, "folds"),
+    ],
+)
+def test_path_the_upstream_would_read_as_another_is_refused(
+    path: str, options: dict[str, bool], why: str
+) -> None:
+    refusal = route_path_refusal(path, **options)
+    assert refusal is not None and why in refusal
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        ("/a/b", {}),
+        ("/a b/c", {}),
+        ("/100%/x", {}),
+        ("/%zz", {}),
+        ("/%2", {}),
+        ("/caf\u00e9", {"case_insensitive": True}),
+        ("/ADMIN/Echo", {"case_insensitive": True}),
+        ("/a;jsessionid=1/b;v=2", {"allow_path_params": True}),
+        ("/%2e%2e/x", {"allow_double_encoding": True}),
+        ("/a.b/c~d/e:f", {}),
+        ("/.well-known/x", {"case_insensitive": True}),
+        # lower() already folds the Kelvin sign to "k", so the route key matches "/kelvin"
+        ("/\u212aelvin", {"case_insensitive": True}),
+    ],
+)
+def test_path_every_upstream_reads_alike_is_accepted(path: str, options: dict[str, bool]) -> None:
+    assert route_path_refusal(path, **options) is None

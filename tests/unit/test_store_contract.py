@@ -172,6 +172,57 @@ async def test_devices_register_touch_state_owner(backend: Backend) -> None:
     assert [d.device_id for d in fresh.devices()] == ["dev-1", "dev-2"]
 
 
+async def test_device_key_is_stored_bound_and_rebound(backend: Backend) -> None:
+    """Security review L9: a device is pinned to its certificate's key; binding another key (an
+    operator's rebind) is durable and seen by every process."""
+    a = await backend.open()
+    first = dataclasses.replace(device("dev-1"), spki="11" * 32)
+    await a.register_device(first)
+    b = await backend.open()
+    assert b.device("dev-1").spki == "11" * 32  # type: ignore[union-attr]
+    bound = await a.bind_device_key("dev-1", "22" * 32, "cd" * 32, "CN=dev-1,O=new")
+    assert bound is not None
+    assert (bound.spki, bound.fingerprint, bound.subject) == (
+        "22" * 32,
+        "cd" * 32,
+        "CN=dev-1,O=new",
+    )
+    assert bound.state == first.state and bound.owner == first.owner
+    await eventually(
+        lambda: getattr(b.device("dev-1"), "spki", None) == "22" * 32, 5.0, "rebind seen"
+    )
+    assert await a.bind_device_key("nope", "33" * 32, "ef" * 32, "CN=nope") is None
+    fresh = await backend.open()
+    assert fresh.device("dev-1").spki == "22" * 32  # type: ignore[union-attr]
+
+
+async def test_sqlite_devices_table_of_an_older_version_gains_the_key_column(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE devices (device_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, "
+            "subject TEXT NOT NULL, owner TEXT, state TEXT NOT NULL, first_seen REAL NOT NULL, "
+            "last_seen REAL NOT NULL, last_ip TEXT)"
+        )
+        db.execute(
+            "INSERT INTO devices VALUES ('dev-1', ?, 'CN=dev-1', 'alice', 'approved', 1, 2, NULL)",
+            ("ab" * 32,),
+        )
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        old = store.device("dev-1")
+        assert old is not None and old.spki is None and old.state == "approved"
+        bound = await store.bind_device_key("dev-1", "44" * 32, "ab" * 32, "CN=dev-1")
+        assert bound is not None and bound.spki == "44" * 32
+        await store.register_device(dataclasses.replace(device("dev-2"), spki="55" * 32))
+        assert store.device("dev-2").spki == "55" * 32  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
 async def test_posture_put_get(backend: Backend) -> None:
     a = await backend.open()
     assert a.posture("dev-1") is None

@@ -46,6 +46,34 @@ def test_metrics_merge_by_what_each_series_means() -> None:
     assert not any("_created" in k for k in merged)  # a sum of timestamps means nothing
 
 
+def process_metrics(rss: float, fds: float, max_fds: float, cpu: float) -> str:
+    return f"""# HELP process_resident_memory_bytes Resident memory size in bytes.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes {rss}
+# HELP process_open_fds Number of open file descriptors.
+# TYPE process_open_fds gauge
+process_open_fds {fds}
+# HELP process_max_fds Maximum number of open file descriptors.
+# TYPE process_max_fds gauge
+process_max_fds {max_fds}
+# HELP process_cpu_seconds Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds counter
+process_cpu_seconds_total {cpu}
+"""
+
+
+def test_process_metrics_of_the_workers_add_up_to_the_hosts_gateway() -> None:
+    merged = samples(
+        merge_metrics(
+            [process_metrics(100e6, 30, 20000, 1.5), process_metrics(150e6, 40, 20000, 2.0)]
+        )
+    )
+    assert merged["process_resident_memory_bytes[]"] == 250e6  # memory of every worker
+    assert merged["process_open_fds[]"] == 70
+    assert merged["process_max_fds[]"] == 20000  # a per-process limit: not summed
+    assert merged["process_cpu_seconds_total[]"] == 3.5
+
+
 def test_relayed_headers_keep_repeats_drop_hop_by_hop_and_name_the_real_caller() -> None:
     request = make_mocked_request(
         "GET",

@@ -1,4 +1,4 @@
-"""`ztgateway devices list | show | approve | revoke | set-owner`.
+"""`ztgateway devices list | show | approve | revoke | rebind | set-owner`.
 
 The commands write to the same store the running gateway reads; it picks the change up within
 its sync interval (0.25 s for SQLite), so a revocation holds at once without a restart.
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK
@@ -148,6 +149,32 @@ def _setter(field: str) -> Callable[[argparse.Namespace], int]:
     return cmd
 
 
+def cmd_rebind(args: argparse.Namespace) -> int:
+    from ..admin import rebind_device
+    from ..certverify import ClientCertVerifier
+    from ..tls import RevocationList, load_crl
+
+    config = load_config(args.config)
+    crl = load_crl(config.tls.crl) if config.tls.crl else RevocationList()
+    verifier = ClientCertVerifier(config.tls.client_ca, crl)
+    pem = Path(args.cert).read_bytes() if args.cert else None
+
+    async def work(store: Store) -> int:
+        try:
+            d = await rebind_device(store, args.device, pem, verifier, SYSTEM_CLOCK.time())
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if d is None:
+            print(f"error: no device {args.device!r}", file=sys.stderr)
+            return 1
+        key = "the next certificate it presents" if pem is None else f"key {d.spki}"
+        print(f"{d.device_id}: bound to {key}")
+        return 0
+
+    return asyncio.run(_with_store(args, work))
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("devices", help="the device registry")
     dsub = p.add_subparsers(dest="devices_command", required=True, metavar="SUBCOMMAND")
@@ -170,6 +197,13 @@ def register(sub: Any) -> None:
     add("revoke", "refuse a device everywhere", _setter("revoked")).add_argument(
         "device", help=device_help
     )
+    rb = add(
+        "rebind",
+        "pin the device to a new key: its new certificate's (--cert), else the next one it shows",
+        cmd_rebind,
+    )
+    rb.add_argument("device", help=device_help)
+    rb.add_argument("--cert", help="the device's new certificate (PEM), verified against the CA")
     so = add("set-owner", "change the device's owner", _setter("owner"))
     so.add_argument("device", help=device_help)
     so.add_argument("owner", help="the user the device belongs to")

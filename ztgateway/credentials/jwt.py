@@ -376,6 +376,13 @@ class TokenVerifier:
             # A broken metrics hook must not turn a verdict into an error.
             logger.exception("token result hook failed")
 
+    def cached(self, token: str) -> bool:
+        """Whether `token` verified before and is still remembered: verifying it again costs a
+        hash and a clock check, not a signature (the credential throttle lets it through)."""
+        if len(token) > self._max_bytes or not token.isascii():
+            return False
+        return hashlib.sha256(token.encode("ascii")).hexdigest() in self._cache
+
     async def verify(self, token: str, *, now: float | None = None) -> VerifiedToken:
         """Verify a bearer token or raise TokenError; no other exception escapes for any input.
 

@@ -7,12 +7,18 @@ each attempt as a finding); the gateway then adds the headers the upstream may t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..context import protected_header
+from ..headerfamilies import protected_header
 from ..responses import SERVER
+
+if TYPE_CHECKING:
+    from ..config import IdentityHeaders
 
 HOP_BY_HOP = frozenset(
     {
@@ -49,6 +55,20 @@ def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return _listed(headers.getall("Connection", ()))
 
 
+@functools.lru_cache(maxsize=256)
+def identity_header_names(h: IdentityHeaders) -> frozenset[str]:
+    """A route's identity header names, lower-case: only the gateway sets them (once per
+    route's header table: it is frozen)."""
+    return frozenset(n.lower() for n in (h.user, h.email, h.groups, h.device, h.assertion))
+
+
+@functools.lru_cache(maxsize=256)
+def unprotected_identity_names(h: IdentityHeaders) -> tuple[str, ...]:
+    """Those of a route's identity header names that no protected family covers already (an
+    operator's "X-Corp-User"); usually none."""
+    return tuple(sorted(n for n in identity_header_names(h) if not protected_header(n)))
+
+
 def upstream_request_headers(
     headers: CIMultiDictProxy[str],
     add: Mapping[str, str],
@@ -56,6 +76,7 @@ def upstream_request_headers(
     forward_authorization: bool,
     websocket: bool = False,
     drop_cookies: Iterable[str] = (),
+    identity_names: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
     listed = _connection_listed(headers)
     out: CIMultiDict[str] = CIMultiDict()
@@ -66,6 +87,7 @@ def upstream_request_headers(
             or lower in listed
             or lower in ("host", "expect")
             or protected_header(name)
+            or lower in identity_names
             or (lower == "authorization" and not forward_authorization)
             or (websocket and lower in _WEBSOCKET_HANDSHAKE)
         ):
@@ -78,6 +100,21 @@ def upstream_request_headers(
         out.add(name, value)
     out.update(add)
     return out
+
+
+# RFC 3986 unreserved plus a few sub-delims no list parser splits on; everything else (",", ";",
+# whitespace, quotes, "%", controls, non-ASCII) is percent-encoded.
+_LIST_ITEM_SAFE = "-._~:@!$&'()*+=/"
+
+
+def list_header_value(items: Iterable[str]) -> str:
+    """A comma-separated header of names (X-Forwarded-Groups) no upstream can split wrongly.
+
+    A group called "eng,admins" is one group to the gateway's policy but two to an upstream that
+    splits the header on commas (security review L6), so each item is percent-encoded first:
+    "eng%2Cadmins". Plain names are unchanged; the signed assertion carries the raw list.
+    """
+    return ",".join(quote(item, safe=_LIST_ITEM_SAFE) for item in sorted(items))
 
 
 def _strip_cookies(header: str, names: Iterable[str]) -> str:

@@ -99,8 +99,13 @@ class Upstreams:
 
 def upstream_target(route: RouteConfig, path: str, query: str) -> str:
     """The request target: the normalised path, re-encoded, under the upstream's base path."""
-    if route.strip_prefix and path.startswith(route.prefix):
-        path = "/" + path[len(route.prefix) :]
+    if route.strip_prefix:
+        # The route matched the path's first segments (parameters stripped, case folded for a
+        # case-insensitive upstream), so those segments go, whatever their spelling.
+        depth = route.prefix.count("/") - 1
+        parts = path.split("/", depth + 1)
+        if depth and len(parts) > depth:
+            path = "/" + (parts[depth + 1] if len(parts) > depth + 1 else "")
     target = route.upstream.url.raw_path.rstrip("/") + encode_path(path)
     return target + "?" + query if query else target
 

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from ..assertion import AssertionSigner
 from ..context import RequestContext
+from ..decision import Decision
 from ..responses import DECISION_HEADER
+from .headers import list_header_value
 
 
-def asserted_identity(signer: AssertionSigner, ctx: RequestContext) -> dict[str, str]:
-    """Identity headers and the signed assertion (also what forward-auth answers)."""
+def asserted_identity(
+    signer: AssertionSigner, ctx: RequestContext, decision: Decision
+) -> dict[str, str]:
+    """Identity headers and the signed assertion (also what forward-auth answers).
+
+    A request a monitor-mode route let through says so in its assertion; identities that
+    failed their own checks never get this far (pipeline._NEVER_MONITORED)."""
     route = ctx.route
     assert route is not None
     h = route.headers
@@ -25,7 +32,7 @@ def asserted_identity(signer: AssertionSigner, ctx: RequestContext) -> dict[str,
         if ident.email:
             add[h.email] = ident.email
         if ident.groups:
-            add[h.groups] = ",".join(sorted(ident.groups))
+            add[h.groups] = list_header_value(ident.groups)
         if ident.device_id:
             add[h.device] = ident.device_id
         add[h.assertion] = signer.sign(
@@ -36,12 +43,15 @@ def asserted_identity(signer: AssertionSigner, ctx: RequestContext) -> dict[str,
             device_id=ident.device_id,
             source=ident.source,
             now=ctx.now,
+            would=decision.would_verdict.label
+            if decision.monitor and decision.would_verdict
+            else None,
         )
     return add
 
 
 def identity_headers(
-    signer: AssertionSigner, ctx: RequestContext, original_host: str
+    signer: AssertionSigner, ctx: RequestContext, original_host: str, decision: Decision
 ) -> dict[str, str]:
     """The headers the upstream may trust: forwarding facts, identity, signed assertion."""
     add: dict[str, str] = {
@@ -49,5 +59,5 @@ def identity_headers(
         "X-Forwarded-Proto": ctx.forwarded_proto,
         "X-Forwarded-Host": original_host,
     }
-    add.update(asserted_identity(signer, ctx))
+    add.update(asserted_identity(signer, ctx, decision))
     return add

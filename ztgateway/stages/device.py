@@ -15,10 +15,11 @@ from ..config import TRUST_LEVELS
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..posture import PostureEvaluation, evaluate
-from ..store.base import Device, PostureRecord
+from ..store.base import REBIND_NEXT, Device, PostureRecord
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
+    from ..tls import CertInfo
 
 NAME = "device"
 
@@ -36,6 +37,21 @@ class DeviceView:
             "trust": self.trust,
             "posture": self.posture.to_json() if self.posture else None,
         }
+
+
+def new_device(cert: CertInfo, now: float, ip: str, *, approved: bool) -> Device:
+    """The registry entry of a device's first contact, pinned to its certificate's key."""
+    return Device(
+        device_id=cert.device_id,
+        fingerprint=cert.fingerprint_sha256,
+        subject=cert.subject,
+        owner=cert.user,
+        state="approved" if approved else "pending",
+        first_seen=now,
+        last_seen=now,
+        last_ip=ip,
+        spki=cert.spki_sha256,
+    )
 
 
 def trust_rank(level: str) -> int:
@@ -71,6 +87,7 @@ class DeviceStage:
         self.store = runtime.store
         self.auto_approve = runtime.config.devices.auto_approve
         self.owner_mismatch_denies = runtime.config.devices.owner_mismatch == "deny"
+        self.default_min_trust = runtime.config.devices.default_min_trust
         # device id, require_signed -> (the report it judged, valid until, evaluation)
         self._evaluations: dict[
             tuple[str, bool], tuple[PostureRecord | None, float, PostureEvaluation]
@@ -84,20 +101,11 @@ class DeviceStage:
         out: list[Finding] = []
         if cert is None or self.store is None:
             ctx.device = DeviceView(None, "unknown", None)
-            return self._trust_findings(ctx, policy.min_trust, out)
+            return self._trust_findings(ctx, policy.min_trust or "unknown", out)
         device = self.store.device(cert.device_id)
         new = False
         if device is None:
-            fresh = Device(
-                device_id=cert.device_id,
-                fingerprint=cert.fingerprint_sha256,
-                subject=cert.subject,
-                owner=cert.user,
-                state="approved" if self.auto_approve else "pending",
-                first_seen=ctx.now,
-                last_seen=ctx.now,
-                last_ip=ctx.client_ip,
-            )
+            fresh = new_device(cert, ctx.now, ctx.client_ip, approved=self.auto_approve)
             device = fresh if self.runtime.dry_run else await self.store.register_device(fresh)
             new = True
         elif not self.runtime.dry_run:
@@ -105,9 +113,26 @@ class DeviceStage:
         if device.state == "revoked":
             ctx.device = DeviceView(device, "unknown", None, new)
             return [Finding(NAME, Reason.DEVICE_REVOKED, Verdict.DENY, detail=device.device_id)]
+        if device.spki != cert.spki_sha256:
+            pinned = await self._pin(device, cert)
+            if pinned is None:
+                # SECURITY: another key under this device's id (a certificate issued with the
+                # same device URI) inherits nothing: not its approval, posture or sessions
+                # (security review L9). An operator re-binds a re-keyed device.
+                ctx.device = DeviceView(device, "unknown", None, new)
+                return [
+                    Finding(
+                        NAME,
+                        Reason.DEVICE_KEY_MISMATCH,
+                        Verdict.DENY,
+                        detail=f"{device.device_id}: key {cert.spki_sha256[:16]}, pinned "
+                        f"{(device.spki or device.fingerprint)[:16]}",
+                    )
+                ]
+            device = pinned
         if device.fingerprint != cert.fingerprint_sha256:
-            # Same device id, another certificate (re-issued): fine if the CA issued it, but
-            # worth seeing in the audit trail.
+            # Same device and key, another certificate (renewed): fine, since the CA issued
+            # it, but worth seeing in the audit trail.
             out.append(
                 Finding(NAME, Reason.DEVICE_UNKNOWN, None, risk=0.1, detail="certificate changed")
             )
@@ -127,7 +152,22 @@ class DeviceStage:
         if device.state == "approved":
             trust = "compliant" if evaluation.compliant else "approved"
         ctx.device = DeviceView(device, trust, evaluation, new)
-        return self._trust_findings(ctx, policy.min_trust, out)
+        return self._trust_findings(ctx, policy.min_trust or self.default_min_trust, out)
+
+    async def _pin(self, device: Device, cert: CertInfo) -> Device | None:
+        """The device pinned to `cert`'s key where that is still open, else None (refuse)."""
+        if device.spki == REBIND_NEXT or (
+            device.spki is None and device.fingerprint == cert.fingerprint_sha256
+        ):
+            # An operator's re-bind, or a row from before pinning meeting the certificate it
+            # registered with: this key is the device's from now on.
+            if self.runtime.dry_run or self.store is None:
+                return device
+            bound = await self.store.bind_device_key(
+                device.device_id, cert.spki_sha256, cert.fingerprint_sha256, cert.subject
+            )
+            return bound or device
+        return None
 
     def _evaluate(self, device_id: str, now: float, require_signed: bool) -> PostureEvaluation:
         """The device's posture judged against the policy, reused while nothing can change it.

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..context import Identity, RequestContext
 from ..credentials.jwt import TokenError, VerifiedToken, check_binding
 from ..decision import Finding, Reason, Verdict
+from ..fetchmeta import ambient_refusal
 from .session import cookie_session_id, read_cookie
 
 if TYPE_CHECKING:
@@ -42,11 +43,22 @@ def identity_from_token(
     user_claim = mapping.user if mapping else "sub"
     user = claims.get(user_claim)
     email = claims.get(mapping.email if mapping else "email")
+    verified = claims.get("email_verified")
+    if verified is False or (isinstance(verified, str) and verified.lower() == "false"):
+        # SECURITY: an address the IdP has not verified is anyone's to claim ("nOAuth"); an
+        # upstream that keys accounts by e-mail must never see it (security review L6). The
+        # OIDC sign-in path drops it the same way.
+        email = None
+    elif mapping is not None and mapping.require_email_verified and verified is not True:
+        email = None
     scope_value = claims.get(mapping.scopes if mapping else "scope")
     if scope_value is None and (mapping is None or mapping.scopes == "scope"):
         scope_value = claims.get("scp")
+    name = user if isinstance(user, str) and user else token.subject
+    if mapping is not None and mapping.user_namespace:
+        name = f"{mapping.user_namespace}:{name}"
     return Identity(
-        user=user if isinstance(user, str) and user else token.subject,
+        user=name,
         source="token",
         email=email if isinstance(email, str) else None,
         groups=_strings(claims.get(mapping.groups if mapping else "groups")),
@@ -59,6 +71,14 @@ def identity_from_token(
     )
 
 
+def directory_user_refusal(user: str | None, namespaces: frozenset[str]) -> str | None:
+    """Why a user name of the directory (certificate, OIDC, an issuer without a namespace) may
+    not be believed: it spells another namespace's user ("partner:alice")."""
+    if user and namespaces and ":" in user and user.partition(":")[0] in namespaces:
+        return f"user {user!r} is in the name space of another identity source"
+    return None
+
+
 class IdentityStage:
     name = NAME
 
@@ -66,10 +86,14 @@ class IdentityStage:
         self.revocations = runtime.revocations
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
+        self.namespaces = frozenset(
+            m.user_namespace for m in self.claim_maps.values() if m.user_namespace
+        )
         self._identities: dict[tuple[str, str | None], Identity] = {}
         self._cert_identities: dict[CertInfo, Identity] = {}
         self.store = runtime.store
         self.cookie_name = runtime.config.sessions.cookie_name
+        self.throttle = runtime.throttle
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -88,6 +112,11 @@ class IdentityStage:
                 return [_deny(Reason.CLIENT_CERT_INVALID, "certificate not yet valid")]
             if not cert.client_auth:
                 return [_deny(Reason.CLIENT_CERT_INVALID, "no clientAuth extended key usage")]
+            if cert.is_ca:
+                # SECURITY: a CA's key signs certificates; one used to log in means a CA key
+                # left its vault (or a sub-CA issued for another purpose). OpenSSL's client
+                # purpose check lets a CA certificate through as a leaf.
+                return [_deny(Reason.CLIENT_CERT_INVALID, "a CA certificate is not a client")]
         elif policy.require_client_cert:
             return [_deny(Reason.CLIENT_CERT_REQUIRED)]
 
@@ -108,9 +137,16 @@ class IdentityStage:
                     return [_deny(Reason.TOKEN_INVALID, "empty bearer token")]
                 if self.tokens is None:
                     return [_deny(Reason.TOKEN_ISSUER_UNKNOWN, "no issuers configured")]
+                if not self.tokens.cached(credential):
+                    wait = await self.throttle.wait(ctx.client_ip, ctx.now)
+                    if wait:
+                        ctx.retry_after = max(ctx.retry_after or 0.0, wait)
+                        return [_deny(Reason.CREDENTIALS_THROTTLED, "invalid tokens from here")]
                 try:
                     token = await self.tokens.verify(credential, now=ctx.now)
                 except TokenError as exc:
+                    if exc.reason is not Reason.TOKEN_ISSUER_UNAVAILABLE:
+                        await self.throttle.failed(ctx.client_ip, ctx.now)
                     return [_deny(exc.reason, exc.detail)]
                 if policy.issuers and token.issuer not in policy.issuers:
                     return [
@@ -149,29 +185,57 @@ class IdentityStage:
             key = (token.token_hash, device_id)
             cached = self._identities.get(key)
             if cached is None:
-                cached = identity_from_token(token, self.claim_maps.get(token.issuer), device_id)
+                mapping = self.claim_maps.get(token.issuer)
+                cached = identity_from_token(token, mapping, device_id)
+                if mapping is None or not mapping.user_namespace:
+                    ambiguous = directory_user_refusal(cached.user, self.namespaces)
+                    if ambiguous:
+                        return [_deny(Reason.IDENTITY_AMBIGUOUS, ambiguous)]
                 if len(self._identities) >= 10_000:
                     self._identities.clear()
                 self._identities[key] = cached
             ctx.identity = cached
-        elif session_identity is not None:
-            ctx.identity = session_identity
+            return ()
+        # SECURITY: the certificate is ambient: a navigation another site started never gets
+        # its identity (not even the device id) from the certificate alone where the route
+        # is strict; a session or token still counts (docs/security.md). A WebSocket's Origin
+        # was held to the route's allow-list already.
+        headers = ctx.headers
+        ambient = (
+            ambient_refusal(ctx.fetch, route.cross_site)
+            if not ctx.websocket and ("Sec-Fetch-Site" in headers or "Origin" in headers)
+            else None
+        )
+        if session_identity is not None:
+            identity = session_identity
         elif (
             cert is not None
             and policy.allow_cert_identity
             and cert.user
             and policy.login != "always"
-            and not (policy.login == "browsers" and ctx.wants_html)
+            # SECURITY: a browser is told by its Fetch Metadata, not by the order of its
+            # Accept header: a page's fetch() with "Accept: */*" is still a browser and is held
+            # to sign-in (security review M2).
+            and not (policy.login == "browsers" and ctx.browser)
         ):
+            if ambient is not None:
+                return [_deny(Reason.ORIGIN_DENIED, ambient)]
             # One per certificate: its fields never change (shared, like token identities).
-            identity = self._cert_identities.get(cert)
-            if identity is None:
+            known = self._cert_identities.get(cert)
+            if known is None:
                 if len(self._cert_identities) >= 10_000:
                     self._cert_identities.clear()
-                identity = self._cert_identities[cert] = Identity(
+                known = self._cert_identities[cert] = Identity(
                     user=cert.user, source="cert", email=cert.email, device_id=device_id
                 )
-            ctx.identity = identity
+            identity = known
         else:
-            ctx.identity = Identity(user=None, source="none", device_id=device_id)
+            ctx.identity = Identity(
+                user=None, source="none", device_id=None if ambient else device_id
+            )
+            return ()
+        ambiguous = directory_user_refusal(identity.user, self.namespaces)
+        if ambiguous:
+            return [_deny(Reason.IDENTITY_AMBIGUOUS, ambiguous)]
+        ctx.identity = identity
         return ()

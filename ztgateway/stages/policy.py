@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
+from ..paths import route_key
 
 if TYPE_CHECKING:
     from ..config import Network, TimeWindow
@@ -63,12 +64,13 @@ class PolicyStage:
             method = "GET" if ctx.method == "HEAD" else ctx.method
             if method not in policy.methods and ctx.method not in policy.methods:
                 out.append(_deny(Reason.METHOD_NOT_ALLOWED, ctx.method))
-        if (
-            policy.paths
-            and ctx.path is not None
-            and not any(fnmatchcase(ctx.path, p) for p in policy.paths)
-        ):
-            out.append(_deny(Reason.PATH_DENIED, ctx.path))
+        if policy.paths and ctx.path is not None:
+            # Matched on the path as the upstream reads it (parameters stripped, case folded
+            # for a case-insensitive upstream), like the route itself.
+            folds = route.upstream.case_insensitive
+            key = route_key(ctx.path, case_insensitive=folds)
+            if not any(fnmatchcase(key, p.lower() if folds else p) for p in policy.paths):
+                out.append(_deny(Reason.PATH_DENIED, ctx.path))
         if policy.zones:
             try:
                 addr = ipaddress.ip_address(ctx.client_ip)
@@ -111,7 +113,7 @@ class PolicyStage:
             or policy.scopes
             or policy.claims
             or policy.login == "always"
-            or (policy.login == "browsers" and ctx.wants_html)
+            or (policy.login == "browsers" and ctx.browser)
         )
         if user is None and (needs_user or cert is None):
             # Nobody claimed the request: 401, not 403.

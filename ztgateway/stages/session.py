@@ -41,7 +41,14 @@ REFUSAL = 0.08
 RISK_SHARE = 0.4
 HISTORY = SESSION_HISTORY  # recent decisions the store keeps per session, for `sessions show`
 _NOT_AN_ATTEMPT = frozenset(
-    {Reason.IDENTITY_UNAUTHENTICATED, Reason.TOKEN_REQUIRED, Reason.ROUTE_NOT_FOUND}
+    {
+        Reason.IDENTITY_UNAUTHENTICATED,
+        Reason.TOKEN_REQUIRED,
+        Reason.ROUTE_NOT_FOUND,
+        # Another site's page made the request with the user's ambient certificate: counting
+        # it against the user would let any page step them up or lock them out.
+        Reason.ORIGIN_DENIED,
+    }
 )
 
 
@@ -192,13 +199,14 @@ class SessionStage:
             # The token is still valid: its session simply starts again.
             view.session = None
             return self._mfa(ctx, rs.mfa_max_age, None, [])
-        if session.device_id and device_id and session.device_id != device_id:
+        if session.device_id and session.device_id != device_id:
+            # SECURITY: a session bound to a device is used only with that device's
+            # certificate. Without one (client_cert = "optional", forward-auth behind
+            # `ssl_verify_client optional`) a stolen cookie would work from anywhere (security
+            # review M3).
             view.cookie_invalid = kind == "cookie"
-            return [
-                Finding(
-                    NAME, Reason.SESSION_INVALID, Verdict.DENY, detail="presented by another device"
-                )
-            ]
+            detail = "presented by another device" if device_id else "presented without its device"
+            return [Finding(NAME, Reason.SESSION_INVALID, Verdict.DENY, detail=detail)]
         if user and session.user != user:
             return [
                 Finding(
@@ -288,10 +296,17 @@ class SessionStage:
     ) -> list[Finding]:
         if max_age is None:
             return out
-        if ctx.identity is not None and ctx.identity.source == "cert":
-            # A machine identified by its certificate alone has no second factor to give:
-            # MFA age binds people (tokens, sign-in sessions). Routes that must hold MFA for
-            # every client set allow_cert_identity = false.
+        route = ctx.route
+        if (
+            ctx.identity is not None
+            and ctx.identity.source == "cert"
+            and route is not None
+            and route.policy.login == "never"
+        ):
+            # A machine identified by its certificate alone has no second factor to give. On a
+            # route that logs people in, though, the certificate is a person's too, and any
+            # client holding it (a script, malware) must not skip the second factor the route
+            # asks of that person (security review M2).
             return out
         mfa_at = session.mfa_at if session else None
         if mfa_at is None or ctx.now - mfa_at > max_age:

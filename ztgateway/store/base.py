@@ -46,11 +46,17 @@ class Device:
     first_seen: float
     last_seen: float
     last_ip: str | None = None
+    spki: str | None = None
+    """SHA-256 of the public key the device registered with: another certificate under the same
+    device id is refused unless it carries that key (security review L9). None: a row from
+    before pinning (pinned at the next contact with the certificate it registered with);
+    REBIND_NEXT: an operator re-bound it to whatever certificate comes next."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "device_id": self.device_id,
             "fingerprint_sha256": self.fingerprint,
+            "key_sha256": self.spki,
             "subject": self.subject,
             "owner": self.owner,
             "state": self.state,
@@ -58,6 +64,10 @@ class Device:
             "last_seen": self.last_seen,
             "last_ip": self.last_ip,
         }
+
+
+REBIND_NEXT = "*"
+"""`Device.spki` after `devices rebind DEVICE` without a certificate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +328,12 @@ class Store(Protocol):
     def touch_device(self, device_id: str, now: float, ip: str) -> None: ...
     async def set_device_state(self, device_id: str, state: DeviceState) -> Device | None: ...
     async def set_device_owner(self, device_id: str, owner: str | None) -> Device | None: ...
+    async def bind_device_key(
+        self, device_id: str, spki: str, fingerprint: str, subject: str
+    ) -> Device | None:
+        """Pin the device to a key (and record the certificate that carries it)."""
+        ...
+
     def posture(self, device_id: str) -> PostureRecord | None: ...
     async def put_posture(self, record: PostureRecord) -> None: ...
 

@@ -646,7 +646,8 @@ class RedisStore(CachedReads):
         if not h or (kind is not ChangeKind.USER and "ver" not in h):
             return None
         if kind is ChangeKind.DEVICE:
-            return Device(**{f: json.loads(h[f]) for f in _DEVICE_FIELDS})
+            # A field added later (spki) is absent from hashes written before it.
+            return Device(**{f: json.loads(h[f]) for f in _DEVICE_FIELDS if f in h})
         if kind is ChangeKind.POSTURE:
             d = json.loads(h["data"])
             return PostureRecord(
@@ -856,11 +857,12 @@ class RedisStore(CachedReads):
             d.last_seen, d.last_ip = now, ip
             self._dirty_devices.add(device_id)
 
-    async def _update_device(self, device_id: str, field: str, value: Any) -> Device | None:
+    async def _update_device(self, device_id: str, **values: Any) -> Device | None:
+        pairs = [x for k, v in values.items() for x in (k, json.dumps(v))]
         flat = await self._script(
             "update",
             [self._key("device", device_id)],
-            [self._channel, self._message(ChangeKind.DEVICE, device_id), field, json.dumps(value)],
+            [self._channel, self._message(ChangeKind.DEVICE, device_id), *pairs],
         )
         self._apply(ChangeKind.DEVICE, device_id, _hash(flat))
         if flat:
@@ -868,10 +870,17 @@ class RedisStore(CachedReads):
         return self._devices.get(device_id)
 
     async def set_device_state(self, device_id: str, state: DeviceState) -> Device | None:
-        return await self._update_device(device_id, "state", state)
+        return await self._update_device(device_id, state=state)
 
     async def set_device_owner(self, device_id: str, owner: str | None) -> Device | None:
-        return await self._update_device(device_id, "owner", owner)
+        return await self._update_device(device_id, owner=owner)
+
+    async def bind_device_key(
+        self, device_id: str, spki: str, fingerprint: str, subject: str
+    ) -> Device | None:
+        return await self._update_device(
+            device_id, spki=spki, fingerprint=fingerprint, subject=subject
+        )
 
     async def put_posture(self, record: PostureRecord) -> None:
         key = record.device_id

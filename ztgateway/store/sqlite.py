@@ -59,7 +59,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, subject TEXT NOT NULL,
     owner TEXT, state TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-    last_ip TEXT);
+    last_ip TEXT, spki TEXT);
 CREATE TABLE IF NOT EXISTS posture (
     device_id TEXT PRIMARY KEY, report TEXT NOT NULL, received_at REAL NOT NULL,
     collected_at REAL, signed INTEGER NOT NULL, digest TEXT NOT NULL);
@@ -119,6 +119,12 @@ _SWEEP_BATCH = 2000  # failure keys checked per write-behind tick, at least
 _SWEEP_SLICE = 1000  # ... between two yields to the event loop
 _SWEEP_EVERY = 1.0  # seconds between the starts of two passes over the keys, at least
 _SESSION_FIELDS = {f.name for f in fields(Session)}
+# Named, not *: a database migrated with ALTER TABLE could have its columns in another order.
+# (The Device fields, in order; tests/unit/test_store_contract.py checks they agree.)
+_SELECT_DEVICES = (
+    "SELECT device_id, fingerprint, subject, owner, state, first_seen, last_seen, last_ip, spki "
+    "FROM devices"
+)
 _USER_FIELDS = {f.name for f in fields(UserRecord)}
 
 
@@ -232,6 +238,10 @@ class SQLiteStore(CachedReads):
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
+        columns = {row[1] for row in await self._rows("PRAGMA table_info(devices)")}
+        if "spki" not in columns:
+            # Databases from before device keys were pinned (security review L9).
+            await db.execute("ALTER TABLE devices ADD COLUMN spki TEXT")
         await db.commit()
         [(last_seq,)] = await self._rows("SELECT COALESCE(MAX(seq), 0) FROM changes")
         self._last_seq = int(last_seq)
@@ -280,7 +290,7 @@ class SQLiteStore(CachedReads):
         # the store starts with): open() runs this before the store's tasks start, so no other
         # coroutine can write on the connection while these reads are open (see _rows).
         db = self.db
-        async with db.execute("SELECT * FROM devices") as cur:
+        async with db.execute(_SELECT_DEVICES) as cur:
             async for row in cur:
                 self._devices[row[0]] = Device(*row)
         async with db.execute("SELECT * FROM posture") as cur:
@@ -370,7 +380,7 @@ class SQLiteStore(CachedReads):
 
     async def _reload(self, kind: ChangeKind, key: str) -> None:
         if kind is ChangeKind.DEVICE:
-            row = await self._one("SELECT * FROM devices WHERE device_id = ?", (key,))
+            row = await self._one(_SELECT_DEVICES + " WHERE device_id = ?", (key,))
             if row is None:
                 self._devices.pop(key, None)
             else:
@@ -478,7 +488,8 @@ class SQLiteStore(CachedReads):
         if existing is not None:
             return existing
         await self._write(
-            "INSERT OR IGNORE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO devices (device_id, fingerprint, subject, owner, state, "
+            "first_seen, last_seen, last_ip, spki) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device.device_id,
                 device.fingerprint,
@@ -488,6 +499,7 @@ class SQLiteStore(CachedReads):
                 device.first_seen,
                 device.last_seen,
                 device.last_ip,
+                device.spki,
             ),
             ChangeKind.DEVICE,
             device.device_id,
@@ -523,6 +535,22 @@ class SQLiteStore(CachedReads):
         await self._write(
             "UPDATE devices SET owner = ? WHERE device_id = ?",
             (owner, device_id),
+            ChangeKind.DEVICE,
+            device_id,
+        )
+        await self._reload(ChangeKind.DEVICE, device_id)
+        return self._devices.get(device_id)
+
+    async def bind_device_key(
+        self, device_id: str, spki: str, fingerprint: str, subject: str
+    ) -> Device | None:
+        if device_id not in self._devices:
+            await self._reload(ChangeKind.DEVICE, device_id)
+            if device_id not in self._devices:
+                return None
+        await self._write(
+            "UPDATE devices SET spki = ?, fingerprint = ?, subject = ? WHERE device_id = ?",
+            (spki, fingerprint, subject, device_id),
             ChangeKind.DEVICE,
             device_id,
         )
