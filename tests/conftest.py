@@ -133,5 +133,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 # Fixtures defined in helper modules, registered here so every test directory can use them.
 from tests.e2e.test_proxy import proxy, recording  # noqa: E402, F401
-from tests.oidc_fixtures import signin  # noqa: E402, F401
+from tests.oidc_fixtures import signin, two_providers  # noqa: E402, F401
 from tests.redis_server import redis_server, redis_server_factory  # noqa: E402, F401

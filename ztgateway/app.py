@@ -29,6 +29,7 @@ from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .credentials.oidc import OIDCClient, StorePendingLogins
+from .credentials.providers import SignInProviders
 from .decision import Decision, Finding, Reason, Verdict
 from .decisions import DecisionPath, Recorder, audit_event, refusal
 from .forms import CSRFTokens
@@ -159,6 +160,9 @@ class Gateway:
         # the assertion signature (issue 18, I3).
         self.csrf: CSRFTokens
         self.signer: AssertionSigner
+        # Every configured identity provider (built at start, keyed like the CSRF tokens);
+        # `oidc` is the first of them, for code that knows of one provider only.
+        self.providers = SignInProviders((), OIDCClient)
         self.oidc: OIDCClient | None = None
         self.oidc_name = config.oidc.provider.name if config.oidc.provider is not None else "-"
         self.runtime = self._build_runtime(config)
@@ -298,8 +302,7 @@ class Gateway:
             log.warning("%s", warning)
         await self.store.open()
         await self._load_keys()
-        if self.oidc is not None:
-            await self.oidc.start()
+        await self.providers.start()
         if cfg.issuers:
             self.tokens = TokenVerifier(
                 cfg.issuers,
@@ -354,14 +357,13 @@ class Gateway:
         cfg = self.config
         keys = await GatewayKeys.load(cfg.keys, self.store)
         self.csrf = CSRFTokens(keys.csrf)
-        provider = cfg.oidc.provider
-        if provider is not None:
-            self.oidc = OIDCClient(
-                provider,
-                clock=self.clock.time,
-                secret=keys.oidc_login,
-                pending=StorePendingLogins(self.store),
-            )
+        self.providers = SignInProviders.build(
+            cfg.oidc.providers,
+            clock=self.clock.time,
+            secret=keys.oidc_login,
+            pending=StorePendingLogins(self.store),
+        )
+        self.oidc = self.providers.first
         key_file = cfg.assertion.key
         self.signer = AssertionSigner(
             load_or_create_key(key_file) if key_file is not None else keys.assertion_key(),
@@ -387,8 +389,7 @@ class Gateway:
         if self.tokens is not None:
             await self.tokens.close()
         await self.store.close()
-        if self.oidc is not None:
-            await self.oidc.close()
+        await self.providers.close()
         self.geo.close()
         self.mfa.close()
         await self.audit.close()

@@ -228,6 +228,9 @@ class RoutePolicy:
     login: Literal["never", "always", "browsers"] = "never"
     """Who must be a signed-in user (OIDC) rather than the certificate's user: nobody, every
     client, or browser navigations only (people sign in; machines present their certificate)."""
+    providers: tuple[str, ...] = ()
+    """The OIDC providers whose sessions this route accepts, in the order the sign-in chooser
+    offers them; () = every configured provider."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,10 +361,23 @@ class KeysConfig:
 
 @dataclass(frozen=True, slots=True)
 class OIDCConfig:
-    """Browser sign-in; `provider` is None when no [oidc] section is configured."""
+    """Browser sign-in: the providers people sign in with, in the configuration's order (none
+    when no [oidc] section is configured)."""
 
-    provider: OIDCProviderConfig | None = None
+    providers: tuple[OIDCProviderConfig, ...] = ()
     post_logout_path: str = "/.ztgw/signed-out"
+
+    @property
+    def provider(self) -> OIDCProviderConfig | None:
+        """The first provider (the only one in the single-provider form), or None."""
+        return self.providers[0] if self.providers else None
+
+    def get(self, name: str) -> OIDCProviderConfig | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.providers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +436,14 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     issuers = _issuers(root.named_tables("issuers"), claim_maps)
     upstreams = {name: _upstream(name, t) for name, t in root.named_tables("upstreams").items()}
     issuer_names = {i.name for i in issuers}
-    routes = tuple(_route(t, upstreams, zones, issuer_names, server) for t in root.tables("routes"))
+    oidc = _oidc(
+        root.table("oidc"),
+        server,
+        {m.user_namespace: name for name, m in claim_maps.items() if m.user_namespace},
+    )
+    routes = tuple(
+        _route(t, upstreams, zones, issuer_names, server, oidc.names) for t in root.tables("routes")
+    )
     if not routes:
         root.fail("routes", "at least one [[routes]] table is required")
     assertion = _assertion(root.table("assertion"))
@@ -431,7 +454,6 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     risk = _risk(root.table("risk"), zones)
     sessions = _sessions(root.table("sessions"))
     mfa = _mfa(root.table("mfa"))
-    oidc = _oidc(root.table("oidc"), server)
     keys_t = root.table("keys")
     keys = KeysConfig(
         file=keys_t.path("file", must_exist=False),
@@ -439,7 +461,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     )
     keys_t.done()
     for i, r in enumerate(routes):
-        if r.policy.login != "never" and oidc.provider is None:
+        if r.policy.login != "never" and not oidc.providers:
             root.fail(f"routes[{i}].policy.login", "needs an [oidc] provider to sign people in")
     log_t = root.table("logging")
     logging_cfg = LoggingConfig(
@@ -727,7 +749,12 @@ def _time_window_parse(text: str, tz: ZoneInfo) -> TimeWindow:
         raise ValueError(exc.message) from exc
 
 
-def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[str]) -> RoutePolicy:
+def _policy(
+    t: Table,
+    zones: dict[str, tuple[Network, ...]],
+    issuer_names: set[str],
+    provider_names: tuple[str, ...] = (),
+) -> RoutePolicy:
     methods = frozenset(m.upper() for m in t.str_list("methods"))
     bad = methods - HTTP_METHODS
     if bad:
@@ -749,6 +776,15 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
     issuers = frozenset(t.str_list("issuers"))
     for name in issuers - issuer_names:
         t.fail("issuers", f"unknown issuer {name!r} (define it under [issuers])")
+    providers = t.str_list("providers")
+    if t.has("providers") and not providers:
+        t.fail("providers", "an empty list would let nobody sign in: leave it out to allow all")
+    for i, p in enumerate(providers):
+        if p not in provider_names:
+            known = ", ".join(provider_names) or "none configured"
+            t.fail(f"providers[{i}]", f"unknown provider {p!r} (configured: {known})")
+        if p in providers[:i]:
+            t.fail(f"providers[{i}]", f"provider {p!r} is listed twice")
     policy = RoutePolicy(
         require_client_cert=t.flag("require_client_cert", True),
         require_token=t.flag("require_token", False),
@@ -771,6 +807,7 @@ def _policy(t: Table, zones: dict[str, tuple[Network, ...]], issuer_names: set[s
         ),
         require_signed_posture=t.flag("require_signed_posture", False),
         login=t.choice("login", ("never", "always", "browsers"), "never"),  # type: ignore[arg-type]
+        providers=providers,
     )
     if policy.require_bound_token and not policy.require_token:
         t.fail("require_bound_token", "needs require_token = true")
@@ -807,6 +844,7 @@ def _route(
     zones: dict[str, tuple[Network, ...]],
     issuer_names: set[str],
     server: ServerConfig,
+    provider_names: tuple[str, ...] = (),
 ) -> RouteConfig:
     name = t.text("name", required=True)
     if not _ROUTE_NAME.match(name):
@@ -837,7 +875,7 @@ def _route(
         upstream=upstream,
         hosts=hosts,
         mode=t.choice("mode", ("enforce", "monitor"), "enforce"),  # type: ignore[arg-type]
-        policy=_policy(t.table("policy"), zones, issuer_names),
+        policy=_policy(t.table("policy"), zones, issuer_names, provider_names),
         headers=_headers(t.table("headers")),
         client_max_size=t.integer("client_max_size", server.client_max_size, min=0),
         forward_authorization=t.flag("forward_authorization", False),
@@ -1177,10 +1215,105 @@ def _claim_values(t: Table) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
-def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+# Sub-tables of the single-provider form: not provider names in the several-providers form.
+_OIDC_RESERVED = frozenset({"claims", "required_claims"})
+LEGACY_CALLBACK_PATH = "/.ztgw/oidc/callback"
+
+
+def _oidc(t: Table, server: ServerConfig, issuer_namespaces: dict[str, str]) -> OIDCConfig:
+    """`[oidc]` with `issuer` is the single-provider form (kept: one provider, its name from
+    `name`, its users the directory's); otherwise each `[oidc.NAME]` table is a provider."""
     if not t.data:
         t.done()
         return OIDCConfig()
+    post_logout_path = t.text("post_logout_path", "/.ztgw/signed-out")
+    if t.has("issuer"):
+        provider = _oidc_provider(t, t.text("name", "oidc"), server, legacy=True)
+        t.done()
+        _check_providers(t, [provider], set(), issuer_namespaces)
+        return OIDCConfig(providers=(provider,), post_logout_path=post_logout_path)
+    providers: list[OIDCProviderConfig] = []
+    defaulted: set[str] = set()
+    for name in list(t.data):
+        if name == "post_logout_path":
+            continue
+        if not isinstance(t.data[name], dict):
+            t.fail(
+                name,
+                "unknown key: set `issuer` (and the rest) for one provider, or give each "
+                "provider its own [oidc.NAME] table",
+            )
+        if name in _OIDC_RESERVED or not _PROVIDER_NAME.match(name):
+            t.fail(
+                name,
+                "a provider's name is lower-case letters, digits, '-' and '_' (at most 32; "
+                f"not {', '.join(sorted(_OIDC_RESERVED))}): it is in URLs and metrics labels",
+            )
+        pt = t.table(name)
+        if not pt.has("user_namespace"):
+            defaulted.add(name)
+        providers.append(_oidc_provider(pt, name, server, legacy=False))
+        pt.done()
+    t.done()
+    if not providers:
+        t.fail("", "no provider: add an [oidc.NAME] table (or remove [oidc])")
+    _check_providers(t, providers, defaulted, issuer_namespaces)
+    return OIDCConfig(providers=tuple(providers), post_logout_path=post_logout_path)
+
+
+def _check_providers(
+    t: Table,
+    providers: list[OIDCProviderConfig],
+    defaulted: set[str],
+    issuer_namespaces: dict[str, str],
+) -> None:
+    """Two providers never share users, nor callbacks (RFC 9700 §4.4.2: a distinct redirect
+    URI per provider is the defence against mix-up attacks)."""
+    namespaces: dict[str, str] = {}
+    paths: dict[str, str] = {}
+    for p in providers:
+        if not p.callback_path.startswith(LEGACY_CALLBACK_PATH):
+            t.fail(
+                f"{p.name}.redirect_uri",
+                f"the gateway answers callbacks under {LEGACY_CALLBACK_PATH} only, not at "
+                f"{p.callback_path!r}",
+            )
+        other = namespaces.get(p.user_namespace)
+        if other is not None:
+            what = (
+                "the directory's users"
+                if not p.user_namespace
+                else f"user_namespace {p.user_namespace!r}"
+            )
+            t.fail(
+                f"{p.name}.user_namespace",
+                f"providers {other!r} and {p.name!r} would share {what}: at most one provider "
+                'speaks for the directory (user_namespace = ""), the others need their own',
+            )
+        namespaces[p.user_namespace] = p.name
+        issuer = issuer_namespaces.get(p.user_namespace) if p.user_namespace else None
+        if issuer is not None and p.name in defaulted:
+            # An issuer's namespace is shared only when the configuration says so.
+            t.fail(
+                f"{p.name}.user_namespace",
+                f"issuer {issuer!r} has user_namespace {p.user_namespace!r} too: set "
+                f'user_namespace = "{p.user_namespace}" here if they are the same people, '
+                "or another name",
+            )
+        other = paths.get(p.callback_path)
+        if other is not None:
+            t.fail(
+                f"{p.name}.redirect_uri",
+                f"the same callback path as provider {other!r}: each provider needs its own "
+                "redirect_uri (RFC 9700 §4.4.2)",
+            )
+        paths[p.callback_path] = p.name
+
+
+def _oidc_provider(
+    t: Table, name: str, server: ServerConfig, *, legacy: bool
+) -> OIDCProviderConfig:
     secret = t.text("client_secret")
     secret_file = t.path("client_secret_file")
     secret_env = t.text("client_secret_env")
@@ -1209,13 +1342,22 @@ def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
         groups=claims_t.text("groups", "groups"),
     )
     claims_t.done()
+    # The single-provider form keeps its callback and its users (the directory's); each named
+    # provider has a callback of its own and, unless told otherwise, a name space of its own.
+    callback = LEGACY_CALLBACK_PATH if legacy else f"{LEGACY_CALLBACK_PATH}/{name}"
+    namespace: str = t.text("user_namespace", "" if legacy else name)
+    if namespace and not _NAMESPACE.match(namespace):
+        t.fail("user_namespace", "lower-case letters, digits, '.', '-' and '_'")
+    display: str = t.text("display_name", "")
+    if len(display) > 64 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in display):
+        t.fail("display_name", "at most 64 printable characters")
     try:
-        provider = OIDCProviderConfig(
-            name=t.text("name", "oidc"),
+        return OIDCProviderConfig(
+            name=name,
             issuer=t.text("issuer", required=True),
             client_id=t.text("client_id", required=True),
             client_secret=str(secret),
-            redirect_uri=t.text("redirect_uri", public + "/.ztgw/oidc/callback"),
+            redirect_uri=t.text("redirect_uri", public + callback),
             scopes=t.str_list("scopes", ("openid", "email", "profile")),
             ca_file=t.path("ca_file"),
             claims=claims,
@@ -1223,11 +1365,9 @@ def _oidc(t: Table, server: ServerConfig) -> OIDCConfig:
             max_auth_age=t.duration("max_auth_age", 600.0, min=10.0),
             max_pending_per_device=t.integer("max_pending_per_device", 5, min=1, max=100),
             required_claims=_claim_values(t.table("required_claims")),
+            display_name=display,
+            user_namespace=namespace,
+            accept_unlabelled=legacy,
         )
     except ValueError as exc:
         t.fail("", str(exc))
-    cfg = OIDCConfig(
-        provider=provider, post_logout_path=t.text("post_logout_path", "/.ztgw/signed-out")
-    )
-    t.done()
-    return cfg

@@ -82,6 +82,8 @@ class Identity:
     issuer: str | None = None
     token: VerifiedToken | None = None
     device_id: str | None = None
+    provider: str | None = None
+    """The OIDC provider that signed the session in (source "session")."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +94,7 @@ class Identity:
             "roles": sorted(self.roles),
             "scopes": sorted(self.scopes),
             "issuer": self.issuer,
+            "provider": self.provider,
             "device_id": self.device_id,
             "token_bound": bool(self.token and self.token.cnf_x5t_s256),
         }

@@ -77,6 +77,7 @@ class Reason(enum.StrEnum):
     CREDENTIALS_THROTTLED = "credentials-throttled"
     IDENTITY_UNAUTHENTICATED = "identity-unauthenticated"
     IDENTITY_AMBIGUOUS = "identity-ambiguous"
+    PROVIDER_NOT_ALLOWED = "provider-not-allowed"  # a session of a provider the route refuses
     # policy
     USER_NOT_ALLOWED = "user-not-allowed"
     GROUP_REQUIRED = "group-required"
@@ -237,6 +238,7 @@ _TITLES: dict[Reason, str] = {
     Reason.IDENTITY_UNAUTHENTICATED: "Sign-in is required",
     Reason.CREDENTIALS_THROTTLED: "Too many invalid credentials from this address: wait",
     Reason.IDENTITY_AMBIGUOUS: "This user name belongs to another identity source",
+    Reason.PROVIDER_NOT_ALLOWED: "This application does not accept your sign-in's provider",
     Reason.GROUP_REQUIRED: "Your account is not in a group allowed here",
     Reason.SCOPE_INSUFFICIENT: "The token lacks a scope this application requires",
     Reason.STAGE_ERROR: "The gateway could not verify this request",

@@ -361,6 +361,13 @@ class Metrics:
             ["provider", "result"],
             registry=r,
         )
+        self.provider_refusals = Counter(
+            "ztgw_provider_refusals",
+            "Browser sessions refused on a route that does not accept the identity provider "
+            "that signed them in, by route and provider.",
+            ["route", "provider"],
+            registry=r,
+        )
         self.portal_views = Counter(
             "ztgw_portal_views",
             "Portal page views by page and outcome.",

@@ -53,6 +53,8 @@ _NEVER_MONITORED = frozenset(
         Reason.SESSION_TERMINATED,
         Reason.SESSION_EXPIRED,
         Reason.SESSION_INVALID,
+        # A session of a provider the route refuses establishes no identity to forward.
+        Reason.PROVIDER_NOT_ALLOWED,
         *(
             r
             for r in Reason

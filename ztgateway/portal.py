@@ -11,17 +11,18 @@ import contextlib
 import html
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from aiohttp import web
 
 from .audit import AuditUnavailable
 from .context import Identity, RequestContext
-from .credentials.oidc import OIDCError
+from .credentials.oidc import OIDCClient, OIDCError
 from .decision import Reason, Verdict
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
 from .forward.headers import SERVER_BANNER
 from .http1 import Request
+from .paths import PathError, normalize_path
 from .responses import DECISION_HEADER, problem, see_other, wants_html
 from .stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from .store.base import ID_TOKEN, StoreUnavailable
@@ -39,7 +40,8 @@ label{display:block;margin:1rem 0 .3rem;font-weight:600} input{font:inherit;font
 padding:.4rem;width:9rem} .err{color:#b42318} .muted{color:#555;font-size:.9rem} code{background:#f1f1f1;
 padding:.1rem .3rem;word-break:break-all} table{border-collapse:collapse;width:100%} td,th{text-align:left;
 padding:.3rem .4rem;border-bottom:1px solid #eee;vertical-align:top} svg{width:14rem;height:14rem}
-footer{margin-top:2rem;color:#666;font-size:.85rem}"""
+footer{margin-top:2rem;color:#666;font-size:.85rem} ul.providers{list-style:none;padding:0}
+ul.providers li{margin:.7rem 0}"""
 
 
 def page(
@@ -104,68 +106,124 @@ def login_redirect_to(target: str) -> str:
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
+def _offered(gw: Gateway, ctx: RequestContext, rd: str) -> list[OIDCClient]:
+    """The providers the route at `rd` accepts (all, when no route matches: the route itself
+    enforces its choice when the browser comes back, so this only spares a useless choice)."""
+    try:
+        path = normalize_path(urlsplit(rd).path)
+    except PathError:
+        path = None
+    route = gw.runtime.routes.match(ctx.host, path) if path is not None else None
+    offered = gw.providers.offered(route.policy.providers if route is not None else ())
+    return offered or gw.providers.offered(())
+
+
+def _start_url(provider: str, rd: str) -> str:
+    return "/.ztgw/login/start?" + urlencode({"provider": provider, "rd": rd}, safe="/")
+
+
 async def login_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
-    """GET /.ztgw/login: says what happens next; the link starts the provider's sign-in."""
-    provider = gw.config.oidc.provider
-    if provider is None or ctx.cert is None:
+    """GET /.ztgw/login: the providers the route accepts; with one, straight to it.
+
+    The chooser lists each provider as a link that starts its sign-in (a GET, as the provider's
+    own authorization request is): the person's click is the choice."""
+    if not gw.providers or ctx.cert is None:
         reason = Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND
         return problem(reason, ctx.decision_id, accept=request.headers.get("Accept", ""))
-    gw.metrics.portal_views.labels("login", "shown").inc()
     rd = _rd(ctx)
+    offered = _offered(gw, ctx, rd)
+    if len(offered) == 1:
+        gw.metrics.portal_views.labels("login", "straight").inc()
+        return see_other(_start_url(offered[0].cfg.name, rd), ctx.decision_id)
+    gw.metrics.portal_views.labels("login", "shown").inc()
+    e = html.escape
+    choices = "".join(
+        f'<li><a class="button" href="{e(_start_url(c.cfg.name, rd))}">'
+        f"Sign in with {e(c.cfg.label)}</a></li>"
+        for c in offered
+    )
     body = f"""<p>This application is protected by your organisation's zero-trust gateway. Your device
-<code>{html.escape(ctx.cert.device_id)}</code> is recognised; now sign in with your account.</p>
-<p><a class="button" href="/.ztgw/login/start?rd={html.escape(quote(rd, safe="/"))}">Sign in with {html.escape(provider.name)}</a></p>
-<p class="muted">You will come back to <code>{html.escape(rd)}</code> afterwards.</p>"""
+<code>{e(ctx.cert.device_id)}</code> is recognised; now sign in with your account.</p>
+<p>Choose where your account is:</p>
+<ul class="providers" aria-label="Identity providers">{choices}</ul>
+<p class="muted">You will come back to <code>{e(rd)}</code> afterwards.</p>"""
     return page("Sign in", body, ctx)
 
 
 async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
-    if gw.oidc is None or ctx.cert is None:
+    """GET /.ztgw/login/start?provider=NAME&rd=PATH: begin the sign-in with that provider."""
+    if not gw.providers or ctx.cert is None:
         return problem(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
             ctx.decision_id,
         )
+    accept = request.headers.get("Accept", "")
+    rd = _rd(ctx)
+    names = parse_qs(ctx.query).get("provider")
+    if names is None and len(gw.providers) == 1:
+        names = [gw.providers.offered(())[0].cfg.name]  # links of the single-provider form
+    client = gw.providers.get(names[0]) if names is not None and len(names) == 1 else None
+    if client is None:
+        _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "login start: unknown provider")
+        return problem(Reason.REQUEST_INVALID, ctx.decision_id, accept=accept)
+    if client not in _offered(gw, ctx, rd):
+        # Signing in there would only end in a refusal at the route: say so now.
+        _record(
+            gw,
+            ctx,
+            Verdict.DENY,
+            Reason.PROVIDER_NOT_ALLOWED,
+            f"login start: {client.cfg.name} not accepted for {rd}",
+        )
+        return problem(Reason.PROVIDER_NOT_ALLOWED, ctx.decision_id, accept=accept)
+    name = client.cfg.name
     try:
         # The device is the source: one device looping on "sign in" only ever evicts its
         # own attempts in flight (issue 18, I5).
-        start = await gw.oidc.begin(_rd(ctx), source=ctx.cert.device_id)
+        start = await client.begin(rd, source=ctx.cert.device_id)
     except ValueError:
         # local_redirect() only gives what begin() accepts; should they ever disagree, this
         # is the client's odd input, refused clearly (never a 503).
         _record(gw, ctx, Verdict.DENY, Reason.REQUEST_INVALID, "login start: rd")
-        return problem(
-            Reason.REQUEST_INVALID, ctx.decision_id, accept=request.headers.get("Accept", "")
-        )
+        return problem(Reason.REQUEST_INVALID, ctx.decision_id, accept=accept)
     except StoreUnavailable:
         _record(gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, "login start: store unavailable")
         return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
     except OIDCError as exc:
-        gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
+        gw.metrics.logins.labels(name, exc.reason.value).inc()
         _record(
-            gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, f"login start: {exc.reason.value}"
+            gw,
+            ctx,
+            Verdict.DENY,
+            Reason.SERVICE_UNAVAILABLE,
+            f"login start: {name}: {exc.reason.value}",
         )
         return page(
             "Sign-in is unavailable",
-            "<p>The identity provider cannot be reached right now. Try again in a minute.</p>",
+            f"<p>{html.escape(client.cfg.label)} cannot be reached right now. Try again in a "
+            "minute.</p>",
             ctx,
             status=503,
         )
+    gw.metrics.logins.labels(name, "started").inc()
     cookie = (
         f"{LOGIN_COOKIE}={start.cookie_value}; Path=/; Secure; HttpOnly; SameSite=Lax; "
-        f"Max-Age={int(gw.config.oidc.provider.max_auth_age if gw.config.oidc.provider else 600)}"
+        f"Max-Age={int(client.cfg.max_auth_age)}"
     )
     return see_other(start.authorization_url, ctx.decision_id, cookie)
 
 
 async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
-    """GET /.ztgw/oidc/callback: finish the code flow, start the session, go back to `rd`."""
-    oidc = gw.oidc
+    """GET <redirect URI path>: finish the code flow of the provider this path belongs to,
+    start the session (under the provider's name space), go back to `rd`."""
+    oidc = gw.providers.by_callback(ctx.path or "")
     clear_login = f"{LOGIN_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
     if oidc is None or ctx.cert is None:
         return problem(
             Reason.CLIENT_CERT_REQUIRED if ctx.cert is None else Reason.ROUTE_NOT_FOUND,
             ctx.decision_id,
         )
+    provider = oidc.cfg
     try:
         q = parse_qs(ctx.query, max_num_fields=20)
     except ValueError:  # more fields than any provider sends: refused, not a 503
@@ -182,19 +240,20 @@ async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.St
             error=one("error"),
             cookie_value=read_cookie(ctx.headers.get("Cookie", ""), LOGIN_COOKIE),
             source=ctx.cert.device_id,
+            iss=one("iss"),
         )
     except StoreUnavailable:
         _record(gw, ctx, Verdict.DENY, Reason.SERVICE_UNAVAILABLE, "callback: store unavailable")
         return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, accept="text/html")
     except OIDCError as exc:
-        gw.metrics.logins.labels(gw.oidc_name, exc.reason.value).inc()
+        gw.metrics.logins.labels(provider.name, exc.reason.value).inc()
         gw.metrics.portal_views.labels("callback", "refused").inc()
         _record(
             gw,
             ctx,
             Verdict.DENY,
             Reason.IDENTITY_UNAUTHENTICATED,
-            f"oidc: {exc.reason.value}: {exc.detail}",
+            f"oidc {provider.name}: {exc.reason.value}: {exc.detail}",
         )
         body = f"""<p>The sign-in could not be completed ({html.escape(exc.reason.value)}). This happens when a
 sign-in link is reused, expires, or was started in another browser.</p>
@@ -203,45 +262,52 @@ sign-in link is reused, expires, or was started in another browser.</p>
     old_cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
     if old_cookie:
         # A sign-in starts afresh: the browser's old session (if any) ends, nothing of it
-        # carries over (a new id: no fixation).
+        # carries over (a new id: no fixation), whichever provider signed it in.
         await gw.store.revoke_session(cookie_session_id(old_cookie), "replaced by sign-in", ctx.now)
+    # SECURITY: one name, one person: a namespaced provider's "alice" (and its "admins") are
+    # "<namespace>:alice" ("<namespace>:admins"), never the directory's or another provider's.
+    user = provider.qualify(result.user)
+    groups = [provider.qualify(g) for g in result.groups]
     session_cookie = await gw.keeper.start_browser_session(
         ctx,
-        user=result.user,
+        user=user,
         extra={
             "source": "oidc",
-            "provider": gw.oidc_name,
+            "provider": provider.name,
             "email": result.email,
-            "groups": list(result.groups),
+            "groups": groups,
             # For logout's id_token_hint: the store keeps it apart, not in memory.
             ID_TOKEN: result.id_token,
         },
     )
     ctx.identity = Identity(
-        user=result.user,
+        user=user,
         source="session",
         email=result.email,
-        groups=frozenset(result.groups),
+        groups=frozenset(groups),
         device_id=ctx.cert.device_id,
+        provider=provider.name,
     )
-    gw.metrics.logins.labels(gw.oidc_name, "success").inc()
-    _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"signed in with {gw.oidc_name}")
+    gw.metrics.logins.labels(provider.name, "success").inc()
+    _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"signed in with {provider.name}")
     return see_other(result.return_to, ctx.decision_id, clear_login, session_cookie)
 
 
 def _provider_origins(gw: Gateway) -> tuple[str, ...]:
-    """Where sign-out continues: the provider's end-session endpoint (its issuer's origin
+    """Where sign-out may continue: each provider's end-session endpoint (its issuer's origin
     until discovery has told us the endpoint)."""
-    if gw.oidc is None:
-        return ()
-    metadata = gw.oidc.metadata
-    url = (
-        metadata.end_session_endpoint
-        if metadata is not None and metadata.end_session_endpoint
-        else gw.oidc.cfg.issuer
-    )
-    origin = public_origin(url)
-    return (origin,) if origin else ()
+    origins: list[str] = []
+    for client in gw.providers:
+        metadata = client.metadata
+        url = (
+            metadata.end_session_endpoint
+            if metadata is not None and metadata.end_session_endpoint
+            else client.cfg.issuer
+        )
+        origin = public_origin(url)
+        if origin and origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
 
 
 async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
@@ -259,19 +325,25 @@ async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
     if isinstance(form, web.StreamResponse):
         return form
     id_token = None
+    client = None
     if cookie:
         session = await gw.store.find_session(cookie_session_id(cookie))
         if session is not None:
+            # The provider that signed this session in is the one to sign out of.
+            signed_by = session.extra.get("provider")
+            client = gw.providers.get(signed_by if isinstance(signed_by, str) else None)
             # Read from the store (not held in memory); without it the provider may only ask
             # the person to confirm, so a failed read does not stop the sign-out.
             with contextlib.suppress(StoreUnavailable):
                 id_token = await gw.store.session_id_token(session.session_id)
             await gw.store.revoke_session(session.session_id, "signed out", ctx.now)
+    if client is None and len(gw.providers) == 1:
+        client = gw.providers.first  # the one provider: its sign-out page, without a hint
     _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "signed out")
     target = gw.config.oidc.post_logout_path
-    if gw.oidc is not None:
+    if client is not None:
         public = gw.config.server.public_url.rstrip("/") or f"https://{request.host}"
-        provider_logout = gw.oidc.logout_url(id_token, public + target)
+        provider_logout = client.logout_url(id_token, public + target)
         if provider_logout:
             target = provider_logout
     return see_other(target, ctx.decision_id, clear_cookie_header(name))
@@ -282,6 +354,11 @@ async def signed_out(gw: Gateway, request: Request, ctx: RequestContext) -> web.
     body = """<p>You are signed out. Close this window, or
 <a href="/.ztgw/login">sign in again</a>.</p>"""
     return page("Signed out", body, ctx)
+
+
+def _provider_label(gw: Gateway, name: str) -> str:
+    client = gw.providers.get(name)
+    return client.cfg.label if client is not None else name
 
 
 async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
@@ -328,6 +405,11 @@ async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
         ident_rows = (
             row("User", ident.user)
             + row("Signed in by", ident.source)
+            + (
+                row("Identity provider", _provider_label(gw, ident.provider))
+                if ident.provider
+                else ""
+            )
             + row("E-mail", ident.email)
             + row("Groups", ", ".join(sorted(ident.groups)))
         )

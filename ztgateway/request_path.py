@@ -231,7 +231,7 @@ class RequestPath:
             render(
                 ctx,
                 decision,
-                sign_in=gw.oidc is not None,
+                sign_in=bool(gw.providers),
                 step_up_page=gw.mfa.available,
                 cookie_name=gw.runtime.config.sessions.cookie_name,
             )
@@ -308,6 +308,12 @@ class RequestPath:
         and the stores' timers need one; pages are not the hot path)."""
         await in_task()
         handler = _PAGES.get((ctx.path or "", ctx.method))
+        if (
+            handler is None
+            and ctx.method == "GET"
+            and self.gw.providers.by_callback(ctx.path or "")
+        ):
+            handler = portal.callback  # a provider's own callback (/.ztgw/oidc/callback/NAME)
         resp: web.StreamResponse
         if handler is None and ctx.path == "/.ztgw/jwks.json" and ctx.method in ("GET", "HEAD"):
             resp = web.json_response(self.gw.signer.jwks, headers={"Cache-Control": "max-age=300"})

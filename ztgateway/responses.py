@@ -50,6 +50,8 @@ _ADVICE: dict[Reason, str] = {
     Reason.UPSTREAM_TIMEOUT: "Try again in a moment; if it persists, tell the application owner.",
     Reason.ORIGIN_DENIED: "A page of another site sent your browser here with your device's "
     "certificate. If you meant to open this page, continue from here.",
+    Reason.PROVIDER_NOT_ALLOWED: "You are signed in with an identity provider this application "
+    "does not accept. Sign in with one it accepts to continue (this ends your current sign-in).",
 }
 
 # What the gateway's own answers (refusals, redirects, portal pages, JWKS, protocol errors) carry
@@ -138,6 +140,7 @@ def problem_parts(
     status: int | None = None,
     extra_headers: dict[str, str] | None = None,
     continue_to: str | None = None,
+    continue_label: str | None = None,
 ) -> Parts:
     """The refusal body and headers: problem+json (RFC 9457), or a page for a browser."""
     code = status or reason.status
@@ -149,7 +152,7 @@ def problem_parts(
         headers.update(extra_headers)
     if wants_html(accept):
         headers["Content-Type"] = "text/html; charset=utf-8"
-        body = _page(reason, decision_id, code, detail, continue_to).encode()
+        body = _page(reason, decision_id, code, detail, continue_to, continue_label).encode()
     else:
         doc: dict[str, Any] = {
             "type": PROBLEM_BASE + reason.value,
@@ -247,7 +250,12 @@ def render(
         extra["WWW-Authenticate"] = challenge
     if stale:
         extra["Set-Cookie"] = clear_cookie_header(cookie_name)
-    continue_to = None
+    continue_to = continue_label = None
+    if reason is Reason.PROVIDER_NOT_ALLOWED and browser and sign_in:
+        # Which provider signed the person in and which this route accepts: names they see
+        # on the sign-in page anyway, so the page says them whatever `expose_detail` says.
+        detail = next((f.detail for f in decision.findings if f.reason is reason), None)
+        continue_to, continue_label = login_redirect(ctx), "Sign in with an accepted provider"
     if (
         reason is Reason.ORIGIN_DENIED
         and ctx.path is not None
@@ -265,6 +273,7 @@ def render(
         detail=detail,
         extra_headers=extra,
         continue_to=continue_to,
+        continue_label=continue_label,
     )
 
 
@@ -275,7 +284,12 @@ def login_redirect(ctx: RequestContext) -> str:
 
 
 def _page(
-    reason: Reason, decision_id: str, status: int, detail: str | None, continue_to: str | None
+    reason: Reason,
+    decision_id: str,
+    status: int,
+    detail: str | None,
+    continue_to: str | None,
+    continue_label: str | None = None,
 ) -> str:
     e = html.escape
     advice = _ADVICE.get(
@@ -284,9 +298,8 @@ def _page(
     detail_html = f"<p class=detail>{e(detail)}</p>" if detail else ""
     if continue_to:
         # A link on this origin: following it is the person's own same-origin navigation.
-        detail_html += (
-            f'<p><a href="{e(continue_to)}">Continue to <code>{e(continue_to)}</code></a></p>'
-        )
+        text = e(continue_label) if continue_label else f"Continue to <code>{e(continue_to)}</code>"
+        detail_html += f'<p><a href="{e(continue_to)}">{text}</a></p>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -102,10 +102,26 @@ async def shot(page: Page, name: str) -> None:
         await page.screenshot(path=str(Path(target) / f"{name}.png"))
 
 
-async def sign_in(page: Page, signin: SignInSetup, path: str = "/", user: str = "alice") -> None:
+async def sign_in(
+    page: Page,
+    signin: SignInSetup,
+    path: str = "/",
+    user: str = "alice",
+    provider: str | None = None,
+) -> None:
+    """Sign in at the dev IdP; `provider`: the chooser's button to click first (several
+    providers); without it the route's one provider takes the browser straight there."""
     await page.goto(signin.origin + path)
-    await shot(page, "1-sign-in")
-    await page.get_by_role("link", name=re.compile("Sign in with")).click()
+    if provider is not None:
+        await page.wait_for_url(re.compile(r"/\.ztgw/login\?rd="))
+        await shot(page, "1-sign-in")
+        await page.get_by_role("link", name=f"Sign in with {provider}").click()
+    await idp_form(page, signin, user)
+
+
+async def idp_form(page: Page, signin: SignInSetup, user: str = "alice") -> None:
+    """Fill the dev IdP's sign-in form; the browser ends up back at the gateway."""
+    await page.get_by_label(re.compile("password", re.I)).wait_for()
     await shot(page, "2-identity-provider")
     await page.get_by_label(re.compile("user", re.I)).fill(user)
     await page.get_by_label(re.compile("password", re.I)).fill(PASSWORDS[user])
@@ -115,8 +131,8 @@ async def sign_in(page: Page, signin: SignInSetup, path: str = "/", user: str = 
 
 async def test_person_signs_in_and_uses_the_legacy_app(page: Page, signin: SignInSetup) -> None:
     await page.goto(signin.origin + "/")
-    await page.wait_for_url(re.compile(r"/\.ztgw/login"))
-    assert "Sign in" in await page.title()
+    # One provider: no chooser, straight to its sign-in page.
+    await page.wait_for_url(re.compile(re.escape(signin.issuer) + "/authorize"))
     await sign_in(page, signin)
     await page.wait_for_url(signin.origin + "/")
     body = await page.content()
@@ -166,12 +182,23 @@ async def test_moving_to_another_address_asks_for_step_up_again(
 async def test_a_terminated_session_bounces_to_sign_in(page: Page, signin: SignInSetup) -> None:
     await sign_in(page, signin)
     await page.wait_for_url(signin.origin + "/")
-    for session in signin.gateway.store.sessions("alice"):
+    ended = signin.gateway.store.sessions("alice")
+    for session in ended:
         await signin.gateway.store.revoke_session(
             session.session_id, "terminated in a test", time.time()
         )
+    to_provider: list[str] = []
+    page.on(
+        "request",
+        lambda r: to_provider.append(r.url) if r.url.startswith(signin.issuer) else None,
+    )
     await page.goto(signin.origin + "/form")
-    await page.wait_for_url(re.compile(r"/\.ztgw/login"))
+    # Straight to the (one) provider, which still knows the browser and sends it back signed
+    # in: a new session, never the terminated one.
+    await page.wait_for_url(signin.origin + "/form")
+    assert any(u.startswith(signin.issuer + "/authorize") for u in to_provider), to_provider
+    fresh = [s for s in signin.gateway.store.sessions("alice") if not s.revoked]
+    assert len(fresh) == 1 and fresh[0].session_id not in {s.session_id for s in ended}
 
 
 @pytest.mark.parametrize("signin", [DRIFT], indirect=True)

@@ -34,8 +34,11 @@ async def sign_in(
     assert r.status == 303, await r.text()
     login = r.headers["Location"]
     assert login.startswith("/.ztgw/login?rd=")
-    page = await (await s.get(origin + login, headers=HTML)).text()
-    start = page.split('href="')[1].split('"')[0].replace("&amp;", "&")
+    # One provider: the sign-in page goes straight to it (no chooser).
+    r = await s.get(origin + login, headers=HTML, allow_redirects=False)
+    assert r.status == 303, await r.text()
+    start = r.headers["Location"]
+    assert start.startswith("/.ztgw/login/start?provider=")
     r = await s.get(origin + start, allow_redirects=False)
     assert r.status == 303
     authorize = r.headers["Location"]

@@ -178,7 +178,11 @@ def test_repository_configs_are_valid(certs: Certs, tmp_path: Path, name: str) -
     root = Path(__file__).resolve().parents[2]
     # Files the example names that the test PKI does not make: the IdP's secret and CA.
     (tmp_path / "oidc-client-secret").write_text("a-secret\n")
+    (tmp_path / "oidc-client-secret-partners").write_text("another-secret\n")
     text = (root / "config" / name).read_text()
+    text = text.replace(
+        "../certs/oidc-client-secret-partners", f"{tmp_path}/oidc-client-secret-partners"
+    )
     text = text.replace("../certs/oidc-client-secret", f"{tmp_path}/oidc-client-secret")
     text = text.replace("../certs/idp-ca.pem", str(certs.ca))
     text = text.replace("../certs/", f"{certs.dir}/")

@@ -20,7 +20,7 @@ EXAMPLE = REPO / "config" / "gateway.example.toml"
 # Tables whose keys are names the operator chooses (zones, weights, claims to match...): the
 # example shows some, and the loader reads whatever is there.
 OPEN_TABLES = {
-    "oidc.required_claims",
+    "oidc.<provider>.required_claims",
     "zones",
     "risk.weights",
     "posture.min_os_version",
@@ -31,7 +31,8 @@ OPEN_TABLES = {
 
 
 def _normal(where: str) -> str:
-    return re.sub(r"\[\d+\]", "[]", where)
+    """Indices of [[routes]] and the names of [oidc.NAME] providers are the operator's."""
+    return re.sub(r"^oidc\.[^.]+", "oidc.<provider>", re.sub(r"\[\d+\]", "[]", where))
 
 
 def documented_keys(text: str) -> set[tuple[str, str]]:
@@ -51,11 +52,11 @@ def documented_keys(text: str) -> set[tuple[str, str]]:
             # A table is a key of the tables around it: [a.b.c] documents a.b's "c", a's "b"...
             parts = table.split(".")
             for i in range(len(parts)):
-                out.add((".".join(parts[:i]), parts[i].removesuffix("[]")))
+                out.add((_normal(".".join(parts[:i])), parts[i].removesuffix("[]")))
             continue
         key = re.match(r"^\s*#?\s*([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
         if key:
-            out.add((table, key.group(1)))
+            out.add((_normal(table), key.group(1)))
     return out
 
 
@@ -67,6 +68,7 @@ def example(certs: Certs, tmp_path: Path) -> Path:
     shutil.copy(EXAMPLE, path)
     shutil.copytree(certs.dir, tmp_path / "certs")
     (tmp_path / "certs" / "oidc-client-secret").write_text("secret-from-a-file\n")
+    (tmp_path / "certs" / "oidc-client-secret-partners").write_text("another-secret\n")
     shutil.copy(certs.ca, tmp_path / "certs" / "idp-ca.pem")
     return path
 
@@ -105,7 +107,10 @@ def test_the_example_lists_every_key_the_loader_accepts(
                 missing.add(f"[{where}] {key}")
     assert missing == set(), "keys the loader reads that the example does not show"
     assert empty_tables == set(), "tables the loader reads that the example leaves out"
-    assert config.oidc.provider is not None and config.oidc.provider.name == "corp-sso"
+    assert config.oidc.names == ("corp-sso", "partners")
+    assert config.routes[-1].policy.providers == ("corp-sso",) or any(
+        r.policy.providers == ("corp-sso",) for r in config.routes
+    )
 
 
 def test_the_check_sees_a_missing_key(tmp_path: Path) -> None:
@@ -113,5 +118,5 @@ def test_the_check_sees_a_missing_key(tmp_path: Path) -> None:
     documented = documented_keys(text)
     assert ("routes[].policy", "login") not in documented
     assert ("routes[].policy", "login") in documented_keys(EXAMPLE.read_text())
-    assert ("oidc.claims", "groups") in documented_keys(EXAMPLE.read_text())
+    assert ("oidc.<provider>.claims", "groups") in documented_keys(EXAMPLE.read_text())
     assert ("issuers.corp", "jwks_file") in documented_keys(EXAMPLE.read_text())

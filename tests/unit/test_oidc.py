@@ -101,6 +101,7 @@ class DevSetup:
             code=query.get("code"),
             error=query.get("error"),
             cookie_value=start.cookie_value,
+            iss=query.get("iss"),
         )
 
 
@@ -150,7 +151,11 @@ async def test_bob_gets_only_his_groups_and_the_user_claim_is_configurable(
         start = await client.begin("/")
         query = await dev.login(start, "bob")
         result = await client.finish(
-            state=query["state"], code=query["code"], error=None, cookie_value=start.cookie_value
+            state=query["state"],
+            code=query["code"],
+            error=None,
+            cookie_value=start.cookie_value,
+            iss=query.get("iss"),
         )
     assert (result.user, result.groups) == ("bob", ("eng",))
     assert result.email is None
@@ -189,7 +194,11 @@ async def test_missing_or_unknown_state_is_refused(dev: DevSetup) -> None:
     for state in (None, "", "forged-" + start.state[7:]):
         with pytest.raises(OIDCError) as info:
             await dev.client.finish(
-                state=state, code=query["code"], error=None, cookie_value=start.cookie_value
+                state=state,
+                code=query["code"],
+                error=None,
+                cookie_value=start.cookie_value,
+                iss=dev.issuer,
             )
         assert info.value.reason == "state-invalid"
     # The genuine state was not touched by the forgeries.
@@ -209,12 +218,16 @@ async def test_state_without_this_browsers_cookie_is_refused(dev: DevSetup) -> N
         q = await dev.login(one_more)
         with pytest.raises(OIDCError) as info:
             await dev.client.finish(
-                state=q["state"], code=q["code"], error=None, cookie_value=cookie
+                state=q["state"], code=q["code"], error=None, cookie_value=cookie, iss=dev.issuer
             )
         assert info.value.reason == "state-invalid", cookie
     with pytest.raises(OIDCError) as info:
         await dev.client.finish(
-            state=query["state"], code=query["code"], error=None, cookie_value=victim.cookie_value
+            state=query["state"],
+            code=query["code"],
+            error=None,
+            cookie_value=victim.cookie_value,
+            iss=dev.issuer,
         )
     assert info.value.reason == "state-invalid"
     # A callback from the wrong browser does not consume the attempt: the right browser can
@@ -236,13 +249,21 @@ async def test_provider_error_is_login_denied_but_only_for_a_valid_state(dev: De
     start = await dev.client.begin("/")
     with pytest.raises(OIDCError) as info:
         await dev.client.finish(
-            state=start.state, code=None, error="access_denied", cookie_value=start.cookie_value
+            state=start.state,
+            code=None,
+            error="access_denied",
+            cookie_value=start.cookie_value,
+            iss=dev.issuer,
         )
     assert info.value.reason == "login-denied"
     assert "access_denied" in info.value.detail
     with pytest.raises(OIDCError) as info:
         await dev.client.finish(
-            state="unknown", code=None, error="access_denied", cookie_value=start.cookie_value
+            state="unknown",
+            code=None,
+            error="access_denied",
+            cookie_value=start.cookie_value,
+            iss=dev.issuer,
         )
     assert info.value.reason == "state-invalid"
 
@@ -254,7 +275,11 @@ async def test_a_code_used_twice_fails_at_the_provider(dev: DevSetup) -> None:
     second = await dev.client.begin("/")
     with pytest.raises(OIDCError) as info:
         await dev.client.finish(
-            state=second.state, code=query["code"], error=None, cookie_value=second.cookie_value
+            state=second.state,
+            code=query["code"],
+            error=None,
+            cookie_value=second.cookie_value,
+            iss=dev.issuer,
         )
     assert info.value.reason == "code-exchange-failed"
     assert "invalid_grant" in info.value.detail
@@ -264,7 +289,11 @@ async def test_callback_without_code_fails(dev: DevSetup) -> None:
     start = await dev.client.begin("/")
     with pytest.raises(OIDCError) as info:
         await dev.client.finish(
-            state=start.state, code=None, error=None, cookie_value=start.cookie_value
+            state=start.state,
+            code=None,
+            error=None,
+            cookie_value=start.cookie_value,
+            iss=dev.issuer,
         )
     assert info.value.reason == "code-exchange-failed"
 
@@ -279,6 +308,7 @@ async def test_wrong_client_secret_fails_the_exchange(dev: DevSetup) -> None:
                 code=query["code"],
                 error=None,
                 cookie_value=start.cookie_value,
+                iss=dev.issuer,
             )
     assert info.value.reason == "code-exchange-failed"
 
@@ -450,7 +480,10 @@ async def forged_login(forger: Forger, client: OIDCClient) -> LoginResult:
     start = await client.begin("/home")
     forger.nonce = forger.nonce or query_of(start.authorization_url)["nonce"]
     return await client.finish(
-        state=start.state, code="the-code", error=None, cookie_value=start.cookie_value
+        state=start.state,
+        code="the-code",
+        error=None,
+        cookie_value=start.cookie_value,
     )
 
 
@@ -470,7 +503,10 @@ async def test_a_well_formed_token_from_the_forger_is_accepted(forger: Forger) -
         assert len(params["state"]) >= 43 and len(params["nonce"]) >= 43
         forger.nonce = params["nonce"]
         result = await client.finish(
-            state=start.state, code="the-code", error=None, cookie_value=start.cookie_value
+            state=start.state,
+            code="the-code",
+            error=None,
+            cookie_value=start.cookie_value,
         )
     assert (result.user, result.email, result.groups) == ("carol", "carol@example.test", ("eng",))
     form, headers = forger.requests[-1]
@@ -700,7 +736,10 @@ async def test_pending_attempts_are_bounded(forger: Forger) -> None:
         assert client.status()["pending_logins"] == 2
         with pytest.raises(OIDCError) as info:
             await client.finish(
-                state=first.state, code="c", error=None, cookie_value=first.cookie_value
+                state=first.state,
+                code="c",
+                error=None,
+                cookie_value=first.cookie_value,
             )
         assert info.value.reason == "state-invalid"
         forger.nonce = query_of(third.authorization_url)["nonce"]
@@ -726,7 +765,10 @@ async def test_a_cookie_forged_with_the_mac_secret_is_still_not_the_issued_one(
         # That attempt is now spent: its state was matched by a valid MAC and consumed.
         with pytest.raises(OIDCError) as info:
             await client.finish(
-                state=start.state, code="c", error=None, cookie_value=start.cookie_value
+                state=start.state,
+                code="c",
+                error=None,
+                cookie_value=start.cookie_value,
             )
     assert info.value.reason == "state-invalid"
 

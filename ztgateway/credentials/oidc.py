@@ -172,6 +172,29 @@ class OIDCProviderConfig:
     required_claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Sign-in is refused unless each claim (or dotted path) equals, or as a list contains,
     one of its values: `hd = ["example.com"]` keeps a Google sign-in to one Workspace domain."""
+    display_name: str = ""
+    """What the sign-in chooser calls this provider ("" = its name)."""
+    user_namespace: str = ""
+    """"": this provider's users (and groups) are the directory's, the same people as the
+    client certificates' UIDs. Otherwise they are "<namespace>:<user>" (and its groups
+    "<namespace>:<group>"): never the same as another provider's "alice" (docs/oidc.md)."""
+    accept_unlabelled: bool = False
+    """Finish login attempts stored without a provider name (written by a gateway version that
+    had only the one `[oidc]` provider): only the single-provider form sets it, so a rolling
+    upgrade does not fail the sign-ins in flight."""
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.name
+
+    @property
+    def callback_path(self) -> str:
+        """The path of `redirect_uri`: where this provider's callbacks arrive."""
+        return urlsplit(self.redirect_uri).path or "/"
+
+    def qualify(self, name: str) -> str:
+        """A user or group name of this provider as the gateway knows it (its namespace)."""
+        return f"{self.user_namespace}:{name}" if self.user_namespace else name
 
     def __post_init__(self) -> None:
         where = f"oidc provider {self.name!r}"
@@ -224,6 +247,9 @@ class ProviderMetadata:
     token_auth_method: str
     end_session_endpoint: str | None
     userinfo_endpoint: str | None
+    iss_parameter: bool = False
+    """RFC 9207 §3: the provider puts `iss` in its authorization responses, so one without it
+    (or with another issuer) did not come from this provider."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +288,8 @@ class PendingLogin:
     cookie_hash: bytes
     return_to: str
     created: float
+    provider: str = ""
+    """The provider the attempt was started with; "" in attempts stored by older versions."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -271,6 +299,7 @@ class PendingLogin:
                 "cookie_hash": _b64url(self.cookie_hash),
                 "return_to": self.return_to,
                 "created": self.created,
+                "provider": self.provider,
             }
         )
 
@@ -283,6 +312,7 @@ class PendingLogin:
             cookie_hash=base64.urlsafe_b64decode(str(d["cookie_hash"]) + "=="),
             return_to=str(d["return_to"]),
             created=float(d["created"]),
+            provider=str(d.get("provider", "")),
         )
 
 
@@ -695,12 +725,17 @@ class OIDCClient:
             token_auth_method=auth_method,
             end_session_endpoint=endpoint("end_session_endpoint", required=False),
             userinfo_endpoint=endpoint("userinfo_endpoint", required=False),
+            iss_parameter=doc.get("authorization_response_iss_parameter_supported") is True,
         )
 
     # -- the login attempt -------------------------------------------------------------------
 
     def _cookie_mac(self, state: str, binder: str) -> str:
-        message = b"\x00".join((_COOKIE_LABEL, state.encode("ascii"), binder.encode("ascii")))
+        parts = [_COOKIE_LABEL, state.encode("ascii"), binder.encode("ascii")]
+        if not self.cfg.accept_unlabelled:
+            # Several providers share the key: a cookie is good for its own provider only.
+            parts.append(self.cfg.name.encode("utf-8"))
+        message = b"\x00".join(parts)
         return _b64url(hmac.new(self._secret, message, hashlib.sha256).digest())
 
     async def begin(self, return_to: str, *, source: str = "-") -> LoginStart:
@@ -735,6 +770,7 @@ class OIDCClient:
                 cookie_hash=cookie_hash,
                 return_to=checked,
                 created=now,
+                provider=self.cfg.name,
             ),
             source=source,
             expires=now + self.cfg.max_auth_age,
@@ -779,6 +815,16 @@ class OIDCClient:
         pending = await self._pending.take(state, source, now)
         if pending is None:
             raise OIDCError(OIDCReason.STATE_INVALID, "unknown, replayed, expired or evicted state")
+        # SECURITY: RFC 9700 §4.4 (mix-up): an attempt started with one provider is finished
+        # only by that provider's client, at that provider's redirect URI; a state that comes
+        # back at another provider's callback is refused (and is spent).
+        if pending.provider != self.cfg.name and not (
+            pending.provider == "" and self.cfg.accept_unlabelled
+        ):
+            raise OIDCError(
+                OIDCReason.STATE_INVALID,
+                f"the login attempt was started with provider {pending.provider or '?'!r}",
+            )
         if now - pending.created > self.cfg.max_auth_age:
             raise OIDCError(OIDCReason.STATE_INVALID, "the login attempt expired")
         # Defence in depth: only the very cookie handed out at begin() (kept as a hash) counts,
@@ -796,6 +842,7 @@ class OIDCClient:
         error: str | None,
         cookie_value: str | None,
         source: str = "-",
+        iss: str | None = None,
     ) -> LoginResult:
         """Complete a login from the callback's query and the login cookie, or raise OIDCError.
 
@@ -806,13 +853,21 @@ class OIDCClient:
         if self._closed:
             raise RuntimeError("OIDCClient is closed")
         pending = await self._take_pending(state, cookie_value, source)
+        metadata = await self._ensure_discovered()
+        # SECURITY: RFC 9207 §2.4 / RFC 9700 §4.4.2: with several providers, the authorization
+        # response names its issuer; it must be this attempt's provider (required when the
+        # provider says it sends it), so a response mixed up with another provider's is refused
+        # before its code goes anywhere.
+        if iss is not None and iss != self.cfg.issuer:
+            raise OIDCError(OIDCReason.STATE_INVALID, "the response's iss is another provider")
+        if iss is None and metadata.iss_parameter:
+            raise OIDCError(OIDCReason.STATE_INVALID, "the response has no iss (RFC 9207)")
         if error is not None:
             raise OIDCError(
                 OIDCReason.LOGIN_DENIED, f"provider error {_provider_error_text(error)!r}"
             )
         if not code:
             raise OIDCError(OIDCReason.CODE_EXCHANGE_FAILED, "the callback has no code")
-        metadata = await self._ensure_discovered()
         tokens = await self._exchange(metadata, code, pending.code_verifier)
         id_token = tokens.get("id_token")
         if not isinstance(id_token, str) or not id_token:

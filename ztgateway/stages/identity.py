@@ -6,7 +6,7 @@ finding, unless the route requires it; a present but bad credential is a DENY wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..context import Identity, RequestContext
@@ -16,7 +16,8 @@ from ..fetchmeta import ambient_refusal
 from .session import cookie_session_id, read_cookie
 
 if TYPE_CHECKING:
-    from ..config import ClaimMapping
+    from ..config import ClaimMapping, RouteConfig
+    from ..credentials.oidc import OIDCProviderConfig
     from ..runtime import Runtime
     from ..tls import CertInfo
 
@@ -79,6 +80,39 @@ def directory_user_refusal(user: str | None, namespaces: frozenset[str]) -> str 
     return None
 
 
+def provider_session_refusal(
+    user: str,
+    provider: OIDCProviderConfig | None,
+    name: object,
+    allowed: Sequence[str],
+    label_of: Callable[[str], str] = str,
+) -> Finding | None:
+    """Why a browser session signed in by the provider `name` is not good on a route that
+    accepts `allowed` (empty: every provider): a provider no longer configured, a user name
+    outside that provider's name space, or a provider the route does not accept."""
+    if provider is None and name is None:
+        # A session record that names no provider (every sign-in records one): the
+        # directory's, good only where the route does not choose providers.
+        if allowed:
+            return _deny(Reason.PROVIDER_NOT_ALLOWED, "the session names no provider")
+        return None
+    if provider is None:
+        # Its provider was removed from the configuration: its sessions end with it.
+        return _deny(Reason.SESSION_INVALID, f"provider {name!r} is not configured")
+    ns = provider.user_namespace
+    if ns and not user.startswith(ns + ":"):
+        # Signed in before the provider's name space changed: sign in again (the old name
+        # may be someone else's now).
+        return _deny(Reason.SESSION_INVALID, f"user {user!r} is outside {ns!r}")
+    if allowed and provider.name not in allowed:
+        return _deny(
+            Reason.PROVIDER_NOT_ALLOWED,
+            f"signed in with {provider.label}; this application accepts "
+            + ", ".join(label_of(n) for n in allowed),
+        )
+    return None
+
+
 class IdentityStage:
     name = NAME
 
@@ -86,14 +120,38 @@ class IdentityStage:
         self.revocations = runtime.revocations
         self.tokens = runtime.tokens
         self.claim_maps = runtime.config.claim_maps
+        self.providers = runtime.config.oidc
+        self.metrics = runtime.metrics
+        self.dry_run = runtime.dry_run
         self.namespaces = frozenset(
             m.user_namespace for m in self.claim_maps.values() if m.user_namespace
-        )
+        ) | frozenset(p.user_namespace for p in self.providers.providers if p.user_namespace)
         self._identities: dict[tuple[str, str | None], Identity] = {}
         self._cert_identities: dict[CertInfo, Identity] = {}
         self.store = runtime.store
         self.cookie_name = runtime.config.sessions.cookie_name
         self.throttle = runtime.throttle
+
+    def _label(self, name: str) -> str:
+        provider = self.providers.get(name)
+        return provider.label if provider is not None else name
+
+    def _provider_refusal(
+        self, user: str, extra: Mapping[str, Any], route: RouteConfig
+    ) -> Finding | None:
+        name = extra.get("provider")
+        provider = self.providers.get(name) if isinstance(name, str) else None
+        refusal = provider_session_refusal(
+            user, provider, name, route.policy.providers, self._label
+        )
+        if (
+            refusal is not None
+            and refusal.reason is Reason.PROVIDER_NOT_ALLOWED
+            and provider is not None
+            and not self.dry_run
+        ):
+            self.metrics.provider_refusals.labels(route.name, provider.name).inc()
+        return refusal
 
     async def check(self, ctx: RequestContext) -> Sequence[Finding]:
         route = ctx.route
@@ -169,8 +227,12 @@ class IdentityStage:
                 sid = cookie_session_id(cookie)
                 session = self.store.session(sid) or await self.store.find_session(sid)
                 if session is not None and session.extra.get("source") == "oidc":
-                    # A browser signed in with the identity provider; the session stage
+                    # A browser signed in with an identity provider; the session stage
                     # re-verifies the session itself (revocation, expiry, device, drift).
+                    refusal = self._provider_refusal(session.user, session.extra, route)
+                    if refusal is not None:
+                        return [refusal]
+                    signed_by = session.extra.get("provider")
                     groups = session.extra.get("groups") or []
                     email = session.extra.get("email")
                     session_identity = Identity(
@@ -179,6 +241,7 @@ class IdentityStage:
                         email=email if isinstance(email, str) else None,
                         groups=frozenset(g for g in groups if isinstance(g, str)),
                         device_id=device_id,
+                        provider=signed_by if isinstance(signed_by, str) else None,
                     )
         if token is not None:
             # The claims of a cached token never change: map them once per token and device.
@@ -208,6 +271,12 @@ class IdentityStage:
         )
         if session_identity is not None:
             identity = session_identity
+            provider = self.providers.get(identity.provider or "")
+            if provider is not None and provider.user_namespace:
+                # A namespaced provider's user ("partners:alice"), held to its provider's
+                # name space above: no one else's.
+                ctx.identity = identity
+                return ()
         elif (
             cert is not None
             and policy.allow_cert_identity
