@@ -313,6 +313,23 @@ async def user_action(request: web.Request) -> web.Response:
     raise web.HTTPNotFound()
 
 
+async def list_webauthn(request: web.Request) -> web.Response:
+    """GET /admin/users/{user}/webauthn: the user's security keys and passkeys (no keys)."""
+    gw = _gw(request)
+    user = request.match_info["user"]
+    return web.json_response([c.summary() for c in await gw.store.webauthn_credentials(user)])
+
+
+async def remove_webauthn(request: web.Request) -> web.Response:
+    """DELETE /admin/users/{user}/webauthn/{credential}: a lost or compromised key removed;
+    audited by the middleware with the user and credential id in the path (404 if unknown)."""
+    gw = _gw(request)
+    user, credential = request.match_info["user"], request.match_info["credential"]
+    if not await gw.store.remove_webauthn_credential(user, credential):
+        raise web.HTTPNotFound(text=f"no credential {credential} of {user}")
+    return web.json_response({"user": user, "credential_id": credential, "removed": True})
+
+
 async def audit_search(request: web.Request) -> web.Response:
     gw = _gw(request)
     q = request.query
@@ -487,5 +504,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/admin/posture", post_posture)
     app.router.add_get("/admin/users", list_users)
     app.router.add_post("/admin/users/{user}/{action}", user_action)
+    app.router.add_get("/admin/users/{user}/webauthn", list_webauthn)
+    app.router.add_delete("/admin/users/{user}/webauthn/{credential}", remove_webauthn)
     app.router.add_get("/admin/audit", audit_search)
     app.router.add_post("/admin/reload", reload)

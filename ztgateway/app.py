@@ -55,6 +55,7 @@ from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
 from .tls import TLSManager
+from .webauthn import WebAuthn
 
 log = logging.getLogger("ztgateway")
 _OTHER_FDS = 64
@@ -159,6 +160,7 @@ class Gateway:
         # the CSRF tokens, the sign-in's login cookie and, unless a key file is configured,
         # the assertion signature (issue 18, I3).
         self.csrf: CSRFTokens
+        self.webauthn: WebAuthn
         self.signer: AssertionSigner
         # Every configured identity provider (built at start, keyed like the CSRF tokens);
         # `oidc` is the first of them, for code that knows of one provider only.
@@ -357,6 +359,7 @@ class Gateway:
         cfg = self.config
         keys = await GatewayKeys.load(cfg.keys, self.store)
         self.csrf = CSRFTokens(keys.csrf)
+        self.webauthn = WebAuthn(lambda: self.config.webauthn, self.store, keys.webauthn_user)
         self.providers = SignInProviders.build(
             cfg.oidc.providers,
             clock=self.clock.time,

@@ -272,22 +272,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def cmd_audit_recover(args: argparse.Namespace) -> int:
     """Move the journals of gateway processes that ended without closing their log into the
     chain now (the next start would do it too); journals of running processes are left alone."""
-    from .audit import AuditLog
-    from .audit.checkpoint import CheckpointSigner
-    from .audit.keys import load_checkpoint_signing
+    from .commands.common import operator_audit_log
 
     config = _load(args.config)
-    a = config.audit
 
     async def recover() -> int:
-        key = load_checkpoint_signing(a.checkpoint_key_file, a.checkpoint_public_keys, create=False)
-        log = AuditLog(
-            a.db,
-            jsonl_path=a.jsonl,
-            durability="journal" if a.durability == "memory" else a.durability,
-            journal_dir=a.journal_dir,
-            checkpoint_signer=CheckpointSigner(key) if key is not None else None,
-        )
+        log = operator_audit_log(config.audit)
         async with log:
             pass
         return log.stats.recovered

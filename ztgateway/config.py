@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import time as dtime
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from yarl import URL
@@ -190,6 +191,9 @@ class RateLimit:
 
 
 IP_DRIFT_MODES = ("ignore", "allow_same_network", "step_up", "terminate")
+StepUpFactor = Literal["totp", "webauthn"]
+STEP_UP_FACTORS: tuple[StepUpFactor, ...] = ("totp", "webauthn")
+USER_VERIFICATION = ("required", "preferred", "discouraged")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +205,11 @@ class RouteSession:
     anomaly_step_up: float | None = None
     anomaly_terminate: float | None = None
     rate_limit: RateLimit | None = None
+    step_up_factors: tuple[StepUpFactor, ...] = STEP_UP_FACTORS
+    """Which second factors answer a step-up on this route; ("webauthn",) asks for a
+    phishing-resistant one (docs/webauthn.md)."""
+    require_user_verification: bool = False
+    """The WebAuthn step-up must verify the person (PIN or biometric), not only their presence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +361,26 @@ class MFAConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebAuthnConfig:
+    """The relying party the gateway is for security keys and passkeys (W3C WebAuthn §5.1.4).
+
+    `rp_id` and `origins` come from here or from `[server] public_url`, never from a request's
+    Host: a credential is scoped to the RP ID, and an assertion made for any other origin is
+    refused (webauthn.py)."""
+
+    rp_id: str = ""
+    """Empty: WebAuthn is off (no public_url and no rp_id)."""
+    rp_name: str = "ztgateway"
+    origins: tuple[str, ...] = ()
+    challenge_ttl: float = 300.0
+    user_verification: Literal["required", "preferred", "discouraged"] = "preferred"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rp_id and self.origins)
+
+
+@dataclass(frozen=True, slots=True)
 class KeysConfig:
     """Where the root of the gateway's own keys comes from (keys.py); neither: the store."""
 
@@ -407,6 +436,7 @@ class GatewayConfig:
     risk: RiskConfig = field(default_factory=RiskConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     mfa: MFAConfig = field(default_factory=MFAConfig)
+    webauthn: WebAuthnConfig = field(default_factory=WebAuthnConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     oidc: OIDCConfig = field(default_factory=OIDCConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
@@ -454,6 +484,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     risk = _risk(root.table("risk"), zones)
     sessions = _sessions(root.table("sessions"))
     mfa = _mfa(root.table("mfa"))
+    webauthn = _webauthn(root.table("webauthn"), server)
     keys_t = root.table("keys")
     keys = KeysConfig(
         file=keys_t.path("file", must_exist=False),
@@ -463,6 +494,12 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
     for i, r in enumerate(routes):
         if r.policy.login != "never" and not oidc.providers:
             root.fail(f"routes[{i}].policy.login", "needs an [oidc] provider to sign people in")
+        if r.session.step_up_factors == ("webauthn",) and not webauthn.enabled:
+            root.fail(
+                f"routes[{i}].session.step_up_factors",
+                "webauthn needs a relying party: [webauthn] rp_id, or a [server] public_url "
+                "with a host name",
+            )
     log_t = root.table("logging")
     logging_cfg = LoggingConfig(
         level=log_t.choice("level", ("debug", "info", "warning", "error"), "info"),
@@ -493,6 +530,7 @@ def parse_config(data: dict[str, object], file: Path, *, revision: str = "") -> 
         risk=risk,
         sessions=sessions,
         mfa=mfa,
+        webauthn=webauthn,
         logging=logging_cfg,
         oidc=oidc,
         keys=keys,
@@ -1148,7 +1186,12 @@ def _route_session(t: Table) -> RouteSession:
         anomaly_step_up=t.number("anomaly_step_up", None, min=0.0, max=1.0),
         anomaly_terminate=t.number("anomaly_terminate", None, min=0.0, max=1.0),
         rate_limit=rate_limit,
+        step_up_factors=_step_up_factors(t),
+        require_user_verification=t.flag("require_user_verification", False),
     )
+    if cfg.require_user_verification and cfg.step_up_factors != ("webauthn",):
+        # A TOTP code cannot say whether a person or a script typed it.
+        t.fail("require_user_verification", 'needs step_up_factors = ["webauthn"]')
     if (
         cfg.anomaly_step_up is not None
         and cfg.anomaly_terminate is not None
@@ -1157,6 +1200,81 @@ def _route_session(t: Table) -> RouteSession:
         t.fail("anomaly_step_up", "must not exceed anomaly_terminate")
     t.done()
     return cfg
+
+
+def _step_up_factors(t: Table) -> tuple[StepUpFactor, ...]:
+    factors = t.str_list("step_up_factors", STEP_UP_FACTORS)
+    if not factors:
+        t.fail("step_up_factors", "name at least one factor (totp, webauthn)")
+    for i, factor in enumerate(factors):
+        if factor not in STEP_UP_FACTORS:
+            t.fail(f"step_up_factors[{i}]", f"unknown factor {factor!r} (totp, webauthn)")
+    if len(set(factors)) != len(factors):
+        t.fail("step_up_factors", "names a factor twice")
+    # Kept in the one canonical order, so the route's set compares equal however it was written.
+    return tuple(f for f in STEP_UP_FACTORS if f in factors)
+
+
+def _webauthn(t: Table, server: ServerConfig) -> WebAuthnConfig:
+    public_parts = urlsplit(server.public_url)
+    public = (
+        f"{public_parts.scheme}://{public_parts.netloc}".lower()
+        if public_parts.scheme and public_parts.netloc
+        else None
+    )
+    public_host = public_parts.hostname or ""
+    # An address cannot be an RP ID: without a name, WebAuthn stays off unless configured.
+    derived = "" if not public_host or _looks_like_address(public_host) else public_host
+    rp_id = t.text("rp_id", derived) or ""
+    if rp_id and (
+        rp_id != rp_id.lower() or ":" in rp_id or "/" in rp_id or _looks_like_address(rp_id)
+    ):
+        t.fail("rp_id", "a lower-case domain name (browsers refuse IP addresses and ports)")
+    # The public origin is the default only where it can use the RP ID.
+    public_fits = public is not None and _within(public_host, rp_id)
+    origins = t.str_list("origins", (public,) if public and public_fits else ())
+    serialised = []
+    for i, origin in enumerate(origins):
+        parts = urlsplit(origin)
+        host = parts.hostname or ""
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (
+            parts.scheme != "https" or not host or port == -1 or parts.path not in ("", "/")
+            or parts.query or parts.fragment or parts.username or parts.password
+        ):  # fmt: skip
+            t.fail(f"origins[{i}]", "an origin is https://host[:port], nothing more")
+        # RFC 6454 §6.2: the default port is not serialised (what clientDataJSON carries).
+        serialised.append(f"https://{host}" + (f":{port}" if port and port != 443 else ""))
+        # WebAuthn §5.1.4.1 / HTML "is a registrable domain suffix": the RP ID must be the
+        # origin's host or a parent domain of it, or browsers refuse every ceremony.
+        if rp_id and not _within(host, rp_id):
+            t.fail(f"origins[{i}]", f"{host!r} is not {rp_id!r} or a subdomain of it (rp_id)")
+    if rp_id and not origins:
+        t.fail("origins", "name the https origins people reach the gateway at")
+    cfg = WebAuthnConfig(
+        rp_id=rp_id,
+        rp_name=t.text("rp_name", "ztgateway") or "ztgateway",
+        origins=tuple(serialised),
+        challenge_ttl=t.duration("challenge_ttl", 300.0, min=30.0, max=3600.0),
+        user_verification=t.choice("user_verification", USER_VERIFICATION, "preferred"),  # type: ignore[arg-type]
+    )
+    t.done()
+    return cfg
+
+
+def _within(host: str, rp_id: str) -> bool:
+    return host == rp_id or host.endswith("." + rp_id)
+
+
+def _looks_like_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _sessions(t: Table) -> SessionsConfig:

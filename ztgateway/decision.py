@@ -126,6 +126,14 @@ class Reason(enum.StrEnum):
     MFA_NOT_ENROLLED = "mfa-not-enrolled"
     MFA_ENROLMENT_EXISTS = "mfa-enrolment-exists"
     MFA_ENROLMENT_EXPIRED = "mfa-enrolment-expired"
+    # WebAuthn (webauthn.py, webauthn_endpoints.py): the outcome of a ceremony
+    WEBAUTHN_INVALID = "webauthn-invalid"
+    WEBAUTHN_ORIGIN_MISMATCH = "webauthn-origin-mismatch"
+    WEBAUTHN_CHALLENGE_INVALID = "webauthn-challenge-invalid"
+    WEBAUTHN_CREDENTIAL_UNKNOWN = "webauthn-credential-unknown"
+    WEBAUTHN_CLONED = "webauthn-cloned"
+    WEBAUTHN_UV_REQUIRED = "webauthn-uv-required"
+    WEBAUTHN_CREDENTIAL_REFUSED = "webauthn-credential-refused"
     # faults
     STAGE_ERROR = "stage-error"
     UPSTREAM_UNAVAILABLE = "upstream-unavailable"
@@ -201,6 +209,13 @@ _STATUS: dict[Reason, int] = {
     Reason.MFA_NOT_ENROLLED: 403,
     Reason.MFA_ENROLMENT_EXISTS: 409,
     Reason.MFA_ENROLMENT_EXPIRED: 409,
+    Reason.WEBAUTHN_INVALID: 401,
+    Reason.WEBAUTHN_ORIGIN_MISMATCH: 401,
+    Reason.WEBAUTHN_CHALLENGE_INVALID: 401,
+    Reason.WEBAUTHN_CREDENTIAL_UNKNOWN: 401,
+    Reason.WEBAUTHN_CLONED: 401,
+    Reason.WEBAUTHN_UV_REQUIRED: 401,
+    Reason.WEBAUTHN_CREDENTIAL_REFUSED: 409,
     Reason.POSTURE_INVALID: 400,
     Reason.POSTURE_REPLAYED: 409,
     Reason.STAGE_ERROR: 503,
@@ -263,6 +278,13 @@ _TITLES: dict[Reason, str] = {
     Reason.MFA_NOT_ENROLLED: "No second factor is set up for this account",
     Reason.MFA_ENROLMENT_EXISTS: "A second factor is already set up for this account",
     Reason.MFA_ENROLMENT_EXPIRED: "The set-up of your second factor expired: start again",
+    Reason.WEBAUTHN_INVALID: "The security key's answer could not be verified",
+    Reason.WEBAUTHN_ORIGIN_MISMATCH: "The security key answered for another site",
+    Reason.WEBAUTHN_CHALLENGE_INVALID: "That security-key request expired or was already used",
+    Reason.WEBAUTHN_CREDENTIAL_UNKNOWN: "That security key is not registered for this account",
+    Reason.WEBAUTHN_CLONED: "That security key's signature counter went back: it may be cloned",
+    Reason.WEBAUTHN_UV_REQUIRED: "The security key must verify you (PIN or biometric)",
+    Reason.WEBAUTHN_CREDENTIAL_REFUSED: "That security key cannot be registered for this account",
     Reason.UPSTREAM_UNAVAILABLE: "The application is not reachable",
     Reason.UPSTREAM_TIMEOUT: "The application did not answer in time",
     Reason.SERVICE_UNAVAILABLE: "The gateway cannot verify requests right now",

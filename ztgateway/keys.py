@@ -108,6 +108,7 @@ def _derive(root: bytes, label: str, length: int = 32) -> bytes:
 class GatewayKeys:
     csrf: bytes
     oidc_login: bytes
+    webauthn_user: bytes
     source: str
     _root: bytes
 
@@ -116,6 +117,7 @@ class GatewayKeys:
         return cls(
             csrf=_derive(root, "csrf/v1"),
             oidc_login=_derive(root, "oidc-login-cookie/v1"),
+            webauthn_user=_derive(root, "webauthn-user-handle/v1"),
             source=source,
             _root=root,
         )

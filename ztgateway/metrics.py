@@ -55,6 +55,17 @@ HANDSHAKE_FAILURE_REASONS = (
     "other",
 )
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "tls")
+WEBAUTHN_RESULTS = (
+    "success",
+    "webauthn-invalid",
+    "webauthn-origin-mismatch",
+    "webauthn-challenge-invalid",
+    "webauthn-credential-unknown",
+    "webauthn-cloned",
+    "webauthn-uv-required",
+    "webauthn-credential-refused",
+)
+"""ztgw_webauthn_ceremonies' results: success, or the refusal's reason (decision.Reason)."""
 CONNECTION_REFUSAL_REASONS = (
     "max_connections",
     "pending_handshakes",
@@ -327,6 +338,13 @@ class Metrics:
         self.mfa_enrollments = Counter(
             "ztgw_mfa_enrollments", "TOTP enrolments confirmed with a code.", registry=r
         )
+        self.webauthn_ceremonies = Counter(
+            "ztgw_webauthn_ceremonies",
+            "WebAuthn ceremonies (register, authenticate) by result: success or the refusal's "
+            "reason (webauthn-cloned, webauthn-origin-mismatch, ...).",
+            ["ceremony", "result"],
+            registry=r,
+        )
         self.mfa_backup_checks = Counter(
             "ztgw_mfa_backup_checks",
             "Backup-code checks run (scrypt over the user's codes); attempts over the limit "
@@ -398,6 +416,9 @@ class Metrics:
             self.admin_calls.labels(result)
         for result in ("issued", "passed", "failed"):
             self.step_ups.labels(result)
+        for ceremony in ("register", "authenticate"):
+            for result in WEBAUTHN_RESULTS:
+                self.webauthn_ceremonies.labels(ceremony, result)
         for reason in HANDSHAKE_FAILURE_REASONS:
             self.handshake_failures.labels(reason)
         for reason in CONNECTION_REFUSAL_REASONS:

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, quote
 from aiohttp import web
 
 from .audit import AuditUnavailable
+from .config import RouteSession
 from .context import Identity, RequestContext
 from .credentials.jwt import TokenError, check_binding
 from .credentials.totp import Enrollment, SealedSecretError, TOTPError, qr_svg
@@ -48,7 +49,7 @@ from .paths import PathError, normalize_path
 from .portal import login_redirect_to, page
 from .responses import DECISION_HEADER, problem, see_other
 from .stages.identity import identity_from_token
-from .stages.session import cookie_session_id, read_cookie, token_session_id
+from .stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
 from .store.base import ID_TOKEN, Session
 
 if TYPE_CHECKING:
@@ -83,6 +84,15 @@ class Who:
 
 def _rd(ctx: RequestContext) -> str:
     return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
+
+
+def route_session(gw: Gateway, ctx: RequestContext, rd: str) -> RouteSession:
+    """The session settings of the route `rd` leads to (what a step-up for it must meet)."""
+    try:
+        route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
+    except PathError:
+        route = None
+    return route.session if route is not None else RouteSession()
 
 
 async def who_steps_up(gw: Gateway, ctx: RequestContext, rd: str = "/") -> Who | Reason:
@@ -153,11 +163,7 @@ async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason
             return Reason.SESSION_INVALID
         if session.revoked:
             return Reason.SESSION_TERMINATED
-        try:
-            route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
-        except PathError:
-            route = None
-        idle = (route.session.idle_timeout if route else None) or gw.config.sessions.idle_timeout
+        idle = route_session(gw, ctx, rd).idle_timeout or gw.config.sessions.idle_timeout
         if ctx.now >= session.expires_at or ctx.now - session.last_seen > idle:
             # SECURITY: a code must not revive a session that has ended (issue 18, L3).
             return Reason.SESSION_EXPIRED
@@ -177,20 +183,26 @@ def _record(
     reason: Reason,
     detail: str,
     user: str | None,
+    stage: str = "mfa",
 ) -> None:
     if user:
         ctx.identity = Identity(
             user=user, source="mfa", device_id=ctx.cert.device_id if ctx.cert else None
         )
-    gw.record_outcome(ctx, "mfa", verdict, reason, detail)
+    gw.record_outcome(ctx, stage, verdict, reason, detail)
 
 
 def _refused(
-    gw: Gateway, ctx: RequestContext, reason: Reason, detail: str, user: str | None = None
+    gw: Gateway,
+    ctx: RequestContext,
+    reason: Reason,
+    detail: str,
+    user: str | None = None,
+    stage: str = "mfa",
 ) -> web.Response:
     """Audited (best effort: the refusal stands either way), counted, rendered."""
     with contextlib.suppress(AuditUnavailable):
-        _record(gw, ctx, Verdict.DENY, reason, detail, user)
+        _record(gw, ctx, Verdict.DENY, reason, detail, user, stage)
     return problem(reason, ctx.decision_id, accept=ctx.headers.get("Accept", ""), detail=detail)
 
 
@@ -203,8 +215,11 @@ def _unidentified(gw: Gateway, ctx: RequestContext, reason: Reason, rd: str) -> 
     return _refused(gw, ctx, reason, "step-up identity")
 
 
-async def _mark_verified(gw: Gateway, ctx: RequestContext, who: Who, method: str) -> str | None:
-    """Record the step-up; returns the Set-Cookie of the browser session it (re)issued."""
+async def _mark_verified(
+    gw: Gateway, ctx: RequestContext, who: Who, method: str, *, user_verified: bool = False
+) -> str | None:
+    """Record the step-up (its factor, and whether the person was verified: what a route's
+    `step_up_factors` checks); returns the Set-Cookie of the browser session it (re)issued."""
     now = ctx.now
     store = gw.store
     session = who.session
@@ -227,7 +242,8 @@ async def _mark_verified(gw: Gateway, ctx: RequestContext, who: Who, method: str
         session.mfa_at = now
         session.anomaly, session.anomaly_at = 0.0, now
         session.verified_ip = ctx.client_ip
-        session.extra["mfa_method"] = method
+        session.extra[MFA_METHOD] = method
+        session.extra[MFA_UV] = user_verified
         session.extra.pop("anomaly_since", None)
         await store.save_session(session)
         return None
@@ -240,7 +256,8 @@ async def _mark_verified(gw: Gateway, ctx: RequestContext, who: Who, method: str
         id_token = await store.session_id_token(session.session_id)
         if id_token:
             extra[ID_TOKEN] = id_token
-    extra["mfa_method"] = method
+    extra[MFA_METHOD] = method
+    extra[MFA_UV] = user_verified
     return await gw.keeper.start_browser_session(
         ctx,
         user=who.user,
@@ -395,6 +412,27 @@ def _step_up_form(gw: Gateway, ctx: RequestContext, who: Who, rd: str, error: st
     )
 
 
+async def _step_up_choice(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -> web.Response:
+    """The factors the person has that the route `rd` takes: a security key, a TOTP code, or
+    both; none yet: set one up (a security key where the route takes nothing else)."""
+    from . import webauthn_endpoints as wa
+
+    factors = route_session(gw, ctx, rd).step_up_factors
+    key = await wa.step_up_section(gw, ctx, who, rd) if "webauthn" in factors else None
+    totp = "totp" in factors and gw.mfa.enrolled(who.user)
+    if key is None and not totp:
+        enrol = (
+            wa.keys_url(rd)
+            if factors == ("webauthn",)
+            else "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/")
+        )
+        return see_other(enrol, ctx.decision_id)
+    body = key or ""
+    if totp:
+        body += _step_up_form(gw, ctx, who, rd)
+    return page("Confirm it is you", body, ctx, scripts=(wa.SCRIPT,) if key else ())
+
+
 _MESSAGES = {
     Reason.MFA_INVALID: "That code did not work. Wait for the next code and try again.",
     Reason.MFA_REPLAYED: "That code was already used. Wait for the next code and try again.",
@@ -424,9 +462,7 @@ async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> we
         who = await who_steps_up(gw, ctx, rd)
         if isinstance(who, Reason):
             return _unidentified(gw, ctx, who, rd)
-        if not gw.mfa.enrolled(who.user):
-            return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
-        return page("Confirm it is you", _step_up_form(gw, ctx, who, rd), ctx)
+        return await _step_up_choice(gw, ctx, who, rd)
     form = await _posted_form(gw, request, ctx, "mfa")
     if isinstance(form, web.Response):
         return form
@@ -520,9 +556,16 @@ or print this page now: they are shown only this once.</p>
 <p><a class="button" href="{html.escape(rd)}">Continue</a></p>"""
 
 
-async def _signed_in(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Response:
-    """Enrolment is for a person signed in with the identity provider on this device."""
-    enrol_here = "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/")
+async def _signed_in(
+    gw: Gateway,
+    ctx: RequestContext,
+    rd: str,
+    enrol_here: str | None = None,
+    stage: str = "mfa",
+) -> Who | web.Response:
+    """Enrolment (of a TOTP app, or at `enrol_here`, of a security key) is for a person signed
+    in with the identity provider on this device."""
+    enrol_here = enrol_here or "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/")
     who = await who_steps_up(gw, ctx, enrol_here)
     if isinstance(who, Reason):
         return _unidentified(gw, ctx, who, enrol_here)
@@ -539,6 +582,7 @@ async def _signed_in(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Res
         "setting up a second factor needs a sign-in with the identity provider; "
         "without one, IT enrols you (ztgateway users mfa enroll)",
         who.user,
+        stage,
     )
 
 

@@ -52,15 +52,19 @@ def page(
     status: int = 200,
     cookies: tuple[str, ...] = (),
     form_targets: tuple[str, ...] = (),
+    scripts: tuple[str, ...] = (),
 ) -> web.Response:
     """The one shell of every portal page (`body` is trusted HTML built with html.escape).
 
     `form_targets`: origins a form on the page may end up at besides this one (CSP
     `form-action` also governs the redirects after a submission: sign-out goes on to the
-    identity provider's end-session endpoint)."""
+    identity provider's end-session endpoint). `scripts`: the gateway's own script paths the
+    page loads (the WebAuthn ceremonies); CSP then allows scripts and fetches from this origin
+    only, never inline."""
+    tags = "".join(f'<script src="{html.escape(src)}" defer></script>' for src in scripts)
     text = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)} – ztgateway</title><style>{STYLE}</style></head>
+<title>{html.escape(title)} – ztgateway</title><style>{STYLE}</style>{tags}</head>
 <body><main><h1>{html.escape(title)}</h1>{body}</main>
 <footer>ztgateway · decision <code>{html.escape(ctx.decision_id)}</code></footer></body></html>"""
     resp = web.Response(text=text, content_type="text/html", status=status)
@@ -68,8 +72,9 @@ def page(
     resp.headers["Server"] = SERVER_BANNER
     resp.headers["Cache-Control"] = "no-store"
     targets = " ".join(("'self'", *form_targets))
+    script = "script-src 'self'; connect-src 'self'; " if scripts else ""
     resp.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        f"default-src 'none'; {script}style-src 'unsafe-inline'; img-src data:; "
         f"form-action {targets}; frame-ancestors 'none'"
     )
     resp.headers["X-Frame-Options"] = "DENY"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import endpoints, mfa_endpoints, portal
+from . import endpoints, mfa_endpoints, portal, webauthn_endpoints
 from .audit import AuditUnavailable
 from .audit.events import upstream_event
 from .context import RequestContext
@@ -67,6 +67,12 @@ _PAGES = {
     ("/.ztgw/mfa", "POST"): mfa_endpoints.step_up_page,
     ("/.ztgw/mfa/enroll", "GET"): mfa_endpoints.enroll_page,
     ("/.ztgw/mfa/enroll", "POST"): mfa_endpoints.enroll_page,
+    ("/.ztgw/webauthn", "GET"): webauthn_endpoints.keys_page,
+    ("/.ztgw/webauthn.js", "GET"): webauthn_endpoints.script,
+    ("/.ztgw/webauthn/register/options", "POST"): webauthn_endpoints.register_options,
+    ("/.ztgw/webauthn/register", "POST"): webauthn_endpoints.register,
+    ("/.ztgw/webauthn/authenticate/options", "POST"): webauthn_endpoints.authenticate_options,
+    ("/.ztgw/webauthn/authenticate", "POST"): webauthn_endpoints.authenticate,
 }
 _TIMERS = {"header_timeout", "body_timeout", "idle_timeout", "slow_reader"}
 

@@ -241,9 +241,11 @@ def render(
         extra["Retry-After"] = str(max(1, math.ceil(ctx.retry_after)))
     if verdict is Verdict.STEP_UP:
         # RFC 9470 §3: the step-up challenge, with max_age when the route bounds MFA age.
+        webauthn_only = route is not None and route.session.step_up_factors == ("webauthn",)
+        how = "a security key at /.ztgw/mfa" if webauthn_only else "TOTP at /.ztgw/mfa/verify"
         challenge = (
             'Bearer realm="ztgateway", error="insufficient_user_authentication", '
-            f'error_description="{reason.value}: complete TOTP at /.ztgw/mfa/verify"'
+            f'error_description="{reason.value}: complete {how}"'
         )
         if ctx.mfa_max_age:
             challenge += f", max_age={int(ctx.mfa_max_age)}"

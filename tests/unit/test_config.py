@@ -203,3 +203,100 @@ def test_a_bad_blocklist_line_is_a_config_error_naming_the_line(
     err = error_for(tmp_path, certs, {"risk": {"blocklist": str(blocklist)}})
     assert err.key == "risk.blocklist"
     assert f"{blocklist}:3" in err.message
+
+
+def _webauthn_route(**session: Any) -> dict[str, Any]:
+    return {"name": "a", "prefix": "/", "upstream": "demo", "session": session}
+
+
+def test_webauthn_relying_party_comes_from_public_url_or_its_own_section(
+    certs: Certs, tmp_path: Path
+) -> None:
+    # The base config's public_url is an address: no RP ID can be made from it.
+    assert not load_config(write(tmp_path, certs)).webauthn.enabled
+    named = {"server": {"public_url": "https://gw.example.com:8443"}}
+    wa = load_config(write(tmp_path, certs, named)).webauthn
+    assert (wa.rp_id, wa.origins, wa.enabled) == (
+        "gw.example.com",
+        ("https://gw.example.com:8443",),
+        True,
+    )
+    own = {
+        "webauthn": {
+            "rp_id": "example.com",
+            "origins": ["https://A.example.com:443/", "https://example.com:8443"],
+        }
+    }
+    wa = load_config(write(tmp_path, certs, own)).webauthn
+    assert (wa.rp_id, wa.origins) == (
+        "example.com",
+        ("https://a.example.com", "https://example.com:8443"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "message"),
+    [
+        ({"rp_id": "127.0.0.1", "origins": ["https://127.0.0.1"]}, "webauthn.rp_id", "domain"),
+        ({"rp_id": "Example.com", "origins": ["https://example.com"]}, "webauthn.rp_id", "lower"),
+        ({"rp_id": "example.com"}, "webauthn.origins", "origins"),
+        (
+            {"rp_id": "example.com", "origins": ["https://evil.test"]},
+            "webauthn.origins[0]",
+            "subdomain",
+        ),
+        (
+            {"rp_id": "example.com", "origins": ["http://example.com"]},
+            "webauthn.origins[0]",
+            "https",
+        ),
+        (
+            {"rp_id": "example.com", "origins": ["https://example.com/login"]},
+            "webauthn.origins[0]",
+            "nothing more",
+        ),
+        ({"user_verification": "always"}, "webauthn.user_verification", ""),
+        ({"challenge_ttl": 5}, "webauthn.challenge_ttl", ""),
+    ],
+)
+def test_webauthn_section_errors_name_the_key(
+    certs: Certs, tmp_path: Path, section: dict[str, Any], key: str, message: str
+) -> None:
+    err = error_for(tmp_path, certs, {"webauthn": section})
+    assert err.key == key and message in err.message
+    assert str(tmp_path / "gw.toml") in str(err)
+
+
+def test_step_up_factors_are_validated_with_their_route_and_key(
+    certs: Certs, tmp_path: Path
+) -> None:
+    named = {"server": {"public_url": "https://gw.example.com"}}
+    cfg = load_config(
+        write(tmp_path, certs, named, routes=[_webauthn_route(step_up_factors=["webauthn"])])
+    )
+    assert cfg.routes[0].session.step_up_factors == ("webauthn",)
+    either = load_config(
+        write(
+            tmp_path, certs, named, routes=[_webauthn_route(step_up_factors=["webauthn", "totp"])]
+        )
+    )
+    assert either.routes[0].session.step_up_factors == ("totp", "webauthn")
+    cases = [
+        (_webauthn_route(step_up_factors=["sms"]), "routes[0].session.step_up_factors[0]"),
+        (_webauthn_route(step_up_factors=[]), "routes[0].session.step_up_factors"),
+        (_webauthn_route(step_up_factors=["totp", "totp"]), "routes[0].session.step_up_factors"),
+        (
+            _webauthn_route(require_user_verification=True),
+            "routes[0].session.require_user_verification",
+        ),
+        (
+            _webauthn_route(step_up_factors=["totp"], require_user_verification=True),
+            "routes[0].session.require_user_verification",
+        ),
+    ]
+    for route, key in cases:
+        assert error_for(tmp_path, certs, named, routes=[route]).key == key
+    # A route that takes only a security key needs a relying party (the base public_url is an
+    # address, which cannot be an RP ID).
+    err = error_for(tmp_path, certs, routes=[_webauthn_route(step_up_factors=["webauthn"])])
+    assert err.key == "routes[0].session.step_up_factors" and "relying party" in err.message

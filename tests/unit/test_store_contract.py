@@ -25,6 +25,7 @@ import redis as redis_sync
 from ztgateway.store.base import (
     ID_TOKEN,
     MAX_FAILURES,
+    MAX_WEBAUTHN_CREDENTIALS,
     SESSION_HISTORY,
     ChangeKind,
     Device,
@@ -33,6 +34,7 @@ from ztgateway.store.base import (
     SessionDecision,
     StoreUnavailable,
     UserRecord,
+    WebAuthnCredential,
 )
 from ztgateway.store.redis import RedisStore
 from ztgateway.store.sqlite import SCHEMA, SQLiteStore
@@ -881,6 +883,81 @@ async def test_pending_logins_are_single_use_bound_to_their_source_and_bounded(
     # Past its expiry an attempt is gone.
     await a.put_pending_login("old", "dev-3", "stale", t + 600, 3)
     assert await a.take_pending_login("old", "dev-3", t + 601) is None
+
+
+def _credential(
+    cid: str, user: str = "alice", count: int = 0, at: float = 1000.0
+) -> WebAuthnCredential:
+    return WebAuthnCredential(
+        credential_id=cid,
+        user=user,
+        public_key="pQECAyYgASFYIA",
+        sign_count=count,
+        name=f"key {cid}",
+        created_at=at,
+        transports=("usb", "nfc"),
+        aaguid="00000000-0000-0000-0000-000000000000",
+        user_verified=True,
+    )
+
+
+async def test_webauthn_credentials_are_kept_per_user_and_seen_by_every_instance(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    assert await a.webauthn_credentials("alice") == []
+    assert await a.add_webauthn_credential(_credential("c1", at=1000.0))
+    assert await b.add_webauthn_credential(_credential("c2", at=1001.0))
+    assert await a.add_webauthn_credential(_credential("c3", user="bob"))
+    # One id is one credential, whoever registers it again.
+    assert not await b.add_webauthn_credential(_credential("c1", user="bob"))
+    alice = await b.webauthn_credentials("alice")
+    assert [c.credential_id for c in alice] == ["c1", "c2"]
+    assert alice[0] == _credential("c1", at=1000.0)
+    assert "public_key" not in alice[0].summary()
+    assert [c.credential_id for c in await a.webauthn_credentials("bob")] == ["c3"]
+    assert await a.webauthn_credential("c3") == _credential("c3", user="bob")
+    assert await a.webauthn_credential("nope") is None
+    # Removal is per user: bob cannot remove alice's key.
+    assert not await a.remove_webauthn_credential("bob", "c1")
+    assert await b.remove_webauthn_credential("alice", "c1")
+    assert not await a.remove_webauthn_credential("alice", "c1")
+    assert [c.credential_id for c in await a.webauthn_credentials("alice")] == ["c2"]
+    assert await a.webauthn_credential("c1") is None
+
+
+async def test_webauthn_credentials_per_user_are_bounded(backend: Backend) -> None:
+    a = await backend.open()
+    for i in range(MAX_WEBAUTHN_CREDENTIALS):
+        assert await a.add_webauthn_credential(_credential(f"k{i}", at=1000.0 + i))
+    assert not await a.add_webauthn_credential(_credential("one-too-many"))
+    assert await a.add_webauthn_credential(_credential("other-user", user="bob"))
+
+
+async def test_a_webauthn_sign_counter_only_moves_forward_once_across_instances(
+    backend: Backend,
+) -> None:
+    """WebAuthn Level 2 §7.2 step 21: a counter that does not grow is a cloned authenticator
+    (or a replay); of concurrent uses with one counter value exactly one passes."""
+    a, b = await backend.open(), await backend.open()
+    await a.add_webauthn_credential(_credential("c1", count=5))
+    results = await asyncio.gather(
+        *[(a if i % 2 else b).use_webauthn_credential("c1", 6, 2000.0) for i in range(8)]
+    )
+    assert results.count(True) == 1
+    stored = await b.webauthn_credential("c1")
+    assert stored is not None and stored.sign_count == 6 and stored.last_used_at == 2000.0
+    assert not await a.use_webauthn_credential("c1", 6, 2001.0), "the same value again"
+    assert not await b.use_webauthn_credential("c1", 3, 2002.0), "a counter going back"
+    assert await a.use_webauthn_credential("c1", 9, 2003.0)
+    assert (await b.webauthn_credentials("alice"))[0].sign_count == 9
+    assert not await a.use_webauthn_credential("unknown", 1, 2004.0)
+    # An authenticator without a counter reports 0 every time (§6.1.1): that is not a clone,
+    # but once a counter was seen, 0 is a counter going back.
+    await a.add_webauthn_credential(_credential("zero", count=0))
+    assert await a.use_webauthn_credential("zero", 0, 2005.0)
+    assert await b.use_webauthn_credential("zero", 0, 2006.0)
+    assert not await a.use_webauthn_credential("c1", 0, 2007.0)
 
 
 async def test_a_touch_never_rewrites_a_lock_an_enrolment_or_backup_codes(

@@ -14,9 +14,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..durations import fmt_duration, parse_duration
+
+if TYPE_CHECKING:
+    from ..audit import AuditLog
+    from ..config import AuditConfig
 
 DEFAULT_CONFIG = "config/gateway.toml"
 __all__ = ["fmt_duration", "parse_duration"]
@@ -175,3 +179,22 @@ def run_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) ->
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def operator_audit_log(audit: AuditConfig) -> AuditLog:
+    """The gateway's audit log as a command opens it (`async with`): its own journal, the
+    configured checkpoint key; a command that ends its log moves its events into the chain."""
+    from ..audit import AuditLog
+    from ..audit.checkpoint import CheckpointSigner
+    from ..audit.keys import load_checkpoint_signing
+
+    key = load_checkpoint_signing(
+        audit.checkpoint_key_file, audit.checkpoint_public_keys, create=False
+    )
+    return AuditLog(
+        audit.db,
+        jsonl_path=audit.jsonl,
+        durability="journal" if audit.durability == "memory" else audit.durability,
+        journal_dir=audit.journal_dir,
+        checkpoint_signer=CheckpointSigner(key) if key is not None else None,
+    )

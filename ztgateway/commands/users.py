@@ -1,4 +1,5 @@
-"""`ztgateway users list | show | set | lock | unlock | mfa enroll | mfa reset` and
+"""`ztgateway users list | show | set | lock | unlock | mfa enroll | mfa reset | webauthn list |
+webauthn remove` and
 `ztgateway sessions list | show | terminate`.
 
 They write to the store the running gateway reads; it applies the change within its sync
@@ -28,6 +29,7 @@ from .common import (
     fmt_duration,
     fmt_time,
     key_values,
+    operator_audit_log,
     print_json,
     table,
 )
@@ -185,6 +187,67 @@ def mfa_reset(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, work)
+
+
+def webauthn_list(args: argparse.Namespace) -> int:
+    async def work(store: Store, config: Any) -> int:
+        credentials = await store.webauthn_credentials(args.user)
+        if args.json:
+            print_json([c.summary() for c in credentials])
+            return 0
+        rows = [
+            [c.credential_id, c.name, fmt_time(c.created_at), fmt_time(c.last_used_at),
+             str(c.sign_count), "yes" if c.user_verified else "no"]
+            for c in credentials
+        ]  # fmt: skip
+        print(
+            table(
+                ["CREDENTIAL", "NAME", "ADDED", "LAST USED", "COUNTER", "UV"], rows, empty="(none)"
+            )
+        )
+        return 0
+
+    return _run(args, work)
+
+
+def webauthn_remove(args: argparse.Namespace) -> int:
+    """Remove a lost or compromised key; the removal is audited like the admin API's."""
+
+    async def work(store: Store, config: Any) -> int:
+        ids = [c.credential_id for c in await store.webauthn_credentials(args.user)]
+        found = [i for i in ids if i.startswith(args.credential)]
+        if len(found) != 1:
+            what = "no credential" if not found else "more than one credential"
+            print(f"error: {what} of {args.user} starts with {args.credential!r}", file=sys.stderr)
+            return 1
+        if not await store.remove_webauthn_credential(args.user, found[0]):
+            print(f"error: {found[0]} was removed meanwhile", file=sys.stderr)
+            return 1
+        await _audit_operator(config, f"cli: webauthn credential {found[0]} of {args.user} removed")
+        print(f"{args.user}: security key {found[0]} removed")
+        return 0
+
+    return _run(args, work)
+
+
+async def _audit_operator(config: Any, detail: str) -> None:
+    """One `ztgw.admin` event in the gateway's audit chain for an operator's change made here
+    (the same shape the admin API writes), through the journal like a gateway process."""
+    from ..audit.keys import load_mask_key
+    from ..context import RequestContext
+    from ..decision import Decision, Finding, Reason, Verdict
+    from ..decisions import audit_event
+
+    a = config.audit
+    log = operator_audit_log(a)
+    ctx = RequestContext.synthetic(method="CLI", path="ztgateway users", headers={})
+    finding = Finding("admin", Reason.POLICY_ALLOWED, Verdict.ALLOW, detail=detail)
+    decision = Decision(ctx.decision_id, Verdict.ALLOW, Reason.POLICY_ALLOWED, (finding,))
+    mask = load_mask_key(a.mask_key_file, a.mask_key_env, create=False)
+    event = audit_event(ctx, decision, config.revision, mask_key=mask)
+    event["type"] = "ztgw.admin"
+    async with log:
+        log.record(event)
 
 
 def mfa_rotate_key(args: argparse.Namespace) -> int:
@@ -416,6 +479,15 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="the new key (base64 of 32 bytes); created with mode 0600 if it does not exist",
     )
+
+    wa = usub.add_parser("webauthn", help="security keys and passkeys")
+    wsub = wa.add_subparsers(dest="webauthn_command", required=True, metavar="SUBCOMMAND")
+    add_json(add(wsub, "list", "a user's security keys and passkeys", webauthn_list)).add_argument(
+        "user", help=user_help
+    )
+    rm = add(wsub, "remove", "remove a lost or compromised key (audited)", webauthn_remove)
+    rm.add_argument("user", help=user_help)
+    rm.add_argument("credential", help="credential id or unique prefix (users webauthn list)")
 
     sessions = sub.add_parser("sessions", help="live sessions")
     ssub = sessions.add_subparsers(dest="sessions_command", required=True, metavar="SUBCOMMAND")

@@ -29,7 +29,7 @@ from ..decision import Decision, Finding, Reason, Verdict
 from ..store.base import SESSION_HISTORY, Session, SessionDecision, UserRecord
 
 if TYPE_CHECKING:
-    from ..config import RouteConfig, SessionsConfig
+    from ..config import RouteConfig, RouteSession, SessionsConfig
     from ..runtime import Runtime
     from ..store.base import Store
 
@@ -50,6 +50,25 @@ _NOT_AN_ATTEMPT = frozenset(
         Reason.ORIGIN_DENIED,
     }
 )
+
+
+MFA_METHOD = "mfa_method"
+"""The `extra` key of the factor the session's last step-up was made with."""
+MFA_UV = "mfa_uv"
+"""The `extra` key: that step-up verified the person (WebAuthn UV flag), not only presence."""
+_FACTOR_OF_METHOD = {"totp": "totp", "backup": "totp", "webauthn": "webauthn"}
+
+
+def step_up_answers(session: Session | None, rs: RouteSession) -> bool:
+    """Whether the session's last step-up was made with a factor this route takes (its
+    `step_up_factors`, and user verification where it asks for it). A backup code stands in
+    for TOTP; a step-up recorded before methods were (no method) counts as TOTP."""
+    if session is None or session.mfa_at is None:
+        return False
+    method = session.extra.get(MFA_METHOD, "totp")
+    if _FACTOR_OF_METHOD.get(method) not in rs.step_up_factors:
+        return False
+    return not rs.require_user_verification or session.extra.get(MFA_UV) is True
 
 
 @dataclass(slots=True)
@@ -179,7 +198,7 @@ class SessionStage:
                         NAME, Reason.SESSION_INVALID, Verdict.DENY, detail="unknown session cookie"
                     )
                 ]
-            return self._mfa(ctx, rs.mfa_max_age, None, [])
+            return self._mfa(ctx, rs, None, [])
         if session.revoked:
             # A terminated API session's token stays refused until it expires.
             view.cookie_invalid = kind == "cookie"
@@ -198,7 +217,7 @@ class SessionStage:
                 return [Finding(NAME, Reason.SESSION_EXPIRED, Verdict.DENY)]
             # The token is still valid: its session simply starts again.
             view.session = None
-            return self._mfa(ctx, rs.mfa_max_age, None, [])
+            return self._mfa(ctx, rs, None, [])
         if session.device_id and session.device_id != device_id:
             # SECURITY: a session bound to a device is used only with that device's
             # certificate. Without one (client_cert = "optional", forward-auth behind
@@ -255,7 +274,8 @@ class SessionStage:
             level = combine(level, RISK_SHARE * risk)
         anomaly = combine(anomaly, level)
         view.anomaly = anomaly
-        if session.mfa_at is not None and now - session.mfa_at <= cfg.step_up_validity:
+        answered = step_up_answers(session, rs)
+        if answered and session.mfa_at is not None and now - session.mfa_at <= cfg.step_up_validity:
             # A second factor given moments ago answers a risk-triggered step-up.
             ctx.mfa_fresh = True
 
@@ -274,7 +294,7 @@ class SessionStage:
                 )
             )
         elif anomaly >= step_up_at:
-            mfa_at = session.mfa_at or 0.0
+            mfa_at = (session.mfa_at or 0.0) if answered else 0.0
             if mfa_at < float(session.extra.get("anomaly_since", now)):
                 out.append(
                     Finding(
@@ -285,15 +305,16 @@ class SessionStage:
                         detail=f"anomaly {anomaly:.2f}",
                     )
                 )
-        return self._mfa(ctx, rs.mfa_max_age, session, out)
+        return self._mfa(ctx, rs, session, out)
 
     def _mfa(
         self,
         ctx: RequestContext,
-        max_age: float | None,
+        rs: RouteSession,
         session: Session | None,
         out: list[Finding],
     ) -> list[Finding]:
+        max_age = rs.mfa_max_age
         if max_age is None:
             return out
         route = ctx.route
@@ -315,6 +336,15 @@ class SessionStage:
                 Finding(
                     NAME, Reason.MFA_REQUIRED, Verdict.STEP_UP, detail=f"within {int(max_age)} s"
                 )
+            )
+        elif not step_up_answers(session, rs):
+            # SECURITY: a fresh TOTP code does not answer a route that asks for a
+            # phishing-resistant factor (or for user verification): docs/webauthn.md.
+            ctx.mfa_max_age = max_age
+            factors = "+".join(rs.step_up_factors)
+            uv = " with user verification" if rs.require_user_verification else ""
+            out.append(
+                Finding(NAME, Reason.MFA_REQUIRED, Verdict.STEP_UP, detail=f"by {factors}{uv}")
             )
         return out
 

@@ -102,6 +102,69 @@ class UserRecord:
         return self.locked_until is not None and self.locked_until > now
 
 
+MAX_WEBAUTHN_CREDENTIALS = 20
+"""Security keys and passkeys one user may register (a bound on what a sign-in can add)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebAuthnCredential:
+    """A registered WebAuthn public-key credential (W3C WebAuthn Level 2 §6.1 and §7.1).
+
+    Kept apart from the user's record, like the marks of used backup codes: the sign counter
+    changes on every use and is advanced by compare-and-set in the store, so a stale copy of a
+    user record written by another process can never move it back.
+    """
+
+    credential_id: str  # base64url, as the browser names it
+    user: str
+    public_key: str  # base64url COSE_Key (RFC 9052 §7), as the attestation carried it
+    sign_count: int
+    name: str
+    created_at: float
+    last_used_at: float | None = None
+    transports: tuple[str, ...] = ()
+    aaguid: str = ""
+    user_verified: bool = False  # UV at registration
+    backup_eligible: bool = False  # a synced passkey (flags BE, §6.1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "credential_id": self.credential_id,
+            "user": self.user,
+            "public_key": self.public_key,
+            "sign_count": self.sign_count,
+            "name": self.name,
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+            "transports": list(self.transports),
+            "aaguid": self.aaguid,
+            "user_verified": self.user_verified,
+            "backup_eligible": self.backup_eligible,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What the CLI and the admin API show: no public key."""
+        data = self.to_json()
+        del data["public_key"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WebAuthnCredential:
+        return cls(
+            credential_id=str(data["credential_id"]),
+            user=str(data["user"]),
+            public_key=str(data["public_key"]),
+            sign_count=int(data["sign_count"]),
+            name=str(data.get("name", "")),
+            created_at=float(data["created_at"]),
+            last_used_at=None if data.get("last_used_at") is None else float(data["last_used_at"]),
+            transports=tuple(str(t) for t in data.get("transports") or ()),
+            aaguid=str(data.get("aaguid", "")),
+            user_verified=bool(data.get("user_verified", False)),
+            backup_eligible=bool(data.get("backup_eligible", False)),
+        )
+
+
 class SessionDecision(NamedTuple):
     """One decision on a session, as `ztgateway sessions show` lists it."""
 
@@ -408,13 +471,36 @@ class Store(Protocol):
     async def put_pending_login(
         self, state: str, source: str, data: str, expires: float, per_source: int
     ) -> None:
-        """Keep a sign-in attempt until `expires`; at most `per_source` per source, the
-        source's oldest dropped first."""
+        """Keep a sign-in attempt (or a WebAuthn challenge: webauthn.py) until `expires`; at
+        most `per_source` per source, the source's oldest dropped first."""
         ...
 
     async def take_pending_login(self, state: str, source: str, now: float) -> str | None:
         """The attempt's data, removed (single use: one caller gets it); None if it is
         unknown, taken, expired or was started by another source."""
         ...
+
+    # WebAuthn credentials (read when a ceremony needs them, never on the request path)
+    async def add_webauthn_credential(self, credential: WebAuthnCredential) -> bool:
+        """Register a credential: False if its id is registered already (to anyone), or the
+        user has MAX_WEBAUTHN_CREDENTIALS."""
+        ...
+
+    async def webauthn_credentials(self, user: str) -> list[WebAuthnCredential]:
+        """The user's credentials, oldest first."""
+        ...
+
+    async def webauthn_credential(self, credential_id: str) -> WebAuthnCredential | None: ...
+
+    async def use_webauthn_credential(
+        self, credential_id: str, sign_count: int, now: float
+    ) -> bool:
+        """Record a use: True only if `sign_count` advances the stored counter (WebAuthn Level 2
+        §7.2 step 21: greater than it; or 0 over 0, an authenticator without a counter),
+        atomically on every process and replica, so of two uses with one counter value (a
+        replay, or a clone used in parallel) exactly one passes."""
+        ...
+
+    async def remove_webauthn_credential(self, user: str, credential_id: str) -> bool: ...
 
     observe: Callable[[str, float, bool], None] | None

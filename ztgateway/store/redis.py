@@ -66,6 +66,7 @@ from ..inline import in_task
 from .base import (
     HISTORY_BACKLOG,
     MAX_FAILURES,
+    MAX_WEBAUTHN_CREDENTIALS,
     SESSION_HISTORY,
     CachedReads,
     ChangeKind,
@@ -77,6 +78,7 @@ from .base import (
     SessionDecision,
     StoreUnavailable,
     UserRecord,
+    WebAuthnCredential,
     latest_decisions,
     take_id_token,
 )
@@ -286,6 +288,38 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return value
 """
 
+# WebAuthn credentials: KEYS[1] the credential's hash (user, data, sign_count, last_used_at),
+# KEYS[2] the user's sorted set of credential ids by registration time.
+# ARGV: credential id, user, data, sign count, created at, the per-user maximum.
+_ADD_CREDENTIAL = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return 0 end
+redis.call('HSET', KEYS[1], 'user', ARGV[2], 'data', ARGV[3], 'sign_count', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+return 1
+"""
+
+# WebAuthn Level 2 §7.2 step 21 (`use_webauthn_credential`): the counter must grow (0 -> 0 is an
+# authenticator without one). ARGV: presented count, now.
+_USE_CREDENTIAL = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'sign_count'))
+if cur == nil then return 0 end
+local v = tonumber(ARGV[1])
+if v > cur or (cur == 0 and v == 0) then
+  redis.call('HSET', KEYS[1], 'sign_count', ARGV[1], 'last_used_at', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# ARGV: credential id, user (a credential is removed only for its own user).
+_REMOVE_CREDENTIAL = """
+if redis.call('HGET', KEYS[1], 'user') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 _SET_ONCE = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
@@ -430,6 +464,9 @@ class RedisStore(CachedReads):
                 ("put_login", _PUT_LOGIN),
                 ("take_login", _TAKE_LOGIN),
                 ("set_once", _SET_ONCE),
+                ("add_credential", _ADD_CREDENTIAL),
+                ("use_credential", _USE_CREDENTIAL),
+                ("remove_credential", _REMOVE_CREDENTIAL),
             )
         }
         try:
@@ -1081,6 +1118,56 @@ class RedisStore(CachedReads):
         k = self._key("backup-used", user)
         added = await self._call("backup code", lambda: self.redis.sadd(k, code_hash))
         return bool(int(added) == 1)
+
+    # --- WebAuthn credentials ----------------------------------------------------------------
+    def _credential_keys(self, credential_id: str, user: str) -> list[str]:
+        return [self._key("webauthn", credential_id), self._key("webauthn-user", user)]
+
+    async def add_webauthn_credential(self, credential: WebAuthnCredential) -> bool:
+        added = await self._script(
+            "add_credential",
+            self._credential_keys(credential.credential_id, credential.user),
+            [
+                credential.credential_id,
+                credential.user,
+                json.dumps(credential.to_json()),
+                credential.sign_count,
+                repr(credential.created_at),
+                MAX_WEBAUTHN_CREDENTIALS,
+            ],
+        )
+        return bool(int(added) == 1)
+
+    async def webauthn_credential(self, credential_id: str) -> WebAuthnCredential | None:
+        k = self._key("webauthn", credential_id)
+        h = await self._call("credential", lambda: self.redis.hgetall(k))
+        if not h or "data" not in h:
+            return None
+        record = json.loads(h["data"])
+        record["sign_count"] = int(h["sign_count"])
+        used = h.get("last_used_at")
+        record["last_used_at"] = float(used) if used else None
+        return WebAuthnCredential.from_json(record)
+
+    async def webauthn_credentials(self, user: str) -> list[WebAuthnCredential]:
+        k = self._key("webauthn-user", user)
+        ids = await self._call("credentials", lambda: self.redis.zrange(k, 0, -1))
+        found = [await self.webauthn_credential(str(i)) for i in ids]
+        return [c for c in found if c is not None and c.user == user]
+
+    async def use_webauthn_credential(
+        self, credential_id: str, sign_count: int, now: float
+    ) -> bool:
+        used = await self._script(
+            "use_credential", [self._key("webauthn", credential_id)], [int(sign_count), repr(now)]
+        )
+        return bool(int(used) == 1)
+
+    async def remove_webauthn_credential(self, user: str, credential_id: str) -> bool:
+        removed = await self._script(
+            "remove_credential", self._credential_keys(credential_id, user), [credential_id, user]
+        )
+        return bool(int(removed) == 1)
 
     # --- the gateway's own secrets and sign-ins in flight -----------------------------------------
     async def shared_secret(self, name: str, candidate: str) -> str:

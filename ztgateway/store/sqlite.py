@@ -38,6 +38,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from .base import (
     HISTORY_BACKLOG,
     MAX_FAILURES,
+    MAX_WEBAUTHN_CREDENTIALS,
     SESSION_HISTORY,
     CachedReads,
     ChangeKind,
@@ -49,6 +50,7 @@ from .base import (
     SessionDecision,
     StoreUnavailable,
     UserRecord,
+    WebAuthnCredential,
     latest_decisions,
     take_id_token,
 )
@@ -83,6 +85,10 @@ CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_logins (
     state TEXT PRIMARY KEY, source TEXT NOT NULL, expires REAL NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS pending_logins_by_source ON pending_logins(source);
+CREATE TABLE IF NOT EXISTS webauthn_credentials (
+    credential_id TEXT PRIMARY KEY, user TEXT NOT NULL, sign_count INTEGER NOT NULL,
+    last_used_at REAL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS webauthn_credentials_by_user ON webauthn_credentials(user);
 CREATE TRIGGER IF NOT EXISTS sessions_keep_id_token AFTER UPDATE OF data ON sessions
 WHEN instr(OLD.data, '"id_token"') > 0
 BEGIN
@@ -115,6 +121,9 @@ _TRIM_LOGINS = (
     "DELETE FROM pending_logins WHERE source = ?1 AND rowid NOT IN "
     "(SELECT rowid FROM pending_logins WHERE source = ?1 ORDER BY rowid DESC LIMIT ?2)"
 )
+_CREDENTIALS = "SELECT data, sign_count, last_used_at FROM webauthn_credentials "
+_CREDENTIALS_BY_USER = _CREDENTIALS + "WHERE user = ? ORDER BY rowid"
+_CREDENTIAL_BY_ID = _CREDENTIALS + "WHERE credential_id = ?"
 _SWEEP_BATCH = 2000  # failure keys checked per write-behind tick, at least
 _SWEEP_SLICE = 1000  # ... between two yields to the event loop
 _SWEEP_EVERY = 1.0  # seconds between the starts of two passes over the keys, at least
@@ -858,6 +867,73 @@ class SQLiteStore(CachedReads):
             except sqlite3.Error as exc:
                 raise StoreUnavailable(str(exc)) from exc
             return bool(cur.rowcount == 1)
+
+    # --- WebAuthn credentials ----------------------------------------------------------------
+    # The counter and last use are columns of their own: `use_webauthn_credential` advances
+    # them with one conditional UPDATE (SQLite serialises writers across processes), and
+    # `data` (written once, at registration) never carries them back.
+    async def _changed_one(self, sql: str, args: tuple[Any, ...]) -> bool:
+        """One statement in its own transaction: True if it changed exactly one row."""
+        async with self._write_lock:
+            db = self.db
+            try:
+                cur = await db.execute(sql, args)
+                await db.commit()
+            except sqlite3.Error as exc:
+                with contextlib.suppress(Exception):
+                    await db.rollback()
+                raise StoreUnavailable(str(exc)) from exc
+            return bool(cur.rowcount == 1)
+
+    async def add_webauthn_credential(self, credential: WebAuthnCredential) -> bool:
+        return await self._changed_one(
+            "INSERT OR IGNORE INTO webauthn_credentials "
+            "(credential_id, user, sign_count, last_used_at, data) "
+            "SELECT ?1, ?2, ?3, NULL, ?4 "
+            "WHERE (SELECT count(*) FROM webauthn_credentials WHERE user = ?2) < ?5",
+            (
+                credential.credential_id,
+                credential.user,
+                credential.sign_count,
+                json.dumps(credential.to_json()),
+                MAX_WEBAUTHN_CREDENTIALS,
+            ),
+        )
+
+    async def _credentials(self, by_user: bool, arg: str) -> list[WebAuthnCredential]:
+        sql = _CREDENTIALS_BY_USER if by_user else _CREDENTIAL_BY_ID
+        try:
+            rows = await self._rows(sql, (arg,))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        out = []
+        for data, count, used in rows:
+            record = json.loads(data)
+            record["sign_count"], record["last_used_at"] = count, used
+            out.append(WebAuthnCredential.from_json(record))
+        return out
+
+    async def webauthn_credentials(self, user: str) -> list[WebAuthnCredential]:
+        return await self._credentials(True, user)
+
+    async def webauthn_credential(self, credential_id: str) -> WebAuthnCredential | None:
+        found = await self._credentials(False, credential_id)
+        return found[0] if found else None
+
+    async def use_webauthn_credential(
+        self, credential_id: str, sign_count: int, now: float
+    ) -> bool:
+        return await self._changed_one(
+            "UPDATE webauthn_credentials SET sign_count = ?1, last_used_at = ?2 "
+            "WHERE credential_id = ?3 AND (sign_count < ?1 OR (sign_count = 0 AND ?1 = 0))",
+            (sign_count, now, credential_id),
+        )
+
+    async def remove_webauthn_credential(self, user: str, credential_id: str) -> bool:
+        return await self._changed_one(
+            "DELETE FROM webauthn_credentials WHERE user = ? AND credential_id = ?",
+            (user, credential_id),
+        )
 
     # --- the gateway's own secrets and sign-ins in flight -----------------------------------------
     async def shared_secret(self, name: str, candidate: str) -> str:
