@@ -18,12 +18,16 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+from multidict import CIMultiDict
 from yarl import URL
 
 from bench.naive_proxy import mtls_context, proxy_args
+from ztgateway.app import tune_gc
+from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.config import RouteConfig, UpstreamConfig
 from ztgateway.decision import new_decision_id
-from ztgateway.forward.http import Upstreams, forward_http
+from ztgateway.forward.exchange import start_exchange
+from ztgateway.forward.http import Upstreams, forward_http, request_head
 from ztgateway.forward.upstream import UpstreamFailure
 from ztgateway.http1 import Connection, Limits, Refusal, Request
 from ztgateway.listener import Listener
@@ -44,24 +48,42 @@ class Floor:
         return self._forward(request)
 
     async def _forward(self, request: Request) -> None:
-        headers = {
-            n.decode("latin-1"): v.decode("latin-1")
+        headers = CIMultiDict(
+            (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in request.raw_headers
             if n.lower().decode("latin-1") not in HOP_BY_HOP and n.lower() != b"host"
-        }
-        from multidict import CIMultiDict
+        )
+        route = self.route
+        pool = self.upstreams.pool(route.upstream)
 
-        try:
-            await forward_http(
+        def answered(status: int | None, exc: BaseException | None) -> None:
+            if isinstance(exc, UpstreamFailure):
+                request.respond(*problem_parts(exc.reason, "-"))
+            elif exc is not None:
+                raise exc
+
+        async def forward() -> None:
+            try:
+                await forward_http(request, route, pool, request.target, headers, decision_id="-")
+            except UpstreamFailure as fail:
+                request.respond(*problem_parts(fail.reason, "-"))
+
+        # The gateway's own fast path (no Task, no Future), as in ztgateway.request_path.
+        if not request.body_exists:
+            head = request_head(request.method, request.target, pool, headers, body=False)
+            if start_exchange(
                 request,
-                self.route,
-                self.upstreams.pool(self.route.upstream),
-                request.target,
-                CIMultiDict(headers),
+                route,
+                pool,
+                head,
                 decision_id="-",
-            )
-        except UpstreamFailure as fail:
-            request.respond(*problem_parts(fail.reason, "-"))
+                on_head=None,
+                done=answered,
+                fallback=forward,
+                clock=SYSTEM_CLOCK,
+            ):
+                return
+        await forward()
 
     def refuse(
         self, conn: Connection, request: Request | None, refusal: Refusal
@@ -81,12 +103,13 @@ async def serve(args: argparse.Namespace) -> None:
         limits=Limits(),
         handshake_timeout=10.0,
         max_connections=20000,
-        clock=loop.time,
+        clock=SYSTEM_CLOCK.time,
         on_handshake=lambda version, failure: None,
         on_connection_change=lambda n: None,
         on_rejected=lambda reason: None,
     )
     await listener.start(args.host, args.port)
+    tune_gc()  # as the gateway does after start-up (ztgateway.app.serve)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -400,9 +400,12 @@ class Env:
         """(proxy process or None for direct, port, tls)."""
         if s.server == "direct":
             return None, self.upstream_port, False
-        key = {"nginx": f"nginx_{s.workers}w", "naive": "naive", "floor": "floor"}.get(
-            s.server, f"ztgw_{s.process}"
-        )
+        key = {
+            "nginx": f"nginx_{s.workers}w",
+            "naive": "naive",
+            "minimal": "minimal",
+            "floor": "floor",
+        }.get(s.server, f"ztgw_{s.process}")
         proc, port = self.servers[key]
         return proc, port, True
 
@@ -452,7 +455,11 @@ def start_everything(pki: Pki, tools: dict[str, str], stack: Stack, shim: Path) 
         )
         wait_ready(proc, lambda port=port: http_get(port, "/bench", tls=tls)[0] == 200)
         servers[f"nginx_{workers}w"] = (proc, port)
-    for kind, module in (("naive", "bench.naive_proxy"), ("floor", "bench.floor_proxy")):
+    for kind, module in (
+        ("naive", "bench.naive_proxy"),
+        ("minimal", "bench.minimal_proxy"),
+        ("floor", "bench.floor_proxy"),
+    ):
         if not any(s.server == kind for s in SCENARIOS):
             continue
         port = free_port()
@@ -1606,11 +1613,13 @@ def main(argv: list[str] | None = None) -> int:
         # in-place cost is every-check minus the floor.
         "floor_cpu_ratio_vs_nginx": rat("keepalive", "floor", "cpu_vs_nginx"),
         "floor_rps_ratio_vs_nginx": rat("keepalive", "floor", "rps_vs_nginx"),
+        "minimal_cpu_ratio_vs_nginx": rat("keepalive", "minimal", "cpu_vs_nginx"),
         "layers_cpu_us": {
             k: (None if v is None else round(v * 1000, 1))
             for k, v in (
                 ("nginx_1w", med("keepalive", "nginx_1w", "proxy_cpu_s_per_1k")),
                 ("naive", med("keepalive", "naive", "proxy_cpu_s_per_1k")),
+                ("minimal", med("keepalive", "minimal", "proxy_cpu_s_per_1k")),
                 ("floor", med("keepalive", "floor", "proxy_cpu_s_per_1k")),
                 ("ztgw_cert", med("keepalive", "ztgw_cert", "proxy_cpu_s_per_1k")),
                 ("ztgw_full", med("keepalive", "ztgw_full", "proxy_cpu_s_per_1k")),

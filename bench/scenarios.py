@@ -35,7 +35,7 @@ ISSUER = "https://ztgateway.dev/issuer"
 AUDIENCE = "ztgateway"
 TOKEN_TTL = 4 * 3600  # outlives any run; the gateway re-checks exp on every cache hit
 
-Server = Literal["direct", "nginx", "naive", "floor", "ztgw"]
+Server = Literal["direct", "nginx", "naive", "minimal", "floor", "ztgw"]
 
 # Checks that are on in every ztgateway scenario: audit and metrics cannot be switched off
 # (every decision is recorded and counted), and the certificate is verified at the handshake
@@ -138,6 +138,16 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("nginx_2w", "nginx, mTLS, 2 workers", "nginx", 2, NGINX_CHECKS),
     # A reference, not a target: aiohttp server + client and nothing else (bench/naive_proxy.py).
     Scenario("naive", "reference: naive aiohttp proxy, mTLS, no checks", "naive", 1, NGINX_CHECKS),
+    # The least Python that proxies over the same mTLS (bench/minimal_proxy.py): issue 14's
+    # 1.04 x nginx prototype, kept as the reference the transport floor is read against.
+    Scenario(
+        "minimal",
+        "reference: minimal asyncio.Protocol + httptools proxy, mTLS, no checks",
+        "minimal",
+        1,
+        NGINX_CHECKS,
+        handshake=False,  # it never closes a connection, so wrk's Connection: close would not
+    ),
     # The transport floor: ztgateway's listener, HTTP/1.1 protocol and upstream pool with the
     # checks taken out (bench/floor_proxy.py); every layer above it is the price of a check.
     Scenario(

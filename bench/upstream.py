@@ -95,11 +95,17 @@ async def serve(host: str, port: int) -> None:
     server = await loop.create_server(_Http, host, port, backlog=4096, reuse_address=True)
     bound = server.sockets[0].getsockname()[1]
     print(f"bench upstream listening on http://{host}:{bound} pid {os.getpid()}", flush=True)
+    await stopped()
+    server.close()
+
+
+async def stopped() -> None:
+    """Return on SIGTERM or SIGINT (the bench stops its processes with SIGTERM)."""
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    server.close()
 
 
 def main() -> None:

@@ -195,18 +195,32 @@ class RequestContext:
         peer_ip = request.peer_ip
         cert = request.cert
         headers = request.headers
-        client_ip = peer_ip
-        peer_trusted = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)
-        if peer_trusted:
-            client_ip = client_ip_from_forwarded(peer_ip, headers, trusted_proxies)
-        raw = request.raw_path
-        raw_path, _, query = raw.partition("?")
-        host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
-        if host.startswith("[") and "]" in host:
-            host = host[: host.index("]") + 1]
-        spoofed = spoofed_headers(headers, from_trusted_proxy=peer_trusted)
+        conn = request.conn
+        memo = conn.head_memo
+        method = request.method
+        if (
+            memo is not None
+            and memo[0] is headers
+            and memo[1] is trusted_proxies
+            and memo[2] == method
+        ):
+            # The same header fields as the previous request on this connection (and the same
+            # peer, the same trusted proxies): what follows from them alone is the same.
+            client_ip, host, spoofed, websocket = memo[3:]
+        else:
+            client_ip = peer_ip
+            peer_trusted = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)
+            if peer_trusted:
+                client_ip = client_ip_from_forwarded(peer_ip, headers, trusted_proxies)
+            host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
+            if host.startswith("[") and "]" in host:
+                host = host[: host.index("]") + 1]
+            spoofed = spoofed_headers(headers, from_trusted_proxy=peer_trusted)
+            websocket = is_websocket_handshake(method, headers)
+            conn.head_memo = (headers, trusted_proxies, method, client_ip, host, spoofed, websocket)
+        raw_path, _, query = request.raw_path.partition("?")
         ctx = cls(
-            method=request.method,
+            method=method,
             host=host,
             authority=request.headers.get("Host", ""),
             raw_path=raw_path,
@@ -216,7 +230,7 @@ class RequestContext:
             peer_ip=peer_ip,
             cert=cert,
             spoofed_headers=spoofed,
-            websocket=is_websocket_handshake(request.method, headers),
+            websocket=websocket,
             content_length=request.content_length,
             started=clock.monotonic(),
             now=clock.time(),

@@ -21,19 +21,24 @@ decided here, not by a framework default:
 - a response is written in as few writes as the caller allows (`respond()`: head and body in
   one `transport.write`, one TLS record for small answers).
 
-Each request runs as one Task (the pipeline may wait on a JWKS refresh or a store write, which
-need a current task); the protocol itself allocates nothing else per request beyond the parsed
-head and its body buffer. Refusals are not rendered
-here: `Handler.refuse()` turns a reason into the same recorded decision and problem+json (or
-page) as every other refusal.
+No Task per request on the fast path: the handler's coroutine is stepped inline, from
+`data_received`, in a context of its own (`contextvars`). When it finishes without awaiting
+(a decision from memory, then an upstream exchange driven by the upstream protocol's callbacks,
+`forward/exchange.py`), no Task or Future was made. Only when it really waits (a JWKS refresh,
+a store miss, an fsync, a streamed body) is the rest of it moved into a Task, resumed exactly
+where it stopped (`_Resume`). Timers cost no allocation per request either: one timer per
+connection carries the current deadline (header, idle) and is re-armed lazily when it fires
+early. Refusals are not rendered here: `Handler.refuse()` turns a reason into the same
+recorded decision and problem+json (or page) as every other refusal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, Protocol, cast
@@ -232,6 +237,7 @@ class Request:
         "chunked",
         "conn",
         "content_length",
+        "deferred",
         "head_only",
         "keep_alive",
         "method",
@@ -259,6 +265,9 @@ class Request:
         self.head_only = False
         self.refusal: Refusal | None = None
         self.response_started = False
+        self.deferred = False
+        """Set while something other than the handler's coroutine (an upstream exchange driven
+        by callbacks) owns the answer; it ends with `Connection.finish()`."""
         self.body = Body(conn, None, False)
 
     # --- what the request path reads ---------------------------------------------------------
@@ -266,12 +275,22 @@ class Request:
     def headers(self) -> CIMultiDictProxy[str]:
         h = self._headers
         if h is None:
-            h = self._headers = CIMultiDictProxy(
-                CIMultiDict(
-                    (n.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
-                    for n, v in self.raw_headers
+            conn = self.conn
+            last = conn.last_head
+            if last is not None and last[0] == self.raw_headers:
+                # The same fields, byte for byte, as the previous request on this connection
+                # (a client repeats them): the same read-only view, and what was derived
+                # from it (Connection.head_memo), serves this request too.
+                h = last[1]
+            else:
+                h = CIMultiDictProxy(
+                    CIMultiDict(
+                        (n.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+                        for n, v in self.raw_headers
+                    )
                 )
-            )
+                conn.last_head = (self.raw_headers, h)
+            self._headers = h
         return h
 
     @property
@@ -426,11 +445,19 @@ class Connection(asyncio.Protocol):
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
         self._timer_kind = ""
+        self._host_raw = b""
+        self._host_seen: str | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._close_after = False
         self.closed = False
         self.draining = False
+        self.last_head: tuple[list[tuple[bytes, bytes]], CIMultiDictProxy[str]] | None = None
+        """The previous request's raw header fields and their parsed view (Request.headers)."""
+        self.head_memo: tuple[Any, ...] | None = None
+        """What the request path derived from `last_head`'s view, keyed by it (context.py)."""
         self.takeover: asyncio.Protocol | None = None
         """Set by an upgraded protocol (the WebSocket relay): it receives what arrives next."""
 
@@ -483,7 +510,7 @@ class Connection(asyncio.Protocol):
         if self.takeover is not None:
             self.takeover.connection_lost(exc)
         self.closed = True
-        self._disarm()
+        self._cancel_timer()
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
@@ -562,11 +589,9 @@ class Connection(asyncio.Protocol):
             return
         req.refusal = self._check_head(req)
         if req.refusal is None:
-            req.body = Body(
-                self,
-                req.content_length,
-                req.version == "1.1" and any(n.lower() == b"expect" for n, _ in req.raw_headers),
-            )
+            req.body.length = req.content_length
+        else:
+            req.body.expect_continue = False
         self._queue.append(req)
 
     def on_body(self, data: bytes) -> None:
@@ -579,7 +604,7 @@ class Connection(asyncio.Protocol):
         self._parsing = None
         if req is not None:
             req.body._finish()
-        if self.current is None and not self._queue and self._timer is None:
+        if self.current is None and not self._queue and not self._timer_kind:
             self._arm("idle", self.limits.idle_timeout)
 
     # --- RFC 9110 / 9112 checks llhttp leaves to us ------------------------------------------
@@ -618,10 +643,15 @@ class Connection(asyncio.Protocol):
         if len(hosts) != 1:
             # RFC 9112 §3.2: exactly one Host; more than one, or none, is a 400.
             return Refusal(Reason.HOST_INVALID, f"{len(hosts)} Host fields")
-        try:
-            name = _host_name(hosts[0].decode("ascii").strip())
-        except UnicodeDecodeError:
-            name = None
+        raw_host = hosts[0]
+        if raw_host == self._host_raw:
+            name = self._host_seen  # a client sends the same Host on every request
+        else:
+            try:
+                name = _host_name(raw_host.decode("ascii").strip())
+            except UnicodeDecodeError:
+                name = None
+            self._host_raw, self._host_seen = raw_host, name
         if name is None:
             return Refusal(Reason.HOST_INVALID, "malformed Host")
         allowed = self.limits.hosts
@@ -631,8 +661,10 @@ class Connection(asyncio.Protocol):
             # RFC 9110 §15.5.20: a request for another virtual server than the one the
             # connection was opened for (domain fronting) is misdirected.
             return Refusal(Reason.HOST_MISDIRECTED, f"{name[:100]} on a connection for {self.sni}")
-        if expect and (len(expect) != 1 or expect[0].strip().lower() != b"100-continue"):
-            return Refusal(Reason.EXPECTATION_UNSUPPORTED, "only 100-continue is supported")
+        if expect:
+            if len(expect) != 1 or expect[0].strip().lower() != b"100-continue":
+                return Refusal(Reason.EXPECTATION_UNSUPPORTED, "only 100-continue is supported")
+            req.body.expect_continue = req.version == "1.1"
         if req.upgrade and (req.chunked or req.content_length):
             # llhttp skips the body of an upgrade request: refusing it keeps those bytes from
             # ever being read as a request of their own.
@@ -681,9 +713,22 @@ class Connection(asyncio.Protocol):
             self._run(req)
 
     def _run(self, req: Request) -> None:
-        # One Task per request: the pipeline may wait on things that need a current task
-        # (asyncio.timeout in the stores, aiohttp's timers for a JWKS refresh).
-        task = self.loop.create_task(self.handler.handle(req))
+        # Stepped inline: a request decided from memory and forwarded over an idle pooled
+        # connection never needs a Task. The context is the request's own, as a Task's would be
+        # (the decision id for logging must not leak into the next request's callbacks).
+        coro = self.handler.handle(req)
+        context = contextvars.copy_context()
+        try:
+            waiting = context.run(coro.send, None)
+        except StopIteration:
+            self._handled(req, None)
+            return
+        except Exception as exc:  # answered as a stage error, as in a Task
+            self._handled(req, exc)
+            return
+        # It awaits something (a JWKS fetch, a store miss, an fsync, a body): the rest of it
+        # runs in a Task, resumed exactly where it stopped.
+        task = self.loop.create_task(_resumed(_Resume(coro, waiting)), context=context)
         self._task = task
         task.add_done_callback(lambda t: self._task_done(req, t))
 
@@ -692,9 +737,25 @@ class Connection(asyncio.Protocol):
         exc = None if task.cancelled() else task.exception()
         self._handled(req, exc)
 
+    def adopt(self, task: asyncio.Task[None]) -> None:
+        """A Task that carries on a deferred answer (streaming, a retry): kept referenced."""
+        self._task = task
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
+
+    def finish(self, req: Request, exc: BaseException | None = None) -> None:
+        """The end of a deferred answer (an upstream exchange driven by callbacks)."""
+        req.deferred = False
+        self._handled(req, exc)
+
     def _handled(self, req: Request, exc: BaseException | None) -> None:
         if self.current is not req or self.closed:
             return
+        if req.deferred and exc is None:
+            return  # the exchange answers and calls finish()
         if exc is not None and not isinstance(exc, ClientGone):
             if not req.response_started:
                 log.error("unhandled error answering %s", req.target[:200], exc_info=exc)
@@ -730,21 +791,27 @@ class Connection(asyncio.Protocol):
         req.response_started = True
         close = close or self._must_close(req)
         self._close_after = close
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, (reason or _REASONS.get(status, "")).encode())]
-        has_server = has_date = False
-        for name, value in headers:
-            ln = name.lower()
-            if ln == "server":
-                has_server = True
-            elif ln == "date":
-                has_date = True
-            line = f"{name}: {value}\r\n"
-            if "\n" in line[:-2] or "\r" in line[:-2]:
-                continue  # SECURITY: never let a value split the response head
-            parts.append(line.encode("utf-8", "surrogateescape"))
-        if not has_server:
+        fields = headers if isinstance(headers, list) else list(headers)
+        text = "".join([f"{name}: {value}\r\n" for name, value in fields])
+        n = len(fields)
+        if text.count("\n") != n or text.count("\r") != n:
+            # SECURITY: never let a name or value split the response head: such fields go.
+            text = "".join(
+                [
+                    line
+                    for line in (f"{name}: {value}\r\n" for name, value in fields)
+                    if "\n" not in line[:-2] and "\r" not in line[:-2]
+                ]
+            )
+        # Found in one pass over the joined head, not a comparison per field.
+        lowered = "\n" + text.lower()
+        parts = [
+            b"HTTP/1.1 %d %s\r\n" % (status, (reason or _REASONS.get(status, "")).encode()),
+            text.encode("utf-8", "surrogateescape"),
+        ]
+        if "\nserver:" not in lowered:
             parts.append(b"Server: ztgateway\r\n")
-        if not has_date:
+        if "\ndate:" not in lowered:
             parts.append(b"Date: " + http_date(self.clock()) + b"\r\n")
         parts.append(framing)
         if close:
@@ -884,20 +951,38 @@ class Connection(asyncio.Protocol):
             t.resume_reading()
 
     def _arm(self, kind: str, seconds: float) -> None:
-        self._disarm()
+        # One timer per connection, moved only when the new deadline comes before the one it
+        # is set for; a timer that fires early re-arms itself for what is left (no timer made
+        # and cancelled per request).
+        deadline = self.loop.time() + seconds
         self._timer_kind = kind
-        self._timer = self.loop.call_later(seconds, self._expired)
+        self._deadline = deadline
+        t = self._timer
+        if t is None or self._timer_at > deadline:
+            if t is not None:
+                t.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._expired)
 
     def _disarm(self) -> None:
+        self._timer_kind = ""
+
+    def _cancel_timer(self) -> None:
+        self._timer_kind = ""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_kind = ""
 
     def _expired(self) -> None:
-        kind, self._timer, self._timer_kind = self._timer_kind, None, ""
-        if self.closed:
+        self._timer = None
+        kind = self._timer_kind
+        if not kind or self.closed:
             return
+        if self._deadline > self.loop.time():
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._expired)
+            return
+        self._timer_kind = ""
         if kind == "header":
             # Slowloris: the head did not arrive in time. Nothing is decided on half a head.
             self.handler.on_event("header_timeout")
@@ -937,6 +1022,41 @@ class Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self.current is None and not self._queue and self.takeover is None
+
+
+class _Resume:
+    """A handler coroutine stepped inline until it first waited on `waiting`: awaited in a
+    Task, it hands that Task the awaitable first, then lets the coroutine go on where it
+    stopped (what the Task would have done had it run the coroutine from the start)."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coro = self.coro
+        waiting = self.waiting
+        self.waiting = None
+        while True:
+            try:
+                yield waiting
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation goes into the coroutine
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            break
+        yield from coro.__await__()
+
+
+async def _resumed(resume: _Resume) -> None:
+    await resume
 
 
 _REASONS = {

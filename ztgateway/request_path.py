@@ -23,12 +23,14 @@ from .audit.events import upstream_event
 from .context import RequestContext
 from .decision import Decision, Reason, new_decision_id
 from .decisions import DecisionPath
+from .forward.exchange import start_exchange
 from .forward.headers import identity_header_names, upstream_request_headers
-from .forward.http import forward_http, upstream_target
+from .forward.http import forward_http, request_head, upstream_target
 from .forward.identity import identity_headers
 from .forward.upstream import UpstreamFailure
 from .forward.websocket import Watch, bridge_websocket
 from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
+from .inline import in_task
 from .logs import decision_id_var
 from .pages.render import STATIC_PREFIX, static_asset, static_headers
 from .responses import (
@@ -46,6 +48,7 @@ from .tls import upstream_context
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .config import RouteConfig
 
 log = logging.getLogger("ztgateway.request")
 INTERNAL_PREFIX = "/.ztgw/"
@@ -125,56 +128,56 @@ class RequestPath:
         )
         assert ctx.path is not None
         target = upstream_target(route, ctx.path, ctx.query)
-        route_label = route.name
-        head_seconds: list[float] = []
-        observe_head = self.metrics.upstream_seconds.labels(route_label).observe
-
-        def on_head(seconds: float) -> None:
-            head_seconds.append(seconds)
-            observe_head(seconds)
-
-        # (outcome, upstream status, status answered, refusal reason): recorded once known.
-        result: tuple[str, int | None, int, Reason | None] | None = None
-        forwarding = gw.clock.monotonic()
-        try:
-            if ctx.websocket:
+        forwarding = Forwarding(self, request, ctx, route)
+        if ctx.websocket:
+            try:
                 await self._websocket(request, ctx, target, headers)
-                result = ("websocket", 101, 101, None)
+            except ClientGone:
+                forwarding.observe()
                 return
-            status = await forward_http(
+            except BaseException:
+                forwarding.observe()
+                raise
+            forwarding.finished(101, None, websocket=True)
+            return
+        pool = gw.upstreams.pool(route.upstream)
+
+        async def forward() -> None:
+            try:
+                status = await forward_http(
+                    request,
+                    route,
+                    pool,
+                    target,
+                    headers,
+                    decision_id=ctx.decision_id,
+                    on_upstream_head=forwarding.on_head,
+                    clock=gw.clock,
+                )
+            except Exception as exc:  # answered by finished(), or re-raised
+                forwarding.finished(None, exc)
+                return
+            except BaseException:
+                forwarding.observe()
+                raise
+            forwarding.finished(status, None)
+
+        if not request.body_exists:
+            # The fast path: no Task, no Future (forward/exchange.py).
+            head = request_head(request.method, target, pool, headers, body=False)
+            if start_exchange(
                 request,
                 route,
-                gw.upstreams.pool(route.upstream),
-                target,
-                headers,
+                pool,
+                head,
                 decision_id=ctx.decision_id,
-                on_upstream_head=on_head,
+                on_head=forwarding.on_head,
+                done=forwarding.finished,
+                fallback=forward,
                 clock=gw.clock,
-            )
-            result = ("responded", status, status, None)
-        except BodyTooLarge:
-            # A chunked body that streamed past the route's limit: refused after the ALLOW,
-            # and recorded as a decision of its own that names the one it overrides.
-            result = ("body-too-large", None, 413, Reason.BODY_TOO_LARGE)
-            self._refused_late(request, ctx, Reason.BODY_TOO_LARGE, "body over client_max_size")
-        except BodyTimeout:
-            self.metrics.protocol_errors.labels(Reason.REQUEST_TIMEOUT.value).inc()
-            result = ("body-timeout", None, 408, Reason.REQUEST_TIMEOUT)
-            self._refused_late(request, ctx, Reason.REQUEST_TIMEOUT, "request body stalled")
-        except UpstreamFailure as fail:
-            self.metrics.upstream_errors.labels(route_label, fail.kind).inc()
-            log.warning("upstream %s %s: %s", route.upstream.name, fail.kind, fail.detail)
-            result = (fail.kind, None, fail.reason.status, fail.reason)
-            request.respond(*self._problem(ctx, fail.reason))
-        except ClientGone:
-            return
-        finally:
-            now = gw.clock.monotonic()
-            self.metrics.request_seconds.labels(route_label).observe(now - ctx.started)
-            if result is not None:
-                self._record_upstream(
-                    ctx, result, now - forwarding, head_seconds[0] if head_seconds else None
-                )
+            ):
+                return
+        await forward()
 
     async def _durable(self, request: Request, ctx: RequestContext) -> bool:
         """`[audit] durability = "fsync"`: this request's events on stable storage before it is
@@ -278,6 +281,7 @@ class RequestPath:
     async def _websocket(
         self, request: Request, ctx: RequestContext, target: str, headers: Any
     ) -> None:
+        await in_task()  # the relay's aiohttp client and its timers
         gw = self.gw
         route = ctx.route
         assert route is not None
@@ -316,7 +320,9 @@ class RequestPath:
     async def _page(self, request: Request, ctx: RequestContext) -> None:
         """Small handlers on the same protocol (decision 0009): they read the request through
         `http1.Request` and answer with an aiohttp `Response` used as a value (status,
-        headers, body), written here in one write."""
+        headers, body), written here in one write. They run in a Task (OIDC's aiohttp client
+        and the stores' timers need one; pages are not the hot path)."""
+        await in_task()
         handler = _PAGES.get((ctx.path or "", ctx.method))
         if (
             handler is None
@@ -392,6 +398,71 @@ class RequestPath:
             self.metrics.slow_clients.inc()
         if name in _TIMERS:
             self.metrics.connection_timeouts.labels(name.removesuffix("_timeout")).inc()
+
+
+class Forwarding:
+    """What one allowed request's forwarding ends with, whichever path forwarded it (the
+    callback-driven exchange or the coroutine): the answer to a fault, the request-time and
+    upstream metrics, and the upstream event linked to the decision."""
+
+    __slots__ = ("ctx", "head_seconds", "path", "request", "route", "started")
+
+    def __init__(
+        self, path: RequestPath, request: Request, ctx: RequestContext, route: RouteConfig
+    ) -> None:
+        self.path = path
+        self.request = request
+        self.ctx = ctx
+        self.route = route
+        self.started = path.gw.clock.monotonic()
+        self.head_seconds: float | None = None
+
+    def on_head(self, seconds: float) -> None:
+        if self.head_seconds is None:
+            self.head_seconds = seconds
+        self.path.metrics.upstream_seconds.labels(self.route.name).observe(seconds)
+
+    def observe(self) -> float:
+        now = self.path.gw.clock.monotonic()
+        self.path.metrics.request_seconds.labels(self.route.name).observe(now - self.ctx.started)
+        return now
+
+    def finished(
+        self, status: int | None, exc: BaseException | None, *, websocket: bool = False
+    ) -> None:
+        """Record the outcome; a fault that left the client unanswered is answered here."""
+        path, request, ctx, route = self.path, self.request, self.ctx, self.route
+        # (outcome, upstream status, status answered, refusal reason)
+        result: tuple[str, int | None, int, Reason | None] | None
+        try:
+            if websocket:
+                result = ("websocket", 101, 101, None)
+            elif exc is None:
+                assert status is not None
+                result = ("responded", status, status, None)
+            elif isinstance(exc, BodyTooLarge):
+                # A chunked body that streamed past the route's limit: refused after the
+                # ALLOW, and recorded as a decision of its own that names the one it overrides.
+                result = ("body-too-large", None, 413, Reason.BODY_TOO_LARGE)
+                path._refused_late(request, ctx, Reason.BODY_TOO_LARGE, "body over client_max_size")
+            elif isinstance(exc, BodyTimeout):
+                path.metrics.protocol_errors.labels(Reason.REQUEST_TIMEOUT.value).inc()
+                result = ("body-timeout", None, 408, Reason.REQUEST_TIMEOUT)
+                path._refused_late(request, ctx, Reason.REQUEST_TIMEOUT, "request body stalled")
+            elif isinstance(exc, UpstreamFailure):
+                path.metrics.upstream_errors.labels(route.name, exc.kind).inc()
+                log.warning("upstream %s %s: %s", route.upstream.name, exc.kind, exc.detail)
+                result = (exc.kind, None, exc.reason.status, exc.reason)
+                request.respond(*path._problem(ctx, exc.reason))
+            elif isinstance(exc, ClientGone):
+                result = None
+            else:
+                result = None
+                raise exc
+        finally:
+            now = self.observe()
+        if result is not None:
+            path._record_upstream(ctx, result, now - self.started, self.head_seconds)
 
 
 def send_web_response(request: Request, resp: web.StreamResponse, hsts: str | None) -> None:

@@ -1198,3 +1198,61 @@ async def test_request_pipelined_behind_a_declined_upgrade_is_not_silently_lost(
             )
         else:
             assert second.status == 200
+
+
+# --------------------------------------------------------------------------------------------
+# the fast path: no Task per request (issue 14)
+
+
+@contextlib.contextmanager
+def tasks_started() -> Iterator[list[str]]:
+    """The qualified names of the coroutines of every Task made on this loop meanwhile."""
+    loop = asyncio.get_running_loop()
+    names: list[str] = []
+    previous = loop.get_task_factory()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        names.append(getattr(coro, "__qualname__", type(coro).__name__))
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(factory)
+    try:
+        yield names
+    finally:
+        loop.set_task_factory(previous)
+
+
+async def test_keep_alive_requests_run_without_a_task(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy()
+    async with raw_tls(certs, gw) as (reader, writer):
+        # The first request connects the upstream pool: that waits, so it runs in a Task.
+        writer.write(get("/status/200"))
+        assert (await read_response(reader)).status == 200
+        with tasks_started() as started:
+            for _ in range(20):
+                writer.write(get("/status/200"))
+                response = await reader.readuntil(b"200 OK\n")
+                assert response.startswith(b"HTTP/1.1 200 ")
+    # Decided from memory, forwarded over the idle pooled connection, answered from the
+    # upstream protocol's callback: not one of the 20 requests was moved into a Task.
+    assert [n for n in started if n.startswith(("_resumed", "Exchange.", "RequestPath."))] == []
+    assert recording.paths().count("/status/200") == 21
+
+
+async def test_request_that_must_wait_moves_into_a_task_and_is_answered(
+    proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
+) -> None:
+    gw = await proxy()
+    async with raw_tls(certs, gw) as (reader, writer):
+        with tasks_started() as started:
+            # No pooled upstream connection yet: connecting awaits (asyncio.timeout needs a
+            # Task), so the request is resumed in one, exactly where it stopped.
+            writer.write(get("/status/200"))
+            first = await read_response(reader)
+        writer.write(get("/status/200"))
+        second = await read_response(reader)
+    assert (first.status, second.status) == (200, 200)
+    assert "_resumed" in started
+    assert first.headers["X-ZT-Decision-Id"] != second.headers["X-ZT-Decision-Id"]

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from ztgateway.inline import in_task
+
 logger = logging.getLogger(__name__)
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | Ed25519PublicKey
@@ -476,6 +478,7 @@ class JwksCache:
         if self._ca_file is not None and self._ssl is None:
             self._ssl = await asyncio.to_thread(_make_ssl_context, self._ca_file)
         ssl_arg: ssl.SSLContext | bool = self._ssl if self._ssl is not None else True
+        await in_task()  # aiohttp's timers need one
         try:
             # SECURITY: no redirects: the configured URL is the trust anchor for keys, and a
             # redirect would let whoever controls that response point us anywhere.

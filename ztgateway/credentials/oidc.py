@@ -47,6 +47,7 @@ import aiohttp
 from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.credentials.jwt import IssuerConfig, TokenError, TokenVerifier
 from ztgateway.decision import Reason
+from ztgateway.inline import in_task
 
 logger = logging.getLogger(__name__)
 
@@ -628,6 +629,7 @@ class OIDCClient:
         )
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+        await in_task()  # aiohttp's timers need one
         try:
             # SECURITY: no redirects: the configured issuer is the trust anchor, and a redirect
             # would let whoever answers at that URL send us elsewhere.
@@ -904,6 +906,7 @@ class OIDCClient:
             form["client_id"] = self.cfg.client_id
             form["client_secret"] = self.cfg.client_secret
         url = metadata.token_endpoint
+        await in_task()  # aiohttp's timers need one
         try:
             async with self._session().post(
                 url,

@@ -145,6 +145,9 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+_DOWNSTREAM_DROP = frozenset(n.encode() for n in HOP_BY_HOP) | {b"server"}
+
+
 def downstream_raw_headers(
     raw: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[str, str]], int | None]:
@@ -152,18 +155,31 @@ def downstream_raw_headers(
 
     Hop-by-hop and Connection-listed fields are dropped, the upstream's Server banner is
     replaced, and Content-Length is returned apart: the protocol writes the framing itself.
+    One pass over the raw fields (this runs for every proxied response).
     """
-    listed = _listed(_text(v) for n, v in raw if n.lower() == b"connection")
     out: list[tuple[str, str]] = [("Server", SERVER)]
     length: int | None = None
+    connection: list[str] = []
     for name_b, value_b in raw:
-        name = _text(name_b)
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in listed or lower == "server":
+        lower = name_b.lower()
+        if lower in _DOWNSTREAM_DROP:
+            if lower == b"connection":
+                connection.append(_text(value_b))
             continue
-        if lower == "content-length":
+        if lower == b"content-length":
             # llhttp has already refused a malformed or conflicting Content-Length.
             length = int(value_b)
             continue
-        out.append((name, _text(value_b)))
+        try:
+            value = value_b.decode()
+        except UnicodeDecodeError:
+            value = value_b.decode("latin-1")  # a legacy app's Latin-1 value, passed on
+        # Field names are tokens (llhttp's strict mode refuses anything else): ASCII.
+        out.append((name_b.decode("latin-1"), value))
+    if connection:
+        listed = _listed(connection)
+        if listed:
+            out = [f for f in out if f[0].lower() not in listed]
+            if "content-length" in listed:
+                length = None
     return out, length

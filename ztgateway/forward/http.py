@@ -19,7 +19,7 @@ from yarl import URL
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import RouteConfig, UpstreamConfig
 from ..decision import Reason
-from ..http1 import BodyTimeout, BodyTooLarge, ClientGone, Request, Writer
+from ..http1 import BodyTimeout, BodyTooLarge, ClientGone, Request
 from ..paths import encode_path
 from ..responses import DECISION_HEADER
 from ..tls import upstream_context
@@ -29,6 +29,7 @@ from .upstream import (
     UpstreamConnection,
     UpstreamFailure,
     UpstreamPool,
+    UpstreamResponse,
     encode_head,
 )
 
@@ -49,7 +50,9 @@ class Upstreams:
 
     def pool(self, up: UpstreamConfig) -> UpstreamPool:
         pool = self._pools.get(up.name)
-        if pool is None or pool.config != up:
+        # Identity first: a frozen dataclass compared field by field on every request costs
+        # more than the rest of this look-up; a reload builds a new config object.
+        if pool is None or (pool.config is not up and pool.config != up):
             ssl_ctx = upstream_context(up) if up.url.scheme == "https" else None
             pool = UpstreamPool(up, ssl_ctx)
             old = self._pools.get(up.name)
@@ -146,6 +149,19 @@ def _body_failed(conn: UpstreamConnection) -> Callable[[asyncio.Task[None]], Non
     return done
 
 
+def request_head(
+    method: str, target: str, pool: UpstreamPool, headers: CIMultiDict[str], *, body: bool
+) -> bytes:
+    """The upstream request head of a request (without its body framing when `body`)."""
+    fields = list(headers.items())
+    if not body and method in ("POST", "PUT", "PATCH") and "Content-Length" not in headers:
+        fields.append(("Content-Length", "0"))
+    try:
+        return encode_head(method, target, pool.host_header, fields)
+    except ValueError as exc:
+        raise UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "reset", str(exc)) from exc
+
+
 async def forward_http(
     request: Request,
     route: RouteConfig,
@@ -160,7 +176,9 @@ async def forward_http(
 ) -> int:
     """Proxy one request and answer it; returns the upstream's status. Raises BodyTooLarge or
     UpstreamFailure before the response starts; after that a fault can only cut the client's
-    connection."""
+    connection. (A request without a body over an idle pooled connection takes the
+    callback-driven `forward.exchange` instead; this is the path for bodies, new connections
+    and retries.)"""
     limit = route.client_max_size
     body = request.body
     length = request.content_length
@@ -168,7 +186,6 @@ async def forward_http(
         raise BodyTooLarge
     body.set_limit(limit)
     method = request.method
-    fields = list(headers.items())
     inline = b""
     stream: AsyncIterator[bytes] | None = None
     chunked = False
@@ -181,23 +198,16 @@ async def forward_http(
             stream = body.iter_chunks()
             if length is None:
                 chunked = True
-                fields.append(("Transfer-Encoding", "chunked"))
-    elif method in ("POST", "PUT", "PATCH") and "Content-Length" not in headers:
-        fields.append(("Content-Length", "0"))
-    try:
-        head = encode_head(method, target, pool.host_header, fields)
-    except ValueError as exc:
-        raise UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "reset", str(exc)) from exc
+                headers = headers.copy()
+                headers.add("Transfer-Encoding", "chunked")
+    head = request_head(method, target, pool, headers, body=request.body_exists)
     timeout = route.upstream.read_timeout
     # A keep-alive connection the upstream closed as we picked it is retried once, when
     # nothing was streamed and repeating the request is harmless (RFC 9110 §9.2.2).
     attempts = 2 if stream is None and method in IDEMPOTENT else 1
     started = clock.monotonic()
-    writer: Writer | None = None
-    status = 0
     for attempt in range(attempts):
         conn = await pool.acquire()
-        reuse = False
         sender: asyncio.Task[None] | None = None
         try:
             progress = conn.start(head_only=method == "HEAD")
@@ -216,57 +226,116 @@ async def forward_http(
                     and not progress.received_any
                     and attempt + 1 < attempts
                 ):
+                    pool.release(conn, reuse=False)
                     continue
                 raise
-            if on_upstream_head:
-                on_upstream_head(clock.monotonic() - started)
-            status = up.status
-            no_body = method == "HEAD" or status in (204, 304)
-            out, content_length = downstream_raw_headers(up.raw_headers)
-            out.append((DECISION_HEADER, decision_id))
-            if extra_headers:
-                out.extend(extra_headers.items())
-            # A declined upgrade (RFC 9110 §7.8): the protocol closes the connection after
-            # this answer, so bytes the client pipelined behind it are retried, never lost.
-            if not no_body and content_length is not None and content_length <= SMALL_BODY:
-                # Most legacy pages and API answers are small: head and body in one write
-                # (one TLS record) instead of streaming chunks.
-                data = await conn.read_all(timeout)
-                request.respond(status, out, data, reason=up.reason)
-            else:
-                writer = request.start(status, out, reason=up.reason, content_length=content_length)
-                if not no_body:
-                    async for chunk in conn.iter_body(timeout):
-                        await writer.write(chunk)
-                writer.end()
-            reuse = sender is None or (sender.done() and not sender.cancelled())
-            return status
-        except (BodyTooLarge, BodyTimeout, ClientGone):
-            if request.response_started:
-                request.conn.abort()
-                return status
-            raise
-        except (UpstreamFailure, OSError) as exc:
-            if body.error is not None and not request.response_started:
-                raise body.error from exc
-            if request.response_started:
-                # The head is out: the only honest signal left is a broken connection.
-                if request.conn.closed:
-                    # The client hung up while we wrote to it: nothing failed upstream.
-                    log.info("client left mid-response: %s", type(exc).__name__)
-                else:
-                    log.warning(
-                        "upstream %s failed mid-response: %s",
-                        route.upstream.name,
-                        type(exc).__name__,
-                    )
-                request.conn.abort()
-                return status
-            if isinstance(exc, UpstreamFailure):
-                raise
-            raise classify(exc) from exc
-        finally:
+        except BaseException as exc:
             if sender is not None and not sender.done():
                 sender.cancel()
-            pool.release(conn, reuse=reuse)
+            pool.release(conn, reuse=False)
+            if isinstance(exc, Exception):
+                return fault(request, route, exc)
+            raise
+        if on_upstream_head:
+            on_upstream_head(clock.monotonic() - started)
+        return await relay(
+            request,
+            route,
+            pool,
+            conn,
+            up,
+            decision_id=decision_id,
+            extra_headers=extra_headers,
+            sender=sender,
+        )
     raise UpstreamFailure(Reason.UPSTREAM_UNAVAILABLE, "reset", "retry exhausted")
+
+
+def client_head(
+    up: UpstreamResponse, decision_id: str, extra_headers: dict[str, str] | None
+) -> tuple[list[tuple[str, str]], int | None]:
+    """The client's response head from the upstream's, with the decision id."""
+    out, content_length = downstream_raw_headers(up.raw_headers)
+    out.append((DECISION_HEADER, decision_id))
+    if extra_headers:
+        out.extend(extra_headers.items())
+    return out, content_length
+
+
+def small_answer(up: UpstreamResponse, content_length: int | None) -> bool:
+    """Whether the answer goes out in one write, once read whole: no body, or a small one."""
+    if up.head_only or up.status in (204, 304):
+        return True
+    return content_length is not None and content_length <= SMALL_BODY
+
+
+async def relay(
+    request: Request,
+    route: RouteConfig,
+    pool: UpstreamPool,
+    conn: UpstreamConnection,
+    up: UpstreamResponse,
+    *,
+    decision_id: str,
+    extra_headers: dict[str, str] | None,
+    sender: asyncio.Task[None] | None = None,
+) -> int:
+    """Answer the client from an upstream response whose head has arrived; releases `conn`."""
+    timeout = route.upstream.read_timeout
+    status = up.status
+    reuse = False
+    try:
+        no_body = up.head_only or status in (204, 304)
+        out, content_length = client_head(up, decision_id, extra_headers)
+        # A declined upgrade (RFC 9110 §7.8): the protocol closes the connection after
+        # this answer, so bytes the client pipelined behind it are retried, never lost.
+        if no_body:
+            # HEAD, 204, 304: the upstream's Content-Length is kept (RFC 9110 §9.3.2).
+            request.start(status, out, reason=up.reason, content_length=content_length).end()
+        elif small_answer(up, content_length):
+            # Most legacy pages and API answers are small: head and body in one write
+            # (one TLS record) instead of streaming chunks.
+            data = await conn.read_all(timeout)
+            request.respond(status, out, data, reason=up.reason)
+        else:
+            writer = request.start(status, out, reason=up.reason, content_length=content_length)
+            async for chunk in conn.iter_body(timeout):
+                await writer.write(chunk)
+            writer.end()
+        reuse = sender is None or (sender.done() and not sender.cancelled())
+        return status
+    except Exception as exc:  # mapped by fault(), which re-raises the rest
+        return fault(request, route, exc, status)
+    finally:
+        if sender is not None and not sender.done():
+            sender.cancel()
+        pool.release(conn, reuse=reuse)
+
+
+def fault(request: Request, route: RouteConfig, exc: Exception, status: int = 0) -> int:
+    """A fault while forwarding: before the response started it is raised (as a client, body
+    or upstream failure for the request path to answer); after, the only honest signal left
+    is a broken connection, and the status already sent is returned."""
+    if isinstance(exc, BodyTooLarge | BodyTimeout | ClientGone):
+        if request.response_started:
+            request.conn.abort()
+            return status
+        raise exc
+    if isinstance(exc, UpstreamFailure | OSError):
+        body = request.body
+        if body.error is not None and not request.response_started:
+            raise body.error from exc
+        if request.response_started:
+            if request.conn.closed:
+                # The client hung up while we wrote to it: nothing failed upstream.
+                log.info("client left mid-response: %s", type(exc).__name__)
+            else:
+                log.warning(
+                    "upstream %s failed mid-response: %s", route.upstream.name, type(exc).__name__
+                )
+            request.conn.abort()
+            return status
+        if isinstance(exc, UpstreamFailure):
+            raise exc
+        raise classify(exc) from exc
+    raise exc

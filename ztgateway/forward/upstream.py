@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -24,6 +24,7 @@ import httptools
 
 from ..config import UpstreamConfig
 from ..decision import Reason
+from ..inline import in_task
 
 KEEPALIVE_SECONDS = 30.0
 HIGH_WATER = 1024 * 1024
@@ -49,7 +50,7 @@ def _reset(detail: str) -> UpstreamFailure:
 
 
 @dataclass(slots=True)
-class _Response:
+class UpstreamResponse:
     """What one exchange has read so far; the connection fills it from parser callbacks."""
 
     head_only: bool
@@ -76,7 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
-        self._response: _Response | None = None
+        self._response: UpstreamResponse | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -84,6 +85,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self.sink: Callable[[], None] | None = None
+        self._feeding = False
+        self._stepped = False
+        """Called on every step of the exchange instead of waking a waiter: the callback-driven
+        exchange (`forward/exchange.py`) that needs no Task."""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -99,12 +105,22 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._last_read = self._loop.time()
         response.received_any = True
+        self._feeding = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(_reset("the upstream switched protocols unasked"))
         except httptools.HttpParserError as exc:
             self._fail(_reset(f"malformed upstream response: {exc}"))
+        finally:
+            self._feeding = False
+        if self._stepped:
+            # The exchange steps once the parser is done with these bytes, never from inside
+            # a parser callback (it may answer and give this connection back to the pool).
+            self._stepped = False
+            sink = self.sink
+            if sink is not None:
+                sink()
 
     def eof_received(self) -> bool | None:
         self._finish_on_eof()
@@ -189,9 +205,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the exchange ------------------------------------------------------------------------
 
-    def start(self, head_only: bool) -> _Response:
-        self._response = _Response(head_only=head_only)
-        self._parser = httptools.HttpResponseParser(self)
+    def start(self, head_only: bool) -> UpstreamResponse:
+        self._response = UpstreamResponse(head_only=head_only)
+        if self._parser is None or head_only:
+            # llhttp does not know a HEAD answer has no body: such an exchange gets a parser
+            # of its own and leaves none behind (the pool keeps a parser only after a
+            # complete, delimited answer, ready for the next message).
+            self._parser = httptools.HttpResponseParser(self)
         self._error = None
         self._last_read = self._loop.time()
         return self._response
@@ -208,7 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._drain = self._loop.create_future()
             await self._drain
 
-    async def wait_head(self, timeout: float) -> _Response:
+    async def wait_head(self, timeout: float) -> UpstreamResponse:
         response = self._response
         assert response is not None
         while not response.headers_done:
@@ -279,9 +299,16 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
+    def arm_timeout(self, timeout: float) -> None:
+        """The read timeout of a callback-driven exchange: the one timer of this connection,
+        made only when none is pending (it re-arms itself while the exchange waits)."""
+        self._last_read = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_later(timeout, self._check_timeout, timeout)
+
     def _check_timeout(self, timeout: float) -> None:
         self._timer = None
-        if self._waiter is None or self._waiter.done():
+        if self.sink is None and (self._waiter is None or self._waiter.done()):
             return
         quiet = self._loop.time() - self._last_read
         if quiet >= timeout:
@@ -290,7 +317,20 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._timer = self._loop.call_later(timeout - quiet, self._check_timeout, timeout)
 
+    def _step_sink(self) -> bool:
+        """Tell a callback-driven exchange; False when a coroutine waits instead."""
+        sink = self.sink
+        if sink is None:
+            return False
+        if self._feeding:
+            self._stepped = True  # stepped once the parser returns (data_received)
+        else:
+            sink()
+        return True
+
     def _wake(self) -> None:
+        if self._step_sink():
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -298,6 +338,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
+        if self._step_sink():
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
@@ -352,7 +394,10 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return sum(1 for c in self._idle if not c.closed)
 
-    async def acquire(self) -> UpstreamConnection:
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle keep-alive connection, or None (then `acquire()` connects or waits)."""
+        if not self._idle:
+            return None
         now = self.loop.time()
         while self._idle:
             conn = self._idle.pop()
@@ -363,6 +408,13 @@ class UpstreamPool:
                 continue
             conn.reused = True
             return conn
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
+        await in_task()  # waiting and connecting are bounded by asyncio.timeout()
         while len(self._open) >= self._limit:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
@@ -409,10 +461,13 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection, *, reuse: bool) -> None:
+        conn.sink = None
         if reuse and not self._closing and conn.reusable():
             conn.idle_since = self.loop.time()
+            response = conn._response
+            if response is not None and response.head_only:
+                conn._parser = None
             conn._response = None
-            conn._parser = None
             self._idle.append(conn)
             self._wake_one()
         else:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..config import ClaimMapping, RouteConfig
     from ..credentials.oidc import OIDCProviderConfig
     from ..runtime import Runtime
+    from ..tls import CertInfo
 
 NAME = "identity"
 
@@ -127,6 +128,7 @@ class IdentityStage:
             m.user_namespace for m in self.claim_maps.values() if m.user_namespace
         ) | frozenset(p.user_namespace for p in self.providers.providers if p.user_namespace)
         self._identities: dict[tuple[str, str | None], Identity] = {}
+        self._cert_identities: dict[CertInfo, Identity] = {}
         self.store = runtime.store
         self.cookie_name = runtime.config.sessions.cookie_name
         self.throttle = runtime.throttle
@@ -300,9 +302,15 @@ class IdentityStage:
         ):
             if ambient is not None:
                 return [_deny(Reason.ORIGIN_DENIED, ambient)]
-            identity = Identity(
-                user=cert.user, source="cert", email=cert.email, device_id=device_id
-            )
+            # One per certificate: its fields never change (shared, like token identities).
+            known = self._cert_identities.get(cert)
+            if known is None:
+                if len(self._cert_identities) >= 10_000:
+                    self._cert_identities.clear()
+                known = self._cert_identities[cert] = Identity(
+                    user=cert.user, source="cert", email=cert.email, device_id=device_id
+                )
+            identity = known
         else:
             ctx.identity = Identity(
                 user=None, source="none", device_id=None if ambient else device_id

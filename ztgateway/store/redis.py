@@ -62,6 +62,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from ..clock import SYSTEM_CLOCK, Clock
+from ..inline import in_task
 from .base import (
     HISTORY_BACKLOG,
     MAX_FAILURES,
@@ -541,6 +542,7 @@ class RedisStore(CachedReads):
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """One bounded call to Redis: StoreUnavailable instead of a hang or a library error."""
         self.redis  # noqa: B018 - raises StoreUnavailable when closed
+        await in_task()
         try:
             async with asyncio.timeout(2 * self.timeout):
                 result = await op()
@@ -562,6 +564,7 @@ class RedisStore(CachedReads):
         published before it is already in what we read.
         """
         pubsub = self.redis.pubsub()
+        await in_task()
         try:
             async with asyncio.timeout(2 * self.timeout):
                 await pubsub.subscribe(self._channel)
