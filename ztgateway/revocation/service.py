@@ -35,6 +35,7 @@ from cryptography import x509
 
 from ..clock import Clock
 from ..decision import Finding, Reason, Verdict
+from ..inline import in_task
 from ..metrics import Metrics
 from ..store.base import Store, StoreUnavailable
 from ..tls import CertInfo, TLSManager, issued_by
@@ -189,6 +190,7 @@ class RevocationService:
         return data
 
     async def _get(self, url: str) -> bytes:
+        await in_task()  # aiohttp's timers need one; the data plane steps requests inline
         try:
             async with self._client().get(url, allow_redirects=False) as resp:
                 return await self._read(resp)
@@ -197,6 +199,7 @@ class RevocationService:
 
     async def _post(self, url: str, body: bytes) -> bytes:
         headers = {"Content-Type": OCSP_REQUEST_TYPE, "Accept": OCSP_RESPONSE_TYPE}
+        await in_task()  # aiohttp's timers need one; the data plane steps requests inline
         try:
             async with self._client().post(
                 url, data=body, headers=headers, allow_redirects=False
