@@ -329,7 +329,13 @@ async def stage_setup(store: SQLiteStore, token_hashes: list[str], seed: int) ->
     """SessionStage.check for a live token session, on a route without rate limits."""
     from yarl import URL
 
-    from ztgateway.config import RouteConfig, RouteSession, SessionsConfig, UpstreamConfig
+    from ztgateway.config import (
+        RiskConfig,
+        RouteConfig,
+        RouteSession,
+        SessionsConfig,
+        UpstreamConfig,
+    )
     from ztgateway.context import Identity, RequestContext
     from ztgateway.credentials.jwt import VerifiedToken
     from ztgateway.stages.session import SessionStage, token_session_id
@@ -342,7 +348,9 @@ async def stage_setup(store: SQLiteStore, token_hashes: list[str], seed: int) ->
         session=RouteSession(ip_drift="step_up"),
     )
     runtime = SimpleNamespace(
-        store=store, config=SimpleNamespace(sessions=SessionsConfig()), dry_run=False
+        store=store,
+        config=SimpleNamespace(sessions=SessionsConfig(), risk=RiskConfig()),
+        dry_run=False,
     )
     stage = SessionStage(runtime)  # type: ignore[arg-type]
     rng = random.Random(seed)
