@@ -261,7 +261,11 @@ def render(
         if ctx.mfa_max_age:
             challenge += f", max_age={int(ctx.mfa_max_age)}"
         extra["WWW-Authenticate"] = challenge
-    if stale:
+    if stale and (ctx.fetch.navigation or not ctx.browser):
+        # Not from a browser's subresource (the favicon, an image, a fetch): that would clear
+        # the cookie before the person's next navigation is told why the session ended
+        # (`ended=`), sending them to the provider without a word. The session stays refused
+        # on every request meanwhile; only the cookie's removal waits for a navigation.
         extra["Set-Cookie"] = clear_cookie_header(cookie_name)
     continue_to = continue_label = None
     if reason is Reason.PROVIDER_NOT_ALLOWED and browser and sign_in:

@@ -33,6 +33,7 @@ from ztgateway.pages.when import until, zone
 from ztgateway.posture import REMEDIATION, PosturePolicy, evaluate
 from ztgateway.responses import problem_parts
 from ztgateway.responses import render as render_refusal
+from ztgateway.stages.session import SessionView
 
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -372,8 +373,11 @@ def test_an_unknown_ended_code_shows_nothing() -> None:
     assert ended_text("<b>you were hacked</b>") is None and ended_text(None) is None
 
 
-def _ctx(path: str = "/form", accept: str = "text/html") -> RequestContext:
-    headers = CIMultiDictProxy(CIMultiDict({"Accept": accept, "Host": "gw"}))
+def _ctx(path: str = "/form", accept: str = "text/html", **fetch: str) -> RequestContext:
+    """`fetch`: Fetch Metadata headers, e.g. mode="no-cors" for Sec-Fetch-Mode."""
+    sent = {"Accept": accept, "Host": "gw"}
+    sent.update({f"Sec-Fetch-{k.title()}": v for k, v in fetch.items()})
+    headers = CIMultiDictProxy(CIMultiDict(sent))
     ctx = RequestContext(
         method="GET",
         host="gw",
@@ -408,6 +412,33 @@ def test_a_terminating_ip_drift_ends_the_session_and_says_so() -> None:
         ctx, decision, sign_in=True, step_up_page=True, cookie_name="__Host-s"
     )
     assert status == 303 and dict(headers)["Location"].endswith("&ended=ip-drift")
+    assert any(n == "Set-Cookie" and "Max-Age=0" in v for n, v in headers)
+
+
+def test_a_subresource_keeps_the_ended_cookie_for_the_next_navigation_to_explain() -> None:
+    """Chromium fetches /favicon.ico after a page: had that answer cleared the cookie, the
+    person's next click would go to the provider without being told the session was ended."""
+    finding = Finding("session", Reason.SESSION_TERMINATED, Verdict.DENY, detail="stolen laptop")
+    decision = Decision("d", Verdict.DENY, Reason.SESSION_TERMINATED, (finding,))
+    icon = _ctx("/favicon.ico", "image/avif,image/webp,*/*", site="same-origin", mode="no-cors")
+    icon.session = SessionView(None, "ck:x", "cookie", 0.0, cookie_invalid=True)
+    status, headers, _ = render_refusal(
+        icon, decision, sign_in=True, step_up_page=True, cookie_name="__Host-s"
+    )
+    assert status == Reason.SESSION_TERMINATED.status
+    assert not any(n == "Set-Cookie" for n, _ in headers)
+    page = _ctx("/form", site="none", mode="navigate", dest="document")
+    page.session = SessionView(None, "ck:x", "cookie", 0.0, cookie_invalid=True)
+    status, headers, _ = render_refusal(
+        page, decision, sign_in=True, step_up_page=True, cookie_name="__Host-s"
+    )
+    assert status == 303 and dict(headers)["Location"].endswith("&ended=revoked")
+    assert any(n == "Set-Cookie" and "Max-Age=0" in v for n, v in headers)
+    api = _ctx("/api", "application/json")  # no Fetch Metadata: an API client, cleared at once
+    api.session = SessionView(None, "ck:x", "cookie", 0.0, cookie_invalid=True)
+    _, headers, _ = render_refusal(
+        api, decision, sign_in=True, step_up_page=True, cookie_name="__Host-s"
+    )
     assert any(n == "Set-Cookie" and "Max-Age=0" in v for n, v in headers)
 
 

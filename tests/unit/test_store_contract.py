@@ -330,6 +330,22 @@ async def revoked_on_a_stale_on_b(backend: Backend) -> tuple[AnyStore, Session]:
     return b, stale
 
 
+async def test_a_reload_racing_a_revocation_keeps_it_revoked(backend: Backend) -> None:
+    """A reload (the change feed, or a find) reads the row, then awaits; a revocation made in
+    this process meanwhile must not be replaced by that older copy: the revoked cookie would be
+    let in until the next sync (seen in Chromium: a terminated session served once more)."""
+    a = await backend.open()
+    await a.save_session(session("s1"))
+    reload = asyncio.ensure_future(a._reload(ChangeKind.SESSION, "s1"))
+    await asyncio.sleep(0)  # the reload's read is on its way, before the revocation's write
+    assert await a.revoke_session("s1", "terminated", time.time()) is True
+    await reload
+    got = a.session("s1")
+    assert got is not None and got.revoked and got.revoked_reason == "terminated"
+    got = await (await backend.open()).find_session("s1")
+    assert got is not None and got.revoked
+
+
 async def test_touch_never_unrevokes(backend: Backend) -> None:
     b, stale = await revoked_on_a_stale_on_b(backend)
     stale.requests = 42  # its activity, written behind

@@ -309,6 +309,25 @@ class Session:
         }
 
 
+def merge_reloaded_session(fresh: Session, mine: Session | None) -> Session:
+    """The copy a reload puts in memory, from the backend's `fresh` row and this process's copy.
+
+    SECURITY: a revocation is final in memory as it is in the backend (SAVE_SESSION, the Redis
+    save script). A reload reads the row, then awaits; a revocation made in between lands on
+    `mine` and would be replaced by the older, unrevoked row, letting the cookie in until the
+    next sync. So a revoked copy stays revoked. Otherwise the durable fields come from the row
+    and this process's activity counters (written behind, maybe not flushed yet) are kept."""
+    if mine is None:
+        return fresh
+    if mine.revoked_at is not None and fresh.revoked_at is None:
+        fresh.revoked_at, fresh.revoked_reason = mine.revoked_at, mine.revoked_reason
+    if fresh.revoked_at is None:
+        fresh.last_seen = max(fresh.last_seen, mine.last_seen)
+        fresh.requests = max(fresh.requests, mine.requests)
+        fresh.anomaly, fresh.anomaly_at = mine.anomaly, mine.anomaly_at
+    return fresh
+
+
 def take_id_token(session: Session) -> str | None:
     """The ID token a writer put in the session's `extra`, for the store to keep apart."""
     token = session.extra.get(ID_TOKEN)

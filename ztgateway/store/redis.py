@@ -80,6 +80,7 @@ from .base import (
     UserRecord,
     WebAuthnCredential,
     latest_decisions,
+    merge_reloaded_session,
     take_id_token,
 )
 from .sqlite import _session_from_json, _session_json, _user_from_json
@@ -744,11 +745,9 @@ class RedisStore(CachedReads):
 
     def _merge_local(self, kind: ChangeKind, key: str, fresh: Any, mine: Any) -> Any:
         """Keep what this process wrote behind but has not flushed yet."""
-        if kind is ChangeKind.SESSION and mine is not None and fresh.revoked_at is None:
-            fresh.last_seen = max(fresh.last_seen, mine.last_seen)
-            fresh.requests = max(fresh.requests, mine.requests)
-            fresh.anomaly, fresh.anomaly_at = mine.anomaly, mine.anomaly_at
-        elif kind is ChangeKind.USER and mine is not None and key in self._dirty_users:
+        if kind is ChangeKind.SESSION:
+            return merge_reloaded_session(fresh, mine)
+        if kind is ChangeKind.USER and mine is not None and key in self._dirty_users:
             fresh.known_devices = mine.known_devices
             fresh.known_routes = mine.known_routes
             fresh.last_location = mine.last_location

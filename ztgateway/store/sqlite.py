@@ -52,6 +52,7 @@ from .base import (
     UserRecord,
     WebAuthnCredential,
     latest_decisions,
+    merge_reloaded_session,
     take_id_token,
 )
 
@@ -415,13 +416,7 @@ class SQLiteStore(CachedReads):
                 self._sessions.pop(key, None)
             else:
                 fresh = _session_from_json(json.loads(row[0]))
-                mine = self._sessions.get(key)
-                if mine is not None and fresh.revoked_at is None:
-                    # Keep our fresher activity counters; take the durable fields.
-                    fresh.last_seen = max(fresh.last_seen, mine.last_seen)
-                    fresh.requests = max(fresh.requests, mine.requests)
-                    fresh.anomaly, fresh.anomaly_at = mine.anomaly, mine.anomaly_at
-                self._sessions[key] = fresh
+                self._sessions[key] = merge_reloaded_session(fresh, self._sessions.get(key))
 
     async def _flush_loop(self) -> None:
         while True:
