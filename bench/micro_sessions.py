@@ -20,7 +20,7 @@ sessions in memory are the ones it decoded from its own rows.
 
 Sessions are realistic: 90% token-bound API sessions (`tok:` + 48 hex, as `token_session_id`),
 10% browser sessions (`ck:` + 48 hex) from an OIDC sign-in followed by a TOTP step-up (their
-`extra` holds what `portal.py` and `mfa_endpoints.py` keep: provider, e-mail, groups, the ~1 KB
+`extra` holds what `portal/signin.py` and `portal/mfa.py` keep: provider, e-mail, groups, the ~1 KB
 ID token, the MFA method); every one device-bound (`sha256:` + 32 hex, the id of a certificate
 without a device URI), with a user, an IPv4 address (its `verified_ip`), a client user agent,
 timestamps, and `extra` as sign-in leaves it. A session's decision history is not in memory
@@ -146,7 +146,7 @@ def iter_sessions(
         user = f"user{i:06d}@corp.example.com"
         extra: dict[str, Any] = {}
         if cookie:
-            # What the OIDC sign-in (portal.py) and a TOTP step-up (mfa_endpoints.py) keep.
+            # What the OIDC sign-in (portal/signin.py) and a TOTP step-up (portal/mfa.py) keep.
             extra = {
                 "source": "oidc",
                 "provider": "corp",

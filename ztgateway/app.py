@@ -32,7 +32,6 @@ from .credentials.oidc import OIDCClient, StorePendingLogins
 from .credentials.providers import SignInProviders
 from .decision import Decision, Finding, Reason, Verdict
 from .decisions import DecisionPath, Recorder, audit_event, refusal
-from .forms import CSRFTokens
 from .forward.http import Upstreams
 from .forward.identity import asserted_identity
 from .forward.websocket import Watch
@@ -45,6 +44,7 @@ from .logs import RateLimit
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
+from .portal.forms import CSRFTokens
 from .reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
@@ -355,7 +355,7 @@ class Gateway:
         self._budget_fds(self.listener)
         self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
         if cfg.ops.enabled:
-            from .ops import create_ops_app
+            from .ops.app import create_ops_app
 
             self.ops_runner = web.AppRunner(create_ops_app(self), access_log=None)
             await self.ops_runner.setup()

@@ -122,7 +122,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from .admin import load_admin_token
+    from .ops.admin import load_admin_token
 
     config = _load(args.config)
     token = load_admin_token(config.ops)

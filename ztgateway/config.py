@@ -24,7 +24,7 @@ from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
 from .headerfamilies import cert_header_problem
-from .pages.branding import PortalConfig, parse_portal
+from .portal.branding import PortalConfig, parse_portal
 from .posture import PLATFORMS, PosturePolicy, parse_version
 from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
 from .risk import BlocklistError, RiskWeights

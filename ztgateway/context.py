@@ -21,8 +21,8 @@ from .decision import Finding, new_decision_id
 from .fetchmeta import FetchContext
 from .fetchmeta import read as read_fetch
 from .headerfamilies import forwarding_header, protected_header
-from .pages.branding import DEFAULT_LOOK, PortalConfig
 from .paths import PathError, normalize_path
+from .portal.branding import DEFAULT_LOOK, PortalConfig
 
 if TYPE_CHECKING:
     from .config import RouteConfig

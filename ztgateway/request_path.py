@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import endpoints, mfa_endpoints, portal, webauthn_endpoints
 from .audit import AuditUnavailable
 from .audit.events import upstream_event
 from .context import RequestContext
@@ -32,7 +31,8 @@ from .forward.websocket import Watch, bridge_websocket
 from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
 from .inline import in_task
 from .logs import decision_id_var
-from .pages.render import STATIC_PREFIX, static_asset, static_headers
+from .portal import device, mfa, signin, webauthn
+from .portal.render import STATIC_PREFIX, static_asset, static_headers
 from .responses import (
     SERVER,
     Parts,
@@ -54,28 +54,28 @@ log = logging.getLogger("ztgateway.request")
 INTERNAL_PREFIX = "/.ztgw/"
 WS_RECHECK_INTERVAL = 5.0
 _PAGES = {
-    ("/.ztgw/", "GET"): portal.home,
-    ("/.ztgw/login", "GET"): portal.login_page,
-    ("/.ztgw/login/start", "GET"): portal.login_start,
-    ("/.ztgw/oidc/callback", "GET"): portal.callback,
-    ("/.ztgw/logout", "GET"): portal.logout,
-    ("/.ztgw/logout", "POST"): portal.logout,
-    ("/.ztgw/signed-out", "GET"): portal.signed_out,
-    ("/.ztgw/whoami", "GET"): portal.whoami,
-    ("/.ztgw/posture", "POST"): endpoints.posture_report,
-    ("/.ztgw/device", "GET"): endpoints.device_status,
-    ("/.ztgw/device", "HEAD"): endpoints.device_status,
-    ("/.ztgw/mfa/verify", "POST"): mfa_endpoints.verify_api,
-    ("/.ztgw/mfa", "GET"): mfa_endpoints.step_up_page,
-    ("/.ztgw/mfa", "POST"): mfa_endpoints.step_up_page,
-    ("/.ztgw/mfa/enroll", "GET"): mfa_endpoints.enroll_page,
-    ("/.ztgw/mfa/enroll", "POST"): mfa_endpoints.enroll_page,
-    ("/.ztgw/webauthn", "GET"): webauthn_endpoints.keys_page,
-    ("/.ztgw/webauthn.js", "GET"): webauthn_endpoints.script,
-    ("/.ztgw/webauthn/register/options", "POST"): webauthn_endpoints.register_options,
-    ("/.ztgw/webauthn/register", "POST"): webauthn_endpoints.register,
-    ("/.ztgw/webauthn/authenticate/options", "POST"): webauthn_endpoints.authenticate_options,
-    ("/.ztgw/webauthn/authenticate", "POST"): webauthn_endpoints.authenticate,
+    ("/.ztgw/", "GET"): signin.home,
+    ("/.ztgw/login", "GET"): signin.login_page,
+    ("/.ztgw/login/start", "GET"): signin.login_start,
+    ("/.ztgw/oidc/callback", "GET"): signin.callback,
+    ("/.ztgw/logout", "GET"): signin.logout,
+    ("/.ztgw/logout", "POST"): signin.logout,
+    ("/.ztgw/signed-out", "GET"): signin.signed_out,
+    ("/.ztgw/whoami", "GET"): signin.whoami,
+    ("/.ztgw/posture", "POST"): device.posture_report,
+    ("/.ztgw/device", "GET"): device.device_status,
+    ("/.ztgw/device", "HEAD"): device.device_status,
+    ("/.ztgw/mfa/verify", "POST"): mfa.verify_api,
+    ("/.ztgw/mfa", "GET"): mfa.step_up_page,
+    ("/.ztgw/mfa", "POST"): mfa.step_up_page,
+    ("/.ztgw/mfa/enroll", "GET"): mfa.enroll_page,
+    ("/.ztgw/mfa/enroll", "POST"): mfa.enroll_page,
+    ("/.ztgw/webauthn", "GET"): webauthn.keys_page,
+    ("/.ztgw/webauthn.js", "GET"): webauthn.script,
+    ("/.ztgw/webauthn/register/options", "POST"): webauthn.register_options,
+    ("/.ztgw/webauthn/register", "POST"): webauthn.register,
+    ("/.ztgw/webauthn/authenticate/options", "POST"): webauthn.authenticate_options,
+    ("/.ztgw/webauthn/authenticate", "POST"): webauthn.authenticate,
     # Signals from the identity provider (signals/, docs/signals.md)
     ("/.ztgw/ssf/events", "POST"): signal_endpoints.push_events,
     ("/.ztgw/oidc/backchannel-logout", "POST"): signal_endpoints.backchannel_logout,
@@ -329,7 +329,7 @@ class RequestPath:
             and ctx.method == "GET"
             and self.gw.providers.by_callback(ctx.path or "")
         ):
-            handler = portal.callback  # a provider's own callback (/.ztgw/oidc/callback/NAME)
+            handler = signin.callback  # a provider's own callback (/.ztgw/oidc/callback/NAME)
         resp: web.StreamResponse
         path = ctx.path or ""
         if handler is None and path.startswith(STATIC_PREFIX) and ctx.method in ("GET", "HEAD"):

@@ -18,13 +18,13 @@ from aiohttp import web
 from markupsafe import escape
 
 from .decision import Decision, Reason, Verdict
-from .pages.advice import advice_for
-from .pages.branding import DEFAULT_LOOK, PortalConfig
-from .pages.render import page_headers
-from .pages.render import render as render_page
-from .pages.session_end import ended_code
-from .pages.when import until, zone
 from .paths import encode_path
+from .portal.advice import advice_for
+from .portal.branding import DEFAULT_LOOK, PortalConfig
+from .portal.render import page_headers
+from .portal.render import render as render_page
+from .portal.session_end import ended_code
+from .portal.when import until, zone
 from .stages.session import clear_cookie_header
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ _TOKEN_REASONS = frozenset(r for r in Reason if r.value.startswith("token-"))
 # unless a page set its own: no MIME sniffing of a problem+json body into HTML, no framing
 # (clickjacking of portal forms), no referrer leaking decision ids or return paths to another
 # site, no other site embedding them (CORP), nothing loaded by what is not a page (pages set
-# their own policy: styles and images from this origin only, pages/render.py).
+# their own policy: styles and images from this origin only, portal/render.py).
 # "same-origin", not "no-referrer": under no-referrer a browser sends `Origin: null` with the
 # page's own form posts, which the forms' same-origin check must then refuse.
 _OWN_HEADERS = (
@@ -228,7 +228,7 @@ def render(
     view = ctx.session
     stale = view is not None and view.cookie_invalid
     if browser and sign_in and (reason in SIGN_IN_AGAIN or verdict is Verdict.TERMINATE):
-        # The page says why the session ended (a fixed sentence per code: pages/session_end).
+        # The page says why the session ended (a fixed sentence per code: portal/session_end.py).
         why = next((f.detail for f in decision.findings if f.reason is reason), "")
         ended = ended_code(reason, why)
         ended_session = stale or verdict is Verdict.TERMINATE

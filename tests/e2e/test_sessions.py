@@ -18,7 +18,7 @@ from ztgateway.cli import main
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
 from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
-from ztgateway.mfa_endpoints import safe_redirect
+from ztgateway.portal.mfa import safe_redirect
 
 
 def client(

@@ -1,4 +1,4 @@
-"""The checks every state-changing request to the gateway's own endpoints passes (forms.py), and
+"""The checks every state-changing request to the gateway's own endpoints passes (portal/forms.py), and
 the keys they and the sign-in are made with (keys.py)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from ztgateway.config import KeysConfig
 from ztgateway.context import RequestContext
 from ztgateway.credentials.oidc import safe_return_path
 from ztgateway.decision import Reason
-from ztgateway.forms import CSRF_TTL, CSRFTokens, cross_site, local_redirect, parse_form
 from ztgateway.keys import GatewayKeys, create_private_file, load_root_key
+from ztgateway.portal.forms import CSRF_TTL, CSRFTokens, cross_site, local_redirect, parse_form
 
 NOW = 1_800_000_000.0
 PUBLIC = "https://gw.example"

@@ -59,11 +59,16 @@ def test_a_wheel_builds_installs_and_reports_its_version(tmp_path: Path) -> None
         metadata = zf.read(f"ztgateway-{__version__}.dist-info/METADATA").decode()
     assert f"ztgateway-{__version__}.dist-info/licenses/LICENSE" in names
     assert "ztgateway/py.typed" in names
-    # The portal's templates and stylesheet are package data: every one in the checkout ships.
-    pages = Path(__file__).resolve().parents[2] / "ztgateway" / "pages"
+    # The portal's templates, stylesheet and script are package data: every one in the
+    # checkout ships.
+    portal = Path(__file__).resolve().parents[2] / "ztgateway" / "portal"
     shipped = [
-        f"ztgateway/pages/{p.relative_to(pages).as_posix()}"
-        for p in [*pages.glob("templates/*.html"), *pages.glob("static/*")]
+        f"ztgateway/portal/{p.relative_to(portal).as_posix()}"
+        for p in [
+            *portal.glob("templates/*.html"),
+            *portal.glob("static/*"),
+            portal / "webauthn.js",
+        ]
     ]
     assert len(shipped) > 10 and not [n for n in shipped if n not in names]
     assert "License-Expression: Apache-2.0" in metadata
@@ -126,8 +131,8 @@ def test_a_wheel_builds_installs_and_reports_its_version(tmp_path: Path) -> None
         [
             sys.executable,
             "-c",
-            "from ztgateway.pages.branding import PortalConfig\n"
-            "from ztgateway.pages.render import render, static_asset, stylesheet_path\n"
+            "from ztgateway.portal.branding import PortalConfig\n"
+            "from ztgateway.portal.render import render, static_asset, stylesheet_path\n"
             "look = PortalConfig(name='Acme')\n"
             "print(render('signed_out.html', look, title='Signed out', decision_id='d1'))\n"
             "print(len(static_asset(stylesheet_path(look), look)[0]))\n",

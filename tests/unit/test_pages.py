@@ -16,9 +16,9 @@ from tests.unit.test_config import error_for, write
 from ztgateway.config import load_config
 from ztgateway.context import LockView, RequestContext
 from ztgateway.decision import Decision, Finding, Reason, Verdict
-from ztgateway.pages.branding import Logo, PortalConfig, contrast_with_white
-from ztgateway.pages.posture_text import CHECKS, check_text
-from ztgateway.pages.render import (
+from ztgateway.portal.branding import Logo, PortalConfig, contrast_with_white
+from ztgateway.portal.posture_text import CHECKS, check_text
+from ztgateway.portal.render import (
     content_security_policy,
     environment,
     page_headers,
@@ -28,8 +28,8 @@ from ztgateway.pages.render import (
     template_names,
     trusted,
 )
-from ztgateway.pages.session_end import ENDED, ended_code, ended_text
-from ztgateway.pages.when import until, zone
+from ztgateway.portal.session_end import ENDED, ended_code, ended_text
+from ztgateway.portal.when import until, zone
 from ztgateway.posture import REMEDIATION, PosturePolicy, evaluate
 from ztgateway.responses import problem_parts
 from ztgateway.responses import render as render_refusal

@@ -150,8 +150,8 @@ def _setter(field: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_rebind(args: argparse.Namespace) -> int:
-    from ..admin import rebind_device
     from ..certverify import ClientCertVerifier
+    from ..ops.admin import rebind_device
     from ..tls import RevocationList, load_crl
 
     config = load_config(args.config)

@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .audit import AuditUnavailable, search
-from .certverify import CertRefused, ClientCertVerifier
-from .context import RequestContext
-from .decision import Decision, Finding, Reason, Verdict
-from .posture import MAX_CLOCK_SKEW, PostureError, digest, evaluate, validate_report
-from .store.base import REBIND_NEXT, Device, PostureRecord, Store, UserRecord
+from ..audit import AuditUnavailable, search
+from ..certverify import CertRefused, ClientCertVerifier
+from ..context import RequestContext
+from ..decision import Decision, Finding, Reason, Verdict
+from ..posture import MAX_CLOCK_SKEW, PostureError, digest, evaluate, validate_report
+from ..store.base import REBIND_NEXT, Device, PostureRecord, Store, UserRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 if TYPE_CHECKING:
-    from .app import Gateway
-    from .config import OpsConfig
+    from ..app import Gateway
+    from ..config import OpsConfig
 
 ADMIN_ENV = "ZTGW_ADMIN_TOKEN"
 
@@ -85,7 +85,7 @@ for operators, not a public oracle. /healthz, /readyz, /metrics and /forward-aut
 async def require_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not (request.path.startswith(ADMIN_PATHS[0]) or request.path == ADMIN_PATHS[1]):
         return await handler(request)
-    from .ops import GATEWAY_KEY
+    from .app import GATEWAY_KEY
 
     gw = request.app[GATEWAY_KEY]
     expected = load_admin_token(gw.config.ops)
@@ -173,7 +173,7 @@ async def rebind_device(
 
 
 def _gw(request: web.Request) -> Gateway:
-    from .ops import GATEWAY_KEY
+    from .app import GATEWAY_KEY
 
     gw: Gateway = request.app[GATEWAY_KEY]
     return gw

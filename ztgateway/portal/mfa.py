@@ -28,12 +28,20 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from .audit import AuditUnavailable
-from .config import RouteSession
-from .context import Identity, LockView, RequestContext
-from .credentials.jwt import TokenError, check_binding
-from .credentials.totp import SealedSecretError, TOTPError, qr_svg
-from .decision import Reason, Verdict
+from ..audit import AuditUnavailable
+from ..config import RouteSession
+from ..context import Identity, LockView, RequestContext
+from ..credentials.jwt import TokenError, check_binding
+from ..credentials.totp import SealedSecretError, TOTPError, qr_svg
+from ..decision import Reason, Verdict
+from ..forward.headers import SERVER_BANNER
+from ..http1 import Request
+from ..mfa import MFABusy, MFAUnavailable, PendingEnrolment
+from ..paths import PathError, normalize_path
+from ..responses import DECISION_HEADER, lock_ends_text, problem, see_other
+from ..stages.identity import identity_from_token
+from ..stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
+from ..store.base import ID_TOKEN, Session
 from .forms import (
     JSON_TYPE,
     MAX_FORM_BYTES,
@@ -42,20 +50,12 @@ from .forms import (
     read_checked_body,
     read_checked_form,
 )
-from .forward.headers import SERVER_BANNER
-from .http1 import Request
-from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
-from .pages.render import trusted
-from .pages.when import until, zone
-from .paths import PathError, normalize_path
-from .portal import login_redirect_to, template_page
-from .responses import DECISION_HEADER, lock_ends_text, problem, see_other
-from .stages.identity import identity_from_token
-from .stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
-from .store.base import ID_TOKEN, Session
+from .render import trusted
+from .signin import login_redirect_to, template_page
+from .when import until, zone
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from ..app import Gateway
 
 log = logging.getLogger("ztgateway.mfa")
 safe_redirect = local_redirect
@@ -429,9 +429,9 @@ def _step_up(
     key_section: str | None = None,
     totp: bool = True,
 ) -> web.Response:
-    """The step-up page: the security-key section (HTML webauthn_endpoints built and escaped)
+    """The step-up page: the security-key section (HTML portal/webauthn.py built and escaped)
     where the route takes a key the person has, the TOTP form where it takes TOTP."""
-    from . import webauthn_endpoints as wa
+    from . import webauthn as wa
 
     # The reason travels with the form, so a wrong code keeps the page's words.
     form = _code_form(
@@ -456,7 +456,7 @@ def _step_up(
 async def _step_up_choice(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -> web.Response:
     """The factors the person has that the route `rd` takes: a security key, a TOTP code, or
     both; none yet: set one up (a security key where the route takes nothing else)."""
-    from . import webauthn_endpoints as wa
+    from . import webauthn as wa
 
     factors = route_session(gw, ctx, rd).step_up_factors
     key = await wa.step_up_section(gw, ctx, who, rd) if "webauthn" in factors else None

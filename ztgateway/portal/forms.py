@@ -38,16 +38,16 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 from aiohttp import web
 
-from .audit import AuditUnavailable
-from .decision import Reason, Verdict
-from .fetchmeta import own_origin
-from .http1 import Request
-from .paths import PathError, encode_path, normalize_path
-from .responses import problem, wants_html
+from ..audit import AuditUnavailable
+from ..decision import Reason, Verdict
+from ..fetchmeta import own_origin
+from ..http1 import Request
+from ..paths import PathError, encode_path, normalize_path
+from ..responses import problem, wants_html
 
 if TYPE_CHECKING:
-    from .config import GatewayConfig
-    from .context import RequestContext
+    from ..config import GatewayConfig
+    from ..context import RequestContext
 
 MAX_FORM_BYTES = 4096
 MAX_FORM_FIELDS = 10
@@ -239,7 +239,7 @@ def refuse(gw: FormGateway, ctx: RequestContext, refusal: Refusal, *, stage: str
     with contextlib.suppress(AuditUnavailable):
         gw.record_outcome(ctx, stage, Verdict.DENY, refusal.reason, refusal.detail)
     accept = ctx.headers.get("Accept", "")
-    # A person reads what to do in words (pages/advice.py); a program gets the detail.
+    # A person reads what to do in words (portal/advice.py); a program gets the detail.
     for_people = wants_html(accept) and refusal.reason in _SAID_TO_PEOPLE
     return problem(
         refusal.reason,

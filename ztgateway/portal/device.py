@@ -13,28 +13,28 @@ from urllib.parse import parse_qs, quote
 
 from aiohttp import web
 
-from .audit import AuditUnavailable
-from .context import RequestContext
-from .decision import Reason, Verdict
-from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
-from .forward.headers import SERVER_BANNER
-from .http1 import Request
-from .pages.posture_text import check_text
-from .pages.when import moment, zone
-from .portal import template_page
-from .posture import (
+from ..audit import AuditUnavailable
+from ..context import RequestContext
+from ..decision import Reason, Verdict
+from ..forward.headers import SERVER_BANNER
+from ..http1 import Request
+from ..posture import (
     MAX_REPORT_BYTES,
     PostureError,
     digest,
     validate_report,
     verify_signed_report,
 )
-from .responses import DECISION_HEADER, problem, wants_html
-from .stages.device import posture_for
-from .store.base import PostureRecord
+from ..responses import DECISION_HEADER, problem, wants_html
+from ..stages.device import posture_for
+from ..store.base import PostureRecord
+from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
+from .posture_text import check_text
+from .signin import template_page
+from .when import moment, zone
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from ..app import Gateway
 
 CLOCK_SKEW = 300.0
 JOSE_TYPE = "application/jose"

@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .certverify import CertRefused
-from .context import RequestContext, spoofed_headers
-from .decision import Decision, Reason
-from .headerfamilies import EDGES, CertFormat
-from .ops import RELAY_PEER_HEADER
-from .responses import problem
+from ..certverify import CertRefused
+from ..context import RequestContext, spoofed_headers
+from ..decision import Decision, Reason
+from ..headerfamilies import EDGES, CertFormat
+from ..responses import problem
+from .app import RELAY_PEER_HEADER
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from ..app import Gateway
 
 
 def _is_trusted(peer: str, gw: Gateway) -> bool:
@@ -79,7 +79,7 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
     edge = EDGES[fa.edge]
     consumed = {n.lower() for n in (edge.uri, edge.method, edge.host, edge.client)}
     if gw.ops_socket is not None:
-        consumed.add(RELAY_PEER_HEADER.lower())  # the supervisor's, read by ops.relayed_peer
+        consumed.add(RELAY_PEER_HEADER.lower())  # the supervisor's, read by ops/app.relayed_peer
     if fa.cert_header:
         consumed.add(fa.cert_header.lower())
     passed = CIMultiDict((k, v) for k, v in h.items() if k.lower() not in consumed)

@@ -32,7 +32,7 @@ SERVER = "ztgateway"
 @functools.cache
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("ztgateway.pages", "templates"),
+        loader=jinja2.PackageLoader("ztgateway.portal", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -47,7 +47,7 @@ def template_names() -> list[str]:
 
 @functools.cache
 def _base_stylesheet() -> str:
-    return (resources.files("ztgateway.pages") / "static" / "portal.css").read_text("utf-8")
+    return (resources.files("ztgateway.portal") / "static" / "portal.css").read_text("utf-8")
 
 
 @functools.cache

@@ -13,24 +13,24 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from aiohttp import web
 
-from .audit import AuditUnavailable
-from .context import Identity, RequestContext
-from .credentials.oidc import OIDCClient, OIDCError
-from .decision import Reason, Verdict
+from ..audit import AuditUnavailable
+from ..context import Identity, RequestContext
+from ..credentials.oidc import OIDCClient, OIDCError
+from ..decision import Reason, Verdict
+from ..forward.headers import SERVER_BANNER
+from ..http1 import Request
+from ..paths import PathError, normalize_path
+from ..responses import DECISION_HEADER, problem, see_other, wants_html
+from ..stages.session import clear_cookie_header, cookie_session_id, read_cookie
+from ..store.base import ID_TOKEN, StoreUnavailable
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
-from .forward.headers import SERVER_BANNER
-from .http1 import Request
-from .pages.posture_text import check_text
-from .pages.render import page_headers, render, trusted
-from .pages.session_end import ended_text
-from .pages.when import moment, zone
-from .paths import PathError, normalize_path
-from .responses import DECISION_HEADER, problem, see_other, wants_html
-from .stages.session import clear_cookie_header, cookie_session_id, read_cookie
-from .store.base import ID_TOKEN, StoreUnavailable
+from .posture_text import check_text
+from .render import page_headers, render, trusted
+from .session_end import ended_text
+from .when import moment, zone
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from ..app import Gateway
 
 LOGIN_COOKIE = "__Host-ztgw-oidc"
 
@@ -47,7 +47,7 @@ def page(
 ) -> web.Response:
     """A page in the one skeleton whose body is HTML the caller built and escaped itself.
 
-    Prefer `template_page` (a template under pages/templates, autoescaped)."""
+    Prefer `template_page` (a template under portal/templates, autoescaped)."""
     return template_page(
         "page.html",
         ctx,
@@ -71,7 +71,7 @@ def template_page(
     scripts: tuple[str, ...] = (),
     **values: Any,
 ) -> web.Response:
-    """Every page of the portal: `template` (pages/templates, extends base.html) with the
+    """Every page of the portal: `template` (portal/templates, extends base.html) with the
     branding of the configuration the request is served under.
 
     `form_targets`: origins a form on the page may end up at besides this one (CSP

@@ -2,7 +2,7 @@
 the JSON ceremony endpoints the page's script calls, and the security-key part of the step-up
 page (`/.ztgw/mfa`).
 
-The same rules as TOTP (mfa_endpoints.py): who is stepping up is established with the same
+The same rules as TOTP (portal/mfa.py): who is stepping up is established with the same
 checks as any request (`who_steps_up`); every POST passes `forms.py` first (Fetch Metadata,
 Origin, `application/json`) and carries the page's CSRF token, bound to the device certificate
 and the browser session; adding a key needs a person signed in with the identity provider, and,
@@ -24,13 +24,16 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from .audit import AuditUnavailable
-from .context import RequestContext
-from .decision import Reason, Verdict
+from ..audit import AuditUnavailable
+from ..context import RequestContext
+from ..decision import Reason, Verdict
+from ..forward.headers import SERVER_BANNER
+from ..http1 import Request
+from ..responses import DECISION_HEADER
+from ..store.base import WebAuthnCredential
+from ..webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
-from .forward.headers import SERVER_BANNER
-from .http1 import Request
-from .mfa_endpoints import (
+from .mfa import (
     Who,
     _json,
     _mark_verified,
@@ -41,19 +44,16 @@ from .mfa_endpoints import (
     route_session,
     who_steps_up,
 )
-from .portal import page
-from .responses import DECISION_HEADER
-from .store.base import WebAuthnCredential
-from .webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
+from .signin import page
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from ..app import Gateway
 
 STAGE = "webauthn"
 PURPOSE = "webauthn"
 KEYS_PAGE = "/.ztgw/webauthn"
 SCRIPT = "/.ztgw/webauthn.js"
-_SCRIPT_TEXT = files("ztgateway").joinpath("webauthn.js").read_text(encoding="utf-8")
+_SCRIPT_TEXT = files("ztgateway.portal").joinpath("webauthn.js").read_text(encoding="utf-8")
 
 
 def keys_url(rd: str) -> str:

@@ -11,12 +11,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .audit import AuditUnavailable
-from .context import RequestContext
-from .responses import add_security_headers
+from ..audit import AuditUnavailable
+from ..context import RequestContext
+from ..responses import add_security_headers
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from ..app import Gateway
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 RELAY_PEER_HEADER = "X-Ztgw-Relay-Peer"
@@ -91,11 +91,11 @@ async def metrics(request: web.Request) -> web.Response:
 async def decide(request: web.Request) -> web.Response:
     """POST /decide: the live pipeline's decision for a described request (policy explain).
 
-    Behind the admin token (admin.require_admin). A certificate given as PEM is verified as our
+    Behind the admin token (ops/admin.require_admin). A certificate given as PEM is verified as our
     listener verifies a handshake; one it would refuse is answered with that refusal."""
-    from .certverify import CertRefused
-    from .decisions import refusal
-    from .policycli import explain_json
+    from ..certverify import CertRefused
+    from ..decisions import refusal
+    from ..policycli import explain_json
 
     gw = request.app[GATEWAY_KEY]
     refused: CertRefused | None = None

@@ -1,4 +1,4 @@
-// The browser side of the gateway's WebAuthn ceremonies (webauthn_endpoints.py): asks the
+// The browser side of the gateway's WebAuthn ceremonies (portal/webauthn.py): asks the
 // gateway for options, hands them to navigator.credentials, posts the answer back as JSON.
 // Served from /.ztgw/webauthn.js under a CSP that allows this origin's scripts only.
 "use strict";
