@@ -43,6 +43,7 @@ from .listener import Listener
 from .logs import RateLimit
 from .metrics import Metrics
 from .mfa import MFA
+from .ops.app import create_ops_app
 from .pipeline import Pipeline, default_stages
 from .portal.forms import CSRFTokens
 from .reloading import RESTART_REQUIRED, listener_changes, restart_required
@@ -355,8 +356,6 @@ class Gateway:
         self._budget_fds(self.listener)
         self.port = await self.listener.start(s.host, s.port, reuse_port=self.worker is not None)
         if cfg.ops.enabled:
-            from .ops.app import create_ops_app
-
             self.ops_runner = web.AppRunner(create_ops_app(self), access_log=None)
             await self.ops_runner.setup()
             if self.ops_socket is not None:

@@ -38,7 +38,7 @@ from . import sdnotify
 from .clock import SYSTEM_CLOCK
 from .config import GatewayConfig
 from .lifeline import claim_port
-from .ops.app import RELAY_PEER_HEADER
+from .ops.relay import RELAY_PEER_HEADER
 
 log = logging.getLogger("ztgateway.workers")
 RESTART_BACKOFF = 1.0

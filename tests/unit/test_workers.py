@@ -6,7 +6,7 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztgateway.ops.app import RELAY_PEER_HEADER
+from ztgateway.ops.relay import RELAY_PEER_HEADER
 from ztgateway.workers import Supervisor, merge_metrics
 
 

@@ -24,12 +24,12 @@ from ..certverify import CertRefused, ClientCertVerifier
 from ..context import RequestContext
 from ..decision import Decision, Finding, Reason, Verdict
 from ..posture import MAX_CLOCK_SKEW, PostureError, digest, evaluate, validate_report
+from ..services import SERVICES_KEY, Services
 from ..store.base import REBIND_NEXT, Device, PostureRecord, Store, UserRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 if TYPE_CHECKING:
-    from ..app import Gateway
     from ..config import OpsConfig
 
 ADMIN_ENV = "ZTGW_ADMIN_TOKEN"
@@ -45,7 +45,7 @@ def load_admin_token(cfg: OpsConfig) -> str | None:
 
 
 def _audit(
-    gw: Gateway,
+    gw: Services,
     request: web.Request,
     verdict: Verdict,
     reason: Reason,
@@ -85,9 +85,7 @@ for operators, not a public oracle. /healthz, /readyz, /metrics and /forward-aut
 async def require_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not (request.path.startswith(ADMIN_PATHS[0]) or request.path == ADMIN_PATHS[1]):
         return await handler(request)
-    from .app import GATEWAY_KEY
-
-    gw = request.app[GATEWAY_KEY]
+    gw = request.app[SERVICES_KEY]
     expected = load_admin_token(gw.config.ops)
     auth = request.headers.get("Authorization", "")
     scheme, _, given = auth.partition(" ")
@@ -172,11 +170,8 @@ async def rebind_device(
     )
 
 
-def _gw(request: web.Request) -> Gateway:
-    from .app import GATEWAY_KEY
-
-    gw: Gateway = request.app[GATEWAY_KEY]
-    return gw
+def _gw(request: web.Request) -> Services:
+    return request.app[SERVICES_KEY]
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -367,7 +362,7 @@ MAX_BULK_REPORTS = 1000
 _SOURCE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
-def _bulk_report(gw: Gateway, doc: Any, now: float) -> tuple[str, dict[str, Any], float]:
+def _bulk_report(gw: Services, doc: Any, now: float) -> tuple[str, dict[str, Any], float]:
     """One management-system report, held to the agent's rules plus two of its own: it names
     its device, and it says when the data was collected (which makes replays detectable)."""
     if not isinstance(doc, dict):

@@ -31,13 +31,13 @@ from ..context import RequestContext, spoofed_headers
 from ..decision import Decision, Reason
 from ..headerfamilies import EDGES, CertFormat
 from ..responses import problem
-from .app import RELAY_PEER_HEADER
+from .relay import RELAY_PEER_HEADER
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from ..services import Services
 
 
-def _is_trusted(peer: str, gw: Gateway) -> bool:
+def _is_trusted(peer: str, gw: Services) -> bool:
     try:
         addr = ipaddress.ip_address(peer)
     except ValueError:
@@ -45,7 +45,7 @@ def _is_trusted(peer: str, gw: Gateway) -> bool:
     return any(addr in net for net in gw.config.forward_auth.trusted_proxies)
 
 
-def _answer(ctx: RequestContext, decision: Decision, gw: Gateway) -> web.StreamResponse:
+def _answer(ctx: RequestContext, decision: Decision, gw: Services) -> web.StreamResponse:
     if not decision.allowed or ctx.route is None:
         # nginx auth_request understands only 401 and 403 (anything else becomes a 500).
         status = 401 if decision.status == 401 else 403
@@ -57,12 +57,12 @@ def _answer(ctx: RequestContext, decision: Decision, gw: Gateway) -> web.StreamR
     return web.Response(status=200, headers=gw.asserted_identity(ctx, decision))
 
 
-def _refuse(gw: Gateway, ctx: RequestContext, reason: Reason, detail: str) -> web.StreamResponse:
+def _refuse(gw: Services, ctx: RequestContext, reason: Reason, detail: str) -> web.StreamResponse:
     """A refusal before the pipeline, recorded on the one decision path."""
     return _answer(ctx, gw.decisions.refuse(ctx, reason, detail, "request").decision, gw)
 
 
-async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
+async def forward_auth(request: web.Request, gw: Services) -> web.StreamResponse:
     cfg = gw.runtime.config
     fa = cfg.forward_auth
     peer = request.remote or ""
@@ -79,7 +79,7 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
     edge = EDGES[fa.edge]
     consumed = {n.lower() for n in (edge.uri, edge.method, edge.host, edge.client)}
     if gw.ops_socket is not None:
-        consumed.add(RELAY_PEER_HEADER.lower())  # the supervisor's, read by ops/app.relayed_peer
+        consumed.add(RELAY_PEER_HEADER.lower())  # the supervisor's, read by relay.relayed_peer
     if fa.cert_header:
         consumed.add(fa.cert_header.lower())
     passed = CIMultiDict((k, v) for k, v in h.items() if k.lower() not in consumed)
@@ -118,7 +118,7 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
 
 
 async def verify_forwarded_cert(
-    gw: Gateway, ctx: RequestContext, value: str, fmt: CertFormat
+    gw: Services, ctx: RequestContext, value: str, fmt: CertFormat
 ) -> tuple[Reason, str] | None:
     """Put the header's certificate on `ctx` once verified like a handshake; else the reason
     and detail of the refusal."""

@@ -34,7 +34,7 @@ from .signin import template_page
 from .when import moment, zone
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from ..services import Services
 
 CLOCK_SKEW = 300.0
 JOSE_TYPE = "application/jose"
@@ -49,13 +49,13 @@ def _json(data: dict[str, Any], ctx: RequestContext, status: int = 200) -> web.R
 
 
 def _audit(
-    gw: Gateway, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str = ""
+    gw: Services, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str = ""
 ) -> None:
     gw.record_outcome(ctx, "endpoint", verdict, reason, detail)
 
 
 def _refuse(
-    gw: Gateway, ctx: RequestContext, reason: Reason, detail: str, *, accept: str = ""
+    gw: Services, ctx: RequestContext, reason: Reason, detail: str, *, accept: str = ""
 ) -> web.Response:
     try:
         _audit(gw, ctx, Verdict.DENY, reason, detail)
@@ -65,7 +65,7 @@ def _refuse(
     return problem(reason, ctx.decision_id, accept=accept, detail=detail, look=ctx.look)
 
 
-async def posture_report(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def posture_report(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/posture: the presented certificate's device reports its posture.
 
     Only from the device's agent: another site's page could otherwise post for the visitor's
@@ -161,7 +161,7 @@ async def posture_report(gw: Gateway, request: Request, ctx: RequestContext) -> 
     )
 
 
-async def device_status(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def device_status(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/device: the device's state, last posture and what to fix (page or JSON)."""
     cert = ctx.cert
     accept = request.headers.get("Accept", "")

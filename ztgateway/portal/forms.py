@@ -33,7 +33,7 @@ import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from aiohttp import web
@@ -46,8 +46,8 @@ from ..paths import PathError, encode_path, normalize_path
 from ..responses import problem, wants_html
 
 if TYPE_CHECKING:
-    from ..config import GatewayConfig
     from ..context import RequestContext
+    from ..services import Services
 
 MAX_FORM_BYTES = 4096
 MAX_FORM_FIELDS = 10
@@ -218,22 +218,10 @@ def local_redirect(target: str | None) -> str:
 # --- the checks as the endpoints run them: refusals audited, counted and rendered ------------
 
 
-class FormGateway(Protocol):
-    """What the checks need of the gateway."""
-
-    @property
-    def csrf(self) -> CSRFTokens: ...
-    @property
-    def config(self) -> GatewayConfig: ...
-    def record_outcome(
-        self, ctx: RequestContext, stage: str, verdict: Verdict, reason: Reason, detail: str = ""
-    ) -> None: ...
-
-
 _SAID_TO_PEOPLE = frozenset({Reason.CSRF_INVALID, Reason.ORIGIN_MISMATCH})
 
 
-def refuse(gw: FormGateway, ctx: RequestContext, refusal: Refusal, *, stage: str) -> web.Response:
+def refuse(gw: Services, ctx: RequestContext, refusal: Refusal, *, stage: str) -> web.Response:
     """Audited and counted (the refusal stands even if the audit log cannot take it), then
     problem+json, or a page for a browser."""
     with contextlib.suppress(AuditUnavailable):
@@ -251,7 +239,7 @@ def refuse(gw: FormGateway, ctx: RequestContext, refusal: Refusal, *, stage: str
 
 
 async def read_checked_form(
-    gw: FormGateway,
+    gw: Services,
     request: Request,
     ctx: RequestContext,
     purpose: str,
@@ -279,7 +267,7 @@ async def read_checked_form(
 
 
 async def read_checked_body(
-    gw: FormGateway,
+    gw: Services,
     request: Request,
     ctx: RequestContext,
     *types: str,

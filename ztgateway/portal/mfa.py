@@ -55,7 +55,7 @@ from .signin import login_redirect_to, template_page
 from .when import until, zone
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from ..services import Services
 
 log = logging.getLogger("ztgateway.mfa")
 safe_redirect = local_redirect
@@ -88,7 +88,7 @@ def _rd(ctx: RequestContext) -> str:
     return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
 
 
-def route_session(gw: Gateway, ctx: RequestContext, rd: str) -> RouteSession:
+def route_session(gw: Services, ctx: RequestContext, rd: str) -> RouteSession:
     """The session settings of the route `rd` leads to (what a step-up for it must meet)."""
     try:
         route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
@@ -97,7 +97,7 @@ def route_session(gw: Gateway, ctx: RequestContext, rd: str) -> RouteSession:
     return route.session if route is not None else RouteSession()
 
 
-async def who_steps_up(gw: Gateway, ctx: RequestContext, rd: str = "/") -> Who | Reason:
+async def who_steps_up(gw: Services, ctx: RequestContext, rd: str = "/") -> Who | Reason:
     """The identity behind this request, or the reason there is none we may step up.
 
     The same checks the identity, device and session stages make for the route `rd` leads to.
@@ -134,7 +134,7 @@ async def who_steps_up(gw: Gateway, ctx: RequestContext, rd: str = "/") -> Who |
     return who
 
 
-async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason:
+async def _credential(gw: Services, ctx: RequestContext, rd: str) -> Who | Reason:
     cert = ctx.cert
     assert cert is not None
     store = gw.store
@@ -183,7 +183,7 @@ async def _credential(gw: Gateway, ctx: RequestContext, rd: str) -> Who | Reason
 
 
 def _record(
-    gw: Gateway,
+    gw: Services,
     ctx: RequestContext,
     verdict: Verdict,
     reason: Reason,
@@ -199,7 +199,7 @@ def _record(
 
 
 def _refused(
-    gw: Gateway,
+    gw: Services,
     ctx: RequestContext,
     reason: Reason,
     detail: str,
@@ -219,7 +219,7 @@ def _refused(
     )
 
 
-def _unidentified(gw: Gateway, ctx: RequestContext, reason: Reason, rd: str) -> web.Response:
+def _unidentified(gw: Services, ctx: RequestContext, reason: Reason, rd: str) -> web.Response:
     """No identity to step up: a person whose sign-in has ended signs in again."""
     if gw.oidc is not None and ctx.wants_html and reason in _SIGN_IN_AGAIN:
         with contextlib.suppress(AuditUnavailable):
@@ -229,7 +229,7 @@ def _unidentified(gw: Gateway, ctx: RequestContext, reason: Reason, rd: str) -> 
 
 
 async def _mark_verified(
-    gw: Gateway, ctx: RequestContext, who: Who, method: str, *, user_verified: bool = False
+    gw: Services, ctx: RequestContext, who: Who, method: str, *, user_verified: bool = False
 ) -> str | None:
     """Record the step-up (its factor, and whether the person was verified: what a route's
     `step_up_factors` checks); returns the Set-Cookie of the browser session it (re)issued."""
@@ -317,7 +317,7 @@ class CodeRefused:
 
 
 async def _check_code(
-    gw: Gateway, ctx: RequestContext, who: Who, code: object
+    gw: Services, ctx: RequestContext, who: Who, code: object
 ) -> str | CodeRefused:
     """'totp' or 'backup', or why not (audited and counted)."""
     try:
@@ -334,13 +334,13 @@ async def _check_code(
     return method
 
 
-def _audited(gw: Gateway, ctx: RequestContext, who: Who, refused: CodeRefused) -> CodeRefused:
+def _audited(gw: Services, ctx: RequestContext, who: Who, refused: CodeRefused) -> CodeRefused:
     with contextlib.suppress(AuditUnavailable):
         _record(gw, ctx, Verdict.DENY, refused.reason, refused.detail, who.user)
     return refused
 
 
-def _code_refused(gw: Gateway, ctx: RequestContext, who: Who, exc: TOTPError) -> CodeRefused:
+def _code_refused(gw: Services, ctx: RequestContext, who: Who, exc: TOTPError) -> CodeRefused:
     gw.metrics.step_ups.labels("failed").inc()
     retry = max(1, math.ceil(exc.locked_until - ctx.now)) if exc.locked_until else None
     refused = CodeRefused(Reason(exc.reason), exc.reason, retry, exc.locked_until)
@@ -350,7 +350,7 @@ def _code_refused(gw: Gateway, ctx: RequestContext, who: Who, exc: TOTPError) ->
 # --- the API -------------------------------------------------------------------------------
 
 
-async def verify_api(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def verify_api(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/mfa/verify {"code": "123456"} (application/json) with the same certificate
     and token or cookie the step-up is for."""
     raw = await read_checked_body(gw, request, ctx, JSON_TYPE, limit=MAX_FORM_BYTES, stage="mfa")
@@ -384,7 +384,7 @@ async def verify_api(gw: Gateway, request: Request, ctx: RequestContext) -> web.
 
 
 def _code_form(
-    gw: Gateway,
+    gw: Services,
     ctx: RequestContext,
     who_cookie: str | None,
     *,
@@ -417,7 +417,7 @@ _WHY = {
 
 
 def _step_up(
-    gw: Gateway,
+    gw: Services,
     ctx: RequestContext,
     who: Who,
     rd: str,
@@ -453,7 +453,7 @@ def _step_up(
     )
 
 
-async def _step_up_choice(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -> web.Response:
+async def _step_up_choice(gw: Services, ctx: RequestContext, who: Who, rd: str) -> web.Response:
     """The factors the person has that the route `rd` takes: a security key, a TOTP code, or
     both; none yet: set one up (a security key where the route takes nothing else)."""
     from . import webauthn as wa
@@ -486,7 +486,7 @@ _MESSAGES = {
 
 
 async def _posted_form(
-    gw: Gateway, request: Request, ctx: RequestContext, purpose: str
+    gw: Services, request: Request, ctx: RequestContext, purpose: str
 ) -> dict[str, str] | web.Response:
     """The fields of one of these pages' forms once forms.py passed it (before anyone is
     identified or anything is counted), or its refusal."""
@@ -494,7 +494,7 @@ async def _posted_form(
     return await read_checked_form(gw, request, ctx, purpose, cookie, stage="mfa")
 
 
-async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def step_up_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows the code form; POST checks it and sends the browser back to `rd`."""
     if request.method == "GET":
         rd = _rd(ctx)
@@ -532,7 +532,7 @@ async def step_up_page(gw: Gateway, request: Request, ctx: RequestContext) -> we
 
 
 def _enrol_page(
-    gw: Gateway, ctx: RequestContext, who: Who, rd: str, *, status: int = 200, error: str = ""
+    gw: Services, ctx: RequestContext, who: Who, rd: str, *, status: int = 200, error: str = ""
 ) -> web.Response:
     """What the person sees at /.ztgw/mfa/enroll, from the state of their enrolment."""
     now = ctx.now
@@ -558,7 +558,7 @@ def _enrol_page(
 
 
 def _enrol_form(
-    gw: Gateway, ctx: RequestContext, who: Who, rd: str, action: str, label: str, button: str,
+    gw: Services, ctx: RequestContext, who: Who, rd: str, action: str, label: str, button: str,
     error: str,
 ) -> dict[str, Any]:  # fmt: skip
     return _code_form(
@@ -568,7 +568,7 @@ def _enrol_form(
 
 
 def _pending_page(
-    gw: Gateway,
+    gw: Services,
     ctx: RequestContext,
     who: Who,
     rd: str,
@@ -593,7 +593,7 @@ def _pending_page(
 
 
 async def _signed_in(
-    gw: Gateway,
+    gw: Services,
     ctx: RequestContext,
     rd: str,
     enrol_here: str | None = None,
@@ -622,7 +622,7 @@ async def _signed_in(
     )
 
 
-async def enroll_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def enroll_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows the enrolment as it stands; POST starts, replaces or confirms it."""
     if not gw.mfa.available:
         return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "MFA is not configured")
@@ -654,7 +654,7 @@ async def enroll_page(gw: Gateway, request: Request, ctx: RequestContext) -> web
 
 
 def _enrol_refused(
-    gw: Gateway, ctx: RequestContext, who: Who, rd: str, refused: CodeRefused
+    gw: Services, ctx: RequestContext, who: Who, rd: str, refused: CodeRefused
 ) -> web.Response:
     """A person sees the enrolment page again (same QR code) with what went wrong; a program
     gets problem+json."""
@@ -668,7 +668,7 @@ def _back_to_enrolment(ctx: RequestContext, rd: str) -> web.Response:
     return see_other("/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/"), ctx.decision_id)
 
 
-async def _start(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -> web.Response:
+async def _start(gw: Services, ctx: RequestContext, who: Who, rd: str) -> web.Response:
     if gw.mfa.enrolled(who.user):
         # Replacing a factor needs the current one: the "replace" form.
         refused = CodeRefused(Reason.MFA_ENROLMENT_EXISTS, "start: replace with the current code")
@@ -679,7 +679,7 @@ async def _start(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -> web.Res
     return _back_to_enrolment(ctx, rd)
 
 
-async def _replace(gw: Gateway, ctx: RequestContext, who: Who, rd: str, code: str) -> web.Response:
+async def _replace(gw: Services, ctx: RequestContext, who: Who, rd: str, code: str) -> web.Response:
     if not gw.mfa.enrolled(who.user):
         return _back_to_enrolment(ctx, rd)
     result = await _check_code(gw, ctx, who, code)
@@ -698,7 +698,7 @@ async def _replace(gw: Gateway, ctx: RequestContext, who: Who, rd: str, code: st
     return _back_to_enrolment(ctx, rd)
 
 
-async def _confirm(gw: Gateway, ctx: RequestContext, who: Who, rd: str, code: str) -> web.Response:
+async def _confirm(gw: Services, ctx: RequestContext, who: Who, rd: str, code: str) -> web.Response:
     try:
         enrollment = await gw.mfa.confirm_enrolment(who.user, code, ctx.now)
     except LookupError:
@@ -721,7 +721,7 @@ async def _confirm(gw: Gateway, ctx: RequestContext, who: Who, rd: str, code: st
     )
 
 
-def _user_zone(gw: Gateway, user: str) -> ZoneInfo:
+def _user_zone(gw: Services, user: str) -> ZoneInfo:
     account = gw.store.user(user)
     return zone(account.timezone if account else None, gw.config.risk.default_timezone)
 

@@ -30,7 +30,7 @@ from .session_end import ended_text
 from .when import moment, zone
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from ..services import Services
 
 LOGIN_COOKIE = "__Host-ztgw-oidc"
 
@@ -97,7 +97,7 @@ def template_page(
 
 
 def _record(
-    gw: Gateway, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str
+    gw: Services, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str
 ) -> None:
     with contextlib.suppress(AuditUnavailable):
         gw.record_outcome(ctx, "portal", verdict, reason, detail)
@@ -116,7 +116,7 @@ def login_redirect_to(target: str) -> str:
     return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
-def _offered(gw: Gateway, ctx: RequestContext, rd: str) -> list[OIDCClient]:
+def _offered(gw: Services, ctx: RequestContext, rd: str) -> list[OIDCClient]:
     """The providers the route at `rd` accepts (all, when no route matches: the route itself
     enforces its choice when the browser comes back, so this only spares a useless choice)."""
     try:
@@ -132,7 +132,7 @@ def _start_url(provider: str, rd: str) -> str:
     return "/.ztgw/login/start?" + urlencode({"provider": provider, "rd": rd}, safe="/")
 
 
-async def login_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def login_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/login: the providers the route accepts; with one, straight to it.
 
     The chooser lists each provider as a link that starts its sign-in (a GET, as the provider's
@@ -164,7 +164,7 @@ async def login_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.
     )
 
 
-async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def login_start(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/login/start?provider=NAME&rd=PATH: begin the sign-in with that provider."""
     if not gw.providers or ctx.cert is None:
         return problem(
@@ -231,7 +231,7 @@ async def login_start(gw: Gateway, request: Request, ctx: RequestContext) -> web
     return see_other(start.authorization_url, ctx.decision_id, cookie)
 
 
-async def callback(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def callback(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET <redirect URI path>: finish the code flow of the provider this path belongs to,
     start the session (under the provider's name space), go back to `rd`."""
     oidc = gw.providers.by_callback(ctx.path or "")
@@ -328,7 +328,7 @@ def _provider_ids(sub: str, sid: object) -> dict[str, str]:
     return ids
 
 
-def _provider_origins(gw: Gateway) -> tuple[str, ...]:
+def _provider_origins(gw: Services) -> tuple[str, ...]:
     """Where sign-out may continue: each provider's end-session endpoint (its issuer's origin
     until discovery has told us the endpoint)."""
     origins: list[str] = []
@@ -345,7 +345,7 @@ def _provider_origins(gw: Gateway) -> tuple[str, ...]:
     return tuple(origins)
 
 
-async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def logout(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows a confirmation form (CSRF token); POST ends the session and the provider's."""
     name = gw.config.sessions.cookie_name
     cookie = read_cookie(ctx.headers.get("Cookie", ""), name)
@@ -386,22 +386,22 @@ async def logout(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
     return see_other(target, ctx.decision_id, clear_cookie_header(name))
 
 
-async def home(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def home(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/: the gateway's own namespace, not an application: the person's page."""
     return see_other("/.ztgw/whoami", ctx.decision_id)
 
 
-async def signed_out(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def signed_out(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     gw.metrics.portal_views.labels("signed-out", "shown").inc()
     return template_page("signed_out.html", ctx, title="Signed out")
 
 
-def _provider_label(gw: Gateway, name: str) -> str:
+def _provider_label(gw: Services, name: str) -> str:
     client = gw.providers.get(name)
     return client.cfg.label if client is not None else name
 
 
-async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def whoami(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """Identity, device, posture, risk contributions and session times, as the gateway sees them."""
     probe = RequestContext.synthetic(
         method="GET",

@@ -47,7 +47,7 @@ from .mfa import (
 from .signin import page
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from ..services import Services
 
 STAGE = "webauthn"
 PURPOSE = "webauthn"
@@ -60,7 +60,7 @@ def keys_url(rd: str) -> str:
     return KEYS_PAGE + "?rd=" + quote(rd, safe="/")
 
 
-async def script(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def script(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/webauthn.js: the pages' one script (CSP allows no inline script)."""
     resp = web.Response(text=_SCRIPT_TEXT, content_type="text/javascript")
     resp.headers[DECISION_HEADER] = ctx.decision_id
@@ -70,7 +70,7 @@ async def script(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
     return resp
 
 
-def _fresh(gw: Gateway, ctx: RequestContext, who: Who) -> bool:
+def _fresh(gw: Services, ctx: RequestContext, who: Who) -> bool:
     session = who.session
     validity = gw.config.sessions.step_up_validity
     return (
@@ -78,19 +78,19 @@ def _fresh(gw: Gateway, ctx: RequestContext, who: Who) -> bool:
     )
 
 
-async def _needs_step_up(gw: Gateway, ctx: RequestContext, who: Who) -> bool:
+async def _needs_step_up(gw: Services, ctx: RequestContext, who: Who) -> bool:
     """SECURITY: an account with a second factor adds another only right after using one."""
     if _fresh(gw, ctx, who):
         return False
     return gw.mfa.enrolled(who.user) or bool(await gw.webauthn.credentials(who.user))
 
 
-async def _person(gw: Gateway, ctx: RequestContext, rd: str) -> Who | web.Response:
+async def _person(gw: Services, ctx: RequestContext, rd: str) -> Who | web.Response:
     """A person signed in with the identity provider, in this browser, on this device."""
     return await _signed_in(gw, ctx, rd, keys_url(rd), STAGE)
 
 
-def _section(gw: Gateway, ctx: RequestContext, who: Who, rd: str, inner: str) -> str:
+def _section(gw: Services, ctx: RequestContext, who: Who, rd: str, inner: str) -> str:
     token = gw.csrf.issue(PURPOSE, csrf_binding(ctx, who.cookie_value), ctx.now)
     return (
         f'<div id="webauthn" data-csrf="{html.escape(token)}" data-rd="{html.escape(rd)}">'
@@ -115,7 +115,7 @@ def _key_list(credentials: list[WebAuthnCredential]) -> str:
     return f'<ul id="webauthn-keys">{rows}</ul>'
 
 
-async def keys_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def keys_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/webauthn: the person's keys, and the button that adds one."""
     if not gw.webauthn.available:
         return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "WebAuthn is not configured")
@@ -147,7 +147,7 @@ async def keys_page(gw: Gateway, request: Request, ctx: RequestContext) -> web.S
     return page("Security keys and passkeys", body, ctx, scripts=(SCRIPT,))
 
 
-async def step_up_section(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -> str | None:
+async def step_up_section(gw: Services, ctx: RequestContext, who: Who, rd: str) -> str | None:
     """The step-up page's security-key button, or None when this person has no key here."""
     if not gw.webauthn.available or who.kind != "cookie":
         return None
@@ -167,7 +167,7 @@ async def step_up_section(gw: Gateway, ctx: RequestContext, who: Who, rd: str) -
 
 
 async def _posted(
-    gw: Gateway, request: Request, ctx: RequestContext
+    gw: Services, request: Request, ctx: RequestContext
 ) -> tuple[dict[str, Any], str] | web.Response:
     """The JSON body once forms.py passed it, with a valid CSRF token; and its `rd`."""
     if not gw.webauthn.available:
@@ -186,7 +186,7 @@ async def _posted(
     return body, local_redirect(body.get("rd") if isinstance(body.get("rd"), str) else None)
 
 
-def _csrf_ok(gw: Gateway, ctx: RequestContext, who: Who, body: dict[str, Any]) -> bool:
+def _csrf_ok(gw: Services, ctx: RequestContext, who: Who, body: dict[str, Any]) -> bool:
     token = body.get("csrf")
     binding = csrf_binding(ctx, who.cookie_value)
     return isinstance(token, str) and gw.csrf.valid(token, PURPOSE, binding, ctx.now)
@@ -201,7 +201,7 @@ def _options(text: str, ctx: RequestContext) -> web.Response:
 
 
 def _ceremony_refused(
-    gw: Gateway, ctx: RequestContext, who: Who, ceremony: str, refused: WebAuthnRefused
+    gw: Services, ctx: RequestContext, who: Who, ceremony: str, refused: WebAuthnRefused
 ) -> web.Response:
     gw.metrics.webauthn_ceremonies.labels(ceremony, refused.reason.value).inc()
     if ceremony == "authenticate":
@@ -210,7 +210,7 @@ def _ceremony_refused(
 
 
 async def _for_ceremony(
-    gw: Gateway, request: Request, ctx: RequestContext, *, adding: bool
+    gw: Services, request: Request, ctx: RequestContext, *, adding: bool
 ) -> tuple[dict[str, Any], str, Who] | web.Response:
     posted = await _posted(gw, request, ctx)
     if isinstance(posted, web.Response):
@@ -249,7 +249,7 @@ async def _for_ceremony(
 
 
 async def _begin(
-    gw: Gateway, request: Request, ctx: RequestContext, *, adding: bool
+    gw: Services, request: Request, ctx: RequestContext, *, adding: bool
 ) -> tuple[Who, bool] | web.Response:
     """Who asks for options, and whether the route `rd` leads to wants user verification."""
     checked = await _for_ceremony(gw, request, ctx, adding=adding)
@@ -260,7 +260,7 @@ async def _begin(
 
 
 async def register_options(
-    gw: Gateway, request: Request, ctx: RequestContext
+    gw: Services, request: Request, ctx: RequestContext
 ) -> web.StreamResponse:
     """POST /.ztgw/webauthn/register/options {"csrf", "rd"}: options for credentials.create()."""
     begun = await _begin(gw, request, ctx, adding=True)
@@ -273,7 +273,7 @@ async def register_options(
     return _options(options, ctx)
 
 
-async def register(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def register(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/webauthn/register {"csrf", "rd", "name", "credential"}."""
     checked = await _for_ceremony(gw, request, ctx, adding=True)
     if isinstance(checked, web.Response):
@@ -296,7 +296,7 @@ async def register(gw: Gateway, request: Request, ctx: RequestContext) -> web.St
 
 
 async def authenticate_options(
-    gw: Gateway, request: Request, ctx: RequestContext
+    gw: Services, request: Request, ctx: RequestContext
 ) -> web.StreamResponse:
     """POST /.ztgw/webauthn/authenticate/options {"csrf", "rd"}: for credentials.get()."""
     begun = await _begin(gw, request, ctx, adding=False)
@@ -314,7 +314,7 @@ async def authenticate_options(
     return _options(options, ctx)
 
 
-async def authenticate(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def authenticate(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/webauthn/authenticate {"csrf", "rd", "credential"}: the step-up."""
     checked = await _for_ceremony(gw, request, ctx, adding=False)
     if isinstance(checked, web.Response):
