@@ -18,7 +18,7 @@ from ztgateway.cli import main
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
 from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
-from ztgateway.portal.mfa import safe_redirect
+from ztgateway.portal.forms import local_redirect
 
 
 def client(
@@ -299,7 +299,7 @@ def gateway_config_path(certs: Certs, tmp_path: Any) -> Any:
     ],
 )
 def test_redirect_targets_stay_on_this_origin(rd: str | None, expected: str) -> None:
-    assert safe_redirect(rd) == expected
+    assert local_redirect(rd) == expected
 
 
 async def test_session_history_is_kept_in_the_store_and_shown(

@@ -16,7 +16,6 @@ from aiohttp import web
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..decision import Reason, Verdict
-from ..forward.headers import SERVER_BANNER
 from ..http1 import Request
 from ..posture import (
     MAX_REPORT_BYTES,
@@ -25,12 +24,12 @@ from ..posture import (
     validate_report,
     verify_signed_report,
 )
-from ..responses import DECISION_HEADER, problem, wants_html
+from ..responses import problem, wants_html
 from ..stages.device import posture_for
 from ..store.base import PostureRecord
 from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
 from .posture_text import check_text
-from .signin import template_page
+from .render import json_answer, template_page
 from .when import moment, zone
 
 if TYPE_CHECKING:
@@ -38,14 +37,6 @@ if TYPE_CHECKING:
 
 CLOCK_SKEW = 300.0
 JOSE_TYPE = "application/jose"
-
-
-def _json(data: dict[str, Any], ctx: RequestContext, status: int = 200) -> web.Response:
-    resp = web.json_response(data, status=status)
-    resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    return resp
 
 
 def _audit(
@@ -155,7 +146,7 @@ async def posture_report(gw: Services, request: Request, ctx: RequestContext) ->
         _audit(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "posture report accepted")
     except AuditUnavailable:
         return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, look=ctx.look)
-    return _json(
+    return json_answer(
         {"device_id": cert.device_id, "accepted": True, "signed": signed, **evaluation.to_json()},
         ctx,
     )
@@ -180,7 +171,7 @@ async def device_status(gw: Services, request: Request, ctx: RequestContext) -> 
         "remediation": [c.remediation for c in evaluation.checks if not c.passed],
     }
     if not wants_html(accept):
-        return _json(data, ctx)
+        return json_answer(data, ctx)
     rd = parse_qs(ctx.query).get("rd", [""])[0]
     back = local_redirect(rd) if rd else ""
     views = [check_text(c) for c in evaluation.checks]

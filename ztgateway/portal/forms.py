@@ -34,7 +34,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 from aiohttp import web
 
@@ -213,6 +213,12 @@ def local_redirect(target: str | None) -> str:
         return "/"
     query = quote(query.partition("#")[0], safe=_QUERY_SAFE)
     return encode_path(norm) + ("?" + query if query else "")
+
+
+def return_target(ctx: RequestContext) -> str:
+    """Where a page sends the browser back to afterwards: its `rd` query parameter, held to
+    `local_redirect`."""
+    return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
 
 
 # --- the checks as the endpoints run them: refusals audited, counted and rendered ------------

@@ -1,14 +1,8 @@
 """The second factor over HTTP: `POST /.ztgw/mfa/verify` (API clients), `/.ztgw/mfa` (the
 step-up page) and `/.ztgw/mfa/enroll` (setting up an authenticator), for people and programs.
 
-Who is stepping up is established as on any request, and held to the same checks (issue 18,
-L3): a valid, unrevoked client certificate of a device that is not revoked (nor another user's
-where the configuration refuses that); then the bearer token bound to it, or the gateway's
-session cookie (not revoked, not past its absolute or idle timeout, of this very device), or
-else the certificate's user; and an account that is not locked. A step-up never extends a
-session: the rotated session keeps its expiry.
-
-Every POST first passes `forms.py` (Fetch Metadata, Origin, content type; a CSRF token on
+Who is stepping up is established by stepup.py, with the same checks as any request (issue 18,
+L3); a step-up never extends a session. Every POST first passes `forms.py` (Fetch Metadata, Origin, content type; a CSRF token on
 forms), before the identity is looked at or an attempt counted, so another site can neither
 burn someone's attempts (L1) nor enrol them (M1). Enrolment needs a person signed in with the
 identity provider (not a certificate alone), is a POST, stays pending until a code from the new
@@ -29,19 +23,14 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from ..audit import AuditUnavailable
-from ..config import RouteSession
-from ..context import Identity, LockView, RequestContext
-from ..credentials.jwt import TokenError, check_binding
+from ..context import RequestContext
 from ..credentials.totp import SealedSecretError, TOTPError, qr_svg
 from ..decision import Reason, Verdict
-from ..forward.headers import SERVER_BANNER
 from ..http1 import Request
 from ..mfa import MFABusy, MFAUnavailable, PendingEnrolment
-from ..paths import PathError, normalize_path
-from ..responses import DECISION_HEADER, lock_ends_text, problem, see_other
-from ..stages.identity import identity_from_token
-from ..stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
-from ..store.base import ID_TOKEN, Session
+from ..responses import problem, see_other
+from ..stages.session import read_cookie
+from . import webauthn as wa
 from .forms import (
     JSON_TYPE,
     MAX_FORM_BYTES,
@@ -49,246 +38,25 @@ from .forms import (
     local_redirect,
     read_checked_body,
     read_checked_form,
+    return_target,
 )
-from .render import trusted
-from .signin import login_redirect_to, template_page
+from .render import json_answer, template_page, trusted
+from .stepup import (
+    Who,
+    mark_verified,
+    record,
+    refuse_mfa,
+    route_session,
+    signed_in,
+    unidentified,
+    who_steps_up,
+)
 from .when import until, zone
 
 if TYPE_CHECKING:
     from ..services import Services
 
 log = logging.getLogger("ztgateway.mfa")
-safe_redirect = local_redirect
-"""Where `rd` may lead: a path on this origin (kept under its old name for callers)."""
-
-_SIGN_IN_AGAIN = frozenset(
-    {
-        Reason.IDENTITY_UNAUTHENTICATED,
-        Reason.SESSION_EXPIRED,
-        Reason.SESSION_INVALID,
-        Reason.SESSION_TERMINATED,
-    }
-)
-
-
-@dataclass(slots=True)
-class Who:
-    """The identity a step-up or an enrolment is for."""
-
-    user: str
-    kind: str  # "token" | "cookie" | "cert"
-    session_id: str
-    session: Session | None
-    cookie_value: str | None = None
-    signed_in: bool = False
-    """A session from a sign-in with the identity provider (what enrolment needs)."""
-
-
-def _rd(ctx: RequestContext) -> str:
-    return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
-
-
-def route_session(gw: Services, ctx: RequestContext, rd: str) -> RouteSession:
-    """The session settings of the route `rd` leads to (what a step-up for it must meet)."""
-    try:
-        route = gw.runtime.routes.match(ctx.host, normalize_path(rd.partition("?")[0]))
-    except PathError:
-        route = None
-    return route.session if route is not None else RouteSession()
-
-
-async def who_steps_up(gw: Services, ctx: RequestContext, rd: str = "/") -> Who | Reason:
-    """The identity behind this request, or the reason there is none we may step up.
-
-    The same checks the identity, device and session stages make for the route `rd` leads to.
-    """
-    now = ctx.now
-    cert = ctx.cert
-    if cert is None:
-        return Reason.CLIENT_CERT_REQUIRED
-    if gw.tls.current.revocations.is_revoked(cert.serial):
-        return Reason.CLIENT_CERT_REVOKED
-    if not (cert.not_before <= now <= cert.not_after) or not cert.client_auth:
-        return Reason.CLIENT_CERT_INVALID
-    store = gw.store
-    device = store.device(cert.device_id)
-    if device is not None and device.state == "revoked":
-        return Reason.DEVICE_REVOKED
-    who = await _credential(gw, ctx, rd)
-    if isinstance(who, Reason):
-        return who
-    if (
-        device is not None
-        and device.owner
-        and device.owner != who.user
-        and gw.config.devices.owner_mismatch == "deny"
-    ):
-        return Reason.DEVICE_OWNER_MISMATCH
-    account = store.user(who.user)
-    if account is not None and account.locked(now):
-        assert account.locked_until is not None
-        ctx.locked = LockView(
-            account.locked_until, account.timezone or gw.config.risk.default_timezone
-        )
-        return Reason.ACCOUNT_LOCKED
-    return who
-
-
-async def _credential(gw: Services, ctx: RequestContext, rd: str) -> Who | Reason:
-    cert = ctx.cert
-    assert cert is not None
-    store = gw.store
-    auth = ctx.headers.getall("Authorization", ())
-    if len(auth) > 1:
-        return Reason.TOKEN_INVALID
-    if auth:
-        scheme, _, credential = auth[0].partition(" ")
-        if scheme.lower() != "bearer" or gw.tokens is None:
-            return Reason.TOKEN_INVALID
-        try:
-            token = await gw.tokens.verify(credential.strip(), now=ctx.now)
-        except TokenError as exc:
-            return exc.reason
-        binding = check_binding(token, cert.der, required=False)
-        if binding is not None:
-            return binding
-        sid = token_session_id(token.token_hash)
-        session = await store.find_session(sid)
-        if session is not None and session.revoked:
-            return Reason.SESSION_TERMINATED
-        # The user the pipeline sees for this token (its issuer's claim map), not `sub`.
-        user = identity_from_token(token, gw.config.claim_maps.get(token.issuer), None).user
-        if not user:
-            return Reason.TOKEN_CLAIMS_INVALID
-        return Who(user, "token", sid, session)
-    cookie = read_cookie(ctx.headers.get("Cookie", ""), gw.config.sessions.cookie_name)
-    if cookie is not None:
-        sid = cookie_session_id(cookie)
-        session = await store.find_session(sid)
-        if session is None:
-            return Reason.SESSION_INVALID
-        if session.revoked:
-            return Reason.SESSION_TERMINATED
-        idle = route_session(gw, ctx, rd).idle_timeout or gw.config.sessions.idle_timeout
-        if ctx.now >= session.expires_at or ctx.now - session.last_seen > idle:
-            # SECURITY: a code must not revive a session that has ended (issue 18, L3).
-            return Reason.SESSION_EXPIRED
-        if session.device_id != cert.device_id:
-            return Reason.SESSION_INVALID
-        signed_in = session.extra.get("source") == "oidc"
-        return Who(session.user, "cookie", sid, session, cookie, signed_in)
-    if cert.user:
-        return Who(cert.user, "cert", "", None)
-    return Reason.IDENTITY_UNAUTHENTICATED
-
-
-def _record(
-    gw: Services,
-    ctx: RequestContext,
-    verdict: Verdict,
-    reason: Reason,
-    detail: str,
-    user: str | None,
-    stage: str = "mfa",
-) -> None:
-    if user:
-        ctx.identity = Identity(
-            user=user, source="mfa", device_id=ctx.cert.device_id if ctx.cert else None
-        )
-    gw.record_outcome(ctx, stage, verdict, reason, detail)
-
-
-def _refused(
-    gw: Services,
-    ctx: RequestContext,
-    reason: Reason,
-    detail: str,
-    user: str | None = None,
-    stage: str = "mfa",
-) -> web.Response:
-    """Audited (best effort: the refusal stands either way), counted, rendered."""
-    with contextlib.suppress(AuditUnavailable):
-        _record(gw, ctx, Verdict.DENY, reason, detail, user, stage)
-    return problem(
-        reason,
-        ctx.decision_id,
-        accept=ctx.headers.get("Accept", ""),
-        detail=detail,
-        look=ctx.look,
-        lock_ends=lock_ends_text(ctx) if reason is Reason.ACCOUNT_LOCKED else None,
-    )
-
-
-def _unidentified(gw: Services, ctx: RequestContext, reason: Reason, rd: str) -> web.Response:
-    """No identity to step up: a person whose sign-in has ended signs in again."""
-    if gw.oidc is not None and ctx.wants_html and reason in _SIGN_IN_AGAIN:
-        with contextlib.suppress(AuditUnavailable):
-            _record(gw, ctx, Verdict.DENY, reason, "step-up: sign in again", None)
-        return see_other(login_redirect_to(rd), ctx.decision_id)
-    return _refused(gw, ctx, reason, "step-up identity")
-
-
-async def _mark_verified(
-    gw: Services, ctx: RequestContext, who: Who, method: str, *, user_verified: bool = False
-) -> str | None:
-    """Record the step-up (its factor, and whether the person was verified: what a route's
-    `step_up_factors` checks); returns the Set-Cookie of the browser session it (re)issued."""
-    now = ctx.now
-    store = gw.store
-    session = who.session
-    if who.kind == "token":
-        if session is None:
-            sessions = gw.config.sessions
-            expires = now + sessions.absolute_timeout
-            session = Session(
-                session_id=who.session_id,
-                kind="token",
-                user=who.user,
-                device_id=ctx.cert.device_id if ctx.cert else None,
-                start_ip=ctx.client_ip,
-                last_ip=ctx.client_ip,
-                user_agent=ctx.headers.get("User-Agent", ""),
-                created=now,
-                last_seen=now,
-                expires_at=expires,
-            )
-        session.mfa_at = now
-        session.anomaly, session.anomaly_at = 0.0, now
-        session.verified_ip = ctx.client_ip
-        session.extra[MFA_METHOD] = method
-        session.extra[MFA_UV] = user_verified
-        session.extra.pop("anomaly_since", None)
-        await store.save_session(session)
-        return None
-    # SECURITY: privilege changed, so a browser gets a fresh session id (no fixation); the
-    # old one ends, and what the sign-in established (provider, groups, e-mail, the ID token
-    # for logout) moves to the new one, with the old one's expiry.
-    extra: dict[str, Any] = {}
-    if session is not None:
-        extra = {k: v for k, v in session.extra.items() if k != "anomaly_since"}
-        id_token = await store.session_id_token(session.session_id)
-        if id_token:
-            extra[ID_TOKEN] = id_token
-    extra[MFA_METHOD] = method
-    extra[MFA_UV] = user_verified
-    return await gw.keeper.start_browser_session(
-        ctx,
-        user=who.user,
-        extra=extra,
-        replaces=session,
-        replaced_because="rotated after step-up",
-        mfa_at=now,
-    )
-
-
-def _json(data: dict[str, Any], ctx: RequestContext, cookie: str | None = None) -> web.Response:
-    resp = web.json_response(data)
-    resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    if cookie:
-        resp.headers["Set-Cookie"] = cookie
-    return resp
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +104,7 @@ async def _check_code(
 
 def _audited(gw: Services, ctx: RequestContext, who: Who, refused: CodeRefused) -> CodeRefused:
     with contextlib.suppress(AuditUnavailable):
-        _record(gw, ctx, Verdict.DENY, refused.reason, refused.detail, who.user)
+        record(gw, ctx, Verdict.DENY, refused.reason, refused.detail, who.user)
     return refused
 
 
@@ -358,26 +126,28 @@ async def verify_api(gw: Services, request: Request, ctx: RequestContext) -> web
         return raw
     who = await who_steps_up(gw, ctx)
     if isinstance(who, Reason):
-        return _refused(gw, ctx, who, "step-up identity")
+        return refuse_mfa(gw, ctx, who, "step-up identity")
     try:
         body = json.loads(raw)
         if not isinstance(body, dict) or set(body) != {"code"}:
             raise ValueError('expected {"code": "123456"}')
     except (ValueError, RecursionError) as exc:
-        return _refused(gw, ctx, Reason.REQUEST_INVALID, str(exc)[:100], who.user)
+        return refuse_mfa(gw, ctx, Reason.REQUEST_INVALID, str(exc)[:100], who.user)
     result = await _check_code(gw, ctx, who, body["code"])
     if isinstance(result, CodeRefused):
         return result.response(ctx)
     try:
-        _record(
+        record(
             gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"step-up passed ({result})", who.user
         )
     except AuditUnavailable:
         return problem(Reason.SERVICE_UNAVAILABLE, ctx.decision_id, look=ctx.look)
     # The browser session the step-up rotated goes back to the caller (issue 18, I2): without
     # it a cookie client would have revoked its own session.
-    cookie = await _mark_verified(gw, ctx, who, result)
-    return _json({"mfa_verified_at": int(ctx.now), "user": who.user, "method": result}, ctx, cookie)
+    cookie = await mark_verified(gw, ctx, who, result)
+    return json_answer(
+        {"mfa_verified_at": int(ctx.now), "user": who.user, "method": result}, ctx, cookie=cookie
+    )
 
 
 # --- the step-up page ----------------------------------------------------------------------
@@ -431,8 +201,6 @@ def _step_up(
 ) -> web.Response:
     """The step-up page: the security-key section (HTML portal/webauthn.py built and escaped)
     where the route takes a key the person has, the TOTP form where it takes TOTP."""
-    from . import webauthn as wa
-
     # The reason travels with the form, so a wrong code keeps the page's words.
     form = _code_form(
         gw, ctx, who.cookie_value, action="/.ztgw/mfa", purpose="mfa", rd=rd, label="Code",
@@ -456,8 +224,6 @@ def _step_up(
 async def _step_up_choice(gw: Services, ctx: RequestContext, who: Who, rd: str) -> web.Response:
     """The factors the person has that the route `rd` takes: a security key, a TOTP code, or
     both; none yet: set one up (a security key where the route takes nothing else)."""
-    from . import webauthn as wa
-
     factors = route_session(gw, ctx, rd).step_up_factors
     key = await wa.step_up_section(gw, ctx, who, rd) if "webauthn" in factors else None
     totp = "totp" in factors and gw.mfa.enrolled(who.user)
@@ -497,10 +263,10 @@ async def _posted_form(
 async def step_up_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows the code form; POST checks it and sends the browser back to `rd`."""
     if request.method == "GET":
-        rd = _rd(ctx)
+        rd = return_target(ctx)
         who = await who_steps_up(gw, ctx, rd)
         if isinstance(who, Reason):
-            return _unidentified(gw, ctx, who, rd)
+            return unidentified(gw, ctx, who, rd)
         return await _step_up_choice(gw, ctx, who, rd)
     form = await _posted_form(gw, request, ctx, "mfa")
     if isinstance(form, web.Response):
@@ -508,7 +274,7 @@ async def step_up_page(gw: Services, request: Request, ctx: RequestContext) -> w
     rd = local_redirect(form.get("rd"))
     who = await who_steps_up(gw, ctx, rd)
     if isinstance(who, Reason):
-        return _unidentified(gw, ctx, who, rd)
+        return unidentified(gw, ctx, who, rd)
     result = await _check_code(gw, ctx, who, form.get("code", ""))
     if isinstance(result, CodeRefused):
         if not ctx.wants_html:
@@ -521,10 +287,10 @@ async def step_up_page(gw: Services, request: Request, ctx: RequestContext) -> w
             why=_reason(form.get("why", "")), lock_ends=lock_ends,
         )  # fmt: skip
     with contextlib.suppress(AuditUnavailable):
-        _record(
+        record(
             gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, f"step-up passed ({result})", who.user
         )
-    cookie_header = await _mark_verified(gw, ctx, who, result)
+    cookie_header = await mark_verified(gw, ctx, who, result)
     return see_other(rd, ctx.decision_id, *((cookie_header,) if cookie_header else ()))
 
 
@@ -592,43 +358,13 @@ def _pending_page(
     )
 
 
-async def _signed_in(
-    gw: Services,
-    ctx: RequestContext,
-    rd: str,
-    enrol_here: str | None = None,
-    stage: str = "mfa",
-) -> Who | web.Response:
-    """Enrolment (of a TOTP app, or at `enrol_here`, of a security key) is for a person signed
-    in with the identity provider on this device."""
-    enrol_here = enrol_here or "/.ztgw/mfa/enroll?rd=" + quote(rd, safe="/")
-    who = await who_steps_up(gw, ctx, enrol_here)
-    if isinstance(who, Reason):
-        return _unidentified(gw, ctx, who, enrol_here)
-    if who.kind == "cookie" and who.signed_in:
-        return who
-    # SECURITY: a certificate is ambient (another site can make the browser present it), and
-    # a token is not a person at a browser: neither may set up a second factor (issue 18, M1).
-    if gw.oidc is not None and ctx.wants_html:
-        return see_other(login_redirect_to(enrol_here), ctx.decision_id)
-    return _refused(
-        gw,
-        ctx,
-        Reason.IDENTITY_UNAUTHENTICATED,
-        "setting up a second factor needs a sign-in with the identity provider; "
-        "without one, IT enrols you (ztgateway users mfa enroll)",
-        who.user,
-        stage,
-    )
-
-
 async def enroll_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET shows the enrolment as it stands; POST starts, replaces or confirms it."""
     if not gw.mfa.available:
-        return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "MFA is not configured")
+        return refuse_mfa(gw, ctx, Reason.SERVICE_UNAVAILABLE, "MFA is not configured")
     if request.method == "GET":
-        rd = _rd(ctx)
-        who = await _signed_in(gw, ctx, rd)
+        rd = return_target(ctx)
+        who = await signed_in(gw, ctx, rd)
         if isinstance(who, web.Response):
             return who
         return _enrol_page(gw, ctx, who, rd)
@@ -636,7 +372,7 @@ async def enroll_page(gw: Services, request: Request, ctx: RequestContext) -> we
     if isinstance(form, web.Response):
         return form
     rd = local_redirect(form.get("rd"))
-    who = await _signed_in(gw, ctx, rd)
+    who = await signed_in(gw, ctx, rd)
     if isinstance(who, web.Response):
         return who
     action = form.get("action", "")
@@ -649,8 +385,8 @@ async def enroll_page(gw: Services, request: Request, ctx: RequestContext) -> we
             return await _confirm(gw, ctx, who, rd, form.get("code", ""))
     except SealedSecretError as exc:
         log.error("enrolment for %s cannot be read: %s", who.user, exc)
-        return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "the enrolment cannot be read")
-    return _refused(gw, ctx, Reason.REQUEST_INVALID, f"unknown action {action[:20]!r}", who.user)
+        return refuse_mfa(gw, ctx, Reason.SERVICE_UNAVAILABLE, "the enrolment cannot be read")
+    return refuse_mfa(gw, ctx, Reason.REQUEST_INVALID, f"unknown action {action[:20]!r}", who.user)
 
 
 def _enrol_refused(
@@ -675,7 +411,7 @@ async def _start(gw: Services, ctx: RequestContext, who: Who, rd: str) -> web.Re
         return _enrol_refused(gw, ctx, who, rd, _audited(gw, ctx, who, refused))
     await gw.mfa.start_enrolment(who.user, ctx.now)
     with contextlib.suppress(AuditUnavailable):
-        _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment started", who.user)
+        record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment started", who.user)
     return _back_to_enrolment(ctx, rd)
 
 
@@ -687,7 +423,7 @@ async def _replace(gw: Services, ctx: RequestContext, who: Who, rd: str, code: s
         return _enrol_refused(gw, ctx, who, rd, result)
     await gw.mfa.start_enrolment(who.user, ctx.now)
     with contextlib.suppress(AuditUnavailable):
-        _record(
+        record(
             gw,
             ctx,
             Verdict.ALLOW,
@@ -708,9 +444,9 @@ async def _confirm(gw: Services, ctx: RequestContext, who: Who, rd: str, code: s
         return _enrol_refused(gw, ctx, who, rd, _code_refused(gw, ctx, who, exc))
     gw.metrics.mfa_enrollments.inc()
     with contextlib.suppress(AuditUnavailable):
-        _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment confirmed", who.user)
+        record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "mfa enrolment confirmed", who.user)
     # The person just proved the new factor: that is a step-up too.
-    cookie_header = await _mark_verified(gw, ctx, who, "totp")
+    cookie_header = await mark_verified(gw, ctx, who, "totp")
     return template_page(
         "enrolled.html",
         ctx,

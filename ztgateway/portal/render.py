@@ -17,12 +17,16 @@ import functools
 import hashlib
 from collections.abc import Iterable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
+from aiohttp import web
 from markupsafe import Markup
 
 from .branding import DEFAULT_ACCENT, PortalConfig
+
+if TYPE_CHECKING:
+    from ..context import RequestContext
 
 STATIC_PREFIX = "/.ztgw/static/"
 DECISION_HEADER = "X-ZT-Decision-Id"
@@ -142,3 +146,81 @@ def render(
 def trusted(html: str) -> Markup:
     """HTML the gateway built itself (a QR code SVG, a caller's page body): not escaped again."""
     return Markup(html)  # noqa: S704 - only for markup the gateway generated
+
+
+# --- what a portal handler answers: a page in the one skeleton, or JSON ----------------------
+
+
+def page(
+    title: str,
+    body: str,
+    ctx: RequestContext,
+    *,
+    status: int = 200,
+    cookies: tuple[str, ...] = (),
+    form_targets: tuple[str, ...] = (),
+    scripts: tuple[str, ...] = (),
+) -> web.Response:
+    """A page in the one skeleton whose body is HTML the caller built and escaped itself.
+
+    Prefer `template_page` (a template under templates/, autoescaped)."""
+    return template_page(
+        "page.html",
+        ctx,
+        title=title,
+        status=status,
+        cookies=cookies,
+        form_targets=form_targets,
+        scripts=scripts,
+        body=trusted(body),
+    )
+
+
+def template_page(
+    template: str,
+    ctx: RequestContext,
+    *,
+    title: str,
+    status: int = 200,
+    cookies: tuple[str, ...] = (),
+    form_targets: tuple[str, ...] = (),
+    scripts: tuple[str, ...] = (),
+    **values: Any,
+) -> web.Response:
+    """Every page of the portal: `template` (templates/, extends base.html) with the
+    branding of the configuration the request is served under.
+
+    `form_targets`: origins a form on the page may end up at besides this one (CSP
+    `form-action` also governs the redirects after a submission: sign-out goes on to the
+    identity provider's end-session endpoint). `scripts`: the gateway's own script paths the
+    page loads (the WebAuthn ceremonies); CSP then allows scripts and fetches from this origin
+    only, never inline."""
+    text = render(
+        template,
+        ctx.look,
+        title=title,
+        decision_id=ctx.decision_id,
+        status=status,
+        scripts=scripts,
+        **values,
+    )
+    resp = web.Response(body=text.encode(), status=status)
+    for name, value in page_headers(ctx.decision_id, form_targets, scripts=bool(scripts)):
+        resp.headers[name] = value
+    for cookie in cookies:
+        resp.headers.add("Set-Cookie", cookie)
+    return resp
+
+
+def json_answer(
+    data: dict[str, Any], ctx: RequestContext, *, status: int = 200, cookie: str | None = None
+) -> web.Response:
+    """A JSON answer of the portal's APIs (step-up, WebAuthn ceremonies, posture): never
+    cached, naming its decision; `cookie`, a session the answer (re)issued."""
+    resp = web.json_response(data, status=status)
+    resp.headers[DECISION_HEADER] = ctx.decision_id
+    resp.headers["Server"] = SERVER
+    resp.headers["Cache-Control"] = "no-store"
+    if cookie:
+        resp.headers["Set-Cookie"] = cookie
+    return resp

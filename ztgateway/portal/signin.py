@@ -23,9 +23,9 @@ from ..paths import PathError, normalize_path
 from ..responses import DECISION_HEADER, problem, see_other, wants_html
 from ..stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from ..store.base import ID_TOKEN, StoreUnavailable
-from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
+from .forms import csrf_binding, public_origin, read_checked_form, return_target
 from .posture_text import check_text
-from .render import page_headers, render, trusted
+from .render import template_page
 from .session_end import ended_text
 from .when import moment, zone
 
@@ -35,76 +35,11 @@ if TYPE_CHECKING:
 LOGIN_COOKIE = "__Host-ztgw-oidc"
 
 
-def page(
-    title: str,
-    body: str,
-    ctx: RequestContext,
-    *,
-    status: int = 200,
-    cookies: tuple[str, ...] = (),
-    form_targets: tuple[str, ...] = (),
-    scripts: tuple[str, ...] = (),
-) -> web.Response:
-    """A page in the one skeleton whose body is HTML the caller built and escaped itself.
-
-    Prefer `template_page` (a template under portal/templates, autoescaped)."""
-    return template_page(
-        "page.html",
-        ctx,
-        title=title,
-        status=status,
-        cookies=cookies,
-        form_targets=form_targets,
-        scripts=scripts,
-        body=trusted(body),
-    )
-
-
-def template_page(
-    template: str,
-    ctx: RequestContext,
-    *,
-    title: str,
-    status: int = 200,
-    cookies: tuple[str, ...] = (),
-    form_targets: tuple[str, ...] = (),
-    scripts: tuple[str, ...] = (),
-    **values: Any,
-) -> web.Response:
-    """Every page of the portal: `template` (portal/templates, extends base.html) with the
-    branding of the configuration the request is served under.
-
-    `form_targets`: origins a form on the page may end up at besides this one (CSP
-    `form-action` also governs the redirects after a submission: sign-out goes on to the
-    identity provider's end-session endpoint). `scripts`: the gateway's own script paths the
-    page loads (the WebAuthn ceremonies); CSP then allows scripts and fetches from this origin
-    only, never inline."""
-    text = render(
-        template,
-        ctx.look,
-        title=title,
-        decision_id=ctx.decision_id,
-        status=status,
-        scripts=scripts,
-        **values,
-    )
-    resp = web.Response(body=text.encode(), status=status)
-    for name, value in page_headers(ctx.decision_id, form_targets, scripts=bool(scripts)):
-        resp.headers[name] = value
-    for cookie in cookies:
-        resp.headers.add("Set-Cookie", cookie)
-    return resp
-
-
 def _record(
     gw: Services, ctx: RequestContext, verdict: Verdict, reason: Reason, detail: str
 ) -> None:
     with contextlib.suppress(AuditUnavailable):
         gw.record_outcome(ctx, "portal", verdict, reason, detail)
-
-
-def _rd(ctx: RequestContext) -> str:
-    return local_redirect(parse_qs(ctx.query).get("rd", ["/"])[0])
 
 
 def login_redirect(ctx: RequestContext) -> str:
@@ -142,7 +77,7 @@ async def login_page(gw: Services, request: Request, ctx: RequestContext) -> web
         return problem(
             reason, ctx.decision_id, accept=request.headers.get("Accept", ""), look=ctx.look
         )
-    rd = _rd(ctx)
+    rd = return_target(ctx)
     offered = _offered(gw, ctx, rd)
     # After a session ended the person is told why before anything else happens, even where
     # the route offers one provider (otherwise the browser goes straight to it).
@@ -173,7 +108,7 @@ async def login_start(gw: Services, request: Request, ctx: RequestContext) -> we
             look=ctx.look,
         )
     accept = request.headers.get("Accept", "")
-    rd = _rd(ctx)
+    rd = return_target(ctx)
     names = parse_qs(ctx.query).get("provider")
     if names is None and len(gw.providers) == 1:
         names = [gw.providers.offered(())[0].cfg.name]  # links of the single-provider form
@@ -221,7 +156,7 @@ async def login_start(gw: Services, request: Request, ctx: RequestContext) -> we
             title="Sign-in is unavailable",
             status=503,
             provider=client.cfg.label,
-            rd_query=quote(_rd(ctx), safe="/"),
+            rd_query=quote(return_target(ctx), safe="/"),
         )
     gw.metrics.logins.labels(name, "started").inc()
     cookie = (

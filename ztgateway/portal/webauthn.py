@@ -32,19 +32,17 @@ from ..http1 import Request
 from ..responses import DECISION_HEADER
 from ..store.base import WebAuthnCredential
 from ..webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
-from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
-from .mfa import (
+from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body, return_target
+from .render import json_answer, page
+from .stepup import (
     Who,
-    _json,
-    _mark_verified,
-    _rd,
-    _record,
-    _refused,
-    _signed_in,
+    mark_verified,
+    record,
+    refuse_mfa,
     route_session,
+    signed_in,
     who_steps_up,
 )
-from .signin import page
 
 if TYPE_CHECKING:
     from ..services import Services
@@ -87,7 +85,7 @@ async def _needs_step_up(gw: Services, ctx: RequestContext, who: Who) -> bool:
 
 async def _person(gw: Services, ctx: RequestContext, rd: str) -> Who | web.Response:
     """A person signed in with the identity provider, in this browser, on this device."""
-    return await _signed_in(gw, ctx, rd, keys_url(rd), STAGE)
+    return await signed_in(gw, ctx, rd, keys_url(rd), STAGE)
 
 
 def _section(gw: Services, ctx: RequestContext, who: Who, rd: str, inner: str) -> str:
@@ -118,8 +116,8 @@ def _key_list(credentials: list[WebAuthnCredential]) -> str:
 async def keys_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """GET /.ztgw/webauthn: the person's keys, and the button that adds one."""
     if not gw.webauthn.available:
-        return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "WebAuthn is not configured")
-    rd = _rd(ctx)
+        return refuse_mfa(gw, ctx, Reason.SERVICE_UNAVAILABLE, "WebAuthn is not configured")
+    rd = return_target(ctx)
     who = await _person(gw, ctx, rd)
     if isinstance(who, web.Response):
         return who
@@ -171,7 +169,7 @@ async def _posted(
 ) -> tuple[dict[str, Any], str] | web.Response:
     """The JSON body once forms.py passed it, with a valid CSRF token; and its `rd`."""
     if not gw.webauthn.available:
-        return _refused(gw, ctx, Reason.SERVICE_UNAVAILABLE, "WebAuthn is not configured")
+        return refuse_mfa(gw, ctx, Reason.SERVICE_UNAVAILABLE, "WebAuthn is not configured")
     raw = await read_checked_body(
         gw, request, ctx, JSON_TYPE, limit=MAX_CREDENTIAL_JSON, stage=STAGE
     )
@@ -182,7 +180,7 @@ async def _posted(
     except (ValueError, RecursionError):
         body = None
     if not isinstance(body, dict):
-        return _refused(gw, ctx, Reason.REQUEST_INVALID, "expected a JSON object", None, STAGE)
+        return refuse_mfa(gw, ctx, Reason.REQUEST_INVALID, "expected a JSON object", None, STAGE)
     return body, local_redirect(body.get("rd") if isinstance(body.get("rd"), str) else None)
 
 
@@ -201,12 +199,12 @@ def _options(text: str, ctx: RequestContext) -> web.Response:
 
 
 def _ceremony_refused(
-    gw: Services, ctx: RequestContext, who: Who, ceremony: str, refused: WebAuthnRefused
+    gw: Services, ctx: RequestContext, who: Who, ceremony: str, exc: WebAuthnRefused
 ) -> web.Response:
-    gw.metrics.webauthn_ceremonies.labels(ceremony, refused.reason.value).inc()
+    gw.metrics.webauthn_ceremonies.labels(ceremony, exc.reason.value).inc()
     if ceremony == "authenticate":
         gw.metrics.step_ups.labels("failed").inc()
-    return _refused(gw, ctx, refused.reason, refused.detail, who.user, STAGE)
+    return refuse_mfa(gw, ctx, exc.reason, exc.detail, who.user, STAGE)
 
 
 async def _for_ceremony(
@@ -223,9 +221,9 @@ async def _for_ceremony(
     else:
         found = await who_steps_up(gw, ctx, rd)
         if isinstance(found, Reason):
-            return _refused(gw, ctx, found, "step-up identity", None, STAGE)
+            return refuse_mfa(gw, ctx, found, "step-up identity", None, STAGE)
         if found.kind != "cookie":
-            return _refused(
+            return refuse_mfa(
                 gw,
                 ctx,
                 Reason.IDENTITY_UNAUTHENTICATED,
@@ -235,9 +233,9 @@ async def _for_ceremony(
             )
         who = found
     if not _csrf_ok(gw, ctx, who, body):
-        return _refused(gw, ctx, Reason.CSRF_INVALID, f"{PURPOSE}: missing or invalid token", who.user, STAGE)  # fmt: skip
+        return refuse_mfa(gw, ctx, Reason.CSRF_INVALID, f"{PURPOSE}: missing or invalid token", who.user, STAGE)  # fmt: skip
     if adding and await _needs_step_up(gw, ctx, who):
-        return _refused(
+        return refuse_mfa(
             gw,
             ctx,
             Reason.MFA_REQUIRED,
@@ -284,15 +282,17 @@ async def register(gw: Services, request: Request, ctx: RequestContext) -> web.S
         added = await gw.webauthn.register(
             who.user, who.session_id, body.get("credential"), str(name), ctx.now
         )
-    except WebAuthnRefused as refused:
-        return _ceremony_refused(gw, ctx, who, "register", refused)
+    except WebAuthnRefused as exc:
+        return _ceremony_refused(gw, ctx, who, "register", exc)
     gw.metrics.webauthn_ceremonies.labels("register", "success").inc()
     with contextlib.suppress(AuditUnavailable):
         detail = f"webauthn credential {added.credential_id[:16]} ({added.name}) registered"
-        _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, detail, who.user, STAGE)
+        record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, detail, who.user, STAGE)
     # The person just used the new key: that is a step-up too (as a confirmed TOTP enrolment).
-    cookie = await _mark_verified(gw, ctx, who, "webauthn", user_verified=added.user_verified)
-    return _json({"redirect": keys_url(rd), "credential_id": added.credential_id}, ctx, cookie)
+    cookie = await mark_verified(gw, ctx, who, "webauthn", user_verified=added.user_verified)
+    return json_answer(
+        {"redirect": keys_url(rd), "credential_id": added.credential_id}, ctx, cookie=cookie
+    )
 
 
 async def authenticate_options(
@@ -307,7 +307,7 @@ async def authenticate_options(
         who.user, who.session_id, ctx.now, require_uv=uv
     )
     if options is None:
-        return _refused(
+        return refuse_mfa(
             gw, ctx, Reason.MFA_NOT_ENROLLED, "no security key registered", who.user, STAGE
         )
     gw.metrics.step_ups.labels("issued").inc()
@@ -324,13 +324,13 @@ async def authenticate(gw: Services, request: Request, ctx: RequestContext) -> w
         verified = await gw.webauthn.authenticate(
             who.user, who.session_id, body.get("credential"), ctx.now
         )
-    except WebAuthnRefused as refused:
-        return _ceremony_refused(gw, ctx, who, "authenticate", refused)
+    except WebAuthnRefused as exc:
+        return _ceremony_refused(gw, ctx, who, "authenticate", exc)
     gw.metrics.webauthn_ceremonies.labels("authenticate", "success").inc()
     gw.metrics.step_ups.labels("passed").inc()
     key = verified.credential
     with contextlib.suppress(AuditUnavailable):
         detail = f"step-up passed (webauthn {key.credential_id[:16]} {key.name})"
-        _record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, detail, who.user, STAGE)
-    cookie = await _mark_verified(gw, ctx, who, "webauthn", user_verified=verified.user_verified)
-    return _json({"redirect": rd}, ctx, cookie)
+        record(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, detail, who.user, STAGE)
+    cookie = await mark_verified(gw, ctx, who, "webauthn", user_verified=verified.user_verified)
+    return json_answer({"redirect": rd}, ctx, cookie=cookie)
