@@ -18,7 +18,7 @@ from ztgateway.cli import main
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
 from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
-from ztgateway.portal.forms import local_redirect
+from ztgateway.portal.redirect import local_redirect
 
 
 def client(

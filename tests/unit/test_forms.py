@@ -13,10 +13,10 @@ import pytest
 
 from ztgateway.config import KeysConfig
 from ztgateway.context import RequestContext
-from ztgateway.credentials.oidc import safe_return_path
 from ztgateway.decision import Reason
 from ztgateway.keys import GatewayKeys, create_private_file, load_root_key
-from ztgateway.portal.forms import CSRF_TTL, CSRFTokens, cross_site, local_redirect, parse_form
+from ztgateway.portal.forms import CSRF_TTL, CSRFTokens, cross_site, parse_form
+from ztgateway.portal.redirect import local_path, local_redirect
 
 NOW = 1_800_000_000.0
 PUBLIC = "https://gw.example"
@@ -139,7 +139,8 @@ def test_redirect_targets_are_paths_on_this_origin_the_sign_in_accepts(
 ) -> None:
     got = local_redirect(target)
     assert got == expected
-    assert safe_return_path(got) == got
+    # Normal already: what the sign-in's begin() takes unchanged.
+    assert local_path(got) == got
 
 
 class OneStore:

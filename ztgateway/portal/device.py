@@ -27,8 +27,9 @@ from ..posture import (
 from ..responses import problem, wants_html
 from ..stages.device import posture_for
 from ..store.base import PostureRecord
-from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
+from .forms import JSON_TYPE, media_type, read_checked_body
 from .posture_text import check_text
+from .redirect import local_redirect
 from .render import json_answer, template_page
 from .when import moment, zone
 

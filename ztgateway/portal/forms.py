@@ -34,7 +34,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from aiohttp import web
 
@@ -42,8 +42,8 @@ from ..audit import AuditUnavailable
 from ..decision import Reason, Verdict
 from ..fetchmeta import own_origin
 from ..http1 import Request
-from ..paths import PathError, encode_path, normalize_path
 from ..responses import problem, wants_html
+from .redirect import local_redirect
 
 if TYPE_CHECKING:
     from ..context import RequestContext
@@ -192,27 +192,6 @@ def csrf_binding(ctx: RequestContext, cookie_value: str | None) -> str:
     device = ctx.cert.fingerprint_sha256 if ctx.cert is not None else "-"
     session = hashlib.sha256(cookie_value.encode()).hexdigest()[:32] if cookie_value else "-"
     return f"{device}:{session}"
-
-
-_QUERY_SAFE = "=&;:/?@!$'()*+,~-._%"
-
-
-def local_redirect(target: str | None) -> str:
-    """Where a form or sign-in may send the browser back to: a path on this origin, normalised
-    and re-encoded, so that it is exactly what the sign-in's own check (`safe_return_path`)
-    accepts (`rd=/a%2520b` decoded to a path with a space, which one check took and the other
-    refused with an exception: issue 18, I4); anything else becomes "/"."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
-    if len(target) > 2048 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
-        return "/"
-    path, _, query = target.partition("?")
-    try:
-        norm = normalize_path(path)
-    except PathError:
-        return "/"
-    query = quote(query.partition("#")[0], safe=_QUERY_SAFE)
-    return encode_path(norm) + ("?" + query if query else "")
 
 
 def return_target(ctx: RequestContext) -> str:

@@ -35,11 +35,11 @@ from .forms import (
     JSON_TYPE,
     MAX_FORM_BYTES,
     csrf_binding,
-    local_redirect,
     read_checked_body,
     read_checked_form,
     return_target,
 )
+from .redirect import local_redirect
 from .render import json_answer, template_page, trusted
 from .stepup import (
     Who,

@@ -32,7 +32,8 @@ from ..http1 import Request
 from ..responses import DECISION_HEADER
 from ..store.base import WebAuthnCredential
 from ..webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
-from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body, return_target
+from .forms import JSON_TYPE, csrf_binding, read_checked_body, return_target
+from .redirect import local_redirect
 from .render import json_answer, page
 from .stepup import (
     Who,
