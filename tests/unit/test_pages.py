@@ -66,7 +66,6 @@ def _form() -> dict[str, Any]:
 # Values for every template, each carrying markup where a person or an identity provider
 # could have put some (claims, device ids, paths, reasons, details).
 SAMPLES: dict[str, dict[str, Any]] = {
-    "page.html": {"body": trusted("<p>trusted body</p>")},
     "refusal.html": {
         "advice": EVIL,
         "ask_support": True,
@@ -109,7 +108,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "why": EVIL,
         "form": _form(),
         "lock_ends": EVIL,
-        "key_section": trusted("<p>key</p>"),
+        "key_section": {"csrf": EVIL, "rd": EVIL, "ceremony": "authenticate"},
         "totp": True,
     },
     "enrol_start.html": {"error": EVIL, "hidden": {"csrf": EVIL, "rd": EVIL}},
@@ -123,6 +122,12 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "enrol_replace.html": {"form": _form()},
     "enrolled.html": {"codes": [EVIL, EVIL], "rd": "/" + EVIL},
+    "security_keys.html": {
+        "keys": [{"name": EVIL, "added": EVIL, "last_used": EVIL}],
+        "step_up": None,
+        "key": {"csrf": EVIL, "rd": EVIL, "ceremony": "register"},
+        "rd": "/" + EVIL,
+    },
 }
 
 
@@ -137,7 +142,7 @@ def test_every_template_escapes_what_it_shows(template: str) -> None:
     evil_look = PortalConfig(name=EVIL, support_text=EVIL, support_email="a@b.test")
     html = render(template, evil_look, title=EVIL, decision_id=EVIL, **SAMPLES[template])
     assert "<script>" not in html
-    assert html.count(ESCAPED) >= 2 + (template != "page.html")  # title twice, and a value
+    assert html.count(ESCAPED) >= 3  # title twice, and a value
     assert html.startswith("<!doctype html>")
 
 

@@ -196,10 +196,10 @@ def _step_up(
     status: int = 200,
     why: Reason | None = None,
     lock_ends: str | None = None,
-    key_section: str | None = None,
+    key_section: wa.KeySection | None = None,
     totp: bool = True,
 ) -> web.Response:
-    """The step-up page: the security-key section (HTML portal/webauthn.py built and escaped)
+    """The step-up page: the security-key section (`_macros.html` webauthn_section)
     where the route takes a key the person has, the TOTP form where it takes TOTP."""
     # The reason travels with the form, so a wrong code keeps the page's words.
     form = _code_form(
@@ -215,7 +215,7 @@ def _step_up(
         or "For this page the gateway needs your second factor.",
         form=form,
         lock_ends=lock_ends,
-        key_section=trusted(key_section) if key_section else None,
+        key_section=key_section,
         totp=totp,
         scripts=(wa.SCRIPT,) if key_section else (),
     )

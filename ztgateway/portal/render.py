@@ -151,31 +151,6 @@ def trusted(html: str) -> Markup:
 # --- what a portal handler answers: a page in the one skeleton, or JSON ----------------------
 
 
-def page(
-    title: str,
-    body: str,
-    ctx: RequestContext,
-    *,
-    status: int = 200,
-    cookies: tuple[str, ...] = (),
-    form_targets: tuple[str, ...] = (),
-    scripts: tuple[str, ...] = (),
-) -> web.Response:
-    """A page in the one skeleton whose body is HTML the caller built and escaped itself.
-
-    Prefer `template_page` (a template under templates/, autoescaped)."""
-    return template_page(
-        "page.html",
-        ctx,
-        title=title,
-        status=status,
-        cookies=cookies,
-        form_targets=form_targets,
-        scripts=scripts,
-        body=trusted(body),
-    )
-
-
 def template_page(
     template: str,
     ctx: RequestContext,

@@ -15,7 +15,6 @@ The ceremonies are for browsers: they are bound to the browser session's id.
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -30,11 +29,10 @@ from ..decision import Reason, Verdict
 from ..forward.headers import SERVER_BANNER
 from ..http1 import Request
 from ..responses import DECISION_HEADER
-from ..store.base import WebAuthnCredential
 from ..webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 from .forms import JSON_TYPE, csrf_binding, read_checked_body, return_target
 from .redirect import local_redirect
-from .render import json_answer, page
+from .render import json_answer, template_page
 from .stepup import (
     Who,
     mark_verified,
@@ -52,6 +50,8 @@ STAGE = "webauthn"
 PURPOSE = "webauthn"
 KEYS_PAGE = "/.ztgw/webauthn"
 SCRIPT = "/.ztgw/webauthn.js"
+KeySection = dict[str, str]
+"""The values of `_macros.html` webauthn_section: csrf, rd and the ceremony."""
 _SCRIPT_TEXT = files("ztgateway.portal").joinpath("webauthn.js").read_text(encoding="utf-8")
 
 
@@ -89,29 +89,17 @@ async def _person(gw: Services, ctx: RequestContext, rd: str) -> Who | web.Respo
     return await signed_in(gw, ctx, rd, keys_url(rd), STAGE)
 
 
-def _section(gw: Services, ctx: RequestContext, who: Who, rd: str, inner: str) -> str:
+def _section(gw: Services, ctx: RequestContext, who: Who, rd: str, ceremony: str) -> KeySection:
+    """What `_macros.html` webauthn_section shows: the page's CSRF token, bound to this device
+    and browser session, for the ceremony its button starts."""
     token = gw.csrf.issue(PURPOSE, csrf_binding(ctx, who.cookie_value), ctx.now)
-    return (
-        f'<div id="webauthn" data-csrf="{html.escape(token)}" data-rd="{html.escape(rd)}">'
-        f'{inner}<p id="webauthn-status" class="muted" role="status" aria-live="polite"></p></div>'
-    )
+    return {"csrf": token, "rd": rd, "ceremony": ceremony}
 
 
 def _when(at: float | None) -> str:
     if at is None:
         return "never"
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _key_list(credentials: list[WebAuthnCredential]) -> str:
-    if not credentials:
-        return "<p>No security key or passkey is registered for your account yet.</p>"
-    rows = "".join(
-        f"<li><strong>{html.escape(c.name)}</strong> · added {_when(c.created_at)} · last used "
-        f"{_when(c.last_used_at)}</li>"
-        for c in credentials
-    )
-    return f'<ul id="webauthn-keys">{rows}</ul>'
 
 
 async def keys_page(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
@@ -123,43 +111,37 @@ async def keys_page(gw: Services, request: Request, ctx: RequestContext) -> web.
     if isinstance(who, web.Response):
         return who
     credentials = await gw.webauthn.credentials(who.user)
-    body = _key_list(credentials)
+    keys = [
+        {"name": c.name, "added": _when(c.created_at), "last_used": _when(c.last_used_at)}
+        for c in credentials
+    ]
+    step_up = None
+    key = None
     if await _needs_step_up(gw, ctx, who):
         step_up = "/.ztgw/mfa?rd=" + quote(keys_url(rd), safe="/")
-        body += (
-            "<p>To add another security key, first confirm it is you with a factor you "
-            f'already have.</p><p><a class="button" href="{html.escape(step_up)}">'
-            "Confirm it is you</a></p>"
-        )
     else:
-        body += _section(
-            gw,
-            ctx,
-            who,
-            rd,
-            '<p><label for="webauthn-name">Name for the new key</label> '
-            '<input id="webauthn-name" maxlength="64" placeholder="e.g. YubiKey, laptop"></p>'
-            '<p><button id="webauthn-register" type="button">Add a security key or passkey'
-            "</button></p>",
-        )
-    body += f'<p><a href="{html.escape(rd)}">Continue</a></p>'
-    return page("Security keys and passkeys", body, ctx, scripts=(SCRIPT,))
+        key = _section(gw, ctx, who, rd, "register")
+    return template_page(
+        "security_keys.html",
+        ctx,
+        title="Security keys and passkeys",
+        scripts=(SCRIPT,),
+        keys=keys,
+        step_up=step_up,
+        key=key,
+        rd=rd,
+    )
 
 
-async def step_up_section(gw: Services, ctx: RequestContext, who: Who, rd: str) -> str | None:
+async def step_up_section(
+    gw: Services, ctx: RequestContext, who: Who, rd: str
+) -> KeySection | None:
     """The step-up page's security-key button, or None when this person has no key here."""
     if not gw.webauthn.available or who.kind != "cookie":
         return None
     if not await gw.webauthn.credentials(who.user):
         return None
-    return _section(
-        gw,
-        ctx,
-        who,
-        rd,
-        "<p>Use your security key or passkey.</p>"
-        '<p><button id="webauthn-authenticate" type="button">Use my security key</button></p>',
-    )
+    return _section(gw, ctx, who, rd, "authenticate")
 
 
 # --- the ceremonies (JSON, called by webauthn.js) --------------------------------------------
