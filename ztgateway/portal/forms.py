@@ -30,10 +30,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from aiohttp import web
@@ -194,6 +195,31 @@ def csrf_binding(ctx: RequestContext, cookie_value: str | None) -> str:
     return f"{device}:{session}"
 
 
+def issue_csrf(gw: Services, ctx: RequestContext, purpose: str, cookie_value: str | None) -> str:
+    """A token for a form (or a page's script) of `purpose`, bound to this device and browser."""
+    return gw.csrf.issue(purpose, csrf_binding(ctx, cookie_value), ctx.now)
+
+
+def csrf_ok(
+    gw: Services, ctx: RequestContext, token: object, purpose: str, cookie_value: str | None
+) -> bool:
+    """Whether `token` (as posted: anything) is one `issue_csrf` gave for this purpose, device
+    and browser, within the hour."""
+    return isinstance(token, str) and gw.csrf.valid(
+        token, purpose, csrf_binding(ctx, cookie_value), ctx.now
+    )
+
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object a body holds; None when it is not JSON, not an object, or nested past
+    what the parser takes."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def return_target(ctx: RequestContext) -> str:
     """Where a page sends the browser back to afterwards: its `rd` query parameter, held to
     `local_redirect`."""
@@ -242,9 +268,7 @@ async def read_checked_form(
             fields = parse_form(raw)
             if fields is None:
                 refusal = Refusal(Reason.REQUEST_INVALID, "not a form of this gateway")
-            elif not gw.csrf.valid(
-                fields.get("csrf", ""), purpose, csrf_binding(ctx, cookie_value), ctx.now
-            ):
+            elif not csrf_ok(gw, ctx, fields.get("csrf"), purpose, cookie_value):
                 refusal = Refusal(Reason.CSRF_INVALID, f"{purpose}: missing or invalid token")
             else:
                 return fields

@@ -12,7 +12,6 @@ secret confirms it, and replacing a factor needs the current one (or an operator
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from . import webauthn as wa
 from .forms import (
     JSON_TYPE,
     MAX_FORM_BYTES,
-    csrf_binding,
+    issue_csrf,
+    json_object,
     read_checked_body,
     read_checked_form,
     return_target,
@@ -127,12 +127,9 @@ async def verify_api(gw: Services, request: Request, ctx: RequestContext) -> web
     who = await who_steps_up(gw, ctx)
     if isinstance(who, Reason):
         return refuse_mfa(gw, ctx, who, "step-up identity")
-    try:
-        body = json.loads(raw)
-        if not isinstance(body, dict) or set(body) != {"code"}:
-            raise ValueError('expected {"code": "123456"}')
-    except (ValueError, RecursionError) as exc:
-        return refuse_mfa(gw, ctx, Reason.REQUEST_INVALID, str(exc)[:100], who.user)
+    body = json_object(raw)
+    if body is None or set(body) != {"code"}:
+        return refuse_mfa(gw, ctx, Reason.REQUEST_INVALID, 'expected {"code": "123456"}', who.user)
     result = await _check_code(gw, ctx, who, body["code"])
     if isinstance(result, CodeRefused):
         return result.response(ctx)
@@ -167,7 +164,7 @@ def _code_form(
     error: str = "",
 ) -> dict[str, Any]:
     """The values of the code form (`_macros.html` code_form), with a fresh CSRF token."""
-    token = gw.csrf.issue(purpose, csrf_binding(ctx, who_cookie), ctx.now)
+    token = issue_csrf(gw, ctx, purpose, who_cookie)
     return {
         "action": action,
         "hidden": {"csrf": token, "rd": rd, **(hidden or {})},
@@ -312,7 +309,7 @@ def _enrol_page(
         return template_page(
             "enrol_replace.html", ctx, title="Your second factor", status=status, form=form
         )
-    token = gw.csrf.issue("enroll", csrf_binding(ctx, who.cookie_value), now)
+    token = issue_csrf(gw, ctx, "enroll", who.cookie_value)
     return template_page(
         "enrol_start.html",
         ctx,

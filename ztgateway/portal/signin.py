@@ -23,7 +23,7 @@ from ..paths import PathError, normalize_path
 from ..responses import DECISION_HEADER, problem, see_other, wants_html
 from ..stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from ..store.base import ID_TOKEN, StoreUnavailable
-from .forms import csrf_binding, public_origin, read_checked_form, return_target
+from .forms import issue_csrf, public_origin, read_checked_form, return_target
 from .posture_text import check_text
 from .render import template_page
 from .session_end import ended_text
@@ -285,7 +285,7 @@ async def logout(gw: Services, request: Request, ctx: RequestContext) -> web.Str
     name = gw.config.sessions.cookie_name
     cookie = read_cookie(ctx.headers.get("Cookie", ""), name)
     if request.method == "GET":
-        token = gw.csrf.issue("logout", csrf_binding(ctx, cookie), ctx.now)
+        token = issue_csrf(gw, ctx, "logout", cookie)
         return template_page(
             "sign_out.html",
             ctx,

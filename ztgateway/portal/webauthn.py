@@ -15,7 +15,6 @@ The ceremonies are for browsers: they are bound to the browser session's id.
 from __future__ import annotations
 
 import contextlib
-import json
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from ..forward.headers import SERVER_BANNER
 from ..http1 import Request
 from ..responses import DECISION_HEADER
 from ..webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
-from .forms import JSON_TYPE, csrf_binding, read_checked_body, return_target
+from .forms import JSON_TYPE, csrf_ok, issue_csrf, json_object, read_checked_body, return_target
 from .redirect import local_redirect
 from .render import json_answer, template_page
 from .stepup import (
@@ -92,7 +91,7 @@ async def _person(gw: Services, ctx: RequestContext, rd: str) -> Who | web.Respo
 def _section(gw: Services, ctx: RequestContext, who: Who, rd: str, ceremony: str) -> KeySection:
     """What `_macros.html` webauthn_section shows: the page's CSRF token, bound to this device
     and browser session, for the ceremony its button starts."""
-    token = gw.csrf.issue(PURPOSE, csrf_binding(ctx, who.cookie_value), ctx.now)
+    token = issue_csrf(gw, ctx, PURPOSE, who.cookie_value)
     return {"csrf": token, "rd": rd, "ceremony": ceremony}
 
 
@@ -158,19 +157,10 @@ async def _posted(
     )
     if isinstance(raw, web.Response):
         return raw
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        body = None
-    if not isinstance(body, dict):
+    body = json_object(raw)
+    if body is None:
         return refuse_mfa(gw, ctx, Reason.REQUEST_INVALID, "expected a JSON object", None, STAGE)
     return body, local_redirect(body.get("rd") if isinstance(body.get("rd"), str) else None)
-
-
-def _csrf_ok(gw: Services, ctx: RequestContext, who: Who, body: dict[str, Any]) -> bool:
-    token = body.get("csrf")
-    binding = csrf_binding(ctx, who.cookie_value)
-    return isinstance(token, str) and gw.csrf.valid(token, PURPOSE, binding, ctx.now)
 
 
 def _options(text: str, ctx: RequestContext) -> web.Response:
@@ -215,7 +205,7 @@ async def _for_ceremony(
                 STAGE,
             )
         who = found
-    if not _csrf_ok(gw, ctx, who, body):
+    if not csrf_ok(gw, ctx, body.get("csrf"), PURPOSE, who.cookie_value):
         return refuse_mfa(gw, ctx, Reason.CSRF_INVALID, f"{PURPOSE}: missing or invalid token", who.user, STAGE)  # fmt: skip
     if adding and await _needs_step_up(gw, ctx, who):
         return refuse_mfa(
