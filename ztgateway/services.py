@@ -1,10 +1,11 @@
 """What the gateway's own endpoints may use of it: the `Services` protocol.
 
-The pages people see (`portal/`) and the operator side (`ops/`) take a `Services`, never the
-`Gateway`: they cannot reach its lifecycle, its listener or its private state, and they do not
-import `app.py` (which imports them to dispatch `/.ztgw/` and to start the ops listener), so
-no import circle holds them together (issue 15; tests/unit/test_endpoint_boundary.py checks
-both). `app.Gateway` implements it; mypy checks that wherever a `Gateway` is passed as one.
+The pages people see (`portal/`), the operator side (`ops/`) and the identity provider's
+signal endpoints (`signals/endpoints.py`) take a `Services`, never the `Gateway`: they cannot
+reach its lifecycle, its listener or its private state, and they do not import `app.py` (which
+imports them to dispatch `/.ztgw/` and to start the ops listener), so no import circle holds
+them together (issue 15; tests/unit/test_endpoint_boundary.py checks both). `app.Gateway`
+implements it; mypy checks that wherever a `Gateway` is passed as one.
 
 Every member is here because an endpoint uses it; a new need is added here, by name.
 """
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from .mfa import MFA
     from .portal.forms import CSRFTokens
     from .runtime import Runtime
+    from .signals.backchannel import BackchannelLogout
+    from .signals.receiver import SignalReceiver
     from .stages.session import SessionKeeper
     from .store.base import Store
     from .tls import TLSManager
@@ -112,6 +115,14 @@ class Services(Protocol):
 
     @property
     def webauthn(self) -> WebAuthn: ...
+
+    @property
+    def signals(self) -> SignalReceiver:
+        """Security events from the identity provider (signals/endpoints.py)."""
+
+    @property
+    def backchannel(self) -> BackchannelLogout:
+        """OIDC back-channel logout (signals/endpoints.py)."""
 
     # --- the operator side ---------------------------------------------------------------
     @property

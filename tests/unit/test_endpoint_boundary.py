@@ -1,4 +1,5 @@
-"""The gateway's own endpoints (`portal/`, `ops/`) see it only through `services.Services`.
+"""The gateway's own endpoints (`portal/`, `ops/`, `signals/endpoints.py`) see it only through
+`services.Services`.
 
 Read from the source, every import counted (in functions and under TYPE_CHECKING too): an
 endpoint that imports `app.py` or names `Gateway` would tie the endpoints and the gateway into
@@ -63,7 +64,10 @@ def _names(path: Path) -> set[str]:
 
 
 ENDPOINT_MODULES = sorted(
-    p for folder in ENDPOINT_FOLDERS for p in (PACKAGE / folder).rglob("*.py")
+    [
+        *(p for folder in ENDPOINT_FOLDERS for p in (PACKAGE / folder).rglob("*.py")),
+        PACKAGE / "signals" / "endpoints.py",  # the identity provider's, under /.ztgw/ too
+    ]
 )
 
 

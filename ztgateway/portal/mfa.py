@@ -1,12 +1,13 @@
 """The second factor over HTTP: `POST /.ztgw/mfa/verify` (API clients), `/.ztgw/mfa` (the
 step-up page) and `/.ztgw/mfa/enroll` (setting up an authenticator), for people and programs.
 
-Who is stepping up is established by stepup.py, with the same checks as any request (issue 18,
-L3); a step-up never extends a session. Every POST first passes `forms.py` (Fetch Metadata, Origin, content type; a CSRF token on
-forms), before the identity is looked at or an attempt counted, so another site can neither
-burn someone's attempts (L1) nor enrol them (M1). Enrolment needs a person signed in with the
-identity provider (not a certificate alone), is a POST, stays pending until a code from the new
-secret confirms it, and replacing a factor needs the current one (or an operator's reset).
+Who is stepping up is established by stepup.py, with the same checks as any request (issue
+18, L3); a step-up never extends a session. Every POST first passes `forms.py` (Fetch
+Metadata, Origin, content type; a CSRF token on forms), before the identity is looked at or an
+attempt counted, so another site can neither burn someone's attempts (L1) nor enrol them (M1).
+Enrolment needs a person signed in with the identity provider (not a certificate alone), is a
+POST, stays pending until a code from the new secret confirms it, and replacing a factor needs
+the current one (or an operator's reset).
 """
 
 from __future__ import annotations

@@ -206,7 +206,8 @@ async def _for_ceremony(
             )
         who = found
     if not csrf_ok(gw, ctx, body.get("csrf"), PURPOSE, who.cookie_value):
-        return refuse_mfa(gw, ctx, Reason.CSRF_INVALID, f"{PURPOSE}: missing or invalid token", who.user, STAGE)  # fmt: skip
+        detail = f"{PURPOSE}: missing or invalid token"
+        return refuse_mfa(gw, ctx, Reason.CSRF_INVALID, detail, who.user, STAGE)
     if adding and await _needs_step_up(gw, ctx, who):
         return refuse_mfa(
             gw,

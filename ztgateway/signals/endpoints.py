@@ -39,7 +39,7 @@ from .tokens import (
 )
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from ..services import Services
 
 SET_MEDIA_TYPE: Final = "application/secevent+jwt"
 FORM_TYPE: Final = "application/x-www-form-urlencoded"
@@ -85,7 +85,7 @@ def _set_error(
 
 
 def _refusal(
-    gw: Gateway, ctx: RequestContext, refusal: Refusal | None, *, source: str, via: str
+    gw: Services, ctx: RequestContext, refusal: Refusal | None, *, source: str, via: str
 ) -> Receipt | None:
     if refusal is None:
         return None
@@ -94,7 +94,7 @@ def _refusal(
     )
 
 
-async def push_events(gw: Gateway, request: Request, ctx: RequestContext) -> web.StreamResponse:
+async def push_events(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
     """POST /.ztgw/ssf/events: one pushed SET (RFC 8935 §2)."""
     signals = gw.signals
     early = _refusal(
@@ -172,7 +172,7 @@ def _logout_error(ctx: RequestContext, status: int, description: str) -> web.Res
 
 
 async def backchannel_logout(
-    gw: Gateway, request: Request, ctx: RequestContext
+    gw: Services, request: Request, ctx: RequestContext
 ) -> web.StreamResponse:
     """POST /.ztgw/oidc/backchannel-logout (Back-Channel Logout 1.0 §2.5)."""
     logout = gw.backchannel
