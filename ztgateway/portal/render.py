@@ -188,11 +188,19 @@ def template_page(
 
 
 def json_answer(
-    data: dict[str, Any], ctx: RequestContext, *, status: int = 200, cookie: str | None = None
+    data: dict[str, Any] | str,
+    ctx: RequestContext,
+    *,
+    status: int = 200,
+    cookie: str | None = None,
 ) -> web.Response:
     """A JSON answer of the portal's APIs (step-up, WebAuthn ceremonies, posture): never
-    cached, naming its decision; `cookie`, a session the answer (re)issued."""
-    resp = web.json_response(data, status=status)
+    cached, naming its decision; `data` an object, or JSON text already serialised (the WebAuthn
+    options); `cookie`, a session the answer (re)issued."""
+    if isinstance(data, str):
+        resp = web.Response(text=data, status=status, content_type="application/json")
+    else:
+        resp = web.json_response(data, status=status)
     resp.headers[DECISION_HEADER] = ctx.decision_id
     resp.headers["Server"] = SERVER
     resp.headers["Cache-Control"] = "no-store"

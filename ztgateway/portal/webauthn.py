@@ -163,14 +163,6 @@ async def _posted(
     return body, local_redirect(body.get("rd") if isinstance(body.get("rd"), str) else None)
 
 
-def _options(text: str, ctx: RequestContext) -> web.Response:
-    resp = web.Response(text=text, content_type="application/json")
-    resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
-    resp.headers["Cache-Control"] = "no-store"
-    return resp
-
-
 def _ceremony_refused(
     gw: Services, ctx: RequestContext, who: Who, ceremony: str, exc: WebAuthnRefused
 ) -> web.Response:
@@ -242,7 +234,7 @@ async def register_options(
     options = await gw.webauthn.registration_options(
         who.user, who.session_id, ctx.now, require_uv=uv
     )
-    return _options(options, ctx)
+    return json_answer(options, ctx)
 
 
 async def register(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
@@ -285,7 +277,7 @@ async def authenticate_options(
             gw, ctx, Reason.MFA_NOT_ENROLLED, "no security key registered", who.user, STAGE
         )
     gw.metrics.step_ups.labels("issued").inc()
-    return _options(options, ctx)
+    return json_answer(options, ctx)
 
 
 async def authenticate(gw: Services, request: Request, ctx: RequestContext) -> web.StreamResponse:
