@@ -21,6 +21,7 @@ from .decision import Decision, Reason, Verdict
 from .paths import encode_path
 from .portal.advice import advice_for
 from .portal.branding import DEFAULT_LOOK, PortalConfig
+from .portal.redirect import login_redirect
 from .portal.render import page_headers
 from .portal.render import render as render_page
 from .portal.session_end import ended_code
@@ -302,12 +303,6 @@ def lock_ends_text(ctx: RequestContext) -> str | None:
     if locked is None:
         return None
     return until(locked.until, ctx.now, zone(locked.timezone))
-
-
-def login_redirect(ctx: RequestContext) -> str:
-    """The sign-in page, with the way back to what was asked for."""
-    target = (ctx.path or "/") + ("?" + ctx.query if ctx.query else "")
-    return "/.ztgw/login?rd=" + quote(target, safe="/")
 
 
 def refusal_page(

@@ -1,15 +1,19 @@
-"""Where the gateway may send a browser it was told to send somewhere: the one open-redirect guard.
+"""Where the gateway sends a browser: the one open-redirect guard, and the way to the sign-in.
 
-Its own module, importing nothing but the path normaliser, so that the OIDC client
+The guard is its own module, importing nothing but the path normaliser, so that the OIDC client
 (credentials/oidc.py), which the configuration imports, can ask it too without pulling the
 portal's form handling (and with it the configuration) into an import circle.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from ..paths import PathError, encode_path, normalize_path
+
+if TYPE_CHECKING:
+    from ..context import RequestContext
 
 _QUERY_SAFE = "=&;:/?@!$'()*+,~-._%"
 
@@ -57,3 +61,13 @@ def local_path(target: str | None) -> str | None:
 def local_redirect(target: str | None) -> str:
     """Where a form or sign-in may send the browser back to: `local_path`, or else "/"."""
     return local_path(target) or "/"
+
+
+def login_redirect_to(target: str) -> str:
+    """The sign-in page, coming back to `target` (a path on this origin) afterwards."""
+    return "/.ztgw/login?rd=" + quote(target, safe="/")
+
+
+def login_redirect(ctx: RequestContext) -> str:
+    """The sign-in page, with the way back to what this request asked for."""
+    return login_redirect_to((ctx.path or "/") + ("?" + ctx.query if ctx.query else ""))

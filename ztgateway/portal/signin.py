@@ -42,15 +42,6 @@ def _record(
         gw.record_outcome(ctx, "portal", verdict, reason, detail)
 
 
-def login_redirect(ctx: RequestContext) -> str:
-    return login_redirect_to((ctx.path or "/") + ("?" + ctx.query if ctx.query else ""))
-
-
-def login_redirect_to(target: str) -> str:
-    """The sign-in page, coming back to `target` (a path on this origin) afterwards."""
-    return "/.ztgw/login?rd=" + quote(target, safe="/")
-
-
 def _offered(gw: Services, ctx: RequestContext, rd: str) -> list[OIDCClient]:
     """The providers the route at `rd` accepts (all, when no route matches: the route itself
     enforces its choice when the browser comes back, so this only spares a useless choice)."""

@@ -28,7 +28,7 @@ from ..responses import lock_ends_text, problem, see_other
 from ..stages.identity import identity_from_token
 from ..stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
 from ..store.base import ID_TOKEN, Session
-from .signin import login_redirect_to
+from .redirect import login_redirect_to
 
 if TYPE_CHECKING:
     from ..services import Services
@@ -160,6 +160,7 @@ def record(
     user: str | None,
     stage: str = "mfa",
 ) -> None:
+    """Audit and count a second-factor outcome as `user`'s (raises AuditUnavailable)."""
     if user:
         ctx.identity = Identity(
             user=user, source="mfa", device_id=ctx.cert.device_id if ctx.cert else None
