@@ -165,7 +165,7 @@ def _restart_required(answer: object) -> list[str]:
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
-    from .credentials.devtoken import issue_token
+    from .dev.tokens import issue_token
 
     key = Path(args.key)
     if not key.exists():
@@ -503,10 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     asr.set_defaults(func=cmd_audit_search)
 
-    from . import devidp, devssf
     from .agent import cli as agent_cli
     from .commands import devices, users
-    from .policycli import register as register_policy
+    from .commands.policy import register as register_policy
+    from .dev import idp as devidp
+    from .dev import ssf as devssf
 
     register_policy(sub)
     devices.register(sub)

@@ -36,8 +36,8 @@ from tests.conftest import GatewayFactory, base_config
 from tests.support import Certs, client_ssl, deep_merge, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.config import load_config
-from ztgateway.demo_app import start_demo_app
-from ztgateway.pki import CertificateAuthority, atomic_write
+from ztgateway.dev.demo_app import start_demo_app
+from ztgateway.dev.pki import CertificateAuthority, atomic_write
 
 HOST = "127.0.0.1"
 IO_TIMEOUT = 5.0

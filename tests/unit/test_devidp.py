@@ -29,7 +29,7 @@ import pytest
 from aiohttp import web
 
 from ztgateway.configreader import ConfigError
-from ztgateway.devidp import (
+from ztgateway.dev.idp import (
     BANNER,
     CODE_TTL,
     DEVIDP_KEY,
@@ -729,7 +729,7 @@ async def test_dev_idp_command_serves_until_sigterm(users_file: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ztgateway.devidp",
+        "ztgateway.dev.idp",
         "--port",
         "0",
         "--users",

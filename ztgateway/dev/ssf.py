@@ -1,7 +1,7 @@
 """DEVELOPMENT ONLY: the dev IdP as a Shared Signals transmitter and back-channel logout sender,
 and `ztgateway dev-ssf send`, which makes it send an event.
 
-The dev IdP (devidp.py) mounts `DevTransmitter`'s routes:
+The dev IdP (dev/idp.py) mounts `DevTransmitter`'s routes:
 - `GET  {issuer}/.well-known/ssf-configuration`: transmitter metadata (SSF 1.0 §7.1);
 - `GET  {issuer}/ssf/jwks`: the public key its SETs are signed with (a key of its own, apart
   from the ID token key);
@@ -49,7 +49,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztgateway.configreader import Table
-from ztgateway.credentials.devtoken import jwk_thumbprint, public_jwks
+from ztgateway.dev.tokens import jwk_thumbprint, public_jwks
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from cryptography.x509.oid import (
 )
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from .clock import SYSTEM_CLOCK, Clock
+from ..clock import SYSTEM_CLOCK, Clock
 
 KeyType: TypeAlias = Literal["ec", "rsa"]
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey

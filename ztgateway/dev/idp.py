@@ -46,9 +46,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.configreader import ConfigError, Table
-from ztgateway.credentials.devtoken import jwk_thumbprint, load_signing_key, public_jwks
-from ztgateway.devidp_shapes import GENERIC, SHAPES, Shape
-from ztgateway.devssf import (
+from ztgateway.dev.idp_shapes import GENERIC, SHAPES, Shape
+from ztgateway.dev.ssf import (
     DevSSFConfig,
     DevTransmitter,
     OutgoingTLS,
@@ -56,6 +55,7 @@ from ztgateway.devssf import (
     load_ssf,
     sid_for,
 )
+from ztgateway.dev.tokens import jwk_thumbprint, load_signing_key, public_jwks
 
 logger = logging.getLogger(__name__)
 
@@ -1235,8 +1235,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ztgateway.devidp [options] | hash-password`."""
-    parser = argparse.ArgumentParser(prog="python -m ztgateway.devidp", description=BANNER)
+    """`python -m ztgateway.dev.idp [options] | hash-password`."""
+    parser = argparse.ArgumentParser(prog="python -m ztgateway.dev.idp", description=BANNER)
     _configure(parser)
     args = parser.parse_args(argv)
     return int(args.func(args))
