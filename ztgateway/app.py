@@ -36,7 +36,6 @@ from .forms import CSRFTokens
 from .forward.http import Upstreams
 from .forward.identity import asserted_identity
 from .forward.websocket import Watch
-from .geo import GeoLocator
 from .http1 import Limits
 from .keys import GatewayKeys
 from .lifeline import watch_lifeline
@@ -49,6 +48,7 @@ from .reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
 from .revocation.service import RevocationService, cert_key
+from .risk.geo import GeoLocator
 from .routes import RouteTable
 from .runtime import Runtime
 from .signals.backchannel import BackchannelLogout

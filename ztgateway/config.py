@@ -25,9 +25,9 @@ from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
 from .headerfamilies import cert_header_problem
 from .pages.branding import PortalConfig, parse_portal
-from .posture import PLATFORMS, PosturePolicy, parse_version
 from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
-from .risk import BlocklistError, RiskWeights
+from .risk.posture import PLATFORMS, PosturePolicy, parse_version
+from .risk.scoring import BlocklistError, RiskWeights
 from .signals.config import TransmitterConfig, parse_transmitters
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -1163,7 +1163,7 @@ def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
         _time_window(hours, ZoneInfo(tz), t, "default_working_hours")
     blocklist = t.path("blocklist")
     if blocklist is not None:
-        from .risk import read_blocklist
+        from .risk.scoring import read_blocklist
 
         try:
             read_blocklist(blocklist)

@@ -22,14 +22,14 @@ from .http1 import Request
 from .pages.posture_text import check_text
 from .pages.when import moment, zone
 from .portal import template_page
-from .posture import (
+from .responses import DECISION_HEADER, problem, wants_html
+from .risk.posture import (
     MAX_REPORT_BYTES,
     PostureError,
     digest,
     validate_report,
     verify_signed_report,
 )
-from .responses import DECISION_HEADER, problem, wants_html
 from .stages.device import posture_for
 from .store.base import PostureRecord
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig
 from .credentials.jwt import TokenVerifier
-from .geo import GeoLocator
 from .metrics import Metrics
+from .risk.geo import GeoLocator
 from .routes import RouteTable
 from .store.base import Store
 from .throttle import CredentialThrottle

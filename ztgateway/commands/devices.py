@@ -15,7 +15,7 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK
 from ..config import load_config
-from ..posture import PostureEvaluation, PosturePolicy, evaluate
+from ..risk.posture import PostureEvaluation, PosturePolicy, evaluate
 from ..store import Store, store_from_url
 from .common import add_config, add_json, fmt_time, key_values, print_json, table
 

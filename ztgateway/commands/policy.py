@@ -31,7 +31,7 @@ from ..decision import Decision, Verdict
 from ..decisions import DecisionPath, explain_json
 from ..metrics import Metrics
 from ..pipeline import Pipeline, default_stages
-from ..posture import PostureError, digest, validate_report
+from ..risk.posture import PostureError, digest, validate_report
 from ..routes import RouteTable
 from ..runtime import Runtime
 from ..stages.session import token_session_id

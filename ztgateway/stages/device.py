@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..config import TRUST_LEVELS
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
-from ..posture import PostureEvaluation, evaluate
+from ..risk.posture import PostureEvaluation, evaluate
 from ..signals.compliance import apply_verdict, record_key
 from ..store.base import REBIND_NEXT, Device, PostureRecord
 
