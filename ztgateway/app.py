@@ -20,7 +20,6 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import __version__, sdnotify
-from .assertion import AssertionSigner, load_or_create_key
 from .audit import AuditLog, MaskKey
 from .audit.checkpoint import CheckpointSigner
 from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
@@ -28,11 +27,14 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
+from .credentials.mfa import MFA
 from .credentials.oidc import OIDCClient, StorePendingLogins
 from .credentials.providers import SignInProviders
+from .credentials.webauthn import WebAuthn
 from .decision import Decision, Finding, Reason, Verdict
 from .decisions import DecisionPath, Recorder, audit_event, refusal
 from .forms import CSRFTokens
+from .forward.assertion import AssertionSigner, load_or_create_key
 from .forward.http import Upstreams
 from .forward.identity import asserted_identity
 from .forward.websocket import Watch
@@ -42,7 +44,6 @@ from .lifeline import watch_lifeline
 from .listener import Listener
 from .logs import RateLimit
 from .metrics import Metrics
-from .mfa import MFA
 from .pipeline import Pipeline, default_stages
 from .reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .request_path import RequestPath
@@ -59,7 +60,6 @@ from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
 from .tls import CertInfo, TLSManager
-from .webauthn import WebAuthn
 
 log = logging.getLogger("ztgateway")
 _OTHER_FDS = 64

@@ -989,7 +989,7 @@ def _assertion(t: Table) -> AssertionConfig:
 
 
 def _key_files(t: Table, name: str) -> tuple[Path, ...]:
-    from .assertion import load_public_keys
+    from .forward.assertion import load_public_keys
 
     paths = []
     for i, value in enumerate(t.str_list(name)):

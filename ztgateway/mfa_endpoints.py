@@ -32,6 +32,7 @@ from .audit import AuditUnavailable
 from .config import RouteSession
 from .context import Identity, LockView, RequestContext
 from .credentials.jwt import TokenError, check_binding
+from .credentials.mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from .credentials.totp import SealedSecretError, TOTPError, qr_svg
 from .decision import Reason, Verdict
 from .forms import (
@@ -44,7 +45,6 @@ from .forms import (
 )
 from .forward.headers import SERVER_BANNER
 from .http1 import Request
-from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from .pages.render import trusted
 from .pages.when import until, zone
 from .paths import PathError, normalize_path

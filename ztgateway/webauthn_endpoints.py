@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .audit import AuditUnavailable
 from .context import RequestContext
+from .credentials.webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 from .decision import Reason, Verdict
 from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
 from .forward.headers import SERVER_BANNER
@@ -44,7 +45,6 @@ from .mfa_endpoints import (
 from .portal import page
 from .responses import DECISION_HEADER
 from .store.base import WebAuthnCredential
-from .webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 
 if TYPE_CHECKING:
     from .app import Gateway
