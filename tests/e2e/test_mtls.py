@@ -679,7 +679,7 @@ async def test_expired_crl_refuses_every_client_and_is_counted_as_crl_expired(
 
 # --------------------------------------------------------------------------- event loops
 #
-# Production runs on uvloop (cli.py installs it), whose transports start reading as soon as
+# Production runs on uvloop (commands/run.py installs it), whose transports start reading as soon as
 # connection_made() returns and report a client leaving mid-handshake differently from asyncio's.
 # These scenarios run the same gateway on both loops; the uvloop one lives in its own thread.
 
