@@ -3,7 +3,7 @@
 `Gateway` owns every long-lived service (TLS material, token verifier, upstream pools, audit
 log, metrics) and the current `Runtime` snapshot. A request reads `self.runtime` once; a reload
 builds a complete new snapshot and swaps the reference. What happens to a request is in
-`request_path.py`; how it is decided and recorded, in `decisions.py`.
+`edge/request_path.py`; how it is decided and recorded, in `decisions.py`.
 """
 
 from __future__ import annotations
@@ -33,20 +33,21 @@ from .credentials.providers import SignInProviders
 from .credentials.webauthn import WebAuthn
 from .decision import Decision, Finding, Reason, Verdict
 from .decisions import DecisionPath, Recorder, audit_event, refusal
+from .edge.http1 import Limits
+from .edge.listener import Listener
+from .edge.request_path import RequestPath
+from .edge.tls import CertInfo, TLSManager
 from .forms import CSRFTokens
 from .forward.assertion import AssertionSigner, load_or_create_key
 from .forward.http import Upstreams
 from .forward.identity import asserted_identity
 from .forward.websocket import Watch
-from .http1 import Limits
 from .keys import GatewayKeys
 from .lifeline import watch_lifeline
-from .listener import Listener
 from .logs import RateLimit
 from .metrics import Metrics
 from .pipeline import Pipeline, default_stages
 from .reloading import RESTART_REQUIRED, listener_changes, restart_required
-from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
 from .revocation.service import RevocationService, cert_key
 from .risk.geo import GeoLocator
@@ -59,7 +60,6 @@ from .stages.device import new_device
 from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
-from .tls import CertInfo, TLSManager
 
 log = logging.getLogger("ztgateway")
 _OTHER_FDS = 64

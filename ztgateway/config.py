@@ -23,8 +23,8 @@ from yarl import URL
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
-from .headerfamilies import cert_header_problem
 from .pages.branding import PortalConfig, parse_portal
+from .request.headerfamilies import cert_header_problem
 from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
 from .risk.posture import PLATFORMS, PosturePolicy, parse_version
 from .risk.scoring import BlocklistError, RiskWeights

@@ -28,9 +28,9 @@ from .audit import AuditUnavailable
 from .context import RequestContext
 from .credentials.webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 from .decision import Reason, Verdict
+from .edge.http1 import Request
 from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
 from .forward.headers import SERVER_BANNER
-from .http1 import Request
 from .mfa_endpoints import (
     Who,
     _json,

@@ -43,8 +43,8 @@ def this_platform(system: str = platform.system()) -> str:
 
 
 def device_id_of(cert_pem: bytes) -> str:
-    """The device id the gateway will see for this certificate (one rule: ztgateway.tls)."""
-    from ..tls import parse_client_cert
+    """The device id the gateway will see for this certificate (one rule: ztgateway.edge.tls)."""
+    from ..edge.tls import parse_client_cert
 
     cert = x509.load_pem_x509_certificate(cert_pem)
     return parse_client_cert(cert.public_bytes(serialization.Encoding.DER)).device_id

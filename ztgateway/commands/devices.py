@@ -151,8 +151,8 @@ def _setter(field: str) -> Callable[[argparse.Namespace], int]:
 
 def cmd_rebind(args: argparse.Namespace) -> int:
     from ..admin import rebind_device
-    from ..certverify import ClientCertVerifier
-    from ..tls import RevocationList, load_crl
+    from ..edge.certverify import ClientCertVerifier
+    from ..edge.tls import RevocationList, load_crl
 
     config = load_config(args.config)
     crl = load_crl(config.tls.crl) if config.tls.crl else RevocationList()

@@ -29,6 +29,7 @@ from ..context import RequestContext
 from ..credentials.jwt import TokenVerifier
 from ..decision import Decision, Verdict
 from ..decisions import DecisionPath, explain_json
+from ..edge.tls import CertInfo, RevocationList, load_crl, parse_client_cert
 from ..metrics import Metrics
 from ..pipeline import Pipeline, default_stages
 from ..risk.posture import PostureError, digest, validate_report
@@ -37,7 +38,6 @@ from ..runtime import Runtime
 from ..stages.session import token_session_id
 from ..store import store_from_url
 from ..store.base import PostureRecord, Session, Store
-from ..tls import CertInfo, RevocationList, load_crl, parse_client_cert
 
 
 @dataclass

@@ -19,8 +19,8 @@ from ..signals.compliance import apply_verdict, record_key
 from ..store.base import REBIND_NEXT, Device, PostureRecord
 
 if TYPE_CHECKING:
+    from ..edge.tls import CertInfo
     from ..runtime import Runtime
-    from ..tls import CertInfo
 
 NAME = "device"
 
