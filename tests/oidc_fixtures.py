@@ -16,7 +16,8 @@ from tests.conftest import GatewayFactory
 from tests.support import Certs, free_port
 from ztgateway.app import Gateway
 from ztgateway.clock import Clock
-from ztgateway.dev.idp import hash_password, start_devidp
+from ztgateway.dev.idp import start_devidp
+from ztgateway.dev.idp_users import hash_password
 from ztgateway.dev.pki import CertificateAuthority
 
 CLIENT_SECRET = "test-client-secret-0123456789"

@@ -15,6 +15,8 @@ def build_parser() -> Parser:
         audit,
         certs,
         check_config,
+        dev_idp,
+        dev_ssf,
         devices,
         policy,
         reload,
@@ -22,8 +24,6 @@ def build_parser() -> Parser:
         token,
         users,
     )
-    from .dev import idp as devidp
-    from .dev import ssf as devssf
 
     p = Parser(
         prog="ztgateway",
@@ -37,8 +37,8 @@ def build_parser() -> Parser:
 
     for command in (run, reload, check_config, certs, token, audit, policy, devices, users):
         command.register(sub)
-    devidp.register(sub)
-    devssf.register(sub)
+    dev_idp.register(sub)
+    dev_ssf.register(sub)
     agent_cli.register(sub)
     return p
 

@@ -20,8 +20,9 @@ from tests.conftest import GatewayFactory
 from tests.oidc_fixtures import CLIENT_SECRET, form_action, form_fields
 from tests.support import Certs, free_port
 from ztgateway.app import Gateway
-from ztgateway.dev.idp import hash_password, start_devidp
+from ztgateway.dev.idp import start_devidp
 from ztgateway.dev.idp_shapes import SHAPES
+from ztgateway.dev.idp_users import hash_password
 from ztgateway.dev.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
