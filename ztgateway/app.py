@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import __version__, sdnotify
+from . import __version__
 from .audit import AuditLog, MaskKey
 from .audit.checkpoint import CheckpointSigner
 from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
@@ -43,12 +43,13 @@ from .forward.http import Upstreams
 from .forward.identity import asserted_identity
 from .forward.websocket import Watch
 from .keys import GatewayKeys
-from .lifeline import watch_lifeline
 from .logs import RateLimit
 from .metrics import Metrics
 from .pipeline import Pipeline, default_stages
+from .process import sdnotify
+from .process.lifeline import watch_lifeline
+from .process.resources import Heap, ensure_fd_limit
 from .reloading import RESTART_REQUIRED, listener_changes, restart_required
-from .resources import Heap, ensure_fd_limit
 from .revocation.service import RevocationService, cert_key
 from .risk.geo import GeoLocator
 from .routes import RouteTable
@@ -448,7 +449,7 @@ class Gateway:
 
     def _budget_fds(self, listener: Listener) -> None:
         """Raise RLIMIT_NOFILE for what the listener may hold; below it, refuse and count
-        (resources.py) rather than let the event loop reset connections silently."""
+        (process/resources.py) rather than let the event loop reset connections silently."""
         s = self.config.server
         upstream = sum(up.max_connections for up in _all_upstreams(self.config))
         wanted = s.max_connections + s.max_pending_handshakes + upstream + _OTHER_FDS
@@ -474,7 +475,7 @@ class Gateway:
         self.metrics.handshakes_pending.set_function(lambda: len(listener.pending))
 
     async def _trim_memory(self, interval: float) -> None:
-        """Return freed heap to the system now and then (resources.py: glibc keeps it)."""
+        """Return freed heap to the system now and then (process/resources.py: glibc keeps it)."""
         while True:
             await asyncio.sleep(interval)
             self.heap.trim()

@@ -70,7 +70,7 @@ def test_the_check_sees_relative_absolute_and_in_function_imports() -> None:
 
 def test_running_the_gateway_loads_no_dev_module() -> None:
     probe = (
-        "import sys, ztgateway.app, ztgateway.workers\n"
+        "import sys, ztgateway.app, ztgateway.process.workers\n"
         "print(sorted(m for m in sys.modules if m.startswith('ztgateway.dev')))"
     )
     out = subprocess.run(

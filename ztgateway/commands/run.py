@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..store import StoreUnavailable
 
     if config.server.workers > 1 and args.worker is None:
-        from ..workers import Supervisor
+        from ..process.workers import Supervisor
 
         try:
             asyncio.run(
@@ -50,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
         return 0
     if args.supervisor_pid is not None:
-        from ..lifeline import die_with_parent
+        from ..process.lifeline import die_with_parent
 
         if not die_with_parent(args.supervisor_pid):
             print("error: the supervisor is gone; not starting this worker", file=sys.stderr)
