@@ -8,7 +8,7 @@ certificate a scenario needs (expired, not yet valid, wrong EKU, another CA) wit
 
 This is for development and tests only: the CA key sits unencrypted next to the certificates and
 the PKCS#12 password is a published constant. No gateway module uses any of it (the gateway reads
-certificates, keys and CRLs an operator's CA made, in `edge/tls.py`).
+certificates, keys and CRLs an operator's CA made: `edge/tls.py`, `revocation/`).
 
 It stays one module of about 930 lines because the two layers share every certificate profile
 (key usages, EKUs, SANs, validity with clock skew) and the on-disk layer is a thin loop over the
