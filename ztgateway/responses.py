@@ -18,7 +18,6 @@ from aiohttp import web
 from markupsafe import escape
 
 from .decision import Decision, Reason, Verdict
-from .paths import encode_path
 from .portal.advice import advice_for
 from .portal.branding import DEFAULT_LOOK, PortalConfig
 from .portal.redirect import login_redirect
@@ -26,6 +25,7 @@ from .portal.render import page_headers
 from .portal.render import render as render_page
 from .portal.session_end import ended_code
 from .portal.when import until, zone
+from .request.paths import encode_path
 from .stages.session import clear_cookie_header
 
 if TYPE_CHECKING:

@@ -23,20 +23,20 @@ if TYPE_CHECKING:
     from .config import GatewayConfig
     from .context import RequestContext
     from .credentials.jwt import TokenVerifier
+    from .credentials.mfa import MFA
     from .credentials.oidc import OIDCClient
     from .credentials.providers import SignInProviders
+    from .credentials.webauthn import WebAuthn
     from .decision import Decision, Reason, Verdict
     from .decisions import DecisionPath
+    from .edge.tls import TLSManager
     from .metrics import Metrics
-    from .mfa import MFA
     from .portal.forms import CSRFTokens
     from .runtime import Runtime
     from .signals.backchannel import BackchannelLogout
     from .signals.receiver import SignalReceiver
     from .stages.session import SessionKeeper
     from .store.base import Store
-    from .tls import TLSManager
-    from .webauthn import WebAuthn
 
 
 class Services(Protocol):

@@ -46,7 +46,7 @@ from ztgateway.credentials.oidc import (
     OIDCReason,
     pkce_challenge,
 )
-from ztgateway.devidp import start_devidp
+from ztgateway.dev.idp import start_devidp
 from ztgateway.portal.redirect import local_path
 
 SECRET = b"k" * 32

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..certverify import CertRefused
 from ..context import RequestContext
-from ..decisions import refusal
-from ..policycli import explain_json
+from ..decisions import explain_json, refusal
+from ..edge.certverify import CertRefused
 from ..services import SERVICES_KEY
 
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..certverify import CertRefused
 from ..context import RequestContext, spoofed_headers
 from ..decision import Decision, Reason
-from ..headerfamilies import EDGES, CertFormat
+from ..edge.certverify import CertRefused
+from ..request.headerfamilies import EDGES, CertFormat
 from ..responses import problem
 from .relay import RELAY_PEER_HEADER
 

@@ -16,15 +16,15 @@ from aiohttp import web
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..decision import Reason, Verdict
-from ..http1 import Request
-from ..posture import (
+from ..edge.http1 import Request
+from ..responses import problem, wants_html
+from ..risk.posture import (
     MAX_REPORT_BYTES,
     PostureError,
     digest,
     validate_report,
     verify_signed_report,
 )
-from ..responses import problem, wants_html
 from ..stages.device import posture_for
 from ..store.base import PostureRecord
 from .forms import JSON_TYPE, media_type, read_checked_body

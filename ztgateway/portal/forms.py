@@ -41,8 +41,8 @@ from aiohttp import web
 
 from ..audit import AuditUnavailable
 from ..decision import Reason, Verdict
-from ..fetchmeta import own_origin
-from ..http1 import Request
+from ..edge.http1 import Request
+from ..request.fetchmeta import own_origin
 from ..responses import problem, wants_html
 from .redirect import local_redirect
 

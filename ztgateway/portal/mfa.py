@@ -24,10 +24,10 @@ from aiohttp import web
 
 from ..audit import AuditUnavailable
 from ..context import RequestContext
+from ..credentials.mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from ..credentials.totp import SealedSecretError, TOTPError, qr_svg
 from ..decision import Reason, Verdict
-from ..http1 import Request
-from ..mfa import MFABusy, MFAUnavailable, PendingEnrolment
+from ..edge.http1 import Request
 from ..responses import problem, see_other
 from ..stages.session import read_cookie
 from . import webauthn as wa

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-from ..paths import PathError, encode_path, normalize_path
+from ..request.paths import PathError, encode_path, normalize_path
 
 if TYPE_CHECKING:
     from ..context import RequestContext

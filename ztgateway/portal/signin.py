@@ -17,9 +17,9 @@ from ..audit import AuditUnavailable
 from ..context import Identity, RequestContext
 from ..credentials.oidc import OIDCClient, OIDCError
 from ..decision import Reason, Verdict
+from ..edge.http1 import Request
 from ..forward.headers import SERVER_BANNER
-from ..http1 import Request
-from ..paths import PathError, normalize_path
+from ..request.paths import PathError, normalize_path
 from ..responses import DECISION_HEADER, problem, see_other, wants_html
 from ..stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from ..store.base import ID_TOKEN, StoreUnavailable

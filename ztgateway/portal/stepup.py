@@ -23,7 +23,7 @@ from ..config import RouteSession
 from ..context import Identity, LockView, RequestContext
 from ..credentials.jwt import TokenError, check_binding
 from ..decision import Reason, Verdict
-from ..paths import PathError, normalize_path
+from ..request.paths import PathError, normalize_path
 from ..responses import lock_ends_text, problem, see_other
 from ..stages.identity import identity_from_token
 from ..stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
