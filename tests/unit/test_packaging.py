@@ -71,6 +71,10 @@ def test_a_wheel_builds_installs_and_reports_its_version(tmp_path: Path) -> None
         ]
     ]
     assert len(shipped) > 10 and not [n for n in shipped if n not in names]
+    # Every module ships: a folder without __init__.py is not a package setuptools finds.
+    package = portal.parent
+    modules = [f"ztgateway/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")]
+    assert not [n for n in modules if n not in names]
     assert "License-Expression: Apache-2.0" in metadata
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
 
