@@ -8,7 +8,6 @@ stage gathers its inputs from the context and the store's memory.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -164,7 +163,7 @@ class RiskStage:
         ctx.risk_score = result.score
         ctx.risk_location = location
         out = [
-            Finding(NAME, Reason(c.signal.value), None, risk=c.contribution, detail=c.detail)
+            Finding(NAME, c.signal, None, risk=c.contribution, detail=c.detail)
             for c in result.contributions
         ]
         verdict = verdict_for(result.score, route.risk.allow_up_to, route.risk.step_up_up_to)
@@ -216,10 +215,3 @@ def remember(runtime: Runtime, ctx: RequestContext) -> None:
         changed = True
     if changed:
         store.touch_user(account)
-
-
-def is_public(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_global
-    except ValueError:
-        return False

@@ -51,7 +51,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -83,7 +83,14 @@ from .base import (
     merge_reloaded_session,
     take_id_token,
 )
-from .sqlite import _session_from_json, _session_json, _user_from_json
+from .codec import (
+    posture_from_json,
+    posture_json,
+    session_from_json,
+    session_json,
+    user_from_json,
+    user_parts,
+)
 
 log = logging.getLogger("ztgateway.store")
 
@@ -92,7 +99,6 @@ T = TypeVar("T")
 _DEVICE_FIELDS = tuple(f.name for f in fields(Device))
 # What a reload reads of a session's hash: everything but the ID token (`id_token`).
 _SESSION_HASH_FIELDS = ("data", "revoked", "revocation", "ver")
-_HISTORY_FIELDS = ("known_devices", "known_routes", "last_location")
 _FAULTS = (RedisError, OSError, TimeoutError)
 _HEARTBEAT = "ztgw-heartbeat"
 
@@ -325,13 +331,6 @@ _SET_ONCE = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 """
-
-
-def _user_parts(record: UserRecord) -> tuple[str, str]:
-    """A user as (record, history): touches rewrite only the history, never a lock."""
-    data = asdict(record)
-    history = {k: data.pop(k) for k in _HISTORY_FIELDS}
-    return json.dumps(data), json.dumps(history)
 
 
 def _pairs(mapping: dict[str, str]) -> list[str]:
@@ -713,21 +712,13 @@ class RedisStore(CachedReads):
             # A field added later (spki) is absent from hashes written before it.
             return Device(**{f: json.loads(h[f]) for f in _DEVICE_FIELDS if f in h})
         if kind is ChangeKind.POSTURE:
-            d = json.loads(h["data"])
-            return PostureRecord(
-                d["device_id"],
-                d["report"],
-                d["received_at"],
-                d["collected_at"],
-                bool(d["signed"]),
-                d["digest"],
-            )
+            return posture_from_json(json.loads(h["data"]))
         if kind is ChangeKind.USER:
             if "record" not in h:
                 return None
             data = json.loads(h["record"]) | json.loads(h.get("history") or "{}")
-            return _user_from_json(data)
-        s = _session_from_json(json.loads(h["data"]))
+            return user_from_json(data)
+        s = session_from_json(json.loads(h["data"]))
         if h.get("revoked") == "1" and "revocation" in h:
             s.revoked_at, s.revoked_reason = json.loads(h["revocation"])
         else:
@@ -864,11 +855,11 @@ class RedisStore(CachedReads):
             for s in (self._sessions.get(k) for k in sessions):
                 if s is not None:
                     await self._scripts["touch_session"](
-                        [self._key("session", s.session_id)], [_session_json(s)], client=pipe
+                        [self._key("session", s.session_id)], [session_json(s)], client=pipe
                     )
             for u in (self._users.get(k) for k in users):
                 if u is not None:
-                    record, history_fields = _user_parts(u)
+                    record, history_fields = user_parts(u)
                     await self._scripts["touch_user"](
                         [self._key("user", u.user), self._index(ChangeKind.USER)],
                         [u.user, history_fields, record],
@@ -954,7 +945,7 @@ class RedisStore(CachedReads):
                 self._message(ChangeKind.POSTURE, key),
                 key,
                 "data",
-                json.dumps(asdict(record)),
+                posture_json(record),
             ],
         )
         self._set(ChangeKind.POSTURE, key, record, int(ver))
@@ -963,7 +954,7 @@ class RedisStore(CachedReads):
     # --- users ---------------------------------------------------------------------------------
     async def save_user(self, record: UserRecord) -> None:
         key = record.user
-        data, history = _user_parts(record)
+        data, history = user_parts(record)
         ver = await self._script(
             "upsert",
             [self._key("user", key), self._index(ChangeKind.USER)],
@@ -1000,7 +991,7 @@ class RedisStore(CachedReads):
                 self._channel,
                 self._message(ChangeKind.SESSION, key),
                 key,
-                _session_json(session),
+                session_json(session),
                 json.dumps([session.revoked_at, session.revoked_reason]) if session.revoked else "",
                 repr(session.expires_at),
                 ttl_ms,
