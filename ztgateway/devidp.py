@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import html
 import ipaddress
-import json
 import logging
 import re
 import secrets
@@ -46,7 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.configreader import ConfigError, Table
-from ztgateway.credentials.devtoken import jwk_thumbprint, load_signing_key, public_jwks
+from ztgateway.credentials.devtoken import key_id, load_signing_key, public_jwks
+from ztgateway.credentials.jwks import jwk_thumbprint
 from ztgateway.devidp_shapes import GENERIC, SHAPES, Shape
 from ztgateway.devssf import (
     DevSSFConfig,
@@ -292,8 +292,7 @@ def _rsa_jwks(public_key: rsa.RSAPublicKey) -> tuple[str, dict[str, Any]]:
         return _b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
 
     required = {"e": b64(numbers.e), "kty": "RSA", "n": b64(numbers.n)}
-    canonical = json.dumps(required, sort_keys=True, separators=(",", ":")).encode()
-    kid = _b64url(hashlib.sha256(canonical).digest())
+    kid = jwk_thumbprint(required)
     return kid, {"keys": [{**required, "kid": kid, "use": "sig", "alg": "RS256"}]}
 
 
@@ -419,7 +418,7 @@ class DevIdP:
             self.kid, self._jwks = _rsa_jwks(self._key.public_key())
         else:
             self._key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-            self.kid = jwk_thumbprint(self._key.public_key())
+            self.kid = key_id(self._key.public_key())
             self._jwks = public_jwks(self._key.public_key(), kid=self.kid)
         self._secret = secrets.token_bytes(32)
         secure = parts.scheme == "https"
