@@ -13,11 +13,11 @@ from urllib.parse import parse_qs, quote
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
 from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
-from .forward.headers import SERVER_BANNER
 from .http1 import Request
 from .pages.posture_text import check_text
 from .pages.when import moment, zone

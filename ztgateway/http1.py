@@ -46,6 +46,7 @@ from typing import Any, Protocol, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from . import SERVER_BANNER
 from .decision import Reason
 from .tls import CertInfo
 
@@ -59,6 +60,7 @@ QUEUED_BODY_BYTES = 64 * 1024
 """Body bytes of a request queued behind the one in progress before reading pauses."""
 MAX_PIPELINED = 16
 """Parsed requests waiting behind the one in progress before reading pauses."""
+_SERVER_FIELD = b"Server: %s\r\n" % SERVER_BANNER.encode()
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 _HOST_CHARS = frozenset(
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%"
@@ -810,7 +812,7 @@ class Connection(asyncio.Protocol):
             text.encode("utf-8", "surrogateescape"),
         ]
         if "\nserver:" not in lowered:
-            parts.append(b"Server: ztgateway\r\n")
+            parts.append(_SERVER_FIELD)
         if "\ndate:" not in lowered:
             parts.append(b"Date: " + http_date(self.clock()) + b"\r\n")
         parts.append(framing)

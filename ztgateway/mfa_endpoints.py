@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .config import RouteSession
 from .context import Identity, LockView, RequestContext
@@ -42,7 +43,6 @@ from .forms import (
     read_checked_body,
     read_checked_form,
 )
-from .forward.headers import SERVER_BANNER
 from .http1 import Request
 from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from .pages.render import trusted

@@ -13,12 +13,12 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .context import Identity, RequestContext
 from .credentials.oidc import OIDCClient, OIDCError
 from .decision import Reason, Verdict
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
-from .forward.headers import SERVER_BANNER
 from .http1 import Request
 from .pages.posture_text import check_text
 from .pages.render import page_headers, render, trusted

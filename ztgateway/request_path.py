@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import endpoints, mfa_endpoints, portal, webauthn_endpoints
+from . import SERVER_BANNER, endpoints, mfa_endpoints, portal, webauthn_endpoints
 from .audit import AuditUnavailable
 from .audit.events import upstream_event
 from .context import RequestContext
@@ -34,7 +34,6 @@ from .inline import in_task
 from .logs import decision_id_var
 from .pages.render import STATIC_PREFIX, static_asset, static_headers
 from .responses import (
-    SERVER,
     Parts,
     add_security_headers,
     hsts_value,
@@ -472,7 +471,7 @@ def send_web_response(request: Request, resp: web.StreamResponse, hsts: str | No
     data = body if isinstance(body, bytes | bytearray) else b""
     headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]
     if not any(k.lower() == "server" for k, _ in headers):
-        headers.append(("Server", SERVER))
+        headers.append(("Server", SERVER_BANNER))
     for cookie in resp.cookies.values():
         headers.append(("Set-Cookie", cookie.output(header="").strip()))
     request.respond(resp.status, headers, bytes(data), reason=resp.reason or "")

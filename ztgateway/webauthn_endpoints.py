@@ -24,11 +24,11 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
 from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
-from .forward.headers import SERVER_BANNER
 from .http1 import Request
 from .mfa_endpoints import (
     Who,

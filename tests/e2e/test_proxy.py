@@ -639,6 +639,18 @@ async def test_response_server_banner_is_the_gateways_without_versions(
     assert "X-Powered-By" not in r.headers
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/forward-auth", "/no-such-page"])
+async def test_ops_listener_answers_carry_the_gateways_banner(
+    proxy: ProxyFactory, path: str
+) -> None:
+    gw = await proxy({"forward_auth": {"enabled": True, "trusted_proxies": ["127.0.0.1/32"]}})
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{gw.ops_port}{path}") as r,
+    ):
+        assert r.headers.getall("Server") == ["ztgateway"], r.status
+
+
 @pytest.fixture
 async def hop_upstream() -> AsyncIterator[int]:
     """A legacy upstream that puts hop-by-hop and private headers on its responses."""
