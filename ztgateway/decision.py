@@ -2,7 +2,9 @@
 
 Reasons are a closed StrEnum so that Prometheus labels stay bounded and every reason can be
 listed, documented and tested. Each reason carries its HTTP status and a sentence a person can
-read; `responses.render()` is the only place that turns them into HTTP.
+read; `responses` turns them into HTTP (`render()` for a pipeline decision on the data plane,
+`problem()` / `problem_parts()` for every other refusal). The risk stage's signals are reasons
+too (`risk.SIGNALS`): one vocabulary for findings, audit and metrics labels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""The one place that turns a refusal into HTTP (Pomerium's handleResult).
+"""How a refusal becomes HTTP (Pomerium's handleResult).
+
+`render()` maps a pipeline decision on the data plane to a redirect (sign-in, the device page,
+the step-up page) or a problem; `problem_parts()` / `problem()` write the problem for any reason,
+wherever it was decided (the parser, forward-auth, the gateway's own pages). Two answers keep
+their own body on purpose: the Shared Signals receiver's (RFC 8935 §2.3 fixes its members; it
+adds the same `type`, `reason` and `decision_id`) and the ops listener's (the admin API's
+challenge names its own realm; errors that are no decision, a malformed /decide body or the
+audit log down, are RFC 9457 `about:blank`).
 
 JSON clients get `application/problem+json` (RFC 9457) with the reason code and decision id;
 browsers (Accept: text/html) get a small page with the same facts. 401s carry a
