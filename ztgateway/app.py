@@ -26,6 +26,7 @@ from .audit.checkpoint import CheckpointSigner
 from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
+from .config.reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .credentials.oidc import OIDCClient, StorePendingLogins
@@ -45,7 +46,6 @@ from .logs import RateLimit
 from .metrics import Metrics
 from .mfa import MFA
 from .pipeline import Pipeline, default_stages
-from .reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .request_path import RequestPath
 from .resources import Heap, ensure_fd_limit
 from .revocation.service import RevocationService, cert_key

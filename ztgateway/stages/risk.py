@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from ..config import _time_window_parse
+from ..config import parse_time_window
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..geo import GeoLocator
@@ -75,7 +75,7 @@ class RiskStage:
         if key not in self._hours_cache:
             try:
                 tz = ZoneInfo(tz_name)
-                window = _time_window_parse(spec, tz)
+                window = parse_time_window(spec, tz)
                 self._hours_cache[key] = (tz, (window.days, window.start, window.end))
             except (ValueError, KeyError):
                 self._hours_cache[key] = None
