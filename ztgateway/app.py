@@ -4,6 +4,11 @@
 log, metrics) and the current `Runtime` snapshot. A request reads `self.runtime` once; a reload
 builds a complete new snapshot and swaps the reference. What happens to a request is in
 `request_path.py`; how it is decided and recorded, in `decisions.py`.
+
+Why one module of about seven hundred and fifty lines: start-up, reload and shut-down are one
+ordering of the same services (each started after what it needs, stopped before it, and swapped
+whole on a reload), and that order is read best in one place. The request path, the decision
+path, the listeners and the endpoints are their own modules.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ logout. Users, password hashes (scrypt) and clients come from one TOML file.
 It is not hardened for real users: everything lives in memory, there is no consent screen, no
 account lockout and no key rotation. It refuses to listen on anything but loopback unless told
 `--i-know-this-is-insecure`, and every page and its start-up log say DEVELOPMENT ONLY.
+
+Why one module of about twelve hundred lines: it is one fake provider, read as a whole by whoever
+wants to know what the gateway's relying party is tested against; nothing in production imports
+it, and its parts (discovery, codes, tokens, logout, the Shared Signals transmitter's hook) share
+one in-memory state.
 """
 
 from __future__ import annotations

@@ -30,6 +30,13 @@ where it stopped (`_Resume`). Timers cost no allocation per request either: one 
 connection carries the current deadline (header, idle) and is re-armed lazily when it fires
 early. Refusals are not rendered here: `Handler.refuse()` turns a reason into the same
 recorded decision and problem+json (or page) as every other refusal.
+
+Why one module of about eleven hundred lines: a `Connection` is one state machine over one
+transport (reading a head, streaming a body, paused for backpressure, stepping a handler
+inline, draining to a slow reader), and its timers, buffers and inline stepping each decide what
+the others may do next; split, every part would share every field of `Connection`. What does
+not belong to that machine lives elsewhere: TLS (tls.py), the reasons (decision.py), what a
+request means (request_path.py).
 """
 
 from __future__ import annotations

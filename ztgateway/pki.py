@@ -8,6 +8,11 @@ certificate a scenario needs (expired, not yet valid, wrong EKU, another CA) wit
 
 This is for development and tests only: the CA key sits unencrypted next to the certificates and
 the PKCS#12 password is a published constant.
+
+Why one module of about nine hundred lines: the in-memory CA and the on-disk layout issue the
+same certificates with the same profiles (key usages, EKUs, validity), and tests, `make run` and
+the CLI must get identical ones; split, the profiles would be shared across files for no reader's
+benefit. Nothing on the request path imports it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ Counters (rate buckets, failure windows) live in process memory: they are per-pr
 for the embedded store; the Redis store shares them between replicas. A failure window is one
 float, or a sorted `array('d')`; it keeps only what the windows callers ask can still count, and
 a key that went quiet is dropped by an incremental sweep (see `failures`).
+
+Why one module of about a thousand lines: `SQLiteStore` is one class for the same reason as the
+Redis store. The in-memory cache, the `changes` cursor, the write-behind batches and the failure
+windows are consistent only together (a sync reloads what a batch may be about to write back);
+split by entity, each piece would reach into the others' state. The JSON both backends keep is
+codec.py's, the records and merge rules base.py's.
 """
 
 from __future__ import annotations
