@@ -338,8 +338,8 @@ async def stage_setup(store: SQLiteStore, token_hashes: list[str], seed: int) ->
     )
     from ztgateway.context import Identity, RequestContext
     from ztgateway.credentials.jwt import VerifiedToken
+    from ztgateway.edge.tls import CertInfo
     from ztgateway.stages.session import SessionStage, token_session_id
-    from ztgateway.tls import CertInfo
 
     route = RouteConfig(
         name=ROUTE,

@@ -16,7 +16,7 @@ import aiohttp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ztgateway.clock import SYSTEM_CLOCK, Clock
-from ztgateway.pki import CertificateAuthority, init_pki
+from ztgateway.dev.pki import CertificateAuthority, init_pki
 
 
 def real_time_env() -> dict[str, str]:

@@ -4,7 +4,7 @@ Reasons are a closed StrEnum so that Prometheus labels stay bounded and every re
 listed, documented and tested. Each reason carries its HTTP status and a sentence a person can
 read; `responses` turns them into HTTP (`render()` for a pipeline decision on the data plane,
 `problem()` / `problem_parts()` for every other refusal). The risk stage's signals are reasons
-too (`risk.SIGNALS`): one vocabulary for findings, audit and metrics labels.
+too (`risk.scoring.SIGNALS`): one vocabulary for findings, audit and metrics labels.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class Reason(enum.StrEnum):
     SIGNAL_ACCEPTED = "signal-accepted"
     SIGNAL_INVALID = "signal-invalid"
     SIGNAL_REPLAYED = "signal-replayed"
-    # second factor (mfa.py, mfa_endpoints.py): the outcome of a code someone entered
+    # second factor (credentials/mfa.py, mfa_endpoints.py): the outcome of a code someone entered
     MFA_INVALID = "mfa-invalid"
     MFA_REPLAYED = "mfa-replayed"
     MFA_MALFORMED = "mfa-malformed"
@@ -133,7 +133,7 @@ class Reason(enum.StrEnum):
     MFA_NOT_ENROLLED = "mfa-not-enrolled"
     MFA_ENROLMENT_EXISTS = "mfa-enrolment-exists"
     MFA_ENROLMENT_EXPIRED = "mfa-enrolment-expired"
-    # WebAuthn (webauthn.py, webauthn_endpoints.py): the outcome of a ceremony
+    # WebAuthn (credentials/webauthn.py, webauthn_endpoints.py): the outcome of a ceremony
     WEBAUTHN_INVALID = "webauthn-invalid"
     WEBAUTHN_ORIGIN_MISMATCH = "webauthn-origin-mismatch"
     WEBAUTHN_CHALLENGE_INVALID = "webauthn-challenge-invalid"

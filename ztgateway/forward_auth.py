@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .certverify import CertRefused
 from .context import (
     RequestContext,
     client_ip_from_forwarded,
@@ -33,8 +32,9 @@ from .context import (
     spoofed_headers,
 )
 from .decision import Decision, Reason
-from .headerfamilies import EDGES, CertFormat
+from .edge.certverify import CertRefused
 from .ops import RELAY_PEER_HEADER
+from .request.headerfamilies import EDGES, CertFormat
 from .responses import problem
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from .pages.render import page_headers
 from .pages.render import render as render_page
 from .pages.session_end import ended_code
 from .pages.when import until, zone
-from .paths import encode_path
+from .request.paths import encode_path
 from .stages.session import clear_cookie_header
 
 if TYPE_CHECKING:

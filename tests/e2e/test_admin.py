@@ -14,7 +14,7 @@ from tests.conftest import ADMIN_TOKEN, GatewayFactory
 from tests.support import Certs, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.cli import main
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -19,7 +19,7 @@ from tests.support import Certs, session
 from ztgateway.agent.linux import parse_lsblk, parse_os_release
 from ztgateway.app import Gateway
 from ztgateway.cli import main
-from ztgateway.posture import validate_report
+from ztgateway.risk.posture import validate_report
 
 COMPLIANT_ONLY = {
     "name": "secure",

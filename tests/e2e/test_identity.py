@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 from tests.support import Certs, session
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 
 def tok(certs: Certs, **kw: Any) -> str:

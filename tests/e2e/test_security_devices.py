@@ -22,7 +22,7 @@ from tests.e2e.test_proxy import audit_event, metric
 from tests.support import Certs, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
-from ztgateway.pki import CertificateAuthority, load_private_key
+from ztgateway.dev.pki import CertificateAuthority, load_private_key
 
 JSON = {"Accept": "application/json"}
 

@@ -24,7 +24,7 @@ from tests.e2e.test_mtls import eventually, revoke
 from tests.e2e.test_proxy import audit_event, metric
 from tests.support import Certs
 from ztgateway.app import Gateway
-from ztgateway.pki import CertificateAuthority, atomic_write
+from ztgateway.dev.pki import CertificateAuthority, atomic_write
 
 NGINX_EDGE = {
     "enabled": True,

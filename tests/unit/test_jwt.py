@@ -25,13 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from ztgateway.credentials.devtoken import (
-    DEV_AUDIENCE,
-    DEV_ISSUER,
-    issue_token,
-    key_id,
-    public_jwks,
-)
 from ztgateway.credentials.jwt import (
     IssuerConfig,
     TokenError,
@@ -41,6 +34,7 @@ from ztgateway.credentials.jwt import (
     check_binding,
 )
 from ztgateway.decision import Reason
+from ztgateway.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, issue_token, key_id, public_jwks
 
 ISSUER = "https://idp.example.test"
 AUDIENCE = "gateway"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ztgateway.decision import Reason
-from ztgateway.risk import (
+from ztgateway.risk.scoring import (
     MIN_TRAVEL_SECONDS,
     SIGNALS,
     BlocklistError,

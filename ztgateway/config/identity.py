@@ -158,7 +158,7 @@ def parse_assertion(t: Table) -> AssertionConfig:
 
 
 def _key_files(t: Table, name: str) -> tuple[Path, ...]:
-    from ..assertion import load_public_keys
+    from ..forward.assertion import load_public_keys
 
     paths = []
     for i, value in enumerate(t.str_list(name)):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..configreader import Table
-from ..headerfamilies import cert_header_problem
+from ..request.headerfamilies import cert_header_problem
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

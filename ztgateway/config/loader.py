@@ -14,8 +14,8 @@ from typing import Literal
 from ..configreader import ConfigError, Table
 from ..credentials.jwt import IssuerConfig
 from ..pages.branding import PortalConfig, parse_portal
-from ..posture import PosturePolicy
 from ..revocation.config import RevocationConfig, parse_revocation
+from ..risk.posture import PosturePolicy
 from ..signals.config import TransmitterConfig, parse_transmitters
 from .identity import (
     AssertionConfig,

@@ -9,8 +9,8 @@ from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..configreader import Table
-from ..posture import PLATFORMS, PosturePolicy, parse_version
-from ..risk import BlocklistError, RiskWeights
+from ..risk.posture import PLATFORMS, PosturePolicy, parse_version
+from ..risk.scoring import BlocklistError, RiskWeights
 from .listener import Network
 from .routes import TRUST_LEVELS, TrustLevel, read_time_window
 
@@ -131,7 +131,7 @@ def parse_risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
         read_time_window(hours, ZoneInfo(tz), t, "default_working_hours")
     blocklist = t.path("blocklist")
     if blocklist is not None:
-        from ..risk import read_blocklist
+        from ..risk.scoring import read_blocklist
 
         try:
             read_blocklist(blocklist)

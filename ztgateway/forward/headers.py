@@ -15,7 +15,7 @@ from urllib.parse import quote
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import SERVER_BANNER
-from ..headerfamilies import protected_header
+from ..request.headerfamilies import protected_header
 
 if TYPE_CHECKING:
     from ..config import IdentityHeaders

@@ -47,7 +47,7 @@ from wsproto.utilities import LocalProtocolError
 from .. import SERVER_BANNER
 from ..config import UpstreamConfig
 from ..decision import Decision, Reason
-from ..http1 import Request
+from ..edge.http1 import Request
 from ..responses import DECISION_HEADER
 from .upstream import UpstreamFailure, encode_head
 

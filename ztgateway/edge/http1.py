@@ -53,8 +53,8 @@ from typing import Any, Protocol, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import SERVER_BANNER
-from .decision import Reason
+from .. import SERVER_BANNER
+from ..decision import Reason
 from .tls import CertInfo
 
 log = logging.getLogger("ztgateway.http1")

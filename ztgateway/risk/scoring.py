@@ -23,7 +23,7 @@ from datetime import datetime, time
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from .decision import Reason
+from ..decision import Reason
 
 Zone = Literal["trusted", "unknown", "blocked"]
 RiskVerdict = Literal["allow", "step_up", "deny"]
