@@ -98,6 +98,8 @@ def with_security_headers(
     """The same for a response the data plane writes as parts."""
     present = {n.lower() for n, _ in headers}
     out = list(headers)
+    if "server" not in present:
+        out.append(("Server", SERVER_BANNER))
     out.extend((n, v) for n, v in _OWN_HEADERS if n.lower() not in present)
     if hsts and "strict-transport-security" not in present:
         out.append(("Strict-Transport-Security", hsts))

@@ -627,8 +627,10 @@ async def test_authorization_is_not_forwarded_unless_the_route_says_so(
         get("/status/503"),  # forwarded error
         get("/%2e%2e/etc/passwd"),  # refused by policy
         get("/echo", "Content-Length: 1", "Content-Length: 2", method="POST"),  # by the parser
+        get("/.ztgw/whoami"),  # a page of the gateway's own
+        get("/.ztgw/static/portal.css"),  # its static assets
     ],
-    ids=["forwarded", "forwarded-error", "refused", "malformed"],
+    ids=["forwarded", "forwarded-error", "refused", "malformed", "page", "static"],
 )
 async def test_response_server_banner_is_the_gateways_without_versions(
     proxy: ProxyFactory, certs: Certs, request_bytes: bytes

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .. import SERVER_BANNER, endpoints, mfa_endpoints, portal, webauthn_endpoints
+from .. import endpoints, mfa_endpoints, portal, webauthn_endpoints
 from ..audit import AuditUnavailable
 from ..audit.events import upstream_event
 from ..context import RequestContext
@@ -470,8 +470,6 @@ def send_web_response(request: Request, resp: web.StreamResponse, hsts: str | No
     body = resp.body if isinstance(resp, web.Response) else None
     data = body if isinstance(body, bytes | bytearray) else b""
     headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]
-    if not any(k.lower() == "server" for k, _ in headers):
-        headers.append(("Server", SERVER_BANNER))
     for cookie in resp.cookies.values():
         headers.append(("Set-Cookie", cookie.output(header="").strip()))
     request.respond(resp.status, headers, bytes(data), reason=resp.reason or "")
