@@ -23,6 +23,7 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
+from .. import SERVER_BANNER
 from .branding import DEFAULT_ACCENT, PortalConfig
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 STATIC_PREFIX = "/.ztgw/static/"
 DECISION_HEADER = "X-ZT-Decision-Id"
-SERVER = "ztgateway"
 
 
 @functools.cache
@@ -86,7 +86,7 @@ def static_headers(media_type: str) -> list[tuple[str, str]]:
         ("X-Content-Type-Options", "nosniff"),
         # An SVG logo opened on its own must not run anything (it is only ever an <img>).
         ("Content-Security-Policy", "default-src 'none'; sandbox"),
-        ("Server", SERVER),
+        ("Server", SERVER_BANNER),
     ]
 
 
@@ -108,7 +108,7 @@ def page_headers(
     return [
         ("Content-Type", "text/html; charset=utf-8"),
         (DECISION_HEADER, decision_id),
-        ("Server", SERVER),
+        ("Server", SERVER_BANNER),
         ("Cache-Control", "no-store"),
         ("Content-Security-Policy", content_security_policy(form_targets, scripts=scripts)),
         ("X-Frame-Options", "DENY"),
@@ -202,7 +202,7 @@ def json_answer(
     else:
         resp = web.json_response(data, status=status)
     resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER
+    resp.headers["Server"] = SERVER_BANNER
     resp.headers["Cache-Control"] = "no-store"
     if cookie:
         resp.headers["Set-Cookie"] = cookie

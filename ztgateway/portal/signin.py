@@ -13,12 +13,12 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from aiohttp import web
 
+from .. import SERVER_BANNER
 from ..audit import AuditUnavailable
 from ..context import Identity, RequestContext
 from ..credentials.oidc import OIDCClient, OIDCError
 from ..decision import Reason, Verdict
 from ..edge.http1 import Request
-from ..forward.headers import SERVER_BANNER
 from ..request.paths import PathError, normalize_path
 from ..responses import DECISION_HEADER, problem, see_other, wants_html
 from ..stages.session import clear_cookie_header, cookie_session_id, read_cookie

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from .. import SERVER_BANNER
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..decision import Reason
 from ..edge.http1 import Request
-from ..forward.headers import SERVER_BANNER
 from ..portal.forms import Refusal, cross_site, parse_form, read_body, require_type
 from ..responses import DECISION_HEADER, PROBLEM_BASE
 from ..store.base import StoreUnavailable
