@@ -629,8 +629,9 @@ async def test_authorization_is_not_forwarded_unless_the_route_says_so(
         get("/echo", "Content-Length: 1", "Content-Length: 2", method="POST"),  # by the parser
         get("/.ztgw/whoami"),  # a page of the gateway's own
         get("/.ztgw/static/portal.css"),  # its static assets
+        get("/.ztgw/webauthn.js"),  # the pages' script
     ],
-    ids=["forwarded", "forwarded-error", "refused", "malformed", "page", "static"],
+    ids=["forwarded", "forwarded-error", "refused", "malformed", "page", "static", "script"],
 )
 async def test_response_server_banner_is_the_gateways_without_versions(
     proxy: ProxyFactory, certs: Certs, request_bytes: bytes

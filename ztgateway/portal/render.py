@@ -202,7 +202,6 @@ def json_answer(
     else:
         resp = web.json_response(data, status=status)
     resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
     resp.headers["Cache-Control"] = "no-store"
     if cookie:
         resp.headers["Set-Cookie"] = cookie

@@ -13,7 +13,6 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from aiohttp import web
 
-from .. import SERVER_BANNER
 from ..audit import AuditUnavailable
 from ..context import Identity, RequestContext
 from ..credentials.oidc import OIDCClient, OIDCError
@@ -355,11 +354,9 @@ async def whoami(gw: Services, request: Request, ctx: RequestContext) -> web.Str
         "decision_for_/": decision.verdict.label,
     }
     if not wants_html(request.headers.get("Accept", "")):
-        resp = web.json_response(
+        return web.json_response(
             data, headers={DECISION_HEADER: ctx.decision_id, "Cache-Control": "no-store"}
         )
-        resp.headers["Server"] = SERVER_BANNER
-        return resp
     gw.metrics.portal_views.labels("whoami", "shown").inc()
     account = gw.store.user(ident.user) if ident is not None and ident.user else None
     tz = zone(account.timezone if account else None, gw.config.risk.default_timezone)

@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from .. import SERVER_BANNER
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..credentials.webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
@@ -62,7 +61,6 @@ async def script(gw: Services, request: Request, ctx: RequestContext) -> web.Str
     """GET /.ztgw/webauthn.js: the pages' one script (CSP allows no inline script)."""
     resp = web.Response(text=_SCRIPT_TEXT, content_type="text/javascript")
     resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Content-Type-Options"] = "nosniff"
     return resp

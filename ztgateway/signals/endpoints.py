@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from .. import SERVER_BANNER
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..decision import Reason
@@ -53,7 +52,6 @@ def _json(
         web.json_response(body, status=status) if body is not None else web.Response(status=status)
     )
     resp.headers[DECISION_HEADER] = ctx.decision_id
-    resp.headers["Server"] = SERVER_BANNER
     resp.headers["Cache-Control"] = "no-store"
     for name, value in headers.items():
         resp.headers[name.replace("_", "-")] = value
