@@ -25,7 +25,7 @@ from urllib.parse import quote
 from aiohttp import web
 from markupsafe import escape
 
-from . import SERVER_BANNER
+from . import DECISION_HEADER, SERVER_BANNER
 from .decision import Decision, Reason, Verdict
 from .portal.advice import advice_for
 from .portal.branding import DEFAULT_LOOK, PortalConfig
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from .context import RequestContext
 
 PROBLEM_BASE = "https://ztgateway.dev/problems/"
-DECISION_HEADER = "X-ZT-Decision-Id"
 SIGN_IN_AGAIN = frozenset(
     {
         Reason.IDENTITY_UNAUTHENTICATED,

@@ -16,13 +16,13 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from .. import DECISION_HEADER
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import RouteConfig, UpstreamConfig
 from ..decision import Reason
 from ..edge.http1 import BodyTimeout, BodyTooLarge, ClientGone, Request
 from ..edge.tls import upstream_context
 from ..request.paths import encode_path
-from ..responses import DECISION_HEADER
 from .headers import downstream_raw_headers
 from .upstream import (
     IDEMPOTENT,

@@ -44,11 +44,10 @@ from wsproto.events import (
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
-from .. import SERVER_BANNER
+from .. import DECISION_HEADER, SERVER_BANNER
 from ..config import UpstreamConfig
 from ..decision import Decision, Reason
 from ..edge.http1 import Request
-from ..responses import DECISION_HEADER
 from .upstream import UpstreamFailure, encode_head
 
 log = logging.getLogger("ztgateway.websocket")

@@ -23,14 +23,13 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
-from .. import SERVER_BANNER
+from .. import DECISION_HEADER, SERVER_BANNER
 from .branding import DEFAULT_ACCENT, PortalConfig
 
 if TYPE_CHECKING:
     from ..context import RequestContext
 
 STATIC_PREFIX = "/.ztgw/static/"
-DECISION_HEADER = "X-ZT-Decision-Id"
 
 
 @functools.cache

@@ -13,13 +13,14 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from aiohttp import web
 
+from .. import DECISION_HEADER
 from ..audit import AuditUnavailable
 from ..context import Identity, RequestContext
 from ..credentials.oidc import OIDCClient, OIDCError
 from ..decision import Reason, Verdict
 from ..edge.http1 import Request
 from ..request.paths import PathError, normalize_path
-from ..responses import DECISION_HEADER, problem, see_other, wants_html
+from ..responses import problem, see_other, wants_html
 from ..stages.session import clear_cookie_header, cookie_session_id, read_cookie
 from ..store.base import ID_TOKEN, StoreUnavailable
 from .forms import issue_csrf, public_origin, read_checked_form, return_target

@@ -22,12 +22,12 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from .. import DECISION_HEADER
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..credentials.webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 from ..decision import Reason, Verdict
 from ..edge.http1 import Request
-from ..responses import DECISION_HEADER
 from .forms import JSON_TYPE, csrf_ok, issue_csrf, json_object, read_checked_body, return_target
 from .redirect import local_redirect
 from .render import json_answer, template_page

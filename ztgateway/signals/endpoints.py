@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from .. import DECISION_HEADER
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..decision import Reason
 from ..edge.http1 import Request
 from ..portal.forms import Refusal, cross_site, parse_form, read_body, require_type
-from ..responses import DECISION_HEADER, PROBLEM_BASE
+from ..responses import PROBLEM_BASE
 from ..store.base import StoreUnavailable
 from .metrics import UNKNOWN
 from .receiver import REPLAYED, Receipt
