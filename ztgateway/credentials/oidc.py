@@ -617,24 +617,40 @@ class OIDCClient:
             jwks_timeout=self.cfg.timeout,
         )
 
-    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+    async def _call_provider(
+        self,
+        method: str,
+        url: str,
+        failing: str,
+        *,
+        headers: dict[str, str],
+        data: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        """One request to the provider: its status and (size-limited) body; a transport
+        failure is PROVIDER_UNAVAILABLE, its message starting with `failing`."""
         await in_task()  # aiohttp's timers need one
         try:
             # SECURITY: no redirects: the configured issuer is the trust anchor, and a redirect
             # would let whoever answers at that URL send us elsewhere.
-            async with self._session().get(
+            async with self._session().request(
+                method,
                 url,
+                data=data,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
                 allow_redirects=False,
                 ssl=self._ssl if self._ssl is not None else True,
-                headers={"Accept": "application/json"},
             ) as response:
-                body = await self._read_limited(response, url)
-                status = response.status
+                return response.status, await self._read_limited(response, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise OIDCError(
-                OIDCReason.PROVIDER_UNAVAILABLE, f"{what} {url}: {type(exc).__name__}: {exc}"
+                OIDCReason.PROVIDER_UNAVAILABLE, f"{failing}: {type(exc).__name__}: {exc}"
             ) from exc
+
+    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+        status, body = await self._call_provider(
+            "GET", url, f"{what} {url}", headers={"Accept": "application/json"}
+        )
         if status != 200:
             raise OIDCError(OIDCReason.PROVIDER_UNAVAILABLE, f"{what} {url}: HTTP {status}")
         try:
@@ -894,23 +910,9 @@ class OIDCClient:
         else:
             form["client_id"] = self.cfg.client_id
             form["client_secret"] = self.cfg.client_secret
-        url = metadata.token_endpoint
-        await in_task()  # aiohttp's timers need one
-        try:
-            async with self._session().post(
-                url,
-                data=form,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
-                allow_redirects=False,
-                ssl=self._ssl if self._ssl is not None else True,
-            ) as response:
-                body = await self._read_limited(response, url)
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise OIDCError(
-                OIDCReason.PROVIDER_UNAVAILABLE, f"token endpoint: {type(exc).__name__}: {exc}"
-            ) from exc
+        status, body = await self._call_provider(
+            "POST", metadata.token_endpoint, "token endpoint", headers=headers, data=form
+        )
         if status >= 500:
             raise OIDCError(OIDCReason.PROVIDER_UNAVAILABLE, f"token endpoint: HTTP {status}")
         try:
