@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from urllib.parse import quote
 
 from aiohttp import web
@@ -195,32 +195,26 @@ def problem_parts(
     return code, list(headers.items()), body
 
 
-def problem(
-    reason: Reason,
-    decision_id: str,
-    *,
-    verdict: Verdict = Verdict.DENY,
-    accept: str = "",
-    detail: str | None = None,
-    status: int | None = None,
-    extra_headers: dict[str, str] | None = None,
-    look: PortalConfig = DEFAULT_LOOK,
-    lock_ends: str | None = None,
-    continue_to: str | None = None,
-) -> web.Response:
+class RefusalOptions(TypedDict, total=False):
+    """What `problem_parts` takes beside the reason and decision id, so `problem` passes it
+    through without listing it again; the defaults are `problem_parts`'s."""
+
+    verdict: Verdict
+    accept: str
+    detail: str | None
+    status: int | None
+    extra_headers: dict[str, str] | None
+    look: PortalConfig
+    lock_ends: str | None
+    continue_to: str | None
+    continue_label: str | None
+    step_up_how: str | None
+    mfa_max_age: float | None
+
+
+def problem(reason: Reason, decision_id: str, **options: Unpack[RefusalOptions]) -> web.Response:
     """The same refusal as an aiohttp response (the ops listener, the gateway's pages)."""
-    code, headers, body = problem_parts(
-        reason,
-        decision_id,
-        verdict=verdict,
-        accept=accept,
-        detail=detail,
-        status=status,
-        extra_headers=extra_headers,
-        look=look,
-        lock_ends=lock_ends,
-        continue_to=continue_to,
-    )
+    code, headers, body = problem_parts(reason, decision_id, **options)
     return web.Response(status=code, body=body, headers=headers)
 
 
