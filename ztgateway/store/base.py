@@ -9,10 +9,13 @@ other workers or replicas) see it within the store's sync interval — the stale
 from __future__ import annotations
 
 import enum
+import logging
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
+
+log = logging.getLogger("ztgateway.store")
 
 DeviceState = Literal["pending", "approved", "revoked"]
 DEVICE_STATES: tuple[DeviceState, ...] = ("pending", "approved", "revoked")
@@ -335,6 +338,24 @@ def take_id_token(session: Session) -> str | None:
 
 
 ChangeListener = Callable[[ChangeKind, str], None]
+
+
+class ChangeFeed:
+    """The in-process listeners both backends tell about every change they apply (their own
+    writes and, for redis, other replicas' ones): one failing listener must not stop the rest
+    nor the write that caused it."""
+
+    _listeners: list[ChangeListener]
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, kind: ChangeKind, key: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, key)
+            except Exception:
+                log.exception("store change listener failed")
 
 
 class CachedReads:

@@ -76,6 +76,7 @@ from .base import (
     MAX_WEBAUTHN_CREDENTIALS,
     SESSION_HISTORY,
     CachedReads,
+    ChangeFeed,
     ChangeKind,
     ChangeListener,
     Device,
@@ -141,7 +142,7 @@ def _hash(flat: list[Any]) -> dict[str, str]:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 
-class RedisStore(CachedReads):
+class RedisStore(CachedReads, ChangeFeed):
     """Store for many replicas; see the module docstring for the consistency guarantees."""
 
     def __init__(
@@ -280,16 +281,6 @@ class RedisStore(CachedReads):
             and not self._failed
             and self._clock.monotonic() - self._last_pong < self.stale_after
         )
-
-    def subscribe(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
-
-    def _notify(self, kind: ChangeKind, key: str) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(kind, key)
-            except Exception:
-                log.exception("store change listener failed")
 
     @property
     def redis(self) -> Redis:

@@ -46,6 +46,7 @@ from .base import (
     MAX_WEBAUTHN_CREDENTIALS,
     SESSION_HISTORY,
     CachedReads,
+    ChangeFeed,
     ChangeKind,
     ChangeListener,
     Device,
@@ -178,7 +179,7 @@ def _newest(events: Events) -> float:
     return events if isinstance(events, float) else events[-1]
 
 
-class SQLiteStore(CachedReads):
+class SQLiteStore(CachedReads, ChangeFeed):
     def __init__(
         self,
         path: Path,
@@ -271,9 +272,6 @@ class SQLiteStore(CachedReads):
             and (failing is None or self._clock.monotonic() - failing < self.flush_grace)
         )
 
-    def subscribe(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
-
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
@@ -340,13 +338,6 @@ class SQLiteStore(CachedReads):
         if self.observe is not None:
             self.observe(f"write_{kind.value}", self._clock.monotonic() - started, True)
         self._notify(kind, key)
-
-    def _notify(self, kind: ChangeKind, key: str) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(kind, key)
-            except Exception:
-                log.exception("store change listener failed")
 
     async def _sync_loop(self) -> None:
         while True:
