@@ -16,7 +16,17 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK
 from ..config import load_config
-from .common import add_config, add_json, duration_arg, fmt_time, instant_arg, table
+from .common import add_config, add_json, duration_arg, fail, fmt_time, instant_arg, table
+
+
+def _print_events(events: list[dict[str, Any]], *, as_json: bool) -> int:
+    """`audit tail` and `audit search`: JSON lines for a pipe, else the table."""
+    if as_json:
+        for event in events:
+            print(json.dumps(event))
+    else:
+        print(_audit_rows(events))
+    return 0
 
 
 def _audit_rows(events: list[dict[str, Any]]) -> str:
@@ -59,12 +69,7 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     events = asyncio.run(tail(config.audit.db, args.n))
-    if args.json:
-        for event in events:
-            print(json.dumps(event))
-    else:
-        print(_audit_rows(events))
-    return 0
+    return _print_events(events, as_json=args.json)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -126,13 +131,11 @@ def cmd_audit_rotate_key(args: argparse.Namespace) -> int:
     a = load_config(args.config).audit
     if args.kind == "mask":
         if a.mask_key_file is None:
-            print("error: no [audit] mask_key_file configured", file=sys.stderr)
-            return 2
+            return fail("no [audit] mask_key_file configured", 2)
         print(f"new mask key {rotate_mask_key(a.mask_key_file)} in {a.mask_key_file}")
     else:
         if a.checkpoint_key_file is None or a.checkpoint_public_keys is None:
-            print("error: no [audit] checkpoint_key_file configured", file=sys.stderr)
-            return 2
+            return fail("no [audit] checkpoint_key_file configured", 2)
         kid = rotate_checkpoint_key(a.checkpoint_key_file, a.checkpoint_public_keys)
         print(
             f"new checkpoint key {kid} in {a.checkpoint_key_file}; the old public key stays "
@@ -187,12 +190,7 @@ def cmd_audit_search(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
     )
-    if args.json:
-        for e in events:
-            print(json.dumps(e))
-    else:
-        print(_audit_rows(events))
-    return 0
+    return _print_events(events, as_json=args.json)
 
 
 def register(sub: Any) -> None:

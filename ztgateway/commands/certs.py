@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from ztgateway.clock import SYSTEM_CLOCK
+from ztgateway.commands.common import fail
 from ztgateway.dev import pki
 
 Handler = Callable[[argparse.Namespace], int]
@@ -118,8 +118,7 @@ def _guarded(handler: Handler) -> Handler:
         try:
             return handler(args)
         except pki.PKIError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            return fail(str(exc), EXIT_ERROR)
 
     return run
 

@@ -173,12 +173,10 @@ def run_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) ->
         print("interrupted", file=sys.stderr)
         return 130
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return fail(f"{where}{exc.strerror or exc}")
 
 
 def operator_audit_log(audit: AuditConfig) -> AuditLog:

@@ -26,6 +26,7 @@ from ..dev.idp import (
 )
 from ..dev.idp_shapes import SHAPES
 from ..dev.idp_users import hash_password
+from .common import fail
 
 logger = logging.getLogger("ztgateway.dev.idp")
 
@@ -70,15 +71,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("dev-idp: listening on non-loopback %s: %s", args.host, BANNER)
     try:
         asyncio.run(_serve(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError) as exc:
+        return fail(str(exc), 2)
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
     return 0
 
 
@@ -87,13 +83,11 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
-            print("error: the passwords differ", file=sys.stderr)
-            return 2
+            return fail("the passwords differ", 2)
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
-        print("error: empty password", file=sys.stderr)
-        return 2
+        return fail("empty password", 2)
     print(hash_password(password))
     return 0
 

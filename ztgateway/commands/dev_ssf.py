@@ -12,20 +12,19 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from typing import Any
 
 import aiohttp
 
 from ..dev.ssf import EVENT_TYPES, SUBJECT_FORMATS, TIMEOUT, subject_id
+from .common import fail
 
 
 async def _send(args: argparse.Namespace) -> int:
     issuer = args.idp.rstrip("/")
     token = args.control_token or os.environ.get(args.control_token_env, "")
     if not token:
-        print(f"error: give --control-token or set {args.control_token_env}", file=sys.stderr)
-        return 2
+        return fail(f"give --control-token or set {args.control_token_env}", 2)
     subject: dict[str, Any] = subject_id(args.format, args.sub, issuer=issuer, email=args.sub)
     if args.device or args.sid:
         subject = {"format": "complex", "user": subject}
@@ -60,8 +59,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_send(args))
     except (aiohttp.ClientError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

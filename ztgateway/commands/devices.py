@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ..clock import SYSTEM_CLOCK
 from ..config import load_config
 from ..risk.posture import PostureEvaluation, PosturePolicy, evaluate
 from ..store import Store, store_from_url
-from .common import add_config, add_json, fmt_time, key_values, print_json, table
+from .common import add_config, add_json, fail, fmt_time, key_values, print_json, table
 
 
 async def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[int]]) -> int:
@@ -84,8 +83,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     async def work(store: Store) -> int:
         d = store.device(args.device)
         if d is None:
-            print(f"error: no device {args.device!r}", file=sys.stderr)
-            return 1
+            return fail(f"no device {args.device!r}")
         p = store.posture(d.device_id)
         evaluation = _evaluate(store, load_config(args.config).posture, d.device_id)
         if args.json:
@@ -139,8 +137,7 @@ def _setter(field: str) -> Callable[[argparse.Namespace], int]:
             else:
                 d = await store.set_device_state(args.device, field)  # type: ignore[arg-type]
             if d is None:
-                print(f"error: no device {args.device!r}", file=sys.stderr)
-                return 1
+                return fail(f"no device {args.device!r}")
             print(f"{d.device_id}: state={d.state} owner={d.owner or '-'}")
             return 0
 
@@ -163,11 +160,9 @@ def cmd_rebind(args: argparse.Namespace) -> int:
         try:
             d = await rebind_device(store, args.device, pem, verifier, SYSTEM_CLOCK.time())
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return fail(str(exc))
         if d is None:
-            print(f"error: no device {args.device!r}", file=sys.stderr)
-            return 1
+            return fail(f"no device {args.device!r}")
         key = "the next certificate it presents" if pem is None else f"key {d.spki}"
         print(f"{d.device_id}: bound to {key}")
         return 0

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from ..config import load_config
-from .common import add_config
+from .common import add_config, fail
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -26,8 +26,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     token = load_admin_token(config.ops)
     if token is None:
-        print("error: no admin token ([ops] admin_token_file or ZTGW_ADMIN_TOKEN)", file=sys.stderr)
-        return 2
+        return fail("no admin token ([ops] admin_token_file or ZTGW_ADMIN_TOKEN)", 2)
     url = f"http://{config.ops.host}:{config.ops.port}/admin/reload"
     request = urllib.request.Request(
         url, method="POST", headers={"Authorization": f"Bearer {token}"}
@@ -45,11 +44,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
                 )
             return 0
     except urllib.error.HTTPError as exc:
-        print(f"error: reload refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
-        return 1
+        return fail(f"reload refused ({exc.code}): {exc.read().decode()}")
     except OSError as exc:
-        print(f"error: cannot reach the gateway at {url}: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"cannot reach the gateway at {url}: {exc}")
 
 
 def _restart_required(answer: object) -> list[str]:

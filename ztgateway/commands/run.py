@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..config import load_config
 from ..configreader import ConfigError
-from .common import add_config
+from .common import add_config, fail
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -24,8 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
     from ..logs import setup_logging
 
     log_limit = setup_logging(args.log_level or config.logging.level, config.logging.format)
@@ -46,15 +44,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 Supervisor(config, Path(args.config).resolve(), config.server.workers).run()
             )
         except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return fail(str(exc))
         return 0
     if args.supervisor_pid is not None:
         from ..process.lifeline import die_with_parent
 
         if not die_with_parent(args.supervisor_pid):
-            print("error: the supervisor is gone; not starting this worker", file=sys.stderr)
-            return 1
+            return fail("the supervisor is gone; not starting this worker")
     try:
         ops_socket = Path(args.ops_socket) if args.ops_socket else None
         asyncio.run(
@@ -67,8 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         )
     except (OSError, AuditUnavailable, AuditKeyError, StoreUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
     return 0
 
 

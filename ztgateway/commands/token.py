@@ -7,11 +7,10 @@ so whoever holds that key can mint any identity; the signing lives in `ztgateway
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from .common import duration_arg
+from .common import duration_arg, fail
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -19,8 +18,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
     key = Path(args.key)
     if not key.exists():
-        print(f"error: {key}: issuer key not found (run `ztgateway certs init`)", file=sys.stderr)
-        return 2
+        return fail(f"{key}: issuer key not found (run `ztgateway certs init`)", 2)
     token = issue_token(
         key,
         sub=args.sub,

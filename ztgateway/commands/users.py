@@ -26,6 +26,7 @@ from .common import (
     add_config,
     add_json,
     duration_arg,
+    fail,
     fmt_duration,
     fmt_time,
     key_values,
@@ -99,15 +100,13 @@ def users_set(args: argparse.Namespace) -> int:
             try:
                 ZoneInfo(args.timezone)
             except (ZoneInfoNotFoundError, ValueError):
-                print(f"error: unknown time zone {args.timezone!r}", file=sys.stderr)
-                return 2
+                return fail(f"unknown time zone {args.timezone!r}", 2)
             u = replace(u, timezone=args.timezone)
         if args.hours:
             try:
                 parse_time_window(args.hours, ZoneInfo(u.timezone or "UTC"))
             except ValueError as exc:
-                print(f"error: --hours: {exc}", file=sys.stderr)
-                return 2
+                return fail(f"--hours: {exc}", 2)
             u = replace(u, working_hours=args.hours)
         await store.save_user(u)
         print(f"{u.user}: timezone={u.timezone or '-'} hours={u.working_hours or '-'}")
@@ -145,8 +144,7 @@ def users_unlock(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
         u = store.user(args.user)
         if u is None:
-            print(f"error: no user {args.user!r}", file=sys.stderr)
-            return 1
+            return fail(f"no user {args.user!r}")
         await store.save_user(
             replace(u, locked_until=None, lock_reason=None, mfa_locked_until=None)
         )
@@ -163,8 +161,7 @@ def mfa_enroll(args: argparse.Namespace) -> int:
         try:
             enrollment = await mfa.enroll(args.user)
         except MFAUnavailable as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return fail(str(exc), 2)
         # stdout: the otpauth URI alone (scripts rely on it); the rest is for a person.
         print(enrollment.uri)
         if not args.quiet:
@@ -218,11 +215,9 @@ def webauthn_remove(args: argparse.Namespace) -> int:
         found = [i for i in ids if i.startswith(args.credential)]
         if len(found) != 1:
             what = "no credential" if not found else "more than one credential"
-            print(f"error: {what} of {args.user} starts with {args.credential!r}", file=sys.stderr)
-            return 1
+            return fail(f"{what} of {args.user} starts with {args.credential!r}")
         if not await store.remove_webauthn_credential(args.user, found[0]):
-            print(f"error: {found[0]} was removed meanwhile", file=sys.stderr)
-            return 1
+            return fail(f"{found[0]} was removed meanwhile")
         await _audit_operator(config, f"cli: webauthn credential {found[0]} of {args.user} removed")
         print(f"{args.user}: security key {found[0]} removed")
         return 0
@@ -274,8 +269,7 @@ def mfa_rotate_key(args: argparse.Namespace) -> int:
 
         old = load_box(config.mfa)
         if old is None:
-            print("error: no current MFA key ([mfa] key_file or its variable)", file=sys.stderr)
-            return 2
+            return fail("no current MFA key ([mfa] key_file or its variable)", 2)
         resealed = []
         for u in store.users():
             if not u.mfa_secret:
@@ -337,8 +331,7 @@ def sessions_show(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
         found = _find(store, args.session)
         if len(found) != 1:
-            print(f"error: {len(found)} sessions match {args.session!r}", file=sys.stderr)
-            return 1
+            return fail(f"{len(found)} sessions match {args.session!r}")
         s = store.session(found[0])
         assert s is not None
         # The last decisions live in the store, not on the session (written behind by the
@@ -403,11 +396,9 @@ def sessions_terminate(args: argparse.Namespace) -> int:
         elif args.session:
             targets = _find(store, args.session)
             if len(targets) != 1:
-                print(f"error: {len(targets)} sessions match {args.session!r}", file=sys.stderr)
-                return 1
+                return fail(f"{len(targets)} sessions match {args.session!r}")
         else:
-            print("error: give a session id or --user", file=sys.stderr)
-            return 2
+            return fail("give a session id or --user", 2)
         now = SYSTEM_CLOCK.time()
         ended = sum([await store.revoke_session(sid, args.reason, now) for sid in targets])
         print(f"{ended} sessions terminated")
