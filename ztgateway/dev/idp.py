@@ -490,14 +490,7 @@ class DevIdP:
         )
         response = _page("Sign in", body, status)
         if new_binder:
-            response.set_cookie(
-                self.csrf_cookie,
-                binder,
-                path="/",
-                secure=self._cookie_secure,
-                httponly=True,
-                samesite="Lax",
-            )
+            self._set_cookie(response, self.csrf_cookie, binder)
         return response
 
     async def login(self, request: web.Request) -> web.StreamResponse:
@@ -562,14 +555,7 @@ class DevIdP:
         self._sessions.put(session_id, session)
         logger.info("dev-idp: %s signed in for client %s", user.username, auth.client_id)
         response = self._issue_code(auth, session, session_id)
-        response.set_cookie(
-            self.session_cookie,
-            session_id,
-            path="/",
-            secure=self._cookie_secure,
-            httponly=True,
-            samesite="Lax",
-        )
+        self._set_cookie(response, self.session_cookie, session_id)
         return response
 
     def _current_session(self, request: web.Request) -> _Session | None:
@@ -580,6 +566,13 @@ class DevIdP:
         if session is None or session.username not in self.config.users:
             return None
         return session
+
+    def _set_cookie(self, response: web.Response, name: str, value: str) -> None:
+        """The sign-in binder and the IdP session: host-wide, script-proof, Lax (a top-level
+        redirect back from the relying party must still carry them)."""
+        response.set_cookie(
+            name, value, path="/", secure=self._cookie_secure, httponly=True, samesite="Lax"
+        )
 
     def _issue_code(self, auth: _AuthRequest, session: _Session, session_id: str) -> web.Response:
         code = secrets.token_urlsafe(32)

@@ -49,18 +49,23 @@ def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def hash_password(password: str, *, log_n: int = SCRYPT_LOG_N) -> str:
-    """A salted scrypt hash (RFC 7914) in the PHC string format the users file stores."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(
+def _scrypt(password: str, salt: bytes, log_n: int, r: int, p: int, length: int) -> bytes:
+    """RFC 7914 scrypt with the memory cap both hashing and verifying must share."""
+    return hashlib.scrypt(
         password.encode("utf-8"),
         salt=salt,
         n=1 << log_n,
-        r=SCRYPT_R,
-        p=SCRYPT_P,
+        r=r,
+        p=p,
         maxmem=SCRYPT_MAXMEM,
-        dklen=32,
+        dklen=length,
     )
+
+
+def hash_password(password: str, *, log_n: int = SCRYPT_LOG_N) -> str:
+    """A salted scrypt hash (RFC 7914) in the PHC string format the users file stores."""
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, log_n, SCRYPT_R, SCRYPT_P, 32)
     return f"$scrypt$ln={log_n},r={SCRYPT_R},p={SCRYPT_P}${b64url(salt)}${b64url(digest)}"
 
 
@@ -81,15 +86,7 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
 def verify_password(password: str, encoded: str) -> bool:
     """Constant-time comparison of a password against a stored scrypt hash. Blocking (~0.1 s)."""
     ln, r, p, salt, expected = _parse_hash(encoded)
-    digest = hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=salt,
-        n=1 << ln,
-        r=r,
-        p=p,
-        maxmem=SCRYPT_MAXMEM,
-        dklen=len(expected),
-    )
+    digest = _scrypt(password, salt, ln, r, p, len(expected))
     return hmac.compare_digest(digest, expected)
 
 
