@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import platform
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -465,6 +465,12 @@ class Metrics:
                 _cache_children(metric)
             elif isinstance(metric, Histogram):
                 _bisect_observe(metric)
+
+    def posture_accepted(self, compliant: bool, failed: Iterable[str]) -> None:
+        """An accepted posture report (the device's agent or a management system's)."""
+        self.posture_reports.labels("compliant" if compliant else "noncompliant").inc()
+        for name in failed:
+            self.posture_failed_checks.labels(name).inc()
 
     def prepare_routes(self, routes: list[str], stages: list[str]) -> None:
         """Create each route's and stage's series at zero (see the comment in __init__)."""

@@ -449,11 +449,7 @@ async def post_posture(request: web.Request) -> web.Response:
             )
         )
         evaluation = evaluate(report, now, gw.config.posture, now=now, signed=False)
-        gw.metrics.posture_reports.labels(
-            "compliant" if evaluation.compliant else "noncompliant"
-        ).inc()
-        for name in evaluation.failed:
-            gw.metrics.posture_failed_checks.labels(name).inc()
+        gw.metrics.posture_accepted(evaluation.compliant, evaluation.failed)
         _audit(
             gw,
             request,

@@ -19,6 +19,7 @@ from ..decision import Reason, Verdict
 from ..edge.http1 import Request
 from ..responses import problem, wants_html
 from ..risk.posture import (
+    MAX_CLOCK_SKEW,
     MAX_REPORT_BYTES,
     PostureError,
     digest,
@@ -36,7 +37,6 @@ from .when import moment, zone
 if TYPE_CHECKING:
     from ..services import Services
 
-CLOCK_SKEW = 300.0
 JOSE_TYPE = "application/jose"
 
 
@@ -97,11 +97,11 @@ async def posture_report(gw: Services, request: Request, ctx: RequestContext) ->
         if report.get("device_id") not in (None, cert.device_id):
             raise PostureError("device_id", "names another device than the presented certificate")
         collected = report.get("collected_at")
-        if collected is not None and collected > now + CLOCK_SKEW:
+        if collected is not None and collected > now + MAX_CLOCK_SKEW:
             raise PostureError(
                 "collected_at",
                 f"is {collected - now:.0f} s ahead of the gateway's clock "
-                f"(at most {CLOCK_SKEW:.0f} s of clock skew are accepted)",
+                f"(at most {MAX_CLOCK_SKEW:.0f} s of clock skew are accepted)",
             )
         previous = store.posture(cert.device_id)
         body_digest = digest(raw)
@@ -140,9 +140,7 @@ async def posture_report(gw: Services, request: Request, ctx: RequestContext) ->
         )
     )
     evaluation = posture_for(gw.runtime, cert.device_id, now=now, require_signed=False)
-    gw.metrics.posture_reports.labels("compliant" if evaluation.compliant else "noncompliant").inc()
-    for name in evaluation.failed:
-        gw.metrics.posture_failed_checks.labels(name).inc()
+    gw.metrics.posture_accepted(evaluation.compliant, evaluation.failed)
     try:
         _audit(gw, ctx, Verdict.ALLOW, Reason.POLICY_ALLOWED, "posture report accepted")
     except AuditUnavailable:
