@@ -498,43 +498,30 @@ class SQLiteStore(CachedReads, ChangeFeed):
             self._dirty_devices.add(device_id)
 
     async def set_device_state(self, device_id: str, state: DeviceState) -> Device | None:
-        if device_id not in self._devices:
-            await self._reload(ChangeKind.DEVICE, device_id)
-            if device_id not in self._devices:
-                return None
-        await self._write(
-            "UPDATE devices SET state = ? WHERE device_id = ?",
-            (state, device_id),
-            ChangeKind.DEVICE,
-            device_id,
-        )
-        await self._reload(ChangeKind.DEVICE, device_id)
-        return self._devices.get(device_id)
+        return await self._update_device(device_id, "state = ?", (state,))
 
     async def set_device_owner(self, device_id: str, owner: str | None) -> Device | None:
-        if device_id not in self._devices:
-            await self._reload(ChangeKind.DEVICE, device_id)
-            if device_id not in self._devices:
-                return None
-        await self._write(
-            "UPDATE devices SET owner = ? WHERE device_id = ?",
-            (owner, device_id),
-            ChangeKind.DEVICE,
-            device_id,
-        )
-        await self._reload(ChangeKind.DEVICE, device_id)
-        return self._devices.get(device_id)
+        return await self._update_device(device_id, "owner = ?", (owner,))
 
     async def bind_device_key(
         self, device_id: str, spki: str, fingerprint: str, subject: str
     ) -> Device | None:
+        return await self._update_device(
+            device_id, "spki = ?, fingerprint = ?, subject = ?", (spki, fingerprint, subject)
+        )
+
+    async def _update_device(
+        self, device_id: str, assignments: str, values: tuple[Any, ...]
+    ) -> Device | None:
+        """Change a known device's columns (`assignments` is one of the constant SET lists
+        above, never input) and return it as stored; None for an unknown device."""
         if device_id not in self._devices:
             await self._reload(ChangeKind.DEVICE, device_id)
             if device_id not in self._devices:
                 return None
         await self._write(
-            "UPDATE devices SET spki = ?, fingerprint = ?, subject = ? WHERE device_id = ?",
-            (spki, fingerprint, subject, device_id),
+            f"UPDATE devices SET {assignments} WHERE device_id = ?",  # noqa: S608 - constants
+            (*values, device_id),
             ChangeKind.DEVICE,
             device_id,
         )
