@@ -305,6 +305,16 @@ class RedisStore(CachedReads, ChangeFeed):
         script = self._scripts[name]
         return await self._call(name, lambda: script(keys, args))
 
+    async def _upsert(self, kind: ChangeKind, prefix: str, key: str, *fields: str) -> int:
+        """Write a hash's fields, add the key to its index and announce it; the new version."""
+        return int(
+            await self._script(
+                "upsert",
+                [self._key(prefix, key), self._index(kind)],
+                [self._channel, self._message(kind, key), key, *fields],
+            )
+        )
+
     # --- subscription and resynchronisation ------------------------------------------------
     async def _connect(self) -> PubSub:
         """Subscribe, wait until Redis confirms it, then reload everything.
@@ -686,39 +696,17 @@ class RedisStore(CachedReads, ChangeFeed):
 
     async def put_posture(self, record: PostureRecord) -> None:
         key = record.device_id
-        ver = await self._script(
-            "upsert",
-            [self._key("posture", key), self._index(ChangeKind.POSTURE)],
-            [
-                self._channel,
-                self._message(ChangeKind.POSTURE, key),
-                key,
-                "data",
-                posture_json(record),
-            ],
-        )
-        self._set(ChangeKind.POSTURE, key, record, int(ver))
+        ver = await self._upsert(ChangeKind.POSTURE, "posture", key, "data", posture_json(record))
+        self._set(ChangeKind.POSTURE, key, record, ver)
         self._notify(ChangeKind.POSTURE, key)
 
     # --- users ---------------------------------------------------------------------------------
     async def save_user(self, record: UserRecord) -> None:
         key = record.user
         data, history = user_parts(record)
-        ver = await self._script(
-            "upsert",
-            [self._key("user", key), self._index(ChangeKind.USER)],
-            [
-                self._channel,
-                self._message(ChangeKind.USER, key),
-                key,
-                "record",
-                data,
-                "history",
-                history,
-            ],
-        )
+        ver = await self._upsert(ChangeKind.USER, "user", key, "record", data, "history", history)
         self._dirty_users.discard(key)
-        self._set(ChangeKind.USER, key, record, int(ver))
+        self._set(ChangeKind.USER, key, record, ver)
         self._notify(ChangeKind.USER, key)
 
     def touch_user(self, record: UserRecord) -> None:
