@@ -202,23 +202,15 @@ class Supervisor:
         if fields.get("READY") != "1" or index not in self.procs:
             return
         self.ready_workers.add(index)
-        if self._reload_waits is not None:
-            self._reload_waits.discard(index)
-            if not self._reload_waits:
-                self._reload_waits = None
-                sdnotify.ready(self._status())
-                return
+        if self._reload_settled(index):
+            return
         if not self.announced and len(self.ready_workers) >= self._needed():
             self.announced = True
             sdnotify.ready(self._status())
 
     def _worker_gone(self, index: int) -> None:
         self.ready_workers.discard(index)
-        if self._reload_waits is not None:
-            self._reload_waits.discard(index)
-            if not self._reload_waits:
-                self._reload_waits = None
-                sdnotify.ready(self._status())
+        self._reload_settled(index)
 
     def reload_signal(self) -> None:
         """SIGHUP: every worker reloads; the service manager hears RELOADING=1 now and READY=1
@@ -226,9 +218,20 @@ class Supervisor:
         self._reload_waits = set(self.ready_workers)
         sdnotify.reloading(self.clock)
         self.signal_all(signal.SIGHUP)
-        if not self._reload_waits:
-            self._reload_waits = None
-            sdnotify.ready(self._status())
+        self._reload_settled(None)
+
+    def _reload_settled(self, index: int | None) -> bool:
+        """`index` (a worker that said READY=1 again, or went) no longer holds the reload up;
+        once none does, the service manager hears READY=1 (True then)."""
+        if self._reload_waits is None:
+            return False
+        if index is not None:
+            self._reload_waits.discard(index)
+        if self._reload_waits:
+            return False
+        self._reload_waits = None
+        sdnotify.ready(self._status())
+        return True
 
     def signal_all(self, sig: int) -> None:
         for proc in self.procs.values():
