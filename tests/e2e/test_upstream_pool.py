@@ -136,13 +136,18 @@ def _url(gw: Gateway, path: str) -> str:
     return f"https://127.0.0.1:{gw.port}{path}"
 
 
+async def get_ok(s: aiohttp.ClientSession, gw: Gateway) -> None:
+    """GET /ok on the pooled session: the scripted upstream's plain 200 "ok"."""
+    async with s.get(_url(gw, "/ok")) as r:
+        assert (r.status, await r.read()) == (200, b"ok")
+
+
 async def test_sequential_requests_share_one_keep_alive_connection(
     gw: Gateway, certs: Certs, scripted: Scripted
 ) -> None:
     async with session(certs) as s:
         for _ in range(20):
-            async with s.get(_url(gw, "/ok")) as r:
-                assert (r.status, await r.read()) == (200, b"ok")
+            await get_ok(s, gw)
     assert scripted.connections == 1
     assert len(scripted.requests) == 20
 
@@ -154,8 +159,7 @@ async def test_head_answer_without_body_leaves_the_connection_reusable(
         async with s.head(_url(gw, "/head")) as r:
             assert r.status == 200
             assert r.headers["Content-Length"] == "100"
-        async with s.get(_url(gw, "/ok")) as r:
-            assert (r.status, await r.read()) == (200, b"ok")
+        await get_ok(s, gw)
     assert scripted.connections == 1
 
 
@@ -247,8 +251,7 @@ async def test_bytes_after_an_answer_retire_the_connection(
             assert (r.status, await r.read()) == (200, b"ok")
         # The unasked 418 must never be taken for the next request's answer.
         for _ in range(2):
-            async with s.get(_url(gw, "/ok")) as r:
-                assert (r.status, await r.read()) == (200, b"ok")
+            await get_ok(s, gw)
     assert scripted.connections == 2
 
 
@@ -259,8 +262,7 @@ async def test_reused_connection_dropped_unanswered_is_retried_once_for_a_get(
     async with session(certs) as s:
         async with s.get(_url(gw, "/ok")) as r:
             assert r.status == 200
-        async with s.get(_url(gw, "/ok")) as r:
-            assert (r.status, await r.read()) == (200, b"ok")
+        await get_ok(s, gw)
     # Request 2 reached connection 1 (dropped) and was repeated on connection 2.
     assert [(c, p) for c, _, p in scripted.requests] == [(1, "/ok"), (1, "/ok"), (2, "/ok")]
 
