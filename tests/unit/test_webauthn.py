@@ -149,6 +149,15 @@ async def enrolled(rp: RP, user: str = "alice", binding: str = "sess-1") -> Soft
     return key
 
 
+async def signed_challenge(
+    rp: RP, key: SoftKey, now: float, counter: int | None = None
+) -> dict[str, Any]:
+    """alice's key answering a fresh authentication challenge for session sess-1."""
+    options = await rp.webauthn.authentication_options("alice", "sess-1", now)
+    assert options is not None
+    return key.get(options, counter=counter)
+
+
 async def refused(call: Any) -> Reason:
     with pytest.raises(WebAuthnRefused) as info:
         await call
@@ -170,9 +179,7 @@ async def test_a_key_registers_and_authenticates_on_another_replica(rp: RP) -> N
 async def test_a_challenge_is_single_use(rp: RP) -> None:
     key = await enrolled(rp)
     now = rp.clock.time()
-    options = await rp.webauthn.authentication_options("alice", "sess-1", now)
-    assert options is not None
-    answer = key.get(options)
+    answer = await signed_challenge(rp, key, now)
     await rp.webauthn.authenticate("alice", "sess-1", answer, now)
     reason = await refused(rp.other_replica.authenticate("alice", "sess-1", answer, now))
     assert reason is Reason.WEBAUTHN_CHALLENGE_INVALID
@@ -181,9 +188,7 @@ async def test_a_challenge_is_single_use(rp: RP) -> None:
 async def test_a_challenge_is_bound_to_the_session_that_asked_for_it(rp: RP) -> None:
     key = await enrolled(rp)
     now = rp.clock.time()
-    options = await rp.webauthn.authentication_options("alice", "sess-1", now)
-    assert options is not None
-    answer = key.get(options)
+    answer = await signed_challenge(rp, key, now)
     assert await refused(rp.webauthn.authenticate("alice", "sess-2", answer, now)) is (
         Reason.WEBAUTHN_CHALLENGE_INVALID
     )
@@ -236,20 +241,15 @@ async def test_an_assertion_that_fails_a_check_is_refused_with_its_reason(
 async def test_a_counter_going_back_is_a_cloned_key(rp: RP) -> None:
     key = await enrolled(rp)
     now = rp.clock.time()
-
-    async def answer(counter: int) -> dict[str, Any]:
-        options = await rp.webauthn.authentication_options("alice", "sess-1", now)
-        assert options is not None
-        return key.get(options, counter=counter)
-
-    await rp.webauthn.authenticate("alice", "sess-1", await answer(5), now)
+    answer = await signed_challenge(rp, key, now, counter=5)
+    await rp.webauthn.authenticate("alice", "sess-1", answer, now)
     for counter in (5, 3, 0):
-        reason = await refused(
-            rp.other_replica.authenticate("alice", "sess-1", await answer(counter), now)
-        )
+        answer = await signed_challenge(rp, key, now, counter=counter)
+        reason = await refused(rp.other_replica.authenticate("alice", "sess-1", answer, now))
         assert reason is Reason.WEBAUTHN_CLONED, counter
     assert (await rp.webauthn.credentials("alice"))[0].sign_count == 5
-    await rp.other_replica.authenticate("alice", "sess-1", await answer(6), now)
+    answer = await signed_challenge(rp, key, now, counter=6)
+    await rp.other_replica.authenticate("alice", "sess-1", answer, now)
 
 
 async def test_a_signature_by_another_key_is_invalid_not_cloned(rp: RP) -> None:
