@@ -110,7 +110,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     evaluator = OfflineEvaluator(config)
     await evaluator.__aenter__()
-    pipeline = evaluator.runtime.pipeline
+    pipeline = evaluator.pipeline
 
     def context(path: str, with_token: bool) -> RequestContext:
         headers = {
@@ -292,7 +292,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         all_eval = OfflineEvaluator(load_config(all_cfg))
         await all_eval.__aenter__()
         probe = context(all_scn.path, True)
-        got = await all_eval.runtime.pipeline.evaluate(probe)
+        got = await all_eval.pipeline.evaluate(probe)
         if got.allowed:
             all_note = "+ device posture, risk, session (store state from the last bench.run)"
         else:
@@ -302,7 +302,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     def all_setup(n: int) -> Awaitable[Body]:
         assert all_eval is not None
-        ev_all = all_eval.runtime.pipeline.evaluate
+        ev_all = all_eval.pipeline.evaluate
 
         async def setup(n: int) -> Body:
             ctxs = [context(all_scn.path, True) for _ in range(n)]
@@ -425,7 +425,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     print(f"decision pipeline per call: {decision_us}", file=sys.stderr)
     all_us: dict[str, Any] | None = None
     if all_eval is not None:
-        ev_all = all_eval.runtime.pipeline.evaluate
+        ev_all = all_eval.pipeline.evaluate
         ctxs = [context(all_scn.path, True) for _ in range(per_call)]
         gc.collect()
         samples = []

@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = _load(args.config)
-        from .tls import build_material
+        from .tlsmaterial import build_material
 
         build_material(config.tls, config.server.client_cert)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from aiohttp import web
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
+from .fetchmeta import wants_html
 from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
 from .forward.headers import SERVER_BANNER
 from .http1 import Request
@@ -29,7 +30,7 @@ from .posture import (
     validate_report,
     verify_signed_report,
 )
-from .responses import DECISION_HEADER, problem, wants_html
+from .responses import DECISION_HEADER, problem
 from .stages.device import posture_for
 from .store.base import PostureRecord
 

@@ -40,10 +40,10 @@ from aiohttp import web
 
 from .audit import AuditUnavailable
 from .decision import Reason, Verdict
-from .fetchmeta import own_origin
+from .fetchmeta import own_origin, wants_html
 from .http1 import Request
 from .paths import PathError, encode_path, normalize_path
-from .responses import problem, wants_html
+from .responses import problem
 
 if TYPE_CHECKING:
     from .config import GatewayConfig

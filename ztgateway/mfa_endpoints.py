@@ -50,8 +50,8 @@ from .pages.when import until, zone
 from .paths import PathError, normalize_path
 from .portal import login_redirect_to, template_page
 from .responses import DECISION_HEADER, lock_ends_text, problem, see_other
+from .sessions import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
 from .stages.identity import identity_from_token
-from .stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
 from .store.base import ID_TOKEN, Session
 
 if TYPE_CHECKING:

@@ -143,7 +143,7 @@ async def decide(request: web.Request) -> web.Response:
     if refused is not None:
         decision = refusal(ctx, refused.reason, refused.detail)
     else:
-        decision = (await gw.decisions.decide(ctx, gw.dry_runtime(), dry=True)).decision
+        decision = (await gw.decisions.decide(ctx, *gw.dry_snapshot(), dry=True)).decision
     return web.json_response(explain_json(ctx, decision))
 
 

@@ -17,6 +17,7 @@ from .audit import AuditUnavailable
 from .context import Identity, RequestContext
 from .credentials.oidc import OIDCClient, OIDCError
 from .decision import Reason, Verdict
+from .fetchmeta import wants_html
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
 from .forward.headers import SERVER_BANNER
 from .http1 import Request
@@ -25,8 +26,8 @@ from .pages.render import page_headers, render, trusted
 from .pages.session_end import ended_text
 from .pages.when import moment, zone
 from .paths import PathError, normalize_path
-from .responses import DECISION_HEADER, problem, see_other, wants_html
-from .stages.session import clear_cookie_header, cookie_session_id, read_cookie
+from .responses import DECISION_HEADER, problem, see_other
+from .sessions import clear_cookie_header, cookie_session_id, read_cookie
 from .store.base import ID_TOKEN, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -412,7 +413,7 @@ async def whoami(gw: Gateway, request: Request, ctx: RequestContext) -> web.Stre
         cert=ctx.cert,
         now=ctx.now,
     )
-    decision = (await gw.decisions.decide(probe, gw.dry_runtime(), dry=True)).decision
+    decision = (await gw.decisions.decide(probe, *gw.dry_snapshot(), dry=True)).decision
     ident = probe.identity
     view = probe.session
     session = view.session if view else None

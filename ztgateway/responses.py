@@ -18,6 +18,7 @@ from aiohttp import web
 from markupsafe import escape
 
 from .decision import Decision, Reason, Verdict
+from .fetchmeta import wants_html
 from .pages.advice import advice_for
 from .pages.branding import DEFAULT_LOOK, PortalConfig
 from .pages.render import page_headers
@@ -25,7 +26,7 @@ from .pages.render import render as render_page
 from .pages.session_end import ended_code
 from .pages.when import until, zone
 from .paths import encode_path
-from .stages.session import clear_cookie_header
+from .sessions import clear_cookie_header
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -107,15 +108,6 @@ def www_authenticate(reason: Reason, verdict: Verdict) -> str | None:
     if reason in _TOKEN_REASONS:
         return f'Bearer {_REALM}, error="invalid_token", error_description="{reason.value}"'
     return f"Bearer {_REALM}"
-
-
-def wants_html(accept: str) -> bool:
-    """A browser navigation, not an API client: text/html listed before any JSON type."""
-    if not accept or "text/html" not in accept:
-        return False
-    a = accept.lower()
-    json_at = min((i for i in (a.find("application/json"), a.find("+json")) if i >= 0), default=-1)
-    return json_at < 0 or a.find("text/html") < json_at
 
 
 Parts = tuple[int, list[tuple[str, str]], bytes]

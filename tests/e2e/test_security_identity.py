@@ -28,7 +28,7 @@ from ztgateway.app import Gateway
 from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
 from ztgateway.pki import CertificateAuthority
-from ztgateway.stages.session import cookie_session_id
+from ztgateway.sessions import cookie_session_id
 from ztgateway.store.base import Session, UserRecord
 
 JSON = {"Accept": "application/json"}

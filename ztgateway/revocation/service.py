@@ -38,7 +38,8 @@ from ..decision import Finding, Reason, Verdict
 from ..inline import in_task
 from ..metrics import Metrics
 from ..store.base import Store, StoreUnavailable
-from ..tls import CertInfo, TLSManager, issued_by
+from ..tls import CertInfo, issued_by
+from ..tlsmaterial import TLSManager
 from .config import OCSPFailure, RevocationConfig
 from .crl import CRLSet, distribution_points
 from .ocsp import (

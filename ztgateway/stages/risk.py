@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -28,10 +27,10 @@ from ..risk import (
     in_working_hours,
     verdict_for,
 )
-from ..store.base import UserRecord
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
+    from ..store.base import UserRecord
 
 NAME = "risk"
 
@@ -193,29 +192,6 @@ class RiskStage:
                 self._results.clear()
             self._results[cache_key] = (result.score, tuple(out))
         return out
-
-
-def remember(runtime: Runtime, ctx: RequestContext) -> None:
-    """After an ALLOW: this user now knows this device, this route, and was here (write-behind)."""
-    store = runtime.store
-    ident = ctx.identity
-    if store is None or ident is None or ident.user is None or ctx.route is None or runtime.dry_run:
-        return
-    account = store.user(ident.user) or UserRecord(user=ident.user)
-    device_id = ctx.cert.device_id if ctx.cert else None
-    changed = False
-    if device_id and device_id not in account.known_devices:
-        account = replace(account, known_devices=(*account.known_devices[-49:], device_id))
-        changed = True
-    if ctx.route.risk.sensitive and ctx.route.name not in account.known_routes:
-        account = replace(account, known_routes=(*account.known_routes, ctx.route.name))
-        changed = True
-    location = ctx.risk_location
-    if location is not None:
-        account = replace(account, last_location=(location[0], location[1], ctx.now))
-        changed = True
-    if changed:
-        store.touch_user(account)
 
 
 def is_public(ip: str) -> bool:
