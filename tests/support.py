@@ -15,8 +15,22 @@ from typing import Any
 import aiohttp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ztgateway.clock import SYSTEM_CLOCK, Clock
+from ztgateway.clock import SYSTEM_CLOCK, Clock, ManualClock
 from ztgateway.pki import CertificateAuthority, init_pki
+
+
+class CallableClock(ManualClock):
+    """The tests' one hand-moved clock: a `ManualClock` (`advance`, `set`) that can also be
+    called, as the credential code takes a `() -> float` (TokenVerifier, OIDCClient, the dev
+    IdP). It starts at `at`, or at the wall time of the moment it is made."""
+
+    __slots__ = ()
+
+    def __init__(self, at: float | None = None) -> None:
+        super().__init__(SYSTEM_CLOCK.time() if at is None else at)
+
+    def __call__(self) -> float:
+        return self.time()
 
 
 def real_time_env() -> dict[str, str]:
