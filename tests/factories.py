@@ -8,7 +8,8 @@ the stages are built from, over an injected store and clock; `device()`, `sessio
 about, and what it sees refused is refused for that part.
 
 No TOML and no PKI on disk: the configuration is the parsed form of a dict (the one validated
-constructor, `config.parse_config`) and the certificate is the parsed form `CertInfo`. The
+constructor, `config.parse_config`) and the certificate is the parsed form `CertInfo`; a token
+issuer (`Issuer`) makes its key in memory and writes only its public JWK Set. The
 store is a real SQLite file (`tests/unit/stages/conftest.py`), read through the same cache
 the gateway reads.
 """
@@ -16,15 +17,21 @@ the gateway reads.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import jwt as pyjwt
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support import deep_merge
 from ztgateway.clock import Clock, ManualClock
 from ztgateway.config import GatewayConfig, parse_config
 from ztgateway.context import Identity, RequestContext
-from ztgateway.credentials.jwt import TokenVerifier
+from ztgateway.credentials.devtoken import public_jwks
+from ztgateway.credentials.jwt import TokenVerifier, cert_thumbprint_s256
 from ztgateway.metrics import Metrics
 from ztgateway.pipeline import Pipeline, default_stages
 from ztgateway.routes import RouteTable
@@ -213,3 +220,53 @@ def cert_identity(c: CertInfo | None = None) -> Identity:
     """What the identity stage makes of a certificate alone."""
     c = c or cert()
     return Identity(user=c.user, source="cert", email=c.email, device_id=c.device_id)
+
+
+@dataclasses.dataclass
+class Issuer:
+    """A token issuer of our own: an ES256 key made in memory, its JWK Set in `folder` (the
+    verifier reads a `jwks_file`), and `token()` to sign claims with it at NOW."""
+
+    folder: Path
+    name: str = "corp"
+    issuer: str = "https://idp.example"
+    audience: str = "ztgateway"
+    key: ec.EllipticCurvePrivateKey = dataclasses.field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+
+    def __post_init__(self) -> None:
+        self.jwks = self.folder / f"{self.name}-jwks.json"
+        self.jwks.write_text(json.dumps(public_jwks(self.key.public_key(), kid="k1")))
+
+    def config(self) -> dict[str, Any]:
+        """The `[issuers]` table to merge into a configuration."""
+        return {
+            "issuers": {
+                self.name: {
+                    "issuer": self.issuer,
+                    "audiences": [self.audience],
+                    "algorithms": ["ES256"],
+                    "jwks_file": str(self.jwks),
+                }
+            }
+        }
+
+    def token(self, *, bound_to: CertInfo | None = None, **claims: Any) -> str:
+        body: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": USER,
+            "iat": int(NOW) - 10,
+            "exp": int(NOW) + 300,
+        }
+        if bound_to is not None:
+            body["cnf"] = {"x5t#S256": cert_thumbprint_s256(bound_to.der)}
+        body.update(claims)
+        return pyjwt.encode(body, self.key, algorithm="ES256", headers={"kid": "k1"})
+
+    async def verifier(self, cfg: GatewayConfig) -> TokenVerifier:
+        """The configuration's verifier, its key files loaded, judging at NOW."""
+        tokens = TokenVerifier(cfg.issuers, clock=ManualClock(NOW).time)
+        await tokens.start()
+        return tokens
