@@ -37,7 +37,7 @@ from ztgateway.pipeline import Pipeline, default_stages
 from ztgateway.routes import RouteTable
 from ztgateway.runtime import Runtime
 from ztgateway.sessions import cookie_session_id
-from ztgateway.store.base import Device, Session, Store, UserRecord
+from ztgateway.store.base import Device, PostureRecord, Session, Store, UserRecord
 from ztgateway.tls import CertInfo, RevocationList
 
 NOW = datetime(2027, 3, 10, 10, 0, tzinfo=UTC).timestamp()
@@ -145,6 +145,32 @@ def user(**changes: Any) -> UserRecord:
     values: dict[str, Any] = {"user": USER, "known_devices": (DEVICE_ID,)}
     values.update(changes)
     return UserRecord(**values)
+
+
+def posture(**report: Any) -> PostureRecord:
+    """A compliant posture report from alice's laptop, collected a minute before NOW;
+    `report` changes its fields (`firewall=False`, `collected_at=...`)."""
+    body: dict[str, Any] = {
+        "platform": "linux",
+        "os_version": "6.8",
+        "last_patch": datetime.fromtimestamp(NOW - 2 * 86400, UTC).date().isoformat(),
+        "disk_encrypted": True,
+        "firewall": True,
+        "antivirus": True,
+        "screen_lock": True,
+        "mdm_enrolled": True,
+        "jailbroken": False,
+        "collected_at": NOW - 60,
+    }
+    body.update(report)
+    return PostureRecord(
+        device_id=DEVICE_ID,
+        report=body,
+        received_at=NOW - 60,
+        collected_at=body["collected_at"],
+        signed=True,
+        digest="d" * 64,
+    )
 
 
 def clock(at: float = NOW) -> ManualClock:
