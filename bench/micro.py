@@ -129,6 +129,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     decision = await pipeline.evaluate(warm)
     if not decision.allowed:
         raise SystemExit(f"micro: the every-check request is not allowed: {decision.reason}")
+    # The live gateway writes the token's session back after its first request; the offline
+    # evaluator is a dry run and would otherwise look the unknown session up in the backend
+    # (a thread hop to SQLite) on every evaluation, which a warm gateway never does.
+    from ztgateway.stages.session import SessionKeeper
+
+    await SessionKeeper(evaluator.facts._base, config.sessions).after_decision(warm, decision)
+    if not (await pipeline.evaluate(context(full.path, True))).allowed:
+        raise SystemExit("micro: the every-check request is refused once its session exists")
 
     def pipeline_setup(path: str, with_token: bool) -> Setup:
         async def setup(n: int) -> Body:

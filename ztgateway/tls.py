@@ -273,7 +273,7 @@ def server_context(cfg: TLSConfig, client_cert: str, extra_crls: bytes = b"") ->
 
     `extra_crls`: PEM CRLs fetched by the revocation service (revocation/crl.py), verified
     already; loaded beside the file CRL so that OpenSSL refuses a revoked certificate in the
-    handshake with certificate_revoked (decision 0011)."""
+    handshake with certificate_revoked (decision 0017)."""
     # AlertingContext: a refused handshake still sends OpenSSL's alert (tlsalert.py).
     ctx = AlertingContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, cfg.min_version)

@@ -15,7 +15,7 @@ fatal error, whatever OpenSSL left in the outgoing BIO (the alert record) is wri
 transport's socket before the exception propagates and the protocol closes its descriptor; the
 socket itself is closed a little later, after a lingering read (`LingeringAlert`), so that no
 RST overtakes the alert. See
-docs/decisions/0011-revocation-tls-alerts.md.
+docs/decisions/0017-revocation-tls-alerts.md.
 """
 
 from __future__ import annotations

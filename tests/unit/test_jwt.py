@@ -757,6 +757,26 @@ async def test_cache_hit_does_not_refetch_and_still_expires_at_exp(
     assert harness.results == [("test", "valid"), ("test", "cached"), ("test", "token-expired")]
 
 
+async def test_remembered_answers_only_what_verified_and_judges_its_times_again(
+    harness: Harness, keys: Keys
+) -> None:
+    """The data plane's synchronous look-up: never a verification of its own, so an unknown or
+    forged token is None (the caller verifies it behind the throttle), and a remembered token
+    that has expired since is refused and forgotten."""
+    token = sign(keys.ec_key, exp=int(NOW) + 120)
+    assert harness.verifier.remembered(token, NOW) is None
+    assert harness.verifier.remembered("x" * 100_000, NOW) is None
+    first = await harness.verifier.verify(token)
+    assert harness.verifier.remembered(token, NOW + 100) is first
+    forged = with_signature(token, b"\0" * 64)
+    assert harness.verifier.remembered(forged, NOW) is None
+    with pytest.raises(TokenError) as caught:
+        harness.verifier.remembered(token, NOW + 120 + LEEWAY)
+    assert caught.value.reason is Reason.TOKEN_EXPIRED
+    assert harness.verifier.remembered(token, NOW) is None  # forgotten
+    assert harness.results == [("test", "valid"), ("test", "cached"), ("test", "token-expired")]
+
+
 async def test_cache_hit_still_checks_not_before(harness: Harness, keys: Keys) -> None:
     token = sign(keys.ec_key, nbf=int(NOW) + 10)
     await harness.verifier.verify(token)

@@ -376,12 +376,24 @@ class TokenVerifier:
             # A broken metrics hook must not turn a verdict into an error.
             logger.exception("token result hook failed")
 
-    def cached(self, token: str) -> bool:
-        """Whether `token` verified before and is still remembered: verifying it again costs a
-        hash and a clock check, not a signature (the credential throttle lets it through)."""
+    def remembered(self, token: str, now: float) -> VerifiedToken | None:
+        """`token`'s earlier verification, its times judged again at `now`; None: not
+        remembered (then `verify` it, behind the credential throttle). Synchronous, and one
+        hash per request: the data plane's every-request path for a client's token. Raises
+        TokenError when the remembered token has expired since (and forgets it)."""
         if len(token) > self._max_bytes or not token.isascii():
-            return False
-        return hashlib.sha256(token.encode("ascii")).hexdigest() in self._cache
+            return None
+        token_hash = hashlib.sha256(token.encode("ascii")).hexdigest()
+        cached = self._cache.get(token_hash)
+        if cached is None:
+            return None
+        try:
+            verified = self._cached(token_hash, cached, now)
+        except TokenError as exc:
+            self._report(exc.issuer or "unknown", exc.reason.value)
+            raise
+        self._report(verified.issuer, "cached")
+        return verified
 
     async def verify(self, token: str, *, now: float | None = None) -> VerifiedToken:
         """Verify a bearer token or raise TokenError; no other exception escapes for any input.

@@ -4,7 +4,7 @@ The verdict is kept as a posture record of its own, under `ssf:<device id>`, bes
 report (never instead of it): the store already replicates posture records to every worker and
 replica (`ChangeKind.POSTURE`), and neither source may overwrite the other. An agent reporting
 "all fine" does not clear an MDM's "not compliant", nor the reverse: the device is compliant
-only when both say so (docs/decisions/0010-signals-receiver.md).
+only when both say so (docs/decisions/0016-signals-receiver.md).
 """
 
 from __future__ import annotations

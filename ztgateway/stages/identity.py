@@ -204,13 +204,16 @@ class IdentityStage:
                     return [_deny(Reason.TOKEN_INVALID, "empty bearer token")]
                 if self.tokens is None:
                     return [_deny(Reason.TOKEN_ISSUER_UNKNOWN, "no issuers configured")]
-                if not self.tokens.cached(credential):
-                    wait = await self.throttle.wait(ctx.client_ip, ctx.now)
-                    if wait:
-                        ctx.retry_after = max(ctx.retry_after or 0.0, wait)
-                        return [_deny(Reason.CREDENTIALS_THROTTLED, "invalid tokens from here")]
                 try:
-                    token = await self.tokens.verify(credential, now=ctx.now)
+                    token = self.tokens.remembered(credential, ctx.now)
+                    if token is None:
+                        # A signature to check: behind the throttle of invalid tokens.
+                        wait = await self.throttle.wait(ctx.client_ip, ctx.now)
+                        if wait:
+                            ctx.retry_after = max(ctx.retry_after or 0.0, wait)
+                            reason, why = Reason.CREDENTIALS_THROTTLED, "invalid tokens from here"
+                            return [_deny(reason, why)]
+                        token = await self.tokens.verify(credential, now=ctx.now)
                 except TokenError as exc:
                     if exc.reason is not Reason.TOKEN_ISSUER_UNAVAILABLE:
                         await self.throttle.failed(ctx.client_ip, ctx.now)
