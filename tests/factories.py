@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from ztgateway.config import GatewayConfig, parse_config
 from ztgateway.context import Identity, RequestContext
 from ztgateway.credentials.devtoken import public_jwks
 from ztgateway.credentials.jwt import TokenVerifier, cert_thumbprint_s256
+from ztgateway.decision import Finding, Reason, Verdict
 from ztgateway.metrics import Metrics
 from ztgateway.pipeline import Pipeline, default_stages
 from ztgateway.routes import RouteTable
@@ -185,9 +187,12 @@ def runtime(
     revoked: frozenset[int] = frozenset(),
     dry_run: bool = False,
     clock: Clock | None = None,
+    overrides: dict[str, Any] | None = None,
+    **route: Any,
 ) -> Runtime:
-    """The snapshot the stages are built from (a fresh Metrics registry each time)."""
-    cfg = cfg or config()
+    """The snapshot the stages are built from (a fresh Metrics registry each time), of `cfg`
+    or else of `config(overrides, **route)`."""
+    cfg = cfg or config(overrides, **route)
     revocations = RevocationList(revoked_serials=revoked) if revoked else RevocationList()
     return Runtime(
         config=cfg,
@@ -240,6 +245,19 @@ def routed(rt: Runtime, **kw: Any) -> RequestContext:
     ctx.route = rt.routes.match(ctx.host, ctx.path)
     assert ctx.route is not None, f"no route for {ctx.path}"
     return ctx
+
+
+def identified(rt: Runtime, **kw: Any) -> RequestContext:
+    """A routed context its certificate has identified (what the identity stage leaves)."""
+    ctx = routed(rt, **kw)
+    if "identity" not in kw:
+        ctx.identity = cert_identity(ctx.cert)
+    return ctx
+
+
+def verdicts(findings: Sequence[Finding]) -> list[tuple[Reason, Verdict | None]]:
+    """What a stage found, as (reason, verdict) pairs: what its tests compare."""
+    return [(f.reason, f.verdict) for f in findings]
 
 
 def cert_identity(c: CertInfo | None = None) -> Identity:

@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.e2e.test_proxy import RecordingUpstream, audit_event
+from tests.conftest import GatewayFactory
+from tests.e2e.test_proxy import RecordingUpstream
 from tests.e2e.test_signin import browser, sign_in
 from tests.oidc_fixtures import SignInSetup
-from tests.support import Certs, session
+from tests.support import ADMIN_TOKEN, Certs, audit_event, session
 from ztgateway.app import Gateway
 from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code

@@ -11,9 +11,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_admin import admin
 from tests.e2e.test_mtls import eventually
-from tests.support import Certs, client_ssl
+from tests.support import Certs, admin, client_ssl
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock

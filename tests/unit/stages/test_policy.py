@@ -24,20 +24,6 @@ async def check(ctx: RequestContext, rt: Runtime) -> Sequence[Finding]:
     return await PolicyStage(rt).check(ctx)
 
 
-def verdicts(findings: Sequence[Finding]) -> list[tuple[Reason, Verdict | None]]:
-    return [(f.reason, f.verdict) for f in findings]
-
-
-def runtime(policy: dict[str, Any] | None = None, **route: Any) -> Runtime:
-    return factories.runtime(factories.config(policy=policy or {}, **route))
-
-
-def alices(rt: Runtime, identity: Identity | None = None, **kw: Any) -> RequestContext:
-    ctx = factories.routed(rt, **kw)
-    ctx.identity = identity or factories.cert_identity(ctx.cert)
-    return ctx
-
-
 def token_identity(**claims: Any) -> Identity:
     return Identity(
         user="alice",
@@ -50,8 +36,8 @@ def token_identity(**claims: Any) -> Identity:
 
 
 async def test_a_route_with_no_rules_allows_an_identified_request() -> None:
-    rt = runtime()
-    assert verdicts(await check(alices(rt), rt)) == ALLOWED
+    rt = factories.runtime()
+    assert factories.verdicts(await check(factories.identified(rt), rt)) == ALLOWED
 
 
 # --- methods and paths -----------------------------------------------------------------------
@@ -61,9 +47,9 @@ async def test_a_route_with_no_rules_allows_an_identified_request() -> None:
     ("method", "allowed"), [("GET", True), ("HEAD", True), ("POST", False), ("DELETE", False)]
 )
 async def test_methods(method: str, allowed: bool) -> None:
-    rt = runtime({"methods": ["GET"]})
+    rt = factories.runtime(policy={"methods": ["GET"]})
     expected = ALLOWED if allowed else [(Reason.METHOD_NOT_ALLOWED, Verdict.DENY)]
-    assert verdicts(await check(alices(rt, method=method), rt)) == expected
+    assert factories.verdicts(await check(factories.identified(rt, method=method), rt)) == expected
 
 
 @pytest.mark.parametrize(
@@ -83,7 +69,7 @@ async def test_paths(path: str, case_insensitive: bool, allowed: bool) -> None:
     cfg = factories.config(upstream, policy={"paths": ["/reports/*"]}, allow_path_params=True)
     rt = factories.runtime(cfg)
     expected = ALLOWED if allowed else [(Reason.PATH_DENIED, Verdict.DENY)]
-    assert verdicts(await check(alices(rt, path=path), rt)) == expected
+    assert factories.verdicts(await check(factories.identified(rt, path=path), rt)) == expected
 
 
 # --- where and when --------------------------------------------------------------------------
@@ -93,9 +79,9 @@ async def test_paths(path: str, case_insensitive: bool, allowed: bool) -> None:
     ("ip", "allowed"), [("10.1.2.3", True), ("127.0.0.1", False), ("not-an-address", False)]
 )
 async def test_network_zones(ip: str, allowed: bool) -> None:
-    rt = runtime({"zones": ["corp"]})
+    rt = factories.runtime(policy={"zones": ["corp"]})
     expected = ALLOWED if allowed else [(Reason.NETWORK_ZONE_DENIED, Verdict.DENY)]
-    assert verdicts(await check(alices(rt, client_ip=ip), rt)) == expected
+    assert factories.verdicts(await check(factories.identified(rt, client_ip=ip), rt)) == expected
 
 
 @pytest.mark.parametrize(
@@ -107,17 +93,27 @@ async def test_network_zones(ip: str, allowed: bool) -> None:
     ],
 )
 async def test_time_windows_in_the_routes_time_zone(when: datetime, allowed: bool) -> None:
-    rt = runtime({"time_windows": ["mon-fri 08:00-18:00"], "timezone": "Europe/Paris"})
+    rt = factories.runtime(
+        policy={"time_windows": ["mon-fri 08:00-18:00"], "timezone": "Europe/Paris"}
+    )
     expected = ALLOWED if allowed else [(Reason.TIME_WINDOW_DENIED, Verdict.DENY)]
-    assert verdicts(await check(alices(rt, now=when.timestamp()), rt)) == expected
+    assert (
+        factories.verdicts(await check(factories.identified(rt, now=when.timestamp()), rt))
+        == expected
+    )
 
 
 async def test_a_window_across_midnight_belongs_to_the_day_it_starts() -> None:
-    rt = runtime({"time_windows": ["fri 22:00-06:00"]})
+    rt = factories.runtime(policy={"time_windows": ["fri 22:00-06:00"]})
     saturday_3am = datetime(2027, 3, 13, 3, 0, tzinfo=UTC).timestamp()
     sunday_3am = datetime(2027, 3, 14, 3, 0, tzinfo=UTC).timestamp()
-    assert verdicts(await check(alices(rt, now=saturday_3am), rt)) == ALLOWED
-    assert verdicts(await check(alices(rt, now=sunday_3am), rt))[0][0] is Reason.TIME_WINDOW_DENIED
+    assert (
+        factories.verdicts(await check(factories.identified(rt, now=saturday_3am), rt)) == ALLOWED
+    )
+    assert (
+        factories.verdicts(await check(factories.identified(rt, now=sunday_3am), rt))[0][0]
+        is Reason.TIME_WINDOW_DENIED
+    )
 
 
 # --- the certificate -------------------------------------------------------------------------
@@ -134,33 +130,43 @@ async def test_a_window_across_midnight_belongs_to_the_day_it_starts() -> None:
     ],
 )
 async def test_certificate_subjects_and_sans(policy: dict[str, Any], allowed: bool) -> None:
-    rt = runtime(policy)
+    rt = factories.runtime(policy=policy)
     expected = ALLOWED if allowed else [(Reason.CLIENT_CERT_NOT_ALLOWED, Verdict.DENY)]
-    assert verdicts(await check(alices(rt), rt)) == expected
+    assert factories.verdicts(await check(factories.identified(rt), rt)) == expected
 
 
 async def test_certificate_rules_refuse_a_request_without_a_certificate() -> None:
-    rt = runtime({"require_client_cert": False, "cert_subjects": ["alice"]})
-    ctx = alices(rt, identity=token_identity(), cert=None)
-    assert verdicts(await check(ctx, rt)) == [(Reason.CLIENT_CERT_NOT_ALLOWED, Verdict.DENY)]
+    rt = factories.runtime(policy={"require_client_cert": False, "cert_subjects": ["alice"]})
+    ctx = factories.identified(rt, identity=token_identity(), cert=None)
+    assert factories.verdicts(await check(ctx, rt)) == [
+        (Reason.CLIENT_CERT_NOT_ALLOWED, Verdict.DENY)
+    ]
 
 
 # --- who is asking ---------------------------------------------------------------------------
 
 
 async def test_nobody_without_a_certificate_is_unauthenticated() -> None:
-    rt = runtime({"require_client_cert": False})
-    ctx = alices(rt, identity=Identity(user=None, source="none"), cert=None)
-    assert verdicts(await check(ctx, rt)) == [(Reason.IDENTITY_UNAUTHENTICATED, Verdict.DENY)]
+    rt = factories.runtime(policy={"require_client_cert": False})
+    ctx = factories.identified(rt, identity=Identity(user=None, source="none"), cert=None)
+    assert factories.verdicts(await check(ctx, rt)) == [
+        (Reason.IDENTITY_UNAUTHENTICATED, Verdict.DENY)
+    ]
 
 
 async def test_a_device_without_a_user_passes_a_route_that_names_nobody() -> None:
-    rt = runtime()
-    ctx = alices(rt, identity=Identity(user=None, source="none", device_id="alice-laptop"))
-    assert verdicts(await check(ctx, rt)) == ALLOWED
-    named = runtime({"users": ["alice"]})
-    ctx = alices(named, identity=Identity(user=None, source="none", device_id="alice-laptop"))
-    assert verdicts(await check(ctx, named)) == [(Reason.IDENTITY_UNAUTHENTICATED, Verdict.DENY)]
+    rt = factories.runtime()
+    ctx = factories.identified(
+        rt, identity=Identity(user=None, source="none", device_id="alice-laptop")
+    )
+    assert factories.verdicts(await check(ctx, rt)) == ALLOWED
+    named = factories.runtime(policy={"users": ["alice"]})
+    ctx = factories.identified(
+        named, identity=Identity(user=None, source="none", device_id="alice-laptop")
+    )
+    assert factories.verdicts(await check(ctx, named)) == [
+        (Reason.IDENTITY_UNAUTHENTICATED, Verdict.DENY)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -186,14 +192,16 @@ async def test_a_device_without_a_user_passes_a_route_that_names_nobody() -> Non
 async def test_who_may_use_the_route(
     policy: dict[str, Any], identity: Identity, reason: Reason | None
 ) -> None:
-    rt = runtime(policy)
+    rt = factories.runtime(policy=policy)
     expected = ALLOWED if reason is None else [(reason, Verdict.DENY)]
-    assert verdicts(await check(alices(rt, identity=identity), rt)) == expected
+    assert (
+        factories.verdicts(await check(factories.identified(rt, identity=identity), rt)) == expected
+    )
 
 
 async def test_every_rule_that_refuses_is_reported() -> None:
-    rt = runtime({"methods": ["GET"], "users": ["bob"], "zones": ["corp"]})
-    findings = await check(alices(rt, method="POST"), rt)
+    rt = factories.runtime(policy={"methods": ["GET"], "users": ["bob"], "zones": ["corp"]})
+    findings = await check(factories.identified(rt, method="POST"), rt)
     assert [f.reason for f in findings] == [
         Reason.METHOD_NOT_ALLOWED,
         Reason.NETWORK_ZONE_DENIED,

@@ -20,10 +20,6 @@ async def check(ctx: RequestContext, rt: Runtime | None = None) -> Sequence[Find
     return await RequestStage(rt or factories.runtime()).check(ctx)
 
 
-def reasons(findings: Sequence[Finding]) -> list[tuple[Reason, Verdict | None]]:
-    return [(f.reason, f.verdict) for f in findings]
-
-
 async def test_a_valid_request_gets_its_route_and_no_finding() -> None:
     ctx = factories.context(path="/docs/a.html")
     assert await check(ctx) == []
@@ -38,7 +34,7 @@ async def test_a_path_that_does_not_normalise_is_invalid(path: str) -> None:
     ctx = factories.context(path=path)
     assert ctx.path is None
     findings = await check(ctx)
-    assert reasons(findings) == [(Reason.PATH_INVALID, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.PATH_INVALID, Verdict.DENY)]
     assert ctx.route is None
 
 
@@ -55,7 +51,7 @@ async def test_a_path_the_upstream_would_read_otherwise_is_refused(
 ) -> None:
     rt = factories.runtime(factories.config(**route))
     findings = await check(factories.context(path=path), rt)
-    assert reasons(findings) == [(Reason.PATH_INVALID, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.PATH_INVALID, Verdict.DENY)]
     assert findings[0].detail == detail
 
 
@@ -70,13 +66,13 @@ async def test_path_parameters_pass_where_the_route_allows_them() -> None:
 async def test_no_route_for_the_path_is_route_not_found() -> None:
     rt = factories.runtime(factories.config(prefix="/app/"))
     ctx = factories.context(path="/other")
-    assert reasons(await check(ctx, rt)) == [(Reason.ROUTE_NOT_FOUND, Verdict.DENY)]
+    assert factories.verdicts(await check(ctx, rt)) == [(Reason.ROUTE_NOT_FOUND, Verdict.DENY)]
     assert ctx.route is None
 
 
 async def test_no_route_for_the_host_is_route_not_found() -> None:
     rt = factories.runtime(factories.config(hosts=["app.example"]))
-    assert reasons(await check(factories.context(host="other.example"), rt)) == [
+    assert factories.verdicts(await check(factories.context(host="other.example"), rt)) == [
         (Reason.ROUTE_NOT_FOUND, Verdict.DENY)
     ]
     assert await check(factories.context(host="app.example"), rt) == []
@@ -88,26 +84,26 @@ async def test_no_route_for_the_host_is_route_not_found() -> None:
 async def test_a_spoofed_identity_header_is_noted_and_stripped_by_default() -> None:
     ctx = factories.context(headers={"X-Forwarded-User": "root"})
     findings = await check(ctx)
-    assert reasons(findings) == [(Reason.HEADER_SPOOFED, None)]
+    assert factories.verdicts(findings) == [(Reason.HEADER_SPOOFED, None)]
     assert findings[0].detail == "X-Forwarded-User"
 
 
 async def test_a_spoofed_header_is_refused_where_the_server_says_deny() -> None:
     rt = factories.runtime(factories.config({"server": {"spoofed_headers": "deny"}}))
     findings = await check(factories.context(headers={"X-ZT-User": "root"}), rt)
-    assert reasons(findings) == [(Reason.HEADER_SPOOFED, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.HEADER_SPOOFED, Verdict.DENY)]
 
 
 async def test_a_spoofed_header_is_refused_where_nothing_can_strip_it() -> None:
     ctx = factories.context(headers={"Remote-User": "root"}, unstrippable=True)
-    assert reasons(await check(ctx)) == [(Reason.HEADER_SPOOFED, Verdict.DENY)]
+    assert factories.verdicts(await check(ctx)) == [(Reason.HEADER_SPOOFED, Verdict.DENY)]
 
 
 async def test_the_routes_own_identity_header_counts_as_spoofed() -> None:
     rt = factories.runtime(factories.config(headers={"user": "X-Corp-User"}))
     ctx = factories.context(headers={"X-Corp-User": "root"})
     findings = await check(ctx, rt)
-    assert reasons(findings) == [(Reason.HEADER_SPOOFED, None)]
+    assert factories.verdicts(findings) == [(Reason.HEADER_SPOOFED, None)]
     assert ctx.spoofed_headers == ("X-Corp-User",)
 
 
@@ -124,7 +120,9 @@ async def test_a_declared_body_over_the_routes_limit_is_refused(
 ) -> None:
     rt = factories.runtime(factories.config(client_max_size=1024))
     findings = await check(factories.context(method="POST", content_length=length), rt)
-    assert reasons(findings) == ([(Reason.BODY_TOO_LARGE, Verdict.DENY)] if refused else [])
+    assert factories.verdicts(findings) == (
+        [(Reason.BODY_TOO_LARGE, Verdict.DENY)] if refused else []
+    )
 
 
 # --- WebSocket -------------------------------------------------------------------------------
@@ -133,7 +131,7 @@ async def test_a_declared_body_over_the_routes_limit_is_refused(
 async def test_a_websocket_on_a_route_without_websockets_is_invalid() -> None:
     rt = factories.runtime(factories.config(websocket=False))
     findings = await check(factories.context(websocket=True), rt)
-    assert reasons(findings) == [(Reason.REQUEST_INVALID, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.REQUEST_INVALID, Verdict.DENY)]
 
 
 @pytest.mark.parametrize(
@@ -151,7 +149,9 @@ async def test_a_websocket_from_another_origin_is_refused_unless_listed(
     rt = factories.runtime(factories.config(websocket_origins=["https://partner.example"]))
     headers = {"Origin": origin} if origin else {}
     findings = await check(factories.context(headers=headers, websocket=True), rt)
-    assert reasons(findings) == ([] if allowed else [(Reason.ORIGIN_DENIED, Verdict.DENY)])
+    assert factories.verdicts(findings) == (
+        [] if allowed else [(Reason.ORIGIN_DENIED, Verdict.DENY)]
+    )
 
 
 # --- who made the request --------------------------------------------------------------------
@@ -178,4 +178,6 @@ async def test_cross_site_requests_follow_the_routes_cross_site_mode(
 ) -> None:
     rt = factories.runtime(factories.config(cross_site=mode))
     findings = await check(factories.context(method=method, headers=headers), rt)
-    assert reasons(findings) == ([] if allowed else [(Reason.ORIGIN_DENIED, Verdict.DENY)])
+    assert factories.verdicts(findings) == (
+        [] if allowed else [(Reason.ORIGIN_DENIED, Verdict.DENY)]
+    )

@@ -37,21 +37,11 @@ def verdicts(findings: Sequence[Finding]) -> list[tuple[Reason, Verdict]]:
     return [(f.reason, f.verdict) for f in findings if f.verdict is not None]
 
 
-def runtime(store: SQLiteStore, overrides: dict[str, Any] | None = None, **route: Any) -> Runtime:
-    return factories.runtime(factories.config(overrides, **route), store=store)
-
-
-def alices(rt: Runtime, **kw: Any) -> RequestContext:
-    ctx = factories.routed(rt, **kw)
-    ctx.identity = factories.cert_identity(ctx.cert)
-    return ctx
-
-
 async def test_alice_on_her_known_laptop_from_a_trusted_network_is_no_risk(
     alice: SQLiteStore,
 ) -> None:
-    rt = runtime(alice)
-    ctx = alices(rt)
+    rt = factories.runtime(store=alice)
+    ctx = factories.identified(rt)
     assert await check(ctx, rt) == []
     assert ctx.risk_score == 0.0
 
@@ -60,16 +50,18 @@ async def test_alice_on_her_known_laptop_from_a_trusted_network_is_no_risk(
 
 
 async def test_an_address_outside_every_trusted_zone_is_a_light_signal(alice: SQLiteStore) -> None:
-    rt = runtime(alice, {"risk": {"trusted_zones": ["corp"]}})
-    ctx = alices(rt)
+    rt = factories.runtime(store=alice, overrides={"risk": {"trusted_zones": ["corp"]}})
+    ctx = factories.identified(rt)
     findings = await check(ctx, rt)
     assert signals(findings) == [Reason.ZONE_UNKNOWN] and verdicts(findings) == []
     assert ctx.risk_score == pytest.approx(0.2)
 
 
 async def test_a_blocked_zone_is_denied(alice: SQLiteStore) -> None:
-    rt = runtime(alice, {"risk": {"trusted_zones": [], "blocked_zones": ["loopback"]}})
-    findings = await check(alices(rt), rt)
+    rt = factories.runtime(
+        store=alice, overrides={"risk": {"trusted_zones": [], "blocked_zones": ["loopback"]}}
+    )
+    findings = await check(factories.identified(rt), rt)
     assert Reason.ZONE_BLOCKED in signals(findings)
     assert verdicts(findings) == [(Reason.RISK_DENIED, Verdict.DENY)]
 
@@ -78,14 +70,16 @@ async def test_a_blocked_zone_is_denied(alice: SQLiteStore) -> None:
 
 
 async def test_a_device_the_user_never_used_is_new(store: SQLiteStore) -> None:
-    rt = runtime(store)
-    assert signals(await check(alices(rt), rt)) == [Reason.NEW_DEVICE]  # no account yet
+    rt = factories.runtime(store=store)
+    assert signals(await check(factories.identified(rt), rt)) == [
+        Reason.NEW_DEVICE
+    ]  # no account yet
     await store.save_user(factories.user(known_devices=("another-laptop",)))
-    assert signals(await check(alices(rt), rt)) == [Reason.NEW_DEVICE]
+    assert signals(await check(factories.identified(rt), rt)) == [Reason.NEW_DEVICE]
 
 
 async def test_no_user_means_no_new_device_signal(store: SQLiteStore) -> None:
-    rt = runtime(store)
+    rt = factories.runtime(store=store)
     ctx = factories.routed(rt)  # nobody identified
     assert await check(ctx, rt) == []
 
@@ -101,10 +95,10 @@ async def test_no_user_means_no_new_device_signal(store: SQLiteStore) -> None:
 async def test_the_devices_posture_counts(
     alice: SQLiteStore, report: dict[str, Any], signal: Reason | None
 ) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     record = factories.posture(**report)
     posture = evaluate(record.report, record.received_at, rt.config.posture, now=factories.NOW)
-    ctx = alices(rt, device=DeviceView(factories.device(), "approved", posture))
+    ctx = factories.identified(rt, device=DeviceView(factories.device(), "approved", posture))
     assert signals(await check(ctx, rt)) == ([signal] if signal else [])
 
 
@@ -113,9 +107,11 @@ async def test_the_devices_posture_counts(
 
 @pytest.mark.parametrize(("hour", "off"), [(10, False), (22, True)])
 async def test_outside_working_hours_is_a_signal(alice: SQLiteStore, hour: int, off: bool) -> None:
-    rt = runtime(alice, {"risk": {"default_working_hours": "mon-fri 07:00-20:00"}})
+    rt = factories.runtime(
+        store=alice, overrides={"risk": {"default_working_hours": "mon-fri 07:00-20:00"}}
+    )
     at = datetime(2027, 3, 10, hour, 0, tzinfo=UTC).timestamp()
-    findings = await check(alices(rt, now=at), rt)
+    findings = await check(factories.identified(rt, now=at), rt)
     assert signals(findings) == ([Reason.OFF_HOURS] if off else [])
 
 
@@ -123,9 +119,9 @@ async def test_the_users_own_time_zone_decides_what_is_off_hours(alice: SQLiteSt
     await alice.save_user(
         factories.user(timezone="Asia/Tokyo", working_hours="mon-fri 09:00-17:00")
     )
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     ten_utc = datetime(2027, 3, 10, 10, 0, tzinfo=UTC).timestamp()  # 19:00 in Tokyo
-    assert signals(await check(alices(rt, now=ten_utc), rt)) == [Reason.OFF_HOURS]
+    assert signals(await check(factories.identified(rt, now=ten_utc), rt)) == [Reason.OFF_HOURS]
 
 
 # --- behaviour -------------------------------------------------------------------------------
@@ -134,36 +130,42 @@ async def test_the_users_own_time_zone_decides_what_is_off_hours(alice: SQLiteSt
 async def test_recent_failed_attempts_are_a_signal_that_grows_to_the_threshold(
     alice: SQLiteStore,
 ) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     await alice.record_failure_async("user:alice", factories.NOW - 10)
-    one = [f for f in await check(alices(rt), rt) if f.reason is Reason.FAILED_ATTEMPTS]
+    one = [
+        f for f in await check(factories.identified(rt), rt) if f.reason is Reason.FAILED_ATTEMPTS
+    ]
     for i in range(4):
         await alice.record_failure_async("ip:127.0.0.1", factories.NOW - 5 + i)
         await alice.record_failure_async("user:alice", factories.NOW - 5 + i)
-    full = [f for f in await check(alices(rt), rt) if f.reason is Reason.FAILED_ATTEMPTS]
+    full = [
+        f for f in await check(factories.identified(rt), rt) if f.reason is Reason.FAILED_ATTEMPTS
+    ]
     assert len(one) == len(full) == 1
     assert 0 < one[0].risk < full[0].risk
     assert full[0].detail.startswith("5 recent failed attempts")
 
 
 async def test_failed_attempts_outside_the_window_do_not_count(alice: SQLiteStore) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     for i in range(10):
         await alice.record_failure_async("user:alice", factories.NOW - 3600 - i)
-    assert await check(alices(rt), rt) == []
+    assert await check(factories.identified(rt), rt) == []
 
 
 async def test_a_sensitive_route_the_user_never_used_is_unusual(alice: SQLiteStore) -> None:
-    rt = runtime(alice, risk={"sensitive": True})
-    assert signals(await check(alices(rt), rt)) == [Reason.SENSITIVE_ROUTE_UNUSUAL]
+    rt = factories.runtime(store=alice, risk={"sensitive": True})
+    assert signals(await check(factories.identified(rt), rt)) == [Reason.SENSITIVE_ROUTE_UNUSUAL]
     await alice.save_user(factories.user(known_routes=("app",)))
-    assert await check(alices(rt), rt) == []
+    assert await check(factories.identified(rt), rt) == []
 
 
 @pytest.mark.parametrize(("length", "large"), [("100", False), ("2048", True), ("abc", False)])
 async def test_a_large_request_is_a_signal(alice: SQLiteStore, length: str, large: bool) -> None:
-    rt = runtime(alice, {"risk": {"large_request_bytes": 1024}})
-    findings = await check(alices(rt, method="POST", headers={"Content-Length": length}), rt)
+    rt = factories.runtime(store=alice, overrides={"risk": {"large_request_bytes": 1024}})
+    findings = await check(
+        factories.identified(rt, method="POST", headers={"Content-Length": length}), rt
+    )
     assert signals(findings) == ([Reason.LARGE_REQUEST] if large else [])
 
 
@@ -172,10 +174,10 @@ async def test_travel_that_cannot_be_checked_is_recorded_as_such(
 ) -> None:
     broken = tmp_path / "geo.mmdb"
     broken.write_bytes(b"not a database")
-    rt = runtime(alice, {"risk": {"geoip_db": str(broken)}})
+    rt = factories.runtime(store=alice, overrides={"risk": {"geoip_db": str(broken)}})
     geo = GeoLocator.open(broken)
     assert not geo.available
-    findings = await check(alices(rt), rt, geo)
+    findings = await check(factories.identified(rt), rt, geo)
     assert signals(findings) == [Reason.GEO_UNAVAILABLE]
     assert verdicts(findings) == []
 
@@ -194,6 +196,8 @@ async def test_travel_that_cannot_be_checked_is_recorded_as_such(
 async def test_the_routes_thresholds_turn_the_score_into_a_verdict(
     alice: SQLiteStore, thresholds: dict[str, float], verdict: tuple[Reason, Verdict] | None
 ) -> None:
-    rt = runtime(alice, {"risk": {"trusted_zones": []}}, risk=thresholds)  # zone-unknown: 0.2
-    findings = await check(alices(rt), rt)
+    rt = factories.runtime(
+        store=alice, overrides={"risk": {"trusted_zones": []}}, risk=thresholds
+    )  # zone-unknown: 0.2
+    findings = await check(factories.identified(rt), rt)
     assert verdicts(findings) == ([verdict] if verdict else [])

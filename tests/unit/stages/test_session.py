@@ -30,24 +30,13 @@ async def check(ctx: RequestContext, rt: Runtime) -> Sequence[Finding]:
     return await SessionStage(rt).check(ctx)
 
 
-def verdicts(findings: Sequence[Finding]) -> list[tuple[Reason, Verdict | None]]:
-    return [(f.reason, f.verdict) for f in findings]
-
-
-def runtime(
-    store: SQLiteStore | None, overrides: dict[str, Any] | None = None, **route: Any
-) -> Runtime:
-    return factories.runtime(factories.config(overrides, **route), store=store)
-
-
 def alices(rt: Runtime, headers: dict[str, str] | None = None, **kw: Any) -> RequestContext:
-    ctx = factories.routed(rt, headers=COOKIE if headers is None else headers, **kw)
-    ctx.identity = factories.cert_identity(ctx.cert)
-    return ctx
+    """alice's request, with her browser's session cookie unless `headers` says otherwise."""
+    return factories.identified(rt, headers=COOKIE if headers is None else headers, **kw)
 
 
 async def test_alices_live_session_passes_and_is_left_for_the_keeper(alice: SQLiteStore) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     ctx = alices(rt)
     assert await check(ctx, rt) == []
     view = ctx.session
@@ -60,12 +49,12 @@ async def test_alices_live_session_passes_and_is_left_for_the_keeper(alice: SQLi
 
 
 async def test_without_a_store_there_is_nothing_to_check() -> None:
-    rt = runtime(None)
+    rt = factories.runtime(store=None)
     assert await check(alices(rt), rt) == ()
 
 
 async def test_no_cookie_and_no_token_is_no_session(alice: SQLiteStore) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     ctx = alices(rt, headers={})
     assert await check(ctx, rt) == []
     assert ctx.session is not None and (ctx.session.kind, ctx.session.session) == ("none", None)
@@ -75,13 +64,15 @@ async def test_no_cookie_and_no_token_is_no_session(alice: SQLiteStore) -> None:
 
 
 async def test_a_burst_over_the_routes_rate_limit_is_refused(alice: SQLiteStore) -> None:
-    rt = runtime(alice, session={"rate_limit": {"rate": 1, "burst": 2, "scopes": ["user"]}})
+    rt = factories.runtime(
+        store=alice, session={"rate_limit": {"rate": 1, "burst": 2, "scopes": ["user"]}}
+    )
     stage = SessionStage(rt)
     assert await stage.check(alices(rt)) == []
     assert await stage.check(alices(rt)) == []
     third = alices(rt)
     findings = await stage.check(third)
-    assert verdicts(findings) == [(Reason.RATE_LIMITED, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.RATE_LIMITED, Verdict.DENY)]
     assert findings[0].detail == "per user" and third.retry_after == pytest.approx(1.0)
     # A second later the bucket holds a token again.
     assert await stage.check(alices(rt, now=factories.NOW + 1)) == []
@@ -103,10 +94,10 @@ async def test_a_locked_account_is_refused_and_told_until_when(alice: SQLiteStor
             locked_until=factories.NOW + 600, lock_reason="too many", timezone="Europe/Paris"
         )
     )
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     ctx = alices(rt)
     findings = await check(ctx, rt)
-    assert verdicts(findings) == [(Reason.ACCOUNT_LOCKED, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.ACCOUNT_LOCKED, Verdict.DENY)]
     assert ctx.locked is not None and (ctx.locked.until, ctx.locked.timezone) == (
         factories.NOW + 600,
         "Europe/Paris",
@@ -119,9 +110,9 @@ async def test_a_locked_account_is_refused_and_told_until_when(alice: SQLiteStor
 
 
 async def test_a_cookie_the_gateway_did_not_issue_is_invalid(alice: SQLiteStore) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     ctx = alices(rt, headers={"Cookie": "__Host-ztgw-session=made-up"})
-    assert verdicts(await check(ctx, rt)) == [(Reason.SESSION_INVALID, Verdict.DENY)]
+    assert factories.verdicts(await check(ctx, rt)) == [(Reason.SESSION_INVALID, Verdict.DENY)]
     assert ctx.session is not None and ctx.session.cookie_invalid
 
 
@@ -129,10 +120,10 @@ async def test_a_revoked_session_is_terminated(store: SQLiteStore) -> None:
     await store.save_session(
         factories.session(revoked_at=factories.NOW - 5, revoked_reason="signed out")
     )
-    rt = runtime(store)
+    rt = factories.runtime(store=store)
     ctx = alices(rt)
     findings = await check(ctx, rt)
-    assert verdicts(findings) == [(Reason.SESSION_TERMINATED, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.SESSION_TERMINATED, Verdict.DENY)]
     assert (
         findings[0].detail == "signed out"
         and ctx.session is not None
@@ -149,14 +140,18 @@ async def test_a_revoked_session_is_terminated(store: SQLiteStore) -> None:
 )
 async def test_an_expired_session_is_refused(store: SQLiteStore, changes: dict[str, float]) -> None:
     await store.save_session(factories.session(**changes))
-    rt = runtime(store)
-    assert verdicts(await check(alices(rt), rt)) == [(Reason.SESSION_EXPIRED, Verdict.DENY)]
+    rt = factories.runtime(store=store)
+    assert factories.verdicts(await check(alices(rt), rt)) == [
+        (Reason.SESSION_EXPIRED, Verdict.DENY)
+    ]
 
 
 async def test_the_routes_own_idle_timeout_applies(store: SQLiteStore) -> None:
     await store.save_session(factories.session(last_seen=factories.NOW - 120))
-    rt = runtime(store, session={"idle_timeout": 60})
-    assert verdicts(await check(alices(rt), rt)) == [(Reason.SESSION_EXPIRED, Verdict.DENY)]
+    rt = factories.runtime(store=store, session={"idle_timeout": 60})
+    assert factories.verdicts(await check(alices(rt), rt)) == [
+        (Reason.SESSION_EXPIRED, Verdict.DENY)
+    ]
 
 
 async def test_an_expired_token_session_simply_starts_again(
@@ -184,25 +179,25 @@ async def test_an_expired_token_session_simply_starts_again(
 
 
 async def test_a_session_presented_by_another_device_is_invalid(alice: SQLiteStore) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     findings = await check(alices(rt, cert=factories.cert(device_id="bob-phone")), rt)
-    assert verdicts(findings) == [(Reason.SESSION_INVALID, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.SESSION_INVALID, Verdict.DENY)]
     assert findings[0].detail == "presented by another device"
 
 
 async def test_a_session_presented_without_its_device_is_invalid(alice: SQLiteStore) -> None:
-    rt = runtime(alice, policy={"require_client_cert": False})
+    rt = factories.runtime(store=alice, policy={"require_client_cert": False})
     findings = await check(alices(rt, cert=None), rt)
-    assert verdicts(findings) == [(Reason.SESSION_INVALID, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.SESSION_INVALID, Verdict.DENY)]
     assert findings[0].detail == "presented without its device"
 
 
 async def test_a_session_presented_by_another_user_is_invalid(alice: SQLiteStore) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     ctx = alices(rt)
     ctx.identity = Identity(user="bob", source="cert", device_id="alice-laptop")
     findings = await check(ctx, rt)
-    assert verdicts(findings) == [(Reason.SESSION_INVALID, Verdict.DENY)]
+    assert factories.verdicts(findings) == [(Reason.SESSION_INVALID, Verdict.DENY)]
     assert findings[0].detail == "presented by another user"
 
 
@@ -223,9 +218,9 @@ async def test_a_session_presented_by_another_user_is_invalid(alice: SQLiteStore
 async def test_a_session_used_from_another_address_follows_the_routes_drift_mode(
     alice: SQLiteStore, mode: str, ip: str, expected: list[tuple[Reason, Verdict]]
 ) -> None:
-    rt = runtime(alice, session={"ip_drift": mode})
+    rt = factories.runtime(store=alice, session={"ip_drift": mode})
     ctx = alices(rt, client_ip=ip)
-    assert verdicts(await check(ctx, rt)) == expected
+    assert factories.verdicts(await check(ctx, rt)) == expected
     assert ctx.session is not None and ctx.session.drifted is (ip != factories.CLIENT_IP)
 
 
@@ -233,9 +228,9 @@ async def test_a_session_used_from_another_address_follows_the_routes_drift_mode
 
 
 async def test_a_changed_user_agent_adds_to_the_anomaly(alice: SQLiteStore) -> None:
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     ctx = alices(rt, headers={**COOKIE, "User-Agent": "curl/8"})
-    assert verdicts(await check(ctx, rt)) == [(Reason.SESSION_INVALID, None)]
+    assert factories.verdicts(await check(ctx, rt)) == [(Reason.SESSION_INVALID, None)]
     assert ctx.session is not None and ctx.session.anomaly == pytest.approx(0.3)
 
 
@@ -251,14 +246,14 @@ async def test_the_anomaly_score_steps_up_then_terminates(
     store: SQLiteStore, stored: float, expected: list[tuple[Reason, Verdict]]
 ) -> None:
     await store.save_session(factories.session(anomaly=stored, anomaly_at=factories.NOW))
-    rt = runtime(store)
-    assert verdicts(await check(alices(rt), rt)) == expected
+    rt = factories.runtime(store=store)
+    assert factories.verdicts(await check(alices(rt), rt)) == expected
 
 
 async def test_the_anomaly_score_decays_with_time(store: SQLiteStore) -> None:
     # 0.95 two half-lives (2 x 600 s) ago is under 0.25 now.
     await store.save_session(factories.session(anomaly=0.95, anomaly_at=factories.NOW - 1200))
-    rt = runtime(store)
+    rt = factories.runtime(store=store)
     ctx = alices(rt)
     assert await check(ctx, rt) == []
     assert ctx.session is not None and ctx.session.anomaly == pytest.approx(0.95 / 4)
@@ -270,9 +265,9 @@ async def test_a_signal_from_the_identity_provider_asks_older_sessions_to_step_u
     await alice.save_user(
         factories.user(step_up_after=factories.NOW - 10, step_up_reason="password changed")
     )
-    rt = runtime(alice)
+    rt = factories.runtime(store=alice)
     findings = await check(alices(rt), rt)
-    assert verdicts(findings) == [(Reason.SIGNAL_STEP_UP, Verdict.STEP_UP)]
+    assert factories.verdicts(findings) == [(Reason.SIGNAL_STEP_UP, Verdict.STEP_UP)]
     await alice.save_session(factories.session(mfa_at=factories.NOW - 5))
     assert await check(alices(rt), rt) == []  # answered since
 
@@ -295,10 +290,12 @@ async def test_a_route_asking_for_a_recent_second_factor(
     store: SQLiteStore, mfa_at: float | None, asked: bool
 ) -> None:
     await store.save_session(factories.session(mfa_at=mfa_at))
-    rt = runtime(store, session={"mfa_max_age": 3600})
+    rt = factories.runtime(store=store, session={"mfa_max_age": 3600})
     ctx = signed_in(rt)
     findings = await check(ctx, rt)
-    assert verdicts(findings) == ([(Reason.MFA_REQUIRED, Verdict.STEP_UP)] if asked else [])
+    assert factories.verdicts(findings) == (
+        [(Reason.MFA_REQUIRED, Verdict.STEP_UP)] if asked else []
+    )
     assert ctx.mfa_max_age == (3600 if asked else None)
 
 
@@ -314,9 +311,9 @@ async def test_a_route_asking_for_a_verified_security_key(
     store: SQLiteStore, extra: dict[str, Any], asked: bool
 ) -> None:
     await store.save_session(factories.session(mfa_at=factories.NOW - 60, extra=extra))
-    rt = runtime(
-        store,
-        {"server": {"public_url": "https://gateway.example"}},
+    rt = factories.runtime(
+        store=store,
+        overrides={"server": {"public_url": "https://gateway.example"}},
         session={
             "mfa_max_age": 3600,
             "step_up_factors": ["webauthn"],
@@ -324,12 +321,16 @@ async def test_a_route_asking_for_a_verified_security_key(
         },
     )
     findings = await check(signed_in(rt), rt)
-    assert verdicts(findings) == ([(Reason.MFA_REQUIRED, Verdict.STEP_UP)] if asked else [])
+    assert factories.verdicts(findings) == (
+        [(Reason.MFA_REQUIRED, Verdict.STEP_UP)] if asked else []
+    )
 
 
 async def test_a_machine_known_by_its_certificate_alone_is_not_asked_for_a_second_factor(
     alice: SQLiteStore,
 ) -> None:
-    rt = runtime(alice, session={"mfa_max_age": 3600})
+    rt = factories.runtime(store=alice, session={"mfa_max_age": 3600})
     assert await check(alices(rt), rt) == []  # a certificate identity, on a login = "never" route
-    assert verdicts(await check(signed_in(rt), rt)) == [(Reason.MFA_REQUIRED, Verdict.STEP_UP)]
+    assert factories.verdicts(await check(signed_in(rt), rt)) == [
+        (Reason.MFA_REQUIRED, Verdict.STEP_UP)
+    ]
