@@ -132,7 +132,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     # The live gateway writes the token's session back after its first request; the offline
     # evaluator is a dry run and would otherwise look the unknown session up in the backend
     # (a thread hop to SQLite) on every evaluation, which a warm gateway never does.
-    from ztgateway.stages.session import SessionKeeper
+    from ztgateway.sessions import SessionKeeper
 
     await SessionKeeper(evaluator.facts._base, config.sessions).after_decision(warm, decision)
     if not (await pipeline.evaluate(context(full.path, True))).allowed:
