@@ -52,7 +52,7 @@ RUN_PORTS := $(if $(GATEWAY_PORT),--gateway-port $(GATEWAY_PORT)) $(if $(OPS_POR
 	$(if $(APP_PORT),--app-port $(APP_PORT)) $(if $(IDP_PORT),--idp-port $(IDP_PORT)) \
 	$(if $(PORT_OFFSET),--port-offset $(PORT_OFFSET))
 run: certs
-	$(BIN)/python -m ztgateway.devrun -c $(CONFIG) $(RUN_PORTS)
+	$(BIN)/python -m ztgateway.dev.run -c $(CONFIG) $(RUN_PORTS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check ztgateway tests $(wildcard bench) scripts

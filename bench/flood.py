@@ -34,9 +34,9 @@ import aiohttp
 
 from ztgateway.app import Gateway
 from ztgateway.config import load_config
-from ztgateway.demo_app import start_demo_app
-from ztgateway.devidp import hash_password, start_devidp
-from ztgateway.pki import init_pki
+from ztgateway.dev.demo_app import start_demo_app
+from ztgateway.dev.idp import hash_password, start_devidp
+from ztgateway.dev.pki import init_pki
 
 
 def rss() -> int:

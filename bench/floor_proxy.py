@@ -1,7 +1,7 @@
 """The transport floor: ztgateway's own data plane with every check taken out.
 
 The same listener (TLS handshake run by us, certificate parsed once per connection), the same
-HTTP/1.1 protocol (`ztgateway.http1`, llhttp) and the same raw keep-alive upstream pool and
+HTTP/1.1 protocol (`ztgateway.edge.http1`, llhttp) and the same raw keep-alive upstream pool and
 forwarding code (`ztgateway.forward.http`) as the gateway, but a handler that forwards every
 request without a decision, audit, metrics or identity headers. What ztgateway costs above this
 row is the price of its checks; what this row costs above nginx is the price of Python.
@@ -26,11 +26,11 @@ from ztgateway.app import tune_gc
 from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.config import RouteConfig, UpstreamConfig
 from ztgateway.decision import new_decision_id
+from ztgateway.edge.http1 import Connection, Limits, Refusal, Request
+from ztgateway.edge.listener import Listener
 from ztgateway.forward.exchange import start_exchange
 from ztgateway.forward.http import Upstreams, forward_http, request_head
 from ztgateway.forward.upstream import UpstreamFailure
-from ztgateway.http1 import Connection, Limits, Refusal, Request
-from ztgateway.listener import Listener
 from ztgateway.responses import problem_parts
 
 HOP_BY_HOP = frozenset(
@@ -68,7 +68,7 @@ class Floor:
             except UpstreamFailure as fail:
                 request.respond(*problem_parts(fail.reason, "-"))
 
-        # The gateway's own fast path (no Task, no Future), as in ztgateway.request_path.
+        # The gateway's own fast path (no Task, no Future), as in ztgateway.edge.request_path.
         if not request.body_exists:
             head = request_head(request.method, request.target, pool, headers, body=False)
             if start_exchange(

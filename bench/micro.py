@@ -3,7 +3,7 @@
     python -m bench.micro [--quick] [--json out.json] [--pki DIR]
 
 Each row times one piece of what the gateway does for every request, with warm caches, built
-the way `ztgateway/policycli.py`'s OfflineEvaluator builds its pipeline (same config loader,
+the way `ztgateway/commands/policy.py`'s OfflineEvaluator builds its pipeline (same config loader,
 same stages, same token verifier) and from the very route the end-to-end benchmark uses
 (`bench/scenarios.py`). A row runs its operation in batches sized to take ~0.1 s and repeats
 the batch; the table gives the median and minimum of the per-operation mean over the repeats.
@@ -57,7 +57,7 @@ class Row:
 
 
 def _pki(path: Path | None) -> Pki:
-    from ztgateway.pki import PKIPaths
+    from ztgateway.dev.pki import PKIPaths
 
     directory = path or (WORK / "pki")
     if (directory / "ca.pem").exists() and (directory / "clients" / f"{CLIENT}.pem").exists():
@@ -89,12 +89,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     from ztgateway.app import Gateway
     from ztgateway.audit import AuditLog
+    from ztgateway.commands.policy import OfflineEvaluator, load_cert
     from ztgateway.config import RouteConfig, UpstreamConfig, load_config
     from ztgateway.context import RequestContext
     from ztgateway.credentials.jwt import TokenVerifier
     from ztgateway.forward.headers import upstream_request_headers
     from ztgateway.forward.identity import identity_headers
-    from ztgateway.policycli import OfflineEvaluator, load_cert
     from ztgateway.routes import RouteTable
 
     pki = _pki(Path(args.pki) if args.pki else None)

@@ -337,9 +337,9 @@ async def stage_setup(store: SQLiteStore, token_hashes: list[str], seed: int) ->
     )
     from ztgateway.context import Identity, RequestContext
     from ztgateway.credentials.jwt import VerifiedToken
+    from ztgateway.edge.tls import CertInfo
     from ztgateway.sessions import token_session_id
     from ztgateway.stages.session import SessionStage
-    from ztgateway.tls import CertInfo
 
     route = RouteConfig(
         name=ROUTE,

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ztgateway.credentials.devtoken import issue_token
-from ztgateway.pki import PKIPaths, init_pki
+from ztgateway.dev.pki import PKIPaths, init_pki
+from ztgateway.dev.tokens import issue_token
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / "work"

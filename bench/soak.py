@@ -42,7 +42,7 @@ from typing import Any
 
 from bench.loadgen import release_on_schedule
 from bench.scenarios import CLIENT, REPO, WORK, Pki, make_pki
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 RESULTS = REPO / "bench" / "results"
 MIX = (("GET", "/echo", False, 70), ("GET", "/api/echo", True, 20), ("POST", "/api/echo", True, 10))
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "ztgateway.demo_app",
+                "ztgateway.dev.demo_app",
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -1,7 +1,7 @@
 """`make screenshots`: every page a person meets, photographed in real Chromium from the real
 demo (docs/screenshots/*.png, shown in docs/portal.md and the README).
 
-The demo is started as `make run` starts it (`python -m ztgateway.devrun`: the demo app, the
+The demo is started as `make run` starts it (`python -m ztgateway.dev.run`: the demo app, the
 dev IdP and the gateway with config/gateway.toml and its [portal] branding) in a scratch copy of
 the checkout, on ports moved by a free offset and with fresh state, so the pictures never depend
 on what a developer's own demo has seen. Debian's Chromium (/usr/bin/chromium), driven by
@@ -33,7 +33,7 @@ from typing import Any
 import pyotp
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from ztgateway.devrun import free_port_offset
+from ztgateway.dev.run import free_port_offset
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -51,7 +51,7 @@ class Demo:
         self.origin = f"https://127.0.0.1:{8443 + offset}"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ztgateway.devrun", "--port-offset", str(offset)],
+            [sys.executable, "-m", "ztgateway.dev.run", "--port-offset", str(offset)],
             cwd=root,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -12,7 +12,7 @@ from tests.support import ADMIN_TOKEN, Certs, deep_merge, make_pki, to_toml
 from ztgateway.app import Gateway
 from ztgateway.clock import SYSTEM_CLOCK, Clock
 from ztgateway.config import load_config
-from ztgateway.demo_app import start_demo_app
+from ztgateway.dev.demo_app import start_demo_app
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 

@@ -31,16 +31,16 @@ from tests.support import deep_merge
 from ztgateway.clock import Clock, ManualClock
 from ztgateway.config import GatewayConfig, parse_config
 from ztgateway.context import Identity, RequestContext
-from ztgateway.credentials.devtoken import public_jwks
 from ztgateway.credentials.jwt import TokenVerifier, cert_thumbprint_s256
 from ztgateway.decision import Finding, Reason, Verdict
+from ztgateway.dev.tokens import public_jwks
+from ztgateway.edge.tls import CertInfo, RevocationList
 from ztgateway.metrics import Metrics
 from ztgateway.pipeline import Pipeline, default_stages
 from ztgateway.routes import RouteTable
 from ztgateway.runtime import Runtime
 from ztgateway.sessions import cookie_session_id
 from ztgateway.store.base import Device, PostureRecord, Session, Store, UserRecord
-from ztgateway.tls import CertInfo, RevocationList
 
 NOW = datetime(2027, 3, 10, 10, 0, tzinfo=UTC).timestamp()
 """A Wednesday, 10:00 UTC: inside working hours, so no time-of-day signal fires by default."""

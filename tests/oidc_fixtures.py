@@ -16,8 +16,9 @@ from tests.conftest import GatewayFactory
 from tests.support import Certs, free_port
 from ztgateway.app import Gateway
 from ztgateway.clock import Clock
-from ztgateway.devidp import hash_password, start_devidp
-from ztgateway.pki import CertificateAuthority
+from ztgateway.dev.idp import start_devidp
+from ztgateway.dev.idp_users import hash_password
+from ztgateway.dev.pki import CertificateAuthority
 
 CLIENT_SECRET = "test-client-secret-0123456789"
 PASSWORDS = {"alice": "alice-test-password", "bob": "bob-test-password"}

@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support import Certs
 from ztgateway.clock import Clock
-from ztgateway.pki import CertificateAuthority, generate_key
+from ztgateway.dev.pki import CertificateAuthority, generate_key
 
 HOST = "127.0.0.1"
 

@@ -17,9 +17,9 @@ from tests.oidc_fixtures import CLIENT_SECRET, SignInSetup, users_toml
 from tests.support import Certs, client_ssl, deep_merge, free_port
 from ztgateway.app import Gateway
 from ztgateway.clock import SYSTEM_CLOCK, Clock
-from ztgateway.devidp import DEVIDP_KEY, DevIdP, start_devidp
-from ztgateway.devssf import DevTransmitter
-from ztgateway.pki import CertificateAuthority
+from ztgateway.dev.idp import DEVIDP_KEY, DevIdP, start_devidp
+from ztgateway.dev.pki import CertificateAuthority
+from ztgateway.dev.ssf import DevTransmitter
 
 POLL_TOKEN = "poll-token-0123456789abcdef"
 CONTROL_TOKEN = "control-token-0123456789abcdef"

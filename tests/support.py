@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from multidict import CIMultiDict
 
 from ztgateway.clock import SYSTEM_CLOCK, Clock, ManualClock
-from ztgateway.pki import CertificateAuthority, init_pki
+from ztgateway.dev.pki import CertificateAuthority, init_pki
 
 if TYPE_CHECKING:
     from ztgateway.app import Gateway

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .audit import AuditUnavailable, search
-from .certverify import CertRefused, ClientCertVerifier
 from .context import RequestContext
 from .decision import Decision, Finding, Reason, Verdict
-from .posture import MAX_CLOCK_SKEW, PostureError, digest, evaluate, validate_report
+from .edge.certverify import CertRefused, ClientCertVerifier
+from .risk.posture import MAX_CLOCK_SKEW, PostureError, digest, evaluate, validate_report
 from .store.base import REBIND_NEXT, Device, PostureRecord, Store, UserRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -3,7 +3,7 @@
 `Gateway` owns every long-lived service (TLS material, token verifier, upstream pools, audit
 log, metrics) and the current `Runtime` snapshot. A request reads `self.runtime` once; a reload
 builds a complete new snapshot and swaps the reference. What happens to a request is in
-`request_path.py`; how it is decided and recorded, in `decisions.py`.
+`edge/request_path.py`; how it is decided and recorded, in `decisions.py`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import __version__, sdnotify
-from .assertion import AssertionSigner, load_or_create_key
+from . import __version__
 from .audit import AuditLog, MaskKey
 from .audit.checkpoint import CheckpointSigner
 from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
@@ -28,27 +27,32 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
+from .credentials.mfa import MFA
 from .credentials.oidc import OIDCClient, StorePendingLogins
 from .credentials.providers import SignInProviders
+from .credentials.webauthn import WebAuthn
 from .decision import Decision, Finding, Reason, Verdict
 from .decisions import DecisionPath, Recorder, audit_event, refusal
+from .edge.http1 import Limits
+from .edge.listener import Listener
+from .edge.request_path import RequestPath
+from .edge.tls import CertInfo
+from .edge.tlsmaterial import TLSManager
 from .forms import CSRFTokens
+from .forward.assertion import AssertionSigner, load_or_create_key
 from .forward.http import Upstreams
 from .forward.identity import asserted_identity
 from .forward.websocket import Watch
-from .geo import GeoLocator
-from .http1 import Limits
 from .keys import GatewayKeys
-from .lifeline import watch_lifeline
-from .listener import Listener
 from .logs import RateLimit
 from .metrics import Metrics
-from .mfa import MFA
 from .pipeline import Pipeline, default_stages
+from .process import sdnotify
+from .process.lifeline import watch_lifeline
+from .process.resources import Heap, ensure_fd_limit
 from .reloading import RESTART_REQUIRED, listener_changes, restart_required
-from .request_path import RequestPath
-from .resources import Heap, ensure_fd_limit
 from .revocation.service import RevocationService, cert_key
+from .risk.geo import GeoLocator
 from .routes import RouteTable
 from .runtime import Runtime
 from .sessions import SessionKeeper
@@ -58,9 +62,6 @@ from .signals.receiver import SignalReceiver
 from .stages.device import new_device
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
-from .tls import CertInfo
-from .tlsmaterial import TLSManager
-from .webauthn import WebAuthn
 
 log = logging.getLogger("ztgateway")
 _OTHER_FDS = 64
@@ -451,7 +452,7 @@ class Gateway:
 
     def _budget_fds(self, listener: Listener) -> None:
         """Raise RLIMIT_NOFILE for what the listener may hold; below it, refuse and count
-        (resources.py) rather than let the event loop reset connections silently."""
+        (process/resources.py) rather than let the event loop reset connections silently."""
         s = self.config.server
         upstream = sum(up.max_connections for up in _all_upstreams(self.config))
         wanted = s.max_connections + s.max_pending_handshakes + upstream + _OTHER_FDS
@@ -477,7 +478,7 @@ class Gateway:
         self.metrics.handshakes_pending.set_function(lambda: len(listener.pending))
 
     async def _trim_memory(self, interval: float) -> None:
-        """Return freed heap to the system now and then (resources.py: glibc keeps it)."""
+        """Return freed heap to the system now and then (process/resources.py: glibc keeps it)."""
         while True:
             await asyncio.sleep(interval)
             self.heap.trim()

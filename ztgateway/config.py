@@ -23,11 +23,11 @@ from yarl import URL
 from .configreader import ConfigError, Table
 from .credentials.jwt import IssuerConfig
 from .credentials.oidc import OIDCClaims, OIDCProviderConfig
-from .headerfamilies import cert_header_problem
 from .pages.branding import PortalConfig, parse_portal
-from .posture import PLATFORMS, PosturePolicy, parse_version
+from .request.headerfamilies import cert_header_problem
 from .revocation.config import OCSP_FAILURE_MODES, OCSPFailure, RevocationConfig, parse_revocation
-from .risk import BlocklistError, RiskWeights
+from .risk.posture import PLATFORMS, PosturePolicy, parse_version
+from .risk.scoring import BlocklistError, RiskWeights
 from .signals.config import TransmitterConfig, parse_transmitters
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -989,7 +989,7 @@ def _assertion(t: Table) -> AssertionConfig:
 
 
 def _key_files(t: Table, name: str) -> tuple[Path, ...]:
-    from .assertion import load_public_keys
+    from .forward.assertion import load_public_keys
 
     paths = []
     for i, value in enumerate(t.str_list(name)):
@@ -1163,7 +1163,7 @@ def _risk(t: Table, zones: dict[str, tuple[Network, ...]]) -> RiskConfig:
         _time_window(hours, ZoneInfo(tz), t, "default_working_hours")
     blocklist = t.path("blocklist")
     if blocklist is not None:
-        from .risk import read_blocklist
+        from .risk.scoring import read_blocklist
 
         try:
             read_blocklist(blocklist)

@@ -23,19 +23,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .clock import SYSTEM_CLOCK, Clock
 from .decision import Finding, new_decision_id
-from .fetchmeta import FetchContext, wants_html
-from .fetchmeta import read as read_fetch
-from .headerfamilies import forwarding_header, protected_header
 from .pages.branding import DEFAULT_LOOK, PortalConfig
-from .paths import PathError, normalize_path
+from .request.fetchmeta import FetchContext, wants_html
+from .request.fetchmeta import read as read_fetch
+from .request.headerfamilies import forwarding_header, protected_header
+from .request.paths import PathError, normalize_path
 
 if TYPE_CHECKING:
     from .config import RouteConfig
     from .credentials.jwt import VerifiedToken
-    from .http1 import Request
-    from .posture import PostureEvaluation
+    from .edge.http1 import Request
+    from .edge.tls import CertInfo
+    from .risk.posture import PostureEvaluation
     from .store.base import Device, Session
-    from .tls import CertInfo
 
 
 def spoofed_headers(
@@ -203,7 +203,7 @@ class RequestContext:
 
     @property
     def fetch(self) -> FetchContext:
-        """Who made the request, as the browser tells (Fetch Metadata, Origin): fetchmeta.py."""
+        """Who made the request, as the browser tells (Fetch Metadata, Origin): request/fetchmeta.py."""
         cached = self._fetch
         if cached is None:
             cached = self._fetch = read_fetch(

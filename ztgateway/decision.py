@@ -125,7 +125,7 @@ class Reason(enum.StrEnum):
     SIGNAL_ACCEPTED = "signal-accepted"
     SIGNAL_INVALID = "signal-invalid"
     SIGNAL_REPLAYED = "signal-replayed"
-    # second factor (mfa.py, mfa_endpoints.py): the outcome of a code someone entered
+    # second factor (credentials/mfa.py, mfa_endpoints.py): the outcome of a code someone entered
     MFA_INVALID = "mfa-invalid"
     MFA_REPLAYED = "mfa-replayed"
     MFA_MALFORMED = "mfa-malformed"
@@ -133,7 +133,7 @@ class Reason(enum.StrEnum):
     MFA_NOT_ENROLLED = "mfa-not-enrolled"
     MFA_ENROLMENT_EXISTS = "mfa-enrolment-exists"
     MFA_ENROLMENT_EXPIRED = "mfa-enrolment-expired"
-    # WebAuthn (webauthn.py, webauthn_endpoints.py): the outcome of a ceremony
+    # WebAuthn (credentials/webauthn.py, webauthn_endpoints.py): the outcome of a ceremony
     WEBAUTHN_INVALID = "webauthn-invalid"
     WEBAUTHN_ORIGIN_MISMATCH = "webauthn-origin-mismatch"
     WEBAUTHN_CHALLENGE_INVALID = "webauthn-challenge-invalid"

@@ -118,6 +118,18 @@ def _masked_headers(
     return mask_headers(items, key=key)
 
 
+def explain_json(ctx: RequestContext, decision: Decision) -> dict[str, Any]:
+    """A decision with the request facts it was made on, as `/decide` and `policy explain` show it."""
+    out = decision.to_json()
+    out["route"] = ctx.route.name if ctx.route else None
+    out["mode"] = ctx.route.mode if ctx.route else None
+    out["path"] = ctx.path
+    out["identity"] = ctx.identity.to_json() if ctx.identity else None
+    out["device"] = ctx.cert.device_id if ctx.cert else None
+    out["status"] = decision.status
+    return out
+
+
 class Recorder:
     """Where decisions are recorded: metrics, the audit log, the session keeper."""
 

@@ -16,21 +16,21 @@ from aiohttp import web
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
-from .fetchmeta import wants_html
+from .edge.http1 import Request
 from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
 from .forward.headers import SERVER_BANNER
-from .http1 import Request
 from .pages.posture_text import check_text
 from .pages.when import moment, zone
 from .portal import template_page
-from .posture import (
+from .request.fetchmeta import wants_html
+from .responses import DECISION_HEADER, problem
+from .risk.posture import (
     MAX_REPORT_BYTES,
     PostureError,
     digest,
     validate_report,
     verify_signed_report,
 )
-from .responses import DECISION_HEADER, problem
 from .stages.device import posture_for
 from .store.base import PostureRecord
 

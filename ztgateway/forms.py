@@ -40,9 +40,9 @@ from aiohttp import web
 
 from .audit import AuditUnavailable
 from .decision import Reason, Verdict
-from .fetchmeta import own_origin, wants_html
-from .http1 import Request
-from .paths import PathError, encode_path, normalize_path
+from .edge.http1 import Request
+from .request.fetchmeta import own_origin, wants_html
+from .request.paths import PathError, encode_path, normalize_path
 from .responses import problem
 
 if TYPE_CHECKING:

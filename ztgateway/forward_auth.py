@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .certverify import CertRefused
 from .context import RequestContext, spoofed_headers
 from .decision import Decision, Reason
-from .headerfamilies import EDGES, CertFormat
+from .edge.certverify import CertRefused
 from .ops import RELAY_PEER_HEADER
+from .request.headerfamilies import EDGES, CertFormat
 from .responses import problem
 
 if TYPE_CHECKING:

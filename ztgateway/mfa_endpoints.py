@@ -32,8 +32,10 @@ from .audit import AuditUnavailable
 from .config import RouteSession
 from .context import Identity, LockView, RequestContext
 from .credentials.jwt import TokenError, check_binding
+from .credentials.mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from .credentials.totp import SealedSecretError, TOTPError, qr_svg
 from .decision import Reason, Verdict
+from .edge.http1 import Request
 from .forms import (
     JSON_TYPE,
     MAX_FORM_BYTES,
@@ -43,12 +45,10 @@ from .forms import (
     read_checked_form,
 )
 from .forward.headers import SERVER_BANNER
-from .http1 import Request
-from .mfa import MFABusy, MFAUnavailable, PendingEnrolment
 from .pages.render import trusted
 from .pages.when import until, zone
-from .paths import PathError, normalize_path
 from .portal import login_redirect_to, template_page
+from .request.paths import PathError, normalize_path
 from .responses import DECISION_HEADER, lock_ends_text, problem, see_other
 from .sessions import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
 from .stages.identity import identity_from_token

@@ -93,9 +93,8 @@ async def decide(request: web.Request) -> web.Response:
 
     Behind the admin token (admin.require_admin). A certificate given as PEM is verified as our
     listener verifies a handshake; one it would refuse is answered with that refusal."""
-    from .certverify import CertRefused
-    from .decisions import refusal
-    from .policycli import explain_json
+    from .decisions import explain_json, refusal
+    from .edge.certverify import CertRefused
 
     gw = request.app[GATEWAY_KEY]
     refused: CertRefused | None = None

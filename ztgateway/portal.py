@@ -17,15 +17,15 @@ from .audit import AuditUnavailable
 from .context import Identity, RequestContext
 from .credentials.oidc import OIDCClient, OIDCError
 from .decision import Reason, Verdict
-from .fetchmeta import wants_html
+from .edge.http1 import Request
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
 from .forward.headers import SERVER_BANNER
-from .http1 import Request
 from .pages.posture_text import check_text
 from .pages.render import page_headers, render, trusted
 from .pages.session_end import ended_text
 from .pages.when import moment, zone
-from .paths import PathError, normalize_path
+from .request.fetchmeta import wants_html
+from .request.paths import PathError, normalize_path
 from .responses import DECISION_HEADER, problem, see_other
 from .sessions import clear_cookie_header, cookie_session_id, read_cookie
 from .store.base import ID_TOKEN, StoreUnavailable

@@ -18,14 +18,14 @@ from aiohttp import web
 from markupsafe import escape
 
 from .decision import Decision, Reason, Verdict
-from .fetchmeta import wants_html
 from .pages.advice import advice_for
 from .pages.branding import DEFAULT_LOOK, PortalConfig
 from .pages.render import page_headers
 from .pages.render import render as render_page
 from .pages.session_end import ended_code
 from .pages.when import until, zone
-from .paths import encode_path
+from .request.fetchmeta import wants_html
+from .request.paths import encode_path
 from .sessions import clear_cookie_header
 
 if TYPE_CHECKING:

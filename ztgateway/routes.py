@@ -13,7 +13,7 @@ request stage's job (`paths.route_path_refusal`).
 from __future__ import annotations
 
 from .config import RouteConfig
-from .paths import strip_path_params
+from .request.paths import strip_path_params
 
 _Entry = tuple[dict[str, RouteConfig], RouteConfig | None]
 

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig
 from .credentials.jwt import TokenVerifier
-from .geo import GeoLocator
+from .credentials.throttle import CredentialThrottle
+from .edge.tls import RevocationList
 from .metrics import Metrics
+from .risk.geo import GeoLocator
 from .routes import RouteTable
 from .store.base import Store
-from .throttle import CredentialThrottle
-from .tls import RevocationList
 
 if TYPE_CHECKING:
     from .revocation.service import RevocationService
@@ -42,7 +42,7 @@ class Runtime:
     """explain / policy test / /decide: judge, but never write (no device registration)."""
     clock: Clock = SYSTEM_CLOCK
     throttle: CredentialThrottle = field(init=False)
-    """Failed credential verifications per client address (throttle.py)."""
+    """Failed credential verifications per client address (credentials/throttle.py)."""
 
     def __post_init__(self) -> None:
         s = self.config.server

@@ -26,10 +26,11 @@ from aiohttp import web
 
 from .audit import AuditUnavailable
 from .context import RequestContext
+from .credentials.webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 from .decision import Reason, Verdict
+from .edge.http1 import Request
 from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
 from .forward.headers import SERVER_BANNER
-from .http1 import Request
 from .mfa_endpoints import (
     Who,
     _json,
@@ -44,7 +45,6 @@ from .mfa_endpoints import (
 from .portal import page
 from .responses import DECISION_HEADER
 from .store.base import WebAuthnCredential
-from .webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 
 if TYPE_CHECKING:
     from .app import Gateway

@@ -12,7 +12,7 @@ from tests.conftest import GatewayFactory
 from tests.support import ADMIN_TOKEN, Certs, admin, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.cli import main
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 
 @pytest.mark.parametrize(

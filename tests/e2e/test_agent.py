@@ -18,7 +18,7 @@ from tests.support import ADMIN_TOKEN, Certs, admin, session
 from ztgateway.agent.linux import parse_lsblk, parse_os_release
 from ztgateway.app import Gateway
 from ztgateway.cli import main
-from ztgateway.posture import validate_report
+from ztgateway.risk.posture import validate_report
 
 COMPLIANT_ONLY = {
     "name": "secure",

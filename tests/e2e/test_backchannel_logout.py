@@ -16,7 +16,7 @@ from tests.e2e.test_signin import browser, sign_in, sign_out
 from tests.signals_fixtures import Signals, transmitter_session
 from tests.support import Certs, client_ssl, metric
 from ztgateway.app import Gateway
-from ztgateway.devssf import BACKCHANNEL_LOGOUT, sid_for
+from ztgateway.dev.ssf import BACKCHANNEL_LOGOUT, sid_for
 
 HTML = {"Accept": "text/html"}
 

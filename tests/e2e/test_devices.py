@@ -17,7 +17,7 @@ from tests.support import Certs, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 REPORT: dict[str, Any] = {
     "platform": "macos",

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import Certs, free_port
-from ztgateway.credentials.devtoken import issue_token
-from ztgateway.devrun import free_port_offset, moved_idp_users, set_keys
+from ztgateway.dev.run import free_port_offset, moved_idp_users, set_keys
+from ztgateway.dev.tokens import issue_token
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def demo_dir(certs: Certs, tmp_path: Path) -> Path:
 
 def start(cwd: Path, *argv: str) -> Run:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ztgateway.devrun", *argv],
+        [sys.executable, "-m", "ztgateway.dev.run", *argv],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

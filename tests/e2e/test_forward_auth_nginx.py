@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.conftest import GatewayFactory, base_config
 from tests.support import Certs, free_port, session
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 pytestmark = pytest.mark.nginx
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ from tests.conftest import GatewayFactory
 from tests.e2e.test_sessions import call, route
 from tests.support import Certs
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 from ztgateway.sessions import token_session_id
 
 

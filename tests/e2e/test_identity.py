@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import GatewayFactory
 from tests.support import ADMIN_TOKEN, Certs, get, session
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 
 def tok(certs: Certs, **kw: Any) -> str:

@@ -20,9 +20,10 @@ from tests.conftest import GatewayFactory
 from tests.oidc_fixtures import CLIENT_SECRET, form_action, form_fields
 from tests.support import Certs, free_port
 from ztgateway.app import Gateway
-from ztgateway.devidp import hash_password, start_devidp
-from ztgateway.devidp_shapes import SHAPES
-from ztgateway.pki import CertificateAuthority
+from ztgateway.dev.idp import start_devidp
+from ztgateway.dev.idp_shapes import SHAPES
+from ztgateway.dev.idp_users import hash_password
+from ztgateway.dev.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "oidc.md"

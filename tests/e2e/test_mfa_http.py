@@ -17,8 +17,8 @@ from tests.oidc_fixtures import SignInSetup
 from tests.redis_server import RedisServer
 from tests.support import Certs, client_ssl, metric_total
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
+from ztgateway.dev.tokens import issue_token
 
 API = {"name": "api", "prefix": "/", "upstream": "demo", "policy": {"require_token": True}}
 

@@ -34,8 +34,8 @@ from tests.conftest import GatewayFactory, base_config
 from tests.support import Certs, Reply, audit_events, client_ssl, deep_merge, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.config import load_config
-from ztgateway.demo_app import start_demo_app
-from ztgateway.pki import CertificateAuthority, atomic_write
+from ztgateway.dev.demo_app import start_demo_app
+from ztgateway.dev.pki import CertificateAuthority, atomic_write
 
 HOST = "127.0.0.1"
 IO_TIMEOUT = 5.0
@@ -664,7 +664,7 @@ async def test_expired_crl_refuses_every_client_and_is_counted_as_crl_expired(
 
 # --------------------------------------------------------------------------- event loops
 #
-# Production runs on uvloop (cli.py installs it), whose transports start reading as soon as
+# Production runs on uvloop (commands/run.py installs it), whose transports start reading as soon as
 # connection_made() returns and report a client leaving mid-handshake differently from asyncio's.
 # These scenarios run the same gateway on both loops; the uvloop one lives in its own thread.
 

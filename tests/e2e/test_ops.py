@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.conftest import GatewayFactory
 from tests.support import Certs, session, to_toml
 from ztgateway.app import Gateway
-from ztgateway.pki import CertificateAuthority, load_certificate
+from ztgateway.dev.pki import CertificateAuthority, load_certificate
 
 
 async def ops_get(gw: Gateway, path: str) -> tuple[int, str]:

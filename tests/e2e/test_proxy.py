@@ -29,8 +29,8 @@ from multidict import CIMultiDict
 
 from tests.support import Certs, audit_event, client_ssl, deep_merge, metric, session
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
-from ztgateway.demo_app import GZIP_PLAINTEXT, create_demo_app, expected_download_sha256
+from ztgateway.dev.demo_app import GZIP_PLAINTEXT, create_demo_app, expected_download_sha256
+from ztgateway.dev.tokens import issue_token
 
 MB = 1024 * 1024
 BIG = 200 * MB

@@ -1,6 +1,6 @@
 """Every README example marked as running against the demo does, against a real demo.
 
-`make run`'s runner (ztgateway.devrun: the demo app, the dev IdP and the gateway, on ports moved
+`make run`'s runner (ztgateway.dev.run: the demo app, the dev IdP and the gateway, on ports moved
 by one offset) in a copy of the checkout's layout; each marked ```sh block of the README is run
 by bash as a reader would paste it (ports moved like the runner's, `curl ...` expanded to the
 certificate options it stands for), one bash per block so its variables carry from line to

@@ -13,8 +13,8 @@ from tests.conftest import GatewayFactory
 from tests.redis_server import RedisServer
 from tests.support import ADMIN_TOKEN, Certs, admin, get, session
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
+from ztgateway.dev.tokens import issue_token
 
 pytestmark = pytest.mark.replicas
 API = {"name": "api", "prefix": "/", "upstream": "demo", "policy": {"require_token": True}}

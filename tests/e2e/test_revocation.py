@@ -38,7 +38,7 @@ from tests.revocation_fixtures import (
 from tests.support import Certs, Reply, audit_events, to_toml
 from ztgateway.app import Gateway
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
-from ztgateway.pki import CertificateAuthority, atomic_write
+from ztgateway.dev.pki import CertificateAuthority, atomic_write
 
 HOST = "127.0.0.1"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Certs, free_ports
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 REPO = Path(__file__).resolve().parents[2]
 CURL = shutil.which("curl")
@@ -49,7 +49,7 @@ def running(certs: Certs, tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(text)
     app = subprocess.Popen(
-        [sys.executable, "-m", "ztgateway.demo_app", "--port", str(app_port)],
+        [sys.executable, "-m", "ztgateway.dev.demo_app", "--port", str(app_port)],
         stdout=subprocess.DEVNULL,
     )
     gw = subprocess.Popen(

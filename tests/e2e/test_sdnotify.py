@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.support import Certs, client_ssl, deep_merge, free_ports, to_toml
-from ztgateway import sdnotify
+from ztgateway.process import sdnotify
 
 pytestmark = pytest.mark.replicas
 

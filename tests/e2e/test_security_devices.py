@@ -21,7 +21,7 @@ from tests.conftest import GatewayFactory
 from tests.support import ADMIN_TOKEN, Certs, audit_event, metric, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
-from ztgateway.pki import CertificateAuthority, load_private_key
+from ztgateway.dev.pki import CertificateAuthority, load_private_key
 
 JSON = {"Accept": "application/json"}
 

@@ -33,8 +33,8 @@ from tests.e2e.test_proxy import (
 )
 from tests.support import Certs, Reply, client_ssl
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
-from ztgateway.pki import CertificateAuthority
+from ztgateway.dev.pki import CertificateAuthority
+from ztgateway.dev.tokens import issue_token
 
 # ------------------------------------------------------------------------------------------
 # headers that speak for someone

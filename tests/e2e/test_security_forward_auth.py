@@ -23,7 +23,7 @@ from tests.conftest import GatewayFactory
 from tests.e2e.test_mtls import eventually, revoke
 from tests.support import Certs, audit_event, metric
 from ztgateway.app import Gateway
-from ztgateway.pki import CertificateAuthority, atomic_write
+from ztgateway.dev.pki import CertificateAuthority, atomic_write
 
 NGINX_EDGE = {
     "enabled": True,

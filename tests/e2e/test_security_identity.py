@@ -25,9 +25,9 @@ from tests.e2e.test_signin import browser, sign_in
 from tests.oidc_fixtures import SignInSetup
 from tests.support import ADMIN_TOKEN, Certs, audit_event, session
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
-from ztgateway.pki import CertificateAuthority
+from ztgateway.dev.pki import CertificateAuthority
+from ztgateway.dev.tokens import issue_token
 from ztgateway.sessions import cookie_session_id
 from ztgateway.store.base import Session, UserRecord
 

@@ -21,7 +21,7 @@ from tests.e2e.test_proxy import (
     request_bytes,
 )
 from tests.support import Certs
-from ztgateway.credentials.devtoken import issue_token
+from ztgateway.dev.tokens import issue_token
 
 CI = {"upstreams": {"demo": {"case_insensitive": True}}}
 

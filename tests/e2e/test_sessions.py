@@ -16,8 +16,8 @@ from tests.support import Certs, admin, client_ssl
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
-from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
+from ztgateway.dev.tokens import issue_token
 from ztgateway.mfa_endpoints import safe_redirect
 
 

@@ -17,7 +17,7 @@ from tests.oidc_fixtures import CLIENT_SECRET, users_toml
 from tests.redis_server import RedisServer
 from tests.support import Certs, free_port
 from ztgateway.app import Gateway
-from ztgateway.devidp import start_devidp
+from ztgateway.dev.idp import start_devidp
 
 pytestmark = pytest.mark.replicas
 

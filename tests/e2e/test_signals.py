@@ -22,9 +22,9 @@ from tests.support import Certs, metric, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import ManualClock
-from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
-from ztgateway.devssf import CAEP
+from ztgateway.dev.ssf import CAEP
+from ztgateway.dev.tokens import issue_token
 
 WS_CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
 DEV_ISSUER = "https://ztgateway.dev/issuer"  # the bearer tokens' issuer in conftest.base_config

@@ -20,8 +20,8 @@ from tests.redis_server import RedisServer
 from tests.signals_fixtures import Signals, push_set, signals_config, ssf_toml
 from tests.support import Certs, metric, session
 from ztgateway.app import Gateway
-from ztgateway.credentials.devtoken import issue_token
-from ztgateway.devidp import DEVIDP_KEY, start_devidp
+from ztgateway.dev.idp import DEVIDP_KEY, start_devidp
+from ztgateway.dev.tokens import issue_token
 
 pytestmark = pytest.mark.replicas
 

@@ -2,7 +2,7 @@
 
 Real clients (`openssl s_client`, curl) against a real gateway, on asyncio and on uvloop (the
 production loop): OpenSSL refuses the certificate during the handshake and the gateway must
-deliver OpenSSL's alert before it closes the socket (tlsalert.py; CPython gh-98078 drops it).
+deliver OpenSSL's alert before it closes the socket (edge/tlsalert.py; CPython gh-98078 drops it).
 """
 
 from __future__ import annotations

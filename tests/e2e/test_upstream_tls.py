@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import GatewayFactory
 from tests.support import Certs, session
-from ztgateway.demo_app import start_demo_app
-from ztgateway.pki import CertificateAuthority
+from ztgateway.dev.demo_app import start_demo_app
+from ztgateway.dev.pki import CertificateAuthority
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from tests.support import ADMIN_TOKEN, Certs, audit_events, free_port
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import ManualClock
-from ztgateway.devidp import start_devidp
+from ztgateway.dev.idp import start_devidp
 
 pytestmark = pytest.mark.browser
 __all__ = ["browser"]  # the fixture, from test_browser

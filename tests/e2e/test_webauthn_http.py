@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import GatewayFactory
 from tests.e2e.test_mfa_http import client, post, verify
 from tests.support import Certs
-from ztgateway.credentials.devtoken import issue_token
 from ztgateway.credentials.totp import totp_code
+from ztgateway.dev.tokens import issue_token
 
 NAMED = {"server": {"public_url": "https://gw.localhost"}}
 ROUTES: list[dict[str, Any]] = [

@@ -16,7 +16,7 @@ from ztgateway.agent import linux, macos, windows
 from ztgateway.agent.probe import Output, Probe, Runner
 from ztgateway.agent.report import build_report, sign_report
 from ztgateway.clock import ManualClock
-from ztgateway.posture import validate_report, verify_signed_report
+from ztgateway.risk.posture import validate_report, verify_signed_report
 
 
 def recorded(answers: Mapping[tuple[str, ...], Output | str]) -> Runner:

@@ -13,8 +13,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.support import Certs
-from ztgateway.certverify import MAX_HEADER_CERT, CertRefused, certs_from_header
-from ztgateway.headerfamilies import cert_header_problem, certificate_header, protected_header
+from ztgateway.edge.certverify import MAX_HEADER_CERT, CertRefused, certs_from_header
+from ztgateway.request.headerfamilies import (
+    cert_header_problem,
+    certificate_header,
+    protected_header,
+)
 
 
 def test_nginx_escaped_pem_and_traefik_base64_chain_are_read(certs: Certs) -> None:

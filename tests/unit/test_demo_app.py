@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
 
-from ztgateway.demo_app import (
+from ztgateway.dev.demo_app import (
     DOWNLOAD_DEFAULT_SIZE,
     DOWNLOAD_MAX_SIZE,
     GZIP_PLAINTEXT,
@@ -564,7 +564,7 @@ async def test_main_runs_until_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ztgateway.demo_app",
+        "ztgateway.dev.demo_app",
         "--host",
         "127.0.0.1",
         "--port",

@@ -29,19 +29,11 @@ import pytest
 from aiohttp import web
 
 from tests.support import CallableClock
+from ztgateway.cli import main
+from ztgateway.commands.dev_idp import register
 from ztgateway.configreader import ConfigError
-from ztgateway.devidp import (
-    BANNER,
-    CODE_TTL,
-    DEVIDP_KEY,
-    create_devidp_app,
-    hash_password,
-    load_devidp_file,
-    main,
-    register,
-    start_devidp,
-    verify_password,
-)
+from ztgateway.dev.idp import BANNER, CODE_TTL, DEVIDP_KEY, create_devidp_app, start_devidp
+from ztgateway.dev.idp_users import hash_password, load_devidp_file, verify_password
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_ID = "gw"
@@ -692,7 +684,7 @@ def test_mistakes_in_the_users_file_name_the_key(tmp_path: Path, extra: str, key
 async def test_refuses_a_non_loopback_address(users_file: Path) -> None:
     with pytest.raises(ValueError, match="non-loopback"):
         await start_devidp("0.0.0.0", 0, users_file)
-    assert main(["--host", "0.0.0.0", "--users", str(users_file)]) == 2
+    assert main(["dev-idp", "--host", "0.0.0.0", "--users", str(users_file)]) == 2
 
 
 def test_register_adds_dev_idp_and_hash_password(
@@ -721,7 +713,8 @@ async def test_dev_idp_command_serves_until_sigterm(users_file: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ztgateway.devidp",
+        "ztgateway",
+        "dev-idp",
         "--port",
         "0",
         "--users",

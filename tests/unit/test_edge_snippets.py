@@ -12,7 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from ztgateway.headerfamilies import CERTIFICATE_HEADERS, EDGES, cert_header_problem
+from ztgateway.request.headerfamilies import CERTIFICATE_HEADERS, EDGES, cert_header_problem
 
 REPO = Path(__file__).resolve().parents[2]
 IDENTITY = ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups", "X-ZT-Assertion")

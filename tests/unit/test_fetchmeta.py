@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ztgateway.fetchmeta import (
+from ztgateway.request.fetchmeta import (
     ambient_refusal,
     cross_site_refusal,
     own_origin,

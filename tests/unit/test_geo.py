@@ -11,8 +11,8 @@ import pytest
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet  # type: ignore[import-untyped]
 
-from ztgateway.geo import GeoLocator
-from ztgateway.risk import RiskInputs, RiskWeights, Signal, evaluate
+from ztgateway.risk.geo import GeoLocator
+from ztgateway.risk.scoring import RiskInputs, RiskWeights, Signal, evaluate
 
 PARIS = (48.8566, 2.3522)
 TOKYO = (35.6762, 139.6503)

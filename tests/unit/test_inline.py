@@ -1,5 +1,5 @@
 """The protocol's inline stepping: a request coroutine that never waits needs no Task, and one
-that waits is resumed in a Task exactly where it stopped (ztgateway.http1._Resume)."""
+that waits is resumed in a Task exactly where it stopped (ztgateway.edge.http1._Resume)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import contextvars
 
 import pytest
 
-from ztgateway.http1 import _Resume, _resumed
-from ztgateway.inline import in_task
+from ztgateway.edge.http1 import _Resume, _resumed
+from ztgateway.edge.inline import in_task
 
 step_var: contextvars.ContextVar[str] = contextvars.ContextVar("step_var", default="")
 

@@ -26,13 +26,6 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from tests.support import CallableClock
-from ztgateway.credentials.devtoken import (
-    DEV_AUDIENCE,
-    DEV_ISSUER,
-    issue_token,
-    jwk_thumbprint,
-    public_jwks,
-)
 from ztgateway.credentials.jwt import (
     IssuerConfig,
     TokenError,
@@ -42,6 +35,7 @@ from ztgateway.credentials.jwt import (
     check_binding,
 )
 from ztgateway.decision import Reason
+from ztgateway.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, issue_token, jwk_thumbprint, public_jwks
 
 ISSUER = "https://idp.example.test"
 AUDIENCE = "gateway"

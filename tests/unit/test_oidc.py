@@ -47,7 +47,7 @@ from ztgateway.credentials.oidc import (
     pkce_challenge,
     safe_return_path,
 )
-from ztgateway.devidp import start_devidp
+from ztgateway.dev.idp import start_devidp
 
 SECRET = b"k" * 32
 

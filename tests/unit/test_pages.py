@@ -30,9 +30,9 @@ from ztgateway.pages.render import (
 )
 from ztgateway.pages.session_end import ENDED, ended_code, ended_text
 from ztgateway.pages.when import until, zone
-from ztgateway.posture import REMEDIATION, PosturePolicy, evaluate
 from ztgateway.responses import problem_parts
 from ztgateway.responses import render as render_refusal
+from ztgateway.risk.posture import REMEDIATION, PosturePolicy, evaluate
 
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -47,7 +47,7 @@ NOW = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC).timestamp()
 
 
 def _check(name: str, passed: bool) -> Any:
-    from ztgateway.posture import CheckResult
+    from ztgateway.risk.posture import CheckResult
 
     return check_text(CheckResult(name, passed, EVIL, EVIL))
 

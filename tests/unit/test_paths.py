@@ -11,7 +11,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from ztgateway.paths import MAX_PATH_BYTES, PathError, encode_path, normalize_path
+from ztgateway.request.paths import MAX_PATH_BYTES, PathError, encode_path, normalize_path
 
 NORMALISED = [
     # already normal
@@ -205,7 +205,7 @@ def test_allowed_encoded_slash_does_not_allow_encoded_backslash() -> None:
 
 
 # --- what the route's upstream would read differently (security review H2) -------------------
-from ztgateway.paths import route_key, route_path_refusal, strip_path_params  # noqa: E402
+from ztgateway.request.paths import route_key, route_path_refusal, strip_path_params  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from ztgateway import pki
 from ztgateway.clock import ManualClock
 from ztgateway.commands import certs as certs_cmd
+from ztgateway.dev import pki
 
 UTC = dt.UTC
 

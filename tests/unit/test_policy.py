@@ -12,12 +12,12 @@ import pytest
 from tests.conftest import base_config
 from tests.support import Certs, deep_merge, make_pki, to_toml
 from ztgateway.clock import SYSTEM_CLOCK, Clock, ManualClock
+from ztgateway.commands.policy import OfflineEvaluator, Request, load_cert
 from ztgateway.config import load_config
 from ztgateway.context import RequestContext
-from ztgateway.credentials.devtoken import issue_token
 from ztgateway.decision import Finding, Reason, Verdict
+from ztgateway.dev.tokens import issue_token
 from ztgateway.pipeline import Pipeline
-from ztgateway.policycli import OfflineEvaluator, Request, load_cert
 
 
 def evaluator(

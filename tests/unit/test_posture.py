@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ztgateway.posture import (
+from ztgateway.risk.posture import (
     PostureError,
     PosturePolicy,
     evaluate,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ztgateway.risk import (
+from ztgateway.risk.scoring import (
     MIN_TRAVEL_SECONDS,
     BlocklistError,
     RiskInputs,

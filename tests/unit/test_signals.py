@@ -17,8 +17,8 @@ from tests.unit.test_config import error_for, write
 from ztgateway.cli import main
 from ztgateway.clock import ManualClock
 from ztgateway.config import load_config
-from ztgateway.credentials.devtoken import jwk_thumbprint, public_jwks
 from ztgateway.credentials.jwks import JwksCache
+from ztgateway.dev.tokens import jwk_thumbprint, public_jwks
 from ztgateway.signals.backchannel import _check_claims
 from ztgateway.signals.events import BACKCHANNEL_LOGOUT, CAEP, classify
 from ztgateway.signals.receiver import parse_events

@@ -1,4 +1,4 @@
-"""The WebAuthn relying party (ztgateway/webauthn.py) against a software authenticator, on both
+"""The WebAuthn relying party (ztgateway/credentials/webauthn.py) against a software authenticator, on both
 store backends (a real SQLite file, a real redis-server), with the gateway's ManualClock.
 
 The authenticator below builds what a CTAP2 authenticator and the browser would (W3C WebAuthn
@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztgateway.clock import ManualClock
 from ztgateway.config import WebAuthnConfig
+from ztgateway.credentials.webauthn import WebAuthn, WebAuthnRefused
 from ztgateway.decision import Reason
 from ztgateway.store.base import MAX_WEBAUTHN_CREDENTIALS
 from ztgateway.store.redis import RedisStore
 from ztgateway.store.sqlite import SQLiteStore
-from ztgateway.webauthn import WebAuthn, WebAuthnRefused
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServerFactory

@@ -7,7 +7,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztgateway.ops import RELAY_PEER_HEADER
-from ztgateway.workers import Supervisor, merge_metrics
+from ztgateway.process.workers import Supervisor, merge_metrics
 
 
 def worker_metrics(requests: float, open_conns: float, reload_ok: float, started: float) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..commands.common import Parser, duration_arg, run_command_line
 from ..configreader import ConfigError, Table
-from ..posture import PostureError
+from ..risk.posture import PostureError
 
 DEFAULT_CONFIG = "/etc/ztgateway/agent.toml"
 EXIT_REFUSED = 1

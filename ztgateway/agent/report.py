@@ -1,6 +1,6 @@
 """Assemble, sign and send a posture report.
 
-The report is the document `ztgateway/posture.py` validates; it is signed as a compact JWS
+The report is the document `ztgateway/risk/posture.py` validates; it is signed as a compact JWS
 with the device certificate's own key (RFC 7515), so the gateway knows the report was made by
 the holder of that key and not copied from another machine, and it is POSTed to
 `/.ztgw/posture` over the same mTLS connection that names the device. `collected_at` makes each
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .. import __version__
 from ..clock import SYSTEM_CLOCK, Clock
-from ..posture import validate_report
+from ..risk.posture import validate_report
 from . import linux, macos, windows
 from .probe import Collected, Probe
 
@@ -43,8 +43,8 @@ def this_platform(system: str = platform.system()) -> str:
 
 
 def device_id_of(cert_pem: bytes) -> str:
-    """The device id the gateway will see for this certificate (one rule: ztgateway.tls)."""
-    from ..tls import parse_client_cert
+    """The device id the gateway will see for this certificate (one rule: ztgateway.edge.tls)."""
+    from ..edge.tls import parse_client_cert
 
     cert = x509.load_pem_x509_certificate(cert_pem)
     return parse_client_cert(cert.public_bytes(serialization.Encoding.DER)).device_id
@@ -99,7 +99,7 @@ def _algorithm(key: Any) -> str:
 
 
 def sign_report(report: dict[str, Any], key_pem: bytes) -> str:
-    """A compact JWS over the report's JSON, by the device key (verified by posture.py)."""
+    """A compact JWS over the report's JSON, by the device key (verified by risk/posture.py)."""
     key = serialization.load_pem_private_key(key_pem, password=None)
     payload = json.dumps(report, separators=(",", ":"), sort_keys=True).encode()
     return jwt.api_jws.encode(payload, key, algorithm=_algorithm(key))  # type: ignore[arg-type]

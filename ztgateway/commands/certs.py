@@ -1,6 +1,6 @@
 """`ztgateway certs`: create and manage the development PKI from the command line.
 
-Thin on purpose: every operation lives in `ztgateway.pki` so tests and `make run` use the same
+Thin on purpose: every operation lives in `ztgateway.dev.pki` so tests and `make run` use the same
 code; this module only parses arguments and prints what an operator needs to know next.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from ztgateway import pki
 from ztgateway.clock import SYSTEM_CLOCK
+from ztgateway.dev import pki
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK
 from ..config import load_config
-from ..posture import PostureEvaluation, PosturePolicy, evaluate
+from ..risk.posture import PostureEvaluation, PosturePolicy, evaluate
 from ..store import Store, store_from_url
 from .common import add_config, add_json, fmt_time, key_values, print_json, table
 
@@ -151,8 +151,8 @@ def _setter(field: str) -> Callable[[argparse.Namespace], int]:
 
 def cmd_rebind(args: argparse.Namespace) -> int:
     from ..admin import rebind_device
-    from ..certverify import ClientCertVerifier
-    from ..tls import RevocationList, load_crl
+    from ..edge.certverify import ClientCertVerifier
+    from ..edge.tls import RevocationList, load_crl
 
     config = load_config(args.config)
     crl = load_crl(config.tls.crl) if config.tls.crl else RevocationList()

@@ -18,8 +18,8 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK
 from ..config import load_config
+from ..credentials.mfa import MFA, MFAUnavailable
 from ..credentials.totp import qr_terminal
-from ..mfa import MFA, MFAUnavailable
 from ..store import Store, store_from_url
 from ..store.base import SESSION_HISTORY, UserRecord
 from .common import (
@@ -270,7 +270,7 @@ def mfa_rotate_key(args: argparse.Namespace) -> int:
     new = SecretBox.from_b64(new_path.read_text().strip())
 
     async def work(store: Store, config: Any) -> int:
-        from ..mfa import load_box
+        from ..credentials.mfa import load_box
 
         old = load_box(config.mfa)
         if old is None:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from ztgateway.inline import in_task
+from ztgateway.edge.inline import in_task
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ import aiohttp
 from ztgateway.clock import SYSTEM_CLOCK
 from ztgateway.credentials.jwt import IssuerConfig, TokenError, TokenVerifier
 from ztgateway.decision import Reason
-from ztgateway.inline import in_task
+from ztgateway.edge.inline import in_task
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..clock import Clock
 from ..config import RouteConfig
-from ..http1 import Request
+from ..edge.http1 import Request
 from .http import client_head, fault, relay, small_answer
 from .upstream import IDEMPOTENT, UpstreamConnection, UpstreamFailure, UpstreamPool
 

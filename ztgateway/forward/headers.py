@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..headerfamilies import protected_header
+from ..request.headerfamilies import protected_header
 from ..responses import SERVER
 
 if TYPE_CHECKING:

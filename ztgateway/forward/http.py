@@ -19,10 +19,10 @@ from yarl import URL
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import RouteConfig, UpstreamConfig
 from ..decision import Reason
-from ..http1 import BodyTimeout, BodyTooLarge, ClientGone, Request
-from ..paths import encode_path
+from ..edge.http1 import BodyTimeout, BodyTooLarge, ClientGone, Request
+from ..edge.tls import upstream_context
+from ..request.paths import encode_path
 from ..responses import DECISION_HEADER
-from ..tls import upstream_context
 from .headers import downstream_raw_headers
 from .upstream import (
     IDEMPOTENT,

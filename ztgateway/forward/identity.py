@@ -7,10 +7,10 @@ upstream sees exactly what one behind the data plane sees.
 
 from __future__ import annotations
 
-from ..assertion import AssertionSigner
 from ..context import RequestContext
 from ..decision import Decision
 from ..responses import DECISION_HEADER
+from .assertion import AssertionSigner
 from .headers import list_header_value
 
 

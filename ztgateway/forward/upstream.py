@@ -24,7 +24,7 @@ import httptools
 
 from ..config import UpstreamConfig
 from ..decision import Reason
-from ..inline import in_task
+from ..edge.inline import in_task
 
 KEEPALIVE_SECONDS = 30.0
 HIGH_WATER = 1024 * 1024

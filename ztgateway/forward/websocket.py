@@ -46,7 +46,7 @@ from wsproto.utilities import LocalProtocolError
 
 from ..config import UpstreamConfig
 from ..decision import Decision, Reason
-from ..http1 import Request
+from ..edge.http1 import Request
 from ..responses import DECISION_HEADER, SERVER
 from .upstream import UpstreamFailure, encode_head
 

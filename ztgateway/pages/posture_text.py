@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..posture import CheckResult
+from ..risk.posture import CheckResult
 
 
 @dataclass(frozen=True, slots=True)

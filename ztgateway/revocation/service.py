@@ -35,11 +35,11 @@ from cryptography import x509
 
 from ..clock import Clock
 from ..decision import Finding, Reason, Verdict
-from ..inline import in_task
+from ..edge.inline import in_task
+from ..edge.tls import CertInfo, issued_by
+from ..edge.tlsmaterial import TLSManager
 from ..metrics import Metrics
 from ..store.base import Store, StoreUnavailable
-from ..tls import CertInfo, issued_by
-from ..tlsmaterial import TLSManager
 from .config import OCSPFailure, RevocationConfig
 from .crl import CRLSet, distribution_points
 from .ocsp import (

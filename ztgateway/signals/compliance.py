@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Final
 
-from ..posture import CheckResult, PostureEvaluation
+from ..risk.posture import CheckResult, PostureEvaluation
 from ..store.base import PostureRecord
 
 PREFIX: Final = "ssf:"

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 from ..config import TRUST_LEVELS
 from ..context import DeviceView, RequestContext
 from ..decision import Finding, Reason, Verdict
-from ..posture import PostureEvaluation, evaluate
+from ..risk.posture import PostureEvaluation, evaluate
 from ..signals.compliance import apply_verdict, record_key
 from ..store.base import REBIND_NEXT, Device, PostureRecord
 
 if TYPE_CHECKING:
+    from ..edge.tls import CertInfo
     from ..runtime import Runtime
-    from ..tls import CertInfo
 
 NAME = "device"
 

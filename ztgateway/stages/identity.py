@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from ..context import Identity, RequestContext
 from ..credentials.jwt import TokenError, VerifiedToken, check_binding
 from ..decision import Finding, Reason, Verdict
-from ..fetchmeta import ambient_refusal
+from ..request.fetchmeta import ambient_refusal
 from ..sessions import cookie_session_id, read_cookie
 
 if TYPE_CHECKING:
     from ..config import ClaimMapping, RouteConfig
     from ..credentials.oidc import OIDCProviderConfig
+    from ..edge.tls import CertInfo
     from ..runtime import Runtime
-    from ..tls import CertInfo
 
 NAME = "identity"
 

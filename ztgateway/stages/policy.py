@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
-from ..paths import route_key
+from ..request.paths import route_key
 
 if TYPE_CHECKING:
     from ..config import Network, TimeWindow

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
-from ..fetchmeta import cross_site_refusal, websocket_origin_refusal
 from ..forward.headers import unprotected_identity_names
-from ..paths import route_path_refusal
+from ..request.fetchmeta import cross_site_refusal, websocket_origin_refusal
+from ..request.paths import route_path_refusal
 
 if TYPE_CHECKING:
     from ..runtime import Runtime

@@ -2,7 +2,7 @@
 
 It only adds findings — one informational finding per contributing signal, with its share of
 the score — and turns the score into a verdict with the route's thresholds: allow up to A,
-step-up up to B, deny above. The scoring itself is `ztgateway/risk.py` (pure, no I/O); this
+step-up up to B, deny above. The scoring itself is `ztgateway/risk/scoring.py` (pure, no I/O); this
 stage gathers its inputs from the context and the store's memory.
 """
 
@@ -17,8 +17,8 @@ from zoneinfo import ZoneInfo
 from ..config import _time_window_parse
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
-from ..geo import GeoLocator
-from ..risk import (
+from ..risk.geo import GeoLocator
+from ..risk.scoring import (
     RiskInputs,
     WorkingHours,
     Zone,

@@ -519,7 +519,7 @@ class Store(Protocol):
     async def put_pending_login(
         self, state: str, source: str, data: str, expires: float, per_source: int
     ) -> None:
-        """Keep a sign-in attempt (or a WebAuthn challenge: webauthn.py) until `expires`; at
+        """Keep a sign-in attempt (or a WebAuthn challenge: credentials/webauthn.py) until `expires`; at
         most `per_source` per source, the source's oldest dropped first."""
         ...
 

@@ -62,7 +62,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..inline import in_task
+from ..edge.inline import in_task
 from .base import (
     HISTORY_BACKLOG,
     MAX_FAILURES,

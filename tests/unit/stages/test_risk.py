@@ -15,8 +15,8 @@ import pytest
 from tests import factories
 from ztgateway.context import DeviceView, RequestContext
 from ztgateway.decision import Finding, Reason, Verdict
-from ztgateway.geo import GeoLocator
-from ztgateway.posture import evaluate
+from ztgateway.risk.geo import GeoLocator
+from ztgateway.risk.posture import evaluate
 from ztgateway.runtime import Runtime
 from ztgateway.stages.risk import RiskStage, build_zones
 from ztgateway.store.sqlite import SQLiteStore

@@ -46,7 +46,7 @@ from typing import Any, Protocol, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .decision import Reason
+from ..decision import Reason
 from .tls import CertInfo
 
 log = logging.getLogger("ztgateway.http1")

@@ -20,7 +20,7 @@ import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .clock import SYSTEM_CLOCK, Clock
+from ..clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("ztgateway")
 

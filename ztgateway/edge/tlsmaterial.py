@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
+from ..config import TLSConfig
 from .certverify import ClientCertVerifier
-from .config import TLSConfig
 from .tls import RevocationList, load_crl, server_context
 
 log = logging.getLogger("ztgateway.tls")

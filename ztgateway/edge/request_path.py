@@ -17,23 +17,21 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import endpoints, mfa_endpoints, portal, webauthn_endpoints
-from .audit import AuditUnavailable
-from .audit.events import upstream_event
-from .context import RequestContext
-from .decision import Decision, Reason, new_decision_id
-from .decisions import DecisionPath
-from .forward.exchange import start_exchange
-from .forward.headers import identity_header_names, upstream_request_headers
-from .forward.http import forward_http, request_head, upstream_target
-from .forward.identity import identity_headers
-from .forward.upstream import UpstreamFailure
-from .forward.websocket import Watch, bridge_websocket
-from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
-from .inline import in_task
-from .logs import decision_id_var
-from .pages.render import STATIC_PREFIX, static_asset, static_headers
-from .responses import (
+from .. import endpoints, mfa_endpoints, portal, webauthn_endpoints
+from ..audit import AuditUnavailable
+from ..audit.events import upstream_event
+from ..context import RequestContext
+from ..decision import Decision, Reason, new_decision_id
+from ..decisions import DecisionPath
+from ..forward.exchange import start_exchange
+from ..forward.headers import identity_header_names, upstream_request_headers
+from ..forward.http import forward_http, request_head, upstream_target
+from ..forward.identity import identity_headers
+from ..forward.upstream import UpstreamFailure
+from ..forward.websocket import Watch, bridge_websocket
+from ..logs import decision_id_var
+from ..pages.render import STATIC_PREFIX, static_asset, static_headers
+from ..responses import (
     SERVER,
     Parts,
     add_security_headers,
@@ -42,13 +40,15 @@ from .responses import (
     render,
     with_security_headers,
 )
-from .signals import endpoints as signal_endpoints
-from .store.base import StoreUnavailable
+from ..signals import endpoints as signal_endpoints
+from ..store.base import StoreUnavailable
+from .http1 import BodyTimeout, BodyTooLarge, ClientGone, Connection, Refusal, Request
+from .inline import in_task
 from .tls import upstream_context
 
 if TYPE_CHECKING:
-    from .app import Gateway
-    from .config import RouteConfig
+    from ..app import Gateway
+    from ..config import RouteConfig
 
 log = logging.getLogger("ztgateway.request")
 INTERNAL_PREFIX = "/.ztgw/"

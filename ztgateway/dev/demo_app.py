@@ -468,7 +468,7 @@ async def _serve(host: str, port: int, ssl_context: ssl.SSLContext | None) -> No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ztgateway.demo_app",
+        prog="python -m ztgateway.dev.demo_app",
         description="Serve the insecure demo legacy app that the gateway protects.",
     )
     parser.add_argument(

@@ -57,9 +57,9 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from .config import WebAuthnConfig
-from .decision import Reason
-from .store.base import Store, WebAuthnCredential
+from ..config import WebAuthnConfig
+from ..decision import Reason
+from ..store.base import Store, WebAuthnCredential
 
 MAX_CREDENTIAL_JSON = 16 * 1024
 """An answer from `navigator.credentials.create()/get()` is a few KiB (attestation none)."""

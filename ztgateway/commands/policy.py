@@ -22,22 +22,22 @@ from typing import Any, cast
 import jwt
 from cryptography import x509
 
-from .clock import SYSTEM_CLOCK, Clock
-from .config import GatewayConfig, load_config
-from .configreader import ConfigError, Table
-from .context import RequestContext
-from .credentials.jwt import TokenVerifier
-from .decision import Decision, Verdict
-from .decisions import DecisionPath
-from .metrics import Metrics
-from .pipeline import Pipeline, default_stages
-from .posture import PostureError, digest, validate_report
-from .routes import RouteTable
-from .runtime import Runtime
-from .sessions import token_session_id
-from .store import store_from_url
-from .store.base import PostureRecord, Session, Store
-from .tls import CertInfo, RevocationList, load_crl, parse_client_cert
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import GatewayConfig, load_config
+from ..configreader import ConfigError, Table
+from ..context import RequestContext
+from ..credentials.jwt import TokenVerifier
+from ..decision import Decision, Verdict
+from ..decisions import DecisionPath, explain_json
+from ..edge.tls import CertInfo, RevocationList, load_crl, parse_client_cert
+from ..metrics import Metrics
+from ..pipeline import Pipeline, default_stages
+from ..risk.posture import PostureError, digest, validate_report
+from ..routes import RouteTable
+from ..runtime import Runtime
+from ..sessions import token_session_id
+from ..store import store_from_url
+from ..store.base import PostureRecord, Session, Store
 
 
 @dataclass
@@ -206,17 +206,6 @@ def load_cert(path: str) -> CertInfo:
     return load_cert_pem(Path(path).read_bytes())
 
 
-def explain_json(ctx: RequestContext, decision: Decision) -> dict[str, Any]:
-    out = decision.to_json()
-    out["route"] = ctx.route.name if ctx.route else None
-    out["mode"] = ctx.route.mode if ctx.route else None
-    out["path"] = ctx.path
-    out["identity"] = ctx.identity.to_json() if ctx.identity else None
-    out["device"] = ctx.cert.device_id if ctx.cert else None
-    out["status"] = decision.status
-    return out
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     headers = dict(h.split(":", 1) for h in args.header) if args.header else {}
@@ -267,7 +256,7 @@ def _case_request(case: Table, base: Path, key: Path | None) -> Request:
     if claims_t.data:
         if key is None:
             case.fail("token_claims", "needs issuer_key at the top of the file")
-        from .credentials.devtoken import issue_token
+        from ..dev.tokens import issue_token
 
         data = dict(claims_t.data)
         claims_t._read.update(data)
@@ -384,7 +373,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from .commands.common import add_config, add_json
+    from .common import add_config, add_json
 
     p = sub.add_parser("policy", help="explain and test policy")
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")

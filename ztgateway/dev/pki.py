@@ -7,7 +7,12 @@ certificate a scenario needs (expired, not yet valid, wrong EKU, another CA) wit
 `make run`, the CLI and an operator share.
 
 This is for development and tests only: the CA key sits unencrypted next to the certificates and
-the PKCS#12 password is a published constant.
+the PKCS#12 password is a published constant. No gateway module uses any of it (the gateway reads
+certificates, keys and CRLs an operator's CA made: `edge/tls.py`, `revocation/`).
+
+It stays one module of about 930 lines because the two layers share every certificate profile
+(key usages, EKUs, SANs, validity with clock skew) and the on-disk layer is a thin loop over the
+in-memory one; a split would put the profile in one file and half of its callers in another.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from cryptography.x509.oid import (
 )
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from .clock import SYSTEM_CLOCK, Clock
+from ..clock import SYSTEM_CLOCK, Clock
 
 KeyType: TypeAlias = Literal["ec", "rsa"]
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey

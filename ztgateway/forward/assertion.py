@@ -20,8 +20,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .clock import SYSTEM_CLOCK, Clock
-from .keys import create_private_file
+from ..clock import SYSTEM_CLOCK, Clock
+from ..keys import create_private_file
 
 
 def _b64(n: int) -> str:

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import TLSConfig, UpstreamConfig
+from ..config import TLSConfig, UpstreamConfig
 from .tlsalert import AlertingContext
 
 log = logging.getLogger("ztgateway.tls")

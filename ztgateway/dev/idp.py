@@ -10,16 +10,21 @@ logout. Users, password hashes (scrypt) and clients come from one TOML file.
 It is not hardened for real users: everything lives in memory, there is no consent screen, no
 account lockout and no key rotation. It refuses to listen on anything but loopback unless told
 `--i-know-this-is-insecure`, and every page and its start-up log say DEVELOPMENT ONLY.
+
+The users file and its password hashes are `idp_users.py`, the provider shapes (Keycloak, Entra,
+Okta, Google) `idp_shapes.py`, the command line `commands/dev_idp.py`. The provider itself stays
+one module: its endpoints share the in-memory state (pending authorizations, codes, sessions,
+access tokens) and the rules that tie one flow together (a code is bound to the client, redirect
+URI and PKCE verifier it was issued for; a session's logout reaches every client it signed in
+to), and splitting it per endpoint would spread each of those rules over several files.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
 import contextlib
-import getpass
 import hashlib
 import hmac
 import html
@@ -28,13 +33,10 @@ import json
 import logging
 import re
 import secrets
-import signal
 import socket
-import sys
-import tomllib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeVar
@@ -45,17 +47,21 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ztgateway.clock import SYSTEM_CLOCK
-from ztgateway.configreader import ConfigError, Table
-from ztgateway.credentials.devtoken import jwk_thumbprint, load_signing_key, public_jwks
-from ztgateway.devidp_shapes import GENERIC, SHAPES, Shape
-from ztgateway.devssf import (
-    DevSSFConfig,
+from ztgateway.dev.idp_shapes import GENERIC, Shape
+from ztgateway.dev.idp_users import (
+    DevClient,
+    DevIdPConfig,
+    DevUser,
+    b64url,
+    hash_password,
+    load_devidp_file,
+    verify_password,
+)
+from ztgateway.dev.ssf import (
     DevTransmitter,
-    OutgoingTLS,
-    load_outgoing,
-    load_ssf,
     sid_for,
 )
+from ztgateway.dev.tokens import jwk_thumbprint, load_signing_key, public_jwks
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +80,10 @@ MAX_ENTRIES: Final = 10_000
 MAX_LOGIN_FAILURES: Final = 5
 ALGORITHM: Final = "ES256"
 
-# scrypt (RFC 7914) as a PHC-style string: $scrypt$ln=<log2 N>,r=<r>,p=<p>$<salt>$<hash>.
-SCRYPT_LOG_N: Final = 15
-SCRYPT_R: Final = 8
-SCRYPT_P: Final = 1
-SCRYPT_MAXMEM: Final = 1 << 27
-_HASH_RE: Final = re.compile(
-    r"\$scrypt\$ln=(?P<ln>\d{1,2}),r=(?P<r>\d{1,2}),p=(?P<p>\d{1,2})"
-    r"\$(?P<salt>[A-Za-z0-9_-]{16,})\$(?P<hash>[A-Za-z0-9_-]{43,})"
-)
 # RFC 7636 §4.1 / §4.2: the verifier's alphabet and length; an S256 challenge is 43 characters.
 _VERIFIER_RE: Final = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 _CHALLENGE_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
-_USERNAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
 
 _STYLE: Final = (
     "body{font-family:system-ui,sans-serif;max-width:30rem;margin:1.5rem auto;padding:0 1rem;"
@@ -121,179 +118,16 @@ _NO_STORE: Final[Mapping[str, str]] = MappingProxyType(
 T = TypeVar("T")
 
 
-# -- passwords -------------------------------------------------------------------------------
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def hash_password(password: str, *, log_n: int = SCRYPT_LOG_N) -> str:
-    """A salted scrypt hash (RFC 7914) in the PHC string format the users file stores."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=salt,
-        n=1 << log_n,
-        r=SCRYPT_R,
-        p=SCRYPT_P,
-        maxmem=SCRYPT_MAXMEM,
-        dklen=32,
-    )
-    return f"$scrypt$ln={log_n},r={SCRYPT_R},p={SCRYPT_P}${_b64url(salt)}${_b64url(digest)}"
-
-
-def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
-    match = _HASH_RE.fullmatch(encoded)
-    if match is None:
-        raise ValueError("not a $scrypt$ln=..,r=..,p=..$salt$hash string")
-    ln, r, p = int(match["ln"]), int(match["r"]), int(match["p"])
-    # Bounds keep a typo in the file from asking for gigabytes of memory per login.
-    if not (10 <= ln <= 20 and 1 <= r <= 16 and 1 <= p <= 4):
-        raise ValueError("scrypt parameters out of range (ln 10-20, r 1-16, p 1-4)")
-    try:
-        return ln, r, p, _b64url_decode(match["salt"]), _b64url_decode(match["hash"])
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("salt or hash is not base64url") from exc
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """Constant-time comparison of a password against a stored scrypt hash. Blocking (~0.1 s)."""
-    ln, r, p, salt, expected = _parse_hash(encoded)
-    digest = hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=salt,
-        n=1 << ln,
-        r=r,
-        p=p,
-        maxmem=SCRYPT_MAXMEM,
-        dklen=len(expected),
-    )
-    return hmac.compare_digest(digest, expected)
-
-
-# -- the users file --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DevUser:
-    username: str
-    password_hash: str = field(repr=False)
-    email: str | None
-    name: str
-    groups: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class DevClient:
-    client_id: str
-    client_secret: str = field(repr=False)
-    redirect_uris: tuple[str, ...]
-    post_logout_redirect_uris: tuple[str, ...]
-    backchannel_logout_uri: str | None = None
-    """Back-Channel Logout 1.0 §2.2: where logout tokens go when a session ends here."""
-
-
-@dataclass(frozen=True, slots=True)
-class DevIdPConfig:
-    users: Mapping[str, DevUser]
-    clients: Mapping[str, DevClient]  # by client_id
-    ssf: DevSSFConfig | None = None
-    outgoing: OutgoingTLS = field(default_factory=OutgoingTLS)
-
-
-def _check_redirect_uri(table: Table, key: str, uri: str) -> None:
-    parts = urlsplit(uri)
-    # RFC 6749 §3.1.2: an absolute URI without fragment; it is compared exactly, never by prefix.
-    if parts.scheme not in ("http", "https") or not parts.hostname or "#" in uri:
-        table.fail(key, f"must be an absolute http(s) URI without fragment, not {uri!r}")
-
-
-def load_devidp_file(path: Path) -> DevIdPConfig:
-    """Read and validate the users-and-clients file; a mistake is a ConfigError naming the key."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(path, "", exc.strerror or str(exc)) from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, "", f"not valid TOML: {exc}") from exc
-    root = Table(data, path)
-    users: dict[str, DevUser] = {}
-    for username, t in root.named_tables("users").items():
-        if _USERNAME_RE.fullmatch(username) is None:
-            t.fail("", "user names are lower-case letters, digits, '.', '_' or '-'")
-        password_hash: str = t.text("password_hash", required=True)
-        try:
-            _parse_hash(password_hash)
-        except ValueError as exc:
-            t.fail("password_hash", str(exc))
-        groups = t.str_list("groups")
-        if not all(groups):
-            t.fail("groups", "must not contain empty names")
-        users[username] = DevUser(
-            username=username,
-            password_hash=password_hash,
-            email=t.text("email"),
-            name=t.text("name", username),
-            groups=groups,
-        )
-        t.done()
-    clients: dict[str, DevClient] = {}
-    for section, t in root.named_tables("clients").items():
-        client_id: str = t.text("client_id", section)
-        secret: str = t.text("client_secret", required=True)
-        if not client_id or not secret:
-            t.fail("client_secret", "client_id and client_secret must not be empty")
-        if client_id in clients:
-            t.fail("client_id", f"duplicate client_id {client_id!r}")
-        redirect_uris = t.str_list("redirect_uris")
-        if not redirect_uris:
-            t.fail("redirect_uris", "at least one redirect URI is required")
-        for i, uri in enumerate(redirect_uris):
-            _check_redirect_uri(t, f"redirect_uris[{i}]", uri)
-        logout_uris = t.str_list("post_logout_redirect_uris")
-        for i, uri in enumerate(logout_uris):
-            _check_redirect_uri(t, f"post_logout_redirect_uris[{i}]", uri)
-        backchannel = t.text("backchannel_logout_uri")
-        if backchannel is not None:
-            _check_redirect_uri(t, "backchannel_logout_uri", backchannel)
-        clients[client_id] = DevClient(
-            client_id=client_id,
-            client_secret=secret,
-            redirect_uris=redirect_uris,
-            post_logout_redirect_uris=logout_uris,
-            backchannel_logout_uri=backchannel,
-        )
-        t.done()
-    ssf = load_ssf(root)
-    outgoing = load_outgoing(root)
-    root.done()
-    if not users:
-        raise ConfigError(path, "users", "at least one user is required")
-    if not clients:
-        raise ConfigError(path, "clients", "at least one client is required")
-    return DevIdPConfig(
-        users=MappingProxyType(users),
-        clients=MappingProxyType(clients),
-        ssf=ssf,
-        outgoing=outgoing,
-    )
-
-
 def _rsa_jwks(public_key: rsa.RSAPublicKey) -> tuple[str, dict[str, Any]]:
     """(kid, JWK Set) for an RS256 key; the kid is its RFC 7638 thumbprint."""
     numbers = public_key.public_numbers()
 
     def b64(n: int) -> str:
-        return _b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+        return b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
 
     required = {"e": b64(numbers.e), "kty": "RSA", "n": b64(numbers.n)}
     canonical = json.dumps(required, sort_keys=True, separators=(",", ":")).encode()
-    kid = _b64url(hashlib.sha256(canonical).digest())
+    kid = b64url(hashlib.sha256(canonical).digest())
     return kid, {"keys": [{**required, "kid": kid, "use": "sig", "alg": "RS256"}]}
 
 
@@ -617,7 +451,7 @@ class DevIdP:
 
     def _csrf_token(self, binder: str, request_id: str) -> str:
         message = b"\x00".join((b"devidp-login", binder.encode(), request_id.encode()))
-        return _b64url(hmac.new(self._secret, message, hashlib.sha256).digest())
+        return b64url(hmac.new(self._secret, message, hashlib.sha256).digest())
 
     def _login_form(
         self,
@@ -840,7 +674,7 @@ class DevIdP:
         # RFC 7636 §4.6: BASE64URL(SHA256(code_verifier)) must equal the stored challenge.
         if _VERIFIER_RE.fullmatch(verifier) is None:
             return _token_error("invalid_grant", "code_verifier is missing or malformed")
-        challenge = _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+        challenge = b64url(hashlib.sha256(verifier.encode("ascii")).digest())
         if not hmac.compare_digest(challenge.encode(), grant.code_challenge.encode()):
             return _token_error("invalid_grant", "code_verifier does not match")
         user = self.config.users.get(grant.username)
@@ -879,7 +713,7 @@ class DevIdP:
                 "exp": now + ID_TOKEN_TTL,
                 "auth_time": grant.auth_time,
                 # OIDC Core §3.1.3.8: left half of SHA-256 of the access token, for ES256.
-                "at_hash": _b64url(hashlib.sha256(access_token.encode()).digest()[:16]),
+                "at_hash": b64url(hashlib.sha256(access_token.encode()).digest()[:16]),
                 "sid": sid_for(grant.session_id),
             }
         )
@@ -1119,128 +953,3 @@ async def start_devidp(
         sock.close()
         raise
     return runner, bound_port, issuer
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    runner, port, issuer = await start_devidp(
-        args.host,
-        args.port,
-        Path(args.users),
-        issuer=args.issuer,
-        key_file=Path(args.key) if args.key else None,
-        allow_insecure_bind=args.i_know_this_is_insecure,
-        shape=SHAPES[args.shape],
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"dev-idp: {BANNER}", file=sys.stderr)
-    print(f"dev-idp: issuer {issuer} listening on {args.host}:{port}", file=sys.stderr)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-    if not is_loopback_host(args.host) and not args.i_know_this_is_insecure:
-        print(
-            f"error: refusing to serve the development IdP on {args.host!r}: it is not a "
-            "loopback address (add --i-know-this-is-insecure to do it anyway)",
-            file=sys.stderr,
-        )
-        return 2
-    if args.i_know_this_is_insecure and not is_loopback_host(args.host):
-        logger.warning("dev-idp: listening on non-loopback %s: %s", args.host, BANNER)
-    try:
-        asyncio.run(_serve(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _cmd_hash_password(args: argparse.Namespace) -> int:
-    """Print a hash for the users file; the password comes from a prompt or one stdin line."""
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            print("error: the passwords differ", file=sys.stderr)
-            return 2
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        print("error: empty password", file=sys.stderr)
-        return 2
-    print(hash_password(password))
-    return 0
-
-
-def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=DEFAULT_HOST, help="listen address (loopback only)")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)",
-    )
-    parser.add_argument("--users", default=DEFAULT_USERS_FILE, help="users and clients file")
-    parser.add_argument(
-        "--issuer", help="issuer URL (default http://HOST:PORT); must be how clients reach us"
-    )
-    parser.add_argument("--key", help="EC P-256 PKCS#8 PEM signing key (default: a new one)")
-    parser.add_argument(
-        "--shape",
-        choices=sorted(SHAPES),
-        default="generic",
-        help="look like this provider: its paths, claims, groups and logout (docs/oidc.md)",
-    )
-    parser.add_argument(
-        "--i-know-this-is-insecure",
-        action="store_true",
-        help="allow a non-loopback listen address",
-    )
-    parser.set_defaults(func=_cmd_serve)
-    sub = parser.add_subparsers(dest="devidp_command", metavar="SUBCOMMAND")
-    hp = sub.add_parser(
-        "hash-password", help="print a scrypt hash for the users file (reads the password)"
-    )
-    hp.set_defaults(func=_cmd_hash_password)
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `ztgateway dev-idp [options]` (serve) and `ztgateway dev-idp hash-password`."""
-    parser = subparsers.add_parser(
-        "dev-idp",
-        help="run the DEVELOPMENT-ONLY OpenID Provider",
-        description=f"{BANNER}. Serves OpenID Connect for the browser sign-in demo.",
-    )
-    _configure(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ztgateway.devidp [options] | hash-password`."""
-    parser = argparse.ArgumentParser(prog="python -m ztgateway.devidp", description=BANNER)
-    _configure(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .store.base import Store
+from ..store.base import Store
 
 KEY_PREFIX = "cred:"
 _MEMORY = 65_536

@@ -36,7 +36,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .clock import SYSTEM_CLOCK
+from ..clock import SYSTEM_CLOCK
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
@@ -164,7 +164,7 @@ def moved_gateway_config(text: str, config: dict[str, Any], ports: Ports) -> str
     issuer = config.get("oidc", {}).get("issuer")
     if issuer:
         values[("oidc", "issuer")] = _with_port(issuer, ports.idp)
-    # The dev IdP as a Shared Signals transmitter (devssf.py): its issuer and keys move with it.
+    # The dev IdP as a Shared Signals transmitter (dev/ssf.py): its issuer and keys move with it.
     for name, transmitter in config.get("signals", {}).items():
         for key in ("issuer", "jwks_url", "poll_url"):
             url = transmitter.get(key)
@@ -337,7 +337,7 @@ def hints(ports: Ports, public_url: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ztgateway.devrun", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ztgateway.dev.run", description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", default="config/gateway.toml", help="gateway configuration")
     p.add_argument("--idp-users", default="config/dev-idp-users.toml", help="dev IdP users file")
     for name, what in (
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         procs["demo app"] = _start(
-            [py, "-m", "ztgateway.demo_app", "--host", "127.0.0.1", "--port", str(ports.app)]
+            [py, "-m", "ztgateway.dev.demo_app", "--host", "127.0.0.1", "--port", str(ports.app)]
         )
         procs["dev IdP"] = _start(
             [py, "-m", "ztgateway", "dev-idp", "--host", "127.0.0.1", "--port", str(ports.idp),

@@ -34,11 +34,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..clock import SYSTEM_CLOCK
+from ..config import GatewayConfig
+from ..ops import RELAY_PEER_HEADER
 from . import sdnotify
-from .clock import SYSTEM_CLOCK
-from .config import GatewayConfig
 from .lifeline import claim_port
-from .ops import RELAY_PEER_HEADER
 
 log = logging.getLogger("ztgateway.workers")
 RESTART_BACKOFF = 1.0

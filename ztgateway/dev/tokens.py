@@ -1,7 +1,7 @@
 """A development token issuer, so the demo and the tests exercise the same verifier as production.
 
 Tokens are ES256-signed with a local P-256 key; the `kid` is the key's RFC 7638 thumbprint, the
-same one `ztgateway.pki` writes into `issuer.jwks.json`, so a JWKS built from the key verifies
+same one `ztgateway.dev.pki` writes into `issuer.jwks.json`, so a JWKS built from the key verifies
 them without any shared registry of key ids. Not for production: whoever holds the key file can
 mint any identity.
 """

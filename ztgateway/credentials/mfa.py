@@ -29,9 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .clock import SYSTEM_CLOCK, Clock
-from .config import MFAConfig
-from .credentials.totp import (
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import MFAConfig
+from ..store.base import Store, UserRecord
+from .totp import (
     Enrollment,
     SecretBox,
     TOTPError,
@@ -44,7 +45,6 @@ from .credentials.totp import (
     normalise_backup_code,
     otpauth_uri,
 )
-from .store.base import Store, UserRecord
 
 EXPENSIVE_CONCURRENCY = 2
 """Backup-code checks (scrypt) running at once, gateway-wide: the rest wait."""
@@ -84,7 +84,7 @@ def load_box(cfg: MFAConfig, *, create: bool = False) -> SecretBox | None:
     if not path.exists():
         if not create:
             return None
-        from .keys import create_private_file
+        from ..keys import create_private_file
 
         # Linked into place whole: a worker starting at the same moment never reads half a key.
         create_private_file(path, (SecretBox.generate_key_b64() + "\n").encode("ascii"))

@@ -31,8 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from .decision import Reason
-from .headerfamilies import CertFormat
+from ..decision import Reason
+from ..request.headerfamilies import CertFormat
 from .tls import CertInfo, RevocationList, issued_by, parse_client_cert
 
 MAX_HEADER_CERT = 64 * 1024
