@@ -37,6 +37,7 @@ from ztgateway.dev.tokens import public_jwks
 from ztgateway.edge.tls import CertInfo, RevocationList
 from ztgateway.metrics import Metrics
 from ztgateway.pipeline import Pipeline, default_stages
+from ztgateway.risk.posture import BOOL_CHECKS
 from ztgateway.routes import RouteTable
 from ztgateway.runtime import Runtime
 from ztgateway.sessions import cookie_session_id
@@ -156,11 +157,7 @@ def posture(**report: Any) -> PostureRecord:
         "platform": "linux",
         "os_version": "6.8",
         "last_patch": datetime.fromtimestamp(NOW - 2 * 86400, UTC).date().isoformat(),
-        "disk_encrypted": True,
-        "firewall": True,
-        "antivirus": True,
-        "screen_lock": True,
-        "mdm_enrolled": True,
+        **dict.fromkeys(BOOL_CHECKS, True),
         "jailbroken": False,
         "collected_at": NOW - 60,
     }
