@@ -4,6 +4,11 @@
 log, metrics) and the current `Runtime` snapshot. A request reads `self.runtime` once; a reload
 builds a complete new snapshot and swaps the reference. What happens to a request is in
 `edge/request_path.py`; how it is decided and recorded, in `decisions.py`.
+
+Why one module of about seven hundred and fifty lines: start-up, reload and shut-down are one
+ordering of the same services (each started after what it needs, stopped before it, and swapped
+whole on a reload), and that order is read best in one place. The request path, the decision
+path, the listeners and the endpoints are their own modules.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from .audit.checkpoint import CheckpointSigner
 from .audit.keys import key_id, load_checkpoint_signing, load_mask_key, placement_warnings
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig, load_config
+from .config.reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .context import RequestContext
 from .credentials.jwt import TokenError, TokenVerifier
 from .credentials.mfa import MFA
@@ -50,7 +56,6 @@ from .pipeline import Pipeline, default_stages
 from .process import sdnotify
 from .process.lifeline import watch_lifeline
 from .process.resources import Heap, ensure_fd_limit
-from .reloading import RESTART_REQUIRED, listener_changes, restart_required
 from .revocation.service import RevocationService, cert_key
 from .risk.geo import GeoLocator
 from .routes import RouteTable

@@ -245,7 +245,7 @@ class RequestContext:
             client_ip, host, spoofed, websocket = memo[3:]
         else:
             client_ip = peer_ip
-            peer_trusted = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)
+            peer_trusted = bool(trusted_proxies) and is_trusted_proxy(peer_ip, trusted_proxies)
             if peer_trusted:
                 client_ip = client_ip_from_forwarded(peer_ip, headers, trusted_proxies)
             host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
@@ -330,17 +330,21 @@ def client_ip_from_forwarded(
     peer_ip: str,
     headers: CIMultiDictProxy[str],
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+    *,
+    header: str = "X-Forwarded-For",
 ) -> str:
     """Walk X-Forwarded-For from the right, skipping trusted proxies (Hypercorn's proxy_fix).
 
     The first address that is not a trusted proxy is the client; anything further left was
-    written by the client itself and is not believed.
+    written by the client itself and is not believed, and neither is anything left of a hop
+    that is not an address (the hop right of it, a trusted proxy, is the client then). The one
+    rule for the data plane and forward-auth alike: a chain names the same client on both.
     """
 
-    if not _is_trusted(peer_ip, trusted):
+    if not is_trusted_proxy(peer_ip, trusted):
         return peer_ip
     hops: list[str] = []
-    for value in headers.getall("X-Forwarded-For", ()):
+    for value in headers.getall(header, ()):
         hops.extend(h.strip() for h in value.split(",") if h.strip())
     client = peer_ip
     for hop in reversed(hops):
@@ -349,12 +353,12 @@ def client_ip_from_forwarded(
         except ValueError:
             break
         client = hop
-        if not _is_trusted(hop, trusted):
+        if not is_trusted_proxy(hop, trusted):
             break
     return client
 
 
-def _is_trusted(
+def is_trusted_proxy(
     ip: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 ) -> bool:
     try:

@@ -2,7 +2,9 @@
 
 Reasons are a closed StrEnum so that Prometheus labels stay bounded and every reason can be
 listed, documented and tested. Each reason carries its HTTP status and a sentence a person can
-read; `responses.render()` is the only place that turns them into HTTP.
+read; `responses` turns them into HTTP (`render()` for a pipeline decision on the data plane,
+`problem()` / `problem_parts()` for every other refusal). The risk stage's signals are reasons
+too (`risk.scoring.SIGNALS`): one vocabulary for findings, audit and metrics labels.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ class Reason(enum.StrEnum):
 
     # allow / informational
     POLICY_ALLOWED = "policy-allowed"
-    POLICY_MONITOR = "policy-monitor"
     # connection and certificate
     CLIENT_CERT_REQUIRED = "client-cert-required"
     CLIENT_CERT_REVOKED = "client-cert-revoked"
@@ -89,7 +90,6 @@ class Reason(enum.StrEnum):
     PATH_DENIED = "path-denied"
     NETWORK_ZONE_DENIED = "network-zone-denied"
     TIME_WINDOW_DENIED = "time-window-denied"
-    TRUST_LEVEL_INSUFFICIENT = "trust-level-insufficient"
     # device / risk / session (later stages)
     DEVICE_UNKNOWN = "device-unknown"
     DEVICE_PENDING = "device-pending"
@@ -158,7 +158,6 @@ class Reason(enum.StrEnum):
 
 _STATUS: dict[Reason, int] = {
     Reason.POLICY_ALLOWED: 200,
-    Reason.POLICY_MONITOR: 200,
     # No HTTP challenge can ask for a client certificate (it is a TLS matter), so these
     # are 403, not 401 (RFC 9110 §15.5.2 requires a WWW-Authenticate with every 401).
     Reason.CLIENT_CERT_REQUIRED: 403,
@@ -368,9 +367,6 @@ class Decision:
     @property
     def status(self) -> int:
         return 200 if self.allowed else self.reason.status
-
-    def reasons(self) -> list[str]:
-        return [f.reason.value for f in self.findings if f.verdict is not None]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -13,12 +13,12 @@ from urllib.parse import parse_qs, quote
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .decision import Reason, Verdict
 from .edge.http1 import Request
 from .forms import JSON_TYPE, local_redirect, media_type, read_checked_body
-from .forward.headers import SERVER_BANNER
 from .pages.posture_text import check_text
 from .pages.when import moment, zone
 from .portal import template_page

@@ -20,13 +20,17 @@ request facts come from headers the proxy sets, so:
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .context import RequestContext, spoofed_headers
+from .context import (
+    RequestContext,
+    client_ip_from_forwarded,
+    is_trusted_proxy,
+    spoofed_headers,
+)
 from .decision import Decision, Reason
 from .edge.certverify import CertRefused
 from .ops import RELAY_PEER_HEADER
@@ -35,14 +39,6 @@ from .responses import problem
 
 if TYPE_CHECKING:
     from .app import Gateway
-
-
-def _is_trusted(peer: str, gw: Gateway) -> bool:
-    try:
-        addr = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(addr in net for net in gw.config.forward_auth.trusted_proxies)
 
 
 def _answer(ctx: RequestContext, decision: Decision, gw: Gateway) -> web.StreamResponse:
@@ -69,7 +65,7 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
     h = request.headers
     if not fa.enabled:
         raise web.HTTPNotFound()
-    if not _is_trusted(peer, gw):
+    if not is_trusted_proxy(peer, fa.trusted_proxies):
         ctx = RequestContext.synthetic(method="GET", path="/", client_ip=peer, clock=gw.clock)
         refused = gw.decisions.refuse(
             ctx, Reason.REQUEST_INVALID, "forward-auth caller not trusted", "request"
@@ -83,13 +79,12 @@ async def forward_auth(request: web.Request, gw: Gateway) -> web.StreamResponse:
     if fa.cert_header:
         consumed.add(fa.cert_header.lower())
     passed = CIMultiDict((k, v) for k, v in h.items() if k.lower() not in consumed)
-    xff = h.get(edge.client) or peer
     ctx = RequestContext.synthetic(
         method=h.get(edge.method) or "GET",
         path=h.get(edge.uri) or "/",
         host=h.get(edge.host, "").split(":")[0],
         headers=dict(passed),
-        client_ip=xff.split(",")[-1].strip(),
+        client_ip=client_ip_from_forwarded(peer, h, fa.trusted_proxies, header=edge.client),
         clock=gw.clock,
     )
     ctx.peer_ip = peer

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .config import RouteSession
 from .context import Identity, LockView, RequestContext
@@ -44,7 +45,6 @@ from .forms import (
     read_checked_body,
     read_checked_form,
 )
-from .forward.headers import SERVER_BANNER
 from .pages.render import trusted
 from .pages.when import until, zone
 from .portal import login_redirect_to, template_page

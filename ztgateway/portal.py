@@ -13,13 +13,13 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .context import Identity, RequestContext
 from .credentials.oidc import OIDCClient, OIDCError
 from .decision import Reason, Verdict
 from .edge.http1 import Request
 from .forms import csrf_binding, local_redirect, public_origin, read_checked_form
-from .forward.headers import SERVER_BANNER
 from .pages.posture_text import check_text
 from .pages.render import page_headers, render, trusted
 from .pages.session_end import ended_text

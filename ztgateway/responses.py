@@ -1,4 +1,12 @@
-"""The one place that turns a refusal into HTTP (Pomerium's handleResult).
+"""How a refusal becomes HTTP (Pomerium's handleResult).
+
+`render()` maps a pipeline decision on the data plane to a redirect (sign-in, the device page,
+the step-up page) or a problem; `problem_parts()` / `problem()` write the problem for any reason,
+wherever it was decided (the parser, forward-auth, the gateway's own pages). Two answers keep
+their own body on purpose: the Shared Signals receiver's (RFC 8935 §2.3 fixes its members; it
+adds the same `type`, `reason` and `decision_id`) and the ops listener's (the admin API's
+challenge names its own realm; errors that are no decision, a malformed /decide body or the
+audit log down, are RFC 9457 `about:blank`).
 
 JSON clients get `application/problem+json` (RFC 9457) with the reason code and decision id;
 browsers (Accept: text/html) get a small page with the same facts. 401s carry a
@@ -17,6 +25,7 @@ from urllib.parse import quote
 from aiohttp import web
 from markupsafe import escape
 
+from . import SERVER_BANNER
 from .decision import Decision, Reason, Verdict
 from .pages.advice import advice_for
 from .pages.branding import DEFAULT_LOOK, PortalConfig
@@ -33,8 +42,6 @@ if TYPE_CHECKING:
 
 PROBLEM_BASE = "https://ztgateway.dev/problems/"
 DECISION_HEADER = "X-ZT-Decision-Id"
-SERVER = "ztgateway"
-"""The one Server banner the gateway sends (no version: nothing to fingerprint)."""
 SIGN_IN_AGAIN = frozenset(
     {
         Reason.IDENTITY_UNAUTHENTICATED,
@@ -74,8 +81,11 @@ def hsts_value(max_age: int, include_subdomains: bool) -> str | None:
 
 
 def add_security_headers(resp: web.StreamResponse, hsts: str | None) -> None:
-    """Add the headers above (and HSTS, on the TLS listener) where the response has none."""
+    """Add the headers above (and HSTS, on the TLS listener) where the response has none, and
+    the gateway's banner in place of aiohttp's (which names Python's and aiohttp's versions)."""
     headers = resp.headers
+    if "Server" not in headers:
+        headers["Server"] = SERVER_BANNER
     for name, value in _OWN_HEADERS:
         if name not in headers:
             headers[name] = value
@@ -89,15 +99,31 @@ def with_security_headers(
     """The same for a response the data plane writes as parts."""
     present = {n.lower() for n, _ in headers}
     out = list(headers)
+    if "server" not in present:
+        out.append(("Server", SERVER_BANNER))
     out.extend((n, v) for n, v in _OWN_HEADERS if n.lower() not in present)
     if hsts and "strict-transport-security" not in present:
         out.append(("Strict-Transport-Security", hsts))
     return out
 
 
-def www_authenticate(reason: Reason, verdict: Verdict) -> str | None:
+def www_authenticate(
+    reason: Reason,
+    verdict: Verdict,
+    *,
+    step_up_how: str | None = None,
+    mfa_max_age: float | None = None,
+) -> str | None:
+    """The one challenge builder (RFC 6750 §3; RFC 9470 §3 for a step-up, which says how to
+    step up when the route is known, and `max_age` when the route bounds the factor's age)."""
     if verdict is Verdict.STEP_UP or reason in (Reason.MFA_REQUIRED, Reason.RISK_STEP_UP):
-        return f'Bearer {_REALM}, error="insufficient_user_authentication", error_description="{reason.value}"'
+        why = f"{reason.value}: complete {step_up_how}" if step_up_how else reason.value
+        challenge = (
+            f'Bearer {_REALM}, error="insufficient_user_authentication", error_description="{why}"'
+        )
+        if mfa_max_age:
+            challenge += f", max_age={int(mfa_max_age)}"
+        return challenge
     if reason is Reason.SCOPE_INSUFFICIENT:
         return f'Bearer {_REALM}, error="insufficient_scope", error_description="{reason.value}"'
     if reason.status != 401:
@@ -127,13 +153,16 @@ def problem_parts(
     lock_ends: str | None = None,
     continue_to: str | None = None,
     continue_label: str | None = None,
+    step_up_how: str | None = None,
+    mfa_max_age: float | None = None,
 ) -> Parts:
     """The refusal body and headers: problem+json (RFC 9457), or a page for a browser.
 
-    `look`: the branding of the page; `lock_ends`: when a lock ends, in the person's terms."""
+    `look`: the branding of the page; `lock_ends`: when a lock ends, in the person's terms;
+    `step_up_how`, `mfa_max_age`: for the step-up challenge (`www_authenticate`)."""
     code = status or reason.status
-    headers = {DECISION_HEADER: decision_id, "Cache-Control": "no-store", "Server": SERVER}
-    challenge = www_authenticate(reason, verdict)
+    headers = {DECISION_HEADER: decision_id, "Cache-Control": "no-store", "Server": SERVER_BANNER}
+    challenge = www_authenticate(reason, verdict, step_up_how=step_up_how, mfa_max_age=mfa_max_age)
     if challenge:
         headers["WWW-Authenticate"] = challenge
     if wants_html(accept):
@@ -192,7 +221,7 @@ def see_other_parts(location: str, decision_id: str, *cookies: str) -> Parts:
     headers = [
         ("Location", location),
         (DECISION_HEADER, decision_id),
-        ("Server", SERVER),
+        ("Server", SERVER_BANNER),
         ("Cache-Control", "no-store"),
     ]
     headers.extend(("Set-Cookie", c) for c in cookies)
@@ -242,17 +271,10 @@ def render(
     extra: dict[str, str] = {}
     if ctx.retry_after:
         extra["Retry-After"] = str(max(1, math.ceil(ctx.retry_after)))
+    how = None
     if verdict is Verdict.STEP_UP:
-        # RFC 9470 §3: the step-up challenge, with max_age when the route bounds MFA age.
         webauthn_only = route is not None and route.session.step_up_factors == ("webauthn",)
         how = "a security key at /.ztgw/mfa" if webauthn_only else "TOTP at /.ztgw/mfa/verify"
-        challenge = (
-            'Bearer realm="ztgateway", error="insufficient_user_authentication", '
-            f'error_description="{reason.value}: complete {how}"'
-        )
-        if ctx.mfa_max_age:
-            challenge += f", max_age={int(ctx.mfa_max_age)}"
-        extra["WWW-Authenticate"] = challenge
     if stale and (ctx.fetch.navigation or not ctx.browser):
         # Not from a browser's subresource (the favicon, an image, a fetch): that would clear
         # the cookie before the person's next navigation is told why the session ended
@@ -285,6 +307,8 @@ def render(
         lock_ends=lock_ends_text(ctx) if reason is Reason.ACCOUNT_LOCKED else None,
         continue_to=continue_to,
         continue_label=continue_label,
+        step_up_how=how,
+        mfa_max_age=ctx.mfa_max_age if how else None,
     )
 
 

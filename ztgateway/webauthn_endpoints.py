@@ -24,13 +24,13 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from . import SERVER_BANNER
 from .audit import AuditUnavailable
 from .context import RequestContext
 from .credentials.webauthn import MAX_CREDENTIAL_JSON, WebAuthnRefused
 from .decision import Reason, Verdict
 from .edge.http1 import Request
 from .forms import JSON_TYPE, csrf_binding, local_redirect, read_checked_body
-from .forward.headers import SERVER_BANNER
 from .mfa_endpoints import (
     Who,
     _json,

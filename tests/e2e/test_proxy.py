@@ -616,8 +616,10 @@ async def test_authorization_is_not_forwarded_unless_the_route_says_so(
         request_bytes(
             "/echo", "Content-Length: 1", "Content-Length: 2", method="POST"
         ),  # by the parser
+        request_bytes("/.ztgw/whoami"),  # a page of the gateway's own
+        request_bytes("/.ztgw/static/portal.css"),  # its static assets
     ],
-    ids=["forwarded", "forwarded-error", "refused", "malformed"],
+    ids=["forwarded", "forwarded-error", "refused", "malformed", "page", "static"],
 )
 async def test_response_server_banner_is_the_gateways_without_versions(
     proxy: ProxyFactory, certs: Certs, request_bytes: bytes
@@ -626,6 +628,18 @@ async def test_response_server_banner_is_the_gateways_without_versions(
     r = await exchange(certs, gw, request_bytes)
     assert r.headers.getall("Server") == ["ztgateway"]
     assert "X-Powered-By" not in r.headers
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/forward-auth", "/no-such-page"])
+async def test_ops_listener_answers_carry_the_gateways_banner(
+    proxy: ProxyFactory, path: str
+) -> None:
+    gw = await proxy({"forward_auth": {"enabled": True, "trusted_proxies": ["127.0.0.1/32"]}})
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{gw.ops_port}{path}") as r,
+    ):
+        assert r.headers.getall("Server") == ["ztgateway"], r.status
 
 
 @pytest.fixture
@@ -1097,6 +1111,39 @@ async def test_trusted_proxy_chain_is_walked_from_the_right(
     async with session(certs) as s, s.get(url(gw, "/echo"), headers={"X-Forwarded-For": xff}) as r:
         seen = await r.json()
     assert seen["headers_map"]["x-forwarded-for"] == "10.1.2.3"
+
+
+@pytest.mark.parametrize(
+    ("xff", "client"),
+    [
+        # The client wrote 203.0.113.66; 10.1.2.3 is what the trusted 10.9.0.1 saw.
+        ("203.0.113.66, 10.1.2.3, 10.9.0.1", "10.1.2.3"),
+        ("10.1.2.3, 10.9.0.1, 10.9.0.2", "10.1.2.3"),
+        # A hop that is not an address: nothing left of it is believed, the proxy is the client.
+        ("10.1.2.3, not-an-address", "127.0.0.1"),
+        ("10.1.2.3, 10.9.0.1, not-an-address", "127.0.0.1"),
+    ],
+)
+async def test_forward_auth_and_the_data_plane_name_the_same_client_for_a_spoofed_chain(
+    proxy: ProxyFactory, certs: Certs, xff: str, client: str
+) -> None:
+    trusted = ["127.0.0.1/32", "10.9.0.0/16"]
+    gw = await proxy(
+        {
+            "server": {"trusted_proxies": trusted},
+            "forward_auth": {"enabled": True, "trusted_proxies": trusted, "edge": "nginx"},
+        }
+    )
+    async with session(certs) as s, s.get(url(gw, "/echo"), headers={"X-Forwarded-For": xff}) as r:
+        data_plane = await audit_event(gw, r.headers["X-ZT-Decision-Id"])
+    asked = {"X-Original-URI": "/echo", "X-Original-Method": "GET", "X-Forwarded-For": xff}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{gw.ops_port}/forward-auth", headers=asked) as r,
+    ):
+        decision_id = r.headers.get("X-ZT-Decision-Id") or (await r.json())["decision_id"]
+    edge = await audit_event(gw, decision_id)
+    assert data_plane["input"]["client_ip"] == edge["input"]["client_ip"] == client
 
 
 async def test_trusted_proxys_forwarding_headers_are_not_a_spoofing_attempt(

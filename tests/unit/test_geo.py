@@ -11,8 +11,9 @@ import pytest
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet  # type: ignore[import-untyped]
 
+from ztgateway.decision import Reason
 from ztgateway.risk.geo import GeoLocator
-from ztgateway.risk.scoring import RiskInputs, RiskWeights, Signal, evaluate
+from ztgateway.risk.scoring import RiskInputs, RiskWeights, evaluate
 
 PARIS = (48.8566, 2.3522)
 TOKYO = (35.6762, 139.6503)
@@ -177,7 +178,7 @@ def test_impossible_travel_between_two_located_ips(geo: GeoLocator) -> None:
         )
 
     one_hour = evaluate(inputs(3600), RiskWeights())
-    travel = one_hour.get(Signal.IMPOSSIBLE_TRAVEL)
+    travel = one_hour.get(Reason.IMPOSSIBLE_TRAVEL)
     assert travel is not None and one_hour.score == pytest.approx(0.8)
     # Two days later the same move is a plausible flight.
     assert evaluate(inputs(2 * 86400), RiskWeights()).score == 0.0
@@ -195,4 +196,4 @@ def test_unavailable_database_is_reported_as_a_signal(tmp_path: Path) -> None:
         RiskWeights(),
     )
     assert result.score == 0.0
-    assert result.get(Signal.GEO_UNAVAILABLE) is not None
+    assert result.get(Reason.GEO_UNAVAILABLE) is not None

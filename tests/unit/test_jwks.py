@@ -34,6 +34,7 @@ from tests.support import CallableClock
 from ztgateway.credentials.jwks import (
     MAX_JWKS_BYTES,
     JwksError,
+    jwk_thumbprint,
     load_key_file,
     parse_jwks,
 )
@@ -732,3 +733,21 @@ async def test_https_jwks_from_an_untrusted_ca_is_refused(
 
     assert reason is Reason.TOKEN_ISSUER_UNAVAILABLE
     assert "Certificate" in status["last_error"] or "certificate" in status["last_error"]
+
+
+def test_jwk_thumbprint_matches_the_rfc7638_example() -> None:
+    jwk = {
+        "kty": "RSA",
+        "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6t"
+        "Soc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YG"
+        "jQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-b"
+        "FTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+        "e": "AQAB",
+        "alg": "RS256",
+        "kid": "2011-04-29",
+    }
+    assert jwk_thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+    with pytest.raises(JwksError, match="lacks"):
+        jwk_thumbprint({"kty": "RSA", "n": "x"})
+    with pytest.raises(JwksError, match="key type"):
+        jwk_thumbprint({"kty": "weird"})

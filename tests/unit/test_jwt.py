@@ -35,7 +35,7 @@ from ztgateway.credentials.jwt import (
     check_binding,
 )
 from ztgateway.decision import Reason
-from ztgateway.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, issue_token, jwk_thumbprint, public_jwks
+from ztgateway.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, issue_token, key_id, public_jwks
 
 ISSUER = "https://idp.example.test"
 AUDIENCE = "gateway"
@@ -929,7 +929,7 @@ def test_dev_kid_is_the_rfc7638_thumbprint(tmp_path: Path) -> None:
 
     expected = b64url(hashlib.sha256(canonical.encode()).digest())
 
-    assert jwk_thumbprint(key.public_key()) == expected
+    assert key_id(key.public_key()) == expected
     token = issue_token(tmp_path / "issuer.key", sub="alice")
     assert pyjwt.get_unverified_header(token)["kid"] == expected
 
@@ -986,7 +986,7 @@ async def test_dev_issuer_token_verifies_against_a_jwks_built_from_its_key(
 
     assert verified.issuer == "dev"
     assert verified.subject == "alice"
-    assert verified.key_id == jwk_thumbprint(key.public_key())
+    assert verified.key_id == key_id(key.public_key())
     assert verified.claims["groups"] == ["eng", "ops"]
     assert verified.claims["scope"] == "read write"
     assert verified.claims["roles"] == ["admin"]

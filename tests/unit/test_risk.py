@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
+from ztgateway.decision import Reason
 from ztgateway.risk.scoring import (
     MIN_TRAVEL_SECONDS,
+    SIGNALS,
     BlocklistError,
     RiskInputs,
     RiskResult,
     RiskWeights,
-    Signal,
     ZoneClassifier,
     combine,
     evaluate,
@@ -58,17 +59,17 @@ def quiet(**changes: Any) -> RiskInputs:
 
 
 # Each signal alone, with the weight that must come out of it at full strength.
-ALONE: dict[Signal, tuple[dict[str, Any], float]] = {
-    Signal.ZONE_BLOCKED: ({"zone": "blocked"}, W.zone_blocked),
-    Signal.ZONE_UNKNOWN: ({"zone": "unknown"}, W.zone_unknown),
-    Signal.NEW_DEVICE: ({"new_device": True}, W.new_device),
-    Signal.DEVICE_NONCOMPLIANT: ({"device_compliant": False}, W.device_noncompliant),
-    Signal.POSTURE_STALE: ({"posture_stale": True}, W.posture_stale),
-    Signal.OFF_HOURS: ({"local_time": datetime(2026, 3, 2, 23, 0)}, W.off_hours),
-    Signal.IMPOSSIBLE_TRAVEL: ({"location": TOKYO}, W.impossible_travel),
-    Signal.FAILED_ATTEMPTS: ({"failed_attempts": 5}, W.failed_attempts),
-    Signal.SENSITIVE_ROUTE: ({"route_seen_before_by_user": False}, W.sensitive_route),
-    Signal.LARGE_REQUEST: ({"request_bytes": 50 * 1024 * 1024}, W.large_request),
+ALONE: dict[Reason, tuple[dict[str, Any], float]] = {
+    Reason.ZONE_BLOCKED: ({"zone": "blocked"}, W.zone_blocked),
+    Reason.ZONE_UNKNOWN: ({"zone": "unknown"}, W.zone_unknown),
+    Reason.NEW_DEVICE: ({"new_device": True}, W.new_device),
+    Reason.DEVICE_NONCOMPLIANT: ({"device_compliant": False}, W.device_noncompliant),
+    Reason.POSTURE_STALE: ({"posture_stale": True}, W.posture_stale),
+    Reason.OFF_HOURS: ({"local_time": datetime(2026, 3, 2, 23, 0)}, W.off_hours),
+    Reason.IMPOSSIBLE_TRAVEL: ({"location": TOKYO}, W.impossible_travel),
+    Reason.FAILED_ATTEMPTS: ({"failed_attempts": 5}, W.failed_attempts),
+    Reason.SENSITIVE_ROUTE_UNUSUAL: ({"route_seen_before_by_user": False}, W.sensitive_route),
+    Reason.LARGE_REQUEST: ({"request_bytes": 50 * 1024 * 1024}, W.large_request),
 }
 
 
@@ -78,11 +79,11 @@ def test_quiet_request_scores_zero() -> None:
 
 
 def test_every_weighted_signal_has_a_scenario() -> None:
-    assert set(ALONE) == set(Signal) - {Signal.GEO_UNAVAILABLE}
+    assert set(ALONE) == set(SIGNALS) - {Reason.GEO_UNAVAILABLE}
 
 
 @pytest.mark.parametrize("signal", list(ALONE), ids=str)
-def test_signal_alone_contributes_its_weight(signal: Signal) -> None:
+def test_signal_alone_contributes_its_weight(signal: Reason) -> None:
     changes, weight = ALONE[signal]
     result = evaluate(quiet(**changes), W)
     assert result.score == pytest.approx(weight, abs=1e-12)
@@ -113,19 +114,19 @@ def test_two_signals_combine_by_noisy_or_and_split_by_log_share() -> None:
     result = evaluate(quiet(new_device=True, local_time=datetime(2026, 3, 7, 10, 0)), W)
     # 1 - (1 - 0.3)(1 - 0.2) = 0.44, split in proportion to -ln(0.7) : -ln(0.8).
     assert result.score == pytest.approx(0.44, abs=1e-12)
-    new_device = result.get(Signal.NEW_DEVICE)
-    off_hours = result.get(Signal.OFF_HOURS)
+    new_device = result.get(Reason.NEW_DEVICE)
+    off_hours = result.get(Reason.OFF_HOURS)
     assert new_device is not None and off_hours is not None
     assert new_device.contribution == pytest.approx(0.2706657, abs=1e-7)
     assert off_hours.contribution == pytest.approx(0.1693343, abs=1e-7)
     # Largest first, so an explanation leads with what mattered most.
-    assert [c.signal for c in result.contributions] == [Signal.NEW_DEVICE, Signal.OFF_HOURS]
+    assert [c.signal for c in result.contributions] == [Reason.NEW_DEVICE, Reason.OFF_HOURS]
 
 
 def everything(**changes: Any) -> RiskInputs:
     on: dict[str, Any] = {}
     for signal, (signal_changes, _weight) in ALONE.items():
-        if signal is not Signal.ZONE_BLOCKED:
+        if signal is not Reason.ZONE_BLOCKED:
             on.update(signal_changes)
     on.update(changes)
     return quiet(**on)
@@ -133,7 +134,7 @@ def everything(**changes: Any) -> RiskInputs:
 
 def test_all_signals_together_stay_below_one_and_sum_to_the_score() -> None:
     result = evaluate(everything(), W)
-    expected = 1 - math.prod(1 - w for s, (_c, w) in ALONE.items() if s is not Signal.ZONE_BLOCKED)
+    expected = 1 - math.prod(1 - w for s, (_c, w) in ALONE.items() if s is not Reason.ZONE_BLOCKED)
     assert result.score == pytest.approx(expected, abs=1e-12)
     assert 0.99 < result.score < 1.0
     assert len(result.contributions) == len(ALONE) - 1
@@ -145,7 +146,7 @@ def test_all_signals_together_stay_below_one_and_sum_to_the_score() -> None:
 def test_certain_signal_takes_the_whole_score() -> None:
     result = evaluate(everything(zone="blocked"), W)
     assert result.score == 1.0
-    blocked = result.get(Signal.ZONE_BLOCKED)
+    blocked = result.get(Reason.ZONE_BLOCKED)
     assert blocked is not None and blocked.contribution == 1.0
     assert all(c.contribution == 0.0 for c in result.contributions if c is not blocked)
 
@@ -158,10 +159,10 @@ def test_two_certain_signals_share_the_score_equally() -> None:
 
 
 def test_combine_clamps_out_of_range_and_reads_nan_as_certain() -> None:
-    assert combine([(Signal.NEW_DEVICE, 7.0, 0.3, "")]).score == pytest.approx(0.3)
-    assert combine([(Signal.NEW_DEVICE, -1.0, 0.3, "")]).score == 0.0
-    assert combine([(Signal.NEW_DEVICE, math.nan, 0.3, "")]).score == pytest.approx(0.3)
-    assert combine([(Signal.NEW_DEVICE, 1.0, math.nan, "")]).score == 1.0
+    assert combine([(Reason.NEW_DEVICE, 7.0, 0.3, "")]).score == pytest.approx(0.3)
+    assert combine([(Reason.NEW_DEVICE, -1.0, 0.3, "")]).score == 0.0
+    assert combine([(Reason.NEW_DEVICE, math.nan, 0.3, "")]).score == pytest.approx(0.3)
+    assert combine([(Reason.NEW_DEVICE, 1.0, math.nan, "")]).score == 1.0
     assert combine(iter([])) == RiskResult(0.0)
 
 
@@ -169,13 +170,13 @@ def test_weight_zero_records_the_signal_without_counting_it() -> None:
     result = evaluate(quiet(new_device=True), RiskWeights(new_device=0.0))
     assert result.score == 0.0
     (only,) = result.contributions
-    assert (only.signal, only.weight, only.contribution) == (Signal.NEW_DEVICE, 0.0, 0.0)
+    assert (only.signal, only.weight, only.contribution) == (Reason.NEW_DEVICE, 0.0, 0.0)
 
 
 def random_inputs(rng: random.Random) -> RiskInputs:
     changes: dict[str, Any] = {}
     for signal, (signal_changes, _w) in ALONE.items():
-        if signal is not Signal.ZONE_BLOCKED and rng.random() < 0.5:
+        if signal is not Reason.ZONE_BLOCKED and rng.random() < 0.5:
             changes.update(signal_changes)
     changes["failed_attempts"] = rng.randrange(0, 8) if "failed_attempts" not in changes else 5
     return quiet(**changes)
@@ -197,11 +198,15 @@ def test_contributions_sum_to_the_score_for_any_mix() -> None:
         assert total == pytest.approx(result.score, abs=1e-12)
 
 
-def weight_name(signal: Signal) -> str:
-    return "sensitive_route" if signal is Signal.SENSITIVE_ROUTE else signal.value.replace("-", "_")
+def weight_name(signal: Reason) -> str:
+    return (
+        "sensitive_route"
+        if signal is Reason.SENSITIVE_ROUTE_UNUSUAL
+        else signal.value.replace("-", "_")
+    )
 
 
-def heavier(weights: RiskWeights, signal: Signal) -> RiskWeights:
+def heavier(weights: RiskWeights, signal: Reason) -> RiskWeights:
     """`weights` with `signal` weighted 0.1 more (and zone_blocked kept at least zone_unknown)."""
     values = dataclasses.asdict(weights)
     values[weight_name(signal)] = min(1.0, weights.weight(signal) + 0.1)
@@ -210,7 +215,7 @@ def heavier(weights: RiskWeights, signal: Signal) -> RiskWeights:
 
 
 @pytest.mark.parametrize("signal", list(ALONE), ids=str)
-def test_score_is_monotonic_in_each_signal(signal: Signal) -> None:
+def test_score_is_monotonic_in_each_signal(signal: Reason) -> None:
     rng = random.Random(str(signal))
     changes, _weight = ALONE[signal]
     for _ in range(100):
@@ -273,12 +278,12 @@ def test_office_hours(when: datetime, inside: bool) -> None:
 def test_working_hours_across_midnight(when: datetime, inside: bool) -> None:
     assert in_working_hours(when, NIGHT_SHIFT) is inside
     result = evaluate(quiet(local_time=when, working_hours=NIGHT_SHIFT), W)
-    assert (result.get(Signal.OFF_HOURS) is None) is inside
+    assert (result.get(Reason.OFF_HOURS) is None) is inside
 
 
 def test_off_hours_detail_names_the_local_time() -> None:
     result = evaluate(quiet(local_time=datetime(2026, 3, 7, 23, 5)), W)
-    off_hours = result.get(Signal.OFF_HOURS)
+    off_hours = result.get(Reason.OFF_HOURS)
     assert off_hours is not None and off_hours.detail == "Sat 23:05 is outside working hours"
 
 
@@ -303,7 +308,7 @@ def test_haversine_known_distances() -> None:
 
 def test_paris_to_tokyo_in_one_hour_is_impossible_travel() -> None:
     result = evaluate(quiet(previous_location=(*PARIS, T0 - HOUR), location=TOKYO), W)
-    travel = result.get(Signal.IMPOSSIBLE_TRAVEL)
+    travel = result.get(Reason.IMPOSSIBLE_TRAVEL)
     assert travel is not None
     assert "km/h" in travel.detail
     assert travel_speed_kmh(PARIS, TOKYO, HOUR) > 9000
@@ -311,7 +316,7 @@ def test_paris_to_tokyo_in_one_hour_is_impossible_travel() -> None:
 
 def test_paris_to_london_in_three_hours_is_not() -> None:
     result = evaluate(quiet(previous_location=(*PARIS, T0 - 3 * HOUR), location=LONDON), W)
-    assert result.get(Signal.IMPOSSIBLE_TRAVEL) is None
+    assert result.get(Reason.IMPOSSIBLE_TRAVEL) is None
     assert travel_speed_kmh(PARIS, LONDON, 3 * HOUR) == pytest.approx(114.5, rel=0.01)
 
 
@@ -324,15 +329,15 @@ def test_tiny_zero_or_negative_interval_counts_as_one_minute() -> None:
     assert travel_speed_kmh(PARIS, PARIS, 0.0) == 0.0
     # A previous request stamped after this one (clock skew) still judges the distance.
     result = evaluate(quiet(previous_location=(*PARIS, T0 + 5), location=LONDON), W)
-    assert result.get(Signal.IMPOSSIBLE_TRAVEL) is not None
+    assert result.get(Reason.IMPOSSIBLE_TRAVEL) is not None
 
 
 def test_geoip_jitter_within_the_uncertainty_is_not_travel() -> None:
     nearby = (48.8566, 2.9)  # about 40 km east of Paris, seconds later: Wi-Fi to 4G
     result = evaluate(quiet(previous_location=(*PARIS, T0 - 10), location=nearby), W)
-    assert result.get(Signal.IMPOSSIBLE_TRAVEL) is None
+    assert result.get(Reason.IMPOSSIBLE_TRAVEL) is None
     strict = quiet(previous_location=(*PARIS, T0 - 10), location=nearby, location_uncertainty_km=0)
-    assert evaluate(strict, W).get(Signal.IMPOSSIBLE_TRAVEL) is not None
+    assert evaluate(strict, W).get(Reason.IMPOSSIBLE_TRAVEL) is not None
 
 
 def test_travel_needs_both_locations() -> None:
@@ -344,8 +349,8 @@ def test_geo_unavailable_is_informational() -> None:
     result = evaluate(quiet(geo_available=False, location=None), W)
     assert result.score == 0.0
     (only,) = result.contributions
-    assert (only.signal, only.weight, only.contribution) == (Signal.GEO_UNAVAILABLE, 0.0, 0.0)
-    assert W.weight(Signal.GEO_UNAVAILABLE) == 0.0
+    assert (only.signal, only.weight, only.contribution) == (Reason.GEO_UNAVAILABLE, 0.0, 0.0)
+    assert W.weight(Reason.GEO_UNAVAILABLE) == 0.0
 
 
 def test_device_compliance_unknown_is_not_a_signal() -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ztgateway.store.base import ID_TOKEN, Session, take_id_token
-from ztgateway.store.sqlite import SQLiteStore, _session_from_json
+from ztgateway.store.codec import session_from_json
+from ztgateway.store.sqlite import SQLiteStore
 
 N = 2000
 
@@ -70,7 +71,7 @@ def old_row(i: int, *, browser: bool, now: float) -> dict[str, Any]:
 def test_old_rows_load_without_history_and_with_shared_strings() -> None:
     now = time.time()
     row = old_row(1, browser=True, now=now)
-    s = _session_from_json(json.loads(json.dumps(row)))
+    s = session_from_json(json.loads(json.dumps(row)))
     # Neither the history nor the ID token (the store reads that from the row when asked).
     assert set(s.extra) == {"source", "provider", "email", "groups", "mfa_method"}
     assert s.verified_ip == row["extra"]["verified_ip"]
@@ -78,13 +79,13 @@ def test_old_rows_load_without_history_and_with_shared_strings() -> None:
     assert s.last_ip is s.start_ip and s.verified_ip is s.start_ip
     assert s.extra["email"] is s.user
     assert s.kind is sys.intern("cookie") and s.user_agent is sys.intern(row["user_agent"])
-    again = _session_from_json(json.loads(json.dumps(row)))
+    again = session_from_json(json.loads(json.dumps(row)))
     assert again.extra["provider"] is s.extra["provider"]
     assert again.extra["groups"][0] is s.extra["groups"][0]
     assert again == s and s.compact() == again  # idempotent
     # A session whose verified address differs keeps it.
     row["extra"]["verified_ip"] = "10.9.9.9"
-    assert _session_from_json(row).verified_ip == "10.9.9.9"
+    assert session_from_json(row).verified_ip == "10.9.9.9"
 
 
 def test_a_session_given_to_a_store_keeps_its_id_token_out_of_memory() -> None:
@@ -109,7 +110,7 @@ def per_session_bytes(*, browser: bool) -> float:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for raw in rows:
-            s = _session_from_json(json.loads(raw))
+            s = session_from_json(json.loads(raw))
             store._sessions[s.session_id] = s
             store.record_failure(f"req:{s.session_id}", s.last_seen)
         return (tracemalloc.get_traced_memory()[0] - before) / N

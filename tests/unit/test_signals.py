@@ -18,7 +18,7 @@ from ztgateway.cli import main
 from ztgateway.clock import ManualClock
 from ztgateway.config import load_config
 from ztgateway.credentials.jwks import JwksCache
-from ztgateway.dev.tokens import jwk_thumbprint, public_jwks
+from ztgateway.dev.tokens import key_id, public_jwks
 from ztgateway.signals.backchannel import _check_claims
 from ztgateway.signals.events import BACKCHANNEL_LOGOUT, CAEP, classify
 from ztgateway.signals.receiver import parse_events
@@ -195,7 +195,7 @@ def test_a_malformed_subject_is_refused(doc: Any) -> None:
 def keys(tmp_path: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps(public_jwks(key.public_key(), kid=jwk_thumbprint(key.public_key()))))
+    path.write_text(json.dumps(public_jwks(key.public_key(), kid=key_id(key.public_key()))))
     return key, path
 
 
@@ -227,7 +227,7 @@ def make(key: Any, now: float, **claims: Any) -> str:
         **claims,
     }
     body = {k: v for k, v in body.items() if v is not None}
-    kid = jwk_thumbprint(key.public_key())
+    kid = key_id(key.public_key())
     return pyjwt.encode(body, key, algorithm="ES256", headers={"kid": kid, "typ": SET_TYPE})
 
 

@@ -30,6 +30,13 @@ gateway that cannot audit fails closed instead of forgetting. What survives a cr
   `synchronous=FULL`. Survives power loss on storage that honours flushes.
 - "memory": no journal; an event waits up to `flush_interval` in memory, and a process crash
   loses it. For measurements and for deployments that accept that window.
+
+Why one module of about seven hundred lines: the queue, the writer task, the journal hand-off
+and the chain's head are one durability contract, and each of its guarantees (nothing accepted
+is forgotten, the chain never forks, a fault is retried and reported) spans all four. The rest
+of the log is apart: the chain's arithmetic (chain.py), the journal's file format (journal.py),
+verification, rotation, queries, masking and the event shape (verify.py, rotate.py, query.py,
+masking.py, events.py).
 """
 
 from __future__ import annotations

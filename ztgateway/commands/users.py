@@ -92,7 +92,7 @@ def users_set(args: argparse.Namespace) -> int:
     async def work(store: Store, config: Any) -> int:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        from ..config import _time_window_parse
+        from ..config import parse_time_window
 
         u = store.user(args.user) or UserRecord(user=args.user)
         if args.timezone:
@@ -104,7 +104,7 @@ def users_set(args: argparse.Namespace) -> int:
             u = replace(u, timezone=args.timezone)
         if args.hours:
             try:
-                _time_window_parse(args.hours, ZoneInfo(u.timezone or "UTC"))
+                parse_time_window(args.hours, ZoneInfo(u.timezone or "UTC"))
             except ValueError as exc:
                 print(f"error: --hours: {exc}", file=sys.stderr)
                 return 2

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -69,6 +70,36 @@ _B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 
 class JwksError(Exception):
     """A key set could not be loaded or fetched: a fault of configuration or of the issuer."""
+
+
+# RFC 7638 §3.2: the members that identify a key, per key type (RFC 8037 §2 for OKP).
+_THUMBPRINT_MEMBERS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "EC": ("crv", "kty", "x", "y"),
+        "RSA": ("e", "kty", "n"),
+        "OKP": ("crv", "kty", "x"),
+        "oct": ("k", "kty"),
+    }
+)
+
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638: base64url(SHA-256(the required members, sorted, no whitespace)).
+
+    The one thumbprint in the code base: the dev PKI's and the dev token issuer's `kid`s are
+    this, so a JWKS built from the same key names it the same on every machine."""
+    kty = jwk.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(str(kty))
+    if members is None:
+        raise JwksError(f"cannot compute a thumbprint for key type {kty!r}")
+    missing = [m for m in members if m not in jwk]
+    if missing:
+        raise JwksError(f"JWK lacks required member(s) {', '.join(missing)}")
+    canonical = json.dumps(
+        {m: jwk[m] for m in members}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 class KeyNotFound(Exception):

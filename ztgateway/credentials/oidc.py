@@ -20,6 +20,12 @@ Pending attempts are kept by a `PendingLogins` (the gateway's is its shared stor
 started on one worker or replica may come back to another), expiring with `max_auth_age` and
 bounded per source (the device that started them): one client looping on "sign in" only ever
 evicts its own attempts, never everyone else's (issue 18, I5).
+
+Why one module of about a thousand lines: every check in `OIDCClient` guards the same callback,
+and the threat (a forged, replayed or cross-browser callback) is read best in one place;
+discovery, the attempt store and the token checks split apart would each see only part of it.
+The token verifier (jwt.py), the keys (jwks.py) and the provider list (providers.py) are their
+own modules.
 """
 
 from __future__ import annotations

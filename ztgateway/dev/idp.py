@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import html
 import ipaddress
-import json
 import logging
 import re
 import secrets
@@ -47,6 +46,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ztgateway.clock import SYSTEM_CLOCK
+from ztgateway.credentials.jwks import jwk_thumbprint
 from ztgateway.dev.idp_shapes import GENERIC, Shape
 from ztgateway.dev.idp_users import (
     DevClient,
@@ -61,7 +61,7 @@ from ztgateway.dev.ssf import (
     DevTransmitter,
     sid_for,
 )
-from ztgateway.dev.tokens import jwk_thumbprint, load_signing_key, public_jwks
+from ztgateway.dev.tokens import key_id, load_signing_key, public_jwks
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def _rsa_jwks(public_key: rsa.RSAPublicKey) -> tuple[str, dict[str, Any]]:
         return b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
 
     required = {"e": b64(numbers.e), "kty": "RSA", "n": b64(numbers.n)}
-    canonical = json.dumps(required, sort_keys=True, separators=(",", ":")).encode()
-    kid = b64url(hashlib.sha256(canonical).digest())
+    kid = jwk_thumbprint(required)
     return kid, {"keys": [{**required, "kid": kid, "use": "sig", "alg": "RS256"}]}
 
 
@@ -253,7 +252,7 @@ class DevIdP:
             self.kid, self._jwks = _rsa_jwks(self._key.public_key())
         else:
             self._key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-            self.kid = jwk_thumbprint(self._key.public_key())
+            self.kid = key_id(self._key.public_key())
             self._jwks = public_jwks(self._key.public_key(), kid=self.kid)
         self._secret = secrets.token_bytes(32)
         secure = parts.scheme == "https"

@@ -17,10 +17,8 @@ in-memory one; a split would put the profile in one file and half of its callers
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
-import hashlib
 import ipaddress
 import json
 import os
@@ -45,6 +43,7 @@ from cryptography.x509.oid import (
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from ..clock import SYSTEM_CLOCK, Clock
+from ..credentials.jwks import jwk_thumbprint
 
 KeyType: TypeAlias = Literal["ec", "rsa"]
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -68,15 +67,9 @@ DEFAULT_CLIENTS: tuple[tuple[str, str], ...] = (("alice-laptop", "alice"), ("bob
 # delimiters may appear.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RSA_BITS = 2048
+
+
 # RFC 7638 §3.2: only the required members take part in the thumbprint, in this set per kty.
-_THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
-    "EC": ("crv", "kty", "x", "y"),
-    "RSA": ("e", "kty", "n"),
-    "OKP": ("crv", "kty", "x"),
-    "oct": ("k", "kty"),
-}
-
-
 class PKIError(Exception):
     """A PKI operation the operator can fix (existing files, unknown client, unreadable key)."""
 
@@ -552,22 +545,6 @@ def _leaf_key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
 
 
 # --------------------------------------------------------------------------- JWK
-
-
-def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
-    """RFC 7638: base64url(SHA-256(required members, sorted, no whitespace))."""
-    kty = jwk.get("kty")
-    members = _THUMBPRINT_MEMBERS.get(str(kty))
-    if members is None:
-        raise PKIError(f"cannot compute a thumbprint for key type {kty!r}")
-    missing = [m for m in members if m not in jwk]
-    if missing:
-        raise PKIError(f"JWK lacks required member(s) {', '.join(missing)}")
-    canonical = json.dumps(
-        {m: jwk[m] for m in members}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
-    digest = hashlib.sha256(canonical.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def jwk_from_public_key(

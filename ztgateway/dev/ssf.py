@@ -44,7 +44,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztgateway.configreader import Table
-from ztgateway.dev.tokens import jwk_thumbprint, public_jwks
+from ztgateway.dev.tokens import key_id, public_jwks
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class DevTransmitter:
         self.outgoing = outgoing
         self._clock = clock
         self._key = ec.generate_private_key(ec.SECP256R1())
-        self.kid = jwk_thumbprint(self._key.public_key())
+        self.kid = key_id(self._key.public_key())
         self.jwks = public_jwks(self._key.public_key(), kid=self.kid)
         self.queue: OrderedDict[str, str] = OrderedDict()
         """SETs waiting for the receiver's poll, by jti (RFC 8936 §2.1: until acknowledged)."""

@@ -9,8 +9,6 @@ mint any identity.
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztgateway.clock import SYSTEM_CLOCK
+from ztgateway.credentials.jwks import jwk_thumbprint
 from ztgateway.credentials.jwt import cert_thumbprint_s256
 
 DEV_ISSUER: Final = "https://ztgateway.dev/issuer"
@@ -46,16 +45,15 @@ def public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     }
 
 
-def jwk_thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
-    """RFC 7638 §3: SHA-256 over the required members, sorted, with no whitespace."""
-    canonical = json.dumps(public_jwk(public_key), sort_keys=True, separators=(",", ":"))
-    return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """The key's `kid`: its RFC 7638 thumbprint."""
+    return jwk_thumbprint(public_jwk(public_key))
 
 
 def public_jwks(public_key: ec.EllipticCurvePublicKey, *, kid: str | None = None) -> dict[str, Any]:
     """A JWK Set publishing the key for ES256 signatures only, as the verifier expects it."""
     jwk: dict[str, Any] = dict(public_jwk(public_key))
-    jwk.update({"kid": kid or jwk_thumbprint(public_key), "use": "sig", "alg": DEV_ALGORITHM})
+    jwk.update({"kid": kid or key_id(public_key), "use": "sig", "alg": DEV_ALGORITHM})
     return {"keys": [jwk]}
 
 
@@ -112,5 +110,5 @@ def issue_token(
         }
     if extra_claims:
         claims.update(extra_claims)
-    headers = {"kid": kid or jwk_thumbprint(key.public_key()), "typ": "JWT"}
+    headers = {"kid": kid or key_id(key.public_key()), "typ": "JWT"}
     return pyjwt.encode(claims, key, algorithm=DEV_ALGORITHM, headers=headers)

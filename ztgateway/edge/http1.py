@@ -30,6 +30,13 @@ where it stopped (`_Resume`). Timers cost no allocation per request either: one 
 connection carries the current deadline (header, idle) and is re-armed lazily when it fires
 early. Refusals are not rendered here: `Handler.refuse()` turns a reason into the same
 recorded decision and problem+json (or page) as every other refusal.
+
+Why one module of about eleven hundred lines: a `Connection` is one state machine over one
+transport (reading a head, streaming a body, paused for backpressure, stepping a handler
+inline, draining to a slow reader), and its timers, buffers and inline stepping each decide what
+the others may do next; split, every part would share every field of `Connection`. What does
+not belong to that machine lives elsewhere: TLS (tls.py), the reasons (decision.py), what a
+request means (request_path.py).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import Any, Protocol, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .. import SERVER_BANNER
 from ..decision import Reason
 from .tls import CertInfo
 
@@ -59,6 +67,7 @@ QUEUED_BODY_BYTES = 64 * 1024
 """Body bytes of a request queued behind the one in progress before reading pauses."""
 MAX_PIPELINED = 16
 """Parsed requests waiting behind the one in progress before reading pauses."""
+_SERVER_FIELD = b"Server: %s\r\n" % SERVER_BANNER.encode()
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 _HOST_CHARS = frozenset(
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%"
@@ -810,7 +819,7 @@ class Connection(asyncio.Protocol):
             text.encode("utf-8", "surrogateescape"),
         ]
         if "\nserver:" not in lowered:
-            parts.append(b"Server: ztgateway\r\n")
+            parts.append(_SERVER_FIELD)
         if "\ndate:" not in lowered:
             parts.append(b"Date: " + http_date(self.clock()) + b"\r\n")
         parts.append(framing)

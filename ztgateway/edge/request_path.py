@@ -32,7 +32,6 @@ from ..forward.websocket import Watch, bridge_websocket
 from ..logs import decision_id_var
 from ..pages.render import STATIC_PREFIX, static_asset, static_headers
 from ..responses import (
-    SERVER,
     Parts,
     add_security_headers,
     hsts_value,
@@ -472,8 +471,6 @@ def send_web_response(request: Request, resp: web.StreamResponse, hsts: str | No
     body = resp.body if isinstance(resp, web.Response) else None
     data = body if isinstance(body, bytes | bytearray) else b""
     headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]
-    if not any(k.lower() == "server" for k, _ in headers):
-        headers.append(("Server", SERVER))
     for cookie in resp.cookies.values():
         headers.append(("Set-Cookie", cookie.output(header="").strip()))
     request.respond(resp.status, headers, bytes(data), reason=resp.reason or "")

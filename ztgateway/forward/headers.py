@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .. import SERVER_BANNER
 from ..request.headerfamilies import protected_header
-from ..responses import SERVER
 
 if TYPE_CHECKING:
     from ..config import IdentityHeaders
@@ -34,7 +34,6 @@ HOP_BY_HOP = frozenset(
         "http2-settings",
     }
 )
-SERVER_BANNER = SERVER
 _WEBSOCKET_HANDSHAKE = frozenset(
     {
         "sec-websocket-key",
@@ -157,7 +156,7 @@ def downstream_raw_headers(
     replaced, and Content-Length is returned apart: the protocol writes the framing itself.
     One pass over the raw fields (this runs for every proxied response).
     """
-    out: list[tuple[str, str]] = [("Server", SERVER)]
+    out: list[tuple[str, str]] = [("Server", SERVER_BANNER)]
     length: int | None = None
     connection: list[str] = []
     for name_b, value_b in raw:

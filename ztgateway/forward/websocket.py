@@ -44,10 +44,11 @@ from wsproto.events import (
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
+from .. import SERVER_BANNER
 from ..config import UpstreamConfig
 from ..decision import Decision, Reason
 from ..edge.http1 import Request
-from ..responses import DECISION_HEADER, SERVER
+from ..responses import DECISION_HEADER
 from .upstream import UpstreamFailure, encode_head
 
 log = logging.getLogger("ztgateway.websocket")
@@ -491,7 +492,7 @@ async def bridge_websocket(
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
         ("Sec-WebSocket-Accept", accept_key(request.headers["Sec-WebSocket-Key"].strip())),
-        ("Server", SERVER),
+        ("Server", SERVER_BANNER),
         (DECISION_HEADER, decision_id),
     ]
     if protocol:

@@ -34,8 +34,6 @@ ADVICE: dict[Reason, str] = {
     Reason.NETWORK_ZONE_DENIED: "This page is only available from the organisation's network. "
     "Connect from the office or the VPN.",
     Reason.TIME_WINDOW_DENIED: "This page is only available during working hours.",
-    Reason.TRUST_LEVEL_INSUFFICIENT: "This page needs a device that IT has approved and that "
-    "meets the security requirements. Open the device page to see what is missing.",
     Reason.DEVICE_UNKNOWN: "This device is not registered yet. Ask IT to register it.",
     Reason.DEVICE_PENDING: "This device waits for IT to approve it. Ask IT to approve it, "
     "quoting the reference below.",

@@ -22,11 +22,11 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from .. import SERVER_BANNER
 from .branding import DEFAULT_ACCENT, PortalConfig
 
 STATIC_PREFIX = "/.ztgw/static/"
 DECISION_HEADER = "X-ZT-Decision-Id"
-SERVER = "ztgateway"
 
 
 @functools.cache
@@ -82,7 +82,7 @@ def static_headers(media_type: str) -> list[tuple[str, str]]:
         ("X-Content-Type-Options", "nosniff"),
         # An SVG logo opened on its own must not run anything (it is only ever an <img>).
         ("Content-Security-Policy", "default-src 'none'; sandbox"),
-        ("Server", SERVER),
+        ("Server", SERVER_BANNER),
     ]
 
 
@@ -104,7 +104,7 @@ def page_headers(
     return [
         ("Content-Type", "text/html; charset=utf-8"),
         (DECISION_HEADER, decision_id),
-        ("Server", SERVER),
+        ("Server", SERVER_BANNER),
         ("Cache-Control", "no-store"),
         ("Content-Security-Policy", content_security_policy(form_targets, scripts=scripts)),
         ("X-Frame-Options", "DENY"),

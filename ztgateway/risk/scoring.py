@@ -14,7 +14,6 @@ all but one). Each signal's share of the score is kept so that a refusal can say
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import math
 from bisect import bisect_right
@@ -22,7 +21,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
+
+from ..decision import Reason
 
 Zone = Literal["trusted", "unknown", "blocked"]
 RiskVerdict = Literal["allow", "step_up", "deny"]
@@ -41,22 +42,23 @@ _EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
-class Signal(enum.StrEnum):
-    """The closed set of risk signals; the value is what audit and metrics labels carry."""
-
-    ZONE_BLOCKED = "zone-blocked"
-    ZONE_UNKNOWN = "zone-unknown"
-    NEW_DEVICE = "new-device"
-    DEVICE_NONCOMPLIANT = "device-noncompliant"
-    POSTURE_STALE = "posture-stale"
-    OFF_HOURS = "off-hours"
-    IMPOSSIBLE_TRAVEL = "impossible-travel"
-    FAILED_ATTEMPTS = "failed-attempts"
-    SENSITIVE_ROUTE = "sensitive-route-unusual"
-    LARGE_REQUEST = "large-request"
-    GEO_UNAVAILABLE = "geo-unavailable"
-    """Informational (weight 0): impossible travel could not be checked; recorded so that an
-    explanation shows the check was skipped rather than passed."""
+SIGNALS: Final = (
+    Reason.ZONE_BLOCKED,
+    Reason.ZONE_UNKNOWN,
+    Reason.NEW_DEVICE,
+    Reason.DEVICE_NONCOMPLIANT,
+    Reason.POSTURE_STALE,
+    Reason.OFF_HOURS,
+    Reason.IMPOSSIBLE_TRAVEL,
+    Reason.FAILED_ATTEMPTS,
+    Reason.SENSITIVE_ROUTE_UNUSUAL,
+    Reason.LARGE_REQUEST,
+    Reason.GEO_UNAVAILABLE,
+)
+"""The reasons that are risk signals: a contribution's `signal` is one of them, so the risk
+stage's findings, the audit and the metrics labels carry the one reason vocabulary.
+GEO_UNAVAILABLE is informational (weight 0): impossible travel could not be checked; it is
+recorded so that an explanation shows the check was skipped rather than passed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,25 +114,25 @@ class RiskWeights:
             )
         return cls(**values)
 
-    def weight(self, signal: Signal) -> float:
+    def weight(self, signal: Reason) -> float:
         """The weight of `signal` (GEO_UNAVAILABLE is always 0: it only informs)."""
-        if signal is Signal.GEO_UNAVAILABLE:
+        if signal is Reason.GEO_UNAVAILABLE:
             return 0.0
         value: float = getattr(self, _WEIGHT_FIELD[signal])
         return value
 
 
-_WEIGHT_FIELD: dict[Signal, str] = {
-    Signal.ZONE_BLOCKED: "zone_blocked",
-    Signal.ZONE_UNKNOWN: "zone_unknown",
-    Signal.NEW_DEVICE: "new_device",
-    Signal.DEVICE_NONCOMPLIANT: "device_noncompliant",
-    Signal.POSTURE_STALE: "posture_stale",
-    Signal.OFF_HOURS: "off_hours",
-    Signal.IMPOSSIBLE_TRAVEL: "impossible_travel",
-    Signal.FAILED_ATTEMPTS: "failed_attempts",
-    Signal.SENSITIVE_ROUTE: "sensitive_route",
-    Signal.LARGE_REQUEST: "large_request",
+_WEIGHT_FIELD: dict[Reason, str] = {
+    Reason.ZONE_BLOCKED: "zone_blocked",
+    Reason.ZONE_UNKNOWN: "zone_unknown",
+    Reason.NEW_DEVICE: "new_device",
+    Reason.DEVICE_NONCOMPLIANT: "device_noncompliant",
+    Reason.POSTURE_STALE: "posture_stale",
+    Reason.OFF_HOURS: "off_hours",
+    Reason.IMPOSSIBLE_TRAVEL: "impossible_travel",
+    Reason.FAILED_ATTEMPTS: "failed_attempts",
+    Reason.SENSITIVE_ROUTE_UNUSUAL: "sensitive_route",
+    Reason.LARGE_REQUEST: "large_request",
 }
 
 
@@ -184,7 +186,7 @@ class RiskInputs:
 class Contribution:
     """One signal's part in a score: `contribution` is its share, in the score's own units."""
 
-    signal: Signal
+    signal: Reason
     strength: float
     """How strongly the signal fired, 0..1 (1 for yes/no signals)."""
     weight: float
@@ -212,7 +214,7 @@ class RiskResult:
     score: float
     contributions: tuple[Contribution, ...] = ()
 
-    def get(self, signal: Signal) -> Contribution | None:
+    def get(self, signal: Reason) -> Contribution | None:
         for c in self.contributions:
             if c.signal is signal:
                 return c
@@ -268,16 +270,16 @@ def in_working_hours(local_time: datetime, hours: WorkingHours) -> bool:
 
 def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
     """Score one request. Pure: the same inputs and weights always give the same result."""
-    fired: list[tuple[Signal, float, float, str]] = []
+    fired: list[tuple[Reason, float, float, str]] = []
 
     if inputs.zone == "blocked":
         fired.append(
-            (Signal.ZONE_BLOCKED, 1.0, weights.zone_blocked, f"{inputs.client_ip} is blocked")
+            (Reason.ZONE_BLOCKED, 1.0, weights.zone_blocked, f"{inputs.client_ip} is blocked")
         )
     elif inputs.zone == "unknown":
         fired.append(
             (
-                Signal.ZONE_UNKNOWN,
+                Reason.ZONE_UNKNOWN,
                 1.0,
                 weights.zone_unknown,
                 f"{inputs.client_ip} is not in a trusted network",
@@ -285,11 +287,11 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
         )
 
     if inputs.new_device:
-        fired.append((Signal.NEW_DEVICE, 1.0, weights.new_device, "first request from this device"))
+        fired.append((Reason.NEW_DEVICE, 1.0, weights.new_device, "first request from this device"))
     if inputs.device_compliant is False:
         fired.append(
             (
-                Signal.DEVICE_NONCOMPLIANT,
+                Reason.DEVICE_NONCOMPLIANT,
                 1.0,
                 weights.device_noncompliant,
                 "device fails the posture policy",
@@ -297,7 +299,7 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
         )
     if inputs.posture_stale:
         fired.append(
-            (Signal.POSTURE_STALE, 1.0, weights.posture_stale, "last posture report is too old")
+            (Reason.POSTURE_STALE, 1.0, weights.posture_stale, "last posture report is too old")
         )
 
     if (
@@ -307,7 +309,7 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
     ):
         fired.append(
             (
-                Signal.OFF_HOURS,
+                Reason.OFF_HOURS,
                 1.0,
                 weights.off_hours,
                 f"{_WEEKDAYS[inputs.local_time.weekday()]} {inputs.local_time.hour:02d}:"
@@ -317,19 +319,19 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
 
     if not inputs.geo_available:
         fired.append(
-            (Signal.GEO_UNAVAILABLE, 1.0, 0.0, "no geolocation database: travel not checked")
+            (Reason.GEO_UNAVAILABLE, 1.0, 0.0, "no geolocation database: travel not checked")
         )
     elif inputs.location is not None and inputs.previous_location is not None:
         travel = _impossible_travel(inputs.previous_location, inputs.location, inputs)
         if travel is not None:
-            fired.append((Signal.IMPOSSIBLE_TRAVEL, 1.0, weights.impossible_travel, travel))
+            fired.append((Reason.IMPOSSIBLE_TRAVEL, 1.0, weights.impossible_travel, travel))
 
     if inputs.failed_attempts > 0:
         threshold = inputs.failed_attempts_threshold
         strength = 1.0 if threshold <= 0 else min(1.0, inputs.failed_attempts / threshold)
         fired.append(
             (
-                Signal.FAILED_ATTEMPTS,
+                Reason.FAILED_ATTEMPTS,
                 strength,
                 weights.failed_attempts,
                 f"{inputs.failed_attempts} recent failed attempts (full at {threshold})",
@@ -339,7 +341,7 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
     if inputs.sensitive_route and not inputs.route_seen_before_by_user:
         fired.append(
             (
-                Signal.SENSITIVE_ROUTE,
+                Reason.SENSITIVE_ROUTE_UNUSUAL,
                 1.0,
                 weights.sensitive_route,
                 "sensitive route not used before by this user",
@@ -353,7 +355,7 @@ def evaluate(inputs: RiskInputs, weights: RiskWeights) -> RiskResult:
     ):
         fired.append(
             (
-                Signal.LARGE_REQUEST,
+                Reason.LARGE_REQUEST,
                 1.0,
                 weights.large_request,
                 f"{inputs.request_bytes} bytes > {inputs.large_request_bytes}",
@@ -380,7 +382,7 @@ def _impossible_travel(
     )
 
 
-def combine(fired: Iterable[tuple[Signal, float, float, str]]) -> RiskResult:
+def combine(fired: Iterable[tuple[Reason, float, float, str]]) -> RiskResult:
     """Noisy-OR of (signal, strength, weight, detail), with each signal's share of the score.
 
     The share is proportional to -ln(1 - wᵢ·sᵢ). Noisy-OR is a plain sum in that space,
@@ -421,7 +423,7 @@ def combine(fired: Iterable[tuple[Signal, float, float, str]]) -> RiskResult:
         )
     ]
     if len(contributions) > 1:
-        # Stable sort: equal contributions keep the Signal declaration order.
+        # Stable sort: equal contributions keep the order in which evaluate() fired them.
         contributions.sort(key=_by_contribution, reverse=True)
     return RiskResult(score, tuple(contributions))
 

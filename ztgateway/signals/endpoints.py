@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from .. import SERVER_BANNER
 from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..decision import Reason
 from ..edge.http1 import Request
 from ..forms import Refusal, cross_site, parse_form, read_body, require_type
-from ..forward.headers import SERVER_BANNER
 from ..responses import DECISION_HEADER, PROBLEM_BASE
 from ..store.base import StoreUnavailable
 from .metrics import UNKNOWN

@@ -8,13 +8,12 @@ stage gathers its inputs from the context and the store's memory.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from ..config import _time_window_parse
+from ..config import parse_time_window
 from ..context import RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..risk.geo import GeoLocator
@@ -75,7 +74,7 @@ class RiskStage:
         if key not in self._hours_cache:
             try:
                 tz = ZoneInfo(tz_name)
-                window = _time_window_parse(spec, tz)
+                window = parse_time_window(spec, tz)
                 self._hours_cache[key] = (tz, (window.days, window.start, window.end))
             except (ValueError, KeyError):
                 self._hours_cache[key] = None
@@ -163,7 +162,7 @@ class RiskStage:
         ctx.risk_score = result.score
         ctx.risk_location = location
         out = [
-            Finding(NAME, Reason(c.signal.value), None, risk=c.contribution, detail=c.detail)
+            Finding(NAME, c.signal, None, risk=c.contribution, detail=c.detail)
             for c in result.contributions
         ]
         verdict = verdict_for(result.score, route.risk.allow_up_to, route.risk.step_up_up_to)
@@ -192,10 +191,3 @@ class RiskStage:
                 self._results.clear()
             self._results[cache_key] = (result.score, tuple(out))
         return out
-
-
-def is_public(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_global
-    except ValueError:
-        return False

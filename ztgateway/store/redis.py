@@ -39,6 +39,13 @@ trimmed to the last SESSION_HISTORY, expiring with the session), read only by
 session's hash: written by a save, never by a touch, never loaded into the cache (reloads read
 only the fields they need), read only by logout and the step-up's rotation, and gone with the
 hash.
+
+Why one module of about a thousand lines: `RedisStore` is one class because its parts keep one
+invariant together. The cache, the `ver` fields and the subscription are consistent only as a
+whole (a write, a reload and a resynchronisation each read and write all three), and mixins
+split by entity would each reach into the others' state. What stands apart does: the Lua scripts
+(redis_scripts.py), the JSON shared with the SQLite store (codec.py), the records and the merge
+rules both backends follow (base.py).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -83,7 +90,15 @@ from .base import (
     merge_reloaded_session,
     take_id_token,
 )
-from .sqlite import _session_from_json, _session_json, _user_from_json
+from .codec import (
+    posture_from_json,
+    posture_json,
+    session_from_json,
+    session_json,
+    user_from_json,
+    user_parts,
+)
+from .redis_scripts import SCRIPTS
 
 log = logging.getLogger("ztgateway.store")
 
@@ -92,246 +107,8 @@ T = TypeVar("T")
 _DEVICE_FIELDS = tuple(f.name for f in fields(Device))
 # What a reload reads of a session's hash: everything but the ID token (`id_token`).
 _SESSION_HASH_FIELDS = ("data", "revoked", "revocation", "ver")
-_HISTORY_FIELDS = ("known_devices", "known_routes", "last_location")
 _FAULTS = (RedisError, OSError, TimeoutError)
 _HEARTBEAT = "ztgw-heartbeat"
-
-# --- Lua: every durable write and its announcement happen in one atomic step ---------------
-# ARGV[1] is always the channel, ARGV[2] the message, then script-specific arguments.
-
-_CREATE_IF_ABSENT = """
-local created = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  redis.call('HSET', KEYS[1], 'ver', 1)
-  redis.call('SADD', KEYS[2], ARGV[3])
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
-  created = 1
-end
-return {created, redis.call('HGETALL', KEYS[1])}
-"""
-
-_UPDATE_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HINCRBY', KEYS[1], 'ver', 1)
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return redis.call('HGETALL', KEYS[1])
-"""
-
-_UPSERT = """
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return ver
-"""
-
-# A session hash written before the ID token was kept apart has it in `data`: moved to its field
-# (`id_token`) before `data` is replaced, by any replica, a touch included. A substring search
-# first; only a match decodes the JSON.
-_KEEP_LOGOUT_HINT = """
-local function keep_id_token(key)
-  local old = redis.call('HGET', key, 'data')
-  if old and string.find(old, '"id_token"', 1, true) then
-    local ok, d = pcall(cjson.decode, old)
-    if ok and type(d) == 'table' and type(d.extra) == 'table'
-        and type(d.extra.id_token) == 'string' and d.extra.id_token ~= '' then
-      redis.call('HSETNX', key, 'id_token', d.extra.id_token)
-    end
-  end
-end
-"""
-
-# Sessions: `data` (JSON, rewritten by touches), `revoked` ('0'/'1') and `revocation` (JSON
-# [revoked_at, reason]) kept apart, so that neither a touch nor a later save can undo or
-# overwrite a revocation, and revoking does not rewrite the activity others wrote. `id_token`
-# (a browser session's OIDC ID token, for logout) is written by saves only, and never reloaded.
-# ARGV[3] id, ARGV[4] data, ARGV[5] revocation or '', ARGV[6] expires_at, ARGV[7] key TTL ms,
-# ARGV[8] ID token or '' (none given: the stored one stays)
-_SAVE_SESSION = (
-    _KEEP_LOGOUT_HINT
-    + """
-local revoked = redis.call('HGET', KEYS[1], 'revoked') == '1'
-if revoked and ARGV[5] == '' then
-  return 0
-end
-keep_id_token(KEYS[1])
-redis.call('HSET', KEYS[1], 'data', ARGV[4])
-if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[1], 'id_token', ARGV[8])
-end
-if not revoked then
-  if ARGV[5] == '' then
-    redis.call('HSET', KEYS[1], 'revoked', '0')
-  else
-    redis.call('HSET', KEYS[1], 'revoked', '1', 'revocation', ARGV[5])
-  end
-end
-local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return ver
-"""
-)
-
-# ARGV[3] the revocation. 0: unknown or already revoked (someone else won).
-_REVOKE_SESSION = """
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'revoked') == '1' then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'revoked', '1', 'revocation', ARGV[3])
-local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return ver
-"""
-
-# --- Lua: write-behind touches (not announced; never undo a durable change) -------------------
-
-_TOUCH_SESSION = (
-    _KEEP_LOGOUT_HINT
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HGET', KEYS[1], 'revoked') ~= '1' then
-  keep_id_token(KEYS[1])
-  redis.call('HSET', KEYS[1], 'data', ARGV[1])
-  return 1
-end
-return 0
-"""
-)
-
-_TOUCH_DEVICE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'last_ip', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# ARGV[1] user, ARGV[2] history, ARGV[3] full record (only if the user has none yet)
-_TOUCH_USER = """
-redis.call('HSET', KEYS[1], 'history', ARGV[2])
-if redis.call('HSETNX', KEYS[1], 'record', ARGV[3]) == 1 then
-  redis.call('SADD', KEYS[2], ARGV[1])
-end
-return 1
-"""
-
-# --- Lua: shared counters ----------------------------------------------------------------
-
-# Token bucket. ARGV: rate, burst, now. Returns the wait in seconds as a string (Lua numbers
-# come back from Redis truncated to integers). A caller whose clock is behind the bucket's
-# stamp neither refills nor moves the stamp back.
-_BUCKET = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
-local tokens = tonumber(b[1])
-local stamp = tonumber(b[2])
-if tokens == nil or stamp == nil then
-  tokens = burst
-  stamp = now
-end
-local elapsed = now - stamp
-if elapsed < 0 then elapsed = 0 end
-tokens = math.min(burst, tokens + elapsed * rate)
-if now > stamp then stamp = now end
-local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-elseif rate > 0 then
-  wait = (1 - tokens) / rate
-else
-  wait = 3600
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
-           'stamp', string.format('%.17g', stamp))
-local ttl = 3600
-if rate > 0 then ttl = math.ceil(burst / rate) + 1 end
-redis.call('EXPIRE', KEYS[1], ttl)
-return string.format('%.17g', wait)
-"""
-
-# TOTP replay guard: store ARGV[1] only if greater than the stored value. 1 if stored.
-_ADVANCE = """
-local cur = tonumber(redis.call('GET', KEYS[1]))
-local v = tonumber(ARGV[1])
-if cur ~= nil and cur >= v then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-return 1
-"""
-
-
-# Sign-ins in flight, per source: KEYS[1] a hash state -> "<expires>\n<data>", KEYS[2] a sorted
-# set of the same states by arrival. ARGV: state, value, ttl ms, per_source, arrival.
-_PUT_LOGIN = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
-if excess > 0 then
-  local old = redis.call('ZRANGE', KEYS[2], 0, excess - 1)
-  redis.call('HDEL', KEYS[1], unpack(old))
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, excess - 1)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
-"""
-
-# Single use: read and delete in one step. ARGV[1] the state.
-_TAKE_LOGIN = """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value then return false end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return value
-"""
-
-# WebAuthn credentials: KEYS[1] the credential's hash (user, data, sign_count, last_used_at),
-# KEYS[2] the user's sorted set of credential ids by registration time.
-# ARGV: credential id, user, data, sign count, created at, the per-user maximum.
-_ADD_CREDENTIAL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return 0 end
-redis.call('HSET', KEYS[1], 'user', ARGV[2], 'data', ARGV[3], 'sign_count', ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-return 1
-"""
-
-# WebAuthn Level 2 §7.2 step 21 (`use_webauthn_credential`): the counter must grow (0 -> 0 is an
-# authenticator without one). ARGV: presented count, now.
-_USE_CREDENTIAL = """
-local cur = tonumber(redis.call('HGET', KEYS[1], 'sign_count'))
-if cur == nil then return 0 end
-local v = tonumber(ARGV[1])
-if v > cur or (cur == 0 and v == 0) then
-  redis.call('HSET', KEYS[1], 'sign_count', ARGV[1], 'last_used_at', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# ARGV: credential id, user (a credential is removed only for its own user).
-_REMOVE_CREDENTIAL = """
-if redis.call('HGET', KEYS[1], 'user') ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
-
-_SET_ONCE = """
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('GET', KEYS[1])
-"""
-
-
-def _user_parts(record: UserRecord) -> tuple[str, str]:
-    """A user as (record, history): touches rewrite only the history, never a lock."""
-    data = asdict(record)
-    history = {k: data.pop(k) for k in _HISTORY_FIELDS}
-    return json.dumps(data), json.dumps(history)
 
 
 def _pairs(mapping: dict[str, str]) -> list[str]:
@@ -469,27 +246,7 @@ class RedisStore(CachedReads):
         )
         self._redis = client
         self._closing = False
-        self._scripts = {
-            name: client.register_script(src)
-            for name, src in (
-                ("create", _CREATE_IF_ABSENT),
-                ("update", _UPDATE_IF_EXISTS),
-                ("upsert", _UPSERT),
-                ("save_session", _SAVE_SESSION),
-                ("revoke_session", _REVOKE_SESSION),
-                ("touch_session", _TOUCH_SESSION),
-                ("touch_device", _TOUCH_DEVICE),
-                ("touch_user", _TOUCH_USER),
-                ("bucket", _BUCKET),
-                ("advance", _ADVANCE),
-                ("put_login", _PUT_LOGIN),
-                ("take_login", _TAKE_LOGIN),
-                ("set_once", _SET_ONCE),
-                ("add_credential", _ADD_CREDENTIAL),
-                ("use_credential", _USE_CREDENTIAL),
-                ("remove_credential", _REMOVE_CREDENTIAL),
-            )
-        }
+        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
         try:
             pubsub = await self._connect()
         except StoreUnavailable:
@@ -713,21 +470,13 @@ class RedisStore(CachedReads):
             # A field added later (spki) is absent from hashes written before it.
             return Device(**{f: json.loads(h[f]) for f in _DEVICE_FIELDS if f in h})
         if kind is ChangeKind.POSTURE:
-            d = json.loads(h["data"])
-            return PostureRecord(
-                d["device_id"],
-                d["report"],
-                d["received_at"],
-                d["collected_at"],
-                bool(d["signed"]),
-                d["digest"],
-            )
+            return posture_from_json(json.loads(h["data"]))
         if kind is ChangeKind.USER:
             if "record" not in h:
                 return None
             data = json.loads(h["record"]) | json.loads(h.get("history") or "{}")
-            return _user_from_json(data)
-        s = _session_from_json(json.loads(h["data"]))
+            return user_from_json(data)
+        s = session_from_json(json.loads(h["data"]))
         if h.get("revoked") == "1" and "revocation" in h:
             s.revoked_at, s.revoked_reason = json.loads(h["revocation"])
         else:
@@ -864,11 +613,11 @@ class RedisStore(CachedReads):
             for s in (self._sessions.get(k) for k in sessions):
                 if s is not None:
                     await self._scripts["touch_session"](
-                        [self._key("session", s.session_id)], [_session_json(s)], client=pipe
+                        [self._key("session", s.session_id)], [session_json(s)], client=pipe
                     )
             for u in (self._users.get(k) for k in users):
                 if u is not None:
-                    record, history_fields = _user_parts(u)
+                    record, history_fields = user_parts(u)
                     await self._scripts["touch_user"](
                         [self._key("user", u.user), self._index(ChangeKind.USER)],
                         [u.user, history_fields, record],
@@ -954,7 +703,7 @@ class RedisStore(CachedReads):
                 self._message(ChangeKind.POSTURE, key),
                 key,
                 "data",
-                json.dumps(asdict(record)),
+                posture_json(record),
             ],
         )
         self._set(ChangeKind.POSTURE, key, record, int(ver))
@@ -963,7 +712,7 @@ class RedisStore(CachedReads):
     # --- users ---------------------------------------------------------------------------------
     async def save_user(self, record: UserRecord) -> None:
         key = record.user
-        data, history = _user_parts(record)
+        data, history = user_parts(record)
         ver = await self._script(
             "upsert",
             [self._key("user", key), self._index(ChangeKind.USER)],
@@ -1000,7 +749,7 @@ class RedisStore(CachedReads):
                 self._channel,
                 self._message(ChangeKind.SESSION, key),
                 key,
-                _session_json(session),
+                session_json(session),
                 json.dumps([session.revoked_at, session.revoked_reason]) if session.revoked else "",
                 repr(session.expires_at),
                 ttl_ms,

@@ -13,6 +13,12 @@ Counters (rate buckets, failure windows) live in process memory: they are per-pr
 for the embedded store; the Redis store shares them between replicas. A failure window is one
 float, or a sorted `array('d')`; it keeps only what the windows callers ask can still count, and
 a key that went quiet is dropped by an incremental sweep (see `failures`).
+
+Why one module of about a thousand lines: `SQLiteStore` is one class for the same reason as the
+Redis store. The in-memory cache, the `changes` cursor, the write-behind batches and the failure
+windows are consistent only together (a sync reloads what a batch may be about to write back);
+split by entity, each piece would reach into the others' state. The JSON both backends keep is
+codec.py's, the records and merge rules base.py's.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from array import array
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -55,6 +60,7 @@ from .base import (
     merge_reloaded_session,
     take_id_token,
 )
+from .codec import session_from_json, session_json, user_from_json, user_json
 
 log = logging.getLogger("ztgateway.store")
 
@@ -129,30 +135,12 @@ _CREDENTIAL_BY_ID = _CREDENTIALS + "WHERE credential_id = ?"
 _SWEEP_BATCH = 2000  # failure keys checked per write-behind tick, at least
 _SWEEP_SLICE = 1000  # ... between two yields to the event loop
 _SWEEP_EVERY = 1.0  # seconds between the starts of two passes over the keys, at least
-_SESSION_FIELDS = {f.name for f in fields(Session)}
 # Named, not *: a database migrated with ALTER TABLE could have its columns in another order.
 # (The Device fields, in order; tests/unit/test_store_contract.py checks they agree.)
 _SELECT_DEVICES = (
     "SELECT device_id, fingerprint, subject, owner, state, first_seen, last_seen, last_ip, spki "
     "FROM devices"
 )
-_USER_FIELDS = {f.name for f in fields(UserRecord)}
-
-
-def _user_from_json(data: dict[str, Any]) -> UserRecord:
-    data = {k: v for k, v in data.items() if k in _USER_FIELDS}
-    for key in ("backup_codes", "known_devices", "known_routes"):
-        data[key] = tuple(data.get(key) or ())
-    if data.get("last_location") is not None:
-        data["last_location"] = tuple(data["last_location"])
-    return UserRecord(**data)
-
-
-def _session_from_json(data: dict[str, Any]) -> Session:
-    """Rows of every version: an older one's `extra` history and verified IP are migrated."""
-    return Session(**{k: v for k, v in data.items() if k in _SESSION_FIELDS}).compact()
-
-
 SAVE_SESSION = (
     "INSERT INTO sessions (session_id, user, expires_at, data) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(session_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at "
@@ -165,10 +153,6 @@ SAVE_SESSION = (
 
 def _posture_from_row(row: Any) -> PostureRecord:
     return PostureRecord(row[0], json.loads(row[1]), row[2], row[3], bool(row[4]), row[5])
-
-
-def _session_json(session: Session) -> str:
-    return json.dumps(asdict(session))
 
 
 def _by_session(
@@ -309,12 +293,12 @@ class SQLiteStore(CachedReads):
                 self._posture[row[0]] = _posture_from_row(row)
         async with db.execute("SELECT data FROM users") as cur:
             async for row in cur:
-                u = _user_from_json(json.loads(row[0]))
+                u = user_from_json(json.loads(row[0]))
                 self._users[u.user] = u
         now = self._clock.time()
         async with db.execute("SELECT data FROM sessions WHERE expires_at > ?", (now,)) as cur:
             async for row in cur:
-                s = _session_from_json(json.loads(row[0]))
+                s = session_from_json(json.loads(row[0]))
                 self._sessions[s.session_id] = s
 
     async def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
@@ -409,13 +393,13 @@ class SQLiteStore(CachedReads):
             if row is None:
                 self._users.pop(key, None)
             else:
-                self._users[key] = _user_from_json(json.loads(row[0]))
+                self._users[key] = user_from_json(json.loads(row[0]))
         elif kind is ChangeKind.SESSION:
             row = await self._one("SELECT data FROM sessions WHERE session_id = ?", (key,))
             if row is None:
                 self._sessions.pop(key, None)
             else:
-                fresh = _session_from_json(json.loads(row[0]))
+                fresh = session_from_json(json.loads(row[0]))
                 self._sessions[key] = merge_reloaded_session(fresh, self._sessions.get(key))
 
     async def _flush_loop(self) -> None:
@@ -452,7 +436,7 @@ class SQLiteStore(CachedReads):
                         await db.execute(
                             "UPDATE sessions SET data = ? WHERE session_id = ? "
                             "AND json_extract(data, '$.revoked_at') IS NULL",
-                            (_session_json(s), s.session_id),
+                            (session_json(s), s.session_id),
                         )
                 for u in (self._users.get(k) for k in users):
                     if u is not None:
@@ -460,7 +444,7 @@ class SQLiteStore(CachedReads):
                             _TOUCH_USER,
                             (
                                 u.user,
-                                json.dumps(asdict(u)),
+                                user_json(u),
                                 json.dumps(list(u.known_devices)),
                                 json.dumps(list(u.known_routes)),
                                 json.dumps(u.last_location),
@@ -591,7 +575,7 @@ class SQLiteStore(CachedReads):
         await self._write(
             "INSERT INTO users (user, data) VALUES (?, ?) "
             "ON CONFLICT(user) DO UPDATE SET data = excluded.data",
-            (record.user, json.dumps(asdict(record))),
+            (record.user, user_json(record)),
             ChangeKind.USER,
             record.user,
         )
@@ -609,7 +593,7 @@ class SQLiteStore(CachedReads):
         self._dirty_sessions.discard(session.session_id)
         await self._write(
             SAVE_SESSION,
-            (session.session_id, session.user, session.expires_at, _session_json(session)),
+            (session.session_id, session.user, session.expires_at, session_json(session)),
             ChangeKind.SESSION,
             session.session_id,
             also=((_SAVE_LOGOUT_HINT, (session.session_id, id_token)),) if id_token else (),

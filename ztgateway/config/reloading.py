@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from .config import GatewayConfig
+from .loader import GatewayConfig
 
 LISTENER_LIMITS: Final = (
     "handshake_timeout",
