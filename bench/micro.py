@@ -110,7 +110,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     evaluator = OfflineEvaluator(config)
     await evaluator.__aenter__()
-    pipeline = evaluator.runtime.pipeline
+    pipeline = evaluator.pipeline
 
     def context(path: str, with_token: bool) -> RequestContext:
         headers = {
@@ -132,7 +132,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     # The live gateway writes the token's session back after its first request; the offline
     # evaluator is a dry run and would otherwise look the unknown session up in the backend
     # (a thread hop to SQLite) on every evaluation, which a warm gateway never does.
-    from ztgateway.stages.session import SessionKeeper
+    from ztgateway.sessions import SessionKeeper
 
     await SessionKeeper(evaluator.facts._base, config.sessions).after_decision(warm, decision)
     if not (await pipeline.evaluate(context(full.path, True))).allowed:
@@ -300,7 +300,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         all_eval = OfflineEvaluator(load_config(all_cfg))
         await all_eval.__aenter__()
         probe = context(all_scn.path, True)
-        got = await all_eval.runtime.pipeline.evaluate(probe)
+        got = await all_eval.pipeline.evaluate(probe)
         if got.allowed:
             all_note = "+ device posture, risk, session (store state from the last bench.run)"
         else:
@@ -310,7 +310,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     def all_setup(n: int) -> Awaitable[Body]:
         assert all_eval is not None
-        ev_all = all_eval.runtime.pipeline.evaluate
+        ev_all = all_eval.pipeline.evaluate
 
         async def setup(n: int) -> Body:
             ctxs = [context(all_scn.path, True) for _ in range(n)]
@@ -433,7 +433,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     print(f"decision pipeline per call: {decision_us}", file=sys.stderr)
     all_us: dict[str, Any] | None = None
     if all_eval is not None:
-        ev_all = all_eval.runtime.pipeline.evaluate
+        ev_all = all_eval.pipeline.evaluate
         ctxs = [context(all_scn.path, True) for _ in range(per_call)]
         gc.collect()
         samples = []

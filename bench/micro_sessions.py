@@ -66,8 +66,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bench.timing import Body, Setup, batch_size
-from ztgateway.stages.session import HISTORY  # decisions kept per session
-from ztgateway.store.base import ChangeKind, Session
+from ztgateway.store.base import SESSION_HISTORY, ChangeKind, Session
 from ztgateway.store.sqlite import SAVE_SESSION, SCHEMA, SQLiteStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +122,7 @@ def iter_sessions(
     n: int, *, now: float, active: bool, seed: int
 ) -> Iterator[tuple[Session, str | None]]:
     """`n` sessions as the gateway creates and updates them, with their token hashes."""
-    from ztgateway.stages.session import cookie_session_id, token_session_id
+    from ztgateway.sessions import cookie_session_id, token_session_id
 
     rng = random.Random(seed)
     for i in range(n):
@@ -157,7 +156,7 @@ def iter_sessions(
             }
         if active:
             last_seen = max(created, now - rng.uniform(0, 300))
-            requests = rng.randint(HISTORY + 1, 5000)
+            requests = rng.randint(SESSION_HISTORY + 1, 5000)
             anomaly = rng.choice((0.0, 0.0, 0.0, rng.uniform(0.01, 0.3)))
             anomaly_at = last_seen
         else:
@@ -305,7 +304,7 @@ def fresh(text: str) -> str:
 
 def lookup_setup(store: SQLiteStore, token_hashes: list[str], seed: int) -> Setup:
     """What the stage does to find a request's session: derive the id, read the cache."""
-    from ztgateway.stages.session import token_session_id
+    from ztgateway.sessions import token_session_id
 
     rng = random.Random(seed)
     assert all(store.session(token_session_id(h)) is not None for h in token_hashes[:1000])
@@ -339,7 +338,8 @@ async def stage_setup(store: SQLiteStore, token_hashes: list[str], seed: int) ->
     from ztgateway.context import Identity, RequestContext
     from ztgateway.credentials.jwt import VerifiedToken
     from ztgateway.edge.tls import CertInfo
-    from ztgateway.stages.session import SessionStage, token_session_id
+    from ztgateway.sessions import token_session_id
+    from ztgateway.stages.session import SessionStage
 
     route = RouteConfig(
         name=ROUTE,

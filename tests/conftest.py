@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Certs, deep_merge, make_pki, to_toml
+from tests.support import ADMIN_TOKEN, Certs, deep_merge, make_pki, to_toml
 from ztgateway.app import Gateway
 from ztgateway.clock import SYSTEM_CLOCK, Clock
 from ztgateway.config import load_config
@@ -27,9 +27,6 @@ async def upstream() -> AsyncIterator[int]:
     runner, port = await start_demo_app("127.0.0.1", 0)
     yield port
     await runner.cleanup()
-
-
-ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
 
 def _admin_token(tmp: Path) -> Path:

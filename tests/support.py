@@ -1,4 +1,5 @@
-"""Test support: a TOML writer, config builders and TLS clients for a real gateway."""
+"""Test support: a TOML writer, config builders, TLS clients, a hand-moved clock, and what the
+end-to-end tests ask a running gateway (`get`, `metric`, `audit_event(s)`, `admin`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,31 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from multidict import CIMultiDict
 
-from ztgateway.clock import SYSTEM_CLOCK, Clock
+from ztgateway.clock import SYSTEM_CLOCK, Clock, ManualClock
 from ztgateway.dev.pki import CertificateAuthority, init_pki
+
+if TYPE_CHECKING:
+    from ztgateway.app import Gateway
+
+
+class CallableClock(ManualClock):
+    """The tests' one hand-moved clock: a `ManualClock` (`advance`, `set`) that can also be
+    called, as the credential code takes a `() -> float` (TokenVerifier, OIDCClient, the dev
+    IdP). It starts at `at`, or at the wall time of the moment it is made."""
+
+    __slots__ = ()
+
+    def __init__(self, at: float | None = None) -> None:
+        super().__init__(SYSTEM_CLOCK.time() if at is None else at)
+
+    def __call__(self) -> float:
+        return self.time()
 
 
 def real_time_env() -> dict[str, str]:
@@ -176,3 +195,97 @@ def session(certs: Certs, name: str | None = "alice-laptop", **kw: Any) -> aioht
         ssl=client_ssl(certs, name), force_close=kw.pop("force_close", False)
     )
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, **kw)
+
+
+# --- asking a running gateway ------------------------------------------------------------------
+# One copy of what the end-to-end tests ask a gateway: a request through its mTLS port, a
+# metric from its registry, its audit events, its admin API.
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+"""The admin API's bearer token in every test configuration (conftest.base_config)."""
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    """Case-insensitive (a multidict), as received."""
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def decision_id(self) -> str:
+        return self.headers["X-ZT-Decision-Id"]
+
+
+async def get(
+    gw: Gateway,
+    certs: Certs,
+    path: str = "/echo",
+    token: str | None = None,
+    *,
+    cert: str | None = "alice-laptop",
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
+    """One GET through the gateway's mTLS port, with `cert`'s client certificate and, when
+    given, `token` as the bearer token."""
+    sent = dict(headers or {})
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    async with (
+        session(certs, cert) as s,
+        s.get(f"https://127.0.0.1:{gw.port}{path}", headers=sent) as r,
+    ):
+        return Reply(r.status, CIMultiDict(r.headers), await r.read())
+
+
+def metric(gw: Gateway, name: str, **labels: str) -> float:
+    """One sample of the gateway's registry; a labelled counter never touched counts as 0."""
+    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def metric_total(gw: Gateway, name: str) -> float:
+    """A sample summed over all its label values."""
+    return sum(
+        sample.value
+        for family in gw.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+async def audit_events(gw: Gateway) -> list[dict[str, Any]]:
+    """Every event of the gateway's JSON-lines audit log, once the writer has flushed."""
+    await gw.audit.flush()
+    path = gw.config.audit.jsonl
+    assert path is not None
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+async def audit_event(gw: Gateway, decision_id: str) -> dict[str, Any]:
+    """The audit event of one decision."""
+    for event in await audit_events(gw):
+        if event["decision_id"] == decision_id:
+            return event
+    raise AssertionError(f"no audit event for decision {decision_id}")
+
+
+async def admin(
+    gw: Gateway,
+    method: str,
+    path: str,
+    *,
+    token: Mapping[str, str] | None = ADMIN,
+    body: Any = None,
+) -> tuple[int, Any]:
+    """A call of the admin API on the ops listener: status and JSON answer."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(
+            method, f"http://127.0.0.1:{gw.ops_port}{path}", headers=token or {}, json=body
+        ) as r,
+    ):
+        return r.status, await r.json(content_type=None)

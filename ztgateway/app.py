@@ -42,7 +42,8 @@ from .decisions import DecisionPath, Recorder, audit_event, refusal
 from .edge.http1 import Limits
 from .edge.listener import Listener
 from .edge.request_path import RequestPath
-from .edge.tls import CertInfo, TLSManager
+from .edge.tls import CertInfo
+from .edge.tlsmaterial import TLSManager
 from .forward.assertion import AssertionSigner, load_or_create_key
 from .forward.http import Upstreams
 from .forward.identity import asserted_identity
@@ -60,11 +61,11 @@ from .revocation.service import RevocationService, cert_key
 from .risk.geo import GeoLocator
 from .routes import RouteTable
 from .runtime import Runtime
+from .sessions import SessionKeeper
 from .signals.backchannel import BackchannelLogout
 from .signals.compliance import PREFIX as TRANSMITTER_VERDICT
 from .signals.receiver import SignalReceiver
 from .stages.device import new_device
-from .stages.session import SessionKeeper
 from .store import store_from_url
 from .store.base import ChangeKind, StoreUnavailable
 
@@ -183,7 +184,7 @@ class Gateway:
         self.providers = SignInProviders((), OIDCClient)
         self.oidc: OIDCClient | None = None
         self.oidc_name = config.oidc.provider.name if config.oidc.provider is not None else "-"
-        self.runtime = self._build_runtime(config)
+        self.runtime, self.pipeline = self._build_snapshot(config)
         self.listener: Listener | None = None
         self.ops_runner: web.AppRunner | None = None
         self.ops_port: int | None = None
@@ -209,7 +210,7 @@ class Gateway:
         )
         self.backchannel = BackchannelLogout(self.signals, lambda: self.providers, config.oidc)
         self.request_path = RequestPath(self, self.decisions)
-        self._dry: tuple[Runtime, Runtime] | None = None
+        self._dry: tuple[Runtime, tuple[Runtime, Pipeline]] | None = None
         self.started_config = config
         """What the long-lived parts were built from (reloading.py compares with it)."""
         self.last_reload: dict[str, Any] = {}
@@ -232,7 +233,9 @@ class Gateway:
         return mask, signing
 
     # --- runtime snapshot ------------------------------------------------------------------
-    def _build_runtime(self, config: GatewayConfig) -> Runtime:
+    def _build_snapshot(self, config: GatewayConfig) -> tuple[Runtime, Pipeline]:
+        """A configuration snapshot and the stages built from it: assigned together, always
+        (`self.runtime, self.pipeline = ...`), and read together by a request."""
         rt = Runtime(
             config=config,
             routes=RouteTable(config.routes),
@@ -244,11 +247,11 @@ class Gateway:
             geo=self.geo,
             clock=self.clock,
         )
-        rt.pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
+        pipeline = Pipeline(default_stages(rt), on_stage_error=self._on_stage_error)
         self.metrics.prepare_routes(
-            [r.name for r in config.routes], [s.name for s in rt.pipeline.stages]
+            [r.name for r in config.routes], [s.name for s in pipeline.stages]
         )
-        return rt
+        return rt, pipeline
 
     def _on_store_change(self, kind: ChangeKind, key: str) -> None:
         # A device or session changed (perhaps revoked, from the CLI or another process):
@@ -274,8 +277,8 @@ class Gateway:
                 counts[s.kind] = counts.get(s.kind, 0) + 1
         return counts
 
-    def dry_runtime(self) -> Runtime:
-        """The current snapshot, judging without side effects (for /decide)."""
+    def dry_snapshot(self) -> tuple[Runtime, Pipeline]:
+        """The current snapshot and its stages, judging without side effects (for /decide)."""
         rt = self.runtime
         cached = self._dry
         if cached is not None and cached[0] is rt:
@@ -292,9 +295,9 @@ class Gateway:
             geo=rt.geo,
             clock=rt.clock,
         )
-        dry.pipeline = Pipeline(default_stages(dry))
-        self._dry = (rt, dry)
-        return dry
+        pair = (dry, Pipeline(default_stages(dry)))
+        self._dry = (rt, pair)
+        return pair
 
     def _on_stage_error(self, stage: str) -> None:
         self.metrics.stage_errors.labels(stage).inc()
@@ -348,7 +351,7 @@ class Gateway:
             )
             await self.tokens.start()
             self.metrics.watch_issuers(self.tokens.jwks_status)
-            self.runtime = self._build_runtime(cfg)
+            self.runtime, self.pipeline = self._build_snapshot(cfg)
         s = cfg.server
         self.listener = Listener(
             handler=self.request_path,
@@ -517,7 +520,7 @@ class Gateway:
                 self.tls.reconfigure(config.tls, config.server.client_cert)
             else:
                 self.tls.maybe_reload(force=True)
-            runtime = self._build_runtime(config)
+            runtime, pipeline = self._build_snapshot(config)
             # A rotated mask or checkpoint key takes effect with the new configuration.
             mask_key, checkpoint_key = self._audit_keys(config, create=False)
         except Exception as exc:
@@ -528,7 +531,7 @@ class Gateway:
             return False
         applied = listener_changes(self.config, config)
         pending = restart_required(self.started_config, config)
-        self.config, self.runtime = config, runtime
+        self.config, self.runtime, self.pipeline = config, runtime, pipeline
         self.keeper.cfg = config.sessions
         self.revocation.reconfigure(config.revocation)
         if self.listener is not None:

@@ -1,4 +1,9 @@
-"""RequestContext: everything the stages know about one request.
+"""RequestContext: everything the stages know about one request, and the views they leave on it.
+
+The context owns its types: `Identity` (identity stage), `DeviceView` (device stage),
+`SessionView` (session stage), `LockView`; a stage imports them from here, never from another
+stage, and whatever reads a decided context (rendering, the session keeper, the audit event)
+needs no stage module either.
 
 `from_request()` is the only place of the pipeline that reads aiohttp's request, so stages can
 be tested and explained (`policy explain`, `/decide`) from contexts built without a socket.
@@ -19,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .clock import SYSTEM_CLOCK, Clock
 from .decision import Finding, new_decision_id
 from .portal.branding import DEFAULT_LOOK, PortalConfig
-from .request.fetchmeta import FetchContext
+from .request.fetchmeta import FetchContext, wants_html
 from .request.fetchmeta import read as read_fetch
 from .request.headerfamilies import forwarding_header, protected_header
 from .request.paths import PathError, normalize_path
@@ -29,8 +34,8 @@ if TYPE_CHECKING:
     from .credentials.jwt import VerifiedToken
     from .edge.http1 import Request
     from .edge.tls import CertInfo
-    from .stages.device import DeviceView
-    from .stages.session import SessionView
+    from .risk.posture import PostureEvaluation
+    from .store.base import Device, Session
 
 
 def spoofed_headers(
@@ -101,6 +106,39 @@ class Identity:
         }
 
 
+@dataclass(slots=True)
+class DeviceView:
+    """What the device stage found: the registered device, its trust level and posture."""
+
+    device: Device | None
+    trust: str
+    posture: PostureEvaluation | None
+    new: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "device": self.device.to_json() if self.device else None,
+            "trust": self.trust,
+            "posture": self.posture.to_json() if self.posture else None,
+        }
+
+
+@dataclass(slots=True)
+class SessionView:
+    """What the session stage learned, for the keeper (sessions.py) to write back after the
+    decision and for the refusal page (an ended session's cookie is cleared)."""
+
+    session: Session | None
+    session_id: str | None
+    kind: str
+    anomaly: float
+    cookie_value: str | None = None
+    cookie_invalid: bool = False
+    drifted: bool = False
+    accumulated: float = 0.0
+    """The event part of the anomaly score (what is stored and decays)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LockView:
     """An account lock as the refusal page tells it: until when, in the person's time zone."""
@@ -160,8 +198,6 @@ class RequestContext:
         """A browser navigation (several stages ask; the Accept header is parsed once)."""
         cached = self._wants_html
         if cached is None:
-            from .responses import wants_html
-
             cached = self._wants_html = wants_html(self.headers.get("Accept", ""))
         return cached
 

@@ -10,7 +10,7 @@ Recording a decision is, in this order:
 2. the audit event (OPA decision-log shape); if the audit log is failing, the decision becomes
    a 503 `service-unavailable` (a decision nobody can account for is not acted on);
 3. the session and risk write-back (`SessionKeeper.after_decision`: touch, anomaly, failed
-   attempts, revocation on TERMINATE; `remember()` after an ALLOW); a store fault is a 503.
+   attempts, revocation on TERMINATE; `SessionKeeper.remember()` after an ALLOW); a store fault is a 503.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from .audit import AuditLog, AuditUnavailable, MaskKey, mask_headers, mask_query
 from .context import RequestContext
 from .decision import Decision, Finding, Reason, Verdict
 from .metrics import Metrics
-from .stages.risk import remember
-from .stages.session import SessionKeeper
+from .sessions import SessionKeeper
 from .store.base import StoreUnavailable
 
 if TYPE_CHECKING:
+    from .pipeline import Pipeline
     from .runtime import Runtime
 
 log = logging.getLogger("ztgateway.decisions")
@@ -213,13 +213,14 @@ class DecisionPath:
         self,
         ctx: RequestContext,
         rt: Runtime,
+        pipeline: Pipeline,
         *,
         dry: bool = False,
         recheck: bool = False,
     ) -> Outcome:
         rec = self.recorder
         if dry or rec is None:
-            return Outcome(await rt.pipeline.evaluate(ctx))
+            return Outcome(await pipeline.evaluate(ctx))
         store = rt.store
         if store is not None and not store.healthy:
             # SECURITY: a revocation made elsewhere may not have reached us: refuse until the
@@ -227,7 +228,7 @@ class DecisionPath:
             rec.metrics.store_errors.inc()
             return self._recorded(ctx, unavailable(ctx, "state store unavailable"))
         started = rt.clock.monotonic()
-        decision = await rt.pipeline.evaluate(ctx)
+        decision = await pipeline.evaluate(ctx)
         rec.metrics.decision_seconds.observe(rt.clock.monotonic() - started)
         rec.count(ctx, decision)
         try:
@@ -236,7 +237,7 @@ class DecisionPath:
                 rec.audit_record(ctx, decision, recheck=recheck)
             await rec.keeper.after_decision(ctx, decision)
             if decision.allowed:
-                remember(rt, ctx)
+                rec.keeper.remember(ctx)
         except AuditUnavailable:
             return Outcome(unavailable(ctx, "audit log is failing"))
         except StoreUnavailable:

@@ -13,6 +13,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from .context import RequestContext
 from .decision import Decision, Finding, Reason, Verdict
+from .stages.device import DeviceStage
+from .stages.identity import IdentityStage
+from .stages.policy import PolicyStage
+from .stages.request import RequestStage
+from .stages.risk import RiskStage, build_zones
+from .stages.session import SessionStage
 from .store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -175,13 +181,6 @@ def decide(ctx: RequestContext, findings: list[Finding]) -> Decision:
 
 def default_stages(runtime: Runtime) -> list[Stage]:
     """THE order of checks. Later capabilities add stages here, nowhere else."""
-    from .stages.device import DeviceStage
-    from .stages.identity import IdentityStage
-    from .stages.policy import PolicyStage
-    from .stages.request import RequestStage
-    from .stages.risk import RiskStage, build_zones
-    from .stages.session import SessionStage
-
     return [
         RequestStage(runtime),
         IdentityStage(runtime),

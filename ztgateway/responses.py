@@ -34,8 +34,9 @@ from .portal.render import page_headers
 from .portal.render import render as render_page
 from .portal.session_end import ended_code
 from .portal.when import until, zone
+from .request.fetchmeta import wants_html
 from .request.paths import encode_path
-from .stages.session import clear_cookie_header
+from .sessions import clear_cookie_header
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -133,15 +134,6 @@ def www_authenticate(
     if reason in _TOKEN_REASONS:
         return f'Bearer {_REALM}, error="invalid_token", error_description="{reason.value}"'
     return f"Bearer {_REALM}"
-
-
-def wants_html(accept: str) -> bool:
-    """A browser navigation, not an API client: text/html listed before any JSON type."""
-    if not accept or "text/html" not in accept:
-        return False
-    a = accept.lower()
-    json_at = min((i for i in (a.find("application/json"), a.find("+json")) if i >= 0), default=-1)
-    return json_at < 0 or a.find("text/html") < json_at
 
 
 Parts = tuple[int, list[tuple[str, str]], bytes]

@@ -1,7 +1,10 @@
 """One configuration snapshot and the services built from it.
 
-A request reads `gateway.runtime` once and uses that snapshot throughout, so a reload (SIGHUP)
-swaps configuration, routes and stages atomically without a request ever seeing half of each.
+A request reads `gateway.runtime` and `gateway.pipeline` together, once, and uses that pair
+throughout, so a reload (SIGHUP) swaps configuration, routes and stages atomically without a
+request ever seeing half of each. The stages are built from a `Runtime`; the runtime does not
+hold them (it sits below the stages, which import only downward): whoever needs both, the
+gateway, `policy explain` or the benchmarks, holds the (runtime, pipeline) pair.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from .routes import RouteTable
 from .store.base import Store
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
     from .revocation.service import RevocationService
 
 
@@ -39,7 +41,6 @@ class Runtime:
     geo: GeoLocator = field(default_factory=lambda: GeoLocator.open(None))
     """explain / policy test / /decide: judge, but never write (no device registration)."""
     clock: Clock = SYSTEM_CLOCK
-    pipeline: Pipeline = field(init=False)
     throttle: CredentialThrottle = field(init=False)
     """Failed credential verifications per client address (credentials/throttle.py)."""
 

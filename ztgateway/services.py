@@ -29,13 +29,14 @@ if TYPE_CHECKING:
     from .credentials.webauthn import WebAuthn
     from .decision import Decision, Reason, Verdict
     from .decisions import DecisionPath
-    from .edge.tls import TLSManager
+    from .edge.tlsmaterial import TLSManager
     from .metrics import Metrics
+    from .pipeline import Pipeline
     from .portal.forms import CSRFTokens
     from .runtime import Runtime
+    from .sessions import SessionKeeper
     from .signals.backchannel import BackchannelLogout
     from .signals.receiver import SignalReceiver
-    from .stages.session import SessionKeeper
     from .store.base import Store
 
 
@@ -49,10 +50,14 @@ class Services(Protocol):
 
     @property
     def runtime(self) -> Runtime:
-        """The snapshot a request is judged under: routes, throttle, the pipeline."""
+        """The configuration snapshot a request is judged under: routes, throttle, store."""
 
-    def dry_runtime(self) -> Runtime:
-        """The current snapshot judging without side effects (`/decide`)."""
+    @property
+    def pipeline(self) -> Pipeline:
+        """The stages built from `runtime` (replaced with it, as one pair, on reload)."""
+
+    def dry_snapshot(self) -> tuple[Runtime, Pipeline]:
+        """The current snapshot and its stages, judging without side effects (`/decide`)."""
 
     @property
     def clock(self) -> Clock: ...

@@ -5,30 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import tomllib
-from typing import Any
 
-import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.support import Certs, session, to_toml
+from tests.conftest import GatewayFactory
+from tests.support import ADMIN_TOKEN, Certs, admin, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.dev.tokens import issue_token
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def admin(
-    gw: Gateway, method: str, path: str, *, token: dict[str, str] | None = ADMIN, body: Any = None
-) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.request(
-            method, f"http://127.0.0.1:{gw.ops_port}{path}", headers=token or {}, json=body
-        ) as r,
-    ):
-        return r.status, await r.json(content_type=None)
 
 
 @pytest.mark.parametrize(

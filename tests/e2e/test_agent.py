@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.e2e.test_admin import admin
-from tests.support import Certs, session
+from tests.conftest import GatewayFactory
+from tests.support import ADMIN_TOKEN, Certs, admin, session
 from ztgateway.agent.linux import parse_lsblk, parse_os_release
 from ztgateway.app import Gateway
 from ztgateway.cli import main

@@ -11,10 +11,10 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.e2e.test_signals import WS_CLOSED, audited, metric
+from tests.e2e.test_signals import WS_CLOSED, audited
 from tests.e2e.test_signin import browser, sign_in, sign_out
 from tests.signals_fixtures import Signals, transmitter_session
-from tests.support import Certs, client_ssl
+from tests.support import Certs, client_ssl, metric
 from ztgateway.app import Gateway
 from ztgateway.dev.ssf import BACKCHANNEL_LOGOUT, sid_for
 

@@ -22,7 +22,7 @@ from playwright.async_api import Browser, BrowserContext, Error, Page, async_pla
 from tests.oidc_fixtures import PASSWORDS, SignInSetup
 from tests.support import Certs, client_ssl, real_time_env
 from ztgateway.credentials.totp import totp_code
-from ztgateway.stages.session import cookie_session_id
+from ztgateway.sessions import cookie_session_id
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from tests.conftest import GatewayFactory
 from tests.support import Certs, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
+from ztgateway.clock import SYSTEM_CLOCK, ManualClock
 from ztgateway.dev.tokens import issue_token
 
 REPORT: dict[str, Any] = {
@@ -105,13 +105,15 @@ async def test_posture_judged_compliant_turns_stale_on_time_despite_the_evaluati
     # The device stage reuses one evaluation per device for up to a second, but never past
     # the moment the report goes stale: judged fresh at ~1.4 s, the same device must be
     # refused at ~2.05 s, while a plain one-second cache would still say compliant.
-    gw = await gateway_factory({"routes": gateway_routes, "posture": {"max_report_age": 2.0}})
+    clock = ManualClock(SYSTEM_CLOCK.time())
+    gw = await gateway_factory(
+        {"routes": gateway_routes, "posture": {"max_report_age": 2.0}}, clock=clock
+    )
     status, answer = await post_report(gw, certs, REPORT)
-    posted = time.monotonic()
     assert status == 200 and answer["compliant"] is True
-    await asyncio.sleep(1.4)
+    clock.advance(1.4)
     assert (await get_secure(gw, certs))[0] == 200
-    await asyncio.sleep(max(0.0, posted + 2.05 - time.monotonic()))
+    clock.advance(0.65)
     status, body = await get_secure(gw, certs)
     assert (status, body["reason"]) == (403, "posture-stale")
 
@@ -215,11 +217,12 @@ async def test_pending_devices_wait_for_approval_and_cli_revocation_holds_at_onc
     assert await asyncio.to_thread(main, ["devices", "list", "-c", config]) == 0
     assert "carol-laptop" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["devices", "approve", "carol-laptop", "-c", config]) == 0
-    await asyncio.sleep(0.6)  # the gateway's store sync interval is 0.25 s
+    # What the gateway's poll of the change log would pick up (the CLI is another process).
+    assert await gw.store.sync() > 0
     async with session(certs, "carol-laptop") as s, s.get(f"https://127.0.0.1:{gw.port}/echo") as r:
         assert r.status == 200
     assert await asyncio.to_thread(main, ["devices", "revoke", "carol-laptop", "-c", config]) == 0
-    await asyncio.sleep(0.6)
+    assert await gw.store.sync() > 0
     async with session(certs, "carol-laptop") as s, s.get(f"https://127.0.0.1:{gw.port}/echo") as r:
         assert r.status == 403
         assert (await r.json())["reason"] == "device-revoked"

@@ -21,7 +21,7 @@ from tests.e2e.test_sessions import call, route
 from tests.support import Certs
 from ztgateway.app import Gateway
 from ztgateway.dev.tokens import issue_token
-from ztgateway.stages.session import token_session_id
+from ztgateway.sessions import token_session_id
 
 
 def forward_auth_config() -> dict[str, Any]:

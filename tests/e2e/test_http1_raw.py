@@ -12,13 +12,12 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from tests.conftest import GatewayFactory
 from tests.e2e.test_proxy import RawResponse, closed_by_peer, raw_tls, read_response
-from tests.support import Certs
+from tests.support import Certs, audit_event
 from ztgateway.app import Gateway
 
 H = "Host: 127.0.0.1"
@@ -180,16 +179,6 @@ CASES: dict[str, Case] = {
         req("/download?size=10", method="HEAD") + req(), (200, 200), None, False
     ),
 }
-
-
-async def audit_event(gw: Gateway, decision_id: str) -> dict[str, Any]:
-    await gw.audit.flush()
-    assert gw.config.audit.jsonl is not None
-    for line in gw.config.audit.jsonl.read_text().splitlines():
-        event: dict[str, Any] = json.loads(line)
-        if event["decision_id"] == decision_id:
-            return event
-    raise AssertionError(f"no audit event for {decision_id}")
 
 
 async def exchange_all(gw: Gateway, certs: Certs, case: Case) -> tuple[list[RawResponse], bool]:

@@ -10,8 +10,8 @@ from typing import Any
 import jwt
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.support import Certs, session
+from tests.conftest import GatewayFactory
+from tests.support import ADMIN_TOKEN, Certs, get, session
 from ztgateway.app import Gateway
 from ztgateway.dev.tokens import issue_token
 
@@ -37,29 +37,11 @@ def forged(header: dict[str, Any], claims: dict[str, Any] | None = None, sig: st
     return f"{b64(header)}.{b64(claims)}.{sig}"
 
 
-async def get(
-    gw: Gateway,
-    certs: Certs,
-    path: str,
-    token: str | None = None,
-    cert: str = "alice-laptop",
-    **kw: Any,
-) -> tuple[int, dict[str, str], Any]:
-    headers = dict(kw.pop("headers", {}))
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    async with (
-        session(certs, cert) as s,
-        s.get(f"https://127.0.0.1:{gw.port}{path}", headers=headers) as r,
-    ):
-        body = await r.json(content_type=None)
-        return r.status, dict(r.headers), body
-
-
 async def test_token_route_without_token_is_401_with_a_bearer_challenge(
     gateway: Gateway, certs: Certs
 ) -> None:
-    status, headers, body = await get(gateway, certs, "/api/echo")
+    reply = await get(gateway, certs, "/api/echo")
+    status, headers, body = reply.status, reply.headers, reply.json()
     assert status == 401
     assert headers["WWW-Authenticate"] == 'Bearer realm="ztgateway"'
     assert body["reason"] == "token-required"
@@ -69,16 +51,18 @@ async def test_token_route_without_token_is_401_with_a_bearer_challenge(
 async def test_valid_token_reaches_the_app_with_identity_and_a_verifiable_assertion(
     gateway: Gateway, certs: Certs
 ) -> None:
-    status, _, body = await get(
+    reply = await get(
         gateway, certs, "/api/echo", tok(certs, groups=["eng"], email="alice@corp.test")
     )
+    status, body = reply.status, reply.json()
     assert status == 200
     seen = body["headers_map"]
     assert seen["x-forwarded-user"] == "alice"
     assert seen["x-forwarded-email"] == "alice@corp.test"
     assert seen["x-forwarded-groups"] == "eng"
     assert "authorization" not in seen, "the client's token must not reach the app by default"
-    _, _, jwks = await get(gateway, certs, "/.ztgw/jwks.json")
+    reply = await get(gateway, certs, "/.ztgw/jwks.json")
+    jwks = reply.json()
     key = jwt.PyJWK(jwks["keys"][0])
     claims = jwt.decode(seen["x-zt-assertion"], key, algorithms=["ES256"], audience="api")
     assert claims["sub"] == "alice" and claims["device_id"] == "alice-laptop"
@@ -87,10 +71,12 @@ async def test_valid_token_reaches_the_app_with_identity_and_a_verifiable_assert
 
 
 async def test_admin_route_needs_the_admins_group(gateway: Gateway, certs: Certs) -> None:
-    status, headers, body = await get(gateway, certs, "/admin/echo", tok(certs))
+    reply = await get(gateway, certs, "/admin/echo", tok(certs))
+    status, headers, body = reply.status, reply.headers, reply.json()
     assert (status, body["reason"]) == (403, "group-required")
     assert headers["X-ZT-Decision-Id"] == body["decision_id"]
-    status, _, body = await get(gateway, certs, "/admin/echo", tok(certs, groups=["admins"]))
+    reply = await get(gateway, certs, "/admin/echo", tok(certs, groups=["admins"]))
+    status, body = reply.status, reply.json()
     assert status == 200 and body["headers_map"]["x-forwarded-groups"] == "admins"
 
 
@@ -110,7 +96,8 @@ async def test_admin_route_needs_the_admins_group(gateway: Gateway, certs: Certs
 async def test_forged_tokens_are_refused_with_their_reason(
     gateway: Gateway, certs: Certs, token: str, reason: str
 ) -> None:
-    status, headers, body = await get(gateway, certs, "/api/echo", token)
+    reply = await get(gateway, certs, "/api/echo", token)
+    status, headers, body = reply.status, reply.headers, reply.json()
     assert status == 401
     assert body["reason"] == reason
     assert 'error="invalid_token"' in headers["WWW-Authenticate"]
@@ -119,7 +106,8 @@ async def test_forged_tokens_are_refused_with_their_reason(
 
 async def test_expired_token_is_refused(gateway: Gateway, certs: Certs) -> None:
     token = tok(certs, ttl=60, now=time.time() - 3600)
-    status, _, body = await get(gateway, certs, "/api/echo", token)
+    reply = await get(gateway, certs, "/api/echo", token)
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (401, "token-expired")
 
 
@@ -140,7 +128,8 @@ async def test_oversized_tokens_are_refused_never_500(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory({"server": {"max_header_bytes": 65536}})
-    status, _, body = await get(gw, certs, "/api/echo", "a" * 20_000)
+    reply = await get(gw, certs, "/api/echo", "a" * 20_000)
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (401, "token-invalid")
     gw2 = await gateway_factory()
     async with session(certs) as s:
@@ -158,8 +147,9 @@ async def test_certificate_bound_token_must_match_the_presented_certificate(
     gw = await gateway_factory()
     alice_pem = certs.client("alice-laptop")[0]
     bound = tok(certs, bind_cert=alice_pem)
-    assert (await get(gw, certs, "/api/echo", bound))[0] == 200
-    status, _, body = await get(gw, certs, "/api/echo", bound, cert="bob-phone")
+    assert (await get(gw, certs, "/api/echo", bound)).status == 200
+    reply = await get(gw, certs, "/api/echo", bound, cert="bob-phone")
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (401, "token-binding-mismatch")
 
 
@@ -178,12 +168,11 @@ async def test_route_requiring_bound_tokens_refuses_unbound_ones(
             ]
         }
     )
-    status, _, body = await get(gw, certs, "/echo", tok(certs))
+    reply = await get(gw, certs, "/echo", tok(certs))
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (401, "token-binding-required")
-    status, _, _ = await get(
-        gw, certs, "/echo", tok(certs, bind_cert=certs.client("alice-laptop")[0])
-    )
-    assert status == 200
+    bound = tok(certs, bind_cert=certs.client("alice-laptop")[0])
+    assert (await get(gw, certs, "/echo", bound)).status == 200
 
 
 async def test_authorization_is_forwarded_only_when_the_route_says_so(
@@ -196,7 +185,8 @@ async def test_authorization_is_forwarded_only_when_the_route_says_so(
             ]
         }
     )
-    status, _, body = await get(gw, certs, "/echo", headers={"Authorization": "Basic YWxpY2U6cHc="})
+    reply = await get(gw, certs, "/echo", headers={"Authorization": "Basic YWxpY2U6cHc="})
+    status, body = reply.status, reply.json()
     assert status == 200
     assert body["headers_map"]["authorization"] == "Basic YWxpY2U6cHc="
 
@@ -217,7 +207,8 @@ async def test_monitor_mode_forwards_and_audits_would_deny(
             ]
         }
     )
-    status, headers, body = await get(gw, certs, "/echo")
+    reply = await get(gw, certs, "/echo")
+    status, headers, body = reply.status, reply.headers, reply.json()
     assert status == 200 and body["headers_map"]["x-forwarded-user"] == "alice"
     await gw.audit.flush()
     events = [
@@ -234,7 +225,8 @@ async def test_monitor_mode_forwards_and_audits_would_deny(
 
 async def test_refusals_are_audited_without_secrets(gateway: Gateway, certs: Certs) -> None:
     token = tok(certs)
-    status, headers, _ = await get(gateway, certs, "/admin/echo", token)
+    reply = await get(gateway, certs, "/admin/echo", token)
+    status, headers = reply.status, reply.headers
     assert status == 403
     await gateway.audit.flush()
     text = (gateway.config.audit.jsonl or gateway.config.audit.db).read_text()

@@ -15,7 +15,7 @@ from tests.conftest import GatewayFactory
 from tests.e2e.test_signin import HTML, browser, hidden, session_cookie, sign_in
 from tests.oidc_fixtures import SignInSetup
 from tests.redis_server import RedisServer
-from tests.support import Certs, client_ssl
+from tests.support import Certs, client_ssl, metric_total
 from ztgateway.app import Gateway
 from ztgateway.credentials.totp import totp_code
 from ztgateway.dev.tokens import issue_token
@@ -144,18 +144,10 @@ async def test_wrong_backup_codes_are_counted_and_capped_before_the_expensive_ch
     reasons = [body["reason"] for _, body in results]
     assert set(reasons) <= {"mfa-invalid", "mfa-locked", "rate-limited"}, reasons
     assert "mfa-locked" in reasons
-    checks = metric(gw, "ztgw_mfa_backup_checks_total")
+    checks = metric_total(gw, "ztgw_mfa_backup_checks_total")
     assert 1 <= checks <= 5, f"{checks} scrypt checks ran for 30 attempts"
     assert gw.mfa.expensive.peak <= 2
     assert bob_result[0] == 200, "another user is served meanwhile"
-
-
-def metric(gw: Gateway, name: str) -> float:
-    total = 0.0
-    for line in gw.metrics.render().decode().splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_a_cookie_client_stepping_up_through_the_api_gets_its_new_cookie(

@@ -12,7 +12,6 @@ import asyncio
 import datetime as dt
 import http.client
 import inspect
-import json
 import logging
 import socket
 import ssl
@@ -21,7 +20,6 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GatewayFactory, base_config
-from tests.support import Certs, client_ssl, deep_merge, session, to_toml
+from tests.support import Certs, Reply, audit_events, client_ssl, deep_merge, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.config import load_config
 from ztgateway.dev.demo_app import start_demo_app
@@ -44,16 +42,6 @@ IO_TIMEOUT = 5.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 class RawClient:
@@ -96,7 +84,8 @@ async def connect(
     return await asyncio.to_thread(RawClient, port, ctx, tls_session=tls_session)
 
 
-async def get(client: RawClient, path: str = "/echo") -> Reply:
+async def request_on(client: RawClient, path: str = "/echo") -> Reply:
+    """One request on the client's own connection (in a thread: the socket blocks)."""
     return await asyncio.to_thread(client.get, path)
 
 
@@ -161,8 +150,9 @@ async def scrape(gw: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
     return out
 
 
-async def metric(gw: Gateway, name: str, **labels: str) -> float:
-    """One sample's value; a labelled counter never touched counts as 0."""
+async def scraped_metric(gw: Gateway, name: str, **labels: str) -> float:
+    """One sample as Prometheus reads it from the ops listener (support.metric reads the
+    registry); a labelled counter never touched counts as 0."""
     return (await scrape(gw)).get((name, frozenset(labels.items())), 0.0)
 
 
@@ -182,7 +172,7 @@ async def eventually(
 
 async def metric_reaches(gw: Gateway, name: str, value: float, **labels: str) -> None:
     async def check() -> bool:
-        return await metric(gw, name, **labels) >= value
+        return await scraped_metric(gw, name, **labels) >= value
 
     await eventually(check, f"{name}{labels} >= {value}")
 
@@ -209,13 +199,6 @@ async def revoke(gw: Gateway, certs: Certs, tmp_path: Path, *names: str) -> set[
     return serials
 
 
-async def audit_events(gw: Gateway) -> list[dict[str, Any]]:
-    await gw.audit.flush()
-    path = gw.config.audit.jsonl
-    assert path is not None
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
 # --------------------------------------------------------------------------- 1. who gets in
 
 
@@ -225,12 +208,12 @@ async def test_alice_certificate_gets_through_to_echo(
     gw = await gateway_factory()
     client = await connect(gw.port or 0, tls_client(certs))
     try:
-        reply = await get(client)
+        reply = await request_on(client)
     finally:
         client.close()
     assert reply.status == 200
     assert reply.json()["path"] == "/echo"
-    assert await metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 1
+    assert await scraped_metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 1
 
 
 @pytest.mark.parametrize(
@@ -242,7 +225,7 @@ async def test_client_without_certificate_is_refused_at_the_handshake(
     gw = await gateway_factory()
     await assert_refused(gw.port or 0, tls_client(certs, None, version=version))
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="no_certificate")
-    assert await metric(gw, "ztgw_tls_handshakes_total", tls_version=version.name) == 0
+    assert await scraped_metric(gw, "ztgw_tls_handshakes_total", tls_version=version.name) == 0
     requests = [k for k in await scrape(gw) if k[0] == "ztgw_requests_total"]
     assert requests == [], "a refused handshake must never reach the request pipeline"
 
@@ -297,7 +280,7 @@ async def test_revocation_refuses_the_next_request_on_an_open_keepalive_connecti
     gw = await gateway_factory()
     client = await connect(gw.port or 0, tls_client(certs, "stolen-laptop"))
     try:
-        first = await get(client)
+        first = await request_on(client)
         assert first.status == 200
         assert first.headers.get("connection", "").lower() != "close"
 
@@ -305,7 +288,7 @@ async def test_revocation_refuses_the_next_request_on_an_open_keepalive_connecti
 
         # Same socket object, so the same TCP and TLS connection: no new handshake happened
         # (which the CRL would have refused).
-        second = await get(client)
+        second = await request_on(client)
     finally:
         client.close()
     assert second.status == 403
@@ -314,7 +297,7 @@ async def test_revocation_refuses_the_next_request_on_an_open_keepalive_connecti
     assert problem["reason"] == "client-cert-revoked"
     decision_id = second.headers["x-zt-decision-id"]
     assert decision_id
-    assert await metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 1
+    assert await scraped_metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 1
 
     events = [e for e in await audit_events(gw) if e["decision_id"] == decision_id]
     assert len(events) == 1
@@ -339,7 +322,7 @@ async def test_resumed_tls_session_does_not_outlive_a_revocation(
     first = await connect(port, ctx)
     try:
         # TLS 1.3 tickets arrive after the handshake: read a response before taking the session.
-        assert (await get(first)).status == 200
+        assert (await request_on(first)).status == 200
         tls_session = first.sock.session
     finally:
         first.close()
@@ -349,7 +332,7 @@ async def test_resumed_tls_session_does_not_outlive_a_revocation(
     resumed = await connect(port, ctx, tls_session=tls_session)
     try:
         assert resumed.sock.session_reused, f"server did not resume a {version.name} session"
-        reply = await get(resumed)
+        reply = await request_on(resumed)
         assert reply.status == 200
         # The identity survives resumption (OpenSSL keeps the peer certificate in the session).
         assert reply.json()["headers_map"]["x-zt-device-id"] == "stolen-laptop"
@@ -408,13 +391,13 @@ async def test_tls_1_2_and_1_3_are_accepted_and_alpn_selects_http_1_1(
         try:
             assert client.sock.version() == version.name.replace("_", ".")
             assert client.sock.selected_alpn_protocol() == "http/1.1"
-            reply = await get(client)
+            reply = await request_on(client)
         finally:
             client.close()
         assert reply.status == 200
         assert reply.json()["http_version"] == "1.1"
-    assert await metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.2") == 1
-    assert await metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 1
+    assert await scraped_metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.2") == 1
+    assert await scraped_metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 1
 
 
 @pytest.mark.parametrize("group", ["X25519", "prime256v1", "secp384r1"])
@@ -449,7 +432,7 @@ async def test_forward_secret_aead_suite_is_accepted_under_tls_1_2_with_an_rsa_c
     client = await connect(gw.port or 0, ctx)
     try:
         cipher = client.sock.cipher()
-        reply = await get(client)
+        reply = await request_on(client)
     finally:
         client.close()
     assert cipher is not None and cipher[0] == "ECDHE-RSA-AES128-GCM-SHA256"
@@ -525,7 +508,7 @@ async def test_connection_beyond_max_connections_is_closed_and_counted(
     held = [await connect(port, tls_client(certs)) for _ in range(2)]
     try:
         for client in held:
-            assert (await get(client)).status == 200
+            assert (await request_on(client)).status == 200
 
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
@@ -536,7 +519,7 @@ async def test_connection_beyond_max_connections_is_closed_and_counted(
         await metric_reaches(gw, "ztgw_connections_rejected_total", 1, reason="max_connections")
         # Both held connections still work: the limit refused the newcomer only.
         for client in held:
-            assert (await get(client)).status == 200
+            assert (await request_on(client)).status == 200
     finally:
         held.pop().close()
 
@@ -551,7 +534,9 @@ async def test_connection_beyond_max_connections_is_closed_and_counted(
     finally:
         for client in held:
             client.close()
-    assert await metric(gw, "ztgw_connections_rejected_total", reason="max_connections") == 1
+    assert (
+        await scraped_metric(gw, "ztgw_connections_rejected_total", reason="max_connections") == 1
+    )
 
 
 # --------------------------------------------------------------------------- 7. reload
@@ -570,7 +555,7 @@ def server_files(certs: Certs, tmp_path: Path) -> tuple[Path, Path]:
 async def _peer_serial(port: int, certs: Certs) -> int:
     client = await connect(port, tls_client(certs))
     try:
-        assert (await get(client)).status == 200
+        assert (await request_on(client)).status == 200
         return client.peer_serial()
     finally:
         client.close()
@@ -593,7 +578,7 @@ async def test_replaced_server_certificate_is_served_to_new_connections(
 
     await eventually(serving_new, "new connections get the replaced server certificate")
     await metric_reaches(gw, "ztgw_tls_reloads_total", 1, result="success")
-    expiry = await metric(gw, "ztgw_certificate_expiry_timestamp_seconds", cert="server")
+    expiry = await scraped_metric(gw, "ztgw_certificate_expiry_timestamp_seconds", cert="server")
     assert expiry == new.cert.not_valid_after_utc.timestamp()
 
 
@@ -613,7 +598,7 @@ async def test_broken_server_certificate_keeps_the_previous_one_serving(
     atomic_write(cert_path, ca(certs).issue_server("localhost").cert_pem())
     await metric_reaches(gw, "ztgw_tls_reloads_total", 2, result="failure")
     assert await _peer_serial(port, certs) == old_serial
-    assert await metric(gw, "ztgw_tls_reloads_total", result="success") == 0
+    assert await scraped_metric(gw, "ztgw_tls_reloads_total", result="success") == 0
 
 
 # --------------------------------------------------------------------------- 8. identity
@@ -633,7 +618,7 @@ async def test_identity_comes_from_each_connections_own_certificate(
                     seen = (await r.json())["headers_map"]
                 assert seen["x-zt-device-id"] == device
                 assert seen["x-forwarded-user"] == user
-    assert await metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 2
+    assert await scraped_metric(gw, "ztgw_tls_handshakes_total", tls_version="TLSv1.3") == 2
 
 
 # --------------------------------------------------------------------------- 9. metrics
@@ -673,8 +658,8 @@ async def test_expired_crl_refuses_every_client_and_is_counted_as_crl_expired(
     # as the operator's problem, not as the client's expired certificate.
     await assert_refused(gw.port or 0, tls_client(certs))
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="crl_expired")
-    assert await metric(gw, "ztgw_tls_handshake_failures_total", reason="expired") == 0
-    assert await metric(gw, "ztgw_crl_next_update_timestamp_seconds") < time.time()
+    assert await scraped_metric(gw, "ztgw_tls_handshake_failures_total", reason="expired") == 0
+    assert await scraped_metric(gw, "ztgw_crl_next_update_timestamp_seconds") < time.time()
 
 
 # --------------------------------------------------------------------------- event loops
@@ -736,7 +721,7 @@ async def test_every_handshake_completes_on_either_event_loop(
         outcome = await attempt(gw.port or 0, tls_client(certs, version=version))
         assert isinstance(outcome, Reply), f"connection {i} ({version.name}) failed: {outcome!r}"
         assert outcome.status == 200
-    assert await metric(gw, "ztgw_tls_handshake_failures_total", reason="timeout") == 0
+    assert await scraped_metric(gw, "ztgw_tls_handshake_failures_total", reason="timeout") == 0
 
 
 async def test_refused_handshakes_are_counted_by_reason_on_either_event_loop(
@@ -770,7 +755,7 @@ async def test_client_leaving_before_the_handshake_is_counted_and_frees_its_slot
         lambda: gw.listener is not None and gw.listener.open_connections == 0,
         "every abandoned connection released its slot",
     )
-    assert await metric(gw, "ztgw_connections_open") == 0
+    assert await scraped_metric(gw, "ztgw_connections_open") == 0
     unhandled = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert unhandled == []
 

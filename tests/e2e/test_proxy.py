@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.support import Certs, client_ssl, deep_merge, session
+from tests.support import Certs, audit_event, client_ssl, deep_merge, metric, session
 from ztgateway.app import Gateway
 from ztgateway.dev.demo_app import GZIP_PLAINTEXT, create_demo_app, expected_download_sha256
 from ztgateway.dev.tokens import issue_token
@@ -124,23 +124,8 @@ def url(gw: Gateway, path: str) -> str:
     return f"https://127.0.0.1:{gw.port}{path}"
 
 
-async def audit_event(gw: Gateway, decision_id: str) -> dict[str, Any]:
-    await gw.audit.flush()
-    path = gw.config.audit.jsonl
-    assert path is not None
-    for line in path.read_text().splitlines():
-        event: dict[str, Any] = json.loads(line)
-        if event["decision_id"] == decision_id:
-            return event
-    raise AssertionError(f"no audit event for decision {decision_id}")
-
-
 def finding_reasons(event: dict[str, Any]) -> list[str]:
     return [f["reason"] for f in event["result"]["findings"]]
-
-
-def metric(gw: Gateway, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @dataclass
@@ -227,7 +212,7 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float) -> bool:
     return True
 
 
-def get(path: str, *extra: str, method: str = "GET", version: str = "1.1") -> bytes:
+def request_bytes(path: str, *extra: str, method: str = "GET", version: str = "1.1") -> bytes:
     lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1", *extra, "", ""]
     return "\r\n".join(lines).encode()
 
@@ -347,8 +332,8 @@ async def test_head_keeps_content_length_and_sends_no_body(
 ) -> None:
     gw = await proxy()
     async with raw_tls(certs, gw) as (reader, writer):
-        writer.write(get("/download?size=12345", method="HEAD"))
-        writer.write(get("/status/200"))
+        writer.write(request_bytes("/download?size=12345", method="HEAD"))
+        writer.write(request_bytes("/status/200"))
         await writer.drain()
         head = await read_response(reader, head=True)
         # Had the HEAD leaked body bytes, this would read them instead of a status line.
@@ -365,8 +350,8 @@ async def test_bodiless_statuses_pass_with_no_body(
 ) -> None:
     gw = await proxy()
     async with raw_tls(certs, gw) as (reader, writer):
-        writer.write(get(f"/status/{status}"))
-        writer.write(get("/status/200"))
+        writer.write(request_bytes(f"/status/{status}"))
+        writer.write(request_bytes("/status/200"))
         await writer.drain()
         first = await read_response(reader)
         after = await read_response(reader)
@@ -379,7 +364,7 @@ async def test_bodiless_statuses_pass_with_no_body(
 async def test_chunked_response_passes_chunked(proxy: ProxyFactory, certs: Certs) -> None:
     gw = await proxy()
     size = 3 * CHUNK + 17
-    r = await exchange(certs, gw, get(f"/download?size={size}&chunked=1"))
+    r = await exchange(certs, gw, request_bytes(f"/download?size={size}&chunked=1"))
     assert r.status == 200
     assert r.headers["Transfer-Encoding"] == "chunked"
     assert "Content-Length" not in r.headers
@@ -483,7 +468,7 @@ async def test_incomplete_websocket_handshake_is_not_bridged(
 ) -> None:
     gw = await proxy()
     method, *lines = shape
-    r = await exchange(certs, gw, get("/ws", *lines, method=method))
+    r = await exchange(certs, gw, request_bytes("/ws", *lines, method=method))
     # Not upgraded, and not blamed on the upstream: it is passed on as the plain request it is,
     # with the same method, and the upstream answers it.
     assert r.status not in (101, 502), r.body
@@ -517,7 +502,9 @@ async def test_hop_by_hop_and_connection_listed_headers_do_not_reach_the_upstrea
         "Proxy-Connection": "keep-alive",
     }
     r = await exchange(
-        certs, gw, get("/echo", *(f"{k}: {v}" for k, v in hop.items()), "X-End-To-End: kept")
+        certs,
+        gw,
+        request_bytes("/echo", *(f"{k}: {v}" for k, v in hop.items()), "X-End-To-End: kept"),
     )
     assert r.status == 200, r.body
     seen = json.loads(r.body)["headers_map"]
@@ -623,13 +610,15 @@ async def test_authorization_is_not_forwarded_unless_the_route_says_so(
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        get("/echo"),  # forwarded: the upstream said "Python/3.x aiohttp/3.x"
-        get("/status/503"),  # forwarded error
-        get("/%2e%2e/etc/passwd"),  # refused by policy
-        get("/echo", "Content-Length: 1", "Content-Length: 2", method="POST"),  # by the parser
-        get("/.ztgw/whoami"),  # a page of the gateway's own
-        get("/.ztgw/static/portal.css"),  # its static assets
-        get("/.ztgw/webauthn.js"),  # the pages' script
+        request_bytes("/echo"),  # forwarded: the upstream said "Python/3.x aiohttp/3.x"
+        request_bytes("/status/503"),  # forwarded error
+        request_bytes("/%2e%2e/etc/passwd"),  # refused by policy
+        request_bytes(
+            "/echo", "Content-Length: 1", "Content-Length: 2", method="POST"
+        ),  # by the parser
+        request_bytes("/.ztgw/whoami"),  # a page of the gateway's own
+        request_bytes("/.ztgw/static/portal.css"),  # its static assets
+        request_bytes("/.ztgw/webauthn.js"),  # the pages' script
     ],
     ids=["forwarded", "forwarded-error", "refused", "malformed", "page", "static", "script"],
 )
@@ -706,7 +695,7 @@ async def test_upstream_hop_by_hop_response_headers_are_removed(
             ]
         }
     )
-    r = await exchange(certs, gw, get("/legacy/page"))
+    r = await exchange(certs, gw, request_bytes("/legacy/page"))
     assert (r.status, r.body) == (200, b"ok\n")
     for name in (
         "X-Upstream-Private",
@@ -779,7 +768,7 @@ async def test_unsafe_path_is_refused_by_the_gateway_and_never_forwarded(
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, sent: str
 ) -> None:
     gw = await proxy()
-    r = await exchange(certs, gw, get(sent))
+    r = await exchange(certs, gw, request_bytes(sent))
     assert r.status == 400
     problem = r.problem()
     assert problem["reason"] == "path-invalid"
@@ -881,7 +870,9 @@ async def test_body_over_client_max_size_with_content_length_is_413_and_not_forw
     r = await exchange(
         certs,
         gw,
-        get("/upload", f"Content-Length: {len(body)}", method="POST")[:-2] + b"\r\n" + body,
+        request_bytes("/upload", f"Content-Length: {len(body)}", method="POST")[:-2]
+        + b"\r\n"
+        + body,
     )
     assert r.status == 413
     assert r.problem()["reason"] == "body-too-large"
@@ -901,7 +892,7 @@ async def test_chunked_body_over_client_max_size_is_413_and_never_completes_upst
     r = await exchange(
         certs,
         gw,
-        get("/upload", "Transfer-Encoding: chunked", method="POST") + body,
+        request_bytes("/upload", "Transfer-Encoding: chunked", method="POST") + body,
     )
     assert r.status == 413
     assert r.problem()["reason"] == "body-too-large"
@@ -920,7 +911,7 @@ async def test_oversized_header_is_431_header_too_large(
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
 ) -> None:
     gw = await proxy({"server": {"max_header_bytes": 4096}})
-    r = await exchange(certs, gw, get("/echo", "X-Big: " + "a" * 5000))
+    r = await exchange(certs, gw, request_bytes("/echo", "X-Big: " + "a" * 5000))
     assert r.status == 431
     problem = r.problem()
     assert problem["reason"] == "header-too-large"
@@ -928,7 +919,7 @@ async def test_oversized_header_is_431_header_too_large(
     assert event["result"]["reason"] == "header-too-large"
     assert recording.hits == []
     # Just under the limit is fine.
-    ok = await exchange(certs, gw, get("/echo", "X-Big: " + "a" * 3000))
+    ok = await exchange(certs, gw, request_bytes("/echo", "X-Big: " + "a" * 3000))
     assert ok.status == 200
 
 
@@ -963,7 +954,7 @@ async def test_idle_keep_alive_connection_is_not_cut_by_the_header_timer(
     gw = await proxy({"server": {"header_timeout": 0.5}})
     async with raw_tls(certs, gw) as (reader, writer):
         for _ in range(2):
-            writer.write(get("/echo"))
+            writer.write(request_bytes("/echo"))
             await writer.drain()
             r = await read_response(reader)
             assert r.status == 200
@@ -985,40 +976,45 @@ async def test_connection_that_never_sends_a_byte_is_closed_after_idle_timeout(
 # 8. smuggling-shaped requests: refused by the parser, audited, never forwarded
 
 SMUGGLING = {
-    "content-length-and-transfer-encoding": get(
+    "content-length-and-transfer-encoding": request_bytes(
         "/echo", "Content-Length: 4", "Transfer-Encoding: chunked", method="POST"
     )
     + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-    "transfer-encoding-then-content-length": get(
+    "transfer-encoding-then-content-length": request_bytes(
         "/echo", "Transfer-Encoding: chunked", "Content-Length: 40", method="POST"
     )
     + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-    "http-1.0-with-transfer-encoding": get(
+    "http-1.0-with-transfer-encoding": request_bytes(
         "/echo", "Transfer-Encoding: chunked", method="POST", version="1.0"
     )
     + b"0\r\n\r\n",
-    "duplicate-content-length-values": get(
+    "duplicate-content-length-values": request_bytes(
         "/echo", "Content-Length: 5", "Content-Length: 30", method="POST"
     )
     + b"hello",
-    "content-length-list": get("/echo", "Content-Length: 5, 30", method="POST") + b"hello",
-    "chunked-then-identity": get("/echo", "Transfer-Encoding: chunked, identity", method="POST")
+    "content-length-list": request_bytes("/echo", "Content-Length: 5, 30", method="POST")
+    + b"hello",
+    "chunked-then-identity": request_bytes(
+        "/echo", "Transfer-Encoding: chunked, identity", method="POST"
+    )
     + b"0\r\n\r\n",
-    "chunked-and-identity-headers": get(
+    "chunked-and-identity-headers": request_bytes(
         "/echo", "Transfer-Encoding: chunked", "Transfer-Encoding: identity", method="POST"
     )
     + b"0\r\n\r\n",
-    "chunked-twice": get("/echo", "Transfer-Encoding: chunked, chunked", method="POST")
+    "chunked-twice": request_bytes("/echo", "Transfer-Encoding: chunked, chunked", method="POST")
     + b"0\r\n\r\n",
-    "unknown-coding": get("/echo", "Transfer-Encoding: xchunked", method="POST") + b"0\r\n\r\n",
-    "space-before-colon": get("/echo", "Transfer-Encoding : chunked", method="POST") + b"0\r\n\r\n",
-    "obs-fold-transfer-encoding": get(
+    "unknown-coding": request_bytes("/echo", "Transfer-Encoding: xchunked", method="POST")
+    + b"0\r\n\r\n",
+    "space-before-colon": request_bytes("/echo", "Transfer-Encoding : chunked", method="POST")
+    + b"0\r\n\r\n",
+    "obs-fold-transfer-encoding": request_bytes(
         "/echo", "Transfer-Encoding: identity", " chunked", method="POST"
     )
     + b"0\r\n\r\n",
-    "bad-chunk-size": get("/echo", "Transfer-Encoding: chunked", method="POST")
+    "bad-chunk-size": request_bytes("/echo", "Transfer-Encoding: chunked", method="POST")
     + b"5;\x00\r\nhello\r\n0\r\n\r\n",
-    "bare-lf-in-chunk": get("/echo", "Transfer-Encoding: chunked", method="POST")
+    "bare-lf-in-chunk": request_bytes("/echo", "Transfer-Encoding: chunked", method="POST")
     + b"5\nhello\n0\n\n",
 }
 
@@ -1058,7 +1054,9 @@ async def test_chunked_trailer_fields_never_reach_the_upstream(
     r = await exchange(
         certs,
         gw,
-        get("/echo", "Transfer-Encoding: chunked", "Trailer: X-Forwarded-User", method="POST")
+        request_bytes(
+            "/echo", "Transfer-Encoding: chunked", "Trailer: X-Forwarded-User", method="POST"
+        )
         + b"5\r\nhello\r\n0\r\nX-Forwarded-User: mallory\r\nX-ZT-Device-Id: evil\r\n\r\n",
     )
     assert r.status == 200
@@ -1187,7 +1185,9 @@ async def test_expect_100_continue_gets_100_only_after_the_decision(
 ) -> None:
     gw = await proxy(routes(client_max_size=1000))
     async with raw_tls(certs, gw) as (reader, writer):
-        writer.write(get("/upload", "Content-Length: 5", "Expect: 100-continue", method="POST"))
+        writer.write(
+            request_bytes("/upload", "Content-Length: 5", "Expect: 100-continue", method="POST")
+        )
         await writer.drain()
         interim = await read_response(reader)
         assert interim.status == 100
@@ -1198,7 +1198,9 @@ async def test_expect_100_continue_gets_100_only_after_the_decision(
     assert json.loads(final.body)["length"] == 5
     # Refused (too large) before the body: no 100, the refusal straight away.
     async with raw_tls(certs, gw) as (reader, writer):
-        writer.write(get("/upload", "Content-Length: 5000", "Expect: 100-continue", method="POST"))
+        writer.write(
+            request_bytes("/upload", "Content-Length: 5000", "Expect: 100-continue", method="POST")
+        )
         await writer.drain()
         refused = await read_response(reader)
     assert refused.status == 413
@@ -1209,7 +1211,7 @@ async def test_expect_100_continue_from_an_http_1_0_client_is_ignored(
     proxy: ProxyFactory, certs: Certs
 ) -> None:
     gw = await proxy()
-    request = get(
+    request = request_bytes(
         "/upload", "Content-Length: 5", "Expect: 100-continue", method="POST", version="1.0"
     )
     r = await exchange(certs, gw, request + b"hello")
@@ -1228,7 +1230,10 @@ async def test_request_pipelined_behind_a_declined_upgrade_is_not_silently_lost(
 ) -> None:
     gw = await proxy()
     async with raw_tls(certs, gw) as (reader, writer):
-        writer.write(get(first, "Connection: Upgrade", "Upgrade: h2c") + get("/echo?second"))
+        writer.write(
+            request_bytes(first, "Connection: Upgrade", "Upgrade: h2c")
+            + request_bytes("/echo?second")
+        )
         await writer.drain()
         r = await read_response(reader)
         assert r.status == status
@@ -1276,11 +1281,11 @@ async def test_keep_alive_requests_run_without_a_task(
     gw = await proxy()
     async with raw_tls(certs, gw) as (reader, writer):
         # The first request connects the upstream pool: that waits, so it runs in a Task.
-        writer.write(get("/status/200"))
+        writer.write(request_bytes("/status/200"))
         assert (await read_response(reader)).status == 200
         with tasks_started() as started:
             for _ in range(20):
-                writer.write(get("/status/200"))
+                writer.write(request_bytes("/status/200"))
                 response = await reader.readuntil(b"200 OK\n")
                 assert response.startswith(b"HTTP/1.1 200 ")
     # Decided from memory, forwarded over the idle pooled connection, answered from the
@@ -1297,9 +1302,9 @@ async def test_request_that_must_wait_moves_into_a_task_and_is_answered(
         with tasks_started() as started:
             # No pooled upstream connection yet: connecting awaits (asyncio.timeout needs a
             # Task), so the request is resumed in one, exactly where it stopped.
-            writer.write(get("/status/200"))
+            writer.write(request_bytes("/status/200"))
             first = await read_response(reader)
-        writer.write(get("/status/200"))
+        writer.write(request_bytes("/status/200"))
         second = await read_response(reader)
     assert (first.status, second.status) == (200, 200)
     assert "_resumed" in started

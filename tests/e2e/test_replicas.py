@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
+from tests.conftest import GatewayFactory
 from tests.redis_server import RedisServer
-from tests.support import Certs, session
+from tests.support import ADMIN_TOKEN, Certs, admin, get, session
 from ztgateway.app import Gateway
 from ztgateway.credentials.totp import totp_code
 from ztgateway.dev.tokens import issue_token
@@ -38,25 +38,15 @@ async def pair(
     return await gateway_factory(over), await gateway_factory(over)
 
 
-async def get(gw: Gateway, certs: Certs, token: str) -> tuple[int, dict[str, Any]]:
-    async with (
-        session(certs) as s,
-        s.get(
-            f"https://127.0.0.1:{gw.port}/echo", headers={"Authorization": f"Bearer {token}"}
-        ) as r,
-    ):
-        return r.status, await r.json(content_type=None)
-
-
 async def test_a_termination_on_one_replica_is_refused_on_the_other(
     gateway_factory: GatewayFactory, redis_server: RedisServer, certs: Certs
 ) -> None:
     a, b = await pair(gateway_factory, redis_server)
     for trial in range(100):
         token = issue_token(certs.issuer_key, sub="alice", extra_claims={"trial": trial})
-        first = await get(a, certs, token)
-        assert first[0] == 200, first
-        assert (await get(b, certs, token))[0] == 200
+        first = await get(a, certs, token=token)
+        assert first.status == 200, first
+        assert (await get(b, certs, token=token)).status == 200
         async with (
             aiohttp.ClientSession() as s,
             s.post(
@@ -68,7 +58,8 @@ async def test_a_termination_on_one_replica_is_refused_on_the_other(
             assert r.status == 200
         started = time.monotonic()
         while True:
-            status, body = await get(b, certs, token)
+            reply = await get(b, certs, token=token)
+            status, body = reply.status, reply.json()
             if status == 401 and body["reason"] == "session-terminated":
                 break
             assert time.monotonic() - started < PROPAGATION, "B still admits a terminated session"
@@ -82,7 +73,7 @@ async def test_a_rate_limit_holds_across_replicas(
         gateway_factory, redis_server, rate_limit={"rate": 0.2, "burst": 4, "scopes": ["user"]}
     )
     token = issue_token(certs.issuer_key, sub="alice")
-    statuses = [(await get(gw, certs, token))[0] for gw in (a, b, a, b, a, b)]
+    statuses = [(await get(gw, certs, token=token)).status for gw in (a, b, a, b, a, b)]
     assert statuses[:4] == [200, 200, 200, 200]
     assert statuses[4:] == [429, 429], statuses
 
@@ -114,11 +105,12 @@ async def test_redis_down_fails_closed_and_recovers(
 ) -> None:
     a, _ = await pair(gateway_factory, redis_server)
     token = issue_token(certs.issuer_key, sub="alice")
-    assert (await get(a, certs, token))[0] == 200
+    assert (await get(a, certs, token=token)).status == 200
     redis_server.stop(save=True)
     deadline = time.monotonic() + 5
     while True:
-        status, body = await get(a, certs, token)
+        reply = await get(a, certs, token=token)
+        status, body = reply.status, reply.json()
         if status == 503:
             assert body["reason"] == "service-unavailable"
             break
@@ -126,27 +118,16 @@ async def test_redis_down_fails_closed_and_recovers(
         await asyncio.sleep(0.1)
     redis_server.start()
     deadline = time.monotonic() + 10
-    while (await get(a, certs, token))[0] != 200:
+    while (await get(a, certs, token=token)).status != 200:
         assert time.monotonic() < deadline, "did not recover after Redis came back"
         await asyncio.sleep(0.2)
-
-
-async def admin(gw: Gateway, path: str, body: dict[str, Any] | None = None) -> None:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"http://127.0.0.1:{gw.ops_port}{path}",
-            json=body or {},
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        ) as r,
-    ):
-        assert r.status == 200, await r.text()
 
 
 async def refused_on(gw: Gateway, certs: Certs, token: str, reason: str) -> None:
     started = time.monotonic()
     while True:
-        status, body = await get(gw, certs, token)
+        reply = await get(gw, certs, token=token)
+        status, body = reply.status, reply.json()
         if status >= 400 and body.get("reason") == reason:
             return
         assert time.monotonic() - started < PROPAGATION, f"still {status} on the other replica"
@@ -159,15 +140,15 @@ async def test_device_revocation_and_account_lock_hold_on_the_other_replica(
     a, b = await pair(gateway_factory, redis_server)
     for _ in range(100):
         token = issue_token(certs.issuer_key, sub="alice")
-        assert (await get(b, certs, token))[0] == 200
-        await admin(a, "/admin/devices/alice-laptop/revoke")
+        assert (await get(b, certs, token=token)).status == 200
+        assert (await admin(a, "POST", "/admin/devices/alice-laptop/revoke", body={}))[0] == 200
         await refused_on(b, certs, token, "device-revoked")
-        await admin(a, "/admin/devices/alice-laptop/approve")
-        await admin(a, "/admin/users/alice/lock", {"minutes": 5})
+        assert (await admin(a, "POST", "/admin/devices/alice-laptop/approve", body={}))[0] == 200
+        assert (await admin(a, "POST", "/admin/users/alice/lock", body={"minutes": 5}))[0] == 200
         await refused_on(b, certs, issue_token(certs.issuer_key, sub="alice"), "account-locked")
-        await admin(a, "/admin/users/alice/unlock")
+        assert (await admin(a, "POST", "/admin/users/alice/unlock", body={}))[0] == 200
         deadline = time.monotonic() + PROPAGATION
-        while (await get(b, certs, issue_token(certs.issuer_key, sub="alice")))[0] != 200:
+        while (await get(b, certs, token=issue_token(certs.issuer_key, sub="alice"))).status != 200:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
 
@@ -187,7 +168,7 @@ async def test_sessions_survive_a_replica_restart(
         ) as r,
     ):
         assert r.status == 200
-    assert (await get(a, certs, token))[0] == 200
+    assert (await get(a, certs, token=token)).status == 200
     await a.stop()
     route = {**API, "session": {"mfa_max_age": 900}}
     restarted = await gateway_factory(
@@ -198,7 +179,7 @@ async def test_sessions_survive_a_replica_restart(
         }
     )
     # The step-up done before the restart still counts: the session lives in Redis.
-    assert (await get(restarted, certs, token))[0] == 200
+    assert (await get(restarted, certs, token=token)).status == 200
 
 
 async def test_redis_stopped_under_load_fails_closed_then_recovers(
@@ -211,7 +192,7 @@ async def test_redis_stopped_under_load_fails_closed_then_recovers(
 
     async def load(gw: Gateway) -> None:
         while not stop.is_set():
-            seen.append((await get(gw, certs, token))[0])
+            seen.append((await get(gw, certs, token=token)).status)
             await asyncio.sleep(0.01)
 
     workers = [asyncio.ensure_future(load(gw)) for gw in (a, b)]

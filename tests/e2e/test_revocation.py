@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_mtls import Reply, audit_events, connect, eventually, get, metric, scrape
+from tests.e2e.test_mtls import connect, eventually, request_on, scrape, scraped_metric
 from tests.e2e.test_proxy import closed_by_peer
 from tests.e2e.test_security_forward_auth import NGINX_EDGE, ask, nginx_value
 from tests.e2e.test_tls_alerts import CERTIFICATE_REVOKED, s_client_alert
@@ -35,7 +35,7 @@ from tests.revocation_fixtures import (
     issue,
     load_ca_with,
 )
-from tests.support import Certs, to_toml
+from tests.support import Certs, Reply, audit_events, to_toml
 from ztgateway.app import Gateway
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
 from ztgateway.dev.pki import CertificateAuthority, atomic_write
@@ -152,7 +152,7 @@ async def fetch(gw: Gateway, ctx: ssl.SSLContext, path: str = "/echo") -> Reply:
     """One request on a new connection; it must get an HTTP answer."""
     client = await connect(gw.port or 0, ctx)
     try:
-        return await get(client, path)
+        return await request_on(client, path)
     finally:
         client.close()
 
@@ -177,7 +177,7 @@ async def test_good_answer_lets_the_certificate_through_and_is_cached_until_next
     assert (await fetch(gw, ctx)).status == 200
     assert env.responder.requests == 2, "an answer past its nextUpdate is not reused"
     assert len(set(env.responder.nonces)) == 2
-    assert await metric(gw, "ztgw_ocsp_checks_total", result="good") == 2
+    assert await scraped_metric(gw, "ztgw_ocsp_checks_total", result="good") == 2
 
 
 async def test_revoked_answer_refuses_the_certificate_on_every_route(env: Env) -> None:
@@ -189,7 +189,7 @@ async def test_revoked_answer_refuses_the_certificate_on_every_route(env: Env) -
         reply = await fetch(gw, ctx, path)
         assert reply.status == 403
         assert reply.json()["reason"] == "client-cert-revoked"
-    assert await metric(gw, "ztgw_ocsp_checks_total", result="revoked") == 1
+    assert await scraped_metric(gw, "ztgw_ocsp_checks_total", result="revoked") == 1
     events = [
         e
         for e in await audit_events(gw)
@@ -207,7 +207,7 @@ async def test_unknown_answer_is_refused_on_hard_fail_and_audited_on_soft_fail(e
     assert hard.json()["reason"] == "client-cert-status-unknown"
     soft = await fetch(gw, ctx, "/soft/echo")
     assert soft.status == 200
-    assert await metric(gw, "ztgw_ocsp_soft_failures_total") == 1
+    assert await scraped_metric(gw, "ztgw_ocsp_soft_failures_total") == 1
     allowed = [e for e in await audit_events(gw) if e.get("result", {}).get("verdict") == "allow"]
     assert "client-cert-status-unknown" in json.dumps(allowed[-1])
 
@@ -222,7 +222,7 @@ async def test_responder_down_is_503_on_hard_fail_and_let_through_on_soft_fail(e
     assert hard.status == 503
     assert hard.json()["reason"] == "client-cert-status-unavailable"
     assert (await fetch(gw, ctx, "/soft/echo")).status == 200
-    assert await metric(gw, "ztgw_ocsp_checks_total", result="unavailable") >= 1
+    assert await scraped_metric(gw, "ztgw_ocsp_checks_total", result="unavailable") >= 1
     # Back up: once the failure's short retry time passed, the responder is asked again.
     await env.responder.start()
     env.clock.advance(10)
@@ -251,8 +251,8 @@ async def test_an_answer_that_fails_a_check_is_not_believed(
     reply = await fetch(gw, env.ctx(pem, key))
     assert reply.status == 503
     assert reply.json()["reason"] == "client-cert-status-unavailable"
-    assert await metric(gw, "ztgw_ocsp_checks_total", result=result) == 1
-    assert await metric(gw, "ztgw_ocsp_checks_total", result="good") == 0
+    assert await scraped_metric(gw, "ztgw_ocsp_checks_total", result=result) == 1
+    assert await scraped_metric(gw, "ztgw_ocsp_checks_total", result="good") == 0
 
 
 async def test_a_delegated_responder_the_ca_authorised_is_believed(env: Env) -> None:
@@ -275,7 +275,7 @@ async def test_an_answer_without_our_nonce_is_refused_only_when_nonces_are_requi
     strict = await env.gateway(ocsp_require_nonce=True)
     reply = await fetch(strict, env.ctx(pem, key))
     assert reply.status == 503
-    assert await metric(strict, "ztgw_ocsp_checks_total", result="nonce") == 1
+    assert await scraped_metric(strict, "ztgw_ocsp_checks_total", result="nonce") == 1
 
 
 async def test_the_configured_responder_overrides_the_certificates_own(env: Env) -> None:
@@ -304,7 +304,7 @@ async def test_revocation_seen_by_ocsp_closes_the_open_keepalive_connection(env:
         assert await closed_by_peer(reader, 5.0), "the revoked certificate's connection stays open"
     finally:
         writer.close()
-    assert await metric(gw, "ztgw_revocations_enforced_total", kind="connection") == 1
+    assert await scraped_metric(gw, "ztgw_revocations_enforced_total", kind="connection") == 1
 
 
 async def test_revocation_closes_the_certificates_websocket_with_1008(env: Env) -> None:
@@ -325,7 +325,7 @@ async def test_revocation_closes_the_certificates_websocket_with_1008(env: Env) 
         msg = await ws.receive(timeout=5)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert ws.close_code == 1008
-    assert await metric(gw, "ztgw_revocations_enforced_total", kind="websocket") == 1
+    assert await scraped_metric(gw, "ztgw_revocations_enforced_total", kind="websocket") == 1
 
 
 # --------------------------------------------------------------------------- CRLs over HTTP
@@ -345,7 +345,7 @@ async def test_crl_from_a_url_refuses_the_revoked_certificate_in_the_handshake(e
     # Loaded into the SSLContext: refused in the handshake, with certificate_revoked.
     alert = await s_client_with(gw, pem, key, env.certs)
     assert alert == CERTIFICATE_REVOKED
-    assert await metric(gw, "ztgw_crl_fetches_total", result="success") == 2
+    assert await scraped_metric(gw, "ztgw_crl_fetches_total", result="success") == 2
 
 
 async def s_client_with(gw: Gateway, pem: Path, key: Path, certs: Certs) -> int | None:
@@ -383,13 +383,13 @@ async def test_stale_crl_fails_closed_is_counted_and_recovers(env: Env) -> None:
     gw = await env.crl_gateway(file_crl=True, crl_urls=[env.crls.url])
     ctx = env.ctx(pem, key)
     assert (await fetch(gw, ctx)).status == 200
-    assert await metric(gw, "ztgw_crl_stale") == 0
+    assert await scraped_metric(gw, "ztgw_crl_stale") == 0
 
     env.crls.status = 503  # the CA's publication point breaks
     env.clock.advance(24 * 3600 + 1)
     await gw.revocation.tick()
-    assert await metric(gw, "ztgw_crl_stale") == 1
-    assert await metric(gw, "ztgw_crl_fetches_total", result="unavailable") >= 1
+    assert await scraped_metric(gw, "ztgw_crl_stale") == 1
+    assert await scraped_metric(gw, "ztgw_crl_fetches_total", result="unavailable") >= 1
     # The handshake may still pass (OpenSSL reads the system env.clock, not the gateway's), but
     # the request is refused: a CRL past nextUpdate vouches for nobody (RFC 5280 §6.3.3).
     reply = await fetch(gw, ctx)
@@ -408,7 +408,7 @@ async def test_stale_crl_fails_closed_is_counted_and_recovers(env: Env) -> None:
     env.crls.publish(env.ca, [], next_update_days=1)
     env.clock.advance(60)
     await gw.revocation.tick()
-    assert await metric(gw, "ztgw_crl_stale") == 0
+    assert await scraped_metric(gw, "ztgw_crl_stale") == 0
     assert (await fetch(gw, ctx)).status == 200
 
 
@@ -423,7 +423,7 @@ async def test_an_older_crl_does_not_replace_a_newer_one(env: Env) -> None:
     env.clock.advance(12 * 3600 + 1)  # due again: half way through a one-day CRL at the latest
     await gw.revocation.tick()
     assert env.crls.requests == 2
-    assert await metric(gw, "ztgw_crl_fetches_total", result="invalid") == 1
+    assert await scraped_metric(gw, "ztgw_crl_fetches_total", result="invalid") == 1
     alert = await s_client_with(gw, pem, key, env.certs)
     assert alert == CERTIFICATE_REVOKED, "the newer CRL's revocation was rolled back"
 
@@ -432,8 +432,8 @@ async def test_crl_signed_by_another_ca_is_refused_and_counted(env: Env) -> None
     stranger = CertificateAuthority.generate("Mallory CA", clock=env.clock)
     env.crls.publish(stranger, [])
     gw = await env.crl_gateway(crl_urls=[env.crls.url])
-    assert await metric(gw, "ztgw_crl_fetches_total", result="invalid") == 1
-    assert await metric(gw, "ztgw_crl_stale") == 1
+    assert await scraped_metric(gw, "ztgw_crl_fetches_total", result="invalid") == 1
+    assert await scraped_metric(gw, "ztgw_crl_stale") == 1
 
 
 async def test_distribution_point_crl_is_fetched_on_first_sight_and_enforced(env: Env) -> None:
@@ -473,13 +473,13 @@ async def test_revocation_found_on_one_replica_holds_on_another_without_asking(
     ctx = env.ctx(pem, key)
     held = await connect(second.port or 0, ctx)
     try:
-        assert (await get(held, "/soft/echo")).status == 200
+        assert (await request_on(held, "/soft/echo")).status == 200
         env.responder.statuses[serial] = "revoked"
         assert (await fetch(first, ctx)).json()["reason"] == "client-cert-revoked"
         await env.responder.stop()
         await second.revocation.tick()
         with pytest.raises(OSError):  # the held keep-alive connection was closed
-            await get(held, "/soft/echo")
+            await request_on(held, "/soft/echo")
     finally:
         held.close()
     reply = await fetch(second, ctx, "/soft/echo")
@@ -578,7 +578,7 @@ async def test_revocation_in_a_refreshed_crl_closes_the_open_keepalive_connectio
         assert await closed_by_peer(reader, 5.0), "the revoked certificate's connection stays open"
     finally:
         writer.close()
-    assert await metric(gw, "ztgw_revocations_enforced_total", kind="connection") == 1
+    assert await scraped_metric(gw, "ztgw_revocations_enforced_total", kind="connection") == 1
 
 
 async def test_revocation_in_the_crl_file_closes_the_open_keepalive_connection(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,7 @@ from mmdb_writer import MMDBWriter
 from netaddr import IPSet  # type: ignore[import-untyped]
 
 from tests.conftest import GatewayFactory
-from tests.support import Certs, session
-from ztgateway.app import Gateway
+from tests.support import Certs, audit_event, get
 
 PARIS_IP, TOKYO_IP = "2.0.1.1", "126.0.7.7"
 
@@ -28,32 +26,14 @@ def write_city_db(path: Path) -> Path:
     return path
 
 
-async def get(
-    gw: Gateway, certs: Certs, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any]]:
-    async with (
-        session(certs) as s,
-        s.get(f"https://127.0.0.1:{gw.port}/echo", headers=headers or {}) as r,
-    ):
-        return r.status, await r.json(content_type=None)
-
-
-def audit_event(gw: Gateway, decision_id: str) -> dict[str, Any]:
-    assert gw.config.audit.jsonl is not None
-    for line in gw.config.audit.jsonl.read_text().splitlines():
-        event = json.loads(line)
-        if event["decision_id"] == decision_id:
-            return event
-    raise AssertionError(decision_id)
-
-
 async def test_blocked_zone_is_denied_by_risk(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory(
         {"zones": {"loopback": ["127.0.0.0/8"]}, "risk": {"blocked_zones": ["loopback"]}}
     )
-    status, body = await get(gw, certs)
+    reply = await get(gw, certs)
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (403, "risk-denied")
 
 
@@ -63,7 +43,8 @@ async def test_blocklist_file_entries_are_blocked(
     blocklist = tmp_path / "blocklist.txt"
     blocklist.write_text("# abuse feed\n203.0.113.0/24\n127.0.0.1\n")
     gw = await gateway_factory({"risk": {"blocklist": str(blocklist)}})
-    status, body = await get(gw, certs)
+    reply = await get(gw, certs)
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (403, "risk-denied")
 
 
@@ -78,10 +59,11 @@ async def test_risk_contributions_are_explained_and_thresholds_are_per_route(
         "risk": {"allow_up_to": 0.3, "step_up_up_to": 0.6},
     }
     gw = await gateway_factory({"routes": [strict]})
-    status, body = await get(gw, certs)
+    reply = await get(gw, certs)
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (401, "risk-step-up")
     await gw.audit.flush()
-    event = audit_event(gw, body["decision_id"])
+    event = await audit_event(gw, body["decision_id"])
     contributions = {
         f["reason"]: f["risk"]
         for f in event["result"]["findings"]
@@ -95,16 +77,16 @@ async def test_risk_contributions_are_explained_and_thresholds_are_per_route(
     )
     lenient = {**strict, "risk": {"allow_up_to": 0.5, "step_up_up_to": 0.8}}
     gw2 = await gateway_factory({"routes": [lenient]})
-    assert (await get(gw2, certs))[0] == 200
+    assert (await get(gw2, certs)).status == 200
 
 
 async def test_known_device_on_trusted_network_carries_no_risk(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory({"risk": {"trusted_zones": ["loopback"]}})
-    assert (await get(gw, certs))[0] == 200
+    assert (await get(gw, certs)).status == 200
     await gw.store.flush()
-    status, _ = await get(gw, certs)
+    status = (await get(gw, certs)).status
     assert status == 200
     assert gw.metrics.risk_score.labels("app")._sum.get() < 0.31  # first 0.3 (new device), then 0
 
@@ -126,12 +108,13 @@ async def test_impossible_travel_is_detected_from_a_geolocation_database(
             "routes": [route],
         }
     )
-    status, _ = await get(gw, certs, {"X-Forwarded-For": PARIS_IP})
+    status = (await get(gw, certs, headers={"X-Forwarded-For": PARIS_IP})).status
     assert status == 200
-    status, body = await get(gw, certs, {"X-Forwarded-For": TOKYO_IP})
+    reply = await get(gw, certs, headers={"X-Forwarded-For": TOKYO_IP})
+    status, body = reply.status, reply.json()
     assert (status, body["reason"]) == (401, "risk-step-up")
     await gw.audit.flush()
-    event = audit_event(gw, body["decision_id"])
+    event = await audit_event(gw, body["decision_id"])
     travel = [f for f in event["result"]["findings"] if f["reason"] == "impossible-travel"]
     assert travel and "km/h" in travel[0]["detail"]
 
@@ -142,7 +125,7 @@ async def test_missing_geolocation_database_is_reported_not_fatal(
     corrupt = tmp_path / "corrupt.mmdb"
     corrupt.write_bytes(b"\x00not a database" * 100)
     gw = await gateway_factory({"risk": {"geoip_db": str(corrupt)}})
-    assert (await get(gw, certs))[0] == 200
+    assert (await get(gw, certs)).status == 200
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gw.ops_port}/readyz") as r:
         ready = await r.json()
     assert ready["checks"]["geoip"]["available"] is False

@@ -17,9 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.e2e.test_proxy import audit_event, metric
-from tests.support import Certs, session
+from tests.conftest import GatewayFactory
+from tests.support import ADMIN_TOKEN, Certs, audit_event, metric, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.dev.pki import CertificateAuthority, load_private_key

@@ -21,17 +21,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.e2e.test_mtls import Reply, attempt, tls_client
+from tests.e2e.test_mtls import attempt, tls_client
 from tests.e2e.test_proxy import (
     ProxyFactory,
     RecordingUpstream,
     audit_event,
     exchange,
     finding_reasons,
-    get,
     metric,
+    request_bytes,
 )
-from tests.support import Certs, client_ssl
+from tests.support import Certs, Reply, client_ssl
 from ztgateway.app import Gateway
 from ztgateway.dev.pki import CertificateAuthority
 from ztgateway.dev.tokens import issue_token
@@ -80,7 +80,7 @@ async def test_vendor_identity_url_address_and_certificate_headers_are_stripped_
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, name: str
 ) -> None:
     gw = await proxy()
-    r = await exchange(certs, gw, get("/echo", f"{name}: admin"))
+    r = await exchange(certs, gw, request_bytes("/echo", f"{name}: admin"))
     assert r.status == 200, r.body
     seen = json.loads(r.body)["headers_map"]
     assert name.lower() not in seen
@@ -95,7 +95,7 @@ async def test_vendor_header_is_refused_in_deny_mode(
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
 ) -> None:
     gw = await proxy({"server": {"spoofed_headers": "deny"}})
-    r = await exchange(certs, gw, get("/echo", "X-MS-CLIENT-PRINCIPAL-NAME: admin"))
+    r = await exchange(certs, gw, request_bytes("/echo", "X-MS-CLIENT-PRINCIPAL-NAME: admin"))
     assert r.status == 400
     assert r.problem()["reason"] == "header-spoofed"
     assert recording.hits == []
@@ -119,14 +119,16 @@ async def test_a_routes_own_identity_header_names_are_the_gateways_alone(
             ]
         }
     )
-    r = await exchange(certs, gw, get("/echo", "X-Corp-User: admin", "X-Corp-Roles: admins"))
+    r = await exchange(
+        certs, gw, request_bytes("/echo", "X-Corp-User: admin", "X-Corp-Roles: admins")
+    )
     assert r.status == 200, r.body
     seen = json.loads(r.body)["headers_map"]
     assert "x-corp-user" not in seen and "x-corp-roles" not in seen
     event = await audit_event(gw, r.headers["X-ZT-Decision-Id"])
     assert "header-spoofed" in finding_reasons(event)
     token = issue_token(certs.issuer_key, sub="alice", groups=["eng"])
-    r = await exchange(certs, gw, get("/echo", f"Authorization: Bearer {token}"))
+    r = await exchange(certs, gw, request_bytes("/echo", f"Authorization: Bearer {token}"))
     seen = json.loads(r.body)["headers_map"]
     assert seen["x-corp-user"] == "alice" and seen["x-corp-roles"] == "eng"
 
@@ -357,12 +359,14 @@ async def test_every_answer_of_the_gateway_itself_carries_the_security_headers(
 ) -> None:
     gw = await proxy()
     answers = [
-        await exchange(certs, gw, get("/api/echo", "Accept: application/json")),  # 401
-        await exchange(certs, gw, get("/%2e%2e/x")),  # 400 path-invalid
-        await exchange(certs, gw, get("/.ztgw/nothing-here")),  # 404
-        await exchange(certs, gw, get("/.ztgw/jwks.json")),  # 200, ours
-        await exchange(certs, gw, get("/echo", "Transfer-Encoding: chunked", version="1.0")),
-        await exchange(certs, gw, get("/echo", "Host: evil.example")),
+        await exchange(certs, gw, request_bytes("/api/echo", "Accept: application/json")),  # 401
+        await exchange(certs, gw, request_bytes("/%2e%2e/x")),  # 400 path-invalid
+        await exchange(certs, gw, request_bytes("/.ztgw/nothing-here")),  # 404
+        await exchange(certs, gw, request_bytes("/.ztgw/jwks.json")),  # 200, ours
+        await exchange(
+            certs, gw, request_bytes("/echo", "Transfer-Encoding: chunked", version="1.0")
+        ),
+        await exchange(certs, gw, request_bytes("/echo", "Host: evil.example")),
     ]
     for r in answers:
         assert_own_headers(dict(r.headers))
@@ -376,8 +380,8 @@ async def test_hsts_can_be_switched_off_and_widened(
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream
 ) -> None:
     gw = await proxy({"server": {"hsts_max_age": 0}})
-    r = await exchange(certs, gw, get("/api/echo"))
+    r = await exchange(certs, gw, request_bytes("/api/echo"))
     assert "Strict-Transport-Security" not in r.headers
     gw = await proxy({"server": {"hsts_max_age": 600, "hsts_include_subdomains": True}})
-    r = await exchange(certs, gw, get("/api/echo"))
+    r = await exchange(certs, gw, request_bytes("/api/echo"))
     assert r.headers["Strict-Transport-Security"] == "max-age=600; includeSubDomains"

@@ -21,8 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import GatewayFactory
 from tests.e2e.test_mtls import eventually, revoke
-from tests.e2e.test_proxy import audit_event, metric
-from tests.support import Certs
+from tests.support import Certs, audit_event, metric
 from ztgateway.app import Gateway
 from ztgateway.dev.pki import CertificateAuthority, atomic_write
 

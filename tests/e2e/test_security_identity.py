@@ -19,16 +19,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
-from tests.e2e.test_proxy import RecordingUpstream, audit_event
+from tests.conftest import GatewayFactory
+from tests.e2e.test_proxy import RecordingUpstream
 from tests.e2e.test_signin import browser, sign_in
 from tests.oidc_fixtures import SignInSetup
-from tests.support import Certs, session
+from tests.support import ADMIN_TOKEN, Certs, audit_event, session
 from ztgateway.app import Gateway
 from ztgateway.credentials.totp import totp_code
 from ztgateway.dev.pki import CertificateAuthority
 from ztgateway.dev.tokens import issue_token
-from ztgateway.stages.session import cookie_session_id
+from ztgateway.sessions import cookie_session_id
 from ztgateway.store.base import Session, UserRecord
 
 JSON = {"Accept": "application/json"}

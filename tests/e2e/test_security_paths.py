@@ -17,8 +17,8 @@ from tests.e2e.test_proxy import (
     RecordingUpstream,
     audit_event,
     exchange,
-    get,
     metric,
+    request_bytes,
 )
 from tests.support import Certs
 from ztgateway.dev.tokens import issue_token
@@ -49,7 +49,7 @@ async def test_path_an_upstream_would_fold_into_another_route_is_refused_and_nev
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, sent: str, detail: str
 ) -> None:
     gw = await proxy()
-    r = await exchange(certs, gw, get(sent, "Accept: application/json"))
+    r = await exchange(certs, gw, request_bytes(sent, "Accept: application/json"))
     assert r.status == 400, (sent, r.status, r.body)
     problem = r.problem()
     assert problem["reason"] == "path-invalid"
@@ -82,23 +82,29 @@ async def test_path_parameters_are_routed_as_the_servlet_container_maps_them(
             ]
         }
     )
-    r = await exchange(certs, gw, get("/admin;jsessionid=x/echo", "Accept: application/json"))
+    r = await exchange(
+        certs, gw, request_bytes("/admin;jsessionid=x/echo", "Accept: application/json")
+    )
     assert r.status == 401
     assert r.problem()["reason"] == "token-required"
     event = await audit_event(gw, r.problem()["decision_id"])
     assert event["route"] == "admin"
     assert recording.hits == []
     token = issue_token(certs.issuer_key, sub="alice", groups=["admins"])
-    r = await exchange(certs, gw, get("/admin;jsessionid=x/echo", f"Authorization: Bearer {token}"))
+    r = await exchange(
+        certs, gw, request_bytes("/admin;jsessionid=x/echo", f"Authorization: Bearer {token}")
+    )
     assert r.status == 200, r.body
     # Forwarded exactly as policy saw it: the upstream gets its session parameter.
     assert json.loads(r.body)["raw_path"] == "/admin;jsessionid=x/echo"
     # An empty segment with parameters is still refused: a server that strips first and
     # resolves later reads "/admin/;x/../echo" as "/echo".
-    r = await exchange(certs, gw, get("/admin/;x/../echo", f"Authorization: Bearer {token}"))
+    r = await exchange(
+        certs, gw, request_bytes("/admin/;x/../echo", f"Authorization: Bearer {token}")
+    )
     assert r.status == 200
     assert json.loads(r.body)["raw_path"] == "/admin/echo"
-    r = await exchange(certs, gw, get("/admin/;x/echo", f"Authorization: Bearer {token}"))
+    r = await exchange(certs, gw, request_bytes("/admin/;x/echo", f"Authorization: Bearer {token}"))
     assert r.status == 400
     assert r.problem()["reason"] == "path-invalid"
 
@@ -119,13 +125,13 @@ async def test_double_encoding_passes_only_where_the_route_opts_in(
             ]
         }
     )
-    r = await exchange(certs, gw, get("/files/100%252e/echo"))
+    r = await exchange(certs, gw, request_bytes("/files/100%252e/echo"))
     assert r.status == 200, r.body
     assert json.loads(r.body)["raw_path"] == "/files/100%252e/echo"
-    r = await exchange(certs, gw, get("/other/100%252e/echo"))
+    r = await exchange(certs, gw, request_bytes("/other/100%252e/echo"))
     assert r.status == 400
     # A single escape of "%" that decodes to no dot or separator was never a concern.
-    r = await exchange(certs, gw, get("/other/100%25/echo"))
+    r = await exchange(certs, gw, request_bytes("/other/100%25/echo"))
     assert r.status == 200
     assert json.loads(r.body)["raw_path"] == "/other/100%25/echo"
 
@@ -135,7 +141,7 @@ async def test_case_insensitive_upstream_routes_any_case_to_the_route_of_its_pat
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, sent: str
 ) -> None:
     gw = await proxy(CI)
-    r = await exchange(certs, gw, get(sent, "Accept: application/json"))
+    r = await exchange(certs, gw, request_bytes(sent, "Accept: application/json"))
     assert r.status == 401, r.body
     problem = r.problem()
     assert problem["reason"] == "token-required"
@@ -149,7 +155,7 @@ async def test_case_sensitive_upstream_keeps_case_sensitive_routes(
     """Without the flag /ADMIN/ is another path, decided by the catch-all and forwarded as is:
     right for an upstream that itself tells /ADMIN/ from /admin/ (the demo app does)."""
     gw = await proxy()
-    r = await exchange(certs, gw, get("/ADMIN/echo"))
+    r = await exchange(certs, gw, request_bytes("/ADMIN/echo"))
     assert r.status == 200
     assert json.loads(r.body)["raw_path"] == "/ADMIN/echo"
 
@@ -170,7 +176,7 @@ async def test_windows_file_name_aliases_are_refused_for_a_case_insensitive_upst
     proxy: ProxyFactory, certs: Certs, recording: RecordingUpstream, sent: str
 ) -> None:
     gw = await proxy(CI)
-    r = await exchange(certs, gw, get(sent, "Accept: application/json"))
+    r = await exchange(certs, gw, request_bytes(sent, "Accept: application/json"))
     assert r.status == 400, (sent, r.body)
     assert r.problem()["reason"] == "path-invalid"
     assert recording.hits == []
@@ -193,9 +199,9 @@ async def test_path_policy_globs_match_the_path_the_upstream_reads(
     }
     gw = await proxy(overrides)
     for sent in ("/public/echo", "/PUBLIC/echo", "/Public;v=1/echo"):
-        r = await exchange(certs, gw, get(sent))
+        r = await exchange(certs, gw, request_bytes(sent))
         assert r.status == 200, (sent, r.body)
-    r = await exchange(certs, gw, get("/private/echo", "Accept: application/json"))
+    r = await exchange(certs, gw, request_bytes("/private/echo", "Accept: application/json"))
     assert r.status == 403
     assert r.problem()["reason"] == "path-denied"
 
@@ -213,6 +219,6 @@ async def test_strip_prefix_removes_the_matched_segments_whatever_their_spelling
         }
     )
     for sent in ("/legacy/echo", "/LEGACY/echo"):
-        r = await exchange(certs, gw, get(sent))
+        r = await exchange(certs, gw, request_bytes(sent))
         assert r.status == 200, (sent, r.body)
         assert json.loads(r.body)["raw_path"] == "/echo"

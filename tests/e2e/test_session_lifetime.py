@@ -12,10 +12,9 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN
 from tests.e2e.test_signin import HTML, browser, hidden, session_cookie, sign_in
 from tests.oidc_fixtures import SignInSetup
-from tests.support import Certs
+from tests.support import ADMIN_TOKEN, Certs
 from ztgateway.cli import main
 from ztgateway.clock import ManualClock
 from ztgateway.credentials.totp import totp_code

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_admin import admin
-from tests.support import Certs, client_ssl
+from tests.e2e.test_mtls import eventually
+from tests.support import Certs, admin, client_ssl
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import SYSTEM_CLOCK, ManualClock
@@ -253,13 +253,14 @@ async def test_locked_account_is_refused(
     token = issue_token(certs.issuer_key, sub="alice")
     assert (await call(gw, certs, token))[0] == 200
     assert await asyncio.to_thread(main, ["users", "lock", "alice", "-c", str(gw.config.file)]) == 0
-    await asyncio.sleep(0.6)
+    # What the gateway's poll of the change log would pick up (the CLI is another process).
+    assert await gw.store.sync() > 0
     status, _, body = await call(gw, certs, issue_token(certs.issuer_key, sub="alice"))
     assert (status, body["reason"]) == (403, "account-locked")
     assert (
         await asyncio.to_thread(main, ["users", "unlock", "alice", "-c", str(gw.config.file)]) == 0
     )
-    await asyncio.sleep(0.6)
+    assert await gw.store.sync() > 0
     assert (await call(gw, certs, issue_token(certs.issuer_key, sub="alice")))[0] == 200
 
 
@@ -364,10 +365,23 @@ async def test_a_steady_risk_level_does_not_compound_into_a_step_up(
 async def test_sessions_past_their_absolute_expiry_leave_memory(
     gateway_factory: GatewayFactory, certs: Certs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(Gateway, "session_sweep_interval", 0.2)
-    gw = await gateway_factory({"sessions": {"absolute_timeout": 1}, "routes": [route()]})
-    token = issue_token(certs.issuer_key, sub="alice")
+    monkeypatch.setattr(Gateway, "session_sweep_interval", 0.01)
+    clock = ManualClock(SYSTEM_CLOCK.time())
+    gw = await gateway_factory(
+        {"sessions": {"absolute_timeout": 1}, "routes": [route()]}, clock=clock
+    )
+    token = issue_token(certs.issuer_key, sub="alice", now=clock.time())
     assert (await call(gw, certs, token))[0] == 200
+    sweeps = 0
+    expire = gw.keeper.expire
+
+    async def counted(now: float, routes: Any) -> int:
+        nonlocal sweeps
+        sweeps += 1
+        return await expire(now, routes)
+
+    monkeypatch.setattr(gw.keeper, "expire", counted)
+    await eventually(lambda: sweeps >= 2, "two sweeps within the session's second")
     assert len(gw.store.sessions()) == 1
-    await asyncio.sleep(1.6)
-    assert gw.store.sessions() == []
+    clock.advance(1.5)
+    await eventually(lambda: gw.store.sessions() == [], "the sweep dropped the expired session")

@@ -9,7 +9,6 @@ each a real OIDC provider with its own signing key, both with a user called "ali
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +18,7 @@ from playwright.async_api import Browser, BrowserContext, Page
 
 from tests.e2e.test_browser import browser, device_context, idp_form, shot, sign_in
 from tests.oidc_fixtures import PROVIDER_LABELS, TwoProviders, partner_device
-from tests.support import Certs
+from tests.support import Certs, audit_events
 
 pytestmark = pytest.mark.browser
 __all__ = ["browser"]
@@ -58,12 +57,6 @@ def forwarded(body: str) -> dict[str, Any]:
     assert match is not None, body
     groups = re.search(r'"x-forwarded-groups": "([^"]*)"', body)
     return {"user": match.group(1), "groups": groups.group(1) if groups else None}
-
-
-def audit_events(setup: TwoProviders) -> list[dict[str, Any]]:
-    jsonl = setup.gateway.config.audit.jsonl
-    assert jsonl is not None
-    return [json.loads(line) for line in jsonl.read_text().splitlines()]
 
 
 async def test_the_chooser_lists_the_routes_providers_and_each_signs_in_its_own_alice(
@@ -105,7 +98,7 @@ async def test_the_chooser_lists_the_routes_providers_and_each_signs_in_its_own_
     await setup.gateway.audit.flush()
     forwarded_as = {
         (e["identity"]["user"], e["identity"]["provider"])
-        for e in audit_events(setup)
+        for e in await audit_events(setup.gateway)
         if e.get("identity") and e["identity"].get("provider") and e["route"] == "app"
     }
     assert {("alice", "corp"), ("partners:alice", "partners")} <= forwarded_as
@@ -157,7 +150,7 @@ async def test_a_session_of_another_provider_is_refused_with_a_page_and_a_way_on
     await page.get_by_role("link", name="Sign in with an accepted provider").click()
     await page.wait_for_url(re.compile(re.escape(setup.issuers["corp"]) + "/authorize"))
     await setup.gateway.audit.flush()
-    [refused] = [e for e in audit_events(setup) if e["decision_id"] == decision_id]
+    [refused] = [e for e in await audit_events(setup.gateway) if e["decision_id"] == decision_id]
     assert refused["result"]["reason"] == "provider-not-allowed"
     details = " ".join(f.get("detail", "") for f in refused["result"]["findings"])
     assert "Partner account" in details

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.e2e.test_devices import REPORT
 from tests.e2e.test_mfa_http import verify
 from tests.signals_fixtures import Signals
-from tests.support import Certs, session
+from tests.support import Certs, metric, session
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import ManualClock
@@ -69,11 +69,6 @@ def signal_events(gw: Gateway) -> list[dict[str, Any]]:
 async def audited(gw: Gateway) -> list[dict[str, Any]]:
     await gw.audit.flush()
     return signal_events(gw)
-
-
-def metric(gw: Gateway, name: str, **labels: str) -> float:
-    value = gw.metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
 
 
 async def until(predicate: Any, timeout: float = 2.0) -> float:

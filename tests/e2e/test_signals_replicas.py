@@ -13,12 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.test_signals import WS_CLOSED, call, forged, metric, open_websocket, until
+from tests.e2e.test_signals import WS_CLOSED, call, forged, open_websocket, until
 from tests.e2e.test_workers import supervised
 from tests.oidc_fixtures import users_toml
 from tests.redis_server import RedisServer
 from tests.signals_fixtures import Signals, push_set, signals_config, ssf_toml
-from tests.support import Certs, session
+from tests.support import Certs, metric, session
 from ztgateway.app import Gateway
 from ztgateway.dev.idp import DEVIDP_KEY, start_devidp
 from ztgateway.dev.tokens import issue_token

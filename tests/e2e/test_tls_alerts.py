@@ -18,15 +18,8 @@ from playwright.async_api import Error as PlaywrightError
 
 from tests.conftest import GatewayFactory
 from tests.e2e import test_browser, test_mtls
-from tests.e2e.test_mtls import (
-    HOST,
-    Reply,
-    attempt,
-    metric_reaches,
-    revoke,
-    tls_client,
-)
-from tests.support import Certs
+from tests.e2e.test_mtls import HOST, attempt, metric_reaches, revoke, tls_client
+from tests.support import Certs, Reply
 from ztgateway.app import Gateway
 
 any_loop_gateway = test_mtls.any_loop_gateway

@@ -14,15 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import GatewayFactory, base_config
-from tests.support import Certs, deep_merge, free_port, free_ports, session, to_toml
+from tests.support import Certs, deep_merge, free_port, free_ports, get, session, to_toml
 from ztgateway.app import Gateway
 from ztgateway.audit import search
-
-
-async def get(gw: Gateway, certs: Certs, path: str) -> tuple[int, str]:
-    async with session(certs) as s, s.get(f"https://127.0.0.1:{gw.port}{path}") as r:
-        await r.read()
-        return r.status, r.headers["X-ZT-Decision-Id"]
 
 
 async def events_of(gw: Gateway, decision_id: str) -> dict[str, dict[str, Any]]:
@@ -36,7 +30,8 @@ async def test_an_unreachable_upstream_is_audited_as_such_after_the_allow(
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     gw = await gateway_factory({"upstreams": {"demo": {"url": dead}}})
-    status, decision_id = await get(gw, certs, "/echo")
+    reply = await get(gw, certs, "/echo")
+    status, decision_id = reply.status, reply.decision_id
     assert status == 502
     events = await events_of(gw, decision_id)
     assert events["ztgw.decision"]["result"]["verdict"] == "allow"
@@ -56,7 +51,8 @@ async def test_a_slow_upstream_is_audited_as_a_timeout(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory({"upstreams": {"demo": {"read_timeout": 0.3}}})
-    status, decision_id = await get(gw, certs, "/slow?delay=2")
+    reply = await get(gw, certs, "/slow?delay=2")
+    status, decision_id = reply.status, reply.decision_id
     assert status == 504
     outcome = (await events_of(gw, decision_id))["ztgw.upstream"]
     assert outcome["upstream"]["outcome"] == "timeout"
@@ -69,7 +65,8 @@ async def test_an_answered_request_records_the_upstream_status_and_time(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory()
-    status, decision_id = await get(gw, certs, "/status/418")
+    reply = await get(gw, certs, "/status/418")
+    status, decision_id = reply.status, reply.decision_id
     assert status == 418
     outcome = (await events_of(gw, decision_id))["ztgw.upstream"]
     assert outcome["upstream"]["outcome"] == "responded"
@@ -83,7 +80,7 @@ async def test_failures_only_leaves_answered_requests_with_their_decision_alone(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory({"audit": {"upstream_events": "failures"}})
-    _, decision_id = await get(gw, certs, "/echo")
+    decision_id = (await get(gw, certs, "/echo")).decision_id
     assert set(await events_of(gw, decision_id)) == {"ztgw.decision"}
 
 

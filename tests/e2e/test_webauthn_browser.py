@@ -24,10 +24,10 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, CDPSession, Page
 from playwright.async_api import Error as PlaywrightError
 
-from tests.conftest import ADMIN_TOKEN, GatewayFactory
+from tests.conftest import GatewayFactory
 from tests.e2e.test_browser import ARTIFACTS, browser, device_context, shot, sign_in
 from tests.oidc_fixtures import CLIENT_SECRET, SignInSetup, users_toml
-from tests.support import Certs, free_port
+from tests.support import ADMIN_TOKEN, Certs, audit_events, free_port
 from ztgateway.app import Gateway
 from ztgateway.cli import main
 from ztgateway.clock import ManualClock
@@ -141,12 +141,6 @@ async def enrol(page: Page, name: str) -> None:
     except PlaywrightError:
         status = await page.locator("#webauthn-status").all_inner_texts()
         raise AssertionError(f"not enrolled: {status}") from None
-
-
-async def audit_events(gw: Gateway) -> list[dict[str, Any]]:
-    await gw.audit.flush()
-    assert gw.config.audit.jsonl is not None
-    return [json.loads(x) for x in gw.config.audit.jsonl.read_text().splitlines()]
 
 
 def ceremonies(gw: Gateway, ceremony: str, result: str) -> float:

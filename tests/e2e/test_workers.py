@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, base_config
-from tests.support import Certs, client_ssl, deep_merge, free_ports, to_toml
+from tests.conftest import base_config
+from tests.support import ADMIN_TOKEN, Certs, client_ssl, deep_merge, free_ports, to_toml
 
 pytestmark = pytest.mark.replicas
 
@@ -66,7 +66,8 @@ async def supervised(
             assert proc.wait(timeout=40) == 0
 
 
-async def metric(ops: int, name: str) -> float:
+async def ops_metric(ops: int, name: str) -> float:
+    """A sample from a supervisor's ops port (another process: no registry to read)."""
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{ops}/metrics") as r:
         for line in (await r.text()).splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -87,11 +88,11 @@ async def wait_for(predicate_coro, timeout: float = 20.0) -> None:  # type: igno
 
 
 async def _up(ops: int, n: int) -> bool:
-    return await metric(ops, "ztgw_workers_up") == n
+    return await ops_metric(ops, "ztgw_workers_up") == n
 
 
 async def _restarted(ops: int) -> bool:
-    return await metric(ops, "ztgw_worker_restarts_total") >= 1
+    return await ops_metric(ops, "ztgw_worker_restarts_total") >= 1
 
 
 async def _all_ok(certs: Certs, port: int, n: int) -> None:
@@ -108,7 +109,7 @@ async def test_two_workers_share_the_port_and_a_killed_worker_is_restarted(
 ) -> None:
     async with supervised(certs, upstream, tmp_path) as sup:
         await _all_ok(certs, sup.port, 20)
-        assert await metric(sup.ops, "ztgw_requests_total") == 20.0
+        assert await ops_metric(sup.ops, "ztgw_requests_total") == 20.0
         # Workers once listened on the ops port + 1 + i, which anything on the host may hold
         # (CI found one taken): a worker that could not bind it died and was restarted forever.
         for pid in sup.workers():  # each listens on the shared mTLS port and nothing else
@@ -170,7 +171,7 @@ async def test_admin_reload_and_forward_auth_go_through_the_supervisor(
             async with s.post(f"{base}/decide", data=io.BytesIO(b"x" * (2 << 20))) as r:
                 assert r.status == 413
                 assert r.content_type == "application/problem+json"
-            assert await metric(sup.ops, "ztgw_ops_relay_failures_total") == 1
+            assert await ops_metric(sup.ops, "ztgw_ops_relay_failures_total") == 1
         other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
         async with (
             aiohttp.ClientSession(connector=other) as s,

@@ -28,6 +28,7 @@ import jwt as pyjwt
 import pytest
 from aiohttp import web
 
+from tests.support import CallableClock
 from ztgateway.cli import main
 from ztgateway.commands.dev_idp import register
 from ztgateway.configreader import ConfigError
@@ -43,16 +44,6 @@ REDIRECT_URI = "https://gw.example.test/.ztgw/oidc/callback"
 OTHER_REDIRECT_URI = "https://other.example.test/cb"
 LOGOUT_URI = "https://gw.example.test/.ztgw/signed-out"
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        import time
-
-        return time.time() + self.offset
 
 
 def toml_str(value: str) -> str:
@@ -96,7 +87,7 @@ redirect_uris = [{toml_str(OTHER_REDIRECT_URI)}, {toml_str(REDIRECT_URI)}]
 class IdP:
     issuer: str
     port: int
-    clock: Clock
+    clock: CallableClock
     app: web.Application
 
     def url(self, path: str) -> str:
@@ -110,7 +101,7 @@ def users_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def idp(users_file: Path) -> AsyncIterator[IdP]:
-    clock = Clock()
+    clock = CallableClock()
     runner, port, issuer = await start_devidp("127.0.0.1", 0, users_file, clock=clock)
     yield IdP(issuer=issuer, port=port, clock=clock, app=runner.app)
     await runner.cleanup()
@@ -531,13 +522,14 @@ async def test_code_is_bound_to_verifier_redirect_uri_and_client(
 
 
 async def test_a_code_lives_sixty_seconds(idp: IdP, browser: aiohttp.ClientSession) -> None:
+    start = idp.clock.time()
     code, verifier = await code_for(browser, idp)
-    idp.clock.offset += CODE_TTL + 1
+    idp.clock.advance(CODE_TTL + 1)
     status, body, _ = await exchange(browser, idp, code, verifier)
     assert (status, body["error"]) == (400, "invalid_grant")
-    idp.clock.offset = 0
+    idp.clock.set(start)
     code, verifier = await code_for(browser, idp)
-    idp.clock.offset += CODE_TTL - 5
+    idp.clock.advance(CODE_TTL - 5)
     status, _, _ = await exchange(browser, idp, code, verifier)
     assert status == 200
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.support import CallableClock
 from ztgateway.credentials.jwks import (
     MAX_JWKS_BYTES,
     JwksError,
@@ -43,14 +44,6 @@ from ztgateway.decision import Reason
 ISSUER = "https://idp.example.test"
 AUDIENCE = "gateway"
 NOW = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def b64url(data: bytes) -> str:
@@ -289,7 +282,7 @@ async def test_verifier_with_a_static_jwks_file_verifies_and_never_fetches(
         algorithms=("ES256",),
         jwks_file=path,
     )
-    verifier = TokenVerifier([config], clock=Clock())
+    verifier = TokenVerifier([config], clock=CallableClock(NOW))
     await verifier.start()
     try:
         verified = await verifier.verify(sign(ec_keys[0], "k1"))
@@ -398,7 +391,7 @@ async def run_issuer(
 class Live:
     verifier: TokenVerifier
     issuer: FakeIssuer
-    clock: Clock
+    clock: CallableClock
 
     async def reason(self, token: str) -> Reason:
         with pytest.raises(TokenError) as caught:
@@ -428,7 +421,7 @@ async def live_verifier(
             "jwks_max_age": 100.0,
         }
         settings.update(overrides)
-        clock = Clock()
+        clock = CallableClock(NOW)
         verifier = TokenVerifier(
             [IssuerConfig(**settings)], clock=clock, session_factory=session_factory
         )
@@ -458,7 +451,7 @@ async def test_rotated_key_is_picked_up_after_the_refresh_interval(
 
         too_soon = await live.reason(sign(new, "k-new"))
         requests_too_soon = state.requests
-        live.clock.now += 10
+        live.clock.advance(10)
         after = await live.verifier.verify(sign(new, "k-new", jti="2"))
         retired = await live.reason(sign(old, "k-old", jti="3"))
 
@@ -475,17 +468,17 @@ async def test_unknown_kid_refreshes_at_most_once_per_interval_even_concurrently
 ) -> None:
     state = FakeIssuer({"keys": [ec_jwk(ec_keys[0], "k1")]})
     async with live_verifier(state, refresh_interval=30.0) as live:
-        live.clock.now += 30
+        live.clock.advance(30)
         burst = await asyncio.gather(
             *(live.reason(sign(ec_keys[1], f"unknown-{i}")) for i in range(20))
         )
         after_burst = state.requests
         for i in range(5):
             await live.reason(sign(ec_keys[1], f"again-{i}"))
-        live.clock.now += 29
+        live.clock.advance(29)
         await live.reason(sign(ec_keys[1], "still-too-soon"))
         within_interval = state.requests
-        live.clock.now += 1
+        live.clock.advance(1)
         await live.reason(sign(ec_keys[1], "next-interval"))
 
     assert set(burst) == {Reason.TOKEN_KEY_UNKNOWN}
@@ -501,17 +494,17 @@ async def test_cached_keys_serve_while_issuer_is_down_until_max_age_then_fail_cl
     state = FakeIssuer({"keys": [ec_jwk(key, "k1")]})
     async with live_verifier(state) as live:
         state.status = 503
-        live.clock.now = NOW + 60  # past the revalidation point, within max_age
+        live.clock.set(NOW + 60)  # past the revalidation point, within max_age
         during = await live.verifier.verify(sign(key, "k1", jti="during"))
         await wait_until(lambda: live.status()["last_error"] is not None)
         status_during = live.status()
 
-        live.clock.now = NOW + 100.5
+        live.clock.set(NOW + 100.5)
         after_max_age = await live.reason(sign(key, "k1", jti="after"))
         status_after = live.status()
 
         state.status = 200
-        live.clock.now = NOW + 106
+        live.clock.set(NOW + 106)
         recovered = await live.verifier.verify(sign(key, "k1", jti="recovered"))
         status_recovered = live.status()
 
@@ -532,11 +525,11 @@ async def test_keys_are_revalidated_in_the_background_and_removed_keys_stop_work
 ) -> None:
     state = FakeIssuer({"keys": [ec_jwk(ec_keys[0], "k1"), ec_jwk(ec_keys[1], "k2")]})
     async with live_verifier(state) as live:
-        live.clock.now = NOW + 49
+        live.clock.set(NOW + 49)
         await live.verifier.verify(sign(ec_keys[0], "k1", jti="a"))
         requests_before_revalidation = state.requests
         state.document = {"keys": [ec_jwk(ec_keys[1], "k2")]}  # k1 withdrawn by the issuer
-        live.clock.now = NOW + 50
+        live.clock.set(NOW + 50)
         await live.verifier.verify(sign(ec_keys[0], "k1", jti="b"))  # served, then revalidated
         await wait_until(lambda: live.status()["last_fetch"] == NOW + 50)
         withdrawn = await live.reason(sign(ec_keys[0], "k1", jti="c"))
@@ -561,13 +554,13 @@ async def test_issuer_never_reached_is_unavailable(
         algorithms=("ES256",),
         jwks_url=f"http://127.0.0.1:{closed_port}/jwks.json",
     )
-    clock = Clock()
+    clock = CallableClock(NOW)
     verifier = TokenVerifier([config], clock=clock)
     await verifier.start()
     try:
         with pytest.raises(TokenError) as first:
             await verifier.verify(sign(ec_keys[0], "k1"))
-        clock.now += 5
+        clock.advance(5)
         with pytest.raises(TokenError) as retried:
             await verifier.verify(sign(ec_keys[0], "k1", jti="2"))
         status = verifier.jwks_status()["down"]
@@ -617,7 +610,7 @@ async def test_bad_refresh_keeps_the_keys_already_held(
     state = FakeIssuer({"keys": [ec_jwk(ec_keys[0], "k1")]})
     async with live_verifier(state) as live:
         state.raw = b'{"keys": []}'
-        live.clock.now += 10
+        live.clock.advance(10)
         unknown = await live.reason(sign(ec_keys[1], "k2"))
         still = await live.verifier.verify(sign(ec_keys[0], "k1"))
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.support import CallableClock
 from ztgateway.credentials.jwt import (
     IssuerConfig,
     TokenError,
@@ -48,14 +49,6 @@ def b64url(data: bytes) -> str:
 
 def b64json(value: Any) -> str:
     return b64url(json.dumps(value, separators=(",", ":")).encode())
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass(frozen=True)
@@ -117,7 +110,7 @@ async def serve_jwks(request: web.Request) -> web.Response:
 class Harness:
     verifier: TokenVerifier
     server: JwksServer
-    clock: Clock
+    clock: CallableClock
     url: str
     results: list[tuple[str, str]]
 
@@ -153,7 +146,7 @@ async def make_harness(jwks_server: tuple[JwksServer, str]) -> AsyncIterator[Mak
     made: list[TokenVerifier] = []
 
     async def make(*, cache_size: int = 100, **overrides: Any) -> Harness:
-        clock = Clock()
+        clock = CallableClock(NOW)
         results: list[tuple[str, str]] = []
         settings: dict[str, Any] = {
             "name": "test",
@@ -417,7 +410,7 @@ def test_verifier_refuses_two_issuers_with_the_same_iss(tmp_path: Path) -> None:
 async def test_hostile_kid_is_only_an_unknown_key_after_at_most_one_refresh(
     harness: Harness, keys: Keys, hostile_kid: str
 ) -> None:
-    harness.clock.now += 61  # past refresh_interval: one refresh is allowed
+    harness.clock.advance(61)  # past refresh_interval: one refresh is allowed
     token = sign(keys.ec_key, kid=hostile_kid)
 
     first = await harness.refused(token)
@@ -747,9 +740,9 @@ async def test_cache_hit_does_not_refetch_and_still_expires_at_exp(
     first = await harness.verifier.verify(token)
     requests = harness.server.jwks_requests
 
-    harness.clock.now = NOW + 100
+    harness.clock.set(NOW + 100)
     second = await harness.verifier.verify(token)
-    harness.clock.now = NOW + 120 + LEEWAY
+    harness.clock.set(NOW + 120 + LEEWAY)
     error = await harness.refused(token)
 
     assert second is first
@@ -782,7 +775,7 @@ async def test_cache_hit_still_checks_not_before(harness: Harness, keys: Keys) -
     token = sign(keys.ec_key, nbf=int(NOW) + 10)
     await harness.verifier.verify(token)
 
-    harness.clock.now = NOW - 120
+    harness.clock.set(NOW - 120)
     error = await harness.refused(token)
 
     assert error.reason is Reason.TOKEN_NOT_YET_VALID
@@ -826,7 +819,7 @@ async def test_broken_result_hook_does_not_change_the_verdict(
         algorithms=("ES256",),
         jwks_url=jwks_server[1],
     )
-    verifier = TokenVerifier([config], clock=Clock(), on_result=broken)
+    verifier = TokenVerifier([config], clock=CallableClock(NOW), on_result=broken)
     await verifier.start()
     try:
         verified = await verifier.verify(sign(keys.ec_key))
@@ -974,7 +967,7 @@ async def test_dev_issuer_token_verifies_against_a_jwks_built_from_its_key(
         algorithms=("ES256",),
         jwks_url=url,
     )
-    verifier = TokenVerifier([config], clock=Clock())
+    verifier = TokenVerifier([config], clock=CallableClock(NOW))
     await verifier.start()
     try:
         token = issue_token(
@@ -1022,7 +1015,7 @@ async def test_dev_issuer_token_verifies_against_its_pem_public_key(tmp_path: Pa
         algorithms=("ES256",),
         jwks_file=pem_path,
     )
-    verifier = TokenVerifier([config], clock=Clock())
+    verifier = TokenVerifier([config], clock=CallableClock(NOW))
     await verifier.start()
     try:
         verified = await verifier.verify(

@@ -26,7 +26,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from tests.support import Certs
+from tests.support import CallableClock, Certs
 from tests.unit.test_devidp import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -52,14 +52,6 @@ from ztgateway.portal.redirect import local_path
 SECRET = b"k" * 32
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 def query_of(url: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
 
@@ -83,7 +75,7 @@ def dev_config(issuer: str, **overrides: Any) -> OIDCProviderConfig:
 class DevSetup:
     issuer: str
     runner: web.AppRunner
-    clock: Clock
+    clock: CallableClock
     client: OIDCClient
     browser: aiohttp.ClientSession
 
@@ -109,7 +101,7 @@ class DevSetup:
 async def dev(tmp_path: Path) -> AsyncIterator[DevSetup]:
     users = write_users_file(tmp_path / "users.toml")
     runner, _, issuer = await start_devidp("127.0.0.1", 0, users)
-    clock = Clock()
+    clock = CallableClock()
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
         client = OIDCClient(dev_config(issuer), clock=clock, secret=SECRET)
         setup = DevSetup(issuer, runner, clock, client, browser)
@@ -239,7 +231,7 @@ async def test_state_without_this_browsers_cookie_is_refused(dev: DevSetup) -> N
 async def test_state_expires_after_max_auth_age(dev: DevSetup) -> None:
     start = await dev.client.begin("/")
     query = await dev.login(start)
-    dev.clock.offset += 601
+    dev.clock.advance(601)
     with pytest.raises(OIDCError) as info:
         await dev.finish(start, query)
     assert info.value.reason == "state-invalid"
@@ -678,7 +670,7 @@ async def test_discovery_is_not_followed_through_redirects(forger: Forger) -> No
 
 
 async def test_failed_discovery_is_retried_after_a_pause(forger: Forger) -> None:
-    clock = Clock()
+    clock = CallableClock()
     forger.discovery = {"issuer": "https://evil.example"}
     cfg = OIDCProviderConfig(
         name="f", issuer=forger.issuer, client_id="gw", client_secret="s", redirect_uri=REDIRECT_URI
@@ -688,7 +680,7 @@ async def test_failed_discovery_is_retried_after_a_pause(forger: Forger) -> None
         # Within the retry pause the cached failure answers, without asking the provider.
         with pytest.raises(OIDCError):
             await client.begin("/")
-        clock.offset += 6
+        clock.advance(6)
         start = await client.begin("/")
     assert start.authorization_url.startswith(forger.issuer + "/authorize?tenant=t1&")
 

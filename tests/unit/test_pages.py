@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from tests.support import Certs
 from tests.unit.test_config import error_for, write
 from ztgateway.config import load_config
-from ztgateway.context import LockView, RequestContext
+from ztgateway.context import LockView, RequestContext, SessionView
 from ztgateway.decision import Decision, Finding, Reason, Verdict
 from ztgateway.portal.branding import Logo, PortalConfig, contrast_with_white
 from ztgateway.portal.posture_text import CHECKS, check_text
@@ -33,7 +33,6 @@ from ztgateway.portal.when import until, zone
 from ztgateway.responses import problem_parts
 from ztgateway.responses import render as render_refusal
 from ztgateway.risk.posture import REMEDIATION, PosturePolicy, evaluate
-from ztgateway.stages.session import SessionView
 
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"

@@ -21,7 +21,7 @@ from .common import add_config
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        from ..edge.tls import build_material
+        from ..edge.tlsmaterial import build_material
 
         build_material(config.tls, config.server.client_cert)
     except ConfigError as exc:

@@ -35,7 +35,7 @@ from ..pipeline import Pipeline, default_stages
 from ..risk.posture import PostureError, digest, validate_report
 from ..routes import RouteTable
 from ..runtime import Runtime
-from ..stages.session import token_session_id
+from ..sessions import token_session_id
 from ..store import store_from_url
 from ..store.base import PostureRecord, Session, Store
 
@@ -107,7 +107,7 @@ class OfflineEvaluator:
             dry_run=True,
             clock=clock,
         )
-        self.runtime.pipeline = Pipeline(default_stages(self.runtime))
+        self.pipeline = Pipeline(default_stages(self.runtime))
 
     async def __aenter__(self) -> OfflineEvaluator:
         if self.tokens is not None:
@@ -136,7 +136,9 @@ class OfflineEvaluator:
         )
         self.facts.state(*self._stated(req, ctx.now))
         # The one decision path, as a dry run: nothing is recorded.
-        return ctx, (await DecisionPath(None).decide(ctx, self.runtime, dry=True)).decision
+        return ctx, (
+            await DecisionPath(None).decide(ctx, self.runtime, self.pipeline, dry=True)
+        ).decision
 
     def _stated(
         self, req: Request, now: float

@@ -84,7 +84,7 @@ class _Verified:
 
 
 class ClientCertVerifier:
-    """Built with the TLS material (`tls.build_material`), so it follows CA and CRL reloads."""
+    """Built with the TLS material (`tlsmaterial.build_material`), so it follows CA and CRL reloads."""
 
     def __init__(
         self, client_ca: Path, revocations: RevocationList, *, cache_size: int = 4096

@@ -93,7 +93,8 @@ class RequestPath:
     # --- the request ------------------------------------------------------------------------
     async def handle(self, request: Request) -> None:
         gw = self.gw
-        rt = gw.runtime  # one snapshot for the whole request (a reload swaps it atomically)
+        # One snapshot for the whole request: a reload swaps the pair atomically.
+        rt, pipeline = gw.runtime, gw.pipeline
         server = rt.config.server
         ctx = RequestContext.from_request(
             request,
@@ -106,7 +107,7 @@ class RequestPath:
         if ctx.path is not None and ctx.path.startswith(INTERNAL_PREFIX):
             await self._page(request, ctx)
             return
-        outcome = await self.decisions.decide(ctx, rt)
+        outcome = await self.decisions.decide(ctx, rt, pipeline)
         decision = outcome.decision
         route = ctx.route
         if not await self._durable(request, ctx):
@@ -306,14 +307,14 @@ class RequestPath:
 
     async def recheck(self, request: Request) -> Decision:
         """Re-run the whole decision for an open WebSocket, on the current snapshot."""
-        rt = self.gw.runtime
+        rt, pipeline = self.gw.runtime, self.gw.pipeline
         ctx = RequestContext.from_request(
             request,
             trusted_proxies=rt.config.server.trusted_proxies,
             allow_encoded_slash=rt.config.server.allow_encoded_slash,
             clock=self.gw.clock,
         )
-        return (await self.decisions.decide(ctx, rt, recheck=True)).decision
+        return (await self.decisions.decide(ctx, rt, pipeline, recheck=True)).decision
 
     # --- the gateway's own pages under /.ztgw/ -----------------------------------------------
     async def _page(self, request: Request, ctx: RequestContext) -> None:

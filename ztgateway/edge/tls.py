@@ -1,9 +1,9 @@
 """The one factory of SSLContexts, the parsed client-certificate identity, and the CRL.
 
 Server contexts are rebuilt whenever the certificate, CA bundle or CRL change (file polling and
-SIGHUP); a new connection always gets the newest context, and because revocation is also
-re-checked per request against the newest CRL (by serial), neither a keep-alive connection nor
-a resumed TLS session outlives a revocation.
+SIGHUP, `tlsmaterial.TLSManager`); a new connection always gets the newest context, and because
+revocation is also re-checked per request against the newest CRL (by serial), neither a
+keep-alive connection nor a resumed TLS session outlives a revocation.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import ctypes
 import functools
 import hashlib
 import logging
-import os
 import ssl
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -30,9 +27,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..config import TLSConfig, UpstreamConfig
 from .tlsalert import AlertingContext
-
-if TYPE_CHECKING:
-    from .certverify import ClientCertVerifier
 
 log = logging.getLogger("ztgateway.tls")
 
@@ -311,98 +305,6 @@ def upstream_context(up: UpstreamConfig) -> ssl.SSLContext:
     if up.client_cert and up.client_key:
         ctx.load_cert_chain(str(up.client_cert), str(up.client_key))
     return ctx
-
-
-@dataclass
-class TLSMaterial:
-    """The current server context and CRL, swapped as one snapshot on reload."""
-
-    context: ssl.SSLContext
-    revocations: RevocationList
-    server_not_after: float
-    ca_not_after: float
-    verifier: ClientCertVerifier
-    """Verifies certificates that arrive outside our handshake (forward-auth, /decide)."""
-    fingerprints: tuple[int, ...] = field(default_factory=tuple)
-
-
-def _mtimes(cfg: TLSConfig) -> tuple[int, ...]:
-    out: list[int] = []
-    for p in (cfg.cert, cfg.key, cfg.client_ca, cfg.crl):
-        if p is None:
-            continue
-        try:
-            st = os.stat(p)
-            out.append(st.st_mtime_ns + st.st_size)
-        except OSError:
-            out.append(-1)
-    return tuple(out)
-
-
-def build_material(cfg: TLSConfig, client_cert: str, extra_crls: bytes = b"") -> TLSMaterial:
-    ctx = server_context(cfg, client_cert, extra_crls)
-    ca = x509.load_pem_x509_certificate(cfg.client_ca.read_bytes())
-    crl = load_crl(cfg.crl, ca) if cfg.crl else RevocationList()
-    from .certverify import ClientCertVerifier
-
-    server = x509.load_pem_x509_certificate(cfg.cert.read_bytes())
-    return TLSMaterial(
-        context=ctx,
-        revocations=crl,
-        server_not_after=server.not_valid_after_utc.timestamp(),
-        ca_not_after=ca.not_valid_after_utc.timestamp(),
-        verifier=ClientCertVerifier(cfg.client_ca, crl),
-        fingerprints=_mtimes(cfg),
-    )
-
-
-class TLSManager:
-    """Owns the live TLSMaterial; `maybe_reload()` swaps it when files change."""
-
-    def __init__(
-        self,
-        cfg: TLSConfig,
-        client_cert: str,
-        *,
-        on_reload: Callable[[bool, str], None] | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.client_cert = client_cert
-        self.extra_crls = b""
-        self.current = build_material(cfg, client_cert)
-        self._on_reload = on_reload
-
-    def reconfigure(self, cfg: TLSConfig, client_cert: str) -> None:
-        """Apply a new TLS section (hot reload); raises and keeps the old one on failure."""
-        material = build_material(cfg, client_cert, self.extra_crls)
-        self.cfg, self.client_cert, self.current = cfg, client_cert, material
-
-    def set_extra_crls(self, pem: bytes) -> None:
-        """New fetched CRLs: new connections are checked against them in the handshake."""
-        if pem == self.extra_crls:
-            return
-        material = build_material(self.cfg, self.client_cert, pem)
-        self.extra_crls, self.current = pem, material
-
-    def maybe_reload(self, *, force: bool = False) -> bool:
-        if not force and _mtimes(self.cfg) == self.current.fingerprints:
-            return False
-        try:
-            material = build_material(self.cfg, self.client_cert, self.extra_crls)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error("TLS reload failed, keeping the previous certificates: %s", exc)
-            if self._on_reload:
-                self._on_reload(False, str(exc))
-            # Remember the broken state so the error is not logged on every poll.
-            self.current.fingerprints = _mtimes(self.cfg)
-            return False
-        self.current = material
-        log.info(
-            "TLS material reloaded (%d revoked serials)", len(material.revocations.revoked_serials)
-        )
-        if self._on_reload:
-            self._on_reload(True, "")
-        return True
 
 
 # X509_V_ERR_* (openssl/x509_vfy.h) -> bounded metric label.

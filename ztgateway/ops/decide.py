@@ -1,7 +1,7 @@
 """`POST /decide` on the ops listener: the live pipeline's decision for a described request.
 
 Policy explain for operators (behind the admin token, admin.py): judged on the current
-configuration and state, without side effects (`Services.dry_runtime`: no registration, no
+configuration and state, without side effects (`Services.dry_snapshot`: no registration, no
 rate-limit tokens spent, nothing recorded).
 """
 
@@ -66,5 +66,5 @@ async def decide(request: web.Request) -> web.Response:
     if refused is not None:
         decision = refusal(ctx, refused.reason, refused.detail)
     else:
-        decision = (await gw.decisions.decide(ctx, gw.dry_runtime(), dry=True)).decision
+        decision = (await gw.decisions.decide(ctx, *gw.dry_snapshot(), dry=True)).decision
     return web.json_response(explain_json(ctx, decision))

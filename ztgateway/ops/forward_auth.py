@@ -109,7 +109,7 @@ async def forward_auth(request: web.Request, gw: Services) -> web.StreamResponse
     # The same decide-and-record path as the data plane (security review M4): the audit event,
     # the metrics, and the session write-back (touch, anomaly, failed attempts, revocation on
     # TERMINATE) all happen here too.
-    return _answer(ctx, (await gw.decisions.decide(ctx, gw.runtime)).decision, gw)
+    return _answer(ctx, (await gw.decisions.decide(ctx, gw.runtime, gw.pipeline)).decision, gw)
 
 
 async def verify_forwarded_cert(

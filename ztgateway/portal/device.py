@@ -17,7 +17,8 @@ from ..audit import AuditUnavailable
 from ..context import RequestContext
 from ..decision import Reason, Verdict
 from ..edge.http1 import Request
-from ..responses import problem, wants_html
+from ..request.fetchmeta import wants_html
+from ..responses import problem
 from ..risk.posture import (
     MAX_CLOCK_SKEW,
     MAX_REPORT_BYTES,

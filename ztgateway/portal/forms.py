@@ -42,8 +42,8 @@ from aiohttp import web
 from ..audit import AuditUnavailable
 from ..decision import Reason, Verdict
 from ..edge.http1 import Request
-from ..request.fetchmeta import own_origin
-from ..responses import problem, wants_html
+from ..request.fetchmeta import own_origin, wants_html
+from ..responses import problem
 from .redirect import local_redirect
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from ..credentials.totp import SealedSecretError, TOTPError, qr_svg
 from ..decision import Reason, Verdict
 from ..edge.http1 import Request
 from ..responses import problem, see_other
-from ..stages.session import read_cookie
+from ..sessions import read_cookie
 from . import webauthn as wa
 from .forms import (
     JSON_TYPE,

@@ -19,9 +19,10 @@ from ..context import Identity, RequestContext
 from ..credentials.oidc import OIDCClient, OIDCError
 from ..decision import Reason, Verdict
 from ..edge.http1 import Request
+from ..request.fetchmeta import wants_html
 from ..request.paths import PathError, normalize_path
-from ..responses import problem, see_other, wants_html
-from ..stages.session import clear_cookie_header, cookie_session_id, read_cookie
+from ..responses import problem, see_other
+from ..sessions import clear_cookie_header, cookie_session_id, read_cookie
 from ..store.base import ID_TOKEN, StoreUnavailable
 from .forms import issue_csrf, public_origin, read_checked_form, return_target
 from .posture_text import check_text
@@ -338,7 +339,7 @@ async def whoami(gw: Services, request: Request, ctx: RequestContext) -> web.Str
         cert=ctx.cert,
         now=ctx.now,
     )
-    decision = (await gw.decisions.decide(probe, gw.dry_runtime(), dry=True)).decision
+    decision = (await gw.decisions.decide(probe, *gw.dry_snapshot(), dry=True)).decision
     ident = probe.identity
     view = probe.session
     session = view.session if view else None

@@ -25,8 +25,8 @@ from ..credentials.jwt import TokenError, check_binding
 from ..decision import Reason, Verdict
 from ..request.paths import PathError, normalize_path
 from ..responses import lock_ends_text, problem, see_other
+from ..sessions import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
 from ..stages.identity import identity_from_token
-from ..stages.session import MFA_METHOD, MFA_UV, cookie_session_id, read_cookie, token_session_id
 from ..store.base import ID_TOKEN, Session
 from .redirect import login_redirect_to
 

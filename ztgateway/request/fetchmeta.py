@@ -44,6 +44,15 @@ def own_origin(host: str) -> str:
     return "https://" + h
 
 
+def wants_html(accept: str) -> bool:
+    """A browser navigation, not an API client: text/html listed before any JSON type."""
+    if not accept or "text/html" not in accept:
+        return False
+    a = accept.lower()
+    json_at = min((i for i in (a.find("application/json"), a.find("+json")) if i >= 0), default=-1)
+    return json_at < 0 or a.find("text/html") < json_at
+
+
 def read(
     method: str, headers: Mapping[str, str], host_header: str, wants_html: bool
 ) -> FetchContext:

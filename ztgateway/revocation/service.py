@@ -36,7 +36,8 @@ from cryptography import x509
 from ..clock import Clock
 from ..decision import Finding, Reason, Verdict
 from ..edge.inline import in_task
-from ..edge.tls import CertInfo, TLSManager, issued_by
+from ..edge.tls import CertInfo, issued_by
+from ..edge.tlsmaterial import TLSManager
 from ..metrics import Metrics
 from ..store.base import Store, StoreUnavailable
 from .config import OCSPFailure, RevocationConfig

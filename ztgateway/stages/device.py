@@ -8,11 +8,10 @@ where configured); a revoked device is refused everywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import TRUST_LEVELS
-from ..context import RequestContext
+from ..context import DeviceView, RequestContext
 from ..decision import Finding, Reason, Verdict
 from ..risk.posture import PostureEvaluation, evaluate
 from ..signals.compliance import apply_verdict, record_key
@@ -23,21 +22,6 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 NAME = "device"
-
-
-@dataclass(slots=True)
-class DeviceView:
-    device: Device | None
-    trust: str
-    posture: PostureEvaluation | None
-    new: bool = False
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "device": self.device.to_json() if self.device else None,
-            "trust": self.trust,
-            "posture": self.posture.to_json() if self.posture else None,
-        }
 
 
 def new_device(cert: CertInfo, now: float, ip: str, *, approved: bool) -> Device:

@@ -13,7 +13,7 @@ from ..context import Identity, RequestContext
 from ..credentials.jwt import TokenError, VerifiedToken, check_binding
 from ..decision import Finding, Reason, Verdict
 from ..request.fetchmeta import ambient_refusal
-from .session import cookie_session_id, read_cookie
+from ..sessions import cookie_session_id, read_cookie
 
 if TYPE_CHECKING:
     from ..config import ClaimMapping, RouteConfig

@@ -9,7 +9,6 @@ stage gathers its inputs from the context and the store's memory.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -27,10 +26,10 @@ from ..risk.scoring import (
     in_working_hours,
     verdict_for,
 )
-from ..store.base import UserRecord
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
+    from ..store.base import UserRecord
 
 NAME = "risk"
 
@@ -192,26 +191,3 @@ class RiskStage:
                 self._results.clear()
             self._results[cache_key] = (result.score, tuple(out))
         return out
-
-
-def remember(runtime: Runtime, ctx: RequestContext) -> None:
-    """After an ALLOW: this user now knows this device, this route, and was here (write-behind)."""
-    store = runtime.store
-    ident = ctx.identity
-    if store is None or ident is None or ident.user is None or ctx.route is None or runtime.dry_run:
-        return
-    account = store.user(ident.user) or UserRecord(user=ident.user)
-    device_id = ctx.cert.device_id if ctx.cert else None
-    changed = False
-    if device_id and device_id not in account.known_devices:
-        account = replace(account, known_devices=(*account.known_devices[-49:], device_id))
-        changed = True
-    if ctx.route.risk.sensitive and ctx.route.name not in account.known_routes:
-        account = replace(account, known_routes=(*account.known_routes, ctx.route.name))
-        changed = True
-    location = ctx.risk_location
-    if location is not None:
-        account = replace(account, last_location=(location[0], location[1], ctx.now))
-        changed = True
-    if changed:
-        store.touch_user(account)
