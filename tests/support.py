@@ -242,6 +242,16 @@ async def get(
         return Reply(r.status, CIMultiDict(r.headers), await r.read())
 
 
+async def scrape(ops_port: int) -> str:
+    """The gateway's /metrics as Prometheus reads it: through the ops listener, as text."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{ops_port}/metrics") as r,
+    ):
+        assert r.status == 200
+        return await r.text()
+
+
 def metric(gw: Gateway, name: str, **labels: str) -> float:
     """One sample of the gateway's registry; a labelled counter never touched counts as 0."""
     return gw.metrics.registry.get_sample_value(name, labels) or 0.0

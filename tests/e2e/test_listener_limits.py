@@ -30,6 +30,7 @@ from tests.support import (
     free_port,
     free_ports,
     metric,
+    scrape,
     session,
     to_toml,
 )
@@ -237,11 +238,6 @@ def run_gateway(
     return proc, port, ops
 
 
-async def ops_metrics(ops: int) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{ops}/metrics") as r:
-        return await r.text()
-
-
 def sample(text: str, wanted: str) -> float:
     for line in text.splitlines():
         if line.startswith(wanted + " "):
@@ -253,7 +249,7 @@ async def wait_up(ops: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with contextlib.suppress(aiohttp.ClientError, OSError):
-            await ops_metrics(ops)
+            await scrape(ops)
             return
         await asyncio.sleep(0.1)
     raise AssertionError("gateway did not start")
@@ -273,7 +269,7 @@ async def test_fd_limit_below_max_connections_is_warned_and_excess_refused_and_c
         text = (tmp_path / "fd.log").read_text()
         assert "file-descriptor limit 256 (hard 256) is below" in text
         assert "at most 96 client connections" in text
-        assert sample(await ops_metrics(ops), "ztgw_fd_limit") == 256
+        assert sample(await scrape(ops), "ztgw_fd_limit") == 256
         held, failed = [], 0
         for _ in range(130):
             try:
@@ -286,9 +282,7 @@ async def test_fd_limit_below_max_connections_is_warned_and_excess_refused_and_c
             except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
                 failed += 1
         assert len(held) == 96
-        counted = sample(
-            await ops_metrics(ops), 'ztgw_connections_rejected_total{reason="fd_limit"}'
-        )
+        counted = sample(await scrape(ops), 'ztgw_connections_rejected_total{reason="fd_limit"}')
         assert counted == failed == 130 - 96  # every refusal is counted, none is silent
         for writer in held:
             writer.close()
@@ -308,7 +302,7 @@ async def test_fd_soft_limit_is_raised_towards_what_max_connections_needs(
         assert (
             "raised the file-descriptor limit from 256 to 4096" in (tmp_path / "fd.log").read_text()
         )
-        assert sample(await ops_metrics(ops), "ztgw_fd_limit") == 4096
+        assert sample(await scrape(ops), "ztgw_fd_limit") == 4096
     finally:
         stop(proc)
     assert os.path.exists(tmp_path / "audit.db")

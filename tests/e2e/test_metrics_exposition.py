@@ -8,21 +8,11 @@ import platform
 import shutil
 import subprocess
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Certs, session
+from tests.support import Certs, scrape, session
 from ztgateway import __version__
 from ztgateway.app import Gateway
-
-
-async def scrape(gw: Gateway) -> str:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(f"http://127.0.0.1:{gw.ops_port}/metrics") as r,
-    ):
-        assert r.status == 200
-        return await r.text()
 
 
 async def test_metrics_have_no_created_series_and_show_the_process_and_build(
@@ -30,7 +20,7 @@ async def test_metrics_have_no_created_series_and_show_the_process_and_build(
 ) -> None:
     async with session(certs) as s, s.get(f"https://127.0.0.1:{gateway.port}/echo") as r:
         assert r.status == 200
-    text = await scrape(gateway)
+    text = await scrape(gateway.ops_port)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {s.name: s for f in families.values() for s in f.samples}
     assert not [name for name in samples if name.endswith("_created")]
@@ -51,7 +41,7 @@ async def test_metrics_have_no_created_series_and_show_the_process_and_build(
 async def test_promtool_accepts_the_exposition(gateway: Gateway) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "Debian's prometheus package provides promtool"
-    text = await scrape(gateway)
+    text = await scrape(gateway.ops_port)
     out = await asyncio.to_thread(
         subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True, text=True
     )

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import uvloop
 from cryptography import x509
@@ -31,7 +30,16 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GatewayFactory, base_config
-from tests.support import Certs, Reply, audit_events, client_ssl, deep_merge, session, to_toml
+from tests.support import (
+    Certs,
+    Reply,
+    audit_events,
+    client_ssl,
+    deep_merge,
+    scrape,
+    session,
+    to_toml,
+)
 from ztgateway.app import Gateway
 from ztgateway.config import load_config
 from ztgateway.dev.demo_app import start_demo_app
@@ -134,17 +142,10 @@ def tls_client(
     return ctx
 
 
-async def scrape(gw: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample the ops listener exposes, as Prometheus would read it."""
-    assert gw.ops_port is not None
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(f"http://{HOST}:{gw.ops_port}/metrics") as r,
-    ):
-        assert r.status == 200
-        text = await r.text()
+async def samples(gw: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a scrape, by name and labels."""
     out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(await scrape(gw.ops_port)):
         for sample in family.samples:
             out[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return out
@@ -153,7 +154,7 @@ async def scrape(gw: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
 async def scraped_metric(gw: Gateway, name: str, **labels: str) -> float:
     """One sample as Prometheus reads it from the ops listener (support.metric reads the
     registry); a labelled counter never touched counts as 0."""
-    return (await scrape(gw)).get((name, frozenset(labels.items())), 0.0)
+    return (await samples(gw)).get((name, frozenset(labels.items())), 0.0)
 
 
 async def eventually(
@@ -226,7 +227,7 @@ async def test_client_without_certificate_is_refused_at_the_handshake(
     await assert_refused(gw.port or 0, tls_client(certs, None, version=version))
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="no_certificate")
     assert await scraped_metric(gw, "ztgw_tls_handshakes_total", tls_version=version.name) == 0
-    requests = [k for k in await scrape(gw) if k[0] == "ztgw_requests_total"]
+    requests = [k for k in await samples(gw) if k[0] == "ztgw_requests_total"]
     assert requests == [], "a refused handshake must never reach the request pipeline"
 
 
@@ -246,11 +247,11 @@ async def test_untrusted_client_certificate_is_refused_at_the_handshake(
     await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason=reason)
     failures = {
         dict(labels)["reason"]: v
-        for (name, labels), v in (await scrape(gw)).items()
+        for (name, labels), v in (await samples(gw)).items()
         if name == "ztgw_tls_handshake_failures_total" and v
     }
     assert failures == {reason: 1.0}, "exactly one failure, counted under its own reason"
-    completed = [k for k in await scrape(gw) if k[0] == "ztgw_tls_handshakes_total"]
+    completed = [k for k in await samples(gw) if k[0] == "ztgw_tls_handshakes_total"]
     assert completed == []
 
 
@@ -628,17 +629,17 @@ async def test_certificate_expiry_and_crl_next_update_are_exposed_and_in_the_fut
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
     gw = await gateway_factory()
-    samples = await scrape(gw)
+    scraped = await samples(gw)
     now = time.time()
-    server = samples[("ztgw_certificate_expiry_timestamp_seconds", frozenset({("cert", "server")}))]
+    server = scraped[("ztgw_certificate_expiry_timestamp_seconds", frozenset({("cert", "server")}))]
     server_cert = x509.load_pem_x509_certificate(certs.server.read_bytes())
     assert server == server_cert.not_valid_after_utc.timestamp()
     assert server > now
-    client_ca = samples[
+    client_ca = scraped[
         ("ztgw_certificate_expiry_timestamp_seconds", frozenset({("cert", "client_ca")}))
     ]
     assert client_ca > now
-    next_update = samples[("ztgw_crl_next_update_timestamp_seconds", frozenset())]
+    next_update = scraped[("ztgw_crl_next_update_timestamp_seconds", frozenset())]
     crl = x509.load_pem_x509_crl((Path(str(gw.config.tls.crl))).read_bytes())
     assert crl.next_update_utc is not None
     assert next_update == crl.next_update_utc.timestamp()

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import Certs, client_ssl, free_port, session
+from tests.support import Certs, client_ssl, free_port, scrape, session
 from ztgateway.app import Gateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,15 +65,6 @@ async def run(*argv: str, stdin: bytes | None = None) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def ops_metrics(gw: Gateway) -> str:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(f"http://{HOST}:{gw.ops_port}/metrics") as r,
-    ):
-        assert r.status == 200
-        return await r.text()
-
-
 async def refused_handshake(gw: Gateway, certs: Certs) -> None:
     """One connection with a client certificate from another CA: refused in the TLS handshake
     (unknown_ca). A raw connection, because aiohttp retries a GET on a dropped connection."""
@@ -92,7 +83,9 @@ async def refused_handshake(gw: Gateway, certs: Certs) -> None:
             with contextlib.suppress(ssl.SSLError, ConnectionError, OSError):
                 await writer.wait_closed()
     deadline = time.monotonic() + DEADLINE
-    while 'ztgw_tls_handshake_failures_total{reason="unknown_ca"} 1.0' not in await ops_metrics(gw):
+    while 'ztgw_tls_handshake_failures_total{reason="unknown_ca"} 1.0' not in await scrape(
+        gw.ops_port
+    ):
         assert time.monotonic() < deadline, "the refused handshake was never counted"
         await asyncio.sleep(0.05)
 
@@ -109,7 +102,7 @@ async def exercise(gw: Gateway, certs: Certs) -> str:
         async with s.get(f"{base}/api/echo", headers={"Authorization": "Bearer not.a.jwt"}) as r:
             assert r.status == 401
     await refused_handshake(gw, certs)
-    text = await ops_metrics(gw)
+    text = await scrape(gw.ops_port)
     for series in (
         'ztgw_requests_total{reason="policy-allowed",route="app",verdict="allow"} 3.0',
         'ztgw_requests_total{reason="token-required",route="api",verdict="deny"} 1.0',

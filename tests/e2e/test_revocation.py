@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_mtls import connect, eventually, request_on, scrape, scraped_metric
+from tests.e2e.test_mtls import connect, eventually, request_on, samples, scraped_metric
 from tests.e2e.test_proxy import closed_by_peer
 from tests.e2e.test_security_forward_auth import NGINX_EDGE, ask, nginx_value
 from tests.e2e.test_tls_alerts import CERTIFICATE_REVOKED, s_client_alert
@@ -488,7 +488,7 @@ async def test_revocation_found_on_one_replica_holds_on_another_without_asking(
 
 async def test_metrics_for_revocation_are_exposed_before_anything_happens(env: Env) -> None:
     gw = await env.factory(clock=env.clock)
-    names = {name for name, _ in await scrape(gw)}
+    names = {name for name, _ in await samples(gw)}
     for name in (
         "ztgw_crl_fetches_total",
         "ztgw_crl_stale",

@@ -22,6 +22,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ztgateway"
 
+
 def module_files(root: Path = PACKAGE) -> dict[str, Path]:
     """Every module of the package by dotted name (a package under its own name)."""
     out: dict[str, Path] = {}
