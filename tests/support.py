@@ -57,6 +57,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def accepting(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """A server accepts on `port` now. A port from `free_port()` lies in the ephemeral range,
+    where probing it before its server binds can connect the probe to itself (TCP simultaneous
+    open): that is not a server, and while it lasts the server cannot bind the port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            return bool(s.getsockname() != s.getpeername())
+    except OSError:
+        return False
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """`n` distinct free ports: all bound at once, so the kernel cannot hand one out twice
     (two calls of free_port() can return the same port, and a gateway then refuses an ops

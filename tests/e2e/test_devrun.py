@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Certs, free_port
-from ztgateway.dev.run import free_port_offset, moved_idp_users, set_keys
+from ztgateway.dev.run import _answers, free_port_offset, moved_idp_users, set_keys
 from ztgateway.dev.tokens import issue_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -229,6 +229,25 @@ def test_a_gateway_that_fails_to_start_is_reported_and_the_others_stop(
     assert "error: the gateway exited during start-up (exit 1)" in out
     assert "ztgateway is running" not in out
     assert nobody_listens([p + offset for p in (8443, 9100, 8080, 9200)], timeout=30)
+
+
+def test_a_probe_answered_with_its_own_request_is_not_ready() -> None:
+    """Seen in CI: the readiness probe of a port in the ephemeral range connected to itself
+    (TCP simultaneous open) and read `GET /readyz HTTP/1.1` as the status line; `make run`
+    crashed with BadStatusLine instead of waiting. A server echoing the request is the same."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def echo() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(conn.recv(4096))
+
+        thread = threading.Thread(target=echo, daemon=True)
+        thread.start()
+        assert _answers(f"http://127.0.0.1:{port}/readyz") is None
+        thread.join(5)
+    assert _answers(f"http://127.0.0.1:{port}/readyz") is None  # nothing listening
 
 
 def test_moving_keeps_the_files_layout_and_comments() -> None:

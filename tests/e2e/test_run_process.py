@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Certs, free_ports
+from tests.support import Certs, accepting, free_ports
 from ztgateway.dev.tokens import issue_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,11 +27,9 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        if accepting(port, timeout=0.2):
             return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise TimeoutError(port)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import http.client
 import json
 import os
 import random
@@ -256,12 +257,16 @@ def _start(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 def _answers(url: str) -> int | None:
+    """The status `url` answers, or None while nothing answers HTTP there yet. An answer that
+    is not HTTP counts as none: probing a port in the ephemeral range before its server binds
+    it can connect the probe to itself (TCP simultaneous open), and it reads back its own
+    request as the status line."""
     try:
         with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - our own loopback URLs
             return int(r.status)
     except urllib.error.HTTPError as exc:
         return exc.code
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return None
 
 
