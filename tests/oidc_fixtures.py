@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,10 +11,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.support import Certs, free_port
+from tests.support import Certs, client_ssl, free_port
 from ztgateway.app import Gateway
 from ztgateway.clock import Clock
 from ztgateway.dev.idp import start_devidp
@@ -220,3 +222,16 @@ async def two_providers(
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+async def report_unencrypted_mac(signin: SignInSetup, certs: Certs) -> None:
+    """alice's laptop's agent reports a Mac without disk encryption (patched today), which a
+    route asking for a compliant device refuses with the device page."""
+    report = {
+        "platform": "macos", "os_version": "15.1", "last_patch": dt.date.today().isoformat(),
+        "disk_encrypted": False, "firewall": True, "antivirus": True, "screen_lock": True,
+        "mdm_enrolled": True, "jailbroken": False,
+    }  # fmt: skip
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(certs))) as s:
+        async with s.post(signin.origin + "/.ztgw/posture", json=report) as r:
+            assert r.status == 200

@@ -7,7 +7,6 @@ screenshot is kept under test-artifacts/.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import time
@@ -15,12 +14,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from playwright.async_api import Browser, BrowserContext, Error, Page, async_playwright
 
-from tests.oidc_fixtures import PASSWORDS, SignInSetup
-from tests.support import Certs, client_ssl, real_time_env
+from tests.oidc_fixtures import PASSWORDS, SignInSetup, report_unencrypted_mac
+from tests.support import Certs, real_time_env
 from ztgateway.credentials.totp import totp_code
 from ztgateway.sessions import cookie_session_id
 
@@ -212,14 +210,7 @@ async def test_a_terminated_session_bounces_to_sign_in(page: Page, signin: SignI
 async def test_a_noncompliant_device_sees_what_to_fix(
     page: Page, signin: SignInSetup, certs: Certs
 ) -> None:
-    report = {
-        "platform": "macos", "os_version": "15.1", "last_patch": dt.date.today().isoformat(),
-        "disk_encrypted": False, "firewall": True, "antivirus": True, "screen_lock": True,
-        "mdm_enrolled": True, "jailbroken": False,
-    }  # fmt: skip
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(certs))) as s:
-        async with s.post(signin.origin + "/.ztgw/posture", json=report) as r:
-            assert r.status == 200
+    await report_unencrypted_mac(signin, certs)
     # The device is refused before anyone signs in: the browser lands on what to fix.
     await page.goto(signin.origin + "/secure/echo")
     await page.wait_for_url(re.compile(r"/\.ztgw/device"))

@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from playwright.async_api import Browser, Page
 
 from tests.e2e.test_browser import browser, device_context, sign_in  # noqa: F401 - fixture
-from tests.oidc_fixtures import SignInSetup
-from tests.support import Certs, client_ssl
+from tests.oidc_fixtures import SignInSetup, report_unencrypted_mac
+from tests.support import Certs
 from ztgateway.credentials.totp import totp_code
 from ztgateway.store.base import UserRecord
 
@@ -170,14 +169,7 @@ async def test_a_device_that_fails_its_posture_sees_each_check_in_words(
     signin: SignInSetup,
     certs: Certs,
 ) -> None:
-    report = {
-        "platform": "macos", "os_version": "15.1", "last_patch": dt.date.today().isoformat(),
-        "disk_encrypted": False, "firewall": True, "antivirus": True, "screen_lock": True,
-        "mdm_enrolled": True, "jailbroken": False,
-    }  # fmt: skip
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(certs))) as s:
-        async with s.post(signin.origin + "/.ztgw/posture", json=report) as r:
-            assert r.status == 200
+    await report_unencrypted_mac(signin, certs)
     async with demo_page(browser, signin, certs) as page:
         await page.goto(signin.origin + "/secure/echo")
         await page.wait_for_url(re.compile(r"/\.ztgw/device\?rd=/secure/echo"))
