@@ -313,8 +313,10 @@ class SetupFailed(Exception):
 
 
 def _listening(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
+    # A free port lies in the ephemeral range: probing it before the server binds can connect
+    # the probe to itself (TCP simultaneous open), which is no server (tests/support.accepting).
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        return bool(s.getsockname() != s.getpeername())
 
 
 def http_post_json(port: int, path: str, doc: Any, *, tls: ssl.SSLContext) -> tuple[int, bytes]:
