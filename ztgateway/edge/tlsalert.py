@@ -14,7 +14,8 @@ the connection's raw transport (`bind_alert_sink`). When `do_handshake()` raises
 fatal error, whatever OpenSSL left in the outgoing BIO (the alert record) is written to the raw
 transport's socket before the exception propagates and the protocol closes its descriptor; the
 socket itself is closed a little later, after a lingering read (`LingeringAlert`), so that no
-RST overtakes the alert. See
+RST overtakes the alert, and a TLS 1.3 alert waits for the client's request so that it does not
+reach an idle connection. See
 docs/decisions/0017-revocation-tls-alerts.md.
 """
 
@@ -121,29 +122,44 @@ class AlertingContext(ssl.SSLContext):
 
 LINGER_SECONDS = 2.0
 """How long a refused connection is read from (and what arrives discarded) after its alert."""
+FIRST_FLIGHT_SECONDS = 0.25
+"""How long an encrypted (TLS 1.3) alert waits for the client's first bytes after its Finished."""
 MAX_LINGERING = 256
 """Refused connections lingering at once; beyond, the alert is sent and the socket closed."""
 
+_ALERT_RECORD = 21
+"""TLS record content type of a plaintext alert; a TLS 1.3 alert sent after the server's
+Finished is encrypted and travels as application_data (23) instead."""
+
 
 class LingeringAlert:
-    """Sends the alert, then closes like nginx's lingering_close instead of at once.
+    """Sends the alert when the client can read it, then closes like nginx's lingering_close.
 
-    A TLS 1.3 client sends its request right behind its Finished, before it can know its
-    certificate was refused. Closing a socket with those bytes unread makes the kernel send a
-    RST, which can reach the client before it reads the alert: Chromium then reports
-    ERR_SOCKET_NOT_CONNECTED instead of ERR_BAD_SSL_CLIENT_AUTH_CERT. So the socket is kept
-    open through a duplicate descriptor (the event loop closes its own one as usual): the alert
-    and a FIN go out, what still arrives is read and dropped until the client closes or
-    LINGER_SECONDS pass, and only then the socket is closed. At most MAX_LINGERING at once (a
-    flood of refused handshakes must not pile up descriptors)."""
+    A TLS 1.3 client believes its handshake done once it has sent its Finished, before the
+    server has judged its certificate, and sends its request right behind. Two races follow:
+    - Closing a socket with those bytes unread makes the kernel send a RST, which can reach the
+      client before it reads the alert. So the socket is kept open through a duplicate
+      descriptor (the event loop closes its own one as usual): the alert and a FIN go out, what
+      still arrives is read and dropped until the client closes or LINGER_SECONDS pass.
+    - An alert that arrives before the client has sent its request is read while the
+      connection sits idle in the client's pool: Chromium then reports the socket as not
+      connected (ERR_SOCKET_NOT_CONNECTED, "site can't be reached") instead of "didn't accept
+      your login certificate" (ERR_BAD_SSL_CLIENT_AUTH_CERT). So an encrypted alert (TLS 1.3,
+      after the server's Finished) waits for the client's first bytes, at most
+      FIRST_FLIGHT_SECONDS; a plaintext one (TLS 1.2, where the client waits for the server's
+      Finished and would send nothing) goes at once.
+    At most MAX_LINGERING at once (a flood of refused handshakes must not pile up
+    descriptors)."""
 
     def __init__(self, transport: asyncio.BaseTransport, owner: AlertingContext) -> None:
         self._transport = transport
         self._owner = owner
+        self._sock: socket.socket | None = None
+        self._pending: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def __call__(self, data: bytes) -> None:
         raw = self._transport.get_extra_info("socket")
-        loop = asyncio.get_running_loop()
         owner = self._owner
         if raw is None or owner.lingering >= MAX_LINGERING:
             self._transport.write(data)  # type: ignore[attr-defined]
@@ -154,33 +170,58 @@ class LingeringAlert:
             self._transport.write(data)  # type: ignore[attr-defined]
             return
         sock.setblocking(False)
+        owner.lingering += 1
+        loop = asyncio.get_running_loop()
+        self._sock, self._pending = sock, data
+        self._timer = loop.call_later(FIRST_FLIGHT_SECONDS, self._first_flight_over)
+        if data[:1] == bytes([_ALERT_RECORD]) and not self._send_alert():
+            return
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _send_alert(self) -> bool:
+        sock, alert = self._sock, self._pending
+        self._pending = None
+        assert sock is not None and alert is not None
         try:
-            sock.send(data)
+            sock.send(alert)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
-            sock.close()
+            self._finish()
+            return False
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._finish)
+        return True
+
+    def _first_flight_over(self) -> None:
+        if self._pending is not None:
+            self._send_alert()
+        else:
+            self._finish()
+
+    def _readable(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            got = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
             return
-        owner.lingering += 1
-        fd = sock.fileno()
+        except OSError:
+            got = b""
+        if not got:
+            self._finish()
+        elif self._pending is not None:
+            self._send_alert()
 
-        def finish() -> None:
-            loop.remove_reader(fd)
-            timer.cancel()
-            sock.close()
-            owner.lingering -= 1
-
-        def readable() -> None:
-            try:
-                if sock.recv(65536):
-                    return
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                pass
-            finish()
-
-        timer = loop.call_later(LINGER_SECONDS, finish)
-        loop.add_reader(fd, readable)
+    def _finish(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+        sock.close()
+        self._owner.lingering -= 1
 
 
 def bind_alert_sink(context: ssl.SSLContext, transport: asyncio.BaseTransport) -> None:
