@@ -42,11 +42,34 @@ AUDIT_NO_SQLITE = (
     "async def _cb(self):\n"
     "    n = min(len(self._pending), self._batch_size)\n"
     "    for _ in range(n):\n"
-    "        d, _b = self._pending.popleft()\n"
+    "        d, _b, seg = self._pending.popleft()\n"
     "        self._pending_ids.discard(d)\n"
+    "        if self._journal is not None:\n"
+    "            self._journal.written((seg,))\n"
     "    self._written += n\n"
     "    return self._last_seq + 1, []\n"
     "writer.AuditLog._commit_batch = _cb\n"
+)
+MULTI_ROW_INSERT = (
+    "import aiosqlite, itertools\n"
+    "from ztgateway.audit import store\n"
+    "_orig = aiosqlite.Connection.executemany\n"
+    "_VALUES = '(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'\n"
+    "_HEAD = store.INSERT.split(' VALUES ')[0] + ' VALUES '\n"
+    "def _multi(conn, rows):\n"
+    "    for i in range(0, len(rows), 80):\n"
+    "        chunk = rows[i:i + 80]\n"
+    "        conn.execute(_HEAD + ', '.join([_VALUES] * len(chunk)), list(itertools.chain.from_iterable(chunk)))\n"
+    "async def _em(self, sql, rows):\n"
+    "    if sql != store.INSERT:\n"
+    "        return await _orig(self, sql, rows)\n"
+    "    rows = list(rows)\n"
+    "    await self._execute(_multi, self._conn, rows)\n"
+    "aiosqlite.Connection.executemany = _em\n"
+)
+NO_JOURNAL = (
+    "from ztgateway.audit import journal\n"
+    "journal.Journal.append = lambda self, line: self._current.number\n"
 )
 GC = "import gc\ngc.set_threshold(50000, 50, 100)\n"
 NO_GC_TUNING = "from ztgateway import app\napp.tune_gc = lambda: None\n"
@@ -68,7 +91,14 @@ SETS: dict[str, dict[str, str]] = {
         "AuditLog.record a no-op": "from ztgateway import audit\n"
         "audit.AuditLog.record = lambda self, e: None\n",
         "no SQLite writer": AUDIT_NO_SQLITE,
+        "no journal writes": NO_JOURNAL,
+        "multi-row INSERT": MULTI_ROW_INSERT,
         "no audit": NO_AUDIT,
+    },
+    "insert": {
+        "as is": "",
+        "multi-row INSERT": MULTI_ROW_INSERT,
+        "no SQLite writer": AUDIT_NO_SQLITE,
     },
     "gc": {"as is": "", "gc threshold 50000": GC, "gc threshold + no audit": GC + NO_AUDIT},
     "tail": {

@@ -33,6 +33,7 @@ from ztgateway.audit import (
     verify_db,
     verify_jsonl,
 )
+from ztgateway.audit.store import insert_statements
 
 RFC3339_UTC_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -147,6 +148,27 @@ async def test_record_only_enqueues_and_flush_writes_every_batch(db: Path) -> No
     result = await verify_db(db)
     assert result.ok
     assert result.checked == 2_000
+
+
+async def test_a_batch_of_uneven_size_is_stored_whole_in_order_by_multi_row_inserts(
+    db: Path,
+) -> None:
+    """One batch of 250 events goes in as INSERTs of 100, 100 and 50 rows (insert_statements):
+    every row lands once, in sequence, with its own columns, and the chain verifies."""
+    statements = list(insert_statements([(n,) * 12 for n in range(250)]))
+    assert [len(params) // 12 for _, params in statements] == [100, 100, 50]
+    assert all(sql.count("(?, ") == len(params) // 12 for sql, params in statements)
+    assert list(insert_statements([])) == []
+    async with AuditLog(db, batch_size=250) as log:
+        for n in range(250):
+            log.record(decision(n, user=f"user-{n}"))
+        await log.flush()
+    stored = rows(db)
+    assert [r["seq"] for r in stored] == list(range(1, 251))
+    assert [r["user"] for r in stored] == [f"user-{n}" for n in range(250)]
+    assert [r["decision_id"] for r in stored] == [f"dec-{n}" for n in range(250)]
+    result = await verify_db(db)
+    assert result.ok and result.checked == 250
 
 
 async def test_record_keeps_the_event_as_it_was_when_recorded(db: Path) -> None:

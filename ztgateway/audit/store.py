@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -61,6 +61,25 @@ INSERT: Final = (
     'INSERT INTO audit_events (seq, decision_id, ts, "user", device, route, verdict, reason, '
     "client_ip, event, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+ROWS_PER_INSERT: Final = 100
+"""Rows per multi-row INSERT (12 parameters each; SQLite allows 32,766 since 3.32)."""
+_ROW: Final = INSERT[INSERT.index("(?") :]
+_HEAD: Final = INSERT[: INSERT.index("(?")]
+
+
+def insert_statements(rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
+    """`rows` as multi-row INSERTs of up to ROWS_PER_INSERT rows: (SQL, flat parameters).
+
+    Why not executemany: it binds and steps one row at a time, and the sqlite3 module releases
+    and takes back the GIL around every step. With the event loop running in the other thread,
+    every row then became a GIL handoff between the two (measured under `bench.ablate ztgw_cert
+    insert`: 334 µs of CPU per request with executemany, 302 with these). One statement per
+    hundred rows hands the GIL over once per hundred."""
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        sql = _HEAD + ", ".join([_ROW] * len(chunk))
+        yield sql, [value for row in chunk for value in row]
 
 
 def create_private(path: Path) -> None:

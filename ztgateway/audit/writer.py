@@ -61,7 +61,14 @@ from .chain import CHAIN_FIELDS, GENESIS_HASH, Entry, link_rows, now_ts, prepare
 from .checkpoint import CHECKPOINT_TYPE, CheckpointSigner
 from .journal import Journal, Orphan, find_orphans
 from .sink import JsonlSink
-from .store import INSERT, SCHEMA, SCHEMA_VERSION, chain_head, create_private, rollback
+from .store import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    chain_head,
+    create_private,
+    insert_statements,
+    rollback,
+)
 
 logger = logging.getLogger("ztgateway.audit")
 
@@ -594,8 +601,8 @@ class AuditLog:
                     seq, prev, reason=checkpoint, timestamp=now_ts(self._clock.time_ns())
                 )
                 seq, prev = link_rows([self._entry(event)], seq, prev, rows, lines)
-            if rows:
-                await db.executemany(INSERT, rows)
+            for sql, params in insert_statements(rows):
+                await db.execute(sql, params)
             await db.execute("COMMIT")
         except BaseException:
             await rollback(db)
