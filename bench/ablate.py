@@ -100,6 +100,13 @@ SETS: dict[str, dict[str, str]] = {
         "multi-row INSERT": MULTI_ROW_INSERT,
         "no SQLite writer": AUDIT_NO_SQLITE,
     },
+    "switch": {
+        "as is": "",
+        "switch interval 0.5 ms": "import sys\nsys.setswitchinterval(0.0005)\n",
+        "switch interval 20 ms": "import sys\nsys.setswitchinterval(0.02)\n",
+        "AuditLog.record a no-op": "from ztgateway import audit\n"
+        "audit.AuditLog.record = lambda self, e: None\n",
+    },
     "gc": {"as is": "", "gc threshold 50000": GC, "gc threshold + no audit": GC + NO_AUDIT},
     "tail": {
         "as is": "",
