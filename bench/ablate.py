@@ -100,6 +100,13 @@ SETS: dict[str, dict[str, str]] = {
         "multi-row INSERT": MULTI_ROW_INSERT,
         "no SQLite writer": AUDIT_NO_SQLITE,
     },
+    "onhead": {
+        "as is": "",
+        "locked path (BEGIN, head, INSERTs, COMMIT)": "from ztgateway.audit import writer\n"
+        "writer.ROWS_ON_HEAD = 0\n",
+        "AuditLog.record a no-op": "from ztgateway import audit\n"
+        "audit.AuditLog.record = lambda self, e: None\n",
+    },
     "switch": {
         "as is": "",
         "switch interval 0.5 ms": "import sys\nsys.setswitchinterval(0.0005)\n",
@@ -138,6 +145,7 @@ def main() -> None:
         env = R.start_everything(pki, tools, stack, R.build_shim(tools["gcc"]))
         tls = R.client_context(pki)
         procs = {}
+        variant_ops: dict[str, int] = {}
         for i, (name, patch) in enumerate(patches.items()):
             work = R.WORK / f"ablate-{i}"
             work.mkdir(exist_ok=True)
@@ -166,15 +174,20 @@ def main() -> None:
                 lambda port=port, h=auth: R.http_get(port, sc.path, tls=tls, headers=h)[0] == 200,
             )
             procs[name] = (proc, port)
+            variant_ops[name] = ops
             env.ops_ports[f"ablate-{i}"] = ops  # so drain_audit waits for its backlog too
         if p99_rate:
             tail_latency(env, sc, procs, p99_rate)
             return
-        results: dict[str, list[tuple[float, float, float]]] = {n: [] for n in patches}
+        results: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in patches}
         for _ in range(3):
             for name, (proc, port) in procs.items():
                 env.servers["ztgw_" + sc.process] = (proc, port)
+                # The backlog read after the run is this variant's; none is left from before.
+                env.ops_ports["ztgw_" + sc.process] = variant_ops[name]
+                R.drain_audit(env)
                 R.run_wrk(env, sc, "keepalive", duration=1)
+                R.drain_audit(env)
                 run = R.run_wrk(env, sc, "keepalive", duration=6)
                 if not run.valid:
                     print(f"{name}: invalid run ({run.failures} failures)")
@@ -184,14 +197,18 @@ def main() -> None:
                         run.rps,
                         run.per_1k(run.proxy_main_thread_cpu_s) * 1000,
                         run.per_1k(run.proxy_cpu_s) * 1000,
+                        float(run.audit_backlog_after or 0),
                     )
                 )
         print(f"\n{key}, keep-alive, medians of 3 interleaved rounds")
-        print("| variant | req/s | event-loop µs/request | process µs/request |\n|---|--:|--:|--:|")
+        print(
+            "| variant | req/s | event-loop µs/request | process µs/request "
+            "| audit events queued 1 s after |\n|---|--:|--:|--:|--:|"
+        )
         for name, rr in results.items():
             if rr:
-                med = [statistics.median(x[i] for x in rr) for i in range(3)]
-                print(f"| {name} | {med[0]:,.0f} | {med[1]:.0f} | {med[2]:.0f} |")
+                med = [statistics.median(x[i] for x in rr) for i in range(4)]
+                print(f"| {name} | {med[0]:,.0f} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:,.0f} |")
     finally:
         stack.stop()
 

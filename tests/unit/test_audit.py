@@ -33,7 +33,7 @@ from ztgateway.audit import (
     verify_db,
     verify_jsonl,
 )
-from ztgateway.audit.store import insert_statements
+from ztgateway.audit.store import SCHEMA, insert_on_head, insert_statements
 
 RFC3339_UTC_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -169,6 +169,50 @@ async def test_a_batch_of_uneven_size_is_stored_whole_in_order_by_multi_row_inse
     assert [r["decision_id"] for r in stored] == [f"dec-{n}" for n in range(250)]
     result = await verify_db(db)
     assert result.ok and result.checked == 250
+
+
+def test_insert_on_head_inserts_all_rows_only_on_the_head_it_was_linked_to(db: Path) -> None:
+    """The writer's one-statement append (store.insert_on_head): every row when the head is
+    the one the rows were chained onto (events, else the last checkpoint, else genesis), none
+    when another writer appended in between."""
+
+    def row(seq: int, prev: str, link: str) -> tuple[Any, ...]:
+        return (seq, f"dec-{seq}", "t", None, None, None, None, None, None, "{}", prev, link)
+
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        sql, params = insert_on_head(
+            [row(1, GENESIS_HASH, "h1"), row(2, "h1", "h2")], 0, GENESIS_HASH
+        )
+        assert conn.execute(sql, params).rowcount == 2
+        stale, stale_params = insert_on_head([row(3, "h1", "h3")], 1, "h1")  # head is 2 now
+        assert conn.execute(stale, stale_params).rowcount == 0
+        sql, params = insert_on_head([row(3, "h2", "h3")], 2, "h2")
+        assert conn.execute(sql, params).rowcount == 1
+        # Everything archived: the head is the last checkpoint's.
+        conn.execute("DELETE FROM audit_events")
+        conn.execute("INSERT INTO audit_checkpoints VALUES (3, 'h3', 'a', 'x', 't')")
+        assert conn.execute(*insert_on_head([row(4, "h2", "h4")], 2, "h2")).rowcount == 0
+        assert conn.execute(*insert_on_head([row(4, "h3", "h4")], 3, "h3")).rowcount == 1
+    assert [r["seq"] for r in rows(db)] == [4]
+    with pytest.raises(ValueError):
+        insert_on_head([], 0, GENESIS_HASH)
+
+
+async def test_a_flush_does_not_cut_the_next_batchs_coalescing_window(db: Path) -> None:
+    """A flush's kick was left set after the commit it asked for, so the next event was
+    committed at once instead of after flush_interval (one commit per request)."""
+    async with AuditLog(db, flush_interval=3600) as log:
+        log.record(decision(1))
+        await log.flush()
+        log.record(decision(2))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert log.stats.queued == 1
+        assert [r["decision_id"] for r in rows(db)] == ["dec-1"]
+    assert [r["decision_id"] for r in rows(db)] == ["dec-1", "dec-2"]
 
 
 async def test_record_keeps_the_event_as_it_was_when_recorded(db: Path) -> None:

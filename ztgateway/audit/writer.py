@@ -62,10 +62,12 @@ from .checkpoint import CHECKPOINT_TYPE, CheckpointSigner
 from .journal import Journal, Orphan, find_orphans
 from .sink import JsonlSink
 from .store import (
+    ROWS_ON_HEAD,
     SCHEMA,
     SCHEMA_VERSION,
     chain_head,
     create_private,
+    insert_on_head,
     insert_statements,
     rollback,
 )
@@ -498,6 +500,10 @@ class AuditLog:
                 if self._pending and not urgent and len(self._pending) < self._batch_size:
                     # Coalesce: one commit per flush_interval instead of one per request.
                     await self._pause(self._flush_interval)
+                else:
+                    # This commit answers every kick so far (a flush, a full batch): one left
+                    # set would cut the next batch's coalescing window to nothing.
+                    self._kick.clear()
                 try:
                     if self._pending:
                         first_seq, lines = await self._commit_batch()
@@ -568,6 +574,10 @@ class AuditLog:
         """
         db = self._db
         assert db is not None
+        if batch and not skip_present and len(batch) < ROWS_ON_HEAD:
+            done = await self._commit_on_head(db, batch, checkpoint)
+            if done is not None:
+                return done
         # BEGIN IMMEDIATE takes the write lock before reading the head, so another process
         # appending to the same file cannot fork the chain between our read and our insert.
         await db.execute("BEGIN IMMEDIATE")
@@ -587,26 +597,55 @@ class AuditLog:
             if skip_present:
                 batch = await _not_stored(db, batch)
             first_seq = seq + 1
-            rows: list[tuple[Any, ...]] = []
-            lines: list[bytes] = []
-            for start in range(0, len(batch), _LINK_CHUNK):
-                if start:
-                    await asyncio.sleep(0)  # requests run between chunks, not after the batch
-                chunk = batch[start : start + _LINK_CHUNK]
-                seq, prev = link_rows(chunk, seq, prev, rows, lines)
-            signed = checkpoint is not None and self.checkpoint_signer is not None and seq > 0
-            if signed:
-                assert self.checkpoint_signer is not None and checkpoint is not None
-                event = self.checkpoint_signer.event(
-                    seq, prev, reason=checkpoint, timestamp=now_ts(self._clock.time_ns())
-                )
-                seq, prev = link_rows([self._entry(event)], seq, prev, rows, lines)
+            rows, lines, (seq, prev), signed = await self._link(batch, seq, prev, checkpoint)
             for sql, params in insert_statements(rows):
                 await db.execute(sql, params)
             await db.execute("COMMIT")
         except BaseException:
             await rollback(db)
             raise
+        self._committed(seq, prev, checkpoint, signed, len(rows))
+        return first_seq, lines
+
+    async def _commit_on_head(
+        self, db: aiosqlite.Connection, batch: list[tuple[str, Entry]], checkpoint: str | None
+    ) -> tuple[int, list[bytes]] | None:
+        """The batch chained onto the head this writer last wrote, in one statement that
+        inserts nothing if the head has moved since (store.insert_on_head); None then, and the
+        caller takes the locked path, which reads the head it really has."""
+        head = (self._last_seq, self._last_hash)
+        rows, lines, (seq, prev), signed = await self._link(batch, *head, checkpoint)
+        sql, params = insert_on_head(rows, *head)
+        cursor = await db.execute(sql, params)
+        if cursor.rowcount != len(rows):
+            return None
+        self._committed(seq, prev, checkpoint, signed, len(rows))
+        return head[0] + 1, lines
+
+    async def _link(
+        self, batch: list[tuple[str, Entry]], seq: int, prev: str, checkpoint: str | None
+    ) -> tuple[list[tuple[Any, ...]], list[bytes], tuple[int, str], bool]:
+        """Rows and sink lines of `batch` chained onto (seq, prev), ending with a signed
+        checkpoint when one is owed; (rows, lines, the new head, whether it was signed)."""
+        rows: list[tuple[Any, ...]] = []
+        lines: list[bytes] = []
+        for start in range(0, len(batch), _LINK_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # requests run between chunks, not after the batch
+            chunk = batch[start : start + _LINK_CHUNK]
+            seq, prev = link_rows(chunk, seq, prev, rows, lines)
+        signed = checkpoint is not None and self.checkpoint_signer is not None and seq > 0
+        if signed:
+            assert self.checkpoint_signer is not None and checkpoint is not None
+            event = self.checkpoint_signer.event(
+                seq, prev, reason=checkpoint, timestamp=now_ts(self._clock.time_ns())
+            )
+            seq, prev = link_rows([self._entry(event)], seq, prev, rows, lines)
+        return rows, lines, (seq, prev), signed
+
+    def _committed(
+        self, seq: int, prev: str, checkpoint: str | None, signed: bool, count: int
+    ) -> None:
         self._last_seq, self._last_hash = seq, prev
         if checkpoint is not None:
             self._checkpoint_reason = None
@@ -614,8 +653,7 @@ class AuditLog:
             self._next_checkpoint = self._clock.monotonic() + self._checkpoint_interval
             self.checkpoints += int(signed)
         else:
-            self._unanchored += len(rows)
-        return first_seq, lines
+            self._unanchored += count
 
     # ------------------------------------------------------------------ journal recovery
 
