@@ -468,6 +468,9 @@ async def test_two_writers_on_one_file_extend_one_chain(db: Path) -> None:
         for n in range(10):
             (first if n % 2 else second).record(decision(n))
             await (first if n % 2 else second).flush()
+        # Each sees the other move the head once, then stays on the locked path for a while
+        # instead of chaining every batch twice (_LOCKED_AFTER_A_MISS).
+        assert (first.on_head_misses, second.on_head_misses) == (1, 1)
     result = await verify_db(db)
     assert result.ok, result.problem
     assert result.checked == 10

@@ -75,6 +75,8 @@ from .store import (
 logger = logging.getLogger("ztgateway.audit")
 
 _RETRY_BASE: Final = 0.05
+_LOCKED_AFTER_A_MISS: Final = 16
+"""Batches committed on the locked path after the one-statement append found the head moved."""
 _LINK_CHUNK: Final = 128
 """Events chained per turn of the event loop (well under a millisecond): requests run between
 chunks, so a large batch does not stall them."""
@@ -169,6 +171,9 @@ class AuditLog:
         self._dropped = 0
         self._last_seq = 0
         self._last_hash = GENESIS_HASH
+        self.on_head_misses = 0
+        """Batches whose one-statement append found the head moved by another writer."""
+        self._locked_batches_owed = 0
         self._sink_seq = 0
         self._sink: JsonlSink | None = None
 
@@ -574,10 +579,17 @@ class AuditLog:
         """
         db = self._db
         assert db is not None
-        if batch and not skip_present and len(batch) < ROWS_ON_HEAD:
+        if self._locked_batches_owed:
+            self._locked_batches_owed -= 1
+        elif batch and not skip_present and len(batch) < ROWS_ON_HEAD:
             done = await self._commit_on_head(db, batch, checkpoint)
             if done is not None:
                 return done
+            # Another writer shares the file (a second worker): it will most likely have
+            # moved the head again by the next batch, so take the locked path for a while
+            # instead of linking every batch twice.
+            self.on_head_misses += 1
+            self._locked_batches_owed = _LOCKED_AFTER_A_MISS
         # BEGIN IMMEDIATE takes the write lock before reading the head, so another process
         # appending to the same file cannot fork the chain between our read and our insert.
         await db.execute("BEGIN IMMEDIATE")
