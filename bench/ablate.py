@@ -107,6 +107,12 @@ SETS: dict[str, dict[str, str]] = {
         "AuditLog.record a no-op": "from ztgateway import audit\n"
         "audit.AuditLog.record = lambda self, e: None\n",
     },
+    "misses": {
+        "as is": "",
+        "one-statement append tried on every batch": "from ztgateway.audit import writer\n"
+        "writer._LOCKED_AFTER_A_MISS = 0\n",
+        "locked path only": "from ztgateway.audit import writer\nwriter.ROWS_ON_HEAD = 0\n",
+    },
     "switch": {
         "as is": "",
         "switch interval 0.5 ms": "import sys\nsys.setswitchinterval(0.0005)\n",
