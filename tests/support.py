@@ -3,12 +3,13 @@ end-to-end tests ask a running gateway (`get`, `metric`, `audit_event(s)`, `admi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,20 @@ def accepting(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
             return bool(s.getsockname() != s.getpeername())
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def refusing_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port where nothing answers, for as long as the block runs: bound and never listening,
+    so a connection to it is refused and nothing else can take it. A port from free_port() is
+    only free until something binds it: an "unreachable" upstream once turned out to be the
+    gateway's own ops listener, bound to the same port a moment later, which answered 404."""
+    sock = socket.socket()
+    try:
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

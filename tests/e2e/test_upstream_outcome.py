@@ -5,6 +5,7 @@ decision (ztgateway/audit/events.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -16,9 +17,9 @@ from tests.support import (
     Certs,
     accepting,
     deep_merge,
-    free_port,
     free_ports,
     get,
+    refusing_port,
     session,
     to_toml,
 )
@@ -35,9 +36,9 @@ async def events_of(gw: Gateway, decision_id: str) -> dict[str, dict[str, Any]]:
 async def test_an_unreachable_upstream_is_audited_as_such_after_the_allow(
     gateway_factory: GatewayFactory, certs: Certs
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    gw = await gateway_factory({"upstreams": {"demo": {"url": dead}}})
-    reply = await get(gw, certs, "/echo")
+    with refusing_port() as dead:
+        gw = await gateway_factory({"upstreams": {"demo": {"url": f"http://127.0.0.1:{dead}"}}})
+        reply = await get(gw, certs, "/echo")
     status, decision_id = reply.status, reply.decision_id
     assert status == 502
     events = await events_of(gw, decision_id)
@@ -95,12 +96,15 @@ async def test_an_upstream_outage_logs_a_few_lines_not_one_per_request(
     certs: Certs, upstream: int, tmp_path: Path
 ) -> None:
     port, ops = free_ports(2)
+    dead = contextlib.ExitStack()
     cfg = deep_merge(
         base_config(certs, upstream, tmp_path),
         {
             "server": {"port": port},
             "ops": {"port": ops},
-            "upstreams": {"demo": {"url": f"http://127.0.0.1:{free_port()}"}},
+            "upstreams": {
+                "demo": {"url": f"http://127.0.0.1:{dead.enter_context(refusing_port())}"}
+            },
             "logging": {"format": "text"},
         },
     )
@@ -126,6 +130,7 @@ async def test_an_upstream_outage_logs_a_few_lines_not_one_per_request(
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=40)
+        dead.close()
     lines = [line for line in err.decode().splitlines() if "upstream demo connect" in line]
     assert len(lines) == 5, lines
     # At shutdown the held-back count is written, so nothing disappears without a trace.
