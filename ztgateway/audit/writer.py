@@ -71,6 +71,7 @@ from .store import (
     insert_statements,
     rollback,
 )
+from .turn import WriterTurn
 
 logger = logging.getLogger("ztgateway.audit")
 
@@ -176,6 +177,7 @@ class AuditLog:
         self._locked_batches_owed = 0
         self._sink_seq = 0
         self._sink: JsonlSink | None = None
+        self._turn: WriterTurn | None = None
 
         self._db: aiosqlite.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -218,6 +220,9 @@ class AuditLog:
         try:
             await self._prepare(db)
             self._db = db
+            turn = WriterTurn(self._db_path)
+            await asyncio.to_thread(turn.open)
+            self._turn = turn
             self._last_seq, self._last_hash = await chain_head(db)
             if self._jsonl_path is not None:
                 self._sink = JsonlSink(self._jsonl_path, self._db_path)
@@ -247,6 +252,9 @@ class AuditLog:
     async def _abandon_start(self, db: aiosqlite.Connection) -> None:
         self._db = None
         await db.close()
+        if self._turn is not None:
+            self._turn.close()
+            self._turn = None
         if self._journal is not None:
             self._journal.close(everything_written=True)
             self._journal = None
@@ -327,6 +335,8 @@ class AuditLog:
             if self._db is not None:
                 with contextlib.suppress(sqlite3.Error):
                     await self._db.close()
+            if self._turn is not None:
+                self._turn.close()
             if self._sink is not None:
                 with contextlib.suppress(sqlite3.Error):
                     await asyncio.to_thread(self._sink.close)
@@ -578,16 +588,34 @@ class AuditLog:
         end the transaction with a signed checkpoint over the batch, for this reason.
         """
         db = self._db
-        assert db is not None
+        assert db is not None and self._turn is not None
+        async with self._turn:
+            done = await self._commit_locked(db, batch, skip_present, checkpoint)
+            self._turn.moved_to(self._last_seq, self._last_hash)
+        return done
+
+    async def _commit_locked(
+        self,
+        db: aiosqlite.Connection,
+        batch: list[tuple[str, Entry]],
+        skip_present: bool,
+        checkpoint: str | None,
+    ) -> tuple[int, list[bytes]]:
+        """`_commit` while holding the writers' turn (turn.py)."""
+        assert self._turn is not None
         if self._locked_batches_owed:
             self._locked_batches_owed -= 1
         elif batch and not skip_present and len(batch) < ROWS_ON_HEAD:
-            done = await self._commit_on_head(db, batch, checkpoint)
+            head = (self._last_seq, self._last_hash)
+            hint = self._turn.head()
+            if hint is not None and hint[0] > head[0]:
+                head = hint  # another process appended since our last batch
+            done = await self._commit_on_head(db, batch, checkpoint, head)
             if done is not None:
                 return done
-            # Another writer shares the file (a second worker): it will most likely have
-            # moved the head again by the next batch, so take the locked path for a while
-            # instead of linking every batch twice.
+            # Someone appended without taking the turn (`audit rotate`, an older gateway, an
+            # edit), or the hint was stale: take the locked path for a while instead of
+            # linking every batch twice.
             self.on_head_misses += 1
             self._locked_batches_owed = _LOCKED_AFTER_A_MISS
         # BEGIN IMMEDIATE takes the write lock before reading the head, so another process
@@ -620,12 +648,15 @@ class AuditLog:
         return first_seq, lines
 
     async def _commit_on_head(
-        self, db: aiosqlite.Connection, batch: list[tuple[str, Entry]], checkpoint: str | None
+        self,
+        db: aiosqlite.Connection,
+        batch: list[tuple[str, Entry]],
+        checkpoint: str | None,
+        head: tuple[int, str],
     ) -> tuple[int, list[bytes]] | None:
-        """The batch chained onto the head this writer last wrote, in one statement that
-        inserts nothing if the head has moved since (store.insert_on_head); None then, and the
-        caller takes the locked path, which reads the head it really has."""
-        head = (self._last_seq, self._last_hash)
+        """The batch chained onto `head` in one statement that inserts nothing if the chain
+        does not end there (store.insert_on_head); None then, and the caller takes the locked
+        path, which reads the head it really has."""
         rows, lines, (seq, prev), signed = await self._link(batch, *head, checkpoint)
         sql, params = insert_on_head(rows, *head)
         cursor = await db.execute(sql, params)
