@@ -8,6 +8,7 @@ need updating when those change; a variant that no longer applies fails at start
 
     python -m bench.ablate [scenario] [set]     # scenario: ztgw_full (default); set: main|audit|gc
     python -m bench.ablate ztgw_full tail --p99 RATE   # p99 at a fixed rate instead (bench.loadgen)
+    python -m bench.ablate ztgw_cert_2w none --old ../wt-old  # this checkout against another
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ GC_FREEZE_ONLY = (
 SMALL_LINK_CHUNKS = "from ztgateway.audit import writer\nwriter._LINK_CHUNK = 16\n"
 
 SETS: dict[str, dict[str, str]] = {
+    "none": {"as is": ""},
     "main": {
         "as is": "",
         "one write per response": ONE_WRITE,
@@ -138,14 +140,24 @@ def main() -> None:
         at = argv.index("--p99")
         p99_rate = float(argv[at + 1])
         del argv[at : at + 2]
+    old = ""
+    if "--old" in argv:
+        # Another checkout (a git worktree of an older commit) as one more variant: its
+        # ztgateway is imported instead of this one's.
+        at = argv.index("--old")
+        old = argv[at + 1]
+        del argv[at : at + 2]
     key = argv[0] if argv else "ztgw_full"
-    patches = SETS[argv[1] if len(argv) > 1 else "main"]
+    patches = dict(SETS[argv[1] if len(argv) > 1 else "main"])
+    if old:
+        patches[f"code at {old}"] = f"import sys\nsys.path.insert(0, {old!r})\n"
     sc = next(s for s in SCENARIOS if s.key == key)
     pki = make_pki(R.WORK / "pki")
     tools = R.ensure_tools()
     stack = R.Stack()
     R.WRK_SETTINGS.update(
-        threads={"keepalive": 1, "close": 2}, connections={"keepalive": 64, "close": 16}
+        threads={"keepalive": 1, "close": 2, "resumed": 2},
+        connections={"keepalive": 64, "close": 16, "resumed": 16},
     )
     try:
         env = R.start_everything(pki, tools, stack, R.build_shim(tools["gcc"]))
