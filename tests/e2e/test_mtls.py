@@ -310,6 +310,19 @@ async def test_revocation_refuses_the_next_request_on_an_open_keepalive_connecti
 # --------------------------------------------------------------------------- 3. resumption
 
 
+async def session_after_one_request(port: int, ctx: ssl.SSLContext) -> ssl.SSLSession:
+    """A new connection's TLS session, taken after one answered request: TLS 1.3 tickets
+    arrive after the handshake, so the session resumes nothing before a response was read."""
+    first = await connect(port, ctx)
+    try:
+        assert (await request_on(first)).status == 200
+        tls_session = first.sock.session
+    finally:
+        first.close()
+    assert tls_session is not None
+    return tls_session
+
+
 @pytest.mark.parametrize(
     "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"]
 )
@@ -320,14 +333,7 @@ async def test_resumed_tls_session_does_not_outlive_a_revocation(
     port = gw.port or 0
     ctx = tls_client(certs, "stolen-laptop", version=version)
 
-    first = await connect(port, ctx)
-    try:
-        # TLS 1.3 tickets arrive after the handshake: read a response before taking the session.
-        assert (await request_on(first)).status == 200
-        tls_session = first.sock.session
-    finally:
-        first.close()
-    assert tls_session is not None
+    tls_session = await session_after_one_request(port, ctx)
 
     # Without a revocation the server does resume: otherwise this test would prove nothing.
     resumed = await connect(port, ctx, tls_session=tls_session)
@@ -369,12 +375,7 @@ async def test_a_tls13_handshake_issues_one_session_ticket_and_it_resumes(
             tickets.append(len(data))
 
     ctx._msg_callback = on_message  # type: ignore[attr-defined]  # CPython's TLS message trace
-    first = await connect(port, ctx)
-    try:
-        assert (await request_on(first)).status == 200
-        tls_session = first.sock.session
-    finally:
-        first.close()
+    tls_session = await session_after_one_request(port, ctx)
     assert len(tickets) == 1, tickets
 
     resumed = await connect(port, ctx, tls_session=tls_session)
