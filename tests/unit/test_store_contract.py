@@ -346,6 +346,38 @@ async def test_a_reload_racing_a_revocation_keeps_it_revoked(backend: Backend) -
     assert got is not None and got.revoked
 
 
+async def test_a_reload_racing_an_account_lock_keeps_it_locked(backend: Backend) -> None:
+    """The same race for a user record: an operator's lock (or MFA reset) is put in the cache
+    and written while the change feed's read of the older row is on its way; that older row
+    must not unlock the account here until the next sync (seen in CI under load: a step-up
+    completed for a locked account, an MFA reset that did not hold)."""
+    a = await backend.open()
+    await a.save_user(UserRecord("alice"))
+    reload = asyncio.ensure_future(a._reload(ChangeKind.USER, "alice"))
+    await asyncio.sleep(0)  # the reload's read is on its way, before the lock's write
+    await a.save_user(UserRecord("alice", locked_until=time.time() + 600, lock_reason="test"))
+    await reload
+    got = a.user("alice")
+    assert got is not None and got.lock_reason == "test"
+    fresh = await (await backend.open()).find_user("alice")
+    assert fresh is not None and fresh.lock_reason == "test"
+
+
+async def test_a_reload_keeps_the_history_written_behind(backend: Backend) -> None:
+    """Another process changes a user (a lock) while this one holds history it has not
+    flushed (a device it just saw): the reload takes the lock and keeps the history, or the
+    next request from that device would count as a new device again."""
+    a, b = await backend.open(), await backend.open()
+    await a.save_user(UserRecord("alice"))
+    await eventually(lambda: b.user("alice") is not None, 2.0, "user on b")
+    a.touch_user(UserRecord("alice", known_devices=("alice-laptop",)))
+    await b.save_user(UserRecord("alice", locked_until=time.time() + 600, lock_reason="test"))
+    await a._reload(ChangeKind.USER, "alice")
+    got = a.user("alice")
+    assert got is not None and got.lock_reason == "test"
+    assert got.known_devices == ("alice-laptop",)
+
+
 async def test_touch_never_unrevokes(backend: Backend) -> None:
     b, stale = await revoked_on_a_stale_on_b(backend)
     stale.requests = 42  # its activity, written behind

@@ -392,6 +392,32 @@ class CachedReads:
         out = [s for s in self._sessions.values() if user is None or s.user == user]
         return sorted(out, key=lambda s: s.created)
 
+    _dirty_devices: set[str]
+    _dirty_users: set[str]
+
+    def _cache(self, kind: ChangeKind) -> dict[str, Any]:
+        caches: dict[ChangeKind, dict[str, Any]] = {
+            ChangeKind.DEVICE: self._devices,
+            ChangeKind.POSTURE: self._posture,
+            ChangeKind.USER: self._users,
+            ChangeKind.SESSION: self._sessions,
+        }
+        return caches[kind]
+
+    def _merge_local(self, kind: ChangeKind, key: str, fresh: Any, mine: Any) -> Any:
+        """A reloaded entity, keeping what this process wrote behind but has not flushed yet
+        (a device's last sighting, a user's known devices, routes and location; a session's
+        counters): a reload must not take back what a request just recorded."""
+        if kind is ChangeKind.SESSION:
+            return merge_reloaded_session(fresh, mine)
+        if kind is ChangeKind.USER and mine is not None and key in self._dirty_users:
+            fresh.known_devices = mine.known_devices
+            fresh.known_routes = mine.known_routes
+            fresh.last_location = mine.last_location
+        elif kind is ChangeKind.DEVICE and mine is not None and key in self._dirty_devices:
+            fresh.last_seen, fresh.last_ip = mine.last_seen, mine.last_ip
+        return fresh
+
     async def _reload(self, kind: ChangeKind, key: str) -> None: ...
 
     async def find_user(self, user: str) -> UserRecord | None:

@@ -88,7 +88,6 @@ from .base import (
     UserRecord,
     WebAuthnCredential,
     latest_decisions,
-    merge_reloaded_session,
     take_id_token,
 )
 from .codec import (
@@ -483,27 +482,6 @@ class RedisStore(CachedReads, ChangeFeed):
         else:
             s.revoked_at = s.revoked_reason = None
         return s if s.expires_at > self._clock.time() else None
-
-    def _cache(self, kind: ChangeKind) -> dict[str, Any]:
-        caches: dict[ChangeKind, dict[str, Any]] = {
-            ChangeKind.DEVICE: self._devices,
-            ChangeKind.POSTURE: self._posture,
-            ChangeKind.USER: self._users,
-            ChangeKind.SESSION: self._sessions,
-        }
-        return caches[kind]
-
-    def _merge_local(self, kind: ChangeKind, key: str, fresh: Any, mine: Any) -> Any:
-        """Keep what this process wrote behind but has not flushed yet."""
-        if kind is ChangeKind.SESSION:
-            return merge_reloaded_session(fresh, mine)
-        if kind is ChangeKind.USER and mine is not None and key in self._dirty_users:
-            fresh.known_devices = mine.known_devices
-            fresh.known_routes = mine.known_routes
-            fresh.last_location = mine.last_location
-        elif kind is ChangeKind.DEVICE and mine is not None and key in self._dirty_devices:
-            fresh.last_seen, fresh.last_ip = mine.last_seen, mine.last_ip
-        return fresh
 
     def _apply(self, kind: ChangeKind, key: str, h: dict[str, str]) -> bool:
         """Put a fetched hash in the cache unless we already hold a newer version."""

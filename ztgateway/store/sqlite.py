@@ -58,7 +58,6 @@ from .base import (
     UserRecord,
     WebAuthnCredential,
     latest_decisions,
-    merge_reloaded_session,
     take_id_token,
 )
 from .codec import session_from_json, session_json, user_from_json, user_json
@@ -175,6 +174,25 @@ _GONE = float("-inf")
 so that a session's counter does not leave and re-enter the dictionary between its requests."""
 
 
+async def _wal_mode(db: aiosqlite.Connection, patience: float) -> None:
+    """`PRAGMA journal_mode=WAL`, retried while another process holds the file.
+
+    Two workers creating the database at the same moment: switching the journal mode needs
+    an exclusive lock, and SQLite may answer "database is locked" at once instead of waiting
+    in its busy handler. A worker then died at start-up (seen in CI: `workers = 2`, a new
+    state file, one worker never came up).
+    """
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 def _newest(events: Events) -> float:
     return events if isinstance(events, float) else events[-1]
 
@@ -219,6 +237,10 @@ class SQLiteStore(CachedReads, ChangeFeed):
         self._history: deque[tuple[str, SessionDecision]] = deque(maxlen=HISTORY_BACKLOG)
         self._listeners: list[ChangeListener] = []
         self._last_seq = 0
+        self._writes: dict[tuple[ChangeKind, str], int] = {}
+        """Per entity: durable writes this process began (each bumps it once)."""
+        self._writing: dict[tuple[ChangeKind, str], int] = {}
+        """Per entity: those of them not committed yet."""
         self._tasks: list[asyncio.Task[None]] = []
         self._healthy = False
         self._write_lock = asyncio.Lock()
@@ -231,7 +253,7 @@ class SQLiteStore(CachedReads, ChangeFeed):
         except Exception as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from exc
         self._db = db
-        await db.execute("PRAGMA journal_mode=WAL")
+        await _wal_mode(db, self.busy_timeout)
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
         columns = {row[1] for row in await self._rows("PRAGMA table_info(devices)")}
@@ -316,25 +338,39 @@ class SQLiteStore(CachedReads, ChangeFeed):
         key: str,
         also: tuple[tuple[str, tuple[Any, ...]], ...] = (),
     ) -> None:
-        """One durable change (and `also`, in the same transaction), announced to every process."""
+        """One durable change (and `also`, in the same transaction), announced to every process.
+
+        Counted per entity from the first line on, in the same turn of the loop as the cache
+        update a caller made before calling (`save_user`): see `_reload`."""
         started = self._clock.monotonic()
-        async with self._write_lock:
-            db = self.db
-            try:
-                await db.execute(sql, args)
-                for more, more_args in also:
-                    await db.execute(more, more_args)
-                await db.execute(
-                    "INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)",
-                    (kind.value, key, self._clock.time()),
-                )
-                await db.commit()
-            except Exception as exc:
-                self._healthy = False
-                if self.observe is not None:
-                    self.observe(f"write_{kind.value}", self._clock.monotonic() - started, False)
-                raise StoreUnavailable(str(exc)) from exc
-            self._healthy = True
+        ref = (kind, key)
+        self._writes[ref] = self._writes.get(ref, 0) + 1
+        self._writing[ref] = self._writing.get(ref, 0) + 1
+        try:
+            async with self._write_lock:
+                db = self.db
+                try:
+                    await db.execute(sql, args)
+                    for more, more_args in also:
+                        await db.execute(more, more_args)
+                    await db.execute(
+                        "INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)",
+                        (kind.value, key, self._clock.time()),
+                    )
+                    await db.commit()
+                except Exception as exc:
+                    self._healthy = False
+                    if self.observe is not None:
+                        elapsed = self._clock.monotonic() - started
+                        self.observe(f"write_{kind.value}", elapsed, False)
+                    raise StoreUnavailable(str(exc)) from exc
+                self._healthy = True
+        finally:
+            left = self._writing[ref] - 1
+            if left:
+                self._writing[ref] = left
+            else:
+                del self._writing[ref]
         if self.observe is not None:
             self.observe(f"write_{kind.value}", self._clock.monotonic() - started, True)
         self._notify(kind, key)
@@ -368,30 +404,41 @@ class SQLiteStore(CachedReads, ChangeFeed):
         rows = await self._rows(sql, args)
         return rows[0] if rows else None
 
-    async def _reload(self, kind: ChangeKind, key: str) -> None:
+    async def _reload(self, kind: ChangeKind, key: str, *, force: bool = False) -> None:
+        """The entity as the database holds it now, unless this process wrote it meanwhile
+        (`force`: a device read right after this process's own write, or one not cached).
+
+        SECURITY: the read is one await long. A write this process began before it committed
+        (an account lock, an MFA reset, a revoked session, put in the cache first) or during it
+        would otherwise be overwritten in the cache by the older row, and for up to a sync
+        interval the lock or reset would not hold here. Such a write's own change entry
+        reloads the entity once it is committed.
+        """
+        ref = (kind, key)
+        began = self._writes.get(ref, 0)
+        if ref in self._writing and not force:
+            return
         if kind is ChangeKind.DEVICE:
             row = await self._one(_SELECT_DEVICES + " WHERE device_id = ?", (key,))
-            if row is None:
-                self._devices.pop(key, None)
-            else:
-                self._devices[key] = Device(*row)
+            fresh: Any = None if row is None else Device(*row)
         elif kind is ChangeKind.POSTURE:
             row = await self._one("SELECT * FROM posture WHERE device_id = ?", (key,))
-            if row is not None:
-                self._posture[key] = _posture_from_row(row)
+            if row is None:
+                return  # posture reports are replaced, never deleted
+            fresh = _posture_from_row(row)
         elif kind is ChangeKind.USER:
             row = await self._one("SELECT data FROM users WHERE user = ?", (key,))
-            if row is None:
-                self._users.pop(key, None)
-            else:
-                self._users[key] = user_from_json(json.loads(row[0]))
-        elif kind is ChangeKind.SESSION:
+            fresh = None if row is None else user_from_json(json.loads(row[0]))
+        else:
             row = await self._one("SELECT data FROM sessions WHERE session_id = ?", (key,))
-            if row is None:
-                self._sessions.pop(key, None)
-            else:
-                fresh = session_from_json(json.loads(row[0]))
-                self._sessions[key] = merge_reloaded_session(fresh, self._sessions.get(key))
+            fresh = None if row is None else session_from_json(json.loads(row[0]))
+        if not force and (ref in self._writing or self._writes.get(ref, 0) != began):
+            return
+        cache = self._cache(kind)
+        if fresh is None:
+            cache.pop(key, None)
+        else:
+            cache[key] = self._merge_local(kind, key, fresh, cache.get(key))
 
     async def _flush_loop(self) -> None:
         while True:
@@ -488,7 +535,7 @@ class SQLiteStore(CachedReads, ChangeFeed):
             ChangeKind.DEVICE,
             device.device_id,
         )
-        await self._reload(ChangeKind.DEVICE, device.device_id)
+        await self._reload(ChangeKind.DEVICE, device.device_id, force=True)
         return self._devices[device.device_id]
 
     def touch_device(self, device_id: str, now: float, ip: str) -> None:
@@ -516,7 +563,7 @@ class SQLiteStore(CachedReads, ChangeFeed):
         """Change a known device's columns (`assignments` is one of the constant SET lists
         above, never input) and return it as stored; None for an unknown device."""
         if device_id not in self._devices:
-            await self._reload(ChangeKind.DEVICE, device_id)
+            await self._reload(ChangeKind.DEVICE, device_id, force=True)
             if device_id not in self._devices:
                 return None
         await self._write(
@@ -525,7 +572,7 @@ class SQLiteStore(CachedReads, ChangeFeed):
             ChangeKind.DEVICE,
             device_id,
         )
-        await self._reload(ChangeKind.DEVICE, device_id)
+        await self._reload(ChangeKind.DEVICE, device_id, force=True)
         return self._devices.get(device_id)
 
     async def put_posture(self, record: PostureRecord) -> None:
