@@ -405,9 +405,8 @@ class CachedReads:
         return caches[kind]
 
     def _merge_local(self, kind: ChangeKind, key: str, fresh: Any, mine: Any) -> Any:
-        """A reloaded entity, keeping what this process wrote behind but has not flushed yet
-        (a device's last sighting, a user's known devices, routes and location; a session's
-        counters): a reload must not take back what a request just recorded."""
+        """A reloaded entity with what this process wrote behind and has not flushed yet (a
+        device's last sighting; a user's known devices, routes, location; session counters)."""
         if kind is ChangeKind.SESSION:
             return merge_reloaded_session(fresh, mine)
         if kind is ChangeKind.USER and mine is not None and key in self._dirty_users:
