@@ -193,6 +193,9 @@ async def _wal_mode(db: aiosqlite.Connection, patience: float) -> None:
             await asyncio.sleep(0.02)
 
 
+_UNCHANGED: Any = object()
+
+
 def _newest(events: Events) -> float:
     return events if isinstance(events, float) else events[-1]
 
@@ -237,10 +240,12 @@ class SQLiteStore(CachedReads, ChangeFeed):
         self._history: deque[tuple[str, SessionDecision]] = deque(maxlen=HISTORY_BACKLOG)
         self._listeners: list[ChangeListener] = []
         self._last_seq = 0
-        self._writes: dict[tuple[ChangeKind, str], int] = {}
-        """Per entity: durable writes this process began (each bumps it once)."""
         self._writing: dict[tuple[ChangeKind, str], int] = {}
-        """Per entity: those of them not committed yet."""
+        """Per entity: durable writes this process began and has not committed yet."""
+        self._reloading: dict[tuple[ChangeKind, str], int] = {}
+        """Per entity: reloads whose read is on its way."""
+        self._raced: set[tuple[ChangeKind, str]] = set()
+        """Entities a write began on while a reload of them was reading (see `_reload`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._healthy = False
         self._write_lock = asyncio.Lock()
@@ -344,8 +349,9 @@ class SQLiteStore(CachedReads, ChangeFeed):
         update a caller made before calling (`save_user`): see `_reload`."""
         started = self._clock.monotonic()
         ref = (kind, key)
-        self._writes[ref] = self._writes.get(ref, 0) + 1
         self._writing[ref] = self._writing.get(ref, 0) + 1
+        if ref in self._reloading:
+            self._raced.add(ref)
         try:
             async with self._write_lock:
                 db = self.db
@@ -415,30 +421,42 @@ class SQLiteStore(CachedReads, ChangeFeed):
         reloads the entity once it is committed.
         """
         ref = (kind, key)
-        began = self._writes.get(ref, 0)
         if ref in self._writing and not force:
             return
-        if kind is ChangeKind.DEVICE:
-            row = await self._one(_SELECT_DEVICES + " WHERE device_id = ?", (key,))
-            fresh: Any = None if row is None else Device(*row)
-        elif kind is ChangeKind.POSTURE:
-            row = await self._one("SELECT * FROM posture WHERE device_id = ?", (key,))
-            if row is None:
-                return  # posture reports are replaced, never deleted
-            fresh = _posture_from_row(row)
-        elif kind is ChangeKind.USER:
-            row = await self._one("SELECT data FROM users WHERE user = ?", (key,))
-            fresh = None if row is None else user_from_json(json.loads(row[0]))
-        else:
-            row = await self._one("SELECT data FROM sessions WHERE session_id = ?", (key,))
-            fresh = None if row is None else session_from_json(json.loads(row[0]))
-        if not force and (ref in self._writing or self._writes.get(ref, 0) != began):
+        self._reloading[ref] = self._reloading.get(ref, 0) + 1
+        try:
+            fresh = await self._read_entity(kind, key)
+        finally:
+            left = self._reloading[ref] - 1
+            if left:
+                self._reloading[ref] = left
+            else:
+                del self._reloading[ref]
+            raced = ref in self._raced
+            if not left:
+                self._raced.discard(ref)
+        if fresh is _UNCHANGED or (not force and (raced or ref in self._writing)):
             return
         cache = self._cache(kind)
         if fresh is None:
             cache.pop(key, None)
         else:
             cache[key] = self._merge_local(kind, key, fresh, cache.get(key))
+
+    async def _read_entity(self, kind: ChangeKind, key: str) -> Any:
+        """The entity as its row holds it; None: gone; _UNCHANGED: nothing to apply."""
+        if kind is ChangeKind.DEVICE:
+            row = await self._one(_SELECT_DEVICES + " WHERE device_id = ?", (key,))
+            return None if row is None else Device(*row)
+        if kind is ChangeKind.POSTURE:
+            row = await self._one("SELECT * FROM posture WHERE device_id = ?", (key,))
+            # Posture reports are replaced, never deleted.
+            return _UNCHANGED if row is None else _posture_from_row(row)
+        if kind is ChangeKind.USER:
+            row = await self._one("SELECT data FROM users WHERE user = ?", (key,))
+            return None if row is None else user_from_json(json.loads(row[0]))
+        row = await self._one("SELECT data FROM sessions WHERE session_id = ?", (key,))
+        return None if row is None else session_from_json(json.loads(row[0]))
 
     async def _flush_loop(self) -> None:
         while True:
