@@ -196,6 +196,17 @@ async def _wal_mode(db: aiosqlite.Connection, patience: float) -> None:
 _UNCHANGED: Any = object()
 
 
+def _count_down(counts: dict[tuple[ChangeKind, str], int], ref: tuple[ChangeKind, str]) -> int:
+    """One fewer under way for `ref`; the entry goes at zero (these stay as small as the work
+    in flight). Returns how many are left."""
+    left = counts[ref] - 1
+    if left:
+        counts[ref] = left
+    else:
+        del counts[ref]
+    return left
+
+
 def _newest(events: Events) -> float:
     return events if isinstance(events, float) else events[-1]
 
@@ -372,11 +383,7 @@ class SQLiteStore(CachedReads, ChangeFeed):
                     raise StoreUnavailable(str(exc)) from exc
                 self._healthy = True
         finally:
-            left = self._writing[ref] - 1
-            if left:
-                self._writing[ref] = left
-            else:
-                del self._writing[ref]
+            _count_down(self._writing, ref)
         if self.observe is not None:
             self.observe(f"write_{kind.value}", self._clock.monotonic() - started, True)
         self._notify(kind, key)
@@ -427,13 +434,8 @@ class SQLiteStore(CachedReads, ChangeFeed):
         try:
             fresh = await self._read_entity(kind, key)
         finally:
-            left = self._reloading[ref] - 1
-            if left:
-                self._reloading[ref] = left
-            else:
-                del self._reloading[ref]
             raced = ref in self._raced
-            if not left:
+            if not _count_down(self._reloading, ref):
                 self._raced.discard(ref)
         if fresh is _UNCHANGED or (not force and (raced or ref in self._writing)):
             return
