@@ -231,13 +231,31 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
 
 def free_port_offset(ports: tuple[int, ...] = (8443, 9100, 8080, 9200)) -> int:
     """An offset that moves every one of the demo's ports onto a free one (for scripts and
-    tests that run the demo beside another)."""
+    tests that run the demo beside another).
+
+    The ports stay below the kernel's ephemeral range: a port free when chosen but inside it
+    can be taken a moment later as the local port of any outgoing connection (seen in CI: the
+    moved ops port was "already in use" when the demo bound it).
+    """
     rng = random.SystemRandom()
+    highest = _ephemeral_low() - 1 - max(ports)
+    lowest = max(1, min(10000, highest - 1000))
+    if highest <= lowest:  # an ephemeral range starting unusually low: any free port then
+        lowest, highest = 20000, 50000
     for _ in range(200):
-        offset = rng.randrange(20000, 50000)
+        offset = rng.randrange(lowest, highest)
         if not any(port_taken(p + offset) for p in ports):
             return offset
     raise SystemExit("no free ports for the demo")
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for outgoing connections (Linux; else IANA's)."""
+    try:
+        low = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        return int(low)
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
