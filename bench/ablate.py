@@ -111,8 +111,6 @@ SETS: dict[str, dict[str, str]] = {
     },
     "misses": {
         "as is": "",
-        "one-statement append tried on every batch": "from ztgateway.audit import writer\n"
-        "writer._LOCKED_AFTER_A_MISS = 0\n",
         "locked path only": "from ztgateway.audit import writer\nwriter.ROWS_ON_HEAD = 0\n",
     },
     "switch": {

@@ -76,8 +76,6 @@ from .turn import WriterTurn
 logger = logging.getLogger("ztgateway.audit")
 
 _RETRY_BASE: Final = 0.05
-_LOCKED_AFTER_A_MISS: Final = 16
-"""Batches committed on the locked path after the one-statement append found the head moved."""
 _LINK_CHUNK: Final = 128
 """Events chained per turn of the event loop (well under a millisecond): requests run between
 chunks, so a large batch does not stall them."""
@@ -174,7 +172,6 @@ class AuditLog:
         self._last_hash = GENESIS_HASH
         self.on_head_misses = 0
         """Batches whose one-statement append found the head moved by another writer."""
-        self._locked_batches_owed = 0
         self._sink_seq = 0
         self._sink: JsonlSink | None = None
         self._turn: WriterTurn | None = None
@@ -603,9 +600,7 @@ class AuditLog:
     ) -> tuple[int, list[bytes]]:
         """`_commit` while holding the writers' turn (turn.py)."""
         assert self._turn is not None
-        if self._locked_batches_owed:
-            self._locked_batches_owed -= 1
-        elif batch and not skip_present and len(batch) < ROWS_ON_HEAD:
+        if batch and not skip_present and len(batch) < ROWS_ON_HEAD:
             head = (self._last_seq, self._last_hash)
             hint = self._turn.head()
             if hint is not None and hint[0] > head[0]:
@@ -614,10 +609,9 @@ class AuditLog:
             if done is not None:
                 return done
             # Someone appended without taking the turn (`audit rotate`, an older gateway, an
-            # edit), or the hint was stale: take the locked path for a while instead of
-            # linking every batch twice.
+            # edit), or the hint was stale: the locked path reads the real head, and the hint
+            # it leaves puts the next batch back on the one statement.
             self.on_head_misses += 1
-            self._locked_batches_owed = _LOCKED_AFTER_A_MISS
         # BEGIN IMMEDIATE takes the write lock before reading the head, so another process
         # appending to the same file cannot fork the chain between our read and our insert.
         await db.execute("BEGIN IMMEDIATE")
