@@ -6,7 +6,7 @@ then runs the chosen scenario against every variant in interleaved rounds and pr
 median requests/s and CPU per request. The patches reach into ztgateway's internals and may
 need updating when those change; a variant that no longer applies fails at start-up.
 
-    python -m bench.ablate [scenario] [set]     # scenario: ztgw_full (default); set: main|audit|gc
+    python -m bench.ablate [scenario] [set]     # scenario: ztgw_full (default); set: a key of SETS
     python -m bench.ablate ztgw_full tail --p99 RATE   # p99 at a fixed rate instead (bench.loadgen)
     python -m bench.ablate ztgw_cert_2w none --old ../wt-old  # this checkout against another
 """
@@ -72,6 +72,37 @@ NO_JOURNAL = (
     "from ztgateway.audit import journal\n"
     "journal.Journal.append = lambda self, line: self._current.number\n"
 )
+MERGE_OUTCOMES = (
+    "import orjson\n"
+    "from ztgateway.audit import writer, chain\n"
+    "def _merge(batch):\n"
+    "    where = {d: i for i, (d, _e) in enumerate(batch)}\n"
+    "    out, drop = list(batch), set()\n"
+    "    for i, (d, e) in enumerate(batch):\n"
+    "        if d.endswith('/upstream'):\n"
+    "            j = where.get(d[:-9])\n"
+    "            if j is None or e[3] is None or out[j][1][3] is None:\n"
+    "                continue\n"
+    "            body = orjson.loads(out[j][1][2])\n"
+    "            body['upstream'] = orjson.loads(e[2])['upstream']\n"
+    "            out[j] = (out[j][0], chain.encode_entry(body, out[j][1][0]))\n"
+    "            drop.add(i)\n"
+    "    return [x for i, x in enumerate(out) if i not in drop]\n"
+    "async def _cb(self):\n"
+    "    import itertools\n"
+    "    batch = list(itertools.islice(self._pending, self._batch_size))\n"
+    "    rows = _merge([(d, e) for d, e, _ in batch])\n"
+    "    reason = self._checkpoint_owed(adding=len(rows))\n"
+    "    first_seq, lines = await self._commit(rows, checkpoint=reason)\n"
+    "    for _ in batch:\n"
+    "        d, _e, _s = self._pending.popleft()\n"
+    "        self._pending_ids.discard(d)\n"
+    "    self._written += len(batch)\n"
+    "    if self._journal is not None:\n"
+    "        self._journal.written(s for _d, _e, s in batch)\n"
+    "    return first_seq, lines\n"
+    "writer.AuditLog._commit_batch = _cb\n"
+)
 GC = "import gc\ngc.set_threshold(50000, 50, 100)\n"
 NO_GC_TUNING = "from ztgateway import app\napp.tune_gc = lambda: None\n"
 GC_FREEZE_ONLY = (
@@ -119,6 +150,33 @@ SETS: dict[str, dict[str, str]] = {
         "switch interval 20 ms": "import sys\nsys.setswitchinterval(0.02)\n",
         "AuditLog.record a no-op": "from ztgateway import audit\n"
         "audit.AuditLog.record = lambda self, e: None\n",
+    },
+    "outcome": {
+        "as is": "",
+        "outcome events not journaled": "from ztgateway.audit import writer, journal\n"
+        "_orig = journal.Journal.append\n"
+        "def _append(self, line):\n"
+        '    if b\'"type":"ztgw.upstream"\' in line:\n'
+        "        return self._current.number\n"
+        "    return _orig(self, line)\n"
+        "journal.Journal.append = _append\n",
+        "outcome merged into its decision's row (prototype)": MERGE_OUTCOMES,
+        "no outcome events": "from ztgateway.edge import request_path\n"
+        "request_path.RequestPath._record_upstream = lambda self, c, r, s, h: None\n",
+    },
+    "inline": {
+        "as is": "",
+        "SQLite calls on the event loop (no thread)": "import sqlite3, aiosqlite.core as c\n"
+        "_connect = sqlite3.connect\n"
+        "c.sqlite3 = type('S', (), {})()\n"
+        "for _n in dir(sqlite3):\n"
+        "    setattr(c.sqlite3, _n, getattr(sqlite3, _n))\n"
+        "c.sqlite3.connect = lambda *a, **k: _connect(*a, **{**k, 'check_same_thread': False})\n"
+        "async def _execute(self, fn, *args, **kwargs):\n"
+        "    if not self._running or not self._connection:\n"
+        "        raise ValueError('Connection closed')\n"
+        "    return fn(*args, **kwargs)\n"
+        "c.Connection._execute = _execute\n",
     },
     "gc": {"as is": "", "gc threshold 50000": GC, "gc threshold + no audit": GC + NO_AUDIT},
     "tail": {
