@@ -255,6 +255,7 @@ class RequestContext:
             websocket = is_websocket_handshake(method, headers)
             conn.head_memo = (headers, trusted_proxies, method, client_ip, host, spoofed, websocket)
         raw_path, _, query = request.raw_path.partition("?")
+        now = clock.time()
         ctx = cls(
             method=method,
             host=host,
@@ -269,7 +270,8 @@ class RequestContext:
             websocket=websocket,
             content_length=request.content_length,
             started=clock.monotonic(),
-            now=clock.time(),
+            now=now,
+            decision_id=new_decision_id(now),
         )
         ctx.path, ctx.path_error = _normalized(raw_path, allow_encoded_slash)
         return ctx
@@ -293,6 +295,7 @@ class RequestContext:
         """
         raw_path, _, query = path.partition("?")
         h = CIMultiDictProxy(CIMultiDict(headers or {}))
+        made = clock.time()
         ctx = cls(
             method=method.upper(),
             host=host.lower(),
@@ -308,7 +311,8 @@ class RequestContext:
             # counts, so a route with websocket = false refuses it.
             websocket=h.get("Upgrade", "").lower() == "websocket",
             started=clock.monotonic(),
-            now=clock.time() if now is None else now,
+            now=made if now is None else now,
+            decision_id=new_decision_id(made),
         )
         try:
             ctx.path = normalize_path(raw_path)

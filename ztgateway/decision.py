@@ -9,11 +9,12 @@ too (`risk.scoring.SIGNALS`): one vocabulary for findings, audit and metrics lab
 
 from __future__ import annotations
 
-import base64
 import enum
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
+
+from .clock import SYSTEM_CLOCK
 
 
 class Verdict(enum.IntEnum):
@@ -331,22 +332,45 @@ class Finding:
         return out
 
 
+_RAND_B: Final = (1 << 62) - 1
+
+
 class _IdSource:
-    """128 random bits per id from the OS CSPRNG, read 4 KiB at a time (one syscall per 256
-    ids instead of one per request)."""
+    """Decision ids as time-ordered UUIDs (RFC 9562 §5.7, version 7), canonical text form.
+
+    74 bits from the OS CSPRNG make an id unguessable; the leading 48 bits are the millisecond
+    it was made in. Ids made close together therefore sort together, and the audit database's
+    unique index on them takes each batch's rows in a few adjacent pages. Random ids scattered
+    each row over the whole index: at 600,000 rows, 26 µs and 17.6 KiB of writes per row
+    against 9.8 µs and 3.5 KiB (`python -m bench.audit_ids`). The millisecond is no secret:
+    the audit event states the time, and the page showing the id answers that request.
+    Random bytes are read 4 KiB at a time (one syscall per 409 ids instead of one per request).
+    """
+
+    __slots__ = ("_at", "_pool")
 
     def __init__(self) -> None:
         self._pool = b""
+        self._at = 0
 
-    def __call__(self) -> str:
-        if len(self._pool) < 16:
-            self._pool = secrets.token_bytes(4096)
-        chunk, self._pool = self._pool[:16], self._pool[16:]
-        return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode()
+    def __call__(self, at: float | None = None) -> str:
+        """An id for a decision made at `at` (seconds since the epoch, the caller's clock)."""
+        ms = int((SYSTEM_CLOCK.time() if at is None else at) * 1000)
+        if not 0 <= ms < 1 << 48:
+            raise ValueError(f"a decision time outside UUIDv7's range: {at!r}")
+        i = self._at
+        if i + 10 > len(self._pool):
+            self._pool, i = secrets.token_bytes(4090), 0
+        self._at = i + 10
+        rand = int.from_bytes(self._pool[i : i + 10]) >> 6  # 74 random bits
+        # unix_ts_ms (48) | ver 0b0111 (4) | rand_a (12) | var 0b10 (2) | rand_b (62)
+        value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & _RAND_B)
+        h = value.to_bytes(16).hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 new_decision_id = _IdSource()
-"""Unguessable, URL-safe decision ids: an id shown in a page reveals nothing."""
+"""Unguessable, URL-safe, time-ordered decision ids (UUIDv7): see `_IdSource`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -265,7 +265,7 @@ class RequestPath:
         self, request: Request, ctx: RequestContext, reason: Reason, detail: str
     ) -> None:
         allowed_as = ctx.decision_id
-        ctx.decision_id = new_decision_id()  # audit decision ids are unique
+        ctx.decision_id = new_decision_id(self.gw.clock.time())  # audit decision ids are unique
         ctx.findings.clear()
         outcome = self.decisions.refuse(ctx, reason, f"{detail} (after {allowed_as})", "http")
         request.respond(*self._problem(ctx, outcome.decision.reason), close=True)
