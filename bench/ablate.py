@@ -178,15 +178,6 @@ SETS: dict[str, dict[str, str]] = {
         "    return fn(*args, **kwargs)\n"
         "c.Connection._execute = _execute\n",
     },
-    "ids": {
-        "as is": "",
-        "time-ordered decision ids": "import secrets, time\n"
-        "from ztgateway import decision\n"
-        "def _call(self):\n"
-        "    v = (time.time_ns() // 1_000_000 << 80) | int.from_bytes(secrets.token_bytes(10))\n"
-        "    return f'{v:032x}'\n"
-        "decision._IdSource.__call__ = _call\n",
-    },
     "gc": {"as is": "", "gc threshold 50000": GC, "gc threshold + no audit": GC + NO_AUDIT},
     "tail": {
         "as is": "",
