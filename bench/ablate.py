@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 from bench import run as R
@@ -225,23 +226,9 @@ def main() -> None:
             work.mkdir(exist_ok=True)
             for f in work.glob("*.db*"):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()  # the journal is a directory
-            port, ops = R.free_port(), R.free_port()
-            cfg = work / "gateway.toml"
-            cfg.write_text(
-                gateway_config(
-                    pki,
-                    port=port,
-                    ops_port=ops,
-                    upstream_port=env.upstream_port,
-                    work=work,
-                    process=sc.process,
-                )
+            proc, port, ops = start_variant(
+                stack, f"ablate-{i}", pki, work, env.upstream_port, sc, patch
             )
-            code = (
-                patch + "\nimport sys\nfrom ztgateway.cli import main\n"
-                f"sys.exit(main(['run', '-c', {str(cfg)!r}, '--log-level', 'warning']))\n"
-            )
-            proc = stack.start(f"ablate-{i}", [R.PY, "-c", code], cwd=R.REPO)
             auth = {"Authorization": f"Bearer {env.token}"} if sc.token else {}
             R.wait_ready(
                 proc,
@@ -285,6 +272,31 @@ def main() -> None:
                 print(f"| {name} | {med[0]:,.0f} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:,.0f} |")
     finally:
         stack.stop()
+
+
+def start_variant(
+    stack: R.Stack,
+    name: str,
+    pki: Any,
+    work: Path,
+    upstream_port: int,
+    sc: Scenario,
+    prelude: str,
+) -> tuple[R.Proc, int, int]:
+    """A real gateway for `sc`'s process on fresh ports, its files in `work`, with `prelude`
+    (patches, or a sys.path entry for another checkout) run before it starts: (proc, port, ops)."""
+    port, ops = R.free_port(), R.free_port()
+    cfg = work / "gateway.toml"
+    cfg.write_text(
+        gateway_config(
+            pki, port=port, ops_port=ops, upstream_port=upstream_port, work=work, process=sc.process
+        )
+    )
+    code = (
+        prelude + "\nimport sys\nfrom ztgateway.cli import main\n"
+        f"sys.exit(main(['run', '-c', {str(cfg)!r}, '--log-level', 'warning']))\n"
+    )
+    return stack.start(name, [R.PY, "-c", code], cwd=R.REPO), port, ops
 
 
 def tail_latency(env: R.Env, sc: Scenario, procs: dict[str, Any], rate: float) -> None:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from bench import run as R
-from bench.scenarios import SCENARIOS, gateway_config, make_pki
+from bench.ablate import start_variant
+from bench.scenarios import SCENARIOS, make_pki
 
 
 def main() -> None:
@@ -52,24 +53,10 @@ def main() -> None:
                 work = R.WORK / f"grown-{rnd}-{'old' if code_path != R.REPO else 'new'}"
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir(parents=True)
-                port, ops = R.free_port(), R.free_port()
-                cfg = work / "gateway.toml"
-                cfg.write_text(
-                    gateway_config(
-                        pki,
-                        port=port,
-                        ops_port=ops,
-                        upstream_port=up,
-                        work=work,
-                        process=scenario.process,
-                    )
+                prelude = f"import sys\nsys.path.insert(0, {str(code_path)!r})\n"
+                gw, port, _ops = start_variant(
+                    stack, f"grown-{rnd}-{code_path.name}", pki, work, up, scenario, prelude
                 )
-                code = (
-                    f"import sys\nsys.path.insert(0, {str(code_path)!r})\n"
-                    "from ztgateway.cli import main\n"
-                    f"sys.exit(main(['run', '-c', {str(cfg)!r}, '--log-level', 'warning']))\n"
-                )
-                gw = stack.start(f"grown-{rnd}-{port}", [R.PY, "-c", code])
                 R.wait_ready(
                     gw, lambda port=port: R.http_get(port, scenario.path, tls=tls)[0] == 200
                 )
