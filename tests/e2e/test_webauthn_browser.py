@@ -365,7 +365,8 @@ async def test_two_keys_per_person_removed_through_the_admin_api_and_the_cli(
     assert [k["name"] for k in listed] == ["Travel key"] and "public_key" not in listed[0]
     # The CLI removes the travel key (audited into the same chain).
     prefix = keys[1].credential_id[:10]
-    cli = ["users", "webauthn", "remove", "alice", prefix, "-c", str(gw.config.file)]
+    # `--`: a base64url id starts with "-" one time in 64, and would read as an option.
+    cli = ["users", "webauthn", "remove", "alice", "-c", str(gw.config.file), "--", prefix]
     assert await asyncio.to_thread(main, cli) == 0
     assert await gw.store.webauthn_credentials("alice") == []
     events = await audit_events(gw)

@@ -137,8 +137,29 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (`error: ztgateway audit search: …`) and exit status 2,
     instead of the usage block: the line says what was wrong and where to look."""
 
+    _argv: tuple[str, ...] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._argv = tuple(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        hint = ""
+        unknown = [
+            a
+            for a in self._argv
+            if a.startswith("-")
+            and a != "--"
+            and a.split("=", 1)[0] not in self._option_string_actions
+        ]
+        # An id that starts with "-" (base64url: one in 64) reads as an unknown option.
+        if unknown and "required" in message:
+            hint = "; a value that starts with '-' goes after `--`"
+        elif unknown and "expected one argument" in message:
+            hint = "; give a value that starts with '-' as --option=VALUE"
+        self.exit(2, f"error: {self.prog}: {message}{hint} (see `{self.prog} --help`)\n")
 
 
 def fail(message: str, code: int = 1) -> int:
