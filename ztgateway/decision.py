@@ -347,21 +347,21 @@ class _IdSource:
     Random bytes are read 4 KiB at a time (one syscall per 409 ids instead of one per request).
     """
 
-    __slots__ = ("_at", "_pool")
+    __slots__ = ("_pool", "_used")
 
     def __init__(self) -> None:
         self._pool = b""
-        self._at = 0
+        self._used = 0
 
     def __call__(self, at: float | None = None) -> str:
         """An id for a decision made at `at` (seconds since the epoch, the caller's clock)."""
         ms = int((SYSTEM_CLOCK.time() if at is None else at) * 1000)
         if not 0 <= ms < 1 << 48:
             raise ValueError(f"a decision time outside UUIDv7's range: {at!r}")
-        i = self._at
+        i = self._used
         if i + 10 > len(self._pool):
             self._pool, i = secrets.token_bytes(4090), 0
-        self._at = i + 10
+        self._used = i + 10
         rand = int.from_bytes(self._pool[i : i + 10]) >> 6  # 74 random bits
         # unix_ts_ms (48) | ver 0b0111 (4) | rand_a (12) | var 0b10 (2) | rand_b (62)
         value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & _RAND_B)
